@@ -1,0 +1,65 @@
+//! Generated protobuf types and gRPC stubs.
+//!
+//! Modules mirror the protobuf packages so generated cross-package paths resolve; each package is
+//! wire-identical to its public counterpart (see `proto/*.proto`). These are wire types only: the
+//! components convert them into their own domain types at the edge.
+
+#![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+#![allow(clippy::all, clippy::pedantic, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+/// Istio APIs.
+pub mod istio {
+    /// `istio.workload`: workloads and services as ztunnel sees them.
+    pub mod workload {
+        tonic::include_proto!("istio.workload");
+
+        /// `istio.workload.zds`: node enrollment between the node agent and ztunnel.
+        pub mod zds {
+            tonic::include_proto!("istio.workload.zds");
+        }
+    }
+    /// `istio.security`: L4 authorization policies for ztunnel.
+    pub mod security {
+        tonic::include_proto!("istio.security");
+    }
+    /// `istio.v1.auth`: the certificate signing service.
+    pub mod v1 {
+        pub mod auth {
+            tonic::include_proto!("istio.v1.auth");
+        }
+    }
+}
+
+/// Envoy APIs.
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod service {
+        pub mod discovery {
+            /// `envoy.service.discovery.v3`: (delta) aggregated discovery.
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+    }
+}
+
+/// Google APIs used on the wire.
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// xDS type URLs of the resources the control plane serves.
+pub mod type_url {
+    /// A workload or a service (`istio.workload.Address`).
+    pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
+    /// An L4 authorization policy (`istio.security.Authorization`).
+    pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+}

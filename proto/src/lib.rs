@@ -1,0 +1,22 @@
+//! Contracts shared by every part of the mesh.
+//!
+//! Layout:
+//! - [`identity`]: SPIFFE IDs (`spiffe://<td>/ns/<ns>/sa/<sa>`), parsed strictly.
+//! - [`tls`]: rustls configurations for HBONE mTLS, swappable workload certificates and trust bundles.
+//! - [`hbone`]: the HBONE tunnel (HTTP/2 `CONNECT` over TLS 1.3): server, pooled client, and the
+//!   bidirectional copy between a TCP stream and a tunnel stream.
+//! - [`drain`]: graceful shutdown shared by every listener.
+//! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
+//!
+//! No component logic lives here: ztunnel, waypoint and ca build on these pieces.
+
+pub mod api;
+pub mod drain;
+pub mod hbone;
+pub mod identity;
+pub mod tls;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use identity::SpiffeId;

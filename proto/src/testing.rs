@@ -1,0 +1,137 @@
+//! Test helpers (feature `testing`): a throwaway CA that issues real X.509-SVIDs.
+//!
+//! Tests across the workspace use it to get real certificate chains without the `ca` component.
+//! It follows the SVID profile of DESIGN.md (one URI SAN, `CA:false`, serverAuth + clientAuth,
+//! ECDSA P-256), and can also mint deliberately wrong certificates for negative tests.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::identity::SpiffeId;
+use crate::tls::{Credential, SharedTrustBundle, TrustBundle, WorkloadCert};
+
+static SERIAL: AtomicU64 = AtomicU64::new(1);
+
+/// Validity window of an issued certificate, as calendar years (rcgen's date helpers).
+#[derive(Debug, Clone, Copy)]
+pub enum Validity {
+    /// Valid now and for decades.
+    Current,
+    /// Expired long ago.
+    Expired,
+    /// Valid only in the far future.
+    NotYetValid,
+}
+
+/// A root CA and an intermediate that signs leaves.
+pub struct TestCa {
+    root_der: CertificateDer<'static>,
+    intermediate_der: CertificateDer<'static>,
+    intermediate: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for TestCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCa").finish_non_exhaustive()
+    }
+}
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, "mesh test");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2090, 1, 1);
+    params.serial_number = Some(SerialNumber::from(SERIAL.fetch_add(1, Ordering::Relaxed)));
+    params
+}
+
+impl TestCa {
+    /// A fresh root and intermediate.
+    pub fn new() -> Self {
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("test root");
+        let root_der = root_params.self_signed(&root_key).unwrap().der().clone();
+        let root = Issuer::new(root_params, root_key);
+
+        let int_key = KeyPair::generate().unwrap();
+        let int_params = ca_params("test intermediate");
+        let intermediate_der = int_params.signed_by(&int_key, &root).unwrap().der().clone();
+        TestCa { root_der, intermediate_der, intermediate: Issuer::new(int_params, int_key) }
+    }
+
+    /// The root, as a trust bundle.
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_der(vec![self.root_der.clone()]).unwrap()
+    }
+
+    /// The root, as a swappable trust bundle.
+    pub fn shared_bundle(&self) -> Arc<SharedTrustBundle> {
+        SharedTrustBundle::new(self.bundle())
+    }
+
+    /// The root certificate.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    /// A valid SVID for `id`.
+    pub fn issue(&self, id: &SpiffeId) -> WorkloadCert {
+        self.issue_with(&[id.as_str()], Validity::Current)
+    }
+
+    /// A valid SVID for `id`, wrapped as a swappable credential.
+    pub fn credential(&self, id: &str) -> Arc<Credential> {
+        Credential::new(self.issue(&id.parse().unwrap()))
+    }
+
+    /// A leaf with the given URI SANs and validity; chain is leaf → intermediate (root omitted, as
+    /// peers have it in their bundle).
+    pub fn issue_with(&self, uris: &[&str], validity: Validity) -> WorkloadCert {
+        let (chain, key) = self.issue_raw(uris, validity);
+        WorkloadCert::from_der(chain, key).unwrap()
+    }
+
+    /// Like [`issue_with`](Self::issue_with), but returns the raw DER so tests can build
+    /// certificates [`WorkloadCert`] itself would refuse.
+    pub fn issue_raw(&self, uris: &[&str], validity: Validity) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            uris.iter().map(|u| SanType::URI((*u).try_into().unwrap())).collect();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from(SERIAL.fetch_add(1, Ordering::Relaxed)));
+        let (nb, na) = match validity {
+            Validity::Current => ((2020, 1, 1), (2090, 1, 1)),
+            Validity::Expired => ((2001, 1, 1), (2002, 1, 1)),
+            Validity::NotYetValid => ((2095, 1, 1), (2099, 1, 1)),
+        };
+        params.not_before = rcgen::date_time_ymd(nb.0, nb.1, nb.2);
+        params.not_after = rcgen::date_time_ymd(na.0, na.1, na.2);
+        let leaf = params.signed_by(&key, &self.intermediate).unwrap();
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        (vec![leaf.der().clone(), self.intermediate_der.clone()], key_der)
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}

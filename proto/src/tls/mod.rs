@@ -1,0 +1,334 @@
+//! Mutual TLS for HBONE.
+//!
+//! - [`TrustBundle`]: the roots a peer's chain must lead to; may hold several (during rotation).
+//! - [`Credential`]: one workload's certificate chain and key, swappable at run time.
+//! - [`SharedTrustBundle`]: a trust bundle swappable at run time.
+//! - [`server_config`] / [`client_config`]: rustls configurations for HBONE (TLS 1.3 only, ALPN
+//!   `h2`, aws-lc-rs). The server verifies the client's chain and trust domain; the client verifies
+//!   the server's chain and that its SPIFFE ID is one of those expected.
+//!
+//! Swaps take effect on the next handshake: configurations read the current certificate and bundle
+//! at handshake time, and established connections keep what they negotiated. Session resumption is
+//! disabled on both sides, so every connection is authenticated against the current bundle.
+
+mod verify;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::identity::{SpiffeId, SpiffeIdError};
+
+pub use verify::{peer_identity, spiffe_id_from_cert};
+
+/// The ALPN protocol HBONE negotiates.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// PEM input could not be decoded.
+    #[error("invalid PEM for {what}: {source}")]
+    Pem {
+        /// What was being read.
+        what: &'static str,
+        /// The decoder's error.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A certificate chain was empty.
+    #[error("the certificate chain is empty")]
+    EmptyChain,
+    /// A trust bundle had no certificate.
+    #[error("the trust bundle holds no certificate")]
+    EmptyBundle,
+    /// A certificate could not be used as a trust anchor.
+    #[error("root certificate #{index} is not a usable trust anchor: {source}")]
+    TrustAnchor {
+        /// Position of the certificate in the bundle.
+        index: usize,
+        /// webpki's reason.
+        source: webpki::Error,
+    },
+    /// The leaf certificate does not carry exactly one valid SPIFFE ID.
+    #[error("the leaf certificate has no usable SPIFFE identity: {0}")]
+    Identity(#[from] IdentityError),
+    /// rustls rejected the key, or the key does not match the leaf certificate.
+    #[error("the private key cannot be used with this certificate: {0}")]
+    Key(rustls::Error),
+    /// rustls rejected the configuration.
+    #[error("building the TLS configuration: {0}")]
+    Config(rustls::Error),
+}
+
+/// Why a certificate does not carry a mesh identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The certificate is not valid DER X.509.
+    #[error("the certificate cannot be parsed: {0}")]
+    Parse(String),
+    /// The certificate has no URI SAN.
+    #[error("the certificate has no URI subject alternative name")]
+    NoUriSan,
+    /// The certificate has several URI SANs; the profile allows exactly one.
+    #[error("the certificate has {0} URI subject alternative names; exactly one is allowed")]
+    MultipleUriSans(usize),
+    /// The URI SAN is not a mesh SPIFFE ID.
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeIdError),
+}
+
+/// The crypto provider every mesh TLS configuration uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
+}
+
+/// A set of trusted roots, in DER and as webpki trust anchors.
+#[derive(Clone)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    /// Builds a bundle from DER root certificates.
+    pub fn from_der(roots: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
+        if roots.is_empty() {
+            return Err(TlsError::EmptyBundle);
+        }
+        let anchors = roots
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|source| TlsError::TrustAnchor { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TrustBundle { roots, anchors })
+    }
+
+    /// Builds a bundle from concatenated PEM certificates.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
+        let roots = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem { what: "trust bundle", source })?;
+        Self::from_der(roots)
+    }
+
+    /// The roots, in DER.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// A bundle holding the roots of both, without duplicates (for root rotation).
+    pub fn merged(&self, other: &TrustBundle) -> TrustBundle {
+        let mut merged = self.clone();
+        for (der, anchor) in other.roots.iter().zip(&other.anchors) {
+            if !merged.roots.contains(der) {
+                merged.roots.push(der.clone());
+                merged.anchors.push(anchor.clone());
+            }
+        }
+        merged
+    }
+
+    pub(crate) fn anchors(&self) -> &[rustls_pki_types::TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle").field("roots", &self.roots.len()).finish()
+    }
+}
+
+/// A trust bundle that can be replaced while connections use it.
+#[derive(Debug)]
+pub struct SharedTrustBundle(ArcSwap<TrustBundle>);
+
+impl SharedTrustBundle {
+    /// Wraps an initial bundle.
+    pub fn new(bundle: TrustBundle) -> Arc<Self> {
+        Arc::new(SharedTrustBundle(ArcSwap::from_pointee(bundle)))
+    }
+
+    /// The current bundle.
+    pub fn current(&self) -> Arc<TrustBundle> {
+        self.0.load_full()
+    }
+
+    /// Replaces the bundle; the next handshake verifies against it.
+    pub fn replace(&self, bundle: TrustBundle) {
+        self.0.store(Arc::new(bundle));
+    }
+}
+
+/// A parsed workload certificate: chain, key and the identity it proves.
+#[derive(Clone)]
+pub struct WorkloadCert {
+    key: Arc<CertifiedKey>,
+    identity: SpiffeId,
+    not_before: SystemTime,
+    not_after: SystemTime,
+}
+
+impl WorkloadCert {
+    /// Builds from a DER chain (leaf first) and the leaf's private key; checks that the key matches
+    /// the leaf and that the leaf carries exactly one SPIFFE ID.
+    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Self, TlsError> {
+        let leaf = chain.first().ok_or(TlsError::EmptyChain)?;
+        let identity = spiffe_id_from_cert(leaf)?;
+        let (not_before, not_after) = verify::validity(leaf)?;
+        let key = CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Key)?;
+        Ok(WorkloadCert { key: Arc::new(key), identity, not_before, not_after })
+    }
+
+    /// Builds from a PEM chain (leaf first) and a PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem { what: "certificate chain", source })?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|source| TlsError::Pem { what: "private key", source })?;
+        Self::from_der(chain, key)
+    }
+
+    /// The identity this certificate proves.
+    pub fn identity(&self) -> &SpiffeId {
+        &self.identity
+    }
+
+    /// The chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.key.cert
+    }
+
+    /// Start of the validity period.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// End of the validity period.
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Time left until expiry (zero once expired).
+    pub fn remaining(&self, now: SystemTime) -> Duration {
+        self.not_after.duration_since(now).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        f.debug_struct("WorkloadCert")
+            .field("identity", &self.identity)
+            .field("not_before_unix", &secs(self.not_before))
+            .field("not_after_unix", &secs(self.not_after))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A workload's current certificate, replaceable at run time (rotation).
+///
+/// Configurations built from it pick up a replacement on their next handshake.
+#[derive(Debug)]
+pub struct Credential(ArcSwap<WorkloadCert>);
+
+impl Credential {
+    /// Wraps an initial certificate.
+    pub fn new(cert: WorkloadCert) -> Arc<Self> {
+        Arc::new(Credential(ArcSwap::from_pointee(cert)))
+    }
+
+    /// The current certificate.
+    pub fn current(&self) -> Arc<WorkloadCert> {
+        self.0.load_full()
+    }
+
+    /// The identity of the current certificate.
+    pub fn identity(&self) -> SpiffeId {
+        self.0.load().identity.clone()
+    }
+
+    /// Replaces the certificate; the next handshake presents the new one.
+    pub fn replace(&self, cert: WorkloadCert) {
+        self.0.store(Arc::new(cert));
+    }
+
+    fn certified_key(&self) -> Arc<CertifiedKey> {
+        self.0.load().key.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Credential {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified_key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Credential {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// TLS configuration for an HBONE server presenting `credential`.
+///
+/// Clients must present a chain to `trust` whose SPIFFE ID is in one of `trust_domains`.
+pub fn server_config(
+    credential: Arc<Credential>,
+    trust: Arc<SharedTrustBundle>,
+    trust_domains: Vec<String>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(verify::ClientVerifier::new(trust, trust_domains, provider.clone()));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(credential);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection is verified against the current trust bundle.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// TLS configuration for an HBONE client presenting `credential` and accepting only a server whose
+/// SPIFFE ID is one of `expected`.
+pub fn client_config(
+    credential: Arc<Credential>,
+    trust: Arc<SharedTrustBundle>,
+    expected: Vec<SpiffeId>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(verify::ServerVerifier::new(trust, expected, provider.clone()));
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(credential);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
