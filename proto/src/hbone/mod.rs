@@ -1,1 +1,324 @@
-//! HBONE
+//! HBONE: TCP tunnelled as HTTP/2 `CONNECT` streams over mutual TLS 1.3.
+//!
+//! - [`server`]: accepts TLS on 15008, validates each `CONNECT`, hands it to a [`server::Handler`].
+//! - [`pool`]: the client side, a pool of multiplexed HTTP/2 connections keyed by source identity,
+//!   destination and expected server identities.
+//! - [`stream`]: one tunnel stream ([`H2Stream`]), usable as `AsyncRead + AsyncWrite`.
+//! - [`copy`]: the bidirectional copy between a TCP stream and a tunnel stream.
+//!
+//! This module holds what both ends share: the wire-level header formats and HTTP/2 settings.
+
+pub mod copy;
+pub mod pool;
+pub mod server;
+pub mod stream;
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+pub use copy::{copy_bidirectional, CopyError, Transferred};
+pub use stream::H2Stream;
+
+/// The HBONE port on every captured pod and waypoint.
+pub const HBONE_PORT: u16 = 15008;
+/// Ports of the mesh's own listeners; a tunnel may never target them (it would loop or reach admin).
+pub const MESH_PORTS: &[u16] = &[15000, 15001, 15006, 15008, 15020, 15021];
+
+/// Header carrying the original client address: `forwarded: for="<ip:port>"`.
+pub const FORWARDED: &str = "forwarded";
+/// W3C baggage header with the source workload's telemetry attributes.
+pub const BAGGAGE: &str = "baggage";
+/// W3C trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Longest `:authority` accepted (`[ipv6]:port` is at most 47 bytes).
+const MAX_AUTHORITY_LEN: usize = 64;
+
+/// HTTP/2 settings for tunnel connections. Windows are large so one stream can fill a fast link:
+/// with the default 64 KiB window a single stream is capped at window/RTT.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Settings {
+    /// Initial per-stream receive window.
+    pub stream_window: u32,
+    /// Initial connection-wide receive window.
+    pub connection_window: u32,
+    /// Largest DATA frame we accept.
+    pub max_frame_size: u32,
+    /// Most bytes buffered per stream for sending before back-pressure.
+    pub max_send_buffer: usize,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        H2Settings {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_send_buffer: 1024 * 1024,
+        }
+    }
+}
+
+/// Why a `CONNECT` authority is unacceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorityError {
+    /// Longer than any `ip:port`.
+    #[error("authority is {0} bytes long; an ip:port is at most {MAX_AUTHORITY_LEN}")]
+    TooLong(usize),
+    /// Not `ip:port` / `[ipv6]:port`.
+    #[error("authority {0:?} is not an ip:port")]
+    NotIpPort(String),
+    /// Port 0.
+    #[error("authority {0:?} has port 0")]
+    PortZero(String),
+}
+
+/// Parses a `CONNECT` authority: exactly `a.b.c.d:port` or `[v6]:port`, nonzero port.
+///
+/// Hostnames are refused: HBONE always carries the resolved destination.
+pub fn parse_authority(authority: &str) -> Result<SocketAddr, AuthorityError> {
+    if authority.len() > MAX_AUTHORITY_LEN {
+        return Err(AuthorityError::TooLong(authority.len()));
+    }
+    let addr: SocketAddr = authority.parse().map_err(|_| AuthorityError::NotIpPort(authority.to_owned()))?;
+    if addr.port() == 0 {
+        return Err(AuthorityError::PortZero(authority.to_owned()));
+    }
+    // The standard parser accepts "[v6%scope]"-free forms only, but also IPv4-mapped IPv6 in
+    // brackets; normalise nothing, so the string we authorize is the string we dial.
+    if let SocketAddr::V6(v6) = addr {
+        if v6.scope_id() != 0 || v6.flowinfo() != 0 {
+            return Err(AuthorityError::NotIpPort(authority.to_owned()));
+        }
+    }
+    Ok(addr)
+}
+
+/// Formats the `forwarded` header value for a client address.
+pub fn forwarded_for(addr: SocketAddr) -> String {
+    // RFC 7239: a value with ':' (any ip:port) must be a quoted string; IPv6 is bracketed.
+    format!("for=\"{addr}\"")
+}
+
+/// Reads the client address from a `forwarded` header (first element, `for=` parameter).
+///
+/// Only for telemetry and logging: identity and authorization never come from headers.
+pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        if !k.eq_ignore_ascii_case("for") {
+            return None;
+        }
+        let v = v.trim().trim_matches('"');
+        v.parse::<SocketAddr>()
+            .map(|s| s.ip())
+            .ok()
+            .or_else(|| v.parse::<IpAddr>().ok())
+            .or_else(|| v.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
+    })
+}
+
+/// Telemetry attributes of the source workload, sent as W3C `baggage`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    /// `k8s.namespace.name`.
+    pub namespace: Option<String>,
+    /// Workload kind and name, sent as `k8s.<kind>.name=<name>` (kind e.g. `deployment`, `pod`).
+    pub workload: Option<(String, String)>,
+    /// `service.name` (the canonical service).
+    pub service_name: Option<String>,
+    /// `service.version` (the canonical revision).
+    pub service_version: Option<String>,
+}
+
+/// Characters a baggage value may carry unescaped: we only emit Kubernetes-style names, and drop
+/// members whose values would need escaping rather than emit something a peer misparses.
+fn baggage_safe(v: &str) -> bool {
+    !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+impl Baggage {
+    /// Formats the header value.
+    pub fn to_header(&self) -> String {
+        let safe = |v: &Option<String>| v.clone().filter(|v| baggage_safe(v));
+        let workload = self.workload.as_ref().filter(|(kind, name)| {
+            baggage_safe(kind) && baggage_safe(name) && kind.bytes().all(|b| b.is_ascii_lowercase())
+        });
+        let members: Vec<String> = [
+            safe(&self.namespace).map(|v| format!("k8s.namespace.name={v}")),
+            workload.map(|(kind, name)| format!("k8s.{kind}.name={name}")),
+            safe(&self.service_name).map(|v| format!("service.name={v}")),
+            safe(&self.service_version).map(|v| format!("service.version={v}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        members.join(",")
+    }
+
+    /// Parses a header value, ignoring members it does not know or cannot read.
+    pub fn parse(value: &str) -> Baggage {
+        let mut out = Baggage::default();
+        for member in value.split(',') {
+            // Properties after ';' are allowed by the spec and ignored here.
+            let kv = member.split(';').next().unwrap_or_default();
+            let Some((k, v)) = kv.split_once('=') else { continue };
+            let (k, v) = (k.trim(), v.trim());
+            if !baggage_safe(v) {
+                continue;
+            }
+            match k {
+                "k8s.namespace.name" => out.namespace = Some(v.to_owned()),
+                "service.name" => out.service_name = Some(v.to_owned()),
+                "service.version" => out.service_version = Some(v.to_owned()),
+                _ => {
+                    if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name")) {
+                        if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase()) {
+                            out.workload = Some((kind.to_owned(), v.to_owned()));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A W3C trace context (`traceparent`, version 00).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 16-byte trace id, never all zero.
+    pub trace_id: u128,
+    /// 8-byte parent span id, never zero.
+    pub span_id: u64,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// A new trace with random ids.
+    pub fn random(sampled: bool) -> TraceParent {
+        let mut bytes = [0u8; 24];
+        // aws-lc's RNG; failure here means the system RNG is broken, and a zero id is then
+        // replaced below rather than propagated.
+        let _ = crate::tls::provider().secure_random.fill(&mut bytes);
+        let mut trace = [0u8; 16];
+        trace.copy_from_slice(&bytes[..16]);
+        let mut span = [0u8; 8];
+        span.copy_from_slice(&bytes[16..]);
+        TraceParent {
+            trace_id: u128::from_be_bytes(trace).max(1),
+            span_id: u64::from_be_bytes(span).max(1),
+            flags: u8::from(sampled),
+        }
+    }
+
+    /// The same trace with a new random span id (what a hop forwards).
+    pub fn child(&self) -> TraceParent {
+        TraceParent { span_id: TraceParent::random(false).span_id, ..*self }
+    }
+
+    /// Parses a header value; `None` for anything that is not a valid version-00 traceparent.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let mut parts = value.trim().split('-');
+        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |s: &str, len: usize| {
+            s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        // Version 00 has exactly four fields; "ff" is forbidden.
+        if version != "00" || parts.next().is_some() || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
+        let span_id = u64::from_str_radix(span, 16).ok().filter(|s| *s != 0)?;
+        Some(TraceParent { trace_id, span_id, flags: u8::from_str_radix(flags, 16).ok()? })
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+impl fmt::Debug for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TraceParent({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ip_port_authorities_only() {
+        assert_eq!(parse_authority("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
+        assert_eq!(parse_authority("[fd00::1]:80"), Ok("[fd00::1]:80".parse().unwrap()));
+        for bad in [
+            "", ":80", "10.0.0.1", "10.0.0.1:", "10.0.0.1:65536", "10.0.0.1:-1", "example.com:80",
+            "10.0.0.1:80/path", "user@10.0.0.1:80", "fd00::1:80", "[fd00::1%eth0]:80", " 10.0.0.1:80",
+            "10.0.0.1:80 ", "010.0.0.1:80", "10.0.0.1:0x50", "\u{0}",
+        ] {
+            assert!(parse_authority(bad).is_err(), "accepted {bad:?}");
+        }
+        assert_eq!(parse_authority("10.0.0.1:0"), Err(AuthorityError::PortZero("10.0.0.1:0".into())));
+        let long = "1".repeat(65);
+        assert_eq!(parse_authority(&long), Err(AuthorityError::TooLong(65)));
+    }
+
+    #[test]
+    fn forwarded_round_trips_v4_and_v6() {
+        let v4: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let v6: SocketAddr = "[fd00::7]:4567".parse().unwrap();
+        assert_eq!(forwarded_for(v4), "for=\"10.1.2.3:4567\"");
+        assert_eq!(forwarded_for(v6), "for=\"[fd00::7]:4567\"");
+        assert_eq!(parse_forwarded_for(&forwarded_for(v4)), Some(v4.ip()));
+        assert_eq!(parse_forwarded_for(&forwarded_for(v6)), Some(v6.ip()));
+        assert_eq!(parse_forwarded_for("proto=http;For=10.0.0.9, for=1.1.1.1"), Some("10.0.0.9".parse().unwrap()));
+        assert_eq!(parse_forwarded_for("for=\"[fd00::1]\""), Some("fd00::1".parse().unwrap()));
+        assert_eq!(parse_forwarded_for("for=unknown"), None);
+        assert_eq!(parse_forwarded_for(""), None);
+    }
+
+    #[test]
+    fn baggage_round_trips_and_drops_unsafe_values() {
+        let b = Baggage {
+            namespace: Some("default".into()),
+            workload: Some(("deployment".into(), "sleep".into())),
+            service_name: Some("sleep".into()),
+            service_version: Some("v1".into()),
+        };
+        let header = b.to_header();
+        assert_eq!(
+            header,
+            "k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v1"
+        );
+        assert_eq!(Baggage::parse(&header), b);
+        let evil = Baggage { namespace: Some("a,b=c".into()), ..Default::default() };
+        assert_eq!(evil.to_header(), "");
+        assert_eq!(Baggage::parse("garbage,,=,k8s..name=x,service.name=a b"), Baggage::default());
+    }
+
+    #[test]
+    fn traceparent_formats_parses_and_rejects_invalid() {
+        let t = TraceParent::random(true);
+        let s = t.to_string();
+        assert_eq!(s.len(), 55);
+        assert_eq!(TraceParent::parse(&s), Some(t));
+        let child = t.child();
+        assert_eq!(child.trace_id, t.trace_id);
+        assert_ne!(child.span_id, t.span_id);
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(TraceParent::parse(ok).unwrap().to_string(), ok);
+        for bad in [
+            "", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "accepted {bad:?}");
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The HBONE server: mutual TLS, then HTTP/2 `CONNECT` streams handed to a [`Handler`].
+//!
+//! Per connection: the TLS and HTTP/2 handshakes must finish within `handshake_timeout` (a peer
+//! that stalls is dropped, not kept). The client's SPIFFE ID comes from its verified certificate
+//! only. Per stream, the server answers by itself:
+//! - `400` when the request is not `CONNECT`, the authority is not `ip:port`, the authority's IP is
+//!   not the address the connection arrived on (when required), or it targets a mesh port;
+//! - `503` when the handler drops the request without answering.
+//!
+//! The handler answers `200` ([`InboundConnect::accept`]) or any status it decides, `401` for a
+//! policy deny ([`InboundConnect::reject`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{parse_authority, H2Settings, H2Stream, MESH_PORTS};
+use crate::drain::DrainWatcher;
+use crate::identity::SpiffeId;
+use crate::tls::peer_identity;
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Time allowed for the TLS and HTTP/2 handshakes together.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 windows and frame size.
+    pub h2: H2Settings,
+    /// Concurrent streams a client may open on one connection.
+    pub max_concurrent_streams: u32,
+    /// Refuse a `CONNECT` whose authority IP is not the address the connection arrived on (what a
+    /// node proxy's inbound listener wants; a waypoint, which is addressed for others, does not).
+    pub require_local_authority: bool,
+    /// Ports a tunnel may not target.
+    pub forbidden_ports: Vec<u16>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            h2: H2Settings::default(),
+            max_concurrent_streams: 1000,
+            require_local_authority: true,
+            forbidden_ports: MESH_PORTS.to_vec(),
+        }
+    }
+}
+
+/// Picks the TLS configuration (and so the certificate presented) for a connection, by the local
+/// address it arrived on.
+pub trait TlsProvider: Send + Sync + std::fmt::Debug + 'static {
+    /// The configuration for a connection to `local`, or `None` to refuse it.
+    fn config_for(&self, local: SocketAddr) -> Option<Arc<rustls::ServerConfig>>;
+}
+
+impl TlsProvider for Arc<rustls::ServerConfig> {
+    fn config_for(&self, _local: SocketAddr) -> Option<Arc<rustls::ServerConfig>> {
+        Some(self.clone())
+    }
+}
+
+/// Decides what to do with each validated `CONNECT`.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request; runs in its own task. Must answer through `connect` (dropping it
+    /// answers `503`).
+    fn handle(&self, connect: InboundConnect) -> impl Future<Output = ()> + Send;
+}
+
+/// A validated `CONNECT` waiting for an answer.
+#[derive(Debug)]
+pub struct InboundConnect {
+    /// The client's SPIFFE ID, from its verified certificate.
+    pub peer_identity: SpiffeId,
+    /// The client's TCP address.
+    pub peer_addr: SocketAddr,
+    /// The address the connection arrived on.
+    pub local_addr: SocketAddr,
+    /// The `:authority`: where the client wants to go.
+    pub target: SocketAddr,
+    /// The request headers (`forwarded`, `baggage`, `traceparent`, ...).
+    pub headers: HeaderMap,
+    respond: Option<SendResponse<Bytes>>,
+    body: Option<RecvStream>,
+}
+
+/// Errors answering a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The stream was already reset or the connection is gone.
+    #[error("sending the response: {0}")]
+    Respond(#[from] h2::Error),
+    /// The request was already answered.
+    #[error("the request was already answered")]
+    AlreadyAnswered,
+}
+
+fn response(status: StatusCode) -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    resp
+}
+
+impl InboundConnect {
+    /// Answers `200` and returns the tunnel stream.
+    pub fn accept(mut self) -> Result<H2Stream, ServerError> {
+        let (Some(mut respond), Some(body)) = (self.respond.take(), self.body.take()) else {
+            return Err(ServerError::AlreadyAnswered);
+        };
+        let send = respond.send_response(response(StatusCode::OK), false)?;
+        Ok(H2Stream::new(send, body, None))
+    }
+
+    /// Answers `status` (e.g. `401` for a policy deny, `503` when the upstream is unavailable)
+    /// and ends the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        self.answer(status);
+    }
+
+    fn answer(&mut self, status: StatusCode) {
+        if let Some(mut respond) = self.respond.take() {
+            // The client may already be gone; nothing more to do then.
+            let _ = respond.send_response(response(status), true);
+        }
+    }
+}
+
+impl Drop for InboundConnect {
+    fn drop(&mut self) {
+        if self.respond.is_some() {
+            debug!(target_addr = %self.target, "request dropped without an answer; sending 503");
+            self.answer(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    }
+}
+
+/// An HBONE listener.
+#[derive(Debug)]
+pub struct Server<H> {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    tls: Arc<dyn TlsProvider>,
+    config: Arc<ServerConfig>,
+    handler: Arc<H>,
+}
+
+impl<H: Handler> Server<H> {
+    /// Wraps a bound listener (e.g. one opened inside a pod's network namespace).
+    pub fn new(
+        listener: TcpListener,
+        tls: impl TlsProvider,
+        config: ServerConfig,
+        handler: Arc<H>,
+    ) -> std::io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        Ok(Server { listener, local_addr, tls: Arc::new(tls), config: Arc::new(config), handler })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Accepts connections until a drain starts; open connections then get GOAWAY and finish
+    /// their streams.
+    pub async fn run(self, mut drain: DrainWatcher) {
+        info!(addr = %self.local_addr, "HBONE server listening");
+        loop {
+            let (tcp, peer) = tokio::select! {
+                biased;
+                () = drain.signaled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Usually fd exhaustion: back off briefly instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let local = tcp.local_addr().unwrap_or(self.local_addr);
+            let Some(tls) = self.tls.config_for(local) else {
+                debug!(%peer, %local, "no certificate for this address; closing");
+                continue;
+            };
+            let conn = Connection {
+                peer,
+                local,
+                config: self.config.clone(),
+                handler: self.handler.clone(),
+                drain: drain.clone(),
+            };
+            tokio::spawn(conn.serve(tcp, tls).instrument(tracing::debug_span!("hbone_inbound", %peer, %local)));
+        }
+        info!(addr = %self.local_addr, "HBONE server stopped accepting");
+    }
+}
+
+struct Connection<H> {
+    peer: SocketAddr,
+    local: SocketAddr,
+    config: Arc<ServerConfig>,
+    handler: Arc<H>,
+    drain: DrainWatcher,
+}
+
+impl<H: Handler> Connection<H> {
+    async fn serve(mut self, tcp: TcpStream, tls: Arc<rustls::ServerConfig>) {
+        let _ = tcp.set_nodelay(true);
+        let h2 = self.config.h2;
+        let max_streams = self.config.max_concurrent_streams;
+        let handshake = async move {
+            let tls = TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| e.to_string())?;
+            let identity = peer_identity(tls.get_ref().1).ok_or("the client presented no SPIFFE identity")?;
+            let conn = h2::server::Builder::new()
+                .initial_window_size(h2.stream_window)
+                .initial_connection_window_size(h2.connection_window)
+                .max_frame_size(h2.max_frame_size)
+                .max_send_buffer_size(h2.max_send_buffer)
+                .max_concurrent_streams(max_streams)
+                .max_header_list_size(16 * 1024)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            Ok::<_, String>((identity, conn))
+        };
+        let (identity, mut conn) = match tokio::time::timeout(self.config.handshake_timeout, handshake).await {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(reason)) => {
+                info!(reason, "HBONE handshake failed");
+                return;
+            }
+            Err(_) => {
+                info!(timeout = ?self.config.handshake_timeout, "HBONE handshake timed out; closing");
+                return;
+            }
+        };
+        debug!(peer_identity = %identity, "HBONE connection established");
+
+        let mut draining = false;
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                () = self.drain.signaled(), if !draining => {
+                    // GOAWAY now; keep driving the connection until open streams finish.
+                    conn.graceful_shutdown();
+                    draining = true;
+                    continue;
+                }
+            };
+            match next {
+                None => break,
+                Some(Err(e)) => {
+                    debug!(error = %e, "HBONE connection ended with an error");
+                    break;
+                }
+                Some(Ok((request, respond))) => self.dispatch(&identity, request, respond),
+            }
+        }
+        debug!(peer_identity = %identity, "HBONE connection closed");
+    }
+
+    fn dispatch(&self, identity: &SpiffeId, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let target = match validate(&request, self.local, &self.config) {
+            Ok(target) => target,
+            Err(reason) => {
+                info!(peer_identity = %identity, method = %request.method(), uri = %request.uri(), reason, "rejected HBONE request: 400");
+                let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
+                return;
+            }
+        };
+        let (parts, body) = request.into_parts();
+        let connect = InboundConnect {
+            peer_identity: identity.clone(),
+            peer_addr: self.peer,
+            local_addr: self.local,
+            target,
+            headers: parts.headers,
+            respond: Some(respond),
+            body: Some(body),
+        };
+        let handler = self.handler.clone();
+        tokio::spawn(
+            async move { handler.handle(connect).await }.instrument(tracing::debug_span!("connect", %target)),
+        );
+    }
+}
+
+/// Checks a request against the HBONE rules; the `Err` is the reason for a `400`.
+fn validate(request: &Request<RecvStream>, local: SocketAddr, config: &ServerConfig) -> Result<SocketAddr, String> {
+    if request.method() != Method::CONNECT {
+        return Err(format!("method {} is not CONNECT", request.method()));
+    }
+    let authority = request.uri().authority().ok_or("CONNECT without an authority")?;
+    let target = parse_authority(authority.as_str()).map_err(|e| e.to_string())?;
+    if config.require_local_authority && target.ip() != local.ip() {
+        return Err(format!("authority {target} is not the address the connection arrived on ({})", local.ip()));
+    }
+    if config.forbidden_ports.contains(&target.port()) {
+        return Err(format!("authority {target} targets a mesh port"));
+    }
+    Ok(target)
+}
