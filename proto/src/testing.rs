@@ -34,6 +34,7 @@ pub enum Validity {
 /// A root CA and an intermediate that signs leaves.
 pub struct TestCa {
     root_der: CertificateDer<'static>,
+    root_pem: String,
     intermediate_der: CertificateDer<'static>,
     intermediate: Issuer<'static, KeyPair>,
 }
@@ -46,15 +47,17 @@ impl std::fmt::Debug for TestCa {
 
 fn ca_params(common_name: &str) -> CertificateParams {
     let mut params = CertificateParams::default();
+    let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, common_name);
+    // Unique names, so chains of two test CAs never look like each other's issuers.
+    dn.push(DnType::CommonName, format!("{common_name} {serial}"));
     dn.push(DnType::OrganizationName, "mesh test");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = rcgen::date_time_ymd(2020, 1, 1);
     params.not_after = rcgen::date_time_ymd(2090, 1, 1);
-    params.serial_number = Some(SerialNumber::from(SERIAL.fetch_add(1, Ordering::Relaxed)));
+    params.serial_number = Some(SerialNumber::from(serial));
     params
 }
 
@@ -63,13 +66,14 @@ impl TestCa {
     pub fn new() -> Self {
         let root_key = KeyPair::generate().unwrap();
         let root_params = ca_params("test root");
-        let root_der = root_params.self_signed(&root_key).unwrap().der().clone();
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let (root_der, root_pem) = (root_cert.der().clone(), root_cert.pem());
         let root = Issuer::new(root_params, root_key);
 
         let int_key = KeyPair::generate().unwrap();
         let int_params = ca_params("test intermediate");
         let intermediate_der = int_params.signed_by(&int_key, &root).unwrap().der().clone();
-        TestCa { root_der, intermediate_der, intermediate: Issuer::new(int_params, int_key) }
+        TestCa { root_der, root_pem, intermediate_der, intermediate: Issuer::new(int_params, int_key) }
     }
 
     /// The root, as a trust bundle.
@@ -85,6 +89,11 @@ impl TestCa {
     /// The root certificate.
     pub fn root(&self) -> &CertificateDer<'static> {
         &self.root_der
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
     }
 
     /// A valid SVID for `id`.

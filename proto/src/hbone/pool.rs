@@ -155,7 +155,7 @@ pub enum PoolError {
         source: Arc<io::Error>,
     },
     /// The TLS handshake failed (including the server's certificate being refused).
-    #[error("TLS handshake with {dst}: {source}")]
+    #[error("TLS handshake with {dst}: {}", crate::tls::describe_io_error(source))]
     Tls {
         /// The HBONE address.
         dst: SocketAddr,

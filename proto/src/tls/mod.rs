@@ -83,6 +83,18 @@ pub enum IdentityError {
     Spiffe(#[from] SpiffeIdError),
 }
 
+/// A readable description of an I/O error from a TLS handshake: rustls prints errors raised by
+/// our verifiers as `Other(OtherError(..))`; this prints their own message instead.
+pub fn describe_io_error(e: &std::io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}
+
 /// The crypto provider every mesh TLS configuration uses.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();

@@ -1,0 +1,471 @@
+//! HBONE end to end over loopback, with real certificates: data integrity, half-close, pooling,
+//! request validation and status codes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, StatusCode};
+use proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolConfig, PoolError, PoolKey, TcpDialer};
+use proto::hbone::server::ServerConfig;
+use proto::hbone::{Baggage, TraceParent};
+use proto::tls::client_config;
+use rustls_pki_types::ServerName;
+use sha2::{Digest, Sha256};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Barrier;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Pseudo-random bytes, cheap to produce at GiB scale.
+fn fill(buf: &mut [u8], state: &mut u64) {
+    for chunk in buf.chunks_mut(8) {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_gib_arrives_byte_identical() {
+    init_tracing();
+    const TOTAL: usize = 1 << 30;
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+
+    // Upstream: hash everything received, then answer with the digest and close.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut n_total = 0usize;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            n_total += n;
+            hasher.update(&buf[..n]);
+        }
+        s.write_all(&(n_total as u64).to_le_bytes()).await.unwrap();
+        s.write_all(&hasher.finalize()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let outbound = outbound_listener(pool, request).await;
+
+    let mut app = TcpStream::connect(outbound).await.unwrap();
+    let mut hasher = Sha256::new();
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sent = 0;
+    while sent < TOTAL {
+        fill(&mut buf, &mut state);
+        hasher.update(&buf);
+        app.write_all(&buf).await.unwrap();
+        sent += buf.len();
+    }
+    app.shutdown().await.unwrap();
+    let reply = read_to_end_timeout(&mut app, Duration::from_secs(120)).await;
+    assert_eq!(reply.len(), 8 + 32, "upstream reply: {reply:?}");
+    assert_eq!(u64::from_le_bytes(reply[..8].try_into().unwrap()), TOTAL as u64);
+    assert_eq!(&reply[8..], hasher.finalize().as_slice(), "digest of received bytes differs");
+}
+
+#[tokio::test]
+async fn half_close_from_client_still_delivers_the_reply() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+
+    // Upstream reads to EOF, and only then answers: it needs the client's FIN to arrive while the
+    // reverse direction stays open.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        s.write_all(format!("got {} bytes: {}", got.len(), String::from_utf8_lossy(&got)).as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
+    app.write_all(b"hello").await.unwrap();
+    app.shutdown().await.unwrap();
+    let reply = read_to_end_timeout(&mut app, WAIT).await;
+    assert_eq!(reply, b"got 5 bytes: hello");
+}
+
+#[tokio::test]
+async fn half_close_from_server_still_accepts_client_data() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+
+    // Upstream greets, half-closes at once, then keeps reading until the client is done.
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = upstream.accept().await.unwrap();
+        s.write_all(b"bye").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        tx.send(got).unwrap();
+    });
+
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
+    // The server's FIN reaches the app as EOF...
+    let greeting = read_to_end_timeout(&mut app, WAIT).await;
+    assert_eq!(greeting, b"bye");
+    // ...and the app can still send afterwards.
+    app.write_all(b"late data").await.unwrap();
+    app.shutdown().await.unwrap();
+    let got = tokio::time::timeout(WAIT, rx).await.unwrap().unwrap();
+    assert_eq!(got, b"late data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_concurrent_streams_use_the_fewest_connections() {
+    init_tracing();
+    const STREAMS: usize = 1000;
+    const PER_CONN: u32 = 100;
+    let (ca, server_cred, trust) = ca_and_server("server");
+
+    // Each stream waits until all 1,000 are open at once, then echoes: the streams are truly
+    // concurrent, so the pool cannot satisfy them by reuse over time.
+    let barrier = Arc::new(Barrier::new(STREAMS));
+    let conns = Arc::new(std::sync::Mutex::new(HashSet::<SocketAddr>::new()));
+    let handler = {
+        let (barrier, conns) = (barrier.clone(), conns.clone());
+        FnHandler(move |connect: proto::hbone::server::InboundConnect| {
+            let (barrier, conns) = (barrier.clone(), conns.clone());
+            async move {
+                conns.lock().unwrap().insert(connect.peer_addr);
+                let mut stream = connect.accept().unwrap();
+                barrier.wait().await;
+                let mut buf = [0u8; 1024];
+                stream.read_exact(&mut buf).await.unwrap();
+                stream.write_all(&buf).await.unwrap();
+                stream.shutdown().await.unwrap();
+            }
+        })
+    };
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(handler)).await;
+    let config = PoolConfig { max_streams_per_conn: PER_CONN, ..PoolConfig::default() };
+    let pool = Pool::new(config, trust);
+    let cred = ca.credential(id("client").as_str());
+    let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let pool = pool.clone();
+        let request = ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], target);
+        tasks.push(tokio::spawn(async move {
+            let mut stream = pool.connect(request).await.unwrap();
+            let payload = [(i % 251) as u8; 1024];
+            stream.write_all(&payload).await.unwrap();
+            let mut back = Vec::new();
+            stream.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, payload);
+        }));
+    }
+    let all = futures_util::future::join_all(tasks);
+    for result in tokio::time::timeout(Duration::from_secs(60), all).await.expect("streams did not complete") {
+        result.unwrap();
+    }
+    let used = conns.lock().unwrap().len();
+    assert_eq!(used, STREAMS / PER_CONN as usize, "server saw {used} connections");
+    assert_eq!(pool.connection_count(), STREAMS / PER_CONN as usize);
+}
+
+#[tokio::test]
+async fn source_identities_never_share_a_connection() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let upstream = echo_upstream().await;
+    let pool = Pool::new(PoolConfig::default(), trust);
+    for sa in ["alice", "bob", "alice", "bob"] {
+        let req = ConnectRequest::new(ca.credential(id(sa).as_str()), server.addr, vec![id("server")], upstream);
+        let mut s = pool.connect(req).await.unwrap();
+        s.write_all(sa.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_to_end_timeout(&mut s, WAIT).await, sa.as_bytes());
+    }
+    let seen = forward.seen();
+    assert_eq!(seen.len(), 4);
+    let mut by_conn = std::collections::HashMap::new();
+    for s in &seen {
+        by_conn.entry(s.peer_addr).or_insert_with(HashSet::new).insert(s.peer_identity.clone());
+    }
+    assert_eq!(by_conn.len(), 2, "expected one connection per identity: {by_conn:?}");
+    assert!(by_conn.values().all(|ids| ids.len() == 1), "a connection carried two identities: {by_conn:?}");
+    assert_eq!(pool.connection_count(), 2);
+}
+
+#[derive(Debug, Default)]
+struct CountingDialer(AtomicUsize);
+
+impl Dialer for CountingDialer {
+    fn dial<'a>(
+        &'a self,
+        key: &'a PoolKey,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send + 'a>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            TcpDialer.dial(key).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_dial_and_its_failure() {
+    init_tracing();
+    let ca = proto::testing::TestCa::new();
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dialer = Arc::new(CountingDialer::default());
+    let pool = Pool::with_dialer(PoolConfig::default(), ca.shared_bundle(), dialer.clone());
+    let cred = ca.credential(id("client").as_str());
+    let attempts = (0..50).map(|_| {
+        let req = ConnectRequest::new(cred.clone(), closed, vec![id("server")], closed);
+        let pool = pool.clone();
+        async move { pool.connect(req).await }
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    assert!(results.iter().all(|r| matches!(r, Err(PoolError::Connect { .. }))), "{results:?}");
+    assert_eq!(dialer.0.load(Ordering::SeqCst), 1, "50 concurrent callers must share one dial");
+    assert_eq!(pool.connection_count(), 0);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_forgotten() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let upstream = echo_upstream().await;
+    let config = PoolConfig { idle_timeout: Duration::from_millis(300), ..PoolConfig::default() };
+    let pool = Pool::new(config, trust);
+    let cred = ca.credential(id("client").as_str());
+    let open = || ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], upstream);
+
+    let mut s = pool.connect(open()).await.unwrap();
+    // While a stream is open the connection stays, however long.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(pool.connection_count(), 1);
+    s.write_all(b"x").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end_timeout(&mut s, WAIT).await, b"x");
+    drop(s);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pool.connection_count() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "idle connection never evicted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A new stream dials afresh.
+    let mut s = pool.connect(open()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = read_to_end_timeout(&mut s, WAIT).await;
+    let conns: HashSet<_> = forward.seen().iter().map(|s| s.peer_addr).collect();
+    assert_eq!(conns.len(), 2, "the second stream should have used a new connection");
+}
+
+#[tokio::test]
+async fn request_headers_reach_the_server() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let upstream = echo_upstream().await;
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let trace = TraceParent::random(true);
+    let baggage = Baggage {
+        namespace: Some("test".into()),
+        workload: Some(("deployment".into(), "client".into())),
+        service_name: Some("client".into()),
+        service_version: Some("v1".into()),
+    };
+    let client_addr: SocketAddr = "10.1.2.3:45678".parse().unwrap();
+    let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream)
+        .forwarded_for(client_addr)
+        .baggage(&baggage)
+        .traceparent(trace);
+    let mut s = pool.connect(req).await.unwrap();
+    s.shutdown().await.unwrap();
+    let _ = read_to_end_timeout(&mut s, WAIT).await;
+
+    let seen = forward.seen();
+    let h = &seen[0].headers;
+    assert_eq!(seen[0].peer_identity, id("client"));
+    assert_eq!(seen[0].target, upstream);
+    assert_eq!(h["forwarded"], "for=\"10.1.2.3:45678\"");
+    assert_eq!(proto::hbone::parse_forwarded_for(h["forwarded"].to_str().unwrap()), Some(client_addr.ip()));
+    assert_eq!(Baggage::parse(h["baggage"].to_str().unwrap()), baggage);
+    assert_eq!(TraceParent::parse(h["traceparent"].to_str().unwrap()), Some(trace));
+}
+
+#[tokio::test]
+async fn handler_statuses_reach_the_client() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let handler = FnHandler(|connect: proto::hbone::server::InboundConnect| async move {
+        match connect.target.port() {
+            401 => connect.reject(StatusCode::UNAUTHORIZED),
+            // Dropped without an answer: the server must answer 503 itself.
+            _ => drop(connect),
+        }
+    });
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(handler)).await;
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let cred = ca.credential(id("client").as_str());
+    for (port, status) in [(401, StatusCode::UNAUTHORIZED), (503, StatusCode::SERVICE_UNAVAILABLE)] {
+        let target = SocketAddr::new(server.addr.ip(), port);
+        let err = pool.connect(ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], target)).await.unwrap_err();
+        match err {
+            PoolError::Refused { status: got, target: t, .. } => {
+                assert_eq!(got, status);
+                assert_eq!(t, target);
+            }
+            other => panic!("expected a refusal with {status}, got {other}"),
+        }
+    }
+    // Refusals do not poison the connection.
+    assert_eq!(pool.connection_count(), 1);
+}
+
+/// Opens a raw mTLS + HTTP/2 connection to `server` and sends one request, returning its status.
+async fn raw_request(
+    ca: &proto::testing::TestCa,
+    server: &TestServer,
+    method: Method,
+    uri: &str,
+) -> Result<StatusCode, h2::Error> {
+    let tls = client_config(ca.credential(id("raw").as_str()), server.trust.clone(), vec![id("server")]).unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(ServerName::IpAddress(server.addr.ip().into()), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri.parse().unwrap();
+    let (resp, _stream) = send.send_request(req, false)?;
+    Ok(resp.await?.status())
+}
+
+#[tokio::test]
+async fn invalid_requests_get_400() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred, trust, ServerConfig::default(), forward.clone()).await;
+    let port = server.addr.port();
+    let cases = [
+        (Method::GET, format!("http://127.0.0.1:{port}/")),
+        (Method::POST, format!("https://127.0.0.1:{port}/x")),
+        // Not ip:port.
+        (Method::CONNECT, "example.com:80".to_owned()),
+        // Not the address the connection landed on.
+        (Method::CONNECT, "127.0.0.2:80".to_owned()),
+        // Mesh ports.
+        (Method::CONNECT, "127.0.0.1:15008".to_owned()),
+        (Method::CONNECT, "127.0.0.1:15001".to_owned()),
+        (Method::CONNECT, "127.0.0.1:15000".to_owned()),
+    ];
+    for (method, uri) in cases {
+        let status = raw_request(&ca, &server, method.clone(), &uri).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}");
+    }
+    assert!(forward.seen().is_empty(), "an invalid request reached the handler");
+}
+
+#[tokio::test]
+async fn waypoint_mode_accepts_authorities_for_other_addresses() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let config = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
+    let server = TestServer::start(server_cred, trust, config, forward.clone()).await;
+    let upstream = echo_upstream().await;
+    // 127.0.0.2 is not where the connection landed, but a waypoint serves other addresses.
+    let target = SocketAddr::new("127.0.0.2".parse().unwrap(), upstream.port());
+    let _ = raw_request(&ca, &server, Method::CONNECT, &target.to_string()).await;
+    assert_eq!(forward.seen().len(), 1);
+    assert_eq!(forward.seen()[0].target, target);
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_but_lets_open_streams_finish() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let upstream = echo_upstream().await;
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream);
+    let mut open = pool.connect(req.clone()).await.unwrap();
+    let addr = server.addr;
+
+    let drained = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The open stream still works...
+    open.write_all(b"still here").await.unwrap();
+    open.shutdown().await.unwrap();
+    assert_eq!(read_to_end_timeout(&mut open, WAIT).await, b"still here");
+    drop(open);
+    // ...and once it is done the drain completes and new tunnels are refused.
+    assert_eq!(drained.await.unwrap(), proto::drain::DrainOutcome::Complete);
+    assert!(pool.connect(req).await.is_err(), "server at {addr} still accepted after drain");
+}
+
+#[tokio::test]
+async fn tunnel_stream_works_as_async_read_write() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let upstream = echo_upstream().await;
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let mut s = pool
+        .connect(ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream))
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let writer = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let reader = async {
+        let mut back = Vec::new();
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::join!(writer, reader);
+    assert_eq!(back.len(), data.len());
+    assert!(back == data);
+}
