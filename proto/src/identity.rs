@@ -144,12 +144,7 @@ impl SpiffeId {
         let td_end = SCHEME.len() + td.len();
         let ns_start = td_end + "/ns/".len();
         let ns_end = ns_start + ns.len();
-        Ok(SpiffeId {
-            uri: Arc::from(input),
-            td_end,
-            ns: (ns_start, ns_end),
-            sa_start: ns_end + "/sa/".len(),
-        })
+        Ok(SpiffeId { uri: Arc::from(input), td_end, ns: (ns_start, ns_end), sa_start: ns_end + "/sa/".len() })
     }
 }
 
@@ -188,8 +183,7 @@ fn dns1123_label(s: &str, max: usize) -> Result<(), &'static str> {
 }
 
 fn validate_namespace(ns: &str) -> Result<(), SpiffeIdError> {
-    dns1123_label(ns, MAX_NAMESPACE_LEN)
-        .map_err(|reason| SpiffeIdError::Namespace { namespace: excerpt(ns), reason })
+    dns1123_label(ns, MAX_NAMESPACE_LEN).map_err(|reason| SpiffeIdError::Namespace { namespace: excerpt(ns), reason })
 }
 
 /// Service accounts are DNS-1123 subdomains: dot-separated labels.
@@ -256,7 +250,8 @@ mod tests {
 
     #[test]
     fn rejects_malformed_ids_with_the_reason() {
-        let cases: &[(&str, fn(&SpiffeIdError) -> bool)] = &[
+        type Check = fn(&SpiffeIdError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, SpiffeIdError::Scheme { .. })),
             ("http://cluster.local/ns/a/sa/b", |e| matches!(e, SpiffeIdError::Scheme { .. })),
             ("SPIFFE://cluster.local/ns/a/sa/b", |e| matches!(e, SpiffeIdError::Scheme { .. })),
@@ -321,9 +316,8 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let len = (state % 40) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|i| alphabet[((state >> (i % 58)) as usize + i) % alphabet.len()])
-                .collect();
+            let bytes: Vec<u8> =
+                (0..len).map(|i| alphabet[((state >> (i % 58)) as usize + i) % alphabet.len()]).collect();
             let s = String::from_utf8_lossy(&bytes);
             let _ = format!("spiffe://{s}").parse::<SpiffeId>();
             let _ = s.parse::<SpiffeId>();

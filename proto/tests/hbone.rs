@@ -7,8 +7,8 @@ mod support;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{Method, Request, StatusCode};
@@ -40,7 +40,8 @@ async fn one_gib_arrives_byte_identical() {
     init_tracing();
     const TOTAL: usize = 1 << 30;
     let (ca, server_cred, trust) = ca_and_server("server");
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let server =
+        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
 
     // Upstream: hash everything received, then answer with the digest and close.
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -64,7 +65,8 @@ async fn one_gib_arrives_byte_identical() {
     });
 
     let pool = Pool::new(PoolConfig::default(), trust);
-    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let request =
+        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
     let outbound = outbound_listener(pool, request).await;
 
     let mut app = TcpStream::connect(outbound).await.unwrap();
@@ -89,7 +91,8 @@ async fn one_gib_arrives_byte_identical() {
 async fn half_close_from_client_still_delivers_the_reply() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let server =
+        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
 
     // Upstream reads to EOF, and only then answers: it needs the client's FIN to arrive while the
     // reverse direction stays open.
@@ -104,7 +107,8 @@ async fn half_close_from_client_still_delivers_the_reply() {
     });
 
     let pool = Pool::new(PoolConfig::default(), trust);
-    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let request =
+        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
     let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
     app.write_all(b"hello").await.unwrap();
     app.shutdown().await.unwrap();
@@ -116,7 +120,8 @@ async fn half_close_from_client_still_delivers_the_reply() {
 async fn half_close_from_server_still_accepts_client_data() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let server =
+        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
 
     // Upstream greets, half-closes at once, then keeps reading until the client is done.
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -132,7 +137,8 @@ async fn half_close_from_server_still_accepts_client_data() {
     });
 
     let pool = Pool::new(PoolConfig::default(), trust);
-    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
+    let request =
+        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
     let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
     // The server's FIN reaches the app as EOF...
     let greeting = read_to_end_timeout(&mut app, WAIT).await;
@@ -344,7 +350,8 @@ async fn handler_statuses_reach_the_client() {
     let cred = ca.credential(id("client").as_str());
     for (port, status) in [(401, StatusCode::UNAUTHORIZED), (503, StatusCode::SERVICE_UNAVAILABLE)] {
         let target = SocketAddr::new(server.addr.ip(), port);
-        let err = pool.connect(ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], target)).await.unwrap_err();
+        let err =
+            pool.connect(ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], target)).await.unwrap_err();
         match err {
             PoolError::Refused { status: got, target: t, .. } => {
                 assert_eq!(got, status);
@@ -424,7 +431,8 @@ async fn waypoint_mode_accepts_authorities_for_other_addresses() {
 async fn drain_sends_goaway_but_lets_open_streams_finish() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let server =
+        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
     let upstream = echo_upstream().await;
     let pool = Pool::new(PoolConfig::default(), trust);
     let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream);
@@ -448,7 +456,8 @@ async fn tunnel_stream_works_as_async_read_write() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
     let upstream = echo_upstream().await;
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let server =
+        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
     let pool = Pool::new(PoolConfig::default(), trust);
     let mut s = pool
         .connect(ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream))

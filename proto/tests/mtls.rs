@@ -21,7 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 const WAIT: Duration = Duration::from_secs(20);
 
 /// Opens a tunnel to an echo upstream and checks one round trip.
-async fn round_trip(pool: &Pool, cred: Arc<Credential>, server: SocketAddr, expect: Vec<proto::SpiffeId>) -> Result<(), PoolError> {
+async fn round_trip(
+    pool: &Pool,
+    cred: Arc<Credential>,
+    server: SocketAddr,
+    expect: Vec<proto::SpiffeId>,
+) -> Result<(), PoolError> {
     let upstream = echo_upstream().await;
     let mut s = pool.connect(ConnectRequest::new(cred, server, expect, upstream)).await?;
     s.write_all(b"ping").await.unwrap();
@@ -38,7 +43,10 @@ fn tls_error(e: &PoolError) -> Option<&rustls::Error> {
     }
 }
 
-async fn forward_server(cred: Arc<Credential>, trust: Arc<proto::tls::SharedTrustBundle>) -> (TestServer, Arc<Forward>) {
+async fn forward_server(
+    cred: Arc<Credential>,
+    trust: Arc<proto::tls::SharedTrustBundle>,
+) -> (TestServer, Arc<Forward>) {
     let forward = Arc::new(Forward::default());
     (TestServer::start(cred, trust, ServerConfig::default(), forward.clone()).await, forward)
 }
@@ -93,7 +101,8 @@ async fn refuses_server_from_another_trust_domain_signed_by_a_trusted_ca() {
     let server_cred = Credential::new(ca.issue(&"spiffe://other.domain/ns/test/sa/server".parse().unwrap()));
     let (server, _) = forward_server(server_cred, trust.clone()).await;
     let pool = Pool::new(PoolConfig::default(), trust);
-    let err = round_trip(&pool, ca.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
+    let err =
+        round_trip(&pool, ca.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
     assert!(tls_error(&err).is_some(), "{err}");
 }
 
@@ -107,10 +116,13 @@ async fn refuses_certificates_outside_their_validity() {
         let bad_server = Credential::new(ca.issue_with(&[id("server").as_str()], validity));
         let (server, _) = forward_server(bad_server, trust.clone()).await;
         let pool = Pool::new(PoolConfig::default(), trust.clone());
-        let err = round_trip(&pool, ca.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
+        let err =
+            round_trip(&pool, ca.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
         let tls = tls_error(&err).unwrap_or_else(|| panic!("{validity:?}: expected TLS refusal, got {err}"));
         let expected = match validity {
-            Validity::Expired => matches!(tls, rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. })),
+            Validity::Expired => {
+                matches!(tls, rustls::Error::InvalidCertificate(rustls::CertificateError::ExpiredContext { .. }))
+            }
             _ => matches!(tls, rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYetContext { .. })),
         };
         assert!(expected, "{validity:?}: {tls:?}");
@@ -131,7 +143,8 @@ async fn refuses_chains_from_an_untrusted_root() {
     let (server, forward) = forward_server(server_cred, trust.clone()).await;
     let rogue = TestCa::new();
     let pool = Pool::new(PoolConfig::default(), trust.clone());
-    let err = round_trip(&pool, rogue.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
+    let err =
+        round_trip(&pool, rogue.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
     assert!(matches!(err, PoolError::Tls { .. } | PoolError::Http2 { .. }), "{err}");
     assert!(forward.seen().is_empty());
 
@@ -311,13 +324,22 @@ async fn malformed_http2_frames_close_only_that_connection() {
         ("truncated frame header", [preface, empty_settings, &[0, 0, 10, 0x1]].concat(), true),
         ("truncated frame payload", [preface, empty_settings, &[0, 0, 64, 0x0, 0x0, 0, 0, 0, 1, 1, 2]].concat(), true),
         // A DATA frame declaring 16 MiB - 1, over the advertised maximum frame size.
-        ("oversized frame", [preface, empty_settings, &[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1], &[0u8; 64]].concat(), false),
+        (
+            "oversized frame",
+            [preface, empty_settings, &[0xff, 0xff, 0xff, 0x0, 0x0, 0, 0, 0, 1], &[0u8; 64]].concat(),
+            false,
+        ),
         // HEADERS whose HPACK block is garbage.
-        ("bad hpack", [preface, empty_settings, &[0, 0, 4, 0x1, 0x5, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]].concat(), false),
+        (
+            "bad hpack",
+            [preface, empty_settings, &[0, 0, 4, 0x1, 0x5, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff]].concat(),
+            false,
+        ),
         ("no preface", b"this is not http/2 at all".to_vec(), false),
     ];
     for (name, bytes, end_ours) in cases {
-        let tls = proto::tls::client_config(ca.credential(id("fuzz").as_str()), trust.clone(), vec![id("server")]).unwrap();
+        let tls =
+            proto::tls::client_config(ca.credential(id("fuzz").as_str()), trust.clone(), vec![id("server")]).unwrap();
         let tcp = TcpStream::connect(server.addr).await.unwrap();
         let mut tls = tokio_rustls::TlsConnector::from(tls)
             .connect(rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()), tcp)

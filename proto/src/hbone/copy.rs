@@ -10,7 +10,7 @@
 //! not; a read left waiting for a while drops back to the minimum, so an idle tunnel holds about a
 //! kilobyte per direction instead of the peak buffer.
 
-use std::future::{poll_fn, Future};
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
@@ -21,7 +21,7 @@ use h2::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use super::stream::{h2_to_io, H2Stream};
+use super::stream::{H2Stream, h2_to_io};
 
 /// Smallest (and idle) read buffer.
 const MIN_BUF: usize = 1024;
@@ -82,10 +82,9 @@ where
     let result = {
         let upload = upload(reader, &mut send, &mut sent);
         let download = download(recv, pending, writer, &mut received);
-        tokio::try_join!(
-            async { upload.await.map_err(|e| (Direction::Send, e)) },
-            async { download.await.map_err(|e| (Direction::Receive, e)) },
-        )
+        tokio::try_join!(async { upload.await.map_err(|e| (Direction::Send, e)) }, async {
+            download.await.map_err(|e| (Direction::Receive, e))
+        },)
     };
     let transferred = Transferred { sent, received };
     match result {
@@ -175,38 +174,40 @@ impl<R: AsyncRead + Unpin> AdaptiveReader<R> {
     /// The next chunk, or `None` at EOF.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
         let this = self;
-        poll_fn(|cx| loop {
-            if this.buf.capacity() < this.target {
-                this.buf.reserve(this.target);
-            }
-            let room = this.buf.capacity() - this.buf.len();
-            match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
-                Poll::Ready(Ok(n)) => {
-                    this.idle_armed = false;
-                    if n >= room && this.target < MAX_BUF {
-                        this.target *= 2;
-                    } else if n < this.target / 4 && this.target > MIN_BUF {
-                        this.target /= 2;
-                    }
-                    return Poll::Ready(Ok(Some(this.buf.split_to(n).freeze())));
+        poll_fn(|cx| {
+            loop {
+                if this.buf.capacity() < this.target {
+                    this.buf.reserve(this.target);
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    if this.buf.capacity() <= MIN_BUF {
-                        return Poll::Pending;
+                let room = this.buf.capacity() - this.buf.len();
+                match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
+                    Poll::Ready(Ok(n)) => {
+                        this.idle_armed = false;
+                        if n >= room && this.target < MAX_BUF {
+                            this.target *= 2;
+                        } else if n < this.target / 4 && this.target > MIN_BUF {
+                            this.target /= 2;
+                        }
+                        return Poll::Ready(Ok(Some(this.buf.split_to(n).freeze())));
                     }
-                    if !this.idle_armed {
-                        this.idle.as_mut().reset(Instant::now() + IDLE_SHRINK);
-                        this.idle_armed = true;
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {
+                        if this.buf.capacity() <= MIN_BUF {
+                            return Poll::Pending;
+                        }
+                        if !this.idle_armed {
+                            this.idle.as_mut().reset(Instant::now() + IDLE_SHRINK);
+                            this.idle_armed = true;
+                        }
+                        if this.idle.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // Idle: trade the big buffer for a small one and wait again.
+                        this.idle_armed = false;
+                        this.target = MIN_BUF;
+                        this.buf = BytesMut::new();
                     }
-                    if this.idle.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    // Idle: trade the big buffer for a small one and wait again.
-                    this.idle_armed = false;
-                    this.target = MIN_BUF;
-                    this.buf = BytesMut::new();
                 }
             }
         })

@@ -16,7 +16,7 @@ pub mod stream;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-pub use copy::{copy_bidirectional, CopyError, Transferred};
+pub use copy::{CopyError, Transferred, copy_bidirectional};
 pub use stream::H2Stream;
 
 /// The HBONE port on every captured pod and waypoint.
@@ -86,10 +86,10 @@ pub fn parse_authority(authority: &str) -> Result<SocketAddr, AuthorityError> {
     }
     // The standard parser accepts "[v6%scope]"-free forms only, but also IPv4-mapped IPv6 in
     // brackets; normalise nothing, so the string we authorize is the string we dial.
-    if let SocketAddr::V6(v6) = addr {
-        if v6.scope_id() != 0 || v6.flowinfo() != 0 {
-            return Err(AuthorityError::NotIpPort(authority.to_owned()));
-        }
+    if let SocketAddr::V6(v6) = addr
+        && (v6.scope_id() != 0 || v6.flowinfo() != 0)
+    {
+        return Err(AuthorityError::NotIpPort(authority.to_owned()));
     }
     Ok(addr)
 }
@@ -173,10 +173,11 @@ impl Baggage {
                 "service.name" => out.service_name = Some(v.to_owned()),
                 "service.version" => out.service_version = Some(v.to_owned()),
                 _ => {
-                    if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name")) {
-                        if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_lowercase()) {
-                            out.workload = Some((kind.to_owned(), v.to_owned()));
-                        }
+                    if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name"))
+                        && !kind.is_empty()
+                        && kind.bytes().all(|b| b.is_ascii_lowercase())
+                    {
+                        out.workload = Some((kind.to_owned(), v.to_owned()));
                     }
                 }
             }
@@ -223,9 +224,8 @@ impl TraceParent {
     pub fn parse(value: &str) -> Option<TraceParent> {
         let mut parts = value.trim().split('-');
         let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        let hex = |s: &str, len: usize| {
-            s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
+        let hex =
+            |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         // Version 00 has exactly four fields; "ff" is forbidden.
         if version != "00" || parts.next().is_some() || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
             return None;
@@ -257,9 +257,22 @@ mod tests {
         assert_eq!(parse_authority("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
         assert_eq!(parse_authority("[fd00::1]:80"), Ok("[fd00::1]:80".parse().unwrap()));
         for bad in [
-            "", ":80", "10.0.0.1", "10.0.0.1:", "10.0.0.1:65536", "10.0.0.1:-1", "example.com:80",
-            "10.0.0.1:80/path", "user@10.0.0.1:80", "fd00::1:80", "[fd00::1%eth0]:80", " 10.0.0.1:80",
-            "10.0.0.1:80 ", "010.0.0.1:80", "10.0.0.1:0x50", "\u{0}",
+            "",
+            ":80",
+            "10.0.0.1",
+            "10.0.0.1:",
+            "10.0.0.1:65536",
+            "10.0.0.1:-1",
+            "example.com:80",
+            "10.0.0.1:80/path",
+            "user@10.0.0.1:80",
+            "fd00::1:80",
+            "[fd00::1%eth0]:80",
+            " 10.0.0.1:80",
+            "10.0.0.1:80 ",
+            "010.0.0.1:80",
+            "10.0.0.1:0x50",
+            "\u{0}",
         ] {
             assert!(parse_authority(bad).is_err(), "accepted {bad:?}");
         }
@@ -313,9 +326,13 @@ mod tests {
         let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(TraceParent::parse(ok).unwrap().to_string(), ok);
         for bad in [
-            "", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
             "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "accepted {bad:?}");

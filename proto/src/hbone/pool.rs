@@ -23,14 +23,14 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
-use tracing::{debug, Instrument};
+use tracing::{Instrument, debug};
 
-use super::{forwarded_for, Baggage, H2Settings, H2Stream, TraceParent, BAGGAGE, FORWARDED, TRACEPARENT};
+use super::{BAGGAGE, Baggage, FORWARDED, H2Settings, H2Stream, TRACEPARENT, TraceParent, forwarded_for};
 use crate::identity::SpiffeId;
-use crate::tls::{client_config, Credential, SharedTrustBundle, TlsError, ALPN_H2};
+use crate::tls::{ALPN_H2, Credential, SharedTrustBundle, TlsError, client_config};
 
 /// Pool settings.
 #[derive(Debug, Clone)]
@@ -113,7 +113,12 @@ pub struct ConnectRequest {
 impl ConnectRequest {
     /// A request with no extra headers; a random unsampled `traceparent` is added on send unless
     /// one is set.
-    pub fn new(credential: Arc<Credential>, dst: SocketAddr, expected_identities: Vec<SpiffeId>, target: SocketAddr) -> Self {
+    pub fn new(
+        credential: Arc<Credential>,
+        dst: SocketAddr,
+        expected_identities: Vec<SpiffeId>,
+        target: SocketAddr,
+    ) -> Self {
         ConnectRequest { credential, src_ip: None, dst, expected_identities, target, headers: HeaderMap::new() }
     }
 
@@ -314,10 +319,10 @@ impl Pool {
             dst_identities: ids.into(),
         };
         let mut headers = request.headers;
-        if !headers.contains_key(TRACEPARENT) {
-            if let Ok(v) = HeaderValue::from_str(&TraceParent::random(false).to_string()) {
-                headers.insert(TRACEPARENT, v);
-            }
+        if !headers.contains_key(TRACEPARENT)
+            && let Ok(v) = HeaderValue::from_str(&TraceParent::random(false).to_string())
+        {
+            headers.insert(TRACEPARENT, v);
         }
 
         // One retry: a pooled connection may have been told to go away just now.

@@ -16,14 +16,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use h2::server::SendResponse;
+pub use http::StatusCode;
+use http::{HeaderMap, Method, Request, Response};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{Instrument, debug, info, warn};
 
-use super::{parse_authority, H2Settings, H2Stream, MESH_PORTS};
+use super::{H2Settings, H2Stream, MESH_PORTS, parse_authority};
 use crate::drain::DrainWatcher;
 use crate::identity::SpiffeId;
 use crate::tls::peer_identity;
@@ -290,9 +291,7 @@ impl<H: Handler> Connection<H> {
             body: Some(body),
         };
         let handler = self.handler.clone();
-        tokio::spawn(
-            async move { handler.handle(connect).await }.instrument(tracing::debug_span!("connect", %target)),
-        );
+        tokio::spawn(async move { handler.handle(connect).await }.instrument(tracing::debug_span!("connect", %target)));
     }
 }
 

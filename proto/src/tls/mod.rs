@@ -208,8 +208,8 @@ impl WorkloadCert {
         let chain = CertificateDer::pem_slice_iter(chain_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| TlsError::Pem { what: "certificate chain", source })?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|source| TlsError::Pem { what: "private key", source })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem { what: "private key", source })?;
         Self::from_der(chain, key)
     }
 

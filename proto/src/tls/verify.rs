@@ -21,13 +21,10 @@ use crate::identity::SpiffeId;
 pub fn spiffe_id_from_cert(der: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
     let san = cert.subject_alternative_name().map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let mut uris = san
-        .iter()
-        .flat_map(|ext| ext.value.general_names.iter())
-        .filter_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
+    let mut uris = san.iter().flat_map(|ext| ext.value.general_names.iter()).filter_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
     let first = uris.next().ok_or(IdentityError::NoUriSan)?;
     let extra = uris.count();
     if extra > 0 {
@@ -44,8 +41,8 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
 
 /// A certificate's validity period.
 pub(super) fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| TlsError::Identity(IdentityError::Parse(e.to_string())))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::Identity(IdentityError::Parse(e.to_string())))?;
     let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     Ok((at(cert.validity().not_before.timestamp()), at(cert.validity().not_after.timestamp())))
 }
@@ -115,7 +112,11 @@ pub(super) struct ClientVerifier {
 }
 
 impl ClientVerifier {
-    pub(super) fn new(trust: Arc<SharedTrustBundle>, trust_domains: Vec<String>, provider: Arc<CryptoProvider>) -> Self {
+    pub(super) fn new(
+        trust: Arc<SharedTrustBundle>,
+        trust_domains: Vec<String>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
         ClientVerifier { trust, trust_domains, provider }
     }
 }
@@ -131,7 +132,8 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let id = verify_chain(&self.trust, &self.provider, end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        let id =
+            verify_chain(&self.trust, &self.provider, end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
         if !self.trust_domains.iter().any(|td| td == id.trust_domain()) {
             return Err(refused(PeerRefused::TrustDomain(id)));
         }
@@ -188,7 +190,8 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id = verify_chain(&self.trust, &self.provider, end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        let id =
+            verify_chain(&self.trust, &self.provider, end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
         if !self.expected.contains(&id) {
             let expected = self.expected.iter().map(ToString::to_string).collect();
             return Err(refused(PeerRefused::UnexpectedIdentity { actual: id, expected }));

@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use proto::drain::{self, DrainTrigger};
+use proto::hbone::copy_bidirectional;
 use proto::hbone::pool::{ConnectRequest, Pool};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
-use proto::hbone::copy_bidirectional;
 use proto::identity::SpiffeId;
 use proto::testing::TestCa;
-use proto::tls::{server_config, Credential, SharedTrustBundle};
+use proto::tls::{Credential, SharedTrustBundle, server_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
