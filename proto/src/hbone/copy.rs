@@ -72,7 +72,7 @@ impl std::fmt::Display for Direction {
 /// Copies between `io` and `tunnel` until both directions have ended, carrying half-closes.
 pub async fn copy_bidirectional<S>(io: S, tunnel: H2Stream) -> Result<Transferred, CopyError>
 where
-    S: AsyncRead + AsyncWrite + Send,
+    S: AsyncRead + AsyncWrite,
 {
     let (reader, writer) = tokio::io::split(io);
     let (mut send, recv, pending, _slot) = tunnel.into_parts();

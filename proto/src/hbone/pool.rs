@@ -197,6 +197,18 @@ pub enum PoolError {
         /// The limit.
         after: Duration,
     },
+    /// The dial was abandoned before it finished (the runtime is shutting down).
+    #[error("dialing {dst} was aborted")]
+    DialAborted {
+        /// The HBONE address.
+        dst: SocketAddr,
+    },
+    /// The target cannot be expressed as a `CONNECT` authority.
+    #[error("{target} is not a valid CONNECT authority")]
+    InvalidTarget {
+        /// The requested authority.
+        target: SocketAddr,
+    },
     /// The server answered the `CONNECT` with a non-200 status (400, 401, 503, ...).
     #[error("{dst} refused CONNECT {target}: {status}")]
     Refused {
@@ -332,11 +344,10 @@ impl Pool {
             let slot = StreamSlot { conn };
             let mut req = Request::new(());
             *req.method_mut() = Method::CONNECT;
-            *req.uri_mut() = http::Uri::try_from(request.target.to_string()).map_err(|_| PoolError::Refused {
-                dst: key.dst,
-                target: request.target,
-                status: StatusCode::BAD_REQUEST,
-            })?;
+            // An ip:port always forms a valid authority-form URI; the error path is unreachable in
+            // practice but reported rather than unwrapped.
+            *req.uri_mut() = http::Uri::try_from(request.target.to_string())
+                .map_err(|_| PoolError::InvalidTarget { target: request.target })?;
             *req.headers_mut() = headers.clone();
 
             let opened = async {
@@ -390,8 +401,8 @@ impl Pool {
             match outcome {
                 Ok(Some(Err(e))) => return Err(e),
                 Ok(_) => continue,
-                // The dial task is gone without an outcome (runtime shutting down).
-                Err(_) => return Err(PoolError::Timeout { dst: key.dst, after: Duration::ZERO }),
+                // The dial task is gone without an outcome (the runtime is shutting down).
+                Err(_) => return Err(PoolError::DialAborted { dst: key.dst }),
             }
         }
     }
