@@ -15,8 +15,6 @@ use http::{Method, Request, StatusCode};
 use proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolConfig, PoolError, PoolKey, TcpDialer};
 use proto::hbone::server::ServerConfig;
 use proto::hbone::{Baggage, TraceParent};
-use proto::tls::client_config;
-use rustls_pki_types::ServerName;
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,37 +37,27 @@ fn fill(buf: &mut [u8], state: &mut u64) {
 async fn one_gib_arrives_byte_identical() {
     init_tracing();
     const TOTAL: usize = 1 << 30;
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let server =
-        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
-
-    // Upstream: hash everything received, then answer with the digest and close.
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = upstream.accept().await.unwrap();
+    let mesh = Fixture::new().await;
+    // Upstream: hash everything received, then answer with the count and digest, and close.
+    let upstream = one_shot_upstream(|mut s| async move {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 256 * 1024];
-        let mut n_total = 0usize;
+        let mut total = 0u64;
         loop {
             let n = s.read(&mut buf).await.unwrap();
             if n == 0 {
                 break;
             }
-            n_total += n;
+            total += n as u64;
             hasher.update(&buf[..n]);
         }
-        s.write_all(&(n_total as u64).to_le_bytes()).await.unwrap();
+        s.write_all(&total.to_le_bytes()).await.unwrap();
         s.write_all(&hasher.finalize()).await.unwrap();
         s.shutdown().await.unwrap();
-    });
+    })
+    .await;
 
-    let pool = Pool::new(PoolConfig::default(), trust);
-    let request =
-        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
-    let outbound = outbound_listener(pool, request).await;
-
-    let mut app = TcpStream::connect(outbound).await.unwrap();
+    let mut app = mesh.app_connection("client", upstream).await;
     let mut hasher = Sha256::new();
     let mut state = 0x1234_5678_9abc_def1u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -90,26 +78,17 @@ async fn one_gib_arrives_byte_identical() {
 #[tokio::test]
 async fn half_close_from_client_still_delivers_the_reply() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let server =
-        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
-
+    let mesh = Fixture::new().await;
     // Upstream reads to EOF, and only then answers: it needs the client's FIN to arrive while the
     // reverse direction stays open.
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = upstream.accept().await.unwrap();
+    let upstream = one_shot_upstream(|mut s| async move {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         s.write_all(format!("got {} bytes: {}", got.len(), String::from_utf8_lossy(&got)).as_bytes()).await.unwrap();
         s.shutdown().await.unwrap();
-    });
-
-    let pool = Pool::new(PoolConfig::default(), trust);
-    let request =
-        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
-    let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
+    })
+    .await;
+    let mut app = mesh.app_connection("client", upstream).await;
     app.write_all(b"hello").await.unwrap();
     app.shutdown().await.unwrap();
     let reply = read_to_end_timeout(&mut app, WAIT).await;
@@ -119,27 +98,18 @@ async fn half_close_from_client_still_delivers_the_reply() {
 #[tokio::test]
 async fn half_close_from_server_still_accepts_client_data() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let server =
-        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
-
+    let mesh = Fixture::new().await;
     // Upstream greets, half-closes at once, then keeps reading until the client is done.
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (mut s, _) = upstream.accept().await.unwrap();
+    let upstream = one_shot_upstream(|mut s| async move {
         s.write_all(b"bye").await.unwrap();
         s.shutdown().await.unwrap();
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         tx.send(got).unwrap();
-    });
-
-    let pool = Pool::new(PoolConfig::default(), trust);
-    let request =
-        ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream_addr);
-    let mut app = TcpStream::connect(outbound_listener(pool, request).await).await.unwrap();
+    })
+    .await;
+    let mut app = mesh.app_connection("client", upstream).await;
     // The server's FIN reaches the app as EOF...
     let greeting = read_to_end_timeout(&mut app, WAIT).await;
     assert_eq!(greeting, b"bye");
@@ -207,19 +177,15 @@ async fn thousand_concurrent_streams_use_the_fewest_connections() {
 #[tokio::test]
 async fn source_identities_never_share_a_connection() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let forward = Arc::new(Forward::default());
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let mesh = Fixture::new().await;
     let upstream = echo_upstream().await;
-    let pool = Pool::new(PoolConfig::default(), trust);
     for sa in ["alice", "bob", "alice", "bob"] {
-        let req = ConnectRequest::new(ca.credential(id(sa).as_str()), server.addr, vec![id("server")], upstream);
-        let mut s = pool.connect(req).await.unwrap();
+        let mut s = mesh.pool.connect(mesh.request(sa, upstream)).await.unwrap();
         s.write_all(sa.as_bytes()).await.unwrap();
         s.shutdown().await.unwrap();
         assert_eq!(read_to_end_timeout(&mut s, WAIT).await, sa.as_bytes());
     }
-    let seen = forward.seen();
+    let seen = mesh.forward.seen();
     assert_eq!(seen.len(), 4);
     let mut by_conn = std::collections::HashMap::new();
     for s in &seen {
@@ -227,7 +193,7 @@ async fn source_identities_never_share_a_connection() {
     }
     assert_eq!(by_conn.len(), 2, "expected one connection per identity: {by_conn:?}");
     assert!(by_conn.values().all(|ids| ids.len() == 1), "a connection carried two identities: {by_conn:?}");
-    assert_eq!(pool.connection_count(), 2);
+    assert_eq!(mesh.pool.connection_count(), 2);
 }
 
 #[derive(Debug, Default)]
@@ -269,45 +235,37 @@ async fn concurrent_callers_share_one_dial_and_its_failure() {
 #[tokio::test]
 async fn idle_connections_are_closed_and_forgotten() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let forward = Arc::new(Forward::default());
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
-    let upstream = echo_upstream().await;
     let config = PoolConfig { idle_timeout: Duration::from_millis(300), ..PoolConfig::default() };
-    let pool = Pool::new(config, trust);
-    let cred = ca.credential(id("client").as_str());
-    let open = || ConnectRequest::new(cred.clone(), server.addr, vec![id("server")], upstream);
+    let mesh = Fixture::with(ServerConfig::default(), config).await;
+    let upstream = echo_upstream().await;
 
-    let mut s = pool.connect(open()).await.unwrap();
+    let mut s = mesh.pool.connect(mesh.request("client", upstream)).await.unwrap();
     // While a stream is open the connection stays, however long.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(pool.connection_count(), 1);
+    assert_eq!(mesh.pool.connection_count(), 1);
     s.write_all(b"x").await.unwrap();
     s.shutdown().await.unwrap();
     assert_eq!(read_to_end_timeout(&mut s, WAIT).await, b"x");
     drop(s);
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while pool.connection_count() != 0 {
+    while mesh.pool.connection_count() != 0 {
         assert!(tokio::time::Instant::now() < deadline, "idle connection never evicted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A new stream dials afresh.
-    let mut s = pool.connect(open()).await.unwrap();
+    let mut s = mesh.pool.connect(mesh.request("client", upstream)).await.unwrap();
     s.shutdown().await.unwrap();
     let _ = read_to_end_timeout(&mut s, WAIT).await;
-    let conns: HashSet<_> = forward.seen().iter().map(|s| s.peer_addr).collect();
+    let conns: HashSet<_> = mesh.forward.seen().iter().map(|s| s.peer_addr).collect();
     assert_eq!(conns.len(), 2, "the second stream should have used a new connection");
 }
 
 #[tokio::test]
 async fn request_headers_reach_the_server() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let forward = Arc::new(Forward::default());
-    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let mesh = Fixture::new().await;
     let upstream = echo_upstream().await;
-    let pool = Pool::new(PoolConfig::default(), trust);
     let trace = TraceParent::random(true);
     let baggage = Baggage {
         namespace: Some("test".into()),
@@ -316,15 +274,12 @@ async fn request_headers_reach_the_server() {
         service_version: Some("v1".into()),
     };
     let client_addr: SocketAddr = "10.1.2.3:45678".parse().unwrap();
-    let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream)
-        .forwarded_for(client_addr)
-        .baggage(&baggage)
-        .traceparent(trace);
-    let mut s = pool.connect(req).await.unwrap();
+    let req = mesh.request("client", upstream).forwarded_for(client_addr).baggage(&baggage).traceparent(trace);
+    let mut s = mesh.pool.connect(req).await.unwrap();
     s.shutdown().await.unwrap();
     let _ = read_to_end_timeout(&mut s, WAIT).await;
 
-    let seen = forward.seen();
+    let seen = mesh.forward.seen();
     let h = &seen[0].headers;
     assert_eq!(seen[0].peer_identity, id("client"));
     assert_eq!(seen[0].target, upstream);
@@ -364,20 +319,14 @@ async fn handler_statuses_reach_the_client() {
     assert_eq!(pool.connection_count(), 1);
 }
 
-/// Opens a raw mTLS + HTTP/2 connection to `server` and sends one request, returning its status.
+/// Sends one request over a raw mTLS + HTTP/2 connection and returns its status.
 async fn raw_request(
     ca: &proto::testing::TestCa,
     server: &TestServer,
     method: Method,
     uri: &str,
 ) -> Result<StatusCode, h2::Error> {
-    let tls = client_config(ca.credential(id("raw").as_str()), server.trust.clone(), vec![id("server")]).unwrap();
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(tls)
-        .connect(ServerName::IpAddress(server.addr.ip().into()), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = h2::client::handshake(tls).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(raw_tls(ca, server, "raw").await).await.unwrap();
     tokio::spawn(conn);
     let mut req = Request::new(());
     *req.method_mut() = method;
@@ -430,11 +379,8 @@ async fn waypoint_mode_accepts_authorities_for_other_addresses() {
 #[tokio::test]
 async fn drain_sends_goaway_but_lets_open_streams_finish() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
-    let server =
-        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
+    let Fixture { ca, server, pool, .. } = Fixture::new().await;
     let upstream = echo_upstream().await;
-    let pool = Pool::new(PoolConfig::default(), trust);
     let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream);
     let mut open = pool.connect(req.clone()).await.unwrap();
     let addr = server.addr;
@@ -454,15 +400,9 @@ async fn drain_sends_goaway_but_lets_open_streams_finish() {
 #[tokio::test]
 async fn tunnel_stream_works_as_async_read_write() {
     init_tracing();
-    let (ca, server_cred, trust) = ca_and_server("server");
+    let mesh = Fixture::new().await;
     let upstream = echo_upstream().await;
-    let server =
-        TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(Forward::default())).await;
-    let pool = Pool::new(PoolConfig::default(), trust);
-    let mut s = pool
-        .connect(ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream))
-        .await
-        .unwrap();
+    let mut s = mesh.pool.connect(mesh.request("client", upstream)).await.unwrap();
     let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 253) as u8).collect();
     let (mut r, mut w) = tokio::io::split(&mut s);
     let writer = async {

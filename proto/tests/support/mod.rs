@@ -175,3 +175,63 @@ pub async fn read_to_end_timeout(s: &mut (impl AsyncReadExt + Unpin), limit: Dur
     tokio::time::timeout(limit, s.read_to_end(&mut out)).await.expect("timed out waiting for EOF").unwrap();
     out
 }
+
+/// The common setup: a CA, an HBONE server for `sa/server` that forwards to the target, and a pool
+/// trusting the same CA.
+pub struct Fixture {
+    pub ca: TestCa,
+    pub server: TestServer,
+    pub forward: Arc<Forward>,
+    pub pool: Pool,
+}
+
+impl Fixture {
+    pub async fn new() -> Fixture {
+        Self::with(ServerConfig::default(), proto::hbone::pool::PoolConfig::default()).await
+    }
+
+    pub async fn with(server: ServerConfig, pool: proto::hbone::pool::PoolConfig) -> Fixture {
+        let (ca, cred, trust) = ca_and_server("server");
+        let forward = Arc::new(Forward::default());
+        let server = TestServer::start(cred, trust.clone(), server, forward.clone()).await;
+        Fixture { ca, server, forward, pool: Pool::new(pool, trust) }
+    }
+
+    /// A `CONNECT` from `client_sa` to `target`, through the server.
+    pub fn request(&self, client_sa: &str, target: SocketAddr) -> ConnectRequest {
+        ConnectRequest::new(self.ca.credential(id(client_sa).as_str()), self.server.addr, vec![id("server")], target)
+    }
+
+    /// An application connection that the mesh carries to `target` (via an outbound listener).
+    pub async fn app_connection(&self, client_sa: &str, target: SocketAddr) -> TcpStream {
+        let outbound = outbound_listener(self.pool.clone(), self.request(client_sa, target)).await;
+        TcpStream::connect(outbound).await.unwrap()
+    }
+}
+
+/// A TCP service that accepts one connection and runs `serve` on it.
+pub async fn one_shot_upstream<F, Fut>(serve: F) -> SocketAddr
+where
+    F: FnOnce(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        serve(s).await;
+    });
+    addr
+}
+
+/// An mTLS connection to `server` as `sa/<client_sa>`, for tests that speak raw HTTP/2 bytes.
+pub async fn raw_tls(ca: &TestCa, server: &TestServer, client_sa: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tls =
+        proto::tls::client_config(ca.credential(id(client_sa).as_str()), server.trust.clone(), vec![id("server")])
+            .unwrap();
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(rustls_pki_types::ServerName::IpAddress(server.addr.ip().into()), tcp)
+        .await
+        .unwrap()
+}
