@@ -1,0 +1,76 @@
+//! The control plane's admin HTTP API (bind it to localhost).
+//!
+//! - `GET /debug/state`: the translated mesh state (workloads, services, policies, warnings) as JSON;
+//! - `GET /debug/config_errors`: problems in the sources (file and reason), until fixed;
+//! - `GET /debug/objects`: object counts per kind;
+//! - `GET /healthz/ready`: 200 once the first state is computed, 503 before.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::MeshView;
+use crate::objects::Store;
+
+/// What the admin handlers read.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The object store.
+    pub store: Arc<Store>,
+    /// The latest state.
+    pub view: watch::Receiver<Arc<MeshView>>,
+    /// Open xDS streams.
+    pub clients: Arc<AtomicUsize>,
+}
+
+async fn state_dump(State(s): State<AdminState>) -> Response {
+    let view = s.view.borrow().clone();
+    Json(view.as_ref()).into_response()
+}
+
+async fn config_errors(State(s): State<AdminState>) -> Response {
+    Json(s.store.errors()).into_response()
+}
+
+async fn objects(State(s): State<AdminState>) -> Response {
+    let counts = s.store.snapshot().counts();
+    let body = serde_json::json!({
+        "objects": counts,
+        "xds_clients": s.clients.load(Ordering::Relaxed),
+    });
+    Json(body).into_response()
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if s.view.borrow().generation > 0 {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading configuration\n").into_response()
+    }
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/debug/state", get(state_dump))
+        .route("/debug/config_errors", get(config_errors))
+        .route("/debug/objects", get(objects))
+        .route("/healthz/ready", get(ready))
+        .with_state(state)
+}
+
+/// Serves the admin API until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
+}

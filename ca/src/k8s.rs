@@ -1,0 +1,435 @@
+//! The Kubernetes objects the mesh reads, and the labels that drive it.
+//!
+//! Core kinds come from `k8s-openapi`; the Gateway API and Istio security kinds are declared here
+//! with the fields the mesh uses (serde skips the rest, so newer objects still load).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+pub use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// Namespace (and pod) label that enrolls workloads in ambient mode.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// `istio.io/dataplane-mode` value that enrolls a namespace.
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+/// `istio.io/dataplane-mode` value that opts a pod (or namespace) out.
+pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Label on a namespace, service or pod naming the waypoint its traffic goes through.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Optional label next to `istio.io/use-waypoint`: the waypoint's namespace, when not the object's.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Label on a waypoint Gateway: which traffic it handles (`service`, `workload`, `all`, `none`).
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+/// The `gatewayClassName` of waypoints.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+/// `istio.io/use-waypoint` value meaning "no waypoint, even if the namespace has one".
+pub const USE_WAYPOINT_NONE: &str = "none";
+
+/// Gateway API `Gateway` (gateway.networking.k8s.io/v1). Waypoints are Gateways of class
+/// `istio-waypoint`.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "Gateway", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// The class; `istio-waypoint` for waypoints.
+    pub gateway_class_name: String,
+    /// Listeners; a waypoint has an HBONE listener on 15008.
+    #[serde(default)]
+    pub listeners: Vec<GatewayListener>,
+}
+
+/// One listener of a Gateway.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayListener {
+    /// Listener name.
+    pub name: String,
+    /// Port.
+    pub port: u16,
+    /// Protocol, `HBONE` for waypoints.
+    pub protocol: String,
+}
+
+/// A reference to a parent (Gateway or Service) or a backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectRef {
+    /// API group; empty for core (Service).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Kind; `Gateway` for parents, `Service` for backends by default.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Namespace; defaults to the referring object's.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Port (for Service parents and backends).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Listener name (for Gateway parents).
+    #[serde(default)]
+    pub section_name: Option<String>,
+}
+
+/// Gateway API `HTTPRoute` (gateway.networking.k8s.io/v1).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "HTTPRoute", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct HTTPRouteSpec {
+    /// A Service (GAMMA: the route applies to traffic to it) or a waypoint Gateway.
+    #[serde(default)]
+    pub parent_refs: Vec<ObjectRef>,
+    /// Hostnames the route matches (for Gateway parents).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules, tried in order of match precedence.
+    #[serde(default)]
+    pub rules: Vec<HttpRouteRule>,
+}
+
+/// One HTTPRoute rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRule {
+    /// Optional rule name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alternatives; an empty list matches every request (prefix `/`).
+    #[serde(default)]
+    pub matches: Vec<HttpRouteMatch>,
+    /// Filters applied to matching requests.
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Option<HttpRouteTimeouts>,
+    /// Retries (Gateway API experimental `retry`).
+    #[serde(default)]
+    pub retry: Option<HttpRouteRetry>,
+}
+
+/// A request match: all set fields must hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteMatch {
+    /// Path match.
+    #[serde(default)]
+    pub path: Option<HttpPathMatch>,
+    /// Header matches.
+    #[serde(default)]
+    pub headers: Vec<HttpValueMatch>,
+    /// Query parameter matches.
+    #[serde(default)]
+    pub query_params: Vec<HttpValueMatch>,
+    /// Method.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+/// Path match: `Exact`, `PathPrefix` (default) or `RegularExpression`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPathMatch {
+    /// Match type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Value; defaults to `/`.
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Header or query-parameter match: `Exact` (default) or `RegularExpression`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpValueMatch {
+    /// Match type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Header or parameter name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// HTTPRoute filter (the core and extended kinds a waypoint implements).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteFilter {
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`, `RequestMirror`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// For `RequestHeaderModifier`.
+    #[serde(default)]
+    pub request_header_modifier: Option<HeaderModifier>,
+    /// For `ResponseHeaderModifier`.
+    #[serde(default)]
+    pub response_header_modifier: Option<HeaderModifier>,
+    /// For `RequestRedirect`.
+    #[serde(default)]
+    pub request_redirect: Option<serde_json::Value>,
+    /// For `URLRewrite`.
+    #[serde(default, rename = "urlRewrite")]
+    pub url_rewrite: Option<serde_json::Value>,
+    /// For `RequestMirror`.
+    #[serde(default)]
+    pub request_mirror: Option<serde_json::Value>,
+}
+
+/// Header edits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeaderModifier {
+    /// Headers to set (replace).
+    #[serde(default)]
+    pub set: Vec<HeaderValue>,
+    /// Headers to add (append).
+    #[serde(default)]
+    pub add: Vec<HeaderValue>,
+    /// Header names to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A header name and value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeaderValue {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A weighted backend.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpBackendRef {
+    /// The backend (a Service by default).
+    #[serde(flatten)]
+    pub target: ObjectRef,
+    /// Relative weight; defaults to 1.
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// Timeouts, as Gateway API durations (`10s`, `500ms`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteTimeouts {
+    /// Whole request, including retries.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// Each attempt to a backend.
+    #[serde(default)]
+    pub backend_request: Option<String>,
+}
+
+/// Retry policy (Gateway API GEP-1731).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteRetry {
+    /// Status codes that are retried.
+    #[serde(default)]
+    pub codes: Vec<u16>,
+    /// Maximum attempts after the first.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Base backoff, a duration.
+    #[serde(default)]
+    pub backoff: Option<String>,
+}
+
+/// Istio `AuthorizationPolicy` (security.istio.io/v1).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "security.istio.io", version = "v1", kind = "AuthorizationPolicy", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    /// Workloads (pods) the policy applies to; none means the whole namespace.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// A single target (Gateway or Service): the policy is for the waypoint.
+    #[serde(default)]
+    pub target_ref: Option<ObjectRef>,
+    /// Targets (Gateways or Services): the policy is for the waypoint.
+    #[serde(default)]
+    pub target_refs: Vec<ObjectRef>,
+    /// `ALLOW` (default), `DENY`, `AUDIT` or `CUSTOM`.
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Rules; a request matches the policy if any rule matches.
+    #[serde(default)]
+    pub rules: Vec<AuthzRule>,
+}
+
+/// Label selector.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// Labels a pod must all carry.
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// One rule: every set part (from, to, when) must match.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzRule {
+    /// Sources; any may match.
+    #[serde(default)]
+    pub from: Vec<AuthzFrom>,
+    /// Operations; any may match.
+    #[serde(default)]
+    pub to: Vec<AuthzTo>,
+    /// Conditions; all must match.
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// `from` entry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzFrom {
+    /// The source.
+    #[serde(default)]
+    pub source: AuthzSource,
+}
+
+/// A source: set fields must all hold; values within a field are alternatives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    /// Peer identities, `<td>/ns/<ns>/sa/<sa>` (wildcards `*` at either end).
+    #[serde(default)]
+    pub principals: Vec<String>,
+    /// Negated principals.
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    /// Request (JWT) principals: L7.
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    /// Negated request principals: L7.
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    /// Peer namespaces.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    /// Negated namespaces.
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// Peer IPs or CIDRs.
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    /// Negated IP blocks.
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    /// Original client IPs (from headers): L7.
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    /// Negated remote IP blocks: L7.
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+/// `to` entry.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AuthzTo {
+    /// The operation.
+    #[serde(default)]
+    pub operation: AuthzOperation,
+}
+
+/// An operation: set fields must all hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Negated ports.
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    /// Hosts: L7.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Negated hosts: L7.
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+    /// Methods: L7.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Negated methods: L7.
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    /// Paths: L7.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Negated paths: L7.
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+}
+
+/// A `when` condition on an attribute.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzCondition {
+    /// Attribute, e.g. `source.ip`, `request.headers[x-token]`.
+    pub key: String,
+    /// Accepted values.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Rejected values.
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+/// Istio `PeerAuthentication` (security.istio.io/v1).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "security.istio.io", version = "v1", kind = "PeerAuthentication", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct PeerAuthenticationSpec {
+    /// Workloads it applies to; none means the namespace (or the mesh, in the root namespace).
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// Mutual TLS mode.
+    #[serde(default)]
+    pub mtls: Option<PeerMtls>,
+    /// Per-port overrides.
+    #[serde(default)]
+    pub port_level_mtls: BTreeMap<String, PeerMtls>,
+}
+
+/// mTLS mode: `UNSET`, `DISABLE`, `PERMISSIVE`, `STRICT`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeerMtls {
+    /// The mode.
+    #[serde(default)]
+    pub mode: Option<String>,
+}
+
+/// Labels of an object, or an empty map.
+pub fn labels(meta: &ObjectMeta) -> &BTreeMap<String, String> {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    meta.labels.as_ref().unwrap_or(&EMPTY)
+}
+
+/// A label's value.
+pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// Namespace and name of a namespaced object (empty strings when missing; validation rejects those).
+pub fn ns_name(meta: &ObjectMeta) -> (&str, &str) {
+    (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref().unwrap_or_default())
+}
+
+/// Whether `selector` selects an object with `labels` (an empty selector selects everything).
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

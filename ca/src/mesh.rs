@@ -1,0 +1,373 @@
+//! Mesh state: what the proxies need to know, as our own domain types.
+//!
+//! The translator produces these from Kubernetes objects; the xDS server converts them to Istio's
+//! wire types at the edge ([`Workload::to_proto`] and friends), and the admin API dumps them as JSON.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use proto::SpiffeId;
+use proto::api::istio::security as pb_authz;
+use proto::api::istio::workload as pb;
+use serde::Serialize;
+
+/// The waypoint a service or workload sends its traffic through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaypointRef {
+    /// The waypoint Gateway's namespace.
+    pub namespace: String,
+    /// The waypoint Gateway's name.
+    pub name: String,
+    /// The waypoint Service's VIP, when it has one.
+    pub address: Option<IpAddr>,
+    /// The waypoint Service's hostname.
+    pub hostname: String,
+    /// HBONE port.
+    pub port: u16,
+}
+
+impl WaypointRef {
+    fn to_proto(&self) -> pb::GatewayAddress {
+        let destination = match self.address {
+            Some(ip) => pb::gateway_address::Destination::Address(pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(ip),
+            }),
+            None => pb::gateway_address::Destination::Hostname(pb::NamespacedHostname {
+                namespace: self.namespace.clone(),
+                hostname: self.hostname.clone(),
+            }),
+        };
+        pb::GatewayAddress { destination: Some(destination), hbone_mtls_port: u32::from(self.port) }
+    }
+}
+
+/// A service port and where it lands on a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PortMapping {
+    /// The port clients use.
+    pub service_port: u16,
+    /// The workload port; 0 at service level means "named, resolved per workload".
+    pub target_port: u16,
+}
+
+impl PortMapping {
+    fn to_proto(self) -> pb::Port {
+        pb::Port { service_port: u32::from(self.service_port), target_port: u32::from(self.target_port) }
+    }
+}
+
+/// How telemetry names a workload's controller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum WorkloadType {
+    /// Owned by a Deployment (or another long-running controller).
+    Deployment,
+    /// Owned by a CronJob.
+    CronJob,
+    /// A bare Pod.
+    Pod,
+    /// Owned by a Job.
+    Job,
+}
+
+/// A workload (a Pod) as ztunnel sees it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Workload {
+    /// Unique id, `<cluster>//Pod/<namespace>/<name>`; the xDS resource name.
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// Node the pod runs on.
+    pub node: String,
+    /// SPIFFE identity (trust domain, namespace, service account).
+    pub identity: SpiffeId,
+    /// Whether ztunnel captures it (ambient namespace, not opted out): HBONE, else plain TCP.
+    pub captured: bool,
+    /// The waypoint its traffic goes through, if any.
+    pub waypoint: Option<WaypointRef>,
+    /// Services it backs, keyed `namespace/hostname`, with the ports it serves them on.
+    pub services: BTreeMap<String, Vec<PortMapping>>,
+    /// Selector-based policies that apply to it, `namespace/name`.
+    pub authorization_policies: Vec<String>,
+    /// Ready to receive traffic.
+    pub healthy: bool,
+    /// Canonical service name (telemetry).
+    pub canonical_name: String,
+    /// Canonical revision (telemetry).
+    pub canonical_revision: String,
+    /// Controller kind (telemetry).
+    pub workload_type: WorkloadType,
+    /// Controller name (telemetry).
+    pub workload_name: String,
+    /// Cluster id.
+    pub cluster_id: String,
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+impl Workload {
+    /// Istio's wire form.
+    pub fn to_proto(&self) -> pb::Workload {
+        pb::Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            addresses: self.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            tunnel_protocol: if self.captured { pb::TunnelProtocol::Hbone } else { pb::TunnelProtocol::None } as i32,
+            trust_domain: self.identity.trust_domain().to_owned(),
+            service_account: self.identity.service_account().to_owned(),
+            waypoint: self.waypoint.as_ref().map(WaypointRef::to_proto),
+            node: self.node.clone(),
+            canonical_name: self.canonical_name.clone(),
+            canonical_revision: self.canonical_revision.clone(),
+            workload_type: match self.workload_type {
+                WorkloadType::Deployment => pb::WorkloadType::Deployment,
+                WorkloadType::CronJob => pb::WorkloadType::Cronjob,
+                WorkloadType::Pod => pb::WorkloadType::Pod,
+                WorkloadType::Job => pb::WorkloadType::Job,
+            } as i32,
+            workload_name: self.workload_name.clone(),
+            services: self
+                .services
+                .iter()
+                .map(|(k, ports)| (k.clone(), pb::PortList { ports: ports.iter().map(|p| p.to_proto()).collect() }))
+                .collect(),
+            authorization_policies: self.authorization_policies.clone(),
+            status: if self.healthy { pb::WorkloadStatus::Healthy } else { pb::WorkloadStatus::Unhealthy } as i32,
+            cluster_id: self.cluster_id.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A service as ztunnel sees it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// FQDN.
+    pub hostname: String,
+    /// ClusterIPs; empty for a headless service.
+    pub vips: Vec<IpAddr>,
+    /// Ports; a named target port shows as 0 and is resolved per workload.
+    pub ports: Vec<PortMapping>,
+    /// The waypoint its traffic goes through, if any.
+    pub waypoint: Option<WaypointRef>,
+}
+
+impl Service {
+    /// The xDS resource name, `namespace/hostname`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// Istio's wire form.
+    pub fn to_proto(&self) -> pb::Service {
+        pb::Service {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            hostname: self.hostname.clone(),
+            addresses: self
+                .vips
+                .iter()
+                .map(|ip| pb::NetworkAddress { network: String::new(), address: ip_bytes(*ip) })
+                .collect(),
+            ports: self.ports.iter().map(|p| p.to_proto()).collect(),
+            waypoint: self.waypoint.as_ref().map(WaypointRef::to_proto),
+            ..Default::default()
+        }
+    }
+}
+
+/// Where an L4 policy applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    /// Every workload in the mesh (root namespace, no selector).
+    Global,
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// Workloads whose labels the selector matches (listed on each workload).
+    WorkloadSelector,
+}
+
+/// What a matching policy does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Action {
+    /// Allow (and deny what no ALLOW policy matches).
+    Allow,
+    /// Deny.
+    Deny,
+}
+
+/// A string matcher.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum StringMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// Ends with.
+    Suffix(String),
+    /// Any value is present.
+    Presence,
+}
+
+impl StringMatch {
+    /// Istio's wildcard forms: `*` (present), `*x` (suffix), `x*` (prefix), otherwise exact.
+    pub fn from_pattern(p: &str) -> StringMatch {
+        if p == "*" {
+            StringMatch::Presence
+        } else if let Some(rest) = p.strip_prefix('*') {
+            StringMatch::Suffix(rest.to_owned())
+        } else if let Some(rest) = p.strip_suffix('*') {
+            StringMatch::Prefix(rest.to_owned())
+        } else {
+            StringMatch::Exact(p.to_owned())
+        }
+    }
+
+    fn to_proto(&self) -> pb_authz::StringMatch {
+        use pb_authz::string_match::MatchType;
+        let m = match self {
+            StringMatch::Exact(s) => MatchType::Exact(s.clone()),
+            StringMatch::Prefix(s) => MatchType::Prefix(s.clone()),
+            StringMatch::Suffix(s) => MatchType::Suffix(s.clone()),
+            StringMatch::Presence => MatchType::Presence(()),
+        };
+        pb_authz::StringMatch { match_type: Some(m) }
+    }
+}
+
+/// An IP prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct IpNet {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl IpNet {
+    fn to_proto(self) -> pb_authz::Address {
+        pb_authz::Address { address: ip_bytes(self.addr), length: u32::from(self.prefix) }
+    }
+}
+
+/// Conditions on a connection: within a field values are alternatives; set fields all hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Match {
+    /// Source namespaces.
+    pub namespaces: Vec<StringMatch>,
+    /// Excluded source namespaces.
+    pub not_namespaces: Vec<StringMatch>,
+    /// Source principals (`<td>/ns/<ns>/sa/<sa>`).
+    pub principals: Vec<StringMatch>,
+    /// Excluded source principals.
+    pub not_principals: Vec<StringMatch>,
+    /// Source IP prefixes.
+    pub source_ips: Vec<IpNet>,
+    /// Excluded source IP prefixes.
+    pub not_source_ips: Vec<IpNet>,
+    /// Destination IP prefixes.
+    pub destination_ips: Vec<IpNet>,
+    /// Excluded destination IP prefixes.
+    pub not_destination_ips: Vec<IpNet>,
+    /// Destination ports.
+    pub destination_ports: Vec<u16>,
+    /// Excluded destination ports.
+    pub not_destination_ports: Vec<u16>,
+}
+
+impl Match {
+    fn to_proto(&self) -> pb_authz::Match {
+        let strings = |v: &[StringMatch]| v.iter().map(StringMatch::to_proto).collect();
+        let nets = |v: &[IpNet]| v.iter().map(|n| n.to_proto()).collect();
+        let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+        pb_authz::Match {
+            namespaces: strings(&self.namespaces),
+            not_namespaces: strings(&self.not_namespaces),
+            principals: strings(&self.principals),
+            not_principals: strings(&self.not_principals),
+            source_ips: nets(&self.source_ips),
+            not_source_ips: nets(&self.not_source_ips),
+            destination_ips: nets(&self.destination_ips),
+            not_destination_ips: nets(&self.not_destination_ips),
+            destination_ports: ports(&self.destination_ports),
+            not_destination_ports: ports(&self.not_destination_ports),
+        }
+    }
+}
+
+/// An L4 authorization policy as ztunnel enforces it. A policy matches when any rule matches; a
+/// rule when all its clauses match; a clause when any of its matches matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Where it applies.
+    pub scope: Scope,
+    /// What it does.
+    pub action: Action,
+    /// Rules (clauses of matches).
+    pub rules: Vec<Vec<Vec<Match>>>,
+}
+
+impl Policy {
+    /// The xDS resource name, `namespace/name`.
+    pub fn resource_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Istio's wire form.
+    pub fn to_proto(&self) -> pb_authz::Authorization {
+        pb_authz::Authorization {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            scope: match self.scope {
+                Scope::Global => pb_authz::Scope::Global,
+                Scope::Namespace => pb_authz::Scope::Namespace,
+                Scope::WorkloadSelector => pb_authz::Scope::WorkloadSelector,
+            } as i32,
+            action: match self.action {
+                Action::Allow => pb_authz::Action::Allow,
+                Action::Deny => pb_authz::Action::Deny,
+            } as i32,
+            rules: self
+                .rules
+                .iter()
+                .map(|clauses| pb_authz::Rule {
+                    clauses: clauses
+                        .iter()
+                        .map(|matches| pb_authz::Clause { matches: matches.iter().map(Match::to_proto).collect() })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Everything the control plane serves, derived from the current objects.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MeshState {
+    /// Workloads by uid.
+    pub workloads: BTreeMap<String, Workload>,
+    /// Services by `namespace/hostname`.
+    pub services: BTreeMap<String, Service>,
+    /// L4 policies by `namespace/name`.
+    pub policies: BTreeMap<String, Policy>,
+    /// Problems found while translating (missing waypoints, unsupported policy fields).
+    pub warnings: Vec<String>,
+}

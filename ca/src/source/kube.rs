@@ -1,0 +1,163 @@
+//! The Kubernetes API server as the source of objects.
+//!
+//! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes,
+//! AuthorizationPolicies, PeerAuthentications), across all namespaces. A watcher lists, then
+//! watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
+//! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
+//! logged and keep their previous valid version.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn};
+
+use crate::k8s::{AuthorizationPolicy, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod, Service};
+use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
+
+/// The `source` of errors this source reports to the admin API.
+pub const SOURCE_NAME: &str = "kubernetes";
+
+/// Invalid objects currently known, by key, for the admin API.
+#[derive(Debug, Default)]
+struct Problems(Mutex<BTreeMap<ObjectKey, String>>);
+
+impl Problems {
+    fn set(&self, store: &Store, key: ObjectKey, message: Option<String>) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match message {
+            Some(m) => all.insert(key, m.clone()).as_ref() != Some(&m),
+            None => all.remove(&key).is_some(),
+        };
+        if changed {
+            let errors = all
+                .iter()
+                .map(|(k, m)| ConfigError { source: format!("{SOURCE_NAME}: {k}"), message: m.clone() })
+                .collect();
+            store.set_errors(SOURCE_NAME, errors);
+        }
+    }
+}
+
+/// Watches every kind until `stop` resolves.
+pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
+    let kinds = 8;
+    store.expect_sources(kinds);
+    let problems = Arc::new(Problems::default());
+    let watchers = async {
+        tokio::join!(
+            watch::<Namespace>(Api::all(client.clone()), Kind::Namespace, Object::Namespace, &store, &problems),
+            watch::<Pod>(Api::all(client.clone()), Kind::Pod, Object::Pod, &store, &problems),
+            watch::<Service>(Api::all(client.clone()), Kind::Service, Object::Service, &store, &problems),
+            watch::<EndpointSlice>(
+                Api::all(client.clone()),
+                Kind::EndpointSlice,
+                Object::EndpointSlice,
+                &store,
+                &problems
+            ),
+            watch::<Gateway>(Api::all(client.clone()), Kind::Gateway, Object::Gateway, &store, &problems),
+            watch::<HTTPRoute>(Api::all(client.clone()), Kind::HTTPRoute, Object::HTTPRoute, &store, &problems),
+            watch::<AuthorizationPolicy>(
+                Api::all(client.clone()),
+                Kind::AuthorizationPolicy,
+                Object::AuthorizationPolicy,
+                &store,
+                &problems
+            ),
+            watch::<PeerAuthentication>(
+                Api::all(client),
+                Kind::PeerAuthentication,
+                Object::PeerAuthentication,
+                &store,
+                &problems
+            ),
+        )
+    };
+    tokio::select! {
+        () = stop => {}
+        _ = watchers => {}
+    }
+}
+
+/// Checks an object from the API; invalid ones are reported and not applied.
+fn admit(object: Object, store: &Store, problems: &Problems) -> Option<Object> {
+    let key = object.key();
+    match validate(&object, PodRules::Cluster) {
+        Ok(()) => {
+            problems.set(store, key, None);
+            Some(object)
+        }
+        Err(e) => {
+            warn!(object = %key, error = %e, "invalid object from the API server; keeping its previous version");
+            problems.set(store, key, Some(e.to_string()));
+            None
+        }
+    }
+}
+
+async fn watch<K>(api: Api<K>, kind: Kind, wrap: fn(Arc<K>) -> Object, store: &Store, problems: &Problems)
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+    let mut relist: Option<Vec<Object>> = None;
+    let mut synced = false;
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(Event::Init) => relist = Some(Vec::new()),
+            Ok(Event::InitApply(o)) => {
+                if let Some(object) = admit(wrap(Arc::new(o)), store, problems) {
+                    relist.get_or_insert_with(Vec::new).push(object);
+                }
+            }
+            Ok(Event::InitDone) => {
+                let objects = relist.take().unwrap_or_default();
+                let count = objects.len();
+                store.update(|o| {
+                    // Invalid objects were not admitted: keep their previous valid versions.
+                    let keep: Vec<Object> = o
+                        .iter()
+                        .filter(|(k, _)| k.kind == kind)
+                        .filter(|(k, _)| !objects.iter().any(|n| &n.key() == *k))
+                        .filter(|(k, _)| problems.0.lock().map(|p| p.contains_key(k)).unwrap_or(false))
+                        .map(|(_, v)| v.clone())
+                        .collect();
+                    o.replace_kind(kind, objects.into_iter().chain(keep));
+                });
+                info!(%kind, objects = count, "listed");
+                if !synced {
+                    synced = true;
+                    store.source_synced();
+                }
+            }
+            Ok(Event::Apply(o)) => {
+                if let Some(object) = admit(wrap(Arc::new(o)), store, problems) {
+                    store.update(|objects| objects.insert(object));
+                }
+            }
+            Ok(Event::Delete(o)) => {
+                let key = wrap(Arc::new(o)).key();
+                problems.set(store, key.clone(), None);
+                store.update(|objects| {
+                    objects.remove(&key);
+                });
+            }
+            Err(e) => {
+                warn!(%kind, error = %e, "watch failed; retrying with backoff");
+                if !synced {
+                    // A kind the cluster does not have (CRD not installed) must not hold the
+                    // whole mesh back: serve without it until a relist succeeds.
+                    synced = true;
+                    store.source_synced();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! Kubernetes objects → mesh state, the way Istio's ambient control plane derives it.
+//!
+//! - Every Pod with an IP is a workload; it is *captured* (HBONE) when its namespace carries
+//!   `istio.io/dataplane-mode=ambient` and the pod does not opt out with `=none`.
+//! - Every Service is a service; its endpoints are the pods its selector picks (or, for
+//!   selector-less services, the pods its EndpointSlices name), with named target ports resolved
+//!   against each pod's container ports.
+//! - `istio.io/use-waypoint` on a pod, service or namespace (the most specific wins; `none` opts
+//!   out) names a waypoint Gateway; it applies to services when the waypoint is for `service` or
+//!   `all` (the default is `service`), to workloads when it is for `workload` or `all`.
+//! - AuthorizationPolicies and STRICT PeerAuthentications become L4 policies ([`authz`]).
+
+pub mod authz;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::ServicePort;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use proto::SpiffeId;
+
+use crate::k8s::{self, Gateway, Pod, Service};
+use crate::mesh::{MeshState, PortMapping, Service as MeshService, WaypointRef, Workload, WorkloadType};
+use crate::objects::Objects;
+
+/// Mesh-wide settings the translation needs.
+#[derive(Clone, Debug)]
+pub struct MeshConfig {
+    /// Trust domain of workload identities.
+    pub trust_domain: String,
+    /// Cluster id, part of workload uids.
+    pub cluster_id: String,
+    /// DNS suffix of service hostnames.
+    pub domain_suffix: String,
+    /// Namespace whose namespace-wide policies apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            trust_domain: "cluster.local".into(),
+            cluster_id: "Kubernetes".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+        }
+    }
+}
+
+/// Which traffic a waypoint handles (`istio.io/waypoint-for`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WaypointFor {
+    Service,
+    Workload,
+    All,
+    None,
+}
+
+impl WaypointFor {
+    fn services(self) -> bool {
+        matches!(self, WaypointFor::Service | WaypointFor::All)
+    }
+    fn workloads(self) -> bool {
+        matches!(self, WaypointFor::Workload | WaypointFor::All)
+    }
+}
+
+/// Waypoints by (namespace, name).
+struct Waypoints<'a> {
+    by_name: HashMap<(&'a str, &'a str), (WaypointRef, WaypointFor)>,
+}
+
+impl<'a> Waypoints<'a> {
+    fn new(objects: &'a Objects, services: &HashMap<(&str, &str), &Service>, config: &MeshConfig) -> Self {
+        let by_name = objects
+            .gateways()
+            .filter(|g| g.spec.gateway_class_name == k8s::WAYPOINT_GATEWAY_CLASS)
+            .map(|g: &'a std::sync::Arc<Gateway>| {
+                let (ns, name) = k8s::ns_name(&g.metadata);
+                let port = g.spec.listeners.iter().find(|l| l.protocol == "HBONE").map(|l| l.port).unwrap_or(15008);
+                // Istio's waypoint deployment puts a Service with the Gateway's name in front of it.
+                let address = services.get(&(ns, name)).and_then(|s| cluster_ips(s).into_iter().next());
+                let waypoint_for = match k8s::label(&g.metadata, k8s::WAYPOINT_FOR_LABEL) {
+                    Some("workload") => WaypointFor::Workload,
+                    Some("all") => WaypointFor::All,
+                    Some("none") => WaypointFor::None,
+                    _ => WaypointFor::Service,
+                };
+                let r = WaypointRef {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    address,
+                    hostname: format!("{name}.{ns}.svc.{}", config.domain_suffix),
+                    port,
+                };
+                ((ns, name), (r, waypoint_for))
+            })
+            .collect();
+        Waypoints { by_name }
+    }
+}
+
+/// What `istio.io/use-waypoint` says for an object, before looking at less specific objects.
+enum UseWaypoint<'a> {
+    Unset,
+    OptOut,
+    Named { namespace: &'a str, name: &'a str },
+}
+
+fn use_waypoint<'a>(meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> UseWaypoint<'a> {
+    match k8s::label(meta, k8s::USE_WAYPOINT_LABEL) {
+        None | Some("") => UseWaypoint::Unset,
+        Some(k8s::USE_WAYPOINT_NONE) => UseWaypoint::OptOut,
+        Some(name) => {
+            // A Namespace's own namespace is itself.
+            let own_ns = meta.namespace.as_deref().or(meta.name.as_deref());
+            let namespace = k8s::label(meta, k8s::USE_WAYPOINT_NAMESPACE_LABEL).or(own_ns).unwrap_or_default();
+            UseWaypoint::Named { namespace, name }
+        }
+    }
+}
+
+fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
+    let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
+    let ips: Vec<&String> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().collect(),
+        _ => spec.cluster_ip.iter().collect(),
+    };
+    ips.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else { return Vec::new() };
+    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()));
+    }
+    ips
+}
+
+/// Resolves a service port's target on one pod: numbers directly, names against the pod's
+/// container ports. `None` when a name does not resolve (the pod does not serve that port).
+fn target_port(port: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok().filter(|n| *n != 0),
+        Some(IntOrString::String(name)) => {
+            // A numeric string is a number (the API server accepts "8080").
+            if let Ok(n) = name.parse::<u16>() {
+                return Some(n);
+            }
+            let spec = pod?.spec.as_ref()?;
+            spec.containers
+                .iter()
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| u16::try_from(p.container_port).ok())
+        }
+    }
+}
+
+fn canonical(pod: &Pod, workload_name: &str) -> (String, String) {
+    let l = k8s::labels(&pod.metadata);
+    let name = ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| l.get(*k))
+        .cloned()
+        .unwrap_or_else(|| workload_name.to_owned());
+    let revision = ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]
+        .iter()
+        .find_map(|k| l.get(*k))
+        .cloned()
+        .unwrap_or_else(|| "latest".to_owned());
+    (name, revision)
+}
+
+/// The controller that owns a pod, for telemetry: a Deployment's ReplicaSet is named
+/// `<deployment>-<pod-template-hash>`.
+fn workload_owner(pod: &Pod) -> (WorkloadType, String) {
+    let (_, pod_name) = k8s::ns_name(&pod.metadata);
+    let owner = pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true));
+    let Some(owner) = owner else { return (WorkloadType::Pod, pod_name.to_owned()) };
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            let hash = k8s::label(&pod.metadata, "pod-template-hash");
+            match hash.and_then(|h| owner.name.strip_suffix(h)).and_then(|n| n.strip_suffix('-')) {
+                Some(deployment) => (WorkloadType::Deployment, deployment.to_owned()),
+                None => (WorkloadType::Deployment, owner.name.clone()),
+            }
+        }
+        "Job" => (WorkloadType::Job, owner.name.clone()),
+        "CronJob" => (WorkloadType::CronJob, owner.name.clone()),
+        _ => (WorkloadType::Deployment, owner.name.clone()),
+    }
+}
+
+fn healthy(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(status) = pod.status.as_ref() else { return true };
+    if matches!(status.phase.as_deref(), Some("Failed" | "Succeeded" | "Pending")) {
+        return false;
+    }
+    // Declared pods (YAML directory) usually carry no conditions: present and running means ready.
+    !status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status != "True")
+}
+
+/// Derives the whole mesh state from the current objects.
+pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
+    let mut state = MeshState::default();
+    let namespaces: HashMap<&str, &k8s::Namespace> =
+        objects.namespaces().map(|n| (n.metadata.name.as_deref().unwrap_or_default(), n.as_ref())).collect();
+    let services_by_name: HashMap<(&str, &str), &Service> =
+        objects.services().map(|s| (k8s::ns_name(&s.metadata), s.as_ref())).collect();
+    let waypoints = Waypoints::new(objects, &services_by_name, config);
+
+    // Resolves use-waypoint on the object, then on its namespace.
+    let resolve_waypoint = |state: &mut MeshState,
+                            what: &str,
+                            object: UseWaypoint<'_>,
+                            ns: &str,
+                            wants: fn(WaypointFor) -> bool|
+     -> Option<WaypointRef> {
+        let chosen = match object {
+            UseWaypoint::Named { namespace, name } => Some((namespace, name)),
+            UseWaypoint::OptOut => None,
+            UseWaypoint::Unset => match namespaces.get(ns).map(|n| use_waypoint(&n.metadata)) {
+                Some(UseWaypoint::Named { namespace, name }) => Some((namespace, name)),
+                _ => None,
+            },
+        }?;
+        match waypoints.by_name.get(&chosen) {
+            Some((r, waypoint_for)) if wants(*waypoint_for) => Some(r.clone()),
+            Some(_) => None,
+            None => {
+                state.warnings.push(format!("{what} uses waypoint {}/{}, which does not exist", chosen.0, chosen.1));
+                None
+            }
+        }
+    };
+
+    // Services.
+    for svc in objects.services() {
+        let (ns, name) = k8s::ns_name(&svc.metadata);
+        let hostname = format!("{name}.{ns}.svc.{}", config.domain_suffix);
+        let ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| {
+                let service_port = u16::try_from(p.port).ok()?;
+                // Named target ports are per workload; 0 says so.
+                let target = match &p.target_port {
+                    Some(IntOrString::String(n)) if n.parse::<u16>().is_err() => 0,
+                    _ => target_port(p, None).unwrap_or(0),
+                };
+                Some(PortMapping { service_port, target_port: target })
+            })
+            .collect();
+        let is_waypoint_service = waypoints.by_name.contains_key(&(ns, name));
+        let waypoint = if is_waypoint_service {
+            None
+        } else {
+            resolve_waypoint(
+                &mut state,
+                &format!("service {ns}/{name}"),
+                use_waypoint(&svc.metadata),
+                ns,
+                WaypointFor::services,
+            )
+        };
+        let service = MeshService {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            hostname,
+            vips: cluster_ips(svc),
+            ports,
+            waypoint,
+        };
+        state.services.insert(service.resource_name(), service);
+    }
+
+    // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
+    let mut slice_members: HashMap<(&str, &str), Vec<(&Service, Vec<(Option<&str>, u16)>)>> = HashMap::new();
+    for slice in objects.endpoint_slices() {
+        let (ns, _) = k8s::ns_name(&slice.metadata);
+        let Some(svc_name) = k8s::label(&slice.metadata, "kubernetes.io/service-name") else { continue };
+        let Some(svc) = services_by_name.get(&(ns, svc_name)) else { continue };
+        let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
+        if has_selector {
+            continue;
+        }
+        let ports: Vec<(Option<&str>, u16)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.as_deref(), u16::try_from(p.port?).ok()?)))
+            .collect();
+        for ep in &slice.endpoints {
+            if let Some(r) = ep.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")) {
+                let pod_ns = r.namespace.as_deref().unwrap_or(ns);
+                if let Some(pod_name) = r.name.as_deref() {
+                    slice_members.entry((pod_ns, pod_name)).or_default().push((svc, ports.clone()));
+                }
+            }
+        }
+    }
+
+    let mut selector_policies: Vec<(&str, &std::collections::BTreeMap<String, String>, String)> = Vec::new();
+    for policy in objects.authorization_policies() {
+        match authz::translate(policy, &config.root_namespace) {
+            authz::Translated::Policy(p) => {
+                if let Some(sel) = policy.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+                    selector_policies.push((
+                        policy.metadata.namespace.as_deref().unwrap_or_default(),
+                        &sel.match_labels,
+                        p.resource_name(),
+                    ));
+                }
+                state.policies.insert(p.resource_name(), p);
+            }
+            authz::Translated::ForWaypoint => {}
+            authz::Translated::Skipped(reason) => {
+                let (ns, name) = k8s::ns_name(&policy.metadata);
+                state.warnings.push(format!("AuthorizationPolicy {ns}/{name}: {reason}"));
+            }
+        }
+    }
+    for pa in objects.peer_authentications() {
+        if let Some(p) = authz::translate_peer_authentication(pa, &config.root_namespace) {
+            if let Some(sel) = pa.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
+                selector_policies.push((
+                    pa.metadata.namespace.as_deref().unwrap_or_default(),
+                    &sel.match_labels,
+                    p.resource_name(),
+                ));
+            }
+            state.policies.insert(p.resource_name(), p);
+        }
+    }
+
+    // Services with selectors, per namespace: each pod only looks at its own namespace's.
+    let mut selecting: HashMap<&str, Vec<(&Service, &BTreeMap<String, String>)>> = HashMap::new();
+    for svc in objects.services() {
+        if let Some(sel) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) {
+            selecting.entry(k8s::ns_name(&svc.metadata).0).or_default().push((svc, sel));
+        }
+    }
+
+    // Workloads.
+    for pod in objects.pods() {
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            // Pending: nothing can reach it yet.
+            continue;
+        }
+        let (ns, name) = k8s::ns_name(&pod.metadata);
+        let spec = pod.spec.as_ref();
+        let sa = spec.and_then(|s| s.service_account_name.as_deref()).filter(|s| !s.is_empty()).unwrap_or("default");
+        let identity = match SpiffeId::new(&config.trust_domain, ns, sa) {
+            Ok(id) => id,
+            Err(e) => {
+                state.warnings.push(format!("pod {ns}/{name} has no valid identity: {e}"));
+                continue;
+            }
+        };
+        let pod_labels = k8s::labels(&pod.metadata);
+        let ns_ambient = namespaces
+            .get(ns)
+            .and_then(|n| k8s::label(&n.metadata, k8s::DATAPLANE_MODE_LABEL))
+            .is_some_and(|m| m == k8s::DATAPLANE_MODE_AMBIENT);
+        let opted_out = k8s::label(&pod.metadata, k8s::DATAPLANE_MODE_LABEL) == Some(k8s::DATAPLANE_MODE_NONE);
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let captured = ns_ambient && !opted_out && !host_network;
+
+        let mut services: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();
+        for (svc, selector) in selecting.get(ns).into_iter().flatten() {
+            if !k8s::selects(selector, pod_labels) {
+                continue;
+            }
+            let (svc_ns, svc_name) = k8s::ns_name(&svc.metadata);
+            let ports = svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                .filter_map(|p| {
+                    Some(PortMapping {
+                        service_port: u16::try_from(p.port).ok()?,
+                        target_port: target_port(p, Some(pod))?,
+                    })
+                })
+                .collect();
+            services.insert(format!("{svc_ns}/{svc_name}.{svc_ns}.svc.{}", config.domain_suffix), ports);
+        }
+        for (svc, slice_ports) in slice_members.get(&(ns, name)).into_iter().flatten() {
+            let (svc_ns, svc_name) = k8s::ns_name(&svc.metadata);
+            let ports = svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter_map(|p| {
+                    let target = slice_ports
+                        .iter()
+                        .find(|(n, _)| *n == p.name.as_deref() || slice_ports.len() == 1)
+                        .map(|(_, port)| *port)?;
+                    Some(PortMapping { service_port: u16::try_from(p.port).ok()?, target_port: target })
+                })
+                .collect();
+            services.insert(format!("{svc_ns}/{svc_name}.{svc_ns}.svc.{}", config.domain_suffix), ports);
+        }
+
+        let mut policies: Vec<String> = selector_policies
+            .iter()
+            .filter(|(pns, sel, _)| *pns == ns && k8s::selects(sel, pod_labels))
+            .map(|(_, _, n)| n.clone())
+            .collect();
+        policies.sort();
+
+        let is_waypoint_pod = pod_labels.contains_key("gateway.networking.k8s.io/gateway-name");
+        let waypoint = if is_waypoint_pod {
+            None
+        } else {
+            resolve_waypoint(
+                &mut state,
+                &format!("pod {ns}/{name}"),
+                use_waypoint(&pod.metadata),
+                ns,
+                WaypointFor::workloads,
+            )
+        };
+        let (workload_type, workload_name) = workload_owner(pod);
+        let (canonical_name, canonical_revision) = canonical(pod, &workload_name);
+        let workload = Workload {
+            uid: format!("{}//Pod/{ns}/{name}", config.cluster_id),
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            ips,
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            identity,
+            captured,
+            waypoint,
+            services,
+            authorization_policies: policies,
+            healthy: healthy(pod),
+            canonical_name,
+            canonical_revision,
+            workload_type,
+            workload_name,
+            cluster_id: config.cluster_id.clone(),
+        };
+        state.workloads.insert(workload.uid.clone(), workload);
+    }
+    state
+}

@@ -1,0 +1,326 @@
+//! The delta xDS server (Envoy's `AggregatedDiscoveryService/DeltaAggregatedResources`).
+//!
+//! Per client stream and per type URL the server tracks what the client subscribed to (wildcard
+//! and/or names, where a name may be an alias such as `/10.0.0.5` for on-demand address lookups)
+//! and which version of each resource it last sent. On every request and every state change it
+//! sends only the difference: changed resources, and removals. ACKs and NACKs are matched to
+//! responses by nonce; a NACK is logged and the rejected version is not resent until it changes.
+//! A reconnecting client sends `initial_resource_versions` and gets only what differs from them.
+
+pub mod resources;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::Stream;
+use proto::api::envoy::service::discovery::v3 as xds;
+use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, warn};
+
+pub use resources::{Resources, XdsResource};
+
+/// Checks the caller of an xDS stream.
+#[derive(Debug, Clone)]
+pub struct BearerAuth {
+    tokens: Arc<Vec<String>>,
+}
+
+impl BearerAuth {
+    /// Accepts `authorization: Bearer <t>` for any of `tokens`.
+    pub fn new(tokens: Vec<String>) -> Self {
+        BearerAuth { tokens: Arc::new(tokens) }
+    }
+
+    /// The tonic interceptor.
+    #[allow(clippy::result_large_err)]
+    pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(t) if self.tokens.iter().any(|known| constant_time_eq(known.as_bytes(), t.as_bytes())) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
+            None => Err(Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")),
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The ADS service.
+#[derive(Debug, Clone)]
+pub struct XdsServer {
+    resources: watch::Receiver<Arc<Resources>>,
+    clients: Arc<AtomicUsize>,
+}
+
+impl XdsServer {
+    /// Serves the resources published on `resources`.
+    pub fn new(resources: watch::Receiver<Arc<Resources>>) -> Self {
+        XdsServer { resources, clients: Arc::default() }
+    }
+
+    /// Streams currently open.
+    pub fn connected_clients(&self) -> usize {
+        self.clients.load(Ordering::Relaxed)
+    }
+
+    /// A handle that reports the number of open streams.
+    pub fn client_counter(&self) -> Arc<AtomicUsize> {
+        self.clients.clone()
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = ResponseStream<xds::DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<xds::DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        _request: Request<Streaming<xds::DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented("state-of-the-world xDS is not served; use DeltaAggregatedResources"))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<xds::DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection {
+            resources: self.resources.clone(),
+            types: HashMap::new(),
+            nonce: 0,
+            node: String::new(),
+            out: tx,
+        };
+        let clients = self.clients.clone();
+        let requests = request.into_inner();
+        tokio::spawn(
+            async move {
+                clients.fetch_add(1, Ordering::Relaxed);
+                conn.run(requests).await;
+                clients.fetch_sub(1, Ordering::Relaxed);
+            }
+            .instrument(tracing::info_span!("xds", %peer)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What one client holds of one type.
+#[derive(Debug, Default)]
+struct TypeState {
+    wildcard: bool,
+    /// Explicitly subscribed names (resource names or aliases).
+    names: BTreeSet<String>,
+    /// Name → version the client holds ("" for "told it does not exist").
+    sent: HashMap<String, String>,
+}
+
+struct Connection {
+    resources: watch::Receiver<Arc<Resources>>,
+    types: HashMap<String, TypeState>,
+    nonce: u64,
+    node: String,
+    out: mpsc::Sender<Result<xds::DeltaDiscoveryResponse, Status>>,
+}
+
+impl Connection {
+    async fn run(mut self, mut requests: Streaming<xds::DeltaDiscoveryRequest>) {
+        // Answer nothing before the first state exists; requests wait in the stream meanwhile.
+        if self.resources.wait_for(|r| r.generation > 0).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                message = requests.message() => match message {
+                    Ok(Some(request)) => {
+                        if self.handle(request).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(node = %self.node, %status, "xDS stream ended with an error");
+                        break;
+                    }
+                },
+                changed = self.resources.changed() => {
+                    if changed.is_err() || self.push_all().await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        info!(node = %self.node, "xDS client disconnected");
+    }
+
+    async fn handle(&mut self, request: xds::DeltaDiscoveryRequest) -> Result<(), ()> {
+        if self.node.is_empty() {
+            if let Some(node) = &request.node {
+                self.node = node.id.clone();
+                info!(node = %self.node, "xDS client connected");
+            }
+        }
+        let type_url = request.type_url.clone();
+        if !Resources::serves(&type_url) {
+            warn!(node = %self.node, %type_url, "subscription to a type this server does not serve; ignored");
+            return Ok(());
+        }
+        if !request.response_nonce.is_empty() {
+            match &request.error_detail {
+                Some(err) => warn!(
+                    node = %self.node, %type_url, nonce = %request.response_nonce, code = err.code, message = %err.message,
+                    "client rejected (NACK) an update"
+                ),
+                None => debug!(node = %self.node, %type_url, nonce = %request.response_nonce, "ACK"),
+            }
+        }
+
+        let first = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        if first {
+            // A first request without names is a wildcard subscription.
+            state.wildcard = request.resource_names_subscribe.is_empty();
+            // Reconnect: start from what the client already holds.
+            state.sent = request.initial_resource_versions.clone().into_iter().collect();
+        }
+        for name in &request.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.names.insert(name.clone());
+                // The protocol requires (re)sending every resource named in a subscribe.
+                state.sent.remove(name);
+                if let Some(real) = self.resources.borrow().of_type(&type_url).and_then(|r| r.resolve(name)) {
+                    let real = real.to_owned();
+                    state.sent.remove(&real);
+                }
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name);
+            }
+        }
+        let changed_subscription =
+            first || !request.resource_names_subscribe.is_empty() || !request.resource_names_unsubscribe.is_empty();
+        if changed_subscription {
+            // The first response of a type is always sent, even empty: it tells the client the
+            // initial state is complete.
+            self.push(&type_url, first).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_all(&mut self) -> Result<(), ()> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for t in types {
+            self.push(&t, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends what this client lacks of `type_url`; with `always`, sends even when nothing differs.
+    async fn push(&mut self, type_url: &str, always: bool) -> Result<(), ()> {
+        let snapshot = self.resources.borrow_and_update().clone();
+        let Some(all) = snapshot.of_type(type_url) else { return Ok(()) };
+        let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
+
+        // Names the client should hold: everything (wildcard) plus explicit subscriptions.
+        let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        if state.wildcard {
+            for name in all.by_name.keys() {
+                wanted.entry(name.as_str()).or_default();
+            }
+        }
+        let mut missing: Vec<String> = Vec::new();
+        for name in &state.names {
+            match all.resolve(name) {
+                Some(real) => {
+                    let aliases = wanted.entry(real).or_default();
+                    if real != name {
+                        aliases.push(name.clone());
+                    }
+                }
+                None => missing.push(name.clone()),
+            }
+        }
+
+        let mut resources = Vec::new();
+        for (name, subscribed_aliases) in &wanted {
+            let Some(r) = all.by_name.get(*name) else { continue };
+            if state.sent.get(*name) == Some(&r.version) {
+                continue;
+            }
+            let mut aliases = r.aliases.clone();
+            aliases.extend(subscribed_aliases.iter().filter(|a| !r.aliases.contains(a)).cloned());
+            resources.push(xds::Resource {
+                version: r.version.clone(),
+                resource: Some(r.body.clone()),
+                name: r.name.clone(),
+                aliases,
+                ttl: None,
+                cache_control: None,
+            });
+            state.sent.insert((*name).to_owned(), r.version.clone());
+        }
+        let gone: Vec<(String, bool)> = state
+            .sent
+            .iter()
+            .filter(|(n, _)| !wanted.contains_key(n.as_str()) && !missing.contains(n))
+            .map(|(n, v)| (n.clone(), !v.is_empty()))
+            .collect();
+        let mut removed = Vec::new();
+        for (name, client_has_it) in gone {
+            state.sent.remove(&name);
+            if client_has_it {
+                removed.push(name);
+            }
+        }
+        for name in missing {
+            // Tell an on-demand subscriber once that the name does not exist.
+            if state.sent.get(&name).map(String::as_str) != Some("") {
+                state.sent.insert(name.clone(), String::new());
+                removed.push(name);
+            }
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        removed.sort();
+        self.nonce += 1;
+        let response = xds::DeltaDiscoveryResponse {
+            system_version_info: snapshot.generation.to_string(),
+            resources,
+            type_url: type_url.to_owned(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed,
+        };
+        debug!(
+            node = %self.node, %type_url, nonce = self.nonce, resources = response.resources.len(),
+            removed = response.removed_resources.len(), "push"
+        );
+        self.out.send(Ok(response)).await.map_err(|_| ())
+    }
+}
