@@ -85,8 +85,10 @@ pub struct Workload {
     pub node: String,
     /// SPIFFE identity (trust domain, namespace, service account).
     pub identity: SpiffeId,
-    /// Whether ztunnel captures it (ambient namespace, not opted out): HBONE, else plain TCP.
+    /// Whether ztunnel captures it (ambient namespace, not opted out).
     pub captured: bool,
+    /// Whether it terminates HBONE itself (a waypoint): reached over HBONE, never captured.
+    pub native_hbone: bool,
     /// The waypoint its traffic goes through, if any.
     pub waypoint: Option<WaypointRef>,
     /// Services it backs, keyed `namespace/hostname`, with the ports it serves them on.
@@ -122,7 +124,12 @@ impl Workload {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
             addresses: self.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
-            tunnel_protocol: if self.captured { pb::TunnelProtocol::Hbone } else { pb::TunnelProtocol::None } as i32,
+            tunnel_protocol: if self.captured || self.native_hbone {
+                pb::TunnelProtocol::Hbone
+            } else {
+                pb::TunnelProtocol::None
+            } as i32,
+            native_tunnel: self.native_hbone,
             trust_domain: self.identity.trust_domain().to_owned(),
             service_account: self.identity.service_account().to_owned(),
             waypoint: self.waypoint.as_ref().map(WaypointRef::to_proto),
@@ -290,6 +297,11 @@ pub struct Match {
 }
 
 impl Match {
+    /// Whether it sets no condition (matches every connection).
+    pub fn is_empty(&self) -> bool {
+        *self == Match::default()
+    }
+
     fn to_proto(&self) -> pb_authz::Match {
         let strings = |v: &[StringMatch]| v.iter().map(StringMatch::to_proto).collect();
         let nets = |v: &[IpNet]| v.iter().map(|n| n.to_proto()).collect();

@@ -146,7 +146,8 @@ fn rule(action: Action, rule: &crate::k8s::AuthzRule) -> Option<Vec<Vec<Match>>>
         // A DENY source left with only L7 fields must still deny (stricter), so it matches all.
         from.push(m);
     }
-    if !from.is_empty() {
+    // A clause with an empty (match-everything) alternative always holds: leave it out.
+    if !from.is_empty() && !from.iter().any(Match::is_empty) {
         clauses.push(from);
     }
 
@@ -164,7 +165,7 @@ fn rule(action: Action, rule: &crate::k8s::AuthzRule) -> Option<Vec<Vec<Match>>>
             ..Match::default()
         });
     }
-    if !to.is_empty() {
+    if !to.is_empty() && !to.iter().any(Match::is_empty) {
         clauses.push(to);
     }
 

@@ -23,6 +23,9 @@ use crate::k8s::{self, Gateway, Pod, Service};
 use crate::mesh::{MeshState, PortMapping, Service as MeshService, WaypointRef, Workload, WorkloadType};
 use crate::objects::Objects;
 
+/// Label the waypoint deployment puts on its pods: the Gateway's name.
+const WAYPOINT_POD_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// Mesh-wide settings the translation needs.
 #[derive(Clone, Debug)]
 pub struct MeshConfig {
@@ -373,7 +376,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             .is_some_and(|m| m == k8s::DATAPLANE_MODE_AMBIENT);
         let opted_out = k8s::label(&pod.metadata, k8s::DATAPLANE_MODE_LABEL) == Some(k8s::DATAPLANE_MODE_NONE);
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let captured = ns_ambient && !opted_out && !host_network;
+        // A waypoint's own pods speak HBONE themselves and are never captured.
+        let waypoint_of = k8s::label(&pod.metadata, WAYPOINT_POD_LABEL)
+            .filter(|gw| waypoints.by_name.contains_key(&(ns, *gw)));
+        let captured = ns_ambient && !opted_out && !host_network && waypoint_of.is_none();
 
         let mut services: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();
         for (svc, selector) in selecting.get(ns).into_iter().flatten() {
@@ -419,8 +425,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             .collect();
         policies.sort();
 
-        let is_waypoint_pod = pod_labels.contains_key("gateway.networking.k8s.io/gateway-name");
-        let waypoint = if is_waypoint_pod {
+        let waypoint = if waypoint_of.is_some() {
             None
         } else {
             resolve_waypoint(
@@ -432,7 +437,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             )
         };
         let (workload_type, workload_name) = workload_owner(pod);
-        let (canonical_name, canonical_revision) = canonical(pod, &workload_name);
+        let (canonical_name, canonical_revision) = canonical(pod, waypoint_of.unwrap_or(&workload_name));
         let workload = Workload {
             uid: format!("{}//Pod/{ns}/{name}", config.cluster_id),
             name: name.to_owned(),
@@ -441,6 +446,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
             identity,
             captured,
+            native_hbone: waypoint_of.is_some(),
             waypoint,
             services,
             authorization_policies: policies,

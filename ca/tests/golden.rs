@@ -1,0 +1,70 @@
+//! Golden tests: a fixture directory of Kubernetes YAML → the exact xDS resources ztunnel
+//! receives (`istio.workload.Address` and `istio.security.Authorization`).
+//!
+//! The expected output is `fixtures/<case>/expected.txt`, one block per resource (name, aliases,
+//! decoded message). After a deliberate change, regenerate with `UPDATE_GOLDEN=1 cargo test -p ca
+//! --test golden` and review the diff like code.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write;
+use std::path::Path;
+
+use ca::objects::Store;
+use ca::source::dir::DirSource;
+use ca::translate::{translate, MeshConfig};
+use ca::xds::Resources;
+use prost::Message;
+use proto::api::istio::security::Authorization;
+use proto::api::istio::workload::Address;
+use proto::api::type_url;
+
+fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case).join("input");
+    let store = Store::new();
+    let mut source = DirSource::new(&dir, store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+    let resources = Resources::build(&state, 1);
+    let mut out = String::new();
+    for (url, label) in [(type_url::ADDRESS, "Address"), (type_url::AUTHORIZATION, "Authorization")] {
+        for (name, r) in &resources.of_type(url).unwrap().by_name {
+            assert_eq!(r.body.type_url, url);
+            writeln!(out, "=== {label} {name}").unwrap();
+            if !r.aliases.is_empty() {
+                writeln!(out, "aliases: {:?}", r.aliases).unwrap();
+            }
+            let body = match url {
+                type_url::ADDRESS => format!("{:#?}", Address::decode(r.body.value.as_slice()).unwrap()),
+                _ => format!("{:#?}", Authorization::decode(r.body.value.as_slice()).unwrap()),
+            };
+            writeln!(out, "{body}").unwrap();
+        }
+    }
+    (out, store.errors(), state.warnings)
+}
+
+fn check(case: &str) {
+    let (actual, errors, warnings) = render(case);
+    assert!(errors.is_empty(), "fixture {case} has config errors: {errors:#?}");
+    assert!(warnings.is_empty(), "fixture {case} has warnings: {warnings:#?}");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case).join("expected.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    if actual != expected {
+        let first = actual.lines().zip(expected.lines()).position(|(a, e)| a != e);
+        panic!(
+            "{case}: resources differ from {} (first differing line: {:?}).\n--- actual ---\n{actual}",
+            path.display(),
+            first.map(|i| i + 1)
+        );
+    }
+}
+
+#[test]
+fn mesh_fixture_yields_the_expected_resources() {
+    check("mesh");
+}
