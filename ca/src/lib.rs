@@ -226,7 +226,7 @@ impl ControlPlane {
                 let store = store.clone();
                 let stop = stop();
                 tokio::spawn(async move {
-                    source::kube::run(client, store, stop).await;
+                    Box::pin(source::kube::run(client, store, stop)).await;
                     Ok(())
                 })
             }

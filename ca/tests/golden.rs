@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ca::objects::Store;
 use ca::source::dir::DirSource;
-use ca::translate::{translate, MeshConfig};
+use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
 use proto::api::istio::security::Authorization;

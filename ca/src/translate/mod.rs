@@ -209,6 +209,11 @@ fn healthy(pod: &Pod) -> bool {
     !status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status != "True")
 }
 
+/// A selector-less service a pod backs through an EndpointSlice, with the slice's (name, port)s.
+type SliceMembership<'a> = (&'a Service, Vec<(Option<&'a str>, u16)>);
+/// A service and its (non-empty) selector.
+type Selecting<'a> = (&'a Service, &'a BTreeMap<String, String>);
+
 /// Derives the whole mesh state from the current objects.
 pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     let mut state = MeshState::default();
@@ -286,7 +291,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
-    let mut slice_members: HashMap<(&str, &str), Vec<(&Service, Vec<(Option<&str>, u16)>)>> = HashMap::new();
+    let mut slice_members: HashMap<(&str, &str), Vec<SliceMembership<'_>>> = HashMap::new();
     for slice in objects.endpoint_slices() {
         let (ns, _) = k8s::ns_name(&slice.metadata);
         let Some(svc_name) = k8s::label(&slice.metadata, "kubernetes.io/service-name") else { continue };
@@ -345,7 +350,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
 
     // Services with selectors, per namespace: each pod only looks at its own namespace's.
-    let mut selecting: HashMap<&str, Vec<(&Service, &BTreeMap<String, String>)>> = HashMap::new();
+    let mut selecting: HashMap<&str, Vec<Selecting<'_>>> = HashMap::new();
     for svc in objects.services() {
         if let Some(sel) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).filter(|s| !s.is_empty()) {
             selecting.entry(k8s::ns_name(&svc.metadata).0).or_default().push((svc, sel));
@@ -377,8 +382,8 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         let opted_out = k8s::label(&pod.metadata, k8s::DATAPLANE_MODE_LABEL) == Some(k8s::DATAPLANE_MODE_NONE);
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
         // A waypoint's own pods speak HBONE themselves and are never captured.
-        let waypoint_of = k8s::label(&pod.metadata, WAYPOINT_POD_LABEL)
-            .filter(|gw| waypoints.by_name.contains_key(&(ns, *gw)));
+        let waypoint_of =
+            k8s::label(&pod.metadata, WAYPOINT_POD_LABEL).filter(|gw| waypoints.by_name.contains_key(&(ns, *gw)));
         let captured = ns_ambient && !opted_out && !host_network && waypoint_of.is_none();
 
         let mut services: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();

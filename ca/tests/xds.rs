@@ -1,0 +1,396 @@
+//! The control plane end to end: YAML files on disk → a running `ControlPlane` → a real gRPC
+//! delta xDS client. Edits to the files arrive as incremental updates within a second.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ca::translate::MeshConfig;
+use ca::{Config, ControlPlane, Source};
+use prost::Message;
+use proto::api::envoy::config::core::v3::Node;
+use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use proto::api::istio::security::Authorization;
+use proto::api::istio::workload::{Address, TunnelProtocol, address};
+use proto::api::type_url::{ADDRESS, AUTHORIZATION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+/// The acceptance bound for an edit to reach a subscribed client.
+const PROPAGATION: Duration = Duration::from_secs(1);
+
+const NAMESPACE: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n";
+const NAMESPACE_AMBIENT: &str =
+    "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    istio.io/dataplane-mode: ambient\n";
+
+fn pod(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: shop\n  labels:\n    app: {name}\nspec:\n  nodeName: node-a\n  serviceAccountName: {name}\n  containers: []\nstatus:\n  podIP: {ip}\n"
+    )
+}
+
+fn policy(principal: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: allow\n  namespace: shop\nspec:\n  rules:\n    - from:\n        - source:\n            principals: [\"{principal}\"]\n"
+    )
+}
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n  selector:\n    app: server\n  ports:\n    - port: 80\n";
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    xds: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), ca::Error>>>,
+}
+
+impl Mesh {
+    async fn start() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let mesh = Mesh {
+            dir,
+            xds: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+            stop: None,
+            task: None,
+        };
+        mesh.write("namespace.yaml", NAMESPACE);
+        mesh.write("pods.yaml", &format!("{}---\n{}", pod("sleep", "10.0.0.1"), pod("server", "10.0.0.2")));
+        mesh.write("service.yaml", SERVICE);
+        mesh.write("policy.yaml", &policy("cluster.local/ns/shop/sa/sleep"));
+        mesh.boot().await
+    }
+
+    async fn boot(mut self) -> Mesh {
+        let config = Config {
+            source: Source::Dir(self.dir.path().to_owned()),
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            mesh: MeshConfig::default(),
+            xds_tokens: vec![TOKEN.to_owned()],
+            debounce: Duration::from_millis(20),
+        };
+        let cp = ControlPlane::bind(config).await.unwrap();
+        self.xds = cp.xds_addr();
+        self.admin = cp.admin_addr();
+        let (tx, rx) = oneshot::channel();
+        self.task = Some(tokio::spawn(cp.run(async {
+            let _ = rx.await;
+        })));
+        self.stop = Some(tx);
+        self
+    }
+
+    fn write(&self, name: &str, content: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(self.xds, Some(TOKEN)).await.unwrap()
+    }
+
+    async fn admin_get(&self, path: &str) -> (u16, String) {
+        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        let status = out.split(' ').nth(1).unwrap().parse().unwrap();
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        let result = tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap()).await;
+        result.expect("control plane did not stop").unwrap().unwrap();
+    }
+}
+
+/// A delta ADS stream, driven by hand.
+struct Client {
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<Client, tonic::Status> {
+        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let token = token.map(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>().unwrap());
+        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            if let Some(t) = &token {
+                r.metadata_mut().insert("authorization", t.clone());
+            }
+            Ok(r)
+        });
+        let (tx, rx) = mpsc::channel(16);
+        let responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Client { requests: tx, responses })
+    }
+
+    async fn send(&self, request: DeltaDiscoveryRequest) {
+        self.requests.send(request).await.unwrap();
+    }
+
+    async fn subscribe(&self, type_url: &str, names: &[&str], initial: BTreeMap<String, String>) {
+        self.send(DeltaDiscoveryRequest {
+            node: Some(Node { id: "ztunnel~test".into(), ..Default::default() }),
+            type_url: type_url.into(),
+            resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+            initial_resource_versions: initial.into_iter().collect(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn ack(&self, r: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn recv(&mut self, within: Duration) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(within, self.responses.message())
+            .await
+            .expect("no xDS response in time")
+            .unwrap()
+            .expect("stream closed")
+    }
+
+    async fn expect_silence(&mut self, for_: Duration) {
+        if let Ok(m) = tokio::time::timeout(for_, self.responses.message()).await {
+            panic!("unexpected xDS message: {m:?}");
+        }
+    }
+}
+
+fn workloads(r: &DeltaDiscoveryResponse) -> BTreeMap<String, proto::api::istio::workload::Workload> {
+    r.resources
+        .iter()
+        .filter_map(|res| match Address::decode(res.resource.as_ref()?.value.as_slice()).ok()?.r#type? {
+            address::Type::Workload(w) => Some((res.name.clone(), w)),
+            address::Type::Service(_) => None,
+        })
+        .collect()
+}
+
+fn names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    let mut n: Vec<String> = r.resources.iter().map(|r| r.name.clone()).collect();
+    n.sort();
+    n
+}
+
+#[tokio::test]
+async fn live_updates_reach_a_subscribed_client_within_a_second() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    client.subscribe(ADDRESS, &[], BTreeMap::new()).await;
+    let snapshot = client.recv(Duration::from_secs(10)).await;
+    assert_eq!(snapshot.type_url, ADDRESS);
+    assert_eq!(
+        names(&snapshot),
+        ["Kubernetes//Pod/shop/server", "Kubernetes//Pod/shop/sleep", "shop/server.shop.svc.cluster.local"]
+    );
+    assert!(workloads(&snapshot).values().all(|w| w.tunnel_protocol == TunnelProtocol::None as i32));
+    client.ack(&snapshot).await;
+    client.subscribe(AUTHORIZATION, &[], BTreeMap::new()).await;
+    let policies = client.recv(Duration::from_secs(5)).await;
+    assert_eq!(policies.type_url, AUTHORIZATION);
+    assert_eq!(names(&policies), ["shop/allow"]);
+    client.ack(&policies).await;
+    // ACKs are not answered.
+    client.expect_silence(Duration::from_millis(300)).await;
+
+    // 1. The namespace joins ambient: both pods become captured; only they are sent.
+    let started = Instant::now();
+    mesh.write("namespace.yaml", NAMESPACE_AMBIENT);
+    let update = client.recv(PROPAGATION).await;
+    let took = started.elapsed();
+    assert_eq!(update.type_url, ADDRESS);
+    assert_eq!(names(&update), ["Kubernetes//Pod/shop/server", "Kubernetes//Pod/shop/sleep"], "took {took:?}");
+    assert!(workloads(&update).values().all(|w| w.tunnel_protocol == TunnelProtocol::Hbone as i32));
+    assert!(update.removed_resources.is_empty());
+    assert_ne!(update.nonce, snapshot.nonce);
+    client.ack(&update).await;
+
+    // 2. A pod is deleted: it is removed, nothing else is sent.
+    let started = Instant::now();
+    mesh.write("pods.yaml", &pod("sleep", "10.0.0.1"));
+    let update = client.recv(PROPAGATION).await;
+    assert!(started.elapsed() < PROPAGATION);
+    assert_eq!(update.type_url, ADDRESS);
+    assert!(update.resources.is_empty(), "{:?}", names(&update));
+    assert_eq!(update.removed_resources, ["Kubernetes//Pod/shop/server"]);
+    client.ack(&update).await;
+
+    // 3. A policy changes: the new version arrives.
+    let started = Instant::now();
+    mesh.write("policy.yaml", &policy("cluster.local/ns/other/sa/*"));
+    let update = client.recv(PROPAGATION).await;
+    assert!(started.elapsed() < PROPAGATION);
+    assert_eq!(update.type_url, AUTHORIZATION);
+    assert_eq!(names(&update), ["shop/allow"]);
+    let p = Authorization::decode(update.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    let principal = &p.rules[0].clauses[0].matches[0].principals[0];
+    assert_eq!(
+        principal.match_type,
+        Some(proto::api::istio::security::string_match::MatchType::Prefix("cluster.local/ns/other/sa/".into()))
+    );
+    client.ack(&update).await;
+    client.expect_silence(Duration::from_millis(300)).await;
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn reconnecting_client_gets_only_what_changed() {
+    let mesh = Mesh::start().await;
+    let mut first = mesh.client().await;
+    first.subscribe(ADDRESS, &[], BTreeMap::new()).await;
+    let snapshot = first.recv(Duration::from_secs(10)).await;
+    let held: BTreeMap<String, String> =
+        snapshot.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+    drop(first);
+
+    // While disconnected: one pod changes IP, one disappears.
+    mesh.write("pods.yaml", &pod("sleep", "10.0.0.9"));
+    // Let the change be translated before reconnecting.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let mut again = mesh.client().await;
+    again.subscribe(ADDRESS, &[], held).await;
+    let resync = again.recv(Duration::from_secs(5)).await;
+    assert_eq!(names(&resync), ["Kubernetes//Pod/shop/sleep"]);
+    assert_eq!(resync.removed_resources, ["Kubernetes//Pod/shop/server"]);
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn on_demand_lookup_by_address_resolves_aliases_and_reports_unknowns() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    client.subscribe(ADDRESS, &["/10.0.0.2", "/10.96.0.1", "/192.0.2.1"], BTreeMap::new()).await;
+    let r = client.recv(Duration::from_secs(10)).await;
+    assert_eq!(names(&r), ["Kubernetes//Pod/shop/server", "shop/server.shop.svc.cluster.local"]);
+    let server = r.resources.iter().find(|x| x.name == "Kubernetes//Pod/shop/server").unwrap();
+    assert!(server.aliases.contains(&"/10.0.0.2".to_owned()));
+    assert_eq!(r.removed_resources, ["/192.0.2.1"]);
+
+    // Not subscribed to sleep: its changes are not pushed; the subscribed pod's are.
+    client.ack(&r).await;
+    mesh.write(
+        "pods.yaml",
+        &format!("{}---\n{}", pod("sleep", "10.0.0.1"), pod("server", "10.0.0.2").replace("node-a", "node-b")),
+    );
+    let update = client.recv(PROPAGATION).await;
+    assert_eq!(names(&update), ["Kubernetes//Pod/shop/server"]);
+    assert_eq!(workloads(&update)["Kubernetes//Pod/shop/server"].node, "node-b");
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn nack_is_not_answered_with_the_same_version() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    client.subscribe(AUTHORIZATION, &[], BTreeMap::new()).await;
+    let r = client.recv(Duration::from_secs(10)).await;
+    client
+        .send(DeltaDiscoveryRequest {
+            type_url: AUTHORIZATION.into(),
+            response_nonce: r.nonce.clone(),
+            error_detail: Some(proto::api::google::rpc::Status {
+                code: 3,
+                message: "cannot apply".into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    client.expect_silence(Duration::from_millis(300)).await;
+    // A later change is still pushed.
+    mesh.write("policy.yaml", &policy("cluster.local/ns/shop/sa/other"));
+    let update = client.recv(PROPAGATION).await;
+    assert_eq!(names(&update), ["shop/allow"]);
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_without_the_token_are_refused() {
+    let mesh = Mesh::start().await;
+    for token in [None, Some("wrong-token-0123456789")] {
+        let err = match Client::connect(mesh.xds, token).await {
+            Err(status) => status,
+            Ok(mut c) => {
+                c.subscribe(ADDRESS, &[], BTreeMap::new()).await;
+                c.responses.message().await.unwrap_err()
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
+    }
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_api_dumps_state_and_config_errors() {
+    let mesh = Mesh::start().await;
+    // Wait for readiness.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mesh.admin_get("/healthz/ready").await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = mesh.admin_get("/debug/state").await;
+    assert_eq!(status, 200);
+    let state: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(state["workloads"]["Kubernetes//Pod/shop/sleep"]["identity"], "spiffe://cluster.local/ns/shop/sa/sleep");
+    assert_eq!(state["services"]["shop/server.shop.svc.cluster.local"]["vips"][0], "10.96.0.1");
+    assert_eq!(state["policies"]["shop/allow"]["action"], "Allow");
+
+    mesh.write("broken.yaml", "kind: [");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = mesh.admin_get("/debug/config_errors").await;
+        let errors: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        if let Some(e) = errors.first() {
+            assert!(e["source"].as_str().unwrap().ends_with("broken.yaml"));
+            assert!(e["message"].as_str().unwrap().starts_with("not valid YAML"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "config error never reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_config_is_refused_at_bind() {
+    let config = Config {
+        source: Source::Dir(std::env::temp_dir()),
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        mesh: MeshConfig::default(),
+        xds_tokens: vec!["short".into()],
+        debounce: Duration::from_millis(20),
+    };
+    assert!(matches!(ControlPlane::bind(config.clone()).await, Err(ca::Error::Config(ca::ConfigError::WeakToken))));
+    let config = Config { xds_tokens: vec![], ..config };
+    assert!(matches!(ControlPlane::bind(config.clone()).await, Err(ca::Error::Config(ca::ConfigError::NoTokens))));
+    let config = Config {
+        xds_tokens: vec![TOKEN.into()],
+        mesh: MeshConfig { trust_domain: "Bad Domain".into(), ..MeshConfig::default() },
+        ..config
+    };
+    assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::TrustDomain(_)))));
+}
