@@ -67,8 +67,8 @@ pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
             }
             let vals = cond.values.iter().chain(&cond.not_values);
             match cond.key.as_str() {
-                "source.ip" | "destination.ip" => vals.map(|v| parse_cidr(v).map(drop)).collect::<Result<(), _>>()?,
-                "destination.port" => vals.map(|v| parse_port(v).map(drop)).collect::<Result<(), _>>()?,
+                "source.ip" | "destination.ip" => vals.into_iter().try_for_each(|v| parse_cidr(v).map(drop))?,
+                "destination.port" => vals.into_iter().try_for_each(|v| parse_port(v).map(drop))?,
                 _ => {}
             }
         }

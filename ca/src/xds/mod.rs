@@ -174,11 +174,9 @@ impl Connection {
     }
 
     async fn handle(&mut self, request: xds::DeltaDiscoveryRequest) -> Result<(), ()> {
-        if self.node.is_empty() {
-            if let Some(node) = &request.node {
-                self.node = node.id.clone();
-                info!(node = %self.node, "xDS client connected");
-            }
+        if let (true, Some(node)) = (self.node.is_empty(), &request.node) {
+            self.node = node.id.clone();
+            info!(node = %self.node, "xDS client connected");
         }
         let type_url = request.type_url.clone();
         if !Resources::serves(&type_url) {
