@@ -28,6 +28,20 @@ pub const SOURCE_NAME: &str = "kubernetes";
 struct Problems(Mutex<BTreeMap<ObjectKey, String>>);
 
 impl Problems {
+    /// Drops the problems of `kind` whose key fails `keep`.
+    fn retain(&self, store: &Store, kind: Kind, keep: impl Fn(&ObjectKey) -> bool) {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let before = all.len();
+        all.retain(|k, _| k.kind != kind || keep(k));
+        if all.len() != before {
+            store.set_errors(SOURCE_NAME, Self::errors(&all));
+        }
+    }
+
+    fn errors(all: &BTreeMap<ObjectKey, String>) -> Vec<ConfigError> {
+        all.iter().map(|(k, m)| ConfigError { source: format!("{SOURCE_NAME}: {k}"), message: m.clone() }).collect()
+    }
+
     fn set(&self, store: &Store, key: ObjectKey, message: Option<String>) {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let changed = match message {
@@ -35,11 +49,7 @@ impl Problems {
             None => all.remove(&key).is_some(),
         };
         if changed {
-            let errors = all
-                .iter()
-                .map(|(k, m)| ConfigError { source: format!("{SOURCE_NAME}: {k}"), message: m.clone() })
-                .collect();
-            store.set_errors(SOURCE_NAME, errors);
+            store.set_errors(SOURCE_NAME, Self::errors(&all));
         }
     }
 }
@@ -107,31 +117,32 @@ where
     K::DynamicType: Default,
 {
     let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
-    let mut relist: Option<Vec<Object>> = None;
+    // During a relist: the valid objects, and the keys of listed objects that were refused.
+    let mut relist: Option<(Vec<Object>, Vec<ObjectKey>)> = None;
     let mut synced = false;
     while let Some(event) = stream.next().await {
         match event {
-            Ok(Event::Init) => relist = Some(Vec::new()),
+            Ok(Event::Init) => relist = Some(Default::default()),
             Ok(Event::InitApply(o)) => {
-                if let Some(object) = admit(wrap(Arc::new(o)), store, problems) {
-                    relist.get_or_insert_with(Vec::new).push(object);
+                let object = wrap(Arc::new(o));
+                let key = object.key();
+                let (valid, refused) = relist.get_or_insert_with(Default::default);
+                match admit(object, store, problems) {
+                    Some(object) => valid.push(object),
+                    None => refused.push(key),
                 }
             }
             Ok(Event::InitDone) => {
-                let objects = relist.take().unwrap_or_default();
-                let count = objects.len();
+                let (valid, refused) = relist.take().unwrap_or_default();
+                let count = valid.len();
+                // What the server no longer lists is gone, valid or not.
+                problems.retain(store, kind, |k| refused.contains(k));
                 store.update(|o| {
-                    // Invalid objects were not admitted: keep their previous valid versions.
-                    let keep: Vec<Object> = o
-                        .iter()
-                        .filter(|(k, _)| k.kind == kind)
-                        .filter(|(k, _)| !objects.iter().any(|n| &n.key() == *k))
-                        .filter(|(k, _)| problems.0.lock().map(|p| p.contains_key(k)).unwrap_or(false))
-                        .map(|(_, v)| v.clone())
-                        .collect();
-                    o.replace_kind(kind, objects.into_iter().chain(keep));
+                    // A listed but invalid object keeps its previous valid version.
+                    let kept: Vec<Object> = refused.iter().filter_map(|k| o.get(k).cloned()).collect();
+                    o.replace_kind(kind, valid.into_iter().chain(kept));
                 });
-                info!(%kind, objects = count, "listed");
+                info!(%kind, objects = count, refused = refused.len(), "listed");
                 if !synced {
                     synced = true;
                     store.source_synced();
