@@ -1,0 +1,82 @@
+//! The manifests in `deploy/` against the Kubernetes schemas: every document decodes into its
+//! k8s-openapi type without dropping a field (a misspelled or misplaced field fails), and the
+//! control plane's ClusterRole grants exactly the reads its watchers make.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use serde::Deserialize;
+use serde_json::Value;
+
+fn documents() -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for path in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "yaml")) {
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v = serde_norway::Value::deserialize(doc).unwrap();
+            out.push((path.display().to_string(), serde_json::to_value(v).unwrap()));
+        }
+    }
+    out
+}
+
+/// Decodes into `T` and back: any field the schema does not know is lost on the way.
+fn round_trips<T: serde::de::DeserializeOwned + serde::Serialize>(file: &str, doc: &Value) {
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(&back, doc, "{file}: document does not match its schema (fields lost or altered)");
+}
+
+#[test]
+fn every_manifest_matches_its_kubernetes_schema() {
+    let docs = documents();
+    assert!(!docs.is_empty());
+    for (file, doc) in &docs {
+        match doc["kind"].as_str().unwrap() {
+            "ServiceAccount" => round_trips::<ServiceAccount>(file, doc),
+            "ClusterRole" => round_trips::<ClusterRole>(file, doc),
+            "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(file, doc),
+            other => panic!("{file}: no schema check for kind {other}; add one"),
+        }
+    }
+}
+
+#[test]
+fn control_plane_role_grants_exactly_what_the_watchers_read() {
+    let role: ClusterRole = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "ambient-mesh-ca")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("ClusterRole ambient-mesh-ca");
+    let mut granted: Vec<(String, String)> = Vec::new();
+    for rule in role.rules.unwrap() {
+        assert_eq!(rule.verbs, ["get", "list", "watch"], "the control plane only reads");
+        for group in rule.api_groups.unwrap() {
+            for resource in rule.resources.clone().unwrap() {
+                granted.push((group.clone(), resource));
+            }
+        }
+    }
+    granted.sort();
+    let mut needed: Vec<(String, String)> = [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("gateway.networking.k8s.io", "gateways"),
+        ("gateway.networking.k8s.io", "httproutes"),
+        ("security.istio.io", "authorizationpolicies"),
+        ("security.istio.io", "peerauthentications"),
+    ]
+    .iter()
+    .map(|(g, r)| (g.to_string(), r.to_string()))
+    .collect();
+    needed.sort();
+    assert_eq!(granted, needed);
+}
