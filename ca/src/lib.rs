@@ -272,6 +272,7 @@ async fn translate_loop(
     let mut changes = store.subscribe();
     let mut generation = 0u64;
     let mut warned: std::collections::BTreeSet<String> = Default::default();
+    let mut previous = Arc::new(Resources::default());
     tokio::pin!(stop);
     // Nothing is served until the sources have loaded: a partial first state would make proxies
     // briefly forget workloads.
@@ -293,7 +294,8 @@ async fn translate_loop(
         let started = Instant::now();
         let state = translate::translate(&objects, &mesh);
         generation += 1;
-        let resources = Resources::build(&state, generation);
+        let resources = Arc::new(Resources::build(&state, generation, &previous));
+        previous = resources.clone();
         let took = started.elapsed();
         let current: std::collections::BTreeSet<String> = state.warnings.iter().cloned().collect();
         for w in current.difference(&warned) {
@@ -308,7 +310,7 @@ async fn translate_loop(
             took_ms = took.as_secs_f64() * 1e3,
             "mesh state updated"
         );
-        resources_tx.send_replace(Arc::new(resources));
+        resources_tx.send_replace(resources);
         view_tx.send_replace(Arc::new(MeshView { generation, translate_ms: took.as_secs_f64() * 1e3, state }));
     }
 }

@@ -25,7 +25,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
     let mut source = DirSource::new(&dir, store.clone()).unwrap();
     assert!(source.rescan());
     let state = translate(&store.snapshot(), &MeshConfig::default());
-    let resources = Resources::build(&state, 1);
+    let resources = Resources::build(&state, 1, &Resources::default());
     let mut out = String::new();
     for (url, label) in [(type_url::ADDRESS, "Address"), (type_url::AUTHORIZATION, "Authorization")] {
         for (name, r) in &resources.of_type(url).unwrap().by_name {

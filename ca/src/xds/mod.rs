@@ -9,7 +9,7 @@
 
 pub mod resources;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -131,9 +131,24 @@ struct TypeState {
     wildcard: bool,
     /// Explicitly subscribed names (resource names or aliases).
     names: BTreeSet<String>,
-    /// Name → version the client holds ("" for "told it does not exist").
-    sent: HashMap<String, String>,
+    /// Name → content hash of the version the client holds.
+    sent: HashMap<Arc<str>, u64>,
+    /// Subscribed names the client was told do not exist.
+    absent: BTreeSet<String>,
+    /// The resources generation this type was last reconciled against (0: never).
+    generation: u64,
+    /// The subscription changed since: the next push compares everything.
+    full: bool,
 }
+
+impl TypeState {
+    fn wants(&self, r: &XdsResource) -> bool {
+        self.wildcard || self.names.contains(&*r.name) || r.aliases.iter().any(|a| self.names.contains(a))
+    }
+}
+
+/// A hash no content produces in practice: for versions a client reports that we cannot read.
+const UNKNOWN_VERSION: u64 = u64::MAX;
 
 struct Connection {
     resources: watch::Receiver<Arc<Resources>>,
@@ -199,7 +214,11 @@ impl Connection {
             // A first request without names is a wildcard subscription.
             state.wildcard = request.resource_names_subscribe.is_empty();
             // Reconnect: start from what the client already holds.
-            state.sent = request.initial_resource_versions.clone().into_iter().collect();
+            state.sent = request
+                .initial_resource_versions
+                .iter()
+                .map(|(n, v)| (Arc::from(n.as_str()), u64::from_str_radix(v, 16).unwrap_or(UNKNOWN_VERSION)))
+                .collect();
         }
         for name in &request.resource_names_subscribe {
             if name == "*" {
@@ -207,10 +226,10 @@ impl Connection {
             } else {
                 state.names.insert(name.clone());
                 // The protocol requires (re)sending every resource named in a subscribe.
-                state.sent.remove(name);
-                if let Some(real) = self.resources.borrow().of_type(&type_url).and_then(|r| r.resolve(name)) {
-                    let real = real.to_owned();
-                    state.sent.remove(&real);
+                state.absent.remove(name);
+                state.sent.remove(name.as_str());
+                if let Some(r) = self.resources.borrow().of_type(&type_url).and_then(|r| r.resolve(name)) {
+                    state.sent.remove(&r.name);
                 }
             }
         }
@@ -219,11 +238,13 @@ impl Connection {
                 state.wildcard = false;
             } else {
                 state.names.remove(name);
+                state.absent.remove(name);
             }
         }
         let changed_subscription =
             first || !request.resource_names_subscribe.is_empty() || !request.resource_names_unsubscribe.is_empty();
         if changed_subscription {
+            state.full = true;
             // The first response of a type is always sent, even empty: it tells the client the
             // initial state is complete.
             self.push(&type_url, first).await?;
@@ -245,64 +266,94 @@ impl Connection {
         let Some(all) = snapshot.of_type(type_url) else { return Ok(()) };
         let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
 
-        // Names the client should hold: everything (wildcard) plus explicit subscriptions.
-        let mut wanted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        if state.wildcard {
-            for name in all.by_name.keys() {
-                wanted.entry(name.as_str()).or_default();
-            }
-        }
-        let mut missing: Vec<String> = Vec::new();
-        for name in &state.names {
-            match all.resolve(name) {
-                Some(real) => {
-                    let aliases = wanted.entry(real).or_default();
-                    if real != name {
-                        aliases.push(name.clone());
+        let mut send: Vec<&Arc<XdsResource>> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        let deltas = if state.full || state.generation == 0 { None } else { snapshot.deltas_since(state.generation) };
+        match deltas {
+            // Up to date until recently: look only at what changed since.
+            Some(deltas) => {
+                let mut changed = BTreeSet::new();
+                let mut gone = BTreeSet::new();
+                for d in deltas {
+                    if let Some(t) = d.types.get(type_url) {
+                        changed.extend(t.changed.iter());
+                        gone.extend(t.removed.iter());
                     }
                 }
-                None => missing.push(name.clone()),
+                for name in changed {
+                    let wanted = all.by_name.get(name).filter(|r| state.wants(r));
+                    if let Some(r) = wanted.filter(|r| state.sent.get(name) != Some(&r.hash)) {
+                        send.push(r);
+                    }
+                }
+                for name in gone {
+                    if !all.by_name.contains_key(name) && state.sent.remove(name).is_some() {
+                        removed.push(name.to_string());
+                    }
+                }
+            }
+            // First push, new subscriptions, or too far behind: compare everything.
+            None => {
+                let mut wanted: BTreeSet<&str> = BTreeSet::new();
+                if state.wildcard {
+                    for r in all.by_name.values() {
+                        if state.sent.get(&r.name) != Some(&r.hash) {
+                            send.push(r);
+                        }
+                    }
+                }
+                for name in &state.names {
+                    match all.resolve(name) {
+                        Some(r) => {
+                            wanted.insert(&r.name);
+                            if !state.wildcard && state.sent.get(&r.name) != Some(&r.hash) {
+                                send.push(r);
+                            }
+                        }
+                        // Tell an on-demand subscriber once that the name does not exist.
+                        None => {
+                            if state.absent.insert(name.clone()) {
+                                removed.push(name.clone());
+                            }
+                        }
+                    }
+                }
+                let stale: Vec<Arc<str>> = state
+                    .sent
+                    .keys()
+                    .filter(|n| match all.by_name.get(*n) {
+                        None => true,
+                        Some(_) => !state.wildcard && !wanted.contains(&***n),
+                    })
+                    .cloned()
+                    .collect();
+                for n in stale {
+                    state.sent.remove(&n);
+                    removed.push(n.to_string());
+                }
+                send.sort_by(|a, b| a.name.cmp(&b.name));
+                send.dedup_by(|a, b| a.name == b.name);
             }
         }
-
-        let mut resources = Vec::new();
-        for (name, subscribed_aliases) in &wanted {
-            let Some(r) = all.by_name.get(*name) else { continue };
-            if state.sent.get(*name) == Some(&r.version) {
-                continue;
+        state.generation = snapshot.generation;
+        state.full = false;
+        for r in &send {
+            state.sent.insert(r.name.clone(), r.hash);
+            for a in &r.aliases {
+                state.absent.remove(a);
             }
-            let mut aliases = r.aliases.clone();
-            aliases.extend(subscribed_aliases.iter().filter(|a| !r.aliases.contains(a)).cloned());
-            resources.push(xds::Resource {
+        }
+        let resources: Vec<xds::Resource> = send
+            .iter()
+            .map(|r| xds::Resource {
                 version: r.version.clone(),
                 resource: Some(r.body.clone()),
-                name: r.name.clone(),
-                aliases,
+                name: r.name.to_string(),
+                aliases: r.aliases.clone(),
                 ttl: None,
                 cache_control: None,
-            });
-            state.sent.insert((*name).to_owned(), r.version.clone());
-        }
-        let gone: Vec<(String, bool)> = state
-            .sent
-            .iter()
-            .filter(|(n, _)| !wanted.contains_key(n.as_str()) && !missing.contains(n))
-            .map(|(n, v)| (n.clone(), !v.is_empty()))
+            })
             .collect();
-        let mut removed = Vec::new();
-        for (name, client_has_it) in gone {
-            state.sent.remove(&name);
-            if client_has_it {
-                removed.push(name);
-            }
-        }
-        for name in missing {
-            // Tell an on-demand subscriber once that the name does not exist.
-            if state.sent.get(&name).map(String::as_str) != Some("") {
-                state.sent.insert(name.clone(), String::new());
-                removed.push(name);
-            }
-        }
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }

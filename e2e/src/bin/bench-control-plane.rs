@@ -16,14 +16,14 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proto::api::envoy::config::core::v3::Node;
-use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use proto::api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use proto::api::type_url::{ADDRESS, AUTHORIZATION};
 use serde::Serialize;
-use tokio::sync::{mpsc, Barrier};
+use tokio::sync::{Barrier, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Measure the control plane at scale.
@@ -180,8 +180,12 @@ async fn client(
     while let Some(r) = responses.message().await? {
         generation = r.system_version_info.parse().unwrap_or(generation);
         bytes += r.resources.iter().map(|x| x.resource.as_ref().map_or(0, |a| a.value.len())).sum::<usize>();
-        tx.send(DeltaDiscoveryRequest { type_url: r.type_url.clone(), response_nonce: r.nonce.clone(), ..Default::default() })
-            .await?;
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await?;
         if initial < 2 {
             initial += 1;
             if initial == 2 {
@@ -220,8 +224,8 @@ async fn main() -> Result<()> {
         .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
         .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
         .args(["--xds-token-file", &token_file.display().to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .env("RUST_LOG", std::env::var("CA_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(if std::env::var_os("CA_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .with_context(|| format!("starting {}", ca_bin.display()))?);
     let pid = ca.0.id();
@@ -281,7 +285,8 @@ async fn main() -> Result<()> {
         latencies.push(t0.elapsed().as_secs_f64() * 1e3);
         newest = round_newest;
         // Let stragglers (e.g. the same update on the other type) drain before the next edit.
-        while let Ok(Some((_, generation, _))) = tokio::time::timeout(Duration::from_millis(200), seen_rx.recv()).await {
+        while let Ok(Some((_, generation, _))) = tokio::time::timeout(Duration::from_millis(200), seen_rx.recv()).await
+        {
             newest = newest.max(generation);
         }
     }
@@ -304,10 +309,17 @@ async fn main() -> Result<()> {
         "control plane: {} pods, {} services, {} policies; {} xDS clients",
         report.pods, report.services, report.policies, report.clients
     );
-    println!("  initial sync, all clients:     {:>9.2} s ({} KiB per client)", report.initial_sync_s, snapshot_bytes / 1024);
+    println!(
+        "  initial sync, all clients:     {:>9.2} s ({} KiB per client)",
+        report.initial_sync_s,
+        snapshot_bytes / 1024
+    );
     println!("  file edit -> all clients, p50: {:>9.1} ms", report.edit_to_all_clients_p50_ms);
     println!("  file edit -> all clients, max: {:>9.1} ms", report.edit_to_all_clients_max_ms);
-    println!("  ca memory (RSS) loaded:        {:>9.1} MiB (peak {:.1} MiB)", report.ca_rss_mib_idle_loaded, report.ca_rss_mib_peak);
+    println!(
+        "  ca memory (RSS) loaded:        {:>9.1} MiB (peak {:.1} MiB)",
+        report.ca_rss_mib_idle_loaded, report.ca_rss_mib_peak
+    );
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(path) = &args.json {
