@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "discovery.proto",
     "envoy_core.proto",
     "rpc_status.proto",
+    "waypoint.proto",
     "workload.proto",
     "zds.proto",
 ];
@@ -22,6 +23,9 @@ fn main() -> anyhow::Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Our own waypoint types double as the control plane's domain model for them: the admin
+        // API dumps them as JSON.
+        .type_attribute(".ambient.waypoint.v1", "#[cfg_attr(feature = \"serde\", derive(serde::Serialize))]")
         .compile_fds(descriptors)
         .context("generating Rust code from the protobuf descriptors")?;
     Ok(())

@@ -380,6 +380,10 @@ pub struct MeshState {
     pub services: BTreeMap<String, Service>,
     /// L4 policies by `namespace/name`.
     pub policies: BTreeMap<String, Policy>,
+    /// Waypoint routes by service, `namespace/hostname`.
+    pub routes: BTreeMap<String, proto::api::ambient::waypoint::v1::ServiceRoutes>,
+    /// Waypoint (L7) policies by `namespace/name`.
+    pub l7_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::L7Policy>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
 }

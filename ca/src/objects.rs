@@ -270,6 +270,7 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
             }
         }
         Object::AuthorizationPolicy(policy) => crate::translate::authz::validate(&policy.spec).map_err(invalid)?,
+        Object::HTTPRoute(route) => crate::translate::waypoint::validate(&route.spec).map_err(invalid)?,
         _ => {}
     }
     Ok(())

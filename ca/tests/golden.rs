@@ -15,6 +15,7 @@ use ca::source::dir::DirSource;
 use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
+use proto::api::ambient::waypoint::v1::{L7Policy, ServiceRoutes};
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
 use proto::api::type_url;
@@ -27,16 +28,25 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
     let state = translate(&store.snapshot(), &MeshConfig::default());
     let resources = Resources::build(&state, 1, &Resources::default());
     let mut out = String::new();
-    for (url, label) in [(type_url::ADDRESS, "Address"), (type_url::AUTHORIZATION, "Authorization")] {
+    let types = [
+        (type_url::ADDRESS, "Address"),
+        (type_url::AUTHORIZATION, "Authorization"),
+        (type_url::SERVICE_ROUTES, "ServiceRoutes"),
+        (type_url::L7_POLICY, "L7Policy"),
+    ];
+    for (url, label) in types {
         for (name, r) in &resources.of_type(url).unwrap().by_name {
             assert_eq!(r.body.type_url, url);
             writeln!(out, "=== {label} {name}").unwrap();
             if !r.aliases.is_empty() {
                 writeln!(out, "aliases: {:?}", r.aliases).unwrap();
             }
+            let bytes = r.body.value.as_slice();
             let body = match url {
-                type_url::ADDRESS => format!("{:#?}", Address::decode(r.body.value.as_slice()).unwrap()),
-                _ => format!("{:#?}", Authorization::decode(r.body.value.as_slice()).unwrap()),
+                type_url::ADDRESS => format!("{:#?}", Address::decode(bytes).unwrap()),
+                type_url::AUTHORIZATION => format!("{:#?}", Authorization::decode(bytes).unwrap()),
+                type_url::SERVICE_ROUTES => format!("{:#?}", ServiceRoutes::decode(bytes).unwrap()),
+                _ => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();
         }

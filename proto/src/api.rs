@@ -30,6 +30,16 @@ pub mod istio {
     }
 }
 
+/// Our own APIs.
+pub mod ambient {
+    pub mod waypoint {
+        /// `ambient.waypoint.v1`: routes and L7 policy for waypoints.
+        pub mod v1 {
+            tonic::include_proto!("ambient.waypoint.v1");
+        }
+    }
+}
+
 /// Envoy APIs.
 pub mod envoy {
     pub mod config {
@@ -62,4 +72,8 @@ pub mod type_url {
     pub const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
     /// An L4 authorization policy (`istio.security.Authorization`).
     pub const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+    /// The routes for traffic to one service (`ambient.waypoint.v1.ServiceRoutes`).
+    pub const SERVICE_ROUTES: &str = "type.googleapis.com/ambient.waypoint.v1.ServiceRoutes";
+    /// An L7 authorization policy for waypoints (`ambient.waypoint.v1.L7Policy`).
+    pub const L7_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.L7Policy";
 }

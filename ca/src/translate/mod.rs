@@ -9,8 +9,11 @@
 //!   out) names a waypoint Gateway; it applies to services when the waypoint is for `service` or
 //!   `all` (the default is `service`), to workloads when it is for `workload` or `all`.
 //! - AuthorizationPolicies and STRICT PeerAuthentications become L4 policies ([`authz`]).
+//! - HTTPRoutes and waypoint-targeted AuthorizationPolicies become the waypoint's routes and L7
+//!   policies ([`waypoint`]).
 
 pub mod authz;
+pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -289,6 +292,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         };
         state.services.insert(service.resource_name(), service);
     }
+
+    // What waypoints need: routes per service and the policies targeting them.
+    state.routes = waypoint::routes(objects, config, &state.services);
+    state.l7_policies = waypoint::l7_policies(objects);
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
     let mut slice_members: HashMap<(&str, &str), Vec<SliceMembership<'_>>> = HashMap::new();

@@ -22,7 +22,8 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
+pub const TYPES: [&str; 4] =
+    [type_url::ADDRESS, type_url::AUTHORIZATION, type_url::SERVICE_ROUTES, type_url::L7_POLICY];
 
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,9 +140,22 @@ impl Resources {
             authz.by_name.insert(name.clone(), resource(type_url::AUTHORIZATION, name, Vec::new(), &p.to_proto()));
         }
 
+        let mut routes = TypeResources::default();
+        for (name, r) in &state.routes {
+            let name: Arc<str> = Arc::from(name.as_str());
+            routes.by_name.insert(name.clone(), resource(type_url::SERVICE_ROUTES, name, Vec::new(), r));
+        }
+        let mut l7 = TypeResources::default();
+        for (name, p) in &state.l7_policies {
+            let name: Arc<str> = Arc::from(name.as_str());
+            l7.by_name.insert(name.clone(), resource(type_url::L7_POLICY, name, Vec::new(), p));
+        }
+
         let mut by_type = HashMap::new();
         by_type.insert(type_url::ADDRESS, addresses);
         by_type.insert(type_url::AUTHORIZATION, authz);
+        by_type.insert(type_url::SERVICE_ROUTES, routes);
+        by_type.insert(type_url::L7_POLICY, l7);
 
         let mut delta = Delta { generation, types: HashMap::new() };
         for (url, current) in &by_type {

@@ -1,0 +1,391 @@
+//! HTTPRoutes and waypoint-targeted AuthorizationPolicies → the waypoint's own resources.
+//!
+//! - A route whose parentRef is a Service (GAMMA) applies to traffic to that service; one whose
+//!   parentRef is a waypoint Gateway applies to every service that uses that waypoint and matches
+//!   the route's hostnames (all, when it lists none).
+//! - An AuthorizationPolicy with `targetRef(s)` (a waypoint Gateway or a Service) is enforced by
+//!   the waypoint, L7 fields included; its fields pass through unchanged.
+
+use std::collections::BTreeMap;
+
+use proto::api::ambient::waypoint::v1 as pb;
+use serde_json::Value;
+
+use crate::k8s::{self, AuthorizationPolicy, HTTPRouteSpec, HttpRouteFilter, HttpRouteRule, ObjectRef};
+use crate::mesh::Service;
+use crate::objects::Objects;
+use crate::translate::MeshConfig;
+
+/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration like 10s, 500ms or 1m30s");
+    let mut total: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        total += n * unit_ms;
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
+/// Checks the fields of an HTTPRoute the translation relies on.
+pub fn validate(spec: &HTTPRouteSpec) -> Result<(), String> {
+    for rule in &spec.rules {
+        if let Some(t) = &rule.timeouts {
+            for d in t.request.iter().chain(&t.backend_request) {
+                parse_duration(d)?;
+            }
+        }
+        if let Some(b) = rule.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
+            parse_duration(b)?;
+        }
+        for m in &rule.matches {
+            match m.path.as_ref().and_then(|p| p.kind.as_deref()) {
+                None | Some("PathPrefix" | "Exact" | "RegularExpression") => {}
+                Some(other) => {
+                    return Err(format!("path match type {other:?} is not Exact, PathPrefix or RegularExpression"));
+                }
+            }
+            for h in m.headers.iter().chain(&m.query_params) {
+                match h.kind.as_deref() {
+                    None | Some("Exact" | "RegularExpression") => {}
+                    Some(other) => return Err(format!("match type {other:?} is not Exact or RegularExpression")),
+                }
+            }
+        }
+        for f in &rule.filters {
+            match f.kind.as_str() {
+                "RequestHeaderModifier"
+                | "ResponseHeaderModifier"
+                | "RequestRedirect"
+                | "URLRewrite"
+                | "RequestMirror" => {}
+                other => return Err(format!("filter type {other:?} is not supported")),
+            }
+        }
+        for b in &rule.backend_refs {
+            if !matches!(b.target.kind.as_deref(), None | Some("Service")) {
+                return Err(format!(
+                    "backendRef kind {:?} is not Service",
+                    b.target.kind.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_service(r: &ObjectRef) -> bool {
+    matches!(r.group.as_deref(), None | Some("") | Some("core")) && r.kind.as_deref() == Some("Service")
+}
+
+fn is_gateway(r: &ObjectRef) -> bool {
+    r.kind.as_deref().unwrap_or("Gateway") == "Gateway"
+        && matches!(r.group.as_deref(), None | Some("gateway.networking.k8s.io"))
+}
+
+fn service_key(r: &ObjectRef, route_ns: &str, suffix: &str) -> (String, String) {
+    let ns = r.namespace.as_deref().unwrap_or(route_ns);
+    (ns.to_owned(), format!("{}.{ns}.svc.{suffix}", r.name))
+}
+
+fn path_modifier(v: Option<&Value>) -> Option<pb::PathModifier> {
+    let v = v?;
+    let kind = match v.get("type")?.as_str()? {
+        "ReplaceFullPath" => pb::path_modifier::Kind::ReplaceFullPath(v.get("replaceFullPath")?.as_str()?.to_owned()),
+        "ReplacePrefixMatch" => {
+            pb::path_modifier::Kind::ReplacePrefixMatch(v.get("replacePrefixMatch")?.as_str()?.to_owned())
+        }
+        _ => return None,
+    };
+    Some(pb::PathModifier { kind: Some(kind) })
+}
+
+fn str_of(v: &Value, key: &str) -> String {
+    v.get(key).and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+fn u32_of(v: &Value, key: &str) -> u32 {
+    v.get(key).and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()).unwrap_or_default()
+}
+
+fn header_modifier(m: &Option<k8s::HeaderModifier>) -> Option<pb::HeaderModifier> {
+    let m = m.as_ref()?;
+    let headers = |v: &[k8s::HeaderValue]| {
+        v.iter().map(|h| pb::Header { name: h.name.clone(), value: h.value.clone() }).collect()
+    };
+    Some(pb::HeaderModifier { set: headers(&m.set), add: headers(&m.add), remove: m.remove.clone() })
+}
+
+fn filter(f: &HttpRouteFilter, route_ns: &str, suffix: &str) -> Option<pb::Filter> {
+    use pb::filter::Kind;
+    let kind = match f.kind.as_str() {
+        "RequestHeaderModifier" => Kind::RequestHeaderModifier(header_modifier(&f.request_header_modifier)?),
+        "ResponseHeaderModifier" => Kind::ResponseHeaderModifier(header_modifier(&f.response_header_modifier)?),
+        "RequestRedirect" => {
+            let v = f.request_redirect.as_ref()?;
+            Kind::RequestRedirect(pb::Redirect {
+                scheme: str_of(v, "scheme"),
+                hostname: str_of(v, "hostname"),
+                path: path_modifier(v.get("path")),
+                port: u32_of(v, "port"),
+                status_code: u32_of(v, "statusCode"),
+            })
+        }
+        "URLRewrite" => {
+            let v = f.url_rewrite.as_ref()?;
+            Kind::UrlRewrite(pb::Rewrite { hostname: str_of(v, "hostname"), path: path_modifier(v.get("path")) })
+        }
+        "RequestMirror" => {
+            let b = f.request_mirror.as_ref()?.get("backendRef")?;
+            let target = ObjectRef {
+                name: str_of(b, "name"),
+                namespace: b.get("namespace").and_then(Value::as_str).map(str::to_owned),
+                ..ObjectRef::default()
+            };
+            let (ns, host) = service_key(&target, route_ns, suffix);
+            Kind::RequestMirror(pb::Mirror {
+                backend: Some(pb::Backend { service: format!("{ns}/{host}"), port: u32_of(b, "port"), weight: 1 }),
+            })
+        }
+        _ => return None,
+    };
+    Some(pb::Filter { kind: Some(kind) })
+}
+
+fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
+    let ms = |d: &Option<String>| d.as_deref().and_then(|d| parse_duration(d).ok()).unwrap_or(0);
+    let value_match = |m: &k8s::HttpValueMatch| pb::ValueMatch {
+        kind: match m.kind.as_deref() {
+            Some("RegularExpression") => pb::value_match::Kind::Regex,
+            _ => pb::value_match::Kind::Exact,
+        } as i32,
+        name: m.name.clone(),
+        value: m.value.clone(),
+    };
+    pb::RouteRule {
+        name: r.name.clone().unwrap_or_default(),
+        matches: r
+            .matches
+            .iter()
+            .map(|m| pb::RouteMatch {
+                path: m.path.as_ref().map(|p| pb::PathMatch {
+                    kind: match p.kind.as_deref() {
+                        Some("Exact") => pb::path_match::Kind::Exact,
+                        Some("RegularExpression") => pb::path_match::Kind::Regex,
+                        _ => pb::path_match::Kind::Prefix,
+                    } as i32,
+                    value: p.value.clone().unwrap_or_else(|| "/".into()),
+                }),
+                headers: m.headers.iter().map(value_match).collect(),
+                query_params: m.query_params.iter().map(value_match).collect(),
+                method: m.method.clone().unwrap_or_default(),
+            })
+            .collect(),
+        filters: r.filters.iter().filter_map(|f| filter(f, route_ns, suffix)).collect(),
+        backends: r
+            .backend_refs
+            .iter()
+            .map(|b| {
+                let (ns, host) = service_key(&b.target, route_ns, suffix);
+                pb::Backend {
+                    service: format!("{ns}/{host}"),
+                    port: u32::from(b.target.port.unwrap_or(0)),
+                    weight: b.weight.unwrap_or(1),
+                }
+            })
+            .collect(),
+        request_timeout_ms: r.timeouts.as_ref().map(|t| ms(&t.request)).unwrap_or(0),
+        backend_request_timeout_ms: r.timeouts.as_ref().map(|t| ms(&t.backend_request)).unwrap_or(0),
+        retry: r.retry.as_ref().map(|x| pb::Retry {
+            codes: x.codes.iter().map(|c| u32::from(*c)).collect(),
+            attempts: x.attempts.unwrap_or(0),
+            backoff_ms: ms(&x.backoff),
+        }),
+    }
+}
+
+/// Whether a route hostname (possibly `*.suffix`) matches a service hostname.
+fn hostname_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host.strip_suffix(suffix).is_some_and(|h| h.ends_with('.')),
+        None => pattern == host,
+    }
+}
+
+/// Routes per service, keyed `namespace/hostname`.
+pub fn routes(
+    objects: &Objects,
+    config: &MeshConfig,
+    services: &BTreeMap<String, Service>,
+) -> BTreeMap<String, pb::ServiceRoutes> {
+    let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
+    for route in objects.http_routes() {
+        let (ns, name) = k8s::ns_name(&route.metadata);
+        let rules: Vec<pb::RouteRule> = route.spec.rules.iter().map(|r| rule(r, ns, &config.domain_suffix)).collect();
+        for parent in &route.spec.parent_refs {
+            let targets: Vec<&Service> = if is_service(parent) {
+                let (pns, host) = service_key(parent, ns, &config.domain_suffix);
+                services.get(&format!("{pns}/{host}")).into_iter().collect()
+            } else if is_gateway(parent) {
+                let gw_ns = parent.namespace.as_deref().unwrap_or(ns);
+                services
+                    .values()
+                    .filter(|s| s.waypoint.as_ref().is_some_and(|w| w.namespace == gw_ns && w.name == parent.name))
+                    .filter(|s| {
+                        route.spec.hostnames.is_empty()
+                            || route.spec.hostnames.iter().any(|h| hostname_matches(h, &s.hostname) || *h == s.name)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for svc in targets {
+                let entry = out.entry(svc.resource_name()).or_insert_with(|| pb::ServiceRoutes {
+                    namespace: svc.namespace.clone(),
+                    hostname: svc.hostname.clone(),
+                    routes: Vec::new(),
+                });
+                entry.routes.push(pb::Route {
+                    name: format!("{ns}/{name}"),
+                    ports: parent.port.map(u32::from).into_iter().collect(),
+                    rules: rules.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The policies a waypoint enforces, keyed `namespace/name`.
+pub fn l7_policies(objects: &Objects) -> BTreeMap<String, pb::L7Policy> {
+    objects
+        .authorization_policies()
+        .filter_map(|p| l7_policy(p))
+        .map(|p| (format!("{}/{}", p.namespace, p.name), p))
+        .collect()
+}
+
+fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
+    let spec = &policy.spec;
+    let refs: Vec<&ObjectRef> = spec.target_ref.iter().chain(&spec.target_refs).collect();
+    if refs.is_empty() {
+        return None;
+    }
+    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
+        "ALLOW" => pb::l7_policy::Action::Allow,
+        "DENY" => pb::l7_policy::Action::Deny,
+        _ => return None,
+    };
+    let (ns, name) = k8s::ns_name(&policy.metadata);
+    let targets = refs
+        .iter()
+        .filter_map(|r| {
+            let kind = match r.kind.as_deref() {
+                Some("Service") => pb::policy_target::Kind::Service,
+                Some("Gateway") => pb::policy_target::Kind::Gateway,
+                _ => return None,
+            };
+            Some(pb::PolicyTarget {
+                kind: kind as i32,
+                namespace: r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+                name: r.name.clone(),
+            })
+        })
+        .collect();
+    let rules = spec
+        .rules
+        .iter()
+        .map(|r| pb::L7Rule {
+            from: r
+                .from
+                .iter()
+                .map(|f| {
+                    let s = &f.source;
+                    pb::L7Source {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        request_principals: s.request_principals.clone(),
+                        not_request_principals: s.not_request_principals.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                        ip_blocks: s.ip_blocks.clone(),
+                        not_ip_blocks: s.not_ip_blocks.clone(),
+                        remote_ip_blocks: s.remote_ip_blocks.clone(),
+                        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                    }
+                })
+                .collect(),
+            to: r
+                .to
+                .iter()
+                .map(|t| {
+                    let o = &t.operation;
+                    pb::L7Operation {
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
+                        ports: o.ports.clone(),
+                        not_ports: o.not_ports.clone(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                    }
+                })
+                .collect(),
+            when: r
+                .when
+                .iter()
+                .map(|c| pb::L7Condition {
+                    key: c.key.clone(),
+                    values: c.values.clone(),
+                    not_values: c.not_values.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    Some(pb::L7Policy { name: name.to_owned(), namespace: ns.to_owned(), targets, action: action as i32, rules })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_gateway_api_durations() {
+        assert_eq!(parse_duration("10s"), Ok(10_000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert_eq!(parse_duration("1h2m3s4ms"), Ok(3_723_004));
+        for bad in ["", "10", "s", "1.5s", "-1s", "10x", "123456s", "10 s"] {
+            assert!(parse_duration(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn wildcard_hostnames_match_subdomains_only() {
+        assert!(hostname_matches("*.shop.svc.cluster.local", "server.shop.svc.cluster.local"));
+        assert!(!hostname_matches("*.shop.svc.cluster.local", "shop.svc.cluster.local"));
+        assert!(hostname_matches("a.b", "a.b"));
+        assert!(!hostname_matches("a.b", "x.a.b"));
+    }
+}
