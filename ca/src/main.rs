@@ -12,7 +12,7 @@ use clap::Parser;
 /// The mesh control plane: reads Kubernetes objects (from a directory of YAML or the API server),
 /// turns them into mesh state, and pushes it to every ztunnel and waypoint over delta xDS.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Read objects from this directory of Kubernetes YAML (.yaml/.yml, multi-document), watched
     /// for changes. Without it, objects come from the Kubernetes API (in-cluster config or

@@ -394,3 +394,26 @@ async fn bad_config_is_refused_at_bind() {
     };
     assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::TrustDomain(_)))));
 }
+
+#[tokio::test]
+async fn waypoint_types_are_served_on_the_same_stream() {
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    client.subscribe(proto::api::type_url::SERVICE_ROUTES, &[], BTreeMap::new()).await;
+    let empty = client.recv(Duration::from_secs(10)).await;
+    assert_eq!(empty.type_url, proto::api::type_url::SERVICE_ROUTES);
+    assert!(empty.resources.is_empty(), "no HTTPRoute yet");
+    client.ack(&empty).await;
+
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: r\n  namespace: shop\nspec:\n  parentRefs:\n    - kind: Service\n      group: \"\"\n      name: server\n  rules:\n    - backendRefs:\n        - name: server\n          port: 80\n";
+    mesh.write("route.yaml", route);
+    let update = client.recv(PROPAGATION).await;
+    assert_eq!(names(&update), ["shop/server.shop.svc.cluster.local"]);
+    let routes = proto::api::ambient::waypoint::v1::ServiceRoutes::decode(
+        update.resources[0].resource.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(routes.routes[0].name, "shop/r");
+    assert_eq!(routes.routes[0].rules[0].backends[0].service, "shop/server.shop.svc.cluster.local");
+    mesh.shutdown().await;
+}
