@@ -216,7 +216,7 @@ impl ControlPlane {
             stop(),
         ));
 
-        let source_task = match config.source.clone() {
+        let mut source_task = match config.source.clone() {
             Source::Dir(dir) => {
                 let source = source::dir::DirSource::new(dir, store.clone())?;
                 let stop = stop();
@@ -244,11 +244,21 @@ impl ControlPlane {
         let admin_state = admin::AdminState { store: store.clone(), view: view_rx, clients };
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stop()));
 
-        shutdown.await;
+        // Run until asked to stop, or until the source fails (then stop and report why).
+        let source_result = tokio::select! {
+            () = shutdown => None,
+            result = &mut source_task => Some(result.unwrap_or(Ok(()))),
+        };
+        if let Some(Err(e)) = &source_result {
+            tracing::error!(error = %e, "config source failed; stopping");
+        }
         info!("control plane stopping");
         let _ = stop_tx.send(true);
         let _ = translator.await;
-        let source_result = source_task.await.unwrap_or(Ok(()));
+        let source_result = match source_result {
+            Some(r) => r,
+            None => source_task.await.unwrap_or(Ok(())),
+        };
         let grpc_result = grpc.await.map(|r| r.map_err(Error::from)).unwrap_or(Ok(()));
         let admin_result = admin.await.map(|r| r.map_err(Error::Admin)).unwrap_or(Ok(()));
         source_result.and(grpc_result).and(admin_result)

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::objects::{ConfigError, Object, ObjectError, ObjectKey, Objects, PodRules, Store, validate};
+use crate::objects::{ConfigError, Object, ObjectKey, Objects, PodRules, Store, validate};
 
 /// How long to wait after a change notification for more to arrive (editors write in bursts).
 const SETTLE: Duration = Duration::from_millis(50);
@@ -137,10 +137,6 @@ fn parse_file(content: &str, previous: Option<&FileState>) -> FileState {
         for result in Object::from_value(json) {
             let object = match result {
                 Ok(o) => o.with_default_namespace(),
-                Err(e @ ObjectError::UnknownKind { .. }) => {
-                    state.errors.push(format!("document {doc}: {e}"));
-                    continue;
-                }
                 Err(e) => {
                     state.errors.push(format!("document {doc}: {e}"));
                     continue;
