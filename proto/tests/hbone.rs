@@ -418,3 +418,26 @@ async fn tunnel_stream_works_as_async_read_write() {
     assert_eq!(back.len(), data.len());
     assert!(back == data);
 }
+
+#[tokio::test]
+async fn tunnel_sockets_use_tcp_keepalive_and_nodelay() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let key = PoolKey {
+        src_identity: id("client"),
+        src_ip: Some("127.0.0.1".parse().unwrap()),
+        dst: listener.local_addr().unwrap(),
+        dst_identities: vec![id("server")].into(),
+    };
+    let dialed = TcpDialer.dial(&key).await.unwrap();
+    let (accepted, _) = listener.accept().await.unwrap();
+    proto::hbone::configure_socket(&accepted).unwrap();
+    for s in [&dialed, &accepted] {
+        let sock = socket2::SockRef::from(s);
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE off");
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), Duration::from_secs(10));
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+        assert!(s.nodelay().unwrap());
+    }
+    assert_eq!(dialed.local_addr().unwrap().ip(), key.src_ip.unwrap());
+}

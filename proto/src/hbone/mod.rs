@@ -31,6 +31,22 @@ pub const BAGGAGE: &str = "baggage";
 /// W3C trace context header.
 pub const TRACEPARENT: &str = "traceparent";
 
+/// TCP keepalive on tunnel sockets: a peer that vanished (host gone, cable pulled) is detected in
+/// about a minute instead of holding its connection and streams forever.
+const KEEPALIVE_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 3;
+
+/// Applies the tunnel socket options: no Nagle delay, TCP keepalive.
+pub fn configure_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
+}
+
 /// Longest `:authority` accepted (`[ipv6]:port` is at most 47 bytes).
 const MAX_AUTHORITY_LEN: usize = 64;
 

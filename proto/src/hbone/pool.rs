@@ -87,8 +87,9 @@ impl Dialer for TcpDialer {
             if let Some(ip) = key.src_ip {
                 socket.bind(SocketAddr::new(ip, 0))?;
             }
-            socket.set_nodelay(true)?;
-            socket.connect(key.dst).await
+            let tcp = socket.connect(key.dst).await?;
+            super::configure_socket(&tcp)?;
+            Ok(tcp)
         })
     }
 }

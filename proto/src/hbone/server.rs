@@ -217,7 +217,9 @@ struct Connection<H> {
 
 impl<H: Handler> Connection<H> {
     async fn serve(mut self, tcp: TcpStream, tls: Arc<rustls::ServerConfig>) {
-        let _ = tcp.set_nodelay(true);
+        if let Err(e) = super::configure_socket(&tcp) {
+            debug!(error = %e, "could not set socket options");
+        }
         let h2 = self.config.h2;
         let max_streams = self.config.max_concurrent_streams;
         let handshake = async move {
