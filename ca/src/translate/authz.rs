@@ -119,6 +119,22 @@ fn when_matches(c: &AuthzCondition) -> (Match, Match) {
     (pos, neg)
 }
 
+/// The labels a policy selects workloads by, if it selects any.
+pub fn selector(
+    selector: &Option<crate::k8s::WorkloadSelector>,
+) -> Option<&std::collections::BTreeMap<String, String>> {
+    selector.as_ref().map(|s| &s.match_labels).filter(|l| !l.is_empty())
+}
+
+/// Where a policy applies: selected workloads, the whole mesh (root namespace) or its namespace.
+fn scope(namespace: &str, selector: Option<&std::collections::BTreeMap<String, String>>, root: &str) -> Scope {
+    match selector {
+        Some(_) => Scope::WorkloadSelector,
+        None if namespace == root => Scope::Global,
+        None => Scope::Namespace,
+    }
+}
+
 /// Translates one rule; `None` when, in an ALLOW policy, it needs L7 attributes.
 fn rule(action: Action, rule: &crate::k8s::AuthzRule) -> Option<Vec<Vec<Match>>> {
     let allow = action == Action::Allow;
@@ -210,12 +226,7 @@ pub fn translate(policy: &AuthorizationPolicy, root_namespace: &str) -> Translat
         other => return Translated::Skipped(format!("action {other} is not enforced by ztunnel")),
     };
     let (namespace, name) = crate::k8s::ns_name(&policy.metadata);
-    let selector = spec.selector.as_ref().map(|s| &s.match_labels).filter(|l| !l.is_empty());
-    let scope = match selector {
-        Some(_) => Scope::WorkloadSelector,
-        None if namespace == root_namespace => Scope::Global,
-        None => Scope::Namespace,
-    };
+    let scope = scope(namespace, selector(&spec.selector), root_namespace);
     let rules = spec.rules.iter().filter_map(|r| rule(action, r)).collect();
     Translated::Policy(Policy { name: name.to_owned(), namespace: namespace.to_owned(), scope, action, rules })
 }
@@ -238,12 +249,7 @@ pub fn translate_peer_authentication(pa: &PeerAuthentication, root_namespace: &s
         .filter_map(|(p, _)| parse_port(p).ok())
         .collect();
     let (namespace, name) = crate::k8s::ns_name(&pa.metadata);
-    let selector = spec.selector.as_ref().map(|s| &s.match_labels).filter(|l| !l.is_empty());
-    let scope = match selector {
-        Some(_) => Scope::WorkloadSelector,
-        None if namespace == root_namespace => Scope::Global,
-        None => Scope::Namespace,
-    };
+    let scope = scope(namespace, selector(&spec.selector), root_namespace);
     let plaintext = Match { not_principals: vec![StringMatch::Presence], ..Match::default() };
     let mut clauses = vec![vec![plaintext]];
     if !exempt.is_empty() {

@@ -327,12 +327,8 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     for policy in objects.authorization_policies() {
         match authz::translate(policy, &config.root_namespace) {
             authz::Translated::Policy(p) => {
-                if let Some(sel) = policy.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
-                    selector_policies.push((
-                        policy.metadata.namespace.as_deref().unwrap_or_default(),
-                        &sel.match_labels,
-                        p.resource_name(),
-                    ));
+                if let Some(labels) = authz::selector(&policy.spec.selector) {
+                    selector_policies.push((k8s::ns_name(&policy.metadata).0, labels, p.resource_name()));
                 }
                 state.policies.insert(p.resource_name(), p);
             }
@@ -345,12 +341,8 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
     for pa in objects.peer_authentications() {
         if let Some(p) = authz::translate_peer_authentication(pa, &config.root_namespace) {
-            if let Some(sel) = pa.spec.selector.as_ref().filter(|s| !s.match_labels.is_empty()) {
-                selector_policies.push((
-                    pa.metadata.namespace.as_deref().unwrap_or_default(),
-                    &sel.match_labels,
-                    p.resource_name(),
-                ));
+            if let Some(labels) = authz::selector(&pa.spec.selector) {
+                selector_policies.push((k8s::ns_name(&pa.metadata).0, labels, p.resource_name()));
             }
             state.policies.insert(p.resource_name(), p);
         }
