@@ -5,6 +5,7 @@ use anyhow::Context;
 
 const PROTOS: &[&str] = &[
     "authorization.proto",
+    "ca.proto",
     "citadel.proto",
     "discovery.proto",
     "envoy_core.proto",

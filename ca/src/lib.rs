@@ -13,6 +13,8 @@
 //! told to stop. The certificate authority joins in a later step.
 
 pub mod admin;
+pub mod auth;
+pub mod authority;
 pub mod k8s;
 pub mod mesh;
 pub mod objects;

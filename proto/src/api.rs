@@ -32,6 +32,12 @@ pub mod istio {
 
 /// Our own APIs.
 pub mod ambient {
+    pub mod ca {
+        /// `ambient.ca.v1`: the trust bundle resource and the CA's admin service.
+        pub mod v1 {
+            tonic::include_proto!("ambient.ca.v1");
+        }
+    }
     pub mod waypoint {
         /// `ambient.waypoint.v1`: routes and L7 policy for waypoints.
         pub mod v1 {
@@ -76,4 +82,10 @@ pub mod type_url {
     pub const SERVICE_ROUTES: &str = "type.googleapis.com/ambient.waypoint.v1.ServiceRoutes";
     /// An L7 authorization policy for waypoints (`ambient.waypoint.v1.L7Policy`).
     pub const L7_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.L7Policy";
+    /// The roots proxies trust (`ambient.ca.v1.TrustBundle`), one resource named
+    /// [`TRUST_BUNDLE_NAME`](super::TRUST_BUNDLE_NAME).
+    pub const TRUST_BUNDLE: &str = "type.googleapis.com/ambient.ca.v1.TrustBundle";
 }
+
+/// Name of the single trust-bundle resource.
+pub const TRUST_BUNDLE_NAME: &str = "trust-bundle";

@@ -151,7 +151,8 @@ impl TrustBundle {
         merged
     }
 
-    pub(crate) fn anchors(&self) -> &[rustls_pki_types::TrustAnchor<'static>] {
+    /// The roots as webpki trust anchors.
+    pub fn anchors(&self) -> &[rustls_pki_types::TrustAnchor<'static>] {
         &self.anchors
     }
 }
@@ -311,7 +312,7 @@ pub fn server_config(
     trust_domains: Vec<String>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(verify::ClientVerifier::new(trust, trust_domains, provider.clone()));
+    let verifier = Arc::new(verify::ClientVerifier::new(trust, trust_domains, provider.clone(), true));
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -332,7 +333,8 @@ pub fn client_config(
     expected: Vec<SpiffeId>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let provider = provider();
-    let verifier = Arc::new(verify::ServerVerifier::new(trust, expected, provider.clone()));
+    let verifier =
+        Arc::new(verify::ServerVerifier::new(trust, verify::ExpectedServer::Identities(expected), provider.clone()));
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -342,5 +344,50 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// TLS configuration for the control plane's gRPC port (CA + xDS), presenting `certificate`.
+///
+/// A client certificate is optional (callers may authenticate with a token instead); one that is
+/// presented must chain to `trust` and carry a SPIFFE ID in one of `trust_domains`.
+pub fn control_plane_server_config(
+    certificate: Arc<dyn rustls::server::ResolvesServerCert>,
+    trust: Arc<SharedTrustBundle>,
+    trust_domains: Vec<String>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(verify::ClientVerifier::new(trust, trust_domains, provider.clone(), false));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(certificate);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(config))
+}
+
+/// TLS configuration for a client of the control plane: the server must chain to `trust` and
+/// hold a certificate for the name dialed. `credential`, if any, is presented as the client
+/// certificate (renewal, admin access).
+pub fn control_plane_client_config(
+    trust: Arc<SharedTrustBundle>,
+    credential: Option<Arc<Credential>>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(verify::ServerVerifier::new(trust, verify::ExpectedServer::Name, provider.clone()));
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(TlsError::Config)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match credential {
+        Some(credential) => builder.with_client_cert_resolver(credential),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

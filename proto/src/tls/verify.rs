@@ -109,15 +109,19 @@ pub(super) struct ClientVerifier {
     trust: Arc<SharedTrustBundle>,
     trust_domains: Vec<String>,
     provider: Arc<CryptoProvider>,
+    mandatory: bool,
 }
 
 impl ClientVerifier {
+    /// `mandatory: false` lets clients without a certificate through (they authenticate another
+    /// way, e.g. with a token); a certificate that is presented is still verified in full.
     pub(super) fn new(
         trust: Arc<SharedTrustBundle>,
         trust_domains: Vec<String>,
         provider: Arc<CryptoProvider>,
+        mandatory: bool,
     ) -> Self {
-        ClientVerifier { trust, trust_domains, provider }
+        ClientVerifier { trust, trust_domains, provider, mandatory }
     }
 }
 
@@ -141,7 +145,7 @@ impl ClientCertVerifier for ClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_tls12_signature(
@@ -168,15 +172,31 @@ impl ClientCertVerifier for ClientVerifier {
 }
 
 /// Client side: verifies the server's chain and that its identity is one of those expected.
+///
+/// With `server_name` set instead (the control plane), the server must hold a certificate for
+/// that DNS name or IP address; its SPIFFE ID is not checked.
 #[derive(Debug)]
 pub(super) struct ServerVerifier {
     trust: Arc<SharedTrustBundle>,
-    expected: Vec<SpiffeId>,
+    expected: ExpectedServer,
     provider: Arc<CryptoProvider>,
 }
 
+/// What a server must prove beyond a chain to the bundle.
+#[derive(Debug)]
+pub(super) enum ExpectedServer {
+    /// One of these SPIFFE IDs (HBONE).
+    Identities(Vec<SpiffeId>),
+    /// A certificate valid for the name the client dialed (the control plane).
+    Name,
+}
+
 impl ServerVerifier {
-    pub(super) fn new(trust: Arc<SharedTrustBundle>, expected: Vec<SpiffeId>, provider: Arc<CryptoProvider>) -> Self {
+    pub(super) fn new(
+        trust: Arc<SharedTrustBundle>,
+        expected: ExpectedServer,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
         ServerVerifier { trust, expected, provider }
     }
 }
@@ -186,15 +206,43 @@ impl ServerCertVerifier for ServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
-        let id =
-            verify_chain(&self.trust, &self.provider, end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
-        if !self.expected.contains(&id) {
-            let expected = self.expected.iter().map(ToString::to_string).collect();
-            return Err(refused(PeerRefused::UnexpectedIdentity { actual: id, expected }));
+        match &self.expected {
+            ExpectedServer::Identities(expected) => {
+                let id = verify_chain(
+                    &self.trust,
+                    &self.provider,
+                    end_entity,
+                    intermediates,
+                    now,
+                    webpki::KeyUsage::server_auth(),
+                )?;
+                if !expected.contains(&id) {
+                    let expected = expected.iter().map(ToString::to_string).collect();
+                    return Err(refused(PeerRefused::UnexpectedIdentity { actual: id, expected }));
+                }
+            }
+            ExpectedServer::Name => {
+                let bundle = self.trust.current();
+                let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+                cert.verify_for_usage(
+                    self.provider.signature_verification_algorithms.all,
+                    bundle.anchors(),
+                    intermediates,
+                    now,
+                    webpki::KeyUsage::server_auth(),
+                    None,
+                    None,
+                )
+                .map_err(pki_error)?;
+                cert.verify_is_valid_for_subject_name(server_name).map_err(|e| match e {
+                    webpki::Error::CertNotValidForName(_) => Error::InvalidCertificate(CertificateError::NotValidForName),
+                    other => pki_error(other),
+                })?;
+            }
         }
         Ok(ServerCertVerified::assertion())
     }
