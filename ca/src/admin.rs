@@ -3,7 +3,9 @@
 //! - `GET /debug/state`: the translated mesh state (workloads, services, policies, warnings) as JSON;
 //! - `GET /debug/config_errors`: problems in the sources (file and reason), until fixed;
 //! - `GET /debug/objects`: object counts per kind;
-//! - `GET /healthz/ready`: 200 once the first state is computed, 503 before.
+//! - `GET /healthz/ready`: 200 once the first state is computed, 503 before;
+//! - `GET /metrics`: Prometheus metrics (certificates issued and refused, signing latency, xDS
+//!   clients).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::MeshView;
+use crate::metrics::CaMetrics;
 use crate::objects::Store;
 
 /// What the admin handlers read.
@@ -28,6 +31,14 @@ pub struct AdminState {
     pub view: watch::Receiver<Arc<MeshView>>,
     /// Open xDS streams.
     pub clients: Arc<AtomicUsize>,
+    /// Metrics.
+    pub metrics: Arc<CaMetrics>,
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    s.metrics.xds_clients.set(s.clients.load(Ordering::Relaxed) as i64);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode())
+        .into_response()
 }
 
 async fn state_dump(State(s): State<AdminState>) -> Response {
@@ -63,6 +74,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/config_errors", get(config_errors))
         .route("/debug/objects", get(objects))
         .route("/healthz/ready", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 

@@ -15,6 +15,8 @@
 pub mod admin;
 pub mod auth;
 pub mod authority;
+pub mod grpc;
+pub mod metrics;
 pub mod k8s;
 pub mod mesh;
 pub mod objects;
@@ -36,7 +38,13 @@ use tracing::{info, warn};
 use crate::mesh::MeshState;
 use crate::objects::Store;
 use crate::translate::MeshConfig;
-use crate::xds::{BearerAuth, Resources, XdsServer};
+use crate::xds::{Resources, XdsServer};
+use crate::auth::{AuthConfig, Authenticator, NodeAuthorizer, PodIndex};
+use crate::authority::{Authority, AuthorityConfig};
+use crate::metrics::CaMetrics;
+use proto::api::ambient::ca::v1::ca_admin_server::CaAdminServer;
+use proto::api::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
+use proto::tls::{Credential, SharedTrustBundle};
 
 /// Where the control plane reads Kubernetes objects from.
 #[derive(Clone)]
@@ -56,63 +64,100 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// The control plane's own certificate on the gRPC port.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// Namespace of the control plane's service account (its SPIFFE ID).
+    pub namespace: String,
+    /// Its service account.
+    pub service_account: String,
+    /// DNS names and IP addresses clients dial it by (SANs of its certificate).
+    pub names: Vec<String>,
+    /// Write a credential for the first admin identity to `<state-dir>/admin/` (mode 0600), for
+    /// the `ca` CLI on the same machine.
+    pub write_admin_credential: bool,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            namespace: "istio-system".into(),
+            service_account: "ca".into(),
+            names: ["localhost", "127.0.0.1", "ca.istio-system.svc", "istiod.istio-system.svc"]
+                .map(String::from)
+                .to_vec(),
+            write_admin_credential: true,
+        }
+    }
+}
+
+/// Lifetime of the control plane's serving certificate and the local admin credential; renewed
+/// at half-life and whenever the signer changes.
+pub const OWN_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// Control-plane settings.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Object source.
     pub source: Source,
-    /// gRPC (xDS) listen address.
-    pub xds_addr: SocketAddr,
-    /// Admin HTTP listen address.
+    /// gRPC listen address (TLS): certificate service, xDS and the CA admin service.
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listen address (debug, readiness, metrics).
     pub admin_addr: SocketAddr,
     /// Mesh-wide translation settings.
     pub mesh: MeshConfig,
-    /// Bearer tokens xDS clients may present.
-    pub xds_tokens: Vec<String>,
+    /// Certificate authority settings.
+    pub authority: AuthorityConfig,
+    /// Caller authentication and authorization.
+    pub auth: AuthConfig,
+    /// The control plane's own certificate.
+    pub serving: ServingConfig,
     /// Quiet time after an object change before the state is recomputed (coalesces bursts).
     pub debounce: Duration,
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("source", &self.source)
-            .field("xds_addr", &self.xds_addr)
-            .field("admin_addr", &self.admin_addr)
-            .field("mesh", &self.mesh)
-            .field("xds_tokens", &format_args!("[{} redacted]", self.xds_tokens.len()))
-            .field("debounce", &self.debounce)
-            .finish()
-    }
 }
 
 /// Configuration mistakes.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// No usable xDS token.
-    #[error("no xDS bearer token configured: clients could not authenticate")]
-    NoTokens,
-    /// A token is too short to be a secret.
-    #[error("an xDS bearer token is shorter than 16 characters")]
-    WeakToken,
     /// The trust domain is not a valid SPIFFE trust domain.
     #[error("invalid trust domain {0:?}")]
     TrustDomain(String),
+    /// The parts disagree on the trust domain.
+    #[error("the mesh, CA and authentication settings name different trust domains")]
+    TrustDomainMismatch,
+    /// Nobody could authenticate.
+    #[error("no admin identity configured")]
+    NoAdmin,
+    /// Bad service account for the serving certificate.
+    #[error("invalid control-plane identity: {0}")]
+    Identity(String),
+    /// Leaf lifetimes.
+    #[error("the default certificate lifetime must be positive and at most the maximum")]
+    Ttl,
 }
 
 impl Config {
     /// Checks the settings before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.xds_tokens.is_empty() {
-            return Err(ConfigError::NoTokens);
+        let td = &self.mesh.trust_domain;
+        if proto::SpiffeId::new(td, "a", "b").is_err() {
+            return Err(ConfigError::TrustDomain(td.clone()));
         }
-        if self.xds_tokens.iter().any(|t| t.len() < 16) {
-            return Err(ConfigError::WeakToken);
+        if &self.authority.trust_domain != td || &self.auth.trust_domain != td {
+            return Err(ConfigError::TrustDomainMismatch);
         }
-        if proto::SpiffeId::new(&self.mesh.trust_domain, "a", "b").is_err() {
-            return Err(ConfigError::TrustDomain(self.mesh.trust_domain.clone()));
+        if self.auth.admins.is_empty() {
+            return Err(ConfigError::NoAdmin);
         }
-        Ok(())
+        if self.authority.default_ttl.is_zero() || self.authority.default_ttl > self.authority.max_ttl {
+            return Err(ConfigError::Ttl);
+        }
+        self.serving_identity().map(|_| ())
+    }
+
+    fn serving_identity(&self) -> Result<proto::SpiffeId, ConfigError> {
+        proto::SpiffeId::new(&self.mesh.trust_domain, &self.serving.namespace, &self.serving.service_account)
+            .map_err(|e| ConfigError::Identity(e.to_string()))
     }
 }
 
@@ -132,11 +177,28 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The CA could not start.
+    #[error("certificate authority: {0}")]
+    Authority(#[from] authority::SetupError),
+    /// The CA could not issue its own certificate.
+    #[error("issuing the control plane's own certificate: {0}")]
+    OwnCertificate(#[from] authority::SignError),
+    /// TLS setup.
+    #[error("TLS: {0}")]
+    Tls(#[from] proto::tls::TlsError),
+    /// Writing a file for clients.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The YAML directory source failed.
     #[error(transparent)]
     Dir(#[from] source::dir::DirError),
     /// The gRPC server failed.
-    #[error("xDS server: {0}")]
+    #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     /// The admin server failed.
     #[error("admin server: {0}")]
@@ -159,18 +221,28 @@ pub struct MeshView {
 #[derive(Debug)]
 pub struct ControlPlane {
     config: Config,
-    xds_listener: TcpListener,
+    grpc_listener: TcpListener,
     admin_listener: TcpListener,
     store: Arc<Store>,
+    authority: Arc<Authority>,
+    serving: Arc<Credential>,
+    trust: Arc<SharedTrustBundle>,
 }
 
 impl ControlPlane {
-    /// Validates the config and binds the listeners (port 0 picks a free port).
+    /// Validates the config, opens the CA (creating its keys on first start), issues the control
+    /// plane's own certificate and binds the listeners (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate()?;
-        let xds_listener = TcpListener::bind(config.xds_addr).await.map_err(|source| Error::Bind {
-            what: "xDS",
-            addr: config.xds_addr,
+        let authority = Authority::open(config.authority.clone())?;
+        let serving_id = config.serving_identity()?;
+        let serving = Credential::new(
+            authority.issue_local(&serving_id, &config.serving.names, OWN_CERT_TTL).await?.workload_cert()?,
+        );
+        let trust = SharedTrustBundle::new(authority.material().trust_bundle()?);
+        let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| Error::Bind {
+            what: "gRPC",
+            addr: config.grpc_addr,
             source,
         })?;
         let admin_listener = TcpListener::bind(config.admin_addr).await.map_err(|source| Error::Bind {
@@ -178,12 +250,14 @@ impl ControlPlane {
             addr: config.admin_addr,
             source,
         })?;
-        Ok(ControlPlane { config, xds_listener, admin_listener, store: Store::new() })
+        let cp = ControlPlane { config, grpc_listener, admin_listener, store: Store::new(), authority, serving, trust };
+        cp.write_client_files().await?;
+        Ok(cp)
     }
 
-    /// The xDS address actually bound.
-    pub fn xds_addr(&self) -> SocketAddr {
-        self.xds_listener.local_addr().unwrap_or(self.config.xds_addr)
+    /// The gRPC address actually bound.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_listener.local_addr().unwrap_or(self.config.grpc_addr)
     }
 
     /// The admin address actually bound.
@@ -196,27 +270,51 @@ impl ControlPlane {
         self.store.clone()
     }
 
+    /// The certificate authority.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.clone()
+    }
+
+    /// Writes the trust bundle to `<state-dir>/root-cert.pem` (how clients first learn to trust
+    /// the control plane) and, if enabled, the local admin credential.
+    async fn write_client_files(&self) -> Result<(), Error> {
+        write_client_files(&self.config, &self.authority).await
+    }
+
     /// Serves until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Error> {
-        let ControlPlane { config, xds_listener, admin_listener, store } = self;
-        info!(?config, xds = ?xds_listener.local_addr().ok(), admin = ?admin_listener.local_addr().ok(), "control plane starting");
-        warn!(
-            "xDS is served over plaintext HTTP/2 with bearer tokens until the CA provides TLS; keep it on a trusted network"
+        let ControlPlane { config, grpc_listener, admin_listener, store, authority, serving, trust } = self;
+        info!(
+            source = ?config.source,
+            grpc = ?grpc_listener.local_addr().ok(),
+            admin = ?admin_listener.local_addr().ok(),
+            trust_domain = %config.mesh.trust_domain,
+            "control plane starting"
         );
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let stop = || wait_stop(stop_rx.clone());
 
+        let metrics = Arc::new(CaMetrics::new());
+        metrics.signer_expiry.set(authority.material().signer.info.not_after);
+        let auth = Arc::new(Authenticator::new(config.auth.clone()));
+        let nodes = Arc::new(NodeAuthorizer::new(config.mesh.trust_domain.clone(), config.auth.node_accounts.clone()));
+
         let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::default()));
         let (resources_tx, resources_rx) = watch::channel(Arc::new(Resources::default()));
         let translator = tokio::spawn(translate_loop(
-            store.clone(),
-            config.mesh.clone(),
-            config.debounce,
+            TranslateInputs {
+                store: store.clone(),
+                mesh: config.mesh.clone(),
+                debounce: config.debounce,
+                bundle: authority.bundle(),
+                nodes: nodes.clone(),
+            },
             view_tx,
             resources_tx,
             stop(),
         ));
+        let renewer = tokio::spawn(renew_loop(config.clone(), authority.clone(), serving.clone(), trust.clone(), stop()));
 
         let mut source_task = match config.source.clone() {
             Source::Dir(dir) => {
@@ -234,16 +332,19 @@ impl ControlPlane {
             }
         };
 
-        let xds = XdsServer::new(resources_rx);
+        let xds = XdsServer::new(resources_rx, auth.clone());
         let clients = xds.client_counter();
-        let auth = BearerAuth::new(config.xds_tokens.clone());
+        let ca = grpc::CaService { authority: authority.clone(), auth, nodes, metrics: metrics.clone() };
+        let tls = proto::tls::control_plane_server_config(serving, trust, vec![config.mesh.trust_domain.clone()])?;
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(AggregatedDiscoveryServiceServer::with_interceptor(xds, move |r| auth.check(r)))
-            .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(xds_listener), stop());
+            .add_service(AggregatedDiscoveryServiceServer::new(xds))
+            .add_service(IstioCertificateServiceServer::new(ca.clone()))
+            .add_service(CaAdminServer::new(grpc::AdminService(ca)))
+            .serve_with_incoming_shutdown(grpc::tls::incoming(grpc_listener, tls, stop()), stop());
         let grpc = tokio::spawn(grpc);
 
-        let admin_state = admin::AdminState { store: store.clone(), view: view_rx, clients };
+        let admin_state = admin::AdminState { store: store.clone(), view: view_rx, clients, metrics };
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stop()));
 
         // Run until asked to stop, or until the source fails (then stop and report why).
@@ -257,6 +358,7 @@ impl ControlPlane {
         info!("control plane stopping");
         let _ = stop_tx.send(true);
         let _ = translator.await;
+        let _ = renewer.await;
         let source_result = match source_result {
             Some(r) => r,
             None => source_task.await.unwrap_or(Ok(())),
@@ -267,20 +369,100 @@ impl ControlPlane {
     }
 }
 
+/// See [`ControlPlane::write_client_files`].
+async fn write_client_files(config: &Config, authority: &Authority) -> Result<(), Error> {
+    let dir = &config.authority.state_dir;
+    let write = |name: PathBuf, contents: String| {
+        write_private(&name, contents.as_bytes()).map_err(|source| Error::Write { path: name.clone(), source })
+    };
+    write(dir.join("root-cert.pem"), authority.material().bundle_pem().concat())?;
+    if config.serving.write_admin_credential
+        && let Some(admin) = config.auth.admins.first()
+    {
+        let cert = authority.issue_local(admin, &[], OWN_CERT_TTL).await?;
+        let admin_dir = dir.join("admin");
+        std::fs::create_dir_all(&admin_dir).map_err(|source| Error::Write { path: admin_dir.clone(), source })?;
+        write(admin_dir.join("cert-chain.pem"), cert.chain_pem())?;
+        write(admin_dir.join("key.pem"), cert.key_pem)?;
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only, atomically.
+fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Keeps the control plane's own certificate (and the local admin credential) fresh: renews at
+/// half-life, and at once when the signer or the trust bundle changes (rotation).
+async fn renew_loop(
+    config: Config,
+    authority: Arc<Authority>,
+    serving: Arc<Credential>,
+    trust: Arc<SharedTrustBundle>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut changes = authority.changes();
+    tokio::pin!(stop);
+    loop {
+        let remaining = serving.current().remaining(std::time::SystemTime::now());
+        let wait = (remaining / 2).max(Duration::from_secs(1));
+        tokio::select! {
+            () = &mut stop => return,
+            () = tokio::time::sleep(wait) => {}
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+        let material = authority.material();
+        match material.trust_bundle() {
+            Ok(b) => trust.replace(b),
+            Err(e) => tracing::error!(error = %e, "the new trust bundle is unusable"),
+        }
+        let Ok(id) = config.serving_identity() else { return };
+        match authority.issue_local(&id, &config.serving.names, OWN_CERT_TTL).await.map(|c| c.workload_cert()) {
+            Ok(Ok(cert)) => {
+                serving.replace(cert);
+                info!("renewed the control plane's serving certificate");
+            }
+            Ok(Err(e)) => warn!(error = %e, "renewing the control plane's serving certificate failed; retrying"),
+            Err(e) => warn!(error = %e, "renewing the control plane's serving certificate failed; retrying"),
+        }
+        if let Err(e) = write_client_files(&config, &authority).await {
+            warn!(error = %e, "updating the trust bundle and admin credential files failed");
+        }
+    }
+}
+
 /// Resolves when the stop flag is raised (or its sender is gone).
 async fn wait_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Recomputes the state after each change (debounced) and publishes it.
-async fn translate_loop(
+/// What the translation loop reads.
+struct TranslateInputs {
     store: Arc<Store>,
     mesh: MeshConfig,
     debounce: Duration,
+    /// The CA's trust bundle, served as an xDS resource.
+    bundle: watch::Receiver<Arc<Vec<String>>>,
+    /// Told which pods run where after every change (certificate authorization).
+    nodes: Arc<NodeAuthorizer>,
+}
+
+/// Recomputes the state after each change of the objects (debounced) or of the trust bundle, and
+/// publishes it.
+async fn translate_loop(
+    inputs: TranslateInputs,
     view_tx: watch::Sender<Arc<MeshView>>,
     resources_tx: watch::Sender<Arc<Resources>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let TranslateInputs { store, mesh, debounce, mut bundle, nodes } = inputs;
     let mut changes = store.subscribe();
     let mut generation = 0u64;
     let mut warned: std::collections::BTreeSet<String> = Default::default();
@@ -297,16 +479,21 @@ async fn translate_loop(
             tokio::select! {
                 () = &mut stop => return,
                 changed = changes.changed() => if changed.is_err() { return },
+                changed = bundle.changed() => if changed.is_err() { return },
             }
             // Coalesce a burst of changes into one recomputation.
             tokio::time::sleep(debounce).await;
         }
         changes.mark_unchanged();
+        let roots = bundle.borrow_and_update().clone();
         let objects = store.snapshot();
         let started = Instant::now();
+        nodes.update(PodIndex::build(&objects, &mesh.trust_domain));
         let state = translate::translate(&objects, &mesh);
         generation += 1;
-        let resources = Arc::new(Resources::build(&state, generation, &previous));
+        let trust_bundle =
+            proto::api::ambient::ca::v1::TrustBundle { trust_domain: mesh.trust_domain.clone(), roots_pem: roots.to_vec() };
+        let resources = Arc::new(Resources::build(&state, Some(&trust_bundle), generation, &previous));
         previous = resources.clone();
         let took = started.elapsed();
         let current: std::collections::BTreeSet<String> = state.warnings.iter().cloned().collect();
@@ -319,6 +506,7 @@ async fn translate_loop(
             workloads = state.workloads.len(),
             services = state.services.len(),
             policies = state.policies.len(),
+            roots = roots.len(),
             took_ms = took.as_secs_f64() * 1e3,
             "mesh state updated"
         );

@@ -4,11 +4,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use ca::ControlPlane;
 use ca::translate::MeshConfig;
-use ca::{Config, ControlPlane, Source};
 use prost::Message;
 use proto::api::envoy::config::core::v3::Node;
 use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -16,12 +15,13 @@ use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisc
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::{Address, TunnelProtocol, address};
 use proto::api::type_url::{ADDRESS, AUTHORIZATION};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
+mod support;
+
+use support::Mesh;
 /// The acceptance bound for an edit to reach a subscribed client.
 const PROPAGATION: Duration = Duration::from_secs(1);
 
@@ -43,24 +43,14 @@ fn policy(principal: &str) -> String {
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: server\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n  selector:\n    app: server\n  ports:\n    - port: 80\n";
 
-struct Mesh {
-    dir: tempfile::TempDir,
-    xds: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), ca::Error>>>,
+trait MeshExt {
+    async fn start() -> Mesh;
+    async fn client(&self) -> Client;
 }
 
-impl Mesh {
+impl MeshExt for Mesh {
     async fn start() -> Mesh {
-        let dir = tempfile::tempdir().unwrap();
-        let mesh = Mesh {
-            dir,
-            xds: "0.0.0.0:0".parse().unwrap(),
-            admin: "0.0.0.0:0".parse().unwrap(),
-            stop: None,
-            task: None,
-        };
+        let mesh = Mesh::new();
         mesh.write("namespace.yaml", NAMESPACE);
         mesh.write("pods.yaml", &format!("{}---\n{}", pod("sleep", "10.0.0.1"), pod("server", "10.0.0.2")));
         mesh.write("service.yaml", SERVICE);
@@ -68,52 +58,9 @@ impl Mesh {
         mesh.boot().await
     }
 
-    async fn boot(mut self) -> Mesh {
-        let config = Config {
-            source: Source::Dir(self.dir.path().to_owned()),
-            xds_addr: "127.0.0.1:0".parse().unwrap(),
-            admin_addr: "127.0.0.1:0".parse().unwrap(),
-            mesh: MeshConfig::default(),
-            xds_tokens: vec![TOKEN.to_owned()],
-            debounce: Duration::from_millis(20),
-        };
-        let cp = ControlPlane::bind(config).await.unwrap();
-        self.xds = cp.xds_addr();
-        self.admin = cp.admin_addr();
-        let (tx, rx) = oneshot::channel();
-        self.task = Some(tokio::spawn(cp.run(async {
-            let _ = rx.await;
-        })));
-        self.stop = Some(tx);
-        self
-    }
-
-    fn write(&self, name: &str, content: &str) {
-        let tmp = self.dir.path().join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, content).unwrap();
-        std::fs::rename(&tmp, self.dir.path().join(name)).unwrap();
-    }
-
     async fn client(&self) -> Client {
-        Client::connect(self.xds, Some(TOKEN)).await.unwrap()
-    }
-
-    async fn admin_get(&self, path: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        let status = out.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-        (status, body)
-    }
-
-    async fn shutdown(mut self) {
-        self.stop.take().unwrap().send(()).unwrap();
-        let result = tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap()).await;
-        result.expect("control plane did not stop").unwrap().unwrap();
+        let token = self.token("istio-system", "ztunnel", Some("node-a"));
+        Client::connect(self.channel(None), Some(token)).await.unwrap()
     }
 }
 
@@ -124,15 +71,8 @@ struct Client {
 }
 
 impl Client {
-    async fn connect(addr: SocketAddr, token: Option<&str>) -> Result<Client, tonic::Status> {
-        let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let token = token.map(|t| format!("Bearer {t}").parse::<tonic::metadata::MetadataValue<_>>().unwrap());
-        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            if let Some(t) = &token {
-                r.metadata_mut().insert("authorization", t.clone());
-            }
-            Ok(r)
-        });
+    async fn connect(channel: Channel, token: Option<String>) -> Result<Client, tonic::Status> {
+        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, proto::control::with_token(token));
         let (tx, rx) = mpsc::channel(16);
         let responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
         Ok(Client { requests: tx, responses })
@@ -327,10 +267,21 @@ async fn nack_is_not_answered_with_the_same_version() {
 }
 
 #[tokio::test]
-async fn clients_without_the_token_are_refused() {
+async fn unauthenticated_clients_are_refused() {
     let mesh = Mesh::start().await;
-    for token in [None, Some("wrong-token-0123456789")] {
-        let err = match Client::connect(mesh.xds, token).await {
+    let foreign = ca::auth::TokenSigner::new(support::ISSUER, None).unwrap();
+    let forged = foreign
+        .mint(&ca::auth::TokenRequest {
+            namespace: "istio-system",
+            service_account: "ztunnel",
+            pod: None,
+            node: None,
+            audience: ca::auth::DEFAULT_AUDIENCE,
+            ttl: Duration::from_secs(60),
+        })
+        .unwrap();
+    for token in [None, Some("not-a-jwt".to_owned()), Some(forged)] {
+        let err = match Client::connect(mesh.channel(None), token.clone()).await {
             Err(status) => status,
             Ok(mut c) => {
                 c.subscribe(ADDRESS, &[], BTreeMap::new()).await;
@@ -339,6 +290,10 @@ async fn clients_without_the_token_are_refused() {
         };
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{token:?}: {err}");
     }
+    // A client certificate from the CA is enough.
+    let mut client = Client::connect(mesh.channel(Some(mesh.admin_credential())), None).await.unwrap();
+    client.subscribe(ADDRESS, &[], BTreeMap::new()).await;
+    assert_eq!(client.recv(Duration::from_secs(10)).await.type_url, ADDRESS);
     mesh.shutdown().await;
 }
 
@@ -376,23 +331,20 @@ async fn admin_api_dumps_state_and_config_errors() {
 
 #[tokio::test]
 async fn bad_config_is_refused_at_bind() {
-    let config = Config {
-        source: Source::Dir(std::env::temp_dir()),
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        mesh: MeshConfig::default(),
-        xds_tokens: vec!["short".into()],
-        debounce: Duration::from_millis(20),
-    };
-    assert!(matches!(ControlPlane::bind(config.clone()).await, Err(ca::Error::Config(ca::ConfigError::WeakToken))));
-    let config = Config { xds_tokens: vec![], ..config };
-    assert!(matches!(ControlPlane::bind(config.clone()).await, Err(ca::Error::Config(ca::ConfigError::NoTokens))));
-    let config = Config {
-        xds_tokens: vec![TOKEN.into()],
-        mesh: MeshConfig { trust_domain: "Bad Domain".into(), ..MeshConfig::default() },
-        ..config
-    };
+    let mesh = Mesh::new();
+    let good = mesh.config();
+    let mut config = good.clone();
+    config.auth.admins.clear();
+    assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::NoAdmin))));
+    let mut config = good.clone();
+    config.mesh = MeshConfig { trust_domain: "Bad Domain".into(), ..MeshConfig::default() };
     assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::TrustDomain(_)))));
+    let mut config = good.clone();
+    config.authority.trust_domain = "other.domain".into();
+    assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::TrustDomainMismatch))));
+    let mut config = good;
+    config.authority.default_ttl = config.authority.max_ttl + Duration::from_secs(1);
+    assert!(matches!(ControlPlane::bind(config).await, Err(ca::Error::Config(ca::ConfigError::Ttl))));
 }
 
 #[tokio::test]

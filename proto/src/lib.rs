@@ -6,11 +6,13 @@
 //! - [`hbone`]: the HBONE tunnel (HTTP/2 `CONNECT` over TLS 1.3): server, pooled client, and the
 //!   bidirectional copy between a TCP stream and a tunnel stream.
 //! - [`drain`]: graceful shutdown shared by every listener.
+//! - [`control`]: TLS gRPC channels to the control plane (CA, xDS, admin).
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
 //! No component logic lives here: ztunnel, waypoint and ca build on these pieces.
 
 pub mod api;
+pub mod control;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

@@ -24,53 +24,21 @@ use tracing::{Instrument, debug, info, warn};
 
 pub use resources::{Resources, XdsResource};
 
-/// Checks the caller of an xDS stream.
-#[derive(Debug, Clone)]
-pub struct BearerAuth {
-    tokens: Arc<Vec<String>>,
-}
-
-impl BearerAuth {
-    /// Accepts `authorization: Bearer <t>` for any of `tokens`.
-    pub fn new(tokens: Vec<String>) -> Self {
-        BearerAuth { tokens: Arc::new(tokens) }
-    }
-
-    /// The tonic interceptor.
-    #[allow(clippy::result_large_err)]
-    pub fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match presented {
-            Some(t) if self.tokens.iter().any(|known| constant_time_eq(known.as_bytes(), t.as_bytes())) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated("missing bearer token (authorization: Bearer <token>)")),
-        }
-    }
-}
-
-/// Compares without an early exit, so timing does not reveal how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::auth::Authenticator;
 
 /// The ADS service.
 #[derive(Debug, Clone)]
 pub struct XdsServer {
     resources: watch::Receiver<Arc<Resources>>,
     clients: Arc<AtomicUsize>,
+    auth: Arc<Authenticator>,
 }
 
 impl XdsServer {
-    /// Serves the resources published on `resources`.
-    pub fn new(resources: watch::Receiver<Arc<Resources>>) -> Self {
-        XdsServer { resources, clients: Arc::default() }
+    /// Serves the resources published on `resources` to callers `auth` accepts (a service-account
+    /// token or a client certificate from the CA).
+    pub fn new(resources: watch::Receiver<Arc<Resources>>, auth: Arc<Authenticator>) -> Self {
+        XdsServer { resources, clients: Arc::default(), auth }
     }
 
     /// Streams currently open.
@@ -102,7 +70,20 @@ impl AggregatedDiscoveryService for XdsServer {
         &self,
         request: Request<Streaming<xds::DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let peer = request
+            .extensions()
+            .get::<crate::grpc::PeerInfo>()
+            .map(|p| p.addr)
+            .or_else(|| request.remote_addr())
+            .map_or_else(|| "unknown".into(), |a| a.to_string());
+        let caller = match crate::grpc::authenticate(&self.auth, &request).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%peer, reason = %e, "xDS stream refused: authentication failed");
+                return Err(Status::unauthenticated("request authentication failed"));
+            }
+        };
+        let caller = caller.identity.to_string();
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
             resources: self.resources.clone(),
@@ -119,7 +100,7 @@ impl AggregatedDiscoveryService for XdsServer {
                 conn.run(requests).await;
                 clients.fetch_sub(1, Ordering::Relaxed);
             }
-            .instrument(tracing::info_span!("xds", %peer)),
+            .instrument(tracing::info_span!("xds", %peer, %caller)),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -22,8 +22,13 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 4] =
-    [type_url::ADDRESS, type_url::AUTHORIZATION, type_url::SERVICE_ROUTES, type_url::L7_POLICY];
+pub const TYPES: [&str; 5] = [
+    type_url::ADDRESS,
+    type_url::AUTHORIZATION,
+    type_url::SERVICE_ROUTES,
+    type_url::L7_POLICY,
+    type_url::TRUST_BUNDLE,
+];
 
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq)]
@@ -112,8 +117,14 @@ fn address_alias(ip: &std::net::IpAddr) -> String {
 }
 
 impl Resources {
-    /// Encodes the state; `previous` is the last build, for the change history.
-    pub fn build(state: &MeshState, generation: u64, previous: &Resources) -> Resources {
+    /// Encodes the state and the trust bundle (if the CA runs); `previous` is the last build, for
+    /// the change history.
+    pub fn build(
+        state: &MeshState,
+        bundle: Option<&proto::api::ambient::ca::v1::TrustBundle>,
+        generation: u64,
+        previous: &Resources,
+    ) -> Resources {
         let mut addresses = TypeResources::default();
         for w in state.workloads.values() {
             let name: Arc<str> = Arc::from(w.uid.as_str());
@@ -151,7 +162,14 @@ impl Resources {
             l7.by_name.insert(name.clone(), resource(type_url::L7_POLICY, name, Vec::new(), p));
         }
 
+        let mut trust = TypeResources::default();
+        if let Some(bundle) = bundle {
+            let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
+            trust.by_name.insert(name.clone(), resource(type_url::TRUST_BUNDLE, name, Vec::new(), bundle));
+        }
+
         let mut by_type = HashMap::new();
+        by_type.insert(type_url::TRUST_BUNDLE, trust);
         by_type.insert(type_url::ADDRESS, addresses);
         by_type.insert(type_url::AUTHORIZATION, authz);
         by_type.insert(type_url::SERVICE_ROUTES, routes);
@@ -230,9 +248,9 @@ mod tests {
 
     #[test]
     fn history_records_what_each_build_changed() {
-        let g1 = Resources::build(&state_with(&["a", "b"]), 1, &Resources::default());
-        let g2 = Resources::build(&state_with(&["a", "c"]), 2, &g1);
-        let g3 = Resources::build(&state_with(&["a", "c"]), 3, &g2);
+        let g1 = Resources::build(&state_with(&["a", "b"]), None, 1, &Resources::default());
+        let g2 = Resources::build(&state_with(&["a", "c"]), None, 2, &g1);
+        let g3 = Resources::build(&state_with(&["a", "c"]), None, 3, &g2);
         let deltas: Vec<_> = g3.deltas_since(1).unwrap().collect();
         assert_eq!(deltas.iter().map(|d| d.generation).collect::<Vec<_>>(), [2, 3]);
         let d2 = &deltas[0].types[type_url::AUTHORIZATION];
@@ -243,7 +261,7 @@ mod tests {
         assert_eq!(g3.deltas_since(3).unwrap().count(), 0);
         // Unknown futures and gaps force a full comparison.
         assert!(g3.deltas_since(4).is_none());
-        let gap = Resources::build(&state_with(&["a"]), 10, &g3);
+        let gap = Resources::build(&state_with(&["a"]), None, 10, &g3);
         assert!(gap.deltas_since(3).is_none());
         assert_eq!(gap.deltas_since(9).unwrap().count(), 1);
     }
