@@ -35,7 +35,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show the CA's roots, signer and trust bundle.
     Status(ClientArgs),
     /// Print the trust bundle (PEM roots).
@@ -221,7 +221,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     match args.command {
         None => serve(args.serve).await,
-        Some(Command::Serve(serve_args)) => serve(serve_args).await,
+        Some(Command::Serve(serve_args)) => serve(*serve_args).await,
         Some(command) => admin(command).await,
     }
 }

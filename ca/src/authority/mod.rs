@@ -654,6 +654,13 @@ fn active_root(m: &Material) -> String {
     m.roots.iter().find(|r| r.state == RootState::Active).map(|r| r.info.fingerprint.clone()).unwrap_or_default()
 }
 
+/// A random tag for CA subject names.
+fn unique_tag() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    hex(&bytes)
+}
+
 fn distinguished_name(trust_domain: &str, cn: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
@@ -665,8 +672,9 @@ fn new_root(config: &AuthorityConfig, state: RootState) -> Result<Root, SetupErr
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let now = SystemTime::now();
     let mut params = CertificateParams::default();
-    let stamp = unix(now);
-    params.distinguished_name = distinguished_name(&config.trust_domain, &format!("ambient mesh root {stamp}"));
+    // Subjects must differ between roots (and between intermediates): a verifier picks candidate
+    // issuers by name, and two roots named alike during a rotation would shadow each other.
+    params.distinguished_name = distinguished_name(&config.trust_domain, &format!("ambient mesh root {}", unique_tag()));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = to_datetime(now - BACKDATE);
@@ -685,7 +693,7 @@ fn new_intermediate(config: &AuthorityConfig, root: &Root) -> Result<Signer, Set
     let now = SystemTime::now();
     let mut params = CertificateParams::default();
     params.distinguished_name =
-        distinguished_name(&config.trust_domain, &format!("ambient mesh intermediate {}", unix(now)));
+        distinguished_name(&config.trust_domain, &format!("ambient mesh intermediate {}", unique_tag()));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
@@ -815,7 +823,8 @@ fn load_plugged_in(dir: &Path) -> Result<Material, SetupError> {
 }
 
 fn pem_of(der: &CertificateDer<'_>) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.as_ref()))
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_ref()), config)
 }
 
 /// Writes self-managed material atomically (temp file, fsync, rename, fsync dir), mode 0600.
