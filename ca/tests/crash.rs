@@ -1,0 +1,142 @@
+//! The real `ca` binary killed with SIGKILL while it is issuing certificates: after a restart the
+//! root is the same, the issuance log reads back whole, and every certificate a client received
+//! before the kill is in it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ca::auth::{DEFAULT_AUDIENCE, TokenRequest, TokenSigner};
+use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use proto::control::{ControlPlaneTarget, with_token};
+use proto::tls::{SharedTrustBundle, TrustBundle};
+use support::{csr, request};
+use x509_parser::prelude::*;
+
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+struct Ca {
+    child: Child,
+    grpc: SocketAddr,
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(objects: &std::path::Path, state: &std::path::Path, jwks: &std::path::Path) -> Ca {
+    let grpc = free_port();
+    let admin = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args(["--config-dir", &objects.display().to_string()])
+        .args(["--state-dir", &state.display().to_string()])
+        .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
+        .args(["--jwt-issuer", support::ISSUER, "--jwks-file", &jwks.display().to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(grpc).is_err() {
+        assert!(Instant::now() < deadline, "ca did not start listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ca { child, grpc }
+}
+
+fn serial(chain: &[String]) -> String {
+    let der = ::pem::parse(&chain[0]).unwrap().into_contents();
+    let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+    leaf.raw_serial_as_string().replace(':', "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let signer = TokenSigner::new(support::ISSUER, None).unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let jwks = keys.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(signer.jwks()).unwrap()).unwrap();
+    std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n").unwrap();
+    let token = signer
+        .mint(&TokenRequest {
+            namespace: "demo",
+            service_account: "client",
+            pod: None,
+            node: None,
+            audience: DEFAULT_AUDIENCE,
+            ttl: Duration::from_secs(600),
+        })
+        .unwrap();
+
+    let ca = start(objects.path(), state.path(), &jwks);
+    let root_before = std::fs::read(state.path().join("root-cert.pem")).unwrap();
+    let trust = SharedTrustBundle::new(TrustBundle::from_pem(&root_before).unwrap());
+    let target = ControlPlaneTarget { addr: ca.grpc, server_name: "localhost".into(), trust, credential: None };
+
+    // Clients issue continuously; record every certificate received.
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let csrs: Vec<String> = (0..64).map(|_| csr(&[CLIENT]).1).collect();
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let mut client = IstioCertificateServiceClient::with_interceptor(target.channel().unwrap(), with_token(Some(token.clone())));
+        let received = received.clone();
+        let csrs = csrs.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0.. {
+                let pem = csrs[(worker * 7 + i) % csrs.len()].clone();
+                match client.create_certificate(request(pem, 0, None)).await {
+                    Ok(r) => received.lock().unwrap().push(serial(&r.into_inner().cert_chain)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Let it issue a few hundred, then SIGKILL mid-stream.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "too slow: {}", received.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(ca); // kill -9
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let handed_out: Vec<String> = received.lock().unwrap().clone();
+
+    // Restart on the same state.
+    let ca = start(objects.path(), state.path(), &jwks);
+    assert_eq!(std::fs::read(state.path().join("root-cert.pem")).unwrap(), root_before, "same root after restart");
+    let log = std::fs::read_to_string(state.path().join("issued.jsonl")).unwrap();
+    assert!(log.ends_with('\n'), "no partial record left behind");
+    let logged: HashSet<String> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is a whole record"))
+        .map(|v| v["serial"].as_str().unwrap().to_owned())
+        .collect();
+    let missing: Vec<&String> = handed_out.iter().filter(|s| !logged.contains(*s)).collect();
+    assert!(missing.is_empty(), "{} of {} handed-out certificates are not in the log", missing.len(), handed_out.len());
+
+    // And it issues again.
+    let mut client = IstioCertificateServiceClient::with_interceptor(
+        ControlPlaneTarget { addr: ca.grpc, ..target }.channel().unwrap(),
+        with_token(Some(token)),
+    );
+    let chain = client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap().into_inner().cert_chain;
+    assert_eq!(chain.last().unwrap().as_bytes(), root_before.as_slice());
+}
