@@ -407,12 +407,7 @@ impl NodeAuthorizer {
     }
 
     /// Whether `caller` may have `requested`, asking `impersonated` (the metadata) if set.
-    pub fn authorize(
-        &self,
-        caller: &Caller,
-        requested: &SpiffeId,
-        impersonated: Option<&str>,
-    ) -> Result<(), Denied> {
+    pub fn authorize(&self, caller: &Caller, requested: &SpiffeId, impersonated: Option<&str>) -> Result<(), Denied> {
         if requested.trust_domain() != self.trust_domain {
             return Err(Denied::TrustDomain(requested.to_string(), self.trust_domain.clone()));
         }
@@ -480,7 +475,9 @@ impl TokenSigner {
     pub fn new(issuer: &str, pkcs8: Option<&[u8]>) -> Result<Self, String> {
         let der = match pkcs8 {
             Some(der) => der.to_vec(),
-            None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?.serialize_der(),
+            None => {
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?.serialize_der()
+            }
         };
         let key = jsonwebtoken::EncodingKey::from_ec_der(&der);
         let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).map_err(|e| e.to_string())?;
@@ -595,8 +592,7 @@ mod tests {
         let wrong_issuer = TokenSigner::new("https://elsewhere.test", None).unwrap();
         let auth_other_iss = authenticator(&wrong_issuer);
         let expired = signer.mint_issued_at(&req(), jsonwebtoken::get_current_timestamp() - 3600).unwrap();
-        for (what, token) in
-            [("audience", wrong_aud), ("forged", forged), ("tampered", tampered), ("expired", expired)]
+        for (what, token) in [("audience", wrong_aud), ("forged", forged), ("tampered", tampered), ("expired", expired)]
         {
             let err = auth.authenticate(Some(&bearer(&token)), None).await.unwrap_err();
             assert!(matches!(err, AuthError::InvalidToken(_)), "{what}: {err}");
@@ -630,7 +626,8 @@ mod tests {
             Err(Denied::NotOnNode { .. })
         ));
         assert!(matches!(authz.authorize(&node_caller(None, None), &client, imp), Err(Denied::NoNode(_))));
-        let app = Caller { identity: id("spiffe://cluster.local/ns/demo/sa/other"), ..node_caller(Some("node-1"), None) };
+        let app =
+            Caller { identity: id("spiffe://cluster.local/ns/demo/sa/other"), ..node_caller(Some("node-1"), None) };
         assert!(matches!(authz.authorize(&app, &client, imp), Err(Denied::NotNodeAccount(_))));
         assert!(matches!(authz.authorize(&app, &client, None), Err(Denied::OtherIdentity { .. })));
         assert_eq!(authz.authorize(&app, &app.identity, None), Ok(()));

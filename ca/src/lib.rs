@@ -16,9 +16,9 @@ pub mod admin;
 pub mod auth;
 pub mod authority;
 pub mod grpc;
-pub mod metrics;
 pub mod k8s;
 pub mod mesh;
+pub mod metrics;
 pub mod objects;
 pub mod source;
 pub mod translate;
@@ -35,13 +35,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::auth::{AuthConfig, Authenticator, NodeAuthorizer, PodIndex};
+use crate::authority::{Authority, AuthorityConfig};
 use crate::mesh::MeshState;
+use crate::metrics::CaMetrics;
 use crate::objects::Store;
 use crate::translate::MeshConfig;
 use crate::xds::{Resources, XdsServer};
-use crate::auth::{AuthConfig, Authenticator, NodeAuthorizer, PodIndex};
-use crate::authority::{Authority, AuthorityConfig};
-use crate::metrics::CaMetrics;
 use proto::api::ambient::ca::v1::ca_admin_server::CaAdminServer;
 use proto::api::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 use proto::tls::{Credential, SharedTrustBundle};
@@ -314,7 +314,8 @@ impl ControlPlane {
             resources_tx,
             stop(),
         ));
-        let renewer = tokio::spawn(renew_loop(config.clone(), authority.clone(), serving.clone(), trust.clone(), stop()));
+        let renewer =
+            tokio::spawn(renew_loop(config.clone(), authority.clone(), serving.clone(), trust.clone(), stop()));
 
         let mut source_task = match config.source.clone() {
             Source::Dir(dir) => {
@@ -491,8 +492,10 @@ async fn translate_loop(
         nodes.update(PodIndex::build(&objects, &mesh.trust_domain));
         let state = translate::translate(&objects, &mesh);
         generation += 1;
-        let trust_bundle =
-            proto::api::ambient::ca::v1::TrustBundle { trust_domain: mesh.trust_domain.clone(), roots_pem: roots.to_vec() };
+        let trust_bundle = proto::api::ambient::ca::v1::TrustBundle {
+            trust_domain: mesh.trust_domain.clone(),
+            roots_pem: roots.to_vec(),
+        };
         let resources = Arc::new(Resources::build(&state, Some(&trust_bundle), generation, &previous));
         previous = resources.clone();
         let took = started.elapsed();

@@ -246,12 +246,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let tokens = match (&args.jwt_issuer, &args.jwks_file, kube_client) {
         (Some(issuer), Some(jwks), _) => {
             let text = std::fs::read_to_string(jwks).with_context(|| format!("reading {}", jwks.display()))?;
-            let jwks = serde_json::from_str(&text).with_context(|| format!("{}: not a JWKS document", jwks.display()))?;
+            let jwks =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a JWKS document", jwks.display()))?;
             TokenCheck::Local(JwtIssuer { issuer: issuer.clone(), jwks })
         }
         (_, _, Some(client)) => TokenCheck::TokenReview(client),
         _ => {
-            tracing::warn!("no token issuer configured (--jwt-issuer/--jwks-file) and no API server: only client certificates are accepted");
+            tracing::warn!(
+                "no token issuer configured (--jwt-issuer/--jwks-file) and no API server: only client certificates are accepted"
+            );
             TokenCheck::Disabled
         }
     };
@@ -299,17 +302,23 @@ fn read(path: &Path) -> Result<Vec<u8>> {
 
 async fn admin_client(
     args: &ClientArgs,
-) -> Result<CaAdminClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>>>
-{
+) -> Result<
+    CaAdminClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, impl tonic::service::Interceptor>,
+    >,
+> {
     let roots = args.ca_cert.clone().unwrap_or_else(|| args.state_dir.join("root-cert.pem"));
-    let trust = TrustBundle::from_pem(&read(&roots)?).with_context(|| format!("{}: no usable root", roots.display()))?;
+    let trust =
+        TrustBundle::from_pem(&read(&roots)?).with_context(|| format!("{}: no usable root", roots.display()))?;
     let token = match &args.token_file {
         Some(f) => Some(String::from_utf8(read(f)?).context("token file is not UTF-8")?.trim().to_owned()),
         None => None,
     };
     let credential = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
-        _ if token.is_none() => Some((args.state_dir.join("admin/cert-chain.pem"), args.state_dir.join("admin/key.pem"))),
+        _ if token.is_none() => {
+            Some((args.state_dir.join("admin/cert-chain.pem"), args.state_dir.join("admin/key.pem")))
+        }
         _ => None,
     };
     let credential = match credential {
@@ -329,7 +338,8 @@ async fn admin_client(
 }
 
 fn when(unix: i64) -> String {
-    let secs = unix - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let secs =
+        unix - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let (sign, secs) = if secs < 0 { ("-", -secs) } else { ("", secs) };
     let human = if secs >= 86400 {
         format!("{}d{}h", secs / 86400, secs % 86400 / 3600)
@@ -356,7 +366,11 @@ fn print_status(s: &pb::CaStatus) {
             pb::RootState::Unspecified => "unknown",
         });
         println!("  {} {}", r.fingerprint_sha256, r.subject);
-        println!("    state: {state}; expires {}; unexpired certificates issued under it: {}", when(r.not_after_unix), r.unexpired_issued);
+        println!(
+            "    state: {state}; expires {}; unexpired certificates issued under it: {}",
+            when(r.not_after_unix),
+            r.unexpired_issued
+        );
     }
 }
 
@@ -396,8 +410,12 @@ async fn admin(command: Command) -> Result<()> {
                 .await
                 .map_err(describe)?;
             match phase {
-                Phase::Prepare => println!("new root added to the trust bundle; proxies receive it over xDS. Next: rotate-root activate"),
-                Phase::Activate => println!("signing under the new root; the old root stays trusted. Next, once old certificates expire: rotate-root retire"),
+                Phase::Prepare => println!(
+                    "new root added to the trust bundle; proxies receive it over xDS. Next: rotate-root activate"
+                ),
+                Phase::Activate => println!(
+                    "signing under the new root; the old root stays trusted. Next, once old certificates expire: rotate-root retire"
+                ),
                 Phase::Retire => println!("old root retired from the trust bundle"),
             }
             print_status(s.get_ref());
@@ -405,7 +423,10 @@ async fn admin(command: Command) -> Result<()> {
         Command::Certs { all, identity, client } => {
             let list = admin_client(&client)
                 .await?
-                .list_certificates(pb::ListCertificatesRequest { include_expired: all, identity: identity.unwrap_or_default() })
+                .list_certificates(pb::ListCertificatesRequest {
+                    include_expired: all,
+                    identity: identity.unwrap_or_default(),
+                })
                 .await
                 .map_err(describe)?;
             println!("{:<34} {:<56} {:<16} EXPIRES", "SERIAL", "IDENTITY", "NODE");

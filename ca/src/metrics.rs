@@ -50,7 +50,11 @@ impl CaMetrics {
         let xds_clients = Gauge::default();
         registry.register("ca_certificate_requests", "Certificate signing requests received", requests.clone());
         registry.register("ca_certificates_issued", "Certificates issued", issued.clone());
-        registry.register("ca_certificate_requests_refused", "Certificate requests refused, by reason", refused.clone());
+        registry.register(
+            "ca_certificate_requests_refused",
+            "Certificate requests refused, by reason",
+            refused.clone(),
+        );
         registry.register(
             "ca_signing_duration_seconds",
             "Time to check a CSR, sign it and record it in the issuance log",

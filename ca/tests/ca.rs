@@ -113,7 +113,17 @@ async fn node_proxy_gets_an_svid_that_passes_openssl_verify() {
     std::fs::write(dir.path().join("root.pem"), &chain[2]).unwrap();
     let out = Command::new("openssl")
         .current_dir(dir.path())
-        .args(["verify", "-x509_strict", "-purpose", "sslclient", "-CAfile", "root.pem", "-untrusted", "int.pem", "leaf.pem"])
+        .args([
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslclient",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "int.pem",
+            "leaf.pem",
+        ])
         .output()
         .expect("openssl is installed (.ci/run installs it)");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "leaf.pem: OK", "{}", String::from_utf8_lossy(&out.stderr));
@@ -162,7 +172,8 @@ async fn every_refusal_has_a_clear_status_and_is_counted() {
     let expired =
         signer.mint_issued_at(&req(ca::auth::DEFAULT_AUDIENCE), jsonwebtoken::get_current_timestamp() - 7200).unwrap();
     let wrong_audience = signer.mint(&req("kubernetes")).unwrap();
-    let forged = ca::auth::TokenSigner::new(support::ISSUER, None).unwrap().mint(&req(ca::auth::DEFAULT_AUDIENCE)).unwrap();
+    let forged =
+        ca::auth::TokenSigner::new(support::ISSUER, None).unwrap().mint(&req(ca::auth::DEFAULT_AUDIENCE)).unwrap();
 
     let (key, good_csr) = csr(&[CLIENT]);
     let mut tampered = ::pem::parse(&good_csr).unwrap().into_contents();
@@ -174,28 +185,88 @@ async fn every_refusal_has_a_clear_status_and_is_counted() {
 
     type Case = (&'static str, Option<String>, String, i64, Option<&'static str>, Code, &'static str);
     let cases: Vec<Case> = vec![
-        ("CSR for another identity", Some(client_token.clone()), csr(&["spiffe://cluster.local/ns/demo/sa/server"]).1, 0, None, Code::Unauthenticated, "identity_mismatch"),
-        ("impersonation by a non-node account", Some(other_app), good_csr.clone(), 0, Some(CLIENT), Code::Unauthenticated, "not_node_account"),
-        ("impersonating a pod on another node", Some(ztunnel_node2), good_csr.clone(), 0, Some(CLIENT), Code::Unauthenticated, "pod_not_on_node"),
-        ("impersonation not matching the CSR", Some(ztunnel_node1.clone()), good_csr.clone(), 0, Some("spiffe://cluster.local/ns/demo/sa/server"), Code::Unauthenticated, "identity_mismatch"),
+        (
+            "CSR for another identity",
+            Some(client_token.clone()),
+            csr(&["spiffe://cluster.local/ns/demo/sa/server"]).1,
+            0,
+            None,
+            Code::Unauthenticated,
+            "identity_mismatch",
+        ),
+        (
+            "impersonation by a non-node account",
+            Some(other_app),
+            good_csr.clone(),
+            0,
+            Some(CLIENT),
+            Code::Unauthenticated,
+            "not_node_account",
+        ),
+        (
+            "impersonating a pod on another node",
+            Some(ztunnel_node2),
+            good_csr.clone(),
+            0,
+            Some(CLIENT),
+            Code::Unauthenticated,
+            "pod_not_on_node",
+        ),
+        (
+            "impersonation not matching the CSR",
+            Some(ztunnel_node1.clone()),
+            good_csr.clone(),
+            0,
+            Some("spiffe://cluster.local/ns/demo/sa/server"),
+            Code::Unauthenticated,
+            "identity_mismatch",
+        ),
         ("expired token", Some(expired), good_csr.clone(), 0, None, Code::Unauthenticated, "invalid_token"),
         ("forged token", Some(forged), good_csr.clone(), 0, None, Code::Unauthenticated, "invalid_token"),
         ("wrong audience", Some(wrong_audience), good_csr.clone(), 0, None, Code::Unauthenticated, "invalid_token"),
         ("no credentials", None, good_csr.clone(), 0, None, Code::Unauthenticated, "no_credentials"),
-        ("malformed PEM", Some(client_token.clone()), "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n".into(), 0, None, Code::InvalidArgument, "malformed_csr"),
-        ("bad CSR signature", Some(client_token.clone()), bad_signature, 0, None, Code::InvalidArgument, "bad_signature"),
+        (
+            "malformed PEM",
+            Some(client_token.clone()),
+            "-----BEGIN CERTIFICATE REQUEST-----\n!!!\n".into(),
+            0,
+            None,
+            Code::InvalidArgument,
+            "malformed_csr",
+        ),
+        (
+            "bad CSR signature",
+            Some(client_token.clone()),
+            bad_signature,
+            0,
+            None,
+            Code::InvalidArgument,
+            "bad_signature",
+        ),
         ("weak RSA key", Some(client_token.clone()), weak_rsa_csr(), 0, None, Code::InvalidArgument, "weak_key"),
-        ("unsupported curve", Some(client_token.clone()), csr_with(&[CLIENT], &p521), 0, None, Code::InvalidArgument, "weak_key"),
-        ("TTL over the maximum", Some(client_token.clone()), good_csr.clone(), 91 * 24 * 3600, None, Code::InvalidArgument, "ttl"),
+        (
+            "unsupported curve",
+            Some(client_token.clone()),
+            csr_with(&[CLIENT], &p521),
+            0,
+            None,
+            Code::InvalidArgument,
+            "weak_key",
+        ),
+        (
+            "TTL over the maximum",
+            Some(client_token.clone()),
+            good_csr.clone(),
+            91 * 24 * 3600,
+            None,
+            Code::InvalidArgument,
+            "ttl",
+        ),
         ("negative TTL", Some(client_token.clone()), good_csr.clone(), -5, None, Code::InvalidArgument, "ttl"),
     ];
     let mut expected_counts: BTreeMap<&str, u64> = BTreeMap::new();
     for (what, token, pem, ttl, impersonate, code, reason) in cases {
-        let err = mesh
-            .ca_client(token, None)
-            .create_certificate(request(pem, ttl, impersonate))
-            .await
-            .expect_err(what);
+        let err = mesh.ca_client(token, None).create_certificate(request(pem, ttl, impersonate)).await.expect_err(what);
         assert_eq!(err.code(), code, "{what}: {err:?}");
         if code == Code::Unauthenticated {
             // The reason is logged, not told.
@@ -206,7 +277,11 @@ async fn every_refusal_has_a_clear_status_and_is_counted() {
     // A non-string ImpersonatedIdentity is an invalid argument too.
     let mut bad_meta = request(good_csr.clone(), 0, None);
     bad_meta.metadata = Some(prost_types::Struct {
-        fields: [("ImpersonatedIdentity".to_owned(), prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(1.0)) })].into(),
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value { kind: Some(prost_types::value::Kind::NumberValue(1.0)) },
+        )]
+        .into(),
     });
     let err = mesh.ca_client(Some(ztunnel_node1.clone()), None).create_certificate(bad_meta).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -243,7 +318,8 @@ async fn a_client_certificate_renews_its_own_identity_only() {
     mesh.ca_client(None, Some(cred.clone())).create_certificate(request(pem, 0, None)).await.unwrap();
     // Not another identity, and no impersonation.
     let (_, pem) = csr(&["spiffe://cluster.local/ns/demo/sa/server"]);
-    let err = mesh.ca_client(None, Some(cred.clone())).create_certificate(request(pem.clone(), 0, None)).await.unwrap_err();
+    let err =
+        mesh.ca_client(None, Some(cred.clone())).create_certificate(request(pem.clone(), 0, None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = mesh
         .ca_client(None, Some(cred))
@@ -259,7 +335,8 @@ async fn admin_api_needs_an_admin_identity_and_lists_issued_certificates() {
     let mesh = mesh().await;
     let ztunnel = mesh.token("istio-system", "ztunnel", Some("node-1"));
     let (_, pem) = csr(&[CLIENT]);
-    let issued = mesh.ca_client(Some(ztunnel.clone()), None).create_certificate(request(pem, 600, Some(CLIENT))).await.unwrap();
+    let issued =
+        mesh.ca_client(Some(ztunnel.clone()), None).create_certificate(request(pem, 600, Some(CLIENT))).await.unwrap();
     let ders = der_chain(&issued.get_ref().cert_chain);
     let (_, leaf) = X509Certificate::from_der(&ders[0]).unwrap();
     let serial = leaf.raw_serial_as_string().replace(':', "");
@@ -267,14 +344,14 @@ async fn admin_api_needs_an_admin_identity_and_lists_issued_certificates() {
     // No credentials; a non-admin identity (token or certificate).
     let mut anonymous = CaAdminClient::new(mesh.channel(None));
     assert_eq!(anonymous.get_status(pb::GetStatusRequest {}).await.unwrap_err().code(), Code::Unauthenticated);
-    let mut not_admin =
-        CaAdminClient::with_interceptor(mesh.channel(None), proto::control::with_token(Some(ztunnel)));
+    let mut not_admin = CaAdminClient::with_interceptor(mesh.channel(None), proto::control::with_token(Some(ztunnel)));
     let err = not_admin.rotate_intermediate(pb::RotateIntermediateRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // An admin token works as well as the admin certificate.
     let admin_token = mesh.token("istio-system", "mesh-admin", None);
-    let mut by_token = CaAdminClient::with_interceptor(mesh.channel(None), proto::control::with_token(Some(admin_token)));
+    let mut by_token =
+        CaAdminClient::with_interceptor(mesh.channel(None), proto::control::with_token(Some(admin_token)));
     let status = by_token.get_status(pb::GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.roots.len(), 1);
     assert_eq!(status.roots[0].state, pb::RootState::Active as i32);
@@ -299,7 +376,13 @@ async fn admin_api_needs_an_admin_identity_and_lists_issued_certificates() {
     assert_eq!(before.bundle, after.bundle);
     let (_, pem) = csr(&[CLIENT]);
     let token = mesh.token("demo", "client", None);
-    let chain = mesh.ca_client(Some(token), None).create_certificate(request(pem, 0, None)).await.unwrap().into_inner().cert_chain;
+    let chain = mesh
+        .ca_client(Some(token), None)
+        .create_certificate(request(pem, 0, None))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
     assert_eq!(chain[2], issued.get_ref().cert_chain[2], "same root");
     assert_ne!(chain[1], issued.get_ref().cert_chain[1], "new intermediate");
     // Out-of-order root steps are refused with the reason.
@@ -374,8 +457,10 @@ struct BundleWatch {
 impl BundleWatch {
     async fn start(mesh: &Mesh) -> BundleWatch {
         let token = mesh.token("istio-system", "ztunnel", Some("node-1"));
-        let mut ads =
-            AggregatedDiscoveryServiceClient::with_interceptor(mesh.channel(None), proto::control::with_token(Some(token)));
+        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(
+            mesh.channel(None),
+            proto::control::with_token(Some(token)),
+        );
         let (tx, rx) = mpsc::channel(4);
         tx.send(DeltaDiscoveryRequest {
             node: Some(Node { id: "ztunnel~node-1".into(), ..Default::default() }),
@@ -414,7 +499,10 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
     // 1. Prepare: the new root reaches proxies; signing is unchanged.
     let mut admin = admin_client(&mesh);
     let s = admin.rotate_root(pb::RotateRootRequest { phase: 1, force: false }).await.unwrap().into_inner();
-    assert_eq!(s.roots.iter().map(|r| r.state).collect::<Vec<_>>(), [pb::RootState::Active as i32, pb::RootState::Pending as i32]);
+    assert_eq!(
+        s.roots.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [pb::RootState::Active as i32, pb::RootState::Pending as i32]
+    );
     let overlap = watch.next().await;
     assert_eq!(overlap.roots().len(), 2);
     let (_, still_old) = issue(&mesh, "client").await;
@@ -422,7 +510,10 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
 
     // 2. Activate: new certificates chain to the new root.
     let s = admin.rotate_root(pb::RotateRootRequest { phase: 2, force: false }).await.unwrap().into_inner();
-    assert_eq!(s.roots.iter().map(|r| r.state).collect::<Vec<_>>(), [pb::RootState::Retiring as i32, pb::RootState::Active as i32]);
+    assert_eq!(
+        s.roots.iter().map(|r| r.state).collect::<Vec<_>>(),
+        [pb::RootState::Retiring as i32, pb::RootState::Active as i32]
+    );
     let (new_a, new_chain) = issue(&mesh, "client").await;
     let (new_b, _) = issue(&mesh, "server").await;
     assert_ne!(new_chain[2], old_chain[2]);

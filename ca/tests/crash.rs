@@ -72,7 +72,8 @@ async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
     let keys = tempfile::tempdir().unwrap();
     let jwks = keys.path().join("jwks.json");
     std::fs::write(&jwks, serde_json::to_string(signer.jwks()).unwrap()).unwrap();
-    std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n").unwrap();
+    std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n")
+        .unwrap();
     let token = signer
         .mint(&TokenRequest {
             namespace: "demo",
@@ -94,7 +95,8 @@ async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
     let csrs: Vec<String> = (0..64).map(|_| csr(&[CLIENT]).1).collect();
     let mut tasks = Vec::new();
     for worker in 0..16 {
-        let mut client = IstioCertificateServiceClient::with_interceptor(target.channel().unwrap(), with_token(Some(token.clone())));
+        let mut client =
+            IstioCertificateServiceClient::with_interceptor(target.channel().unwrap(), with_token(Some(token.clone())));
         let received = received.clone();
         let csrs = csrs.clone();
         tasks.push(tokio::spawn(async move {

@@ -48,7 +48,7 @@ fn every_manifest_matches_its_kubernetes_schema() {
 }
 
 #[test]
-fn control_plane_role_grants_exactly_what_the_watchers_read() {
+fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
     let role: ClusterRole = documents()
         .into_iter()
         .find(|(_, d)| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "ambient-mesh-ca")
@@ -56,8 +56,15 @@ fn control_plane_role_grants_exactly_what_the_watchers_read() {
         .expect("ClusterRole ambient-mesh-ca");
     let mut granted: Vec<(String, String)> = Vec::new();
     for rule in role.rules.unwrap() {
-        assert_eq!(rule.verbs, ["get", "list", "watch"], "the control plane only reads");
-        for group in rule.api_groups.unwrap() {
+        let groups = rule.api_groups.unwrap();
+        if groups == ["authentication.k8s.io"] {
+            // Caller authentication (ca::auth, TokenCheck::TokenReview): create only.
+            assert_eq!(rule.resources.as_deref(), Some(&["tokenreviews".to_owned()][..]));
+            assert_eq!(rule.verbs, ["create"]);
+            continue;
+        }
+        assert_eq!(rule.verbs, ["get", "list", "watch"], "the control plane only reads objects");
+        for group in groups {
             for resource in rule.resources.clone().unwrap() {
                 granted.push((group.clone(), resource));
             }

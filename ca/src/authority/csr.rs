@@ -56,7 +56,9 @@ pub enum CsrError {
     #[error("the CSR is not a valid PKCS#10 request: {0}")]
     Der(String),
     /// The signature algorithm is not one we accept.
-    #[error("CSR signature algorithm {0} is not accepted (use ECDSA with SHA-256/384 or RSA PKCS#1 with SHA-256/384/512)")]
+    #[error(
+        "CSR signature algorithm {0} is not accepted (use ECDSA with SHA-256/384 or RSA PKCS#1 with SHA-256/384/512)"
+    )]
     SignatureAlgorithm(String),
     /// The key is not one we accept.
     #[error("CSR key not accepted: {0} (use ECDSA P-256/P-384 or RSA of at least {MIN_RSA_BITS} bits)")]
@@ -206,10 +208,9 @@ mod tests {
 
     #[test]
     fn accepts_ecdsa_p256_and_p384_and_rsa_2048() {
-        for (alg, expected) in [
-            (&rcgen::PKCS_ECDSA_P256_SHA256, KeyType::EcdsaP256),
-            (&rcgen::PKCS_ECDSA_P384_SHA384, KeyType::EcdsaP384),
-        ] {
+        for (alg, expected) in
+            [(&rcgen::PKCS_ECDSA_P256_SHA256, KeyType::EcdsaP256), (&rcgen::PKCS_ECDSA_P384_SHA384, KeyType::EcdsaP384)]
+        {
             let key = KeyPair::generate_for(alg).unwrap();
             let checked = check(&csr_for(&[ID], &key)).unwrap();
             assert_eq!(checked.identity.as_str(), ID);
@@ -235,6 +236,43 @@ mod tests {
         assert!(matches!(check("not pem at all").unwrap_err(), CsrError::Pem(_)));
         let bogus = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(check(bogus).unwrap_err(), CsrError::Der(_)));
+    }
+
+    /// Every single-byte corruption of a valid request: never a panic, and whatever still passes
+    /// names the original identity and key. (x509-parser tolerates a changed tag class on a few
+    /// unsigned wrappers, e.g. the outer SEQUENCE; nothing inside the signed part can change.)
+    #[test]
+    fn single_byte_corruptions_never_panic_nor_change_the_identity() {
+        let key = KeyPair::generate().unwrap();
+        let pem = csr_for(&[ID], &key);
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap().as_ref().to_vec();
+        let original = check_der(&der).unwrap();
+        let mut accepted = 0;
+        for i in 0..der.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut m = der.clone();
+                m[i] ^= flip;
+                if let Ok(c) = check_der(&m) {
+                    assert_eq!(c.identity.as_str(), ID, "byte {i} ^ {flip:#x}");
+                    assert_eq!(c.public_key, original.public_key, "byte {i} ^ {flip:#x}");
+                    accepted += 1;
+                }
+            }
+            // Truncations too.
+            let _ = check_der(&der[..i]);
+        }
+        assert!(accepted <= 8, "{accepted} corruptions accepted");
+        // And the metadata parser on odd shapes.
+        use prost_types::value::Kind;
+        for kind in
+            [Kind::NullValue(0), Kind::BoolValue(true), Kind::NumberValue(1.0), Kind::StringValue(String::new())]
+        {
+            let meta = prost_types::Struct {
+                fields: [("ImpersonatedIdentity".to_owned(), prost_types::Value { kind: Some(kind.clone()) })].into(),
+            };
+            let parsed = crate::grpc::impersonated_identity(Some(&meta));
+            assert_eq!(parsed.is_ok(), matches!(kind, Kind::StringValue(_)));
+        }
     }
 
     #[test]

@@ -156,9 +156,10 @@ impl IssuanceLog {
     /// expiry among them.
     pub fn unexpired_under(&self, root: &str, now_unix: i64) -> (u64, Option<i64>) {
         let records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        records.iter().filter(|r| r.root == root && r.not_after > now_unix).fold((0, None), |(n, latest), r| {
-            (n + 1, Some(latest.map_or(r.not_after, |l: i64| l.max(r.not_after))))
-        })
+        records
+            .iter()
+            .filter(|r| r.root == root && r.not_after > now_unix)
+            .fold((0, None), |(n, latest), r| (n + 1, Some(latest.map_or(r.not_after, |l: i64| l.max(r.not_after)))))
     }
 }
 

@@ -31,11 +31,11 @@ use arc_swap::ArcSwap;
 use proto::SpiffeId;
 use proto::tls::{TrustBundle, WorkloadCert};
 use rcgen::{
-    PublicKeyData, BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tracing::{info, warn};
@@ -474,8 +474,8 @@ impl Authority {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = to_datetime(not_before);
-        params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        params.not_after =
+            time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         params.serial_number = Some(serial.clone());
         let cert = params.signed_by(&csr.public_key, &signer.issuer)?;
 
@@ -497,7 +497,12 @@ impl Authority {
 
     /// Issues a certificate for a key generated here (the CA's own serving certificate, the local
     /// admin credential). `names` are extra DNS names or IP addresses in the SAN.
-    pub async fn issue_local(&self, identity: &SpiffeId, names: &[String], ttl: Duration) -> Result<LocalCert, SignError> {
+    pub async fn issue_local(
+        &self,
+        identity: &SpiffeId,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<LocalCert, SignError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -674,7 +679,8 @@ fn new_root(config: &AuthorityConfig, state: RootState) -> Result<Root, SetupErr
     let mut params = CertificateParams::default();
     // Subjects must differ between roots (and between intermediates): a verifier picks candidate
     // issuers by name, and two roots named alike during a rotation would shadow each other.
-    params.distinguished_name = distinguished_name(&config.trust_domain, &format!("ambient mesh root {}", unique_tag()));
+    params.distinguished_name =
+        distinguished_name(&config.trust_domain, &format!("ambient mesh root {}", unique_tag()));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params.not_before = to_datetime(now - BACKDATE);
@@ -744,12 +750,17 @@ fn load_stored(path: &Path, bytes: &[u8]) -> Result<Material, SetupError> {
 }
 
 /// Builds the signer from its certificate and key, finding the root it was issued by.
-fn signer_from_pem(path: &Path, cert_pem: &str, key_pem: &str, roots: &[Root], keep_key: bool) -> Result<Signer, SetupError> {
+fn signer_from_pem(
+    path: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    roots: &[Root],
+    keep_key: bool,
+) -> Result<Signer, SetupError> {
     use x509_parser::prelude::FromDer;
     let der = parse_cert_pem(path, cert_pem)?;
     let key = KeyPair::from_pem(key_pem).map_err(|e| material_err(path, format!("bad signing key: {e}")))?;
-    let (_, x509) =
-        x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| material_err(path, e))?;
+    let (_, x509) = x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| material_err(path, e))?;
     if x509.public_key().raw != key.subject_public_key_info().as_slice() {
         return Err(material_err(path, "the signing key does not match the signing certificate"));
     }
@@ -836,20 +847,12 @@ fn save(path: &Path, m: &Material) -> Result<(), SetupError> {
             .iter()
             .map(|r| StoredRoot { cert: r.pem.clone(), key: r.key_pem.clone().unwrap_or_default(), state: r.state })
             .collect(),
-        intermediate: StoredCert {
-            cert: m.signer.cert_pem.clone(),
-            key: m.signer.key_pem.clone().unwrap_or_default(),
-        },
+        intermediate: StoredCert { cert: m.signer.cert_pem.clone(), key: m.signer.key_pem.clone().unwrap_or_default() },
     };
     let json = serde_json::to_vec_pretty(&stored).map_err(|e| material_err(path, e))?;
     let tmp = path.with_extension("json.tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f =
+        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(&json).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;
     if let Some(dir) = path.parent() {

@@ -46,7 +46,9 @@ fn peer_addr<T>(request: &Request<T>) -> String {
     request.extensions().get::<PeerInfo>().map_or_else(|| "unknown".into(), |p| p.addr.to_string())
 }
 
-fn impersonated(metadata: Option<&prost_types::Struct>) -> Result<Option<&str>, Status> {
+/// The `ImpersonatedIdentity` a request's metadata asks for, if any (it must be a string).
+#[allow(clippy::result_large_err)]
+pub fn impersonated_identity(metadata: Option<&prost_types::Struct>) -> Result<Option<&str>, Status> {
     use prost_types::value::Kind;
     let Some(value) = metadata.and_then(|m| m.fields.get(IMPERSONATED_IDENTITY)) else { return Ok(None) };
     match &value.kind {
@@ -81,7 +83,8 @@ impl CaService {
             warn!(%peer, caller = %caller.identity, reason = %e, "certificate request refused: bad CSR");
             self.refuse(e.reason(), Status::invalid_argument(e.to_string()))
         })?;
-        let impersonated = impersonated(request.metadata.as_ref()).map_err(|s| self.refuse("bad_metadata", s))?;
+        let impersonated =
+            impersonated_identity(request.metadata.as_ref()).map_err(|s| self.refuse("bad_metadata", s))?;
         if let Err(denied) = self.nodes.authorize(&caller, &checked.identity, impersonated) {
             warn!(%peer, caller = %caller.identity, requested = %checked.identity, reason = %denied,
                 "certificate request refused: not authorized");
@@ -174,7 +177,12 @@ impl AdminService {
         }
     }
 
-    fn rotated(&self, caller: &Caller, what: &str, result: Result<Arc<Material>, AdminError>) -> Result<Response<admin_pb::CaStatus>, Status> {
+    fn rotated(
+        &self,
+        caller: &Caller,
+        what: &str,
+        result: Result<Arc<Material>, AdminError>,
+    ) -> Result<Response<admin_pb::CaStatus>, Status> {
         match result {
             Ok(m) => {
                 info!(caller = %caller.identity, what, signer = %m.signer.info.fingerprint, "admin: rotation step done");

@@ -22,13 +22,8 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 5] = [
-    type_url::ADDRESS,
-    type_url::AUTHORIZATION,
-    type_url::SERVICE_ROUTES,
-    type_url::L7_POLICY,
-    type_url::TRUST_BUNDLE,
-];
+pub const TYPES: [&str; 5] =
+    [type_url::ADDRESS, type_url::AUTHORIZATION, type_url::SERVICE_ROUTES, type_url::L7_POLICY, type_url::TRUST_BUNDLE];
 
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq)]

@@ -192,11 +192,7 @@ pub(super) enum ExpectedServer {
 }
 
 impl ServerVerifier {
-    pub(super) fn new(
-        trust: Arc<SharedTrustBundle>,
-        expected: ExpectedServer,
-        provider: Arc<CryptoProvider>,
-    ) -> Self {
+    pub(super) fn new(trust: Arc<SharedTrustBundle>, expected: ExpectedServer, provider: Arc<CryptoProvider>) -> Self {
         ServerVerifier { trust, expected, provider }
     }
 }
@@ -239,7 +235,9 @@ impl ServerCertVerifier for ServerVerifier {
                 )
                 .map_err(pki_error)?;
                 cert.verify_is_valid_for_subject_name(server_name).map_err(|e| match e {
-                    webpki::Error::CertNotValidForName(_) => Error::InvalidCertificate(CertificateError::NotValidForName),
+                    webpki::Error::CertNotValidForName(_) => {
+                        Error::InvalidCertificate(CertificateError::NotValidForName)
+                    }
                     other => pki_error(other),
                 })?;
             }
