@@ -12,16 +12,17 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
+use e2e::ca_process::{CaProcess, rss_mib, sibling_binary};
 use proto::api::envoy::config::core::v3::Node;
 use proto::api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use proto::api::type_url::{ADDRESS, AUTHORIZATION};
+use proto::control::{ControlPlaneTarget, with_token};
 use serde::Serialize;
 use tokio::sync::{Barrier, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -69,8 +70,6 @@ struct Report {
     ca_rss_mib_idle_loaded: f64,
     ca_rss_mib_peak: f64,
 }
-
-const TOKEN: &str = "bench-token-0123456789abcdef";
 
 fn pod_yaml(ns: usize, i: usize, ip_octet: usize) -> String {
     format!(
@@ -123,47 +122,17 @@ fn write_atomic(path: &Path, content: &str) -> Result<()> {
     Ok(())
 }
 
-fn rss_mib(pid: u32) -> Result<(f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
-}
-
-struct Ca(Child);
-
-impl Drop for Ca {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// One client: subscribes, then reports the generation (system_version_info) of every response
 /// on `seen`, after the initial snapshot of both types.
 async fn client(
-    addr: String,
+    target: ControlPlaneTarget,
+    token: String,
     id: usize,
     seen: mpsc::UnboundedSender<(usize, u64, usize)>,
     ready: Arc<Barrier>,
 ) -> Result<()> {
-    let channel = tonic::transport::Channel::from_shared(addr)?.connect().await?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse()?;
-    let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-        r.metadata_mut().insert("authorization", token.clone());
-        Ok(r)
-    })
-    .max_decoding_message_size(256 << 20);
+    let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(target.channel()?, with_token(Some(token)))
+        .max_decoding_message_size(256 << 20);
     let (tx, rx) = mpsc::channel(16);
     let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await?.into_inner();
     for type_url in [ADDRESS, AUTHORIZATION] {
@@ -204,48 +173,27 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let ca_bin = match &args.ca {
         Some(p) => p.clone(),
-        None => std::env::current_exe()?.with_file_name("ca"),
+        None => sibling_binary("ca")?,
     };
-    if !ca_bin.exists() {
-        bail!("{} not found: build it first with `cargo build --release -p ca -p e2e`", ca_bin.display());
-    }
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("config");
     std::fs::create_dir(&config)?;
     for ns in 0..args.namespaces {
         write_atomic(&config.join(format!("ns-{ns}.yaml")), &namespace_file(&args, ns, 0))?;
     }
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, TOKEN)?;
-    let xds_port = free_port()?;
-    let admin_port = free_port()?;
-    let mut ca = Ca(Command::new(&ca_bin)
-        .args(["--config-dir", &config.display().to_string()])
-        .args(["--xds-addr", &format!("127.0.0.1:{xds_port}")])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-        .args(["--xds-token-file", &token_file.display().to_string()])
-        .env("RUST_LOG", std::env::var("CA_LOG").unwrap_or_else(|_| "warn".into()))
-        .stdout(if std::env::var_os("CA_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
-        .spawn()
-        .with_context(|| format!("starting {}", ca_bin.display()))?);
-    let pid = ca.0.id();
-
-    // Wait for the gRPC port.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", xds_port)).await.is_err() {
-        if Instant::now() > deadline || ca.0.try_wait()?.is_some() {
-            bail!("ca did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log = std::env::var("CA_LOG").ok();
+    let ca = CaProcess::start(&ca_bin, &config, &dir.path().join("state"), log.as_deref())?;
+    let pid = ca.pid();
+    let target = ca.target(None)?;
 
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let ready = Arc::new(Barrier::new(args.clients + 1));
     let started = Instant::now();
     for id in 0..args.clients {
-        let (addr, seen, ready) = (format!("http://127.0.0.1:{xds_port}"), seen_tx.clone(), ready.clone());
+        let (target, seen, ready) = (target.clone(), seen_tx.clone(), ready.clone());
+        let token = ca.token("istio-system", "ztunnel", Some(&format!("node-{}", id % 50)))?;
         tokio::spawn(async move {
-            if let Err(e) = client(addr, id, seen, ready).await {
+            if let Err(e) = client(target, token, id, seen, ready).await {
                 eprintln!("client {id}: {e}");
             }
         });
