@@ -234,7 +234,7 @@ impl ControlPlane {
     /// plane's own certificate and binds the listeners (port 0 picks a free port).
     pub async fn bind(config: Config) -> Result<Self, Error> {
         config.validate()?;
-        let authority = Authority::open(config.authority.clone())?;
+        let authority = Authority::open(config.authority.clone()).await?;
         let serving_id = config.serving_identity()?;
         let serving = Credential::new(
             authority.issue_local(&serving_id, &config.serving.names, OWN_CERT_TTL).await?.workload_cert()?,
@@ -389,16 +389,7 @@ async fn write_client_files(config: &Config, authority: &Authority) -> Result<()
     Ok(())
 }
 
-/// Writes a file readable by its owner only, atomically.
-fn write_private(path: &std::path::Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-    f.write_all(contents)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
+use crate::authority::store::write_private;
 
 /// Keeps the control plane's own certificate (and the local admin credential) fresh: renews at
 /// half-life, and at once when the signer or the trust bundle changes (rotation).

@@ -97,6 +97,16 @@ struct ServeArgs {
     #[arg(long, default_value = "/var/lib/ambient-ca", value_name = "DIR")]
     state_dir: PathBuf,
 
+    /// In cluster mode, keep the self-managed keys in this Secret (namespace/name) so they
+    /// outlive the pod; the issuance log stays in --state-dir.
+    #[arg(long, default_value = "istio-system/ambient-ca", value_name = "NS/NAME")]
+    key_secret: String,
+
+    /// In cluster mode, keep the keys in --state-dir instead of a Secret (e.g. on a persistent
+    /// volume).
+    #[arg(long)]
+    keys_in_state_dir: bool,
+
     /// Use operator-provided signing material in Istio's `cacerts` layout (ca-cert.pem,
     /// ca-key.pem, root-cert.pem, optional cert-chain.pem) instead of a self-managed root.
     #[arg(long, value_name = "DIR")]
@@ -234,7 +244,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let td = args.trust_domain.clone();
 
-    let (source, kube_client) = match &args.config_dir {
+    let (source, kube_client): (Source, Option<kube::Client>) = match &args.config_dir {
         Some(dir) => (Source::Dir(dir.clone()), None),
         None => {
             let client = kube::Client::try_default()
@@ -243,6 +253,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             (Source::Kubernetes(client.clone()), Some(client))
         }
     };
+    let key_secret_client = kube_client.clone().filter(|_| !args.keys_in_state_dir);
     let tokens = match (&args.jwt_issuer, &args.jwks_file, kube_client) {
         (Some(issuer), Some(jwks), _) => {
             let text = std::fs::read_to_string(jwks).with_context(|| format!("reading {}", jwks.display()))?;
@@ -275,6 +286,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     authority.max_ttl = args.max_ttl;
     if let Some(dir) = &args.plugin_certs {
         authority.keys = KeySource::PlugIn(dir.clone());
+    } else if let Some(client) = key_secret_client {
+        let (namespace, name) = args
+            .key_secret
+            .split_once('/')
+            .with_context(|| format!("--key-secret {:?}: expected <namespace>/<name>", args.key_secret))?;
+        authority.keys = KeySource::SelfManagedInSecret { client, namespace: namespace.into(), name: name.into() };
     }
     let config = Config {
         source,

@@ -1,13 +1,14 @@
 //! The manifests in `deploy/` against the Kubernetes schemas: every document decodes into its
 //! k8s-openapi type without dropping a field (a misspelled or misplaced field fails), and the
-//! control plane's ClusterRole grants exactly the reads its watchers make.
+//! control plane's roles grant exactly what it does: the reads its watchers make, TokenReview,
+//! and its own key Secret.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -42,6 +43,8 @@ fn every_manifest_matches_its_kubernetes_schema() {
             "ServiceAccount" => round_trips::<ServiceAccount>(file, doc),
             "ClusterRole" => round_trips::<ClusterRole>(file, doc),
             "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(file, doc),
+            "Role" => round_trips::<Role>(file, doc),
+            "RoleBinding" => round_trips::<RoleBinding>(file, doc),
             other => panic!("{file}: no schema check for kind {other}; add one"),
         }
     }
@@ -86,4 +89,30 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
     .collect();
     needed.sort();
     assert_eq!(granted, needed);
+}
+
+#[test]
+fn key_secret_role_covers_create_get_update_of_the_default_secret_only() {
+    let role: Role = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "Role" && d["metadata"]["name"] == "ambient-mesh-ca-keys")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("Role ambient-mesh-ca-keys");
+    assert_eq!(role.metadata.namespace.as_deref(), Some("istio-system"));
+    let mut grants: Vec<(Vec<String>, Option<Vec<String>>, Vec<String>)> =
+        role.rules.unwrap().into_iter().map(|r| (r.resources.unwrap(), r.resource_names, r.verbs)).collect();
+    grants.sort();
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    // The default of `ca --key-secret`.
+    assert_eq!(
+        grants,
+        [(s(&["secrets"]), None, s(&["create"])), (s(&["secrets"]), Some(s(&["ambient-ca"])), s(&["get", "update"])),]
+    );
+    let binding: RoleBinding = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "RoleBinding" && d["metadata"]["name"] == "ambient-mesh-ca-keys")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("RoleBinding");
+    assert_eq!(binding.role_ref.name, "ambient-mesh-ca-keys");
+    assert_eq!(binding.subjects.unwrap()[0].name, "ca");
 }

@@ -18,11 +18,11 @@
 
 pub mod csr;
 pub mod log;
+pub mod store;
 
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -42,18 +42,38 @@ use tracing::{info, warn};
 
 use self::csr::CheckedCsr;
 use self::log::{IssuanceLog, LogError, Record};
+use self::store::KeyStore;
 
 /// Clock skew tolerated: certificates start this long before they are issued.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
 /// Where the signing material comes from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum KeySource {
-    /// Generated on first start and kept in this directory.
+    /// Generated on first start and kept in `<state-dir>/authority.json`.
     SelfManaged,
+    /// Generated on first start and kept in a Kubernetes Secret (a cluster).
+    SelfManagedInSecret {
+        /// API client.
+        client: kube::Client,
+        /// Namespace of the Secret (the CA's own).
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
     /// Istio `cacerts` files in this directory (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`,
     /// `root-cert.pem`).
     PlugIn(PathBuf),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::SelfManaged => f.write_str("SelfManaged"),
+            KeySource::SelfManagedInSecret { namespace, name, .. } => write!(f, "Secret({namespace}/{name})"),
+            KeySource::PlugIn(p) => write!(f, "PlugIn({})", p.display()),
+        }
+    }
 }
 
 /// CA settings.
@@ -112,6 +132,9 @@ pub enum SetupError {
     /// Generating keys or certificates failed.
     #[error("generating CA material: {0}")]
     Crypto(#[from] rcgen::Error),
+    /// Reading or writing the stored material.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// The issuance log.
     #[error(transparent)]
     Log(#[from] LogError),
@@ -338,6 +361,8 @@ pub struct Requester {
 /// The certificate authority.
 pub struct Authority {
     config: AuthorityConfig,
+    /// Where self-managed material lives (`None`: plugged in).
+    store: Option<KeyStore>,
     material: ArcSwap<Material>,
     /// Serializes rotations (signing never waits on it).
     admin: Mutex<()>,
@@ -380,29 +405,38 @@ fn material_err(path: &Path, reason: impl fmt::Display) -> SetupError {
 impl Authority {
     /// Loads the signing material (creating it on first start), opens the issuance log and
     /// checks that a test certificate verifies.
-    pub fn open(config: AuthorityConfig) -> Result<Arc<Self>, SetupError> {
+    pub async fn open(config: AuthorityConfig) -> Result<Arc<Self>, SetupError> {
         let dir = &config.state_dir;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-        let material = match &config.keys {
-            KeySource::PlugIn(dir) => load_plugged_in(dir)?,
-            KeySource::SelfManaged => {
-                let path = dir.join("authority.json");
-                match fs::read(&path) {
-                    Ok(bytes) => {
-                        let m = load_stored(&path, &bytes)?;
-                        info!(path = %path.display(), root = %active_root(&m), "loaded CA signing material");
+        let store = match &config.keys {
+            KeySource::PlugIn(_) => None,
+            KeySource::SelfManaged => Some(KeyStore::File(dir.join("authority.json"))),
+            KeySource::SelfManagedInSecret { client, namespace, name } => {
+                Some(KeyStore::secret(client.clone(), namespace, name))
+            }
+        };
+        let material = match (&config.keys, &store) {
+            (KeySource::PlugIn(dir), _) => load_plugged_in(dir)?,
+            (_, Some(store)) => {
+                let where_ = PathBuf::from(store.to_string());
+                match store.load().await? {
+                    Some(bytes) => {
+                        let m = load_stored(&where_, &bytes)?;
+                        info!(%store, root = %active_root(&m), "loaded CA signing material");
                         m
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        let m = generate_initial(&config)?;
-                        save(&path, &m)?;
-                        info!(path = %path.display(), root = %active_root(&m), "created a new self-signed root and intermediate");
+                    None => {
+                        let fresh = encode(&where_, &generate_initial(&config)?)?;
+                        // Another replica may have created it meanwhile: the stored one wins.
+                        let stored = store.create(fresh).await?;
+                        let m = load_stored(&where_, &stored)?;
+                        info!(%store, root = %active_root(&m), "created a new self-signed root and intermediate");
                         m
                     }
-                    Err(e) => return Err(io_err(&path)(e)),
                 }
             }
+            (_, None) => return Err(SetupError::SelfCheck("no key store".into())),
         };
         let log_path = dir.join("issued.jsonl");
         let (log, recovery) = IssuanceLog::open(&log_path, unix(SystemTime::now()))?;
@@ -412,6 +446,7 @@ impl Authority {
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Authority {
             config,
+            store,
             material: ArcSwap::from_pointee(material),
             admin: Mutex::new(()),
             log,
@@ -547,16 +582,19 @@ impl Authority {
         Ok(LocalCert { chain, key_pem: key.serialize_pem() })
     }
 
-    fn self_managed_path(&self) -> Result<PathBuf, AdminError> {
-        match &self.config.keys {
-            KeySource::PlugIn(dir) => Err(AdminError::PluggedIn(dir.clone())),
-            KeySource::SelfManaged => Ok(self.config.state_dir.join("authority.json")),
+    fn self_managed(&self) -> Result<&KeyStore, AdminError> {
+        match (&self.store, &self.config.keys) {
+            (Some(store), _) => Ok(store),
+            (None, KeySource::PlugIn(dir)) => Err(AdminError::PluggedIn(dir.clone())),
+            (None, _) => Err(AdminError::WrongStep("no key store".into())),
         }
     }
 
-    fn commit(&self, path: &Path, material: Material) -> Result<Arc<Material>, AdminError> {
+    /// Checks, persists, then publishes new material (in that order: what is served is on disk).
+    async fn commit(&self, store: &KeyStore, material: Material) -> Result<Arc<Material>, AdminError> {
         self_check(&material, &self.config.trust_domain)?;
-        save(path, &material)?;
+        let bytes = encode(&PathBuf::from(store.to_string()), &material)?;
+        store.save(&bytes).await.map_err(SetupError::from)?;
         let material = Arc::new(material);
         self.material.store(material.clone());
         self.bundle.send_if_modified(|b| {
@@ -571,7 +609,7 @@ impl Authority {
 
     /// Replaces the intermediate with a new one under the active root.
     pub async fn rotate_intermediate(&self) -> Result<Arc<Material>, AdminError> {
-        let path = self.self_managed_path()?;
+        let store = self.self_managed()?;
         let _guard = self.admin.lock().await;
         let current = self.material();
         let root = current
@@ -581,12 +619,12 @@ impl Authority {
             .ok_or_else(|| AdminError::WrongStep("no active root".into()))?;
         let signer = new_intermediate(&self.config, root)?;
         info!(old = %current.signer.info.fingerprint, new = %signer.info.fingerprint, "rotated the intermediate");
-        self.commit(&path, Material { roots: current.roots.clone(), signer: Arc::new(signer), plugged_in: None })
+        self.commit(store, Material { roots: current.roots.clone(), signer: Arc::new(signer), plugged_in: None }).await
     }
 
     /// Root rotation step 1: a new root joins the trust bundle.
     pub async fn prepare_root(&self) -> Result<Arc<Material>, AdminError> {
-        let path = self.self_managed_path()?;
+        let store = self.self_managed()?;
         let _guard = self.admin.lock().await;
         let current = self.material();
         if let Some(r) = current.roots.iter().find(|r| r.state != RootState::Active) {
@@ -599,12 +637,12 @@ impl Authority {
         info!(root = %root.info.fingerprint, "root rotation: new root added to the trust bundle");
         let mut roots = current.roots.clone();
         roots.push(root);
-        self.commit(&path, Material { roots, signer: current.signer.clone(), plugged_in: None })
+        self.commit(store, Material { roots, signer: current.signer.clone(), plugged_in: None }).await
     }
 
     /// Root rotation step 2: sign under the prepared root.
     pub async fn activate_root(&self) -> Result<Arc<Material>, AdminError> {
-        let path = self.self_managed_path()?;
+        let store = self.self_managed()?;
         let _guard = self.admin.lock().await;
         let current = self.material();
         let Some(pending) = current.roots.iter().find(|r| r.state == RootState::Pending) else {
@@ -623,12 +661,12 @@ impl Authority {
             })
             .collect();
         info!(root = %pending.info.fingerprint, intermediate = %signer.info.fingerprint, "root rotation: signing under the new root");
-        self.commit(&path, Material { roots, signer: Arc::new(signer), plugged_in: None })
+        self.commit(store, Material { roots, signer: Arc::new(signer), plugged_in: None }).await
     }
 
     /// Root rotation step 3: the old root leaves the trust bundle.
     pub async fn retire_root(&self, force: bool) -> Result<Arc<Material>, AdminError> {
-        let path = self.self_managed_path()?;
+        let store = self.self_managed()?;
         let _guard = self.admin.lock().await;
         let current = self.material();
         let retiring: Vec<&Root> = current.roots.iter().filter(|r| r.state == RootState::Retiring).collect();
@@ -651,7 +689,7 @@ impl Authority {
         }
         let roots = current.roots.iter().filter(|r| r.state != RootState::Retiring).cloned().collect();
         info!(retired = ?retiring.iter().map(|r| &r.info.fingerprint).collect::<Vec<_>>(), "root rotation: old root retired");
-        self.commit(&path, Material { roots, signer: current.signer.clone(), plugged_in: None })
+        self.commit(store, Material { roots, signer: current.signer.clone(), plugged_in: None }).await
     }
 }
 
@@ -838,8 +876,8 @@ fn pem_of(der: &CertificateDer<'_>) -> String {
     pem::encode_config(&pem::Pem::new("CERTIFICATE", der.as_ref()), config)
 }
 
-/// Writes self-managed material atomically (temp file, fsync, rename, fsync dir), mode 0600.
-fn save(path: &Path, m: &Material) -> Result<(), SetupError> {
+/// The stored form of self-managed material.
+fn encode(path: &Path, m: &Material) -> Result<Vec<u8>, SetupError> {
     let stored = Stored {
         version: 1,
         roots: m
@@ -849,16 +887,7 @@ fn save(path: &Path, m: &Material) -> Result<(), SetupError> {
             .collect(),
         intermediate: StoredCert { cert: m.signer.cert_pem.clone(), key: m.signer.key_pem.clone().unwrap_or_default() },
     };
-    let json = serde_json::to_vec_pretty(&stored).map_err(|e| material_err(path, e))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f =
-        fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(&json).and_then(|()| f.sync_all()).map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))?;
-    }
-    Ok(())
+    serde_json::to_vec_pretty(&stored).map_err(|e| material_err(path, e))
 }
 
 /// Issues a throwaway leaf with the material and verifies it against the material's own bundle:
