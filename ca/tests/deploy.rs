@@ -99,7 +99,8 @@ fn key_secret_role_covers_create_get_update_of_the_default_secret_only() {
         .map(|(_, d)| serde_json::from_value(d).unwrap())
         .expect("Role ambient-mesh-ca-keys");
     assert_eq!(role.metadata.namespace.as_deref(), Some("istio-system"));
-    let mut grants: Vec<(Vec<String>, Option<Vec<String>>, Vec<String>)> =
+    type Grant = (Vec<String>, Option<Vec<String>>, Vec<String>);
+    let mut grants: Vec<Grant> =
         role.rules.unwrap().into_iter().map(|r| (r.resources.unwrap(), r.resource_names, r.verbs)).collect();
     grants.sort();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();

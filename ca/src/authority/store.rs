@@ -47,23 +47,27 @@ pub enum KeyStore {
     /// A file.
     File(PathBuf),
     /// A Secret.
-    Secret {
-        /// The API, scoped to the namespace.
-        api: kube::Api<Secret>,
-        /// Namespace (for messages).
-        namespace: String,
-        /// Name.
-        name: String,
-        /// resourceVersion last read or written.
-        version: Mutex<Option<String>>,
-    },
+    Secret(Box<SecretStore>),
+}
+
+/// A Secret holding the material.
+#[derive(Debug)]
+pub struct SecretStore {
+    /// The API, scoped to the namespace.
+    api: kube::Api<Secret>,
+    /// Namespace (for messages).
+    namespace: String,
+    /// Name.
+    name: String,
+    /// resourceVersion last read or written.
+    version: Mutex<Option<String>>,
 }
 
 impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyStore::File(p) => write!(f, "File({})", p.display()),
-            KeyStore::Secret { namespace, name, .. } => write!(f, "Secret({namespace}/{name})"),
+            KeyStore::Secret(s) => write!(f, "Secret({}/{})", s.namespace, s.name),
         }
     }
 }
@@ -72,7 +76,7 @@ impl fmt::Display for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyStore::File(p) => write!(f, "{}", p.display()),
-            KeyStore::Secret { namespace, name, .. } => write!(f, "Secret {namespace}/{name}"),
+            KeyStore::Secret(s) => write!(f, "Secret {}/{}", s.namespace, s.name),
         }
     }
 }
@@ -80,18 +84,18 @@ impl fmt::Display for KeyStore {
 impl KeyStore {
     /// A Secret store.
     pub fn secret(client: kube::Client, namespace: &str, name: &str) -> Self {
-        KeyStore::Secret {
+        KeyStore::Secret(Box::new(SecretStore {
             api: kube::Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             version: Mutex::new(None),
-        }
+        }))
     }
 
     fn secret_err(&self, reason: impl fmt::Display) -> StoreError {
         match self {
-            KeyStore::Secret { namespace, name, .. } => {
-                StoreError::Secret { namespace: namespace.clone(), name: name.clone(), reason: reason.to_string() }
+            KeyStore::Secret(s) => {
+                StoreError::Secret { namespace: s.namespace.clone(), name: s.name.clone(), reason: reason.to_string() }
             }
             KeyStore::File(path) => {
                 StoreError::Io { path: path.clone(), source: std::io::Error::other(reason.to_string()) }
@@ -107,7 +111,8 @@ impl KeyStore {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(source) => Err(StoreError::Io { path: path.clone(), source }),
             },
-            KeyStore::Secret { api, name, version, .. } => {
+            KeyStore::Secret(secret_store) => {
+                let SecretStore { api, name, version, .. } = secret_store.as_ref();
                 let Some(secret) = api.get_opt(name).await.map_err(|e| self.secret_err(e))? else {
                     return Ok(None);
                 };
@@ -129,7 +134,8 @@ impl KeyStore {
                 self.save(&bytes).await?;
                 Ok(bytes)
             }
-            KeyStore::Secret { api, name, version, .. } => {
+            KeyStore::Secret(secret_store) => {
+                let SecretStore { api, name, version, .. } = secret_store.as_ref();
                 let secret = Secret {
                     metadata: ObjectMeta {
                         name: Some(name.clone()),
@@ -163,7 +169,8 @@ impl KeyStore {
             KeyStore::File(path) => {
                 write_private(path, bytes).map_err(|source| StoreError::Io { path: path.clone(), source })
             }
-            KeyStore::Secret { api, name, version, .. } => {
+            KeyStore::Secret(secret_store) => {
+                let SecretStore { api, name, version, .. } = secret_store.as_ref();
                 let current = version.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let secret = Secret {
                     metadata: ObjectMeta {
