@@ -393,7 +393,7 @@ fn print_status(s: &pb::CaStatus) {
 
 #[allow(clippy::print_stdout)]
 async fn admin(command: Command) -> Result<()> {
-    let describe = |e: tonic::Status| anyhow::anyhow!("{}: {}", e.code(), e.message());
+    let describe = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
     match command {
         Command::Serve(_) => bail!("serve is not an admin command"),
         Command::Status(args) => {

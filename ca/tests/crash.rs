@@ -142,3 +142,61 @@ async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
     let chain = client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap().into_inner().cert_chain;
     assert_eq!(chain.last().unwrap().as_bytes(), root_before.as_slice());
 }
+
+/// The operator commands against the real binary: status, rotation steps, certificate list, and a
+/// refused step exits non-zero with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_drive_the_admin_api() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let signer = TokenSigner::new(support::ISSUER, None).unwrap();
+    let jwks = keys.path().join("jwks.json");
+    std::fs::write(&jwks, serde_json::to_string(signer.jwks()).unwrap()).unwrap();
+    std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n")
+        .unwrap();
+    let ca = start(objects.path(), state.path(), &jwks);
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(args)
+            .args(["--server", &ca.grpc.to_string(), "--state-dir", &state.path().display().to_string()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, out, err) = run(&["status"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("trust domain: cluster.local") && out.contains("state: active"), "{out}");
+
+    let (ok, out, _) = run(&["rotate-root", "retire"]);
+    assert!(!ok, "retire before prepare must fail: {out}");
+    let (_, _, err) = run(&["rotate-root", "retire"]);
+    assert!(err.contains("FailedPrecondition") && err.contains("prepare"), "{err}");
+
+    let (ok, out, err) = run(&["rotate-root", "prepare"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("pending (trusted, not signing)"), "{out}");
+    let (ok, bundle, err) = run(&["trust-bundle"]);
+    assert!(ok, "{err}");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2);
+
+    let (ok, out, err) = run(&["certs", "--identity", "spiffe://cluster.local/ns/istio-system/sa/mesh-admin"]);
+    assert!(ok, "{err}");
+    assert!(out.lines().count() >= 2 && out.contains("mesh-admin"), "{out}");
+
+    // Without a credential the CLI says why.
+    let (ok, _, err) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(["status", "--server", &ca.grpc.to_string(), "--state-dir", "/nonexistent"])
+            .output()
+            .unwrap();
+        (out.status.success(), (), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/root-cert.pem"), "{err}");
+}
