@@ -1,4 +1,5 @@
-//! The control plane: config sources, mesh state and the delta xDS server.
+//! The control plane: config sources, mesh state, the delta xDS server and the certificate
+//! authority, served on one TLS port.
 //!
 //! Layout:
 //! - [`k8s`]: the Kubernetes objects the mesh reads and the labels that drive it.
@@ -7,10 +8,16 @@
 //!   ([`source::kube`]).
 //! - [`translate`]: objects → [`mesh::MeshState`] (workloads, services, L4 policies), Istio's way.
 //! - [`xds`]: the state as xDS resources, served over delta ADS.
-//! - [`admin`]: the HTTP admin API (state dump, config errors, readiness).
+//! - [`authority`]: signing material (self-managed or plugged in), issuance, rotation, the
+//!   issuance log.
+//! - [`auth`]: who is calling (service-account tokens, client certificates) and which identities
+//!   they may have (node proxies: only pods on their node).
+//! - [`grpc`]: the gRPC services: Istio's certificate service and our CA admin service, on TLS.
+//! - [`metrics`]: the CA's Prometheus metrics.
+//! - [`admin`]: the HTTP admin API (state dump, config errors, readiness, metrics).
 //!
-//! [`ControlPlane`] wires them: `bind` returns the addresses actually bound, `run` serves until
-//! told to stop. The certificate authority joins in a later step.
+//! [`ControlPlane`] wires them: `bind` opens the CA, issues the control plane's own certificate
+//! and returns the addresses actually bound; `run` serves until told to stop.
 
 pub mod admin;
 pub mod auth;
