@@ -143,7 +143,17 @@ impl AuthError {
 #[derive(Debug)]
 pub struct Authenticator {
     config: AuthConfig,
+    /// Recent positive TokenReview answers, so a node restarting hundreds of pods does not cost
+    /// hundreds of API calls. Keyed by the token's SHA-256, never the token itself.
+    reviewed: std::sync::Mutex<HashMap<[u8; 32], (Caller, std::time::Instant)>>,
 }
+
+/// How long a positive TokenReview answer is reused (Kubernetes' own authenticator caches
+/// successes for 2 minutes by default; a revoked token may be accepted for at most this long).
+pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Entries kept at most; beyond that the cache is cleared (it refills from live traffic).
+const TOKEN_REVIEW_CACHE_MAX: usize = 16_384;
 
 /// The `kubernetes.io` claims of a service-account token.
 #[derive(Debug, Deserialize)]
@@ -188,7 +198,7 @@ const ASYMMETRIC: &[Algorithm] = &[
 impl Authenticator {
     /// Builds the authenticator.
     pub fn new(config: AuthConfig) -> Self {
-        Authenticator { config }
+        Authenticator { config, reviewed: Default::default() }
     }
 
     /// The settings.
@@ -229,7 +239,28 @@ impl Authenticator {
         match &self.config.tokens {
             TokenCheck::Disabled => Err(AuthError::TokensDisabled),
             TokenCheck::Local(issuer) => self.check_local(issuer, token),
-            TokenCheck::TokenReview(client) => self.token_review(client.clone(), token).await,
+            TokenCheck::TokenReview(client) => {
+                let key: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+                    .as_ref()
+                    .try_into()
+                    .unwrap_or([0; 32]);
+                let now = std::time::Instant::now();
+                if let Some((caller, at)) = self.reviewed.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+                    && now.duration_since(*at) < TOKEN_REVIEW_CACHE_TTL
+                {
+                    return Ok(caller.clone());
+                }
+                let caller = self.token_review(client.clone(), token).await?;
+                let mut cache = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+                    cache.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_REVIEW_CACHE_TTL);
+                    if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(key, (caller.clone(), now));
+                Ok(caller)
+            }
         }
     }
 

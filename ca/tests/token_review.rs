@@ -78,11 +78,18 @@ async fn tokens_are_checked_by_token_review_with_our_audience() {
     );
     let sent = seen.lock().unwrap()[0].clone();
     assert_eq!(sent["spec"]["audiences"], json!([DEFAULT_AUDIENCE]), "the review asks for our audience");
+    // A positive answer is reused for a while: the same token again costs no API call.
+    assert_eq!(auth.authenticate(Some(b"Bearer ztunnel-token"), None).await.unwrap(), caller);
+    assert_eq!(seen.lock().unwrap().len(), 1);
 
     for (token, what) in [("other-audience", "wrong audience"), ("expired", "expired")] {
         let err = auth.authenticate(Some(format!("Bearer {token}").as_bytes()), None).await.unwrap_err();
         assert!(matches!(err, AuthError::InvalidToken(_)), "{what}: {err}");
     }
+    // Refusals are not cached: asking again asks the API server again.
+    let before = seen.lock().unwrap().len();
+    auth.authenticate(Some(b"Bearer expired"), None).await.unwrap_err();
+    assert_eq!(seen.lock().unwrap().len(), before + 1);
     let err = auth.authenticate(Some(b"Bearer a-person"), None).await.unwrap_err();
     assert!(matches!(err, AuthError::NotServiceAccount(_)), "{err}");
 }
