@@ -42,7 +42,15 @@ pub fn free_port() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The `ca` binary next to the running one (both built by `cargo build --release -p ca -p e2e`).
+/// The `ca` binary to run: `explicit` if given, else the one next to the running binary.
+pub fn ca_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    match explicit {
+        Some(p) => Ok(p.to_owned()),
+        None => sibling_binary("ca"),
+    }
+}
+
+/// A binary next to the running one (both built by `cargo build --release -p ca -p e2e`).
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let path = std::env::current_exe()?.with_file_name(name);
     if !path.exists() {

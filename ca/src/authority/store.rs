@@ -136,18 +136,7 @@ impl KeyStore {
             }
             KeyStore::Secret(secret_store) => {
                 let SecretStore { api, name, version, .. } = secret_store.as_ref();
-                let secret = Secret {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        labels: Some(
-                            [("app.kubernetes.io/part-of".to_owned(), "ambient-mesh".to_owned())].into_iter().collect(),
-                        ),
-                        ..Default::default()
-                    },
-                    type_: Some("Opaque".into()),
-                    data: Some([(SECRET_KEY.to_owned(), ByteString(bytes.clone()))].into_iter().collect()),
-                    ..Default::default()
-                };
+                let secret = secret_object(name, None, &bytes);
                 match api.create(&PostParams::default(), &secret).await {
                     Ok(created) => {
                         *version.lock().unwrap_or_else(|p| p.into_inner()) = created.metadata.resource_version;
@@ -172,19 +161,7 @@ impl KeyStore {
             KeyStore::Secret(secret_store) => {
                 let SecretStore { api, name, version, .. } = secret_store.as_ref();
                 let current = version.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let secret = Secret {
-                    metadata: ObjectMeta {
-                        name: Some(name.clone()),
-                        resource_version: current,
-                        labels: Some(
-                            [("app.kubernetes.io/part-of".to_owned(), "ambient-mesh".to_owned())].into_iter().collect(),
-                        ),
-                        ..Default::default()
-                    },
-                    type_: Some("Opaque".into()),
-                    data: Some([(SECRET_KEY.to_owned(), ByteString(bytes.to_vec()))].into_iter().collect()),
-                    ..Default::default()
-                };
+                let secret = secret_object(name, current, bytes);
                 let saved = api.replace(name, &PostParams::default(), &secret).await.map_err(|e| match e {
                     kube::Error::Api(s) if s.code == 409 => self
                         .secret_err("changed by someone else since it was read (another CA replica?); not overwritten"),
@@ -194,6 +171,21 @@ impl KeyStore {
                 Ok(())
             }
         }
+    }
+}
+
+/// The Secret holding `bytes`; `resource_version` set makes an update conditional on it.
+fn secret_object(name: &str, resource_version: Option<String>, bytes: &[u8]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            resource_version,
+            labels: Some([("app.kubernetes.io/part-of".to_owned(), "ambient-mesh".to_owned())].into_iter().collect()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some([(SECRET_KEY.to_owned(), ByteString(bytes.to_vec()))].into_iter().collect()),
+        ..Default::default()
     }
 }
 

@@ -21,7 +21,7 @@ use anyhow::Result;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _, UnparsedPublicKey};
 use clap::Parser;
-use e2e::ca_process::{CaProcess, cpu_seconds, rss_mib, sibling_binary};
+use e2e::ca_process::{CaProcess, ca_binary, cpu_seconds, rss_mib};
 use proto::api::istio::v1::auth::IstioCertificateRequest;
 use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use proto::control::with_token;
@@ -116,10 +116,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let ca_bin = match &args.ca {
-        Some(p) => p.clone(),
-        None => sibling_binary("ca")?,
-    };
+    let ca_bin = ca_binary(args.ca.as_deref())?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("config");
     std::fs::create_dir(&config)?;

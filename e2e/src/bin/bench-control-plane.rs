@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use e2e::ca_process::{CaProcess, rss_mib, sibling_binary};
+use e2e::ca_process::{CaProcess, ca_binary, rss_mib};
 use proto::api::envoy::config::core::v3::Node;
 use proto::api::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -171,10 +171,7 @@ async fn client(
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let ca_bin = match &args.ca {
-        Some(p) => p.clone(),
-        None => sibling_binary("ca")?,
-    };
+    let ca_bin = ca_binary(args.ca.as_deref())?;
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("config");
     std::fs::create_dir(&config)?;
