@@ -494,36 +494,7 @@ impl Authority {
 
     /// Signs a checked request for its identity, logs it, and returns the chain.
     pub async fn issue(&self, csr: &CheckedCsr, ttl: Duration, by: Requester) -> Result<Issued, SignError> {
-        let signer = self.material.load().signer.clone();
-        let now = SystemTime::now();
-        let not_before = now - BACKDATE;
-        // Never past the signer's own end: the chain would not verify.
-        let not_after = unix(now + ttl).min(signer.info.not_after);
-        let serial = random_serial();
-
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(csr.identity.as_str().try_into()?)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        params.use_authority_key_identifier_extension = true;
-        params.not_before = to_datetime(not_before);
-        params.not_after =
-            time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        params.serial_number = Some(serial.clone());
-        let cert = params.signed_by(&csr.public_key, &signer.issuer)?;
-
-        let record = Record {
-            serial: hex(&serial.to_bytes()),
-            identity: csr.identity.to_string(),
-            node: by.node,
-            requested_by: by.caller,
-            not_before: unix(not_before),
-            not_after,
-            root: signer.root.clone(),
-        };
-        self.log.append(record.clone()).await?;
+        let (cert, record, signer) = self.sign_leaf(&csr.identity, &[], &csr.public_key, ttl, by).await?;
         let mut chain = Vec::with_capacity(1 + signer.chain.len());
         chain.push(cert.pem());
         chain.extend(signer.chain.iter().cloned());
@@ -539,6 +510,32 @@ impl Authority {
         ttl: Duration,
     ) -> Result<LocalCert, SignError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let by = Requester { caller: "ca (its own key)".into(), node: None };
+        let (cert, _, signer) = self.sign_leaf(identity, names, &key, ttl, by).await?;
+        let mut chain = vec![cert.der().clone()];
+        for pem in &signer.chain {
+            chain.extend(CertificateDer::pem_slice_iter(pem.as_bytes()).flatten());
+        }
+        Ok(LocalCert { chain, key_pem: key.serialize_pem() })
+    }
+
+    /// Signs an X.509-SVID for `identity` (+ `names`, DNS names or IPs) over `public_key`, and
+    /// records it in the issuance log before returning it.
+    async fn sign_leaf(
+        &self,
+        identity: &SpiffeId,
+        names: &[String],
+        public_key: &impl PublicKeyData,
+        ttl: Duration,
+        by: Requester,
+    ) -> Result<(rcgen::Certificate, Record, Arc<Signer>), SignError> {
+        let signer = self.material.load().signer.clone();
+        let now = SystemTime::now();
+        let not_before = now - BACKDATE;
+        // Never past the signer's own end: the chain would not verify.
+        let not_after = unix(now + ttl).min(signer.info.not_after);
+        let serial = random_serial();
+
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.subject_alt_names = vec![SanType::URI(identity.as_str().try_into()?)];
@@ -548,38 +545,27 @@ impl Authority {
                 Err(_) => SanType::DnsName(name.as_str().try_into()?),
             });
         }
-        let csr_pem = params.serialize_request(&key)?.pem()?;
-        let checked = csr::check(&csr_pem).map_err(|e| SignError::Crypto(rcgen::Error::X509(e.to_string())))?;
-        // The CSR path certifies the SPIFFE ID only; the serving certificate also needs the names.
-        let signer = self.material.load().signer.clone();
-        let now = SystemTime::now();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = to_datetime(now - BACKDATE);
-        let not_after = unix(now + ttl).min(signer.info.not_after);
+        params.not_before = to_datetime(not_before);
         params.not_after =
             time::OffsetDateTime::from_unix_timestamp(not_after).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let serial = random_serial();
         params.serial_number = Some(serial.clone());
-        let cert = params.signed_by(&checked.public_key, &signer.issuer)?;
-        self.log
-            .append(Record {
-                serial: hex(&serial.to_bytes()),
-                identity: identity.to_string(),
-                node: None,
-                requested_by: "ca (own serving certificate)".into(),
-                not_before: unix(now - BACKDATE),
-                not_after,
-                root: signer.root.clone(),
-            })
-            .await?;
-        let mut chain = vec![cert.der().clone()];
-        for pem in &signer.chain {
-            chain.extend(CertificateDer::pem_slice_iter(pem.as_bytes()).flatten());
-        }
-        Ok(LocalCert { chain, key_pem: key.serialize_pem() })
+        let cert = params.signed_by(public_key, &signer.issuer)?;
+
+        let record = Record {
+            serial: hex(&serial.to_bytes()),
+            identity: identity.to_string(),
+            node: by.node,
+            requested_by: by.caller,
+            not_before: unix(not_before),
+            not_after,
+            root: signer.root.clone(),
+        };
+        self.log.append(record.clone()).await?;
+        Ok((cert, record, signer))
     }
 
     fn self_managed(&self) -> Result<&KeyStore, AdminError> {
