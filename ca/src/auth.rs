@@ -449,7 +449,7 @@ impl NodeAuthorizer {
                     requested: requested.to_string(),
                 });
             }
-            return Ok(());
+            return Ok(None);
         };
         if impersonated != requested.as_str() {
             return Err(Denied::ImpersonationMismatch {
@@ -465,7 +465,7 @@ impl NodeAuthorizer {
         if !pods.by_node.get(&node).is_some_and(|ids| ids.contains(requested)) {
             return Err(Denied::NotOnNode { identity: requested.to_string(), node });
         }
-        Ok(())
+        Ok(Some(node))
     }
 }
 
@@ -650,8 +650,8 @@ mod tests {
         };
         let client = id("spiffe://cluster.local/ns/demo/sa/client");
         let imp = Some(client.as_str());
-        assert_eq!(authz.authorize(&node_caller(Some("node-1"), None), &client, imp), Ok(()));
-        assert_eq!(authz.authorize(&node_caller(None, Some("ztunnel-1")), &client, imp), Ok(()));
+        assert_eq!(authz.authorize(&node_caller(Some("node-1"), None), &client, imp), Ok(Some("node-1".into())));
+        assert_eq!(authz.authorize(&node_caller(None, Some("ztunnel-1")), &client, imp), Ok(Some("node-1".into())));
         assert!(matches!(
             authz.authorize(&node_caller(Some("node-2"), None), &client, imp),
             Err(Denied::NotOnNode { .. })
@@ -661,7 +661,7 @@ mod tests {
             Caller { identity: id("spiffe://cluster.local/ns/demo/sa/other"), ..node_caller(Some("node-1"), None) };
         assert!(matches!(authz.authorize(&app, &client, imp), Err(Denied::NotNodeAccount(_))));
         assert!(matches!(authz.authorize(&app, &client, None), Err(Denied::OtherIdentity { .. })));
-        assert_eq!(authz.authorize(&app, &app.identity, None), Ok(()));
+        assert_eq!(authz.authorize(&app, &app.identity, None), Ok(None));
         assert!(matches!(
             authz.authorize(&node_caller(Some("node-1"), None), &client, Some("spiffe://cluster.local/ns/x/sa/y")),
             Err(Denied::ImpersonationMismatch { .. })

@@ -85,16 +85,18 @@ impl CaService {
         })?;
         let impersonated =
             impersonated_identity(request.metadata.as_ref()).map_err(|s| self.refuse("bad_metadata", s))?;
-        if let Err(denied) = self.nodes.authorize(&caller, &checked.identity, impersonated) {
-            warn!(%peer, caller = %caller.identity, requested = %checked.identity, reason = %denied,
-                "certificate request refused: not authorized");
-            return Err(self.refuse(denied.reason(), Status::unauthenticated("request authorization failed")));
-        }
+        let node = match self.nodes.authorize(&caller, &checked.identity, impersonated) {
+            Ok(node) => node,
+            Err(denied) => {
+                warn!(%peer, caller = %caller.identity, requested = %checked.identity, reason = %denied,
+                    "certificate request refused: not authorized");
+                return Err(self.refuse(denied.reason(), Status::unauthenticated("request authorization failed")));
+            }
+        };
         let ttl = self.authority.lifetime(request.validity_duration).map_err(|e| {
             warn!(%peer, caller = %caller.identity, reason = %e, "certificate request refused: lifetime");
             self.refuse("ttl", Status::invalid_argument(e.to_string()))
         })?;
-        let node = impersonated.is_some().then(|| caller.node.clone()).flatten();
         let by = Requester { caller: caller.identity.to_string(), node };
         let issued = self.authority.issue(&checked, ttl, by).await.map_err(|e| {
             tracing::error!(caller = %caller.identity, error = %e, "signing failed");
