@@ -438,7 +438,13 @@ impl NodeAuthorizer {
     }
 
     /// Whether `caller` may have `requested`, asking `impersonated` (the metadata) if set.
-    pub fn authorize(&self, caller: &Caller, requested: &SpiffeId, impersonated: Option<&str>) -> Result<(), Denied> {
+    /// Returns the node the certificate is for when it was granted through impersonation.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        requested: &SpiffeId,
+        impersonated: Option<&str>,
+    ) -> Result<Option<String>, Denied> {
         if requested.trust_domain() != self.trust_domain {
             return Err(Denied::TrustDomain(requested.to_string(), self.trust_domain.clone()));
         }
