@@ -186,11 +186,16 @@ async fn main() -> Result<()> {
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
     let ready = Arc::new(Barrier::new(args.clients + 1));
     let started = Instant::now();
+    // Set once measuring is over: streams then end because the CA is stopped, which is no error.
+    let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
     for id in 0..args.clients {
         let (target, seen, ready) = (target.clone(), seen_tx.clone(), ready.clone());
         let token = ca.token("istio-system", "ztunnel", Some(&format!("node-{}", id % 50)))?;
+        let finished = finished.clone();
         tokio::spawn(async move {
-            if let Err(e) = client(target, token, id, seen, ready).await {
+            if let Err(e) = client(target, token, id, seen, ready).await
+                && !finished.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 eprintln!("client {id}: {e}");
             }
         });
@@ -270,5 +275,7 @@ async fn main() -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, &json)?;
     }
+    finished.store(true, std::sync::atomic::Ordering::Relaxed);
+    drop(ca);
     Ok(())
 }
