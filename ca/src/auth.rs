@@ -364,6 +364,9 @@ pub enum Denied {
     /// Another trust domain.
     #[error("identity {0} is outside trust domain {1}")]
     TrustDomain(String, String),
+    /// The pods are not loaded yet (control plane starting): the caller should retry.
+    #[error("pod placement not loaded yet; retry shortly")]
+    NotReady,
 }
 
 impl Denied {
@@ -375,6 +378,7 @@ impl Denied {
             }
             Denied::NotNodeAccount(_) => "not_node_account",
             Denied::NoNode(_) | Denied::NotOnNode { .. } => "pod_not_on_node",
+            Denied::NotReady => "not_ready",
         }
     }
 }
@@ -418,18 +422,19 @@ impl PodIndex {
 pub struct NodeAuthorizer {
     trust_domain: String,
     node_accounts: Vec<SpiffeId>,
-    pods: ArcSwap<PodIndex>,
+    /// `None` until the sources have loaded.
+    pods: ArcSwap<Option<PodIndex>>,
 }
 
 impl NodeAuthorizer {
     /// With no pods known yet.
     pub fn new(trust_domain: String, node_accounts: Vec<SpiffeId>) -> Self {
-        NodeAuthorizer { trust_domain, node_accounts, pods: ArcSwap::from_pointee(PodIndex::default()) }
+        NodeAuthorizer { trust_domain, node_accounts, pods: ArcSwap::from_pointee(None) }
     }
 
     /// Replaces the pod index (after every change of the objects).
     pub fn update(&self, index: PodIndex) {
-        self.pods.store(Arc::new(index));
+        self.pods.store(Arc::new(Some(index)));
     }
 
     /// The caller's node: its token's node claim, else the node of the pod its token is bound to.
@@ -466,8 +471,9 @@ impl NodeAuthorizer {
         if !self.node_accounts.contains(&caller.identity) {
             return Err(Denied::NotNodeAccount(caller.identity.to_string()));
         }
-        let pods = self.pods.load();
-        let node = self.node_of(caller, &pods).ok_or_else(|| Denied::NoNode(caller.identity.to_string()))?;
+        let loaded = self.pods.load();
+        let Some(pods) = loaded.as_ref() else { return Err(Denied::NotReady) };
+        let node = self.node_of(caller, pods).ok_or_else(|| Denied::NoNode(caller.identity.to_string()))?;
         if !pods.by_node.get(&node).is_some_and(|ids| ids.contains(requested)) {
             return Err(Denied::NotOnNode { identity: requested.to_string(), node });
         }
@@ -644,6 +650,9 @@ mod tests {
     fn node_authorizer_rules() {
         let ztunnel = id("spiffe://cluster.local/ns/istio-system/sa/ztunnel");
         let authz = NodeAuthorizer::new("cluster.local".into(), vec![ztunnel.clone()]);
+        let early = Caller { identity: ztunnel.clone(), method: Method::Token, node: Some("node-1".into()), pod: None };
+        let client_id = id("spiffe://cluster.local/ns/demo/sa/client");
+        assert_eq!(authz.authorize(&early, &client_id, Some(client_id.as_str())), Err(Denied::NotReady));
         let mut index = PodIndex::default();
         index.by_node.entry("node-1".into()).or_default().insert(id("spiffe://cluster.local/ns/demo/sa/client"));
         index.pod_node.insert(("istio-system".into(), "ztunnel-1".into()), "node-1".into());

@@ -144,6 +144,32 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// A control plane on this machine with Istio's defaults: objects from `objects_dir`, state in
+    /// `state_dir`, trust domain `cluster.local`, node account `istio-system/ztunnel`, admin
+    /// `istio-system/mesh-admin`, audience `istio-ca`, and both ports on 127.0.0.1 with a free port
+    /// each (read them back from [`ControlPlane`]).
+    pub fn local(objects_dir: PathBuf, state_dir: PathBuf, tokens: auth::TokenCheck) -> Self {
+        let mesh = MeshConfig::default();
+        let td = mesh.trust_domain.clone();
+        let account = |ns: &str, sa: &str| proto::SpiffeId::new(&td, ns, sa).ok();
+        Config {
+            source: Source::Dir(objects_dir),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            authority: AuthorityConfig::new(td.clone(), state_dir),
+            auth: AuthConfig {
+                trust_domain: td.clone(),
+                audiences: vec![auth::DEFAULT_AUDIENCE.into()],
+                tokens,
+                node_accounts: account("istio-system", "ztunnel").into_iter().collect(),
+                admins: account("istio-system", "mesh-admin").into_iter().collect(),
+            },
+            mesh,
+            serving: ServingConfig::default(),
+            debounce: Duration::from_millis(20),
+        }
+    }
+
     /// Checks the settings before anything starts.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let td = &self.mesh.trust_domain;

@@ -2,5 +2,10 @@
 //!
 //! This crate will own ztunnel: pod enrollment over ZDS (listeners opened inside each pod's network
 //! namespace), outbound capture on 15001, inbound HBONE on 15008 and plaintext on 15006, L4
-//! authorization, certificate fetching and rotation, and the node agent that installs capture rules.
-//! Nothing is implemented yet; see the project's issues for the order of work.
+//! authorization and the node agent that installs capture rules.
+//!
+//! Built so far:
+//! - [`certs`]: workload certificates for the pods on this node (CSR with impersonation, renewal at
+//!   half-life, keeps serving through a CA outage).
+
+pub mod certs;

@@ -87,6 +87,10 @@ impl CaService {
             impersonated_identity(request.metadata.as_ref()).map_err(|s| self.refuse("bad_metadata", s))?;
         let node = match self.nodes.authorize(&caller, &checked.identity, impersonated) {
             Ok(node) => node,
+            Err(crate::auth::Denied::NotReady) => {
+                info!(%peer, caller = %caller.identity, "certificate request deferred: pods not loaded yet");
+                return Err(self.refuse("not_ready", Status::unavailable("control plane is starting; retry shortly")));
+            }
             Err(denied) => {
                 warn!(%peer, caller = %caller.identity, requested = %checked.identity, reason = %denied,
                     "certificate request refused: not authorized");

@@ -8,10 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ca::auth::{AuthConfig, DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
-use ca::authority::AuthorityConfig;
-use ca::translate::MeshConfig;
-use ca::{Config, ControlPlane, ServingConfig, Source};
+use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
+use ca::{Config, ControlPlane};
 use proto::SpiffeId;
 use proto::api::istio::v1::auth::IstioCertificateRequest;
 use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -37,23 +35,8 @@ pub struct Mesh {
 }
 
 pub fn config(objects: &Path, state: &Path, signer: &TokenSigner) -> Config {
-    let td = "cluster.local";
-    Config {
-        source: Source::Dir(objects.to_owned()),
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        admin_addr: "127.0.0.1:0".parse().unwrap(),
-        mesh: MeshConfig::default(),
-        authority: AuthorityConfig::new(td, state),
-        auth: AuthConfig {
-            trust_domain: td.into(),
-            audiences: vec![DEFAULT_AUDIENCE.into()],
-            tokens: TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() }),
-            node_accounts: vec![ZTUNNEL.parse().unwrap()],
-            admins: vec![ADMIN.parse().unwrap()],
-        },
-        serving: ServingConfig::default(),
-        debounce: Duration::from_millis(20),
-    }
+    let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
+    Config::local(objects.to_owned(), state.to_owned(), tokens)
 }
 
 impl Mesh {

@@ -1,0 +1,313 @@
+//! Workload certificates for the pods on this node.
+//!
+//! ztunnel asks the CA for the identity of each pod it serves, authenticating as itself (its
+//! node-bound service-account token) and naming the pod's identity in `ImpersonatedIdentity`. The
+//! private key is generated here (ECDSA P-256) and never leaves the process.
+//!
+//! - [`CertManager::fetch`] returns the identity's [`Credential`], requesting it on first use;
+//!   concurrent first uses share one request, retried a few times while the CA is unavailable
+//!   (e.g. still loading pods after a restart).
+//! - Each identity then renews on its own at half of the remaining lifetime (± 10 % jitter so a
+//!   node's certificates do not all renew at once). The [`Credential`] is swapped in place: every
+//!   listener and pool holding it presents the new certificate on its next handshake, live streams
+//!   are untouched.
+//! - A failed renewal keeps the current certificate serving and retries with exponential backoff
+//!   (1 s → 60 s); an expired certificate is logged loudly on every attempt.
+//! - [`CertManager::forget`] stops renewing an identity no pod on the node has any more.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use proto::SpiffeId;
+use proto::api::istio::v1::auth::IstioCertificateRequest;
+use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use proto::control::ControlPlaneTarget;
+use proto::tls::{Credential, WorkloadCert};
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+/// Where ztunnel's own token comes from (re-read for every request: projected tokens rotate).
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// No token: authenticate with a client certificate only.
+    None,
+    /// A fixed token.
+    Static(String),
+    /// A file holding the token (Kubernetes projected service-account token).
+    File(std::path::PathBuf),
+}
+
+impl TokenSource {
+    fn read(&self) -> Result<Option<String>, CertError> {
+        match self {
+            TokenSource::None => Ok(None),
+            TokenSource::Static(t) => Ok(Some(t.clone())),
+            TokenSource::File(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| CertError::Token(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct CertConfig {
+    /// The CA.
+    pub ca: ControlPlaneTarget,
+    /// ztunnel's credentials for the CA.
+    pub token: TokenSource,
+    /// ztunnel's own identity: requests for other identities carry `ImpersonatedIdentity`.
+    pub own_identity: SpiffeId,
+    /// Requested lifetime (zero: the CA's default).
+    pub ttl: Duration,
+    /// First retry delay after a failure.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl CertConfig {
+    /// Defaults: the CA's lifetime, retries from 1 s to 60 s.
+    pub fn new(ca: ControlPlaneTarget, token: TokenSource, own_identity: SpiffeId) -> Self {
+        CertConfig {
+            ca,
+            token,
+            own_identity,
+            ttl: Duration::ZERO,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why a certificate could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CertError {
+    /// Reading the token.
+    #[error("reading the service-account token: {0}")]
+    Token(String),
+    /// Building the request.
+    #[error("building the CSR: {0}")]
+    Csr(String),
+    /// The CA refused or could not be reached.
+    #[error("CA: {code:?}: {message}")]
+    Ca {
+        /// gRPC status.
+        code: tonic::Code,
+        /// Its message.
+        message: String,
+    },
+    /// The answer is unusable.
+    #[error("unusable certificate from the CA: {0}")]
+    Response(String),
+    /// The identity was forgotten while waiting.
+    #[error("no longer wanted")]
+    Forgotten,
+}
+
+/// The state of one identity, as fetchers see it.
+#[derive(Debug, Clone)]
+enum Slot {
+    Pending,
+    Ready(Arc<Credential>),
+    Failed(CertError),
+}
+
+struct Entry {
+    slot: watch::Sender<Slot>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Fetches and renews workload certificates.
+pub struct CertManager {
+    config: CertConfig,
+    client: IstioCertificateServiceClient<tonic::transport::Channel>,
+    entries: Mutex<HashMap<SpiffeId, Entry>>,
+}
+
+impl std::fmt::Debug for CertManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.entries.lock().map(|e| e.len()).unwrap_or(0);
+        f.debug_struct("CertManager").field("ca", &self.config.ca).field("identities", &n).finish()
+    }
+}
+
+impl Drop for CertManager {
+    fn drop(&mut self) {
+        for (_, e) in self.entries.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            e.task.abort();
+        }
+    }
+}
+
+impl CertManager {
+    /// A manager talking to `config.ca` (connects lazily).
+    pub fn new(config: CertConfig) -> Result<Arc<Self>, proto::control::ControlError> {
+        let client = IstioCertificateServiceClient::new(config.ca.channel()?);
+        Ok(Arc::new(CertManager { config, client, entries: Mutex::new(HashMap::new()) }))
+    }
+
+    /// The credential for `id`, requesting it (and starting its renewal) on first use. Fails
+    /// if the first request fails; later calls try again.
+    pub async fn fetch(self: &Arc<Self>, id: &SpiffeId) -> Result<Arc<Credential>, CertError> {
+        let mut rx = {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            let failed = entries.get(id).is_some_and(|e| matches!(*e.slot.borrow(), Slot::Failed(_)));
+            if failed && let Some(old) = entries.remove(id) {
+                old.task.abort();
+            }
+            match entries.get(id) {
+                Some(e) => e.slot.subscribe(),
+                None => {
+                    let (tx, rx) = watch::channel(Slot::Pending);
+                    let task = tokio::spawn(Arc::clone(self).maintain(id.clone(), tx.clone()));
+                    entries.insert(id.clone(), Entry { slot: tx, task });
+                    rx
+                }
+            }
+        };
+        let slot = rx.wait_for(|s| !matches!(s, Slot::Pending)).await.map_err(|_| CertError::Forgotten)?.clone();
+        match slot {
+            Slot::Ready(c) => Ok(c),
+            Slot::Failed(e) => Err(e),
+            Slot::Pending => Err(CertError::Forgotten),
+        }
+    }
+
+    /// Stops renewing `id`.
+    pub fn forget(&self, id: &SpiffeId) {
+        if let Some(e) = self.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            e.task.abort();
+            info!(identity = %id, "stopped renewing certificate (no pod needs it)");
+        }
+    }
+
+    /// Identities currently held, with their expiry.
+    pub fn held(&self) -> Vec<(SpiffeId, Option<SystemTime>)> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = entries
+            .iter()
+            .map(|(id, e)| {
+                let expiry = match &*e.slot.borrow() {
+                    Slot::Ready(c) => Some(c.current().not_after()),
+                    _ => None,
+                };
+                (id.clone(), expiry)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The first request: retried a few times while the CA is unreachable or starting
+    /// (`Unavailable`); any other refusal is final for this attempt.
+    async fn first(&self, id: &SpiffeId) -> Result<WorkloadCert, CertError> {
+        let mut retry = self.config.retry_min;
+        for _ in 0..4 {
+            match self.request(id).await {
+                Err(CertError::Ca { code: tonic::Code::Unavailable, message }) => {
+                    info!(identity = %id, %message, "CA unavailable; retrying in {retry:?}");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(self.config.retry_max);
+                }
+                other => return other,
+            }
+        }
+        self.request(id).await
+    }
+
+    /// Obtains the first certificate, then renews forever.
+    async fn maintain(self: Arc<Self>, id: SpiffeId, slot: watch::Sender<Slot>) {
+        let credential = match self.first(&id).await {
+            Ok(cert) => {
+                info!(identity = %id, not_after = ?cert.not_after(), "certificate issued");
+                let c = Credential::new(cert);
+                slot.send_replace(Slot::Ready(c.clone()));
+                c
+            }
+            Err(e) => {
+                warn!(identity = %id, error = %e, "certificate request failed");
+                slot.send_replace(Slot::Failed(e));
+                return;
+            }
+        };
+        let mut retry = self.config.retry_min;
+        loop {
+            let wait = renew_after(&credential.current(), SystemTime::now());
+            tokio::time::sleep(wait).await;
+            loop {
+                match self.request(&id).await {
+                    Ok(cert) => {
+                        info!(identity = %id, not_after = ?cert.not_after(), "certificate renewed");
+                        credential.replace(cert);
+                        retry = self.config.retry_min;
+                        break;
+                    }
+                    Err(e) => {
+                        let current = credential.current();
+                        if current.remaining(SystemTime::now()).is_zero() {
+                            error!(identity = %id, error = %e, "certificate EXPIRED and renewal failed; retrying in {retry:?}");
+                        } else {
+                            warn!(identity = %id, error = %e, remaining = ?current.remaining(SystemTime::now()),
+                                "certificate renewal failed; still serving the current one, retrying in {retry:?}");
+                        }
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(self.config.retry_max);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One CSR round trip.
+    async fn request(&self, id: &SpiffeId) -> Result<WorkloadCert, CertError> {
+        let key =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CertError::Csr(e.to_string()))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let uri = id.as_str().try_into().map_err(|e: rcgen::Error| CertError::Csr(e.to_string()))?;
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        let csr = params.serialize_request(&key).and_then(|r| r.pem()).map_err(|e| CertError::Csr(e.to_string()))?;
+        let metadata = (id != &self.config.own_identity).then(|| prost_types::Struct {
+            fields: [(
+                "ImpersonatedIdentity".to_owned(),
+                prost_types::Value { kind: Some(prost_types::value::Kind::StringValue(id.to_string())) },
+            )]
+            .into(),
+        });
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: self.config.ttl.as_secs() as i64,
+            metadata,
+        });
+        request.set_timeout(Duration::from_secs(15));
+        if let Some(token) = self.config.token.read()? {
+            let value =
+                format!("Bearer {token}").parse().map_err(|_| CertError::Token("not a valid header value".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let chain = self
+            .client
+            .clone()
+            .create_certificate(request)
+            .await
+            .map_err(|s| CertError::Ca { code: s.code(), message: s.message().to_owned() })?
+            .into_inner()
+            .cert_chain;
+        let cert = WorkloadCert::from_pem(chain.concat().as_bytes(), key.serialize_pem().as_bytes())
+            .map_err(|e| CertError::Response(e.to_string()))?;
+        if cert.identity() != id {
+            return Err(CertError::Response(format!("certificate is for {}, asked for {id}", cert.identity())));
+        }
+        Ok(cert)
+    }
+}
+
+/// When to renew: at half of the lifetime left when the certificate was received, ± 10 %.
+fn renew_after(cert: &WorkloadCert, now: SystemTime) -> Duration {
+    let remaining = cert.remaining(now);
+    let jitter = rand::rng().random_range(0.9..1.1);
+    remaining.mul_f64(0.5 * jitter)
+}
