@@ -40,7 +40,8 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    fn read(&self) -> Result<Option<String>, CertError> {
+    /// The current token, if any.
+    pub fn read(&self) -> Result<Option<String>, CertError> {
         match self {
             TokenSource::None => Ok(None),
             TokenSource::Static(t) => Ok(Some(t.clone())),

@@ -7,5 +7,8 @@
 //! Built so far:
 //! - [`certs`]: workload certificates for the pods on this node (CSR with impersonation, renewal at
 //!   half-life, keeps serving through a CA outage).
+//! - [`xds`]: the mesh as the control plane describes it (workloads, services, L4 policies, trust
+//!   bundle), kept current over delta xDS with reconnect and resync.
 
 pub mod certs;
+pub mod xds;
