@@ -9,6 +9,8 @@
 //!   half-life, keeps serving through a CA outage).
 //! - [`xds`]: the mesh as the control plane describes it (workloads, services, L4 policies, trust
 //!   bundle), kept current over delta xDS with reconnect and resync.
+//! - [`rbac`]: L4 authorization with Istio's semantics.
 
 pub mod certs;
+pub mod rbac;
 pub mod xds;
