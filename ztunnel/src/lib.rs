@@ -10,7 +10,10 @@
 //! - [`xds`]: the mesh as the control plane describes it (workloads, services, L4 policies, trust
 //!   bundle), kept current over delta xDS with reconnect and resync.
 //! - [`rbac`]: L4 authorization with Istio's semantics.
+//! - [`zds`]: the ZDS protocol, both ends (node agent server, ztunnel client), with descriptor
+//!   passing and checks.
 
 pub mod certs;
 pub mod rbac;
 pub mod xds;
+pub mod zds;

@@ -1,0 +1,67 @@
+//! ZDS over a real SOCK_SEQPACKET socket with real descriptors: the node agent's side and
+//! ztunnel's side in one process. Hello, add with a network namespace, keep, del, snapshot; bad
+//! descriptors and malformed requests refused with a reason while the connection keeps working;
+//! ztunnel retries until the agent appears.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use proto::api::istio::workload::zds::WorkloadInfo;
+use ztunnel::zds::{ZdsClient, ZdsError, ZdsEvent, ZdsListener};
+
+#[tokio::test]
+async fn agent_and_ztunnel_speak_zds_and_bad_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run/ztunnel.sock");
+    // ztunnel starts first and waits for the agent.
+    let client_path = path.clone();
+    let ztunnel = tokio::spawn(async move {
+        let client = ZdsClient::connect(&client_path).await;
+        let mut seen = Vec::new();
+        loop {
+            match client.next().await {
+                Ok(event) => {
+                    let refuse = matches!(&event, ZdsEvent::Del { uid } if uid == "unknown");
+                    seen.push(match &event {
+                        ZdsEvent::Add { uid, info, .. } => {
+                            format!("add {uid} {}", info.as_ref().map_or("", |i| i.name.as_str()))
+                        }
+                        ZdsEvent::Keep { uid } => format!("keep {uid}"),
+                        ZdsEvent::Del { uid } => format!("del {uid}"),
+                        ZdsEvent::SnapshotSent => "snapshot".into(),
+                    });
+                    client.ack(refuse.then(|| "unknown uid".to_owned())).await.unwrap();
+                }
+                Err(ZdsError::Closed) => return seen,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut listener = ZdsListener::bind(&path).unwrap();
+    let agent = listener.accept().await.unwrap();
+
+    let netns = std::fs::File::open("/proc/self/ns/net").unwrap();
+    let info = WorkloadInfo { name: "client".into(), namespace: "demo".into(), service_account: "client".into() };
+    agent.add("uid-1", info, netns.as_fd()).await.unwrap();
+
+    // A descriptor that is not a network namespace, and none at all: refused with the reason.
+    let file = std::fs::File::open("/proc/self/status").unwrap();
+    let err = agent.add_raw("uid-2", Some(file.as_fd())).await.unwrap_err();
+    assert!(matches!(&err, ZdsError::Refused(r) if r.contains("not a network namespace")), "{err}");
+    let err = agent.add_raw("uid-3", None).await.unwrap_err();
+    assert!(matches!(&err, ZdsError::Refused(r) if r.contains("exactly one netns descriptor")), "{err}");
+    // ztunnel decides about uids it does not know.
+    let err = agent.del("unknown").await.unwrap_err();
+    assert!(matches!(&err, ZdsError::Refused(r) if r == "unknown uid"), "{err}");
+
+    // The connection still works.
+    agent.keep("uid-1").await.unwrap();
+    agent.snapshot_sent().await.unwrap();
+    agent.del("uid-1").await.unwrap();
+    drop(agent);
+    let seen = tokio::time::timeout(Duration::from_secs(5), ztunnel).await.unwrap().unwrap();
+    assert_eq!(seen, ["add uid-1 client", "del unknown", "keep uid-1", "snapshot", "del uid-1"]);
+}
