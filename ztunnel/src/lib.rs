@@ -9,12 +9,14 @@
 //!   half-life, keeps serving through a CA outage).
 //! - [`xds`]: the mesh as the control plane describes it (workloads, services, L4 policies, trust
 //!   bundle), kept current over delta xDS with reconnect and resync.
+//! - [`inbound`]: the inbound HBONE handler (destination lookup, L4 policy, connect to the app).
 //! - [`netns`]: sockets created inside a pod's network namespace.
 //! - [`rbac`]: L4 authorization with Istio's semantics.
 //! - [`zds`]: the ZDS protocol, both ends (node agent server, ztunnel client), with descriptor
 //!   passing and checks.
 
 pub mod certs;
+pub mod inbound;
 pub mod netns;
 pub mod rbac;
 pub mod xds;

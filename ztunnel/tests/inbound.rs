@@ -1,0 +1,171 @@
+//! The inbound HBONE path with every real part but the network namespaces: a control plane (CA +
+//! xDS), the certificate manager, the xDS view, the HBONE server presenting the destination pod's
+//! certificate, an app behind it, and a client pool presenting the source pod's certificate.
+//! Allowed traffic flows; a DENY policy answers 401; a dead app answers 503.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
+use ca::{Config, ControlPlane};
+use proto::SpiffeId;
+use proto::control::ControlPlaneTarget;
+use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig, PoolError};
+use proto::hbone::server::{Server, ServerConfig, StatusCode};
+use proto::tls::{SharedTrustBundle, TrustBundle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use ztunnel::certs::{CertConfig, CertManager, TokenSource};
+use ztunnel::inbound::{DirectUpstream, Inbound};
+use ztunnel::xds::{MeshView, XdsClient};
+
+const ISSUER: &str = "https://kubelet.test";
+const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
+const SERVER_IP: &str = "127.0.0.3";
+
+async fn echo(listener: TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { return };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn objects(deny_port: u16) -> String {
+    let pod = |name: &str, ip: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {name}\nspec:\n  nodeName: node-1\n  serviceAccountName: {name}\n  containers: []\nstatus:\n  podIP: {ip}\n"
+        )
+    };
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n{}{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-port\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"{deny_port}\"]\n",
+        pod("client", "127.0.0.2"),
+        pod("server", SERVER_IP),
+    )
+}
+
+#[tokio::test]
+async fn allowed_flows_denied_gets_401_dead_app_gets_503() {
+    // The apps on the "server pod".
+    let open = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    let open_addr = open.local_addr().unwrap();
+    tokio::spawn(echo(open));
+    let admin = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    tokio::spawn(echo(admin));
+    let dead_addr: SocketAddr = {
+        let l = std::net::TcpListener::bind((SERVER_IP, 0)).unwrap();
+        l.local_addr().unwrap()
+    };
+
+    // Control plane.
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), objects(admin_addr.port())).unwrap();
+    let signer = TokenSigner::new(ISSUER, None).unwrap();
+    let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
+    let cp = ControlPlane::bind(Config::local(dir.path().to_owned(), state.path().to_owned(), tokens)).await.unwrap();
+    let grpc = cp.grpc_addr();
+    let (stop_cp, rx) = oneshot::channel::<()>();
+    let cp_task = tokio::spawn(cp.run(async {
+        let _ = rx.await;
+    }));
+
+    // ztunnel's parts.
+    let roots = std::fs::read(state.path().join("root-cert.pem")).unwrap();
+    let trust = SharedTrustBundle::new(TrustBundle::from_pem(&roots).unwrap());
+    let target =
+        ControlPlaneTarget { addr: grpc, server_name: "localhost".into(), trust: trust.clone(), credential: None };
+    let token = signer
+        .mint(&TokenRequest {
+            namespace: "istio-system",
+            service_account: "ztunnel",
+            pod: None,
+            node: Some("node-1"),
+            audience: DEFAULT_AUDIENCE,
+            ttl: Duration::from_secs(3600),
+        })
+        .unwrap();
+    let view = MeshView::new(trust.clone());
+    let xds = XdsClient {
+        target: target.clone(),
+        token: TokenSource::Static(token.clone()),
+        node_id: "ztunnel~node-1".into(),
+        retry_min: Duration::from_millis(100),
+        retry_max: Duration::from_secs(1),
+    };
+    let (stop_xds, rx) = oneshot::channel::<()>();
+    tokio::spawn(xds.run(view.clone(), async {
+        let _ = rx.await;
+    }));
+    let mut synced = view.synced();
+    tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.unwrap().unwrap();
+    let certs = CertManager::new(CertConfig::new(
+        target,
+        TokenSource::Static(token),
+        "spiffe://cluster.local/ns/istio-system/sa/ztunnel".parse().unwrap(),
+    ))
+    .unwrap();
+    let server_cred = certs.fetch(&SERVER.parse().unwrap()).await.unwrap();
+    let client_cred = certs.fetch(&CLIENT.parse().unwrap()).await.unwrap();
+
+    // The server pod's inbound HBONE listener.
+    let tls = proto::tls::server_config(server_cred, trust.clone(), vec!["cluster.local".into()]).unwrap();
+    let listener = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    let hbone = listener.local_addr().unwrap();
+    let server =
+        Server::new(listener, tls, ServerConfig::default(), Inbound::new(view.clone(), DirectUpstream)).unwrap();
+    let (drain, watcher) = proto::drain::new();
+    let server_task = tokio::spawn(server.run(watcher));
+
+    let pool = Pool::new(PoolConfig::default(), trust.clone());
+    let expected: Vec<SpiffeId> = vec![SERVER.parse().unwrap()];
+    let connect = |target: SocketAddr| {
+        pool.connect(
+            ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), target)
+                .forwarded_for("127.0.0.2:40000".parse().unwrap()),
+        )
+    };
+
+    // Allowed: bytes flow both ways.
+    let mut stream = connect(open_addr).await.unwrap();
+    stream.write_all(b"hello through the mesh").await.unwrap();
+    let mut back = [0u8; 22];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"hello through the mesh");
+    drop(stream);
+
+    // Denied by the DENY policy on that port: 401.
+    match connect(admin_addr).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    // Nothing listening: 503.
+    match connect(dead_addr).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
+        other => panic!("expected 503, got {other:?}"),
+    }
+    // And the allowed port still works afterwards, on the same pooled connection.
+    let mut again = connect(open_addr).await.unwrap();
+    again.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    again.read_exact(&mut one).await.unwrap();
+    assert_eq!(pool.connection_count(), 1);
+
+    drop(again);
+    drain.drain(Duration::from_secs(1)).await;
+    server_task.abort();
+    stop_xds.send(()).unwrap();
+    stop_cp.send(()).unwrap();
+    cp_task.await.unwrap().unwrap();
+}
