@@ -11,6 +11,8 @@
 //!   bundle), kept current over delta xDS with reconnect and resync.
 //! - [`inbound`]: the inbound HBONE handler (destination lookup, L4 policy, connect to the app).
 //! - [`netns`]: sockets created inside a pod's network namespace.
+//! - [`outbound`]: where a captured connection goes (service VIP → endpoint or waypoint, pod,
+//!   passthrough).
 //! - [`rbac`]: L4 authorization with Istio's semantics.
 //! - [`zds`]: the ZDS protocol, both ends (node agent server, ztunnel client), with descriptor
 //!   passing and checks.
@@ -18,6 +20,7 @@
 pub mod certs;
 pub mod inbound;
 pub mod netns;
+pub mod outbound;
 pub mod rbac;
 pub mod xds;
 pub mod zds;

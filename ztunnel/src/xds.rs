@@ -44,6 +44,8 @@ pub struct MeshState {
     pub policies: HashMap<String, Arc<Authorization>>,
     /// Workload uid by IP.
     by_ip: HashMap<IpAddr, String>,
+    /// Service key by VIP.
+    by_vip: HashMap<IpAddr, String>,
     /// Version held per (type, name), sent back on reconnect.
     versions: HashMap<(&'static str, String), String>,
 }
@@ -52,6 +54,35 @@ impl MeshState {
     /// The workload with this IP.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(self.by_ip.get(&ip)?)
+    }
+
+    /// Adds a workload under its uid (tests build states by hand).
+    #[cfg(test)]
+    pub(crate) fn insert_workload_for_test(&mut self, w: Workload) {
+        self.insert_workload(w.uid.clone(), w);
+    }
+
+    /// The service with this VIP, with its `namespace/hostname` key.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&String, &Arc<Service>)> {
+        self.services.get_key_value(self.by_vip.get(&ip)?)
+    }
+
+    pub(crate) fn insert_service(&mut self, name: String, s: Service) {
+        self.remove_service(&name);
+        for ip in s.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
+            self.by_vip.insert(ip, name.clone());
+        }
+        self.services.insert(name, Arc::new(s));
+    }
+
+    fn remove_service(&mut self, name: &str) {
+        if let Some(old) = self.services.remove(name) {
+            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
+                if self.by_vip.get(&ip).is_some_and(|n| n == name) {
+                    self.by_vip.remove(&ip);
+                }
+            }
+        }
     }
 
     fn insert_workload(&mut self, name: String, w: Workload) {
@@ -136,7 +167,7 @@ impl MeshView {
             match type_url {
                 ADDRESS => {
                     state.remove_workload(name);
-                    state.services.remove(name);
+                    state.remove_service(name);
                 }
                 AUTHORIZATION => {
                     state.policies.remove(name);
@@ -167,9 +198,7 @@ fn apply_resource(
     match type_url {
         ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
             Some(address::Type::Workload(w)) => state.insert_workload(res.name.clone(), w),
-            Some(address::Type::Service(s)) => {
-                state.services.insert(res.name.clone(), Arc::new(s));
-            }
+            Some(address::Type::Service(s)) => state.insert_service(res.name.clone(), s),
             None => return Err("address with neither workload nor service".into()),
         },
         AUTHORIZATION => {
