@@ -286,3 +286,97 @@ mod tests {
         );
     }
 }
+
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST`, set by the capture
+/// rule's REDIRECT).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// Carries one pod's outbound connections.
+#[derive(Debug)]
+pub struct Outbound {
+    view: std::sync::Arc<crate::xds::MeshView>,
+    certs: std::sync::Arc<crate::certs::CertManager>,
+    pool: proto::hbone::pool::Pool,
+    /// The pod's identity (its certificate is presented).
+    source: SpiffeId,
+    lb: Balancer,
+}
+
+impl Outbound {
+    /// For the pod with identity `source`.
+    pub fn new(
+        view: std::sync::Arc<crate::xds::MeshView>,
+        certs: std::sync::Arc<crate::certs::CertManager>,
+        pool: proto::hbone::pool::Pool,
+        source: SpiffeId,
+    ) -> Self {
+        Outbound { view, certs, pool, source, lb: Balancer::default() }
+    }
+
+    /// Proxies `downstream` (from the app at `client`) to `dst` (its original destination) until
+    /// both sides close. `passthrough` opens plain connections (from the pod's namespace).
+    pub async fn handle<F, Fut>(
+        &self,
+        downstream: tokio::net::TcpStream,
+        client: SocketAddr,
+        dst: SocketAddr,
+        passthrough: F,
+    ) where
+        F: FnOnce(SocketAddr) -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
+    {
+        let decision = self.view.read(|state| route(state, dst, &self.lb));
+        match decision {
+            Route::Hbone { hbone, target, identities, workload } => {
+                let credential = match self.certs.fetch(&self.source).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(src.identity = %self.source, dst = %dst, error = %e, "outbound: no certificate for the source; closing");
+                        return;
+                    }
+                };
+                let request = proto::hbone::pool::ConnectRequest::new(credential, hbone, identities, target)
+                    .forwarded_for(client);
+                let tunnel = match self.pool.connect(request).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, error = %e, "outbound refused");
+                        return;
+                    }
+                };
+                match proto::hbone::copy::copy_bidirectional(downstream, tunnel).await {
+                    Ok(t) => {
+                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, via = %hbone,
+                        bytes_sent = t.sent, bytes_received = t.received, "outbound connection complete")
+                    }
+                    Err(e) => {
+                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, error = %e,
+                        "outbound connection ended with an error")
+                    }
+                }
+            }
+            Route::Passthrough(to) => {
+                let mut downstream = downstream;
+                match passthrough(to).await {
+                    Ok(mut upstream) => {
+                        let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+                        tracing::info!(src.identity = %self.source, dst = %to, result = ?result, "passthrough connection complete");
+                    }
+                    Err(e) => {
+                        tracing::info!(src.identity = %self.source, dst = %to, error = %e, "passthrough connect failed")
+                    }
+                }
+            }
+            Route::NoHealthyEndpoint(service) => {
+                tracing::warn!(src.identity = %self.source, dst = %dst, %service, "outbound: no healthy endpoint; closing");
+            }
+        }
+    }
+}

@@ -1,11 +1,14 @@
 //! The inbound HBONE path with every real part but the network namespaces: a control plane (CA +
 //! xDS), the certificate manager, the xDS view, the HBONE server presenting the destination pod's
 //! certificate, an app behind it, and a client pool presenting the source pod's certificate.
-//! Allowed traffic flows; a DENY policy answers 401; a dead app answers 503.
+//! Allowed traffic flows; a DENY policy answers 401; a dead app answers 503. Then the client side:
+//! a connection to a service VIP goes through the outbound path to the app, and a destination
+//! outside the mesh is passed through.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
@@ -20,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use ztunnel::certs::{CertConfig, CertManager, TokenSource};
 use ztunnel::inbound::{DirectUpstream, Inbound};
+use ztunnel::outbound::Outbound;
 use ztunnel::xds::{MeshView, XdsClient};
 
 const ISSUER: &str = "https://kubelet.test";
@@ -41,21 +45,21 @@ async fn echo(listener: TcpListener) {
     }
 }
 
-fn objects(deny_port: u16) -> String {
+fn objects(deny_port: u16, open_port: u16) -> String {
     let pod = |name: &str, ip: &str| {
         format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels:\n    app: {name}\nspec:\n  nodeName: node-1\n  serviceAccountName: {name}\n  containers: []\nstatus:\n  podIP: {ip}\n"
         )
     };
     format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n{}{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-port\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"{deny_port}\"]\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n{}{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-port\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"{deny_port}\"]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: demo\nspec:\n  clusterIP: 10.96.0.1\n  selector:\n    app: server\n  ports:\n    - port: 80\n      targetPort: {open_port}\n",
         pod("client", "127.0.0.2"),
         pod("server", SERVER_IP),
     )
 }
 
 #[tokio::test]
-async fn allowed_flows_denied_gets_401_dead_app_gets_503() {
+async fn inbound_and_outbound_paths_over_real_hbone() {
     // The apps on the "server pod".
     let open = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
     let open_addr = open.local_addr().unwrap();
@@ -71,7 +75,7 @@ async fn allowed_flows_denied_gets_401_dead_app_gets_503() {
     // Control plane.
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("mesh.yaml"), objects(admin_addr.port())).unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), objects(admin_addr.port(), open_addr.port())).unwrap();
     let signer = TokenSigner::new(ISSUER, None).unwrap();
     let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
     let cp = ControlPlane::bind(Config::local(dir.path().to_owned(), state.path().to_owned(), tokens)).await.unwrap();
@@ -121,7 +125,7 @@ async fn allowed_flows_denied_gets_401_dead_app_gets_503() {
 
     // The server pod's inbound HBONE listener.
     let tls = proto::tls::server_config(server_cred, trust.clone(), vec!["cluster.local".into()]).unwrap();
-    let listener = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    let listener = TcpListener::bind((SERVER_IP, 15008)).await.unwrap();
     let hbone = listener.local_addr().unwrap();
     let server =
         Server::new(listener, tls, ServerConfig::default(), Inbound::new(view.clone(), DirectUpstream)).unwrap();
@@ -161,8 +165,48 @@ async fn allowed_flows_denied_gets_401_dead_app_gets_503() {
     let mut one = [0u8; 1];
     again.read_exact(&mut one).await.unwrap();
     assert_eq!(pool.connection_count(), 1);
-
     drop(again);
+
+    // The client side: a captured connection to the service VIP goes through the outbound path
+    // (VIP → endpoint → HBONE with the client pod's certificate) and reaches the app.
+    let outbound = Arc::new(Outbound::new(
+        view.clone(),
+        certs.clone(),
+        Pool::new(PoolConfig::default(), trust.clone()),
+        CLIENT.parse().unwrap(),
+    ));
+    let capture = TcpListener::bind(("127.0.0.2", 0)).await.unwrap();
+    let capture_addr = capture.local_addr().unwrap();
+    let ob = outbound.clone();
+    let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
+    tokio::spawn(async move {
+        let (downstream, client) = capture.accept().await.unwrap();
+        ob.handle(downstream, client, vip, |to| tokio::net::TcpStream::connect(to)).await;
+    });
+    let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
+    app.write_all(b"via the VIP").await.unwrap();
+    let mut back = [0u8; 11];
+    app.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"via the VIP");
+    drop(app);
+
+    // A destination outside the mesh is passed through in plaintext.
+    let outside = TcpListener::bind(("127.0.0.9", 0)).await.unwrap();
+    let outside_addr = outside.local_addr().unwrap();
+    tokio::spawn(echo(outside));
+    let capture = TcpListener::bind(("127.0.0.2", 0)).await.unwrap();
+    let capture_addr = capture.local_addr().unwrap();
+    let ob = outbound.clone();
+    tokio::spawn(async move {
+        let (downstream, client) = capture.accept().await.unwrap();
+        ob.handle(downstream, client, outside_addr, |to| tokio::net::TcpStream::connect(to)).await;
+    });
+    let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
+    app.write_all(b"plain").await.unwrap();
+    let mut back = [0u8; 5];
+    app.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"plain");
+
     drain.drain(Duration::from_secs(1)).await;
     server_task.abort();
     stop_xds.send(()).unwrap();
