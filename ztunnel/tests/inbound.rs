@@ -181,7 +181,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
     tokio::spawn(async move {
         let (downstream, client) = capture.accept().await.unwrap();
-        ob.handle(downstream, client, vip, |to| tokio::net::TcpStream::connect(to)).await;
+        ob.handle(downstream, client, vip, tokio::net::TcpStream::connect).await;
     });
     let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
     app.write_all(b"via the VIP").await.unwrap();
@@ -199,7 +199,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let ob = outbound.clone();
     tokio::spawn(async move {
         let (downstream, client) = capture.accept().await.unwrap();
-        ob.handle(downstream, client, outside_addr, |to| tokio::net::TcpStream::connect(to)).await;
+        ob.handle(downstream, client, outside_addr, tokio::net::TcpStream::connect).await;
     });
     let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
     app.write_all(b"plain").await.unwrap();
