@@ -12,7 +12,7 @@
 //! - [`inbound`]: the inbound HBONE handler (destination lookup, L4 policy, connect to the app).
 //! - [`netns`]: sockets created inside a pod's network namespace.
 //! - [`outbound`]: where a captured connection goes (service VIP → endpoint or waypoint, pod,
-//!   passthrough).
+//!   passthrough) and the handler that carries it.
 //! - [`rbac`]: L4 authorization with Istio's semantics.
 //! - [`zds`]: the ZDS protocol, both ends (node agent server, ztunnel client), with descriptor
 //!   passing and checks.
