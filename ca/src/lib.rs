@@ -98,6 +98,9 @@ impl Default for ServingConfig {
     }
 }
 
+/// The local admin credential in `<state-dir>/admin/`: chain (leaf first) then key, PEM.
+pub const ADMIN_CREDENTIAL: &str = "credential.pem";
+
 /// Lifetime of the control plane's serving certificate and the local admin credential; renewed
 /// at half-life and whenever the signer changes.
 pub const OWN_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -416,8 +419,8 @@ async fn write_client_files(config: &Config, authority: &Authority) -> Result<()
         let cert = authority.issue_local(admin, &[], OWN_CERT_TTL).await?;
         let admin_dir = dir.join("admin");
         std::fs::create_dir_all(&admin_dir).map_err(|source| Error::Write { path: admin_dir.clone(), source })?;
-        write(admin_dir.join("cert-chain.pem"), cert.chain_pem())?;
-        write(admin_dir.join("key.pem"), cert.key_pem)?;
+        // One file, replaced atomically: a reader never sees a new chain with an old key.
+        write(admin_dir.join(ADMIN_CREDENTIAL), format!("{}{}", cert.chain_pem(), cert.key_pem))?;
     }
     Ok(())
 }

@@ -334,15 +334,19 @@ async fn admin_client(
     let credential = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
         _ if token.is_none() => {
-            Some((args.state_dir.join("admin/cert-chain.pem"), args.state_dir.join("admin/key.pem")))
+            let file = args.state_dir.join("admin").join(ca::ADMIN_CREDENTIAL);
+            Some((file.clone(), file))
         }
         _ => None,
     };
     let credential = match credential {
-        Some((cert, key)) => Some(Credential::new(
-            WorkloadCert::from_pem(&read(&cert)?, &read(&key)?)
-                .with_context(|| format!("{} / {}: unusable client certificate", cert.display(), key.display()))?,
-        )),
+        Some((cert, key)) => Some(Credential::new({
+            // One read when chain and key share a file, so a concurrent renewal cannot mix them.
+            let cert_pem = read(&cert)?;
+            let key_pem = if key == cert { cert_pem.clone() } else { read(&key)? };
+            WorkloadCert::from_pem(&cert_pem, &key_pem)
+                .with_context(|| format!("{} / {}: unusable client certificate", cert.display(), key.display()))?
+        })),
         None => None,
     };
     let target = ControlPlaneTarget {

@@ -566,8 +566,10 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
 async fn wait_for_new_admin_credential(mesh: &Mesh, root_pem: &str) -> Arc<Credential> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let chain = std::fs::read_to_string(mesh.state.path().join("admin/cert-chain.pem")).unwrap_or_default();
-        if chain.ends_with(root_pem) {
+        let pem =
+            std::fs::read_to_string(mesh.state.path().join("admin").join(ca::ADMIN_CREDENTIAL)).unwrap_or_default();
+        // Chain then key: the root is the last certificate.
+        if pem.contains(root_pem) {
             return mesh.admin_credential();
         }
         assert!(std::time::Instant::now() < deadline, "admin credential not reissued under the new root");

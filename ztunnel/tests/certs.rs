@@ -9,25 +9,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
-use ca::{Config, ControlPlane};
+use ca::auth::TokenSigner;
 use proto::SpiffeId;
-use proto::control::ControlPlaneTarget;
-use proto::tls::{SharedTrustBundle, TrustBundle};
-use tokio::sync::oneshot;
 use ztunnel::certs::{CertConfig, CertError, CertManager, TokenSource};
 
-const ISSUER: &str = "https://kubelet.test";
-const ZTUNNEL: &str = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+mod support;
+
+use support::{ISSUER, ZTUNNEL, start_ca, ztunnel_token};
+
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
-
-struct Ca {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), ca::Error>>,
-    grpc: SocketAddr,
-    authority: Arc<ca::authority::Authority>,
-}
 
 fn pods(dir: &Path) {
     let pod = |name: &str, node: &str| {
@@ -44,51 +35,9 @@ fn pods(dir: &Path) {
     std::fs::write(dir.join("mesh.yaml"), text).unwrap();
 }
 
-async fn start_ca(objects: &Path, state: &Path, signer: &TokenSigner, addr: SocketAddr) -> Ca {
-    let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
-    let mut config = Config::local(objects.to_owned(), state.to_owned(), tokens);
-    config.grpc_addr = addr;
-    let cp = ControlPlane::bind(config).await.unwrap();
-    let grpc = cp.grpc_addr();
-    let authority = cp.authority();
-    let (stop, rx) = oneshot::channel();
-    let task = tokio::spawn(cp.run(async {
-        let _ = rx.await;
-    }));
-    // No wait for the objects to load: until then the CA answers Unavailable and the manager
-    // retries.
-    Ca { stop, task, grpc, authority }
-}
-
-impl Ca {
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-
-    fn issued(&self) -> usize {
-        self.authority.log().records(0).iter().filter(|r| r.requested_by == ZTUNNEL).count()
-    }
-}
-
 fn manager(grpc: SocketAddr, state: &Path, signer: &TokenSigner, ttl: Duration) -> Arc<CertManager> {
-    let roots = std::fs::read(state.join("root-cert.pem")).unwrap();
-    let target = ControlPlaneTarget {
-        addr: grpc,
-        server_name: "localhost".into(),
-        trust: SharedTrustBundle::new(TrustBundle::from_pem(&roots).unwrap()),
-        credential: None,
-    };
-    let token = signer
-        .mint(&TokenRequest {
-            namespace: "istio-system",
-            service_account: "ztunnel",
-            pod: None,
-            node: Some("node-1"),
-            audience: DEFAULT_AUDIENCE,
-            ttl: Duration::from_secs(3600),
-        })
-        .unwrap();
+    let (target, _) = support::target(grpc, state);
+    let token = ztunnel_token(signer, "node-1");
     let mut config = CertConfig::new(target, TokenSource::Static(token), ZTUNNEL.parse().unwrap());
     config.ttl = ttl;
     config.retry_min = Duration::from_millis(100);
@@ -122,7 +71,7 @@ async fn pod_certificates_are_fetched_once_and_refused_for_other_nodes() {
     }
     assert!(creds.iter().all(|c| Arc::ptr_eq(c, &creds[0])));
     assert_eq!(creds[0].identity(), id(CLIENT));
-    assert_eq!(ca.issued(), 1, "one CSR for 50 callers");
+    assert_eq!(ca.issued_to_ztunnel(), 1, "one CSR for 50 callers");
     let lifetime = creds[0].current().not_after().duration_since(creds[0].current().not_before()).unwrap();
     assert_eq!(lifetime, Duration::from_secs(24 * 3600 + 60), "the CA's default lifetime");
 
@@ -157,7 +106,7 @@ async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(cred.current().not_after() > first.not_after());
-    assert_eq!(ca.issued(), 2);
+    assert_eq!(ca.issued_to_ztunnel(), 2);
 
     // CA down: renewals fail, the current certificate keeps being served.
     ca.stop().await;

@@ -11,13 +11,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
-use ca::{Config, ControlPlane};
+use ca::auth::TokenSigner;
 use proto::SpiffeId;
-use proto::control::ControlPlaneTarget;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig, PoolError};
 use proto::hbone::server::{Server, ServerConfig, StatusCode};
-use proto::tls::{SharedTrustBundle, TrustBundle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -26,7 +23,9 @@ use ztunnel::inbound::{DirectUpstream, Inbound};
 use ztunnel::outbound::Outbound;
 use ztunnel::xds::{MeshView, XdsClient};
 
-const ISSUER: &str = "https://kubelet.test";
+mod support;
+
+use support::{ISSUER, start_ca, ztunnel_token};
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const SERVER_IP: &str = "127.0.0.3";
@@ -77,29 +76,11 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let state = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), objects(admin_addr.port(), open_addr.port())).unwrap();
     let signer = TokenSigner::new(ISSUER, None).unwrap();
-    let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
-    let cp = ControlPlane::bind(Config::local(dir.path().to_owned(), state.path().to_owned(), tokens)).await.unwrap();
-    let grpc = cp.grpc_addr();
-    let (stop_cp, rx) = oneshot::channel::<()>();
-    let cp_task = tokio::spawn(cp.run(async {
-        let _ = rx.await;
-    }));
+    let ca = start_ca(dir.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
 
     // ztunnel's parts.
-    let roots = std::fs::read(state.path().join("root-cert.pem")).unwrap();
-    let trust = SharedTrustBundle::new(TrustBundle::from_pem(&roots).unwrap());
-    let target =
-        ControlPlaneTarget { addr: grpc, server_name: "localhost".into(), trust: trust.clone(), credential: None };
-    let token = signer
-        .mint(&TokenRequest {
-            namespace: "istio-system",
-            service_account: "ztunnel",
-            pod: None,
-            node: Some("node-1"),
-            audience: DEFAULT_AUDIENCE,
-            ttl: Duration::from_secs(3600),
-        })
-        .unwrap();
+    let (target, trust) = support::target(ca.grpc, state.path());
+    let token = ztunnel_token(&signer, "node-1");
     let view = MeshView::new(trust.clone());
     let xds = XdsClient {
         target: target.clone(),
@@ -210,6 +191,5 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     drain.drain(Duration::from_secs(1)).await;
     server_task.abort();
     stop_xds.send(()).unwrap();
-    stop_cp.send(()).unwrap();
-    cp_task.await.unwrap().unwrap();
+    ca.stop().await;
 }

@@ -3,47 +3,18 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use ca::auth::{DEFAULT_AUDIENCE, JwtIssuer, TokenCheck, TokenRequest, TokenSigner};
-use ca::{Config, ControlPlane};
-use proto::control::ControlPlaneTarget;
-use proto::tls::{SharedTrustBundle, TrustBundle};
+use ca::auth::TokenSigner;
 use tokio::sync::oneshot;
 use ztunnel::certs::TokenSource;
 use ztunnel::xds::{MeshView, XdsClient};
 
-const ISSUER: &str = "https://kubelet.test";
+mod support;
 
-struct Ca {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), ca::Error>>,
-    grpc: SocketAddr,
-    authority: Arc<ca::authority::Authority>,
-}
-
-async fn start_ca(objects: &Path, state: &Path, signer: &TokenSigner, addr: SocketAddr) -> Ca {
-    let tokens = TokenCheck::Local(JwtIssuer { issuer: ISSUER.into(), jwks: signer.jwks().clone() });
-    let mut config = Config::local(objects.to_owned(), state.to_owned(), tokens);
-    config.grpc_addr = addr;
-    let cp = ControlPlane::bind(config).await.unwrap();
-    let (grpc, authority) = (cp.grpc_addr(), cp.authority());
-    let (stop, rx) = oneshot::channel();
-    let task = tokio::spawn(cp.run(async {
-        let _ = rx.await;
-    }));
-    Ca { stop, task, grpc, authority }
-}
-
-impl Ca {
-    async fn stop(self) {
-        self.stop.send(()).unwrap();
-        self.task.await.unwrap().unwrap();
-    }
-}
+use support::{ISSUER, start_ca, ztunnel_token};
 
 fn write_pods(dir: &Path, names: &[(&str, &str)]) {
     let mut text = String::from(
@@ -76,21 +47,11 @@ async fn follows_edits_bundle_changes_and_a_control_plane_restart() {
     let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
     let addr = ca.grpc;
 
-    let roots = std::fs::read(state.path().join("root-cert.pem")).unwrap();
-    let trust = SharedTrustBundle::new(TrustBundle::from_pem(&roots).unwrap());
-    let token = signer
-        .mint(&TokenRequest {
-            namespace: "istio-system",
-            service_account: "ztunnel",
-            pod: None,
-            node: Some("node-1"),
-            audience: DEFAULT_AUDIENCE,
-            ttl: Duration::from_secs(3600),
-        })
-        .unwrap();
+    let (target, trust) = support::target(addr, state.path());
+    let token = ztunnel_token(&signer, "node-1");
     let view = MeshView::new(trust.clone());
     let client = XdsClient {
-        target: ControlPlaneTarget { addr, server_name: "localhost".into(), trust: trust.clone(), credential: None },
+        target,
         token: TokenSource::Static(token),
         node_id: "ztunnel~node-1".into(),
         retry_min: Duration::from_millis(100),

@@ -122,9 +122,8 @@ impl Mesh {
     /// The admin credential the CA wrote to its state directory.
     pub fn admin_credential(&self) -> Arc<Credential> {
         let dir = self.state.path().join("admin");
-        let chain = std::fs::read(dir.join("cert-chain.pem")).unwrap();
-        let key = std::fs::read(dir.join("key.pem")).unwrap();
-        Credential::new(WorkloadCert::from_pem(&chain, &key).unwrap())
+        let pem = std::fs::read(dir.join(ca::ADMIN_CREDENTIAL)).unwrap();
+        Credential::new(WorkloadCert::from_pem(&pem, &pem).unwrap())
     }
 
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
