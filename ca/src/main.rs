@@ -218,7 +218,7 @@ enum LogFormat {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    ca::translate::waypoint::parse_duration(s).map(Duration::from_millis)
+    proto::duration::parse(s)
 }
 
 fn account(trust_domain: &str, s: &str) -> Result<SpiffeId> {

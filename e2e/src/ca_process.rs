@@ -85,37 +85,162 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok(ticks / 100.0)
 }
 
-impl CaProcess {
-    /// Starts `binary` reading objects from `config_dir`, keeping its state in `state`; waits
-    /// until its gRPC port accepts connections. `log` passes RUST_LOG through and shows output.
-    pub fn start(binary: &Path, config_dir: &Path, state: &Path, log: Option<&str>) -> Result<CaProcess> {
-        let keys = tempfile::tempdir()?;
-        let tokens = Arc::new(TokenSigner::new(ISSUER, None).map_err(anyhow::Error::msg)?);
-        let jwks = keys.path().join("jwks.json");
-        std::fs::write(&jwks, serde_json::to_string(tokens.jwks())?)?;
-        let grpc = free_port()?;
-        let admin = free_port()?;
-        let mut child = Command::new(binary)
-            .args(["--config-dir", &config_dir.display().to_string()])
-            .args(["--state-dir", &state.display().to_string()])
-            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
-            .args(["--jwt-issuer", ISSUER, "--jwks-file", &jwks.display().to_string()])
-            .env("RUST_LOG", log.unwrap_or("warn"))
-            .stdout(if log.is_some() { Stdio::inherit() } else { Stdio::null() })
-            .stderr(if log.is_some() { Stdio::inherit() } else { Stdio::null() })
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(grpc).is_err() {
-            if let Some(status) = child.try_wait()? {
-                bail!("{} exited during startup: {status}", binary.display());
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not open {grpc} within 30 s", binary.display());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+/// How to launch the `ca` process.
+#[derive(Debug, Clone)]
+pub struct CaLaunch {
+    /// The binary.
+    pub binary: PathBuf,
+    /// Directory of Kubernetes YAML it reads.
+    pub config_dir: PathBuf,
+    /// Its state directory (kept across restarts).
+    pub state: PathBuf,
+    /// gRPC (TLS) address.
+    pub grpc: SocketAddr,
+    /// Admin HTTP address.
+    pub admin: SocketAddr,
+    /// The token issuer it trusts (kept across restarts, so minted tokens stay valid).
+    pub tokens: Arc<TokenSigner>,
+    /// Network namespace to run in (default: the harness's).
+    pub netns: Option<ztunnel::netns::NetNs>,
+    /// RUST_LOG for it.
+    pub log_filter: String,
+    /// Where its output goes (appended); `None`: discarded.
+    pub log_file: Option<PathBuf>,
+}
+
+impl CaLaunch {
+    /// Loopback defaults: free ports, a new token issuer, warnings only, output discarded.
+    pub fn local(binary: &Path, config_dir: &Path, state: &Path) -> Result<CaLaunch> {
+        Ok(CaLaunch {
+            binary: binary.to_owned(),
+            config_dir: config_dir.to_owned(),
+            state: state.to_owned(),
+            grpc: free_port()?,
+            admin: free_port()?,
+            tokens: Arc::new(TokenSigner::new(ISSUER, None).map_err(anyhow::Error::msg)?),
+            netns: None,
+            log_filter: "warn".into(),
+            log_file: None,
+        })
+    }
+}
+
+/// Output of a child process: inherited, a file (appended), or nothing.
+pub fn output(log_file: Option<&Path>, inherit: bool) -> Result<(Stdio, Stdio)> {
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok((Stdio::from(file.try_clone()?), Stdio::from(file)))
         }
-        Ok(CaProcess { child, grpc, admin, state: state.to_owned(), tokens, _keys: keys })
+        None if inherit => Ok((Stdio::inherit(), Stdio::inherit())),
+        None => Ok((Stdio::null(), Stdio::null())),
+    }
+}
+
+/// Spawns `command` with `stdout`/`stderr`, inside `netns` if given, killed with SIGKILL if the
+/// spawning thread dies (`setpriv --pdeathsig`), so nothing outlives a harness that is killed
+/// outright.
+pub fn spawn_child_with(
+    command: Command,
+    netns: Option<&ztunnel::netns::NetNs>,
+    stdout: Stdio,
+    stderr: Stdio,
+) -> Result<Child> {
+    let program = command.get_program().to_owned();
+    let mut wrapped = Command::new("setpriv");
+    wrapped.args(["--pdeathsig", "KILL", "--"]).arg(&program).args(command.get_args());
+    for (k, v) in command.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    if let Some(dir) = command.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    wrapped.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+    let spawn = |mut c: Command| c.spawn().with_context(|| format!("starting {}", program.to_string_lossy()));
+    match netns {
+        Some(ns) => {
+            let mut result = None;
+            ns.run(|| {
+                result = Some(spawn(wrapped));
+                Ok(())
+            })?;
+            result.context("spawn did not run")?
+        }
+        None => spawn(wrapped),
+    }
+}
+
+/// Waits until `addr` accepts TCP connections (from `netns`), or the child exits, or 30 s pass.
+pub fn wait_for_port(child: &mut Child, what: &str, addr: SocketAddr, netns: Option<&ztunnel::netns::NetNs>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let connected = match netns {
+            Some(ns) => ns
+                .run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
+                .is_ok(),
+            None => std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+        };
+        if connected {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited during startup: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not open {addr} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl CaProcess {
+    /// Starts `binary` on loopback reading objects from `config_dir`, keeping its state in
+    /// `state`; waits until its gRPC port accepts connections. `log` passes RUST_LOG through and
+    /// shows output.
+    pub fn start(binary: &Path, config_dir: &Path, state: &Path, log: Option<&str>) -> Result<CaProcess> {
+        let mut launch = CaLaunch::local(binary, config_dir, state)?;
+        if let Some(filter) = log {
+            launch.log_filter = filter.to_owned();
+        }
+        Self::launch(&launch, log.is_some())
+    }
+
+    /// Starts the CA as `launch` says; `inherit_output` shows its output when no log file is set.
+    pub fn launch(launch: &CaLaunch, inherit_output: bool) -> Result<CaProcess> {
+        let keys = tempfile::tempdir()?;
+        let jwks = keys.path().join("jwks.json");
+        std::fs::write(&jwks, serde_json::to_string(launch.tokens.jwks())?)?;
+        let mut command = Command::new(&launch.binary);
+        command
+            .args(["--config-dir", &launch.config_dir.display().to_string()])
+            .args(["--state-dir", &launch.state.display().to_string()])
+            .args(["--grpc-addr", &launch.grpc.to_string(), "--admin-addr", &launch.admin.to_string()])
+            .args(["--jwt-issuer", ISSUER, "--jwks-file", &jwks.display().to_string()])
+            .env("RUST_LOG", &launch.log_filter);
+        let (stdout, stderr) = output(launch.log_file.as_deref(), inherit_output)?;
+        let mut child = spawn_child_with(command, launch.netns.as_ref(), stdout, stderr)?;
+        wait_for_port(&mut child, &launch.binary.display().to_string(), launch.grpc, launch.netns.as_ref())?;
+        Ok(CaProcess {
+            child,
+            grpc: launch.grpc,
+            admin: launch.admin,
+            state: launch.state.clone(),
+            tokens: launch.tokens.clone(),
+            _keys: keys,
+        })
+    }
+
+    /// Stops it (SIGKILL) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Its process id.

@@ -1,10 +1,16 @@
 //! End-to-end harness and benchmarks.
 //!
-//! This crate owns the one-machine topology (network namespaces as nodes and pods), the end-to-end
-//! tests, the demo and the benchmarks. Today it holds three benchmarks: `bench-hbone` (one HBONE
-//! stream against plain TCP over loopback), `bench-control-plane` (the `ca` process at 10,000
-//! pods with 100 xDS clients) and `bench-ca` (certificates signed per second against the raw
-//! sign+verify rate of the same key type), and [`ca_process`], the real `ca` as a child process.
-//! The topology harness comes with the ztunnel work.
+//! - [`mesh`]: the one-machine mesh (network namespaces as nodes and pods, the real `ca` and one
+//!   real `ztunnel` per node as processes, the harness as node agent), torn down on drop;
+//! - [`topology`]: the namespace plumbing under it; [`sniff`]: packet capture on the underlay;
+//!   [`apps`]: the test apps run inside pods;
+//! - [`ca_process`]: the real `ca` as a child process;
+//! - benchmarks: `bench-hbone` (one HBONE stream against plain TCP over loopback),
+//!   `bench-control-plane` (the `ca` process at 10,000 pods with 100 xDS clients), `bench-ca`
+//!   (certificates signed per second against the raw sign+verify rate of the same key type).
 
+pub mod apps;
 pub mod ca_process;
+pub mod mesh;
+pub mod sniff;
+pub mod topology;

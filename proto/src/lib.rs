@@ -14,6 +14,7 @@
 pub mod api;
 pub mod control;
 pub mod drain;
+pub mod duration;
 pub mod hbone;
 pub mod identity;
 pub mod tls;

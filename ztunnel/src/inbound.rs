@@ -1,63 +1,88 @@
-//! Inbound HBONE (15008): a `CONNECT` from a peer ztunnel (or waypoint) to a pod on this node.
+//! Inbound: connections to a pod on this node.
 //!
-//! The HBONE server has already completed mTLS (presenting the destination pod's certificate) and
-//! validated the request (authority is the IP the connection landed on, not one of our ports). Here:
+//! **HBONE (15008)**: the HBONE server has already completed mTLS (presenting the pod's
+//! certificate) and validated the request (authority is the IP the connection landed on, not one of
+//! our ports). Here:
 //! 1. the destination must be a workload the control plane knows at that IP, or `400`;
 //! 2. L4 authorization with the peer's identity from the handshake, or `401`;
-//! 3. connect to the app (through [`Upstream`]: from inside the pod's namespace, keeping the
-//!    client's source IP), or `503`;
-//! 4. `200` and bytes both ways until both sides close.
+//! 3. connect to the app from inside the pod, as the original client (its IP from the
+//!    `forwarded` header the sending ztunnel set), or `503`;
+//! 4. `200` and bytes both ways until both sides close, or until a policy change revokes it.
 //!
-//! One log line per connection says who, where, the decision and the bytes each way.
+//! **Plaintext (15006)**: a connection redirected by the capture rules (a client outside the mesh).
+//! It is authorized with no identity (a `STRICT` PeerAuthentication denies exactly that), then
+//! relayed the same way.
 
-use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use proto::drain::DrainWatcher;
 use proto::hbone::server::{Handler, InboundConnect, StatusCode};
-use tokio::net::TcpStream;
-use tracing::{info, warn};
+use proto::hbone::{MESH_PORTS, copy};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
 
+use crate::Context;
+use crate::pod::{Pod, connect};
 use crate::rbac::{self, Connection, Decision};
-use crate::xds::MeshView;
+use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
 
-/// How ztunnel reaches the destination app.
-pub trait Upstream: Send + Sync + 'static {
-    /// Connects to `target` on behalf of the client at `client` (whose IP the app should see).
-    fn connect(&self, target: SocketAddr, client: SocketAddr) -> impl Future<Output = io::Result<TcpStream>> + Send;
-}
-
-/// Plain connect from ztunnel's own namespace, source address not preserved (tests, loopback).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DirectUpstream;
-
-impl Upstream for DirectUpstream {
-    async fn connect(&self, target: SocketAddr, _client: SocketAddr) -> io::Result<TcpStream> {
-        TcpStream::connect(target).await
-    }
-}
-
-/// The inbound handler.
+/// The HBONE handler of one pod.
 #[derive(Debug)]
-pub struct Inbound<U> {
-    view: Arc<MeshView>,
-    upstream: U,
+pub struct Inbound {
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
 }
 
-impl<U: Upstream> Inbound<U> {
-    /// Serves destinations described by `view`, reaching them through `upstream`.
-    pub fn new(view: Arc<MeshView>, upstream: U) -> Arc<Self> {
-        Arc::new(Inbound { view, upstream })
+impl Inbound {
+    /// Serves `pod`.
+    pub fn new(ctx: Arc<Context>, pod: Arc<Pod>) -> Arc<Self> {
+        Arc::new(Inbound { ctx, pod })
     }
 }
 
-impl<U: Upstream> Handler for Inbound<U> {
+/// What the state says about an inbound connection.
+struct Admission {
+    info: ConnectionInfo,
+    decision: Decision,
+}
+
+/// Looks up both ends and authorizes; `None` when no workload has the destination address.
+fn admit(ctx: &Context, peer: Option<&proto::SpiffeId>, client: SocketAddr, target: SocketAddr) -> Option<Admission> {
+    ctx.view.read(|state| {
+        let destination = state.workload_by_ip(target.ip())?;
+        let conn = Connection {
+            source: peer,
+            source_ip: client.ip(),
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+        };
+        let decision = rbac::authorize(state, destination, &conn);
+        let principal = peer.map(ToString::to_string);
+        let source = match state.workload_by_ip(client.ip()) {
+            // Only an identity the handshake proved is reported as the principal.
+            Some(w) => Peer { principal: principal.clone().unwrap_or_default(), ..Peer::of(w, None) },
+            None => Peer::principal(principal),
+        };
+        let info = ConnectionInfo {
+            reporter: "destination",
+            src: client,
+            dst: target,
+            source,
+            destination: Peer::of(destination, None),
+            service: String::new(),
+            mtls: peer.is_some(),
+        };
+        Some(Admission { info, decision })
+    })
+}
+
+impl Handler for Inbound {
     async fn handle(&self, connect: InboundConnect) {
         let peer = connect.peer_identity.clone();
         let target = connect.target;
         // The client's own address, as the sending ztunnel saw it (`forwarded: for=`), else the
-        // peer ztunnel's.
+        // peer ztunnel's (a waypoint, or a client that did not say).
         let client_ip = connect
             .headers
             .get(proto::hbone::FORWARDED)
@@ -66,49 +91,121 @@ impl<U: Upstream> Handler for Inbound<U> {
             .unwrap_or(connect.peer_addr.ip());
         let client = SocketAddr::new(client_ip, 0);
 
-        let decision = self.view.read(|state| {
-            let destination = state.workload_by_ip(target.ip())?;
-            let conn = Connection {
-                source: Some(&peer),
-                source_ip: client_ip,
-                destination_ip: target.ip(),
-                destination_port: target.port(),
-            };
-            Some((destination.uid.clone(), rbac::authorize(state, destination, &conn)))
-        });
-        let Some((workload, decision)) = decision else {
-            warn!(src.identity = %peer, dst.addr = %target, "inbound refused: no workload at the destination address");
+        let Some(Admission { info, decision }) = admit(&self.ctx, Some(&peer), client, target) else {
+            warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
+                "inbound refused (400): no workload known at the destination address");
             connect.reject(StatusCode::BAD_REQUEST);
             return;
         };
-        if let Decision::DeniedBy(_) | Decision::NotAllowed = decision {
-            info!(src.identity = %peer, src.ip = %client_ip, dst.workload = %workload, dst.addr = %target,
-                ?decision, "inbound denied by policy");
+        let record = ConnectionRecord::open(&self.ctx.metrics, info);
+        if !decision.allowed() {
             connect.reject(StatusCode::UNAUTHORIZED);
+            record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
             return;
         }
-        let app = match self.upstream.connect(target, client).await {
+        let cancel = self.pod.cancel.child_token();
+        let _registration = self.ctx.tracker.register(Some(peer), client_ip, target, cancel.clone());
+        let app = match self.connect_app(client_ip, target).await {
             Ok(s) => s,
             Err(e) => {
-                warn!(src.identity = %peer, dst.workload = %workload, dst.addr = %target, error = %e,
-                    "inbound: the app did not accept the connection");
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
+                record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("connecting to the app: {e}")));
                 return;
             }
         };
         let tunnel = match connect.accept() {
             Ok(t) => t,
             Err(e) => {
-                warn!(src.identity = %peer, error = %e, "inbound: client went away before the answer");
+                record.close(Outcome::Done, 0, 0, Some(&format!("client went away before the answer: {e}")));
                 return;
             }
         };
-        let result = proto::hbone::copy::copy_bidirectional(app, tunnel).await;
-        match result {
-            Ok(t) => info!(src.identity = %peer, src.ip = %client_ip, dst.workload = %workload, dst.addr = %target,
-                bytes_from_client = t.received, bytes_to_client = t.sent, "inbound connection complete"),
-            Err(e) => info!(src.identity = %peer, src.ip = %client_ip, dst.workload = %workload, dst.addr = %target,
-                error = %e, "inbound connection ended with an error"),
+        match copy::copy_bidirectional_until(app, tunnel, cancel.cancelled()).await {
+            // The tunnel's "sent" is what went to the client.
+            Ok((t, false)) => record.close(Outcome::Done, t.received, t.sent, None),
+            Ok((t, true)) => record.close(self.stop_reason(), t.received, t.sent, None),
+            Err(e) => {
+                let t = e.transferred;
+                record.close(Outcome::Done, t.received, t.sent, Some(&e.to_string()))
+            }
         }
     }
+}
+
+impl Inbound {
+    async fn connect_app(&self, client: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+        connect(self.pod.sockets.as_client(client)?, target).await
+    }
+
+    fn stop_reason(&self) -> Outcome {
+        if self.pod.cancel.is_cancelled() { Outcome::Shutdown } else { Outcome::Revoked }
+    }
+}
+
+/// Serves the pod's plaintext capture listener (15006) until a drain starts; each connection
+/// holds `drain` until it ends.
+pub async fn serve_plaintext(ctx: Arc<Context>, pod: Arc<Pod>, listener: TcpListener, mut drain: DrainWatcher) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = drain.signaled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(pod = %pod.name, error = %e, "accept failed on the plaintext listener");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let watcher = drain.clone();
+        let (ctx, pod) = (ctx.clone(), pod.clone());
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            plaintext(ctx, pod, stream, peer).await;
+        });
+    }
+}
+
+async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: SocketAddr) {
+    let target = match crate::outbound::original_dst(&stream) {
+        Ok(t) => t,
+        Err(e) => {
+            debug!(pod = %pod.name, %client, error = %e, "plaintext connection without an original destination; closing");
+            return;
+        }
+    };
+    if MESH_PORTS.contains(&target.port()) {
+        info!(pod = %pod.name, %client, dst.addr = %target, "plaintext connection to a mesh port refused");
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let Some(Admission { info, decision }) = admit(&ctx, None, client, target) else {
+        warn!(pod = %pod.name, %client, dst.addr = %target, "plaintext inbound refused: no workload known at the destination address");
+        return;
+    };
+    let record = ConnectionRecord::open(&ctx.metrics, info);
+    if !decision.allowed() {
+        record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
+        return;
+    }
+    let cancel = pod.cancel.child_token();
+    let _registration = ctx.tracker.register(None, client.ip(), target, cancel.clone());
+    let app = match pod.sockets.as_client(client.ip()) {
+        Ok(socket) => connect(socket, target).await,
+        Err(e) => Err(e),
+    };
+    let app = match app {
+        Ok(a) => a,
+        Err(e) => {
+            record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("connecting to the app: {e}")));
+            return;
+        }
+    };
+    let (t, stopped, error) = copy::copy_plain_until(stream, app, cancel.cancelled()).await;
+    let outcome = match (stopped, pod.cancel.is_cancelled()) {
+        (false, _) => Outcome::Done,
+        (true, true) => Outcome::Shutdown,
+        (true, false) => Outcome::Revoked,
+    };
+    record.close(outcome, t.sent, t.received, error.map(|e| e.to_string()).as_deref());
 }

@@ -1,26 +1,247 @@
-//! The per-node L4 proxy.
+//! ztunnel, the per-node L4 proxy of the ambient mesh, and the node agent that enrolls pods.
 //!
-//! This crate will own ztunnel: pod enrollment over ZDS (listeners opened inside each pod's network
-//! namespace), outbound capture on 15001, inbound HBONE on 15008 and plaintext on 15006, L4
-//! authorization and the node agent that installs capture rules.
+//! ztunnel runs in the node's network namespace. For each pod the node agent hands over (ZDS), it
+//! opens listeners *inside the pod's* namespace: `15001` for the app's outbound connections (the
+//! capture rules redirect them there), `15006` for plaintext inbound, `15008` for inbound HBONE.
+//! Traffic between pods goes as HBONE (HTTP/2 `CONNECT` over mutual TLS with each pod's own SPIFFE
+//! certificate), L4 policy is enforced on the receiving side, and the app sees the real client IP.
 //!
-//! Built so far:
-//! - [`certs`]: workload certificates for the pods on this node (CSR with impersonation, renewal at
-//!   half-life, keeps serving through a CA outage).
-//! - [`xds`]: the mesh as the control plane describes it (workloads, services, L4 policies, trust
-//!   bundle), kept current over delta xDS with reconnect and resync.
-//! - [`inbound`]: the inbound HBONE handler (destination lookup, L4 policy, connect to the app).
-//! - [`netns`]: sockets created inside a pod's network namespace.
-//! - [`outbound`]: where a captured connection goes (service VIP → endpoint or waypoint, pod,
-//!   passthrough) and the handler that carries it.
-//! - [`rbac`]: L4 authorization with Istio's semantics.
-//! - [`zds`]: the ZDS protocol, both ends (node agent server, ztunnel client), with descriptor
-//!   passing and checks.
+//! - [`run`] ties it together: [`xds`] (mesh state), [`certs`] (pod certificates), [`proxy`]
+//!   (pods and their listeners, following the node agent), [`admin`] (admin, metrics, readiness).
+//! - Connection handling: [`outbound`] (routing and tunnels), [`inbound`] (HBONE and plaintext),
+//!   [`rbac`] (L4 authorization, Istio's semantics), [`tracker`] (live connections re-authorized
+//!   when policy changes), [`telemetry`] (Istio's metrics, access log).
+//! - Pods: [`pod`] (identity, where sockets are made), [`netns`] (sockets in a pod's namespace).
+//! - Enrollment: [`zds`] (the protocol, both ends), [`agent`] (the node agent),
+//!   [`capture`] (the rules it installs in a pod).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::SpiffeId;
+use proto::control::ControlPlaneTarget;
+use proto::hbone::pool::PoolConfig;
+use proto::hbone::server::ServerConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub mod admin;
+pub mod agent;
+pub mod capture;
 pub mod certs;
 pub mod inbound;
 pub mod netns;
 pub mod outbound;
+pub mod pod;
+pub mod proxy;
 pub mod rbac;
+pub mod telemetry;
+pub mod tracker;
 pub mod xds;
 pub mod zds;
+
+use crate::certs::{CertConfig, CertManager, TokenSource};
+use crate::telemetry::Metrics;
+use crate::tracker::Tracker;
+use crate::xds::{MeshView, XdsClient};
+
+/// What every connection handler shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The mesh as the control plane describes it (and the trust bundle).
+    pub view: Arc<MeshView>,
+    /// Pod certificates.
+    pub certs: Arc<CertManager>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Live inbound connections, for policy re-checks.
+    pub tracker: Arc<Tracker>,
+    /// The mesh's trust domain (pod identities, accepted peers).
+    pub trust_domain: String,
+    /// HBONE client settings.
+    pub pool: PoolConfig,
+    /// HBONE server settings.
+    pub hbone: ServerConfig,
+}
+
+/// ztunnel's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node this ztunnel serves (sent to the control plane).
+    pub node_name: String,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// ztunnel's own identity (`istio-system/ztunnel`): requests for pod identities impersonate.
+    pub identity: SpiffeId,
+    /// The control plane (CA + xDS), with the roots to verify it.
+    pub ca: ControlPlaneTarget,
+    /// ztunnel's token for the control plane.
+    pub token: TokenSource,
+    /// The node agent's ZDS socket.
+    pub zds_socket: PathBuf,
+    /// Admin endpoint (localhost).
+    pub admin_addr: SocketAddr,
+    /// Prometheus endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint.
+    pub readiness_addr: SocketAddr,
+    /// How long a drain (pod removal, shutdown) lets connections finish.
+    pub drain_timeout: Duration,
+    /// HBONE client settings.
+    pub pool: PoolConfig,
+    /// HBONE server settings.
+    pub hbone: ServerConfig,
+}
+
+/// Why ztunnel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An endpoint could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which endpoint.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The control-plane connection could not be set up.
+    #[error("control plane: {0}")]
+    Control(#[from] proto::control::ControlError),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// A started ztunnel (endpoints bound, tasks running).
+#[derive(Debug)]
+pub struct Ztunnel {
+    /// Shared state.
+    pub ctx: Arc<Context>,
+    /// The pods.
+    pub proxy: Arc<Proxy>,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    readiness_addr: SocketAddr,
+    ready: tokio::sync::watch::Sender<bool>,
+    draining: CancellationToken,
+    stop: CancellationToken,
+}
+
+use crate::proxy::Proxy;
+
+impl Ztunnel {
+    /// Binds the endpoints and starts following the control plane and the node agent.
+    pub async fn start(config: Config, log: Option<admin::LogControl>) -> Result<Ztunnel, Error> {
+        let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
+        let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
+        let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
+
+        let view = MeshView::new(config.ca.trust.clone());
+        let mut cert_config = CertConfig::new(config.ca.clone(), config.token.clone(), config.identity.clone());
+        cert_config.retry_min = Duration::from_millis(500);
+        let certs = CertManager::new(cert_config)?;
+        let ctx = Arc::new(Context {
+            view: view.clone(),
+            certs,
+            metrics: Arc::new(Metrics::new()),
+            tracker: Arc::new(Tracker::default()),
+            trust_domain: config.trust_domain.clone(),
+            pool: config.pool.clone(),
+            hbone: config.hbone.clone(),
+        });
+        let proxy = Proxy::new(ctx.clone(), config.drain_timeout);
+        // `draining` ends readiness and the node-agent session; `stop` everything else, after
+        // the drain.
+        let (draining, stop) = (CancellationToken::new(), CancellationToken::new());
+
+        let xds = XdsClient {
+            target: config.ca.clone(),
+            token: config.token.clone(),
+            node_id: format!("ztunnel~{}", config.node_name),
+            retry_min: Duration::from_millis(200),
+            retry_max: Duration::from_secs(10),
+        };
+        tokio::spawn(xds.run(view.clone(), stop.clone().cancelled_owned()));
+        tokio::spawn(ctx.tracker.clone().watch(view.clone(), stop.clone()));
+        tokio::spawn(proxy.clone().follow_node_agent(config.zds_socket.clone(), draining.clone()));
+
+        // Ready = the node agent's snapshot applied and the mesh state synced.
+        let (ready, ready_rx) = tokio::sync::watch::channel(false);
+        {
+            let (mut zds, mut synced, ready, draining) =
+                (proxy.zds_ready(), view.synced(), ready.clone(), draining.clone());
+            tokio::spawn(async move {
+                loop {
+                    let now = *zds.borrow_and_update() && *synced.borrow_and_update();
+                    if *ready.borrow() != now {
+                        info!(ready = now, "readiness changed");
+                        ready.send_replace(now);
+                    }
+                    tokio::select! {
+                        () = draining.cancelled() => return,
+                        r = zds.changed() => if r.is_err() { return },
+                        r = synced.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        }
+
+        let state = admin::AdminState { ctx: ctx.clone(), proxy: proxy.clone(), ready: ready_rx, log };
+        let addr = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let (admin_addr, metrics_addr, readiness_addr) = (
+            addr(&admin_listener, config.admin_addr),
+            addr(&metrics_listener, config.metrics_addr),
+            addr(&readiness_listener, config.readiness_addr),
+        );
+        tokio::spawn(admin::serve(admin_listener, admin::admin_router(state.clone()), stop.clone()));
+        tokio::spawn(admin::serve(metrics_listener, admin::metrics_router(state.clone()), stop.clone()));
+        tokio::spawn(admin::serve(readiness_listener, admin::readiness_router(state), stop.clone()));
+        info!(node = %config.node_name, %admin_addr, %metrics_addr, %readiness_addr,
+            zds = %config.zds_socket.display(), ca = %config.ca.addr, "ztunnel started");
+        Ok(Ztunnel { ctx, proxy, admin_addr, metrics_addr, readiness_addr, ready, draining, stop })
+    }
+
+    /// The admin endpoint's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The metrics endpoint's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The readiness endpoint's address.
+    pub fn readiness_addr(&self) -> SocketAddr {
+        self.readiness_addr
+    }
+
+    /// Drains (no longer ready; every pod's listeners stop, connections get up to the drain
+    /// deadline), then stops everything.
+    pub async fn shutdown(self) {
+        info!("draining");
+        self.draining.cancel();
+        self.ready.send_replace(false);
+        self.proxy.shutdown().await;
+        self.stop.cancel();
+        info!("ztunnel stopped");
+    }
+}
+
+/// Raises the open-files limit to the hard limit (each connection holds two or more descriptors).
+pub fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => warn!(error = %e, soft, hard, "could not raise the open-files limit"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open-files limit"),
+        Err(e) => warn!(error = %e, "could not read the open-files limit"),
+    }
+}

@@ -6,15 +6,26 @@
 //! - A destination in the mesh (it speaks HBONE) is reached over HBONE at `<ip>:15008`, expecting
 //!   its identity (or the waypoint's); anything else is passed through as plain TCP.
 //!
-//! [`route`] is the pure decision; the listener applies it.
+//! [`route`] is the pure decision; [`Outbound`] applies it to each captured connection, with one
+//! HBONE connection pool per pod (a pool never mixes source identities).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use std::sync::Arc;
+
 use proto::SpiffeId;
 use proto::api::istio::workload::{GatewayAddress, TunnelProtocol, Workload, WorkloadStatus, gateway_address};
-use proto::hbone::HBONE_PORT;
+use proto::drain::DrainWatcher;
+use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
+use proto::hbone::server::StatusCode;
+use proto::hbone::{HBONE_PORT, copy};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
+use crate::Context;
+use crate::pod::{Pod, PodDialer, connect};
+use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
 use crate::xds::MeshState;
 
 /// Where to send a connection.
@@ -151,6 +162,156 @@ pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
     Route::Passthrough(dst)
 }
 
+/// The original destination of a redirected connection (`SO_ORIGINAL_DST`, set by the capture
+/// rule's REDIRECT).
+pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let addr = match stream.local_addr()? {
+        SocketAddr::V4(_) => sock.original_dst_v4()?,
+        SocketAddr::V6(_) => sock.original_dst_v6()?,
+    };
+    addr.as_socket().ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// Carries one pod's outbound connections (its 15001 listener).
+#[derive(Debug)]
+pub struct Outbound {
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
+    pool: Pool,
+    lb: Balancer,
+}
+
+/// A route with what the metrics and the log say about it.
+struct Decided {
+    route: Route,
+    info: ConnectionInfo,
+}
+
+impl Outbound {
+    /// For `pod`; its tunnels are dialed from the pod ([`PodDialer`]) and pooled per pod.
+    pub fn new(ctx: Arc<Context>, pod: Arc<Pod>) -> Arc<Self> {
+        let dialer = Arc::new(PodDialer(pod.sockets.clone()));
+        let pool = Pool::with_dialer(ctx.pool.clone(), ctx.view.trust.clone(), dialer);
+        Arc::new(Outbound { ctx, pod, pool, lb: Balancer::default() })
+    }
+
+    /// HBONE connections open in this pod's pool.
+    pub fn pooled_connections(&self) -> usize {
+        self.pool.connection_count()
+    }
+
+    /// Accepts captured connections until a drain starts; each connection holds `drain` until
+    /// it ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut drain: DrainWatcher) {
+        loop {
+            let (stream, client) = tokio::select! {
+                () = drain.signaled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(pod = %self.pod.name, error = %e, "accept failed on the outbound listener");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let this = self.clone();
+            let watcher = drain.clone();
+            tokio::spawn(async move {
+                let _watcher = watcher;
+                match original_dst(&stream) {
+                    Ok(dst) => this.handle(stream, client, dst).await,
+                    Err(e) => {
+                        debug!(pod = %this.pod.name, %client, error = %e, "outbound connection without an original destination; closing")
+                    }
+                }
+            });
+        }
+    }
+
+    fn decide(&self, client: SocketAddr, dst: SocketAddr) -> Decided {
+        self.ctx.view.read(|state| {
+            let route = route(state, dst, &self.lb);
+            let source = match state.workload_by_ip(client.ip()) {
+                Some(w) => Peer::of(w, Some(self.pod.identity.to_string())),
+                None => Peer::principal(Some(self.pod.identity.to_string())),
+            };
+            let (destination, mtls) = match &route {
+                Route::Hbone { workload, .. } => {
+                    (state.workloads.get(workload).map(|w| Peer::of(w, None)).unwrap_or_default(), true)
+                }
+                Route::Passthrough(to) => {
+                    (state.workload_by_ip(to.ip()).map(|w| Peer::of(w, None)).unwrap_or_default(), false)
+                }
+                Route::NoHealthyEndpoint(_) => (Peer::default(), false),
+            };
+            let service = state.service_by_vip(dst.ip()).map(|(_, s)| s.hostname.clone()).unwrap_or_default();
+            let info = ConnectionInfo { reporter: "source", src: client, dst, source, destination, service, mtls };
+            Decided { route, info }
+        })
+    }
+
+    /// Proxies `downstream` (from the app at `client`) to `dst`, its original destination, until
+    /// both sides close.
+    pub async fn handle(&self, downstream: TcpStream, client: SocketAddr, dst: SocketAddr) {
+        let _ = downstream.set_nodelay(true);
+        let Decided { route, info } = self.decide(client, dst);
+        let record = ConnectionRecord::open(&self.ctx.metrics, info);
+        let cancel = self.pod.cancel.child_token();
+        match route {
+            Route::Hbone { hbone, target, identities, .. } => {
+                let credential = match self.ctx.certs.fetch(&self.pod.identity).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let detail = format!("no certificate for {}: {e}", self.pod.identity);
+                        return record.close(Outcome::ConnectFailed, 0, 0, Some(&detail));
+                    }
+                };
+                let request = ConnectRequest::new(credential, hbone, identities, target).forwarded_for(client);
+                let tunnel = match self.pool.connect(request).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let outcome = match &e {
+                            PoolError::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                                Outcome::Denied
+                            }
+                            _ => Outcome::ConnectFailed,
+                        };
+                        return record.close(outcome, 0, 0, Some(&e.to_string()));
+                    }
+                };
+                match copy::copy_bidirectional_until(downstream, tunnel, cancel.cancelled()).await {
+                    Ok((t, stopped)) => record.close(self.ended(stopped), t.sent, t.received, None),
+                    Err(e) => {
+                        let t = e.transferred;
+                        record.close(Outcome::Done, t.sent, t.received, Some(&e.to_string()))
+                    }
+                }
+            }
+            Route::Passthrough(to) => {
+                let upstream = match self.pod.sockets.outbound(to.is_ipv6()) {
+                    Ok(socket) => connect(socket, to).await,
+                    Err(e) => Err(e),
+                };
+                let upstream = match upstream {
+                    Ok(u) => u,
+                    Err(e) => return record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("passthrough: {e}"))),
+                };
+                let (t, stopped, error) = copy::copy_plain_until(downstream, upstream, cancel.cancelled()).await;
+                record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+            }
+            Route::NoHealthyEndpoint(service) => {
+                record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("service {service} has no healthy endpoint")));
+            }
+        }
+    }
+
+    fn ended(&self, stopped: bool) -> Outcome {
+        if stopped { Outcome::Shutdown } else { Outcome::Done }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -284,99 +445,5 @@ mod tests {
             route(&s, "10.96.0.1:80".parse().unwrap(), &Balancer::default()),
             Route::NoHealthyEndpoint(KEY.into())
         );
-    }
-}
-
-/// The original destination of a redirected connection (`SO_ORIGINAL_DST`, set by the capture
-/// rule's REDIRECT).
-pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
-    let sock = socket2::SockRef::from(stream);
-    let addr = match stream.local_addr()? {
-        SocketAddr::V4(_) => sock.original_dst_v4()?,
-        SocketAddr::V6(_) => sock.original_dst_v6()?,
-    };
-    addr.as_socket().ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
-}
-
-/// Carries one pod's outbound connections.
-#[derive(Debug)]
-pub struct Outbound {
-    view: std::sync::Arc<crate::xds::MeshView>,
-    certs: std::sync::Arc<crate::certs::CertManager>,
-    pool: proto::hbone::pool::Pool,
-    /// The pod's identity (its certificate is presented).
-    source: SpiffeId,
-    lb: Balancer,
-}
-
-impl Outbound {
-    /// For the pod with identity `source`.
-    pub fn new(
-        view: std::sync::Arc<crate::xds::MeshView>,
-        certs: std::sync::Arc<crate::certs::CertManager>,
-        pool: proto::hbone::pool::Pool,
-        source: SpiffeId,
-    ) -> Self {
-        Outbound { view, certs, pool, source, lb: Balancer::default() }
-    }
-
-    /// Proxies `downstream` (from the app at `client`) to `dst` (its original destination) until
-    /// both sides close. `passthrough` opens plain connections (from the pod's namespace).
-    pub async fn handle<F, Fut>(
-        &self,
-        downstream: tokio::net::TcpStream,
-        client: SocketAddr,
-        dst: SocketAddr,
-        passthrough: F,
-    ) where
-        F: FnOnce(SocketAddr) -> Fut,
-        Fut: std::future::Future<Output = std::io::Result<tokio::net::TcpStream>>,
-    {
-        let decision = self.view.read(|state| route(state, dst, &self.lb));
-        match decision {
-            Route::Hbone { hbone, target, identities, workload } => {
-                let credential = match self.certs.fetch(&self.source).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::warn!(src.identity = %self.source, dst = %dst, error = %e, "outbound: no certificate for the source; closing");
-                        return;
-                    }
-                };
-                let request = proto::hbone::pool::ConnectRequest::new(credential, hbone, identities, target)
-                    .forwarded_for(client);
-                let tunnel = match self.pool.connect(request).await {
-                    Ok(t) => t,
-                    Err(e) => {
-                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, error = %e, "outbound refused");
-                        return;
-                    }
-                };
-                match proto::hbone::copy::copy_bidirectional(downstream, tunnel).await {
-                    Ok(t) => {
-                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, via = %hbone,
-                        bytes_sent = t.sent, bytes_received = t.received, "outbound connection complete")
-                    }
-                    Err(e) => {
-                        tracing::info!(src.identity = %self.source, dst = %dst, dst.workload = %workload, error = %e,
-                        "outbound connection ended with an error")
-                    }
-                }
-            }
-            Route::Passthrough(to) => {
-                let mut downstream = downstream;
-                match passthrough(to).await {
-                    Ok(mut upstream) => {
-                        let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-                        tracing::info!(src.identity = %self.source, dst = %to, result = ?result, "passthrough connection complete");
-                    }
-                    Err(e) => {
-                        tracing::info!(src.identity = %self.source, dst = %to, error = %e, "passthrough connect failed")
-                    }
-                }
-            }
-            Route::NoHealthyEndpoint(service) => {
-                tracing::warn!(src.identity = %self.source, dst = %dst, %service, "outbound: no healthy endpoint; closing");
-            }
-        }
     }
 }

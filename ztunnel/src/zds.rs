@@ -12,7 +12,7 @@
 //! namespace, is refused with the reason in the Ack; ztunnel keeps serving.
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -292,15 +292,11 @@ fn parse(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<ZdsEvent, String> {
     }
 }
 
-/// A network namespace descriptor reads as `net:[<inode>]` through /proc.
+/// Whether the descriptor is a network namespace: the calling thread joins it (and returns at
+/// once), which the kernel allows for exactly that.
 fn check_netns(fd: &OwnedFd) -> Result<(), String> {
-    use std::os::fd::AsRawFd;
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
-        .map_err(|e| format!("cannot inspect the descriptor: {e}"))?;
-    let target = link.to_string_lossy();
-    if target.starts_with("net:[") {
-        Ok(())
-    } else {
-        Err(format!("the descriptor is not a network namespace ({target})"))
-    }
+    let dup = fd.try_clone().map_err(|e| format!("cannot inspect the descriptor: {e}"))?;
+    crate::netns::NetNs::from_fd(dup)
+        .run(|| Ok(()))
+        .map_err(|e| format!("the descriptor is not a network namespace ({e})"))
 }

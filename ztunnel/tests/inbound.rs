@@ -18,9 +18,14 @@ use proto::hbone::server::{Server, ServerConfig, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use ztunnel::Context;
 use ztunnel::certs::{CertConfig, CertManager, TokenSource};
-use ztunnel::inbound::{DirectUpstream, Inbound};
+use ztunnel::inbound::Inbound;
 use ztunnel::outbound::Outbound;
+use ztunnel::pod::{Loopback, Pod};
+use ztunnel::telemetry::Metrics;
+use ztunnel::tracker::Tracker;
 use ztunnel::xds::{MeshView, XdsClient};
 
 mod support;
@@ -103,13 +108,32 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     .unwrap();
     let server_cred = certs.fetch(&SERVER.parse().unwrap()).await.unwrap();
     let client_cred = certs.fetch(&CLIENT.parse().unwrap()).await.unwrap();
+    let ctx = Arc::new(Context {
+        view: view.clone(),
+        certs: certs.clone(),
+        metrics: Arc::new(Metrics::new()),
+        tracker: Arc::new(Tracker::default()),
+        trust_domain: "cluster.local".into(),
+        pool: PoolConfig::default(),
+        hbone: ServerConfig::default(),
+    });
+    let pod = |name: &str, id: &str| {
+        Arc::new(Pod {
+            uid: format!("uid-{name}"),
+            name: name.into(),
+            namespace: "demo".into(),
+            identity: id.parse().unwrap(),
+            sockets: Arc::new(Loopback),
+            cancel: CancellationToken::new(),
+        })
+    };
 
     // The server pod's inbound HBONE listener.
     let tls = proto::tls::server_config(server_cred, trust.clone(), vec!["cluster.local".into()]).unwrap();
     let listener = TcpListener::bind((SERVER_IP, 15008)).await.unwrap();
     let hbone = listener.local_addr().unwrap();
     let server =
-        Server::new(listener, tls, ServerConfig::default(), Inbound::new(view.clone(), DirectUpstream)).unwrap();
+        Server::new(listener, tls, ServerConfig::default(), Inbound::new(ctx.clone(), pod("server", SERVER))).unwrap();
     let (drain, watcher) = proto::drain::new();
     let server_task = tokio::spawn(server.run(watcher));
 
@@ -147,22 +171,31 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     again.read_exact(&mut one).await.unwrap();
     assert_eq!(pool.connection_count(), 1);
     drop(again);
+    // Istio's metrics saw it: two connections carried, one denied by policy, one failed upstream.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let metrics = ctx.metrics.encode();
+    let sum = |prefix: &str, needle: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(needle))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 4, "{metrics}");
+    assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 1, "{metrics}");
+    assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");
+    assert_eq!(sum("istio_tcp_received_bytes_total{", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""), 23, "{metrics}");
 
     // The client side: a captured connection to the service VIP goes through the outbound path
     // (VIP → endpoint → HBONE with the client pod's certificate) and reaches the app.
-    let outbound = Arc::new(Outbound::new(
-        view.clone(),
-        certs.clone(),
-        Pool::new(PoolConfig::default(), trust.clone()),
-        CLIENT.parse().unwrap(),
-    ));
+    let outbound = Outbound::new(ctx.clone(), pod("client", CLIENT));
     let capture = TcpListener::bind(("127.0.0.2", 0)).await.unwrap();
     let capture_addr = capture.local_addr().unwrap();
     let ob = outbound.clone();
     let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
     tokio::spawn(async move {
         let (downstream, client) = capture.accept().await.unwrap();
-        ob.handle(downstream, client, vip, tokio::net::TcpStream::connect).await;
+        ob.handle(downstream, client, vip).await;
     });
     let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
     app.write_all(b"via the VIP").await.unwrap();
@@ -180,7 +213,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let ob = outbound.clone();
     tokio::spawn(async move {
         let (downstream, client) = capture.accept().await.unwrap();
-        ob.handle(downstream, client, outside_addr, tokio::net::TcpStream::connect).await;
+        ob.handle(downstream, client, outside_addr).await;
     });
     let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
     app.write_all(b"plain").await.unwrap();

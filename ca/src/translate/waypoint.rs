@@ -16,37 +16,7 @@ use crate::mesh::Service;
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
 
-/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a duration like 10s, 500ms or 1m30s");
-    let mut total: u64 = 0;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(bad());
-    }
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 5 {
-            return Err(bad());
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
-        rest = &rest[digits..];
-        let (unit_ms, len) = if rest.starts_with("ms") {
-            (1, 2)
-        } else if rest.starts_with('h') {
-            (3_600_000, 1)
-        } else if rest.starts_with('m') {
-            (60_000, 1)
-        } else if rest.starts_with('s') {
-            (1_000, 1)
-        } else {
-            return Err(bad());
-        };
-        total += n * unit_ms;
-        rest = &rest[len..];
-    }
-    Ok(total)
-}
+pub use proto::duration::parse_millis as parse_duration;
 
 /// Checks the fields of an HTTPRoute the translation relies on.
 pub fn validate(spec: &HTTPRouteSpec) -> Result<(), String> {

@@ -74,6 +74,20 @@ pub async fn copy_bidirectional<S>(io: S, tunnel: H2Stream) -> Result<Transferre
 where
     S: AsyncRead + AsyncWrite,
 {
+    copy_bidirectional_until(io, tunnel, std::future::pending()).await.map(|(t, _)| t)
+}
+
+/// Like [`copy_bidirectional`], but abandons the copy when `stop` resolves (a policy revoked the
+/// connection, the proxy is shutting down): the tunnel stream is reset and the plain stream dropped.
+/// Returns what was moved and whether `stop` ended it.
+pub async fn copy_bidirectional_until<S>(
+    io: S,
+    tunnel: H2Stream,
+    stop: impl Future<Output = ()>,
+) -> Result<(Transferred, bool), CopyError>
+where
+    S: AsyncRead + AsyncWrite,
+{
     let (reader, writer) = tokio::io::split(io);
     let (mut send, recv, pending, _slot) = tunnel.into_parts();
     let mut sent = 0u64;
@@ -82,18 +96,72 @@ where
     let result = {
         let upload = upload(reader, &mut send, &mut sent);
         let download = download(recv, pending, writer, &mut received);
-        tokio::try_join!(async { upload.await.map_err(|e| (Direction::Send, e)) }, async {
-            download.await.map_err(|e| (Direction::Receive, e))
-        },)
+        let both = async {
+            tokio::try_join!(async { upload.await.map_err(|e| (Direction::Send, e)) }, async {
+                download.await.map_err(|e| (Direction::Receive, e))
+            },)
+        };
+        tokio::select! {
+            r = both => Some(r),
+            () = stop => None,
+        }
     };
     let transferred = Transferred { sent, received };
     match result {
-        Ok(_) => Ok(transferred),
-        Err((direction, source)) => {
+        Some(Ok(_)) => Ok((transferred, false)),
+        Some(Err((direction, source))) => {
             send.send_reset(h2::Reason::CANCEL);
             Err(CopyError { direction, transferred, source })
         }
+        None => {
+            send.send_reset(h2::Reason::CANCEL);
+            Ok((transferred, true))
+        }
     }
+}
+
+/// Copies between two plain streams (`client` and `server`) until both directions have ended,
+/// carrying half-closes, or until `stop` resolves. Returns the bytes moved (`sent`: client →
+/// server, `received`: server → client), whether `stop` ended it, and the first error.
+pub async fn copy_plain_until<A, B>(
+    client: A,
+    server: B,
+    stop: impl Future<Output = ()>,
+) -> (Transferred, bool, Option<io::Error>)
+where
+    A: AsyncRead + AsyncWrite,
+    B: AsyncRead + AsyncWrite,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (server_read, server_write) = tokio::io::split(server);
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let result = {
+        let up = pipe(client_read, server_write, &mut sent);
+        let down = pipe(server_read, client_write, &mut received);
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => Some(r),
+            () = stop => None,
+        }
+    };
+    let transferred = Transferred { sent, received };
+    match result {
+        Some(Ok(_)) => (transferred, false, None),
+        Some(Err(e)) => (transferred, false, Some(e)),
+        None => (transferred, true, None),
+    }
+}
+
+/// One direction of a plain copy, ending with a write shutdown on EOF.
+async fn pipe<R: AsyncRead, W: AsyncWrite>(reader: R, writer: W, moved: &mut u64) -> io::Result<()> {
+    let reader = std::pin::pin!(reader);
+    let mut reader = AdaptiveReader::new(reader);
+    let mut writer = std::pin::pin!(writer);
+    while let Some(chunk) = reader.next().await? {
+        writer.write_all(&chunk).await?;
+        *moved += chunk.len() as u64;
+    }
+    writer.shutdown().await
 }
 
 /// Application → tunnel, ending with `END_STREAM` on EOF.

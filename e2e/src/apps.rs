@@ -1,0 +1,87 @@
+//! Test applications that run inside pods.
+//!
+//! The echo server first tells each client its own name and the address it sees the connection
+//! coming from (`<name> peer <ip>:<port>\n`), then echoes everything back until the client closes.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves the echo protocol as `name` on `listener` until the task is aborted.
+pub fn echo_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, peer)) = listener.accept().await else { return };
+            let greeting = format!("{name} peer {peer}\n");
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                if stream.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// The client side of the echo protocol.
+#[derive(Debug)]
+pub struct EchoClient {
+    stream: BufReader<TcpStream>,
+    /// The client address the server saw.
+    pub seen_as: SocketAddr,
+    /// The server's name.
+    pub server: String,
+}
+
+impl EchoClient {
+    /// Reads the server's greeting from a fresh connection.
+    pub async fn greet(stream: TcpStream) -> Result<EchoClient> {
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_line(&mut line))
+            .await
+            .context("no greeting from the echo server within 10 s")??;
+        if n == 0 {
+            bail!("the connection was closed before the echo server's greeting");
+        }
+        let (server, seen_as) = line
+            .trim()
+            .split_once(" peer ")
+            .and_then(|(name, a)| Some((name.to_owned(), a.parse().ok()?)))
+            .with_context(|| format!("unexpected greeting {line:?}"))?;
+        Ok(EchoClient { stream, seen_as, server })
+    }
+
+    /// Sends `data` and reads it back.
+    pub async fn round_trip(&mut self, data: &[u8]) -> Result<()> {
+        self.stream.get_mut().write_all(data).await?;
+        let mut back = vec![0u8; data.len()];
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.stream.read_exact(&mut back))
+            .await
+            .context("echo timed out")??;
+        if back != data {
+            bail!("echo returned different bytes");
+        }
+        Ok(())
+    }
+
+    /// Whether the server closed the connection (reads EOF or an error within `wait`).
+    pub async fn closed_within(&mut self, wait: std::time::Duration) -> bool {
+        let mut one = [0u8; 1];
+        matches!(tokio::time::timeout(wait, self.stream.read(&mut one)).await, Ok(Ok(0) | Err(_)))
+    }
+}

@@ -1,0 +1,610 @@
+//! The one-machine mesh: nodes and pods as network namespaces, the real `ca` and one real
+//! `ztunnel` per node as processes, and the harness itself as each node's agent.
+//!
+//! ```text
+//!  underlay netns: bridge br0 10.10.0.254/24 (the CA listens here, :15012)
+//!    ├── veth ── node-1 netns: eth0 10.10.0.1, bridge br0 10.20.1.1/24, ztunnel
+//!    │             ├── veth ── pod netns: eth0 10.20.1.2/24 (default via 10.20.1.1)
+//!    │             └── ...
+//!    └── veth ── node-2 netns: eth0 10.10.0.2, bridge br0 10.20.2.1/24, ztunnel
+//! ```
+//! Nodes route each other's pod ranges over the underlay. Objects the CA reads are written as
+//! YAML files (one per object) into a directory it watches. A pod whose namespace is labelled
+//! `istio.io/dataplane-mode=ambient` (and that does not opt out) is enrolled through its node's
+//! [`NodeAgent`]: capture rules in its namespace, then ZDS to that node's ztunnel.
+//!
+//! Everything is torn down on drop: processes are killed (and die with the harness thread that
+//! started them in any case), namespaces deleted; namespaces left by a harness that was killed
+//! outright are removed by the next one.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use proto::api::istio::workload::zds::WorkloadInfo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use ztunnel::agent::{NodeAgent, in_mesh};
+use ztunnel::netns::NetNs;
+
+use crate::ca_process::{CaLaunch, CaProcess, ISSUER, output, sibling_binary, spawn_child_with, wait_for_port};
+use crate::topology::{NamedNetns, PREFIX, preflight, reap_stale};
+
+/// The CA's address on the underlay.
+pub const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 254);
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// RUST_LOG for ztunnel and the CA.
+    pub log_filter: String,
+    /// Drain deadline given to ztunnel.
+    pub drain_timeout: Duration,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions { nodes: 2, log_filter: "info".into(), drain_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// A node.
+#[derive(Debug)]
+pub struct Node {
+    /// `node-<n>`.
+    pub name: String,
+    /// 1-based.
+    pub index: u8,
+    /// Its namespace.
+    pub netns: NamedNetns,
+    /// Its underlay address.
+    pub ip: Ipv4Addr,
+    /// The node agent (the harness plays it).
+    pub agent: NodeAgent,
+    ztunnel: Option<Child>,
+    token: PathBuf,
+    log: PathBuf,
+    next_pod: u8,
+}
+
+impl Node {
+    /// ztunnel's pid, if running.
+    pub fn ztunnel_pid(&self) -> Option<u32> {
+        self.ztunnel.as_ref().map(Child::id)
+    }
+
+    /// ztunnel's log file.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// What a pod should be.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node index (1-based).
+    pub node: u8,
+    /// Service account (default: the pod name).
+    pub service_account: Option<String>,
+    /// Labels (`app` defaults to the name).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PodSpec {
+    /// A pod `name` in `namespace` on node `node`.
+    pub fn new(name: &str, namespace: &str, node: u8) -> PodSpec {
+        PodSpec {
+            name: name.into(),
+            namespace: namespace.into(),
+            node,
+            service_account: None,
+            labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+        }
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: &str, value: &str) -> PodSpec {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// A pod of the mesh.
+#[derive(Debug)]
+pub struct MeshPod {
+    /// Name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node index.
+    pub node: u8,
+    /// Its IP.
+    pub ip: Ipv4Addr,
+    /// Kubernetes uid.
+    pub uid: String,
+    /// Service account.
+    pub service_account: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its namespace.
+    pub netns: NamedNetns,
+}
+
+impl MeshPod {
+    /// A listener inside the pod (an app).
+    pub fn listen(&self, port: u16) -> Result<TcpListener> {
+        Ok(self.netns.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], port)))?)
+    }
+
+    /// A connection from the pod (an app's client; captured when the pod is enrolled).
+    pub async fn connect(&self, addr: SocketAddr) -> Result<TcpStream> {
+        let socket = self.netns.ns.tcp_socket(addr.is_ipv6())?;
+        let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(addr))
+            .await
+            .with_context(|| format!("{}/{}: connecting to {addr} timed out", self.namespace, self.name))?
+            .with_context(|| format!("{}/{}: connecting to {addr}", self.namespace, self.name))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    /// The pod's IP and `port`.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The mesh.
+#[derive(Debug)]
+pub struct Mesh {
+    prefix: String,
+    dir: tempfile::TempDir,
+    objects: PathBuf,
+    options: MeshOptions,
+    /// The underlay namespace (where the CA runs).
+    pub underlay: NamedNetns,
+    ca_launch: CaLaunch,
+    ca: Option<CaProcess>,
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    pods: BTreeMap<String, Arc<MeshPod>>,
+    namespaces: BTreeMap<String, bool>,
+    ztunnel_bin: PathBuf,
+}
+
+static MESHES: AtomicU32 = AtomicU32::new(0);
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the binaries are: `E2E_BIN_DIR`, else next to the running test or benchmark (its parent
+/// when it runs from `deps/`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("E2E_BIN_DIR") {
+        return Ok(PathBuf::from(dir).join(name));
+    }
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().context("no parent directory")?;
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates.into_iter().find(|p| p.exists()).map_or_else(|| sibling_binary(name), Ok)
+}
+
+impl Mesh {
+    /// Builds the topology and starts the CA and one ztunnel per node (call within a tokio
+    /// runtime). Wait for [`Mesh::ready`] before sending traffic.
+    pub fn start(options: MeshOptions) -> Result<Mesh> {
+        preflight()?;
+        reap_stale();
+        let ca_bin = binary("ca")?;
+        let ztunnel_bin = binary("ztunnel")?;
+        for b in [&ca_bin, &ztunnel_bin] {
+            if !b.exists() {
+                bail!("{} not found: build it first (`cargo build -p ca -p ztunnel`)", b.display());
+            }
+        }
+        let prefix = format!("{PREFIX}{}-{}", std::process::id(), MESHES.fetch_add(1, Ordering::SeqCst));
+        let dir = tempfile::Builder::new().prefix("ambient-e2e-").tempdir()?;
+        let objects = dir.path().join("objects");
+        for d in ["objects", "state", "run", "logs"] {
+            std::fs::create_dir_all(dir.path().join(d))?;
+        }
+
+        let underlay = NamedNetns::create(&format!("{prefix}-u"))?;
+        underlay.bridge("br0", &format!("{CA_IP}/24"))?;
+        let tokens = Arc::new(ca::auth::TokenSigner::new(ISSUER, None).map_err(anyhow::Error::msg)?);
+        let ca_launch = CaLaunch {
+            binary: ca_bin,
+            config_dir: objects.clone(),
+            state: dir.path().join("state"),
+            grpc: SocketAddr::from((CA_IP, 15012)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            tokens,
+            netns: Some(underlay.ns.clone()),
+            log_filter: options.log_filter.clone(),
+            log_file: Some(dir.path().join("logs/ca.log")),
+        };
+        write_atomic(
+            &objects.join("ns-istio-system.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n",
+        )?;
+        let ca = CaProcess::launch(&ca_launch, false)?;
+
+        let mut mesh = Mesh {
+            prefix,
+            dir,
+            objects,
+            options,
+            underlay,
+            ca_launch,
+            ca: Some(ca),
+            nodes: Vec::new(),
+            pods: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            ztunnel_bin,
+        };
+        let count = mesh.options.nodes;
+        for i in 1..=count {
+            mesh.add_node(i as u8)?;
+        }
+        for i in 0..count {
+            mesh.start_ztunnel(i as u8 + 1)?;
+        }
+        Ok(mesh)
+    }
+
+    fn add_node(&mut self, index: u8) -> Result<()> {
+        let name = format!("node-{index}");
+        let netns = NamedNetns::create(&format!("{}-n{index}", self.prefix))?;
+        let ip = Ipv4Addr::new(10, 10, 0, index);
+        netns.veth("eth0", &self.underlay, &format!("n{index}"))?;
+        self.underlay.ip(&["link", "set", &format!("n{index}"), "master", "br0"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.bridge("br0", &format!("10.20.{index}.1/24"))?;
+        for other in 1..=self.options.nodes as u8 {
+            if other != index {
+                netns.ip(&["route", "add", &format!("10.20.{other}.0/24"), "via", &format!("10.10.0.{other}")])?;
+            }
+        }
+        netns.sysctl("net.ipv4.ip_forward", "1")?;
+        for iface in ["all", "default"] {
+            netns.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+        }
+        let token = self.dir.path().join(format!("run/{name}.token"));
+        let ca = self.ca.as_ref().context("CA not running")?;
+        std::fs::write(&token, ca.token("istio-system", "ztunnel", Some(&name))?)?;
+        let agent = NodeAgent::bind(&self.dir.path().join(format!("run/{name}.sock")))?;
+        let log = self.dir.path().join(format!("logs/ztunnel-{name}.log"));
+        self.nodes.push(Node { name, index, netns, ip, agent, ztunnel: None, token, log, next_pod: 2 });
+        Ok(())
+    }
+
+    fn node(&self, index: u8) -> Result<&Node> {
+        self.nodes.get(usize::from(index).wrapping_sub(1)).with_context(|| format!("no node {index}"))
+    }
+
+    fn node_mut(&mut self, index: u8) -> Result<&mut Node> {
+        self.nodes.get_mut(usize::from(index).wrapping_sub(1)).with_context(|| format!("no node {index}"))
+    }
+
+    /// Starts (or restarts) ztunnel on node `index`.
+    pub fn start_ztunnel(&mut self, index: u8) -> Result<()> {
+        let root = self.ca_launch.state.join("root-cert.pem");
+        let (bin, filter, drain) =
+            (self.ztunnel_bin.clone(), self.options.log_filter.clone(), self.options.drain_timeout);
+        let node = self.node_mut(index)?;
+        let mut command = Command::new(&bin);
+        command
+            .args(["--node-name", &node.name])
+            .args(["--ca-addr", &format!("{CA_IP}:15012"), "--ca-name", &CA_IP.to_string()])
+            .args(["--ca-root", &root.display().to_string()])
+            .args(["--token-file", &node.token.display().to_string()])
+            .args(["--zds-socket", &node.agent.path().display().to_string()])
+            .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
+            .env("RUST_LOG", &filter);
+        let (stdout, stderr) = output(Some(&node.log), false)?;
+        let mut child = spawn_child_with(command, Some(&node.netns.ns), stdout, stderr)?;
+        wait_for_port(&mut child, &format!("ztunnel on {}", node.name), "127.0.0.1:15021".parse()?, Some(&node.netns.ns))?;
+        node.ztunnel = Some(child);
+        Ok(())
+    }
+
+    /// Kills ztunnel on node `index` (SIGKILL).
+    pub fn kill_ztunnel(&mut self, index: u8) -> Result<()> {
+        let node = self.node_mut(index)?;
+        if let Some(mut child) = node.ztunnel.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Stops ztunnel on node `index` with SIGTERM and waits for it to exit; returns how long that
+    /// took.
+    pub fn terminate_ztunnel(&mut self, index: u8) -> Result<Duration> {
+        let node = self.node_mut(index)?;
+        let Some(mut child) = node.ztunnel.take() else { return Ok(Duration::ZERO) };
+        let start = Instant::now();
+        crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
+        child.wait()?;
+        Ok(start.elapsed())
+    }
+
+    /// Stops the CA (SIGKILL).
+    pub fn stop_ca(&mut self) {
+        if let Some(ca) = self.ca.take() {
+            ca.kill();
+        }
+    }
+
+    /// Starts the CA again (same state, same token issuer).
+    pub fn start_ca(&mut self) -> Result<()> {
+        if self.ca.is_none() {
+            self.ca = Some(CaProcess::launch(&self.ca_launch, false)?);
+        }
+        Ok(())
+    }
+
+    /// The directory of YAML the CA reads.
+    pub fn objects_dir(&self) -> &Path {
+        &self.objects
+    }
+
+    /// Writes (or replaces) an object file `name.yaml`.
+    pub fn apply(&self, name: &str, yaml: &str) -> Result<()> {
+        write_atomic(&self.objects.join(format!("{name}.yaml")), yaml)
+    }
+
+    /// Deletes object file `name.yaml`.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.objects.join(format!("{name}.yaml")))
+            .with_context(|| format!("deleting object file {name}.yaml"))
+    }
+
+    /// Creates or relabels namespace `name`: ambient or not. Pods in it are enrolled or
+    /// unenrolled to match, live.
+    pub async fn namespace(&mut self, name: &str, ambient: bool) -> Result<()> {
+        let labels = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
+        self.apply(&format!("ns-{name}"), &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"))?;
+        self.namespaces.insert(name.to_owned(), ambient);
+        let pods: Vec<Arc<MeshPod>> = self.pods.values().filter(|p| p.namespace == name).cloned().collect();
+        for pod in pods {
+            self.reconcile(&pod).await?;
+        }
+        Ok(())
+    }
+
+    fn enrolled(&self, pod: &MeshPod) -> bool {
+        let ns_mode = self.namespaces.get(&pod.namespace).copied().unwrap_or(false).then_some("ambient");
+        in_mesh(ns_mode, pod.labels.get(ztunnel::agent::DATAPLANE_MODE_LABEL).map(String::as_str))
+    }
+
+    async fn reconcile(&self, pod: &MeshPod) -> Result<()> {
+        let node = self.node(pod.node)?;
+        let want = self.enrolled(pod);
+        let have = node.agent.enrolled().contains(&pod.uid);
+        match (want, have) {
+            (true, false) => {
+                let info = WorkloadInfo {
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    service_account: pod.service_account.clone(),
+                };
+                node.agent.enroll(&pod.uid, info, pod.netns.ns.clone()).await?;
+            }
+            (false, true) => node.agent.unenroll(&pod.uid).await?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Creates a pod: its namespace and network, its object for the CA, and its enrollment.
+    pub async fn pod(&mut self, spec: PodSpec) -> Result<Arc<MeshPod>> {
+        let prefix = self.prefix.clone();
+        let node = self.node_mut(spec.node)?;
+        let host = node.next_pod;
+        node.next_pod += 1;
+        let ip = Ipv4Addr::new(10, 20, spec.node, host);
+        let netns = NamedNetns::create(&format!("{prefix}-p{}-{host}", spec.node))?;
+        let veth = format!("p{host}");
+        node.netns.veth(&veth, &netns, "eth0")?;
+        node.netns.ip(&["link", "set", &veth, "master", "br0"])?;
+        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["route", "add", "default", "via", &format!("10.20.{}.1", spec.node)])?;
+        for iface in ["all", "default"] {
+            netns.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
+        }
+        // Ephemeral ports stay clear of 15001/15006/15008; TIME_WAIT does not starve a busy client.
+        netns.sysctl("net.ipv4.ip_local_port_range", "32768 60999")?;
+        netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        let node_name = node.name.clone();
+
+        let sa = spec.service_account.clone().unwrap_or_else(|| spec.name.clone());
+        let uid = format!("{:08x}-e2e-{}-{}", rand_u32(), spec.namespace, spec.name);
+        let labels: String = spec.labels.iter().map(|(k, v)| format!("\n    {k}: \"{v}\"")).collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {uid}\n  labels:{labels}\nspec:\n  nodeName: {node_name}\n  serviceAccountName: {sa}\n  containers: []\nstatus:\n  phase: Running\n  podIP: {ip}\n",
+            spec.name, spec.namespace
+        );
+        self.apply(&format!("pod-{}-{}", spec.namespace, spec.name), &yaml)?;
+        let pod = Arc::new(MeshPod {
+            name: spec.name,
+            namespace: spec.namespace,
+            node: spec.node,
+            ip,
+            uid,
+            service_account: sa,
+            labels: spec.labels,
+            netns,
+        });
+        self.pods.insert(pod.key(), pod.clone());
+        self.reconcile(&pod).await?;
+        Ok(pod)
+    }
+
+    /// A ClusterIP service `name` in `namespace` at `vip:port`, selecting pods with `app=<app>`,
+    /// forwarding to `target_port`.
+    pub fn service(&self, name: &str, namespace: &str, vip: Ipv4Addr, port: u16, app: &str, target_port: u16) -> Result<()> {
+        self.apply(
+            &format!("svc-{namespace}-{name}"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {app}\n  ports:\n    - port: {port}\n      targetPort: {target_port}\n"
+            ),
+        )
+    }
+
+    /// A GET to node `index`'s ztunnel (`port` 15000 admin, 15020 metrics, 15021 readiness).
+    pub async fn ztunnel_get(&self, index: u8, port: u16, path: &str) -> Result<(u16, String)> {
+        let node = self.node(index)?;
+        http_get(&node.netns.ns, SocketAddr::from(([127, 0, 0, 1], port)), path).await
+    }
+
+    /// Node `index`'s ztunnel metrics.
+    pub async fn metrics(&self, index: u8) -> Result<String> {
+        Ok(self.ztunnel_get(index, 15020, "/metrics").await?.1)
+    }
+
+    /// Node `index`'s ztunnel config dump.
+    pub async fn config_dump(&self, index: u8) -> Result<serde_json::Value> {
+        let (status, body) = self.ztunnel_get(index, 15000, "/config_dump").await?;
+        if status != 200 {
+            bail!("config_dump answered {status}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until `check` holds, polling every 50 ms, failing after `timeout` with `what`.
+    pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if check().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running ztunnel is ready and sees every pod as the harness does (HBONE
+    /// when enrolled, plain TCP when not), every policy in `policies` (`namespace/name`, present)
+    /// and the absence of `gone`.
+    pub async fn settle(&self, policies: &[&str], gone: &[&str]) -> Result<()> {
+        let expected: Vec<(String, &'static str)> = self
+            .pods
+            .values()
+            .map(|p| (format!("Kubernetes//Pod/{}/{}", p.namespace, p.name), if self.enrolled(p) { "HBONE" } else { "TCP" }))
+            .collect();
+        for node in self.nodes.iter().filter(|n| n.ztunnel.is_some()) {
+            let index = node.index;
+            self.wait_until(&format!("{}'s ztunnel to see the mesh", node.name), Duration::from_secs(20), || async {
+                let Ok((200, _)) = self.ztunnel_get(index, 15021, "/healthz/ready").await else { return false };
+                let Ok(dump) = self.config_dump(index).await else { return false };
+                let workloads = dump["mesh"]["workloads"].as_array().cloned().unwrap_or_default();
+                let proto_of = |uid: &str| {
+                    workloads.iter().find(|w| w["uid"] == uid).and_then(|w| w["protocol"].as_str().map(str::to_owned))
+                };
+                let policies_seen: Vec<String> = dump["mesh"]["policies"]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                expected.iter().all(|(uid, proto)| proto_of(uid).as_deref() == Some(*proto))
+                    && policies.iter().all(|p| policies_seen.iter().any(|s| s == p))
+                    && gone.iter().all(|p| !policies_seen.iter().any(|s| s == p))
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The last `lines` lines of every process log (for failure reports).
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut paths = vec![self.dir.path().join("logs/ca.log")];
+        paths.extend(self.nodes.iter().map(|n| n.log.clone()));
+        for p in paths {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("==> {} <==\n", p.display()));
+            for l in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// A node's ztunnel log so far.
+    pub fn ztunnel_log(&self, index: u8) -> Result<String> {
+        Ok(std::fs::read_to_string(&self.node(index)?.log).unwrap_or_default())
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- mesh logs (last 40 lines each) ---\n{}", self.log_tails(40));
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.ztunnel.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        self.stop_ca();
+        // Pods, then nodes, then the underlay (field drop order does the rest).
+        self.pods.clear();
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+/// A minimal HTTP/1.1 GET from inside `netns`: status and body.
+pub async fn http_get(netns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let socket = netns.tcp_socket(addr.is_ipv6())?;
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+        .await
+        .with_context(|| format!("connecting to {addr} timed out"))??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .with_context(|| format!("reading the answer from {addr}{path} timed out"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .context("malformed HTTP status line")?;
+    Ok((status, body.to_owned()))
+}

@@ -1,0 +1,130 @@
+//! Network plumbing for the one-machine mesh: named network namespaces, veth pairs, bridges,
+//! addresses, routes and sysctls, all made with iproute2 and all removed again.
+//!
+//! Every namespace is named `<prefix>-<role>` where the prefix carries the harness's process id,
+//! so namespaces left by a harness that was killed outright are recognised and removed by the next
+//! one ([`reap_stale`]). Deleting a namespace takes its interfaces, addresses, routes and rules
+//! with it; nothing is ever configured in the host's own namespace.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use ztunnel::netns::NetNs;
+
+/// Prefix of every namespace the harness makes.
+pub const PREFIX: &str = "ambe2e";
+
+/// Runs a command, failing with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Runs `ip` with `args`.
+pub fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+/// A named network namespace (`/run/netns/<name>`), deleted on drop.
+#[derive(Debug)]
+pub struct NamedNetns {
+    /// Its name.
+    pub name: String,
+    /// A handle for making sockets and processes in it.
+    pub ns: NetNs,
+}
+
+impl NamedNetns {
+    /// Creates the namespace with its loopback up.
+    pub fn create(name: &str) -> Result<NamedNetns> {
+        ip(&["netns", "add", name])?;
+        let ns = NetNs::open(&Path::new("/run/netns").join(name)).with_context(|| format!("opening netns {name}"))?;
+        let named = NamedNetns { name: name.to_owned(), ns };
+        named.ip(&["link", "set", "lo", "up"])?;
+        Ok(named)
+    }
+
+    /// Runs `ip -n <name> args`.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Sets a sysctl inside this namespace (`net.ipv4.ip_forward` → `/proc/sys/net/ipv4/ip_forward`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.ns
+            .run(|| std::fs::write(&path, value))
+            .with_context(|| format!("setting {key}={value} in netns {}", self.name))
+    }
+
+    /// Creates a veth pair: `local` here, `remote` in `other` (both up).
+    pub fn veth(&self, local: &str, other: &NamedNetns, remote: &str) -> Result<()> {
+        self.ip(&["link", "add", local, "type", "veth", "peer", "name", remote, "netns", &other.name])?;
+        self.ip(&["link", "set", local, "up"])?;
+        other.ip(&["link", "set", remote, "up"])
+    }
+
+    /// Creates a bridge with `addr` (CIDR) on it.
+    pub fn bridge(&self, name: &str, addr: &str) -> Result<()> {
+        self.ip(&["link", "add", name, "type", "bridge"])?;
+        self.ip(&["addr", "add", addr, "dev", name])?;
+        self.ip(&["link", "set", name, "up"])
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            tracing::warn!(netns = %self.name, error = %e, "could not delete a test namespace");
+        }
+    }
+}
+
+/// Removes namespaces left by harness processes that no longer exist.
+pub fn reap_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!(netns = %name, "removing a namespace left by a dead harness");
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+/// Checks that the harness can run here: root, and the tools it uses.
+pub fn preflight() -> Result<()> {
+    if !nix_is_root() {
+        bail!("the one-machine mesh needs root (network namespaces, nftables)");
+    }
+    for tool in ["ip", "nft", "setpriv"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            bail!("`{tool}` not found: install iproute2, nftables and util-linux");
+        }
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,54 @@
+//! Durations as Kubernetes and Gateway API objects (and our command lines) write them.
+
+/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds.
+pub fn parse_millis(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration like 10s, 500ms or 1m30s");
+    let mut total: u64 = 0;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit_ms, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        total += n * unit_ms;
+        rest = &rest[len..];
+    }
+    Ok(total)
+}
+
+/// [`parse_millis`] as a [`std::time::Duration`] (for command-line flags).
+pub fn parse(s: &str) -> Result<std::time::Duration, String> {
+    parse_millis(s).map(std::time::Duration::from_millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_api_durations() {
+        assert_eq!(parse_millis("1m30s"), Ok(90_000));
+        assert_eq!(parse_millis("500ms"), Ok(500));
+        assert_eq!(parse_millis("2h"), Ok(7_200_000));
+        assert!(parse_millis("").is_err());
+        assert!(parse_millis("10").is_err());
+        assert!(parse_millis("1d").is_err());
+        assert!(parse_millis("123456s").is_err());
+    }
+}

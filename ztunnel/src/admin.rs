@@ -1,0 +1,192 @@
+//! ztunnel's HTTP endpoints.
+//!
+//! - admin (default `127.0.0.1:15000`, keep it on localhost): `GET /config_dump` (pods served,
+//!   workloads, services and policies as the control plane described them), `GET /certs`
+//!   (certificates held, with expiry), `GET /logging` (current filter), `POST /logging?level=<filter>`
+//!   (change it live, e.g. `debug` or `info,ztunnel::inbound=debug`), and the readiness check;
+//! - metrics (`:15020`): `GET /metrics` and `GET /stats/prometheus`, Prometheus text;
+//! - readiness (`:15021`): `GET /healthz/ready`, 200 once the node agent's snapshot is applied and
+//!   the mesh state synced, 503 before and while draining.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::get;
+use proto::api::istio::workload::{TunnelProtocol, WorkloadStatus};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::Context;
+use crate::proxy::Proxy;
+
+/// Changes the log filter; returns the filter now in force.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Shared proxy state.
+    pub ctx: Arc<Context>,
+    /// The pods.
+    pub proxy: Arc<Proxy>,
+    /// True when ready.
+    pub ready: watch::Receiver<bool>,
+    /// Log filter control, when the binary installed one.
+    pub log: Option<LogControl>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").field("ready", &*self.ready.borrow()).finish()
+    }
+}
+
+fn ip(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn config_dump(State(s): State<AdminState>) -> Json<Value> {
+    let mesh = s.ctx.view.read(|state| {
+        let mut workloads: Vec<Value> = state
+            .workloads
+            .values()
+            .map(|w| {
+                json!({
+                    "uid": w.uid,
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "addresses": w.addresses.iter().filter_map(|a| ip(a)).map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "node": w.node,
+                    "service_account": w.service_account,
+                    "protocol": if w.tunnel_protocol == TunnelProtocol::Hbone as i32 { "HBONE" } else { "TCP" },
+                    "waypoint": w.waypoint.is_some(),
+                    "services": w.services.keys().collect::<Vec<_>>(),
+                    "authorization_policies": w.authorization_policies,
+                    "healthy": w.status == WorkloadStatus::Healthy as i32,
+                })
+            })
+            .collect();
+        workloads.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
+        let mut services: Vec<Value> = state
+            .services
+            .iter()
+            .map(|(key, svc)| {
+                json!({
+                    "key": key,
+                    "addresses": svc.addresses.iter().filter_map(|a| ip(&a.address)).map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "ports": svc.ports.iter().map(|p| json!({"port": p.service_port, "target_port": p.target_port})).collect::<Vec<_>>(),
+                    "waypoint": svc.waypoint.is_some(),
+                })
+            })
+            .collect();
+        services.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+        let mut policies: Vec<&String> = state.policies.keys().collect();
+        policies.sort();
+        json!({"workloads": workloads, "services": services, "policies": policies})
+    });
+    Json(json!({
+        "pods": s.proxy.summaries(),
+        "mesh": mesh,
+        "certificates": certificates(&s),
+        "live_inbound_connections": s.ctx.tracker.len(),
+    }))
+}
+
+fn certificates(s: &AdminState) -> Vec<Value> {
+    let mut held: Vec<Value> = s
+        .ctx
+        .certs
+        .held()
+        .into_iter()
+        .map(|(id, expiry)| json!({"identity": id.to_string(), "expires_unix": expiry.map(unix)}))
+        .collect();
+    held.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
+    held
+}
+
+async fn certs(State(s): State<AdminState>) -> Json<Value> {
+    Json(json!({"certificates": certificates(&s)}))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LevelQuery {
+    level: Option<String>,
+}
+
+async fn logging_get(State(s): State<AdminState>) -> Response {
+    logging(&s, None)
+}
+
+async fn logging_set(State(s): State<AdminState>, Query(q): Query<LevelQuery>) -> Response {
+    match q.level {
+        Some(level) => logging(&s, Some(&level)),
+        None => (StatusCode::BAD_REQUEST, "missing ?level=<filter>, e.g. level=debug\n").into_response(),
+    }
+}
+
+fn logging(s: &AdminState, level: Option<&str>) -> Response {
+    let Some(control) = &s.log else {
+        return (StatusCode::NOT_IMPLEMENTED, "log level control is not installed\n").into_response();
+    };
+    match control(level) {
+        Ok(now) => (StatusCode::OK, format!("log filter: {now}\n")).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn ready(State(s): State<AdminState>) -> Response {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the node agent's snapshot and the mesh state\n")
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.ctx.metrics.encode())
+        .into_response()
+}
+
+/// The admin router.
+pub fn admin_router(state: AdminState) -> Router {
+    Router::new()
+        .route("/config_dump", get(config_dump))
+        .route("/certs", get(certs))
+        .route("/logging", get(logging_get).post(logging_set))
+        .route("/healthz/ready", get(ready))
+        .with_state(state)
+}
+
+/// The metrics router.
+pub fn metrics_router(state: AdminState) -> Router {
+    Router::new().route("/metrics", get(metrics)).route("/stats/prometheus", get(metrics)).with_state(state)
+}
+
+/// The readiness router.
+pub fn readiness_router(state: AdminState) -> Router {
+    Router::new().route("/healthz/ready", get(ready)).with_state(state)
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+        tracing::warn!(?addr, error = %e, "HTTP endpoint failed");
+    }
+}

@@ -1,0 +1,223 @@
+//! The node agent: decides which pods on the node are in the mesh, installs capture in their
+//! network namespaces and tells ztunnel over ZDS.
+//!
+//! It serves the ZDS socket. Whenever a ztunnel connects (first start, or a restart) it gets the
+//! whole snapshot: `AddWorkload` for every enrolled pod (with its namespace descriptor), then
+//! `SnapshotSent`. After that each [`NodeAgent::enroll`] installs capture first and then sends
+//! `AddWorkload`; [`NodeAgent::unenroll`] removes capture first (new connections bypass ztunnel)
+//! and then sends `DelWorkload`. A pod enrolled while no ztunnel is connected is sent with the next
+//! snapshot.
+//!
+//! In a cluster the agent learns pods from the CNI plugin or the API server; in the one-machine
+//! mesh the `e2e` harness drives it. [`in_mesh`] is the enrollment rule both use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use proto::api::istio::workload::zds::WorkloadInfo;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::capture::{self, CaptureError};
+use crate::netns::NetNs;
+use crate::zds::{AgentConnection, ZdsError, ZdsListener};
+
+/// Namespace (and pod) label that enrolls pods.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+
+/// Whether a pod is in the mesh: its namespace says `istio.io/dataplane-mode=ambient` and the pod
+/// does not opt out with `istio.io/dataplane-mode=none`.
+pub fn in_mesh(namespace_mode: Option<&str>, pod_mode: Option<&str>) -> bool {
+    namespace_mode == Some("ambient") && pod_mode != Some("none")
+}
+
+/// Node agent errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Capture rules.
+    #[error("pod {uid}: capture: {source}")]
+    Capture {
+        /// Pod uid.
+        uid: String,
+        /// Why.
+        source: CaptureError,
+    },
+    /// ztunnel refused or the connection failed.
+    #[error("pod {uid}: ztunnel: {source}")]
+    Zds {
+        /// Pod uid.
+        uid: String,
+        /// Why.
+        source: ZdsError,
+    },
+    /// The ZDS socket.
+    #[error("ZDS socket: {0}")]
+    Listen(ZdsError),
+}
+
+#[derive(Debug, Clone)]
+struct Enrolled {
+    info: WorkloadInfo,
+    netns: NetNs,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    pods: Mutex<BTreeMap<String, Enrolled>>,
+    /// The current ztunnel, once it has its snapshot. Requests are strictly one at a time.
+    conn: tokio::sync::Mutex<Option<AgentConnection>>,
+    /// Notified when a ztunnel has taken a snapshot.
+    synced: Notify,
+    snapshots: std::sync::atomic::AtomicU64,
+}
+
+/// The node agent.
+#[derive(Debug)]
+pub struct NodeAgent {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl NodeAgent {
+    /// Serves ZDS at `path` (call within a tokio runtime).
+    pub fn bind(path: &Path) -> Result<NodeAgent, AgentError> {
+        let listener = ZdsListener::bind(path).map_err(AgentError::Listen)?;
+        let shared = Arc::new(Shared::default());
+        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
+        Ok(NodeAgent { shared, path: path.to_owned(), accept })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Snapshots sent so far (one per ztunnel connection).
+    pub fn snapshots(&self) -> u64 {
+        self.shared.snapshots.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until a ztunnel connection has taken more than `after` snapshots in total.
+    pub async fn wait_for_snapshot(&self, after: u64) {
+        loop {
+            let notified = self.shared.synced.notified();
+            if self.snapshots() > after {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The enrolled pods' uids.
+    pub fn enrolled(&self) -> Vec<String> {
+        self.shared.pods.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    /// Puts a pod in the mesh: capture in `netns`, then `AddWorkload` to ztunnel (if one is
+    /// connected; otherwise with the next snapshot).
+    pub async fn enroll(&self, uid: &str, info: WorkloadInfo, netns: NetNs) -> Result<(), AgentError> {
+        capture::install(&netns).map_err(|source| AgentError::Capture { uid: uid.into(), source })?;
+        let enrolled = Enrolled { info, netns };
+        self.shared.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), enrolled.clone());
+        info!(uid, pod = %enrolled.info.name, namespace = %enrolled.info.namespace, "pod enrolled: capture installed");
+        let mut conn = self.shared.conn.lock().await;
+        let Some(c) = conn.as_ref() else {
+            info!(uid, "no ztunnel connected; the pod goes with the next snapshot");
+            return Ok(());
+        };
+        match c.add(uid, enrolled.info.clone(), enrolled.netns.fd()).await {
+            Ok(()) => Ok(()),
+            Err(ZdsError::Refused(reason)) => {
+                Err(AgentError::Zds { uid: uid.into(), source: ZdsError::Refused(reason) })
+            }
+            Err(e) => {
+                warn!(uid, error = %e, "ztunnel connection lost; the pod goes with the next snapshot");
+                *conn = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a pod out of the mesh: capture removed, then `DelWorkload` to ztunnel.
+    pub async fn unenroll(&self, uid: &str) -> Result<(), AgentError> {
+        let removed = self.shared.pods.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        let Some(pod) = removed else {
+            return Ok(());
+        };
+        capture::remove(&pod.netns).map_err(|source| AgentError::Capture { uid: uid.into(), source })?;
+        info!(uid, pod = %pod.info.name, namespace = %pod.info.namespace, "pod unenrolled: capture removed");
+        let mut conn = self.shared.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            match c.del(uid).await {
+                Ok(()) => {}
+                Err(ZdsError::Refused(reason)) => {
+                    return Err(AgentError::Zds { uid: uid.into(), source: ZdsError::Refused(reason) });
+                }
+                Err(e) => {
+                    warn!(uid, error = %e, "ztunnel connection lost while removing a pod");
+                    *conn = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the current ztunnel connection (tests send raw or malformed requests).
+    pub async fn with_connection<T>(
+        &self,
+        f: impl AsyncFnOnce(&AgentConnection) -> T,
+    ) -> Option<T> {
+        let conn = self.shared.conn.lock().await;
+        match conn.as_ref() {
+            Some(c) => Some(f(c).await),
+            None => None,
+        }
+    }
+}
+
+async fn accept_loop(mut listener: ZdsListener, shared: Arc<Shared>) {
+    loop {
+        let conn = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "ZDS accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Hold the slot while the snapshot goes out, so enrollments queue behind it.
+        let mut slot = shared.conn.lock().await;
+        *slot = None;
+        let pods: Vec<(String, Enrolled)> =
+            shared.pods.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        match send_snapshot(&conn, &pods).await {
+            Ok(()) => {
+                info!(pods = pods.len(), "snapshot sent to ztunnel");
+                *slot = Some(conn);
+                shared.snapshots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                shared.synced.notify_waiters();
+            }
+            Err(e) => warn!(error = %e, "sending the snapshot to ztunnel failed; waiting for it to reconnect"),
+        }
+    }
+}
+
+async fn send_snapshot(conn: &AgentConnection, pods: &[(String, Enrolled)]) -> Result<(), ZdsError> {
+    for (uid, pod) in pods {
+        match conn.add(uid, pod.info.clone(), pod.netns.fd()).await {
+            Ok(()) => {}
+            // One pod ztunnel cannot serve does not stop the others.
+            Err(ZdsError::Refused(reason)) => warn!(uid, %reason, "ztunnel refused a pod of the snapshot"),
+            Err(e) => return Err(e),
+        }
+    }
+    conn.snapshot_sent().await
+}

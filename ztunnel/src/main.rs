@@ -1,0 +1,176 @@
+//! `ztunnel`: the per-node L4 proxy of the ambient mesh.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use proto::SpiffeId;
+use proto::control::ControlPlaneTarget;
+use proto::tls::{SharedTrustBundle, TrustBundle};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+use ztunnel::certs::TokenSource;
+use ztunnel::{Config, Ztunnel};
+
+/// The per-node proxy of the ambient mesh.
+///
+/// Runs in the node's network namespace. It follows the node agent over ZDS (which pods of this
+/// node are in the mesh, with their network namespaces) and the control plane over gRPC/TLS
+/// (workloads, services, policies, trust bundle; and a certificate for each pod, asked for with
+/// ztunnel's own token). In each pod it listens on 15001 (outbound, redirected by the capture
+/// rules), 15006 (inbound plaintext) and 15008 (inbound HBONE), and carries traffic between pods as
+/// HBONE: HTTP/2 CONNECT over mutual TLS with the pods' own identities. L4 authorization policies
+/// are enforced on the receiving side; the app sees the real client IP.
+///
+/// On SIGTERM or SIGINT it stops being ready, stops accepting, lets open connections finish for
+/// --drain-timeout, then exits.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Name of the node this ztunnel serves; the CA gives it certificates only for pods on it.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+
+    /// The control plane (CA + xDS) as host:port; a name is resolved once at start.
+    #[arg(long, env = "CA_ADDRESS", default_value = "ca.istio-system.svc:15012", value_name = "HOST:PORT")]
+    ca_addr: String,
+
+    /// Name the control plane's certificate must carry.
+    #[arg(long, default_value = "ca.istio-system.svc")]
+    ca_name: String,
+
+    /// PEM roots to verify the control plane with (the mesh trust bundle; updates come over xDS).
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    ca_root: PathBuf,
+
+    /// ztunnel's service-account token (projected, audience istio-ca), re-read for every request.
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    token_file: PathBuf,
+
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// ztunnel's own service account (namespace/name).
+    #[arg(long, default_value = "istio-system/ztunnel", value_name = "NS/SA")]
+    service_account: String,
+
+    /// The node agent's ZDS socket.
+    #[arg(long, default_value = ztunnel::zds::DEFAULT_SOCKET)]
+    zds_socket: PathBuf,
+
+    /// Admin endpoint (config dump, certificates, log level). Keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+
+    /// Prometheus endpoint (/metrics, /stats/prometheus).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+
+    /// How long open connections may take to finish when a pod leaves or ztunnel stops.
+    #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
+    drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the subscriber; the returned control changes the filter live (admin `/logging`).
+fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
+    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
+    }
+    let current = Arc::new(std::sync::Mutex::new(initial));
+    Arc::new(move |level: Option<&str>| {
+        let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(level) = level {
+            let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
+            handle.reload(filter).map_err(|e| format!("changing the log filter: {e}"))?;
+            tracing::info!(filter = level, "log filter changed");
+            *current = level.to_owned();
+        }
+        Ok(current.clone())
+    })
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let mut found = tokio::net::lookup_host(addr).await.with_context(|| format!("resolving --ca-addr {addr}"))?;
+    found.next().with_context(|| format!("--ca-addr {addr} resolved to no address"))
+}
+
+/// Installs the SIGTERM/SIGINT handlers now; the future resolves at the first of them.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let log = init_logging(args.log_format);
+    let signal = shutdown_signal()?;
+    ztunnel::raise_open_files_limit();
+
+    let (ns, sa) = args
+        .service_account
+        .split_once('/')
+        .with_context(|| format!("--service-account {:?}: expected <namespace>/<name>", args.service_account))?;
+    let identity = SpiffeId::new(&args.trust_domain, ns, sa).context("--service-account")?;
+    let roots = std::fs::read(&args.ca_root).with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
+    let bundle = TrustBundle::from_pem(&roots).with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
+    if !args.token_file.exists() {
+        bail!("--token-file {} does not exist (ztunnel needs a service-account token for the CA)", args.token_file.display());
+    }
+    let ca = ControlPlaneTarget {
+        addr: resolve(&args.ca_addr).await?,
+        server_name: args.ca_name.clone(),
+        trust: SharedTrustBundle::new(bundle),
+        credential: None,
+    };
+    let config = Config {
+        node_name: args.node_name,
+        trust_domain: args.trust_domain,
+        identity,
+        ca,
+        token: TokenSource::File(args.token_file),
+        zds_socket: args.zds_socket,
+        admin_addr: args.admin_addr,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        drain_timeout: args.drain_timeout,
+        pool: Default::default(),
+        hbone: Default::default(),
+    };
+    let ztunnel = Ztunnel::start(config, Some(log)).await?;
+    let signal = signal.await;
+    tracing::info!(signal, "shutting down");
+    ztunnel.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,349 @@
+//! The pods this ztunnel serves, each with its own listeners inside the pod's network namespace,
+//! kept in step with the node agent over ZDS.
+//!
+//! Per pod: `15001` (outbound capture), `15006` (inbound plaintext capture) and `15008` (inbound
+//! HBONE, presenting the pod's certificate once the CA issued it; connections that arrive before
+//! wait in the listen queue). Removing a pod stops its listeners, lets its open connections finish
+//! for up to the drain deadline, then closes what is left.
+//!
+//! ZDS: ztunnel connects to the node agent, which sends every pod (`AddWorkload`, or
+//! `KeepWorkload` for one ztunnel already serves after a reconnect) and then `SnapshotSent`; pods
+//! the snapshot did not name are removed. Each request is acknowledged, with the reason when it is
+//! refused. ztunnel is ready only while the snapshot of the current connection has been applied.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::SpiffeId;
+use proto::api::istio::workload::zds::WorkloadInfo;
+use proto::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
+use proto::hbone::server::Server;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::Context;
+use crate::inbound::{Inbound, serve_plaintext};
+use crate::netns::NetNs;
+use crate::outbound::Outbound;
+use crate::pod::{Pod, PodSockets};
+use crate::zds::{ZdsClient, ZdsError, ZdsEvent};
+
+/// Outbound capture port.
+pub const OUTBOUND_PORT: u16 = 15001;
+/// Inbound plaintext capture port.
+pub const PLAINTEXT_PORT: u16 = 15006;
+
+/// A pod's three listeners, bound.
+#[derive(Debug)]
+pub struct PodListeners {
+    /// 15001.
+    pub outbound: TcpListener,
+    /// 15006.
+    pub plaintext: TcpListener,
+    /// 15008.
+    pub hbone: TcpListener,
+}
+
+impl PodListeners {
+    /// Binds the three ports on all addresses inside `netns`.
+    pub fn open(netns: &NetNs) -> std::io::Result<PodListeners> {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        Ok(PodListeners {
+            outbound: netns.tcp_listener(any(OUTBOUND_PORT))?,
+            plaintext: netns.tcp_listener(any(PLAINTEXT_PORT))?,
+            hbone: netns.tcp_listener(any(proto::hbone::HBONE_PORT))?,
+        })
+    }
+}
+
+struct Served {
+    pod: Arc<Pod>,
+    /// Identifies the namespace the listeners live in (a re-add with the same one is a no-op).
+    netns_inode: Option<u64>,
+    outbound: Arc<Outbound>,
+    drain: DrainTrigger,
+}
+
+/// What the admin API shows of a pod.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodSummary {
+    /// Pod uid.
+    pub uid: String,
+    /// Namespace/name.
+    pub name: String,
+    /// SPIFFE ID.
+    pub identity: String,
+    /// Pooled HBONE connections.
+    pub pooled_connections: usize,
+}
+
+/// The pods served.
+pub struct Proxy {
+    ctx: Arc<Context>,
+    pods: Mutex<HashMap<String, Served>>,
+    drain_timeout: Duration,
+    zds_ready: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy").field("pods", &self.pod_count()).finish()
+    }
+}
+
+impl Proxy {
+    /// No pods yet.
+    pub fn new(ctx: Arc<Context>, drain_timeout: Duration) -> Arc<Self> {
+        Arc::new(Proxy { ctx, pods: Mutex::default(), drain_timeout, zds_ready: watch::channel(false).0 })
+    }
+
+    fn pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of pods served.
+    pub fn pod_count(&self) -> usize {
+        self.pods().len()
+    }
+
+    /// The pods served.
+    pub fn summaries(&self) -> Vec<PodSummary> {
+        let mut v: Vec<PodSummary> = self
+            .pods()
+            .values()
+            .map(|s| PodSummary {
+                uid: s.pod.uid.clone(),
+                name: format!("{}/{}", s.pod.namespace, s.pod.name),
+                identity: s.pod.identity.to_string(),
+                pooled_connections: s.outbound.pooled_connections(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// True while the node agent's snapshot for the current ZDS connection has been applied.
+    pub fn zds_ready(&self) -> watch::Receiver<bool> {
+        self.zds_ready.subscribe()
+    }
+
+    /// Starts serving a pod whose network namespace is `netns` (ZDS `AddWorkload`).
+    pub fn add_netns(&self, uid: &str, info: Option<&WorkloadInfo>, netns: NetNs) -> Result<(), String> {
+        let inode = netns.inode().ok();
+        if let Some(existing) = self.pods().get(uid)
+            && existing.netns_inode.is_some()
+            && existing.netns_inode == inode
+        {
+            info!(uid, pod = %existing.pod.name, "pod already served in this namespace");
+            return Ok(());
+        }
+        let listeners = PodListeners::open(&netns).map_err(|e| format!("opening listeners in the pod: {e}"))?;
+        self.add(uid, info, Arc::new(netns), listeners, inode)
+    }
+
+    /// Starts serving a pod with listeners already bound (tests bind them where they like).
+    pub fn add(
+        &self,
+        uid: &str,
+        info: Option<&WorkloadInfo>,
+        sockets: Arc<dyn PodSockets>,
+        listeners: PodListeners,
+        netns_inode: Option<u64>,
+    ) -> Result<(), String> {
+        let info = info.ok_or_else(|| format!("AddWorkload {uid} without workload info"))?;
+        let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
+        let identity = SpiffeId::new(&self.ctx.trust_domain, &info.namespace, sa)
+            .map_err(|e| format!("pod {}/{}: no valid identity: {e}", info.namespace, info.name))?;
+        let pod = Arc::new(Pod {
+            uid: uid.to_owned(),
+            name: info.name.clone(),
+            namespace: info.namespace.clone(),
+            identity,
+            sockets,
+            cancel: CancellationToken::new(),
+        });
+        let (trigger, watcher) = drain::new();
+        let outbound = Outbound::new(self.ctx.clone(), pod.clone());
+        let span = info_span!("pod", pod = %format!("{}/{}", pod.namespace, pod.name));
+        tokio::spawn(serve_outbound(outbound.clone(), listeners.outbound, watcher.clone()).instrument(span.clone()));
+        tokio::spawn(
+            serve_plaintext(self.ctx.clone(), pod.clone(), listeners.plaintext, watcher.clone())
+                .instrument(span.clone()),
+        );
+        tokio::spawn(serve_hbone(self.ctx.clone(), pod.clone(), listeners.hbone, watcher).instrument(span));
+        info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "serving pod");
+        let old = self.pods().insert(uid.to_owned(), Served { pod, netns_inode, outbound, drain: trigger });
+        self.ctx.metrics.pods.set(self.pod_count() as i64);
+        if let Some(old) = old {
+            info!(uid, "replacing the proxy of a pod re-added with a new namespace");
+            self.retire(old);
+        }
+        Ok(())
+    }
+
+    /// Whether `uid` is served.
+    pub fn has(&self, uid: &str) -> bool {
+        self.pods().contains_key(uid)
+    }
+
+    /// Stops serving `uid` (ZDS `DelWorkload`); false if it was not served.
+    pub fn remove(&self, uid: &str) -> bool {
+        let removed = self.pods().remove(uid);
+        self.ctx.metrics.pods.set(self.pod_count() as i64);
+        match removed {
+            Some(served) => {
+                info!(uid, pod = %format!("{}/{}", served.pod.namespace, served.pod.name), "removing pod");
+                self.retire(served);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drains a pod's proxy in the background, then closes what is left.
+    fn retire(&self, served: Served) {
+        let identity = served.pod.identity.clone();
+        if !self.pods().values().any(|s| s.pod.identity == identity) {
+            self.ctx.certs.forget(&identity);
+        }
+        let deadline = self.drain_timeout;
+        tokio::spawn(async move {
+            let outcome = served.drain.drain(deadline).await;
+            if outcome == DrainOutcome::TimedOut {
+                info!(pod = %served.pod.name, ?deadline, "drain deadline passed; closing the pod's remaining connections");
+            }
+            served.pod.cancel.cancel();
+        });
+    }
+
+    /// Drains every pod together (shutdown), waiting up to the drain deadline.
+    pub async fn shutdown(&self) {
+        let all: Vec<Served> = self.pods().drain().map(|(_, s)| s).collect();
+        self.ctx.metrics.pods.set(0);
+        let deadline = self.drain_timeout;
+        let drains = all.into_iter().map(|served| async move {
+            let outcome = served.drain.drain(deadline).await;
+            served.pod.cancel.cancel();
+            outcome
+        });
+        let outcomes = futures_util::future::join_all(drains).await;
+        let timed_out = outcomes.iter().filter(|o| **o == DrainOutcome::TimedOut).count();
+        info!(pods = outcomes.len(), timed_out, "drained");
+    }
+
+    /// Follows the node agent at `path` until `stop` is cancelled: connect (retrying), apply each
+    /// request, acknowledge it; after a disconnect, connect again and reconcile with the new
+    /// snapshot.
+    pub async fn follow_node_agent(self: Arc<Self>, path: PathBuf, stop: CancellationToken) {
+        loop {
+            let client = tokio::select! {
+                () = stop.cancelled() => return,
+                c = ZdsClient::connect(&path) => c,
+            };
+            info!(path = %path.display(), "connected to the node agent");
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                r = self.session(&client) => r,
+            };
+            self.zds_ready.send_replace(false);
+            match result {
+                Err(ZdsError::Closed) => warn!("node agent closed the ZDS connection; reconnecting"),
+                Err(e) => warn!(error = %e, "ZDS connection failed; reconnecting"),
+                Ok(()) => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    async fn session(&self, client: &ZdsClient) -> Result<(), ZdsError> {
+        let mut named: HashSet<String> = HashSet::new();
+        loop {
+            let reply = match client.next().await? {
+                ZdsEvent::Add { uid, info, netns } => {
+                    let result = self.add_netns(&uid, info.as_ref(), NetNs::from_fd(netns));
+                    if let Err(reason) = &result {
+                        warn!(uid, %reason, "AddWorkload refused");
+                    }
+                    named.insert(uid);
+                    result.err()
+                }
+                ZdsEvent::Keep { uid } => {
+                    if self.has(&uid) {
+                        named.insert(uid);
+                        None
+                    } else {
+                        warn!(uid, "KeepWorkload for a pod this ztunnel does not serve; refused");
+                        Some(format!("KeepWorkload {uid}: not served here (send AddWorkload)"))
+                    }
+                }
+                ZdsEvent::Del { uid } => {
+                    if self.remove(&uid) {
+                        None
+                    } else {
+                        warn!(uid, "DelWorkload for a pod this ztunnel does not serve; refused");
+                        Some(format!("DelWorkload {uid}: not served here"))
+                    }
+                }
+                ZdsEvent::SnapshotSent => {
+                    let stale: Vec<String> = self.pods().keys().filter(|u| !named.contains(*u)).cloned().collect();
+                    for uid in &stale {
+                        self.remove(uid);
+                    }
+                    info!(pods = self.pod_count(), removed = stale.len(), "node agent snapshot applied");
+                    self.zds_ready.send_replace(true);
+                    None
+                }
+            };
+            client.ack(reply).await?;
+        }
+    }
+}
+
+async fn serve_outbound(outbound: Arc<Outbound>, listener: TcpListener, drain: DrainWatcher) {
+    outbound.serve(listener, drain).await;
+}
+
+/// Gets the pod's certificate (retrying while the CA cannot give it), then serves HBONE.
+async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Pod>, listener: TcpListener, mut drain: DrainWatcher) {
+    let mut delay = Duration::from_millis(200);
+    let credential = loop {
+        let fetched = tokio::select! {
+            () = drain.signaled() => return,
+            f = ctx.certs.fetch(&pod.identity) => f,
+        };
+        match fetched {
+            Ok(c) => break c,
+            Err(e) => {
+                warn!(identity = %pod.identity, error = %e, "no certificate for the pod yet; inbound HBONE waits; retrying in {delay:?}");
+                tokio::select! {
+                    () = drain.signaled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    };
+    let tls = match proto::tls::server_config(credential, ctx.view.trust.clone(), vec![ctx.trust_domain.clone()]) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "cannot build the pod's TLS configuration; inbound HBONE is not served");
+            return;
+        }
+    };
+    let server = match Server::new(listener, tls, ctx.hbone.clone(), Inbound::new(ctx.clone(), pod.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "inbound HBONE listener unusable");
+            return;
+        }
+    };
+    server.run(drain).await;
+}

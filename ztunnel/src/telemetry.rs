@@ -1,0 +1,299 @@
+//! Connection metrics with Istio's names and labels, and one access-log line per connection.
+//!
+//! Every connection ztunnel handles is a [`ConnectionRecord`]: opening it counts
+//! `istio_tcp_connections_opened_total`; closing it counts `istio_tcp_connections_closed_total`
+//! (with `response_flags`: `-`, `DENY` for a policy refusal, `CONNECT` when the upstream could not
+//! be reached) and the bytes each way, and writes the access-log line. As in Istio,
+//! `istio_tcp_received_bytes_total` counts client → server bytes and `istio_tcp_sent_bytes_total`
+//! server → client, whichever side reports (`reporter="source"` for outbound, `"destination"` for
+//! inbound). Unknown label values are `unknown`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use proto::api::istio::workload::Workload;
+
+/// Labels of the `istio_tcp_*` families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `source` (outbound) or `destination` (inbound).
+    pub reporter: &'static str,
+    /// The client's workload (Deployment or Pod name).
+    pub source_workload: String,
+    /// The client's namespace.
+    pub source_workload_namespace: String,
+    /// The client's SPIFFE ID (from its TLS handshake), or `unknown` in plaintext.
+    pub source_principal: String,
+    /// The client's canonical service (`app` label).
+    pub source_canonical_service: String,
+    /// The server's workload.
+    pub destination_workload: String,
+    /// The server's namespace.
+    pub destination_workload_namespace: String,
+    /// The server's SPIFFE ID.
+    pub destination_principal: String,
+    /// The service addressed (hostname), when a VIP was.
+    pub destination_service: String,
+    /// The server's canonical service.
+    pub destination_canonical_service: String,
+    /// Always `tcp` here.
+    pub request_protocol: &'static str,
+    /// `-`, `DENY` or `CONNECT` (on closes; `-` on opens).
+    pub response_flags: &'static str,
+    /// `mutual_tls` when the connection was carried over HBONE, else `unknown`.
+    pub connection_security_policy: &'static str,
+}
+
+/// What ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Carried and closed normally (or with an I/O error after it was established).
+    Done,
+    /// Refused by policy.
+    Denied,
+    /// The upstream could not be reached.
+    ConnectFailed,
+    /// Closed because a policy change no longer allows it.
+    Revoked,
+    /// Closed because ztunnel (or the pod's proxy) shut down.
+    Shutdown,
+}
+
+impl Outcome {
+    fn flags(self) -> &'static str {
+        match self {
+            Outcome::Done | Outcome::Shutdown => "-",
+            Outcome::Denied | Outcome::Revoked => "DENY",
+            Outcome::ConnectFailed => "CONNECT",
+        }
+    }
+}
+
+/// ztunnel's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    received: Family<ConnectionLabels, Counter>,
+    sent: Family<ConnectionLabels, Counter>,
+    /// Pods served on this node.
+    pub pods: Gauge,
+    /// Connections open now.
+    pub active: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let (opened, closed, received, sent) =
+            (Family::default(), Family::default(), Family::default(), Family::default());
+        let (pods, active) = (Gauge::default(), Gauge::default());
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", closed.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received from the client (request direction)", {
+            received.clone()
+        });
+        registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", sent.clone());
+        registry.register("ztunnel_workloads", "Pods this ztunnel serves", pods.clone());
+        registry.register("ztunnel_active_connections", "Connections open through this ztunnel", active.clone());
+        Metrics { registry, opened, closed, received, sent, pods, active }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+const UNKNOWN: &str = "unknown";
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() { UNKNOWN.to_owned() } else { s.to_owned() }
+}
+
+/// One side's attributes, from its workload when the control plane knows it.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// Workload (Deployment/Pod) name.
+    pub workload: String,
+    /// Namespace.
+    pub namespace: String,
+    /// SPIFFE ID.
+    pub principal: String,
+    /// Canonical service.
+    pub canonical_service: String,
+}
+
+impl Peer {
+    /// From a workload (principal from its identity unless `principal` is given).
+    pub fn of(w: &Workload, principal: Option<String>) -> Peer {
+        let workload = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
+        let principal = principal.unwrap_or_else(|| {
+            proto::SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
+                .map(|id| id.to_string())
+                .unwrap_or_default()
+        });
+        Peer {
+            workload: workload.clone(),
+            namespace: w.namespace.clone(),
+            principal,
+            canonical_service: w.canonical_name.clone(),
+        }
+    }
+
+    /// Only a principal is known.
+    pub fn principal(principal: Option<String>) -> Peer {
+        Peer { principal: principal.unwrap_or_default(), ..Peer::default() }
+    }
+}
+
+/// Everything an access-log line and the metric labels say about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// `source` or `destination`.
+    pub reporter: &'static str,
+    /// Client address.
+    pub src: SocketAddr,
+    /// Where the client wanted to go.
+    pub dst: SocketAddr,
+    /// The client.
+    pub source: Peer,
+    /// The server.
+    pub destination: Peer,
+    /// The service hostname, when a VIP was addressed.
+    pub service: String,
+    /// Carried over HBONE (mutual TLS).
+    pub mtls: bool,
+}
+
+impl ConnectionInfo {
+    fn labels(&self, flags: &'static str) -> ConnectionLabels {
+        ConnectionLabels {
+            reporter: self.reporter,
+            source_workload: or_unknown(&self.source.workload),
+            source_workload_namespace: or_unknown(&self.source.namespace),
+            source_principal: or_unknown(&self.source.principal),
+            source_canonical_service: or_unknown(&self.source.canonical_service),
+            destination_workload: or_unknown(&self.destination.workload),
+            destination_workload_namespace: or_unknown(&self.destination.namespace),
+            destination_principal: or_unknown(&self.destination.principal),
+            destination_service: or_unknown(&self.service),
+            destination_canonical_service: or_unknown(&self.destination.canonical_service),
+            request_protocol: "tcp",
+            response_flags: flags,
+            connection_security_policy: if self.mtls { "mutual_tls" } else { UNKNOWN },
+        }
+    }
+}
+
+/// An open connection, counted; [`close`](Self::close) it exactly once.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    metrics: Arc<Metrics>,
+    /// What is known about it.
+    pub info: ConnectionInfo,
+    start: Instant,
+}
+
+impl ConnectionRecord {
+    /// Counts the connection as opened.
+    pub fn open(metrics: &Arc<Metrics>, info: ConnectionInfo) -> Self {
+        metrics.opened.get_or_create(&info.labels("-")).inc();
+        metrics.active.inc();
+        ConnectionRecord { metrics: metrics.clone(), info, start: Instant::now() }
+    }
+
+    /// Counts the close and the bytes (`received`: client → server, `sent`: server → client) and
+    /// writes the access-log line; `detail` says why, when it did not end normally.
+    pub fn close(self, outcome: Outcome, received: u64, sent: u64, detail: Option<&str>) {
+        let labels = self.info.labels(outcome.flags());
+        self.metrics.closed.get_or_create(&labels).inc();
+        if received > 0 {
+            self.metrics.received.get_or_create(&labels).inc_by(received);
+        }
+        if sent > 0 {
+            self.metrics.sent.get_or_create(&labels).inc_by(sent);
+        }
+        self.metrics.active.dec();
+        let i = &self.info;
+        tracing::info!(
+            target: "access",
+            direction = if i.reporter == "source" { "outbound" } else { "inbound" },
+            src.addr = %i.src,
+            src.workload = %i.source.workload,
+            src.namespace = %i.source.namespace,
+            src.identity = %i.source.principal,
+            dst.addr = %i.dst,
+            dst.service = %i.service,
+            dst.workload = %i.destination.workload,
+            dst.namespace = %i.destination.namespace,
+            dst.identity = %i.destination.principal,
+            mtls = i.mtls,
+            outcome = ?outcome,
+            detail = detail.unwrap_or(""),
+            bytes_received = received,
+            bytes_sent = sent,
+            duration_ms = self.start.elapsed().as_millis() as u64,
+            "connection complete"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn istio_names_and_labels() {
+        let metrics = Arc::new(Metrics::new());
+        let info = ConnectionInfo {
+            reporter: "destination",
+            src: "10.0.0.1:4000".parse().unwrap(),
+            dst: "10.0.0.2:80".parse().unwrap(),
+            source: Peer::principal(Some("spiffe://cluster.local/ns/a/sa/client".into())),
+            destination: Peer {
+                workload: "server".into(),
+                namespace: "b".into(),
+                principal: "spiffe://cluster.local/ns/b/sa/server".into(),
+                canonical_service: String::new(),
+            },
+            service: String::new(),
+            mtls: true,
+        };
+        ConnectionRecord::open(&metrics, info.clone()).close(Outcome::Done, 100, 7, None);
+        ConnectionRecord::open(&metrics, info).close(Outcome::Denied, 0, 0, Some("policy"));
+        let text = metrics.encode();
+        let line = |prefix: &str| {
+            text.lines().filter(|l| l.starts_with(prefix)).map(str::to_owned).collect::<Vec<_>>().join("\n")
+        };
+        let opened = line("istio_tcp_connections_opened_total{");
+        assert!(opened.contains("reporter=\"destination\""), "{opened}");
+        assert!(opened.contains("source_principal=\"spiffe://cluster.local/ns/a/sa/client\""), "{opened}");
+        assert!(opened.contains("source_workload=\"unknown\""), "{opened}");
+        assert!(opened.contains("connection_security_policy=\"mutual_tls\""), "{opened}");
+        assert!(opened.ends_with(" 2"), "{opened}");
+        let closed = line("istio_tcp_connections_closed_total{");
+        assert!(closed.contains("response_flags=\"DENY\"") && closed.contains("response_flags=\"-\""), "{closed}");
+        assert!(line("istio_tcp_received_bytes_total{").ends_with(" 100"), "{text}");
+        assert!(line("istio_tcp_sent_bytes_total{").ends_with(" 7"), "{text}");
+        assert!(line("ztunnel_active_connections ").ends_with(" 0"), "{text}");
+    }
+}
