@@ -106,6 +106,8 @@ pub struct CaLaunch {
     pub log_filter: String,
     /// Where its output goes (appended); `None`: discarded.
     pub log_file: Option<PathBuf>,
+    /// More arguments.
+    pub extra_args: Vec<String>,
 }
 
 impl CaLaunch {
@@ -121,6 +123,7 @@ impl CaLaunch {
             netns: None,
             log_filter: "warn".into(),
             log_file: None,
+            extra_args: Vec::new(),
         })
     }
 }
@@ -223,6 +226,7 @@ impl CaProcess {
             .args(["--state-dir", &launch.state.display().to_string()])
             .args(["--grpc-addr", &launch.grpc.to_string(), "--admin-addr", &launch.admin.to_string()])
             .args(["--jwt-issuer", ISSUER, "--jwks-file", &jwks.display().to_string()])
+            .args(&launch.extra_args)
             .env("RUST_LOG", &launch.log_filter);
         let (stdout, stderr) = output(launch.log_file.as_deref(), inherit_output)?;
         let mut child = spawn_child_with(command, launch.netns.as_ref(), stdout, stderr)?;

@@ -47,11 +47,13 @@ pub struct MeshOptions {
     pub log_filter: String,
     /// Drain deadline given to ztunnel.
     pub drain_timeout: Duration,
+    /// Workload certificate lifetime (the CA's `--default-ttl`), when not its default.
+    pub cert_ttl: Option<Duration>,
 }
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        MeshOptions { nodes: 2, log_filter: "info".into(), drain_timeout: Duration::from_secs(2) }
+        MeshOptions { nodes: 2, log_filter: "info".into(), drain_timeout: Duration::from_secs(2), cert_ttl: None }
     }
 }
 
@@ -241,6 +243,10 @@ impl Mesh {
             netns: Some(underlay.ns.clone()),
             log_filter: options.log_filter.clone(),
             log_file: Some(dir.path().join("logs/ca.log")),
+            extra_args: options
+                .cert_ttl
+                .map(|t| vec!["--default-ttl".to_owned(), format!("{}ms", t.as_millis())])
+                .unwrap_or_default(),
         };
         write_atomic(
             &objects.join("ns-istio-system.yaml"),

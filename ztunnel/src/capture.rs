@@ -6,6 +6,9 @@
 //!   original destination with `SO_ORIGINAL_DST`);
 //! - inbound TCP to the pod, except `:15008` (HBONE) → `:15006` (plaintext capture);
 //! - ztunnel's own sockets carry [`ZTUNNEL_MARK`] and are never redirected;
+//! - only a connection's opening SYN is redirected: a connection already open when the pod is
+//!   enrolled (conntrack picks it up mid-stream, as new) keeps going directly instead of being
+//!   reset;
 //! - ztunnel connects to the app with the client's IP as source (`IP_TRANSPARENT`). Those packets
 //!   loop back through `lo`, where the mark is copied into the connection's conntrack mark
 //!   ([`CONNMARK`]); the app's replies get it back as their packet mark, and a routing rule sends
@@ -73,13 +76,13 @@ table ip {TABLE} {{
   }}
   chain prerouting_nat {{
     type nat hook prerouting priority dstnat; policy accept;
-    meta l4proto tcp ip daddr != 127.0.0.0/8 tcp dport != 15008 meta mark & {mask:#x} != {mark:#x} redirect to :15006
+    meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn ip daddr != 127.0.0.0/8 tcp dport != 15008 meta mark & {mask:#x} != {mark:#x} redirect to :15006
   }}
   chain output_nat {{
     type nat hook output priority -100; policy accept;
     meta mark & {mask:#x} == {connmark:#x} accept
     oifname \"lo\" accept
-    meta l4proto tcp ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :15001
+    meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :15001
   }}
 }}
 "
