@@ -369,6 +369,11 @@ impl Mesh {
         Ok(())
     }
 
+    /// The mesh's root certificate (PEM), as the CA wrote it.
+    pub fn ca_root(&self) -> PathBuf {
+        self.ca_launch.state.join("root-cert.pem")
+    }
+
     /// The directory of YAML the CA reads.
     pub fn objects_dir(&self) -> &Path {
         &self.objects
@@ -613,4 +618,50 @@ pub async fn http_get(netns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u1
         .and_then(|s| s.parse::<u16>().ok())
         .context("malformed HTTP status line")?;
     Ok((status, body.to_owned()))
+}
+
+/// Forwards a loopback port of the harness's namespace to `target` as seen from inside `netns`
+/// (what `kubectl port-forward` does): how the harness reaches the CA on the underlay. Runs until
+/// the returned task is aborted.
+pub async fn port_forward(netns: NetNs, target: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            let Ok(socket) = netns.tcp_socket(target.is_ipv6()) else { continue };
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = socket.connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+impl Mesh {
+    /// A certificate for `namespace/service_account`, asked of the CA with that service
+    /// account's token (what a workload with its own token would do).
+    pub async fn workload_certificate(
+        &self,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Arc<proto::tls::Credential>> {
+        let ca = self.ca.as_ref().context("the CA is not running")?;
+        let (addr, forward) = port_forward(self.underlay.ns.clone(), ca.grpc).await?;
+        let mut target = ca.target(None)?;
+        target.addr = addr;
+        target.server_name = "ca.istio-system.svc".into();
+        let id = proto::SpiffeId::new("cluster.local", namespace, service_account)?;
+        let token = ca.token(namespace, service_account, None)?;
+        let certs = ztunnel::certs::CertManager::new(ztunnel::certs::CertConfig::new(
+            target,
+            ztunnel::certs::TokenSource::Static(token),
+            id.clone(),
+        ))?;
+        let credential = certs.fetch(&id).await;
+        forward.abort();
+        Ok(credential?)
+    }
 }
