@@ -148,7 +148,7 @@ pub fn output(log_file: Option<&Path>, inherit: bool) -> Result<(Stdio, Stdio)> 
 /// spawning thread dies (`setpriv --pdeathsig`), so nothing outlives a harness that is killed
 /// outright.
 pub fn spawn_child_with(
-    command: Command,
+    command: &Command,
     netns: Option<&ztunnel::netns::NetNs>,
     stdout: Stdio,
     stderr: Stdio,
@@ -181,13 +181,16 @@ pub fn spawn_child_with(
 }
 
 /// Waits until `addr` accepts TCP connections (from `netns`), or the child exits, or 30 s pass.
-pub fn wait_for_port(child: &mut Child, what: &str, addr: SocketAddr, netns: Option<&ztunnel::netns::NetNs>) -> Result<()> {
+pub fn wait_for_port(
+    child: &mut Child,
+    what: &str,
+    addr: SocketAddr,
+    netns: Option<&ztunnel::netns::NetNs>,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let connected = match netns {
-            Some(ns) => ns
-                .run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)))
-                .is_ok(),
+            Some(ns) => ns.run(|| std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))).is_ok(),
             None => std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
         };
         if connected {
@@ -229,7 +232,7 @@ impl CaProcess {
             .args(&launch.extra_args)
             .env("RUST_LOG", &launch.log_filter);
         let (stdout, stderr) = output(launch.log_file.as_deref(), inherit_output)?;
-        let mut child = spawn_child_with(command, launch.netns.as_ref(), stdout, stderr)?;
+        let mut child = spawn_child_with(&command, launch.netns.as_ref(), stdout, stderr)?;
         wait_for_port(&mut child, &launch.binary.display().to_string(), launch.grpc, launch.netns.as_ref())?;
         Ok(CaProcess {
             child,

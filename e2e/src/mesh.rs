@@ -327,8 +327,13 @@ impl Mesh {
             .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
             .env("RUST_LOG", &filter);
         let (stdout, stderr) = output(Some(&node.log), false)?;
-        let mut child = spawn_child_with(command, Some(&node.netns.ns), stdout, stderr)?;
-        wait_for_port(&mut child, &format!("ztunnel on {}", node.name), "127.0.0.1:15021".parse()?, Some(&node.netns.ns))?;
+        let mut child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;
+        wait_for_port(
+            &mut child,
+            &format!("ztunnel on {}", node.name),
+            "127.0.0.1:15021".parse()?,
+            Some(&node.netns.ns),
+        )?;
         node.ztunnel = Some(child);
         Ok(())
     }
@@ -394,7 +399,10 @@ impl Mesh {
     /// unenrolled to match, live.
     pub async fn namespace(&mut self, name: &str, ambient: bool) -> Result<()> {
         let labels = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
-        self.apply(&format!("ns-{name}"), &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"))?;
+        self.apply(
+            &format!("ns-{name}"),
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"),
+        )?;
         self.namespaces.insert(name.to_owned(), ambient);
         let pods: Vec<Arc<MeshPod>> = self.pods.values().filter(|p| p.namespace == name).cloned().collect();
         for pod in pods {
@@ -473,7 +481,15 @@ impl Mesh {
 
     /// A ClusterIP service `name` in `namespace` at `vip:port`, selecting pods with `app=<app>`,
     /// forwarding to `target_port`.
-    pub fn service(&self, name: &str, namespace: &str, vip: Ipv4Addr, port: u16, app: &str, target_port: u16) -> Result<()> {
+    pub fn service(
+        &self,
+        name: &str,
+        namespace: &str,
+        vip: Ipv4Addr,
+        port: u16,
+        app: &str,
+        target_port: u16,
+    ) -> Result<()> {
         self.apply(
             &format!("svc-{namespace}-{name}"),
             &format!(
@@ -527,7 +543,9 @@ impl Mesh {
         let expected: Vec<(String, &'static str)> = self
             .pods
             .values()
-            .map(|p| (format!("Kubernetes//Pod/{}/{}", p.namespace, p.name), if self.enrolled(p) { "HBONE" } else { "TCP" }))
+            .map(|p| {
+                (format!("Kubernetes//Pod/{}/{}", p.namespace, p.name), if self.enrolled(p) { "HBONE" } else { "TCP" })
+            })
             .collect();
         for node in self.nodes.iter().filter(|n| n.ztunnel.is_some()) {
             let index = node.index;
@@ -612,11 +630,8 @@ pub async fn http_get(netns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u1
         .with_context(|| format!("reading the answer from {addr}{path} timed out"))??;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .context("malformed HTTP status line")?;
+    let status =
+        head.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).context("malformed HTTP status line")?;
     Ok((status, body.to_owned()))
 }
 

@@ -110,9 +110,8 @@ pub fn preflight() -> Result<()> {
         bail!("the one-machine mesh needs root (network namespaces, nftables)");
     }
     for tool in ["ip", "nft", "setpriv"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-            .unwrap_or(false);
+        let found =
+            std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists())).unwrap_or(false);
         if !found {
             bail!("`{tool}` not found: install iproute2, nftables and util-linux");
         }

@@ -61,11 +61,11 @@ async fn bad_input_is_refused_and_ztunnel_keeps_serving() {
     let trust = proto::tls::SharedTrustBundle::new(
         proto::tls::TrustBundle::from_pem(&std::fs::read(mesh.ca_root()).unwrap()).unwrap(),
     );
-    let pool = Pool::with_dialer(PoolConfig::default(), trust, Arc::new(PodDialer(Arc::new(outsider.netns.ns.clone()))));
+    let pool =
+        Pool::with_dialer(PoolConfig::default(), trust, Arc::new(PodDialer(Arc::new(outsider.netns.ns.clone()))));
     let expected = vec!["spiffe://cluster.local/ns/demo/sa/server".parse().unwrap()];
-    let connect = |target: SocketAddr| {
-        pool.connect(ConnectRequest::new(credential.clone(), hbone, expected.clone(), target))
-    };
+    let connect =
+        |target: SocketAddr| pool.connect(ConnectRequest::new(credential.clone(), hbone, expected.clone(), target));
     let status = |r: Result<proto::hbone::H2Stream, PoolError>| match r {
         Err(PoolError::Refused { status, .. }) => status,
         Ok(_) => StatusCode::OK,
@@ -112,7 +112,12 @@ async fn bad_input_is_refused_and_ztunnel_keeps_serving() {
 
     // Logged, and still serving: existing pods, and a pod enrolled after all of this.
     let log = mesh.ztunnel_log(2).unwrap();
-    for needle in ["HBONE handshake failed", "rejected HBONE request: 400", "not a network namespace", "DelWorkload for a pod this ztunnel does not serve"] {
+    for needle in [
+        "HBONE handshake failed",
+        "rejected HBONE request: 400",
+        "not a network namespace",
+        "DelWorkload for a pod this ztunnel does not serve",
+    ] {
         assert!(log.contains(needle), "no {needle:?} in node-2's log");
     }
     still_serving(&client, &server).await;

@@ -76,7 +76,11 @@ async fn deny_policies_refuse_what_they_name_and_revoke_live_connections() {
     // The destination ztunnel counted the denials (response_flags DENY) and every open.
     let after = mesh.metrics(2).await.unwrap();
     let denied = |m: &str, principal: &str| {
-        sum(m, "istio_tcp_connections_closed_total{", &["reporter=\"destination\"", "response_flags=\"DENY\"", principal])
+        sum(
+            m,
+            "istio_tcp_connections_closed_total{",
+            &["reporter=\"destination\"", "response_flags=\"DENY\"", principal],
+        )
     };
     for principal in ["ns/demo/sa/intruder", "ns/elsewhere/sa/stranger", "ns/demo/sa/client"] {
         assert_eq!(denied(&after, principal) - denied(&before, principal), 1.0, "{principal}: {after}");
@@ -85,7 +89,10 @@ async fn deny_policies_refuse_what_they_name_and_revoke_live_connections() {
     assert_eq!(opened(&after) - opened(&before), 4.0, "{after}");
     // The source side saw the refusals too.
     let source = mesh.metrics(1).await.unwrap();
-    assert!(sum(&source, "istio_tcp_connections_closed_total{", &["reporter=\"source\"", "response_flags=\"DENY\""]) >= 3.0, "{source}");
+    assert!(
+        sum(&source, "istio_tcp_connections_closed_total{", &["reporter=\"source\"", "response_flags=\"DENY\""]) >= 3.0,
+        "{source}"
+    );
 
     // A policy that now denies the live connection closes it.
     mesh.apply("deny-client", &deny("deny-client", "principals: [\"cluster.local/ns/demo/sa/client\"]", "8080"))

@@ -44,8 +44,23 @@ async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
     // Both ztunnels reported it, with Istio's names: node-1 as source (twice), node-2 as destination.
     let m1 = mesh.metrics(1).await.unwrap();
     let m2 = mesh.metrics(2).await.unwrap();
-    assert!(sum(&m1, "istio_tcp_connections_opened_total{", &["reporter=\"source\"", "destination_workload=\"far\""]) >= 1.0, "{m1}");
-    assert!(sum(&m2, "istio_tcp_connections_opened_total{", &["reporter=\"destination\"", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"", "connection_security_policy=\"mutual_tls\""]) >= 1.0, "{m2}");
+    assert!(
+        sum(&m1, "istio_tcp_connections_opened_total{", &["reporter=\"source\"", "destination_workload=\"far\""])
+            >= 1.0,
+        "{m1}"
+    );
+    assert!(
+        sum(
+            &m2,
+            "istio_tcp_connections_opened_total{",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        ) >= 1.0,
+        "{m2}"
+    );
 
     // On the underlay: an enrolled pair sends a marker that must never be seen; a pair outside
     // the mesh sends another that must be seen (proof the capture sees payloads).
@@ -86,7 +101,11 @@ async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
     c.round_trip(b"still fine over mTLS").await.unwrap();
     let m2 = mesh.metrics(2).await.unwrap();
     assert!(
-        sum(&m2, "istio_tcp_connections_closed_total{", &["reporter=\"destination\"", "response_flags=\"DENY\"", "source_principal=\"unknown\""]) >= 1.0,
+        sum(
+            &m2,
+            "istio_tcp_connections_closed_total{",
+            &["reporter=\"destination\"", "response_flags=\"DENY\"", "source_principal=\"unknown\""]
+        ) >= 1.0,
         "{m2}"
     );
 }

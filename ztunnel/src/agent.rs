@@ -171,10 +171,7 @@ impl NodeAgent {
     }
 
     /// Runs `f` with the current ztunnel connection (tests send raw or malformed requests).
-    pub async fn with_connection<T>(
-        &self,
-        f: impl AsyncFnOnce(&AgentConnection) -> T,
-    ) -> Option<T> {
+    pub async fn with_connection<T>(&self, f: impl AsyncFnOnce(&AgentConnection) -> T) -> Option<T> {
         let conn = self.shared.conn.lock().await;
         match conn.as_ref() {
             Some(c) => Some(f(c).await),

@@ -143,10 +143,14 @@ async fn main() -> Result<()> {
         .split_once('/')
         .with_context(|| format!("--service-account {:?}: expected <namespace>/<name>", args.service_account))?;
     let identity = SpiffeId::new(&args.trust_domain, ns, sa).context("--service-account")?;
-    let roots = std::fs::read(&args.ca_root).with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
+    let roots =
+        std::fs::read(&args.ca_root).with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
     let bundle = TrustBundle::from_pem(&roots).with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
     if !args.token_file.exists() {
-        bail!("--token-file {} does not exist (ztunnel needs a service-account token for the CA)", args.token_file.display());
+        bail!(
+            "--token-file {} does not exist (ztunnel needs a service-account token for the CA)",
+            args.token_file.display()
+        );
     }
     let ca = ControlPlaneTarget {
         addr: resolve(&args.ca_addr).await?,

@@ -273,9 +273,7 @@ impl Outbound {
                     Ok(t) => t,
                     Err(e) => {
                         let outcome = match &e {
-                            PoolError::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED => {
-                                Outcome::Denied
-                            }
+                            PoolError::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED => Outcome::Denied,
                             _ => Outcome::ConnectFailed,
                         };
                         return record.close(outcome, 0, 0, Some(&e.to_string()));

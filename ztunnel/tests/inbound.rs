@@ -184,7 +184,11 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 4, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 1, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");
-    assert_eq!(sum("istio_tcp_received_bytes_total{", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""), 23, "{metrics}");
+    assert_eq!(
+        sum("istio_tcp_received_bytes_total{", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""),
+        23,
+        "{metrics}"
+    );
 
     // The client side: a captured connection to the service VIP goes through the outbound path
     // (VIP → endpoint → HBONE with the client pod's certificate) and reaches the app.
