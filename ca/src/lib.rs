@@ -276,6 +276,9 @@ impl ControlPlane {
             authority.issue_local(&serving_id, &config.serving.names, OWN_CERT_TTL).await?.workload_cert()?,
         );
         let trust = SharedTrustBundle::new(authority.material().trust_bundle()?);
+        // The files clients start from exist before the port opens: whoever waits for the port
+        // can read them.
+        write_client_files(&config, &authority).await?;
         let grpc_listener = TcpListener::bind(config.grpc_addr).await.map_err(|source| Error::Bind {
             what: "gRPC",
             addr: config.grpc_addr,
@@ -286,9 +289,7 @@ impl ControlPlane {
             addr: config.admin_addr,
             source,
         })?;
-        let cp = ControlPlane { config, grpc_listener, admin_listener, store: Store::new(), authority, serving, trust };
-        cp.write_client_files().await?;
-        Ok(cp)
+        Ok(ControlPlane { config, grpc_listener, admin_listener, store: Store::new(), authority, serving, trust })
     }
 
     /// The gRPC address actually bound.
@@ -309,12 +310,6 @@ impl ControlPlane {
     /// The certificate authority.
     pub fn authority(&self) -> Arc<Authority> {
         self.authority.clone()
-    }
-
-    /// Writes the trust bundle to `<state-dir>/root-cert.pem` (how clients first learn to trust
-    /// the control plane) and, if enabled, the local admin credential.
-    async fn write_client_files(&self) -> Result<(), Error> {
-        write_client_files(&self.config, &self.authority).await
     }
 
     /// Serves until `shutdown` resolves.
@@ -406,7 +401,8 @@ impl ControlPlane {
     }
 }
 
-/// See [`ControlPlane::write_client_files`].
+/// Writes the trust bundle to `<state-dir>/root-cert.pem` (how clients first learn to trust the
+/// control plane) and, if enabled, the local admin credential.
 async fn write_client_files(config: &Config, authority: &Authority) -> Result<(), Error> {
     let dir = &config.authority.state_dir;
     let write = |name: PathBuf, contents: String| {

@@ -14,8 +14,9 @@
 //! [`NodeAgent`]: capture rules in its namespace, then ZDS to that node's ztunnel.
 //!
 //! Everything is torn down on drop: processes are killed (and die with the harness thread that
-//! started them in any case), namespaces deleted; namespaces left by a harness that was killed
-//! outright are removed by the next one.
+//! started them in any case), namespaces deleted. On SIGINT/SIGTERM/SIGHUP the harness removes its
+//! namespaces and exits; namespaces left by a harness that was killed outright (SIGKILL) are removed
+//! by the next one.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -33,7 +34,7 @@ use ztunnel::agent::{NodeAgent, in_mesh};
 use ztunnel::netns::NetNs;
 
 use crate::ca_process::{CaLaunch, CaProcess, ISSUER, output, sibling_binary, spawn_child_with, wait_for_port};
-use crate::topology::{NamedNetns, PREFIX, preflight, reap_stale};
+use crate::topology::{NamedNetns, PREFIX, install_signal_cleanup, preflight, reap_stale};
 
 /// The CA's address on the underlay.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 254);
@@ -216,6 +217,7 @@ impl Mesh {
     pub fn start(options: MeshOptions) -> Result<Mesh> {
         preflight()?;
         reap_stale();
+        install_signal_cleanup();
         let ca_bin = binary("ca")?;
         let ztunnel_bin = binary("ztunnel")?;
         for b in [&ca_bin, &ztunnel_bin] {
@@ -500,8 +502,13 @@ impl Mesh {
 
     /// A GET to node `index`'s ztunnel (`port` 15000 admin, 15020 metrics, 15021 readiness).
     pub async fn ztunnel_get(&self, index: u8, port: u16, path: &str) -> Result<(u16, String)> {
+        self.ztunnel_request(index, "GET", port, path).await
+    }
+
+    /// A request to node `index`'s ztunnel.
+    pub async fn ztunnel_request(&self, index: u8, method: &str, port: u16, path: &str) -> Result<(u16, String)> {
         let node = self.node(index)?;
-        http_get(&node.netns.ns, SocketAddr::from(([127, 0, 0, 1], port)), path).await
+        http_request(&node.netns.ns, method, SocketAddr::from(([127, 0, 0, 1], port)), path).await
     }
 
     /// Node `index`'s ztunnel metrics.
@@ -618,11 +625,16 @@ fn rand_u32() -> u32 {
 
 /// A minimal HTTP/1.1 GET from inside `netns`: status and body.
 pub async fn http_get(netns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(netns, "GET", addr, path).await
+}
+
+/// A minimal HTTP/1.1 request without a body from inside `netns`: status and body.
+pub async fn http_request(netns: &NetNs, method: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let socket = netns.tcp_socket(addr.is_ipv6())?;
     let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .with_context(|| format!("connecting to {addr} timed out"))??;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))

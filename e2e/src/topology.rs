@@ -104,6 +104,52 @@ pub fn reap_stale() {
     }
 }
 
+/// Removes this process's namespaces (all meshes it built).
+pub fn remove_own() {
+    let own = format!("{PREFIX}{}-", std::process::id());
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&own) {
+            let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: remove this process's namespaces and exit (130). Child
+/// processes die with the process (they were started with `--pdeathsig`). Installed once per
+/// process, on a thread of its own, so it works whatever runtime the harness runs in.
+pub fn install_signal_cleanup() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new().name("mesh-signals".into()).spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+                    (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+                else {
+                    let _ = ready_tx.send(());
+                    return;
+                };
+                let _ = ready_tx.send(());
+                let name = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                    _ = hup.recv() => "SIGHUP",
+                };
+                eprintln!("{name}: removing the test mesh's namespaces and exiting");
+                remove_own();
+                std::process::exit(130);
+            });
+        });
+        if spawned.is_ok() {
+            let _ = ready_rx.recv();
+        }
+    });
+}
+
 /// Checks that the harness can run here: root, and the tools it uses.
 pub fn preflight() -> Result<()> {
     if !nix_is_root() {

@@ -105,7 +105,7 @@ impl Handler for Inbound {
         }
         let cancel = self.pod.cancel.child_token();
         let _registration = self.ctx.tracker.register(Some(peer), client_ip, target, cancel.clone());
-        let app = match self.connect_app(client_ip, target).await {
+        let app = match Box::pin(self.connect_app(client_ip, target)).await {
             Ok(s) => s,
             Err(e) => {
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
@@ -191,7 +191,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
     let cancel = pod.cancel.child_token();
     let _registration = ctx.tracker.register(None, client.ip(), target, cancel.clone());
     let app = match pod.sockets.as_client(client.ip()) {
-        Ok(socket) => connect(socket, target).await,
+        Ok(socket) => Box::pin(connect(socket, target)).await,
         Err(e) => Err(e),
     };
     let app = match app {

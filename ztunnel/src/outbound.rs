@@ -261,7 +261,9 @@ impl Outbound {
         let cancel = self.pod.cancel.child_token();
         match route {
             Route::Hbone { hbone, target, identities, .. } => {
-                let credential = match self.ctx.certs.fetch(&self.pod.identity).await {
+                // Setup futures are boxed: an async fn keeps room for its largest await point for as long
+                // as it lives, and these are done long before the copy that keeps the connection.
+                let credential = match Box::pin(self.ctx.certs.fetch(&self.pod.identity)).await {
                     Ok(c) => c,
                     Err(e) => {
                         let detail = format!("no certificate for {}: {e}", self.pod.identity);
@@ -269,7 +271,7 @@ impl Outbound {
                     }
                 };
                 let request = ConnectRequest::new(credential, hbone, identities, target).forwarded_for(client);
-                let tunnel = match self.pool.connect(request).await {
+                let tunnel = match Box::pin(self.pool.connect(request)).await {
                     Ok(t) => t,
                     Err(e) => {
                         let outcome = match &e {
@@ -289,7 +291,7 @@ impl Outbound {
             }
             Route::Passthrough(to) => {
                 let upstream = match self.pod.sockets.outbound(to.is_ipv6()) {
-                    Ok(socket) => connect(socket, to).await,
+                    Ok(socket) => Box::pin(connect(socket, to)).await,
                     Err(e) => Err(e),
                 };
                 let upstream = match upstream {

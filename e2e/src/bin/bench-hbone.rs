@@ -12,17 +12,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use e2e::load::{latency, median, serve_echo, serve_sink, throughput};
 use proto::hbone::copy_bidirectional;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
 use proto::testing::TestCa;
 use proto::tls::server_config;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Measure one HBONE stream against plain TCP over loopback.
@@ -85,48 +85,6 @@ fn http_503() -> proto::hbone::server::StatusCode {
     proto::hbone::server::StatusCode::SERVICE_UNAVAILABLE
 }
 
-/// Reads to EOF, answers with the byte count.
-async fn sink() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut total = 0u64;
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                    total += n as u64;
-                }
-                let _ = s.write_all(&total.to_le_bytes()).await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
-/// Echoes fixed 1 KiB messages.
-async fn echo() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while s.read_exact(&mut buf).await.is_ok() {
-                    if s.write_all(&buf).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// A local listener that tunnels each connection to `target` through the pool.
 async fn outbound(pool: Pool, ca: &TestCa, hbone: SocketAddr, target: SocketAddr) -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -149,58 +107,12 @@ async fn outbound(pool: Pool, ca: &TestCa, hbone: SocketAddr, target: SocketAddr
     Ok(addr)
 }
 
-/// Sends `bytes` to `addr` (a sink, possibly via the mesh) and returns Gbit/s.
-async fn throughput(addr: SocketAddr, bytes: u64) -> Result<f64> {
-    let mut s = TcpStream::connect(addr).await?;
-    let buf = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    s.shutdown().await?;
-    let mut ack = [0u8; 8];
-    s.read_exact(&mut ack).await.context("reading the sink's byte count")?;
-    let elapsed = start.elapsed();
-    anyhow::ensure!(u64::from_le_bytes(ack) == bytes, "sink received {} of {bytes} bytes", u64::from_le_bytes(ack));
-    Ok(bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9)
-}
-
-/// 1 KiB request/response round trips on one connection; returns (p50, p99) in µs.
-async fn latency(addr: SocketAddr, requests: usize) -> Result<(f64, f64)> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    let mut buf = [7u8; 1024];
-    // Warm up (connection setup, pool dial, TLS) outside the measurement.
-    for _ in 0..100 {
-        s.write_all(&buf).await?;
-        s.read_exact(&mut buf).await?;
-    }
-    let mut samples = Vec::with_capacity(requests);
-    for _ in 0..requests {
-        let start = Instant::now();
-        s.write_all(&buf).await?;
-        s.read_exact(&mut buf).await?;
-        samples.push(start.elapsed());
-    }
-    samples.sort();
-    let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
-    Ok((pct(0.50), pct(0.99)))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn measure(sink_addr: SocketAddr, echo_addr: SocketAddr, args: &Args) -> Result<PathResult> {
     let mut rounds = Vec::new();
     for _ in 0..args.rounds.max(1) {
-        rounds.push(throughput(sink_addr, args.bytes).await?);
+        rounds.push(throughput(TcpStream::connect(sink_addr).await?, args.bytes).await?);
     }
-    let (p50, p99) = latency(echo_addr, args.requests).await?;
+    let (p50, p99) = latency(TcpStream::connect(echo_addr).await?, args.requests).await?;
     Ok(PathResult { throughput_gbit_s: median(rounds), latency_p50_us: p50, latency_p99_us: p99 })
 }
 
@@ -239,7 +151,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
 
     // Applications (sink and echo servers) on their own thread, like a server process.
-    let (sink_addr, echo_addr) = spawn_runtime("apps", 1, || async { Ok((sink().await?, echo().await?)) })?;
+    let (sink_addr, echo_addr) = spawn_runtime("apps", 1, || async {
+        let (sink, echo) = (TcpListener::bind("127.0.0.1:0").await?, TcpListener::bind("127.0.0.1:0").await?);
+        let addrs = (sink.local_addr()?, echo.local_addr()?);
+        serve_sink(sink);
+        serve_echo(echo);
+        Ok(addrs)
+    })?;
 
     // Both node proxies in one 2-worker runtime, like the mesh's proxy processes.
     let mesh = spawn_runtime("mesh", 2, move || async move {
