@@ -82,6 +82,11 @@ struct Args {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+
+    /// Threads carrying traffic (1 keeps every hop of a connection on one core: lowest latency;
+    /// more spread many connections over cores).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -131,9 +136,18 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> 
     })
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    let runtime = if args.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()
+    }
+    .context("starting the runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
     let log = init_logging(args.log_format);
     let signal = shutdown_signal()?;
     ztunnel::raise_open_files_limit();
