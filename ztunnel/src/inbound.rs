@@ -58,18 +58,14 @@ fn admit(ctx: &Context, peer: Option<&proto::SpiffeId>, client: SocketAddr, targ
             destination_port: target.port(),
         };
         let decision = rbac::authorize(state, destination, &conn);
-        let principal = peer.map(ToString::to_string);
-        let source = match state.workload_by_ip(client.ip()) {
-            // Only an identity the handshake proved is reported as the principal.
-            Some(w) => Peer { principal: principal.clone().unwrap_or_default(), ..Peer::of(w, None) },
-            None => Peer::principal(principal),
-        };
+        // Only an identity the handshake proved is reported as the source principal.
+        let source = Peer::proven(state.workload_by_ip(client.ip()), peer.cloned());
         let info = ConnectionInfo {
             reporter: "destination",
             src: client,
             dst: target,
             source,
-            destination: Peer::of(destination, None),
+            destination: Peer::of(destination),
             service: String::new(),
             mtls: peer.is_some(),
         };

@@ -233,17 +233,12 @@ impl Outbound {
     fn decide(&self, client: SocketAddr, dst: SocketAddr) -> Decided {
         self.ctx.view.read(|state| {
             let route = route(state, dst, &self.lb);
-            let source = match state.workload_by_ip(client.ip()) {
-                Some(w) => Peer::of(w, Some(self.pod.identity.to_string())),
-                None => Peer::principal(Some(self.pod.identity.to_string())),
-            };
+            let source = Peer::proven(state.workload_by_ip(client.ip()), Some(self.pod.identity.clone()));
             let (destination, mtls) = match &route {
                 Route::Hbone { workload, .. } => {
-                    (state.workloads.get(workload).map(|w| Peer::of(w, None)).unwrap_or_default(), true)
+                    (state.workloads.get(workload).map(Peer::of).unwrap_or_default(), true)
                 }
-                Route::Passthrough(to) => {
-                    (state.workload_by_ip(to.ip()).map(|w| Peer::of(w, None)).unwrap_or_default(), false)
-                }
+                Route::Passthrough(to) => (state.workload_by_ip(to.ip()).map(Peer::of).unwrap_or_default(), false),
                 Route::NoHealthyEndpoint(_) => (Peer::default(), false),
             };
             let service = state.service_by_vip(dst.ip()).map(|(_, s)| s.hostname.clone()).unwrap_or_default();

@@ -127,39 +127,61 @@ fn or_unknown(s: &str) -> String {
     if s.is_empty() { UNKNOWN.to_owned() } else { s.to_owned() }
 }
 
-/// One side's attributes, from its workload when the control plane knows it.
+/// One side of a connection: its workload when the control plane knows it (shared, not copied:
+/// a connection holds a pointer, not strings), and the identity it proved, if any.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
-    /// Workload (Deployment/Pod) name.
-    pub workload: String,
-    /// Namespace.
-    pub namespace: String,
-    /// SPIFFE ID.
-    pub principal: String,
-    /// Canonical service.
-    pub canonical_service: String,
+    /// The workload.
+    pub workload: Option<Arc<Workload>>,
+    /// Its SPIFFE ID.
+    pub principal: Principal,
+}
+
+/// Where a side's SPIFFE ID comes from.
+#[derive(Debug, Clone, Default)]
+pub enum Principal {
+    /// Proven (a TLS handshake) or known first-hand (the pod ztunnel serves).
+    Known(proto::SpiffeId),
+    /// Implied by its workload (a destination the control plane describes).
+    FromWorkload,
+    /// None: a plaintext client proves nothing.
+    #[default]
+    Unknown,
 }
 
 impl Peer {
-    /// From a workload (principal from its identity unless `principal` is given).
-    pub fn of(w: &Workload, principal: Option<String>) -> Peer {
-        let workload = if w.workload_name.is_empty() { &w.name } else { &w.workload_name };
-        let principal = principal.unwrap_or_else(|| {
-            proto::SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
-                .map(|id| id.to_string())
-                .unwrap_or_default()
-        });
-        Peer {
-            workload: workload.clone(),
-            namespace: w.namespace.clone(),
-            principal,
-            canonical_service: w.canonical_name.clone(),
-        }
+    /// A workload whose identity is implied by the control plane's description of it.
+    pub fn of(w: &Arc<Workload>) -> Peer {
+        Peer { workload: Some(w.clone()), principal: Principal::FromWorkload }
     }
 
-    /// Only a principal is known.
-    pub fn principal(principal: Option<String>) -> Peer {
-        Peer { principal: principal.unwrap_or_default(), ..Peer::default() }
+    /// A workload (if known) and the identity it proved (`None`: plaintext).
+    pub fn proven(workload: Option<&Arc<Workload>>, principal: Option<proto::SpiffeId>) -> Peer {
+        Peer { workload: workload.cloned(), principal: principal.map_or(Principal::Unknown, Principal::Known) }
+    }
+
+    fn name(&self) -> &str {
+        self.workload.as_deref().map_or("", |w| if w.workload_name.is_empty() { &w.name } else { &w.workload_name })
+    }
+
+    fn namespace(&self) -> &str {
+        self.workload.as_deref().map_or("", |w| &w.namespace)
+    }
+
+    fn canonical(&self) -> &str {
+        self.workload.as_deref().map_or("", |w| &w.canonical_name)
+    }
+
+    fn spiffe(&self) -> String {
+        match (&self.principal, self.workload.as_deref()) {
+            (Principal::Known(id), _) => id.to_string(),
+            (Principal::FromWorkload, Some(w)) => {
+                proto::SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
+                    .map(|id| id.to_string())
+                    .unwrap_or_default()
+            }
+            _ => String::new(),
+        }
     }
 }
 
@@ -186,15 +208,15 @@ impl ConnectionInfo {
     fn labels(&self, flags: &'static str) -> ConnectionLabels {
         ConnectionLabels {
             reporter: self.reporter,
-            source_workload: or_unknown(&self.source.workload),
-            source_workload_namespace: or_unknown(&self.source.namespace),
-            source_principal: or_unknown(&self.source.principal),
-            source_canonical_service: or_unknown(&self.source.canonical_service),
-            destination_workload: or_unknown(&self.destination.workload),
-            destination_workload_namespace: or_unknown(&self.destination.namespace),
-            destination_principal: or_unknown(&self.destination.principal),
+            source_workload: or_unknown(self.source.name()),
+            source_workload_namespace: or_unknown(self.source.namespace()),
+            source_principal: or_unknown(&self.source.spiffe()),
+            source_canonical_service: or_unknown(self.source.canonical()),
+            destination_workload: or_unknown(self.destination.name()),
+            destination_workload_namespace: or_unknown(self.destination.namespace()),
+            destination_principal: or_unknown(&self.destination.spiffe()),
             destination_service: or_unknown(&self.service),
-            destination_canonical_service: or_unknown(&self.destination.canonical_service),
+            destination_canonical_service: or_unknown(self.destination.canonical()),
             request_protocol: "tcp",
             response_flags: flags,
             connection_security_policy: if self.mtls { "mutual_tls" } else { UNKNOWN },
@@ -236,14 +258,14 @@ impl ConnectionRecord {
             target: "access",
             direction = if i.reporter == "source" { "outbound" } else { "inbound" },
             src.addr = %i.src,
-            src.workload = %i.source.workload,
-            src.namespace = %i.source.namespace,
-            src.identity = %i.source.principal,
+            src.workload = %i.source.name(),
+            src.namespace = %i.source.namespace(),
+            src.identity = %i.source.spiffe(),
             dst.addr = %i.dst,
             dst.service = %i.service,
-            dst.workload = %i.destination.workload,
-            dst.namespace = %i.destination.namespace,
-            dst.identity = %i.destination.principal,
+            dst.workload = %i.destination.name(),
+            dst.namespace = %i.destination.namespace(),
+            dst.identity = %i.destination.spiffe(),
             mtls = i.mtls,
             outcome = ?outcome,
             detail = detail.unwrap_or(""),
@@ -268,13 +290,14 @@ mod tests {
             reporter: "destination",
             src: "10.0.0.1:4000".parse().unwrap(),
             dst: "10.0.0.2:80".parse().unwrap(),
-            source: Peer::principal(Some("spiffe://cluster.local/ns/a/sa/client".into())),
-            destination: Peer {
-                workload: "server".into(),
+            source: Peer::proven(None, Some("spiffe://cluster.local/ns/a/sa/client".parse().unwrap())),
+            destination: Peer::of(&Arc::new(Workload {
+                name: "server".into(),
                 namespace: "b".into(),
-                principal: "spiffe://cluster.local/ns/b/sa/server".into(),
-                canonical_service: String::new(),
-            },
+                trust_domain: "cluster.local".into(),
+                service_account: "server".into(),
+                ..Workload::default()
+            })),
             service: String::new(),
             mtls: true,
         };

@@ -6,25 +6,27 @@
 //! stream is reset and the plain stream dropped.
 //!
 //! Bytes read from the application go to HTTP/2 without being copied again (`Bytes` split off the
-//! read buffer). The read buffer grows while reads fill it (busy stream) and shrinks when they do
-//! not; a read left waiting for a while drops back to the minimum, so an idle tunnel holds about a
-//! kilobyte per direction instead of the peak buffer.
+//! read buffer). Reads wait for readiness *without* a buffer, so an idle direction holds no read
+//! memory at all; a buffer is taken only when data is there, sized by recent traffic: it grows while
+//! reads fill it (busy stream) and shrinks when they do not, and a large one is released after a
+//! while without data.
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, Sleep};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedReadHalf;
 
 use super::stream::{H2Stream, h2_to_io};
 
-/// Smallest (and idle) read buffer.
+/// Smallest read buffer.
 const MIN_BUF: usize = 1024;
+/// A buffer up to this size is released as soon as a read would block.
+const KEEP_BUF: usize = 16 * 1024;
 /// Largest read buffer; big enough that per-read overhead vanishes at tens of Gbit/s.
 const MAX_BUF: usize = 256 * 1024;
 /// A read waiting this long releases its large buffer.
@@ -70,25 +72,19 @@ impl std::fmt::Display for Direction {
 }
 
 /// Copies between `io` and `tunnel` until both directions have ended, carrying half-closes.
-pub async fn copy_bidirectional<S>(io: S, tunnel: H2Stream) -> Result<Transferred, CopyError>
-where
-    S: AsyncRead + AsyncWrite,
-{
+pub async fn copy_bidirectional(io: TcpStream, tunnel: H2Stream) -> Result<Transferred, CopyError> {
     copy_bidirectional_until(io, tunnel, std::future::pending()).await.map(|(t, _)| t)
 }
 
 /// Like [`copy_bidirectional`], but abandons the copy when `stop` resolves (a policy revoked the
 /// connection, the proxy is shutting down): the tunnel stream is reset and the plain stream dropped.
 /// Returns what was moved and whether `stop` ended it.
-pub async fn copy_bidirectional_until<S>(
-    io: S,
+pub async fn copy_bidirectional_until(
+    io: TcpStream,
     tunnel: H2Stream,
     stop: impl Future<Output = ()>,
-) -> Result<(Transferred, bool), CopyError>
-where
-    S: AsyncRead + AsyncWrite,
-{
-    let (reader, writer) = tokio::io::split(io);
+) -> Result<(Transferred, bool), CopyError> {
+    let (reader, writer) = io.into_split();
     let (mut send, recv, pending, _slot) = tunnel.into_parts();
     let mut sent = 0u64;
     let mut received = 0u64;
@@ -123,17 +119,13 @@ where
 /// Copies between two plain streams (`client` and `server`) until both directions have ended,
 /// carrying half-closes, or until `stop` resolves. Returns the bytes moved (`sent`: client →
 /// server, `received`: server → client), whether `stop` ended it, and the first error.
-pub async fn copy_plain_until<A, B>(
-    client: A,
-    server: B,
+pub async fn copy_plain_until(
+    client: TcpStream,
+    server: TcpStream,
     stop: impl Future<Output = ()>,
-) -> (Transferred, bool, Option<io::Error>)
-where
-    A: AsyncRead + AsyncWrite,
-    B: AsyncRead + AsyncWrite,
-{
-    let (client_read, client_write) = tokio::io::split(client);
-    let (server_read, server_write) = tokio::io::split(server);
+) -> (Transferred, bool, Option<io::Error>) {
+    let (client_read, client_write) = client.into_split();
+    let (server_read, server_write) = server.into_split();
     let mut sent = 0u64;
     let mut received = 0u64;
     let result = {
@@ -153,8 +145,7 @@ where
 }
 
 /// One direction of a plain copy, ending with a write shutdown on EOF.
-async fn pipe<R: AsyncRead, W: AsyncWrite>(reader: R, writer: W, moved: &mut u64) -> io::Result<()> {
-    let reader = std::pin::pin!(reader);
+async fn pipe<W: AsyncWrite>(reader: OwnedReadHalf, writer: W, moved: &mut u64) -> io::Result<()> {
     let mut reader = AdaptiveReader::new(reader);
     let mut writer = std::pin::pin!(writer);
     while let Some(chunk) = reader.next().await? {
@@ -165,7 +156,7 @@ async fn pipe<R: AsyncRead, W: AsyncWrite>(reader: R, writer: W, moved: &mut u64
 }
 
 /// Application → tunnel, ending with `END_STREAM` on EOF.
-async fn upload<R: AsyncRead + Unpin>(reader: R, send: &mut SendStream<Bytes>, sent: &mut u64) -> io::Result<()> {
+async fn upload(reader: OwnedReadHalf, send: &mut SendStream<Bytes>, sent: &mut u64) -> io::Result<()> {
     let mut reader = AdaptiveReader::new(reader);
     while let Some(chunk) = reader.next().await? {
         let len = chunk.len() as u64;
@@ -220,66 +211,52 @@ async fn download<W: AsyncWrite>(
 }
 
 /// Reads into a buffer sized by recent traffic; see the module docs.
-struct AdaptiveReader<R> {
-    io: R,
+struct AdaptiveReader {
+    io: OwnedReadHalf,
     buf: BytesMut,
     target: usize,
-    idle: Pin<Box<Sleep>>,
-    idle_armed: bool,
 }
 
-impl<R: AsyncRead + Unpin> AdaptiveReader<R> {
-    fn new(io: R) -> Self {
-        AdaptiveReader {
-            io,
-            buf: BytesMut::new(),
-            target: MIN_BUF,
-            idle: Box::pin(tokio::time::sleep_until(Instant::now())),
-            idle_armed: false,
-        }
+impl AdaptiveReader {
+    fn new(io: OwnedReadHalf) -> Self {
+        AdaptiveReader { io, buf: BytesMut::new(), target: MIN_BUF }
     }
 
     /// The next chunk, or `None` at EOF.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        let this = self;
-        poll_fn(|cx| {
-            loop {
-                if this.buf.capacity() < this.target {
-                    this.buf.reserve(this.target);
-                }
-                let room = this.buf.capacity() - this.buf.len();
-                match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(Ok(None)),
-                    Poll::Ready(Ok(n)) => {
-                        this.idle_armed = false;
-                        if n >= room && this.target < MAX_BUF {
-                            this.target *= 2;
-                        } else if n < this.target / 4 && this.target > MIN_BUF {
-                            this.target /= 2;
-                        }
-                        return Poll::Ready(Ok(Some(this.buf.split_to(n).freeze())));
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => {
-                        if this.buf.capacity() <= MIN_BUF {
-                            return Poll::Pending;
-                        }
-                        if !this.idle_armed {
-                            this.idle.as_mut().reset(Instant::now() + IDLE_SHRINK);
-                            this.idle_armed = true;
-                        }
-                        if this.idle.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                        // Idle: trade the big buffer for a small one and wait again.
-                        this.idle_armed = false;
-                        this.target = MIN_BUF;
-                        this.buf = BytesMut::new();
-                    }
-                }
+        loop {
+            if self.buf.capacity() == 0 {
+                self.io.readable().await?;
             }
-        })
-        .await
+            if self.buf.capacity() - self.buf.len() < self.target {
+                self.buf.reserve(self.target);
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(0) => return Ok(None),
+                Ok(n) => {
+                    if n >= room && self.target < MAX_BUF {
+                        self.target *= 2;
+                    } else if n < self.target / 4 && self.target > MIN_BUF {
+                        self.target /= 2;
+                    }
+                    return Ok(Some(self.buf.split_to(n).freeze()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.buf.capacity() <= KEEP_BUF {
+                        // Small: wait with no buffer at all.
+                        self.buf = BytesMut::new();
+                        continue;
+                    }
+                    // Busy until now: keep the large buffer for a while, then let it go.
+                    if tokio::time::timeout(IDLE_SHRINK, self.io.readable()).await.is_err() {
+                        self.buf = BytesMut::new();
+                        self.target = MIN_BUF;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Bytes currently held for reading.
@@ -294,40 +271,61 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
-    #[tokio::test(start_paused = true)]
-    async fn read_buffer_grows_under_load_and_shrinks_when_idle() {
-        let (mut tx, rx) = tokio::io::duplex(4 * MAX_BUF);
+    async fn pair() -> (TcpStream, OwnedReadHalf) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tx = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (rx, _) = listener.accept().await.unwrap();
+        (tx, rx.into_split().0)
+    }
+
+    #[tokio::test]
+    async fn read_buffer_grows_under_load_and_is_released_when_idle() {
+        let (mut tx, rx) = pair().await;
         let mut reader = AdaptiveReader::new(rx);
-        tx.write_all(&vec![7u8; 2 * MAX_BUF]).await.unwrap();
+        let writer = tokio::spawn(async move {
+            tx.write_all(&vec![7u8; 8 * MAX_BUF]).await.unwrap();
+            tx
+        });
         let mut total = 0;
         let mut largest = 0;
-        while total < 2 * MAX_BUF {
+        while total < 8 * MAX_BUF {
             let chunk = reader.next().await.unwrap().unwrap();
             total += chunk.len();
             largest = largest.max(chunk.len());
         }
-        assert_eq!(total, 2 * MAX_BUF);
+        let mut tx = writer.await.unwrap();
+        assert_eq!(total, 8 * MAX_BUF);
         assert!(largest >= MAX_BUF / 2, "buffer never grew: largest read {largest}");
 
-        // Nothing more arrives: after the idle period the reader holds only the minimum.
+        // Nothing more arrives: after the idle period the reader holds no buffer while it waits,
+        // and a small read afterwards takes only a small one.
         let read = tokio::spawn(async move {
             let chunk = reader.next().await.unwrap().unwrap();
-            (chunk, reader.buffer_capacity())
+            let held = reader.buffer_capacity();
+            let next = tokio::time::timeout(Duration::from_millis(100), reader.next()).await;
+            (chunk, held, next.is_err(), reader.buffer_capacity())
         });
         tokio::time::sleep(IDLE_SHRINK * 2).await;
         tx.write_all(b"x").await.unwrap();
-        let (chunk, capacity) = read.await.unwrap();
+        let (chunk, held, waiting, idle) = read.await.unwrap();
         assert_eq!(&chunk[..], b"x");
-        assert!(capacity <= MIN_BUF, "idle reader kept {capacity} bytes");
+        assert!(held <= 2 * MIN_BUF, "after idling the reader took {held} bytes for one byte");
+        assert!(waiting);
+        assert_eq!(idle, 0, "a reader waiting for data holds a buffer");
+        drop(tx);
     }
 
     #[tokio::test]
     async fn eof_is_reported_once_data_is_consumed() {
-        let (mut tx, rx) = tokio::io::duplex(64);
+        let (mut tx, rx) = pair().await;
         let mut reader = AdaptiveReader::new(rx);
         tx.write_all(b"abc").await.unwrap();
         drop(tx);
-        assert_eq!(&reader.next().await.unwrap().unwrap()[..], b"abc");
+        let mut got = Vec::new();
+        while let Some(chunk) = reader.next().await.unwrap() {
+            got.extend_from_slice(&chunk);
+        }
+        assert_eq!(got, b"abc");
         assert!(reader.next().await.unwrap().is_none());
     }
 }
