@@ -647,6 +647,16 @@ pub async fn http_request(netns: &NetNs, method: &str, addr: SocketAddr, path: &
     Ok((status, body.to_owned()))
 }
 
+/// The sum of the Prometheus samples in `metrics` whose line starts with `prefix` (e.g.
+/// `istio_tcp_connections_opened_total{`) and contains every one of `needles` (label pairs).
+pub fn metric_sum(metrics: &str, prefix: &str, needles: &[&str]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && needles.iter().all(|n| l.contains(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Forwards a loopback port of the harness's namespace to `target` as seen from inside `netns`
 /// (what `kubectl port-forward` does): how the harness reaches the CA on the underlay. Runs until
 /// the returned task is aborted.

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use e2e::apps::{EchoClient, echo_server};
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, metric_sum};
 use e2e::sniff::{Sniffer, contains};
 
 /// Sends `marker` from `a` to `b` and says whether it crossed the underlay in the clear.
@@ -18,14 +18,6 @@ async fn seen_in_clear(mesh: &Mesh, a: &MeshPod, b: &MeshPod, marker: &[u8]) -> 
     c.round_trip(marker).await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     contains(&sniffer.finish().unwrap(), marker)
-}
-
-fn inbound_from(metrics: &str, principal: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{") && l.contains(principal))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -48,7 +40,10 @@ async fn flipping_the_namespace_label_enrolls_and_unenrolls_running_pods() {
     mesh.settle(&[], &[]).await.unwrap();
     assert!(!seen_in_clear(&mesh, &a, &b, b"IN-MESH-SECRET-2").await, "enrolled pods sent plaintext");
     let m = mesh.metrics(2).await.unwrap();
-    assert!(inbound_from(&m, "ns/flip/sa/a") >= 1.0, "node-2's ztunnel did not carry a → b: {m}");
+    assert!(
+        metric_sum(&m, "istio_tcp_connections_opened_total{", &["ns/flip/sa/a"]) >= 1.0,
+        "node-2's ztunnel did not carry a → b: {m}"
+    );
     early.round_trip(b"opened before enrollment").await.unwrap();
     // The opted-out pod stays out: reached in plaintext (passthrough), never through its ztunnel.
     assert!(seen_in_clear(&mesh, &a, &opted_out, b"OPTED-OUT-3").await);

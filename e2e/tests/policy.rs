@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use e2e::apps::{EchoClient, echo_server};
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, metric_sum as sum};
 
 fn deny(name: &str, from: &str, to_ports: &str) -> String {
     let mut rule = String::from("  rules:\n    - ");
@@ -28,14 +28,6 @@ async fn allowed(from: &MeshPod, to: std::net::SocketAddr) -> bool {
         Ok(mut c) => c.round_trip(b"knock knock").await.is_ok(),
         Err(_) => false,
     }
-}
-
-fn sum(metrics: &str, prefix: &str, needles: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::apps::{EchoClient, echo_server};
@@ -24,16 +25,23 @@ async fn works(client: &MeshPod, server: &MeshPod) -> bool {
     c.round_trip(b"are you there").await.is_ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traffic_survives_ca_outage_renewal_and_ztunnel_restart() {
-    let options = MeshOptions { cert_ttl: Some(Duration::from_secs(20)), ..MeshOptions::default() };
+/// A mesh with an enrolled client on node-1 and an echo server on node-2.
+async fn client_and_server(options: MeshOptions) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>) {
     let mut mesh = Mesh::start(options).unwrap();
     mesh.namespace("demo", true).await.unwrap();
     let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
     let server = mesh.pod(PodSpec::new("server", "demo", 2)).await.unwrap();
-    let _app = echo_server(server.listen(8080).unwrap(), "server");
+    // The app task lives as long as the runtime.
+    drop(echo_server(server.listen(8080).unwrap(), "server"));
     mesh.settle(&[], &[]).await.unwrap();
     assert!(works(&client, &server).await);
+    (mesh, client, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_survives_ca_outage_renewal_and_ztunnel_restart() {
+    let options = MeshOptions { cert_ttl: Some(Duration::from_secs(20)), ..MeshOptions::default() };
+    let (mut mesh, client, server) = client_and_server(options).await;
 
     // A stream that lives through everything below until the restart.
     let mut long = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
@@ -74,12 +82,7 @@ async fn traffic_survives_ca_outage_renewal_and_ztunnel_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits_by_the_deadline() {
     let options = MeshOptions { drain_timeout: Duration::from_secs(2), ..MeshOptions::default() };
-    let mut mesh = Mesh::start(options).unwrap();
-    mesh.namespace("demo", true).await.unwrap();
-    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
-    let server = mesh.pod(PodSpec::new("server", "demo", 2)).await.unwrap();
-    let _app = echo_server(server.listen(8080).unwrap(), "server");
-    mesh.settle(&[], &[]).await.unwrap();
+    let (mut mesh, client, server) = client_and_server(options).await;
     let mut open = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
     open.round_trip(b"open during the drain").await.unwrap();
 

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use e2e::apps::{EchoClient, echo_server};
-use e2e::mesh::{Mesh, MeshOptions, PodSpec};
+use e2e::mesh::{Mesh, MeshOptions, PodSpec, metric_sum as sum};
 use e2e::sniff::{Sniffer, contains};
 
 const PORT: u16 = 8080;
@@ -140,12 +140,4 @@ async fn a_service_vip_spreads_connections_over_its_endpoints() {
     }
     assert_eq!(hit, BTreeSet::from(["web-1".to_owned(), "web-2".to_owned(), "web-3".to_owned()]));
     drop(backends);
-}
-
-fn sum(metrics: &str, prefix: &str, needles: &[&str]) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(prefix) && needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
