@@ -6,14 +6,12 @@
 //! stream is reset and the plain stream dropped.
 //!
 //! Bytes read from the application go to HTTP/2 without being copied again (`Bytes` split off the
-//! read buffer). Reads wait for readiness *without* a buffer, so an idle direction holds no read
-//! memory at all; a buffer is taken only when data is there, sized by recent traffic: it grows while
-//! reads fill it (busy stream) and shrinks when they do not, and a large one is released after a
-//! while without data.
+//! read buffer). Reads wait for readiness *without* a buffer, so a direction waiting for data holds
+//! no read memory at all; a buffer is taken only when data is there, sized by recent traffic: it
+//! grows while reads fill it (busy stream) and shrinks when they do not.
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -25,12 +23,8 @@ use super::stream::{H2Stream, h2_to_io};
 
 /// Smallest read buffer.
 const MIN_BUF: usize = 1024;
-/// A buffer up to this size is released as soon as a read would block.
-const KEEP_BUF: usize = 16 * 1024;
 /// Largest read buffer; big enough that per-read overhead vanishes at tens of Gbit/s.
 const MAX_BUF: usize = 256 * 1024;
-/// A read waiting this long releases its large buffer.
-const IDLE_SHRINK: Duration = Duration::from_secs(1);
 
 /// Bytes moved by a copy, counted from the application's side.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -243,16 +237,10 @@ impl AdaptiveReader {
                     return Ok(Some(self.buf.split_to(n).freeze()));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if self.buf.capacity() <= KEEP_BUF {
-                        // Small: wait with no buffer at all.
-                        self.buf = BytesMut::new();
-                        continue;
-                    }
-                    // Busy until now: keep the large buffer for a while, then let it go.
-                    if tokio::time::timeout(IDLE_SHRINK, self.io.readable()).await.is_err() {
-                        self.buf = BytesMut::new();
-                        self.target = MIN_BUF;
-                    }
+                    // Wait with no buffer at all (chunks handed out keep their own part of it).
+                    // The next read takes a fresh one of the size recent traffic asked for; large
+                    // allocations come back from the allocator's free lists, not from the system.
+                    self.buf = BytesMut::new();
                 }
                 Err(e) => return Err(e),
             }
@@ -268,6 +256,8 @@ impl AdaptiveReader {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use tokio::io::AsyncWriteExt;
 
@@ -297,19 +287,19 @@ mod tests {
         assert_eq!(total, 8 * MAX_BUF);
         assert!(largest >= MAX_BUF / 2, "buffer never grew: largest read {largest}");
 
-        // Nothing more arrives: after the idle period the reader holds no buffer while it waits,
-        // and a small read afterwards takes only a small one.
+        // Nothing more arrives: the reader holds no buffer while it waits (it takes one again
+        // when data comes, and lets it go as soon as a read would block).
         let read = tokio::spawn(async move {
             let chunk = reader.next().await.unwrap().unwrap();
             let held = reader.buffer_capacity();
             let next = tokio::time::timeout(Duration::from_millis(100), reader.next()).await;
             (chunk, held, next.is_err(), reader.buffer_capacity())
         });
-        tokio::time::sleep(IDLE_SHRINK * 2).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         tx.write_all(b"x").await.unwrap();
         let (chunk, held, waiting, idle) = read.await.unwrap();
         assert_eq!(&chunk[..], b"x");
-        assert!(held <= 2 * MIN_BUF, "after idling the reader took {held} bytes for one byte");
+        assert!(held >= MIN_BUF, "the read had no buffer");
         assert!(waiting);
         assert_eq!(idle, 0, "a reader waiting for data holds a buffer");
         drop(tx);
