@@ -10,8 +10,10 @@
 //! no read memory at all; a buffer is taken only when data is there, sized by recent traffic: it
 //! grows while reads fill it (busy stream) and shrinks when they do not.
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -78,34 +80,182 @@ pub async fn copy_bidirectional_until(
     tunnel: H2Stream,
     stop: impl Future<Output = ()>,
 ) -> Result<(Transferred, bool), CopyError> {
-    let (reader, writer) = io.into_split();
-    let (mut send, recv, pending, _slot) = tunnel.into_parts();
-    let mut sent = 0u64;
-    let mut received = 0u64;
-
-    let result = {
-        let upload = upload(reader, &mut send, &mut sent);
-        let download = download(recv, pending, writer, &mut received);
-        let both = async {
-            tokio::try_join!(async { upload.await.map_err(|e| (Direction::Send, e)) }, async {
-                download.await.map_err(|e| (Direction::Receive, e))
-            },)
-        };
-        tokio::select! {
-            r = both => Some(r),
-            () = stop => None,
-        }
+    let (send, recv, pending, _slot) = tunnel.into_parts();
+    let mut copy = Bidi {
+        io,
+        send,
+        recv,
+        reader: Sizer::default(),
+        buf: BytesMut::new(),
+        upload: None,
+        upload_done: false,
+        download: pending,
+        download_done: false,
+        shut_down: false,
+        transferred: Transferred::default(),
     };
-    let transferred = Transferred { sent, received };
+    let result = tokio::select! {
+        r = &mut copy => Some(r),
+        () = stop => None,
+    };
     match result {
-        Some(Ok(_)) => Ok((transferred, false)),
+        Some(Ok(())) => Ok((copy.transferred, false)),
         Some(Err((direction, source))) => {
-            send.send_reset(h2::Reason::CANCEL);
-            Err(CopyError { direction, transferred, source })
+            copy.send.send_reset(h2::Reason::CANCEL);
+            Err(CopyError { direction, transferred: copy.transferred, source })
         }
         None => {
-            send.send_reset(h2::Reason::CANCEL);
-            Ok((transferred, true))
+            copy.send.send_reset(h2::Reason::CANCEL);
+            Ok((copy.transferred, true))
+        }
+    }
+}
+
+/// The bidirectional copy as one small state machine: a connection's task holds this and little
+/// else for as long as the connection lives, so its size is the per-connection cost.
+struct Bidi {
+    io: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    reader: Sizer,
+    /// Read buffer; empty (no allocation) while waiting for data.
+    buf: BytesMut,
+    /// Read from the application, not yet sent into the tunnel.
+    upload: Option<Bytes>,
+    upload_done: bool,
+    /// Received from the tunnel, not yet written to the application.
+    download: Bytes,
+    download_done: bool,
+    shut_down: bool,
+    transferred: Transferred,
+}
+
+impl Bidi {
+    /// Application → tunnel, until it would wait; `Ready` once `END_STREAM` is sent.
+    fn poll_upload(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if let Some(chunk) = &mut self.upload {
+                while !chunk.is_empty() {
+                    self.send.reserve_capacity(chunk.len());
+                    let cap = self.send.capacity();
+                    if cap == 0 {
+                        match self.send.poll_capacity(cx) {
+                            Poll::Pending => return Poll::Pending,
+                            Poll::Ready(Some(Ok(_))) => continue,
+                            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(h2_to_io(e))),
+                            Poll::Ready(None) => {
+                                return Poll::Ready(Err(io::Error::new(
+                                    io::ErrorKind::BrokenPipe,
+                                    "tunnel stream closed",
+                                )));
+                            }
+                        }
+                    }
+                    let part = chunk.split_to(cap.min(chunk.len()));
+                    let len = part.len() as u64;
+                    self.send.send_data(part, false).map_err(h2_to_io)?;
+                    self.transferred.sent += len;
+                }
+                self.upload = None;
+            }
+            std::task::ready!(self.io.poll_read_ready(cx))?;
+            let room = self.reader.reserve(&mut self.buf);
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(0) => {
+                    self.buf = BytesMut::new();
+                    self.send.reserve_capacity(0);
+                    self.send.send_data(Bytes::new(), true).map_err(h2_to_io)?;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(n) => {
+                    self.reader.after_read(n, room);
+                    self.upload = Some(self.buf.split_to(n).freeze());
+                }
+                // Wait with no buffer at all (sent chunks keep their own part of it).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Tunnel → application, until it would wait; `Ready` once the write side is shut down.
+    fn poll_download(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while !self.download.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.download))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                let _ = self.download.split_to(n);
+                // Window goes back only once the application took the bytes.
+                self.recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
+                self.transferred.received += n as u64;
+            }
+            if self.download_done {
+                if !self.shut_down {
+                    std::task::ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+                    self.shut_down = true;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match std::task::ready!(self.recv.poll_data(cx)) {
+                Some(chunk) => self.download = chunk.map_err(h2_to_io)?,
+                None => self.download_done = true,
+            }
+        }
+    }
+}
+
+impl Future for Bidi {
+    type Output = Result<(), (Direction, io::Error)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if !this.upload_done {
+            match this.poll_upload(cx) {
+                Poll::Ready(Ok(())) => this.upload_done = true,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Direction::Send, e))),
+                Poll::Pending => {}
+            }
+        }
+        if !(this.download_done && this.shut_down) {
+            match this.poll_download(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err((Direction::Receive, e))),
+                Poll::Pending => {}
+            }
+        }
+        if this.upload_done && this.download_done && this.shut_down { Poll::Ready(Ok(())) } else { Poll::Pending }
+    }
+}
+
+/// Read-buffer sizing from recent traffic (see the module docs).
+#[derive(Debug)]
+struct Sizer {
+    target: usize,
+}
+
+impl Default for Sizer {
+    fn default() -> Self {
+        Sizer { target: MIN_BUF }
+    }
+}
+
+impl Sizer {
+    /// Makes room in `buf` for the next read; returns the room.
+    fn reserve(&self, buf: &mut BytesMut) -> usize {
+        if buf.capacity() - buf.len() < self.target {
+            buf.reserve(self.target);
+        }
+        buf.capacity() - buf.len()
+    }
+
+    /// Grows after a read that filled the room, shrinks after small ones.
+    fn after_read(&mut self, n: usize, room: usize) {
+        if n >= room && self.target < MAX_BUF {
+            self.target *= 2;
+        } else if n < self.target / 4 && self.target > MIN_BUF {
+            self.target /= 2;
         }
     }
 }
@@ -149,99 +299,31 @@ async fn pipe<W: AsyncWrite>(reader: OwnedReadHalf, writer: W, moved: &mut u64) 
     writer.shutdown().await
 }
 
-/// Application → tunnel, ending with `END_STREAM` on EOF.
-async fn upload(reader: OwnedReadHalf, send: &mut SendStream<Bytes>, sent: &mut u64) -> io::Result<()> {
-    let mut reader = AdaptiveReader::new(reader);
-    while let Some(chunk) = reader.next().await? {
-        let len = chunk.len() as u64;
-        send_all(send, chunk).await?;
-        *sent += len;
-    }
-    send.reserve_capacity(0);
-    send.send_data(Bytes::new(), true).map_err(h2_to_io)
-}
-
-/// Sends `data`, waiting for flow-control capacity so a slow peer slows us down instead of
-/// growing a buffer.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<()> {
-    send.reserve_capacity(data.len());
-    while !data.is_empty() {
-        let cap = send.capacity();
-        if cap > 0 {
-            let chunk = data.split_to(cap.min(data.len()));
-            send.send_data(chunk, false).map_err(h2_to_io)?;
-            continue;
-        }
-        match poll_fn(|cx| send.poll_capacity(cx)).await {
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(h2_to_io(e)),
-            None => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed")),
-        }
-    }
-    Ok(())
-}
-
-/// Tunnel → application, ending with a write shutdown on `END_STREAM`.
-async fn download<W: AsyncWrite>(
-    mut recv: RecvStream,
-    pending: Bytes,
-    writer: W,
-    received: &mut u64,
-) -> io::Result<()> {
-    let mut writer = std::pin::pin!(writer);
-    if !pending.is_empty() {
-        writer.write_all(&pending).await?;
-        recv.flow_control().release_capacity(pending.len()).map_err(h2_to_io)?;
-        *received += pending.len() as u64;
-    }
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.map_err(h2_to_io)?;
-        writer.write_all(&chunk).await?;
-        // Window goes back only once the application took the bytes.
-        recv.flow_control().release_capacity(chunk.len()).map_err(h2_to_io)?;
-        *received += chunk.len() as u64;
-    }
-    writer.shutdown().await
-}
-
 /// Reads into a buffer sized by recent traffic; see the module docs.
 struct AdaptiveReader {
     io: OwnedReadHalf,
     buf: BytesMut,
-    target: usize,
+    sizer: Sizer,
 }
 
 impl AdaptiveReader {
     fn new(io: OwnedReadHalf) -> Self {
-        AdaptiveReader { io, buf: BytesMut::new(), target: MIN_BUF }
+        AdaptiveReader { io, buf: BytesMut::new(), sizer: Sizer::default() }
     }
 
     /// The next chunk, or `None` at EOF.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            if self.buf.capacity() == 0 {
-                self.io.readable().await?;
-            }
-            if self.buf.capacity() - self.buf.len() < self.target {
-                self.buf.reserve(self.target);
-            }
-            let room = self.buf.capacity() - self.buf.len();
+            self.io.readable().await?;
+            let room = self.sizer.reserve(&mut self.buf);
             match self.io.try_read_buf(&mut self.buf) {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
-                    if n >= room && self.target < MAX_BUF {
-                        self.target *= 2;
-                    } else if n < self.target / 4 && self.target > MIN_BUF {
-                        self.target /= 2;
-                    }
+                    self.sizer.after_read(n, room);
                     return Ok(Some(self.buf.split_to(n).freeze()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Wait with no buffer at all (chunks handed out keep their own part of it).
-                    // The next read takes a fresh one of the size recent traffic asked for; large
-                    // allocations come back from the allocator's free lists, not from the system.
-                    self.buf = BytesMut::new();
-                }
+                // Wait with no buffer at all (chunks handed out keep their own part of it).
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.buf = BytesMut::new(),
                 Err(e) => return Err(e),
             }
         }
