@@ -9,20 +9,31 @@
 //! table and JSON, with the mesh as a ratio to direct. Client, servers and both ztunnels share the
 //! machine's cores.
 //!
+//! The server apps run as their own process in the server pod (this binary with `--serve`), as a
+//! real pod's would: a client and server sharing one thread would make the direct path's round
+//! trip free of any process wakeup, which no pair of pods gets.
+//!
+//! Calibration: the same latency measurement over loopback, direct and through two plain TCP
+//! relays (separate processes, no TLS, no HTTP/2): what two extra process hops cost on this
+//! machine whatever they do, the floor under the mesh's added latency.
+//!
 //! Needs root, iproute2 and nftables; build first: `cargo build --release -p ca -p ztunnel -p e2e`.
 
 #![allow(clippy::print_stdout)]
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use e2e::ca_process::rss_mib;
+use e2e::ca_process::{rss_mib, spawn_child_with, wait_for_port};
 use e2e::load::{connection_rate, latency, median, serve_echo, serve_ping, serve_sink, throughput};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 /// Benchmark the mesh against direct pod-to-pod connections.
 #[derive(Debug, Parser)]
@@ -53,6 +64,12 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// (internal) Run the sink, echo and ping servers on this IP (ports 5001–5003) and nothing else.
+    #[arg(long, hide = true)]
+    serve: Option<std::net::IpAddr>,
+    /// (internal) Relay plain TCP from the first address to the second and nothing else.
+    #[arg(long, hide = true, num_args = 2, value_names = ["LISTEN", "TARGET"])]
+    relay: Option<Vec<SocketAddr>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +91,15 @@ struct Memory {
     destination_ztunnel_rss_mib: [f64; 2],
 }
 
+/// Two plain TCP relays over loopback, against a direct loopback connection.
+#[derive(Debug, Serialize)]
+struct Calibration {
+    direct_p50_us: f64,
+    relayed_p50_us: f64,
+    /// relayed − direct p50, µs: the cost of two process hops on this machine.
+    added_p50_us: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     direct: PathResult,
@@ -87,6 +113,7 @@ struct Report {
     /// mesh / direct connection rate.
     connection_rate_ratio: f64,
     memory: Memory,
+    calibration: Calibration,
 }
 
 const SINK: u16 = 5001;
@@ -145,20 +172,96 @@ async fn memory(mesh: &Mesh, client: &MeshPod, server: &MeshPod, idle: usize) ->
     })
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+/// This binary again with `args`, inside `netns` if given; waits until `ready` accepts.
+fn helper(args: &[String], netns: Option<&ztunnel::netns::NetNs>, ready: SocketAddr) -> Result<Child> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(args);
+    let mut child = spawn_child_with(&command, netns, Stdio::null(), Stdio::inherit())?;
+    wait_for_port(&mut child, "benchmark helper", ready, netns)?;
+    Ok(child)
+}
+
+/// Servers on `ip`, ports [`SINK`], [`ECHO`], [`PING`] (the `--serve` helper).
+async fn serve(ip: IpAddr) -> Result<()> {
+    let listen = |port| {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::new(ip, port))?;
+        socket.listen(1024)
+    };
+    serve_sink(listen(SINK)?);
+    serve_echo(listen(ECHO)?);
+    serve_ping(listen(PING)?).await?;
+    Ok(())
+}
+
+/// Plain TCP from `listen` to `target` (the `--relay` helper).
+async fn relay(listen: SocketAddr, target: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    loop {
+        let (mut inbound, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+            let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+        });
+    }
+}
+
+/// Loopback latency, direct and through two relay processes.
+async fn calibrate(requests: usize) -> Result<Calibration> {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let free = || e2e::ca_process::free_port();
+    let (echo_ip, relay_a, relay_b) = (loopback, free()?, free()?);
+    let echo = SocketAddr::new(echo_ip, ECHO);
+    let _server = KillOnDrop(helper(&["--serve".into(), echo_ip.to_string()], None, echo)?);
+    let _b = KillOnDrop(helper(&["--relay".into(), relay_b.to_string(), echo.to_string()], None, relay_b)?);
+    let _a = KillOnDrop(helper(&["--relay".into(), relay_a.to_string(), relay_b.to_string()], None, relay_a)?);
+    let connect = |addr| async move {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok::<_, anyhow::Error>(s)
+    };
+    let (direct, _) = latency(connect(echo).await?, requests).await?;
+    let (relayed, _) = latency(connect(relay_a).await?, requests).await?;
+    Ok(Calibration { direct_p50_us: direct, relayed_p50_us: relayed, added_p50_us: relayed - direct })
+}
+
+/// Kills the helper process when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() -> Result<()> {
     let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    if let Some(ip) = args.serve {
+        return runtime.block_on(serve(ip));
+    }
+    if let Some([listen, target]) = args.relay.as_deref() {
+        return runtime.block_on(relay(*listen, *target));
+    }
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
     ztunnel::raise_open_files_limit();
+    let calibration = calibrate(args.requests).await?;
     let mut mesh = Mesh::start(MeshOptions { log_filter: args.log_filter.clone(), ..MeshOptions::default() })?;
     mesh.namespace("direct", false).await?;
     mesh.namespace("mesh", true).await?;
     let mut pairs = Vec::new();
+    let mut servers = Vec::new();
     for ns in ["direct", "mesh"] {
         let client = mesh.pod(PodSpec::new("client", ns, 1)).await?;
         let server = mesh.pod(PodSpec::new("server", ns, 2)).await?;
-        serve_sink(server.listen(SINK)?);
-        serve_echo(server.listen(ECHO)?);
-        serve_ping(server.listen(PING)?);
+        let serve_args = ["--serve".to_string(), server.ip.to_string()];
+        servers.push(KillOnDrop(helper(&serve_args, Some(&server.netns.ns), server.addr(PING))?));
         pairs.push((client, server));
     }
     mesh.settle(&[], &[]).await?;
@@ -166,6 +269,7 @@ async fn main() -> Result<()> {
     let direct = measure(&pairs[0].0, &pairs[0].1, &args).await?;
     let through = measure(&pairs[1].0, &pairs[1].1, &args).await?;
     let memory = memory(&mesh, &pairs[1].0, &pairs[1].1, args.idle).await?;
+    drop(servers);
     let report = Report {
         throughput_ratio: through.throughput_gbit_s / direct.throughput_gbit_s,
         added_latency_p50_us: through.latency_p50_us - direct.latency_p50_us,
@@ -174,6 +278,7 @@ async fn main() -> Result<()> {
         direct,
         mesh: through,
         memory,
+        calibration,
     };
 
     println!("{:<28} {:>12} {:>12} {:>10}", "", "direct", "mesh", "mesh/direct");
@@ -185,6 +290,10 @@ async fn main() -> Result<()> {
     row("latency p99 (µs)", report.direct.latency_p99_us, report.mesh.latency_p99_us, "");
     row("new connections/s", report.direct.connections_per_s, report.mesh.connections_per_s, "");
     println!("added latency p50/p99: {:.1} / {:.1} µs", report.added_latency_p50_us, report.added_latency_p99_us);
+    println!(
+        "calibration, loopback p50: direct {:.1} µs, through two plain TCP relays {:.1} µs (+{:.1} µs for two process hops)",
+        report.calibration.direct_p50_us, report.calibration.relayed_p50_us, report.calibration.added_p50_us
+    );
     println!(
         "ztunnel memory per idle connection ({}): source {:.2} KiB, destination {:.2} KiB",
         report.memory.idle_connections,
