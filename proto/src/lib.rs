@@ -7,19 +7,23 @@
 //!   bidirectional copy between a TCP stream and a tunnel stream.
 //! - [`drain`]: graceful shutdown shared by every listener.
 //! - [`control`]: TLS gRPC channels to the control plane (CA, xDS, admin).
+//! - [`certs`]: certificates from the CA for the identities a proxy serves, renewed at half-life.
+//! - [`xds`]: the delta ADS client loop (subscribe, apply, ACK/NACK, reconnect with backoff).
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
 //! No component logic lives here: ztunnel, waypoint and ca build on these pieces.
 
 pub mod api;
+pub mod certs;
 pub mod control;
 pub mod drain;
 pub mod duration;
 pub mod hbone;
 pub mod identity;
 pub mod tls;
+pub mod xds;
 
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use identity::SpiffeId;

@@ -30,7 +30,6 @@ use tracing::{info, warn};
 pub mod admin;
 pub mod agent;
 pub mod capture;
-pub mod certs;
 pub mod inbound;
 pub mod netns;
 pub mod outbound;
@@ -41,6 +40,9 @@ pub mod telemetry;
 pub mod tracker;
 pub mod xds;
 pub mod zds;
+
+/// Workload certificates (shared with the waypoint; lives in `proto`).
+pub use proto::certs;
 
 use crate::certs::{CertConfig, CertManager, TokenSource};
 use crate::telemetry::Metrics;
@@ -141,7 +143,7 @@ impl Ztunnel {
         let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
         let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
 
-        let view = MeshView::new(config.ca.trust.clone());
+        let view = MeshView::new(&xds::SUBSCRIBED, config.ca.trust.clone());
         let mut cert_config = CertConfig::new(config.ca.clone(), config.token.clone(), config.identity.clone());
         cert_config.retry_min = Duration::from_millis(500);
         let certs = CertManager::new(cert_config)?;

@@ -1,222 +1,24 @@
 //! ztunnel's view of the mesh, kept current over delta xDS.
 //!
-//! One ADS stream subscribes (wildcard) to workloads and services (`istio.workload.Address`), L4
-//! policies (`istio.security.Authorization`) and the trust bundle. Each response is applied to
-//! [`MeshView`] and ACKed; a resource that does not decode is NACKed with the reason and the rest of
-//! the response still applies. A broken stream reconnects with exponential backoff (with jitter);
-//! the new stream sends the versions held, so the control plane sends only what changed meanwhile.
-//! A new trust bundle is swapped into the shared bundle at once: the next handshake uses it.
+//! One ADS stream ([`proto::xds::AdsClient`]) subscribes (wildcard) to workloads and services
+//! (`istio.workload.Address`), L4 policies (`istio.security.Authorization`) and the trust bundle.
+//! Each response is applied to [`MeshView`] and ACKed; a resource that does not decode is NACKed
+//! with the reason and the rest of the response still applies. A new trust bundle is swapped into
+//! the shared bundle at once: the next handshake uses it.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
-use proto::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
-use proto::api::envoy::config::core::v3::Node;
-use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
-use proto::api::google::rpc::Status as RpcStatus;
-use proto::api::istio::security::Authorization;
-use proto::api::istio::workload::{Address, Service, Workload, address};
 use proto::api::type_url::{ADDRESS, AUTHORIZATION, TRUST_BUNDLE};
+use proto::certs::TokenSource;
 use proto::control::ControlPlaneTarget;
-use proto::tls::{SharedTrustBundle, TrustBundle};
-use rand::Rng;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
-
-use crate::certs::TokenSource;
+use proto::xds::AdsClient;
+pub use proto::xds::{MeshState, MeshView};
 
 /// The types subscribed to, in order.
 pub const SUBSCRIBED: [&str; 3] = [ADDRESS, AUTHORIZATION, TRUST_BUNDLE];
 
-/// What the control plane told us.
-#[derive(Debug, Default)]
-pub struct MeshState {
-    /// Workloads by uid.
-    pub workloads: HashMap<String, Arc<Workload>>,
-    /// Services by `namespace/hostname`.
-    pub services: HashMap<String, Arc<Service>>,
-    /// L4 policies by `namespace/name`.
-    pub policies: HashMap<String, Arc<Authorization>>,
-    /// Workload uid by IP.
-    by_ip: HashMap<IpAddr, String>,
-    /// Service key by VIP.
-    by_vip: HashMap<IpAddr, String>,
-    /// Version held per (type, name), sent back on reconnect.
-    versions: HashMap<(&'static str, String), String>,
-}
-
-impl MeshState {
-    /// The workload with this IP.
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workloads.get(self.by_ip.get(&ip)?)
-    }
-
-    /// Adds a workload under its uid (tests build states by hand).
-    #[cfg(test)]
-    pub(crate) fn insert_workload_for_test(&mut self, w: Workload) {
-        self.insert_workload(w.uid.clone(), w);
-    }
-
-    /// The service with this VIP, with its `namespace/hostname` key.
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&String, &Arc<Service>)> {
-        self.services.get_key_value(self.by_vip.get(&ip)?)
-    }
-
-    pub(crate) fn insert_service(&mut self, name: String, s: Service) {
-        self.remove_service(&name);
-        for ip in s.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
-            self.by_vip.insert(ip, name.clone());
-        }
-        self.services.insert(name, Arc::new(s));
-    }
-
-    fn remove_service(&mut self, name: &str) {
-        if let Some(old) = self.services.remove(name) {
-            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
-                if self.by_vip.get(&ip).is_some_and(|n| n == name) {
-                    self.by_vip.remove(&ip);
-                }
-            }
-        }
-    }
-
-    fn insert_workload(&mut self, name: String, w: Workload) {
-        self.remove_workload(&name);
-        for ip in w.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
-            self.by_ip.insert(ip, name.clone());
-        }
-        self.workloads.insert(name, Arc::new(w));
-    }
-
-    fn remove_workload(&mut self, name: &str) {
-        if let Some(old) = self.workloads.remove(name) {
-            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
-                if self.by_ip.get(&ip).is_some_and(|n| n == name) {
-                    self.by_ip.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
-    match b.len() {
-        4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
-/// The shared view: state, trust bundle, and change notifications.
-#[derive(Debug)]
-pub struct MeshView {
-    state: RwLock<MeshState>,
-    /// Roots to verify peers with; replaced when the control plane pushes a new bundle.
-    pub trust: Arc<SharedTrustBundle>,
-    changes: watch::Sender<u64>,
-    synced: watch::Sender<bool>,
-}
-
-impl MeshView {
-    /// An empty view over `trust` (the bootstrap roots until the control plane sends its own).
-    pub fn new(trust: Arc<SharedTrustBundle>) -> Arc<Self> {
-        Arc::new(MeshView {
-            state: RwLock::default(),
-            trust,
-            changes: watch::channel(0).0,
-            synced: watch::channel(false).0,
-        })
-    }
-
-    /// Reads the state.
-    pub fn read<T>(&self, f: impl FnOnce(&MeshState) -> T) -> T {
-        f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Bumped after every applied response.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-
-    /// True once every subscribed type has been received at least once.
-    pub fn synced(&self) -> watch::Receiver<bool> {
-        self.synced.subscribe()
-    }
-
-    /// Applies one response; returns the names that did not decode, with why.
-    fn apply(&self, r: &DeltaDiscoveryResponse) -> Vec<String> {
-        let Some(type_url) = SUBSCRIBED.iter().copied().find(|t| *t == r.type_url) else {
-            return vec![format!("unexpected type {}", r.type_url)];
-        };
-        let mut errors = Vec::new();
-        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        for res in &r.resources {
-            match apply_resource(&mut state, &self.trust, type_url, res) {
-                Ok(()) => {
-                    state.versions.insert((type_url, res.name.clone()), res.version.clone());
-                }
-                Err(e) => errors.push(format!("{}: {e}", res.name)),
-            }
-        }
-        for name in &r.removed_resources {
-            match type_url {
-                ADDRESS => {
-                    state.remove_workload(name);
-                    state.remove_service(name);
-                }
-                AUTHORIZATION => {
-                    state.policies.remove(name);
-                }
-                _ => {}
-            }
-            state.versions.remove(&(type_url, name.clone()));
-        }
-        drop(state);
-        self.changes.send_modify(|n| *n += 1);
-        errors
-    }
-
-    fn versions_of(&self, type_url: &'static str) -> HashMap<String, String> {
-        self.read(|s| {
-            s.versions.iter().filter(|((t, _), _)| *t == type_url).map(|((_, n), v)| (n.clone(), v.clone())).collect()
-        })
-    }
-}
-
-fn apply_resource(
-    state: &mut MeshState,
-    trust: &SharedTrustBundle,
-    type_url: &str,
-    res: &Resource,
-) -> Result<(), String> {
-    let body = res.resource.as_ref().ok_or("no body")?;
-    match type_url {
-        ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
-            Some(address::Type::Workload(w)) => state.insert_workload(res.name.clone(), w),
-            Some(address::Type::Service(s)) => state.insert_service(res.name.clone(), s),
-            None => return Err("address with neither workload nor service".into()),
-        },
-        AUTHORIZATION => {
-            let p = Authorization::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            state.policies.insert(res.name.clone(), Arc::new(p));
-        }
-        TRUST_BUNDLE => {
-            let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            let bundle = TrustBundle::from_pem(b.roots_pem.concat().as_bytes()).map_err(|e| e.to_string())?;
-            info!(roots = bundle.roots().len(), "trust bundle updated");
-            trust.replace(bundle);
-        }
-        _ => return Err(format!("unexpected type {type_url}")),
-    }
-    Ok(())
-}
-
-/// Keeps a [`MeshView`] current.
+/// Keeps a [`MeshView`] current (the shared [`AdsClient`] subscribed to ztunnel's types).
 #[derive(Debug, Clone)]
 pub struct XdsClient {
     /// The control plane.
@@ -234,126 +36,14 @@ pub struct XdsClient {
 impl XdsClient {
     /// Runs until `stop` resolves: connects, applies, reconnects.
     pub async fn run(self, view: Arc<MeshView>, stop: impl std::future::Future<Output = ()>) {
-        tokio::pin!(stop);
-        let mut retry = self.retry_min;
-        loop {
-            let attempt = self.stream(&view);
-            tokio::select! {
-                () = &mut stop => return,
-                result = attempt => match result {
-                    Ok(()) => { warn!("xDS stream closed by the control plane; reconnecting"); retry = self.retry_min; }
-                    Err(e) => warn!(error = %e, "xDS stream failed; reconnecting in {retry:?}"),
-                },
-            }
-            let jittered = retry.mul_f64(rand::rng().random_range(0.8..1.2));
-            tokio::select! {
-                () = &mut stop => return,
-                () = tokio::time::sleep(jittered) => {}
-            }
-            retry = (retry * 2).min(self.retry_max);
-        }
-    }
-
-    /// One stream, until it ends.
-    async fn stream(&self, view: &MeshView) -> Result<(), String> {
-        let channel = self.target.channel().map_err(|e| e.to_string())?;
-        let token = self.token.read().map_err(|e| e.to_string())?;
-        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, proto::control::with_token(token))
-            .max_decoding_message_size(256 << 20);
-        let (tx, rx) = mpsc::channel(16);
-        for type_url in SUBSCRIBED {
-            tx.send(DeltaDiscoveryRequest {
-                node: Some(Node { id: self.node_id.clone(), ..Default::default() }),
-                type_url: type_url.into(),
-                initial_resource_versions: view.versions_of(type_url),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        }
-        let mut responses =
-            ads.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|s| s.to_string())?.into_inner();
-        info!(node = %self.node_id, "xDS stream open");
-        let mut seen: Vec<&'static str> = Vec::new();
-        while let Some(r) = responses.message().await.map_err(|s| s.to_string())? {
-            let errors = view.apply(&r);
-            let error_detail = (!errors.is_empty()).then(|| {
-                warn!(type_url = %r.type_url, errors = ?errors, "NACK: resources that could not be applied");
-                RpcStatus { code: tonic::Code::InvalidArgument as i32, message: errors.join("; "), details: vec![] }
-            });
-            tx.send(DeltaDiscoveryRequest {
-                type_url: r.type_url.clone(),
-                response_nonce: r.nonce.clone(),
-                error_detail,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            if let Some(t) = SUBSCRIBED.iter().copied().find(|t| *t == r.type_url)
-                && !seen.contains(&t)
-            {
-                seen.push(t);
-                if seen.len() == SUBSCRIBED.len() {
-                    view.synced.send_replace(true);
-                    info!("xDS synced: workloads, policies and trust bundle received");
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
-        Resource {
-            name: name.into(),
-            version: "v1".into(),
-            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_bad_resource_is_reported_and_the_rest_applies() {
-        let ca = proto::testing::TestCa::new();
-        let view = MeshView::new(ca.shared_bundle());
-        let workload =
-            Workload { uid: "Kubernetes//Pod/demo/a".into(), addresses: vec![vec![10, 0, 0, 9]], ..Default::default() };
-        let good = Address { r#type: Some(address::Type::Workload(workload)) }.encode_to_vec();
-        let response = DeltaDiscoveryResponse {
-            type_url: ADDRESS.into(),
-            resources: vec![
-                resource("Kubernetes//Pod/demo/a", ADDRESS, good),
-                resource("garbage", ADDRESS, vec![0xff, 0xff, 0xff]),
-            ],
-            ..Default::default()
+        let client = AdsClient {
+            target: self.target,
+            token: self.token,
+            node_id: self.node_id,
+            types: SUBSCRIBED.to_vec(),
+            retry_min: self.retry_min,
+            retry_max: self.retry_max,
         };
-        let errors = view.apply(&response);
-        assert_eq!(errors.len(), 1);
-        assert!(errors[0].starts_with("garbage: "), "{errors:?}");
-        assert!(view.read(|s| s.workload_by_ip("10.0.0.9".parse().unwrap()).is_some()));
-
-        // Removal by name clears the IP index too.
-        let removal = DeltaDiscoveryResponse {
-            type_url: ADDRESS.into(),
-            removed_resources: vec!["Kubernetes//Pod/demo/a".into()],
-            ..Default::default()
-        };
-        assert!(view.apply(&removal).is_empty());
-        assert!(view.read(|s| s.workload_by_ip("10.0.0.9".parse().unwrap()).is_none()));
-        // A bundle that is not PEM is refused and the old bundle stays.
-        let bad_bundle = TrustBundleMsg { trust_domain: "cluster.local".into(), roots_pem: vec!["junk".into()] };
-        let errors = view.apply(&DeltaDiscoveryResponse {
-            type_url: TRUST_BUNDLE.into(),
-            resources: vec![resource("trust-bundle", TRUST_BUNDLE, bad_bundle.encode_to_vec())],
-            ..Default::default()
-        });
-        assert_eq!(errors.len(), 1);
-        assert_eq!(view.trust.current().roots().len(), 1);
+        client.run(view, stop).await;
     }
 }

@@ -86,7 +86,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     // ztunnel's parts.
     let (target, trust) = support::target(ca.grpc, state.path());
     let token = ztunnel_token(&signer, "node-1");
-    let view = MeshView::new(trust.clone());
+    let view = MeshView::new(&ztunnel::xds::SUBSCRIBED, trust.clone());
     let xds = XdsClient {
         target: target.clone(),
         token: TokenSource::Static(token.clone()),

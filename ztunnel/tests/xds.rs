@@ -49,7 +49,7 @@ async fn follows_edits_bundle_changes_and_a_control_plane_restart() {
 
     let (target, trust) = support::target(addr, state.path());
     let token = ztunnel_token(&signer, "node-1");
-    let view = MeshView::new(trust.clone());
+    let view = MeshView::new(&ztunnel::xds::SUBSCRIBED, trust.clone());
     let client = XdsClient {
         target,
         token: TokenSource::Static(token),

@@ -1,8 +1,9 @@
-//! Workload certificates for the pods on this node.
+//! Workload certificates from the CA, kept fresh.
 //!
-//! ztunnel asks the CA for the identity of each pod it serves, authenticating as itself (its
-//! node-bound service-account token) and naming the pod's identity in `ImpersonatedIdentity`. The
-//! private key is generated here (ECDSA P-256) and never leaves the process.
+//! A proxy asks the CA for each identity it serves, authenticating as itself (its service-account
+//! token). ztunnel serves the pods on its node and names each pod's identity in
+//! `ImpersonatedIdentity`; a waypoint asks only for its own identity, which needs no impersonation.
+//! The private key is generated here (ECDSA P-256) and never leaves the process.
 //!
 //! - [`CertManager::fetch`] returns the identity's [`Credential`], requesting it on first use;
 //!   concurrent first uses share one request, retried a few times while the CA is unavailable
@@ -19,11 +20,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use proto::SpiffeId;
-use proto::api::istio::v1::auth::IstioCertificateRequest;
-use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use proto::control::ControlPlaneTarget;
-use proto::tls::{Credential, WorkloadCert};
+use crate::SpiffeId;
+use crate::api::istio::v1::auth::IstioCertificateRequest;
+use crate::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::control::ControlPlaneTarget;
+use crate::tls::{Credential, WorkloadCert};
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -145,7 +146,7 @@ impl Drop for CertManager {
 
 impl CertManager {
     /// A manager talking to `config.ca` (connects lazily).
-    pub fn new(config: CertConfig) -> Result<Arc<Self>, proto::control::ControlError> {
+    pub fn new(config: CertConfig) -> Result<Arc<Self>, crate::control::ControlError> {
         let client = IstioCertificateServiceClient::new(config.ca.channel()?);
         Ok(Arc::new(CertManager { config, client, entries: Mutex::new(HashMap::new()) }))
     }

@@ -1,0 +1,410 @@
+//! The delta ADS client loop shared by the proxies.
+//!
+//! One `DeltaAggregatedResources` stream subscribes (wildcard) to a fixed list of types. Each
+//! response goes to an [`XdsHandler`], which applies what decodes and reports what does not; the
+//! response is then ACKed, or NACKed with those reasons (the rest of it still applies). A broken
+//! stream reconnects with exponential backoff and jitter; the new stream sends the versions the
+//! handler holds, so the control plane sends only what changed meanwhile.
+//!
+//! [`MeshView`] is the handler both proxies use: workloads and services (`istio.workload.Address`),
+//! L4 policies, waypoint routes and L7 policies, each only if subscribed; a new trust bundle is
+//! swapped into the shared bundle at once, so the next handshake uses it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use prost::Message;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
+use crate::api::ambient::waypoint::v1::{L7Policy, ServiceRoutes};
+use crate::api::envoy::service::discovery::v3::Resource;
+use crate::api::istio::security::Authorization;
+use crate::api::istio::workload::{Address, Service, Workload, address};
+use crate::api::type_url::{ADDRESS, AUTHORIZATION, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use crate::tls::{SharedTrustBundle, TrustBundle};
+
+use crate::api::envoy::config::core::v3::Node;
+use crate::api::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use crate::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use crate::api::google::rpc::Status as RpcStatus;
+use crate::certs::TokenSource;
+use crate::control::ControlPlaneTarget;
+
+/// What a proxy does with the responses of its stream.
+pub trait XdsHandler: Send + Sync {
+    /// Applies one response; returns the resources that could not be applied, each with why.
+    fn apply(&self, response: &DeltaDiscoveryResponse) -> Vec<String>;
+    /// The versions held for `type_url` (name → version), sent when a stream opens.
+    fn versions_of(&self, type_url: &str) -> HashMap<String, String>;
+    /// Called once every subscribed type has been received at least once on a stream.
+    fn synced(&self);
+}
+
+/// Keeps an [`XdsHandler`] current.
+#[derive(Debug, Clone)]
+pub struct AdsClient {
+    /// The control plane.
+    pub target: ControlPlaneTarget,
+    /// The proxy's service-account token.
+    pub token: TokenSource,
+    /// Node id sent to the control plane (`ztunnel~<node>`, `waypoint~<namespace>~<name>`).
+    pub node_id: String,
+    /// Types subscribed to, in order.
+    pub types: Vec<&'static str>,
+    /// First reconnect delay.
+    pub retry_min: Duration,
+    /// Longest reconnect delay.
+    pub retry_max: Duration,
+}
+
+impl AdsClient {
+    /// Runs until `stop` resolves: connects, applies, reconnects.
+    pub async fn run(self, handler: Arc<dyn XdsHandler>, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        let mut retry = self.retry_min;
+        loop {
+            let attempt = self.stream(handler.as_ref());
+            tokio::select! {
+                () = &mut stop => return,
+                result = attempt => match result {
+                    Ok(()) => { warn!("xDS stream closed by the control plane; reconnecting"); retry = self.retry_min; }
+                    Err(e) => warn!(error = %e, "xDS stream failed; reconnecting in {retry:?}"),
+                },
+            }
+            let jittered = retry.mul_f64(rand::rng().random_range(0.8..1.2));
+            tokio::select! {
+                () = &mut stop => return,
+                () = tokio::time::sleep(jittered) => {}
+            }
+            retry = (retry * 2).min(self.retry_max);
+        }
+    }
+
+    /// One stream, until it ends.
+    async fn stream(&self, handler: &dyn XdsHandler) -> Result<(), String> {
+        let channel = self.target.channel().map_err(|e| e.to_string())?;
+        let token = self.token.read().map_err(|e| e.to_string())?;
+        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, crate::control::with_token(token))
+            .max_decoding_message_size(256 << 20);
+        let (tx, rx) = mpsc::channel(16);
+        for type_url in &self.types {
+            tx.send(DeltaDiscoveryRequest {
+                node: Some(Node { id: self.node_id.clone(), ..Default::default() }),
+                type_url: (*type_url).into(),
+                initial_resource_versions: handler.versions_of(type_url),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        let mut responses =
+            ads.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|s| s.to_string())?.into_inner();
+        info!(node = %self.node_id, "xDS stream open");
+        let mut seen: Vec<&'static str> = Vec::new();
+        while let Some(r) = responses.message().await.map_err(|s| s.to_string())? {
+            let errors = handler.apply(&r);
+            let error_detail = (!errors.is_empty()).then(|| {
+                warn!(type_url = %r.type_url, errors = ?errors, "NACK: resources that could not be applied");
+                RpcStatus { code: tonic::Code::InvalidArgument as i32, message: errors.join("; "), details: vec![] }
+            });
+            tx.send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                error_detail,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if let Some(t) = self.types.iter().copied().find(|t| *t == r.type_url)
+                && !seen.contains(&t)
+            {
+                seen.push(t);
+                if seen.len() == self.types.len() {
+                    handler.synced();
+                    info!(types = ?self.types, "xDS synced: every subscribed type received");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the control plane told us.
+#[derive(Debug, Default)]
+pub struct MeshState {
+    /// Workloads by uid.
+    pub workloads: HashMap<String, Arc<Workload>>,
+    /// Services by `namespace/hostname`.
+    pub services: HashMap<String, Arc<Service>>,
+    /// L4 policies by `namespace/name`.
+    pub policies: HashMap<String, Arc<Authorization>>,
+    /// Waypoint routes by service, `namespace/hostname`.
+    pub routes: HashMap<String, Arc<ServiceRoutes>>,
+    /// Waypoint (L7) policies by `namespace/name`.
+    pub l7_policies: HashMap<String, Arc<L7Policy>>,
+    /// Workload uid by IP.
+    by_ip: HashMap<IpAddr, String>,
+    /// Service key by VIP.
+    by_vip: HashMap<IpAddr, String>,
+    /// Version held per (type, name), sent back on reconnect.
+    versions: HashMap<(&'static str, String), String>,
+}
+
+impl MeshState {
+    /// The workload with this IP.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workloads.get(self.by_ip.get(&ip)?)
+    }
+
+    /// Adds a workload under its uid (tests build states by hand).
+    pub fn insert_workload_for_test(&mut self, w: Workload) {
+        self.insert_workload(w.uid.clone(), w);
+    }
+
+    /// The service with this VIP, with its `namespace/hostname` key.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&String, &Arc<Service>)> {
+        self.services.get_key_value(self.by_vip.get(&ip)?)
+    }
+
+    /// Adds a service under its `namespace/hostname` (tests build states by hand).
+    pub fn insert_service(&mut self, name: String, s: Service) {
+        self.remove_service(&name);
+        for ip in s.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
+            self.by_vip.insert(ip, name.clone());
+        }
+        self.services.insert(name, Arc::new(s));
+    }
+
+    fn remove_service(&mut self, name: &str) {
+        if let Some(old) = self.services.remove(name) {
+            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
+                if self.by_vip.get(&ip).is_some_and(|n| n == name) {
+                    self.by_vip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    fn insert_workload(&mut self, name: String, w: Workload) {
+        self.remove_workload(&name);
+        for ip in w.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
+            self.by_ip.insert(ip, name.clone());
+        }
+        self.workloads.insert(name, Arc::new(w));
+    }
+
+    fn remove_workload(&mut self, name: &str) {
+        if let Some(old) = self.workloads.remove(name) {
+            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
+                if self.by_ip.get(&ip).is_some_and(|n| n == name) {
+                    self.by_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// The shared view: state, trust bundle, and change notifications.
+#[derive(Debug)]
+pub struct MeshView {
+    types: Vec<&'static str>,
+    state: RwLock<MeshState>,
+    /// Roots to verify peers with; replaced when the control plane pushes a new bundle.
+    pub trust: Arc<SharedTrustBundle>,
+    changes: watch::Sender<u64>,
+    synced: watch::Sender<bool>,
+}
+
+impl MeshView {
+    /// An empty view of the `types` subscribed to, over `trust` (the bootstrap roots until the
+    /// control plane sends its own).
+    pub fn new(types: &[&'static str], trust: Arc<SharedTrustBundle>) -> Arc<Self> {
+        Arc::new(MeshView {
+            types: types.to_vec(),
+            state: RwLock::default(),
+            trust,
+            changes: watch::channel(0).0,
+            synced: watch::channel(false).0,
+        })
+    }
+
+    /// Reads the state.
+    pub fn read<T>(&self, f: impl FnOnce(&MeshState) -> T) -> T {
+        f(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Bumped after every applied response.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// True once every subscribed type has been received at least once.
+    pub fn synced(&self) -> watch::Receiver<bool> {
+        self.synced.subscribe()
+    }
+
+    /// Applies one response; returns the names that did not decode, with why.
+    pub fn apply(&self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let Some(type_url) = self.types.iter().copied().find(|t| *t == r.type_url) else {
+            return vec![format!("unexpected type {}", r.type_url)];
+        };
+        let mut errors = Vec::new();
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        for res in &r.resources {
+            match apply_resource(&mut state, &self.trust, type_url, res) {
+                Ok(()) => {
+                    state.versions.insert((type_url, res.name.clone()), res.version.clone());
+                }
+                Err(e) => errors.push(format!("{}: {e}", res.name)),
+            }
+        }
+        for name in &r.removed_resources {
+            match type_url {
+                ADDRESS => {
+                    state.remove_workload(name);
+                    state.remove_service(name);
+                }
+                AUTHORIZATION => {
+                    state.policies.remove(name);
+                }
+                SERVICE_ROUTES => {
+                    state.routes.remove(name);
+                }
+                L7_POLICY => {
+                    state.l7_policies.remove(name);
+                }
+                _ => {}
+            }
+            state.versions.remove(&(type_url, name.clone()));
+        }
+        drop(state);
+        self.changes.send_modify(|n| *n += 1);
+        errors
+    }
+
+    /// The versions held for `type_url`.
+    pub fn versions_of(&self, type_url: &str) -> HashMap<String, String> {
+        self.read(|s| {
+            s.versions.iter().filter(|((t, _), _)| *t == type_url).map(|((_, n), v)| (n.clone(), v.clone())).collect()
+        })
+    }
+}
+
+fn apply_resource(
+    state: &mut MeshState,
+    trust: &SharedTrustBundle,
+    type_url: &str,
+    res: &Resource,
+) -> Result<(), String> {
+    let body = res.resource.as_ref().ok_or("no body")?;
+    match type_url {
+        ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
+            Some(address::Type::Workload(w)) => state.insert_workload(res.name.clone(), w),
+            Some(address::Type::Service(s)) => state.insert_service(res.name.clone(), s),
+            None => return Err("address with neither workload nor service".into()),
+        },
+        AUTHORIZATION => {
+            let p = Authorization::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            state.policies.insert(res.name.clone(), Arc::new(p));
+        }
+        SERVICE_ROUTES => {
+            let r = ServiceRoutes::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            state.routes.insert(res.name.clone(), Arc::new(r));
+        }
+        L7_POLICY => {
+            let p = L7Policy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            state.l7_policies.insert(res.name.clone(), Arc::new(p));
+        }
+        TRUST_BUNDLE => {
+            let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let bundle = TrustBundle::from_pem(b.roots_pem.concat().as_bytes()).map_err(|e| e.to_string())?;
+            info!(roots = bundle.roots().len(), "trust bundle updated");
+            trust.replace(bundle);
+        }
+        _ => return Err(format!("unexpected type {type_url}")),
+    }
+    Ok(())
+}
+
+impl XdsHandler for MeshView {
+    fn apply(&self, response: &DeltaDiscoveryResponse) -> Vec<String> {
+        MeshView::apply(self, response)
+    }
+
+    fn versions_of(&self, type_url: &str) -> HashMap<String, String> {
+        MeshView::versions_of(self, type_url)
+    }
+
+    fn synced(&self) {
+        self.synced.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
+        Resource {
+            name: name.into(),
+            version: "v1".into(),
+            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bad_resource_is_reported_and_the_rest_applies() {
+        let ca = crate::testing::TestCa::new();
+        let view = MeshView::new(&[ADDRESS, AUTHORIZATION, TRUST_BUNDLE], ca.shared_bundle());
+        let workload =
+            Workload { uid: "Kubernetes//Pod/demo/a".into(), addresses: vec![vec![10, 0, 0, 9]], ..Default::default() };
+        let good = Address { r#type: Some(address::Type::Workload(workload)) }.encode_to_vec();
+        let response = DeltaDiscoveryResponse {
+            type_url: ADDRESS.into(),
+            resources: vec![
+                resource("Kubernetes//Pod/demo/a", ADDRESS, good),
+                resource("garbage", ADDRESS, vec![0xff, 0xff, 0xff]),
+            ],
+            ..Default::default()
+        };
+        let errors = view.apply(&response);
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("garbage: "), "{errors:?}");
+        assert!(view.read(|s| s.workload_by_ip("10.0.0.9".parse().unwrap()).is_some()));
+
+        // Removal by name clears the IP index too.
+        let removal = DeltaDiscoveryResponse {
+            type_url: ADDRESS.into(),
+            removed_resources: vec!["Kubernetes//Pod/demo/a".into()],
+            ..Default::default()
+        };
+        assert!(view.apply(&removal).is_empty());
+        assert!(view.read(|s| s.workload_by_ip("10.0.0.9".parse().unwrap()).is_none()));
+        // A bundle that is not PEM is refused and the old bundle stays.
+        let bad_bundle = TrustBundleMsg { trust_domain: "cluster.local".into(), roots_pem: vec!["junk".into()] };
+        let errors = view.apply(&DeltaDiscoveryResponse {
+            type_url: TRUST_BUNDLE.into(),
+            resources: vec![resource("trust-bundle", TRUST_BUNDLE, bad_bundle.encode_to_vec())],
+            ..Default::default()
+        });
+        assert_eq!(errors.len(), 1);
+        assert_eq!(view.trust.current().roots().len(), 1);
+    }
+}
