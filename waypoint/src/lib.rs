@@ -1,5 +1,364 @@
 //! The per-namespace L7 proxy.
 //!
-//! This crate will own the waypoint: HBONE termination, HTTP routing from HTTPRoute/GRPCRoute,
-//! canary splits, retries, timeouts, fault injection, circuit breaking, L7 authorization and request
-//! metrics. Nothing is implemented yet; see the project's issues for the order of work.
+//! A waypoint is a Deployment behind the Service of a `Gateway` with class `istio-waypoint`.
+//! ztunnels send it the traffic of the services (and pods) that use it, as HBONE tunnels whose
+//! `:authority` is the address the client dialed (a service VIP and port). Inside each tunnel it
+//! speaks HTTP (HTTP/1.1 or HTTP/2, detected), and for each request:
+//!
+//! 1. puts the method and path in canonical form ([`normalize`]);
+//! 2. checks the L7 AuthorizationPolicies that target the waypoint or the service ([`authz`]),
+//!    with the caller's identity from the tunnel's TLS handshake (`403` on deny);
+//! 3. picks the rule of the service's routes ([`route`]), applies its filters (header changes,
+//!    redirects, rewrites, mirroring) and a weighted backend;
+//! 4. sends it to an endpoint pod of that backend over HBONE, with the rule's timeouts and
+//!    retries ([`upstream`]);
+//! 5. counts it (`istio_requests_total`, `istio_request_duration_milliseconds`, [`metrics`]) and
+//!    writes one access-log line.
+//!
+//! It gets its own certificate from the CA with its service account's token (no impersonation)
+//! and follows the control plane over delta xDS for workloads, services, routes, L7 policies and
+//! the trust bundle.
+
+pub mod authz;
+pub mod metrics;
+pub mod normalize;
+pub mod proxy;
+pub mod route;
+pub mod upstream;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::StatusCode;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use proto::SpiffeId;
+use proto::api::istio::workload::gateway_address;
+use proto::api::type_url::{ADDRESS, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use proto::certs::{CertConfig, CertManager, TokenSource};
+use proto::control::ControlPlaneTarget;
+use proto::drain::{self, DrainTrigger};
+use proto::hbone::pool::{Pool, PoolConfig};
+use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
+use proto::hbone::{Baggage, parse_forwarded_for};
+use proto::xds::{AdsClient, MeshView};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::route::Regexes;
+use crate::upstream::{Clients, Connector};
+
+/// The xDS types a waypoint follows.
+pub const SUBSCRIBED: [&str; 4] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, TRUST_BUNDLE];
+
+/// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// What every request shares.
+#[derive(Debug)]
+pub struct Context {
+    /// The Gateway's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// The mesh.
+    pub view: Arc<MeshView>,
+    /// Upstream HTTP clients (over HBONE).
+    pub clients: Clients,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Compiled route regexes.
+    pub regexes: Regexes,
+}
+
+/// Settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The Gateway's name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The service account the waypoint runs as (its identity).
+    pub service_account: String,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// The control plane, with the roots to verify it.
+    pub ca: ControlPlaneTarget,
+    /// The service-account token.
+    pub token: TokenSource,
+    /// HBONE listener.
+    pub listen: SocketAddr,
+    /// Prometheus endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Readiness endpoint.
+    pub readiness_addr: SocketAddr,
+    /// How long open connections may finish on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// Why the waypoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An endpoint could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// Which endpoint.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The identity is not a valid SPIFFE ID.
+    #[error("identity: {0}")]
+    Identity(String),
+    /// The control plane could not be reached or refused the certificate.
+    #[error("control plane: {0}")]
+    Control(String),
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// Whether traffic to `target` is this waypoint's to handle: a service or pod that names it.
+fn serves(ctx: &Context, target: IpAddr, local: IpAddr) -> bool {
+    let own_host = format!("{}.{}.", ctx.name, ctx.namespace);
+    let ours = |gw: Option<&proto::api::istio::workload::GatewayAddress>| match gw.and_then(|g| g.destination.as_ref())
+    {
+        Some(gateway_address::Destination::Hostname(h)) => {
+            h.namespace == ctx.namespace && h.hostname.starts_with(&own_host)
+        }
+        Some(gateway_address::Destination::Address(a)) => upstream_ip(&a.address) == Some(local),
+        None => false,
+    };
+    ctx.view.read(|s| match s.service_by_vip(target) {
+        Some((_, svc)) => ours(svc.waypoint.as_ref()),
+        None => s.workload_by_ip(target).is_some_and(|w| ours(w.waypoint.as_ref())),
+    })
+}
+
+fn upstream_ip(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Serves HTTP inside each accepted tunnel.
+#[derive(Debug)]
+struct Inbound {
+    ctx: Arc<Context>,
+}
+
+impl Handler for Inbound {
+    async fn handle(&self, connect: InboundConnect) {
+        if !serves(&self.ctx, connect.target.ip(), connect.local_addr.ip()) {
+            warn!(peer = %connect.peer_identity, target = %connect.target,
+                "tunnel refused: the target does not use this waypoint");
+            connect.reject(StatusCode::BAD_REQUEST);
+            return;
+        }
+        let header = |name: &str| connect.headers.get(name).and_then(|v| v.to_str().ok());
+        let down = Arc::new(proxy::Downstream {
+            peer: connect.peer_identity.clone(),
+            source_ip: header(proto::hbone::FORWARDED).and_then(parse_forwarded_for),
+            source_workload: header(proto::hbone::BAGGAGE).and_then(|b| Baggage::parse(b).workload.map(|(_, n)| n)),
+            target: connect.target,
+        });
+        let stream = match connect.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "tunnel closed before it was answered");
+                return;
+            }
+        };
+        let ctx = self.ctx.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (ctx, down) = (ctx.clone(), down.clone());
+            async move { Ok::<_, Infallible>(proxy::handle(ctx, down, req).await) }
+        });
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_buf_size(MAX_HEADER_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .max_concurrent_streams(1000)
+            .max_pending_accept_reset_streams(Some(50))
+            .max_local_error_reset_streams(Some(100));
+        if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            tracing::debug!(error = %e, "HTTP connection in a tunnel ended with an error");
+        }
+    }
+}
+
+/// A running waypoint.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// Shared state.
+    pub ctx: Arc<Context>,
+    hbone_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    readiness_addr: SocketAddr,
+    drain: DrainTrigger,
+    drain_timeout: Duration,
+    ready: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+#[derive(Clone)]
+struct Endpoints {
+    ctx: Arc<Context>,
+    ready: tokio::sync::watch::Receiver<bool>,
+}
+
+async fn metrics(State(s): State<Endpoints>) -> axum::response::Response {
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.ctx.metrics.encode()).into_response()
+}
+
+async fn ready(State(s): State<Endpoints>) -> axum::response::Response {
+    if *s.ready.borrow() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+        .into_response()
+}
+
+async fn serve_http(listener: TcpListener, router: Router, stop: CancellationToken) {
+    let addr = listener.local_addr().ok();
+    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+        warn!(?addr, error = %e, "HTTP endpoint failed");
+    }
+}
+
+impl Waypoint {
+    /// Gets the certificate, binds the endpoints and starts following the control plane.
+    pub async fn start(config: Config) -> Result<Waypoint, Error> {
+        let hbone_listener = bind("the HBONE listener", config.listen).await?;
+        let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
+        let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
+
+        let identity = SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account)
+            .map_err(|e| Error::Identity(e.to_string()))?;
+        let mut cert_config = CertConfig::new(config.ca.clone(), config.token.clone(), identity.clone());
+        cert_config.retry_min = Duration::from_millis(500);
+        let certs = CertManager::new(cert_config).map_err(|e| Error::Control(e.to_string()))?;
+        let credential = certs.fetch(&identity).await.map_err(|e| Error::Control(e.to_string()))?;
+        info!(%identity, "certificate issued");
+
+        let view = MeshView::new(&SUBSCRIBED, config.ca.trust.clone());
+        let pool = Pool::new(PoolConfig::default(), view.trust.clone());
+        let connector = Connector::new(view.clone(), pool, credential.clone(), config.trust_domain.clone());
+        let ctx = Arc::new(Context {
+            name: config.name.clone(),
+            namespace: config.namespace.clone(),
+            trust_domain: config.trust_domain.clone(),
+            view: view.clone(),
+            clients: Clients::new(&connector),
+            metrics: Metrics::new(),
+            regexes: Regexes::default(),
+        });
+        let stop = CancellationToken::new();
+        let xds = AdsClient {
+            target: config.ca.clone(),
+            token: config.token.clone(),
+            node_id: format!("waypoint~{}~{}", config.namespace, config.name),
+            types: SUBSCRIBED.to_vec(),
+            retry_min: Duration::from_millis(200),
+            retry_max: Duration::from_secs(10),
+        };
+        tokio::spawn({
+            // Keep renewing the certificate for as long as the waypoint runs.
+            let certs = certs.clone();
+            let stop = stop.clone();
+            async move {
+                xds.run(view.clone(), stop.cancelled_owned()).await;
+                drop(certs);
+            }
+        });
+
+        let tls = proto::tls::server_config(credential, ctx.view.trust.clone(), vec![config.trust_domain.clone()])
+            .map_err(|e| Error::Control(e.to_string()))?;
+        let hbone = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
+        let server = Server::new(hbone_listener, tls, hbone, Arc::new(Inbound { ctx: ctx.clone() }))
+            .map_err(|source| Error::Bind { what: "the HBONE listener", addr: config.listen, source })?;
+        let hbone_addr = server.local_addr();
+        let (drain, watcher) = drain::new();
+        tokio::spawn(server.run(watcher));
+
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+        {
+            let (mut synced, ready_tx, stop) = (ctx.view.synced(), ready_tx.clone(), stop.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    r = synced.wait_for(|s| *s) => if r.is_ok() {
+                        info!("ready: certificate issued and mesh state synced");
+                        ready_tx.send_replace(true);
+                    },
+                }
+            });
+        }
+        let endpoints = Endpoints { ctx: ctx.clone(), ready: ready_rx };
+        let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+        let (metrics_addr, readiness_addr) =
+            (addr(&metrics_listener, config.metrics_addr), addr(&readiness_listener, config.readiness_addr));
+        let metrics_router = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/stats/prometheus", get(metrics))
+            .with_state(endpoints.clone());
+        let readiness_router = Router::new().route("/healthz/ready", get(ready)).with_state(endpoints);
+        tokio::spawn(serve_http(metrics_listener, metrics_router, stop.clone()));
+        tokio::spawn(serve_http(readiness_listener, readiness_router, stop.clone()));
+        info!(gateway = %format!("{}/{}", config.namespace, config.name), %hbone_addr, %metrics_addr,
+            %readiness_addr, ca = %config.ca.addr, "waypoint started");
+        Ok(Waypoint {
+            ctx,
+            hbone_addr,
+            metrics_addr,
+            readiness_addr,
+            drain,
+            drain_timeout: config.drain_timeout,
+            ready: ready_tx,
+            stop,
+        })
+    }
+
+    /// The HBONE listener's address.
+    pub fn hbone_addr(&self) -> SocketAddr {
+        self.hbone_addr
+    }
+
+    /// The metrics endpoint's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The readiness endpoint's address.
+    pub fn readiness_addr(&self) -> SocketAddr {
+        self.readiness_addr
+    }
+
+    /// No longer ready; stops accepting, lets open connections finish up to the drain timeout,
+    /// then stops everything.
+    pub async fn shutdown(self) {
+        info!("draining");
+        self.ready.send_replace(false);
+        let outcome = self.drain.drain(self.drain_timeout).await;
+        info!(?outcome, "drained");
+        self.stop.cancel();
+        info!("waypoint stopped");
+    }
+}

@@ -1,0 +1,276 @@
+//! L7 authorization with Istio's semantics, for the policies that target this waypoint (its
+//! Gateway) or the destination Service.
+//!
+//! Any matching DENY policy denies; otherwise, if ALLOW policies apply, one of them must match;
+//! with none, the request is allowed. A policy matches when any of its rules does; a rule when
+//! each part it sets matches (`from`, `to`, `when`: any element of each). String fields use
+//! Istio's forms: exact, `prefix*`, `*suffix`, `*`. Methods and paths are compared in their
+//! canonical form (see [`crate::normalize`]); hosts case-insensitively, without a port. The
+//! source principal and namespace come only from the peer's TLS certificate.
+//!
+//! A `when` key this waypoint does not evaluate makes the rule match for DENY and not match for
+//! ALLOW (fail closed either way).
+
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use proto::SpiffeId;
+use proto::api::ambient::waypoint::v1::{self as pb, l7_policy::Action, policy_target::Kind};
+
+/// What a decision looks at.
+#[derive(Debug)]
+pub struct AuthzInput<'a> {
+    /// The peer's identity (TLS).
+    pub peer: &'a SpiffeId,
+    /// The original client IP (`forwarded`), if known.
+    pub source_ip: Option<IpAddr>,
+    /// Canonical method.
+    pub method: &'a str,
+    /// Canonical path (no query).
+    pub path: &'a str,
+    /// Host header (or authority).
+    pub host: &'a str,
+    /// Destination service port.
+    pub port: u16,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+}
+
+/// The outcome, with the deciding policy for logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed (by this ALLOW policy, or `None` when no ALLOW policy applies).
+    Allow(Option<String>),
+    /// Denied by this DENY policy, or by no ALLOW policy matching (`None`).
+    Deny(Option<String>),
+}
+
+/// Whether `policy` applies to traffic through waypoint `gateway` (`namespace`, `name`) to
+/// `service` (`namespace`, `name`; `None` when addressed to a pod).
+pub fn applies(policy: &pb::L7Policy, gateway: (&str, &str), service: Option<(&str, &str)>) -> bool {
+    policy.targets.iter().any(|t| match Kind::try_from(t.kind) {
+        Ok(Kind::Gateway) => (t.namespace.as_str(), t.name.as_str()) == gateway,
+        Ok(Kind::Service) => service == Some((t.namespace.as_str(), t.name.as_str())),
+        Err(_) => false,
+    })
+}
+
+/// Istio string match: exact, `prefix*`, `*suffix`, or `*`.
+fn string_match(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
+    }
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        return value.ends_with(suffix);
+    }
+    pattern == value
+}
+
+fn host_match(pattern: &str, host: &str) -> bool {
+    string_match(&pattern.to_ascii_lowercase(), &host.to_ascii_lowercase())
+}
+
+/// `values` set → one must match; `not_values` → none may.
+fn field(values: &[String], not_values: &[String], matches: impl Fn(&str) -> bool) -> bool {
+    (values.is_empty() || values.iter().any(|v| matches(v))) && !not_values.iter().any(|v| matches(v))
+}
+
+fn ip_in_block(block: &str, ip: IpAddr) -> bool {
+    let (net, bits) = match block.split_once('/') {
+        Some((n, b)) => (n, b.parse::<u32>().ok()),
+        None => (block, None),
+    };
+    let Ok(net) = net.parse::<IpAddr>() else { return false };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
+}
+
+fn source_matches(s: &pb::L7Source, input: &AuthzInput<'_>) -> bool {
+    // Istio principals are the SPIFFE ID without the scheme.
+    let principal = input.peer.as_str().trim_start_matches("spiffe://");
+    let ip_field = |values: &[String], not: &[String]| match input.source_ip {
+        Some(ip) => field(values, not, |b| ip_in_block(b, ip)),
+        None => values.is_empty(),
+    };
+    field(&s.principals, &s.not_principals, |p| string_match(p, principal))
+        && field(&s.namespaces, &s.not_namespaces, |n| string_match(n, input.peer.namespace()))
+        && ip_field(&s.ip_blocks, &s.not_ip_blocks)
+        && ip_field(&s.remote_ip_blocks, &s.not_remote_ip_blocks)
+        // Request principals come from JWTs, which this waypoint does not validate: a rule that
+        // needs one cannot match.
+        && s.request_principals.is_empty()
+        && s.not_request_principals.is_empty()
+}
+
+fn operation_matches(o: &pb::L7Operation, input: &AuthzInput<'_>) -> bool {
+    let host =
+        input.host.rsplit_once(':').map_or(input.host, |(h, p)| if p.parse::<u16>().is_ok() { h } else { input.host });
+    let port = input.port.to_string();
+    field(&o.hosts, &o.not_hosts, |h| host_match(h, host))
+        && field(&o.ports, &o.not_ports, |p| p == port)
+        && field(&o.methods, &o.not_methods, |m| string_match(m, input.method))
+        && field(&o.paths, &o.not_paths, |p| string_match(p, input.path))
+}
+
+/// A condition's verdict: `Some(bool)` when evaluated, `None` for an unknown key.
+fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>) -> Option<bool> {
+    let principal = input.peer.as_str().trim_start_matches("spiffe://");
+    let value: Option<String> =
+        if let Some(name) = c.key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+            input.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+        } else {
+            match c.key.as_str() {
+                "source.principal" => Some(principal.to_owned()),
+                "source.namespace" => Some(input.peer.namespace().to_owned()),
+                "source.ip" | "remote.ip" => {
+                    let ip = input.source_ip?;
+                    return Some(field(&c.values, &c.not_values, |b| ip_in_block(b, ip)));
+                }
+                "destination.port" => Some(input.port.to_string()),
+                _ => return None,
+            }
+        };
+    let Some(value) = value else { return Some(c.values.is_empty()) };
+    Some(field(&c.values, &c.not_values, |v| string_match(v, &value)))
+}
+
+fn rule_matches(rule: &pb::L7Rule, input: &AuthzInput<'_>, action: Action) -> bool {
+    (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, input)))
+        && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, input)))
+        && rule.when.iter().all(|c| condition_matches(c, input).unwrap_or(action == Action::Deny))
+}
+
+fn policy_matches(p: &pb::L7Policy, input: &AuthzInput<'_>) -> bool {
+    let action = Action::try_from(p.action).unwrap_or(Action::Allow);
+    p.rules.iter().any(|r| rule_matches(r, input, action))
+}
+
+/// Decides a request against the policies that apply to it.
+pub fn decide<'a>(policies: impl IntoIterator<Item = &'a pb::L7Policy>, input: &AuthzInput<'_>) -> Decision {
+    let mut allow_policies = 0;
+    let mut allowed_by = None;
+    for p in policies {
+        let key = format!("{}/{}", p.namespace, p.name);
+        match Action::try_from(p.action) {
+            Ok(Action::Deny) => {
+                if policy_matches(p, input) {
+                    return Decision::Deny(Some(key));
+                }
+            }
+            Ok(Action::Allow) => {
+                allow_policies += 1;
+                if allowed_by.is_none() && policy_matches(p, input) {
+                    allowed_by = Some(key);
+                }
+            }
+            // An action this waypoint does not know: refuse rather than guess.
+            Err(_) => return Decision::Deny(Some(key)),
+        }
+    }
+    match (allow_policies, allowed_by) {
+        (0, _) => Decision::Allow(None),
+        (_, Some(p)) => Decision::Allow(Some(p)),
+        (_, None) => Decision::Deny(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn policy(action: Action, op: pb::L7Operation, from: Vec<pb::L7Source>) -> pb::L7Policy {
+        pb::L7Policy {
+            name: "p".into(),
+            namespace: "demo".into(),
+            targets: vec![pb::PolicyTarget {
+                kind: Kind::Gateway as i32,
+                namespace: "demo".into(),
+                name: "waypoint".into(),
+            }],
+            action: action as i32,
+            rules: vec![pb::L7Rule { from, to: vec![op], when: vec![] }],
+        }
+    }
+
+    fn decide_for(policies: &[pb::L7Policy], peer: &str, method: &str, path: &str) -> Decision {
+        let peer: SpiffeId = peer.parse().unwrap();
+        let headers = HeaderMap::new();
+        let input = AuthzInput {
+            peer: &peer,
+            source_ip: None,
+            method,
+            path,
+            host: "hello.demo.svc.cluster.local:80",
+            port: 80,
+            headers: &headers,
+        };
+        decide(policies, &input)
+    }
+
+    const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
+    const OTHER: &str = "spiffe://cluster.local/ns/other/sa/client";
+
+    #[test]
+    fn deny_by_method_and_path_prefix() {
+        let deny = policy(
+            Action::Deny,
+            pb::L7Operation { methods: vec!["DELETE".into()], paths: vec!["/admin*".into()], ..Default::default() },
+            vec![],
+        );
+        let p = [deny];
+        assert!(matches!(decide_for(&p, CLIENT, "DELETE", "/admin/users"), Decision::Deny(Some(_))));
+        assert_eq!(decide_for(&p, CLIENT, "GET", "/admin/users"), Decision::Allow(None));
+        assert_eq!(decide_for(&p, CLIENT, "DELETE", "/public"), Decision::Allow(None));
+    }
+
+    #[test]
+    fn allow_needs_a_match_and_sources_come_from_the_certificate() {
+        let allow = policy(
+            Action::Allow,
+            pb::L7Operation { methods: vec!["GET".into()], ..Default::default() },
+            vec![pb::L7Source { namespaces: vec!["demo".into()], ..Default::default() }],
+        );
+        let p = [allow];
+        assert!(matches!(decide_for(&p, CLIENT, "GET", "/"), Decision::Allow(Some(_))));
+        assert_eq!(decide_for(&p, OTHER, "GET", "/"), Decision::Deny(None));
+        assert_eq!(decide_for(&p, CLIENT, "POST", "/"), Decision::Deny(None));
+    }
+
+    #[test]
+    fn principals_hosts_and_targets() {
+        let deny = policy(
+            Action::Deny,
+            pb::L7Operation { hosts: vec!["*.DEMO.svc.cluster.local".into()], ..Default::default() },
+            vec![pb::L7Source { principals: vec!["cluster.local/ns/other/*".into()], ..Default::default() }],
+        );
+        assert!(applies(&deny, ("demo", "waypoint"), None));
+        assert!(!applies(&deny, ("demo", "other-waypoint"), Some(("demo", "hello"))));
+        let p = [deny];
+        assert!(matches!(decide_for(&p, OTHER, "GET", "/"), Decision::Deny(Some(_))));
+        assert_eq!(decide_for(&p, CLIENT, "GET", "/"), Decision::Allow(None));
+    }
+
+    #[test]
+    fn ip_blocks() {
+        assert!(ip_in_block("10.1.0.0/16", "10.1.2.3".parse().unwrap()));
+        assert!(!ip_in_block("10.1.0.0/16", "10.2.2.3".parse().unwrap()));
+        assert!(ip_in_block("10.1.2.3", "10.1.2.3".parse().unwrap()));
+        assert!(!ip_in_block("garbage", "10.1.2.3".parse().unwrap()));
+    }
+}

@@ -1,0 +1,153 @@
+//! `waypoint`: the per-namespace L7 proxy of the ambient mesh.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use proto::certs::TokenSource;
+use proto::control::ControlPlaneTarget;
+use proto::tls::{SharedTrustBundle, TrustBundle};
+use tracing_subscriber::EnvFilter;
+use waypoint::{Config, Waypoint};
+
+/// The L7 proxy of one namespace (a Gateway of class `istio-waypoint`).
+///
+/// ztunnels send it, over HBONE on 15008, the traffic of the services and pods that use it
+/// (`istio.io/use-waypoint`). It authorizes each HTTP request with the L7 AuthorizationPolicies
+/// that target the waypoint or the service (identity from the tunnel's TLS handshake), routes it
+/// by the service's HTTPRoutes (matches, weighted backends, header changes, redirects, rewrites,
+/// mirrors, timeouts, retries) and sends it over HBONE to an endpoint pod. Metrics:
+/// `istio_requests_total`, `istio_request_duration_milliseconds`; one access-log line per request
+/// (target `access`).
+///
+/// On SIGTERM or SIGINT it stops being ready, stops accepting, lets open connections finish for
+/// --drain-timeout, then exits.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Name of the waypoint's Gateway.
+    #[arg(long, env = "WAYPOINT_NAME", default_value = "waypoint")]
+    name: String,
+
+    /// Namespace of the Gateway (the waypoint's own namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+
+    /// Service account the waypoint runs as; its certificate carries this identity.
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "waypoint")]
+    service_account: String,
+
+    /// The control plane (CA + xDS) as host:port; a name is resolved once at start.
+    #[arg(long, env = "CA_ADDRESS", default_value = "ca.istio-system.svc:15012", value_name = "HOST:PORT")]
+    ca_addr: String,
+
+    /// Name the control plane's certificate must carry.
+    #[arg(long, default_value = "ca.istio-system.svc")]
+    ca_name: String,
+
+    /// PEM roots to verify the control plane with (updates come over xDS).
+    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    ca_root: PathBuf,
+
+    /// The service-account token (projected, audience istio-ca), re-read for every request.
+    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    token_file: PathBuf,
+
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+
+    /// HBONE listener.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    listen: SocketAddr,
+
+    /// Prometheus endpoint (/metrics, /stats/prometheus).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+
+    /// How long open connections may take to finish on shutdown.
+    #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
+    drain_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+
+    /// Threads serving requests.
+    #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 2)]
+    worker_threads: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
+    let runtime = if args.worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()
+    }
+    .context("starting the runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let roots =
+        std::fs::read(&args.ca_root).with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
+    let bundle = TrustBundle::from_pem(&roots).with_context(|| format!("--ca-root {}", args.ca_root.display()))?;
+    if !args.token_file.exists() {
+        bail!(
+            "--token-file {} does not exist (the waypoint needs a service-account token for the CA)",
+            args.token_file.display()
+        );
+    }
+    let ca_addr = tokio::net::lookup_host(&args.ca_addr)
+        .await
+        .with_context(|| format!("resolving --ca-addr {}", args.ca_addr))?
+        .next()
+        .with_context(|| format!("--ca-addr {} resolved to no address", args.ca_addr))?;
+    let config = Config {
+        name: args.name,
+        namespace: args.namespace,
+        service_account: args.service_account,
+        trust_domain: args.trust_domain,
+        ca: ControlPlaneTarget {
+            addr: ca_addr,
+            server_name: args.ca_name,
+            trust: SharedTrustBundle::new(bundle),
+            credential: None,
+        },
+        token: TokenSource::File(args.token_file),
+        listen: args.listen,
+        metrics_addr: args.metrics_addr,
+        readiness_addr: args.readiness_addr,
+        drain_timeout: args.drain_timeout,
+    };
+    let waypoint = Waypoint::start(config).await?;
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal, "shutting down");
+    waypoint.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,579 @@
+//! One HTTP request through the waypoint: authorize, route, apply the rule's filters, send to an
+//! endpoint (with the rule's timeouts and retries), answer, count and log.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use proto::SpiffeId;
+use proto::api::ambient::waypoint::v1::{self as pb, filter, path_modifier};
+use proto::api::istio::workload::{Service, Workload, WorkloadStatus};
+use proto::hbone::TraceParent;
+use proto::xds::MeshState;
+use tracing::{info, warn};
+
+use crate::Context;
+use crate::authz::{self, AuthzInput, Decision};
+use crate::metrics::RequestLabels;
+use crate::normalize;
+use crate::route::{self, RouteInput};
+use crate::upstream::{Body, BoxError, identity_of};
+
+/// Bodies buffered for retries and mirrors at most this large; larger ones stream, once.
+const MAX_REPLAY_BODY: usize = 1 << 20;
+
+/// Who is on the other side of one inbound tunnel.
+#[derive(Debug)]
+pub struct Downstream {
+    /// The peer's identity, from its TLS certificate.
+    pub peer: SpiffeId,
+    /// The original client, from `forwarded`.
+    pub source_ip: Option<IpAddr>,
+    /// The source workload's name, from `baggage` (telemetry only).
+    pub source_workload: Option<String>,
+    /// The `CONNECT` target: a service VIP (or pod IP) and port.
+    pub target: SocketAddr,
+}
+
+/// Where a request is going, resolved from the tunnel's target.
+enum Destination {
+    /// A service: `namespace/hostname` key and the service.
+    Service(String, Arc<Service>),
+    /// A pod addressed directly.
+    Workload(Arc<Workload>),
+}
+
+/// What happened, for metrics and the access log.
+struct Outcome {
+    status: StatusCode,
+    flags: &'static str,
+    endpoint: Option<Arc<Workload>>,
+    route: String,
+    attempts: u32,
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// Endpoints of `service_key` serving `port`, with the port to reach them on.
+fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<(Arc<Workload>, u16)> {
+    let mut out: Vec<_> = state
+        .workloads
+        .values()
+        .filter(|w| w.status != WorkloadStatus::Unhealthy as i32)
+        .filter_map(|w| {
+            let ports = w.services.get(service_key)?;
+            let p = ports.ports.iter().find(|p| p.service_port == u32::from(port))?;
+            let target = if p.target_port == 0 { p.service_port } else { p.target_port };
+            Some((w.clone(), u16::try_from(target).ok()?))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+    out
+}
+
+/// Hop-by-hop headers, never forwarded.
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        headers.remove(n);
+    }
+}
+
+fn modify_headers(headers: &mut HeaderMap, m: &pb::HeaderModifier) {
+    let pair =
+        |h: &pb::Header| Some((HeaderName::from_bytes(h.name.as_bytes()).ok()?, HeaderValue::from_str(&h.value).ok()?));
+    for (name, value) in m.set.iter().filter_map(pair) {
+        headers.insert(name, value);
+    }
+    for (name, value) in m.add.iter().filter_map(pair) {
+        headers.append(name, value);
+    }
+    for name in &m.remove {
+        headers.remove(name.as_str());
+    }
+}
+
+fn rewrite_path(path: &str, m: &pb::PathModifier, matched_prefix: Option<&str>) -> String {
+    match &m.kind {
+        Some(path_modifier::Kind::ReplaceFullPath(p)) => p.clone(),
+        Some(path_modifier::Kind::ReplacePrefixMatch(p)) => {
+            // `rest` is empty or starts with `/` (prefixes match whole segments).
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            let base = p.trim_end_matches('/');
+            match (base.is_empty(), rest.is_empty()) {
+                (true, true) => "/".to_owned(),
+                (_, true) => base.to_owned(),
+                _ => format!("{base}{rest}"),
+            }
+        }
+        None => path.to_owned(),
+    }
+}
+
+/// The prefix a rule matched `path` with, if it was a prefix match.
+fn matched_prefix<'a>(rule: &'a pb::RouteRule, path: &str) -> Option<&'a str> {
+    rule.matches.iter().filter_map(|m| m.path.as_ref()).find_map(|p| {
+        (p.kind == pb::path_match::Kind::Prefix as i32 && path.starts_with(p.value.trim_end_matches('/')))
+            .then_some(p.value.as_str())
+    })
+}
+
+fn redirect(r: &pb::Redirect, req_host: &str, path: &str, prefix: Option<&str>) -> Response<Body> {
+    let scheme = if r.scheme.is_empty() { "http" } else { &r.scheme };
+    let host = if r.hostname.is_empty() { req_host.split(':').next().unwrap_or(req_host) } else { &r.hostname };
+    let port = if r.port == 0 { String::new() } else { format!(":{}", r.port) };
+    let path = r.path.as_ref().map_or_else(|| path.to_owned(), |m| rewrite_path(path, m, prefix));
+    let status = if r.status_code == 301 { StatusCode::MOVED_PERMANENTLY } else { StatusCode::FOUND };
+    let mut resp = text(status, "");
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{port}{path}")) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// The request body, buffered when it may be sent more than once.
+enum ReqBody {
+    Buffered(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Buffered(b) => Some(Full::new(b.clone()).map_err(|e| match e {}).boxed()),
+            ReqBody::Stream(s) => s.take().map(|b| b.map_err(BoxError::from).boxed()),
+        }
+    }
+}
+
+/// Round-robin position shared by every request.
+static NEXT_ENDPOINT: AtomicUsize = AtomicUsize::new(0);
+
+/// Handles one request from `down`.
+pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let method = normalize::method(req.method());
+    let raw_path = req.uri().path().to_owned();
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let destination = ctx.view.read(|s| match s.service_by_vip(down.target.ip()) {
+        Some((key, svc)) => Some(Destination::Service(key.clone(), svc.clone())),
+        None => s.workload_by_ip(down.target.ip()).cloned().map(Destination::Workload),
+    });
+    let (response, outcome) = match (destination, normalize::path(&raw_path)) {
+        (None, _) => {
+            let o = Outcome {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                flags: "NR",
+                endpoint: None,
+                route: String::new(),
+                attempts: 0,
+            };
+            (text(o.status, "no service or workload at this address\n"), o)
+        }
+        (Some(d), Err(e)) => {
+            warn!(peer = %down.peer, path = %raw_path, reason = %e, "request refused: bad path");
+            let o = Outcome {
+                status: StatusCode::BAD_REQUEST,
+                flags: "-",
+                endpoint: None,
+                route: String::new(),
+                attempts: 0,
+            };
+            let _ = d;
+            (text(o.status, "bad request path\n"), o)
+        }
+        (Some(d), Ok(path)) => route_and_send(&ctx, &down, d, req, method.clone(), path, &host).await,
+    };
+    let elapsed = start.elapsed();
+    let (svc_host, svc_name, svc_ns) = ctx.view.read(|s| match s.service_by_vip(down.target.ip()) {
+        Some((_, svc)) => (svc.hostname.clone(), svc.name.clone(), svc.namespace.clone()),
+        None => ("unknown".into(), "unknown".into(), "unknown".into()),
+    });
+    let unknown = || "unknown".to_owned();
+    let endpoint = outcome.endpoint.as_deref();
+    let labels = RequestLabels {
+        reporter: "waypoint",
+        source_workload: down.source_workload.clone().unwrap_or_else(unknown),
+        source_workload_namespace: down.peer.namespace().to_owned(),
+        source_principal: down.peer.to_string(),
+        destination_service: svc_host.clone(),
+        destination_service_name: svc_name,
+        destination_service_namespace: svc_ns,
+        destination_workload: endpoint
+            .map(|w| if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() })
+            .unwrap_or_else(unknown),
+        destination_workload_namespace: endpoint.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
+        destination_principal: endpoint
+            .and_then(|w| identity_of(w, &ctx.trust_domain))
+            .map(|i| i.to_string())
+            .unwrap_or_else(unknown),
+        request_protocol: if grpc { "grpc" } else { "http" },
+        response_code: outcome.status.as_u16(),
+        response_flags: outcome.flags,
+        connection_security_policy: "mutual_tls",
+    };
+    ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
+    info!(
+        target: "access",
+        src = %down.peer,
+        src_ip = ?down.source_ip,
+        method = %method,
+        path = %raw_path,
+        authority = %host,
+        service = %svc_host,
+        route = %outcome.route,
+        endpoint = %endpoint.map(|w| w.name.as_str()).unwrap_or("-"),
+        status = outcome.status.as_u16(),
+        flags = outcome.flags,
+        attempts = outcome.attempts,
+        duration_ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+#[allow(clippy::too_many_lines)]
+async fn route_and_send(
+    ctx: &Arc<Context>,
+    down: &Downstream,
+    destination: Destination,
+    req: Request<Incoming>,
+    method: http::Method,
+    path: String,
+    host: &str,
+) -> (Response<Body>, Outcome) {
+    let port = down.target.port();
+    let fail = |status: StatusCode, flags: &'static str, route: &str| Outcome {
+        status,
+        flags,
+        endpoint: None,
+        route: route.to_owned(),
+        attempts: 0,
+    };
+    let (mut parts, body) = req.into_parts();
+    parts.method = method.clone();
+
+    // Authorization.
+    let service_ref = match &destination {
+        Destination::Service(_, s) => Some((s.namespace.clone(), s.name.clone())),
+        Destination::Workload(_) => None,
+    };
+    let decision = ctx.view.read(|s| {
+        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
+        let service = service_ref.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
+        let input = AuthzInput {
+            peer: &down.peer,
+            source_ip: down.source_ip,
+            method: method.as_str(),
+            path: &path,
+            host,
+            port,
+            headers: &parts.headers,
+        };
+        authz::decide(
+            s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)),
+            &input,
+        )
+    });
+    if let Decision::Deny(policy) = &decision {
+        warn!(peer = %down.peer, method = %method, path = %path, policy = policy.as_deref().unwrap_or("no ALLOW policy matched"), "request denied by policy");
+        return (text(StatusCode::FORBIDDEN, "RBAC: access denied\n"), fail(StatusCode::FORBIDDEN, "RBAC", ""));
+    }
+
+    // Routing.
+    let (service_key, rule, route_name) = match &destination {
+        Destination::Workload(_) => (None, None, String::new()),
+        Destination::Service(key, _) => {
+            let routes = ctx.view.read(|s| s.routes.get(key).cloned());
+            match routes {
+                None => (Some(key.clone()), None, String::new()),
+                Some(routes) => {
+                    let input = RouteInput {
+                        method: method.as_str(),
+                        path: &path,
+                        query: parts.uri.query(),
+                        headers: &parts.headers,
+                        port,
+                    };
+                    match route::select(&routes, &input, &ctx.regexes) {
+                        Some(c) => (Some(key.clone()), Some(c.rule.clone()), c.route.name.clone()),
+                        None => {
+                            return (
+                                text(StatusCode::NOT_FOUND, "no route matched\n"),
+                                fail(StatusCode::NOT_FOUND, "NR", ""),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    // Filters.
+    let prefix = rule.as_ref().and_then(|r| matched_prefix(r, &path));
+    let mut path = path;
+    let mut response_modifier = None;
+    let mut mirror = None;
+    for f in rule.iter().flat_map(|r| &r.filters) {
+        match &f.kind {
+            Some(filter::Kind::RequestHeaderModifier(m)) => modify_headers(&mut parts.headers, m),
+            Some(filter::Kind::ResponseHeaderModifier(m)) => response_modifier = Some(m.clone()),
+            Some(filter::Kind::RequestRedirect(r)) => {
+                let resp = redirect(r, host, &path, prefix);
+                let status = resp.status();
+                return (resp, Outcome { status, flags: "-", endpoint: None, route: route_name, attempts: 0 });
+            }
+            Some(filter::Kind::UrlRewrite(r)) => {
+                if let Some(m) = &r.path {
+                    path = rewrite_path(&path, m, prefix);
+                }
+                if let Ok(v) = HeaderValue::from_str(&r.hostname)
+                    && !r.hostname.is_empty()
+                {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            Some(filter::Kind::RequestMirror(m)) => mirror = m.backend.clone(),
+            None => {}
+        }
+    }
+
+    // Backend: the rule's (by weight), else the destination itself.
+    let (backend_key, backend_port) = match (&rule, &service_key) {
+        (Some(r), _) if !r.backends.is_empty() => match route::pick_backend(&r.backends, &mut rand::rng()) {
+            Some(b) => {
+                (Some(b.service.clone()), if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) })
+            }
+            None => {
+                return (
+                    text(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"),
+                    fail(StatusCode::INTERNAL_SERVER_ERROR, "NR", &route_name),
+                );
+            }
+        },
+        (Some(_), _) => {
+            return (
+                text(StatusCode::INTERNAL_SERVER_ERROR, "route has no backends\n"),
+                fail(StatusCode::INTERNAL_SERVER_ERROR, "NR", &route_name),
+            );
+        }
+        (None, key) => (key.clone(), port),
+    };
+    let candidates: Vec<(Arc<Workload>, u16)> = match (&backend_key, &destination) {
+        (Some(key), _) => ctx.view.read(|s| endpoints(s, key, backend_port)),
+        (None, Destination::Workload(w)) => vec![(w.clone(), port)],
+        (None, Destination::Service(..)) => Vec::new(),
+    };
+    if candidates.is_empty() {
+        return (
+            text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
+            fail(StatusCode::SERVICE_UNAVAILABLE, "UH", &route_name),
+        );
+    }
+
+    // Request to send: canonical method and path, hop-by-hop headers gone, a new span.
+    strip_hop_by_hop(&mut parts.headers);
+    let trace = parts
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)
+        .map_or_else(|| TraceParent::random(false), |t| t.child());
+    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
+        parts.headers.insert("traceparent", v);
+    }
+    if !parts.headers.contains_key(header::HOST)
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    let retry = rule.as_ref().and_then(|r| r.retry.clone()).filter(|r| r.attempts > 0);
+    let replayable = retry.is_some() || mirror.is_some();
+    let mut body = if replayable {
+        match Limited::new(body, MAX_REPLAY_BODY).collect().await {
+            Ok(b) => ReqBody::Buffered(b.to_bytes()),
+            Err(_) => {
+                return (
+                    text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry\n"),
+                    fail(StatusCode::PAYLOAD_TOO_LARGE, "-", &route_name),
+                );
+            }
+        }
+    } else {
+        ReqBody::Stream(Some(body))
+    };
+    let http2 = parts.version == Version::HTTP_2;
+
+    if let (Some(m), ReqBody::Buffered(b)) = (&mirror, &body) {
+        let targets = ctx.view.read(|s| endpoints(s, &m.service, if m.port == 0 { port } else { m.port as u16 }));
+        if let Some((w, p)) = targets.first()
+            && let Some(ip) = w.addresses.first().and_then(|a| ip_of(a))
+            && let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *p)).parse::<Uri>()
+        {
+            let mut copy = Request::new(Full::new(b.clone()).map_err(|e| match e {}).boxed());
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = uri;
+            *copy.headers_mut() = parts.headers.clone();
+            let client = ctx.clients.http1.clone();
+            // Mirrored requests are fire-and-forget: their answers and failures are ignored.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), client.request(copy)).await;
+            });
+        }
+    }
+
+    let total_timeout = rule.as_ref().map(|r| r.request_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
+    let per_try = rule.as_ref().map(|r| r.backend_request_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
+    let attempts = retry.as_ref().map_or(1, |r| r.attempts + 1);
+    let retry_codes: Vec<u16> = retry
+        .as_ref()
+        .map(|r| r.codes.iter().filter_map(|c| u16::try_from(*c).ok()).collect())
+        .filter(|c: &Vec<u16>| !c.is_empty())
+        .unwrap_or_else(|| vec![500, 502, 503, 504]);
+    let backoff = retry.as_ref().map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms.max(25)));
+
+    let send_all = async {
+        let first = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
+        let mut last: (Response<Body>, Outcome) = (
+            text(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n"),
+            fail(StatusCode::SERVICE_UNAVAILABLE, "UF", &route_name),
+        );
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(backoff).await;
+            }
+            // A retry goes to the next endpoint when there is one.
+            let (workload, target_port) = &candidates[(first + attempt as usize) % candidates.len()];
+            let Some(ip) = workload.addresses.first().and_then(|a| ip_of(a)) else { continue };
+            let Some(b) = body.take() else { break };
+            let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *target_port)).parse::<Uri>() else {
+                break;
+            };
+            let mut upstream = Request::from_parts(parts.clone(), b);
+            *upstream.uri_mut() = uri;
+            *upstream.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+            let client = if http2 { &ctx.clients.http2 } else { &ctx.clients.http1 };
+            let sent = client.request(upstream);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                None => Ok(sent.await),
+            };
+            let outcome = |status, flags| Outcome {
+                status,
+                flags,
+                endpoint: Some(workload.clone()),
+                route: route_name.clone(),
+                attempts: attempt + 1,
+            };
+            match result {
+                Ok(Ok(resp)) => {
+                    let status = resp.status();
+                    let retryable = retry.is_some() && retry_codes.contains(&status.as_u16()) && attempt + 1 < attempts;
+                    let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
+                    if !retryable {
+                        return (resp, outcome(status, "-"));
+                    }
+                    last = (resp, outcome(status, "URX"));
+                }
+                Ok(Err(e)) => {
+                    warn!(endpoint = %workload.name, error = %e, attempt = attempt + 1, "upstream request failed");
+                    last = (
+                        text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n"),
+                        outcome(StatusCode::SERVICE_UNAVAILABLE, "UF"),
+                    );
+                }
+                Err(_) => {
+                    last = (
+                        text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                        outcome(StatusCode::GATEWAY_TIMEOUT, "UT"),
+                    );
+                }
+            }
+        }
+        last
+    };
+    let (mut resp, outcome) = match total_timeout {
+        Some(t) => match tokio::time::timeout(t, send_all).await {
+            Ok(r) => r,
+            Err(_) => (
+                text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+                fail(StatusCode::GATEWAY_TIMEOUT, "UT", &route_name),
+            ),
+        },
+        None => send_all.await,
+    };
+    strip_hop_by_hop(resp.headers_mut());
+    if let Some(m) = &response_modifier {
+        modify_headers(resp.headers_mut(), m);
+    }
+    (resp, outcome)
+}
+
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrites_keep_the_rest_of_the_path() {
+        let m = pb::PathModifier { kind: Some(path_modifier::Kind::ReplacePrefixMatch("/v2".into())) };
+        assert_eq!(rewrite_path("/api/users", &m, Some("/api")), "/v2/users");
+        assert_eq!(rewrite_path("/api", &m, Some("/api")), "/v2");
+        let full = pb::PathModifier { kind: Some(path_modifier::Kind::ReplaceFullPath("/x".into())) };
+        assert_eq!(rewrite_path("/api/users", &full, None), "/x");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

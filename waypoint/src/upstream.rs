@@ -1,0 +1,160 @@
+//! Requests to endpoint pods, each over HBONE.
+//!
+//! The HTTP clients (hyper-util's pooled client, one for HTTP/1.1 and one for HTTP/2 with prior
+//! knowledge for gRPC) keep idle keep-alive connections per endpoint; each new connection is an
+//! HBONE tunnel from [`Connector`]: a `CONNECT <pod ip>:<port>` stream on a pooled mutual-TLS
+//! HTTP/2 connection to the pod's `:15008`, presenting the waypoint's certificate and accepting
+//! only the pod's own identity.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use proto::SpiffeId;
+use proto::api::istio::workload::Workload;
+use proto::hbone::pool::{ConnectRequest, Pool};
+use proto::hbone::{H2Stream, HBONE_PORT};
+use proto::tls::Credential;
+use proto::xds::MeshView;
+
+/// Bodies on both sides of the proxy.
+pub type Body = BoxBody<Bytes, BoxError>;
+/// Errors inside bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The SPIFFE ID a workload's certificate must carry.
+pub fn identity_of(w: &Workload, default_trust_domain: &str) -> Option<SpiffeId> {
+    let td = if w.trust_domain.is_empty() { default_trust_domain } else { &w.trust_domain };
+    SpiffeId::new(td, &w.namespace, &w.service_account).ok()
+}
+
+/// Opens an HBONE tunnel for each new upstream connection.
+#[derive(Debug, Clone)]
+pub struct Connector {
+    view: Arc<MeshView>,
+    pool: Pool,
+    credential: Arc<Credential>,
+    trust_domain: String,
+}
+
+/// An HBONE tunnel as a hyper connection.
+#[derive(Debug)]
+pub struct Tunnel(TokioIo<H2Stream>);
+
+impl Connection for Tunnel {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Why no tunnel was opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URI is not `http://<ip>:<port>`.
+    #[error("upstream URI {0} is not http://<ip>:<port>")]
+    BadUri(String),
+    /// No workload has the address.
+    #[error("no workload has the address {0}")]
+    UnknownEndpoint(IpAddr),
+    /// The workload's identity cannot be formed.
+    #[error("workload {0} has no valid identity")]
+    NoIdentity(String),
+    /// The HBONE connection or CONNECT failed.
+    #[error(transparent)]
+    Hbone(#[from] proto::hbone::pool::PoolError),
+}
+
+impl Connector {
+    /// A connector presenting `credential`.
+    pub fn new(view: Arc<MeshView>, pool: Pool, credential: Arc<Credential>, trust_domain: String) -> Self {
+        Connector { view, pool, credential, trust_domain }
+    }
+
+    async fn open(self, uri: Uri) -> Result<Tunnel, ConnectError> {
+        let bad = || ConnectError::BadUri(uri.to_string());
+        let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']');
+        let ip: IpAddr = host.parse().map_err(|_| bad())?;
+        let port = uri.port_u16().ok_or_else(bad)?;
+        let workload = self.view.read(|s| s.workload_by_ip(ip).cloned()).ok_or(ConnectError::UnknownEndpoint(ip))?;
+        let identity =
+            identity_of(&workload, &self.trust_domain).ok_or_else(|| ConnectError::NoIdentity(workload.uid.clone()))?;
+        let request = ConnectRequest::new(
+            self.credential.clone(),
+            SocketAddr::new(ip, HBONE_PORT),
+            vec![identity],
+            SocketAddr::new(ip, port),
+        );
+        Ok(Tunnel(TokioIo::new(self.pool.connect(request).await?)))
+    }
+}
+
+impl tower::Service<Uri> for Connector {
+    type Response = Tunnel;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Tunnel, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(self.clone().open(uri))
+    }
+}
+
+/// The HTTP clients.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// HTTP/1.1.
+    pub http1: Client<Connector, Body>,
+    /// HTTP/2 with prior knowledge (gRPC and HTTP/2 clients).
+    pub http2: Client<Connector, Body>,
+}
+
+impl Clients {
+    /// Clients over `connector`.
+    pub fn new(connector: &Connector) -> Self {
+        let build = |http2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(64)
+                .http2_only(http2)
+                .build(connector.clone())
+        };
+        Clients { http1: build(false), http2: build(true) }
+    }
+}
