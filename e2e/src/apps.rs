@@ -1,5 +1,8 @@
 //! Test applications that run inside pods.
 //!
+//! The HTTP server ([`http_server`]) answers every request with its name and what it received
+//! (see there), and fails or stalls on request, for the waypoint's tests.
+//!
 //! The echo server first tells each client its own name and the address it sees the connection
 //! coming from (`<name> peer <ip>:<port>\n`), then echoes everything back until the client closes.
 
@@ -84,4 +87,56 @@ impl EchoClient {
         let mut one = [0u8; 1];
         matches!(tokio::time::timeout(wait, self.stream.read(&mut one)).await, Ok(Ok(0) | Err(_)))
     }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (cleartext) as `name` until the task is aborted. Every answer
+/// carries `x-served-by: <name>`, `x-seen-method` and `x-seen-path` (the request as it arrived)
+/// and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
+/// other request with 503 (per server); `/delay/<ms>` answers after that long.
+pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    use hyper::{Request, Response};
+
+    let name: Arc<str> = Arc::from(name);
+    let flaky = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (name, flaky) = (name.clone(), flaky.clone());
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (name, flaky) = (name.clone(), flaky.clone());
+                async move {
+                    let path = req.uri().path().to_owned();
+                    let mut status = 200;
+                    if let Some(code) = path.strip_prefix("/status/") {
+                        status = code.parse().unwrap_or(400);
+                    } else if path == "/flaky" && flaky.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+                        status = 503;
+                    } else if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    }
+                    let mut resp = Response::new(Full::new(Bytes::from(format!("{name}\n"))));
+                    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+                    let headers = resp.headers_mut();
+                    for (k, v) in
+                        [("x-served-by", &*name), ("x-seen-method", req.method().as_str()), ("x-seen-path", &path)]
+                    {
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+                            headers.insert(k, v);
+                        }
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    })
 }

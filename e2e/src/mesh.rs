@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use proto::api::istio::workload::zds::WorkloadInfo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -187,7 +187,19 @@ pub struct Mesh {
     pub nodes: Vec<Node>,
     pods: BTreeMap<String, Arc<MeshPod>>,
     namespaces: BTreeMap<String, bool>,
+    /// `istio.io/use-waypoint` per namespace.
+    use_waypoint: BTreeMap<String, String>,
     ztunnel_bin: PathBuf,
+    waypoints: Vec<Waypoint>,
+}
+
+/// A waypoint process of the mesh.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// Its pod.
+    pub pod: Arc<MeshPod>,
+    child: Option<Child>,
+    log: PathBuf,
 }
 
 static MESHES: AtomicU32 = AtomicU32::new(0);
@@ -267,6 +279,8 @@ impl Mesh {
             nodes: Vec::new(),
             pods: BTreeMap::new(),
             namespaces: BTreeMap::new(),
+            use_waypoint: BTreeMap::new(),
+            waypoints: Vec::new(),
             ztunnel_bin,
         };
         let count = mesh.options.nodes;
@@ -292,6 +306,9 @@ impl Mesh {
                 netns.ip(&["route", "add", &format!("10.20.{other}.0/24"), "via", &format!("10.10.0.{other}")])?;
             }
         }
+        // The underlay (the CA) reaches the node's pods through the node: pods that talk to the
+        // control plane themselves (a waypoint) get answers.
+        self.underlay.ip(&["route", "add", &format!("10.20.{index}.0/24"), "via", &ip.to_string()])?;
         netns.sysctl("net.ipv4.ip_forward", "1")?;
         for iface in ["all", "default"] {
             netns.sysctl(&format!("net.ipv4.conf.{iface}.rp_filter"), "0")?;
@@ -400,17 +417,97 @@ impl Mesh {
     /// Creates or relabels namespace `name`: ambient or not. Pods in it are enrolled or
     /// unenrolled to match, live.
     pub async fn namespace(&mut self, name: &str, ambient: bool) -> Result<()> {
-        let labels = if ambient { "\n  labels:\n    istio.io/dataplane-mode: ambient" } else { "" };
-        self.apply(
-            &format!("ns-{name}"),
-            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"),
-        )?;
         self.namespaces.insert(name.to_owned(), ambient);
+        self.write_namespace(name)?;
         let pods: Vec<Arc<MeshPod>> = self.pods.values().filter(|p| p.namespace == name).cloned().collect();
         for pod in pods {
             self.reconcile(&pod).await?;
         }
         Ok(())
+    }
+
+    fn write_namespace(&self, name: &str) -> Result<()> {
+        let mut labels = String::new();
+        if self.namespaces.get(name).copied().unwrap_or(false) {
+            labels.push_str("\n    istio.io/dataplane-mode: ambient");
+        }
+        if let Some(w) = self.use_waypoint.get(name) {
+            labels.push_str(&format!("\n    istio.io/use-waypoint: {w}"));
+        }
+        let labels = if labels.is_empty() { String::new() } else { format!("\n  labels:{labels}") };
+        self.apply(
+            &format!("ns-{name}"),
+            &format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}{labels}\n"),
+        )
+    }
+
+    /// Sets (or with `None` removes) the namespace's `istio.io/use-waypoint` label.
+    pub fn use_waypoint(&mut self, namespace: &str, waypoint: Option<&str>) -> Result<()> {
+        match waypoint {
+            Some(w) => self.use_waypoint.insert(namespace.to_owned(), w.to_owned()),
+            None => self.use_waypoint.remove(namespace),
+        };
+        self.write_namespace(namespace)
+    }
+
+    /// Deploys waypoint `waypoint` for `namespace` on node `node`, as `istioctl waypoint apply`
+    /// would (Gateway of class `istio-waypoint`, a Service with its name, a pod running the
+    /// `waypoint` binary as service account `waypoint`), and waits until it is ready. Traffic goes
+    /// through it once a namespace or service names it ([`Mesh::use_waypoint`]).
+    pub async fn waypoint(&mut self, namespace: &str, name: &str, node: u8, vip: Ipv4Addr) -> Result<Arc<MeshPod>> {
+        let bin = binary("waypoint")?;
+        if !bin.exists() {
+            bail!("{} not found: build it first (`cargo build -p waypoint`)", bin.display());
+        }
+        let spec = PodSpec::new(name, namespace, node)
+            .label("gateway.networking.k8s.io/gateway-name", name)
+            .label(ztunnel::agent::DATAPLANE_MODE_LABEL, "none");
+        let spec = PodSpec { service_account: Some("waypoint".into()), ..spec };
+        let pod = self.pod(spec).await?;
+        self.apply(
+            &format!("gw-{namespace}-{name}"),
+            &format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    istio.io/waypoint-for: service\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n    - name: mesh\n      port: 15008\n      protocol: HBONE\n"
+            ),
+        )?;
+        self.apply(
+            &format!("svc-{namespace}-{name}"),
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    gateway.networking.k8s.io/gateway-name: {name}\n  ports:\n    - name: mesh\n      port: 15008\n      targetPort: 15008\n"
+            ),
+        )?;
+        let token = self.dir.path().join(format!("run/waypoint-{namespace}-{name}.token"));
+        let ca = self.ca.as_ref().context("CA not running")?;
+        std::fs::write(&token, ca.token(namespace, "waypoint", None)?)?;
+        let log = self.dir.path().join(format!("logs/waypoint-{namespace}-{name}.log"));
+        let mut command = Command::new(&bin);
+        command
+            .args(["--name", name, "--namespace", namespace])
+            .args(["--ca-addr", &format!("{CA_IP}:15012"), "--ca-name", &CA_IP.to_string()])
+            .args(["--ca-root", &self.ca_root().display().to_string()])
+            .args(["--token-file", &token.display().to_string()])
+            .args(["--drain-timeout", &format!("{}ms", self.options.drain_timeout.as_millis())])
+            .env("RUST_LOG", &self.options.log_filter);
+        let (stdout, stderr) = output(Some(&log), false)?;
+        let mut child = spawn_child_with(&command, Some(&pod.netns.ns), stdout, stderr)?;
+        let ready = SocketAddr::from((pod.ip, 15021));
+        wait_for_port(&mut child, &format!("waypoint {namespace}/{name}"), ready, Some(&pod.netns.ns))?;
+        self.waypoints.push(Waypoint { pod: pod.clone(), child: Some(child), log });
+        let what = format!("waypoint {namespace}/{name} ready");
+        let netns = pod.netns.ns.clone();
+        self.wait_until(&what, Duration::from_secs(20), || {
+            let netns = netns.clone();
+            async move { http_get(&netns, ready, "/healthz/ready").await.is_ok_and(|(s, _)| s == 200) }
+        })
+        .await?;
+        Ok(pod)
+    }
+
+    /// The metrics of the waypoint running in `pod`.
+    pub async fn waypoint_metrics(&self, pod: &MeshPod) -> Result<String> {
+        let (status, body) = http_get(&pod.netns.ns, SocketAddr::from((pod.ip, 15020)), "/metrics").await?;
+        ensure!(status == 200, "waypoint metrics answered {status}");
+        Ok(body)
     }
 
     fn enrolled(&self, pod: &MeshPod) -> bool {
@@ -551,7 +648,9 @@ impl Mesh {
             .pods
             .values()
             .map(|p| {
-                (format!("Kubernetes//Pod/{}/{}", p.namespace, p.name), if self.enrolled(p) { "HBONE" } else { "TCP" })
+                // A waypoint's pod terminates HBONE itself.
+                let hbone = self.enrolled(p) || p.labels.contains_key("gateway.networking.k8s.io/gateway-name");
+                (format!("Kubernetes//Pod/{}/{}", p.namespace, p.name), if hbone { "HBONE" } else { "TCP" })
             })
             .collect();
         for node in self.nodes.iter().filter(|n| n.ztunnel.is_some()) {
@@ -581,6 +680,7 @@ impl Mesh {
         let mut out = String::new();
         let mut paths = vec![self.dir.path().join("logs/ca.log")];
         paths.extend(self.nodes.iter().map(|n| n.log.clone()));
+        paths.extend(self.waypoints.iter().map(|w| w.log.clone()));
         for p in paths {
             let text = std::fs::read_to_string(&p).unwrap_or_default();
             let all: Vec<&str> = text.lines().collect();
@@ -603,6 +703,12 @@ impl Drop for Mesh {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("--- mesh logs (last 40 lines each) ---\n{}", self.log_tails(40));
+        }
+        for w in &mut self.waypoints {
+            if let Some(mut child) = w.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
         for node in &mut self.nodes {
             if let Some(mut child) = node.ztunnel.take() {
@@ -630,11 +736,47 @@ pub async fn http_get(netns: &NetNs, addr: SocketAddr, path: &str) -> Result<(u1
 
 /// A minimal HTTP/1.1 request without a body from inside `netns`: status and body.
 pub async fn http_request(netns: &NetNs, method: &str, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let answer = http_exchange(netns, method, addr, path, &[]).await?;
+    Ok((answer.status, answer.body))
+}
+
+/// An HTTP/1.1 answer.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    /// Status code.
+    pub status: u16,
+    /// Status line and headers.
+    pub head: String,
+    /// Body (as text).
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// A minimal HTTP/1.1 request without a body, with extra `headers`, from inside `netns` (one
+/// connection per request, sent exactly as given: method and path are not normalized).
+pub async fn http_exchange(
+    netns: &NetNs,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpAnswer> {
     let socket = netns.tcp_socket(addr.is_ipv6())?;
     let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .with_context(|| format!("connecting to {addr} timed out"))??;
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
@@ -644,7 +786,7 @@ pub async fn http_request(netns: &NetNs, method: &str, addr: SocketAddr, path: &
     let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
     let status =
         head.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).context("malformed HTTP status line")?;
-    Ok((status, body.to_owned()))
+    Ok(HttpAnswer { status, head: head.to_owned(), body: body.to_owned() })
 }
 
 /// The sum of the Prometheus samples in `metrics` whose line starts with `prefix` (e.g.

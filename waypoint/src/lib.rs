@@ -138,13 +138,20 @@ fn serves(ctx: &Context, target: IpAddr, local: IpAddr) -> bool {
         Some(gateway_address::Destination::Hostname(h)) => {
             h.namespace == ctx.namespace && h.hostname.starts_with(&own_host)
         }
-        Some(gateway_address::Destination::Address(a)) => upstream_ip(&a.address) == Some(local),
+        // The waypoint's service VIP (or this pod's own address).
+        Some(gateway_address::Destination::Address(a)) => upstream_ip(&a.address).is_some_and(|ip| {
+            ip == local
+                || ctx.view.read(|s| {
+                    s.service_by_vip(ip).is_some_and(|(_, svc)| svc.namespace == ctx.namespace && svc.name == ctx.name)
+                })
+        }),
         None => false,
     };
-    ctx.view.read(|s| match s.service_by_vip(target) {
-        Some((_, svc)) => ours(svc.waypoint.as_ref()),
-        None => s.workload_by_ip(target).is_some_and(|w| ours(w.waypoint.as_ref())),
-    })
+    let gateway = ctx.view.read(|s| match s.service_by_vip(target) {
+        Some((_, svc)) => svc.waypoint.clone(),
+        None => s.workload_by_ip(target).and_then(|w| w.waypoint.clone()),
+    });
+    ours(gateway.as_ref())
 }
 
 fn upstream_ip(bytes: &[u8]) -> Option<IpAddr> {

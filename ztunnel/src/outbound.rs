@@ -72,10 +72,17 @@ fn healthy(w: &Workload) -> bool {
     w.status == WorkloadStatus::Healthy as i32
 }
 
-/// A waypoint's workload: by address, or by hostname (a service) and one of its endpoints.
+/// A waypoint's workload: by address (the waypoint service's VIP, whose endpoint is picked, or a
+/// pod's own IP), or by hostname (a service) and one of its endpoints.
 fn waypoint_workload<'a>(state: &'a MeshState, gw: &GatewayAddress, lb: &Balancer) -> Option<&'a Workload> {
     match gw.destination.as_ref()? {
-        gateway_address::Destination::Address(a) => state.workload_by_ip(ip_of(&a.address)?).map(|w| w.as_ref()),
+        gateway_address::Destination::Address(a) => {
+            let ip = ip_of(&a.address)?;
+            match state.service_by_vip(ip) {
+                Some((key, _)) => pick(state, key, lb).map(|(w, _)| w),
+                None => state.workload_by_ip(ip).map(|w| w.as_ref()),
+            }
+        }
         gateway_address::Destination::Hostname(h) => {
             let key = format!("{}/{}", h.namespace, h.hostname);
             pick(state, &key, lb).map(|(w, _)| w)
@@ -133,10 +140,11 @@ fn to_workload(w: &Workload, port: u16) -> Option<Route> {
 /// Decides where a connection to `dst` goes.
 pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
     if let Some((key, service)) = state.service_by_vip(dst.ip()) {
-        if let Some(gw) = &service.waypoint
-            && let Some(r) = via_waypoint(state, gw, dst, lb)
-        {
-            return r;
+        // Traffic for a service with a waypoint never skips it: without a waypoint endpoint the
+        // connection fails rather than bypass its L7 policy.
+        if let Some(gw) = &service.waypoint {
+            return via_waypoint(state, gw, dst, lb)
+                .unwrap_or_else(|| Route::NoHealthyEndpoint(format!("the waypoint of {key}")));
         }
         let Some((endpoint, ports)) = pick(state, key, lb) else {
             return Route::NoHealthyEndpoint(key.clone());
@@ -153,9 +161,9 @@ pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
     if let Some(w) = state.workload_by_ip(dst.ip()) {
         if speaks_hbone(w)
             && let Some(gw) = &w.waypoint
-            && let Some(r) = via_waypoint(state, gw, dst, lb)
         {
-            return r;
+            return via_waypoint(state, gw, dst, lb)
+                .unwrap_or_else(|| Route::NoHealthyEndpoint(format!("the waypoint of {}", w.uid)));
         }
         return to_workload(w, dst.port()).unwrap_or(Route::Passthrough(dst));
     }
@@ -429,6 +437,49 @@ mod tests {
         // Outside the mesh entirely: passthrough.
         let out: SocketAddr = "192.0.2.7:443".parse().unwrap();
         assert_eq!(route(&s, out, &lb), Route::Passthrough(out));
+    }
+
+    #[test]
+    fn a_service_waypoint_by_vip_is_never_skipped() {
+        let backend = workload("hello", [10, 0, 0, 5], true, &[("demo/hello.demo.svc.cluster.local", 80, 8080)]);
+        let wp = workload("waypoint", [10, 0, 0, 9], true, &[("demo/waypoint.demo.svc.cluster.local", 15008, 15008)]);
+        let mut hello = service([10, 96, 0, 10], 80, 8080);
+        // As the control plane sends it: the waypoint service's VIP.
+        hello.waypoint = Some(GatewayAddress {
+            destination: Some(gateway_address::Destination::Address(NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 20],
+            })),
+            hbone_mtls_port: 15008,
+        });
+        let waypoint_svc = Service {
+            name: "waypoint".into(),
+            hostname: "waypoint.demo.svc.cluster.local".into(),
+            addresses: vec![NetworkAddress { network: String::new(), address: vec![10, 96, 0, 20] }],
+            ..service([10, 96, 0, 20], 15008, 15008)
+        };
+        let lb = Balancer::default();
+        let to: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let s = state(
+            vec![backend.clone(), wp],
+            vec![
+                ("demo/hello.demo.svc.cluster.local", hello.clone()),
+                ("demo/waypoint.demo.svc.cluster.local", waypoint_svc.clone()),
+            ],
+        );
+        match route(&s, to, &lb) {
+            Route::Hbone { hbone, target, .. } => {
+                assert_eq!(hbone, "10.0.0.9:15008".parse().unwrap(), "to the waypoint pod");
+                assert_eq!(target, to, "CONNECT names the service VIP");
+            }
+            other => panic!("{other:?}"),
+        }
+        // No waypoint pod: the connection fails instead of going around the waypoint.
+        let s = state(
+            vec![backend],
+            vec![("demo/hello.demo.svc.cluster.local", hello), ("demo/waypoint.demo.svc.cluster.local", waypoint_svc)],
+        );
+        assert!(matches!(route(&s, to, &lb), Route::NoHealthyEndpoint(_)));
     }
 
     #[test]

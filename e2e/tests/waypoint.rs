@@ -1,0 +1,215 @@
+//! The ztunnel and waypoint pair in the one-machine mesh: real `ca`, `ztunnel` and `waypoint`
+//! processes, HTTP through HBONE both ways.
+//!
+//! - an HTTPRoute on a service (GAMMA): `version: new` always reaches the new backend, the rest
+//!   splits ~70/30; the waypoint counts every request (`istio_requests_total`), and traffic to a
+//!   namespace without a waypoint never reaches it;
+//! - retries turn an endpoint failing every other request into full success, and a request
+//!   timeout answers 504;
+//! - an L7 DENY by method and path answers 403 and is logged, and neither the method's case nor
+//!   encoded or dotted paths slip past it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::apps::http_server;
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, metric_sum as sum};
+
+const APP_PORT: u16 = 8080;
+const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 10);
+const LATEST: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 11);
+const NEW: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 12);
+const WAYPOINT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
+const PLAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 2, 10);
+
+fn service(name: &str, namespace: &str, vip: Ipv4Addr, selector: &[(&str, &str)]) -> String {
+    let selector: String = selector.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:{selector}\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
+    )
+}
+
+/// A mesh with namespace `demo` (ambient, waypoint `waypoint`): `hello` served by `hello-latest`
+/// (node 2) and `hello-new` (node 1), each also behind its own service; a client on node 1.
+async fn demo_mesh() -> (Mesh, Arc<MeshPod>, Arc<MeshPod>) {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
+        let pod =
+            mesh.pod(PodSpec::new(name, "demo", node).label("app", "hello").label("version", version)).await.unwrap();
+        http_server(pod.listen(APP_PORT).unwrap(), name);
+    }
+    mesh.apply("svc-demo-hello", &service("hello", "demo", HELLO, &[("app", "hello")])).unwrap();
+    let latest = service("hello-latest", "demo", LATEST, &[("app", "hello"), ("version", "latest")]);
+    mesh.apply("svc-demo-hello-latest", &latest).unwrap();
+    let new = service("hello-new", "demo", NEW, &[("app", "hello"), ("version", "new")]);
+    mesh.apply("svc-demo-hello-new", &new).unwrap();
+    let waypoint = mesh.waypoint("demo", "waypoint", 1, WAYPOINT).await.unwrap();
+    mesh.use_waypoint("demo", Some("waypoint")).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    // Wait until ztunnel sends `hello` through the waypoint: the waypoint starts counting it.
+    let to = SocketAddr::from((HELLO, 80));
+    mesh.wait_until("traffic to hello to cross the waypoint", Duration::from_secs(30), || async {
+        let Ok(a) = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await else { return false };
+        let Ok(m) = mesh.waypoint_metrics(&waypoint).await else { return false };
+        a.status == 200
+            && sum(&m, "istio_requests_total{", &["destination_service=\"hello.demo.svc.cluster.local\""]) >= 1.0
+    })
+    .await
+    .unwrap();
+    (mesh, client, waypoint)
+}
+
+async fn get(client: &MeshPod, vip: Ipv4Addr, path: &str, headers: &[(&str, &str)]) -> e2e::mesh::HttpAnswer {
+    http_exchange(&client.netns.ns, "GET", SocketAddr::from((vip, 80)), path, headers).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_httproute_splits_and_matches_and_the_waypoint_sees_it_all() {
+    let (mut mesh, client, waypoint) = demo_mesh().await;
+    mesh.apply(
+        "route-hello",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: hello\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello, port: 80}\n  rules:\n    - matches:\n        - headers: [{name: version, value: new}]\n      backendRefs: [{name: hello-new, port: 80}]\n    - backendRefs:\n        - {name: hello-latest, port: 80, weight: 70}\n        - {name: hello-new, port: 80, weight: 30}\n",
+    )
+    .unwrap();
+    mesh.wait_until("the route to apply", Duration::from_secs(20), || async {
+        let mut all_new = true;
+        for _ in 0..10 {
+            all_new &= get(&client, HELLO, "/", &[("version", "new")]).await.body.trim() == "hello-new";
+        }
+        all_new
+    })
+    .await
+    .unwrap();
+    let before = mesh.waypoint_metrics(&waypoint).await.unwrap();
+
+    // The header route: always the new version.
+    for _ in 0..100 {
+        let a = get(&client, HELLO, "/", &[("version", "new")]).await;
+        assert_eq!((a.status, a.body.trim()), (200, "hello-new"));
+    }
+    // The split: 1,000 requests, ~30% new (binomial sd ≈ 14.5: ±4 sd).
+    let mut new = 0;
+    for _ in 0..1000 {
+        let a = get(&client, HELLO, "/", &[]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        match a.body.trim() {
+            "hello-new" => new += 1,
+            "hello-latest" => {}
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    assert!((242..=358).contains(&new), "hello-new got {new} of 1000 (want ~300)");
+
+    // The waypoint counted all 1,100, with Istio's labels.
+    let after = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    let labels = [
+        "reporter=\"waypoint\"",
+        "destination_service=\"hello.demo.svc.cluster.local\"",
+        "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        "response_code=\"200\"",
+        "connection_security_policy=\"mutual_tls\"",
+    ];
+    let counted = sum(&after, "istio_requests_total{", &labels) - sum(&before, "istio_requests_total{", &labels);
+    assert_eq!(counted, 1100.0, "{after}");
+    let new_counted = sum(&after, "istio_requests_total{", &["destination_workload=\"hello-new\""])
+        - sum(&before, "istio_requests_total{", &["destination_workload=\"hello-new\""]);
+    assert_eq!(new_counted, f64::from(100 + new));
+    assert!(sum(&after, "istio_request_duration_milliseconds_count{", &labels[..2]) >= 1100.0);
+
+    // A namespace without a waypoint never crosses it.
+    mesh.namespace("plain", true).await.unwrap();
+    let plain = mesh.pod(PodSpec::new("plain-server", "plain", 2).label("app", "plain")).await.unwrap();
+    http_server(plain.listen(APP_PORT).unwrap(), "plain-server");
+    mesh.apply("svc-plain", &service("plain", "plain", PLAIN, &[("app", "plain")])).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_until("the plain service", Duration::from_secs(20), || async {
+        http_exchange(&client.netns.ns, "GET", SocketAddr::from((PLAIN, 80)), "/", &[])
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        assert_eq!(get(&client, PLAIN, "/", &[]).await.body.trim(), "plain-server");
+    }
+    let last = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    assert_eq!(sum(&last, "istio_requests_total{", &["destination_service=\"plain.plain.svc.cluster.local\""]), 0.0);
+    assert!(!last.contains("plain-server"), "{last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
+    let (mesh, client, waypoint) = demo_mesh().await;
+    // Without retries, /flaky fails every other request (per endpoint).
+    let mut failures = 0;
+    for _ in 0..20 {
+        failures += usize::from(get(&client, LATEST, "/flaky", &[]).await.status == 503);
+    }
+    assert!((8..=12).contains(&failures), "{failures} of 20 failed without retries");
+
+    mesh.apply(
+        "route-latest",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: latest\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello-latest, port: 80}\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /delay}}]\n      timeouts: {request: 300ms}\n      backendRefs: [{name: hello-latest, port: 80}]\n    - retry: {codes: [503], attempts: 2}\n      backendRefs: [{name: hello-latest, port: 80}]\n",
+    )
+    .unwrap();
+    mesh.wait_until("the retry route", Duration::from_secs(20), || async {
+        get(&client, LATEST, "/delay/1000", &[]).await.status == 504
+    })
+    .await
+    .unwrap();
+    for _ in 0..50 {
+        let a = get(&client, LATEST, "/flaky", &[]).await;
+        assert_eq!(a.status, 200, "a retry should have hidden the failure: {a:?}");
+    }
+    let a = get(&client, LATEST, "/delay/1000", &[]).await;
+    assert_eq!(a.status, 504, "{a:?}");
+    assert_eq!(get(&client, LATEST, "/delay/10", &[]).await.status, 200);
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    assert!(sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]) >= 2.0, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_deny_by_method_and_path_cannot_be_bypassed() {
+    let (mesh, client, _waypoint) = demo_mesh().await;
+    mesh.apply(
+        "authz-admin",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-reads\n  namespace: demo\nspec:\n  targetRefs:\n    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}\n  action: DENY\n  rules:\n    - to:\n        - operation:\n            methods: [GET]\n            paths: [\"/admin*\"]\n",
+    )
+    .unwrap();
+    let to = SocketAddr::from((LATEST, 80));
+    mesh.wait_until("the L7 policy", Duration::from_secs(20), || async {
+        http_exchange(&client.netns.ns, "GET", to, "/admin", &[]).await.is_ok_and(|a| a.status == 403)
+    })
+    .await
+    .unwrap();
+    for (method, path) in [
+        ("GET", "/admin"),
+        ("GET", "/admin/users"),
+        ("get", "/admin"),
+        ("Get", "/admin/users"),
+        ("GET", "/%61dmin"),
+        ("GET", "/%2Fadmin"),
+        ("GET", "//admin"),
+        ("GET", "/public/../admin"),
+        ("GET", "/public/%2e%2e/admin"),
+    ] {
+        let a = http_exchange(&client.netns.ns, method, to, path, &[]).await.unwrap();
+        assert_eq!(a.status, 403, "{method} {path} slipped past the DENY: {a:?}");
+    }
+    // What is not denied still works, and reaches the app in canonical form.
+    let a = http_exchange(&client.netns.ns, "get", to, "/public/./page", &[]).await.unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.header("x-seen-method"), Some("GET"));
+    assert_eq!(a.header("x-seen-path"), Some("/public/page"));
+    assert_eq!(http_exchange(&client.netns.ns, "POST", to, "/admin", &[]).await.unwrap().status, 200);
+    // Malformed escapes are refused outright.
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/a%zz", &[]).await.unwrap().status, 400);
+    let log = mesh.log_tails(400);
+    assert!(log.contains("request denied by policy"), "no deny in the waypoint log:\n{log}");
+    assert!(log.contains("demo/no-admin-reads"), "the deny does not name the policy:\n{log}");
+}
