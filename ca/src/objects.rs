@@ -12,7 +12,10 @@ use kube::Resource;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::k8s::{AuthorizationPolicy, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod, Service};
+use crate::k8s::{
+    AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod,
+    Service, VirtualService,
+};
 
 /// The kinds the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -33,6 +36,10 @@ pub enum Kind {
     AuthorizationPolicy,
     /// security.istio.io PeerAuthentication.
     PeerAuthentication,
+    /// networking.istio.io VirtualService.
+    VirtualService,
+    /// networking.istio.io DestinationRule.
+    DestinationRule,
 }
 
 impl fmt::Display for Kind {
@@ -81,6 +88,10 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// A PeerAuthentication.
     PeerAuthentication(Arc<PeerAuthentication>),
+    /// A VirtualService.
+    VirtualService(Arc<VirtualService>),
+    /// A DestinationRule.
+    DestinationRule(Arc<DestinationRule>),
 }
 
 /// Why a document is not a usable object.
@@ -148,6 +159,12 @@ impl Object {
             ("security.istio.io", "PeerAuthentication") => {
                 decode(Kind::PeerAuthentication, value).map(Object::PeerAuthentication)
             }
+            ("networking.istio.io", "VirtualService") => {
+                decode(Kind::VirtualService, value).map(Object::VirtualService)
+            }
+            ("networking.istio.io", "DestinationRule") => {
+                decode(Kind::DestinationRule, value).map(Object::DestinationRule)
+            }
             _ => Err(ObjectError::UnknownKind { api_version, kind }),
         };
         vec![object]
@@ -163,6 +180,8 @@ impl Object {
             Object::HTTPRoute(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::PeerAuthentication(o) => o.meta(),
+            Object::VirtualService(o) => o.meta(),
+            Object::DestinationRule(o) => o.meta(),
         }
     }
 
@@ -177,6 +196,8 @@ impl Object {
             Object::HTTPRoute(_) => Kind::HTTPRoute,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::VirtualService(_) => Kind::VirtualService,
+            Object::DestinationRule(_) => Kind::DestinationRule,
         }
     }
 
@@ -211,6 +232,8 @@ impl Object {
             Object::HTTPRoute(o) => Object::HTTPRoute(fill(o)),
             Object::AuthorizationPolicy(o) => Object::AuthorizationPolicy(fill(o)),
             Object::PeerAuthentication(o) => Object::PeerAuthentication(fill(o)),
+            Object::VirtualService(o) => Object::VirtualService(fill(o)),
+            Object::DestinationRule(o) => Object::DestinationRule(fill(o)),
         }
     }
 }
@@ -271,6 +294,8 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
         }
         Object::AuthorizationPolicy(policy) => crate::translate::authz::validate(&policy.spec).map_err(invalid)?,
         Object::HTTPRoute(route) => crate::translate::waypoint::validate(&route.spec).map_err(invalid)?,
+        Object::VirtualService(vs) => crate::translate::istio::validate_virtual_service(&vs.spec).map_err(invalid)?,
+        Object::DestinationRule(dr) => crate::translate::istio::validate_destination_rule(&dr.spec).map_err(invalid)?,
         _ => {}
     }
     Ok(())
@@ -350,6 +375,18 @@ impl Objects {
     /// Gateways.
     pub fn gateways(&self) -> impl Iterator<Item = &Arc<Gateway>> {
         self.of_kind(Kind::Gateway).filter_map(|o| if let Object::Gateway(x) = o { Some(x) } else { None })
+    }
+
+    /// VirtualServices.
+    pub fn virtual_services(&self) -> impl Iterator<Item = &Arc<VirtualService>> {
+        self.of_kind(Kind::VirtualService)
+            .filter_map(|o| if let Object::VirtualService(x) = o { Some(x) } else { None })
+    }
+
+    /// DestinationRules.
+    pub fn destination_rules(&self) -> impl Iterator<Item = &Arc<DestinationRule>> {
+        self.of_kind(Kind::DestinationRule)
+            .filter_map(|o| if let Object::DestinationRule(x) = o { Some(x) } else { None })
     }
 
     /// HTTPRoutes.

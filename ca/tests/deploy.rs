@@ -83,6 +83,8 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("gateway.networking.k8s.io", "httproutes"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
+        ("networking.istio.io", "virtualservices"),
+        ("networking.istio.io", "destinationrules"),
     ]
     .iter()
     .map(|(g, r)| (g.to_string(), r.to_string()))

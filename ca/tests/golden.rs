@@ -15,7 +15,7 @@ use ca::source::dir::DirSource;
 use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
-use proto::api::ambient::waypoint::v1::{L7Policy, ServiceRoutes};
+use proto::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, ServiceRoutes};
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
 use proto::api::type_url;
@@ -33,6 +33,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
         (type_url::AUTHORIZATION, "Authorization"),
         (type_url::SERVICE_ROUTES, "ServiceRoutes"),
         (type_url::L7_POLICY, "L7Policy"),
+        (type_url::DESTINATION_POLICY, "DestinationPolicy"),
     ];
     for (url, label) in types {
         for (name, r) in &resources.of_type(url).unwrap().by_name {
@@ -46,7 +47,8 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
                 type_url::ADDRESS => format!("{:#?}", Address::decode(bytes).unwrap()),
                 type_url::AUTHORIZATION => format!("{:#?}", Authorization::decode(bytes).unwrap()),
                 type_url::SERVICE_ROUTES => format!("{:#?}", ServiceRoutes::decode(bytes).unwrap()),
-                _ => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
+                type_url::L7_POLICY => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
+                _ => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();
         }
@@ -77,4 +79,11 @@ fn check(case: &str) {
 #[test]
 fn mesh_fixture_yields_the_expected_resources() {
     check("mesh");
+}
+
+/// VirtualService + DestinationRule: ordered routes, subsets resolved to the service's pods with
+/// the subset's labels, faults, timeouts, retries, header changes, the destination policy.
+#[test]
+fn istio_fixture_yields_the_expected_resources() {
+    check("istio");
 }

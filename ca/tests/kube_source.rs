@@ -40,6 +40,8 @@ const PATHS: &[(&str, &str)] = &[
     ("/apis/gateway.networking.k8s.io/v1/gateways", "GatewayList"),
     ("/apis/gateway.networking.k8s.io/v1/httproutes", "HTTPRouteList"),
     ("/apis/security.istio.io/v1/authorizationpolicies", "AuthorizationPolicyList"),
+    ("/apis/networking.istio.io/v1/virtualservices", "VirtualServiceList"),
+    ("/apis/networking.istio.io/v1/destinationrules", "DestinationRuleList"),
     // PeerAuthentication is left out: the CRD "is not installed" and answers 404.
 ];
 

@@ -7,7 +7,11 @@
 //! - retries turn an endpoint failing every other request into full success, and a request
 //!   timeout answers 504;
 //! - an L7 DENY by method and path answers 403 and is logged, and neither the method's case nor
-//!   encoded or dotted paths slip past it.
+//!   encoded or dotted paths slip past it;
+//! - the tutorial VirtualService + DestinationRule behave as written: the 70/30 subset split, the
+//!   header route with its injected delay cut by the timeout (504), the connection pool's
+//!   overflow (503);
+//! - outlier detection ejects a dead endpoint.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -158,7 +162,9 @@ async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
     )
     .unwrap();
     mesh.wait_until("the retry route", Duration::from_secs(20), || async {
-        get(&client, LATEST, "/delay/1000", &[]).await.status == 504
+        http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/delay/1000", &[])
+            .await
+            .is_ok_and(|a| a.status == 504)
     })
     .await
     .unwrap();
@@ -212,4 +218,153 @@ async fn l7_deny_by_method_and_path_cannot_be_bypassed() {
     let log = mesh.log_tails(400);
     assert!(log.contains("request denied by policy"), "no deny in the waypoint log:\n{log}");
     assert!(log.contains("demo/no-admin-reads"), "the deny does not name the policy:\n{log}");
+}
+
+/// The VirtualService and DestinationRule users copy from tutorials, exactly as the issue gives
+/// them.
+const TUTORIAL: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello, namespace: demo}
+spec:
+  hosts: [hello]
+  http:
+  - match: [{headers: {version: {exact: new}}}]
+    route: [{destination: {host: hello, subset: new}}]
+    fault: {delay: {percentage: {value: 10}, fixedDelay: 10s}}
+    timeout: 5s
+  - route:
+    - {destination: {host: hello, subset: latest}, weight: 70}
+    - {destination: {host: hello, subset: new}, weight: 30}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello, namespace: demo}
+spec:
+  host: hello
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}
+  subsets:
+  - {name: latest, labels: {version: latest}}
+  - {name: new, labels: {version: new}}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
+    let (mesh, client, waypoint) = demo_mesh().await;
+    mesh.apply("istio-hello", TUTORIAL).unwrap();
+    mesh.wait_until("the VirtualService", Duration::from_secs(20), || async {
+        let mut all_new = true;
+        for _ in 0..10 {
+            let a = get(&client, HELLO, "/", &[]).await;
+            all_new &= a.status == 200 && a.header("x-served-by").is_some();
+        }
+        let m = mesh.waypoint_metrics(&waypoint).await.unwrap_or_default();
+        // The connection-pool policy is in force once requests carry it (one per connection).
+        all_new && m.contains("destination_service=\"hello.demo.svc.cluster.local\"")
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The split over the subsets: ~30 % new.
+    let mut new = 0;
+    for _ in 0..1000 {
+        let a = get(&client, HELLO, "/", &[]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        match a.body.trim() {
+            "hello-new" => new += 1,
+            "hello-latest" => {}
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    assert!((242..=358).contains(&new), "subset new got {new} of 1000 (want ~300)");
+
+    // `version: new`: always the new subset; ~10 % delayed 10 s, cut at 5 s with 504. Two at a
+    // time (within the pool: one in flight, one waiting).
+    let lanes: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..40 {
+                    let start = std::time::Instant::now();
+                    let a = get(&client, HELLO, "/", &[("version", "new")]).await;
+                    out.push((a, start.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut timeouts = 0;
+    for lane in lanes {
+        for (a, took) in lane.await.unwrap() {
+            if a.status == 504 {
+                timeouts += 1;
+                assert!(took >= Duration::from_millis(4900) && took < Duration::from_secs(9), "504 after {took:?}");
+            } else {
+                assert_eq!((a.status, a.body.trim()), (200, "hello-new"), "{a:?}");
+                assert!(took < Duration::from_secs(4), "an undelayed request took {took:?}");
+            }
+        }
+    }
+    assert!((1..=20).contains(&timeouts), "{timeouts} of 80 delayed past the timeout (want ~8)");
+
+    // Beyond the pool (1 in flight + 1 waiting), concurrent requests get 503 (overflow).
+    let burst: Vec<_> = (0..30)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { get(&client, HELLO, "/delay/300", &[]).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for b in burst {
+        statuses.push(b.await.unwrap());
+    }
+    let overflow = statuses.iter().filter(|s| **s == 503).count();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(overflow + ok, 30, "{statuses:?}");
+    assert!(ok >= 2 && overflow >= 20, "{ok} served, {overflow} overflowed: {statuses:?}");
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    assert_eq!(sum(&m, "istio_requests_total{", &["response_code=\"503\"", "response_flags=\"UO\""]), overflow as f64);
+    assert_eq!(
+        sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]),
+        f64::from(timeouts)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_dead_endpoint() {
+    let (mut mesh, client, _waypoint) = demo_mesh().await;
+    let alive = mesh.pod(PodSpec::new("doa-alive", "demo", 2).label("app", "doa")).await.unwrap();
+    http_server(alive.listen(APP_PORT).unwrap(), "doa-alive");
+    // In the mesh, selected by the service, but nothing listens: every request to it fails.
+    let _dead = mesh.pod(PodSpec::new("doa-dead", "demo", 1).label("app", "doa")).await.unwrap();
+    let vip = Ipv4Addr::new(10, 96, 1, 20);
+    mesh.apply("svc-doa", &service("doa", "demo", vip, &[("app", "doa")])).unwrap();
+    mesh.apply(
+        "dr-doa",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: doa, namespace: demo}\nspec:\n  host: doa\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+    )
+    .unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_until("the doa service through the waypoint", Duration::from_secs(20), || async {
+        http_exchange(&client.netns.ns, "GET", SocketAddr::from((vip, 80)), "/", &[])
+            .await
+            .is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+    // Round robin reaches the dead endpoint at most once more before it is ejected.
+    let mut failures = 0;
+    for _ in 0..30 {
+        let a = get(&client, vip, "/", &[]).await;
+        if a.status == 200 {
+            assert_eq!(a.body.trim(), "doa-alive");
+        } else {
+            failures += 1;
+        }
+    }
+    assert!(failures <= 1, "{failures} of 30 failed after the dead endpoint should have been ejected");
+    let log = mesh.log_tails(400);
+    assert!(log.contains("endpoint ejected"), "no ejection logged:\n{log}");
 }

@@ -22,11 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
-use crate::api::ambient::waypoint::v1::{L7Policy, ServiceRoutes};
+use crate::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, ServiceRoutes};
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, Service, Workload, address};
-use crate::api::type_url::{ADDRESS, AUTHORIZATION, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use crate::api::type_url::{ADDRESS, AUTHORIZATION, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
 use crate::tls::{SharedTrustBundle, TrustBundle};
 
 use crate::api::envoy::config::core::v3::Node;
@@ -148,6 +148,8 @@ pub struct MeshState {
     pub routes: HashMap<String, Arc<ServiceRoutes>>,
     /// Waypoint (L7) policies by `namespace/name`.
     pub l7_policies: HashMap<String, Arc<L7Policy>>,
+    /// DestinationRule traffic policies by service, `namespace/hostname`.
+    pub destination_policies: HashMap<String, Arc<DestinationPolicy>>,
     /// Workload uid by IP.
     by_ip: HashMap<IpAddr, String>,
     /// Service key by VIP.
@@ -287,6 +289,9 @@ impl MeshView {
                 L7_POLICY => {
                     state.l7_policies.remove(name);
                 }
+                DESTINATION_POLICY => {
+                    state.destination_policies.remove(name);
+                }
                 _ => {}
             }
             state.versions.remove(&(type_url, name.clone()));
@@ -328,6 +333,10 @@ fn apply_resource(
         L7_POLICY => {
             let p = L7Policy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
             state.l7_policies.insert(res.name.clone(), Arc::new(p));
+        }
+        DESTINATION_POLICY => {
+            let p = DestinationPolicy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            state.destination_policies.insert(res.name.clone(), Arc::new(p));
         }
         TRUST_BUNDLE => {
             let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(|e| e.to_string())?;

@@ -10,8 +10,9 @@
 //!    with the caller's identity from the tunnel's TLS handshake (`403` on deny);
 //! 3. picks the rule of the service's routes ([`route`]), applies its filters (header changes,
 //!    redirects, rewrites, mirroring) and a weighted backend;
-//! 4. sends it to an endpoint pod of that backend over HBONE, with the rule's timeouts and
-//!    retries ([`upstream`]);
+//! 4. applies the rule's faults, then sends it to an endpoint pod of that backend (of the subset,
+//!    if one is named) over HBONE ([`upstream`]), with the rule's timeouts and retries and the
+//!    DestinationRule's load balancing, limits and outlier ejection ([`destination`]);
 //! 5. counts it (`istio_requests_total`, `istio_request_duration_milliseconds`, [`metrics`]) and
 //!    writes one access-log line.
 //!
@@ -20,6 +21,7 @@
 //! the trust bundle.
 
 pub mod authz;
+pub mod destination;
 pub mod metrics;
 pub mod normalize;
 pub mod proxy;
@@ -39,7 +41,7 @@ use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
 use proto::api::istio::workload::gateway_address;
-use proto::api::type_url::{ADDRESS, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
 use proto::drain::{self, DrainTrigger};
@@ -56,7 +58,7 @@ use crate::route::Regexes;
 use crate::upstream::{Clients, Connector};
 
 /// The xDS types a waypoint follows.
-pub const SUBSCRIBED: [&str; 4] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, TRUST_BUNDLE];
+pub const SUBSCRIBED: [&str; 5] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
 
 /// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -78,6 +80,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Compiled route regexes.
     pub regexes: Regexes,
+    /// Limits, balancing and ejections per destination service.
+    pub destinations: destination::Destinations,
 }
 
 /// Settings.
@@ -276,6 +280,7 @@ impl Waypoint {
             clients: Clients::new(&connector),
             metrics: Metrics::new(),
             regexes: Regexes::default(),
+            destinations: destination::Destinations::default(),
         });
         let stop = CancellationToken::new();
         let xds = AdsClient {

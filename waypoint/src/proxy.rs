@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +15,7 @@ use proto::api::ambient::waypoint::v1::{self as pb, filter, path_modifier};
 use proto::api::istio::workload::{Service, Workload, WorkloadStatus};
 use proto::hbone::TraceParent;
 use proto::xds::MeshState;
+use rand::Rng;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -66,7 +66,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 /// Endpoints of `service_key` serving `port`, with the port to reach them on.
-fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<(Arc<Workload>, u16)> {
+fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
     let mut out: Vec<_> = state
         .workloads
         .values()
@@ -75,11 +75,24 @@ fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<(Arc<Worklo
             let ports = w.services.get(service_key)?;
             let p = ports.ports.iter().find(|p| p.service_port == u32::from(port))?;
             let target = if p.target_port == 0 { p.service_port } else { p.target_port };
-            Some((w.clone(), u16::try_from(target).ok()?))
+            Some(Endpoint { workload: w.clone(), port: u16::try_from(target).ok()? })
         })
         .collect();
-    out.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+    out.sort_by(|a, b| a.workload.uid.cmp(&b.workload.uid));
     out
+}
+
+/// An endpoint pod and the port it serves the backend on.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    workload: Arc<Workload>,
+    port: u16,
+}
+
+impl AsRef<Workload> for Endpoint {
+    fn as_ref(&self) -> &Workload {
+        &self.workload
+    }
 }
 
 /// Hop-by-hop headers, never forwarded.
@@ -169,9 +182,6 @@ impl ReqBody {
         }
     }
 }
-
-/// Round-robin position shared by every request.
-static NEXT_ENDPOINT: AtomicUsize = AtomicUsize::new(0);
 
 /// Handles one request from `down`.
 pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
@@ -370,11 +380,13 @@ async fn route_and_send(
     }
 
     // Backend: the rule's (by weight), else the destination itself.
-    let (backend_key, backend_port) = match (&rule, &service_key) {
+    let (backend_key, backend_port, subset) = match (&rule, &service_key) {
         (Some(r), _) if !r.backends.is_empty() => match route::pick_backend(&r.backends, &mut rand::rng()) {
-            Some(b) => {
-                (Some(b.service.clone()), if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) })
-            }
+            Some(b) => (
+                Some(b.service.clone()),
+                if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) },
+                (!b.subset.is_empty()).then(|| b.workloads.clone()),
+            ),
             None => {
                 return (
                     text(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n"),
@@ -388,13 +400,21 @@ async fn route_and_send(
                 fail(StatusCode::INTERNAL_SERVER_ERROR, "NR", &route_name),
             );
         }
-        (None, key) => (key.clone(), port),
+        (None, key) => (key.clone(), port, None),
     };
-    let candidates: Vec<(Arc<Workload>, u16)> = match (&backend_key, &destination) {
+    let mut candidates: Vec<Endpoint> = match (&backend_key, &destination) {
         (Some(key), _) => ctx.view.read(|s| endpoints(s, key, backend_port)),
-        (None, Destination::Workload(w)) => vec![(w.clone(), port)],
+        (None, Destination::Workload(w)) => vec![Endpoint { workload: w.clone(), port }],
         (None, Destination::Service(..)) => Vec::new(),
     };
+    if let Some(members) = &subset {
+        candidates.retain(|e| members.contains(&e.workload.uid));
+    }
+    let policy = backend_key.as_ref().and_then(|k| ctx.view.read(|s| s.destination_policies.get(k).cloned()));
+    let destination_state = ctx.destinations.state(backend_key.as_deref().unwrap_or_default(), policy.as_deref());
+    if destination_state.one_request_per_connection() {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     if candidates.is_empty() {
         return (
             text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n"),
@@ -441,7 +461,7 @@ async fn route_and_send(
 
     if let (Some(m), ReqBody::Buffered(b)) = (&mirror, &body) {
         let targets = ctx.view.read(|s| endpoints(s, &m.service, if m.port == 0 { port } else { m.port as u16 }));
-        if let Some((w, p)) = targets.first()
+        if let Some(Endpoint { workload: w, port: p }) = targets.first()
             && let Some(ip) = w.addresses.first().and_then(|a| ip_of(a))
             && let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *p)).parse::<Uri>()
         {
@@ -467,8 +487,37 @@ async fn route_and_send(
         .unwrap_or_else(|| vec![500, 502, 503, 504]);
     let backoff = retry.as_ref().map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms.max(25)));
 
+    let fault = rule.as_ref().and_then(|r| r.fault);
+    let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
     let send_all = async {
-        let first = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
+        // Faults first: an abort answers at once; a delay counts against the request timeout.
+        let mut delayed = false;
+        if let Some(f) = &fault {
+            if let Some(a) = &f.abort
+                && rand::rng().random_bool((a.percent / 100.0).clamp(0.0, 1.0))
+            {
+                let status = StatusCode::from_u16(u16::try_from(a.http_status).unwrap_or(503))
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return (text(status, "fault filter abort\n"), fail(status, "FI", &route_name));
+            }
+            if let Some(d) = &f.delay
+                && rand::rng().random_bool((d.percent / 100.0).clamp(0.0, 1.0))
+            {
+                delayed = true;
+                tokio::time::sleep(Duration::from_millis(d.fixed_delay_ms)).await;
+            }
+        }
+        // The destination's limits: wait for a slot, or overflow.
+        let Some(_slot) = destination_state.admit().await else {
+            return (
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow\n",
+                ),
+                fail(StatusCode::SERVICE_UNAVAILABLE, "UO", &route_name),
+            );
+        };
+        let mut tried: Vec<String> = Vec::new();
         let mut last: (Response<Body>, Outcome) = (
             text(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n"),
             fail(StatusCode::SERVICE_UNAVAILABLE, "UF", &route_name),
@@ -477,8 +526,14 @@ async fn route_and_send(
             if attempt > 0 {
                 tokio::time::sleep(backoff).await;
             }
-            // A retry goes to the next endpoint when there is one.
-            let (workload, target_port) = &candidates[(first + attempt as usize) % candidates.len()];
+            // A retry goes to another endpoint when there is one.
+            let Some(Endpoint { workload, port: target_port }) =
+                destination_state.pick(&candidates, policy.as_deref(), &tried)
+            else {
+                break;
+            };
+            tried.push(workload.uid.clone());
+            let _in_flight = destination_state.start(&workload.uid);
             let Some(ip) = workload.addresses.first().and_then(|a| ip_of(a)) else { continue };
             let Some(b) = body.take() else { break };
             let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *target_port)).parse::<Uri>() else {
@@ -493,9 +548,9 @@ async fn route_and_send(
                 Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                 None => Ok(sent.await),
             };
-            let outcome = |status, flags| Outcome {
+            let outcome = |status, flags: &'static str| Outcome {
                 status,
-                flags,
+                flags: if delayed && flags == "-" { "DI" } else { flags },
                 endpoint: Some(workload.clone()),
                 route: route_name.clone(),
                 attempts: attempt + 1,
@@ -503,6 +558,7 @@ async fn route_and_send(
             match result {
                 Ok(Ok(resp)) => {
                     let status = resp.status();
+                    destination_state.record(&workload.uid, status.as_u16(), outlier.as_ref(), candidates.len());
                     let retryable = retry.is_some() && retry_codes.contains(&status.as_u16()) && attempt + 1 < attempts;
                     let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
                     if !retryable {
@@ -511,13 +567,15 @@ async fn route_and_send(
                     last = (resp, outcome(status, "URX"));
                 }
                 Ok(Err(e)) => {
+                    destination_state.record(&workload.uid, 0, outlier.as_ref(), candidates.len());
                     warn!(endpoint = %workload.name, error = %e, attempt = attempt + 1, "upstream request failed");
                     last = (
                         text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n"),
                         outcome(StatusCode::SERVICE_UNAVAILABLE, "UF"),
                     );
                 }
-                Err(_) => {
+                Err(()) => {
+                    destination_state.record(&workload.uid, 504, outlier.as_ref(), candidates.len());
                     last = (
                         text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
                         outcome(StatusCode::GATEWAY_TIMEOUT, "UT"),

@@ -5,6 +5,9 @@
 //! longest prefix first), then a method match, then the most header matches, then the most query
 //! matches; remaining ties go to the route and rule listed first. A rule with no matches matches
 //! every request as a `/` prefix.
+//!
+//! Ordered routes (a VirtualService's) come first: their rules are tried in order and the first
+//! that matches wins; precedence applies only among the other routes.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -123,9 +126,16 @@ pub struct Chosen<'a> {
 
 /// The rule for `input` among `routes`, if any matches.
 pub fn select<'a>(routes: &'a pb::ServiceRoutes, input: &RouteInput<'_>, regexes: &Regexes) -> Option<Chosen<'a>> {
+    let applicable = || routes.routes.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
+    for route in applicable().filter(|r| r.ordered) {
+        for rule in &route.rules {
+            if rule.matches.is_empty() || rule.matches.iter().any(|m| rank_if_matches(m, input, regexes).is_some()) {
+                return Some(Chosen { route, rule });
+            }
+        }
+    }
     let mut best: Option<(Rank, Chosen<'a>)> = None;
-    let applicable = routes.routes.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
-    for route in applicable {
+    for route in applicable().filter(|r| !r.ordered) {
         for rule in &route.rules {
             let rank = if rule.matches.is_empty() {
                 Some((1, 1, false, 0, 0))
@@ -177,7 +187,7 @@ mod tests {
         pb::ServiceRoutes {
             namespace: "demo".into(),
             hostname: "hello.demo.svc.cluster.local".into(),
-            routes: vec![pb::Route { name: "demo/hello".into(), ports: vec![], rules }],
+            routes: vec![pb::Route { name: "demo/hello".into(), ports: vec![], rules, ordered: false }],
         }
     }
 
@@ -247,9 +257,9 @@ mod tests {
     fn weights_split_in_proportion() {
         use rand::SeedableRng;
         let backends = vec![
-            pb::Backend { service: "a".into(), port: 80, weight: 70 },
-            pb::Backend { service: "b".into(), port: 80, weight: 30 },
-            pb::Backend { service: "never".into(), port: 80, weight: 0 },
+            pb::Backend { service: "a".into(), port: 80, weight: 70, ..Default::default() },
+            pb::Backend { service: "b".into(), port: 80, weight: 30, ..Default::default() },
+            pb::Backend { service: "never".into(), port: 80, weight: 0, ..Default::default() },
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let mut a = 0;

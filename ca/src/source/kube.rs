@@ -1,7 +1,8 @@
 //! The Kubernetes API server as the source of objects.
 //!
 //! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes,
-//! AuthorizationPolicies, PeerAuthentications), across all namespaces. A watcher lists, then
+//! AuthorizationPolicies, PeerAuthentications, VirtualServices, DestinationRules), across all
+//! namespaces. A watcher lists, then
 //! watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
 //! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
 //! logged and keep their previous valid version.
@@ -17,7 +18,10 @@ use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
-use crate::k8s::{AuthorizationPolicy, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod, Service};
+use crate::k8s::{
+    AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod,
+    Service, VirtualService,
+};
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
 /// The `source` of errors this source reports to the admin API.
@@ -56,7 +60,7 @@ impl Problems {
 
 /// Watches every kind until `stop` resolves.
 pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 8;
+    let kinds = 10;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -77,6 +81,20 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
                 Api::all(client.clone()),
                 Kind::AuthorizationPolicy,
                 Object::AuthorizationPolicy,
+                &store,
+                &problems
+            ),
+            watch::<VirtualService>(
+                Api::all(client.clone()),
+                Kind::VirtualService,
+                Object::VirtualService,
+                &store,
+                &problems
+            ),
+            watch::<DestinationRule>(
+                Api::all(client.clone()),
+                Kind::DestinationRule,
+                Object::DestinationRule,
                 &store,
                 &problems
             ),

@@ -13,6 +13,7 @@
 //!   policies ([`waypoint`]).
 
 pub mod authz;
+pub mod istio;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
@@ -296,6 +297,14 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     // What waypoints need: routes per service and the policies targeting them.
     state.routes = waypoint::routes(objects, config, &state.services);
     state.l7_policies = waypoint::l7_policies(objects);
+    // VirtualServices are tried before the HTTPRoutes of the same service.
+    for (key, mut vs_routes) in istio::virtual_service_routes(objects, config, &state.services) {
+        if let Some(existing) = state.routes.remove(&key) {
+            vs_routes.routes.extend(existing.routes);
+        }
+        state.routes.insert(key, vs_routes);
+    }
+    state.destination_policies = istio::destination_policies(objects, config, &state.services);
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
     let mut slice_members: HashMap<(&str, &str), Vec<SliceMembership<'_>>> = HashMap::new();

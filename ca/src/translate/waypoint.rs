@@ -135,7 +135,12 @@ fn filter(f: &HttpRouteFilter, route_ns: &str, suffix: &str) -> Option<pb::Filte
             };
             let (ns, host) = service_key(&target, route_ns, suffix);
             Kind::RequestMirror(pb::Mirror {
-                backend: Some(pb::Backend { service: format!("{ns}/{host}"), port: u32_of(b, "port"), weight: 1 }),
+                backend: Some(pb::Backend {
+                    service: format!("{ns}/{host}"),
+                    port: u32_of(b, "port"),
+                    weight: 1,
+                    ..Default::default()
+                }),
             })
         }
         _ => return None,
@@ -182,6 +187,7 @@ fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
                     service: format!("{ns}/{host}"),
                     port: u32::from(b.target.port.unwrap_or(0)),
                     weight: b.weight.unwrap_or(1),
+                    ..Default::default()
                 }
             })
             .collect(),
@@ -192,6 +198,7 @@ fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
             attempts: x.attempts.unwrap_or(0),
             backoff_ms: ms(&x.backoff),
         }),
+        fault: None,
     }
 }
 
@@ -240,6 +247,7 @@ pub fn routes(
                     name: format!("{ns}/{name}"),
                     ports: parent.port.map(u32::from).into_iter().collect(),
                     rules: rules.clone(),
+                    ordered: false,
                 });
             }
         }

@@ -22,8 +22,14 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 5] =
-    [type_url::ADDRESS, type_url::AUTHORIZATION, type_url::SERVICE_ROUTES, type_url::L7_POLICY, type_url::TRUST_BUNDLE];
+pub const TYPES: [&str; 6] = [
+    type_url::ADDRESS,
+    type_url::AUTHORIZATION,
+    type_url::SERVICE_ROUTES,
+    type_url::L7_POLICY,
+    type_url::DESTINATION_POLICY,
+    type_url::TRUST_BUNDLE,
+];
 
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +163,12 @@ impl Resources {
             l7.by_name.insert(name.clone(), resource(type_url::L7_POLICY, name, Vec::new(), p));
         }
 
+        let mut destinations = TypeResources::default();
+        for (name, p) in &state.destination_policies {
+            let name: Arc<str> = Arc::from(name.as_str());
+            destinations.by_name.insert(name.clone(), resource(type_url::DESTINATION_POLICY, name, Vec::new(), p));
+        }
+
         let mut trust = TypeResources::default();
         if let Some(bundle) = bundle {
             let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
@@ -169,6 +181,7 @@ impl Resources {
         by_type.insert(type_url::AUTHORIZATION, authz);
         by_type.insert(type_url::SERVICE_ROUTES, routes);
         by_type.insert(type_url::L7_POLICY, l7);
+        by_type.insert(type_url::DESTINATION_POLICY, destinations);
 
         let mut delta = Delta { generation, types: HashMap::new() };
         for (url, current) in &by_type {

@@ -1,0 +1,406 @@
+//! Istio `VirtualService` and `DestinationRule` → the waypoint's routes and destination policies.
+//!
+//! - A VirtualService applying to the mesh (no `gateways`, or `mesh` among them) gives each
+//!   service named in `hosts` an ordered route: its `http` entries in order, the first match
+//!   winning, tried before the service's HTTPRoutes. Matches, weighted destinations (subsets
+//!   resolved to the workloads whose labels the DestinationRule names), header changes,
+//!   redirects, rewrites, mirrors, timeouts, retries and faults carry over.
+//! - A DestinationRule's traffic policy (load balancer, connection pool, outlier detection)
+//!   becomes the service's [`pb::DestinationPolicy`]. Per-subset traffic policies are not
+//!   applied (the service-wide one is).
+//!
+//! Hosts resolve like Istio's: `name` in the object's namespace, `name.namespace`, or the full
+//! `name.namespace.svc.<suffix>`; hosts that name no service are skipped.
+
+use std::collections::BTreeMap;
+
+use proto::api::ambient::waypoint::v1 as pb;
+
+use crate::k8s::{self, DestinationRuleSpec, StringMatch, VirtualServiceSpec, VsHeaderOps, VsHttpRoute};
+use crate::mesh::Service;
+use crate::objects::Objects;
+use crate::translate::MeshConfig;
+use crate::translate::waypoint::parse_duration;
+
+/// `(namespace, hostname)` of a host as written in `namespace`.
+pub fn resolve_host(host: &str, namespace: &str, suffix: &str) -> (String, String) {
+    let host = host.trim_end_matches('.');
+    let parts: Vec<&str> = host.split('.').collect();
+    match parts.as_slice() {
+        [name] => (namespace.to_owned(), format!("{name}.{namespace}.svc.{suffix}")),
+        [name, ns] => ((*ns).to_owned(), format!("{name}.{ns}.svc.{suffix}")),
+        [_, ns, "svc", ..] => ((*ns).to_owned(), host.to_owned()),
+        _ => (namespace.to_owned(), host.to_owned()),
+    }
+}
+
+fn one_of(m: &StringMatch, what: &str) -> Result<(), String> {
+    let set = [&m.exact, &m.prefix, &m.regex].iter().filter(|v| v.is_some()).count();
+    if set != 1 {
+        return Err(format!("{what}: exactly one of exact, prefix, regex must be set"));
+    }
+    if let Some(r) = &m.regex {
+        regex_syntax::parse(r).map_err(|e| format!("{what}: bad regex {r:?}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Checks a VirtualService's fields the translation relies on.
+pub fn validate_virtual_service(spec: &VirtualServiceSpec) -> Result<(), String> {
+    if spec.hosts.is_empty() {
+        return Err("spec.hosts is empty".into());
+    }
+    for (i, h) in spec.http.iter().enumerate() {
+        for d in h.timeout.iter().chain(h.retries.as_ref().and_then(|r| r.per_try_timeout.as_ref())) {
+            parse_duration(d).map_err(|e| format!("http[{i}]: {e}"))?;
+        }
+        if let Some(d) = h.fault.as_ref().and_then(|f| f.delay.as_ref()).and_then(|d| d.fixed_delay.as_ref()) {
+            parse_duration(d).map_err(|e| format!("http[{i}].fault.delay: {e}"))?;
+        }
+        for m in &h.matches {
+            for (what, sm) in m.uri.iter().map(|u| ("uri", u)).chain(m.method.iter().map(|u| ("method", u))) {
+                one_of(sm, &format!("http[{i}].match.{what}"))?;
+            }
+            for (name, sm) in m.headers.iter().chain(&m.query_params) {
+                one_of(sm, &format!("http[{i}].match[{name}]"))?;
+            }
+        }
+        let total: u32 = h.route.iter().filter_map(|r| r.weight).sum();
+        if total > 100 {
+            return Err(format!("http[{i}]: route weights add up to {total}, more than 100"));
+        }
+        if h.route.is_empty() && h.redirect.is_none() {
+            return Err(format!("http[{i}]: neither route nor redirect"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a DestinationRule's fields the translation relies on.
+pub fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
+    if spec.host.is_empty() {
+        return Err("spec.host is empty".into());
+    }
+    if let Some(p) = &spec.traffic_policy {
+        match p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+            None | Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM" | "UNSPECIFIED" | "PASSTHROUGH") => {}
+            Some(other) => return Err(format!("loadBalancer.simple {other:?} is not supported")),
+        }
+        if let Some(o) = &p.outlier_detection {
+            for d in o.interval.iter().chain(&o.base_ejection_time) {
+                parse_duration(d).map_err(|e| format!("outlierDetection: {e}"))?;
+            }
+        }
+    }
+    let mut names: Vec<&str> = spec.subsets.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("subset {:?} is defined twice", w[0]));
+    }
+    Ok(())
+}
+
+fn value_match(name: &str, m: &StringMatch) -> pb::ValueMatch {
+    let (kind, value) = match (&m.exact, &m.prefix, &m.regex) {
+        (Some(v), _, _) => (pb::value_match::Kind::Exact, v.clone()),
+        (_, Some(p), _) => (pb::value_match::Kind::Regex, format!("{}.*", regex_syntax::escape(p))),
+        (_, _, Some(r)) => (pb::value_match::Kind::Regex, r.clone()),
+        _ => (pb::value_match::Kind::Regex, ".*".into()),
+    };
+    pb::ValueMatch { kind: kind as i32, name: name.to_owned(), value }
+}
+
+fn header_modifier(ops: Option<&VsHeaderOps>) -> Option<pb::HeaderModifier> {
+    let ops = ops?;
+    let headers = |m: &BTreeMap<String, String>| {
+        m.iter().map(|(k, v)| pb::Header { name: k.clone(), value: v.clone() }).collect()
+    };
+    Some(pb::HeaderModifier { set: headers(&ops.set), add: headers(&ops.add), remove: ops.remove.clone() })
+}
+
+/// Status codes a `retryOn` list retries on (connection failures are always retried).
+fn retry_codes(retry_on: Option<&str>) -> Vec<u32> {
+    let mut codes = Vec::new();
+    for cond in retry_on.unwrap_or("gateway-error").split(',').map(str::trim) {
+        match cond {
+            "5xx" => codes.extend(500..=599),
+            "gateway-error" => codes.extend([502, 503, 504]),
+            "retriable-4xx" => codes.push(409),
+            c => codes.extend(c.parse::<u32>().ok()),
+        }
+    }
+    codes.sort_unstable();
+    codes.dedup();
+    codes
+}
+
+/// What resolving a destination needs.
+struct Resolver<'a> {
+    objects: &'a Objects,
+    config: &'a MeshConfig,
+}
+
+impl Resolver<'_> {
+    /// The uids of the workloads of subset `subset` of the service `(ns, hostname)`.
+    fn subset_workloads(&self, ns: &str, hostname: &str, subset: &str) -> Vec<String> {
+        let suffix = &self.config.domain_suffix;
+        let Some(labels) = self
+            .objects
+            .destination_rules()
+            .filter(|dr| {
+                let (dr_ns, _) = k8s::ns_name(&dr.metadata);
+                resolve_host(&dr.spec.host, dr_ns, suffix) == (ns.to_owned(), hostname.to_owned())
+            })
+            .flat_map(|dr| dr.spec.subsets.iter())
+            .find(|s| s.name == subset)
+            .map(|s| &s.labels)
+        else {
+            return Vec::new();
+        };
+        let name = hostname.split('.').next().unwrap_or_default();
+        let selector = self
+            .objects
+            .services()
+            .find(|s| k8s::ns_name(&s.metadata) == (ns, name))
+            .and_then(|s| s.spec.as_ref()?.selector.clone())
+            .unwrap_or_default();
+        let mut uids: Vec<String> = self
+            .objects
+            .pods()
+            .filter(|p| k8s::ns_name(&p.metadata).0 == ns)
+            .filter(|p| {
+                k8s::selects(&selector, k8s::labels(&p.metadata)) && k8s::selects(labels, k8s::labels(&p.metadata))
+            })
+            .map(|p| format!("{}//Pod/{ns}/{}", self.config.cluster_id, k8s::ns_name(&p.metadata).1))
+            .collect();
+        uids.sort();
+        uids
+    }
+
+    fn backend(&self, d: &k8s::VsDestination, vs_ns: &str, weight: u32) -> pb::Backend {
+        let (ns, host) = resolve_host(&d.host, vs_ns, &self.config.domain_suffix);
+        let subset = d.subset.clone().unwrap_or_default();
+        let workloads = if subset.is_empty() { Vec::new() } else { self.subset_workloads(&ns, &host, &subset) };
+        pb::Backend {
+            service: format!("{ns}/{host}"),
+            port: d.port.as_ref().and_then(|p| p.number).unwrap_or(0),
+            weight,
+            subset,
+            workloads,
+        }
+    }
+
+    fn rule(&self, h: &VsHttpRoute, vs_ns: &str) -> pb::RouteRule {
+        let ms = |d: Option<&String>| d.and_then(|d| parse_duration(d).ok()).unwrap_or(0);
+        let matches = h
+            .matches
+            .iter()
+            .map(|m| pb::RouteMatch {
+                path: m.uri.as_ref().map(|u| match (&u.exact, &u.prefix, &u.regex) {
+                    (Some(v), _, _) => pb::PathMatch { kind: pb::path_match::Kind::Exact as i32, value: v.clone() },
+                    (_, Some(v), _) => pb::PathMatch {
+                        // Istio prefixes are plain string prefixes, not path segments.
+                        kind: pb::path_match::Kind::Regex as i32,
+                        value: format!("{}.*", regex_syntax::escape(v)),
+                    },
+                    (_, _, r) => pb::PathMatch {
+                        kind: pb::path_match::Kind::Regex as i32,
+                        value: r.clone().unwrap_or_else(|| ".*".into()),
+                    },
+                }),
+                headers: m.headers.iter().map(|(n, v)| value_match(n, v)).collect(),
+                query_params: m.query_params.iter().map(|(n, v)| value_match(n, v)).collect(),
+                method: m.method.as_ref().and_then(|x| x.exact.clone()).unwrap_or_default(),
+            })
+            .collect();
+        // One destination without a weight takes it all; weights otherwise as written.
+        let only = h.route.len() == 1;
+        let backends = h
+            .route
+            .iter()
+            .map(|r| self.backend(&r.destination, vs_ns, r.weight.unwrap_or(if only { 100 } else { 0 })))
+            .collect();
+        let mut filters = Vec::new();
+        if let Some(m) = header_modifier(h.headers.as_ref().and_then(|x| x.request.as_ref())) {
+            filters.push(pb::Filter { kind: Some(pb::filter::Kind::RequestHeaderModifier(m)) });
+        }
+        if let Some(m) = header_modifier(h.headers.as_ref().and_then(|x| x.response.as_ref())) {
+            filters.push(pb::Filter { kind: Some(pb::filter::Kind::ResponseHeaderModifier(m)) });
+        }
+        if let Some(r) = &h.redirect {
+            let s = |k: &str| r.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let n = |k: &str| r.get(k).and_then(serde_json::Value::as_u64).and_then(|v| u32::try_from(v).ok());
+            filters.push(pb::Filter {
+                kind: Some(pb::filter::Kind::RequestRedirect(pb::Redirect {
+                    scheme: s("scheme"),
+                    hostname: s("authority"),
+                    path: r.get("uri").and_then(|v| v.as_str()).map(|u| pb::PathModifier {
+                        kind: Some(pb::path_modifier::Kind::ReplaceFullPath(u.to_owned())),
+                    }),
+                    port: n("port").unwrap_or(0),
+                    status_code: n("redirectCode").unwrap_or(301),
+                })),
+            });
+        }
+        if let Some(rw) = &h.rewrite {
+            filters.push(pb::Filter {
+                kind: Some(pb::filter::Kind::UrlRewrite(pb::Rewrite {
+                    hostname: rw.authority.clone().unwrap_or_default(),
+                    path: rw.uri.as_ref().map(|u| pb::PathModifier {
+                        kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch(u.clone())),
+                    }),
+                })),
+            });
+        }
+        if let Some(m) = &h.mirror {
+            filters.push(pb::Filter {
+                kind: Some(pb::filter::Kind::RequestMirror(pb::Mirror { backend: Some(self.backend(m, vs_ns, 1)) })),
+            });
+        }
+        let percent = |p: &Option<k8s::Percent>| p.as_ref().map_or(100.0, |p| p.value.clamp(0.0, 100.0));
+        let fault = h.fault.as_ref().map(|f| pb::Fault {
+            delay: f
+                .delay
+                .as_ref()
+                .map(|d| pb::Delay { fixed_delay_ms: ms(d.fixed_delay.as_ref()), percent: percent(&d.percentage) }),
+            abort: f
+                .abort
+                .as_ref()
+                .map(|a| pb::Abort { http_status: a.http_status.unwrap_or(503), percent: percent(&a.percentage) }),
+        });
+        pb::RouteRule {
+            name: h.name.clone().unwrap_or_default(),
+            matches,
+            filters,
+            backends,
+            request_timeout_ms: ms(h.timeout.as_ref()),
+            backend_request_timeout_ms: ms(h.retries.as_ref().and_then(|r| r.per_try_timeout.as_ref())),
+            retry: h.retries.as_ref().filter(|r| r.attempts.unwrap_or(0) > 0).map(|r| pb::Retry {
+                codes: retry_codes(r.retry_on.as_deref()),
+                attempts: r.attempts.unwrap_or(0),
+                backoff_ms: 25,
+            }),
+            fault,
+        }
+    }
+}
+
+/// Ordered routes per service (`namespace/hostname`) from the mesh's VirtualServices.
+pub fn virtual_service_routes(
+    objects: &Objects,
+    config: &MeshConfig,
+    services: &BTreeMap<String, Service>,
+) -> BTreeMap<String, pb::ServiceRoutes> {
+    let resolver = Resolver { objects, config };
+    let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
+    let mut vss: Vec<_> = objects.virtual_services().collect();
+    // Oldest-named first, for a stable order when two VirtualServices name one host.
+    vss.sort_by(|a, b| k8s::ns_name(&a.metadata).cmp(&k8s::ns_name(&b.metadata)));
+    for vs in vss {
+        let spec = &vs.spec;
+        if !(spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh")) {
+            continue;
+        }
+        let (ns, name) = k8s::ns_name(&vs.metadata);
+        let rules: Vec<pb::RouteRule> = spec.http.iter().map(|h| resolver.rule(h, ns)).collect();
+        for host in &spec.hosts {
+            let (svc_ns, hostname) = resolve_host(host, ns, &config.domain_suffix);
+            let key = format!("{svc_ns}/{hostname}");
+            let Some(svc) = services.get(&key) else { continue };
+            out.entry(key)
+                .or_insert_with(|| pb::ServiceRoutes {
+                    namespace: svc.namespace.clone(),
+                    hostname: svc.hostname.clone(),
+                    routes: Vec::new(),
+                })
+                .routes
+                .push(pb::Route {
+                    name: format!("{ns}/{name}"),
+                    ports: Vec::new(),
+                    rules: rules.clone(),
+                    ordered: true,
+                });
+        }
+    }
+    out
+}
+
+/// Destination policies per service (`namespace/hostname`) from the DestinationRules.
+pub fn destination_policies(
+    objects: &Objects,
+    config: &MeshConfig,
+    services: &BTreeMap<String, Service>,
+) -> BTreeMap<String, pb::DestinationPolicy> {
+    let mut out = BTreeMap::new();
+    for dr in objects.destination_rules() {
+        let (ns, name) = k8s::ns_name(&dr.metadata);
+        let (svc_ns, hostname) = resolve_host(&dr.spec.host, ns, &config.domain_suffix);
+        let key = format!("{svc_ns}/{hostname}");
+        if !services.contains_key(&key) {
+            continue;
+        }
+        let policy = dr.spec.traffic_policy.clone().unwrap_or_default();
+        let load_balancer = match policy.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+            Some("LEAST_REQUEST" | "LEAST_CONN") => pb::destination_policy::LoadBalancer::LeastRequest,
+            Some("RANDOM") => pb::destination_policy::LoadBalancer::Random,
+            _ => pb::destination_policy::LoadBalancer::RoundRobin,
+        };
+        let pool = policy.connection_pool.as_ref();
+        let http = pool.and_then(|p| p.http.as_ref());
+        let connection_pool = pool.map(|p| pb::ConnectionPool {
+            max_connections: p.tcp.as_ref().and_then(|t| t.max_connections).unwrap_or(0),
+            max_pending_requests: http.and_then(|h| h.http1_max_pending_requests).unwrap_or(0),
+            max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection).unwrap_or(0),
+            max_requests: http.and_then(|h| h.http2_max_requests).unwrap_or(0),
+        });
+        let outlier_detection = policy.outlier_detection.as_ref().map(|o| {
+            let ms =
+                |d: &Option<String>, default: u64| d.as_deref().and_then(|d| parse_duration(d).ok()).unwrap_or(default);
+            let (consecutive_errors, gateway_errors_only) =
+                match (o.consecutive_5xx_errors, o.consecutive_gateway_errors) {
+                    (Some(n), _) if n > 0 => (n, false),
+                    (_, Some(n)) if n > 0 => (n, true),
+                    (Some(0), _) => (0, false),
+                    _ => (5, false),
+                };
+            pb::OutlierDetection {
+                consecutive_errors,
+                gateway_errors_only,
+                base_ejection_ms: ms(&o.base_ejection_time, 30_000),
+                max_ejection_percent: o.max_ejection_percent.unwrap_or(10),
+            }
+        });
+        out.insert(
+            key,
+            pb::DestinationPolicy {
+                namespace: svc_ns,
+                hostname,
+                name: format!("{ns}/{name}"),
+                load_balancer: load_balancer as i32,
+                connection_pool,
+                outlier_detection,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_resolve_like_istio() {
+        let r = |h| resolve_host(h, "demo", "cluster.local");
+        assert_eq!(r("hello"), ("demo".into(), "hello.demo.svc.cluster.local".into()));
+        assert_eq!(r("hello.shop"), ("shop".into(), "hello.shop.svc.cluster.local".into()));
+        assert_eq!(r("hello.shop.svc.cluster.local"), ("shop".into(), "hello.shop.svc.cluster.local".into()));
+    }
+
+    #[test]
+    fn retry_conditions_become_codes() {
+        assert_eq!(retry_codes(Some("gateway-error,connect-failure")), vec![502, 503, 504]);
+        assert_eq!(retry_codes(Some("5xx")).len(), 100);
+        assert_eq!(retry_codes(Some("429, 503")), vec![429, 503]);
+    }
+}
