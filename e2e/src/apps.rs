@@ -92,7 +92,8 @@ impl EchoClient {
 /// Serves HTTP/1.1 and HTTP/2 (cleartext) as `name` until the task is aborted. Every answer
 /// carries `x-served-by: <name>`, `x-seen-method` and `x-seen-path` (the request as it arrived)
 /// and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
-/// other request with 503 (per server); `/delay/<ms>` answers after that long.
+/// other request with 503 (per server); `/delay/<ms>` answers after that long; `/bytes/<n>`
+/// answers `n` bytes (at most 1 MiB) instead of the name.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
     use std::sync::Arc;
@@ -120,7 +121,11 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     } else if let Some(ms) = path.strip_prefix("/delay/").and_then(|m| m.parse().ok()) {
                         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     }
-                    let mut resp = Response::new(Full::new(Bytes::from(format!("{name}\n"))));
+                    let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) => Bytes::from(vec![b'x'; n.min(1 << 20)]),
+                        None => Bytes::from(format!("{name}\n")),
+                    };
+                    let mut resp = Response::new(Full::new(body));
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
                     let headers = resp.headers_mut();
                     for (k, v) in

@@ -503,6 +503,11 @@ impl Mesh {
         Ok(pod)
     }
 
+    /// The process id of the waypoint running in `pod`.
+    pub fn waypoint_pid(&self, pod: &MeshPod) -> Option<u32> {
+        self.waypoints.iter().find(|w| w.pod.uid == pod.uid)?.child.as_ref().map(Child::id)
+    }
+
     /// The metrics of the waypoint running in `pod`.
     pub async fn waypoint_metrics(&self, pod: &MeshPod) -> Result<String> {
         let (status, body) = http_get(&pod.netns.ns, SocketAddr::from((pod.ip, 15020)), "/metrics").await?;

@@ -1,0 +1,225 @@
+//! HTTP through a waypoint against the same without one, in one run, on the one-machine topology
+//! (real `ca`, `ztunnel` and `waypoint` processes).
+//!
+//! Two ambient namespaces, each with a client pod on node-1 and a server pod on node-2 behind a
+//! service: `l4` has no waypoint (client → ztunnel → HBONE → ztunnel → server), `l7` has one on
+//! node-2 (client → ztunnel → waypoint → ztunnel → server). For each: HTTP/1.1 keep-alive
+//! requests per second with 1 KiB responses over `--connections` connections, and latency p50/p99;
+//! for the waypoint, its CPU time per second of load, as cores and per 1,000 requests/s.
+//! The server app runs as its own process in the server pod. Table and JSON.
+//!
+//! Needs root, iproute2 and nftables; build first:
+//! `cargo build --release -p ca -p ztunnel -p waypoint -p e2e`.
+
+#![allow(clippy::print_stdout)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
+use e2e::ca_process::{cpu_seconds, spawn_child_with, wait_for_port};
+use e2e::load::percentile;
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use serde::Serialize;
+
+/// Benchmark HTTP through a waypoint against the same without one.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Seconds of load per path.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Keep-alive connections, each sending one request after another.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Response body size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    response_bytes: usize,
+    /// RUST_LOG for the mesh's processes (`info` writes one access-log line per request on the
+    /// waypoint, as in production).
+    #[arg(long, default_value = "info")]
+    log_filter: String,
+    /// Also write the JSON report to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// (internal) Serve HTTP on this IP, port 8080, and nothing else.
+    #[arg(long, hide = true)]
+    serve: Option<IpAddr>,
+}
+
+#[derive(Debug, Serialize)]
+struct PathResult {
+    requests: u64,
+    requests_per_s: f64,
+    latency_p50_us: f64,
+    latency_p99_us: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    connections: usize,
+    response_bytes: usize,
+    without_waypoint: PathResult,
+    with_waypoint: PathResult,
+    /// with / without requests per second.
+    throughput_ratio: f64,
+    /// with − without p50, µs.
+    added_latency_p50_us: f64,
+    /// Waypoint CPU during its run, in cores.
+    waypoint_cores: f64,
+    /// Waypoint cores per 1,000 requests/s.
+    waypoint_cores_per_1k_rps: f64,
+    /// Requests per second one waypoint core handles.
+    requests_per_waypoint_core: f64,
+}
+
+const APP_PORT: u16 = 8080;
+
+/// Keep-alive HTTP/1.1 load from `client` to `target` for `duration`.
+async fn load(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<PathResult> {
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let path = format!("/bytes/{}", args.response_bytes);
+    let mut tasks = Vec::new();
+    for _ in 0..args.connections {
+        let (client, path) = (client.clone(), path.clone());
+        tasks.push(tokio::spawn(async move {
+            let stream = client.connect(target).await?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let mut samples = Vec::new();
+            while Instant::now() < deadline {
+                let req = hyper::Request::get(path.as_str())
+                    .header(hyper::header::HOST, target.to_string())
+                    .body(Empty::<Bytes>::new())?;
+                let start = Instant::now();
+                let resp = sender.send_request(req).await?;
+                ensure!(resp.status() == 200, "answered {}", resp.status());
+                let body = resp.into_body().collect().await?.to_bytes();
+                samples.push(start.elapsed());
+                ensure!(body.len() >= 1, "empty body");
+            }
+            Ok::<_, anyhow::Error>(samples)
+        }));
+    }
+    let start = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(PathResult {
+        requests: all.len() as u64,
+        requests_per_s: all.len() as f64 / elapsed,
+        latency_p50_us: percentile(&mut all, 0.50),
+        latency_p99_us: percentile(&mut all, 0.99),
+    })
+}
+
+/// Kills the helper when dropped.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if let Some(ip) = args.serve {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        return runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, APP_PORT)).await?;
+            e2e::apps::http_server(listener, "server").await?;
+            Ok(())
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+fn service(name: &str, namespace: &str, vip: Ipv4Addr) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {name}\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
+    )
+}
+
+async fn run(args: Args) -> Result<()> {
+    ztunnel::raise_open_files_limit();
+    let mut mesh = Mesh::start(MeshOptions { log_filter: args.log_filter.clone(), ..MeshOptions::default() })?;
+    let mut servers = Vec::new();
+    let mut paths = Vec::new();
+    for (ns, vip) in [("l4", Ipv4Addr::new(10, 96, 5, 10)), ("l7", Ipv4Addr::new(10, 96, 6, 10))] {
+        mesh.namespace(ns, true).await?;
+        let client = mesh.pod(PodSpec::new("client", ns, 1)).await?;
+        let server = mesh.pod(PodSpec::new("server", ns, 2).label("app", "server")).await?;
+        let mut command = Command::new(std::env::current_exe()?);
+        command.args(["--serve", &server.ip.to_string()]);
+        let mut child = spawn_child_with(&command, Some(&server.netns.ns), Stdio::null(), Stdio::inherit())?;
+        wait_for_port(&mut child, "HTTP server", server.addr(APP_PORT), Some(&server.netns.ns))?;
+        servers.push(KillOnDrop(child));
+        mesh.apply(&format!("svc-{ns}"), &service("server", ns, vip))?;
+        paths.push((client, SocketAddr::from((vip, 80))));
+    }
+    let waypoint = mesh.waypoint("l7", "waypoint", 2, Ipv4Addr::new(10, 96, 6, 2)).await?;
+    mesh.use_waypoint("l7", Some("waypoint"))?;
+    mesh.settle(&[], &[]).await?;
+    for (client, target) in &paths {
+        let what = format!("{target} reachable");
+        mesh.wait_until(&what, Duration::from_secs(30), || async {
+            http_exchange(&client.netns.ns, "GET", *target, "/", &[]).await.is_ok_and(|a| a.status == 200)
+        })
+        .await?;
+    }
+    let (client, target) = &paths[1];
+    mesh.wait_until("traffic to l7 to cross the waypoint", Duration::from_secs(30), || async {
+        let ok = http_exchange(&client.netns.ns, "GET", *target, "/", &[]).await.is_ok_and(|a| a.status == 200);
+        let m = mesh.waypoint_metrics(&waypoint).await.unwrap_or_default();
+        ok && m.contains("server.l7.svc.cluster.local")
+    })
+    .await?;
+
+    let without = load(&paths[0].0, paths[0].1, &args).await?;
+    let pid = mesh.waypoint_pid(&waypoint).context("the waypoint is not running")?;
+    let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
+    let with = load(&paths[1].0, paths[1].1, &args).await?;
+    let cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
+    drop(servers);
+
+    let report = Report {
+        connections: args.connections,
+        response_bytes: args.response_bytes,
+        throughput_ratio: with.requests_per_s / without.requests_per_s,
+        added_latency_p50_us: with.latency_p50_us - without.latency_p50_us,
+        waypoint_cores: cores,
+        waypoint_cores_per_1k_rps: cores / (with.requests_per_s / 1000.0),
+        requests_per_waypoint_core: with.requests_per_s / cores,
+        without_waypoint: without,
+        with_waypoint: with,
+    };
+    println!("HTTP/1.1 keep-alive, {} connections, {} B responses", report.connections, report.response_bytes);
+    println!("{:<22} {:>12} {:>12} {:>12}", "", "requests/s", "p50 (µs)", "p99 (µs)");
+    for (name, r) in [("without waypoint", &report.without_waypoint), ("with waypoint", &report.with_waypoint)] {
+        println!("{name:<22} {:>12.0} {:>12.1} {:>12.1}", r.requests_per_s, r.latency_p50_us, r.latency_p99_us);
+    }
+    println!(
+        "waypoint: {:.2} cores at {:.0} requests/s = {:.3} cores per 1,000 requests/s, {:.0} requests/s per core",
+        report.waypoint_cores,
+        report.with_waypoint.requests_per_s,
+        report.waypoint_cores_per_1k_rps,
+        report.requests_per_waypoint_core
+    );
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(path) = &args.json {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
