@@ -86,7 +86,7 @@ async fn load(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<
     let path = format!("/bytes/{}", args.response_bytes);
     let mut tasks = Vec::new();
     for _ in 0..args.connections {
-        let (client, path) = (client.clone(), path.clone());
+        let (client, path, size) = (client.clone(), path.clone(), args.response_bytes);
         tasks.push(tokio::spawn(async move {
             let stream = client.connect(target).await?;
             let (mut sender, conn) =
@@ -102,7 +102,7 @@ async fn load(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<
                 ensure!(resp.status() == 200, "answered {}", resp.status());
                 let body = resp.into_body().collect().await?.to_bytes();
                 samples.push(start.elapsed());
-                ensure!(body.len() >= 1, "empty body");
+                ensure!(body.len() == size, "{} of {size} response bytes", body.len());
             }
             Ok::<_, anyhow::Error>(samples)
         }));
