@@ -11,7 +11,9 @@
 //! - the tutorial VirtualService + DestinationRule behave as written: the 70/30 subset split, the
 //!   header route with its injected delay cut by the timeout (504), the connection pool's
 //!   overflow (503);
-//! - outlier detection ejects a dead endpoint.
+//! - outlier detection ejects a dead endpoint;
+//! - malformed HTTP (400), oversized headers (431), a CONTINUATION flood (connection cut) and
+//!   HTTP/2 rapid reset (GOAWAY) are refused or bounded while the waypoint keeps serving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -367,4 +369,95 @@ async fn outlier_detection_ejects_a_dead_endpoint() {
     assert!(failures <= 1, "{failures} of 30 failed after the dead endpoint should have been ejected");
     let log = mesh.log_tails(400);
     assert!(log.contains("endpoint ejected"), "no ejection logged:\n{log}");
+}
+
+/// Raw HTTP/2 frame: 9-byte header and payload.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_is_refused_or_bounded_and_the_waypoint_keeps_serving() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (mesh, client, waypoint) = demo_mesh().await;
+    let to = SocketAddr::from((LATEST, 80));
+    let pid = mesh.waypoint_pid(&waypoint).unwrap();
+    let serves = || async {
+        let a = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.unwrap();
+        assert_eq!((a.status, a.body.trim()), (200, "hello-latest"));
+    };
+
+    // Malformed HTTP/1.1: 400.
+    let a = http_exchange(&client.netns.ns, "GET", to, "/ HTTP/1.1\r\nbroken header line\r\nX:", &[]).await;
+    assert!(a.as_ref().is_err() || a.as_ref().is_ok_and(|a| a.status == 400), "{a:?}");
+    let mut raw = client.connect(to).await.unwrap();
+    raw.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await;
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 400"), "{:?}", String::from_utf8_lossy(&answer));
+    serves().await;
+
+    // Oversized headers (over 64 KiB): 431.
+    let big = "a".repeat(80 * 1024);
+    let a = http_exchange(&client.netns.ns, "GET", to, "/", &[("x-big", &big)]).await.unwrap();
+    assert_eq!(a.status, 431, "{a:?}");
+    serves().await;
+
+    // CONTINUATION flood: a header block that never ends. The waypoint cuts the connection long
+    // before 64 MiB of it arrive.
+    let mut flood = client.connect(to).await.unwrap();
+    flood.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    flood.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    flood.write_all(&frame(1, 0, 1, &[0x82, 0x86, 0x84])).await.unwrap();
+    let mut literal = vec![0x00, 0x05];
+    literal.extend_from_slice(b"x-pad");
+    literal.extend_from_slice(&[0x7f, 0x81, 0x7f]); // value length 16,384 - 1 (HPACK 7-bit prefix)
+    literal.resize(16 * 1024, b'p');
+    let continuation = frame(9, 0, 1, &literal);
+    let mut sent = 0usize;
+    let cut = loop {
+        if sent >= 64 << 20 {
+            break false;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), flood.write_all(&continuation)).await {
+            Ok(Ok(())) => sent += continuation.len(),
+            _ => break true,
+        }
+    };
+    assert!(cut, "the waypoint accepted {sent} bytes of one header block");
+    eprintln!("CONTINUATION flood cut after {sent} bytes");
+    serves().await;
+
+    // Rapid reset: streams opened and cancelled at once: the waypoint ends the connection
+    // (GOAWAY, ENHANCE_YOUR_CALM) long before 5,000, serves another client meanwhile, and its
+    // memory stays bounded.
+    let stream = client.connect(to).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut opened = 0;
+    for _ in 0..5000 {
+        let Ok(ready) = h2.clone().ready().await else { break };
+        h2 = ready;
+        let req = http::Request::get(format!("http://{to}/delay/50")).body(()).unwrap();
+        let Ok((resp, send)) = h2.send_request(req, false) else { break };
+        drop((resp, send));
+        opened += 1;
+        if opened % 500 == 0 {
+            serves().await;
+        }
+    }
+    drop(h2);
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(opened < 5000, "the waypoint let {opened} streams be opened and reset");
+    assert!(format!("{ended:?}").contains("ENHANCE_YOUR_CALM"), "rapid reset not refused: {ended:?}");
+    serves().await;
+    let (rss, peak) = e2e::ca_process::rss_mib(pid).unwrap();
+    assert!(peak < 256.0, "waypoint peak RSS {peak:.0} MiB after the floods (now {rss:.0} MiB)");
+    let log = mesh.log_tails(100);
+    assert!(!log.contains("panicked"), "{log}");
 }
