@@ -180,6 +180,17 @@ pub fn spawn_child_with(
     }
 }
 
+/// A helper process, killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits until `addr` accepts TCP connections (from `netns`), or the child exits, or 30 s pass.
 pub fn wait_for_port(
     child: &mut Child,

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use e2e::ca_process::{rss_mib, spawn_child_with, wait_for_port};
+use e2e::ca_process::{KillOnDrop, rss_mib, spawn_child_with, wait_for_port};
 use e2e::load::{connection_rate, latency, median, serve_echo, serve_ping, serve_sink, throughput};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
 use serde::Serialize;
@@ -225,16 +225,6 @@ async fn calibrate(requests: usize) -> Result<Calibration> {
     let (direct, _) = latency(connect(echo).await?, requests).await?;
     let (relayed, _) = latency(connect(relay_a).await?, requests).await?;
     Ok(Calibration { direct_p50_us: direct, relayed_p50_us: relayed, added_p50_us: relayed - direct })
-}
-
-/// Kills the helper process when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn main() -> Result<()> {

@@ -14,13 +14,13 @@
 #![allow(clippy::print_stdout)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
-use e2e::ca_process::{cpu_seconds, spawn_child_with, wait_for_port};
+use e2e::ca_process::{KillOnDrop, cpu_seconds, spawn_child_with, wait_for_port};
 use e2e::load::percentile;
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
 use http_body_util::{BodyExt, Empty};
@@ -119,16 +119,6 @@ async fn load(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<
         latency_p50_us: percentile(&mut all, 0.50),
         latency_p99_us: percentile(&mut all, 0.99),
     })
-}
-
-/// Kills the helper when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn main() -> Result<()> {
