@@ -90,8 +90,8 @@ impl EchoClient {
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (cleartext) as `name` until the task is aborted. Every answer
-/// carries `x-served-by: <name>`, `x-seen-method` and `x-seen-path` (the request as it arrived)
-/// and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
+/// carries `x-served-by: <name>`, `x-seen-method`, `x-seen-path` and `x-seen-traceparent` (the
+/// request as it arrived) and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
 /// other request with 503 (per server); `/delay/<ms>` answers after that long; `/bytes/<n>`
 /// answers `n` bytes (at most 1 MiB) instead of the name.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
@@ -128,9 +128,13 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     let mut resp = Response::new(Full::new(body));
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
                     let headers = resp.headers_mut();
-                    for (k, v) in
-                        [("x-served-by", &*name), ("x-seen-method", req.method().as_str()), ("x-seen-path", &path)]
-                    {
+                    let trace = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    for (k, v) in [
+                        ("x-served-by", &*name),
+                        ("x-seen-method", req.method().as_str()),
+                        ("x-seen-path", &path),
+                        ("x-seen-traceparent", trace),
+                    ] {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
                             headers.insert(k, v);
                         }

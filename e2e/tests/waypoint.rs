@@ -125,6 +125,13 @@ async fn an_httproute_splits_and_matches_and_the_waypoint_sees_it_all() {
     let new_counted = sum(&after, "istio_requests_total{", &["destination_workload=\"hello-new\""])
         - sum(&before, "istio_requests_total{", &["destination_workload=\"hello-new\""]);
     assert_eq!(new_counted, f64::from(100 + new));
+
+    // W3C trace context: the app sees the client's trace with a new span (the waypoint's hop).
+    let sent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let a = get(&client, HELLO, "/", &[("traceparent", sent)]).await;
+    let seen = a.header("x-seen-traceparent").unwrap_or_default().to_owned();
+    assert!(seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "trace lost: {seen:?} in {}", a.head);
+    assert!(!seen.contains("00f067aa0ba902b7") && seen.len() == sent.len(), "no new span: {seen:?}");
     assert!(sum(&after, "istio_request_duration_milliseconds_count{", &labels[..2]) >= 1100.0);
 
     // A namespace without a waypoint never crosses it.
