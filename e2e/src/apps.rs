@@ -93,7 +93,8 @@ impl EchoClient {
 /// carries `x-served-by: <name>`, `x-seen-method`, `x-seen-path` and `x-seen-traceparent` (the
 /// request as it arrived) and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
 /// other request with 503 (per server); `/delay/<ms>` answers after that long; `/bytes/<n>`
-/// answers `n` bytes (at most 1 MiB) instead of the name.
+/// answers `n` bytes (at most 1 MiB) instead of the name. A request with `Upgrade: echo` is
+/// answered 101 and the connection then echoes bytes.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
     use std::sync::Arc;
@@ -109,9 +110,27 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
         loop {
             let Ok((stream, _)) = listener.accept().await else { return };
             let (name, flaky) = (name.clone(), flaky.clone());
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
                 let (name, flaky) = (name.clone(), flaky.clone());
                 async move {
+                    // `Upgrade: echo`: switch protocols, then echo bytes until the client closes.
+                    if req.headers().get(hyper::header::UPGRADE).is_some_and(|v| v == "echo") {
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            if let Ok(upgraded) = on.await {
+                                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                                let (mut r, mut w) = tokio::io::split(&mut io);
+                                let _ = tokio::io::copy(&mut r, &mut w).await;
+                            }
+                        });
+                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut()
+                            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
+                        resp.headers_mut()
+                            .insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("echo"));
+                        return Ok::<_, Infallible>(resp);
+                    }
                     let path = req.uri().path().to_owned();
                     let mut status = 200;
                     if let Some(code) = path.strip_prefix("/status/") {
@@ -144,7 +163,7 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
             });
             tokio::spawn(async move {
                 let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service).await;
             });
         }
     })

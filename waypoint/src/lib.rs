@@ -212,7 +212,7 @@ impl Handler for Inbound {
             .max_concurrent_streams(1000)
             .max_pending_accept_reset_streams(Some(50))
             .max_local_error_reset_streams(Some(100));
-        if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
             tracing::debug!(error = %e, "HTTP connection in a tunnel ended with an error");
         }
     }

@@ -10,6 +10,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use proto::SpiffeId;
 use proto::api::ambient::waypoint::v1::{self as pb, filter, path_modifier};
 use proto::api::istio::workload::{Service, Workload, WorkloadStatus};
@@ -423,7 +424,21 @@ async fn route_and_send(
     }
 
     // Request to send: canonical method and path, hop-by-hop headers gone, a new span.
+    // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade header; the two upgraded
+    // connections are joined once the endpoint answers 101.
+    let upgrade = parts.headers.get(header::UPGRADE).cloned().filter(|_| {
+        parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+    });
+    let downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(proto) = &upgrade {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto.clone());
+    }
     let trace = parts
         .headers
         .get("traceparent")
@@ -442,7 +457,8 @@ async fn route_and_send(
         Some(q) => format!("{path}?{q}"),
         None => path.clone(),
     };
-    let retry = rule.as_ref().and_then(|r| r.retry.clone()).filter(|r| r.attempts > 0);
+    // An upgrade's body is the connection itself: never replayed.
+    let retry = rule.as_ref().and_then(|r| r.retry.clone()).filter(|r| r.attempts > 0 && upgrade.is_none());
     let replayable = retry.is_some() || mirror.is_some();
     let mut body = if replayable {
         match Limited::new(body, MAX_REPLAY_BODY).collect().await {
@@ -556,9 +572,22 @@ async fn route_and_send(
                 attempts: attempt + 1,
             };
             match result {
-                Ok(Ok(resp)) => {
+                Ok(Ok(mut resp)) => {
                     let status = resp.status();
                     destination_state.record(&workload.uid, status.as_u16(), outlier.as_ref(), candidates.len());
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        let Some(down) = downstream_upgrade else {
+                            return (
+                                text(StatusCode::BAD_GATEWAY, "unexpected 101 from upstream\n"),
+                                outcome(StatusCode::BAD_GATEWAY, "UPE"),
+                            );
+                        };
+                        let up = resp.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+                        tokio::spawn(join_upgraded(down, up, workload.name.clone()));
+                        let (mut head, _) = resp.into_parts();
+                        head.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        return (Response::from_parts(head, empty_body()), outcome(status, "-"));
+                    }
                     let retryable = retry.is_some() && retry_codes.contains(&status.as_u16()) && attempt + 1 < attempts;
                     let resp = resp.map(|b| b.map_err(BoxError::from).boxed());
                     if !retryable {
@@ -595,11 +624,36 @@ async fn route_and_send(
         },
         None => send_all.await,
     };
-    strip_hop_by_hop(resp.headers_mut());
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut());
+    }
     if let Some(m) = &response_modifier {
         modify_headers(resp.headers_mut(), m);
     }
     (resp, outcome)
+}
+
+/// An empty body.
+fn empty_body() -> Body {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// Joins the client's and the endpoint's upgraded connections until either side closes.
+async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: Option<hyper::upgrade::OnUpgrade>, endpoint: String) {
+    let Some(up) = up else {
+        warn!(%endpoint, "endpoint answered 101 without an upgradable connection");
+        return;
+    };
+    match tokio::try_join!(down, up) {
+        Ok((down, up)) => {
+            let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                Ok((sent, received)) => tracing::debug!(%endpoint, sent, received, "upgraded connection closed"),
+                Err(e) => tracing::debug!(%endpoint, error = %e, "upgraded connection ended with an error"),
+            }
+        }
+        Err(e) => warn!(%endpoint, error = %e, "upgrade failed"),
+    }
 }
 
 fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
