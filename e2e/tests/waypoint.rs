@@ -446,12 +446,24 @@ async fn bad_http_is_refused_or_bounded_and_the_waypoint_keeps_serving() {
     let (mut h2, conn) = h2::client::handshake(stream).await.unwrap();
     let conn = tokio::spawn(conn);
     let mut opened = 0;
+    let mut stopped = None;
     for _ in 0..5000 {
-        let Ok(ready) = h2.clone().ready().await else { break };
+        let ready = match h2.clone().ready().await {
+            Ok(r) => r,
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        };
         h2 = ready;
         let req = http::Request::get(format!("http://{to}/delay/50")).body(()).unwrap();
-        let Ok((resp, send)) = h2.send_request(req, false) else { break };
-        drop((resp, send));
+        match h2.send_request(req, false) {
+            Ok((resp, send)) => drop((resp, send)),
+            Err(e) => {
+                stopped = Some(e);
+                break;
+            }
+        }
         opened += 1;
         if opened % 500 == 0 {
             serves().await;
@@ -462,8 +474,11 @@ async fn bad_http_is_refused_or_bounded_and_the_waypoint_keeps_serving() {
     // Refused (streams reset before the waypoint took them trip its limit: GOAWAY), or, when the
     // waypoint took each stream before its reset arrived, bounded by the stream limit: either
     // way it kept serving (checked every 500) and its memory stays bounded (below).
-    let refused = format!("{ended:?}").contains("ENHANCE_YOUR_CALM");
-    assert!(refused || opened == 5000, "the flood ended early without GOAWAY: {opened} streams, {ended:?}");
+    let refused = format!("{stopped:?} {ended:?}").contains("ENHANCE_YOUR_CALM");
+    assert!(
+        refused || opened == 5000,
+        "the flood ended early without GOAWAY: {opened} streams, {stopped:?}, {ended:?}"
+    );
     serves().await;
     let (rss, peak) = e2e::ca_process::rss_mib(pid).unwrap();
     assert!(peak < 256.0, "waypoint peak RSS {peak:.0} MiB after the floods (now {rss:.0} MiB)");
