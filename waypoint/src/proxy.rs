@@ -59,6 +59,13 @@ struct Outcome {
     attempts: u32,
 }
 
+impl Outcome {
+    /// Answered by the waypoint itself, no endpoint reached.
+    fn failed(status: StatusCode, flags: &'static str, route: &str) -> Outcome {
+        Outcome { status, flags, endpoint: None, route: route.to_owned(), attempts: 0 }
+    }
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
     *r.status_mut() = status;
@@ -202,27 +209,13 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         None => s.workload_by_ip(down.target.ip()).cloned().map(Destination::Workload),
     });
     let (response, outcome) = match (destination, normalize::path(&raw_path)) {
-        (None, _) => {
-            let o = Outcome {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                flags: "NR",
-                endpoint: None,
-                route: String::new(),
-                attempts: 0,
-            };
-            (text(o.status, "no service or workload at this address\n"), o)
-        }
-        (Some(d), Err(e)) => {
+        (None, _) => (
+            text(StatusCode::SERVICE_UNAVAILABLE, "no service or workload at this address\n"),
+            Outcome::failed(StatusCode::SERVICE_UNAVAILABLE, "NR", ""),
+        ),
+        (Some(_), Err(e)) => {
             warn!(peer = %down.peer, path = %raw_path, reason = %e, "request refused: bad path");
-            let o = Outcome {
-                status: StatusCode::BAD_REQUEST,
-                flags: "-",
-                endpoint: None,
-                route: String::new(),
-                attempts: 0,
-            };
-            let _ = d;
-            (text(o.status, "bad request path\n"), o)
+            (text(StatusCode::BAD_REQUEST, "bad request path\n"), Outcome::failed(StatusCode::BAD_REQUEST, "-", ""))
         }
         (Some(d), Ok(path)) => route_and_send(&ctx, &down, d, req, method.clone(), path, &host).await,
     };
@@ -285,13 +278,7 @@ async fn route_and_send(
     host: &str,
 ) -> (Response<Body>, Outcome) {
     let port = down.target.port();
-    let fail = |status: StatusCode, flags: &'static str, route: &str| Outcome {
-        status,
-        flags,
-        endpoint: None,
-        route: route.to_owned(),
-        attempts: 0,
-    };
+    let fail = Outcome::failed;
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
 
