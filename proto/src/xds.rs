@@ -212,7 +212,8 @@ impl MeshState {
     }
 }
 
-fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+/// An address as the workload API carries it (4 or 16 bytes).
+pub fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     match b.len() {
         4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
         16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),

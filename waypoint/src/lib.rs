@@ -48,6 +48,7 @@ use proto::drain::{self, DrainTrigger};
 use proto::hbone::pool::{Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
 use proto::hbone::{Baggage, parse_forwarded_for};
+use proto::xds::ip_from_bytes;
 use proto::xds::{AdsClient, MeshView};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -143,7 +144,7 @@ fn serves(ctx: &Context, target: IpAddr, local: IpAddr) -> bool {
             h.namespace == ctx.namespace && h.hostname.starts_with(&own_host)
         }
         // The waypoint's service VIP (or this pod's own address).
-        Some(gateway_address::Destination::Address(a)) => upstream_ip(&a.address).is_some_and(|ip| {
+        Some(gateway_address::Destination::Address(a)) => ip_from_bytes(&a.address).is_some_and(|ip| {
             ip == local
                 || ctx.view.read(|s| {
                     s.service_by_vip(ip).is_some_and(|(_, svc)| svc.namespace == ctx.namespace && svc.name == ctx.name)
@@ -156,14 +157,6 @@ fn serves(ctx: &Context, target: IpAddr, local: IpAddr) -> bool {
         None => s.workload_by_ip(target).and_then(|w| w.waypoint.clone()),
     });
     ours(gateway.as_ref())
-}
-
-fn upstream_ip(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
 }
 
 /// Serves HTTP inside each accepted tunnel.

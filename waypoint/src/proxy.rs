@@ -16,6 +16,7 @@ use proto::api::ambient::waypoint::v1::{self as pb, filter, path_modifier};
 use proto::api::istio::workload::{Service, Workload, WorkloadStatus};
 use proto::hbone::TraceParent;
 use proto::xds::MeshState;
+use proto::xds::ip_from_bytes;
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -465,7 +466,7 @@ async fn route_and_send(
     if let (Some(m), ReqBody::Buffered(b)) = (&mirror, &body) {
         let targets = ctx.view.read(|s| endpoints(s, &m.service, if m.port == 0 { port } else { m.port as u16 }));
         if let Some(Endpoint { workload: w, port: p }) = targets.first()
-            && let Some(ip) = w.addresses.first().and_then(|a| ip_of(a))
+            && let Some(ip) = w.addresses.first().and_then(|a| ip_from_bytes(a))
             && let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *p)).parse::<Uri>()
         {
             let mut copy = Request::new(Full::new(b.clone()).map_err(|e| match e {}).boxed());
@@ -537,7 +538,7 @@ async fn route_and_send(
             };
             tried.push(workload.uid.clone());
             let _in_flight = destination_state.start(&workload.uid);
-            let Some(ip) = workload.addresses.first().and_then(|a| ip_of(a)) else { continue };
+            let Some(ip) = workload.addresses.first().and_then(|a| ip_from_bytes(a)) else { continue };
             let Some(b) = body.take() else { break };
             let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *target_port)).parse::<Uri>() else {
                 break;
@@ -640,14 +641,6 @@ async fn join_upgraded(down: hyper::upgrade::OnUpgrade, up: Option<hyper::upgrad
             }
         }
         Err(e) => warn!(%endpoint, error = %e, "upgrade failed"),
-    }
-}
-
-fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
     }
 }
 

@@ -9,7 +9,7 @@
 //! [`route`] is the pure decision; [`Outbound`] applies it to each captured connection, with one
 //! HBONE connection pool per pod (a pool never mixes source identities).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::Arc;
@@ -26,6 +26,8 @@ use tracing::{debug, warn};
 use crate::Context;
 use crate::pod::{Pod, PodDialer, connect};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use proto::xds::ip_from_bytes;
+
 use crate::xds::MeshState;
 
 /// Where to send a connection.
@@ -56,14 +58,6 @@ fn identity(w: &Workload) -> Option<SpiffeId> {
     SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account).ok()
 }
 
-fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
 fn speaks_hbone(w: &Workload) -> bool {
     w.tunnel_protocol == TunnelProtocol::Hbone as i32 || w.native_tunnel
 }
@@ -77,7 +71,7 @@ fn healthy(w: &Workload) -> bool {
 fn waypoint_workload<'a>(state: &'a MeshState, gw: &GatewayAddress, lb: &Balancer) -> Option<&'a Workload> {
     match gw.destination.as_ref()? {
         gateway_address::Destination::Address(a) => {
-            let ip = ip_of(&a.address)?;
+            let ip = ip_from_bytes(&a.address)?;
             match state.service_by_vip(ip) {
                 Some((key, _)) => pick(state, key, lb).map(|(w, _)| w),
                 None => state.workload_by_ip(ip).map(|w| w.as_ref()),
@@ -92,7 +86,7 @@ fn waypoint_workload<'a>(state: &'a MeshState, gw: &GatewayAddress, lb: &Balance
 
 fn via_waypoint(state: &MeshState, gw: &GatewayAddress, target: SocketAddr, lb: &Balancer) -> Option<Route> {
     let w = waypoint_workload(state, gw, lb)?;
-    let ip = w.addresses.iter().find_map(|a| ip_of(a))?;
+    let ip = w.addresses.iter().find_map(|a| ip_from_bytes(a))?;
     let port = if gw.hbone_mtls_port == 0 { HBONE_PORT } else { gw.hbone_mtls_port as u16 };
     Some(Route::Hbone {
         hbone: SocketAddr::new(ip, port),
@@ -123,7 +117,7 @@ fn pick<'a>(
 }
 
 fn to_workload(w: &Workload, port: u16) -> Option<Route> {
-    let ip = w.addresses.iter().find_map(|a| ip_of(a))?;
+    let ip = w.addresses.iter().find_map(|a| ip_from_bytes(a))?;
     let target = SocketAddr::new(ip, port);
     if speaks_hbone(w) {
         Some(Route::Hbone {
