@@ -12,6 +12,36 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The VirtualService + DestinationRule users copy from tutorials (the waypoint issue's example),
+/// in namespace `demo`: header `version: new` → subset `new` (10 % delayed 10 s, 5 s timeout),
+/// the rest 70/30 over `latest`/`new`; a connection pool of one connection, one waiting request,
+/// one request per connection.
+pub const TUTORIAL: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello, namespace: demo}
+spec:
+  hosts: [hello]
+  http:
+  - match: [{headers: {version: {exact: new}}}]
+    route: [{destination: {host: hello, subset: new}}]
+    fault: {delay: {percentage: {value: 10}, fixedDelay: 10s}}
+    timeout: 5s
+  - route:
+    - {destination: {host: hello, subset: latest}, weight: 70}
+    - {destination: {host: hello, subset: new}, weight: 30}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello, namespace: demo}
+spec:
+  host: hello
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}
+  subsets:
+  - {name: latest, labels: {version: latest}}
+  - {name: new, labels: {version: new}}
+";
+
 /// Serves the echo protocol as `name` on `listener` until the task is aborted.
 pub fn echo_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     let name = name.to_owned();

@@ -232,6 +232,7 @@ impl CaProcess {
     /// Starts the CA as `launch` says; `inherit_output` shows its output when no log file is set.
     pub fn launch(launch: &CaLaunch, inherit_output: bool) -> Result<CaProcess> {
         let keys = tempfile::tempdir()?;
+        crate::topology::remove_on_signal(keys.path());
         let jwks = keys.path().join("jwks.json");
         std::fs::write(&jwks, serde_json::to_string(launch.tokens.jwks())?)?;
         let mut command = Command::new(&launch.binary);

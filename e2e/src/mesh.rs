@@ -239,6 +239,7 @@ impl Mesh {
         }
         let prefix = format!("{PREFIX}{}-{}", std::process::id(), MESHES.fetch_add(1, Ordering::SeqCst));
         let dir = tempfile::Builder::new().prefix("ambient-e2e-").tempdir()?;
+        crate::topology::remove_on_signal(dir.path());
         let objects = dir.path().join("objects");
         for d in ["objects", "state", "run", "logs"] {
             std::fs::create_dir_all(dir.path().join(d))?;
@@ -513,6 +514,18 @@ impl Mesh {
         let (status, body) = http_get(&pod.netns.ns, SocketAddr::from((pod.ip, 15020)), "/metrics").await?;
         ensure!(status == 200, "waypoint metrics answered {status}");
         Ok(body)
+    }
+
+    /// The admin config dump of the waypoint running in `pod`.
+    pub async fn waypoint_config(&self, pod: &MeshPod) -> Result<serde_json::Value> {
+        let (status, body) = http_get(&pod.netns.ns, SocketAddr::from(([127, 0, 0, 1], 15000)), "/config_dump").await?;
+        ensure!(status == 200, "waypoint config_dump answered {status}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Where the mesh keeps its state, objects and logs (`logs/` has one file per process).
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     fn enrolled(&self, pod: &MeshPod) -> bool {

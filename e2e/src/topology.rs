@@ -104,8 +104,19 @@ pub fn reap_stale() {
     }
 }
 
-/// Removes this process's namespaces (all meshes it built).
+/// Directories to remove with this process's namespaces on a signal (a mesh's state and logs).
+static OWN_DIRS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `dir` to be removed by [`remove_own`].
+pub fn remove_on_signal(dir: &Path) {
+    OWN_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir.to_owned());
+}
+
+/// Removes this process's namespaces (all meshes it built) and registered directories.
 pub fn remove_own() {
+    for dir in OWN_DIRS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let own = format!("{PREFIX}{}-", std::process::id());
     let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
     for entry in entries.flatten() {
@@ -114,6 +125,14 @@ pub fn remove_own() {
             let _ = ip(&["netns", "del", &name]);
         }
     }
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a signal arrived and [`install_signal_cleanup`]'s handler is tearing down (the process
+/// is about to exit with 130): work failing now failed because of it.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: remove this process's namespaces and exit (130). Child
@@ -139,7 +158,8 @@ pub fn install_signal_cleanup() {
                     _ = term.recv() => "SIGTERM",
                     _ = hup.recv() => "SIGHUP",
                 };
-                eprintln!("{name}: removing the test mesh's namespaces and exiting");
+                INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+                eprintln!("{name}: removing the mesh's namespaces and files, and exiting");
                 remove_own();
                 std::process::exit(130);
             });

@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::apps::http_server;
+use e2e::apps::{TUTORIAL, http_server};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, metric_sum as sum};
 
 const APP_PORT: u16 = 8080;
@@ -232,31 +232,6 @@ async fn l7_deny_by_method_and_path_cannot_be_bypassed() {
 
 /// The VirtualService and DestinationRule users copy from tutorials, exactly as the issue gives
 /// them.
-const TUTORIAL: &str = "apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: hello, namespace: demo}
-spec:
-  hosts: [hello]
-  http:
-  - match: [{headers: {version: {exact: new}}}]
-    route: [{destination: {host: hello, subset: new}}]
-    fault: {delay: {percentage: {value: 10}, fixedDelay: 10s}}
-    timeout: 5s
-  - route:
-    - {destination: {host: hello, subset: latest}, weight: 70}
-    - {destination: {host: hello, subset: new}, weight: 30}
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: hello, namespace: demo}
-spec:
-  host: hello
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}}
-  subsets:
-  - {name: latest, labels: {version: latest}}
-  - {name: new, labels: {version: new}}
-";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {

@@ -53,6 +53,38 @@ impl TokenSource {
     }
 }
 
+/// One identity a [`CertManager`] holds (for admin endpoints).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldCert {
+    /// The identity.
+    pub identity: SpiffeId,
+    /// Its current certificate; `None` while the first request is in flight or after it failed.
+    pub current: Option<CertSummary>,
+}
+
+/// What an issued certificate is, in the terms an operator checks a rotation with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// SHA-256 fingerprints (lowercase hex) of the chain above the leaf: the signer (the CA's
+    /// intermediate) first, the root last when the CA sends it.
+    pub chain_sha256: Vec<String>,
+}
+
+impl HeldCert {
+    fn of(identity: &SpiffeId, cert: Option<&WorkloadCert>) -> HeldCert {
+        let current = cert.map(|c| CertSummary {
+            not_before: c.not_before(),
+            not_after: c.not_after(),
+            chain_sha256: c.chain().iter().skip(1).map(|d| crate::tls::fingerprint_sha256(d)).collect(),
+        });
+        HeldCert { identity: identity.clone(), current }
+    }
+}
+
 /// Settings.
 #[derive(Debug, Clone)]
 pub struct CertConfig {
@@ -186,20 +218,18 @@ impl CertManager {
         }
     }
 
-    /// Identities currently held, with their expiry.
-    pub fn held(&self) -> Vec<(SpiffeId, Option<SystemTime>)> {
+    /// Identities currently held: what each one's certificate is, or that it is still being
+    /// requested (or was refused).
+    pub fn held(&self) -> Vec<HeldCert> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<_> = entries
             .iter()
-            .map(|(id, e)| {
-                let expiry = match &*e.slot.borrow() {
-                    Slot::Ready(c) => Some(c.current().not_after()),
-                    _ => None,
-                };
-                (id.clone(), expiry)
+            .map(|(id, e)| match &*e.slot.borrow() {
+                Slot::Ready(c) => HeldCert::of(id, Some(&c.current())),
+                _ => HeldCert::of(id, None),
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.identity.cmp(&b.identity));
         out
     }
 

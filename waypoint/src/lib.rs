@@ -106,6 +106,8 @@ pub struct Config {
     pub metrics_addr: SocketAddr,
     /// Readiness endpoint.
     pub readiness_addr: SocketAddr,
+    /// Admin endpoint (`/config_dump`); keep it on loopback.
+    pub admin_addr: SocketAddr,
     /// How long open connections may finish on shutdown.
     pub drain_timeout: Duration,
 }
@@ -229,10 +231,49 @@ pub struct Waypoint {
 struct Endpoints {
     ctx: Arc<Context>,
     ready: tokio::sync::watch::Receiver<bool>,
+    certs: Arc<CertManager>,
 }
 
 async fn metrics(State(s): State<Endpoints>) -> axum::response::Response {
     ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.ctx.metrics.encode()).into_response()
+}
+
+/// What the waypoint holds: its identity and certificate, the services it serves, and the
+/// routes, L7 policies and destination policies it applies to them.
+async fn config_dump(State(s): State<Endpoints>) -> axum::Json<serde_json::Value> {
+    use serde_json::json;
+    let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let certificates: Vec<_> = s
+        .certs
+        .held()
+        .into_iter()
+        .map(|h| {
+            json!({
+                "identity": h.identity.to_string(),
+                "expires_unix": h.current.as_ref().map(|c| unix(c.not_after)),
+                "chain_sha256": h.current.map(|c| c.chain_sha256).unwrap_or_default(),
+            })
+        })
+        .collect();
+    let gateway = format!("{}/{}", s.ctx.namespace, s.ctx.name);
+    let dump = s.ctx.view.read(|m| {
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        let routes: std::collections::BTreeMap<&String, Vec<&str>> =
+            m.routes.iter().map(|(svc, r)| (svc, r.routes.iter().map(|r| r.name.as_str()).collect())).collect();
+        json!({
+            "gateway": gateway,
+            "workloads": m.workloads.len(),
+            "services": sorted(m.services.keys().cloned().collect()),
+            "routes": routes,
+            "l7_policies": sorted(m.l7_policies.keys().cloned().collect()),
+            "destination_policies": sorted(m.destination_policies.keys().cloned().collect()),
+        })
+    });
+    let trust_bundle = s.ctx.view.trust.current().fingerprints();
+    axum::Json(json!({"waypoint": dump, "certificates": certificates, "trust_bundle": trust_bundle}))
 }
 
 async fn ready(State(s): State<Endpoints>) -> axum::response::Response {
@@ -253,6 +294,7 @@ impl Waypoint {
         let hbone_listener = bind("the HBONE listener", config.listen).await?;
         let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
         let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
+        let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
 
         let identity = SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account)
             .map_err(|e| Error::Identity(e.to_string()))?;
@@ -316,7 +358,7 @@ impl Waypoint {
                 }
             });
         }
-        let endpoints = Endpoints { ctx: ctx.clone(), ready: ready_rx };
+        let endpoints = Endpoints { ctx: ctx.clone(), ready: ready_rx, certs: certs.clone() };
         let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let (metrics_addr, readiness_addr) =
             (addr(&metrics_listener, config.metrics_addr), addr(&readiness_listener, config.readiness_addr));
@@ -324,7 +366,9 @@ impl Waypoint {
             .route("/metrics", get(metrics))
             .route("/stats/prometheus", get(metrics))
             .with_state(endpoints.clone());
-        let readiness_router = Router::new().route("/healthz/ready", get(ready)).with_state(endpoints);
+        let readiness_router = Router::new().route("/healthz/ready", get(ready)).with_state(endpoints.clone());
+        let admin_router = Router::new().route("/config_dump", get(config_dump)).with_state(endpoints);
+        tokio::spawn(serve_http(admin_listener, admin_router, stop.clone()));
         tokio::spawn(serve_http(metrics_listener, metrics_router, stop.clone()));
         tokio::spawn(serve_http(readiness_listener, readiness_router, stop.clone()));
         info!(gateway = %format!("{}/{}", config.namespace, config.name), %hbone_addr, %metrics_addr,

@@ -71,6 +71,10 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
 
+    /// Admin endpoint (/config_dump: certificate, services, routes and policies held).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+
     /// How long open connections may take to finish on shutdown.
     #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
     drain_timeout: Duration,
@@ -144,6 +148,7 @@ async fn run(args: Args) -> Result<()> {
         listen: args.listen,
         metrics_addr: args.metrics_addr,
         readiness_addr: args.readiness_addr,
+        admin_addr: args.admin_addr,
         drain_timeout: args.drain_timeout,
     };
     let waypoint = Waypoint::start(config).await?;

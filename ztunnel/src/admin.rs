@@ -103,20 +103,27 @@ async fn config_dump(State(s): State<AdminState>) -> Json<Value> {
         "pods": s.proxy.summaries(),
         "mesh": mesh,
         "certificates": certificates(&s),
+        "trust_bundle": s.ctx.view.trust.current().fingerprints(),
         "live_inbound_connections": s.ctx.tracker.len(),
     }))
 }
 
 fn certificates(s: &AdminState) -> Vec<Value> {
-    let mut held: Vec<Value> = s
-        .ctx
+    s.ctx
         .certs
         .held()
         .into_iter()
-        .map(|(id, expiry)| json!({"identity": id.to_string(), "expires_unix": expiry.map(unix)}))
-        .collect();
-    held.sort_by(|a, b| a["identity"].as_str().cmp(&b["identity"].as_str()));
-    held
+        .map(|h| match h.current {
+            Some(c) => json!({
+                "identity": h.identity.to_string(),
+                "state": "ready",
+                "not_before_unix": unix(c.not_before),
+                "expires_unix": unix(c.not_after),
+                "chain_sha256": c.chain_sha256,
+            }),
+            None => json!({"identity": h.identity.to_string(), "state": "pending", "expires_unix": null}),
+        })
+        .collect()
 }
 
 async fn certs(State(s): State<AdminState>) -> Json<Value> {

@@ -79,7 +79,7 @@ async fn pod_certificates_are_fetched_once_and_refused_for_other_nodes() {
     let err = certs.fetch(&id(SERVER)).await.unwrap_err();
     assert!(matches!(err, CertError::Ca { code: tonic::Code::Unauthenticated, .. }), "{err}");
     assert_eq!(certs.held().len(), 2);
-    assert!(certs.held().iter().any(|(i, exp)| i == &id(SERVER) && exp.is_none()));
+    assert!(certs.held().iter().any(|h| h.identity == id(SERVER) && h.current.is_none()));
     certs.forget(&id(SERVER));
     assert_eq!(certs.held().len(), 1);
     ca.stop().await;

@@ -229,7 +229,7 @@ impl CertInfo {
 
 /// SHA-256 fingerprint of DER bytes, lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
-    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
+    proto::tls::fingerprint_sha256(der)
 }
 
 fn hex(bytes: &[u8]) -> String {

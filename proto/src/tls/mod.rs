@@ -27,6 +27,17 @@ use crate::identity::{SpiffeId, SpiffeIdError};
 
 pub use verify::{peer_identity, spiffe_id_from_cert};
 
+/// SHA-256 fingerprint of a certificate's DER bytes, lowercase hex (how the CA names its roots and
+/// signers).
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    digest.as_ref().iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
 /// The ALPN protocol HBONE negotiates.
 pub const ALPN_H2: &[u8] = b"h2";
 
@@ -137,6 +148,11 @@ impl TrustBundle {
     /// The roots, in DER.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The roots' SHA-256 fingerprints (lowercase hex), for admin endpoints.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.roots.iter().map(|r| fingerprint_sha256(r)).collect()
     }
 
     /// A bundle holding the roots of both, without duplicates (for root rotation).

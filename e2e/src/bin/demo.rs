@@ -1,0 +1,569 @@
+//! `demo`: a whole ambient mesh on this machine, walked through step by step.
+//!
+//! Nodes and pods are network namespaces; the CA, one ztunnel per node and a waypoint run as
+//! real processes (the binaries next to this one). The walk-through: an ambient namespace whose
+//! pods talk across nodes over mutual TLS (the identities each side proved, and what the wire
+//! between the nodes carried); a pod outside the mesh let in under PERMISSIVE and refused under
+//! STRICT; a waypoint with the tutorial VirtualService + DestinationRule (canary split, header
+//! route with fault injection, connection-pool overflow); an AuthorizationPolicy denying one
+//! caller; the CA's intermediate and root rotated through its API under a long-lived stream.
+//! Everything is removed at the end, on Ctrl-C and on SIGTERM.
+
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use e2e::apps::{EchoClient, TUTORIAL, echo_server, http_server};
+use e2e::ca_process::spawn_child_with;
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, binary, http_exchange, metric_sum};
+use e2e::sniff::{Sniffer, contains, tcp_segments};
+
+const STEPS: usize = 6;
+const ECHO: u16 = 9000;
+const HTTP: u16 = 8080;
+const SERVER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const HELLO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
+
+/// A whole ambient mesh on this machine, walked through step by step (needs root).
+///
+/// Builds two nodes and their pods as network namespaces, runs the real `ca`, one `ztunnel` per
+/// node and a `waypoint` as processes, and shows: mutual TLS between pods with the identities
+/// each side proved; plaintext clients let in (PERMISSIVE) and refused (STRICT); the waypoint's
+/// canary split, header route, fault injection and circuit breaker from the tutorial
+/// VirtualService + DestinationRule; an AuthorizationPolicy denying a caller; certificate
+/// rotation through the CA's API under a live stream. Removes everything it made when it ends,
+/// and on Ctrl-C / SIGTERM.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Requests sent through the waypoint for the 70/30 canary split.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=100_000))]
+    requests: u32,
+
+    /// At the end, keep the mesh running until Ctrl-C (to look at logs, admin endpoints and
+    /// the YAML directory the CA reads).
+    #[arg(long)]
+    keep: bool,
+
+    /// Log filter for the mesh's processes (their logs go to files under the state directory).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+/// Prints the walk-through.
+struct Story {
+    step: usize,
+    start: Instant,
+}
+
+impl Story {
+    fn step(&mut self, title: &str) {
+        self.step += 1;
+        println!("\n[{}/{STEPS}] {title}", self.step);
+    }
+
+    fn say(&self, line: impl AsRef<str>) {
+        println!("      {}", line.as_ref());
+    }
+
+    /// A progress line, rewritten in place on a terminal (and not printed otherwise).
+    fn progress(&self, line: impl AsRef<str>) {
+        if std::io::stdout().is_terminal() {
+            print!("\r\x1b[2K      {}", line.as_ref());
+            let _ = std::io::stdout().flush();
+        }
+    }
+
+    /// The line that replaces the progress line.
+    fn done_progress(&self, line: impl AsRef<str>) {
+        if std::io::stdout().is_terminal() {
+            print!("\r\x1b[2K");
+        }
+        println!("      {}", line.as_ref());
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        // Interrupted: the signal handler removes everything and exits (130); what failed here
+        // failed because the mesh's processes were stopped.
+        Err(_) if e2e::topology::interrupted() => loop {
+            std::thread::park();
+        },
+        Err(e) => {
+            eprintln!("\ndemo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let mut story = Story { step: 0, start: Instant::now() };
+    println!("ambient mesh demo: two nodes and their pods as network namespaces on this machine; the CA,");
+    println!("one ztunnel per node and a waypoint run as real processes.");
+
+    story.step("Starting the mesh: the CA (control plane) and a ztunnel on each node");
+    let options = MeshOptions { nodes: 2, log_filter: args.log.clone(), ..MeshOptions::default() };
+    let mesh = Mesh::start(options).context("starting the one-machine mesh")?;
+    let state = mesh.state_dir().to_owned();
+    story.say(format!("state, YAML objects and logs: {}", state.display()));
+    story.say(format!(
+        "CA at {CA_IP}:15012 (certificates + xDS); ztunnel on node-1 (10.10.0.1) and node-2 (10.10.0.2) ready ({:.1} s)",
+        story.start.elapsed().as_secs_f64()
+    ));
+
+    let mut mesh = mesh;
+    let result = walk(&mut mesh, &mut story, &args).await;
+    if result.is_err() && !e2e::topology::interrupted() {
+        eprintln!("\n--- last lines of each process log ---\n{}", mesh.log_tails(15));
+    }
+    if result.is_ok() && args.keep {
+        println!("\nThe mesh stays up until Ctrl-C. Look around:");
+        println!("  logs:          {}/logs/", state.display());
+        println!("  YAML objects:  {}/objects/ (the CA watches it: edit, add, delete)", state.display());
+        for node in &mesh.nodes {
+            println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    drop(mesh);
+    let left = leftovers(&state);
+    if result.is_ok() {
+        println!(
+            "\nCleaned up: processes stopped, network namespaces and capture rules removed, {} deleted.",
+            state.display()
+        );
+        ensure!(left.is_empty(), "left behind: {}", left.join(", "));
+        println!("Done in {:.1} s.", story.start.elapsed().as_secs_f64());
+    } else if !left.is_empty() {
+        eprintln!("left behind: {}", left.join(", "));
+    }
+    result
+}
+
+/// What the demo made that still exists: its network namespaces and state directory.
+fn leftovers(state: &std::path::Path) -> Vec<String> {
+    let own = format!("{}{}-", e2e::topology::PREFIX, std::process::id());
+    let mut left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&own)).collect()
+        })
+        .unwrap_or_default();
+    if state.exists() {
+        left.push(state.display().to_string());
+    }
+    left
+}
+
+async fn walk(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> {
+    let (client, server) = mutual_tls(mesh, story).await?;
+    outside_the_mesh(mesh, story, &client, &server).await?;
+    waypoint(mesh, story, &client, args).await?;
+    authorization(mesh, story, &client).await?;
+    rotation(mesh, story, &client, &server).await?;
+    Ok(())
+}
+
+/// A label value from a Prometheus sample line.
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+    line[start..].split('"').next()
+}
+
+/// The value of `wanted` on the first sample of `metric` that has all `needles`.
+fn sample_label(metrics: &str, metric: &str, needles: &[&str], wanted: &str) -> Option<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(metric) && needles.iter().all(|n| l.contains(n)))
+        .find_map(|l| label(l, wanted).map(str::to_owned))
+}
+
+async fn connect_echo(from: &MeshPod, to: SocketAddr) -> Result<EchoClient> {
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match from.connect(to).await {
+            Ok(stream) => match EchoClient::greet(stream).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            },
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no attempt made"))).with_context(|| format!("{} → {to}", from.key()))
+}
+
+async fn mutual_tls(mesh: &mut Mesh, story: &mut Story) -> Result<(Arc<MeshPod>, Arc<MeshPod>)> {
+    story.step("Namespace demo joins the mesh: label istio.io/dataplane-mode=ambient");
+    mesh.namespace("demo", true).await?;
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await?;
+    let server = mesh.pod(PodSpec::new("server", "demo", 2)).await?;
+    echo_server(server.listen(ECHO)?, "server");
+    mesh.service("server", "demo", SERVER_VIP, ECHO, "server", ECHO)?;
+    mesh.settle(&[], &[]).await?;
+    story.say(format!(
+        "pods: client on node-1 ({}), server on node-2 ({}), service server.demo at {SERVER_VIP}:{ECHO}",
+        client.ip, server.ip
+    ));
+    story
+        .say("both pods were enrolled live: capture rules in their network namespaces, handed to their node's ztunnel");
+
+    let marker = format!("demo-marker-{}-plaintext-would-show-this", std::process::id());
+    let sniffer = Sniffer::start(&mesh.underlay.ns)?;
+    let mut echo = connect_echo(&client, SocketAddr::from((SERVER_VIP, ECHO))).await?;
+    echo.round_trip(marker.as_bytes()).await?;
+    let seen_as = echo.seen_as;
+    drop(echo);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let frames = sniffer.frames()?;
+    story.say(format!(
+        "client → server.demo:{ECHO}: echoed; the server app saw the client as {seen_as} (its own address)"
+    ));
+    ensure!(seen_as.ip() == std::net::IpAddr::V4(client.ip), "the server saw {seen_as}, not the client's address");
+
+    let m1 = mesh.metrics(1).await?;
+    let m2 = mesh.metrics(2).await?;
+    let opened = "istio_tcp_connections_opened_total{";
+    let server_id =
+        sample_label(&m1, opened, &["reporter=\"source\"", "destination_workload=\"server\""], "destination_principal")
+            .context("node-1's ztunnel has no record of the connection")?;
+    let client_id =
+        sample_label(&m2, opened, &["reporter=\"destination\"", "source_workload=\"client\""], "source_principal")
+            .context("node-2's ztunnel has no record of the connection")?;
+    story.say(format!("node-1's ztunnel verified the server's certificate:  {server_id}"));
+    story.say(format!("node-2's ztunnel verified the client's certificate:  {client_id}"));
+    ensure!(server_id == "spiffe://cluster.local/ns/demo/sa/server", "unexpected server identity {server_id}");
+    ensure!(client_id == "spiffe://cluster.local/ns/demo/sa/client", "unexpected client identity {client_id}");
+
+    let segments = tcp_segments(&frames);
+    // Everything on the underlay crosses between nodes (or to the CA).
+    let mut by_port: BTreeMap<u16, (usize, usize)> = BTreeMap::new();
+    for s in &segments {
+        let port = s.src.port().min(s.dst.port());
+        let e = by_port.entry(port).or_default();
+        e.0 += 1;
+        e.1 += s.payload.len();
+    }
+    let leaked = segments.iter().any(|s| contains(&s.payload, marker.as_bytes()));
+    let described: Vec<String> = by_port
+        .iter()
+        .map(|(port, (n, bytes))| {
+            let what = match port {
+                15008 => "HBONE, mutual TLS",
+                15012 => "control plane, TLS",
+                _ => "other",
+            };
+            format!("port {port} ({what}): {n} segments, {bytes} bytes")
+        })
+        .collect();
+    story.say(format!(
+        "on the wire between the nodes: {}",
+        if described.is_empty() { "nothing captured".into() } else { described.join("; ") }
+    ));
+    ensure!(!leaked, "the marker crossed the underlay in plaintext");
+    ensure!(by_port.contains_key(&15008), "no HBONE traffic was captured between the nodes");
+    ensure!(
+        by_port.keys().all(|p| *p == 15008 || *p == 15012),
+        "traffic on other ports crossed the underlay: {described:?}"
+    );
+    story.say("the message's text never appeared on the wire: only TLS crossed between the nodes");
+    Ok((client, server))
+}
+
+async fn outside_the_mesh(mesh: &mut Mesh, story: &mut Story, client: &MeshPod, server: &MeshPod) -> Result<()> {
+    story.step("A pod outside the mesh: let in under PERMISSIVE, refused under STRICT");
+    mesh.namespace("legacy", false).await?;
+    let outsider = mesh.pod(PodSpec::new("outsider", "legacy", 1)).await?;
+    mesh.settle(&[], &[]).await?;
+    let mut echo = connect_echo(&outsider, server.addr(ECHO)).await?;
+    echo.round_trip(b"hello from outside").await?;
+    drop(echo);
+    story.say(format!(
+        "legacy/outsider (no ambient label) → server {}: answered; it arrived in plaintext on node-2's ztunnel (port 15006),",
+        server.addr(ECHO)
+    ));
+    story.say("allowed because the mesh's default mTLS mode is PERMISSIVE");
+
+    mesh.apply(
+        "peerauthentication-demo-strict",
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: demo\nspec:\n  mtls:\n    mode: STRICT\n",
+    )?;
+    mesh.settle(&["demo/converted_peer_authentication_strict"], &[]).await?;
+    let refused = match outsider.connect(server.addr(ECHO)).await {
+        Err(_) => true,
+        Ok(stream) => EchoClient::greet(stream).await.is_err(),
+    };
+    ensure!(refused, "STRICT let a plaintext client through");
+    story.say(
+        "PeerAuthentication demo/strict (mode STRICT) applied: the same connection is now refused by node-2's ztunnel",
+    );
+    let mut echo = connect_echo(client, server.addr(ECHO)).await?;
+    echo.round_trip(b"still fine").await?;
+    let denied = metric_sum(
+        &mesh.metrics(2).await?,
+        "istio_tcp_connections_closed_total{",
+        &["reporter=\"destination\"", "response_flags=\"DENY\""],
+    );
+    story.say(format!(
+        "the client in the mesh still gets through (mutual TLS); node-2 counts {denied} denied connection(s)"
+    ));
+    Ok(())
+}
+
+async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, args: &Args) -> Result<()> {
+    story.step("A waypoint for namespace demo: L7 routing from the tutorial VirtualService + DestinationRule");
+    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
+        let pod = mesh.pod(PodSpec::new(name, "demo", node).label("app", "hello").label("version", version)).await?;
+        http_server(pod.listen(HTTP)?, name);
+    }
+    mesh.service("hello", "demo", HELLO_VIP, 80, "hello", HTTP)?;
+    let waypoint = mesh.waypoint("demo", "waypoint", 1, WAYPOINT_VIP).await?;
+    mesh.use_waypoint("demo", Some("waypoint"))?;
+    mesh.settle(&[], &[]).await?;
+    story.say("deployed: Gateway demo/waypoint (class istio-waypoint), its Service and a waypoint process on node-1;");
+    story.say(
+        "namespace demo labelled istio.io/use-waypoint=waypoint; service hello has pods hello-latest and hello-new",
+    );
+    mesh.apply("istio-hello", TUTORIAL)?;
+    let hello = SocketAddr::from((HELLO_VIP, 80));
+    mesh.wait_until("the waypoint to hold the VirtualService", Duration::from_secs(30), || async {
+        let Ok(dump) = mesh.waypoint_config(&waypoint).await else { return false };
+        let routes = &dump["waypoint"]["routes"]["demo/hello.demo.svc.cluster.local"];
+        let has_vs = routes.as_array().is_some_and(|r| r.iter().any(|n| n == "demo/hello"));
+        has_vs && dump["waypoint"]["destination_policies"].as_array().is_some_and(|p| !p.is_empty())
+    })
+    .await?;
+    story.say(
+        "applied VirtualService demo/hello + DestinationRule demo/hello (as in the tutorial); the waypoint holds them",
+    );
+
+    // The split.
+    let total = args.requests;
+    let mut served: BTreeMap<String, u32> = BTreeMap::new();
+    for i in 1..=total {
+        let a = http_exchange(&client.netns.ns, "GET", hello, "/", &[]).await?;
+        ensure!(a.status == 200, "request {i} answered {}: {}", a.status, a.body.trim());
+        *served.entry(a.body.trim().to_owned()).or_default() += 1;
+        if i % 20 == 0 || i == total {
+            story.progress(format!("canary split: {i}/{total} requests sent"));
+        }
+    }
+    let latest = served.get("hello-latest").copied().unwrap_or(0);
+    let new = served.get("hello-new").copied().unwrap_or(0);
+    story.done_progress(format!(
+        "canary split over {total} requests: hello-latest {latest} ({:.0} %), hello-new {new} ({:.0} %) — weights 70/30",
+        f64::from(latest) * 100.0 / f64::from(total),
+        f64::from(new) * 100.0 / f64::from(total)
+    ));
+    ensure!(latest + new == total, "answers from unexpected pods: {served:?}");
+
+    // The header route, with its injected delay cut by the timeout. Two lanes (the pool: one in
+    // flight, one waiting).
+    story.progress("header route: 30 requests with `version: new` ...");
+    let started = Instant::now();
+    let lanes: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..15 {
+                    let t = Instant::now();
+                    out.push((
+                        http_exchange(&client.netns.ns, "GET", hello, "/", &[("version", "new")]).await,
+                        t.elapsed(),
+                    ));
+                }
+                out
+            })
+        })
+        .collect();
+    let (mut to_new, mut timed_out, mut other) = (0, 0, 0);
+    for lane in lanes {
+        for (answer, took) in lane.await? {
+            match answer {
+                Ok(a) if a.status == 200 && a.body.trim() == "hello-new" => to_new += 1,
+                Ok(a) if a.status == 504 && took >= Duration::from_millis(4900) => timed_out += 1,
+                _ => other += 1,
+            }
+        }
+    }
+    story.done_progress(format!(
+        "header route `version: new`: {to_new} answered by hello-new, {timed_out} delayed by the injected 10 s fault and cut at the 5 s timeout (504) ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    ));
+    ensure!(other == 0, "{other} header-routed requests did not end as the tutorial says");
+
+    // The circuit breaker.
+    let burst: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                http_exchange(&client.netns.ns, "GET", hello, "/delay/300", &[]).await.map(|a| a.status)
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for b in burst {
+        statuses.push(b.await??);
+    }
+    let overflow = statuses.iter().filter(|s| **s == 503).count();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    story.say(format!(
+        "20 concurrent requests against a pool of 1 connection + 1 waiting: {ok} served, {overflow} refused with 503 (overflow, flag UO)"
+    ));
+    ensure!(ok + overflow == 20 && overflow > 0, "unexpected burst answers: {statuses:?}");
+
+    let m = mesh.waypoint_metrics(&waypoint).await?;
+    let counted = metric_sum(&m, "istio_requests_total{", &["destination_service=\"hello.demo.svc.cluster.local\""]);
+    story.say(format!("the waypoint counted {counted} requests to hello (istio_requests_total, reporter=waypoint)"));
+    Ok(())
+}
+
+async fn authorization(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Result<()> {
+    story.step("An AuthorizationPolicy denies one caller");
+    let intruder = mesh.pod(PodSpec::new("intruder", "demo", 2)).await?;
+    mesh.settle(&[], &[]).await?;
+    mesh.apply(
+        "authz-demo-deny-intruder",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-intruder\n  namespace: demo\nspec:\n  targetRefs:\n    - {kind: Service, group: \"\", name: hello}\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [cluster.local/ns/demo/sa/intruder]\n",
+    )?;
+    let hello = SocketAddr::from((HELLO_VIP, 80));
+    mesh.wait_until("the policy to apply", Duration::from_secs(20), || async {
+        http_exchange(&intruder.netns.ns, "GET", hello, "/", &[]).await.is_ok_and(|a| a.status == 403)
+    })
+    .await?;
+    let denied = http_exchange(&intruder.netns.ns, "GET", hello, "/", &[]).await?;
+    let allowed = http_exchange(&client.netns.ns, "GET", hello, "/", &[]).await?;
+    story.say(
+        "policy demo/deny-intruder: DENY requests to service hello from principal cluster.local/ns/demo/sa/intruder",
+    );
+    story.say(format!("demo/intruder → hello: {} {}", denied.status, denied.body.trim()));
+    story.say(format!("demo/client   → hello: {} (answered by {})", allowed.status, allowed.body.trim()));
+    ensure!(denied.status == 403 && allowed.status == 200, "policy not enforced as written");
+    story.say("the caller's identity comes from its TLS certificate, checked by the waypoint: a header cannot fake it");
+    Ok(())
+}
+
+/// Runs `ca <args>` (the CA's operator commands) from the underlay, as an admin would.
+fn ca_admin(mesh: &Mesh, args: &[&str]) -> Result<String> {
+    let state = mesh.state_dir().join("state");
+    let mut command = Command::new(binary("ca")?);
+    command
+        .args(args)
+        .args(["--server", &format!("{CA_IP}:15012"), "--server-name", &CA_IP.to_string()])
+        .arg("--state-dir")
+        .arg(&state);
+    let child = spawn_child_with(&command, Some(&mesh.underlay.ns), Stdio::piped(), Stdio::piped())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("ca {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The fingerprints of the certificates above `identity`'s leaf in node `node`'s ztunnel: its
+/// signer first, the root last.
+async fn chain_of(mesh: &Mesh, node: u8, identity: &str) -> Result<Vec<String>> {
+    let (_, body) = mesh.ztunnel_get(node, 15000, "/certs").await?;
+    let certs: serde_json::Value = serde_json::from_str(&body)?;
+    let cert = certs["certificates"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["identity"] == identity))
+        .with_context(|| format!("node-{node}'s ztunnel holds no certificate for {identity}"))?;
+    let chain: Vec<String> =
+        cert["chain_sha256"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(str::to_owned)).collect();
+    ensure!(chain.len() >= 2, "{identity}'s chain has no signer and root: {chain:?}");
+    Ok(chain)
+}
+
+fn short(fingerprint: &str) -> &str {
+    fingerprint.get(..16).unwrap_or(fingerprint)
+}
+
+async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, server: &MeshPod) -> Result<()> {
+    story.step("Certificates rotated through the CA's API (intermediate, then root) under a live stream");
+    let mut stream = connect_echo(client, server.addr(ECHO)).await?;
+    let (trips, failed, stop) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let pump = {
+        let (trips, failed, stop) = (trips.clone(), failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                if stream.round_trip(b"long-lived stream keeps flowing").await.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                    return;
+                }
+                trips.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let client_id = "spiffe://cluster.local/ns/demo/sa/client";
+    let before = chain_of(mesh, 1, client_id).await?;
+    story.say(format!(
+        "a long-lived stream client → server is open; the client's certificate: signer {}…, root {}…",
+        short(&before[0]),
+        short(&before[before.len() - 1])
+    ));
+
+    let summary = |out: &str| out.lines().next().unwrap_or("").to_owned();
+    story.say(format!("$ ca rotate-intermediate   → {}", summary(&ca_admin(mesh, &["rotate-intermediate"])?)));
+    story.say(format!("$ ca rotate-root prepare   → {}", summary(&ca_admin(mesh, &["rotate-root", "prepare"])?)));
+    // Every proxy must trust the new root before anything is signed under it.
+    mesh.wait_until("every proxy to trust the new root", Duration::from_secs(20), || async {
+        let mut all = true;
+        for node in 1..=2 {
+            let bundle = mesh.config_dump(node).await.map(|d| d["trust_bundle"].as_array().map_or(0, Vec::len));
+            all &= bundle.is_ok_and(|n| n == 2);
+        }
+        all
+    })
+    .await?;
+    story.say("  (both ztunnels now trust the old and the new root: the bundle came over xDS)");
+    story.say(format!("$ ca rotate-root activate  → {}", summary(&ca_admin(mesh, &["rotate-root", "activate"])?)));
+
+    // A pod that joins now gets a certificate under the new root, and talks to the server
+    // (still on a certificate under the old root): both roots are trusted.
+    let late = mesh.pod(PodSpec::new("late", "demo", 1)).await?;
+    mesh.settle(&[], &[]).await?;
+    let mut echo = connect_echo(&late, server.addr(ECHO)).await?;
+    echo.round_trip(b"signed under the new root").await?;
+    let after = chain_of(mesh, 1, "spiffe://cluster.local/ns/demo/sa/late").await?;
+    story.say(format!(
+        "new pod demo/late got a certificate: signer {}…, root {}… (the new ones), and reached the server,",
+        short(&after[0]),
+        short(&after[after.len() - 1])
+    ));
+    story.say("whose certificate is still under the old root: both roots stay trusted until `ca rotate-root retire`");
+    ensure!(
+        after[0] != before[0] && after[after.len() - 1] != before[before.len() - 1],
+        "the new pod's certificate is not under the new root"
+    );
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    pump.await?;
+    let trips = trips.load(Ordering::Relaxed);
+    ensure!(!failed.load(Ordering::SeqCst), "the long-lived stream broke during the rotation");
+    story.say(format!("the long-lived stream never stopped: {trips} round trips during the rotation, none failed"));
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The demo (the README's main command runs it) as a new user meets it:
+//!
+//! - the whole walk-through runs and exits 0, and nothing it made is left;
+//! - interrupted with Ctrl-C (SIGINT to its process group, as a terminal sends it) at every step,
+//!   it exits 130 and leaves no network namespace, capture rule, process or file behind.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+/// The host's own packet-filter and routing-policy state: none of it may change.
+fn host_rules() -> String {
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run("nft", &["list", "ruleset"]) + &run("ip", &["rule"])
+}
+
+struct Demo {
+    child: Child,
+    lines: Receiver<String>,
+    output: Vec<String>,
+    tmp: tempfile::TempDir,
+}
+
+impl Demo {
+    /// Starts the demo in its own process group, its temporary files under a directory of its own.
+    fn start(args: &[&str]) -> Demo {
+        let tmp = tempfile::Builder::new().prefix("demo-test-").tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_demo"))
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Demo { child, lines, output: Vec::new(), tmp }
+    }
+
+    /// Reads output until a line contains `marker`.
+    fn wait_for(&mut self, marker: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(marker);
+                    self.output.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {marker:?} within 120 s:\n{}", self.output.join("\n")),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("the demo ended before {marker:?}:\n{}", self.output.join("\n"))
+                }
+            }
+        }
+    }
+
+    /// Waits for the demo to exit; its exit code and the rest of its output.
+    fn finish(mut self) -> (Option<i32>, String, tempfile::TempDir) {
+        let status = self.child.wait().unwrap();
+        self.output.extend(self.lines.iter());
+        (status.code(), self.output.join("\n"), self.tmp)
+    }
+
+    fn interrupt(&self) {
+        let group = format!("-{}", self.child.id());
+        let status = Command::new("kill").args(["-INT", "--", &group]).status().unwrap();
+        assert!(status.success(), "kill -INT {group}");
+    }
+}
+
+/// Processes whose command line mentions `dir` (the mesh's processes all name files under it).
+fn processes_using(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline.contains(&needle).then(|| format!("{}: {cmdline}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// Network namespaces the demo with process id `pid` made.
+fn namespaces_of(pid: u32) -> Vec<String> {
+    let own = format!("{}{pid}-", e2e::topology::PREFIX);
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&own)).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nothing the demo made is left: namespaces, processes, files.
+fn assert_nothing_left(pid: u32, tmp: &Path, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let procs = processes_using(tmp);
+        let netns = namespaces_of(pid);
+        let files: Vec<PathBuf> = std::fs::read_dir(tmp).unwrap().flatten().map(|e| e.path()).collect();
+        if procs.is_empty() && netns.is_empty() && files.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{when}: left behind: processes {procs:?}, namespaces {netns:?}, files {files:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_walk_through_runs_to_the_end_and_leaves_nothing() {
+    let rules = host_rules();
+    let demo = Demo::start(&["--requests", "100"]);
+    let pid = demo.child.id();
+    let (code, output, tmp) = demo.finish();
+    assert_eq!(code, Some(0), "the demo failed:\n{output}");
+    for expected in [
+        "[1/6] Starting the mesh",
+        "[2/6] Namespace demo joins the mesh",
+        "node-2's ztunnel verified the client's certificate:  spiffe://cluster.local/ns/demo/sa/client",
+        "node-1's ztunnel verified the server's certificate:  spiffe://cluster.local/ns/demo/sa/server",
+        "only TLS crossed between the nodes",
+        "[3/6] A pod outside the mesh",
+        "the same connection is now refused",
+        "[4/6] A waypoint for namespace demo",
+        "canary split over 100 requests: hello-latest",
+        "20 concurrent requests against a pool of 1 connection + 1 waiting",
+        "[5/6] An AuthorizationPolicy denies one caller",
+        "demo/intruder → hello: 403",
+        "[6/6] Certificates rotated",
+        "none failed",
+        "Cleaned up",
+    ] {
+        assert!(output.contains(expected), "missing {expected:?} in:\n{output}");
+    }
+    assert_nothing_left(pid, tmp.path(), "after the walk-through");
+    assert_eq!(host_rules(), rules, "the host's own rules changed");
+}
+
+#[test]
+fn ctrl_c_at_any_step_leaves_nothing_behind() {
+    let rules = host_rules();
+    // Each step's first line, then a moment into the step.
+    for step in 1..=6 {
+        let mut demo = Demo::start(&["--requests", "100"]);
+        let pid = demo.child.id();
+        demo.wait_for(&format!("[{step}/6]"));
+        std::thread::sleep(Duration::from_millis(300));
+        demo.interrupt();
+        let (code, output, tmp) = demo.finish();
+        assert_eq!(code, Some(130), "interrupted in step {step}, the demo exited with {code:?}:\n{output}");
+        assert_nothing_left(pid, tmp.path(), &format!("interrupted in step {step}"));
+        assert_eq!(host_rules(), rules, "the host's own rules changed (step {step})");
+    }
+}
