@@ -15,6 +15,7 @@
 //! - [`grpc`]: the gRPC services: Istio's certificate service and our CA admin service, on TLS.
 //! - [`metrics`]: the CA's Prometheus metrics.
 //! - [`admin`]: the HTTP admin API (state dump, config errors, readiness, metrics).
+//! - [`ctl`]: the operator commands of `ambientctl` (and `ca <command>`).
 //!
 //! [`ControlPlane`] wires them: `bind` opens the CA, issues the control plane's own certificate
 //! and returns the addresses actually bound; `run` serves until told to stop.
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod auth;
 pub mod authority;
+pub mod ctl;
 pub mod grpc;
 pub mod k8s;
 pub mod mesh;

@@ -126,6 +126,26 @@ fn certificates(s: &AdminState) -> Vec<Value> {
         .collect()
 }
 
+/// Live inbound connections: who (identity proven by TLS, or none for plaintext), from where, to
+/// which pod address, since when.
+async fn connections(State(s): State<AdminState>) -> Json<Value> {
+    let live: Vec<Value> = s
+        .ctx
+        .tracker
+        .snapshot()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "source_identity": c.source.map(|id| id.to_string()),
+                "source_ip": c.source_ip.to_string(),
+                "destination": c.destination.to_string(),
+                "opened_unix": unix(c.opened),
+            })
+        })
+        .collect();
+    Json(json!({"inbound": live}))
+}
+
 async fn certs(State(s): State<AdminState>) -> Json<Value> {
     Json(json!({"certificates": certificates(&s)}))
 }
@@ -175,6 +195,7 @@ pub fn admin_router(state: AdminState) -> Router {
     Router::new()
         .route("/config_dump", get(config_dump))
         .route("/certs", get(certs))
+        .route("/connections", get(connections))
         .route("/logging", get(logging_get).post(logging_set))
         .route("/healthz/ready", get(ready))
         .with_state(state)

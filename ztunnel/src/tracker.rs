@@ -21,7 +21,21 @@ struct Tracked {
     source: Option<SpiffeId>,
     source_ip: IpAddr,
     destination: SocketAddr,
+    opened: std::time::SystemTime,
     cancel: CancellationToken,
+}
+
+/// A live inbound connection, as admin endpoints show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveConnection {
+    /// The peer's identity, proven by its TLS certificate (`None`: plaintext inbound).
+    pub source: Option<SpiffeId>,
+    /// The client's IP.
+    pub source_ip: IpAddr,
+    /// The pod address it reaches.
+    pub destination: SocketAddr,
+    /// When it was admitted.
+    pub opened: std::time::SystemTime,
 }
 
 /// The registry.
@@ -54,7 +68,7 @@ impl Tracker {
         cancel: CancellationToken,
     ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let tracked = Tracked { source, source_ip, destination, cancel };
+        let tracked = Tracked { source, source_ip, destination, opened: std::time::SystemTime::now(), cancel };
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, tracked);
         Registration { tracker: self.clone(), id }
     }
@@ -62,6 +76,22 @@ impl Tracker {
     /// Connections registered now.
     pub fn len(&self) -> usize {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The connections registered now, oldest first.
+    pub fn snapshot(&self) -> Vec<LiveConnection> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<LiveConnection> = live
+            .values()
+            .map(|t| LiveConnection {
+                source: t.source.clone(),
+                source_ip: t.source_ip,
+                destination: t.destination,
+                opened: t.opened,
+            })
+            .collect();
+        out.sort_by_key(|c| c.opened);
+        out
     }
 
     /// Whether none is registered.

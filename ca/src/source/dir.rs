@@ -89,7 +89,8 @@ fn is_hidden(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
 }
 
-fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every `.yaml`/`.yml` file below `dir`, hidden files and directories skipped.
+pub fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
         if is_hidden(&path) {

@@ -463,11 +463,12 @@ async fn authorization(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> 
     Ok(())
 }
 
-/// Runs `ca <args>` (the CA's operator commands) from the underlay, as an admin would.
+/// Runs `ambientctl ca <args>` (the CA's admin API) from the underlay, as an admin would.
 fn ca_admin(mesh: &Mesh, args: &[&str]) -> Result<String> {
     let state = mesh.state_dir().join("state");
-    let mut command = Command::new(binary("ca")?);
+    let mut command = Command::new(binary("ambientctl")?);
     command
+        .arg("ca")
         .args(args)
         .args(["--server", &format!("{CA_IP}:15012"), "--server-name", &CA_IP.to_string()])
         .arg("--state-dir")
@@ -475,7 +476,7 @@ fn ca_admin(mesh: &Mesh, args: &[&str]) -> Result<String> {
     let child = spawn_child_with(&command, Some(&mesh.underlay.ns), Stdio::piped(), Stdio::piped())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("ca {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("ambientctl ca {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -526,8 +527,14 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
     ));
 
     let summary = |out: &str| out.lines().next().unwrap_or("").to_owned();
-    story.say(format!("$ ca rotate-intermediate   → {}", summary(&ca_admin(mesh, &["rotate-intermediate"])?)));
-    story.say(format!("$ ca rotate-root prepare   → {}", summary(&ca_admin(mesh, &["rotate-root", "prepare"])?)));
+    story.say(format!(
+        "$ ambientctl ca rotate-intermediate   → {}",
+        summary(&ca_admin(mesh, &["rotate-intermediate"])?)
+    ));
+    story.say(format!(
+        "$ ambientctl ca rotate-root prepare    → {}",
+        summary(&ca_admin(mesh, &["rotate-root", "prepare"])?)
+    ));
     // Every proxy must trust the new root before anything is signed under it.
     mesh.wait_until("every proxy to trust the new root", Duration::from_secs(20), || async {
         let mut all = true;
@@ -539,7 +546,10 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
     })
     .await?;
     story.say("  (both ztunnels now trust the old and the new root: the bundle came over xDS)");
-    story.say(format!("$ ca rotate-root activate  → {}", summary(&ca_admin(mesh, &["rotate-root", "activate"])?)));
+    story.say(format!(
+        "$ ambientctl ca rotate-root activate   → {}",
+        summary(&ca_admin(mesh, &["rotate-root", "activate"])?)
+    ));
 
     // A pod that joins now gets a certificate under the new root, and talks to the server
     // (still on a certificate under the old root): both roots are trusted.
@@ -553,7 +563,7 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
         short(&after[0]),
         short(&after[after.len() - 1])
     ));
-    story.say("whose certificate is still under the old root: both roots stay trusted until `ca rotate-root retire`");
+    story.say("whose certificate is still under the old root: both roots stay trusted until `ambientctl ca rotate-root retire`");
     ensure!(
         after[0] != before[0] && after[after.len() - 1] != before[before.len() - 1],
         "the new pod's certificate is not under the new root"

@@ -1,0 +1,160 @@
+//! The objects a namespace's waypoint is made of, as `istioctl waypoint generate` describes them:
+//! the Gateway (class `istio-waypoint`, an HBONE listener on 15008) and, since no controller here
+//! deploys Gateways, what runs it: a ServiceAccount (the waypoint's identity), a Deployment of the
+//! `waypoint` image and a Service selecting its pods.
+
+use serde_json::{Value, json};
+
+use crate::auth::DEFAULT_AUDIENCE;
+use crate::k8s::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS};
+
+/// The label tying a waypoint's Deployment, pods and Service to its Gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct WaypointSpec {
+    /// Namespace.
+    pub namespace: String,
+    /// Gateway (and ServiceAccount, Deployment, Service) name.
+    pub name: String,
+    /// What traffic it takes: `service`, `workload`, `all` or `none` (`istio.io/waypoint-for`).
+    pub traffic_for: String,
+    /// The `waypoint` image.
+    pub image: String,
+    /// Pods.
+    pub replicas: u32,
+    /// The CA's address as pods reach it.
+    pub ca_address: String,
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+}
+
+impl WaypointSpec {
+    /// Defaults for `namespace` (`waypoint`, for services, one replica).
+    pub fn new(namespace: &str) -> WaypointSpec {
+        WaypointSpec {
+            namespace: namespace.to_owned(),
+            name: "waypoint".into(),
+            traffic_for: "service".into(),
+            image: format!("ambient-mesh/waypoint:{}", env!("CARGO_PKG_VERSION")),
+            replicas: 1,
+            ca_address: "ca.istio-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    /// The Gateway only.
+    pub fn gateway(&self) -> Value {
+        json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {WAYPOINT_FOR_LABEL: self.traffic_for},
+            },
+            "spec": {
+                "gatewayClassName": WAYPOINT_GATEWAY_CLASS,
+                "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}],
+            },
+        })
+    }
+
+    /// Gateway, ServiceAccount, Deployment and Service, in the order they should be applied.
+    pub fn objects(&self) -> Vec<Value> {
+        let (name, namespace) = (&self.name, &self.namespace);
+        let labels = json!({
+            GATEWAY_NAME_LABEL: name,
+            "app.kubernetes.io/name": "waypoint",
+            "app.kubernetes.io/part-of": "ambient-mesh",
+        });
+        let service_account = json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        });
+        let mut pod_labels = labels.clone();
+        pod_labels[DATAPLANE_MODE_LABEL] = json!(DATAPLANE_MODE_NONE);
+        let deployment = json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "replicas": self.replicas,
+                "selector": {"matchLabels": {GATEWAY_NAME_LABEL: name}},
+                "template": {
+                    "metadata": {
+                        "labels": pod_labels,
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": "15020",
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
+                    "spec": {
+                        "serviceAccountName": name,
+                        "terminationGracePeriodSeconds": 30,
+                        "containers": [{
+                            "name": "waypoint",
+                            "image": self.image,
+                            "args": [
+                                "--name", name,
+                                "--ca-addr", self.ca_address,
+                                "--trust-domain", self.trust_domain,
+                                "--log-format", "json",
+                            ],
+                            "env": [
+                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+                            ],
+                            "ports": [
+                                {"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
+                                {"name": "status-port", "containerPort": 15021, "protocol": "TCP"},
+                            ],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz/ready", "port": 15021},
+                                "periodSeconds": 2,
+                            },
+                            "resources": {
+                                "requests": {"cpu": "100m", "memory": "64Mi"},
+                                "limits": {"memory": "512Mi"},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "runAsNonRoot": true,
+                                "runAsUser": 1337,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+                                {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                                "audience": DEFAULT_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token",
+                            }}]}},
+                            {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+                        ],
+                    },
+                },
+            },
+        });
+        let service = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "selector": {GATEWAY_NAME_LABEL: name},
+                "ports": [
+                    {"name": "mesh", "port": 15008, "targetPort": 15008, "protocol": "TCP"},
+                    {"name": "status-port", "port": 15021, "targetPort": 15021, "protocol": "TCP"},
+                ],
+            },
+        });
+        vec![self.gateway(), service_account, deployment, service]
+    }
+}

@@ -1,0 +1,291 @@
+//! `ambientctl`'s changes to the objects that drive the mesh:
+//!
+//! - in a YAML directory: a namespace label set and removed in the file that holds the namespace
+//!   (its other documents untouched), a missing namespace created, no-ops reported as such, a
+//!   waypoint's objects written to one file and removed again; the result still loads in the CA's
+//!   directory source;
+//! - in a cluster: the exact requests `kube` sends to a recording mock API server (merge patch of
+//!   the namespace's labels, server-side apply of each waypoint object, deletes, 404s);
+//! - the `ambientctl` binary: `--help` everywhere, `waypoint generate` output, clear errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use ca::ctl::config::{Outcome, Target};
+use ca::ctl::waypoint::WaypointSpec;
+use serde_json::{Value, json};
+
+fn docs(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| serde_json::to_value(serde_norway::Value::deserialize(d).unwrap()).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn namespace_labels_and_waypoints_in_a_yaml_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("apps.yaml");
+    std::fs::write(
+        &shared,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    team: red\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: shop\n  namespace: shop\nspec:\n  clusterIP: 10.96.0.1\n  ports: [{port: 80}]\n",
+    )
+    .unwrap();
+    let target = Target::Dir(dir.path().to_owned());
+
+    let out = target.label_namespace("shop", "istio.io/dataplane-mode", Some("ambient")).await.unwrap();
+    assert!(matches!(out, Outcome::Changed(_)), "{out:?}");
+    let now = docs(&std::fs::read_to_string(&shared).unwrap());
+    assert_eq!(now.len(), 2);
+    assert_eq!(now[0]["metadata"]["labels"], json!({"team": "red", "istio.io/dataplane-mode": "ambient"}));
+    assert_eq!(now[1]["kind"], "Service", "the other document is kept");
+    assert_eq!(now[1]["spec"]["clusterIP"], "10.96.0.1");
+
+    let again = target.label_namespace("shop", "istio.io/dataplane-mode", Some("ambient")).await.unwrap();
+    assert!(matches!(again, Outcome::Unchanged(_)), "{again:?}");
+
+    target.label_namespace("shop", "istio.io/dataplane-mode", None).await.unwrap();
+    let now = docs(&std::fs::read_to_string(&shared).unwrap());
+    assert_eq!(now[0]["metadata"]["labels"], json!({"team": "red"}));
+
+    // A namespace no file holds is created.
+    target.label_namespace("blog", "istio.io/dataplane-mode", Some("ambient")).await.unwrap();
+    let created = docs(&std::fs::read_to_string(dir.path().join("namespace-blog.yaml")).unwrap());
+    assert_eq!(
+        created,
+        [
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "blog", "labels": {"istio.io/dataplane-mode": "ambient"}}})
+        ]
+    );
+    // Removing a label from a namespace that does not exist is a no-op.
+    let none = target.label_namespace("ghost", "istio.io/dataplane-mode", None).await.unwrap();
+    assert!(matches!(none, Outcome::Unchanged(_)));
+    assert!(!dir.path().join("namespace-ghost.yaml").exists());
+
+    // A waypoint: four objects in one file, and gone again.
+    let spec = WaypointSpec::new("shop");
+    let applied = target.apply(&spec.objects(), "waypoint-shop-waypoint").await.unwrap();
+    assert_eq!(applied.len(), 4);
+    let file = dir.path().join("waypoint-shop-waypoint.yaml");
+    let written = docs(&std::fs::read_to_string(&file).unwrap());
+    let kinds: Vec<&str> = written.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Gateway", "ServiceAccount", "Deployment", "Service"]);
+    let reapplied = target.apply(&spec.objects(), "waypoint-shop-waypoint").await.unwrap();
+    assert!(reapplied.iter().all(|o| matches!(o, Outcome::Unchanged(_))), "{reapplied:?}");
+    // No temporary file is left for the CA's watcher to trip on.
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+
+    // The CA's directory source reads all of it: the namespace label and the waypoint's Gateway.
+    let store = ca::objects::Store::new();
+    let mut source = ca::source::dir::DirSource::new(dir.path(), store.clone()).unwrap();
+    source.rescan();
+    let snap = store.snapshot();
+    use ca::objects::{Kind, ObjectKey};
+    let key = |kind, ns: &str, name: &str| ObjectKey { kind, namespace: ns.into(), name: name.into() };
+    assert!(snap.get(&key(Kind::Gateway, "shop", "waypoint")).is_some(), "the Gateway did not load");
+    assert!(snap.get(&key(Kind::Service, "shop", "waypoint")).is_some(), "the waypoint's Service did not load");
+    assert!(snap.get(&key(Kind::Namespace, "", "blog")).is_some());
+
+    let removed = target.delete(&spec.objects(), "waypoint-shop-waypoint").await.unwrap();
+    assert!(matches!(removed[0], Outcome::Changed(_)));
+    assert!(!file.exists());
+    let missing = target.delete(&spec.objects(), "waypoint-shop-waypoint").await.unwrap();
+    assert!(matches!(missing[0], Outcome::Unchanged(_)));
+}
+
+/// What the mock API server was asked.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    method: String,
+    uri: String,
+    content_type: String,
+    body: Value,
+}
+
+#[derive(Clone, Default)]
+struct Mock {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    objects: Arc<Mutex<BTreeMap<String, Value>>>,
+}
+
+fn json_response(status: u16, body: &Value) -> Response {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+fn not_found(path: &str) -> Response {
+    json_response(
+        404,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+    )
+}
+
+async fn handle(State(mock): State<Mock>, request: Request) -> Response {
+    let method = request.method().to_string();
+    let uri = request.uri().to_string();
+    let path = request.uri().path().to_owned();
+    let content_type =
+        request.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+    let bytes = to_bytes(request.into_body(), 1 << 20).await.unwrap();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    mock.seen.lock().unwrap().push(Seen { method: method.clone(), uri, content_type, body: body.clone() });
+    let mut objects = mock.objects.lock().unwrap();
+    match method.as_str() {
+        "GET" => objects.get(&path).map_or_else(|| not_found(&path), |o| json_response(200, o)),
+        "PATCH" => {
+            let mut object = objects.get(&path).cloned().unwrap_or(body.clone());
+            if let Some(labels) = body["metadata"]["labels"].as_object() {
+                let current = object["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+                let mut merged = current;
+                for (k, v) in labels {
+                    if v.is_null() {
+                        merged.remove(k);
+                    } else {
+                        merged.insert(k.clone(), v.clone());
+                    }
+                }
+                object["metadata"]["labels"] = Value::Object(merged);
+            }
+            objects.insert(path, object.clone());
+            json_response(200, &object)
+        }
+        "DELETE" => match objects.remove(&path) {
+            Some(_) => json_response(200, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"})),
+            None => not_found(&path),
+        },
+        _ => json_response(405, &json!({})),
+    }
+}
+
+#[tokio::test]
+async fn namespace_labels_and_waypoints_in_a_cluster() {
+    let mock = Mock::default();
+    mock.objects.lock().unwrap().insert(
+        "/api/v1/namespaces/shop".into(),
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop", "labels": {"team": "red"}}}),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(handle).with_state(mock.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap())).unwrap();
+    let target = Target::Cluster(client);
+    let take = || std::mem::take(&mut *mock.seen.lock().unwrap());
+
+    // Enable: read, then a merge patch of the one label.
+    let out = target.label_namespace("shop", "istio.io/dataplane-mode", Some("ambient")).await.unwrap();
+    assert!(matches!(out, Outcome::Changed(_)));
+    let seen = take();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_eq!((seen[0].method.as_str(), seen[0].uri.as_str()), ("GET", "/api/v1/namespaces/shop"));
+    assert_eq!((seen[1].method.as_str(), seen[1].uri.as_str()), ("PATCH", "/api/v1/namespaces/shop?"));
+    assert_eq!(seen[1].content_type, "application/merge-patch+json");
+    assert_eq!(seen[1].body, json!({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}));
+    // Already so: no write.
+    let again = target.label_namespace("shop", "istio.io/dataplane-mode", Some("ambient")).await.unwrap();
+    assert!(matches!(again, Outcome::Unchanged(_)));
+    assert_eq!(take().len(), 1, "only the read");
+    // Disable: a null removes the label.
+    target.label_namespace("shop", "istio.io/dataplane-mode", None).await.unwrap();
+    let seen = take();
+    assert_eq!(seen[1].body, json!({"metadata": {"labels": {"istio.io/dataplane-mode": null}}}));
+    // A namespace that does not exist is an error that says so.
+    let err = target.label_namespace("ghost", "istio.io/dataplane-mode", Some("ambient")).await.unwrap_err();
+    assert_eq!(err.to_string(), "namespace ghost not found");
+    take();
+
+    // A waypoint: one server-side apply per object, forced, as field manager ambientctl.
+    let spec = WaypointSpec::new("shop");
+    target.apply(&spec.objects(), "unused").await.unwrap();
+    let seen = take();
+    let calls: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.uri.as_str())).collect();
+    assert_eq!(
+        calls,
+        [
+            (
+                "PATCH",
+                "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/waypoint?&force=true&fieldManager=ambientctl"
+            ),
+            ("PATCH", "/api/v1/namespaces/shop/serviceaccounts/waypoint?&force=true&fieldManager=ambientctl"),
+            ("PATCH", "/apis/apps/v1/namespaces/shop/deployments/waypoint?&force=true&fieldManager=ambientctl"),
+            ("PATCH", "/api/v1/namespaces/shop/services/waypoint?&force=true&fieldManager=ambientctl"),
+        ]
+    );
+    assert!(seen.iter().all(|s| s.content_type == "application/apply-patch+yaml"), "{seen:#?}");
+    assert_eq!(seen[0].body, spec.objects()[0]);
+
+    // Deleting: each object; one already gone is reported, not an error.
+    mock.objects.lock().unwrap().remove("/api/v1/namespaces/shop/services/waypoint");
+    let out = target.delete(&spec.objects(), "unused").await.unwrap();
+    let seen = take();
+    assert!(seen.iter().all(|s| s.method == "DELETE"), "{seen:#?}");
+    assert_eq!(out.iter().filter(|o| matches!(o, Outcome::Unchanged(_))).count(), 1, "{out:?}");
+}
+
+fn ambientctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ambientctl"))
+        .args(args)
+        .env_remove("AMBIENT_CONFIG_DIR")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_cli_explains_itself_and_fails_clearly() {
+    for args in [
+        &["--help"][..],
+        &["namespace", "--help"],
+        &["namespace", "enable", "--help"],
+        &["namespace", "disable", "--help"],
+        &["namespace", "use-waypoint", "--help"],
+        &["waypoint", "--help"],
+        &["waypoint", "generate", "--help"],
+        &["waypoint", "apply", "--help"],
+        &["waypoint", "delete", "--help"],
+        &["ca", "--help"],
+        &["ca", "rotate-root", "--help"],
+        &["ztunnel", "--help"],
+        &["ztunnel", "certs", "--help"],
+    ] {
+        let (code, stdout, _) = ambientctl(args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(stdout.contains("Usage: ambientctl"), "{args:?}: {stdout}");
+    }
+
+    let (code, stdout, _) = ambientctl(&["waypoint", "generate", "-n", "shop", "--name", "edge", "--replicas", "2"]);
+    assert_eq!(code, 0);
+    let generated = docs(&stdout);
+    assert_eq!(generated, WaypointSpec { name: "edge".into(), replicas: 2, ..WaypointSpec::new("shop") }.objects());
+
+    // No cluster and no directory: the error says what to do.
+    let (code, _, stderr) = ambientctl(&["namespace", "enable", "shop"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--config-dir"), "{stderr}");
+    let (code, _, stderr) = ambientctl(&["--config-dir", "/nonexistent", "namespace", "enable", "shop"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent: not a directory"), "{stderr}");
+    // Nothing listens: the error names the endpoint.
+    let (code, _, stderr) = ambientctl(&["ztunnel", "workloads", "--admin-addr", "127.0.0.1:1"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    // Conflicting or missing arguments are usage errors.
+    assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop"]).0, 2);
+    assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop", "wp", "--none"]).0, 2);
+}
