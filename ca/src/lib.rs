@@ -15,6 +15,7 @@
 //! - [`grpc`]: the gRPC services: Istio's certificate service and our CA admin service, on TLS.
 //! - [`metrics`]: the CA's Prometheus metrics.
 //! - [`admin`]: the HTTP admin API (state dump, config errors, readiness, metrics).
+//! - [`root_cert`]: the trust bundle published to every namespace (ConfigMap `istio-ca-root-cert`).
 //! - [`ctl`]: the operator commands of `ambientctl` (and `ca <command>`).
 //!
 //! [`ControlPlane`] wires them: `bind` opens the CA, issues the control plane's own certificate
@@ -29,6 +30,7 @@ pub mod k8s;
 pub mod mesh;
 pub mod metrics;
 pub mod objects;
+pub mod root_cert;
 pub mod source;
 pub mod translate;
 pub mod xds;
@@ -357,6 +359,7 @@ impl ControlPlane {
                 tokio::spawn(async move { source.run(stop).await.map_err(Error::from) })
             }
             Source::Kubernetes(client) => {
+                tokio::spawn(root_cert::publish(client.clone(), store.clone(), authority.bundle(), stop()));
                 let store = store.clone();
                 let stop = stop();
                 tokio::spawn(async move {
