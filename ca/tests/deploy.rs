@@ -7,7 +7,9 @@
 
 use std::path::Path;
 
-use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde::Deserialize;
 use serde_json::Value;
@@ -45,6 +47,12 @@ fn every_manifest_matches_its_kubernetes_schema() {
             "ClusterRoleBinding" => round_trips::<ClusterRoleBinding>(file, doc),
             "Role" => round_trips::<Role>(file, doc),
             "RoleBinding" => round_trips::<RoleBinding>(file, doc),
+            "Namespace" => round_trips::<Namespace>(file, doc),
+            "Service" => round_trips::<Service>(file, doc),
+            "Deployment" => round_trips::<Deployment>(file, doc),
+            "DaemonSet" => round_trips::<DaemonSet>(file, doc),
+            "CustomResourceDefinition" => round_trips::<CustomResourceDefinition>(file, doc),
+            "Gateway" => round_trips::<ca::k8s::Gateway>(file, doc),
             other => panic!("{file}: no schema check for kind {other}; add one"),
         }
     }
@@ -64,6 +72,12 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
             // Caller authentication (ca::auth, TokenCheck::TokenReview): create only.
             assert_eq!(rule.resources.as_deref(), Some(&["tokenreviews".to_owned()][..]));
             assert_eq!(rule.verbs, ["create"]);
+            continue;
+        }
+        if rule.resources.as_deref() == Some(&["configmaps".to_owned()][..]) {
+            // The trust bundle in every namespace (ca::root_cert): server-side apply only.
+            assert_eq!(groups, [""]);
+            assert_eq!(rule.verbs, ["patch"]);
             continue;
         }
         assert_eq!(rule.verbs, ["get", "list", "watch"], "the control plane only reads objects");
@@ -118,4 +132,74 @@ fn key_secret_role_covers_create_get_update_of_the_default_secret_only() {
         .expect("RoleBinding");
     assert_eq!(binding.role_ref.name, "ambient-mesh-ca-keys");
     assert_eq!(binding.subjects.unwrap()[0].name, "ca");
+}
+
+fn pod_spec(kind: &str, name: &str) -> PodSpec {
+    let doc = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/"))
+        .1;
+    serde_json::from_value(doc["spec"]["template"]["spec"].clone()).unwrap()
+}
+
+/// Mount path of volume `volume` in the pod's first container.
+fn mount(spec: &PodSpec, volume: &str) -> String {
+    let c = &spec.containers[0];
+    c.volume_mounts.iter().flatten().find(|m| m.name == volume).unwrap_or_else(|| panic!("{volume} not mounted")).mount_path.clone()
+}
+
+/// The proxies find their token and the mesh's root where the binaries look by default
+/// (`--token-file /var/run/secrets/tokens/istio-token`, `--ca-root
+/// /var/run/secrets/istio/root-cert.pem`): a projected token for the CA's audience, and the
+/// ConfigMap the CA publishes.
+fn assert_proxy_volumes(spec: &PodSpec, what: &str) {
+    assert_eq!(mount(spec, "istio-token"), "/var/run/secrets/tokens", "{what}");
+    assert_eq!(mount(spec, "istiod-ca-cert"), "/var/run/secrets/istio", "{what}");
+    let volumes = spec.volumes.clone().unwrap();
+    let token = volumes.iter().find(|v| v.name == "istio-token").unwrap().projected.clone().unwrap();
+    let sat = token.sources.unwrap()[0].service_account_token.clone().unwrap();
+    assert_eq!((sat.audience.as_deref(), sat.path.as_str()), (Some(ca::auth::DEFAULT_AUDIENCE), "istio-token"), "{what}");
+    let root = volumes.iter().find(|v| v.name == "istiod-ca-cert").unwrap().config_map.clone().unwrap();
+    assert_eq!(root.name, ca::root_cert::CONFIG_MAP, "{what}");
+    // No items: every key appears as a file, root-cert.pem among them.
+    assert!(root.items.is_none(), "{what}");
+    assert_eq!(ca::root_cert::KEY, "root-cert.pem");
+}
+
+#[test]
+fn the_proxies_get_their_token_root_and_node_name_where_the_binaries_look() {
+    let ztunnel = pod_spec("DaemonSet", "ztunnel");
+    assert_proxy_volumes(&ztunnel, "ztunnel");
+    assert_eq!(ztunnel.service_account_name.as_deref(), Some("ztunnel"), "the CA's default --node-account");
+    let env = ztunnel.containers[0].env.clone().unwrap();
+    let node = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
+    assert_eq!(node.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path, "spec.nodeName");
+    assert_eq!(mount(&ztunnel, "zds"), "/var/run/ztunnel");
+    let caps = ztunnel.containers[0].security_context.clone().unwrap().capabilities.unwrap();
+    assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "SYS_ADMIN", "NET_RAW"]);
+
+    let waypoint = pod_spec("Deployment", "waypoint");
+    assert_proxy_volumes(&waypoint, "waypoint");
+
+    let ca = pod_spec("Deployment", "ca");
+    assert_eq!(ca.service_account_name.as_deref(), Some("ca"), "the account ca-rbac.yaml grants");
+}
+
+#[test]
+fn the_waypoint_template_is_what_ambientctl_generates() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/waypoint.yaml")).unwrap();
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_norway::Value::deserialize(d).unwrap()).unwrap())
+        .collect();
+    assert_eq!(docs, ca::ctl::waypoint::WaypointSpec::new("default").objects(), "regenerate deploy/waypoint.yaml");
+}
+
+#[test]
+fn the_ca_deployment_passes_only_flags_the_ca_accepts() {
+    let ca = pod_spec("Deployment", "ca");
+    let args = ca.containers[0].args.clone().unwrap();
+    // clap parses every flag before `--help`: an unknown flag or a bad value fails here.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca")).args(&args).arg("--help").output().unwrap();
+    assert!(out.status.success(), "ca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
