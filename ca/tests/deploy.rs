@@ -9,8 +9,8 @@ use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Namespace, PodSpec, Service, ServiceAccount};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -146,7 +146,13 @@ fn pod_spec(kind: &str, name: &str) -> PodSpec {
 /// Mount path of volume `volume` in the pod's first container.
 fn mount(spec: &PodSpec, volume: &str) -> String {
     let c = &spec.containers[0];
-    c.volume_mounts.iter().flatten().find(|m| m.name == volume).unwrap_or_else(|| panic!("{volume} not mounted")).mount_path.clone()
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == volume)
+        .unwrap_or_else(|| panic!("{volume} not mounted"))
+        .mount_path
+        .clone()
 }
 
 /// The proxies find their token and the mesh's root where the binaries look by default
@@ -159,7 +165,11 @@ fn assert_proxy_volumes(spec: &PodSpec, what: &str) {
     let volumes = spec.volumes.clone().unwrap();
     let token = volumes.iter().find(|v| v.name == "istio-token").unwrap().projected.clone().unwrap();
     let sat = token.sources.unwrap()[0].service_account_token.clone().unwrap();
-    assert_eq!((sat.audience.as_deref(), sat.path.as_str()), (Some(ca::auth::DEFAULT_AUDIENCE), "istio-token"), "{what}");
+    assert_eq!(
+        (sat.audience.as_deref(), sat.path.as_str()),
+        (Some(ca::auth::DEFAULT_AUDIENCE), "istio-token"),
+        "{what}"
+    );
     let root = volumes.iter().find(|v| v.name == "istiod-ca-cert").unwrap().config_map.clone().unwrap();
     assert_eq!(root.name, ca::root_cert::CONFIG_MAP, "{what}");
     // No items: every key appears as a file, root-cert.pem among them.

@@ -35,6 +35,7 @@ fn the_proxies_accept_every_flag_their_manifests_pass() {
     assert_accepted("ztunnel", &container_args("ztunnel.yaml", "DaemonSet"));
     assert_accepted("waypoint", &container_args("waypoint.yaml", "Deployment"));
     // The check itself refuses what the binaries do not know.
-    let out = std::process::Command::new(binary("ztunnel").unwrap()).args(["--no-such-flag", "--help"]).output().unwrap();
+    let out =
+        std::process::Command::new(binary("ztunnel").unwrap()).args(["--no-such-flag", "--help"]).output().unwrap();
     assert!(!out.status.success());
 }
