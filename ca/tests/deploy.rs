@@ -213,3 +213,32 @@ fn the_ca_deployment_passes_only_flags_the_ca_accepts() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca")).args(&args).arg("--help").output().unwrap();
     assert!(out.status.success(), "ca {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn the_node_agent_reads_pods_and_namespaces_only_and_shares_the_zds_socket_with_ztunnel() {
+    let role: ClusterRole = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "ClusterRole" && d["metadata"]["name"] == "ambient-mesh-node-agent")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("ClusterRole ambient-mesh-node-agent");
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].api_groups.as_deref(), Some(&["".to_owned()][..]));
+    assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_owned(), "namespaces".to_owned()][..]));
+    assert_eq!(rules[0].verbs, ["get", "list", "watch"]);
+
+    let agent = pod_spec("DaemonSet", "node-agent");
+    assert_eq!(agent.host_network, Some(true), "capture rules are written from the node's namespace");
+    assert_eq!(agent.host_pid, Some(true), "running pods are found through the host's /proc");
+    assert_eq!(agent.service_account_name.as_deref(), Some("node-agent"));
+    let args = agent.containers[0].args.clone().unwrap();
+    let ztunnel_args = pod_spec("DaemonSet", "ztunnel").containers[0].args.clone().unwrap();
+    let zds = "--zds-socket=/var/run/ztunnel/ztunnel.sock".to_owned();
+    assert!(args.contains(&zds) && ztunnel_args.contains(&zds), "both ends of ZDS use one socket");
+    assert_eq!(mount(&agent, "zds"), "/var/run/ztunnel");
+    assert!(args.contains(&"--install-cni".to_owned()));
+    assert_eq!(mount(&agent, "cni-bin"), "/host/opt/cni/bin");
+    assert_eq!(mount(&agent, "cni-conf"), "/host/etc/cni/net.d");
+    let caps = agent.containers[0].security_context.clone().unwrap().capabilities.unwrap();
+    assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]);
+}

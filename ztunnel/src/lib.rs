@@ -32,6 +32,7 @@ pub mod agent;
 pub mod capture;
 pub mod inbound;
 pub mod netns;
+pub mod node;
 pub mod outbound;
 pub mod pod;
 pub mod proxy;
