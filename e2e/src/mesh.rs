@@ -427,6 +427,51 @@ impl Mesh {
         Ok(())
     }
 
+    /// Follows namespace labels changed in the YAML directory by someone else (`ambientctl
+    /// --config-dir`, an editor): pods of a namespace whose `istio.io/dataplane-mode` changed are
+    /// enrolled or unenrolled, as a cluster's node agent would. Returns the namespaces that changed.
+    pub async fn follow_namespace_labels(&mut self) -> Result<Vec<String>> {
+        use serde::Deserialize as _;
+        let mut seen: Vec<(String, bool, Option<String>)> = Vec::new();
+        for entry in std::fs::read_dir(&self.objects)?.flatten() {
+            let path = entry.path();
+            if !path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            for doc in serde_norway::Deserializer::from_str(&text) {
+                let Ok(doc) = serde_norway::Value::deserialize(doc) else { break };
+                let Ok(doc) = serde_json::to_value(doc) else { continue };
+                if doc["kind"] != "Namespace" {
+                    continue;
+                }
+                let Some(name) = doc["metadata"]["name"].as_str() else { continue };
+                let labels = &doc["metadata"]["labels"];
+                let ambient = labels[ztunnel::agent::DATAPLANE_MODE_LABEL] == "ambient";
+                let waypoint = labels["istio.io/use-waypoint"].as_str().map(str::to_owned);
+                seen.push((name.to_owned(), ambient, waypoint));
+            }
+        }
+        let mut changed = Vec::new();
+        for (name, ambient, waypoint) in seen {
+            let was = (self.namespaces.get(&name).copied().unwrap_or(false), self.use_waypoint.get(&name).cloned());
+            if was == (ambient, waypoint.clone()) {
+                continue;
+            }
+            self.namespaces.insert(name.clone(), ambient);
+            match waypoint {
+                Some(w) => self.use_waypoint.insert(name.clone(), w),
+                None => self.use_waypoint.remove(&name),
+            };
+            let pods: Vec<Arc<MeshPod>> = self.pods.values().filter(|p| p.namespace == name).cloned().collect();
+            for pod in pods {
+                self.reconcile(&pod).await?;
+            }
+            changed.push(name);
+        }
+        Ok(changed)
+    }
+
     fn write_namespace(&self, name: &str) -> Result<()> {
         let mut labels = String::new();
         if self.namespaces.get(name).copied().unwrap_or(false) {

@@ -1,6 +1,8 @@
 //! `ambientctl ztunnel` against the real ztunnels of the one-machine mesh (`--netns` enters a
 //! node): the pods a node serves and the workloads it knows, the certificates it holds with their
-//! signer and root, and a live connection with the identity its peer proved.
+//! signer and root, and a live connection with the identity its peer proved; and `ambientctl
+//! namespace enable|disable --config-dir` on the mesh's YAML directory enrolls and unenrolls a
+//! running pod.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -25,7 +27,7 @@ fn row<'a>(table: &'a str, first: &str) -> Vec<&'a str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ambientctl_shows_what_a_nodes_ztunnel_holds() {
+async fn ambientctl_shows_what_ztunnel_holds_and_enrolls_namespaces_in_the_yaml_directory() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
     mesh.namespace("shop", true).await.unwrap();
     let client = mesh.pod(PodSpec::new("client", "shop", 1)).await.unwrap();
@@ -54,4 +56,20 @@ async fn ambientctl_shows_what_a_nodes_ztunnel_holds() {
     let conn = row(&connections, "spiffe://cluster.local/ns/shop/sa/client");
     assert_eq!(&conn[1..3], [client.ip.to_string().as_str(), server.addr(8080).to_string().as_str()], "{connections}");
     drop(live);
+
+    // `ambientctl --config-dir` on the mesh's YAML directory: the CA and the harness (playing the
+    // node agent) follow the label; the running pod joins the mesh and leaves it again.
+    mesh.namespace("later", false).await.unwrap();
+    mesh.pod(PodSpec::new("app", "later", 1)).await.unwrap();
+    let dir = mesh.objects_dir().display().to_string();
+    let served = |dump: &serde_json::Value| dump["pods"].as_array().unwrap().iter().any(|p| p["name"] == "later/app");
+    let out = ambientctl(&["--config-dir", &dir, "namespace", "enable", "later"]);
+    assert!(out.contains("namespace later: istio.io/dataplane-mode=ambient"), "{out}");
+    assert_eq!(mesh.follow_namespace_labels().await.unwrap(), ["later"]);
+    mesh.settle(&[], &[]).await.unwrap();
+    assert!(served(&mesh.config_dump(1).await.unwrap()), "the pod was not enrolled");
+    ambientctl(&["--config-dir", &dir, "namespace", "disable", "later"]);
+    assert_eq!(mesh.follow_namespace_labels().await.unwrap(), ["later"]);
+    mesh.settle(&[], &[]).await.unwrap();
+    assert!(!served(&mesh.config_dump(1).await.unwrap()), "the pod was not unenrolled");
 }

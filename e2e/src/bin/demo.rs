@@ -142,7 +142,19 @@ async fn run(args: Args) -> Result<()> {
         for node in &mesh.nodes {
             println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
         }
-        let _ = tokio::signal::ctrl_c().await;
+        // Like a cluster's node agent, follow namespace labels edited in the YAML directory.
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = tick.tick() => match mesh.follow_namespace_labels().await {
+                    Ok(changed) => for ns in changed {
+                        println!("namespace {ns}: labels changed; its pods were enrolled or unenrolled to match");
+                    },
+                    Err(e) => eprintln!("following namespace labels: {e:#}"),
+                },
+            }
+        }
     }
     drop(mesh);
     let left = leftovers(&state);
