@@ -93,6 +93,128 @@ pub struct HTTPRouteSpec {
     pub rules: Vec<HttpRouteRule>,
 }
 
+/// Gateway API `GRPCRoute` (gateway.networking.k8s.io/v1): routes gRPC calls by service and
+/// method. Translated as the HTTPRoute it amounts to ([`GRPCRouteSpec::as_http`]): a gRPC call is
+/// an HTTP/2 POST to `/<service>/<method>`.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "gateway.networking.k8s.io", version = "v1", kind = "GRPCRoute", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct GRPCRouteSpec {
+    /// A Service (GAMMA) or a waypoint Gateway.
+    #[serde(default)]
+    pub parent_refs: Vec<ObjectRef>,
+    /// Hostnames (for Gateway parents).
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// Rules.
+    #[serde(default)]
+    pub rules: Vec<GrpcRouteRule>,
+}
+
+/// One GRPCRoute rule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    /// Optional rule name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alternatives; an empty list matches every call.
+    #[serde(default)]
+    pub matches: Vec<GrpcRouteMatch>,
+    /// Filters (header modifiers, mirror).
+    #[serde(default)]
+    pub filters: Vec<HttpRouteFilter>,
+    /// Weighted backends.
+    #[serde(default)]
+    pub backend_refs: Vec<HttpBackendRef>,
+}
+
+/// A call match: method and headers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    /// Service and/or method.
+    #[serde(default)]
+    pub method: Option<GrpcMethodMatch>,
+    /// Header (metadata) matches.
+    #[serde(default)]
+    pub headers: Vec<HttpValueMatch>,
+}
+
+/// `Exact` (default) or `RegularExpression` on the fully qualified service and the method.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    /// Match type.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Fully qualified service, e.g. `helloworld.Greeter`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Method, e.g. `SayHello`.
+    #[serde(default)]
+    pub method: Option<String>,
+}
+
+impl GRPCRouteSpec {
+    /// The HTTPRoute this route amounts to: a method match becomes a path match on
+    /// `/<service>/<method>` (exact when both are given, a prefix `/<service>/` for a service alone,
+    /// a regular expression otherwise).
+    pub fn as_http(&self) -> Result<HTTPRouteSpec, String> {
+        let rules = self
+            .rules
+            .iter()
+            .map(|r| {
+                let matches = r
+                    .matches
+                    .iter()
+                    .map(|m| {
+                        let path = m.method.as_ref().map(GrpcMethodMatch::as_path).transpose()?;
+                        Ok(HttpRouteMatch { path, headers: m.headers.clone(), ..Default::default() })
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                Ok(HttpRouteRule {
+                    name: r.name.clone(),
+                    matches,
+                    filters: r.filters.clone(),
+                    backend_refs: r.backend_refs.clone(),
+                    ..Default::default()
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(HTTPRouteSpec { parent_refs: self.parent_refs.clone(), hostnames: self.hostnames.clone(), rules })
+    }
+}
+
+impl GrpcMethodMatch {
+    fn as_path(&self) -> Result<HttpPathMatch, String> {
+        let (service, method) = (self.service.as_deref(), self.method.as_deref());
+        let path = |kind: &str, value: String| HttpPathMatch { kind: Some(kind.into()), value: Some(value) };
+        let valid = |s: &str| !s.is_empty() && !s.contains('/');
+        match self.kind.as_deref() {
+            None | Some("Exact") => {
+                for part in [service, method].into_iter().flatten() {
+                    if !valid(part) {
+                        return Err(format!("gRPC method match {part:?} is empty or contains '/'"));
+                    }
+                }
+                match (service, method) {
+                    (Some(s), Some(m)) => Ok(path("Exact", format!("/{s}/{m}"))),
+                    (Some(s), None) => Ok(path("PathPrefix", format!("/{s}"))),
+                    (None, Some(m)) => Ok(path("RegularExpression", format!("/[^/]+/{}", regex_syntax::escape(m)))),
+                    (None, None) => Err("a gRPC method match needs a service or a method".into()),
+                }
+            }
+            Some("RegularExpression") => {
+                let s = service.unwrap_or("[^/]+");
+                let m = method.unwrap_or("[^/]+");
+                Ok(path("RegularExpression", format!("/({s})/({m})")))
+            }
+            Some(other) => Err(format!("gRPC method match type {other:?} is not Exact or RegularExpression")),
+        }
+    }
+}
+
 /// One HTTPRoute rule.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -752,4 +874,59 @@ pub struct OutlierDetection {
     /// Share of the endpoints that may be ejected at once (at least one always may).
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
+}
+
+#[cfg(test)]
+mod grpc_route_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn path_of(kind: Option<&str>, service: Option<&str>, method: Option<&str>) -> Result<(String, String), String> {
+        let m = GrpcMethodMatch {
+            kind: kind.map(str::to_owned),
+            service: service.map(str::to_owned),
+            method: method.map(str::to_owned),
+        };
+        let spec = GRPCRouteSpec {
+            rules: vec![GrpcRouteRule {
+                matches: vec![GrpcRouteMatch { method: Some(m), headers: vec![] }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let http = spec.as_http()?;
+        let p = http.rules[0].matches[0].path.clone().unwrap();
+        Ok((p.kind.unwrap(), p.value.unwrap()))
+    }
+
+    #[test]
+    fn a_method_match_is_the_path_of_the_call() {
+        let s = |a: &str, b: &str| Ok((a.to_owned(), b.to_owned()));
+        assert_eq!(path_of(None, Some("demo.Greeter"), Some("SayHello")), s("Exact", "/demo.Greeter/SayHello"));
+        assert_eq!(path_of(Some("Exact"), Some("demo.Greeter"), None), s("PathPrefix", "/demo.Greeter"));
+        assert_eq!(path_of(None, None, Some("Say.Hello")), s("RegularExpression", "/[^/]+/Say\\.Hello"));
+        assert_eq!(
+            path_of(Some("RegularExpression"), Some("demo\\..*"), None),
+            s("RegularExpression", "/(demo\\..*)/([^/]+)")
+        );
+        assert!(path_of(None, None, None).is_err());
+        assert!(path_of(None, Some("a/b"), Some("M")).is_err());
+        assert!(path_of(Some("Prefix"), Some("a"), None).is_err());
+    }
+
+    #[test]
+    fn a_grpcroute_from_yaml_keeps_parents_headers_filters_and_backends() {
+        let route: GRPCRoute = serde_norway::from_str(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: demo}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: greeter, port: 90}]\n  rules:\n    - matches:\n        - method: {service: demo.Greeter, method: SayHello}\n          headers: [{name: x-user, value: ann}]\n      filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: a, value: b}]}}]\n      backendRefs: [{name: greeter-new, port: 90, weight: 3}]\n",
+        )
+        .unwrap();
+        let http = route.spec.as_http().unwrap();
+        assert_eq!(http.parent_refs, route.spec.parent_refs);
+        let rule = &http.rules[0];
+        assert_eq!(rule.matches[0].headers[0].name, "x-user");
+        assert_eq!(rule.filters[0].kind, "RequestHeaderModifier");
+        assert_eq!(rule.backend_refs[0].weight, Some(3));
+        assert_eq!(rule.backend_refs[0].target.name, "greeter-new");
+    }
 }

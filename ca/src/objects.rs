@@ -13,8 +13,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod,
-    Service, VirtualService,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
+    Pod, Service, VirtualService,
 };
 
 /// The kinds the mesh reads.
@@ -32,6 +32,8 @@ pub enum Kind {
     Gateway,
     /// gateway.networking.k8s.io HTTPRoute.
     HTTPRoute,
+    /// gateway.networking.k8s.io GRPCRoute.
+    GRPCRoute,
     /// security.istio.io AuthorizationPolicy.
     AuthorizationPolicy,
     /// security.istio.io PeerAuthentication.
@@ -84,6 +86,8 @@ pub enum Object {
     Gateway(Arc<Gateway>),
     /// An HTTPRoute.
     HTTPRoute(Arc<HTTPRoute>),
+    /// A GRPCRoute.
+    GRPCRoute(Arc<GRPCRoute>),
     /// An AuthorizationPolicy.
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// A PeerAuthentication.
@@ -153,6 +157,7 @@ impl Object {
             ("discovery.k8s.io", "EndpointSlice") => decode(Kind::EndpointSlice, value).map(Object::EndpointSlice),
             ("gateway.networking.k8s.io", "Gateway") => decode(Kind::Gateway, value).map(Object::Gateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => decode(Kind::HTTPRoute, value).map(Object::HTTPRoute),
+            ("gateway.networking.k8s.io", "GRPCRoute") => decode(Kind::GRPCRoute, value).map(Object::GRPCRoute),
             ("security.istio.io", "AuthorizationPolicy") => {
                 decode(Kind::AuthorizationPolicy, value).map(Object::AuthorizationPolicy)
             }
@@ -178,6 +183,7 @@ impl Object {
             Object::EndpointSlice(o) => o.meta(),
             Object::Gateway(o) => o.meta(),
             Object::HTTPRoute(o) => o.meta(),
+            Object::GRPCRoute(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::PeerAuthentication(o) => o.meta(),
             Object::VirtualService(o) => o.meta(),
@@ -194,6 +200,7 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::Gateway(_) => Kind::Gateway,
             Object::HTTPRoute(_) => Kind::HTTPRoute,
+            Object::GRPCRoute(_) => Kind::GRPCRoute,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::VirtualService(_) => Kind::VirtualService,
@@ -230,6 +237,7 @@ impl Object {
             Object::EndpointSlice(o) => Object::EndpointSlice(fill(o)),
             Object::Gateway(o) => Object::Gateway(fill(o)),
             Object::HTTPRoute(o) => Object::HTTPRoute(fill(o)),
+            Object::GRPCRoute(o) => Object::GRPCRoute(fill(o)),
             Object::AuthorizationPolicy(o) => Object::AuthorizationPolicy(fill(o)),
             Object::PeerAuthentication(o) => Object::PeerAuthentication(fill(o)),
             Object::VirtualService(o) => Object::VirtualService(fill(o)),
@@ -294,6 +302,9 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
         }
         Object::AuthorizationPolicy(policy) => crate::translate::authz::validate(&policy.spec).map_err(invalid)?,
         Object::HTTPRoute(route) => crate::translate::waypoint::validate(&route.spec).map_err(invalid)?,
+        Object::GRPCRoute(route) => {
+            crate::translate::waypoint::validate(&route.spec.as_http().map_err(invalid)?).map_err(invalid)?
+        }
         Object::VirtualService(vs) => crate::translate::istio::validate_virtual_service(&vs.spec).map_err(invalid)?,
         Object::DestinationRule(dr) => crate::translate::istio::validate_destination_rule(&dr.spec).map_err(invalid)?,
         _ => {}
@@ -387,6 +398,11 @@ impl Objects {
     pub fn destination_rules(&self) -> impl Iterator<Item = &Arc<DestinationRule>> {
         self.of_kind(Kind::DestinationRule)
             .filter_map(|o| if let Object::DestinationRule(x) = o { Some(x) } else { None })
+    }
+
+    /// GRPCRoutes.
+    pub fn grpc_routes(&self) -> impl Iterator<Item = &Arc<GRPCRoute>> {
+        self.of_kind(Kind::GRPCRoute).filter_map(|o| if let Object::GRPCRoute(x) = o { Some(x) } else { None })
     }
 
     /// HTTPRoutes.

@@ -95,6 +95,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("discovery.k8s.io", "endpointslices"),
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "httproutes"),
+        ("gateway.networking.k8s.io", "grpcroutes"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
         ("networking.istio.io", "virtualservices"),

@@ -39,6 +39,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSliceList"),
     ("/apis/gateway.networking.k8s.io/v1/gateways", "GatewayList"),
     ("/apis/gateway.networking.k8s.io/v1/httproutes", "HTTPRouteList"),
+    ("/apis/gateway.networking.k8s.io/v1/grpcroutes", "GRPCRouteList"),
     ("/apis/security.istio.io/v1/authorizationpolicies", "AuthorizationPolicyList"),
     ("/apis/networking.istio.io/v1/virtualservices", "VirtualServiceList"),
     ("/apis/networking.istio.io/v1/destinationrules", "DestinationRuleList"),

@@ -198,3 +198,90 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
         }
     })
 }
+
+/// Serves gRPC-shaped calls as `name` until the task is aborted: any request answers 200
+/// `application/grpc` with one message, `<name> <path>` (the call as it arrived), and the
+/// trailers `grpc-status: 0`, `grpc-message: ok` (gRPC over HTTP/2: trailers must make it back).
+pub fn grpc_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
+    use std::convert::Infallible;
+
+    use http_body_util::StreamBody;
+    use hyper::body::{Bytes, Frame};
+    use hyper::{Request, Response};
+
+    let name: std::sync::Arc<str> = std::sync::Arc::from(name);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let name = name.clone();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let reply = grpc_frame(format!("{name} {}", req.uri().path()).as_bytes());
+                async move {
+                    let mut trailers = hyper::HeaderMap::new();
+                    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+                    trailers.insert("grpc-message", hyper::header::HeaderValue::from_static("ok"));
+                    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+                        vec![Ok(Frame::data(Bytes::from(reply))), Ok(Frame::trailers(trailers))];
+                    let body = StreamBody::new(futures_util::stream::iter(frames));
+                    let mut resp = Response::new(body);
+                    resp.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/grpc"),
+                    );
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+            });
+        }
+    })
+}
+
+/// A gRPC length-prefixed message (uncompressed).
+pub fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame
+}
+
+/// A gRPC answer: HTTP status, the message(s) after their 5-byte prefixes, and the trailers.
+#[derive(Debug)]
+pub struct GrpcAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// The first message, as text.
+    pub message: String,
+    /// `grpc-status` from the trailers, if any came.
+    pub grpc_status: Option<String>,
+}
+
+/// Makes one gRPC call (HTTP/2 with prior knowledge, POST `path`, `application/grpc`) over
+/// `stream`.
+pub async fn grpc_call(stream: TcpStream, path: &str, message: &[u8]) -> Result<GrpcAnswer> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
+    tokio::spawn(conn);
+    let request = hyper::Request::post(path)
+        .header(hyper::header::CONTENT_TYPE, "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(grpc_frame(message))))?;
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), sender.send_request(request))
+        .await
+        .context("gRPC call timed out")??;
+    let status = response.status().as_u16();
+    let collected = response.into_body().collect().await?;
+    let grpc_status =
+        collected.trailers().and_then(|t| t.get("grpc-status")).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let bytes = collected.to_bytes();
+    let message = bytes.get(5..).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+    Ok(GrpcAnswer { status, message, grpc_status })
+}

@@ -22,7 +22,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::apps::{TUTORIAL, http_server};
+use e2e::apps::{TUTORIAL, grpc_call, grpc_server, http_server};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, metric_sum as sum};
 
 const APP_PORT: u16 = 8080;
@@ -31,6 +31,8 @@ const LATEST: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 11);
 const NEW: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 12);
 const WAYPOINT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
 const PLAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 2, 10);
+const GRPC_PORT: u16 = 9090;
+const GREETER: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 20);
 
 fn service(name: &str, namespace: &str, vip: Ipv4Addr, selector: &[(&str, &str)]) -> String {
     let selector: String = selector.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
@@ -49,6 +51,7 @@ async fn demo_mesh() -> (Mesh, Arc<MeshPod>, Arc<MeshPod>) {
         let pod =
             mesh.pod(PodSpec::new(name, "demo", node).label("app", "hello").label("version", version)).await.unwrap();
         http_server(pod.listen(APP_PORT).unwrap(), name);
+        grpc_server(pod.listen(GRPC_PORT).unwrap(), name);
     }
     mesh.apply("svc-demo-hello", &service("hello", "demo", HELLO, &[("app", "hello")])).unwrap();
     let latest = service("hello-latest", "demo", LATEST, &[("app", "hello"), ("version", "latest")]);
@@ -490,4 +493,59 @@ async fn upgraded_connections_pass_through_the_waypoint() {
     let after = mesh.waypoint_metrics(&waypoint).await.unwrap();
     let switched = |m: &str| sum(m, "istio_requests_total{", &["response_code=\"101\""]);
     assert_eq!(switched(&after) - switched(&before), 1.0);
+}
+
+/// A gRPC service (port 90 → 9090) of the same pods, and one service per version.
+fn grpc_service(name: &str, vip: Ipv4Addr, selector: &[(&str, &str)]) -> String {
+    let selector: String = selector.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  clusterIP: {vip}\n  selector:{selector}\n  ports:\n    - name: grpc\n      port: 90\n      targetPort: {GRPC_PORT}\n      appProtocol: grpc\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcroute_routes_calls_by_method_and_trailers_come_back() {
+    let (mesh, client, waypoint) = demo_mesh().await;
+    mesh.apply("svc-greeter", &grpc_service("greeter", GREETER, &[("app", "hello")])).unwrap();
+    mesh.apply("svc-greeter-new", &grpc_service("greeter-new", Ipv4Addr::new(10, 96, 1, 21), &[("version", "new")]))
+        .unwrap();
+    mesh.apply(
+        "svc-greeter-latest",
+        &grpc_service("greeter-latest", Ipv4Addr::new(10, 96, 1, 22), &[("version", "latest")]),
+    )
+    .unwrap();
+    mesh.apply(
+        "grpcroute-greeter",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata:\n  name: greeter\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: greeter, port: 90}\n  rules:\n    - matches:\n        - method: {service: demo.Greeter, method: SayHello}\n      backendRefs: [{name: greeter-new, port: 90}]\n    - matches:\n        - method: {service: demo.Greeter}\n      backendRefs: [{name: greeter-latest, port: 90}]\n",
+    )
+    .unwrap();
+    let to = SocketAddr::from((GREETER, 90));
+    let call = |path: &'static str| {
+        let client = client.clone();
+        async move { grpc_call(client.connect(to).await?, path, b"hi").await }
+    };
+    mesh.wait_until("the GRPCRoute to apply", Duration::from_secs(30), || async {
+        let mut routed = true;
+        for _ in 0..6 {
+            routed &= call("/demo.Greeter/SayHello").await.is_ok_and(|a| a.message.starts_with("hello-new "));
+        }
+        routed
+    })
+    .await
+    .unwrap();
+    for _ in 0..20 {
+        let a = call("/demo.Greeter/SayHello").await.unwrap();
+        assert_eq!((a.status, a.message.as_str()), (200, "hello-new /demo.Greeter/SayHello"));
+        assert_eq!(a.grpc_status.as_deref(), Some("0"), "the trailers did not come back: {a:?}");
+        let b = call("/demo.Greeter/SayGoodbye").await.unwrap();
+        assert_eq!((b.status, b.message.as_str()), (200, "hello-latest /demo.Greeter/SayGoodbye"));
+        assert_eq!(b.grpc_status.as_deref(), Some("0"));
+    }
+    // Another service matches neither rule: no route, as Gateway API says (404).
+    assert_eq!(call("/other.Service/Call").await.unwrap().status, 404);
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    assert!(
+        sum(&m, "istio_requests_total{", &["destination_service=\"greeter.demo.svc.cluster.local\""]) >= 40.0,
+        "{m}"
+    );
 }

@@ -1,6 +1,6 @@
 //! The Kubernetes API server as the source of objects.
 //!
-//! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes,
+//! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes, GRPCRoutes,
 //! AuthorizationPolicies, PeerAuthentications, VirtualServices, DestinationRules), across all
 //! namespaces. A watcher lists, then
 //! watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, Gateway, HTTPRoute, Namespace, PeerAuthentication, Pod,
-    Service, VirtualService,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
+    Pod, Service, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -77,6 +77,7 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
             ),
             watch::<Gateway>(Api::all(client.clone()), Kind::Gateway, Object::Gateway, &store, &problems),
             watch::<HTTPRoute>(Api::all(client.clone()), Kind::HTTPRoute, Object::HTTPRoute, &store, &problems),
+            watch::<GRPCRoute>(Api::all(client.clone()), Kind::GRPCRoute, Object::GRPCRoute, &store, &problems),
             watch::<AuthorizationPolicy>(
                 Api::all(client.clone()),
                 Kind::AuthorizationPolicy,

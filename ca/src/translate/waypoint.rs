@@ -1,4 +1,5 @@
-//! HTTPRoutes and waypoint-targeted AuthorizationPolicies → the waypoint's own resources.
+//! HTTPRoutes (and GRPCRoutes, as the HTTPRoutes they amount to) and waypoint-targeted
+//! AuthorizationPolicies → the waypoint's own resources.
 //!
 //! - A route whose parentRef is a Service (GAMMA) applies to traffic to that service; one whose
 //!   parentRef is a waypoint Gateway applies to every service that uses that waypoint and matches
@@ -217,10 +218,14 @@ pub fn routes(
     services: &BTreeMap<String, Service>,
 ) -> BTreeMap<String, pb::ServiceRoutes> {
     let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
-    for route in objects.http_routes() {
-        let (ns, name) = k8s::ns_name(&route.metadata);
-        let rules: Vec<pb::RouteRule> = route.spec.rules.iter().map(|r| rule(r, ns, &config.domain_suffix)).collect();
-        for parent in &route.spec.parent_refs {
+    // A GRPCRoute is the HTTPRoute it amounts to (validated on the way in).
+    let grpc: Vec<(&kube::core::ObjectMeta, HTTPRouteSpec)> =
+        objects.grpc_routes().filter_map(|r| Some((&r.metadata, r.spec.as_http().ok()?))).collect();
+    let all = objects.http_routes().map(|r| (&r.metadata, &r.spec)).chain(grpc.iter().map(|(m, s)| (*m, s)));
+    for (metadata, spec) in all {
+        let (ns, name) = k8s::ns_name(metadata);
+        let rules: Vec<pb::RouteRule> = spec.rules.iter().map(|r| rule(r, ns, &config.domain_suffix)).collect();
+        for parent in &spec.parent_refs {
             let targets: Vec<&Service> = if is_service(parent) {
                 let (pns, host) = service_key(parent, ns, &config.domain_suffix);
                 services.get(&format!("{pns}/{host}")).into_iter().collect()
@@ -230,8 +235,8 @@ pub fn routes(
                     .values()
                     .filter(|s| s.waypoint.as_ref().is_some_and(|w| w.namespace == gw_ns && w.name == parent.name))
                     .filter(|s| {
-                        route.spec.hostnames.is_empty()
-                            || route.spec.hostnames.iter().any(|h| hostname_matches(h, &s.hostname) || *h == s.name)
+                        spec.hostnames.is_empty()
+                            || spec.hostnames.iter().any(|h| hostname_matches(h, &s.hostname) || *h == s.name)
                     })
                     .collect()
             } else {
