@@ -21,7 +21,7 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(version, propagate_version = true)]
 struct Cli {
-    /// Change the YAML directory the `ca` reads (the one-machine mesh) instead of a cluster.
+    /// Edit the YAML directory the `ca` reads (the one-machine mesh) instead of a cluster.
     #[arg(long, global = true, env = "AMBIENT_CONFIG_DIR", value_name = "DIR")]
     config_dir: Option<PathBuf>,
 
