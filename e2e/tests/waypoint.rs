@@ -449,10 +449,15 @@ async fn bad_http_is_refused_or_bounded_and_the_waypoint_keeps_serving() {
     }
     drop(h2);
     let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
-    // Refused (streams reset before the waypoint took them trip its limit: GOAWAY), or, when the
+    // Refused (streams reset before the waypoint took them trip its limit: GOAWAY; the client may
+    // see only the closed connection when its next write hits the socket first), or, when the
     // waypoint took each stream before its reset arrived, bounded by the stream limit: either
     // way it kept serving (checked every 500) and its memory stays bounded (below).
-    let refused = format!("{stopped:?} {ended:?}").contains("ENHANCE_YOUR_CALM");
+    let cut_by_server = stopped
+        .as_ref()
+        .and_then(h2::Error::get_io)
+        .is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset));
+    let refused = format!("{stopped:?} {ended:?}").contains("ENHANCE_YOUR_CALM") || cut_by_server;
     assert!(
         refused || opened == 5000,
         "the flood ended early without GOAWAY: {opened} streams, {stopped:?}, {ended:?}"
