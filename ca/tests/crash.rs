@@ -21,8 +21,16 @@ use x509_parser::prelude::*;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 
+/// A free port on a loopback address of its own (127.x.y.z): a port picked ahead and released
+/// can be handed to another test's process before the CA binds it; on its own address it cannot
+/// end up shared.
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let [a, b, c, _] = (h.finish() as u32).to_be_bytes();
+    let ip = std::net::Ipv4Addr::new(127, a, b, c.max(2));
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap()
 }
 
 struct Ca {
@@ -37,25 +45,37 @@ impl Drop for Ca {
     }
 }
 
+/// Starts the `ca` binary on free ports and waits until it serves (its trust bundle written, its
+/// port accepting). Ports picked ahead can be taken by another test's process before the CA binds
+/// them: then the CA exits, and it is started again on other ports.
 fn start(objects: &std::path::Path, state: &std::path::Path, jwks: &std::path::Path) -> Ca {
-    let grpc = free_port();
-    let admin = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ca"))
-        .args(["--config-dir", &objects.display().to_string()])
-        .args(["--state-dir", &state.display().to_string()])
-        .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
-        .args(["--jwt-issuer", support::ISSUER, "--jwks-file", &jwks.display().to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(grpc).is_err() {
-        assert!(Instant::now() < deadline, "ca did not start listening");
-        std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..5 {
+        let grpc = free_port();
+        let admin = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(["--config-dir", &objects.display().to_string()])
+            .args(["--state-dir", &state.display().to_string()])
+            .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
+            .args(["--jwt-issuer", support::ISSUER, "--jwks-file", &jwks.display().to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            // Our CA, not whatever else listens there: it is running and wrote its bundle first.
+            if state.join("root-cert.pem").exists() && std::net::TcpStream::connect(grpc).is_ok() {
+                return Ca { child, grpc };
+            }
+            assert!(Instant::now() < deadline, "ca did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    Ca { child, grpc }
+    panic!("ca exited at start five times (ports taken?)");
 }
 
 fn serial(chain: &[String]) -> String {

@@ -227,6 +227,8 @@ struct Known {
     namespaces: HashMap<String, Option<String>>,
     /// Namespace paths the CNI plugin reported, by pod uid.
     cni: HashMap<String, PathBuf>,
+    /// The CNI-reported path each pod was enrolled with (a new sandbox means a new namespace).
+    enrolled_from: HashMap<String, PathBuf>,
     synced_pods: bool,
     synced_namespaces: bool,
 }
@@ -335,12 +337,12 @@ pub async fn run_agent(
         let listener = bind_unix(&config.cni_socket).map_err(|source| {
             crate::agent::AgentError::Listen(crate::zds::ZdsError::Io { path: config.cni_socket.clone(), source })
         })?;
-        let (known, changed, agent, wait) = (known.clone(), changed.clone(), agent.clone(), config.cni_wait);
+        let (known, changed, wait) = (known.clone(), changed.clone(), config.cni_wait);
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let (known, changed, agent) = (known.clone(), changed.clone(), agent.clone());
-                tokio::spawn(async move { serve_cni(stream, known, changed, agent, wait).await });
+                let (known, changed) = (known.clone(), changed.clone());
+                tokio::spawn(async move { serve_cni(stream, known, changed, wait).await });
             }
         })
     };
@@ -374,34 +376,45 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::bind(path)
 }
 
-/// Enrolls what belongs in the mesh and is not, unenrolls what is and no longer belongs.
+/// Enrolls what belongs in the mesh and is not, unenrolls what is and no longer belongs, and
+/// enrolls again a pod whose sandbox (network namespace) the CNI plugin reported anew. The only
+/// place that enrolls: CNI reports wait for it.
 async fn reconcile(known: &Shared, agent: &crate::agent::NodeAgent, proc_root: &Path, host_ns: u64) {
     use tracing::warn;
-    let (want, cni) = {
+    let (want, cni, enrolled_from) = {
         let k = lock(known);
         if !(k.synced_pods && k.synced_namespaces) {
             return;
         }
         let pods: Vec<PodFacts> = k.pods.values().cloned().collect();
-        (desired(&pods, &k.namespaces), k.cni.clone())
+        (desired(&pods, &k.namespaces), k.cni.clone(), k.enrolled_from.clone())
     };
     let have = agent.enrolled();
     for uid in have.iter().filter(|u| !want.contains_key(*u)) {
+        lock(known).enrolled_from.remove(uid);
         if let Err(e) = agent.unenroll(uid).await {
             warn!(uid, error = %e, "unenrolling a pod failed");
         }
     }
-    for (uid, info) in want.into_iter().filter(|(u, _)| !have.contains(u)) {
-        let netns = match cni.get(&uid) {
+    for (uid, info) in want {
+        let reported = cni.get(&uid);
+        let current = have.contains(&uid) && (reported.is_none() || reported == enrolled_from.get(&uid));
+        if current {
+            continue;
+        }
+        let netns = match reported {
             Some(path) => NetNs::open(path).map(Some),
             None => find_netns(proc_root, &uid, host_ns),
         };
         match netns {
-            Ok(Some(netns)) => {
-                if let Err(e) = agent.enroll(&uid, info, netns).await {
-                    warn!(uid, error = %e, "enrolling a pod failed; retrying");
+            Ok(Some(netns)) => match agent.enroll(&uid, info, netns).await {
+                Ok(()) => {
+                    if let Some(path) = reported {
+                        lock(known).enrolled_from.insert(uid, path.clone());
+                    }
                 }
-            }
+                Err(e) => warn!(uid, error = %e, "enrolling a pod failed; retrying"),
+            },
             // Not started yet (no process, no CNI report): the next change or tick retries.
             Ok(None) => {}
             Err(e) => warn!(uid, error = %e, "cannot open the pod's network namespace; retrying"),
@@ -415,7 +428,6 @@ async fn serve_cni(
     stream: tokio::net::UnixStream,
     known: Shared,
     changed: std::sync::Arc<tokio::sync::Notify>,
-    agent: std::sync::Arc<crate::agent::NodeAgent>,
     wait: std::time::Duration,
 ) {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
@@ -425,7 +437,7 @@ async fn serve_cni(
     let mut reader = tokio::io::BufReader::new(read.take(64 * 1024));
     let reply = match tokio::time::timeout(std::time::Duration::from_secs(5), reader.read_line(&mut line)).await {
         Ok(Ok(n)) if n > 0 => match serde_json::from_str::<CniAdd>(&line) {
-            Ok(add) => handle_cni(add, &known, &agent, wait).await,
+            Ok(add) => handle_cni(add, &known, &changed, wait).await,
             Err(e) => CniReply { enrolled: false, error: Some(format!("malformed report: {e}")) },
         },
         _ => CniReply { enrolled: false, error: Some("no report received".into()) },
@@ -441,12 +453,7 @@ async fn serve_cni(
     let _ = write.write_all(text.as_bytes()).await;
 }
 
-async fn handle_cni(
-    add: CniAdd,
-    known: &Shared,
-    agent: &crate::agent::NodeAgent,
-    wait: std::time::Duration,
-) -> CniReply {
+async fn handle_cni(add: CniAdd, known: &Shared, changed: &tokio::sync::Notify, wait: std::time::Duration) -> CniReply {
     let deadline = tokio::time::Instant::now() + wait;
     // The pod (by uid, or by namespace/name when the runtime does not pass the uid).
     let facts = loop {
@@ -476,20 +483,23 @@ async fn handle_cni(
     if pod.host_network || !in_mesh(ns_mode.as_deref(), pod.mode.as_deref()) {
         return CniReply { enrolled: false, error: None };
     }
-    if agent.enrolled().contains(&pod.uid) {
-        return CniReply { enrolled: true, error: None };
-    }
-    let info = WorkloadInfo {
-        name: pod.name.clone(),
-        namespace: pod.namespace.clone(),
-        service_account: pod.service_account.clone(),
-    };
-    match NetNs::open(&add.netns) {
-        Ok(netns) => match agent.enroll(&pod.uid, info, netns).await {
-            Ok(()) => CniReply { enrolled: true, error: None },
-            Err(e) => CniReply { enrolled: false, error: Some(e.to_string()) },
-        },
-        Err(e) => CniReply { enrolled: false, error: Some(format!("{}: {e}", add.netns.display())) },
+    // The reconcile loop enrolls it with this namespace; answer once it has.
+    changed.notify_one();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if lock(known).enrolled_from.get(&pod.uid) == Some(&add.netns) {
+            return CniReply { enrolled: true, error: None };
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return CniReply {
+                enrolled: false,
+                error: Some(format!(
+                    "pod {}/{}: capture was not installed within 10 s (see the node agent's log)",
+                    pod.namespace, pod.name
+                )),
+            };
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
