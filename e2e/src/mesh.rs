@@ -431,7 +431,6 @@ impl Mesh {
     /// --config-dir`, an editor): pods of a namespace whose `istio.io/dataplane-mode` changed are
     /// enrolled or unenrolled, as a cluster's node agent would. Returns the namespaces that changed.
     pub async fn follow_namespace_labels(&mut self) -> Result<Vec<String>> {
-        use serde::Deserialize as _;
         let mut seen: Vec<(String, bool, Option<String>)> = Vec::new();
         for entry in std::fs::read_dir(&self.objects)?.flatten() {
             let path = entry.path();
@@ -439,12 +438,9 @@ impl Mesh {
                 continue;
             }
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            for doc in serde_norway::Deserializer::from_str(&text) {
-                let Ok(doc) = serde_norway::Value::deserialize(doc) else { break };
-                let Ok(doc) = serde_json::to_value(doc) else { continue };
-                if doc["kind"] != "Namespace" {
-                    continue;
-                }
+            // A file being written or broken is read again on the next call.
+            let Ok(docs) = ca::ctl::config::read_docs(&text) else { continue };
+            for doc in docs.iter().filter(|d| d["kind"] == "Namespace") {
                 let Some(name) = doc["metadata"]["name"].as_str() else { continue };
                 let labels = &doc["metadata"]["labels"];
                 let ambient = labels[ztunnel::agent::DATAPLANE_MODE_LABEL] == "ambient";

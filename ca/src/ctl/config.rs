@@ -214,7 +214,8 @@ fn find_in_dir(
     Ok(None)
 }
 
-fn read_docs(text: &str) -> Result<Vec<Value>> {
+/// The documents of a multi-document YAML text, as JSON values (empty documents skipped).
+pub fn read_docs(text: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
     for doc in serde_norway::Deserializer::from_str(text) {
         let value = serde_norway::Value::deserialize(doc)?;
