@@ -14,7 +14,10 @@
 //! - outlier detection ejects a dead endpoint;
 //! - an HTTP/1.1 upgrade (101) joins both connections through the waypoint;
 //! - malformed HTTP (400), oversized headers (431), a CONTINUATION flood (connection cut) and
-//!   HTTP/2 rapid reset (GOAWAY) are refused or bounded while the waypoint keeps serving.
+//!   HTTP/2 rapid reset (GOAWAY) are refused or bounded while the waypoint keeps serving;
+//! - a port declared TCP is a byte stream (HTTP-looking bytes are not parsed), an undeclared one
+//!   is detected (a server-first protocol and HTTP both work), and an L4 DENY at the waypoint
+//!   refuses one peer on one port while the rest flows; the waypoint counts TCP streams.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -22,7 +25,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::apps::{TUTORIAL, grpc_call, grpc_server, http_server};
+use e2e::apps::{EchoClient, TUTORIAL, echo_server, grpc_call, grpc_server, http_server};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, metric_sum as sum};
 
 const APP_PORT: u16 = 8080;
@@ -33,6 +36,7 @@ const WAYPOINT: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 2);
 const PLAIN: Ipv4Addr = Ipv4Addr::new(10, 96, 2, 10);
 const GRPC_PORT: u16 = 9090;
 const GREETER: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 20);
+const DB: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 30);
 
 fn service(name: &str, namespace: &str, vip: Ipv4Addr, selector: &[(&str, &str)]) -> String {
     let selector: String = selector.iter().map(|(k, v)| format!("\n    {k}: {v}")).collect();
@@ -553,4 +557,97 @@ async fn a_grpcroute_routes_calls_by_method_and_trailers_come_back() {
         sum(&m, "istio_requests_total{", &["destination_service=\"greeter.demo.svc.cluster.local\""]) >= 40.0,
         "{m}"
     );
+}
+
+/// Service `db` (pod `db`, node 2): port 5432 declared TCP, 7001 undeclared (both to an echo
+/// server, which speaks first), 8080 undeclared (to an HTTP server).
+const DB_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: db\n  namespace: demo\nspec:\n  clusterIP: 10.96.1.30\n  selector:\n    app: db\n  ports:\n    - {name: tcp-postgres, port: 5432, targetPort: 7000}\n    - {name: stream, port: 7001, targetPort: 7000}\n    - {name: web, port: 8080, targetPort: 8080}\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_ports_are_streams_through_the_waypoint_with_l4_policy() {
+    let (mut mesh, client, waypoint) = demo_mesh().await;
+    let db = mesh.pod(PodSpec::new("db", "demo", 2)).await.unwrap();
+    echo_server(db.listen(7000).unwrap(), "db");
+    http_server(db.listen(8080).unwrap(), "db-web");
+    let intruder = mesh.pod(PodSpec::new("intruder", "demo", 1)).await.unwrap();
+    mesh.apply("svc-demo-db", DB_SERVICE).unwrap();
+    let declared = SocketAddr::from((DB, 5432));
+    let undeclared = SocketAddr::from((DB, 7001));
+    let tcp_opened = |m: &str, flags: &str| {
+        sum(
+            m,
+            "istio_tcp_connections_opened_total{",
+            &["reporter=\"waypoint\"", "destination_service=\"db.demo.svc.cluster.local\"", flags],
+        )
+    };
+    mesh.wait_until("TCP to db to cross the waypoint", Duration::from_secs(30), || async {
+        let Ok(stream) = client.connect(declared).await else { return false };
+        let Ok(m) = mesh.waypoint_metrics(&waypoint).await else { return false };
+        EchoClient::greet(stream).await.is_ok() && tcp_opened(&m, "response_flags=\"-\"") >= 1.0
+    })
+    .await
+    .unwrap();
+    let before = mesh.waypoint_metrics(&waypoint).await.unwrap();
+
+    // Declared TCP: bytes that look like HTTP are echoed as they are, not parsed.
+    let mut echo = EchoClient::greet(client.connect(declared).await.unwrap()).await.unwrap();
+    assert_eq!(echo.server, "db");
+    echo.round_trip(b"GET / HTTP/1.1\r\nHost: db\r\n\r\n").await.unwrap();
+    echo.round_trip(&[0u8; 100_000]).await.unwrap();
+    drop(echo);
+
+    // Undeclared, server speaks first: after the detection wait it is a stream.
+    let mut echo = EchoClient::greet(client.connect(undeclared).await.unwrap()).await.unwrap();
+    echo.round_trip(b"\x16\x03\x01 not http").await.unwrap();
+    echo.round_trip(&[7u8; 300_000]).await.unwrap();
+    drop(echo);
+
+    // Undeclared, client speaks HTTP: detected, routed and counted as requests.
+    let a = http_exchange(&client.netns.ns, "GET", SocketAddr::from((DB, 8080)), "/", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.trim()), (200, "db-web"));
+
+    // L4 DENY at the waypoint: the intruder, on the declared port only.
+    mesh.apply(
+        "authz-db",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-intruder-db\n  namespace: demo\nspec:\n  targetRefs:\n    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [cluster.local/ns/demo/sa/intruder]\n      to:\n        - operation:\n            ports: [\"5432\"]\n",
+    )
+    .unwrap();
+    mesh.wait_until("the L4 policy at the waypoint", Duration::from_secs(20), || async {
+        let Ok(stream) = intruder.connect(declared).await else { return true };
+        EchoClient::greet(stream).await.is_err()
+    })
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        let refused = EchoClient::greet(intruder.connect(declared).await.unwrap()).await;
+        assert!(refused.is_err(), "the intruder got through: {refused:?}");
+    }
+    let mut allowed = EchoClient::greet(client.connect(declared).await.unwrap()).await.unwrap();
+    allowed.round_trip(b"still flowing").await.unwrap();
+    let mut other_port = EchoClient::greet(intruder.connect(undeclared).await.unwrap()).await.unwrap();
+    other_port.round_trip(b"another port").await.unwrap();
+    drop((allowed, other_port));
+
+    let after = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    let client_opened = |m: &str| tcp_opened(m, "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"");
+    // The client's streams since `before`: declared, undeclared, declared again under the policy.
+    assert_eq!(client_opened(&after) - client_opened(&before), 3.0, "{after}");
+    let refused = |m: &str| tcp_opened(m, "response_flags=\"RBAC\"");
+    assert!(refused(&after) - refused(&before) >= 3.0, "{after}");
+    let requests = |m: &str| {
+        sum(m, "istio_requests_total{", &["destination_service=\"db.demo.svc.cluster.local\"", "response_code=\"200\""])
+    };
+    assert_eq!(requests(&after) - requests(&before), 1.0, "only the HTTP port counts requests");
+    let echoed = sum(
+        &after,
+        "istio_tcp_received_bytes_total{",
+        &[
+            "destination_service=\"db.demo.svc.cluster.local\"",
+            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        ],
+    );
+    assert!(echoed >= 100_000.0, "bytes from the client: {echoed}");
+    let log = mesh.log_tails(400);
+    assert!(log.contains("connection denied by policy"), "no deny in the waypoint log:\n{log}");
+    assert!(log.contains("demo/no-intruder-db"), "the deny does not name the policy:\n{log}");
 }

@@ -10,6 +10,10 @@
 //!
 //! A `when` key this waypoint does not evaluate makes the rule match for DENY and not match for
 //! ALLOW (fail closed either way).
+//!
+//! A TCP stream has no HTTP attributes. As in Istio, an ALLOW rule that uses an HTTP-only field
+//! (hosts, methods, paths, request principals, `request.*` conditions) never matches it, and a
+//! DENY rule is applied with its HTTP-only fields ignored: it denies more, never less.
 
 use std::net::IpAddr;
 
@@ -24,14 +28,21 @@ pub struct AuthzInput<'a> {
     pub peer: &'a SpiffeId,
     /// The original client IP (`forwarded`), if known.
     pub source_ip: Option<IpAddr>,
+    /// Destination service port.
+    pub port: u16,
+    /// The HTTP request; `None` for a TCP stream.
+    pub http: Option<HttpAttributes<'a>>,
+}
+
+/// The HTTP attributes of a request.
+#[derive(Debug)]
+pub struct HttpAttributes<'a> {
     /// Canonical method.
     pub method: &'a str,
     /// Canonical path (no query).
     pub path: &'a str,
     /// Host header (or authority).
     pub host: &'a str,
-    /// Destination service port.
-    pub port: u16,
     /// Request headers.
     pub headers: &'a HeaderMap,
 }
@@ -111,19 +122,35 @@ fn source_matches(s: &pb::L7Source, input: &AuthzInput<'_>) -> bool {
         && ip_field(&s.ip_blocks, &s.not_ip_blocks)
         && ip_field(&s.remote_ip_blocks, &s.not_remote_ip_blocks)
         // Request principals come from JWTs, which this waypoint does not validate: a rule that
-        // needs one cannot match.
-        && s.request_principals.is_empty()
-        && s.not_request_principals.is_empty()
+        // needs one cannot match an HTTP request (on a TCP stream the field is ignored, see above).
+        && (input.http.is_none() || (s.request_principals.is_empty() && s.not_request_principals.is_empty()))
 }
 
 fn operation_matches(o: &pb::L7Operation, input: &AuthzInput<'_>) -> bool {
-    let host =
-        input.host.rsplit_once(':').map_or(input.host, |(h, p)| if p.parse::<u16>().is_ok() { h } else { input.host });
     let port = input.port.to_string();
+    if !field(&o.ports, &o.not_ports, |p| p == port) {
+        return false;
+    }
+    let Some(http) = &input.http else { return true };
+    let host =
+        http.host.rsplit_once(':').map_or(http.host, |(h, p)| if p.parse::<u16>().is_ok() { h } else { http.host });
     field(&o.hosts, &o.not_hosts, |h| host_match(h, host))
-        && field(&o.ports, &o.not_ports, |p| p == port)
-        && field(&o.methods, &o.not_methods, |m| string_match(m, input.method))
-        && field(&o.paths, &o.not_paths, |p| string_match(p, input.path))
+        && field(&o.methods, &o.not_methods, |m| string_match(m, http.method))
+        && field(&o.paths, &o.not_paths, |p| string_match(p, http.path))
+}
+
+/// Whether `rule` looks at anything only an HTTP request has.
+fn uses_http_fields(rule: &pb::L7Rule) -> bool {
+    rule.from.iter().any(|s| !s.request_principals.is_empty() || !s.not_request_principals.is_empty())
+        || rule.to.iter().any(|o| {
+            !(o.hosts.is_empty()
+                && o.not_hosts.is_empty()
+                && o.methods.is_empty()
+                && o.not_methods.is_empty()
+                && o.paths.is_empty()
+                && o.not_paths.is_empty())
+        })
+        || rule.when.iter().any(|c| c.key.starts_with("request."))
 }
 
 /// A condition's verdict: `Some(bool)` when evaluated, `None` for an unknown key.
@@ -131,7 +158,9 @@ fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>) -> Option<bool
     let principal = input.peer.as_str().trim_start_matches("spiffe://");
     let value: Option<String> =
         if let Some(name) = c.key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
-            input.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+            // Only DENY rules reach here without a request (with the condition ignored).
+            let Some(http) = &input.http else { return Some(true) };
+            http.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
         } else {
             match c.key.as_str() {
                 "source.principal" => Some(principal.to_owned()),
@@ -149,9 +178,13 @@ fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>) -> Option<bool
 }
 
 fn rule_matches(rule: &pb::L7Rule, input: &AuthzInput<'_>, action: Action) -> bool {
+    if input.http.is_none() && action == Action::Allow && uses_http_fields(rule) {
+        return false;
+    }
+    let ignored = |c: &pb::L7Condition| input.http.is_none() && c.key.starts_with("request.");
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, input)))
         && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, input)))
-        && rule.when.iter().all(|c| condition_matches(c, input).unwrap_or(action == Action::Deny))
+        && rule.when.iter().all(|c| ignored(c) || condition_matches(c, input).unwrap_or(action == Action::Deny))
 }
 
 fn policy_matches(p: &pb::L7Policy, input: &AuthzInput<'_>) -> bool {
@@ -211,16 +244,50 @@ mod tests {
     fn decide_for(policies: &[pb::L7Policy], peer: &str, method: &str, path: &str) -> Decision {
         let peer: SpiffeId = peer.parse().unwrap();
         let headers = HeaderMap::new();
-        let input = AuthzInput {
-            peer: &peer,
-            source_ip: None,
-            method,
-            path,
-            host: "hello.demo.svc.cluster.local:80",
-            port: 80,
-            headers: &headers,
-        };
-        decide(policies, &input)
+        let http = HttpAttributes { method, path, host: "hello.demo.svc.cluster.local:80", headers: &headers };
+        decide(policies, &AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) })
+    }
+
+    fn decide_tcp(policies: &[pb::L7Policy], peer: &str, port: u16) -> Decision {
+        let peer: SpiffeId = peer.parse().unwrap();
+        decide(policies, &AuthzInput { peer: &peer, source_ip: None, port, http: None })
+    }
+
+    #[test]
+    fn tcp_streams_see_only_l4_fields() {
+        let by_namespace = vec![pb::L7Source { namespaces: vec!["other".into()], ..Default::default() }];
+        let get_admin =
+            pb::L7Operation { methods: vec!["GET".into()], paths: vec!["/admin".into()], ..Default::default() };
+        let port_5432 = pb::L7Operation { ports: vec!["5432".into()], ..Default::default() };
+        // L4 DENY: by namespace, by port.
+        let p = [policy(Action::Deny, pb::L7Operation::default(), by_namespace.clone())];
+        assert!(matches!(decide_tcp(&p, OTHER, 80), Decision::Deny(Some(_))));
+        assert_eq!(decide_tcp(&p, CLIENT, 80), Decision::Allow(None));
+        let p = [policy(Action::Deny, port_5432.clone(), vec![])];
+        assert!(matches!(decide_tcp(&p, CLIENT, 5432), Decision::Deny(Some(_))));
+        assert_eq!(decide_tcp(&p, CLIENT, 80), Decision::Allow(None));
+        // A DENY with HTTP-only fields denies the whole stream (they are ignored), never less.
+        let p = [policy(Action::Deny, get_admin.clone(), by_namespace.clone())];
+        assert!(matches!(decide_tcp(&p, OTHER, 80), Decision::Deny(Some(_))));
+        assert_eq!(decide_tcp(&p, CLIENT, 80), Decision::Allow(None));
+        // An ALLOW rule with HTTP-only fields never matches a stream; an L4 one does.
+        let p = [policy(Action::Allow, get_admin, vec![])];
+        assert_eq!(decide_tcp(&p, CLIENT, 80), Decision::Deny(None));
+        assert!(matches!(decide_for(&p, CLIENT, "GET", "/admin"), Decision::Allow(Some(_))));
+        let p = [policy(Action::Allow, port_5432, vec![])];
+        assert!(matches!(decide_tcp(&p, CLIENT, 5432), Decision::Allow(Some(_))));
+        assert_eq!(decide_tcp(&p, CLIENT, 80), Decision::Deny(None));
+        // A `request.headers` condition: ignored by DENY, disqualifies ALLOW.
+        let mut deny = policy(Action::Deny, pb::L7Operation::default(), vec![]);
+        deny.rules[0].when = vec![pb::L7Condition {
+            key: "request.headers[x-user]".into(),
+            values: vec!["eve".into()],
+            ..Default::default()
+        }];
+        assert!(matches!(decide_tcp(std::slice::from_ref(&deny), CLIENT, 80), Decision::Deny(Some(_))));
+        let mut allow = deny;
+        allow.action = Action::Allow as i32;
+        assert_eq!(decide_tcp(&[allow], CLIENT, 80), Decision::Deny(None));
     }
 
     const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";

@@ -2,8 +2,10 @@
 //!
 //! A waypoint is a Deployment behind the Service of a `Gateway` with class `istio-waypoint`.
 //! ztunnels send it the traffic of the services (and pods) that use it, as HBONE tunnels whose
-//! `:authority` is the address the client dialed (a service VIP and port). Inside each tunnel it
-//! speaks HTTP (HTTP/1.1 or HTTP/2, detected), and for each request:
+//! `:authority` is the address the client dialed (a service VIP and port). A port the Service
+//! declares TCP (or a protocol the waypoint does not parse), or an undeclared port whose first
+//! bytes are not HTTP, is proxied as a byte stream with L4 policy ([`tcp`]). Otherwise the
+//! tunnel carries HTTP (HTTP/1.1 or HTTP/2, detected), and for each request:
 //!
 //! 1. puts the method and path in canonical form ([`normalize`]);
 //! 2. checks the L7 AuthorizationPolicies that target the waypoint or the service ([`authz`]),
@@ -26,6 +28,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod proxy;
 pub mod route;
+pub mod tcp;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -40,6 +43,7 @@ use axum::routing::get;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
+use proto::api::ambient::waypoint::v1::PortProtocol;
 use proto::api::istio::workload::gateway_address;
 use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
 use proto::certs::{CertConfig, CertManager, TokenSource};
@@ -83,6 +87,10 @@ pub struct Context {
     pub regexes: Regexes,
     /// Limits, balancing and ejections per destination service.
     pub destinations: destination::Destinations,
+    /// HBONE tunnels to endpoints (TCP streams use them directly).
+    pub connector: Connector,
+    /// How long to wait for a client's first bytes on a port whose protocol is not declared.
+    pub detect_timeout: Duration,
 }
 
 /// Settings.
@@ -110,6 +118,9 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// How long open connections may finish on shutdown.
     pub drain_timeout: Duration,
+    /// How long to wait for a client's first bytes on a port whose protocol is not declared
+    /// before treating the connection as TCP (a protocol where the server speaks first).
+    pub detect_timeout: Duration,
 }
 
 /// Why the waypoint could not start.
@@ -182,13 +193,32 @@ impl Handler for Inbound {
             source_workload: header(proto::hbone::BAGGAGE).and_then(|b| Baggage::parse(b).workload.map(|(_, n)| n)),
             target: connect.target,
         });
-        let stream = match connect.accept() {
+        let declared = self.ctx.view.read(|s| {
+            let (key, _) = s.service_by_vip(connect.target.ip())?;
+            let protocol = *s.routes.get(key)?.port_protocols.get(&u32::from(connect.target.port()))?;
+            PortProtocol::try_from(protocol).ok()
+        });
+        let mut stream = match connect.accept() {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "tunnel closed before it was answered");
                 return;
             }
         };
+        let handling = match declared.and_then(tcp::declared) {
+            Some(h) => h,
+            None => match tcp::detect(&mut stream, self.ctx.detect_timeout).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::debug!(error = %e, "tunnel ended before its protocol was known");
+                    return;
+                }
+            },
+        };
+        if handling == tcp::Handling::Tcp {
+            tcp::proxy(self.ctx.clone(), down, stream).await;
+            return;
+        }
         let ctx = self.ctx.clone();
         let service = hyper::service::service_fn(move |req| {
             let (ctx, down) = (ctx.clone(), down.clone());
@@ -316,6 +346,8 @@ impl Waypoint {
             metrics: Metrics::new(),
             regexes: Regexes::default(),
             destinations: destination::Destinations::default(),
+            connector,
+            detect_timeout: config.detect_timeout,
         });
         let stop = CancellationToken::new();
         let xds = AdsClient {

@@ -79,6 +79,13 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
     drain_timeout: Duration,
 
+    /// On a Service port that declares no protocol (neither `appProtocol` nor a name such as
+    /// `http-web` or `tcp-db`), how long to wait for the client's first bytes to tell HTTP from
+    /// TCP. A client that sends nothing in that time (its server speaks first, as with MySQL or
+    /// SMTP) is proxied as TCP; declare such ports to skip the wait.
+    #[arg(long, default_value = "1s", value_parser = proto::duration::parse)]
+    protocol_detection_timeout: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -150,6 +157,7 @@ async fn run(args: Args) -> Result<()> {
         readiness_addr: args.readiness_addr,
         admin_addr: args.admin_addr,
         drain_timeout: args.drain_timeout,
+        detect_timeout: args.protocol_detection_timeout,
     };
     let waypoint = Waypoint::start(config).await?;
     let signal = tokio::select! {

@@ -1,6 +1,12 @@
-//! Request metrics with Istio's names and labels (`reporter="waypoint"`), so existing dashboards
-//! work: `istio_requests_total` and `istio_request_duration_milliseconds`. Unknown label values
-//! are `unknown`.
+//! Metrics with Istio's names and labels (`reporter="waypoint"`), so existing dashboards work:
+//! per request `istio_requests_total` and `istio_request_duration_milliseconds`; per TCP stream
+//! `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_received_bytes_total` (from the client) and `istio_tcp_sent_bytes_total` (to it).
+//! Unknown label values are `unknown`.
+
+use std::sync::Arc;
+
+use proto::api::istio::workload::Workload;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,12 +49,91 @@ pub struct RequestLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Labels of the TCP families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// The client's workload (from `baggage`, else `unknown`).
+    pub source_workload: String,
+    /// The client's namespace (from its certificate).
+    pub source_workload_namespace: String,
+    /// The client's SPIFFE ID (from its certificate).
+    pub source_principal: String,
+    /// The service addressed (hostname), or `unknown` when a pod was.
+    pub destination_service: String,
+    /// The service's short name.
+    pub destination_service_name: String,
+    /// The service's namespace.
+    pub destination_service_namespace: String,
+    /// The endpoint's workload, `unknown` when none was reached.
+    pub destination_workload: String,
+    /// The endpoint's namespace.
+    pub destination_workload_namespace: String,
+    /// The endpoint's SPIFFE ID.
+    pub destination_principal: String,
+    /// Always `tcp`.
+    pub request_protocol: &'static str,
+    /// `-`, or why the stream was refused: `RBAC` (policy), `UO` (connection limit), `UH` (no
+    /// healthy endpoint), `UF` (upstream connection failed), `NR` (nothing at the address).
+    pub response_flags: &'static str,
+    /// Always `mutual_tls`.
+    pub connection_security_policy: &'static str,
+}
+
+impl TcpLabels {
+    /// Labels for a stream from `down` to `destination`, before an endpoint is chosen.
+    pub(crate) fn new(
+        ctx: &crate::Context,
+        down: &crate::proxy::Downstream,
+        destination: Option<&crate::proxy::Destination>,
+    ) -> Self {
+        let unknown = || "unknown".to_owned();
+        let (service, name, namespace) = match destination {
+            Some(crate::proxy::Destination::Service(_, s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+            _ => (unknown(), unknown(), unknown()),
+        };
+        let mut labels = TcpLabels {
+            reporter: "waypoint",
+            source_workload: down.source_workload.clone().unwrap_or_else(unknown),
+            source_workload_namespace: down.peer.namespace().to_owned(),
+            source_principal: down.peer.to_string(),
+            destination_service: service,
+            destination_service_name: name,
+            destination_service_namespace: namespace,
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "mutual_tls",
+        };
+        if let Some(crate::proxy::Destination::Workload(w)) = destination {
+            labels.set_endpoint(w, &ctx.trust_domain);
+        }
+        labels
+    }
+
+    /// Names the endpoint chosen.
+    pub fn set_endpoint(&mut self, w: &Arc<Workload>, trust_domain: &str) {
+        self.destination_workload = if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() };
+        self.destination_workload_namespace = w.namespace.clone();
+        if let Some(id) = crate::upstream::identity_of(w, trust_domain) {
+            self.destination_principal = id.to_string();
+        }
+    }
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -71,7 +156,36 @@ impl Metrics {
             "Time from the request's arrival to its response headers",
             duration.clone(),
         );
-        Metrics { registry, requests, duration }
+        let (tcp_opened, tcp_closed, tcp_received, tcp_sent) =
+            (Family::default(), Family::default(), Family::default(), Family::default());
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP streams opened through the waypoint",
+            tcp_opened.clone(),
+        );
+        registry.register("istio_tcp_connections_closed", "TCP streams closed (or refused)", tcp_closed.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received from the client", tcp_received.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent to the client", tcp_sent.clone());
+        Metrics { registry, requests, duration, tcp_opened, tcp_closed, tcp_received, tcp_sent }
+    }
+
+    /// Counts a TCP stream connected to its endpoint.
+    pub fn tcp_opened(&self, labels: &TcpLabels) {
+        self.tcp_opened.get_or_create(labels).inc();
+    }
+
+    /// Counts a TCP stream that ended, with the bytes it moved each way.
+    pub fn tcp_closed(&self, labels: &TcpLabels, from_client: u64, to_client: u64) {
+        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_received.get_or_create(labels).inc_by(from_client);
+        self.tcp_sent.get_or_create(labels).inc_by(to_client);
+    }
+
+    /// Counts a TCP stream refused before it reached an endpoint (opened and closed at once,
+    /// with the reason in `response_flags`).
+    pub fn tcp_refused(&self, labels: &TcpLabels) {
+        self.tcp_opened(labels);
+        self.tcp_closed(labels, 0, 0);
     }
 
     /// Counts one request.

@@ -21,7 +21,7 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::Context;
-use crate::authz::{self, AuthzInput, Decision};
+use crate::authz::{self, AuthzInput, Decision, HttpAttributes};
 use crate::metrics::RequestLabels;
 use crate::normalize;
 use crate::route::{self, RouteInput};
@@ -44,7 +44,7 @@ pub struct Downstream {
 }
 
 /// Where a request is going, resolved from the tunnel's target.
-enum Destination {
+pub(crate) enum Destination {
     /// A service: `namespace/hostname` key and the service.
     Service(String, Arc<Service>),
     /// A pod addressed directly.
@@ -74,8 +74,24 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
+/// The service or pod at `ip`.
+pub(crate) fn resolve(ctx: &Context, ip: IpAddr) -> Option<Destination> {
+    ctx.view.read(|s| match s.service_by_vip(ip) {
+        Some((key, svc)) => Some(Destination::Service(key.clone(), svc.clone())),
+        None => s.workload_by_ip(ip).cloned().map(Destination::Workload),
+    })
+}
+
+/// The service's `namespace`, `name`, for policy targets (`None` for a pod).
+pub(crate) fn service_ref(d: &Destination) -> Option<(String, String)> {
+    match d {
+        Destination::Service(_, s) => Some((s.namespace.clone(), s.name.clone())),
+        Destination::Workload(_) => None,
+    }
+}
+
 /// Endpoints of `service_key` serving `port`, with the port to reach them on.
-fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
+pub(crate) fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
     let mut out: Vec<_> = state
         .workloads
         .values()
@@ -93,9 +109,9 @@ fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
 
 /// An endpoint pod and the port it serves the backend on.
 #[derive(Debug, Clone)]
-struct Endpoint {
-    workload: Arc<Workload>,
-    port: u16,
+pub(crate) struct Endpoint {
+    pub(crate) workload: Arc<Workload>,
+    pub(crate) port: u16,
 }
 
 impl AsRef<Workload> for Endpoint {
@@ -205,10 +221,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let destination = ctx.view.read(|s| match s.service_by_vip(down.target.ip()) {
-        Some((key, svc)) => Some(Destination::Service(key.clone(), svc.clone())),
-        None => s.workload_by_ip(down.target.ip()).cloned().map(Destination::Workload),
-    });
+    let destination = resolve(&ctx, down.target.ip());
     let (response, outcome) = match (destination, normalize::path(&raw_path)) {
         (None, _) => (
             text(StatusCode::SERVICE_UNAVAILABLE, "no service or workload at this address\n"),
@@ -284,22 +297,12 @@ async fn route_and_send(
     parts.method = method.clone();
 
     // Authorization.
-    let service_ref = match &destination {
-        Destination::Service(_, s) => Some((s.namespace.clone(), s.name.clone())),
-        Destination::Workload(_) => None,
-    };
+    let service_ref = service_ref(&destination);
     let decision = ctx.view.read(|s| {
         let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
         let service = service_ref.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
-        let input = AuthzInput {
-            peer: &down.peer,
-            source_ip: down.source_ip,
-            method: method.as_str(),
-            path: &path,
-            host,
-            port,
-            headers: &parts.headers,
-        };
+        let http = HttpAttributes { method: method.as_str(), path: &path, host, headers: &parts.headers };
+        let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: Some(http) };
         authz::decide(
             s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)),
             &input,
@@ -314,7 +317,8 @@ async fn route_and_send(
     let (service_key, rule, route_name) = match &destination {
         Destination::Workload(_) => (None, None, String::new()),
         Destination::Service(key, _) => {
-            let routes = ctx.view.read(|s| s.routes.get(key).cloned());
+            // A service with no route for this port (or only declared protocols) goes to itself.
+            let routes = ctx.view.read(|s| s.routes.get(key).cloned()).filter(|r| route::serves_port(r, port));
             match routes {
                 None => (Some(key.clone()), None, String::new()),
                 Some(routes) => {

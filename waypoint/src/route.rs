@@ -124,6 +124,11 @@ pub struct Chosen<'a> {
     pub rule: &'a pb::RouteRule,
 }
 
+/// Whether any of the service's routes applies to `port`.
+pub fn serves_port(routes: &pb::ServiceRoutes, port: u16) -> bool {
+    routes.routes.iter().any(|r| r.ports.is_empty() || r.ports.contains(&u32::from(port)))
+}
+
 /// The rule for `input` among `routes`, if any matches.
 pub fn select<'a>(routes: &'a pb::ServiceRoutes, input: &RouteInput<'_>, regexes: &Regexes) -> Option<Chosen<'a>> {
     let applicable = || routes.routes.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
@@ -188,6 +193,7 @@ mod tests {
             namespace: "demo".into(),
             hostname: "hello.demo.svc.cluster.local".into(),
             routes: vec![pb::Route { name: "demo/hello".into(), ports: vec![], rules, ordered: false }],
+            ..Default::default()
         }
     }
 

@@ -109,6 +109,11 @@ impl Connector {
         let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']');
         let ip: IpAddr = host.parse().map_err(|_| bad())?;
         let port = uri.port_u16().ok_or_else(bad)?;
+        Ok(Tunnel(TokioIo::new(self.tunnel(ip, port).await?)))
+    }
+
+    /// Opens an HBONE tunnel to `port` of the pod at `ip`, accepting only the pod's identity.
+    pub async fn tunnel(&self, ip: IpAddr, port: u16) -> Result<H2Stream, ConnectError> {
         let workload = self.view.read(|s| s.workload_by_ip(ip).cloned()).ok_or(ConnectError::UnknownEndpoint(ip))?;
         let identity =
             identity_of(&workload, &self.trust_domain).ok_or_else(|| ConnectError::NoIdentity(workload.uid.clone()))?;
@@ -118,7 +123,7 @@ impl Connector {
             vec![identity],
             SocketAddr::new(ip, port),
         );
-        Ok(Tunnel(TokioIo::new(self.pool.connect(request).await?)))
+        Ok(self.pool.connect(request).await?)
     }
 }
 

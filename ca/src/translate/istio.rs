@@ -311,7 +311,7 @@ pub fn virtual_service_routes(
                 .or_insert_with(|| pb::ServiceRoutes {
                     namespace: svc.namespace.clone(),
                     hostname: svc.hostname.clone(),
-                    routes: Vec::new(),
+                    ..Default::default()
                 })
                 .routes
                 .push(pb::Route {

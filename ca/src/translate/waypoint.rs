@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::ServicePort;
 use proto::api::ambient::waypoint::v1 as pb;
 use serde_json::Value;
 
@@ -246,7 +247,7 @@ pub fn routes(
                 let entry = out.entry(svc.resource_name()).or_insert_with(|| pb::ServiceRoutes {
                     namespace: svc.namespace.clone(),
                     hostname: svc.hostname.clone(),
-                    routes: Vec::new(),
+                    ..Default::default()
                 });
                 entry.routes.push(pb::Route {
                     name: format!("{ns}/{name}"),
@@ -258,6 +259,59 @@ pub fn routes(
         }
     }
     out
+}
+
+/// The protocol a Service port declares, read as Istio reads it: its `appProtocol`, else its
+/// name's `<protocol>[-suffix]`; `None` when neither names a protocol (the waypoint detects it).
+pub fn declared_protocol(port: &ServicePort) -> Option<pb::PortProtocol> {
+    fn known(name: &str) -> Option<pb::PortProtocol> {
+        match name.to_ascii_lowercase().as_str() {
+            "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" | "kubernetes.io/ws" => {
+                Some(pb::PortProtocol::Http)
+            }
+            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => Some(pb::PortProtocol::Tcp),
+            _ => None,
+        }
+    }
+    match port.app_protocol.as_deref().and_then(known) {
+        Some(p) => Some(p),
+        None => port.name.as_deref().and_then(|n| known(n.split('-').next().unwrap_or(n))),
+    }
+}
+
+/// Adds the declared port protocols of every service that uses a waypoint to `routes` (creating
+/// the service's entry when it has no routes).
+pub fn add_port_protocols(
+    objects: &Objects,
+    config: &MeshConfig,
+    services: &BTreeMap<String, Service>,
+    routes: &mut BTreeMap<String, pb::ServiceRoutes>,
+) {
+    for svc in objects.services() {
+        let (ns, name) = k8s::ns_name(&svc.metadata);
+        let Some(meshed) = services.get(&format!("{ns}/{name}.{ns}.svc.{}", config.domain_suffix)) else { continue };
+        if meshed.waypoint.is_none() {
+            continue;
+        }
+        let declared: std::collections::HashMap<u32, i32> = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| Some((u32::try_from(p.port).ok()?, declared_protocol(p)? as i32)))
+            .collect();
+        if declared.is_empty() {
+            continue;
+        }
+        routes
+            .entry(meshed.resource_name())
+            .or_insert_with(|| pb::ServiceRoutes {
+                namespace: meshed.namespace.clone(),
+                hostname: meshed.hostname.clone(),
+                ..Default::default()
+            })
+            .port_protocols = declared;
+    }
 }
 
 /// The policies a waypoint enforces, keyed `namespace/name`.
@@ -360,5 +414,29 @@ mod tests {
         assert!(!hostname_matches("*.shop.svc.cluster.local", "shop.svc.cluster.local"));
         assert!(hostname_matches("a.b", "a.b"));
         assert!(!hostname_matches("a.b", "x.a.b"));
+    }
+
+    #[test]
+    fn port_protocols_come_from_app_protocol_then_the_port_name() {
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            name: name.map(str::to_owned),
+            app_protocol: app.map(str::to_owned),
+            port: 80,
+            ..Default::default()
+        };
+        let http = Some(pb::PortProtocol::Http);
+        let tcp = Some(pb::PortProtocol::Tcp);
+        assert_eq!(declared_protocol(&port(Some("http"), None)), http);
+        assert_eq!(declared_protocol(&port(Some("grpc-api"), None)), http);
+        assert_eq!(declared_protocol(&port(Some("tcp-db"), None)), tcp);
+        assert_eq!(declared_protocol(&port(Some("MySQL"), None)), tcp);
+        assert_eq!(declared_protocol(&port(Some("tls"), None)), tcp);
+        // appProtocol wins over the name.
+        assert_eq!(declared_protocol(&port(Some("http"), Some("tcp"))), tcp);
+        assert_eq!(declared_protocol(&port(Some("web"), Some("kubernetes.io/h2c"))), http);
+        // Neither names a protocol: detected by the waypoint.
+        assert_eq!(declared_protocol(&port(Some("web"), None)), None);
+        assert_eq!(declared_protocol(&port(Some("httpx"), None)), None);
+        assert_eq!(declared_protocol(&port(None, Some("custom"))), None);
     }
 }

@@ -49,6 +49,38 @@ impl H2Stream {
         (self.send, self.recv, self.pending, self._slot)
     }
 
+    /// Receives the next chunk into the read buffer without consuming anything, for looking at a
+    /// stream's first bytes ([`buffered`](Self::buffered)) before deciding how to read it; reads
+    /// then start with them. `Ok(false)` once the peer has ended its side.
+    pub async fn fill(&mut self) -> io::Result<bool> {
+        if self.recv_done {
+            return Ok(false);
+        }
+        match std::future::poll_fn(|cx| self.recv.poll_data(cx)).await {
+            Some(Ok(chunk)) => {
+                self.pending = if self.pending.is_empty() {
+                    chunk
+                } else {
+                    let mut joined = bytes::BytesMut::with_capacity(self.pending.len() + chunk.len());
+                    joined.extend_from_slice(&self.pending);
+                    joined.extend_from_slice(&chunk);
+                    joined.freeze()
+                };
+                Ok(true)
+            }
+            Some(Err(e)) => Err(h2_to_io(e)),
+            None => {
+                self.recv_done = true;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Bytes received and not yet read.
+    pub fn buffered(&self) -> &[u8] {
+        &self.pending
+    }
+
     /// Aborts the stream with `RST_STREAM(CANCEL)`.
     pub fn reset(&mut self) {
         self.send.send_reset(h2::Reason::CANCEL);

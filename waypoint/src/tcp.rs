@@ -1,0 +1,277 @@
+//! Traffic the waypoint does not parse: ports the Service declares TCP (or a protocol the
+//! waypoint does not speak, such as TLS or a database's), and undeclared ports whose first bytes
+//! are not HTTP. Each tunnel is authorized with the L4 part of the policies, sent to an endpoint
+//! of the service over HBONE (the DestinationRule's balancing, connection limit and ejections
+//! apply) and copied both ways, half-closes included.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::api::ambient::waypoint::v1::PortProtocol;
+use proto::hbone::H2Stream;
+use proto::xds::ip_from_bytes;
+use tracing::{info, warn};
+
+use crate::Context;
+use crate::authz::{self, AuthzInput, Decision};
+use crate::metrics::TcpLabels;
+use crate::proxy::{Destination, Downstream, endpoints, service_ref};
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Longest HTTP/1.x request line looked at; a longer one that is still well formed is HTTP
+/// (and gets the HTTP server's answer to an overlong request).
+const MAX_REQUEST_LINE: usize = 8 * 1024;
+
+/// How a tunnel's bytes are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handling {
+    /// Parsed as HTTP requests.
+    Http,
+    /// Copied as a byte stream.
+    Tcp,
+}
+
+/// What the protocol a port declares says, before any byte is seen (`None`: detect it).
+pub fn declared(protocol: PortProtocol) -> Option<Handling> {
+    match protocol {
+        PortProtocol::Http => Some(Handling::Http),
+        PortProtocol::Tcp => Some(Handling::Tcp),
+        PortProtocol::Detect => None,
+    }
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Whether `buf` starts an HTTP/1.x request line (`METHOD SP target SP HTTP/1.x CRLF`) or the
+/// HTTP/2 preface: `Some` once the bytes decide it, `None` while they are a prefix of both.
+pub fn classify(buf: &[u8]) -> Option<Handling> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Handling::Http);
+    }
+    let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
+    if method_len == buf.len() {
+        return (method_len > 32).then_some(Handling::Tcp);
+    }
+    if method_len == 0 || buf[method_len] != b' ' {
+        return Some(Handling::Tcp);
+    }
+    let rest = &buf[method_len + 1..];
+    let target_len = rest.iter().take_while(|b| b.is_ascii_graphic()).count();
+    if target_len == rest.len() {
+        return (method_len + 1 + target_len > MAX_REQUEST_LINE).then_some(Handling::Http);
+    }
+    if target_len == 0 || rest[target_len] != b' ' {
+        return Some(Handling::Tcp);
+    }
+    let version = &rest[target_len + 1..];
+    const HTTP1: &[u8] = b"HTTP/1.";
+    let n = version.len().min(HTTP1.len());
+    if version[..n] != HTTP1[..n] {
+        return Some(Handling::Tcp);
+    }
+    match (version.get(HTTP1.len()), version.get(HTTP1.len() + 1)) {
+        (None, _) => None,
+        (Some(digit), _) if !digit.is_ascii_digit() => Some(Handling::Tcp),
+        (Some(_), None) => None,
+        (Some(_), Some(b'\r' | b'\n')) => Some(Handling::Http),
+        (Some(_), Some(_)) => Some(Handling::Tcp),
+    }
+}
+
+/// Looks at the tunnel's first bytes (kept for whoever reads next) until they decide, the peer
+/// ends its side, or `timeout` passes (a client waiting for the server to speak first): the
+/// last two are TCP.
+pub async fn detect(stream: &mut H2Stream, timeout: Duration) -> std::io::Result<Handling> {
+    let looked = tokio::time::timeout(timeout, async {
+        loop {
+            if !stream.buffered().is_empty()
+                && let Some(h) = classify(stream.buffered())
+            {
+                return Ok(h);
+            }
+            if !stream.fill().await? {
+                return Ok(Handling::Tcp);
+            }
+        }
+    })
+    .await;
+    looked.unwrap_or(Ok(Handling::Tcp))
+}
+
+/// Proxies one TCP stream from `down` to an endpoint of its destination.
+pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Stream) {
+    let start = Instant::now();
+    let port = down.target.port();
+    let destination = crate::proxy::resolve(&ctx, down.target.ip());
+    let service = destination.as_ref().and_then(service_ref);
+    let decision = ctx.view.read(|s| {
+        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
+        let service = service.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
+        let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: None };
+        authz::decide(
+            s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)),
+            &input,
+        )
+    });
+    let mut labels = TcpLabels::new(&ctx, &down, destination.as_ref());
+    let log = |labels: &TcpLabels, endpoint: &str, from_client: u64, to_client: u64, reason: &str| {
+        info!(
+            target: "access",
+            src = %down.peer,
+            src_ip = ?down.source_ip,
+            dst = %down.target,
+            service = %labels.destination_service,
+            endpoint,
+            flags = labels.response_flags,
+            from_client,
+            to_client,
+            duration_ms = start.elapsed().as_millis() as u64,
+            reason,
+            "connection"
+        );
+    };
+    if let Decision::Deny(policy) = decision {
+        warn!(peer = %down.peer, target = %down.target,
+            policy = policy.as_deref().unwrap_or("no ALLOW policy matched"), "connection denied by policy");
+        labels.response_flags = "RBAC";
+        ctx.metrics.tcp_refused(&labels);
+        log(&labels, "-", 0, 0, "denied");
+        stream.reset();
+        return;
+    }
+
+    let Some(destination) = destination else {
+        labels.response_flags = "NR";
+        ctx.metrics.tcp_refused(&labels);
+        log(&labels, "-", 0, 0, "no service or workload at this address");
+        stream.reset();
+        return;
+    };
+    let (key, candidates) = match &destination {
+        Destination::Service(key, _) => (key.clone(), ctx.view.read(|s| endpoints(s, key, port))),
+        Destination::Workload(w) => (String::new(), vec![crate::proxy::Endpoint { workload: w.clone(), port }]),
+    };
+    let policy = ctx.view.read(|s| s.destination_policies.get(&key).cloned());
+    let state = ctx.destinations.state(&key, policy.as_deref());
+    let Some(_slot) = state.admit().await else {
+        labels.response_flags = "UO";
+        ctx.metrics.tcp_refused(&labels);
+        log(&labels, "-", 0, 0, "connection limit reached");
+        stream.reset();
+        return;
+    };
+    let Some(endpoint) = state.pick(&candidates, policy.as_deref(), &[]).cloned() else {
+        labels.response_flags = "UH";
+        ctx.metrics.tcp_refused(&labels);
+        log(&labels, "-", 0, 0, "no healthy endpoint");
+        stream.reset();
+        return;
+    };
+    let _in_flight = state.start(&endpoint.workload.uid);
+    labels.set_endpoint(&endpoint.workload, &ctx.trust_domain);
+    let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
+    let upstream = match endpoint.workload.addresses.first().and_then(|a| ip_from_bytes(a)) {
+        Some(ip) => ctx.connector.tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
+        None => Err("the endpoint has no address".to_owned()),
+    };
+    let mut upstream = match upstream {
+        Ok(u) => u,
+        Err(e) => {
+            state.record(&endpoint.workload.uid, 0, outlier.as_ref(), candidates.len());
+            labels.response_flags = "UF";
+            ctx.metrics.tcp_refused(&labels);
+            warn!(endpoint = %endpoint.workload.name, error = %e, "upstream connection failed");
+            log(&labels, &endpoint.workload.name, 0, 0, "upstream connection failed");
+            stream.reset();
+            return;
+        }
+    };
+    state.record(&endpoint.workload.uid, 200, outlier.as_ref(), candidates.len());
+    ctx.metrics.tcp_opened(&labels);
+    let copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
+    let (from_client, to_client, reason) = match &copied {
+        Ok((from_client, to_client)) => (*from_client, *to_client, "closed".to_owned()),
+        Err(e) => (0, 0, format!("ended with an error: {e}")),
+    };
+    if copied.is_err() {
+        stream.reset();
+        upstream.reset();
+    }
+    ctx.metrics.tcp_closed(&labels, from_client, to_client);
+    log(&labels, &endpoint.workload.name, from_client, to_client, &reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_request_lines_and_the_h2_preface_are_http() {
+        for line in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"get /admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"POST /api?q=1 HTTP/1.0\r\n",
+            b"OPTIONS * HTTP/1.1\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            assert_eq!(classify(line), Some(Handling::Http), "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn anything_else_is_tcp_as_soon_as_the_bytes_say_so() {
+        for bytes in [
+            &b"\x16\x03\x01\x02\x00"[..], // TLS ClientHello
+            b"SET key value\r\n",         // Redis inline command
+            b"*1\r\n$4\r\nPING\r\n",      // Redis RESP
+            b"hello\n",
+            b" GET / HTTP/1.1\r\n",
+            b"GET  / HTTP/1.1\r\n",
+            b"GET / HTTP/2.0\r\n",
+            b"GET / HTTP/1.x\r\n",
+            b"GET /\x01 HTTP/1.1\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nXX",
+        ] {
+            assert_eq!(classify(bytes), Some(Handling::Tcp), "{}", String::from_utf8_lossy(bytes));
+        }
+        assert_eq!(classify(&[b'A'; 40]), Some(Handling::Tcp));
+    }
+
+    #[test]
+    fn every_prefix_of_http_waits_and_no_input_panics() {
+        use rand::Rng;
+        for line in [&b"GET /a/b?c=d HTTP/1.1\r\n"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"m-search * HTTP/1.0\n"] {
+            // Undecided until the version is complete; never TCP.
+            for end in 1..line.len() {
+                let prefix = &line[..end];
+                let decided = classify(prefix);
+                assert_ne!(decided, Some(Handling::Tcp), "{}", String::from_utf8_lossy(prefix));
+                assert!(decided.is_none() || prefix.ends_with(b"\r") || prefix.ends_with(b"\n"));
+            }
+            assert_eq!(classify(line), Some(Handling::Http));
+        }
+        let mut rng = rand::rng();
+        let alphabet = b"GETPOST /HTP1.2\r\n*\x00\xff";
+        for _ in 0..100_000 {
+            let len = rng.random_range(1..40);
+            let bytes: Vec<u8> = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            let _ = classify(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_prefix_of_a_request_line_waits_for_more() {
+        for prefix in
+            [&b"G"[..], b"GET", b"GET ", b"GET /pa", b"GET / ", b"GET / HTTP/1", b"GET / HTTP/1.1", b"PRI * HT"]
+        {
+            assert_eq!(classify(prefix), None, "{}", String::from_utf8_lossy(prefix));
+        }
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_REQUEST_LINE + 10, b'a');
+        assert_eq!(classify(&long), Some(Handling::Http));
+    }
+}
