@@ -123,16 +123,21 @@ impl EchoClient {
 /// carries `x-served-by: <name>`, `x-seen-method`, `x-seen-path` and `x-seen-traceparent` (the
 /// request as it arrived) and the body `<name>\n`. Paths: `/status/<code>` answers that status; `/flaky` fails every
 /// other request with 503 (per server); `/delay/<ms>` answers after that long; `/bytes/<n>`
-/// answers `n` bytes (at most 1 MiB) instead of the name. A request with `Upgrade: echo` is
-/// answered 101 and the connection then echoes bytes.
+/// answers `n` bytes (at most 1 MiB) instead of the name; `/slow-body/<ms>` answers headers at
+/// once and the body `late body` after that long. The request body is read whole and its size
+/// returned in `x-seen-body-bytes`. A request with `Upgrade: echo` is answered 101 and the
+/// connection then echoes bytes.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
     use hyper::{Request, Response};
+
+    type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+    let full = |b: Bytes| -> Body { Full::new(b).boxed() };
 
     let name: Arc<str> = Arc::from(name);
     let flaky = Arc::new(AtomicU64::new(0));
@@ -153,7 +158,7 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                                 let _ = tokio::io::copy(&mut r, &mut w).await;
                             }
                         });
-                        let mut resp = Response::new(Full::new(Bytes::new()));
+                        let mut resp = Response::new(full(Bytes::new()));
                         *resp.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
                         resp.headers_mut()
                             .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("upgrade"));
@@ -171,10 +176,16 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     }
                     let body = match path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
-                        Some(n) => Bytes::from(vec![b'x'; n.min(1 << 20)]),
-                        None => Bytes::from(format!("{name}\n")),
+                        Some(n) => full(Bytes::from(vec![b'x'; n.min(1 << 20)])),
+                        None => match path.strip_prefix("/slow-body/").and_then(|m| m.parse().ok()) {
+                            Some(ms) => Late::new(std::time::Duration::from_millis(ms)).boxed(),
+                            None => full(Bytes::from(format!("{name}\n"))),
+                        },
                     };
-                    let mut resp = Response::new(Full::new(body));
+                    let (head, request_body) = req.into_parts();
+                    let req = Request::from_parts(head, ());
+                    let received = request_body.collect().await.map_or(0, |b| b.to_bytes().len()).to_string();
+                    let mut resp = Response::new(body);
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
                     let headers = resp.headers_mut();
                     let trace = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or("-");
@@ -183,6 +194,7 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                         ("x-seen-method", req.method().as_str()),
                         ("x-seen-path", &path),
                         ("x-seen-traceparent", trace),
+                        ("x-seen-body-bytes", &received),
                     ] {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
                             headers.insert(k, v);
@@ -197,6 +209,37 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
             });
         }
     })
+}
+
+/// A body of `late body\n` that arrives after a delay (the headers go first).
+#[derive(Debug)]
+struct Late {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: bool,
+}
+
+impl Late {
+    fn new(delay: std::time::Duration) -> Self {
+        Late { sleep: Box::pin(tokio::time::sleep(delay)), sent: false }
+    }
+}
+
+impl hyper::body::Body for Late {
+    type Data = hyper::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        if self.sent {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::ready!(self.sleep.as_mut().poll(cx));
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(hyper::body::Bytes::from_static(b"late body\n")))))
+    }
 }
 
 /// Serves gRPC-shaped calls as `name` until the task is aborted: any request answers 200

@@ -829,14 +829,29 @@ pub async fn http_exchange(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<HttpAnswer> {
+    http_exchange_with_body(netns, method, addr, path, headers, &[]).await
+}
+
+/// [`http_exchange`] with a request body (`Content-Length`).
+pub async fn http_exchange_with_body(
+    netns: &NetNs,
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpAnswer> {
     let socket = netns.tcp_socket(addr.is_ipv6())?;
     let mut stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
         .await
         .with_context(|| format!("connecting to {addr} timed out"))??;
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-    let request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    let length = body.len();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
+    stream.write_all(body).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
         .await

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::apps::{EchoClient, TUTORIAL, echo_server, grpc_call, grpc_server, http_server};
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, metric_sum as sum};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_with_body, metric_sum as sum};
 
 const APP_PORT: u16 = 8080;
 const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 10);
@@ -175,7 +175,7 @@ async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
 
     mesh.apply(
         "route-latest",
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: latest\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello-latest, port: 80}\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /delay}}]\n      timeouts: {request: 300ms}\n      backendRefs: [{name: hello-latest, port: 80}]\n    - retry: {codes: [503], attempts: 2}\n      backendRefs: [{name: hello-latest, port: 80}]\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: latest\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello-latest, port: 80}\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /delay}}, {path: {type: PathPrefix, value: /slow-body}}]\n      timeouts: {request: 300ms}\n      backendRefs: [{name: hello-latest, port: 80}]\n    - retry: {codes: [503], attempts: 2}\n      backendRefs: [{name: hello-latest, port: 80}]\n",
     )
     .unwrap();
     mesh.wait_until("the retry route", Duration::from_secs(20), || async {
@@ -192,6 +192,23 @@ async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
     let a = get(&client, LATEST, "/delay/1000", &[]).await;
     assert_eq!(a.status, 504, "{a:?}");
     assert_eq!(get(&client, LATEST, "/delay/10", &[]).await.status, 200);
+    // The timeout covers the body too: headers at once, a body 1 s later is cut at 300 ms.
+    let cut = http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/slow-body/1000", &[]).await;
+    assert!(cut.as_ref().is_err() || cut.as_ref().is_ok_and(|a| !a.body.contains("late body")), "{cut:?}");
+    let whole = get(&client, LATEST, "/slow-body/10", &[]).await;
+    assert_eq!(whole.status, 200, "{whole:?}");
+    assert!(whole.body.contains("late body\n"), "{whole:?}");
+    // A body too large to keep for a retry (3 MiB > 1 MiB) is streamed once, not refused.
+    let big = vec![b'b'; 3 << 20];
+    let a = http_exchange_with_body(&client.netns.ns, "POST", SocketAddr::from((LATEST, 80)), "/upload", &[], &big)
+        .await
+        .unwrap();
+    assert_eq!((a.status, a.header("x-seen-body-bytes")), (200, Some("3145728")), "{a:?}");
+    let small =
+        http_exchange_with_body(&client.netns.ns, "POST", SocketAddr::from((LATEST, 80)), "/flaky", &[], &[b's'; 1000])
+            .await
+            .unwrap();
+    assert_eq!((small.status, small.header("x-seen-body-bytes")), (200, Some("1000")), "{small:?}");
     let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
     assert!(sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]) >= 2.0, "{m}");
 }

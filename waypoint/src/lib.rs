@@ -23,6 +23,7 @@
 //! the trust bundle.
 
 pub mod authz;
+pub mod body;
 pub mod destination;
 pub mod metrics;
 pub mod normalize;

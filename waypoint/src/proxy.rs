@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proto::SpiffeId;
@@ -22,12 +22,14 @@ use tracing::{info, warn};
 
 use crate::Context;
 use crate::authz::{self, AuthzInput, Decision, HttpAttributes};
+use crate::body::{Deadline, RequestBody};
 use crate::metrics::RequestLabels;
 use crate::normalize;
 use crate::route::{self, RouteInput};
 use crate::upstream::{Body, BoxError, identity_of};
 
-/// Bodies buffered for retries and mirrors at most this large; larger ones stream, once.
+/// Bodies buffered for retries and mirrors at most this large; larger ones stream, once (not
+/// retried, not mirrored), as Envoy does past its buffer limit.
 const MAX_REPLAY_BODY: usize = 1 << 20;
 
 /// Who is on the other side of one inbound tunnel.
@@ -191,21 +193,6 @@ fn redirect(r: &pb::Redirect, req_host: &str, path: &str, prefix: Option<&str>) 
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
-}
-
-/// The request body, buffered when it may be sent more than once.
-enum ReqBody {
-    Buffered(Bytes),
-    Stream(Option<Incoming>),
-}
-
-impl ReqBody {
-    fn take(&mut self) -> Option<Body> {
-        match self {
-            ReqBody::Buffered(b) => Some(Full::new(b.clone()).map_err(|e| match e {}).boxed()),
-            ReqBody::Stream(s) => s.take().map(|b| b.map_err(BoxError::from).boxed()),
-        }
-    }
 }
 
 /// Handles one request from `down`.
@@ -453,21 +440,22 @@ async fn route_and_send(
     let retry = rule.as_ref().and_then(|r| r.retry.clone()).filter(|r| r.attempts > 0 && upgrade.is_none());
     let replayable = retry.is_some() || mirror.is_some();
     let mut body = if replayable {
-        match Limited::new(body, MAX_REPLAY_BODY).collect().await {
-            Ok(b) => ReqBody::Buffered(b.to_bytes()),
-            Err(_) => {
+        match RequestBody::buffer_up_to(body, MAX_REPLAY_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(peer = %down.peer, error = %e, "request body failed while it was read");
                 return (
-                    text(StatusCode::PAYLOAD_TOO_LARGE, "request body too large to retry\n"),
-                    fail(StatusCode::PAYLOAD_TOO_LARGE, "-", &route_name),
+                    text(StatusCode::BAD_REQUEST, "request body failed\n"),
+                    fail(StatusCode::BAD_REQUEST, "DPE", &route_name),
                 );
             }
         }
     } else {
-        ReqBody::Stream(Some(body))
+        RequestBody::Stream(Some(body.map_err(BoxError::from).boxed()))
     };
     let http2 = parts.version == Version::HTTP_2;
 
-    if let (Some(m), ReqBody::Buffered(b)) = (&mirror, &body) {
+    if let (Some(m), RequestBody::Buffered(b)) = (&mirror, &body) {
         let targets = ctx.view.read(|s| endpoints(s, &m.service, if m.port == 0 { port } else { m.port as u16 }));
         if let Some(Endpoint { workload: w, port: p }) = targets.first()
             && let Some(ip) = w.addresses.first().and_then(|a| ip_from_bytes(a))
@@ -606,8 +594,9 @@ async fn route_and_send(
         }
         last
     };
-    let (mut resp, outcome) = match total_timeout {
-        Some(t) => match tokio::time::timeout(t, send_all).await {
+    let deadline = total_timeout.map(|t| tokio::time::Instant::now() + t);
+    let (mut resp, outcome) = match deadline {
+        Some(d) => match tokio::time::timeout_at(d, send_all).await {
             Ok(r) => r,
             Err(_) => (
                 text(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
@@ -618,6 +607,10 @@ async fn route_and_send(
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(resp.headers_mut());
+        // The route's timeout covers the body too.
+        if let Some(d) = deadline {
+            resp = resp.map(|b| Deadline::new(b, d).boxed());
+        }
     }
     if let Some(m) = &response_modifier {
         modify_headers(resp.headers_mut(), m);
