@@ -795,6 +795,9 @@ pub struct DrSubset {
     /// Pod labels that select the subset.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The subset's own policy: each of its fields replaces the rule's.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 /// Load balancing, connection pool and outlier detection.

@@ -668,3 +668,64 @@ async fn tcp_ports_are_streams_through_the_waypoint_with_l4_policy() {
     assert!(log.contains("connection denied by policy"), "no deny in the waypoint log:\n{log}");
     assert!(log.contains("demo/no-intruder-db"), "the deny does not name the policy:\n{log}");
 }
+
+/// A subset's own traffic policy: only subset `new` has a connection pool (1 in flight, 1
+/// waiting), so a burst to it overflows while the same burst to `latest` is all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subset_policy_applies_to_that_subset_only() {
+    let (mesh, client, _waypoint) = demo_mesh().await;
+    mesh.apply(
+        "istio-subsets",
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello, namespace: demo}
+spec:
+  hosts: [hello]
+  http:
+  - match: [{headers: {lane: {exact: new}}}]
+    route: [{destination: {host: hello, subset: new}}]
+  - route: [{destination: {host: hello, subset: latest}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: hello, namespace: demo}
+spec:
+  host: hello
+  subsets:
+  - {name: latest, labels: {version: latest}}
+  - name: new
+    labels: {version: new}
+    trafficPolicy:
+      connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+",
+    )
+    .unwrap();
+    mesh.wait_until("the subset routes", Duration::from_secs(20), || async {
+        get(&client, HELLO, "/", &[("lane", "new")]).await.body.trim() == "hello-new"
+            && get(&client, HELLO, "/", &[]).await.body.trim() == "hello-latest"
+    })
+    .await
+    .unwrap();
+    let burst = |lane: &'static str| {
+        let client = client.clone();
+        async move {
+            let calls: Vec<_> = (0..20)
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move { get(&client, HELLO, "/delay/300", &[("lane", lane)]).await.status })
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for c in calls {
+                statuses.push(c.await.unwrap());
+            }
+            statuses
+        }
+    };
+    let latest = burst("latest").await;
+    assert!(latest.iter().all(|s| *s == 200), "subset latest has no limits: {latest:?}");
+    let new = burst("new").await;
+    let overflow = new.iter().filter(|s| **s == 503).count();
+    assert_eq!(overflow + new.iter().filter(|s| **s == 200).count(), 20, "{new:?}");
+    assert!(overflow >= 10, "subset new's pool (1 + 1 waiting) let {} of 20 through: {new:?}", 20 - overflow);
+}

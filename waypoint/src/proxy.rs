@@ -365,7 +365,7 @@ async fn route_and_send(
             Some(b) => (
                 Some(b.service.clone()),
                 if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) },
-                (!b.subset.is_empty()).then(|| b.workloads.clone()),
+                (!b.subset.is_empty()).then(|| (b.subset.clone(), b.workloads.clone())),
             ),
             None => {
                 return (
@@ -387,11 +387,20 @@ async fn route_and_send(
         (None, Destination::Workload(w)) => vec![Endpoint { workload: w.clone(), port }],
         (None, Destination::Service(..)) => Vec::new(),
     };
-    if let Some(members) = &subset {
+    if let Some((_, members)) = &subset {
         candidates.retain(|e| members.contains(&e.workload.uid));
     }
-    let policy = backend_key.as_ref().and_then(|k| ctx.view.read(|s| s.destination_policies.get(k).cloned()));
-    let destination_state = ctx.destinations.state(backend_key.as_deref().unwrap_or_default(), policy.as_deref());
+    // A subset is a destination of its own (limits, ejections), under its own policy if it has one.
+    let service_policy = backend_key.as_ref().and_then(|k| ctx.view.read(|s| s.destination_policies.get(k).cloned()));
+    let policy = match (&service_policy, &subset) {
+        (Some(p), Some((name, _))) => Some(p.subsets.get(name).unwrap_or(p)),
+        (p, _) => p.as_deref(),
+    };
+    let state_key = match &subset {
+        Some((name, _)) => format!("{}#{name}", backend_key.as_deref().unwrap_or_default()),
+        None => backend_key.clone().unwrap_or_default(),
+    };
+    let destination_state = ctx.destinations.state(&state_key, policy);
     if destination_state.one_request_per_connection() {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -484,7 +493,7 @@ async fn route_and_send(
     let backoff = retry.as_ref().map_or(Duration::ZERO, |r| Duration::from_millis(r.backoff_ms.max(25)));
 
     let fault = rule.as_ref().and_then(|r| r.fault);
-    let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
+    let outlier = policy.and_then(|p| p.outlier_detection);
     let send_all = async {
         // Faults first: an abort answers at once; a delay counts against the request timeout.
         let mut delayed = false;
@@ -523,8 +532,7 @@ async fn route_and_send(
                 tokio::time::sleep(backoff).await;
             }
             // A retry goes to another endpoint when there is one.
-            let Some(Endpoint { workload, port: target_port }) =
-                destination_state.pick(&candidates, policy.as_deref(), &tried)
+            let Some(Endpoint { workload, port: target_port }) = destination_state.pick(&candidates, policy, &tried)
             else {
                 break;
             };

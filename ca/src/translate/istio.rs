@@ -6,8 +6,8 @@
 //!   resolved to the workloads whose labels the DestinationRule names), header changes,
 //!   redirects, rewrites, mirrors, timeouts, retries and faults carry over.
 //! - A DestinationRule's traffic policy (load balancer, connection pool, outlier detection)
-//!   becomes the service's [`pb::DestinationPolicy`]. Per-subset traffic policies are not
-//!   applied (the service-wide one is).
+//!   becomes the service's [`pb::DestinationPolicy`]; a subset's own traffic policy overrides it
+//!   field by field, as Istio merges them.
 //!
 //! Hosts resolve like Istio's: `name` in the object's namespace, `name.namespace`, or the full
 //! `name.namespace.svc.<suffix>`; hosts that name no service are skipped.
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use proto::api::ambient::waypoint::v1 as pb;
 
-use crate::k8s::{self, DestinationRuleSpec, StringMatch, VirtualServiceSpec, VsHeaderOps, VsHttpRoute};
+use crate::k8s::{self, DestinationRuleSpec, StringMatch, TrafficPolicy, VirtualServiceSpec, VsHeaderOps, VsHttpRoute};
 use crate::mesh::Service;
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
@@ -340,51 +340,63 @@ pub fn destination_policies(
             continue;
         }
         let policy = dr.spec.traffic_policy.clone().unwrap_or_default();
-        let load_balancer = match policy.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
-            Some("LEAST_REQUEST" | "LEAST_CONN") => pb::destination_policy::LoadBalancer::LeastRequest,
-            Some("RANDOM") => pb::destination_policy::LoadBalancer::Random,
-            _ => pb::destination_policy::LoadBalancer::RoundRobin,
-        };
-        let pool = policy.connection_pool.as_ref();
-        let http = pool.and_then(|p| p.http.as_ref());
-        let connection_pool = pool.map(|p| pb::ConnectionPool {
-            max_connections: p.tcp.as_ref().and_then(|t| t.max_connections).unwrap_or(0),
-            max_pending_requests: http.and_then(|h| h.http1_max_pending_requests).unwrap_or(0),
-            max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection).unwrap_or(0),
-            max_requests: http.and_then(|h| h.http2_max_requests).unwrap_or(0),
-        });
-        let outlier_detection = policy.outlier_detection.as_ref().map(|o| {
-            let ms =
-                |d: &Option<String>, default: u64| d.as_deref().and_then(|d| parse_duration(d).ok()).unwrap_or(default);
-            let (consecutive_errors, gateway_errors_only) =
-                match (o.consecutive_5xx_errors, o.consecutive_gateway_errors) {
-                    (Some(n), _) if n > 0 => (n, false),
-                    (_, Some(n)) if n > 0 => (n, true),
-                    (Some(0), _) => (0, false),
-                    _ => (5, false),
-                };
-            pb::OutlierDetection {
-                consecutive_errors,
-                gateway_errors_only,
-                base_ejection_ms: ms(&o.base_ejection_time, 30_000),
-                max_ejection_percent: o.max_ejection_percent.unwrap_or(10),
-            }
-        });
-        out.insert(
-            key,
-            pb::DestinationPolicy {
-                namespace: svc_ns,
-                hostname,
-                name: format!("{ns}/{name}"),
-                load_balancer: load_balancer as i32,
-                connection_pool,
-                outlier_detection,
-            },
-        );
+        let name = format!("{ns}/{name}");
+        let mut converted = destination_policy(&policy, &svc_ns, &hostname, &name);
+        for subset in &dr.spec.subsets {
+            let Some(own) = &subset.traffic_policy else { continue };
+            let merged = TrafficPolicy {
+                load_balancer: own.load_balancer.clone().or_else(|| policy.load_balancer.clone()),
+                connection_pool: own.connection_pool.clone().or_else(|| policy.connection_pool.clone()),
+                outlier_detection: own.outlier_detection.clone().or_else(|| policy.outlier_detection.clone()),
+            };
+            converted.subsets.insert(subset.name.clone(), destination_policy(&merged, &svc_ns, &hostname, &name));
+        }
+        out.insert(key, converted);
     }
     out
 }
 
+/// One traffic policy in the waypoint's form.
+fn destination_policy(policy: &TrafficPolicy, namespace: &str, hostname: &str, name: &str) -> pb::DestinationPolicy {
+    let load_balancer = match policy.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+        Some("LEAST_REQUEST" | "LEAST_CONN") => pb::destination_policy::LoadBalancer::LeastRequest,
+        Some("RANDOM") => pb::destination_policy::LoadBalancer::Random,
+        _ => pb::destination_policy::LoadBalancer::RoundRobin,
+    };
+    let pool = policy.connection_pool.as_ref();
+    let http = pool.and_then(|p| p.http.as_ref());
+    let connection_pool = pool.map(|p| pb::ConnectionPool {
+        max_connections: p.tcp.as_ref().and_then(|t| t.max_connections).unwrap_or(0),
+        max_pending_requests: http.and_then(|h| h.http1_max_pending_requests).unwrap_or(0),
+        max_requests_per_connection: http.and_then(|h| h.max_requests_per_connection).unwrap_or(0),
+        max_requests: http.and_then(|h| h.http2_max_requests).unwrap_or(0),
+    });
+    let outlier_detection = policy.outlier_detection.as_ref().map(|o| {
+        let ms =
+            |d: &Option<String>, default: u64| d.as_deref().and_then(|d| parse_duration(d).ok()).unwrap_or(default);
+        let (consecutive_errors, gateway_errors_only) = match (o.consecutive_5xx_errors, o.consecutive_gateway_errors) {
+            (Some(n), _) if n > 0 => (n, false),
+            (_, Some(n)) if n > 0 => (n, true),
+            (Some(0), _) => (0, false),
+            _ => (5, false),
+        };
+        pb::OutlierDetection {
+            consecutive_errors,
+            gateway_errors_only,
+            base_ejection_ms: ms(&o.base_ejection_time, 30_000),
+            max_ejection_percent: o.max_ejection_percent.unwrap_or(10),
+        }
+    });
+    pb::DestinationPolicy {
+        namespace: namespace.to_owned(),
+        hostname: hostname.to_owned(),
+        name: name.to_owned(),
+        load_balancer: load_balancer as i32,
+        connection_pool,
+        outlier_detection,
+        subsets: Default::default(),
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
