@@ -4,8 +4,6 @@
 //! `istio_tcp_received_bytes_total` (from the client) and `istio_tcp_sent_bytes_total` (to it).
 //! Unknown label values are `unknown`.
 
-use std::sync::Arc;
-
 use proto::api::istio::workload::Workload;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,11 +12,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Labels of the request families.
+/// Who talked to whom: the labels the request and TCP families share.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    /// Always `waypoint`.
-    pub reporter: &'static str,
+pub struct Parties {
     /// The client's workload (from `baggage`, else `unknown`).
     pub source_workload: String,
     /// The client's namespace (from its certificate).
@@ -37,6 +33,48 @@ pub struct RequestLabels {
     pub destination_workload_namespace: String,
     /// The endpoint's SPIFFE ID.
     pub destination_principal: String,
+}
+
+impl Parties {
+    /// The client of `down` and the service of `destination`; the endpoint is unknown until
+    /// [`set_endpoint`](Self::set_endpoint).
+    pub(crate) fn new(down: &crate::proxy::Downstream, destination: Option<&crate::proxy::Destination>) -> Self {
+        let unknown = || "unknown".to_owned();
+        let (service, name, namespace) = match destination {
+            Some(crate::proxy::Destination::Service(_, s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+            _ => (unknown(), unknown(), unknown()),
+        };
+        Parties {
+            source_workload: down.source_workload.clone().unwrap_or_else(unknown),
+            source_workload_namespace: down.peer.namespace().to_owned(),
+            source_principal: down.peer.to_string(),
+            destination_service: service,
+            destination_service_name: name,
+            destination_service_namespace: namespace,
+            destination_workload: unknown(),
+            destination_workload_namespace: unknown(),
+            destination_principal: unknown(),
+        }
+    }
+
+    /// Names the endpoint reached.
+    pub fn set_endpoint(&mut self, w: &Workload, trust_domain: &str) {
+        self.destination_workload = if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() };
+        self.destination_workload_namespace = w.namespace.clone();
+        if let Some(id) = crate::upstream::identity_of(w, trust_domain) {
+            self.destination_principal = id.to_string();
+        }
+    }
+}
+
+/// Labels of the request families.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Always `waypoint`.
+    pub reporter: &'static str,
+    /// Client, service and endpoint.
+    #[prometheus(flatten)]
+    pub parties: Parties,
     /// `http` or `grpc`.
     pub request_protocol: &'static str,
     /// The status sent to the client.
@@ -54,24 +92,9 @@ pub struct RequestLabels {
 pub struct TcpLabels {
     /// Always `waypoint`.
     pub reporter: &'static str,
-    /// The client's workload (from `baggage`, else `unknown`).
-    pub source_workload: String,
-    /// The client's namespace (from its certificate).
-    pub source_workload_namespace: String,
-    /// The client's SPIFFE ID (from its certificate).
-    pub source_principal: String,
-    /// The service addressed (hostname), or `unknown` when a pod was.
-    pub destination_service: String,
-    /// The service's short name.
-    pub destination_service_name: String,
-    /// The service's namespace.
-    pub destination_service_namespace: String,
-    /// The endpoint's workload, `unknown` when none was reached.
-    pub destination_workload: String,
-    /// The endpoint's namespace.
-    pub destination_workload_namespace: String,
-    /// The endpoint's SPIFFE ID.
-    pub destination_principal: String,
+    /// Client, service and endpoint.
+    #[prometheus(flatten)]
+    pub parties: Parties,
     /// Always `tcp`.
     pub request_protocol: &'static str,
     /// `-`, or why the stream was refused: `RBAC` (policy), `UO` (connection limit), `UH` (no
@@ -82,44 +105,14 @@ pub struct TcpLabels {
 }
 
 impl TcpLabels {
-    /// Labels for a stream from `down` to `destination`, before an endpoint is chosen.
-    pub(crate) fn new(
-        ctx: &crate::Context,
-        down: &crate::proxy::Downstream,
-        destination: Option<&crate::proxy::Destination>,
-    ) -> Self {
-        let unknown = || "unknown".to_owned();
-        let (service, name, namespace) = match destination {
-            Some(crate::proxy::Destination::Service(_, s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
-            _ => (unknown(), unknown(), unknown()),
-        };
-        let mut labels = TcpLabels {
+    /// Labels for a stream between `parties`.
+    pub fn new(parties: Parties) -> Self {
+        TcpLabels {
             reporter: "waypoint",
-            source_workload: down.source_workload.clone().unwrap_or_else(unknown),
-            source_workload_namespace: down.peer.namespace().to_owned(),
-            source_principal: down.peer.to_string(),
-            destination_service: service,
-            destination_service_name: name,
-            destination_service_namespace: namespace,
-            destination_workload: unknown(),
-            destination_workload_namespace: unknown(),
-            destination_principal: unknown(),
+            parties,
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: "mutual_tls",
-        };
-        if let Some(crate::proxy::Destination::Workload(w)) = destination {
-            labels.set_endpoint(w, &ctx.trust_domain);
-        }
-        labels
-    }
-
-    /// Names the endpoint chosen.
-    pub fn set_endpoint(&mut self, w: &Arc<Workload>, trust_domain: &str) {
-        self.destination_workload = if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() };
-        self.destination_workload_namespace = w.namespace.clone();
-        if let Some(id) = crate::upstream::identity_of(w, trust_domain) {
-            self.destination_principal = id.to_string();
         }
     }
 }

@@ -23,10 +23,10 @@ use tracing::{info, warn};
 use crate::Context;
 use crate::authz::{self, AuthzInput, Decision, HttpAttributes};
 use crate::body::{Deadline, RequestBody};
-use crate::metrics::RequestLabels;
+use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
 use crate::route::{self, RouteInput};
-use crate::upstream::{Body, BoxError, identity_of};
+use crate::upstream::{Body, BoxError};
 
 /// Bodies buffered for retries and mirrors at most this large; larger ones stream, once (not
 /// retried, not mirrored), as Envoy does past its buffer limit.
@@ -209,6 +209,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         .unwrap_or_default();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let destination = resolve(&ctx, down.target.ip());
+    let parties = Parties::new(&down, destination.as_ref());
     let (response, outcome) = match (destination, normalize::path(&raw_path)) {
         (None, _) => (
             text(StatusCode::SERVICE_UNAVAILABLE, "no service or workload at this address\n"),
@@ -221,28 +222,14 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         (Some(d), Ok(path)) => route_and_send(&ctx, &down, d, req, method.clone(), path, &host).await,
     };
     let elapsed = start.elapsed();
-    let (svc_host, svc_name, svc_ns) = ctx.view.read(|s| match s.service_by_vip(down.target.ip()) {
-        Some((_, svc)) => (svc.hostname.clone(), svc.name.clone(), svc.namespace.clone()),
-        None => ("unknown".into(), "unknown".into(), "unknown".into()),
-    });
-    let unknown = || "unknown".to_owned();
     let endpoint = outcome.endpoint.as_deref();
+    let mut parties = parties;
+    if let Some(w) = endpoint {
+        parties.set_endpoint(w, &ctx.trust_domain);
+    }
     let labels = RequestLabels {
         reporter: "waypoint",
-        source_workload: down.source_workload.clone().unwrap_or_else(unknown),
-        source_workload_namespace: down.peer.namespace().to_owned(),
-        source_principal: down.peer.to_string(),
-        destination_service: svc_host.clone(),
-        destination_service_name: svc_name,
-        destination_service_namespace: svc_ns,
-        destination_workload: endpoint
-            .map(|w| if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() })
-            .unwrap_or_else(unknown),
-        destination_workload_namespace: endpoint.map(|w| w.namespace.clone()).unwrap_or_else(unknown),
-        destination_principal: endpoint
-            .and_then(|w| identity_of(w, &ctx.trust_domain))
-            .map(|i| i.to_string())
-            .unwrap_or_else(unknown),
+        parties,
         request_protocol: if grpc { "grpc" } else { "http" },
         response_code: outcome.status.as_u16(),
         response_flags: outcome.flags,
@@ -256,7 +243,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incom
         method = %method,
         path = %raw_path,
         authority = %host,
-        service = %svc_host,
+        service = %labels.parties.destination_service,
         route = %outcome.route,
         endpoint = %endpoint.map(|w| w.name.as_str()).unwrap_or("-"),
         status = outcome.status.as_u16(),

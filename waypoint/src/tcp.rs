@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::Context;
 use crate::authz::{self, AuthzInput, Decision};
-use crate::metrics::TcpLabels;
+use crate::metrics::{Parties, TcpLabels};
 use crate::proxy::{Destination, Downstream, endpoints, service_ref};
 
 /// The HTTP/2 connection preface.
@@ -117,14 +117,14 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
             &input,
         )
     });
-    let mut labels = TcpLabels::new(&ctx, &down, destination.as_ref());
+    let mut labels = TcpLabels::new(Parties::new(&down, destination.as_ref()));
     let log = |labels: &TcpLabels, endpoint: &str, from_client: u64, to_client: u64, reason: &str| {
         info!(
             target: "access",
             src = %down.peer,
             src_ip = ?down.source_ip,
             dst = %down.target,
-            service = %labels.destination_service,
+            service = %labels.parties.destination_service,
             endpoint,
             flags = labels.response_flags,
             from_client,
@@ -172,7 +172,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         return;
     };
     let _in_flight = state.start(&endpoint.workload.uid);
-    labels.set_endpoint(&endpoint.workload, &ctx.trust_domain);
+    labels.parties.set_endpoint(&endpoint.workload, &ctx.trust_domain);
     let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
     let upstream = match endpoint.workload.addresses.first().and_then(|a| ip_from_bytes(a)) {
         Some(ip) => ctx.connector.tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
