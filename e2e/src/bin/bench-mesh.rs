@@ -5,7 +5,8 @@
 //! outside the mesh (`direct`: pod → pod over the bridges and the underlay), one in an ambient
 //! namespace (`mesh`: pod → ztunnel → HBONE → ztunnel → pod). Measured for each: one-stream
 //! throughput, 1 KiB request/response latency (p50/p99), new connections per second; and for the
-//! mesh, the memory each ztunnel adds per open connection with 1,000 idle connections. Reports a
+//! mesh, the CPU both ztunnels spend per GiB carried and the memory each adds per open connection
+//! with 1,000 idle connections. Reports a
 //! table and JSON, with the mesh as a ratio to direct. Client, servers and both ztunnels share the
 //! machine's cores.
 //!
@@ -28,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use e2e::ca_process::{KillOnDrop, rss_mib, spawn_child_with, wait_for_port};
+use e2e::ca_process::{KillOnDrop, cpu_seconds, rss_mib, spawn_child_with, wait_for_port};
 use e2e::load::{connection_rate, latency, median, serve_echo, serve_ping, serve_sink, throughput};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
 use serde::Serialize;
@@ -112,19 +113,40 @@ struct Report {
     added_latency_p99_us: f64,
     /// mesh / direct connection rate.
     connection_rate_ratio: f64,
+    /// CPU seconds both ztunnels together spent per GiB of one-stream throughput (both ends of the
+    /// tunnel: read, encrypt, frame, and decrypt, unframe, write).
+    ztunnel_cpu_s_per_gib: f64,
     memory: Memory,
     calibration: Calibration,
 }
+
+/// A client pod and a server pod.
+type Pair = (Arc<MeshPod>, Arc<MeshPod>);
 
 const SINK: u16 = 5001;
 const ECHO: u16 = 5002;
 const PING: u16 = 5003;
 
-async fn measure(client: &Arc<MeshPod>, server: &MeshPod, args: &Args) -> Result<PathResult> {
-    let mut rounds = Vec::new();
+/// One-stream throughput rounds, alternating direct and mesh so that drift in the machine's speed
+/// over the run lands on both alike. Returns the medians (Gbit/s) and the CPU both ztunnels used
+/// per GiB carried during the mesh rounds.
+async fn throughputs(mesh: &Mesh, direct: &Pair, meshed: &Pair, args: &Args) -> Result<(f64, f64, f64)> {
+    let ztunnels = [mesh.nodes[0].ztunnel_pid(), mesh.nodes[1].ztunnel_pid()];
+    let [Some(src), Some(dst)] = ztunnels else { anyhow::bail!("a ztunnel is not running") };
+    let cpu = || Ok::<_, anyhow::Error>(cpu_seconds(src)? + cpu_seconds(dst)?);
+    let (mut d, mut m, mut ztunnel_cpu) = (Vec::new(), Vec::new(), 0.0);
     for _ in 0..args.rounds.max(1) {
-        rounds.push(throughput(client.connect(server.addr(SINK)).await?, args.bytes).await?);
+        d.push(throughput(direct.0.connect(direct.1.addr(SINK)).await?, args.bytes).await?);
+        let before = cpu()?;
+        m.push(throughput(meshed.0.connect(meshed.1.addr(SINK)).await?, args.bytes).await?);
+        ztunnel_cpu += cpu()? - before;
     }
+    let gib = (args.bytes as f64 * args.rounds.max(1) as f64) / f64::from(1u32 << 30);
+    Ok((median(d), median(m), ztunnel_cpu / gib))
+}
+
+/// Latency and connection rate of one path.
+async fn measure(client: &Arc<MeshPod>, server: &MeshPod, throughput_gbit_s: f64, args: &Args) -> Result<PathResult> {
     let (p50, p99) = latency(client.connect(server.addr(ECHO)).await?, args.requests).await?;
     let (c, target) = (client.clone(), server.addr(PING));
     let rate = connection_rate(
@@ -136,12 +158,7 @@ async fn measure(client: &Arc<MeshPod>, server: &MeshPod, args: &Args) -> Result
         args.concurrency,
     )
     .await?;
-    Ok(PathResult {
-        throughput_gbit_s: median(rounds),
-        latency_p50_us: p50,
-        latency_p99_us: p99,
-        connections_per_s: rate,
-    })
+    Ok(PathResult { throughput_gbit_s, latency_p50_us: p50, latency_p99_us: p99, connections_per_s: rate })
 }
 
 async fn memory(mesh: &Mesh, client: &MeshPod, server: &MeshPod, idle: usize) -> Result<Memory> {
@@ -256,8 +273,9 @@ async fn run(args: Args) -> Result<()> {
     }
     mesh.settle(&[], &[]).await?;
 
-    let direct = measure(&pairs[0].0, &pairs[0].1, &args).await?;
-    let through = measure(&pairs[1].0, &pairs[1].1, &args).await?;
+    let (direct_gbit_s, mesh_gbit_s, ztunnel_cpu_s_per_gib) = throughputs(&mesh, &pairs[0], &pairs[1], &args).await?;
+    let direct = measure(&pairs[0].0, &pairs[0].1, direct_gbit_s, &args).await?;
+    let through = measure(&pairs[1].0, &pairs[1].1, mesh_gbit_s, &args).await?;
     let memory = memory(&mesh, &pairs[1].0, &pairs[1].1, args.idle).await?;
     drop(servers);
     let report = Report {
@@ -265,6 +283,7 @@ async fn run(args: Args) -> Result<()> {
         added_latency_p50_us: through.latency_p50_us - direct.latency_p50_us,
         added_latency_p99_us: through.latency_p99_us - direct.latency_p99_us,
         connection_rate_ratio: through.connections_per_s / direct.connections_per_s,
+        ztunnel_cpu_s_per_gib,
         direct,
         mesh: through,
         memory,
@@ -279,6 +298,7 @@ async fn run(args: Args) -> Result<()> {
     row("latency p50 (µs)", report.direct.latency_p50_us, report.mesh.latency_p50_us, "");
     row("latency p99 (µs)", report.direct.latency_p99_us, report.mesh.latency_p99_us, "");
     row("new connections/s", report.direct.connections_per_s, report.mesh.connections_per_s, "");
+    println!("ztunnel CPU per GiB carried (both nodes): {:.3} s", report.ztunnel_cpu_s_per_gib);
     println!("added latency p50/p99: {:.1} / {:.1} µs", report.added_latency_p50_us, report.added_latency_p99_us);
     println!(
         "calibration, loopback p50: direct {:.1} µs, through two plain TCP relays {:.1} µs (+{:.1} µs for two process hops)",
