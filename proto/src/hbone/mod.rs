@@ -47,6 +47,11 @@ pub fn configure_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
+/// Most TLS records a tunnel connection holds encrypted and unsent (rustls' default is 64 KiB):
+/// a busy stream's records then leave in one `writev` of up to 256 KiB instead of four, and the
+/// kernel gets larger sends to segment. Nothing is held while the socket keeps up.
+const TLS_SEND_BUFFER: usize = 256 * 1024;
+
 /// Longest `:authority` accepted (`[ipv6]:port` is at most 47 bytes).
 const MAX_AUTHORITY_LEN: usize = 64;
 

@@ -460,13 +460,14 @@ async fn establish(
     let tls = client_config(credential, pool.trust.clone(), key.dst_identities.to_vec())
         .map_err(|e| PoolError::Config { dst, source: Arc::new(e) })?;
     let tcp = pool.dialer.dial(key).await.map_err(|e| PoolError::Connect { dst, source: Arc::new(e) })?;
-    let tls = TlsConnector::from(tls)
+    let mut tls = TlsConnector::from(tls)
         .connect(ServerName::IpAddress(dst.ip().into()), tcp)
         .await
         .map_err(|e| PoolError::Tls { dst, source: Arc::new(e) })?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
         return Err(PoolError::Alpn { dst });
     }
+    tls.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
     let h2 = pool.config.h2;
     h2::client::Builder::new()
         .initial_window_size(h2.stream_window)

@@ -223,8 +223,9 @@ impl<H: Handler> Connection<H> {
         let h2 = self.config.h2;
         let max_streams = self.config.max_concurrent_streams;
         let handshake = async move {
-            let tls = TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| crate::tls::describe_io_error(&e))?;
+            let mut tls = TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| crate::tls::describe_io_error(&e))?;
             let identity = peer_identity(tls.get_ref().1).ok_or("the client presented no SPIFFE identity")?;
+            tls.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
             let conn = h2::server::Builder::new()
                 .initial_window_size(h2.stream_window)
                 .initial_connection_window_size(h2.connection_window)
