@@ -25,10 +25,10 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF` environment variable overrides
 /// them): freed pages go back to the kernel after about a second, by a background thread, so an
-/// idle ztunnel's memory falls back without waiting for its next allocation.
+/// idle ztunnel's memory falls back without waiting for its next allocation (one such thread).
 #[allow(unsafe_code)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_CONF: &[u8; 60] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+static JEMALLOC_CONF: &[u8; 85] = b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 /// The per-node proxy of the ambient mesh.
 ///
