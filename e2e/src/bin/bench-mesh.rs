@@ -6,9 +6,8 @@
 //! namespace (`mesh`: pod → ztunnel → HBONE → ztunnel → pod). Measured for each: one-stream
 //! throughput, 1 KiB request/response latency (p50/p99), new connections per second; and for the
 //! mesh, the CPU both ztunnels spend per GiB carried and the memory each adds per open connection
-//! with 1,000 idle connections. Reports a
-//! table and JSON, with the mesh as a ratio to direct. Client, servers and both ztunnels share the
-//! machine's cores.
+//! with 1,000 idle connections. Reports a table and JSON, with the mesh as a ratio to direct.
+//! Client, servers and both ztunnels share the machine's cores.
 //!
 //! The server apps run as their own process in the server pod (this binary with `--serve`), as a
 //! real pod's would: a client and server sharing one thread would make the direct path's round
