@@ -5,8 +5,8 @@
 //! outside the mesh (`direct`: pod → pod over the bridges and the underlay), one in an ambient
 //! namespace (`mesh`: pod → ztunnel → HBONE → ztunnel → pod). Measured for each: one-stream
 //! throughput, 1 KiB request/response latency (p50/p99), new connections per second; and for the
-//! mesh, the CPU both ztunnels spend per GiB carried and the memory each adds per open connection
-//! with 1,000 idle connections. Reports a table and JSON, with the mesh as a ratio to direct.
+//! mesh, the CPU both ztunnels spend per GiB carried and per request, and the memory each adds per
+//! open connection with 1,000 idle connections. Reports a table and JSON, with the mesh as a ratio to direct.
 //! Client, servers and both ztunnels share the machine's cores.
 //!
 //! The server apps run as their own process in the server pod (this binary with `--serve`), as a
@@ -78,6 +78,10 @@ struct PathResult {
     latency_p50_us: f64,
     latency_p99_us: f64,
     connections_per_s: f64,
+    /// CPU both ztunnels spent per latency round trip, µs (mesh only): their whole cost per
+    /// request, user space and kernel, whatever the wake-up latency of the machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ztunnel_cpu_us_per_request: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -129,24 +133,46 @@ const PING: u16 = 5003;
 /// One-stream throughput rounds, alternating direct and mesh so that drift in the machine's speed
 /// over the run lands on both alike. Returns the medians (Gbit/s) and the CPU both ztunnels used
 /// per GiB carried during the mesh rounds.
-async fn throughputs(mesh: &Mesh, direct: &Pair, meshed: &Pair, args: &Args) -> Result<(f64, f64, f64)> {
-    let ztunnels = [mesh.nodes[0].ztunnel_pid(), mesh.nodes[1].ztunnel_pid()];
-    let [Some(src), Some(dst)] = ztunnels else { anyhow::bail!("a ztunnel is not running") };
-    let cpu = || Ok::<_, anyhow::Error>(cpu_seconds(src)? + cpu_seconds(dst)?);
+async fn throughputs(ztunnels: [u32; 2], direct: &Pair, meshed: &Pair, args: &Args) -> Result<(f64, f64, f64)> {
     let (mut d, mut m, mut ztunnel_cpu) = (Vec::new(), Vec::new(), 0.0);
     for _ in 0..args.rounds.max(1) {
         d.push(throughput(direct.0.connect(direct.1.addr(SINK)).await?, args.bytes).await?);
-        let before = cpu()?;
+        let before = cpu_of(ztunnels)?;
         m.push(throughput(meshed.0.connect(meshed.1.addr(SINK)).await?, args.bytes).await?);
-        ztunnel_cpu += cpu()? - before;
+        ztunnel_cpu += cpu_of(ztunnels)? - before;
     }
     let gib = (args.bytes as f64 * args.rounds.max(1) as f64) / f64::from(1u32 << 30);
     Ok((median(d), median(m), ztunnel_cpu / gib))
 }
 
-/// Latency and connection rate of one path.
-async fn measure(client: &Arc<MeshPod>, server: &MeshPod, throughput_gbit_s: f64, args: &Args) -> Result<PathResult> {
-    let (p50, p99) = latency(client.connect(server.addr(ECHO)).await?, args.requests).await?;
+/// The ztunnels of the client's node and the server's node.
+fn ztunnel_pids(mesh: &Mesh) -> Result<[u32; 2]> {
+    match [mesh.nodes[0].ztunnel_pid(), mesh.nodes[1].ztunnel_pid()] {
+        [Some(src), Some(dst)] => Ok([src, dst]),
+        _ => anyhow::bail!("a ztunnel is not running"),
+    }
+}
+
+/// CPU seconds `pids` have used so far, together.
+fn cpu_of(pids: [u32; 2]) -> Result<f64> {
+    Ok(cpu_seconds(pids[0])? + cpu_seconds(pids[1])?)
+}
+
+/// Latency and connection rate of one path; with `ztunnels`, also the CPU they spend per request.
+async fn measure(
+    (client, server): &Pair,
+    throughput_gbit_s: f64,
+    args: &Args,
+    ztunnels: Option<[u32; 2]>,
+) -> Result<PathResult> {
+    let stream = client.connect(server.addr(ECHO)).await?;
+    let before = ztunnels.map(cpu_of).transpose()?;
+    let (p50, p99) = latency(stream, args.requests).await?;
+    let ztunnel_cpu_us_per_request = match (ztunnels, before) {
+        // `latency` also makes 100 unmeasured warm-up exchanges.
+        (Some(pids), Some(before)) => Some((cpu_of(pids)? - before) * 1e6 / (args.requests + 100) as f64),
+        _ => None,
+    };
     let (c, target) = (client.clone(), server.addr(PING));
     let rate = connection_rate(
         move || {
@@ -157,12 +183,16 @@ async fn measure(client: &Arc<MeshPod>, server: &MeshPod, throughput_gbit_s: f64
         args.concurrency,
     )
     .await?;
-    Ok(PathResult { throughput_gbit_s, latency_p50_us: p50, latency_p99_us: p99, connections_per_s: rate })
+    Ok(PathResult {
+        throughput_gbit_s,
+        latency_p50_us: p50,
+        latency_p99_us: p99,
+        connections_per_s: rate,
+        ztunnel_cpu_us_per_request,
+    })
 }
 
-async fn memory(mesh: &Mesh, client: &MeshPod, server: &MeshPod, idle: usize) -> Result<Memory> {
-    let pids = [mesh.nodes[0].ztunnel_pid(), mesh.nodes[1].ztunnel_pid()];
-    let [Some(src), Some(dst)] = pids else { anyhow::bail!("a ztunnel is not running") };
+async fn memory([src, dst]: [u32; 2], client: &MeshPod, server: &MeshPod, idle: usize) -> Result<Memory> {
     // Let earlier measurements' connections close and buffers shrink.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = (rss_mib(src)?.0, rss_mib(dst)?.0);
@@ -272,10 +302,12 @@ async fn run(args: Args) -> Result<()> {
     }
     mesh.settle(&[], &[]).await?;
 
-    let (direct_gbit_s, mesh_gbit_s, ztunnel_cpu_s_per_gib) = throughputs(&mesh, &pairs[0], &pairs[1], &args).await?;
-    let direct = measure(&pairs[0].0, &pairs[0].1, direct_gbit_s, &args).await?;
-    let through = measure(&pairs[1].0, &pairs[1].1, mesh_gbit_s, &args).await?;
-    let memory = memory(&mesh, &pairs[1].0, &pairs[1].1, args.idle).await?;
+    let ztunnels = ztunnel_pids(&mesh)?;
+    let (direct_gbit_s, mesh_gbit_s, ztunnel_cpu_s_per_gib) =
+        throughputs(ztunnels, &pairs[0], &pairs[1], &args).await?;
+    let direct = measure(&pairs[0], direct_gbit_s, &args, None).await?;
+    let through = measure(&pairs[1], mesh_gbit_s, &args, Some(ztunnels)).await?;
+    let memory = memory(ztunnels, &pairs[1].0, &pairs[1].1, args.idle).await?;
     drop(servers);
     let report = Report {
         throughput_ratio: through.throughput_gbit_s / direct.throughput_gbit_s,
@@ -299,6 +331,9 @@ async fn run(args: Args) -> Result<()> {
     row("new connections/s", report.direct.connections_per_s, report.mesh.connections_per_s, "");
     println!("ztunnel CPU per GiB carried (both nodes): {:.3} s", report.ztunnel_cpu_s_per_gib);
     println!("added latency p50/p99: {:.1} / {:.1} µs", report.added_latency_p50_us, report.added_latency_p99_us);
+    if let Some(us) = report.mesh.ztunnel_cpu_us_per_request {
+        println!("ztunnel CPU per 1 KiB round trip (both nodes): {us:.1} µs");
+    }
     println!(
         "calibration, loopback p50: direct {:.1} µs, through two plain TCP relays {:.1} µs (+{:.1} µs for two process hops)",
         report.calibration.direct_p50_us, report.calibration.relayed_p50_us, report.calibration.added_p50_us

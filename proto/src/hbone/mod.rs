@@ -52,6 +52,11 @@ pub fn configure_socket(tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
 /// kernel gets larger sends to segment. Nothing is held while the socket keeps up.
 const TLS_SEND_BUFFER: usize = 256 * 1024;
 
+/// Applies the tunnel's TLS options to a connection just handshaken, either side.
+fn configure_tls<Data>(tls: &mut rustls::ConnectionCommon<Data>) {
+    tls.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
 /// Longest `:authority` accepted (`[ipv6]:port` is at most 47 bytes).
 const MAX_AUTHORITY_LEN: usize = 64;
 

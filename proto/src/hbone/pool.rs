@@ -467,7 +467,7 @@ async fn establish(
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
         return Err(PoolError::Alpn { dst });
     }
-    tls.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+    super::configure_tls(tls.get_mut().1);
     let h2 = pool.config.h2;
     h2::client::Builder::new()
         .initial_window_size(h2.stream_window)

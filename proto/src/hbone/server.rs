@@ -225,7 +225,7 @@ impl<H: Handler> Connection<H> {
         let handshake = async move {
             let mut tls = TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| crate::tls::describe_io_error(&e))?;
             let identity = peer_identity(tls.get_ref().1).ok_or("the client presented no SPIFFE identity")?;
-            tls.get_mut().1.set_buffer_limit(Some(super::TLS_SEND_BUFFER));
+            super::configure_tls(tls.get_mut().1);
             let conn = h2::server::Builder::new()
                 .initial_window_size(h2.stream_window)
                 .initial_connection_window_size(h2.connection_window)
