@@ -2,10 +2,14 @@
 //! stderr about an option it does not understand and carries on without it, so check that it warns
 //! about none.
 
+#![allow(clippy::expect_used, clippy::panic)]
+
 use std::process::{Command, Output};
 
-fn version(binary: &str, malloc_conf: Option<&str>) -> Output {
-    let path = e2e::mesh::binary(binary).expect("locating the binary");
+use e2e::mesh::binary;
+
+fn version(name: &str, malloc_conf: Option<&str>) -> Output {
+    let path = binary(name).expect("locating the binary");
     let mut command = Command::new(&path);
     command.arg("--version").env_remove("MALLOC_CONF");
     match malloc_conf {
