@@ -11,8 +11,11 @@
 //! - [`xds`]: the delta ADS client loop (subscribe, apply, ACK/NACK, reconnect with backoff).
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
+//! - [`alloc`]: the proxies' allocator (jemalloc and its options), [`proxy_allocator!`].
+//!
 //! No component logic lives here: ztunnel, waypoint and ca build on these pieces.
 
+pub mod alloc;
 pub mod api;
 pub mod certs;
 pub mod control;

@@ -12,17 +12,7 @@ use proto::tls::{SharedTrustBundle, TrustBundle};
 use tracing_subscriber::EnvFilter;
 use waypoint::{Config, Waypoint};
 
-/// jemalloc, not the system allocator: every request allocates and frees headers, bodies' frames
-/// and TLS records, which jemalloc serves from per-thread caches (see `ztunnel/src/main.rs`).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read before `main` (`_RJEM_MALLOC_CONF` overrides them): freed pages go
-/// back to the kernel after about a second, by one background thread.
-#[allow(unsafe_code)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_CONF: &[u8; 85] =
-    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+proto::proxy_allocator!();
 
 /// The L7 proxy of one namespace (a Gateway of class `istio-waypoint`).
 ///

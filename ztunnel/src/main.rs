@@ -16,20 +16,7 @@ use tracing_subscriber::{EnvFilter, reload};
 use ztunnel::certs::TokenSource;
 use ztunnel::{Config, Ztunnel};
 
-/// jemalloc, not the system allocator: the data path allocates and frees buffers of up to a few
-/// hundred KiB at a high rate (TLS records, HTTP/2 frames, read buffers sized by traffic), which
-/// glibc serves with fresh pages — a page fault and a zeroed page per 4 KiB, about a sixth of a
-/// busy ztunnel's CPU — where jemalloc reuses them.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's options, read before `main` (the `_RJEM_MALLOC_CONF` environment variable overrides
-/// them): freed pages go back to the kernel after about a second, by a background thread, so an
-/// idle ztunnel's memory falls back without waiting for its next allocation (one such thread).
-#[allow(unsafe_code)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-static JEMALLOC_CONF: &[u8; 85] =
-    b"background_thread:true,max_background_threads:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+proto::proxy_allocator!();
 
 /// The per-node proxy of the ambient mesh.
 ///
