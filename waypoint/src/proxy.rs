@@ -84,6 +84,17 @@ pub(crate) fn resolve(ctx: &Context, ip: IpAddr) -> Option<Destination> {
     })
 }
 
+/// The policy decision for `input`, a connection or request to `destination`: over the policies
+/// bound to this Gateway or to the destination's Service.
+pub(crate) fn authorize(ctx: &Context, destination: Option<&Destination>, input: &AuthzInput<'_>) -> Decision {
+    let service = destination.and_then(service_ref);
+    ctx.view.read(|s| {
+        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
+        let service = service.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
+        authz::decide(s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)), input)
+    })
+}
+
 /// The service's `namespace`, `name`, for policy targets (`None` for a pod).
 pub(crate) fn service_ref(d: &Destination) -> Option<(String, String)> {
     match d {
@@ -271,17 +282,9 @@ async fn route_and_send(
     parts.method = method.clone();
 
     // Authorization.
-    let service_ref = service_ref(&destination);
-    let decision = ctx.view.read(|s| {
-        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
-        let service = service_ref.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
-        let http = HttpAttributes { method: method.as_str(), path: &path, host, headers: &parts.headers };
-        let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: Some(http) };
-        authz::decide(
-            s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)),
-            &input,
-        )
-    });
+    let http = HttpAttributes { method: method.as_str(), path: &path, host, headers: &parts.headers };
+    let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: Some(http) };
+    let decision = authorize(ctx, Some(&destination), &input);
     if let Decision::Deny(policy) = &decision {
         warn!(peer = %down.peer, method = %method, path = %path, policy = policy.as_deref().unwrap_or("no ALLOW policy matched"), "request denied by policy");
         return (text(StatusCode::FORBIDDEN, "RBAC: access denied\n"), fail(StatusCode::FORBIDDEN, "RBAC", ""));

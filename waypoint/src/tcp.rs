@@ -13,9 +13,9 @@ use proto::xds::ip_from_bytes;
 use tracing::{info, warn};
 
 use crate::Context;
-use crate::authz::{self, AuthzInput, Decision};
+use crate::authz::{AuthzInput, Decision};
 use crate::metrics::{Parties, TcpLabels};
-use crate::proxy::{Destination, Downstream, endpoints, service_ref};
+use crate::proxy::{Destination, Downstream, authorize, endpoints};
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -107,16 +107,8 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     let start = Instant::now();
     let port = down.target.port();
     let destination = crate::proxy::resolve(&ctx, down.target.ip());
-    let service = destination.as_ref().and_then(service_ref);
-    let decision = ctx.view.read(|s| {
-        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
-        let service = service.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
-        let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: None };
-        authz::decide(
-            s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)),
-            &input,
-        )
-    });
+    let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: None };
+    let decision = authorize(&ctx, destination.as_ref(), &input);
     let mut labels = TcpLabels::new(Parties::new(&down, destination.as_ref()));
     let log = |labels: &TcpLabels, endpoint: &str, from_client: u64, to_client: u64, reason: &str| {
         info!(
