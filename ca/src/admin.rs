@@ -1,7 +1,8 @@
 //! The control plane's admin HTTP API (bind it to localhost).
 //!
 //! - `GET /debug/state`: the translated mesh state (workloads, services, policies, warnings) as JSON;
-//! - `GET /debug/config_errors`: problems in the sources (file and reason), until fixed;
+//! - `GET /debug/config_errors`: problems in the sources (file and reason) and objects the
+//!   translation could not take as written (policies made to fail closed), until fixed;
 //! - `GET /debug/objects`: object counts per kind;
 //! - `GET /healthz/ready`: 200 once the first state is computed, 503 before;
 //! - `GET /metrics`: Prometheus metrics (certificates issued and refused, signing latency, xDS
@@ -37,6 +38,7 @@ pub struct AdminState {
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     s.metrics.xds_clients.set(s.clients.load(Ordering::Relaxed) as i64);
+    s.metrics.config_errors.set(all_config_errors(&s).len() as i64);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.encode())
         .into_response()
 }
@@ -46,8 +48,15 @@ async fn state_dump(State(s): State<AdminState>) -> Response {
     Json(view.as_ref()).into_response()
 }
 
+/// The sources' errors, then the translation's (policies made to fail closed).
+fn all_config_errors(s: &AdminState) -> Vec<crate::objects::ConfigError> {
+    let mut errors = s.store.errors();
+    errors.extend(s.view.borrow().state.config_errors.iter().cloned());
+    errors
+}
+
 async fn config_errors(State(s): State<AdminState>) -> Response {
-    Json(s.store.errors()).into_response()
+    Json(all_config_errors(&s)).into_response()
 }
 
 async fn objects(State(s): State<AdminState>) -> Response {

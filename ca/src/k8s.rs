@@ -28,6 +28,9 @@ pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
 pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
 /// `istio.io/use-waypoint` value meaning "no waypoint, even if the namespace has one".
 pub const USE_WAYPOINT_NONE: &str = "none";
+/// Annotation that makes an AuthorizationPolicy dry-run (`"true"`): evaluated and logged, never
+/// enforced.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// Gateway API `Gateway` (gateway.networking.k8s.io/v1). Waypoints are Gateways of class
 /// `istio-waypoint`.
@@ -389,6 +392,13 @@ pub struct AuthorizationPolicySpec {
     /// Rules; a request matches the policy if any rule matches.
     #[serde(default)]
     pub rules: Vec<AuthzRule>,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+    /// Why the spec could not be decoded at all, when it could not: the policy fails closed.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 /// Label selector.
@@ -413,6 +423,10 @@ pub struct AuthzRule {
     /// Conditions; all must match.
     #[serde(default)]
     pub when: Vec<AuthzCondition>,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `from` entry.
@@ -421,6 +435,10 @@ pub struct AuthzFrom {
     /// The source.
     #[serde(default)]
     pub source: AuthzSource,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// A source: set fields must all hold; values within a field are alternatives.
@@ -457,6 +475,16 @@ pub struct AuthzSource {
     /// Negated remote IP blocks: L7.
     #[serde(default)]
     pub not_remote_ip_blocks: Vec<String>,
+    /// Peer service accounts, `<namespace>/<name>` (from the peer's certificate; no wildcards).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Negated service accounts.
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// `to` entry.
@@ -465,17 +493,21 @@ pub struct AuthzTo {
     /// The operation.
     #[serde(default)]
     pub operation: AuthzOperation,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// An operation: set fields must all hold.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthzOperation {
-    /// Destination ports.
-    #[serde(default)]
+    /// Destination ports (Istio writes them as strings; a YAML number is read as its digits).
+    #[serde(default, deserialize_with = "strings_or_numbers")]
     pub ports: Vec<String>,
     /// Negated ports.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strings_or_numbers")]
     pub not_ports: Vec<String>,
     /// Hosts: L7.
     #[serde(default)]
@@ -495,6 +527,10 @@ pub struct AuthzOperation {
     /// Negated paths: L7.
     #[serde(default)]
     pub not_paths: Vec<String>,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// A `when` condition on an attribute.
@@ -509,6 +545,28 @@ pub struct AuthzCondition {
     /// Rejected values.
     #[serde(default)]
     pub not_values: Vec<String>,
+    /// Fields this mesh does not read (a typo, or a field of a newer Istio). They are never
+    /// ignored silently: the policy fails closed and the CA reports them.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// A list of strings in which a YAML number stands for its decimal digits (`ports: [80]`).
+fn strings_or_numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        String(String),
+        Number(serde_json::Number),
+    }
+    let items = Vec::<Item>::deserialize(d)?;
+    Ok(items
+        .into_iter()
+        .map(|i| match i {
+            Item::String(s) => s,
+            Item::Number(n) => n.to_string(),
+        })
+        .collect())
 }
 
 /// Istio `PeerAuthentication` (security.istio.io/v1).

@@ -527,7 +527,8 @@ async fn translate_loop(
         let resources = Arc::new(Resources::build(&state, Some(&trust_bundle), generation, &previous));
         previous = resources.clone();
         let took = started.elapsed();
-        let current: std::collections::BTreeSet<String> = state.warnings.iter().cloned().collect();
+        let config_errors = state.config_errors.iter().map(|e| format!("{}: {} (fails closed)", e.source, e.message));
+        let current: std::collections::BTreeSet<String> = state.warnings.iter().cloned().chain(config_errors).collect();
         for w in current.difference(&warned) {
             warn!("{w}");
         }

@@ -278,6 +278,10 @@ pub struct Match {
     pub namespaces: Vec<StringMatch>,
     /// Excluded source namespaces.
     pub not_namespaces: Vec<StringMatch>,
+    /// Source service accounts, `(namespace, name)`.
+    pub service_accounts: Vec<(String, String)>,
+    /// Excluded source service accounts.
+    pub not_service_accounts: Vec<(String, String)>,
     /// Source principals (`<td>/ns/<ns>/sa/<sa>`).
     pub principals: Vec<StringMatch>,
     /// Excluded source principals.
@@ -306,9 +310,16 @@ impl Match {
         let strings = |v: &[StringMatch]| v.iter().map(StringMatch::to_proto).collect();
         let nets = |v: &[IpNet]| v.iter().map(|n| n.to_proto()).collect();
         let ports = |v: &[u16]| v.iter().map(|p| u32::from(*p)).collect();
+        let accounts = |v: &[(String, String)]| {
+            v.iter()
+                .map(|(ns, sa)| pb_authz::ServiceAccountMatch { namespace: ns.clone(), service_account: sa.clone() })
+                .collect()
+        };
         pb_authz::Match {
             namespaces: strings(&self.namespaces),
             not_namespaces: strings(&self.not_namespaces),
+            service_accounts: accounts(&self.service_accounts),
+            not_service_accounts: accounts(&self.not_service_accounts),
             principals: strings(&self.principals),
             not_principals: strings(&self.not_principals),
             source_ips: nets(&self.source_ips),
@@ -317,6 +328,7 @@ impl Match {
             not_destination_ips: nets(&self.not_destination_ips),
             destination_ports: ports(&self.destination_ports),
             not_destination_ports: ports(&self.not_destination_ports),
+            extensions: Vec::new(),
         }
     }
 }
@@ -335,6 +347,8 @@ pub struct Policy {
     pub action: Action,
     /// Rules (clauses of matches).
     pub rules: Vec<Vec<Vec<Match>>>,
+    /// Evaluated and logged, never enforced.
+    pub dry_run: bool,
 }
 
 impl Policy {
@@ -367,6 +381,8 @@ impl Policy {
                         .collect(),
                 })
                 .collect(),
+            dry_run: self.dry_run,
+            extensions: Vec::new(),
         }
     }
 }
@@ -388,4 +404,7 @@ pub struct MeshState {
     pub destination_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::DestinationPolicy>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
+    /// Objects the translation could not take as written (policies it made fail closed), with
+    /// the reasons; served with the sources' errors at `/debug/config_errors`.
+    pub config_errors: Vec<crate::objects::ConfigError>,
 }

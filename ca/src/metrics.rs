@@ -30,6 +30,8 @@ pub struct CaMetrics {
     pub signer_expiry: Gauge,
     /// xDS streams open.
     pub xds_clients: Gauge,
+    /// Configuration problems currently reported at `/debug/config_errors`.
+    pub config_errors: Gauge,
 }
 
 impl Default for CaMetrics {
@@ -48,6 +50,7 @@ impl CaMetrics {
         let signing = Histogram::new(exponential_buckets(0.000_125, 2.0, 14));
         let signer_expiry = Gauge::default();
         let xds_clients = Gauge::default();
+        let config_errors = Gauge::default();
         registry.register("ca_certificate_requests", "Certificate signing requests received", requests.clone());
         registry.register("ca_certificates_issued", "Certificates issued", issued.clone());
         registry.register(
@@ -66,7 +69,12 @@ impl CaMetrics {
             signer_expiry.clone(),
         );
         registry.register("ca_xds_clients", "Proxies connected to the xDS stream", xds_clients.clone());
-        CaMetrics { registry, requests, issued, refused, signing, signer_expiry, xds_clients }
+        registry.register(
+            "ca_config_errors",
+            "Configuration problems reported at /debug/config_errors (invalid objects, policies that fail closed)",
+            config_errors.clone(),
+        );
+        CaMetrics { registry, requests, issued, refused, signing, signer_expiry, xds_clients, config_errors }
     }
 
     /// Counts a refusal.

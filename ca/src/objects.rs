@@ -134,6 +134,35 @@ fn decode<T: serde::de::DeserializeOwned>(kind: Kind, value: serde_json::Value) 
     serde_json::from_value(value).map(Arc::new).map_err(|e| ObjectError::Schema { kind, reason: e.to_string() })
 }
 
+/// Decodes an AuthorizationPolicy. One whose spec does not decode is still admitted (when its
+/// metadata does), marked unreadable with the decoder's reason, and carrying whatever of its
+/// selector, targets and action could be read: dropping it would silently lift the restriction it
+/// was written to add, so the translation makes it fail closed instead.
+fn decode_authorization_policy(value: &serde_json::Value) -> Result<Arc<AuthorizationPolicy>, ObjectError> {
+    use serde::Deserialize;
+    let kind = Kind::AuthorizationPolicy;
+    let reason = match AuthorizationPolicy::deserialize(value) {
+        Ok(p) => return Ok(Arc::new(p)),
+        Err(e) => e.to_string(),
+    };
+    let metadata = value.get("metadata").unwrap_or(&serde_json::Value::Null);
+    let metadata =
+        Deserialize::deserialize(metadata).map_err(|e| ObjectError::Schema { kind, reason: e.to_string() })?;
+    let spec = value.get("spec");
+    fn part<T: serde::de::DeserializeOwned>(spec: Option<&serde_json::Value>, key: &str) -> Option<T> {
+        T::deserialize(spec?.get(key)?).ok()
+    }
+    let spec = crate::k8s::AuthorizationPolicySpec {
+        selector: part(spec, "selector"),
+        target_ref: part(spec, "targetRef"),
+        target_refs: part(spec, "targetRefs").unwrap_or_default(),
+        action: part(spec, "action"),
+        unreadable: Some(reason),
+        ..Default::default()
+    };
+    Ok(Arc::new(AuthorizationPolicy { metadata, spec }))
+}
+
 impl Object {
     /// Decodes one document (`apiVersion` + `kind` pick the type). A `List` expands to its items.
     pub fn from_value(value: serde_json::Value) -> Vec<Result<Object, ObjectError>> {
@@ -159,7 +188,7 @@ impl Object {
             ("gateway.networking.k8s.io", "HTTPRoute") => decode(Kind::HTTPRoute, value).map(Object::HTTPRoute),
             ("gateway.networking.k8s.io", "GRPCRoute") => decode(Kind::GRPCRoute, value).map(Object::GRPCRoute),
             ("security.istio.io", "AuthorizationPolicy") => {
-                decode(Kind::AuthorizationPolicy, value).map(Object::AuthorizationPolicy)
+                decode_authorization_policy(&value).map(Object::AuthorizationPolicy)
             }
             ("security.istio.io", "PeerAuthentication") => {
                 decode(Kind::PeerAuthentication, value).map(Object::PeerAuthentication)
@@ -300,7 +329,8 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
                 }
             }
         }
-        Object::AuthorizationPolicy(policy) => crate::translate::authz::validate(&policy.spec).map_err(invalid)?,
+        // Never refused: what cannot be evaluated fails closed in translation (`authz::review`).
+        Object::AuthorizationPolicy(_) => {}
         Object::HTTPRoute(route) => crate::translate::waypoint::validate(&route.spec).map_err(invalid)?,
         Object::GRPCRoute(route) => {
             crate::translate::waypoint::validate(&route.spec.as_http().map_err(invalid)?).map_err(invalid)?

@@ -179,12 +179,22 @@ fn missing_directory_is_a_clear_error() {
 }
 
 #[test]
-fn invalid_policy_fields_are_refused_with_the_reason() {
+fn policies_with_invalid_values_are_admitted_to_fail_closed() {
+    // Refusing the object would lift the restriction it adds; it is admitted, and the translation
+    // makes it fail closed and reports why (ca::translate::authz::review).
     let mut f = Fixture::new();
     let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: p\n  namespace: shop\nspec:\n  rules:\n    - from:\n        - source:\n            ipBlocks: [\"10.0.0.0/33\"]\n";
     f.write("p.yaml", policy);
     f.source.rescan();
-    assert!(!f.has(&key(Kind::AuthorizationPolicy, "shop", "p")));
-    let errors = f.errors_for("p.yaml");
-    assert!(errors[0].contains("\"10.0.0.0/33\" has an invalid prefix length"), "{errors:?}");
+    assert!(f.has(&key(Kind::AuthorizationPolicy, "shop", "p")));
+    assert!(f.errors_for("p.yaml").is_empty());
+    let state = ca::translate::translate(&f.store.snapshot(), &Default::default());
+    let errors: Vec<_> = state.config_errors.iter().map(|e| format!("{}: {}", e.source, e.message)).collect();
+    assert_eq!(
+        errors,
+        ["AuthorizationPolicy shop/p: rules[0]: from[0].source: \"10.0.0.0/33\" has an invalid prefix length"]
+    );
+    // The ALLOW's only rule is dropped: it allows nothing.
+    let p = &state.policies["shop/p"];
+    assert!(p.rules.is_empty(), "{p:?}");
 }

@@ -53,12 +53,17 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
             writeln!(out, "{body}").unwrap();
         }
     }
+    // Objects the translation made fail closed are part of the expected output.
+    for e in &state.config_errors {
+        writeln!(out, "=== config error {}\n{}", e.source, e.message).unwrap();
+    }
     (out, store.errors(), state.warnings)
 }
 
 fn check(case: &str) {
     let (actual, errors, warnings) = render(case);
     assert!(errors.is_empty(), "fixture {case} has config errors: {errors:#?}");
+    assert!(case == "failclosed" || !actual.contains("=== config error"), "fixture {case}: {actual}");
     assert!(warnings.is_empty(), "fixture {case} has warnings: {warnings:#?}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case).join("expected.txt");
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -86,4 +91,13 @@ fn mesh_fixture_yields_the_expected_resources() {
 #[test]
 fn istio_fixture_yields_the_expected_resources() {
     check("istio");
+}
+
+/// AuthorizationPolicies the mesh cannot take as written fail closed, each reported with its
+/// name: serviceAccounts is enforced (not dropped), a typo or a bad value drops an ALLOW rule and
+/// makes a DENY rule match everything, an unreadable spec or unknown action denies, dry-run is
+/// carried to the proxies, and the waypoint's policies get the same treatment.
+#[test]
+fn failclosed_fixture_yields_the_expected_resources() {
+    check("failclosed");
 }

@@ -667,6 +667,11 @@ impl Mesh {
         http_request(&node.netns.ns, method, SocketAddr::from(([127, 0, 0, 1], port)), path).await
     }
 
+    /// A GET to the CA's admin API (`/debug/config_errors`, `/metrics`, ...).
+    pub async fn ca_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(&self.underlay.ns, self.ca_launch.admin, path).await
+    }
+
     /// Node `index`'s ztunnel metrics.
     pub async fn metrics(&self, index: u8) -> Result<String> {
         Ok(self.ztunnel_get(index, 15020, "/metrics").await?.1)

@@ -1,6 +1,11 @@
 //! Durations as Kubernetes and Gateway API objects (and our command lines) write them.
 
-/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds.
+/// The longest duration accepted: a year. Anything longer is a mistake, and proxies add durations
+/// to clocks.
+pub const MAX_MILLIS: u64 = 365 * 24 * 3_600_000;
+
+/// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds, at most
+/// [`MAX_MILLIS`].
 pub fn parse_millis(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not a duration like 10s, 500ms or 1m30s");
     let mut total: u64 = 0;
@@ -26,7 +31,10 @@ pub fn parse_millis(s: &str) -> Result<u64, String> {
         } else {
             return Err(bad());
         };
-        total += n * unit_ms;
+        total = total.saturating_add(n * unit_ms);
+        if total > MAX_MILLIS {
+            return Err(format!("{s:?} is longer than a year"));
+        }
         rest = &rest[len..];
     }
     Ok(total)
@@ -47,7 +55,8 @@ mod tests {
         assert_eq!(parse_millis("500ms"), Ok(500));
         assert_eq!(parse_millis("1h2m3s4ms"), Ok(3_723_004));
         assert_eq!(parse("1m30s"), Ok(std::time::Duration::from_secs(90)));
-        for bad in ["", "10", "s", "1.5s", "-1s", "10x", "123456s", "10 s", "1d"] {
+        assert_eq!(parse_millis("8760h"), Ok(MAX_MILLIS));
+        for bad in ["", "10", "s", "1.5s", "-1s", "10x", "123456s", "10 s", "1d", "8761h", "99999h99999h"] {
             assert!(parse_millis(bad).is_err(), "accepted {bad:?}");
         }
     }

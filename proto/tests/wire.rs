@@ -201,20 +201,39 @@ fn authorization_uses_istios_field_numbers() {
                     }],
                     not_source_ips: vec![authz::Address { address: vec![10, 0, 0, 0], length: 8 }],
                     destination_ports: vec![80],
+                    service_accounts: vec![authz::ServiceAccountMatch {
+                        namespace: "a".into(),
+                        service_account: "b".into(),
+                    }],
+                    not_service_accounts: vec![authz::ServiceAccountMatch {
+                        namespace: "c".into(),
+                        service_account: "d".into(),
+                    }],
                     ..Default::default()
                 }],
             }],
         }],
+        dry_run: true,
+        extensions: vec![],
     };
     let principal = len_field(3, &len_field(1, b"spiffe://td/ns/a/sa/b"));
     let not_ip = len_field(6, &[len_field(1, &[10, 0, 0, 0]), varint_field(2, 8)].concat());
     // Packed repeated uint32.
     let ports = len_field(9, &[80]);
-    let matched = [principal, not_ip, ports].concat();
+    // ServiceAccountMatch{namespace = 1, serviceAccount = 2}.
+    let account = len_field(11, &[len_field(1, b"a"), len_field(2, b"b")].concat());
+    let not_account = len_field(12, &[len_field(1, b"c"), len_field(2, b"d")].concat());
+    let matched = [principal, not_ip, ports, account, not_account].concat();
     let rule = len_field(1, &len_field(2, &matched));
-    let expected =
-        [len_field(1, b"deny-all"), len_field(2, b"ns"), varint_field(3, 1), varint_field(4, 1), len_field(5, &rule)]
-            .concat();
+    let expected = [
+        len_field(1, b"deny-all"),
+        len_field(2, b"ns"),
+        varint_field(3, 1),
+        varint_field(4, 1),
+        len_field(5, &rule),
+        varint_field(6, 1),
+    ]
+    .concat();
     assert_eq!(policy.encode_to_vec(), expected);
 }
 

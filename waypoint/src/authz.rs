@@ -117,7 +117,9 @@ fn source_matches(s: &pb::L7Source, input: &AuthzInput<'_>) -> bool {
         Some(ip) => field(values, not, |b| ip_in_block(b, ip)),
         None => values.is_empty(),
     };
+    let account = Some((input.peer.namespace(), input.peer.service_account()));
     field(&s.principals, &s.not_principals, |p| string_match(p, principal))
+        && field(&s.service_accounts, &s.not_service_accounts, |a| a.split_once('/') == account)
         && field(&s.namespaces, &s.not_namespaces, |n| string_match(n, input.peer.namespace()))
         && ip_field(&s.ip_blocks, &s.not_ip_blocks)
         && ip_field(&s.remote_ip_blocks, &s.not_remote_ip_blocks)
@@ -192,8 +194,21 @@ fn policy_matches(p: &pb::L7Policy, input: &AuthzInput<'_>) -> bool {
     p.rules.iter().any(|r| rule_matches(r, input, action))
 }
 
-/// Decides a request against the policies that apply to it.
+/// Decides a request against the policies that apply to it; dry-run policies take no part.
 pub fn decide<'a>(policies: impl IntoIterator<Item = &'a pb::L7Policy>, input: &AuthzInput<'_>) -> Decision {
+    decide_with(policies.into_iter().filter(|p| !p.dry_run), input)
+}
+
+/// What the decision would be with the dry-run policies among `policies` enforced too; `None`
+/// when there is none. For the log and metrics only.
+pub fn dry_run<'a>(
+    policies: impl IntoIterator<Item = &'a pb::L7Policy> + Clone,
+    input: &AuthzInput<'_>,
+) -> Option<Decision> {
+    policies.clone().into_iter().any(|p| p.dry_run).then(|| decide_with(policies, input))
+}
+
+fn decide_with<'a>(policies: impl IntoIterator<Item = &'a pb::L7Policy>, input: &AuthzInput<'_>) -> Decision {
     let mut allow_policies = 0;
     let mut allowed_by = None;
     for p in policies {
@@ -238,6 +253,7 @@ mod tests {
             }],
             action: action as i32,
             rules: vec![pb::L7Rule { from, to: vec![op], when: vec![] }],
+            dry_run: false,
         }
     }
 
@@ -251,6 +267,43 @@ mod tests {
     fn decide_tcp(policies: &[pb::L7Policy], peer: &str, port: u16) -> Decision {
         let peer: SpiffeId = peer.parse().unwrap();
         decide(policies, &AuthzInput { peer: &peer, source_ip: None, port, http: None })
+    }
+
+    #[test]
+    fn service_accounts_and_dry_run() {
+        let by_account = |accounts: &[&str], not: &[&str]| {
+            vec![pb::L7Source {
+                service_accounts: accounts.iter().map(|s| s.to_string()).collect(),
+                not_service_accounts: not.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }]
+        };
+        let allow = [policy(Action::Allow, pb::L7Operation::default(), by_account(&["demo/client"], &[]))];
+        let client = "spiffe://cluster.local/ns/demo/sa/client";
+        assert!(matches!(decide_for(&allow, client, "GET", "/"), Decision::Allow(Some(_))));
+        assert_eq!(decide_for(&allow, "spiffe://cluster.local/ns/other/sa/client", "GET", "/"), Decision::Deny(None));
+        assert_eq!(decide_for(&allow, "spiffe://cluster.local/ns/demo/sa/client2", "GET", "/"), Decision::Deny(None));
+        let deny = [policy(Action::Deny, pb::L7Operation::default(), by_account(&[], &["demo/client"]))];
+        assert_eq!(decide_for(&deny, client, "GET", "/"), Decision::Allow(None));
+        assert!(matches!(
+            decide_for(&deny, "spiffe://cluster.local/ns/demo/sa/x", "GET", "/"),
+            Decision::Deny(Some(_))
+        ));
+
+        // Dry-run: left out of the decision, reported by `dry_run`.
+        let mut dry = policy(Action::Deny, pb::L7Operation::default(), vec![]);
+        dry.dry_run = true;
+        let peer: SpiffeId = client.parse().unwrap();
+        let headers = HeaderMap::new();
+        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers };
+        let input = AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) };
+        assert_eq!(decide([&dry], &input), Decision::Allow(None));
+        assert_eq!(dry_run([&dry], &input), Some(Decision::Deny(Some("demo/p".into()))));
+        assert_eq!(dry_run(std::iter::empty(), &input), None);
+        // An action from the future denies.
+        let mut future = policy(Action::Allow, pb::L7Operation::default(), vec![]);
+        future.action = 9;
+        assert!(matches!(decide([&future], &input), Decision::Deny(Some(_))));
     }
 
     #[test]

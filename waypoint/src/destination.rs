@@ -167,8 +167,9 @@ impl ServiceState {
         {
             h.ejections += 1;
             let base = Duration::from_millis(if o.base_ejection_ms == 0 { 30_000 } else { o.base_ejection_ms });
-            let length = base * h.ejections;
-            h.ejected_until = Some(now + length);
+            // Saturating: a bad duration from the control plane must not panic the proxy.
+            let length = base.saturating_mul(h.ejections).min(Duration::from_millis(proto::duration::MAX_MILLIS));
+            h.ejected_until = Some(now.checked_add(length).unwrap_or(now));
             h.consecutive_errors = 0;
             warn!(endpoint = uid, ?length, ejections = h.ejections, "endpoint ejected: consecutive errors");
         }

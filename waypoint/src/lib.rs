@@ -50,9 +50,9 @@ use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTE
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
 use proto::drain::{self, DrainTrigger};
+use proto::hbone::Baggage;
 use proto::hbone::pool::{Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
-use proto::hbone::{Baggage, parse_forwarded_for};
 use proto::xds::ip_from_bytes;
 use proto::xds::{AdsClient, MeshView};
 use tokio::net::TcpListener;
@@ -190,7 +190,9 @@ impl Handler for Inbound {
         let header = |name: &str| connect.headers.get(name).and_then(|v| v.to_str().ok());
         let down = Arc::new(proxy::Downstream {
             peer: connect.peer_identity.clone(),
-            source_ip: header(proto::hbone::FORWARDED).and_then(parse_forwarded_for),
+            // From the network: a `forwarded` header is the peer's claim, and the peer is the
+            // client's ztunnel, which dials from the client's own address anyway.
+            source_ip: Some(connect.peer_addr.ip()),
             source_workload: header(proto::hbone::BAGGAGE).and_then(|b| Baggage::parse(b).workload.map(|(_, n)| n)),
             target: connect.target,
         });

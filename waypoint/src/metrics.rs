@@ -117,10 +117,19 @@ impl TcpLabels {
     }
 }
 
+/// Label of the dry-run counter: what the request or stream would have met.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+}
+
 /// The waypoint's metrics.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// Requests and streams to which dry-run policies applied, by what they would have decided.
+    pub dry_run: Family<DryRunLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
     tcp_opened: Family<TcpLabels, Counter>,
@@ -159,7 +168,13 @@ impl Metrics {
         registry.register("istio_tcp_connections_closed", "TCP streams closed (or refused)", tcp_closed.clone());
         registry.register("istio_tcp_received_bytes", "Bytes received from the client", tcp_received.clone());
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client", tcp_sent.clone());
-        Metrics { registry, requests, duration, tcp_opened, tcp_closed, tcp_received, tcp_sent }
+        let dry_run = Family::default();
+        registry.register(
+            "waypoint_dry_run_authorizations",
+            "Requests and streams to which dry-run AuthorizationPolicies applied, by the decision they would have made (never enforced)",
+            dry_run.clone(),
+        );
+        Metrics { registry, dry_run, requests, duration, tcp_opened, tcp_closed, tcp_received, tcp_sent }
     }
 
     /// Counts a TCP stream connected to its endpoint.

@@ -37,7 +37,8 @@ const MAX_REPLAY_BODY: usize = 1 << 20;
 pub struct Downstream {
     /// The peer's identity, from its TLS certificate.
     pub peer: SpiffeId,
-    /// The original client, from `forwarded`.
+    /// The client: the tunnel's TCP peer (the client's ztunnel dials from the client pod's own
+    /// address). Never taken from a header.
     pub source_ip: Option<IpAddr>,
     /// The source workload's name, from `baggage` (telemetry only).
     pub source_workload: Option<String>,
@@ -88,17 +89,25 @@ pub(crate) fn resolve(ctx: &Context, ip: IpAddr) -> Option<Destination> {
 /// bound to this Gateway or to the destination's Service.
 pub(crate) fn authorize(ctx: &Context, destination: Option<&Destination>, input: &AuthzInput<'_>) -> Decision {
     let service = destination.and_then(service_ref);
-    ctx.view.read(|s| {
-        let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
-        let service = service.as_ref().map(|(n, s)| (n.as_str(), s.as_str()));
-        authz::decide(s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service)), input)
-    })
+    let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
+    let (decision, dry_run) = ctx.view.read(|s| {
+        let applicable = || s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service));
+        (authz::decide(applicable(), input), authz::dry_run(applicable(), input))
+    });
+    if let Some(would) = dry_run {
+        let label = if matches!(would, Decision::Allow(_)) { "allow" } else { "deny" };
+        ctx.metrics.dry_run.get_or_create(&crate::metrics::DryRunLabels { decision: label }).inc();
+        info!(peer = %input.peer, port = input.port, method = input.http.as_ref().map(|h| h.method),
+            path = input.http.as_ref().map(|h| h.path), dry_run.decision = ?would,
+            "dry-run policies applied (not enforced)");
+    }
+    decision
 }
 
 /// The service's `namespace`, `name`, for policy targets (`None` for a pod).
-pub(crate) fn service_ref(d: &Destination) -> Option<(String, String)> {
+fn service_ref(d: &Destination) -> Option<(&str, &str)> {
     match d {
-        Destination::Service(_, s) => Some((s.namespace.clone(), s.name.clone())),
+        Destination::Service(_, s) => Some((s.namespace.as_str(), s.name.as_str())),
         Destination::Workload(_) => None,
     }
 }
@@ -133,6 +142,13 @@ impl AsRef<Workload> for Endpoint {
     }
 }
 
+/// True with probability `percent` / 100; a percentage that is not a number never fires (the
+/// control plane refuses those; this keeps a bad one from panicking the proxy).
+fn chance(percent: f64) -> bool {
+    let p = if percent.is_finite() { (percent / 100.0).clamp(0.0, 1.0) } else { 0.0 };
+    rand::rng().random_bool(p)
+}
+
 /// Hop-by-hop headers, never forwarded.
 const HOP_BY_HOP: [&str; 7] =
     ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade", "proxy-authorization"];
@@ -150,6 +166,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for n in HOP_BY_HOP {
         headers.remove(n);
+    }
+}
+
+/// What a client says about where a request came from is passed on only behind what the
+/// waypoint saw itself, as Envoy does by default: `x-forwarded-for` gets the client's address
+/// appended (the last entry is the one a server can trust), and `x-forwarded-client-cert`, which
+/// only a proxy that terminated the client's TLS may set, is removed (Envoy's `SANITIZE`).
+fn sanitize_forwarding(headers: &mut HeaderMap, client: Option<IpAddr>) {
+    headers.remove("x-forwarded-client-cert");
+    let Some(client) = client else { return };
+    let mut chain: Vec<String> =
+        headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).map(str::to_owned).collect();
+    chain.push(client.to_string());
+    if let Ok(v) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert("x-forwarded-for", v);
     }
 }
 
@@ -413,6 +444,7 @@ async fn route_and_send(
     });
     let downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     strip_hop_by_hop(&mut parts.headers);
+    sanitize_forwarding(&mut parts.headers, down.source_ip);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
@@ -489,14 +521,14 @@ async fn route_and_send(
         let mut delayed = false;
         if let Some(f) = &fault {
             if let Some(a) = &f.abort
-                && rand::rng().random_bool((a.percent / 100.0).clamp(0.0, 1.0))
+                && chance(a.percent)
             {
                 let status = StatusCode::from_u16(u16::try_from(a.http_status).unwrap_or(503))
                     .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
                 return (text(status, "fault filter abort\n"), fail(status, "FI", &route_name));
             }
             if let Some(d) = &f.delay
-                && rand::rng().random_bool((d.percent / 100.0).clamp(0.0, 1.0))
+                && chance(d.percent)
             {
                 delayed = true;
                 tokio::time::sleep(Duration::from_millis(d.fixed_delay_ms)).await;
@@ -592,7 +624,7 @@ async fn route_and_send(
         }
         last
     };
-    let deadline = total_timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = total_timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
     let (mut resp, outcome) = match deadline {
         Some(d) => match tokio::time::timeout_at(d, send_all).await {
             Ok(r) => r,
@@ -650,6 +682,29 @@ mod tests {
         assert_eq!(rewrite_path("/api", &m, Some("/api")), "/v2");
         let full = pb::PathModifier { kind: Some(path_modifier::Kind::ReplaceFullPath("/x".into())) };
         assert_eq!(rewrite_path("/api/users", &full, None), "/x");
+    }
+
+    #[test]
+    fn percentages_that_are_not_numbers_never_fire_or_panic() {
+        for p in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -5.0, 0.0] {
+            assert!((0..100).all(|_| !chance(p)), "{p}");
+        }
+        assert!((0..100).all(|_| chance(100.0)) && (0..100).all(|_| chance(1e300)));
+    }
+
+    #[test]
+    fn forwarding_headers_are_appended_or_removed() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("127.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        h.insert("x-forwarded-client-cert", HeaderValue::from_static("By=spiffe://cluster.local/ns/x/sa/admin"));
+        sanitize_forwarding(&mut h, Some("10.20.1.5".parse().unwrap()));
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1, 1.2.3.4, 10.20.1.5");
+        assert!(!h.contains_key("x-forwarded-client-cert"));
+        let mut fresh = HeaderMap::new();
+        sanitize_forwarding(&mut fresh, Some("10.20.1.5".parse().unwrap()));
+        assert_eq!(fresh["x-forwarded-for"], "10.20.1.5");
     }
 
     #[test]

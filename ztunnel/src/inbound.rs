@@ -5,8 +5,8 @@
 //! our ports). Here:
 //! 1. the destination must be a workload the control plane knows at that IP, or `400`;
 //! 2. L4 authorization with the peer's identity from the handshake, or `401`;
-//! 3. connect to the app from inside the pod, as the original client (its IP from the
-//!    `forwarded` header the sending ztunnel set), or `503`;
+//! 3. connect to the app from inside the pod, as the client: the TCP peer's address, or the one
+//!    in `forwarded` only when the peer is the destination's waypoint (proven by TLS); or `503`;
 //! 4. `200` and bytes both ways until both sides close, or until a policy change revokes it.
 //!
 //! **Plaintext (15006)**: a connection redirected by the capture rules (a client outside the mesh).
@@ -16,6 +16,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use proto::api::istio::workload::Workload;
 use proto::drain::DrainWatcher;
 use proto::hbone::server::{Handler, InboundConnect, StatusCode};
 use proto::hbone::{MESH_PORTS, copy};
@@ -26,6 +27,7 @@ use crate::Context;
 use crate::pod::{Pod, connect};
 use crate::rbac::{self, Connection, Decision};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use crate::xds::MeshState;
 
 /// The HBONE handler of one pod.
 #[derive(Debug)]
@@ -45,12 +47,44 @@ impl Inbound {
 struct Admission {
     info: ConnectionInfo,
     decision: Decision,
+    /// The client's address, as the app will see it.
+    client: SocketAddr,
+}
+
+/// The client's address: the TCP peer's, unless the peer is a waypoint of the destination (its
+/// identity from TLS), which speaks for the client it proxies in `forwarded`. Anyone else's
+/// `forwarded` is ignored: a source address comes from the network, never from a header.
+fn client_address(
+    state: &MeshState,
+    destination: &Workload,
+    peer: Option<&proto::SpiffeId>,
+    peer_addr: SocketAddr,
+    forwarded: Option<IpAddr>,
+) -> SocketAddr {
+    match (forwarded, peer) {
+        // What every ztunnel sends: the address it connected from.
+        (Some(ip), _) if ip == peer_addr.ip() => peer_addr,
+        (Some(ip), Some(peer)) if crate::outbound::is_waypoint_of(state, destination, peer) => SocketAddr::new(ip, 0),
+        (Some(ip), _) => {
+            debug!(peer = ?peer.map(|p| p.as_str()), %peer_addr, claimed = %ip,
+                "ignoring forwarded: only the destination's waypoint may speak for a client");
+            peer_addr
+        }
+        (None, _) => peer_addr,
+    }
 }
 
 /// Looks up both ends and authorizes; `None` when no workload has the destination address.
-fn admit(ctx: &Context, peer: Option<&proto::SpiffeId>, client: SocketAddr, target: SocketAddr) -> Option<Admission> {
+fn admit(
+    ctx: &Context,
+    peer: Option<&proto::SpiffeId>,
+    peer_addr: SocketAddr,
+    forwarded: Option<IpAddr>,
+    target: SocketAddr,
+) -> Option<Admission> {
     ctx.view.read(|state| {
         let destination = state.workload_by_ip(target.ip())?;
+        let client = client_address(state, destination, peer, peer_addr, forwarded);
         let conn = Connection {
             source: peer,
             source_ip: client.ip(),
@@ -58,6 +92,12 @@ fn admit(ctx: &Context, peer: Option<&proto::SpiffeId>, client: SocketAddr, targ
             destination_port: target.port(),
         };
         let decision = rbac::authorize(state, destination, &conn);
+        if let Some(would) = rbac::dry_run(state, destination, &conn) {
+            let decision = if would.allowed() { "allow" } else { "deny" };
+            ctx.metrics.dry_run.get_or_create(&crate::telemetry::DryRunLabels { decision }).inc();
+            info!(src.addr = %client, src.identity = ?peer.map(|p| p.as_str()), dst.addr = %target,
+                dry_run.decision = ?would, "dry-run policies applied (not enforced)");
+        }
         // Only an identity the handshake proved is reported as the source principal.
         let source = Peer::proven(state.workload_by_ip(client.ip()), peer.cloned());
         let info = ConnectionInfo {
@@ -69,7 +109,7 @@ fn admit(ctx: &Context, peer: Option<&proto::SpiffeId>, client: SocketAddr, targ
             service: String::new(),
             mtls: peer.is_some(),
         };
-        Some(Admission { info, decision })
+        Some(Admission { info, decision, client })
     })
 }
 
@@ -77,17 +117,14 @@ impl Handler for Inbound {
     async fn handle(&self, connect: InboundConnect) {
         let peer = connect.peer_identity.clone();
         let target = connect.target;
-        // The client's own address, as the sending ztunnel saw it (`forwarded: for=`), else the
-        // peer ztunnel's (a waypoint, or a client that did not say).
-        let client_ip = connect
+        let forwarded = connect
             .headers
             .get(proto::hbone::FORWARDED)
             .and_then(|v| v.to_str().ok())
-            .and_then(proto::hbone::parse_forwarded_for)
-            .unwrap_or(connect.peer_addr.ip());
-        let client = SocketAddr::new(client_ip, 0);
+            .and_then(proto::hbone::parse_forwarded_for);
 
-        let Some(Admission { info, decision }) = admit(&self.ctx, Some(&peer), client, target) else {
+        let admitted = admit(&self.ctx, Some(&peer), connect.peer_addr, forwarded, target);
+        let Some(Admission { info, decision, client }) = admitted else {
             warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
                 "inbound refused (400): no workload known at the destination address");
             connect.reject(StatusCode::BAD_REQUEST);
@@ -100,8 +137,8 @@ impl Handler for Inbound {
             return;
         }
         let cancel = self.pod.cancel.child_token();
-        let _registration = self.ctx.tracker.register(Some(peer), client_ip, target, cancel.clone());
-        let app = match Box::pin(self.connect_app(client_ip, target)).await {
+        let _registration = self.ctx.tracker.register(Some(peer), client.ip(), target, cancel.clone());
+        let app = match Box::pin(self.connect_app(client.ip(), target)).await {
             Ok(s) => s,
             Err(e) => {
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
@@ -175,7 +212,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
         return;
     }
     let _ = stream.set_nodelay(true);
-    let Some(Admission { info, decision }) = admit(&ctx, None, client, target) else {
+    let Some(Admission { info, decision, .. }) = admit(&ctx, None, client, None, target) else {
         warn!(pod = %pod.name, %client, dst.addr = %target, "plaintext inbound refused: no workload known at the destination address");
         return;
     };

@@ -84,6 +84,37 @@ fn waypoint_workload<'a>(state: &'a MeshState, gw: &GatewayAddress, lb: &Balance
     }
 }
 
+/// Every workload behind a waypoint address (all endpoints of its service, or the pod itself).
+pub(crate) fn waypoint_workloads<'a>(
+    state: &'a MeshState,
+    gw: &GatewayAddress,
+) -> Box<dyn Iterator<Item = &'a Workload> + 'a> {
+    let service_key = match gw.destination.as_ref() {
+        None => return Box::new(std::iter::empty()),
+        Some(gateway_address::Destination::Address(a)) => {
+            let Some(ip) = ip_from_bytes(&a.address) else { return Box::new(std::iter::empty()) };
+            match state.service_by_vip(ip) {
+                Some((key, _)) => key.clone(),
+                None => return Box::new(state.workload_by_ip(ip).map(|w| w.as_ref()).into_iter()),
+            }
+        }
+        Some(gateway_address::Destination::Hostname(h)) => format!("{}/{}", h.namespace, h.hostname),
+    };
+    Box::new(state.workloads.values().filter(move |w| w.services.contains_key(&service_key)).map(|w| w.as_ref()))
+}
+
+/// Whether `peer` is a waypoint serving `destination` (its own, or one of its services'), proven
+/// by the identity of the workloads behind that waypoint.
+pub(crate) fn is_waypoint_of(state: &MeshState, destination: &Workload, peer: &SpiffeId) -> bool {
+    let services =
+        destination.services.keys().filter_map(|k| state.services.get(k)).filter_map(|s| s.waypoint.as_ref());
+    destination
+        .waypoint
+        .iter()
+        .chain(services)
+        .any(|gw| waypoint_workloads(state, gw).any(|w| identity(w).as_ref() == Some(peer)))
+}
+
 fn via_waypoint(state: &MeshState, gw: &GatewayAddress, target: SocketAddr, lb: &Balancer) -> Option<Route> {
     let w = waypoint_workload(state, gw, lb)?;
     let ip = w.addresses.iter().find_map(|a| ip_from_bytes(a))?;

@@ -12,11 +12,17 @@
 //! it sets holds, a field holding when any of its values does (the `not_` fields when none does).
 //! A connection without a peer identity (plaintext) has the empty principal and namespace, as in
 //! Envoy's RBAC: `principals` and `namespaces` never match it, `not_` variants do.
+//!
+//! Policy never fails open: an action or scope this proxy does not know, an extension, or a match
+//! it cannot evaluate makes a DENY deny and an ALLOW not allow. Dry-run policies are left out of
+//! the decision; [`dry_run`] says what they would have changed, for the log.
 
 use std::net::IpAddr;
 
 use proto::SpiffeId;
-use proto::api::istio::security::{Action, Address, Authorization, Match, Scope, StringMatch, string_match};
+use proto::api::istio::security::{
+    Action, Address, Authorization, Match, Scope, ServiceAccountMatch, StringMatch, string_match,
+};
 use proto::api::istio::workload::Workload;
 
 use crate::xds::MeshState;
@@ -52,22 +58,35 @@ impl Decision {
     }
 }
 
-/// Authorizes a connection to `destination`.
+/// Authorizes a connection to `destination`. Dry-run policies take no part (see [`dry_run`]).
 pub fn authorize(state: &MeshState, destination: &Workload, conn: &Connection<'_>) -> Decision {
-    let applicable = state.policies.iter().filter(|(name, p)| applies(p, name, destination));
+    decide(state, destination, conn, false)
+}
+
+/// What the decision would be with the dry-run policies that apply enforced too; `None` when
+/// none applies. For the log and metrics only: a dry-run policy never changes a connection.
+pub fn dry_run(state: &MeshState, destination: &Workload, conn: &Connection<'_>) -> Option<Decision> {
+    let mut applicable = state.policies.iter().filter(|(name, p)| applies(p, name, destination));
+    applicable.any(|(_, p)| p.dry_run).then(|| decide(state, destination, conn, true))
+}
+
+fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with_dry_run: bool) -> Decision {
+    let applicable =
+        state.policies.iter().filter(|(name, p)| (with_dry_run || !p.dry_run) && applies(p, name, destination));
     let mut allow_policies = false;
     let mut allowed_by = None;
     for (name, policy) in applicable {
-        let matched = policy_matches(policy, conn);
-        match Action::try_from(policy.action).unwrap_or(Action::Allow) {
-            Action::Deny if matched => return Decision::DeniedBy(name.clone()),
-            Action::Deny => {}
-            Action::Allow => {
+        match Action::try_from(policy.action) {
+            Ok(Action::Deny) if policy_matches(policy, conn, Action::Deny) => return Decision::DeniedBy(name.clone()),
+            Ok(Action::Deny) => {}
+            Ok(Action::Allow) => {
                 allow_policies = true;
-                if matched && allowed_by.is_none() {
+                if allowed_by.is_none() && policy_matches(policy, conn, Action::Allow) {
                     allowed_by = Some(name.clone());
                 }
             }
+            // An action this proxy does not know can only deny.
+            Err(_) => return Decision::DeniedBy(name.clone()),
         }
     }
     match (allow_policies, allowed_by) {
@@ -78,37 +97,91 @@ pub fn authorize(state: &MeshState, destination: &Workload, conn: &Connection<'_
 }
 
 fn applies(policy: &Authorization, name: &str, destination: &Workload) -> bool {
-    match Scope::try_from(policy.scope).unwrap_or(Scope::WorkloadSelector) {
-        Scope::Global => true,
-        Scope::Namespace => policy.namespace == destination.namespace,
-        Scope::WorkloadSelector => destination.authorization_policies.iter().any(|p| p == name),
+    match Scope::try_from(policy.scope) {
+        Ok(Scope::Global) => true,
+        Ok(Scope::Namespace) => policy.namespace == destination.namespace,
+        Ok(Scope::WorkloadSelector) => destination.authorization_policies.iter().any(|p| p == name),
+        // A scope this proxy does not know: apply it everywhere, so that it denies more, never less.
+        Err(_) => true,
     }
 }
 
-fn policy_matches(policy: &Authorization, conn: &Connection<'_>) -> bool {
-    policy
-        .rules
-        .iter()
-        .any(|rule| rule.clauses.iter().all(|clause| clause.matches.iter().any(|m| match_holds(m, conn))))
+/// Whether `policy` matches. Anything this proxy cannot evaluate (an extension, a string match
+/// of an unknown kind, a malformed address) makes a DENY policy match and an ALLOW one not.
+fn policy_matches(policy: &Authorization, conn: &Connection<'_>, action: Action) -> bool {
+    let unevaluable = action == Action::Deny;
+    if !policy.extensions.is_empty() {
+        return unevaluable;
+    }
+    policy.rules.iter().any(|rule| {
+        // A rule holds when every clause does; a clause when any of its matches does.
+        let mut verdict = Some(true);
+        for clause in &rule.clauses {
+            let mut any = Some(false);
+            for m in &clause.matches {
+                match match_holds(m, conn) {
+                    Some(true) => {
+                        any = Some(true);
+                        break;
+                    }
+                    Some(false) => {}
+                    None => any = None,
+                }
+            }
+            match any {
+                Some(false) => return false,
+                None => verdict = None,
+                Some(true) => {}
+            }
+        }
+        verdict.unwrap_or(unevaluable)
+    })
 }
 
-fn match_holds(m: &Match, conn: &Connection<'_>) -> bool {
+/// Whether `m` holds; `None` when it cannot be evaluated.
+fn match_holds(m: &Match, conn: &Connection<'_>) -> Option<bool> {
+    let evaluable = m.extensions.is_empty()
+        && [&m.namespaces, &m.not_namespaces, &m.principals, &m.not_principals]
+            .iter()
+            .all(|v| v.iter().all(|s| s.match_type.is_some()))
+        && [&m.source_ips, &m.not_source_ips, &m.destination_ips, &m.not_destination_ips]
+            .iter()
+            .all(|v| v.iter().all(valid_prefix))
+        && m.destination_ports.iter().chain(&m.not_destination_ports).all(|p| *p <= u32::from(u16::MAX));
+    if !evaluable {
+        return None;
+    }
     // Principals are compared without the scheme, as Istio writes them (`<td>/ns/<ns>/sa/<sa>`).
     let principal = conn.source.map_or("", |id| id.as_str().strip_prefix("spiffe://").unwrap_or(id.as_str()));
     let namespace = conn.source.map_or("", |id| id.namespace());
     let any = |values: &[StringMatch], s: &str| values.iter().any(|v| string_matches(v, s));
     let any_ip = |values: &[Address], ip: IpAddr| values.iter().any(|a| prefix_contains(a, ip));
     let ports = |values: &[u32]| values.contains(&u32::from(conn.destination_port));
-    (m.namespaces.is_empty() || any(&m.namespaces, namespace))
-        && !any(&m.not_namespaces, namespace)
-        && (m.principals.is_empty() || any(&m.principals, principal))
-        && !any(&m.not_principals, principal)
-        && (m.source_ips.is_empty() || any_ip(&m.source_ips, conn.source_ip))
-        && !any_ip(&m.not_source_ips, conn.source_ip)
-        && (m.destination_ips.is_empty() || any_ip(&m.destination_ips, conn.destination_ip))
-        && !any_ip(&m.not_destination_ips, conn.destination_ip)
-        && (m.destination_ports.is_empty() || ports(&m.destination_ports))
-        && !ports(&m.not_destination_ports)
+    // A plaintext peer has no service account: `service_accounts` never match it, `not_` ones do.
+    let account = |values: &[ServiceAccountMatch]| {
+        conn.source.is_some_and(|id| {
+            values.iter().any(|a| a.namespace == id.namespace() && a.service_account == id.service_account())
+        })
+    };
+    Some(
+        (m.namespaces.is_empty() || any(&m.namespaces, namespace))
+            && !any(&m.not_namespaces, namespace)
+            && (m.service_accounts.is_empty() || account(&m.service_accounts))
+            && !account(&m.not_service_accounts)
+            && (m.principals.is_empty() || any(&m.principals, principal))
+            && !any(&m.not_principals, principal)
+            && (m.source_ips.is_empty() || any_ip(&m.source_ips, conn.source_ip))
+            && !any_ip(&m.not_source_ips, conn.source_ip)
+            && (m.destination_ips.is_empty() || any_ip(&m.destination_ips, conn.destination_ip))
+            && !any_ip(&m.not_destination_ips, conn.destination_ip)
+            && (m.destination_ports.is_empty() || ports(&m.destination_ports))
+            && !ports(&m.not_destination_ports),
+    )
+}
+
+/// A prefix of a whole IPv4 or IPv6 address with a length that fits it.
+fn valid_prefix(a: &Address) -> bool {
+    matches!((a.address.len(), a.length), (4, 0..=32) | (16, 0..=128))
 }
 
 fn string_matches(m: &StringMatch, s: &str) -> bool {
@@ -160,6 +233,7 @@ mod tests {
             scope: scope as i32,
             action: action as i32,
             rules: vec![Rule { clauses: vec![Clause { matches }] }],
+            ..Default::default()
         }
     }
 
@@ -266,6 +340,104 @@ mod tests {
         let allow_nothing =
             Authorization { namespace: "demo".into(), scope: Scope::Namespace as i32, ..Default::default() };
         assert!(!authorize(&state(vec![("demo/none", allow_nothing)]), &w, &conn(Some(&client), 1)).allowed());
+    }
+
+    #[test]
+    fn service_accounts_match_namespace_and_account_exactly() {
+        let sleep: SpiffeId = "spiffe://cluster.local/ns/shop/sa/sleep".parse().unwrap();
+        let other: SpiffeId = "spiffe://cluster.local/ns/legacy/sa/sleep".parse().unwrap();
+        let w = workload(&["demo/by-account"]);
+        let account = |ns: &str, sa: &str| ServiceAccountMatch { namespace: ns.into(), service_account: sa.into() };
+        let allow = policy(
+            "demo",
+            Scope::WorkloadSelector,
+            Action::Allow,
+            vec![Match { service_accounts: vec![account("shop", "sleep")], ..Default::default() }],
+        );
+        let s = state(vec![("demo/by-account", allow)]);
+        assert!(authorize(&s, &w, &conn(Some(&sleep), 80)).allowed());
+        assert_eq!(authorize(&s, &w, &conn(Some(&other), 80)), Decision::NotAllowed, "same account, other namespace");
+        assert_eq!(authorize(&s, &w, &conn(None, 80)), Decision::NotAllowed, "plaintext has no account");
+        let deny = policy(
+            "demo",
+            Scope::WorkloadSelector,
+            Action::Deny,
+            vec![Match { not_service_accounts: vec![account("shop", "sleep")], ..Default::default() }],
+        );
+        let s = state(vec![("demo/by-account", deny)]);
+        assert!(authorize(&s, &w, &conn(Some(&sleep), 80)).allowed());
+        assert!(!authorize(&s, &w, &conn(Some(&other), 80)).allowed());
+        assert!(!authorize(&s, &w, &conn(None, 80)).allowed(), "plaintext is not shop/sleep");
+    }
+
+    #[test]
+    fn what_cannot_be_evaluated_never_allows() {
+        let client: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+        let w = workload(&["demo/p"]);
+        let c = conn(Some(&client), 80);
+        let unknown_string = Match { principals: vec![StringMatch { match_type: None }], ..Default::default() };
+        let bad_prefix =
+            Match { not_source_ips: vec![Address { address: vec![10, 0, 0], length: 8 }], ..Default::default() };
+        let extension = Match { extensions: vec![Default::default()], ..Default::default() };
+        for (what, m) in
+            [("unknown string match", unknown_string), ("malformed address", bad_prefix), ("extension", extension)]
+        {
+            let deny = policy("demo", Scope::Namespace, Action::Deny, vec![m.clone()]);
+            assert_eq!(
+                authorize(&state(vec![("demo/p", deny)]), &w, &c),
+                Decision::DeniedBy("demo/p".into()),
+                "{what}"
+            );
+            let allow = policy("demo", Scope::Namespace, Action::Allow, vec![m.clone()]);
+            assert_eq!(authorize(&state(vec![("demo/p", allow)]), &w, &c), Decision::NotAllowed, "{what}");
+            // An evaluable alternative in the same clause still decides.
+            let ok = Match { principals: vec![exact("cluster.local/ns/demo/sa/client")], ..Default::default() };
+            let allow = policy("demo", Scope::Namespace, Action::Allow, vec![m, ok]);
+            assert!(authorize(&state(vec![("demo/p", allow)]), &w, &c).allowed(), "{what}");
+        }
+        // A policy-level extension.
+        let mut deny = policy(
+            "demo",
+            Scope::Namespace,
+            Action::Deny,
+            vec![Match { destination_ports: vec![1], ..Default::default() }],
+        );
+        deny.extensions.push(Default::default());
+        assert!(!authorize(&state(vec![("demo/p", deny)]), &w, &c).allowed());
+
+        // An action from the future denies; it never allows.
+        let mut future = policy("demo", Scope::Namespace, Action::Allow, vec![]);
+        future.action = 7;
+        assert_eq!(authorize(&state(vec![("demo/p", future)]), &w, &c), Decision::DeniedBy("demo/p".into()));
+        // A scope from the future applies everywhere (here: a workload the policy does not select).
+        let mut everywhere = policy("other", Scope::Namespace, Action::Deny, vec![Match::default()]);
+        everywhere.scope = 9;
+        assert!(!authorize(&state(vec![("other/p", everywhere)]), &workload(&[]), &c).allowed());
+    }
+
+    #[test]
+    fn dry_run_policies_are_evaluated_never_enforced() {
+        let client: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+        let w = workload(&[]);
+        let c = conn(Some(&client), 80);
+        let mut deny = policy("demo", Scope::Namespace, Action::Deny, vec![Match::default()]);
+        deny.dry_run = true;
+        let s = state(vec![("demo/would-deny", deny)]);
+        assert_eq!(authorize(&s, &w, &c), Decision::Allow(None));
+        assert_eq!(dry_run(&s, &w, &c), Some(Decision::DeniedBy("demo/would-deny".into())));
+        // A dry-run ALLOW that does not match: it would have refused.
+        let mut allow = policy(
+            "demo",
+            Scope::Namespace,
+            Action::Allow,
+            vec![Match { destination_ports: vec![1], ..Default::default() }],
+        );
+        allow.dry_run = true;
+        let s = state(vec![("demo/would-allow-1", allow)]);
+        assert_eq!(authorize(&s, &w, &c), Decision::Allow(None));
+        assert_eq!(dry_run(&s, &w, &c), Some(Decision::NotAllowed));
+        // No dry-run policy: nothing to report.
+        assert_eq!(dry_run(&state(vec![]), &w, &c), None);
     }
 
     #[test]

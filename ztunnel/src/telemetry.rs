@@ -50,6 +50,13 @@ pub struct ConnectionLabels {
     pub connection_security_policy: &'static str,
 }
 
+/// Label of the dry-run counter: what the connection would have met.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabels {
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+}
+
 /// What ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -87,6 +94,8 @@ pub struct Metrics {
     pub pods: Gauge,
     /// Connections open now.
     pub active: Gauge,
+    /// Connections to which dry-run policies applied, by what they would have decided.
+    pub dry_run: Family<DryRunLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,7 +119,13 @@ impl Metrics {
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", sent.clone());
         registry.register("ztunnel_workloads", "Pods this ztunnel serves", pods.clone());
         registry.register("ztunnel_active_connections", "Connections open through this ztunnel", active.clone());
-        Metrics { registry, opened, closed, received, sent, pods, active }
+        let dry_run = Family::default();
+        registry.register(
+            "ztunnel_dry_run_authorizations",
+            "Connections to which dry-run AuthorizationPolicies applied, by the decision they would have made (never enforced)",
+            dry_run.clone(),
+        );
+        Metrics { registry, opened, closed, received, sent, pods, active, dry_run }
     }
 
     /// The Prometheus text exposition.

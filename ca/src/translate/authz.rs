@@ -34,59 +34,201 @@ pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     Ok(IpNet { addr, prefix })
 }
 
-fn parse_port(s: &str) -> Result<u16, String> {
-    s.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{s:?} is not a port number"))
+/// A port as Istio writes it: decimal digits, no sign, no leading zero, 1–65535. Anything else
+/// (`"080"`, `"+80"`, `"http"`) is refused rather than read one way here and another elsewhere.
+pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
+    let canonical = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
+    canonical.then(|| s.parse::<u16>().ok()).flatten().ok_or_else(|| format!("{s:?} is not a port number (1-65535)"))
 }
 
-/// Checks the fields the L4 translation parses, so a bad policy is refused rather than misread.
-pub fn validate(spec: &AuthorizationPolicySpec) -> Result<(), String> {
+/// A `serviceAccounts` entry: `<namespace>/<name>`, both exact.
+pub(crate) fn parse_service_account(s: &str) -> Result<(&str, &str), String> {
+    match s.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !s.contains('*') => Ok((ns, sa)),
+        _ => Err(format!("service account {s:?} is not <namespace>/<name> (wildcards are not allowed)")),
+    }
+}
+
+/// `when` keys the mesh evaluates: ztunnel the L4 ones, the waypoint these (but `destination.ip`)
+/// and `remote.ip` and `request.headers[<name>]`.
+fn known_when_key(key: &str) -> bool {
+    L4_KEYS.contains(&key)
+        || key == "remote.ip"
+        || key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')).is_some_and(|k| !k.is_empty())
+}
+
+/// An AuthorizationPolicy `action`, as enforced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyAction {
+    /// `ALLOW` (the default).
+    Allow,
+    /// `DENY`.
+    Deny,
+    /// `AUDIT`: logging only, never enforced.
+    Audit,
+    /// `CUSTOM`: an external authorizer decides; there is none here, so what it matches is denied.
+    Custom,
+}
+
+/// The policy's action; `Err` for a value Istio does not define.
+pub fn action(spec: &AuthorizationPolicySpec) -> Result<PolicyAction, String> {
     match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" | "DENY" | "AUDIT" | "CUSTOM" => {}
-        other => return Err(format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM")),
+        "ALLOW" => Ok(PolicyAction::Allow),
+        "DENY" => Ok(PolicyAction::Deny),
+        "AUDIT" => Ok(PolicyAction::Audit),
+        "CUSTOM" => Ok(PolicyAction::Custom),
+        other => Err(format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM")),
     }
-    for rule in &spec.rules {
-        for from in &rule.from {
-            let s = &from.source;
-            for ip in
-                s.ip_blocks.iter().chain(&s.not_ip_blocks).chain(&s.remote_ip_blocks).chain(&s.not_remote_ip_blocks)
-            {
-                parse_cidr(ip)?;
-            }
-        }
-        for to in &rule.to {
-            for p in to.operation.ports.iter().chain(&to.operation.not_ports) {
-                parse_port(p)?;
-            }
-        }
-        for cond in &rule.when {
-            if cond.key.is_empty() {
-                return Err("a when condition has an empty key".into());
-            }
-            if cond.values.is_empty() && cond.not_values.is_empty() {
-                return Err(format!("when condition {:?} has neither values nor notValues", cond.key));
-            }
-            let vals = cond.values.iter().chain(&cond.not_values);
-            match cond.key.as_str() {
-                "source.ip" | "destination.ip" => vals.into_iter().try_for_each(|v| parse_cidr(v).map(drop))?,
-                "destination.port" => vals.into_iter().try_for_each(|v| parse_port(v).map(drop))?,
-                _ => {}
-            }
+}
+
+/// What the mesh cannot evaluate in one AuthorizationPolicy, found before translating it.
+///
+/// Nothing is ignored silently. A problem with the policy as a whole (its spec did not decode, a
+/// field this mesh does not read, an unknown action) makes an ALLOW policy allow nothing and any
+/// other policy deny everything it applies to. A problem in one rule (an unknown field, a
+/// malformed value, a condition the mesh cannot evaluate) drops that rule from an ALLOW policy
+/// and makes it match every request in a DENY policy. Either way the policy denies more, never
+/// less, and every problem is reported with the policy's name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Review {
+    /// Problems with the policy as a whole.
+    pub policy: Vec<String>,
+    /// Problems per rule, in rule order.
+    pub rules: Vec<Vec<String>>,
+    /// Reported, without changing what is enforced.
+    pub notes: Vec<String>,
+}
+
+impl Review {
+    /// Every problem and note, for the config error report.
+    pub fn messages(&self) -> Vec<String> {
+        let rules =
+            self.rules.iter().enumerate().flat_map(|(i, ps)| ps.iter().map(move |p| format!("rules[{i}]: {p}")));
+        self.policy.iter().cloned().chain(rules).chain(self.notes.iter().cloned()).collect()
+    }
+
+    /// Whether the policy as a whole can be evaluated.
+    pub fn policy_ok(&self) -> bool {
+        self.policy.is_empty()
+    }
+
+    /// Whether rule `i` can be evaluated as written.
+    pub fn rule_ok(&self, i: usize) -> bool {
+        self.rules.get(i).is_none_or(Vec::is_empty)
+    }
+}
+
+fn unknown_fields(at: &str, unknown: &std::collections::BTreeMap<String, serde_json::Value>, out: &mut Vec<String>) {
+    for field in unknown.keys() {
+        out.push(format!("{at}: field {field:?} is not one this mesh reads"));
+    }
+}
+
+/// Reviews `policy` (see [`Review`]).
+pub fn review(policy: &AuthorizationPolicy) -> Review {
+    let spec = &policy.spec;
+    let mut review = Review::default();
+    if let Some(reason) = &spec.unreadable {
+        review.policy.push(format!("spec cannot be read: {reason}"));
+    }
+    unknown_fields("spec", &spec.unknown, &mut review.policy);
+    match action(spec) {
+        Err(e) => review.policy.push(e),
+        Ok(PolicyAction::Custom) => review.notes.push(
+            "action CUSTOM needs an external authorizer, which this mesh does not have: what its rules match is denied"
+                .into(),
+        ),
+        Ok(_) => {}
+    }
+    if let Err(e) = dry_run_annotation(policy) {
+        review.notes.push(e);
+    }
+    review.rules = spec.rules.iter().map(rule_problems).collect();
+    review
+}
+
+/// Whether the policy is dry-run; `Err` (enforced) for a value that is neither `true` nor `false`.
+fn dry_run_annotation(policy: &AuthorizationPolicy) -> Result<bool, String> {
+    let annotations = policy.metadata.annotations.as_ref();
+    match annotations.and_then(|a| a.get(crate::k8s::DRY_RUN_ANNOTATION)).map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(format!(
+            "annotation {}: {other:?} is neither \"true\" nor \"false\"; the policy is enforced",
+            crate::k8s::DRY_RUN_ANNOTATION
+        )),
+    }
+}
+
+/// Whether the policy is dry-run (evaluated and logged, never enforced).
+pub fn dry_run(policy: &AuthorizationPolicy) -> bool {
+    dry_run_annotation(policy).unwrap_or(false)
+}
+
+fn rule_problems(rule: &crate::k8s::AuthzRule) -> Vec<String> {
+    let mut out = Vec::new();
+    unknown_fields("rule", &rule.unknown, &mut out);
+    for (j, from) in rule.from.iter().enumerate() {
+        let at = format!("from[{j}].source");
+        unknown_fields(&format!("from[{j}]"), &from.unknown, &mut out);
+        let s = &from.source;
+        unknown_fields(&at, &s.unknown, &mut out);
+        let blocks =
+            s.ip_blocks.iter().chain(&s.not_ip_blocks).chain(&s.remote_ip_blocks).chain(&s.not_remote_ip_blocks);
+        out.extend(blocks.filter_map(|b| parse_cidr(b).err()).map(|e| format!("{at}: {e}")));
+        let accounts = s.service_accounts.iter().chain(&s.not_service_accounts);
+        out.extend(accounts.filter_map(|a| parse_service_account(a).err()).map(|e| format!("{at}: {e}")));
+        if !(s.request_principals.is_empty() && s.not_request_principals.is_empty()) {
+            out.push(format!(
+                "{at}: requestPrincipals need RequestAuthentication (JWT validation), which this mesh does not do yet"
+            ));
         }
     }
-    Ok(())
+    for (j, to) in rule.to.iter().enumerate() {
+        let at = format!("to[{j}].operation");
+        unknown_fields(&format!("to[{j}]"), &to.unknown, &mut out);
+        let o = &to.operation;
+        unknown_fields(&at, &o.unknown, &mut out);
+        let ports = o.ports.iter().chain(&o.not_ports);
+        out.extend(ports.filter_map(|p| parse_port(p).err()).map(|e| format!("{at}: {e}")));
+    }
+    for (j, c) in rule.when.iter().enumerate() {
+        let at = format!("when[{j}]");
+        unknown_fields(&at, &c.unknown, &mut out);
+        if !known_when_key(&c.key) {
+            out.push(format!("{at}: key {:?} is not one this mesh evaluates", c.key));
+            continue;
+        }
+        if c.values.is_empty() && c.not_values.is_empty() {
+            out.push(format!("{at}: {:?} has neither values nor notValues", c.key));
+        }
+        let values = c.values.iter().chain(&c.not_values);
+        match c.key.as_str() {
+            "source.ip" | "destination.ip" | "remote.ip" => {
+                out.extend(values.filter_map(|v| parse_cidr(v).err()).map(|e| format!("{at}: {e}")))
+            }
+            "destination.port" => out.extend(values.filter_map(|v| parse_port(v).err()).map(|e| format!("{at}: {e}"))),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn strings(v: &[String]) -> Vec<StringMatch> {
     v.iter().map(|s| StringMatch::from_pattern(s)).collect()
 }
 
+// Only rules whose values all parse are translated (see `Review`), so these drop nothing.
 fn cidrs(v: &[String]) -> Vec<IpNet> {
-    // Validated on admission; anything unparsable cannot be here.
     v.iter().filter_map(|s| parse_cidr(s).ok()).collect()
 }
 
 fn ports(v: &[String]) -> Vec<u16> {
     v.iter().filter_map(|s| parse_port(s).ok()).collect()
+}
+
+fn service_accounts(v: &[String]) -> Vec<(String, String)> {
+    v.iter().filter_map(|s| parse_service_account(s).ok()).map(|(ns, sa)| (ns.to_owned(), sa.to_owned())).collect()
 }
 
 /// A positive and a negative match for one L4 `when` condition.
@@ -155,6 +297,8 @@ fn rule(action: Action, rule: &crate::k8s::AuthzRule) -> Option<Vec<Vec<Match>>>
             not_namespaces: strings(&s.not_namespaces),
             principals: strings(&s.principals),
             not_principals: strings(&s.not_principals),
+            service_accounts: service_accounts(&s.service_accounts),
+            not_service_accounts: service_accounts(&s.not_service_accounts),
             source_ips: cidrs(&s.ip_blocks),
             not_source_ips: cidrs(&s.not_ip_blocks),
             ..Match::default()
@@ -214,21 +358,43 @@ pub enum Translated {
     Skipped(String),
 }
 
-/// Translates an AuthorizationPolicy.
+/// Translates an AuthorizationPolicy for ztunnel, failing closed on whatever [`review`] found.
 pub fn translate(policy: &AuthorizationPolicy, root_namespace: &str) -> Translated {
     let spec = &policy.spec;
     if spec.target_ref.is_some() || !spec.target_refs.is_empty() {
         return Translated::ForWaypoint;
     }
-    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
-        other => return Translated::Skipped(format!("action {other} is not enforced by ztunnel")),
+    let action = match action(spec) {
+        Ok(PolicyAction::Allow) => Action::Allow,
+        // With no external authorizer, what a CUSTOM policy matches is denied.
+        Ok(PolicyAction::Deny | PolicyAction::Custom) | Err(_) => Action::Deny,
+        Ok(PolicyAction::Audit) => return Translated::Skipped("action AUDIT is not enforced by ztunnel".into()),
+    };
+    let review = review(policy);
+    let rules = if !review.policy_ok() {
+        // Unreadable as a whole: an ALLOW allows nothing, anything else denies everything.
+        if action == Action::Allow { Vec::new() } else { vec![Vec::new()] }
+    } else {
+        spec.rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match (review.rule_ok(i), action) {
+                (true, _) => rule(action, r),
+                (false, Action::Allow) => None,
+                (false, Action::Deny) => Some(Vec::new()),
+            })
+            .collect()
     };
     let (namespace, name) = crate::k8s::ns_name(&policy.metadata);
     let scope = scope(namespace, selector(&spec.selector), root_namespace);
-    let rules = spec.rules.iter().filter_map(|r| rule(action, r)).collect();
-    Translated::Policy(Policy { name: name.to_owned(), namespace: namespace.to_owned(), scope, action, rules })
+    Translated::Policy(Policy {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        scope,
+        action,
+        rules,
+        dry_run: dry_run(policy),
+    })
 }
 
 /// Name prefix of policies converted from PeerAuthentication, as Istio names them.
@@ -261,5 +427,6 @@ pub fn translate_peer_authentication(pa: &PeerAuthentication, root_namespace: &s
         scope,
         action: Action::Deny,
         rules: vec![clauses],
+        dry_run: false,
     })
 }

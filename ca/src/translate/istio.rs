@@ -57,6 +57,20 @@ pub fn validate_virtual_service(spec: &VirtualServiceSpec) -> Result<(), String>
         if let Some(d) = h.fault.as_ref().and_then(|f| f.delay.as_ref()).and_then(|d| d.fixed_delay.as_ref()) {
             parse_duration(d).map_err(|e| format!("http[{i}].fault.delay: {e}"))?;
         }
+        if let Some(f) = &h.fault {
+            let percentages = [
+                ("delay", f.delay.as_ref().and_then(|d| d.percentage.as_ref())),
+                ("abort", f.abort.as_ref().and_then(|a| a.percentage.as_ref())),
+            ];
+            for (what, p) in percentages {
+                if let Some(p) = p.filter(|p| !(p.value.is_finite() && (0.0..=100.0).contains(&p.value))) {
+                    return Err(format!("http[{i}].fault.{what}.percentage {} is not between 0 and 100", p.value));
+                }
+            }
+            if let Some(status) = f.abort.as_ref().and_then(|a| a.http_status).filter(|s| !(200..=599).contains(s)) {
+                return Err(format!("http[{i}].fault.abort.httpStatus {status} is not an HTTP status (200-599)"));
+            }
+        }
         for m in &h.matches {
             for (what, sm) in m.uri.iter().map(|u| ("uri", u)).chain(m.method.iter().map(|u| ("method", u))) {
                 one_of(sm, &format!("http[{i}].match.{what}"))?;
@@ -89,6 +103,9 @@ pub fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), Strin
         if let Some(o) = &p.outlier_detection {
             for d in o.interval.iter().chain(&o.base_ejection_time) {
                 parse_duration(d).map_err(|e| format!("outlierDetection: {e}"))?;
+            }
+            if let Some(m) = o.max_ejection_percent.filter(|m| *m > 100) {
+                return Err(format!("outlierDetection.maxEjectionPercent {m} is more than 100"));
             }
         }
     }

@@ -335,6 +335,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
 
     let mut selector_policies: Vec<(&str, &std::collections::BTreeMap<String, String>, String)> = Vec::new();
     for policy in objects.authorization_policies() {
+        let (ns, name) = k8s::ns_name(&policy.metadata);
+        state.config_errors.extend(authz::review(policy).messages().into_iter().map(|message| {
+            crate::objects::ConfigError { source: format!("AuthorizationPolicy {ns}/{name}"), message }
+        }));
         match authz::translate(policy, &config.root_namespace) {
             authz::Translated::Policy(p) => {
                 if let Some(labels) = authz::selector(&policy.spec.selector) {
@@ -344,7 +348,6 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             }
             authz::Translated::ForWaypoint => {}
             authz::Translated::Skipped(reason) => {
-                let (ns, name) = k8s::ns_name(&policy.metadata);
                 state.warnings.push(format!("AuthorizationPolicy {ns}/{name}: {reason}"));
             }
         }

@@ -17,6 +17,7 @@ use crate::k8s::{self, AuthorizationPolicy, HTTPRouteSpec, HttpRouteFilter, Http
 use crate::mesh::Service;
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
+use crate::translate::authz::{self, PolicyAction};
 
 pub use proto::duration::parse_millis as parse_duration;
 
@@ -329,11 +330,14 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
     if refs.is_empty() {
         return None;
     }
-    let action = match spec.action.as_deref().unwrap_or("ALLOW") {
-        "ALLOW" => pb::l7_policy::Action::Allow,
-        "DENY" => pb::l7_policy::Action::Deny,
-        _ => return None,
+    let action = match authz::action(spec) {
+        Ok(PolicyAction::Allow) => pb::l7_policy::Action::Allow,
+        // With no external authorizer, what a CUSTOM policy matches is denied.
+        Ok(PolicyAction::Deny | PolicyAction::Custom) | Err(_) => pb::l7_policy::Action::Deny,
+        Ok(PolicyAction::Audit) => return None,
     };
+    let allow = action == pb::l7_policy::Action::Allow;
+    let review = authz::review(policy);
     let (ns, name) = k8s::ns_name(&policy.metadata);
     let targets = refs
         .iter()
@@ -350,58 +354,90 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
             })
         })
         .collect();
+    // What cannot be evaluated fails closed (see `authz::Review`): an unreadable ALLOW allows
+    // nothing and an unreadable DENY denies everything; a bad rule leaves an ALLOW and matches
+    // every request in a DENY.
+    let match_all = pb::L7Rule::default;
+    if !review.policy_ok() {
+        let rules = if allow { Vec::new() } else { vec![match_all()] };
+        return Some(pb::L7Policy {
+            name: name.to_owned(),
+            namespace: ns.to_owned(),
+            targets,
+            action: action as i32,
+            rules,
+            dry_run: authz::dry_run(policy),
+        });
+    }
     let rules = spec
         .rules
         .iter()
-        .map(|r| pb::L7Rule {
-            from: r
-                .from
-                .iter()
-                .map(|f| {
-                    let s = &f.source;
-                    pb::L7Source {
-                        principals: s.principals.clone(),
-                        not_principals: s.not_principals.clone(),
-                        request_principals: s.request_principals.clone(),
-                        not_request_principals: s.not_request_principals.clone(),
-                        namespaces: s.namespaces.clone(),
-                        not_namespaces: s.not_namespaces.clone(),
-                        ip_blocks: s.ip_blocks.clone(),
-                        not_ip_blocks: s.not_ip_blocks.clone(),
-                        remote_ip_blocks: s.remote_ip_blocks.clone(),
-                        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
-                    }
-                })
-                .collect(),
-            to: r
-                .to
-                .iter()
-                .map(|t| {
-                    let o = &t.operation;
-                    pb::L7Operation {
-                        hosts: o.hosts.clone(),
-                        not_hosts: o.not_hosts.clone(),
-                        ports: o.ports.clone(),
-                        not_ports: o.not_ports.clone(),
-                        methods: o.methods.clone(),
-                        not_methods: o.not_methods.clone(),
-                        paths: o.paths.clone(),
-                        not_paths: o.not_paths.clone(),
-                    }
-                })
-                .collect(),
-            when: r
-                .when
-                .iter()
-                .map(|c| pb::L7Condition {
-                    key: c.key.clone(),
-                    values: c.values.clone(),
-                    not_values: c.not_values.clone(),
-                })
-                .collect(),
+        .enumerate()
+        .filter(|(i, _)| !allow || review.rule_ok(*i))
+        .map(|(i, r)| {
+            if !review.rule_ok(i) {
+                match_all()
+            } else {
+                pb::L7Rule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|f| {
+                            let s = &f.source;
+                            pb::L7Source {
+                                principals: s.principals.clone(),
+                                not_principals: s.not_principals.clone(),
+                                request_principals: s.request_principals.clone(),
+                                not_request_principals: s.not_request_principals.clone(),
+                                namespaces: s.namespaces.clone(),
+                                not_namespaces: s.not_namespaces.clone(),
+                                ip_blocks: s.ip_blocks.clone(),
+                                not_ip_blocks: s.not_ip_blocks.clone(),
+                                remote_ip_blocks: s.remote_ip_blocks.clone(),
+                                not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                                service_accounts: s.service_accounts.clone(),
+                                not_service_accounts: s.not_service_accounts.clone(),
+                            }
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|t| {
+                            let o = &t.operation;
+                            pb::L7Operation {
+                                hosts: o.hosts.clone(),
+                                not_hosts: o.not_hosts.clone(),
+                                ports: o.ports.clone(),
+                                not_ports: o.not_ports.clone(),
+                                methods: o.methods.clone(),
+                                not_methods: o.not_methods.clone(),
+                                paths: o.paths.clone(),
+                                not_paths: o.not_paths.clone(),
+                            }
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| pb::L7Condition {
+                            key: c.key.clone(),
+                            values: c.values.clone(),
+                            not_values: c.not_values.clone(),
+                        })
+                        .collect(),
+                }
+            }
         })
         .collect();
-    Some(pb::L7Policy { name: name.to_owned(), namespace: ns.to_owned(), targets, action: action as i32, rules })
+    Some(pb::L7Policy {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        targets,
+        action: action as i32,
+        rules,
+        dry_run: authz::dry_run(policy),
+    })
 }
 
 #[cfg(test)]

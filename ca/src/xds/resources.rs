@@ -248,6 +248,7 @@ mod tests {
                 scope: Scope::Namespace,
                 action: Action::Deny,
                 rules: vec![],
+                dry_run: false,
             };
             s.policies.insert(p.resource_name(), p);
         }

@@ -166,13 +166,12 @@ async fn measure(
     ztunnels: Option<[u32; 2]>,
 ) -> Result<PathResult> {
     let stream = client.connect(server.addr(ECHO)).await?;
-    let before = ztunnels.map(cpu_of).transpose()?;
+    let before = ztunnels.map(|pids| cpu_of(pids).map(|cpu| (pids, cpu))).transpose()?;
     let (p50, p99) = latency(stream, args.requests).await?;
-    let ztunnel_cpu_us_per_request = match (ztunnels, before) {
-        // `latency` also makes 100 unmeasured warm-up exchanges.
-        (Some(pids), Some(before)) => Some((cpu_of(pids)? - before) * 1e6 / (args.requests + 100) as f64),
-        _ => None,
-    };
+    // `latency` also makes 100 unmeasured warm-up exchanges.
+    let ztunnel_cpu_us_per_request = before
+        .map(|(pids, cpu)| cpu_of(pids).map(|now| (now - cpu) * 1e6 / (args.requests + 100) as f64))
+        .transpose()?;
     let (c, target) = (client.clone(), server.addr(PING));
     let rate = connection_rate(
         move || {
