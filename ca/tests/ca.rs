@@ -665,3 +665,57 @@ async fn the_root_survives_a_restart() {
     let _ = (ADMIN, id(CLIENT));
     mesh.shutdown().await;
 }
+
+/// A CSR cannot widen what it is issued: one that asks for DNS and IP SANs, a subject, `CA:true`,
+/// `keyCertSign`/`cRLSign` and any extended usage gets the fixed SVID profile (its one URI SAN,
+/// empty subject, `CA:false`, digitalSignature + keyEncipherment, serverAuth + clientAuth); one
+/// that asks for a second URI is refused.
+#[tokio::test]
+async fn a_csr_asking_for_more_gets_only_the_svid_profile() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let mesh = mesh().await;
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "root-of-everything");
+    params.subject_alt_names = vec![
+        SanType::URI(CLIENT.try_into().unwrap()),
+        SanType::DnsName("evil.example".try_into().unwrap()),
+        SanType::IpAddress("10.0.0.1".parse().unwrap()),
+    ];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::Any, ExtendedKeyUsagePurpose::CodeSigning];
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    // The request really asks for all of that.
+    let der = ::pem::parse(&pem).unwrap().into_contents();
+    let (_, req) = X509CertificationRequest::from_der(&der).unwrap();
+    let asked: Vec<String> =
+        req.requested_extensions().into_iter().flatten().map(|e| format!("{e:?}").chars().take(24).collect()).collect();
+    for kind in ["SubjectAlternativeName", "BasicConstraints", "KeyUsage", "ExtendedKeyUsage"] {
+        assert!(asked.iter().any(|a| a.starts_with(kind)), "the CSR does not ask for {kind}: {asked:?}");
+    }
+
+    let token = mesh.token("demo", "client", None);
+    let chain = mesh.ca_client(Some(token), None).create_certificate(request(pem, 0, None)).await.unwrap().into_inner();
+    let ders = der_chain(&chain.cert_chain);
+    let (_, leaf) = X509Certificate::from_der(&ders[0]).unwrap();
+    let san = leaf.subject_alternative_name().unwrap().unwrap().value;
+    assert_eq!(san.general_names, [GeneralName::URI(CLIENT)], "only the one URI SAN");
+    assert!(leaf.subject().iter().next().is_none(), "the requested subject was copied");
+    assert!(!leaf.basic_constraints().unwrap().unwrap().value.ca, "CA:true was granted");
+    let ku = leaf.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && ku.key_encipherment(), "{ku:?}");
+    assert!(!ku.key_cert_sign() && !ku.crl_sign(), "a CA key usage was granted: {ku:?}");
+    let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth && !eku.any && !eku.code_signing, "{eku:?}");
+
+    // A second URI: refused, with the reason.
+    let token = mesh.token("demo", "client", None);
+    let (_key, two) = csr(&[CLIENT, "spiffe://cluster.local/ns/demo/sa/server"]);
+    let err = mesh.ca_client(Some(token), None).create_certificate(request(two, 0, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("names 2 URI SANs; exactly one SPIFFE ID is allowed"), "{}", err.message());
+    mesh.shutdown().await;
+}

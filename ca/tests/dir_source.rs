@@ -198,3 +198,50 @@ fn policies_with_invalid_values_are_admitted_to_fail_closed() {
     let p = &state.policies["shop/p"];
     assert!(p.rules.is_empty(), "{p:?}");
 }
+
+#[test]
+fn a_pod_served_by_a_waypoint_for_its_address_admits_only_the_waypoint() {
+    let mut f = Fixture::new();
+    let pod = |name: &str, sa: &str, ip: &str, labels: &str, annotations: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{{labels}}}\n  annotations: {{{annotations}}}\nspec:\n  nodeName: node-1\n  serviceAccountName: {sa}\nstatus:\n  podIP: {ip}\n---\n"
+        )
+    };
+    let gateway = |waypoint_for: &str| {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n    istio.io/use-waypoint: waypoint\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n  namespace: demo\n  labels:\n    istio.io/waypoint-for: {waypoint_for}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n    - {{name: mesh, port: 15008, protocol: HBONE}}\n---\n"
+        )
+    };
+    let pods = [
+        pod("waypoint-0", "waypoint", "10.1.0.2", "gateway.networking.k8s.io/gateway-name: waypoint", ""),
+        pod("server", "server", "10.1.0.3", "app: server", ""),
+        pod("legacy", "legacy", "10.1.0.4", "app: legacy", "ambient-mesh.io/allow-waypoint-bypass: \"true\""),
+    ]
+    .concat();
+    let name = "demo/waypoint_only_demo_waypoint";
+    let policies_of = |state: &ca::mesh::MeshState, pod: &str| {
+        state.workloads[&format!("Kubernetes//Pod/demo/{pod}")].authorization_policies.clone()
+    };
+
+    f.write("mesh.yaml", &format!("{}{pods}", gateway("workload")));
+    f.source.rescan();
+    assert!(f.errors_for("mesh.yaml").is_empty(), "{:?}", f.errors_for("mesh.yaml"));
+    let state = ca::translate::translate(&f.store.snapshot(), &Default::default());
+    let p = state.policies.get(name).expect("the waypoint-only policy");
+    assert_eq!(p.action, ca::mesh::Action::Deny);
+    let only = ca::mesh::Match {
+        not_principals: vec![ca::mesh::StringMatch::Exact("cluster.local/ns/demo/sa/waypoint".into())],
+        ..Default::default()
+    };
+    assert_eq!(p.rules, vec![vec![vec![only]]]);
+    assert_eq!(policies_of(&state, "server"), [name]);
+    assert!(policies_of(&state, "legacy").is_empty(), "the opt-out annotation was ignored");
+    assert!(policies_of(&state, "waypoint-0").is_empty(), "the waypoint restricted itself");
+
+    // A waypoint for services only leaves pod addresses alone, as Istio does.
+    f.write("mesh.yaml", &format!("{}{pods}", gateway("service")));
+    f.source.rescan();
+    let state = ca::translate::translate(&f.store.snapshot(), &Default::default());
+    assert!(!state.policies.contains_key(name));
+    assert!(policies_of(&state, "server").is_empty());
+}

@@ -729,3 +729,73 @@ spec:
     assert_eq!(overflow + new.iter().filter(|s| **s == 200).count(), 20, "{new:?}");
     assert!(overflow >= 10, "subset new's pool (1 + 1 waiting) let {} of 20 through: {new:?}", 20 - overflow);
 }
+
+/// No way around a waypoint: once the waypoint serves `server` for its own address
+/// (`istio.io/waypoint-for: all`), traffic to the pod's IP goes through the waypoint and works,
+/// while a mesh identity dialing the pod's HBONE port directly is refused (401) and counted by
+/// the pod's ztunnel. (Before, a direct tunnel skipped every L7 policy of the waypoint.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waypoint_serving_a_pod_cannot_be_bypassed() {
+    use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig, PoolError};
+    use proto::hbone::server::StatusCode;
+
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    mesh.namespace("legacy", false).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let server = mesh.pod(PodSpec::new("server", "demo", 2).label("app", "server")).await.unwrap();
+    http_server(server.listen(APP_PORT).unwrap(), "server");
+    let outsider = mesh.pod(PodSpec::new("outsider", "legacy", 1)).await.unwrap();
+    let waypoint = mesh.waypoint("demo", "waypoint", 1, WAYPOINT).await.unwrap();
+    mesh.apply(
+        "gw-demo-waypoint",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata:\n  name: waypoint\n  namespace: demo\n  labels:\n    istio.io/waypoint-for: all\nspec:\n  gatewayClassName: istio-waypoint\n  listeners:\n    - name: mesh\n      port: 15008\n      protocol: HBONE\n",
+    )
+    .unwrap();
+    mesh.use_waypoint("demo", Some("waypoint")).unwrap();
+    mesh.settle(&["demo/waypoint_only_demo_waypoint"], &[]).await.unwrap();
+
+    // Through the waypoint, by the pod's address.
+    let to = SocketAddr::from((server.ip, APP_PORT));
+    mesh.wait_until("pod traffic to cross the waypoint", Duration::from_secs(30), || async {
+        let Ok(a) = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await else { return false };
+        let Ok(m) = mesh.waypoint_metrics(&waypoint).await else { return false };
+        a.status == 200
+            && a.body.trim() == "server"
+            && sum(&m, "istio_requests_total{", &["destination_workload=\"server\""]) >= 1.0
+    })
+    .await
+    .unwrap();
+
+    // Straight to the pod's HBONE port with a real mesh identity: refused, and counted.
+    let credential = mesh.workload_certificate("demo", "client").await.unwrap();
+    let trust = proto::tls::SharedTrustBundle::new(
+        proto::tls::TrustBundle::from_pem(&std::fs::read(mesh.ca_root()).unwrap()).unwrap(),
+    );
+    let dialer = Arc::new(ztunnel::pod::PodDialer(Arc::new(outsider.netns.ns.clone())));
+    let pool = Pool::with_dialer(PoolConfig::default(), trust, dialer);
+    let before = mesh.metrics(2).await.unwrap();
+    let denied = |m: &str| {
+        sum(
+            m,
+            "istio_tcp_connections_closed_total{",
+            &["response_flags=\"DENY\"", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""],
+        )
+    };
+    let expected = vec!["spiffe://cluster.local/ns/demo/sa/server".parse().unwrap()];
+    let direct = ConnectRequest::new(credential, SocketAddr::from((server.ip, 15008)), expected, to);
+    match pool.connect(direct).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        Ok(_) => panic!("a direct tunnel to a pod served by a waypoint was accepted"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    let after = mesh.metrics(2).await.unwrap();
+    assert_eq!(denied(&after) - denied(&before), 1.0, "{after}");
+    assert!(
+        mesh.ztunnel_log(2).unwrap().contains("waypoint_only_demo_waypoint"),
+        "the refusal does not name the policy"
+    );
+    // The waypoint's own path still works afterwards.
+    let again = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.unwrap();
+    assert_eq!((again.status, again.body.trim()), (200, "server"));
+}

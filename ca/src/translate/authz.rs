@@ -397,6 +397,36 @@ pub fn translate(policy: &AuthorizationPolicy, root_namespace: &str) -> Translat
     })
 }
 
+/// Name prefix of the policies that keep a waypoint-served workload reachable only through its
+/// waypoint (`_` never appears in a Kubernetes name, so no user policy can collide).
+pub const WAYPOINT_ONLY_PREFIX: &str = "waypoint_only_";
+
+/// The DENY that admits only `waypoint`'s pods (`identities`) to workloads of `namespace` that it
+/// serves for their own address. With no waypoint pod known yet, it denies everyone.
+pub fn waypoint_only<'a>(
+    namespace: &str,
+    waypoint: &crate::mesh::WaypointRef,
+    identities: impl IntoIterator<Item = &'a proto::SpiffeId>,
+) -> Policy {
+    let principals: Vec<StringMatch> = identities
+        .into_iter()
+        .map(|id| StringMatch::Exact(id.as_str().trim_start_matches("spiffe://").to_owned()))
+        .collect();
+    let rules = if principals.is_empty() {
+        vec![Vec::new()]
+    } else {
+        vec![vec![vec![Match { not_principals: principals, ..Match::default() }]]]
+    };
+    Policy {
+        name: format!("{WAYPOINT_ONLY_PREFIX}{}_{}", waypoint.namespace, waypoint.name),
+        namespace: namespace.to_owned(),
+        scope: Scope::WorkloadSelector,
+        action: Action::Deny,
+        rules,
+        dry_run: false,
+    }
+}
+
 /// Name prefix of policies converted from PeerAuthentication, as Istio names them.
 pub const CONVERTED_PEER_AUTHN_PREFIX: &str = "converted_peer_authentication_";
 

@@ -419,6 +419,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn values_that_could_crash_a_proxy_are_refused() {
+        let vs = |fault: &str| {
+            let yaml =
+                format!("hosts: [hello]\nhttp:\n  - route:\n      - destination: {{host: hello}}\n    fault:\n{fault}");
+            validate_virtual_service(&serde_norway::from_str::<VirtualServiceSpec>(&yaml).unwrap())
+        };
+        let delay = |p: &str| vs(&format!("      delay: {{fixedDelay: 1s, percentage: {{value: {p}}}}}\n"));
+        assert_eq!(delay("10"), Ok(()));
+        for bad in [".nan", ".inf", "-.inf", "-1", "100.5", "1e300"] {
+            let err = delay(bad).unwrap_err();
+            assert!(err.contains("fault.delay.percentage") && err.contains("is not between 0 and 100"), "{bad}: {err}");
+        }
+        let abort = |status: &str| vs(&format!("      abort: {{httpStatus: {status}, percentage: {{value: 5}}}}\n"));
+        assert_eq!(abort("503"), Ok(()));
+        for bad in ["0", "99", "600", "4294967295"] {
+            assert!(abort(bad).unwrap_err().contains("is not an HTTP status"), "{bad}");
+        }
+        let long = vs("      delay: {fixedDelay: 99999h, percentage: {value: 1}}\n").unwrap_err();
+        assert!(long.contains("longer than a year"), "{long}");
+        let dr = |yaml: &str| validate_destination_rule(&serde_norway::from_str::<DestinationRuleSpec>(yaml).unwrap());
+        let ejection = "host: hello\ntrafficPolicy:\n  outlierDetection: {maxEjectionPercent: 150}\n";
+        assert!(dr(ejection).unwrap_err().contains("maxEjectionPercent 150 is more than 100"));
+    }
+
+    #[test]
     fn hosts_resolve_like_istio() {
         let r = |h| resolve_host(h, "demo", "cluster.local");
         assert_eq!(r("hello"), ("demo".into(), "hello.demo.svc.cluster.local".into()));

@@ -370,6 +370,8 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
 
     // Workloads.
+    let mut waypoint_identities: HashMap<(String, String), std::collections::BTreeSet<SpiffeId>> = HashMap::new();
+    let mut waypoint_only: Vec<String> = Vec::new();
     for pod in objects.pods() {
         let ips = pod_ips(pod);
         if ips.is_empty() {
@@ -397,6 +399,9 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         let waypoint_of =
             k8s::label(&pod.metadata, WAYPOINT_POD_LABEL).filter(|gw| waypoints.by_name.contains_key(&(ns, *gw)));
         let captured = ns_ambient && !opted_out && !host_network && waypoint_of.is_none();
+        if let Some(gw) = waypoint_of {
+            waypoint_identities.entry((ns.to_owned(), gw.to_owned())).or_default().insert(identity.clone());
+        }
 
         let mut services: BTreeMap<String, Vec<PortMapping>> = BTreeMap::new();
         for (svc, selector) in selecting.get(ns).into_iter().flatten() {
@@ -474,7 +479,36 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             workload_name,
             cluster_id: config.cluster_id.clone(),
         };
+        if workload.waypoint.is_some() && !allows_waypoint_bypass(&pod.metadata, namespaces.get(ns).copied()) {
+            waypoint_only.push(workload.uid.clone());
+        }
         state.workloads.insert(workload.uid.clone(), workload);
     }
+
+    // A workload whose own address is served by a waypoint accepts traffic only from that
+    // waypoint: an Istio-compatible DENY of every other peer, which Istio's ztunnel enforces too.
+    for uid in waypoint_only {
+        let Some(w) = state.workloads.get_mut(&uid) else { continue };
+        let Some(gw) = &w.waypoint else { continue };
+        let ids = waypoint_identities.get(&(gw.namespace.clone(), gw.name.clone()));
+        let policy = authz::waypoint_only(&w.namespace, gw, ids.into_iter().flatten());
+        w.authorization_policies.push(policy.resource_name());
+        w.authorization_policies.sort();
+        state.policies.insert(policy.resource_name(), policy);
+    }
     state
+}
+
+/// Annotation on a pod (or its namespace) that lets other peers reach a workload served by a
+/// waypoint directly, as Istio allows by default.
+pub const ALLOW_WAYPOINT_BYPASS_ANNOTATION: &str = "ambient-mesh.io/allow-waypoint-bypass";
+
+fn allows_waypoint_bypass(
+    pod: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    namespace: Option<&k8s::Namespace>,
+) -> bool {
+    fn set(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<&str> {
+        m.annotations.as_ref().and_then(|a| a.get(ALLOW_WAYPOINT_BYPASS_ANNOTATION)).map(String::as_str)
+    }
+    set(pod).or_else(|| namespace.and_then(|n| set(&n.metadata))) == Some("true")
 }
