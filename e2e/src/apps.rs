@@ -125,8 +125,10 @@ impl EchoClient {
 /// other request with 503 (per server); `/delay/<ms>` answers after that long; `/bytes/<n>`
 /// answers `n` bytes (at most 1 MiB) instead of the name; `/slow-body/<ms>` answers headers at
 /// once and the body `late body` after that long. The request body is read whole and its size
-/// returned in `x-seen-body-bytes`. A request with `Upgrade: echo` is answered 101 and the
-/// connection then echoes bytes.
+/// returned in `x-seen-body-bytes`; the `Upgrade`, `X-Forwarded-For` and
+/// `X-Forwarded-Client-Cert` headers it got in `x-seen-upgrade`, `x-seen-xff` and `x-seen-xfcc`
+/// (`-` when absent). A request with `Upgrade: echo` is answered 101 and the connection then
+/// echoes bytes.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
     use std::sync::Arc;
@@ -189,7 +191,13 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
                     let headers = resp.headers_mut();
                     let trace = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    let seen = |h| req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                    let (upgrade, forwarded_for) = (seen("upgrade"), seen("x-forwarded-for"));
+                    let client_cert = seen("x-forwarded-client-cert");
                     for (k, v) in [
+                        ("x-seen-upgrade", upgrade),
+                        ("x-seen-xff", forwarded_for),
+                        ("x-seen-xfcc", client_cert),
                         ("x-served-by", &*name),
                         ("x-seen-method", req.method().as_str()),
                         ("x-seen-path", &path),

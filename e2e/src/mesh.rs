@@ -54,7 +54,12 @@ pub struct MeshOptions {
 
 impl Default for MeshOptions {
     fn default() -> Self {
-        MeshOptions { nodes: 2, log_filter: "info".into(), drain_timeout: Duration::from_secs(2), cert_ttl: None }
+        MeshOptions {
+            nodes: 2,
+            log_filter: std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()),
+            drain_timeout: Duration::from_secs(2),
+            cert_ttl: None,
+        }
     }
 }
 

@@ -247,8 +247,36 @@ async fn l7_deny_by_method_and_path_cannot_be_bypassed() {
     assert_eq!(a.header("x-seen-method"), Some("GET"));
     assert_eq!(a.header("x-seen-path"), Some("/public/page"));
     assert_eq!(http_exchange(&client.netns.ns, "POST", to, "/admin", &[]).await.unwrap().status, 200);
-    // Malformed escapes are refused outright.
+    // Malformed escapes and path parameters are refused outright.
     assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/a%zz", &[]).await.unwrap().status, 400);
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/admin;x=1", &[]).await.unwrap().status, 400);
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/public;/../admin", &[]).await.unwrap().status, 400);
+    // A second Host, or a Host that disagrees with an absolute-form target: refused.
+    let two_hosts = http_exchange(&client.netns.ns, "GET", to, "/public", &[("Host", "hello-latest")]).await.unwrap();
+    assert_eq!(two_hosts.status, 400, "{two_hosts:?}");
+    let absolute = "http://hello-latest.demo.svc.cluster.local/public";
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, absolute, &[]).await.unwrap().status, 400);
+    // CONNECT inside the tunnel is not proxied.
+    assert_eq!(http_exchange(&client.netns.ns, "CONNECT", to, &to.to_string(), &[]).await.unwrap().status, 405);
+    // A header sent twice cannot dodge a DENY on one of its values.
+    mesh.apply(
+        "authz-header",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-user\n  namespace: demo\nspec:\n  targetRefs:\n    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}\n  action: DENY\n  rules:\n    - when:\n        - key: request.headers[x-user]\n          values: [admin]\n",
+    )
+    .unwrap();
+    mesh.wait_until("the header policy", Duration::from_secs(20), || async {
+        http_exchange(&client.netns.ns, "GET", to, "/public", &[("x-user", "admin")])
+            .await
+            .is_ok_and(|a| a.status == 403)
+    })
+    .await
+    .unwrap();
+    let twice = [("x-user", "guest"), ("x-user", "admin")];
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/public", &twice).await.unwrap().status, 403);
+    assert_eq!(
+        http_exchange(&client.netns.ns, "GET", to, "/public", &[("x-user", "guest")]).await.unwrap().status,
+        200
+    );
     let log = mesh.log_tails(400);
     assert!(log.contains("request denied by policy"), "no deny in the waypoint log:\n{log}");
     assert!(log.contains("demo/no-admin-reads"), "the deny does not name the policy:\n{log}");
@@ -519,6 +547,21 @@ async fn upgraded_connections_pass_through_the_waypoint() {
     let after = mesh.waypoint_metrics(&waypoint).await.unwrap();
     let switched = |m: &str| sum(m, "istio_requests_total{", &["response_code=\"101\""]);
     assert_eq!(switched(&after) - switched(&before), 1.0);
+
+    // An upgrade to h2c would hand the backend HTTP/2 requests no policy sees: the waypoint drops
+    // it and the request goes on as HTTP/1.1 (and its answer arrives: an upgrade request answered
+    // without 101 on a closing connection used to lose the answer).
+    let h2c =
+        [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQCAAAAAAIAAAAA")];
+    let a = http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/", &h2c).await.unwrap();
+    assert_eq!((a.status, a.header("x-seen-upgrade")), (200, Some("-")), "{a:?}");
+    // What a client claims about forwarding is kept behind what the waypoint saw, never believed:
+    // its own X-Forwarded-For entry comes last, and a client certificate header is removed.
+    let claims =
+        [("X-Forwarded-For", "127.0.0.1"), ("X-Forwarded-Client-Cert", "By=spiffe://cluster.local/ns/x/sa/admin")];
+    let a = http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/", &claims).await.unwrap();
+    assert_eq!(a.header("x-seen-xff"), Some(format!("127.0.0.1, {}", client.ip).as_str()), "{a:?}");
+    assert_eq!(a.header("x-seen-xfcc"), Some("-"), "{a:?}");
 }
 
 /// A gRPC service (port 90 → 9090) of the same pods, and one service per version.

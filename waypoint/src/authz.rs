@@ -155,26 +155,31 @@ fn uses_http_fields(rule: &pb::L7Rule) -> bool {
         || rule.when.iter().any(|c| c.key.starts_with("request."))
 }
 
-/// A condition's verdict: `Some(bool)` when evaluated, `None` for an unknown key.
-fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>) -> Option<bool> {
+/// A condition's verdict: `Some(bool)` when evaluated, `None` for an unknown key. A header sent
+/// more than once is judged so that the policy denies more, never less: in a DENY rule one
+/// matching value is enough, in an ALLOW rule every value must match.
+fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>, deny: bool) -> Option<bool> {
     let principal = input.peer.as_str().trim_start_matches("spiffe://");
-    let value: Option<String> =
-        if let Some(name) = c.key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
-            // Only DENY rules reach here without a request (with the condition ignored).
-            let Some(http) = &input.http else { return Some(true) };
-            http.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-        } else {
-            match c.key.as_str() {
-                "source.principal" => Some(principal.to_owned()),
-                "source.namespace" => Some(input.peer.namespace().to_owned()),
-                "source.ip" | "remote.ip" => {
-                    let ip = input.source_ip?;
-                    return Some(field(&c.values, &c.not_values, |b| ip_in_block(b, ip)));
-                }
-                "destination.port" => Some(input.port.to_string()),
-                _ => return None,
-            }
-        };
+    if let Some(name) = c.key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')) {
+        // Only DENY rules reach here without a request (with the condition ignored).
+        let Some(http) = &input.http else { return Some(true) };
+        let values: Vec<&str> = http.headers.get_all(name).iter().map(|v| v.to_str().unwrap_or("\u{fffd}")).collect();
+        if values.is_empty() {
+            return Some(c.values.is_empty());
+        }
+        let holds = |v: &&str| field(&c.values, &c.not_values, |p| string_match(p, v));
+        return Some(if deny { values.iter().any(holds) } else { values.iter().all(holds) });
+    }
+    let value: Option<String> = match c.key.as_str() {
+        "source.principal" => Some(principal.to_owned()),
+        "source.namespace" => Some(input.peer.namespace().to_owned()),
+        "source.ip" | "remote.ip" => {
+            let ip = input.source_ip?;
+            return Some(field(&c.values, &c.not_values, |b| ip_in_block(b, ip)));
+        }
+        "destination.port" => Some(input.port.to_string()),
+        _ => return None,
+    };
     let Some(value) = value else { return Some(c.values.is_empty()) };
     Some(field(&c.values, &c.not_values, |v| string_match(v, &value)))
 }
@@ -186,7 +191,9 @@ fn rule_matches(rule: &pb::L7Rule, input: &AuthzInput<'_>, action: Action) -> bo
     let ignored = |c: &pb::L7Condition| input.http.is_none() && c.key.starts_with("request.");
     (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, input)))
         && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, input)))
-        && rule.when.iter().all(|c| ignored(c) || condition_matches(c, input).unwrap_or(action == Action::Deny))
+        && rule.when.iter().all(|c| {
+            ignored(c) || condition_matches(c, input, action == Action::Deny).unwrap_or(action == Action::Deny)
+        })
 }
 
 fn policy_matches(p: &pb::L7Policy, input: &AuthzInput<'_>) -> bool {
@@ -267,6 +274,34 @@ mod tests {
     fn decide_tcp(policies: &[pb::L7Policy], peer: &str, port: u16) -> Decision {
         let peer: SpiffeId = peer.parse().unwrap();
         decide(policies, &AuthzInput { peer: &peer, source_ip: None, port, http: None })
+    }
+
+    #[test]
+    fn a_header_sent_twice_cannot_dodge_a_deny_nor_widen_an_allow() {
+        let when = |values: &[&str]| pb::L7Rule {
+            when: vec![pb::L7Condition {
+                key: "request.headers[x-user]".into(),
+                values: values.iter().map(|v| v.to_string()).collect(),
+                not_values: vec![],
+            }],
+            ..Default::default()
+        };
+        let with = |action: Action| pb::L7Policy {
+            action: action as i32,
+            rules: vec![when(&["admin"])],
+            ..Default::default()
+        };
+        let peer: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.append("x-user", "guest".parse().unwrap());
+        headers.append("x-user", "admin".parse().unwrap());
+        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers };
+        let input = AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) };
+        assert!(
+            matches!(decide([&with(Action::Deny)], &input), Decision::Deny(Some(_))),
+            "DENY missed the second value"
+        );
+        assert_eq!(decide([&with(Action::Allow)], &input), Decision::Deny(None), "ALLOW took one value of two");
     }
 
     #[test]

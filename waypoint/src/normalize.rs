@@ -6,8 +6,13 @@
 //!   (extension) methods pass unchanged.
 //! - Paths: percent-encoded unreserved characters and `/` are decoded (`%2F` and `%2f` become `/`,
 //!   `%61` becomes `a`), runs of `/` merge, `.` and `..` segments are removed; an encoded
-//!   backslash, NUL or malformed escape is refused. Other escapes are kept with upper-case hex.
-//!   The query string is left as sent.
+//!   backslash, NUL or malformed escape is refused, and so is a `;` (path parameters, which some
+//!   backends strip and others keep). Other escapes are kept with upper-case hex. Paths are
+//!   case-sensitive, as in Istio. The query string is left as sent.
+//! - Host: one `Host` header at most, agreeing with the request target's authority (HTTP/2
+//!   `:authority`, HTTP/1.1 absolute form) when both are present; no user info. The canonical form
+//!   is lower case without a trailing dot (`Hello.Demo.` is `hello.demo`), and it is what the
+//!   backend receives.
 
 use http::Method;
 
@@ -23,6 +28,48 @@ pub enum Refused {
     /// An encoded backslash or NUL, which backends disagree on.
     #[error("encoded backslash or NUL in the path")]
     Forbidden,
+    /// A `;`: path parameters, which backends disagree on.
+    #[error("path parameters (';') in the path")]
+    Parameters,
+    /// More than one `Host` header.
+    #[error("more than one Host header")]
+    SeveralHosts,
+    /// `Host` and the request target name different hosts.
+    #[error("the Host header and the request target's authority differ")]
+    ConflictingHosts,
+    /// A host that is not a valid authority (or carries user info).
+    #[error("the host is not a valid authority")]
+    BadHost,
+}
+
+/// The canonical form of a host (`host[:port]`): lower case, no trailing dot on the name.
+fn canonical_host(raw: &str) -> Result<String, Refused> {
+    let authority: http::uri::Authority = raw.parse().map_err(|_| Refused::BadHost)?;
+    if authority.as_str().contains('@') {
+        return Err(Refused::BadHost);
+    }
+    let name = authority.host().to_ascii_lowercase();
+    let name = if name.starts_with('[') { name.as_str() } else { name.trim_end_matches('.') };
+    Ok(match authority.port_u16() {
+        Some(port) => format!("{name}:{port}"),
+        None => name.to_owned(),
+    })
+}
+
+/// The request's host in canonical form (empty when it names none), or why it is refused.
+pub fn host(headers: &http::HeaderMap, uri: &http::Uri) -> Result<String, Refused> {
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let header = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(Refused::SeveralHosts),
+        (Some(h), None) => Some(canonical_host(h.to_str().map_err(|_| Refused::BadHost)?)?),
+        (None, _) => None,
+    };
+    let target = uri.authority().map(|a| canonical_host(a.as_str())).transpose()?;
+    match (header, target) {
+        (Some(h), Some(t)) if h != t => Err(Refused::ConflictingHosts),
+        (Some(h), _) | (None, Some(h)) => Ok(h),
+        (None, None) => Ok(String::new()),
+    }
 }
 
 /// The canonical form of `method`.
@@ -68,6 +115,9 @@ pub fn path(raw: &str) -> Result<String, Refused> {
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
+        if b == b';' {
+            return Err(Refused::Parameters);
+        }
         if b != b'%' {
             decoded.push(char::from(b));
             i += 1;
@@ -149,5 +199,32 @@ mod tests {
         assert_eq!(path("/a%zz"), Err(Refused::BadEscape));
         assert_eq!(path("/a%5Cb"), Err(Refused::Forbidden));
         assert_eq!(path("/a%00b"), Err(Refused::Forbidden));
+        assert_eq!(path("/admin;jsessionid=1"), Err(Refused::Parameters));
+        assert_eq!(path("/admin;/x"), Err(Refused::Parameters));
+        // An encoded ';' is data, not a separator: kept encoded.
+        assert_eq!(path("/a%3bb"), Ok("/a%3Bb".into()));
+    }
+
+    #[test]
+    fn one_host_in_one_spelling() {
+        use http::{HeaderMap, HeaderValue, Uri};
+        let h = |hosts: &[&str], uri: &str| {
+            let mut m = HeaderMap::new();
+            for v in hosts {
+                m.append(http::header::HOST, HeaderValue::from_str(v).unwrap());
+            }
+            host(&m, &uri.parse::<Uri>().unwrap())
+        };
+        assert_eq!(h(&["Hello.Demo.svc.cluster.local."], "/"), Ok("hello.demo.svc.cluster.local".into()));
+        assert_eq!(h(&["HELLO:80"], "/"), Ok("hello:80".into()));
+        assert_eq!(h(&[], "http://Hello./x"), Ok("hello".into()));
+        assert_eq!(h(&["hello"], "http://HELLO./x"), Ok("hello".into()));
+        assert_eq!(h(&[], "/"), Ok(String::new()));
+        assert_eq!(h(&["[::1]:80"], "/"), Ok("[::1]:80".into()));
+        assert_eq!(h(&["a", "b"], "/"), Err(Refused::SeveralHosts));
+        assert_eq!(h(&["a", "a"], "/"), Err(Refused::SeveralHosts));
+        assert_eq!(h(&["public"], "http://admin/x"), Err(Refused::ConflictingHosts));
+        assert_eq!(h(&["user@admin"], "/"), Err(Refused::BadHost));
+        assert_eq!(h(&["a b"], "/"), Err(Refused::BadHost));
     }
 }

@@ -238,30 +238,35 @@ fn redirect(r: &pb::Redirect, req_host: &str, path: &str, prefix: Option<&str>) 
 }
 
 /// Handles one request from `down`.
-pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let upgrade = DownstreamUpgrade(req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>());
     let method = normalize::method(req.method());
     let raw_path = req.uri().path().to_owned();
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+    // The one canonical view policy and routing see, and the backend receives.
+    let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
+    let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let destination = resolve(&ctx, down.target.ip());
     let parties = Parties::new(&down, destination.as_ref());
-    let (response, outcome) = match (destination, normalize::path(&raw_path)) {
+    let (response, outcome) = match (destination, target) {
         (None, _) => (
             text(StatusCode::SERVICE_UNAVAILABLE, "no service or workload at this address\n"),
             Outcome::failed(StatusCode::SERVICE_UNAVAILABLE, "NR", ""),
         ),
-        (Some(_), Err(e)) => {
-            warn!(peer = %down.peer, path = %raw_path, reason = %e, "request refused: bad path");
-            (text(StatusCode::BAD_REQUEST, "bad request path\n"), Outcome::failed(StatusCode::BAD_REQUEST, "-", ""))
+        // A tunnel inside the tunnel would carry bytes no policy looked at.
+        (Some(_), _) if method == http::Method::CONNECT => {
+            warn!(peer = %down.peer, "request refused: CONNECT is not proxied by the waypoint");
+            (
+                text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied by the waypoint\n"),
+                Outcome::failed(StatusCode::METHOD_NOT_ALLOWED, "-", ""),
+            )
         }
-        (Some(d), Ok(path)) => route_and_send(&ctx, &down, d, req, method.clone(), path, &host).await,
+        (Some(_), Err(e)) => {
+            warn!(peer = %down.peer, path = %raw_path, reason = %e, "request refused: ambiguous request target");
+            (text(StatusCode::BAD_REQUEST, "bad request target\n"), Outcome::failed(StatusCode::BAD_REQUEST, "-", ""))
+        }
+        (Some(d), Ok((path, host))) => route_and_send(&ctx, &down, d, req, upgrade, method.clone(), (path, host)).await,
     };
     let elapsed = start.elapsed();
     let endpoint = outcome.endpoint.as_deref();
@@ -303,10 +308,11 @@ async fn route_and_send(
     down: &Downstream,
     destination: Destination,
     req: Request<Incoming>,
+    mut downstream_upgrade: DownstreamUpgrade,
     method: http::Method,
-    path: String,
-    host: &str,
+    (path, host): (String, String),
 ) -> (Response<Body>, Outcome) {
+    let host = host.as_str();
     let port = down.target.port();
     let fail = Outcome::failed;
     let (mut parts, body) = req.into_parts();
@@ -435,14 +441,17 @@ async fn route_and_send(
     // Request to send: canonical method and path, hop-by-hop headers gone, a new span.
     // An HTTP/1.1 upgrade (WebSocket and the like) keeps its Upgrade header; the two upgraded
     // connections are joined once the endpoint answers 101.
-    let upgrade = parts.headers.get(header::UPGRADE).cloned().filter(|_| {
-        parts
+    // An upgrade to h2c is dropped (the request goes on as HTTP/1.1, as Envoy does): behind it
+    // the backend would take HTTP/2 requests that no policy looked at.
+    let upgrade = parts.headers.get(header::UPGRADE).cloned().filter(|proto| {
+        let h2c = proto.to_str().map_or(true, |p| p.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+        !h2c && parts
             .headers
             .get_all(header::CONNECTION)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
     });
-    let downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    parts.headers.remove("http2-settings");
     strip_hop_by_hop(&mut parts.headers);
     sanitize_forwarding(&mut parts.headers, down.source_ip);
     if let Some(proto) = &upgrade {
@@ -458,7 +467,7 @@ async fn route_and_send(
     if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
         parts.headers.insert("traceparent", v);
     }
-    if !parts.headers.contains_key(header::HOST)
+    if !host.is_empty()
         && let Ok(v) = HeaderValue::from_str(host)
     {
         parts.headers.insert(header::HOST, v);
@@ -586,7 +595,7 @@ async fn route_and_send(
                     let status = resp.status();
                     destination_state.record(&workload.uid, status.as_u16(), outlier.as_ref(), candidates.len());
                     if status == StatusCode::SWITCHING_PROTOCOLS {
-                        let Some(down) = downstream_upgrade else {
+                        let Some(down) = downstream_upgrade.0.take() else {
                             return (
                                 text(StatusCode::BAD_GATEWAY, "unexpected 101 from upstream\n"),
                                 outcome(StatusCode::BAD_GATEWAY, "UPE"),
@@ -651,6 +660,24 @@ async fn route_and_send(
 /// An empty body.
 fn empty_body() -> Body {
     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// The client's side of an HTTP/1.1 upgrade it asked for. Unless the endpoint switched protocols
+/// (and the two sides were joined), dropping it ends the client's connection cleanly: hyper hands
+/// over the connection of a request that asked for an upgrade even when the answer was not 101,
+/// and a connection dropped unflushed would lose that answer (a 403, say).
+pub(crate) struct DownstreamUpgrade(Option<hyper::upgrade::OnUpgrade>);
+
+impl Drop for DownstreamUpgrade {
+    fn drop(&mut self) {
+        if let Some(pending) = self.0.take() {
+            tokio::spawn(async move {
+                if let Ok(io) = pending.await {
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut TokioIo::new(io)).await;
+                }
+            });
+        }
+    }
 }
 
 /// Joins the client's and the endpoint's upgraded connections until either side closes.
