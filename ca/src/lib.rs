@@ -128,6 +128,42 @@ pub struct Config {
     pub serving: ServingConfig,
     /// Quiet time after an object change before the state is recomputed (coalesces bursts).
     pub debounce: Duration,
+    /// What a caller of the gRPC port can make the control plane do, authenticated or not.
+    pub limits: Limits,
+}
+
+/// Bounds on the gRPC port (15012). Its TLS needs no client certificate (proxies authenticate
+/// with tokens), so anyone who can reach it can open connections and streams: these keep the
+/// work and memory they can cause bounded.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once (handshaking or established); more are closed at once.
+    pub max_connections: usize,
+    /// Concurrent streams per connection (a proxy holds one xDS stream and asks for its pods'
+    /// certificates concurrently, one stream each).
+    pub max_streams_per_connection: u32,
+    /// Largest certificate or admin request, bytes (a CSR is a few KiB). tonic reserves a
+    /// message's announced size before it is read, so this is also what one stream can reserve.
+    pub max_request_bytes: usize,
+    /// Largest xDS request, bytes (a reconnecting proxy lists the resource versions it holds).
+    pub max_xds_request_bytes: usize,
+    /// Certificates issued per second to one caller (identity and the node its token is bound to).
+    pub issue_per_second: u32,
+    /// How many a caller may ask for at once before the rate applies (a node starting its pods).
+    pub issue_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            max_streams_per_connection: 256,
+            max_request_bytes: 64 * 1024,
+            max_xds_request_bytes: 1024 * 1024,
+            issue_per_second: 20,
+            issue_burst: 200,
+        }
+    }
 }
 
 /// Configuration mistakes.
@@ -174,6 +210,7 @@ impl Config {
             mesh,
             serving: ServingConfig::default(),
             debounce: Duration::from_millis(20),
+            limits: Limits::default(),
         }
     }
 
@@ -371,14 +408,29 @@ impl ControlPlane {
 
         let xds = XdsServer::new(resources_rx, auth.clone());
         let clients = xds.client_counter();
-        let ca = grpc::CaService { authority: authority.clone(), auth, nodes, metrics: metrics.clone() };
+        let limits = &config.limits;
+        let issue_limit = Arc::new(grpc::IssueLimiter::new(limits.issue_per_second, limits.issue_burst));
+        let ca = grpc::CaService { authority: authority.clone(), auth, nodes, metrics: metrics.clone(), issue_limit };
         let tls = proto::tls::control_plane_server_config(serving, trust, vec![config.mesh.trust_domain.clone()])?;
+        let incoming = grpc::tls::incoming(
+            grpc_listener,
+            tls,
+            limits.max_connections,
+            metrics.connections_refused.clone(),
+            stop(),
+        );
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(AggregatedDiscoveryServiceServer::new(xds))
-            .add_service(IstioCertificateServiceServer::new(ca.clone()))
-            .add_service(CaAdminServer::new(grpc::AdminService(ca)))
-            .serve_with_incoming_shutdown(grpc::tls::incoming(grpc_listener, tls, stop()), stop());
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .add_service(
+                AggregatedDiscoveryServiceServer::new(xds).max_decoding_message_size(limits.max_xds_request_bytes),
+            )
+            .add_service(
+                IstioCertificateServiceServer::new(ca.clone()).max_decoding_message_size(limits.max_request_bytes),
+            )
+            .add_service(CaAdminServer::new(grpc::AdminService(ca)).max_decoding_message_size(limits.max_request_bytes))
+            .serve_with_incoming_shutdown(incoming, stop());
         let grpc = tokio::spawn(grpc);
 
         let admin_state = admin::AdminState { store: store.clone(), view: view_rx, clients, metrics };

@@ -134,6 +134,21 @@ struct ServeArgs {
     #[arg(long, default_value_t = 20)]
     debounce_ms: u64,
 
+    /// Most connections open at once on the gRPC port; more are closed at once and counted
+    /// (ca_grpc_connections_refused).
+    #[arg(long, default_value_t = ca::Limits::default().max_connections)]
+    max_connections: usize,
+
+    /// Certificates issued per second to one caller (identity and the node its token is bound
+    /// to); beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = ca::Limits::default().issue_per_second)]
+    issue_rate: u32,
+
+    /// Certificates one caller may ask for at once before --issue-rate applies (a node starting
+    /// all its pods).
+    #[arg(long, default_value_t = ca::Limits::default().issue_burst)]
+    issue_burst: u32,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -235,6 +250,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         auth: AuthConfig { trust_domain: td, audiences: args.token_audiences, tokens, node_accounts, admins },
         serving,
         debounce: Duration::from_millis(args.debounce_ms),
+        limits: ca::Limits {
+            max_connections: args.max_connections,
+            issue_per_second: args.issue_rate,
+            issue_burst: args.issue_burst,
+            ..ca::Limits::default()
+        },
     };
     let cp = ControlPlane::bind(config).await?;
     cp.run(shutdown_signal()).await?;

@@ -32,6 +32,8 @@ pub struct CaMetrics {
     pub xds_clients: Gauge,
     /// Configuration problems currently reported at `/debug/config_errors`.
     pub config_errors: Gauge,
+    /// Connections to the gRPC port closed because it was at its limit.
+    pub connections_refused: Counter,
 }
 
 impl Default for CaMetrics {
@@ -51,6 +53,12 @@ impl CaMetrics {
         let signer_expiry = Gauge::default();
         let xds_clients = Gauge::default();
         let config_errors = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "ca_grpc_connections_refused",
+            "Connections to the gRPC port closed because it had its maximum open",
+            connections_refused.clone(),
+        );
         registry.register("ca_certificate_requests", "Certificate signing requests received", requests.clone());
         registry.register("ca_certificates_issued", "Certificates issued", issued.clone());
         registry.register(
@@ -74,7 +82,17 @@ impl CaMetrics {
             "Configuration problems reported at /debug/config_errors (invalid objects, policies that fail closed)",
             config_errors.clone(),
         );
-        CaMetrics { registry, requests, issued, refused, signing, signer_expiry, xds_clients, config_errors }
+        CaMetrics {
+            registry,
+            requests,
+            issued,
+            refused,
+            signing,
+            signer_expiry,
+            xds_clients,
+            config_errors,
+            connections_refused,
+        }
     }
 
     /// Counts a refusal.

@@ -37,13 +37,19 @@ fn pod(name: &str, sa: &str, node: &str, ip: &str) -> String {
 }
 
 async fn mesh() -> Mesh {
+    mesh_with(|_| {}).await
+}
+
+async fn mesh_with(configure: impl FnOnce(&mut ca::Config)) -> Mesh {
     let mesh = Mesh::new();
     mesh.write("ns.yaml", "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n");
     mesh.write(
         "pods.yaml",
         &[pod("client", "client", "node-1", "10.0.1.1"), pod("server", "server", "node-2", "10.0.2.1")].join("---\n"),
     );
-    let mesh = mesh.boot().await;
+    let mut config = mesh.config();
+    configure(&mut config);
+    let mesh = mesh.boot_with(config).await;
     mesh.wait_ready().await;
     mesh
 }
@@ -579,7 +585,8 @@ async fn wait_for_new_admin_credential(mesh: &Mesh, root_pem: &str) -> Arc<Crede
 
 #[tokio::test]
 async fn a_thousand_concurrent_csrs_all_succeed() {
-    let mesh = mesh().await;
+    // One caller asks for all of them: lift its rate limit (tested on its own below).
+    let mesh = mesh_with(|c| c.limits.issue_burst = 1000).await;
     let channels: Vec<_> = (0..4).map(|_| mesh.channel(None)).collect();
     let token = mesh.token("istio-system", "ztunnel", Some("node-1"));
     let csrs: Vec<String> = (0..1000).map(|_| csr(&[CLIENT]).1).collect();
@@ -717,5 +724,57 @@ async fn a_csr_asking_for_more_gets_only_the_svid_profile() {
     let err = mesh.ca_client(Some(token), None).create_certificate(request(two, 0, None)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("names 2 URI SANs; exactly one SPIFFE ID is allowed"), "{}", err.message());
+    mesh.shutdown().await;
+}
+
+/// Before a caller is authenticated, what it can make the CA hold is bounded: a request larger
+/// than a CSR needs is refused from its length prefix (not read, not reserved), a connection
+/// carries a bounded number of streams, and one caller gets certificates at a bounded rate
+/// (RESOURCE_EXHAUSTED beyond it, counted) while other callers are unaffected.
+#[tokio::test]
+async fn requests_are_bounded_in_size_streams_and_rate() {
+    let mesh = mesh_with(|c| {
+        c.limits.issue_burst = 3;
+        c.limits.issue_per_second = 1;
+    })
+    .await;
+    let token = mesh.token("demo", "client", None);
+    // Oversized: a 100 KiB "CSR" (tonic checks the announced length before reading it).
+    let big = request("x".repeat(100 * 1024), 0, None);
+    let err = mesh.ca_client(Some(token.clone()), None).create_certificate(big).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("the limit is: 65536 bytes"), "{}", err.message());
+
+    // Rate: three at once, then refused until the bucket refills.
+    let mut client = mesh.ca_client(Some(token), None);
+    for i in 0..3 {
+        client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap_or_else(|e| panic!("{i}: {e:?}"));
+    }
+    let err = client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Another caller (another node's ztunnel) is not held up by it.
+    let other = mesh.token("istio-system", "ztunnel", Some("node-2"));
+    let server = "spiffe://cluster.local/ns/demo/sa/server";
+    mesh.ca_client(Some(other), None).create_certificate(request(csr(&[server]).1, 0, Some(server))).await.unwrap();
+    // A second later the first caller has one more.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap();
+    let (_, metrics) = mesh.admin_get("/metrics").await;
+    assert!(metrics.contains("ca_certificate_requests_refused_total{reason=\"rate_limited\"} 1"), "{metrics}");
+
+    // Streams per connection: the server announces its limit in its HTTP/2 settings.
+    let tcp = tokio::net::TcpStream::connect(mesh.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(proto::tls::control_plane_client_config(mesh.trust(), None).unwrap());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(stream).await.unwrap();
+    // Drive the connection until the server's SETTINGS arrive.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        std::future::poll_fn(|cx| futures_util::FutureExt::poll_unpin(&mut conn, cx)),
+    )
+    .await;
+    assert_eq!(conn.max_concurrent_send_streams(), 256);
+    drop((client, send, conn));
     mesh.shutdown().await;
 }

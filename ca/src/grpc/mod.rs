@@ -33,6 +33,8 @@ pub struct CaService {
     pub nodes: Arc<NodeAuthorizer>,
     /// Metrics.
     pub metrics: Arc<CaMetrics>,
+    /// Certificates per caller.
+    pub issue_limit: Arc<IssueLimiter>,
 }
 
 /// Authenticates the caller of a request from its `authorization` header and TLS peer.
@@ -61,6 +63,32 @@ fn now_unix() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Certificates per caller: a token bucket per (identity, bound node), so one credential cannot
+/// grow the issuance log (or the CA's CPU bill) without bound.
+#[derive(Debug)]
+pub struct IssueLimiter {
+    limiter: governor::DefaultKeyedRateLimiter<(String, Option<String>)>,
+}
+
+impl IssueLimiter {
+    /// `per_second` sustained, `burst` at once (both at least 1).
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let nz = |n: u32| std::num::NonZeroU32::new(n.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        let quota = governor::Quota::per_second(nz(per_second)).allow_burst(nz(burst));
+        IssueLimiter { limiter: governor::RateLimiter::dashmap(quota) }
+    }
+
+    /// Whether `caller` may have one more certificate now.
+    pub fn allow(&self, caller: &Caller) -> bool {
+        // Forget callers whose buckets are full again, so the map stays as small as the set of
+        // recent callers.
+        if self.limiter.len() > 4096 {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&(caller.identity.to_string(), caller.node.clone())).is_ok()
+    }
+}
+
 impl CaService {
     fn refuse(&self, reason: &str, status: Status) -> Status {
         self.metrics.refuse(reason);
@@ -77,6 +105,13 @@ impl CaService {
                 return Err(self.refuse(e.reason(), Status::unauthenticated("request authentication failed")));
             }
         };
+        if !self.issue_limit.allow(&caller) {
+            warn!(%peer, caller = %caller.identity, node = caller.node.as_deref().unwrap_or(""),
+                "certificate request refused: rate limited");
+            return Err(
+                self.refuse("rate_limited", Status::resource_exhausted("too many certificate requests; retry later"))
+            );
+        }
         let started = Instant::now();
         let request = request.into_inner();
         let checked = csr::check(&request.csr).map_err(|e| {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use proto::SpiffeId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -30,11 +30,12 @@ pub struct PeerInfo {
     pub identity: Option<SpiffeId>,
 }
 
-/// An accepted TLS connection.
+/// An accepted TLS connection. It holds one of the port's connection slots until it closes.
 #[derive(Debug)]
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerInfo,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for TlsConn {
@@ -78,14 +79,19 @@ impl AsyncWrite for TlsConn {
 }
 
 /// Accepts TCP connections, completes TLS handshakes concurrently (each bounded by
-/// [`HANDSHAKE_TIMEOUT`]) and yields the established connections, until `stop` resolves.
+/// [`HANDSHAKE_TIMEOUT`]) and yields the established connections, until `stop` resolves. At most
+/// `max_connections` are open at once (handshaking or established); a connection beyond that is
+/// closed at once and counted in `refused`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    max_connections: usize,
+    refused: prometheus_client::metrics::counter::Counter,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
         tokio::pin!(stop);
         loop {
@@ -101,6 +107,13 @@ pub fn incoming(
                     }
                 },
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Full: close now rather than let the backlog hold everyone up.
+                if refused.inc() % 1000 == 0 {
+                    tracing::warn!(%addr, max_connections, "connection refused: the gRPC port is at its connection limit");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
@@ -108,7 +121,7 @@ pub fn incoming(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let identity = proto::tls::peer_identity(stream.get_ref().1);
-                        let _ = tx.send(Ok(TlsConn { stream, peer: PeerInfo { addr, identity } })).await;
+                        let _ = tx.send(Ok(TlsConn { stream, peer: PeerInfo { addr, identity }, _slot: slot })).await;
                     }
                     Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
                     Err(_) => debug!(%addr, "TLS handshake timed out"),

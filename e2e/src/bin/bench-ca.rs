@@ -125,7 +125,14 @@ async fn main() -> Result<()> {
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: bench\nspec:\n  nodeName: node-1\n  serviceAccountName: client\n  containers: []\nstatus:\n  podIP: 10.0.0.1\n",
     )?;
     let log = std::env::var("CA_LOG").ok();
-    let ca = CaProcess::start(&ca_bin, &config, &dir.path().join("state"), log.as_deref())?;
+    let mut launch = e2e::ca_process::CaLaunch::local(&ca_bin, &config, &dir.path().join("state"))?;
+    if let Some(filter) = &log {
+        launch.log_filter = filter.clone();
+    }
+    // One caller asks for every certificate: lift the per-caller rate limit, which would
+    // otherwise be what is measured.
+    launch.extra_args = ["--issue-rate", "1000000", "--issue-burst", "1000000"].map(String::from).to_vec();
+    let ca = CaProcess::launch(&launch, log.is_some())?;
     let target = ca.target(None)?;
     let token = ca.token("istio-system", "ztunnel", Some("node-1"))?;
 
