@@ -441,3 +441,100 @@ async fn tunnel_sockets_use_tcp_keepalive_and_nodelay() {
     }
     assert_eq!(dialed.local_addr().unwrap().ip(), key.src_ip.unwrap());
 }
+
+/// A stream the client resets before it is answered cancels the work the handler was doing for
+/// it (here: a dial that would never finish), and a client that opens and resets streams in a
+/// loop is cut off with GOAWAY `ENHANCE_YOUR_CALM` while the server keeps serving others.
+#[tokio::test]
+async fn a_reset_stream_cancels_its_work_and_rapid_reset_is_cut_off() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let started = Arc::new(AtomicUsize::new(0));
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    struct CountDrop(Arc<AtomicUsize>);
+    impl Drop for CountDrop {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let (s, c) = (started.clone(), cancelled.clone());
+    let handler = FnHandler(move |mut connect: proto::hbone::server::InboundConnect| {
+        let (s, c) = (s.clone(), c.clone());
+        async move {
+            if connect.target.port() == 1 {
+                return connect.reject(StatusCode::UNAUTHORIZED);
+            }
+            // Work that only ends when cancelled.
+            let work = async move {
+                let _guard = CountDrop(c);
+                s.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            };
+            assert!(connect.until_reset(work).await.is_none(), "the work finished, yet it never ends");
+        }
+    });
+    let config = ServerConfig { max_early_resets: 20, ..ServerConfig::default() };
+    let server = TestServer::start(server_cred, trust.clone(), config, Arc::new(handler)).await;
+
+    let (mut send, conn) = h2::client::handshake(raw_tls(&ca, &server, "raw").await).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let connect = |port: u16| {
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        *req.uri_mut() = format!("{}:{port}", server.addr.ip()).parse().unwrap();
+        req
+    };
+    // One stream, reset once its work has started: the work is dropped.
+    let (_resp, mut stream) = send.send_request(connect(9), false).unwrap();
+    tokio::time::timeout(WAIT, async {
+        while started.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    stream.send_reset(h2::Reason::CANCEL);
+    tokio::time::timeout(WAIT, async {
+        while cancelled.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the reset did not cancel the handler's work");
+
+    // Open and reset in a loop: cut off after max_early_resets, with ENHANCE_YOUR_CALM.
+    let mut opened = 1;
+    let cut = loop {
+        match send.clone().ready().await {
+            Ok(mut ready) => match ready.send_request(connect(9), false) {
+                Ok((_resp, mut stream)) => {
+                    opened += 1;
+                    // Let the server start the work, then reset.
+                    let before = started.load(Ordering::SeqCst);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while started.load(Ordering::SeqCst) == before {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    })
+                    .await;
+                    stream.send_reset(h2::Reason::CANCEL);
+                }
+                Err(e) => break e,
+            },
+            Err(e) => break e,
+        }
+        assert!(opened < 200, "never cut off after {opened} reset streams");
+    };
+    let ended = tokio::time::timeout(WAIT, conn).await.unwrap().unwrap();
+    let reason = format!("{cut:?} {ended:?}");
+    assert!(reason.contains("ENHANCE_YOUR_CALM"), "{reason}");
+    assert!((21..=30).contains(&opened), "cut off after {opened} streams");
+    // Every started piece of work was cancelled, none leaked.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(started.load(Ordering::SeqCst), cancelled.load(Ordering::SeqCst));
+    // Other clients are still served.
+    assert_eq!(
+        raw_request(&ca, &server, Method::CONNECT, &format!("{}:1", server.addr.ip())).await.unwrap(),
+        StatusCode::UNAUTHORIZED
+    );
+}

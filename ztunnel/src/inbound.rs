@@ -29,6 +29,9 @@ use crate::rbac::{self, Connection, Decision};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
 use crate::xds::MeshState;
 
+/// How long a dial to the app may take before the tunnel is answered `503`.
+pub const APP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The HBONE handler of one pod.
 #[derive(Debug)]
 pub struct Inbound {
@@ -124,6 +127,7 @@ impl Handler for Inbound {
             .and_then(proto::hbone::parse_forwarded_for);
 
         let admitted = admit(&self.ctx, Some(&peer), connect.peer_addr, forwarded, target);
+        let mut connect = connect;
         let Some(Admission { info, decision, client }) = admitted else {
             warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
                 "inbound refused (400): no workload known at the destination address");
@@ -138,11 +142,23 @@ impl Handler for Inbound {
         }
         let cancel = self.pod.cancel.child_token();
         let _registration = self.ctx.tracker.register(Some(peer), client.ip(), target, cancel.clone());
-        let app = match Box::pin(self.connect_app(client.ip(), target)).await {
-            Ok(s) => s,
-            Err(e) => {
+        // The dial is cancelled if the client resets the stream, and bounded in time.
+        let dial = tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connect_app(client.ip(), target));
+        let app = match Box::pin(connect.until_reset(dial)).await {
+            Some(Ok(Ok(s))) => s,
+            Some(Ok(Err(e))) => {
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("connecting to the app: {e}")));
+                return;
+            }
+            Some(Err(_)) => {
+                connect.reject(StatusCode::SERVICE_UNAVAILABLE);
+                let reason = format!("connecting to the app: no answer within {APP_CONNECT_TIMEOUT:?}");
+                record.close(Outcome::ConnectFailed, 0, 0, Some(&reason));
+                return;
+            }
+            None => {
+                record.close(Outcome::Done, 0, 0, Some("the client reset the stream before it was answered"));
                 return;
             }
         };

@@ -8,7 +8,10 @@
 //! - `503` when the handler drops the request without answering.
 //!
 //! The handler answers `200` ([`InboundConnect::accept`]) or any status it decides, `401` for a
-//! policy deny ([`InboundConnect::reject`]).
+//! policy deny ([`InboundConnect::reject`]). Work done before the answer can be tied to the stream
+//! ([`InboundConnect::until_reset`]): a client that resets the stream cancels it; one that resets
+//! more than [`ServerConfig::max_early_resets`] streams per [`RESET_WINDOW`] before they are
+//! answered is cut off with GOAWAY `ENHANCE_YOUR_CALM` (rapid reset).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,7 +46,14 @@ pub struct ServerConfig {
     pub require_local_authority: bool,
     /// Ports a tunnel may not target.
     pub forbidden_ports: Vec<u16>,
+    /// Streams a client may reset before they are answered, per [`RESET_WINDOW`], before the
+    /// connection is cut off (GOAWAY `ENHANCE_YOUR_CALM`): the rapid-reset pattern, where each
+    /// stream costs the server work (policy, a dial to the app) and the client nothing.
+    pub max_early_resets: u32,
 }
+
+/// The window [`ServerConfig::max_early_resets`] counts in.
+pub const RESET_WINDOW: Duration = Duration::from_secs(10);
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -53,6 +63,7 @@ impl Default for ServerConfig {
             max_concurrent_streams: 1000,
             require_local_authority: true,
             forbidden_ports: MESH_PORTS.to_vec(),
+            max_early_resets: 200,
         }
     }
 }
@@ -92,6 +103,36 @@ pub struct InboundConnect {
     pub headers: HeaderMap,
     respond: Option<SendResponse<Bytes>>,
     body: Option<RecvStream>,
+    resets: Arc<EarlyResets>,
+}
+
+/// Streams of one connection its client reset before they were answered, in the current window.
+#[derive(Debug)]
+struct EarlyResets {
+    window: std::sync::Mutex<(tokio::time::Instant, u32)>,
+    exceeded: tokio::sync::Notify,
+    max: u32,
+}
+
+impl EarlyResets {
+    fn new(max: u32) -> Self {
+        EarlyResets {
+            window: std::sync::Mutex::new((tokio::time::Instant::now(), 0)),
+            exceeded: tokio::sync::Notify::new(),
+            max,
+        }
+    }
+
+    fn record(&self) {
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if w.0.elapsed() > RESET_WINDOW {
+            *w = (tokio::time::Instant::now(), 0);
+        }
+        w.1 += 1;
+        if w.1 > self.max {
+            self.exceeded.notify_one();
+        }
+    }
 }
 
 /// Errors answering a request.
@@ -112,6 +153,23 @@ fn response(status: StatusCode) -> Response<()> {
 }
 
 impl InboundConnect {
+    /// Runs `work` (authorization, the dial to the app, ...) until it finishes or the client
+    /// resets the stream; `None` on a reset, with `work` dropped, so whatever it was doing stops.
+    pub async fn until_reset<F: Future>(&mut self, work: F) -> Option<F::Output> {
+        let Some(respond) = self.respond.as_mut() else { return Some(work.await) };
+        tokio::pin!(work);
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        tokio::select! {
+            out = &mut work => Some(out),
+            reason = reset => {
+                debug!(target_addr = %self.target, ?reason, "stream reset by the client before it was answered");
+                self.respond = None;
+                self.resets.record();
+                None
+            }
+        }
+    }
+
     /// Answers `200` and returns the tunnel stream.
     pub fn accept(mut self) -> Result<H2Stream, ServerError> {
         let (Some(mut respond), Some(body)) = (self.respond.take(), self.body.take()) else {
@@ -251,10 +309,18 @@ impl<H: Handler> Connection<H> {
         };
         debug!(peer_identity = %identity, "HBONE connection established");
 
+        let resets = Arc::new(EarlyResets::new(self.config.max_early_resets));
         let mut draining = false;
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
+                () = resets.exceeded.notified() => {
+                    warn!(peer_identity = %identity, peer = %self.peer, max = self.config.max_early_resets,
+                        window = ?RESET_WINDOW, "client reset too many streams before they were answered; closing (GOAWAY)");
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                    draining = true;
+                    continue;
+                }
                 () = self.drain.signaled(), if !draining => {
                     // GOAWAY now; keep driving the connection until open streams finish.
                     conn.graceful_shutdown();
@@ -268,13 +334,19 @@ impl<H: Handler> Connection<H> {
                     debug!(error = %e, "HBONE connection ended with an error");
                     break;
                 }
-                Some(Ok((request, respond))) => self.dispatch(&identity, request, respond),
+                Some(Ok((request, respond))) => self.dispatch(&identity, request, respond, &resets),
             }
         }
         debug!(peer_identity = %identity, "HBONE connection closed");
     }
 
-    fn dispatch(&self, identity: &SpiffeId, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    fn dispatch(
+        &self,
+        identity: &SpiffeId,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        resets: &Arc<EarlyResets>,
+    ) {
         let target = match validate(&request, self.local, &self.config) {
             Ok(target) => target,
             Err(reason) => {
@@ -292,6 +364,7 @@ impl<H: Handler> Connection<H> {
             headers: parts.headers,
             respond: Some(respond),
             body: Some(body),
+            resets: resets.clone(),
         };
         let handler = self.handler.clone();
         tokio::spawn(async move { handler.handle(connect).await }.instrument(tracing::debug_span!("connect", %target)));
