@@ -93,5 +93,6 @@ pub async fn serve(
     state: AdminState,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(stop).await
+    proto::endpoint::serve(listener, router(state), proto::endpoint::EndpointLimits::default(), stop).await;
+    Ok(())
 }

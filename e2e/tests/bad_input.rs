@@ -126,3 +126,50 @@ async fn bad_input_is_refused_and_ztunnel_keeps_serving() {
     mesh.settle(&[], &[]).await.unwrap();
     still_serving(&client, &late).await;
 }
+
+/// A flood of slow connections to ztunnel's metrics port (a slowloris: headers that never end) is
+/// held to the endpoint's connection limit: ztunnel's descriptors stay bounded, pod traffic
+/// flows, readiness answers, and the slow connections are closed at the header timeout, after
+/// which metrics answer again. (Before, each one held a descriptor for as long as it liked.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_on_the_metrics_port_does_not_starve_pod_traffic() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let server = mesh.pod(PodSpec::new("server", "demo", 2)).await.unwrap();
+    let _app = echo_server(server.listen(8080).unwrap(), "server");
+    mesh.settle(&[], &[]).await.unwrap();
+    still_serving(&client, &server).await;
+
+    let node = &mesh.nodes[1];
+    let pid = node.ztunnel_pid().unwrap();
+    let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let before = fds();
+    let slow: usize = std::env::var("E2E_SLOWLORIS").ok().and_then(|n| n.parse().ok()).unwrap_or(2000);
+    let metrics_port = SocketAddr::from(([127, 0, 0, 1], 15020));
+    let mut held = Vec::new();
+    for _ in 0..slow {
+        let Ok(socket) = node.netns.ns.tcp_socket(false) else { break };
+        let Ok(mut s) = socket.connect(metrics_port).await else { continue };
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: slow\r\nX-Slow: ").await;
+        held.push(s);
+    }
+    assert!(held.len() >= slow.min(1000), "only {} slow connections opened", held.len());
+    let during = fds();
+    assert!(
+        during <= before + 64 + 16,
+        "ztunnel holds {during} descriptors (was {before}) under {slow} slow connections"
+    );
+    for _ in 0..10 {
+        still_serving(&client, &server).await;
+    }
+    assert_eq!(mesh.ztunnel_get(2, 15021, "/healthz/ready").await.unwrap().0, 200);
+    // The header timeout frees the slots.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    drop(held);
+    let (status, body) = mesh.ztunnel_get(2, 15020, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(body.contains("istio_tcp_connections_opened_total"), "{body}");
+    let log = mesh.ztunnel_log(2).unwrap();
+    assert!(log.contains("HTTP endpoint at its connection limit"), "the refusals were not logged");
+}

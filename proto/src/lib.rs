@@ -21,6 +21,7 @@ pub mod certs;
 pub mod control;
 pub mod drain;
 pub mod duration;
+pub mod endpoint;
 pub mod hbone;
 pub mod identity;
 pub mod tls;

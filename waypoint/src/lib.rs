@@ -315,10 +315,7 @@ async fn ready(State(s): State<Endpoints>) -> axum::response::Response {
 }
 
 async fn serve_http(listener: TcpListener, router: Router, stop: CancellationToken) {
-    let addr = listener.local_addr().ok();
-    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-        warn!(?addr, error = %e, "HTTP endpoint failed");
-    }
+    proto::endpoint::serve(listener, router, proto::endpoint::EndpointLimits::default(), stop.cancelled_owned()).await;
 }
 
 impl Waypoint {

@@ -211,10 +211,8 @@ pub fn readiness_router(state: AdminState) -> Router {
     Router::new().route("/healthz/ready", get(ready)).with_state(state)
 }
 
-/// Serves `router` on `listener` until `stop` is cancelled.
+/// Serves `router` on `listener` until `stop` is cancelled, within the endpoint limits (a flood
+/// of connections to a metrics port cannot take descriptors pod traffic needs).
 pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
-    let addr = listener.local_addr().ok();
-    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
-        tracing::warn!(?addr, error = %e, "HTTP endpoint failed");
-    }
+    proto::endpoint::serve(listener, router, proto::endpoint::EndpointLimits::default(), stop.cancelled_owned()).await;
 }
