@@ -1,4 +1,5 @@
-//! The control plane's admin HTTP API (bind it to localhost).
+//! The control plane's admin HTTP API. `/metrics` and `/healthz/ready` answer anyone who can
+//! reach the port; `/debug/*` only callers on loopback.
 //!
 //! - `GET /debug/state`: the translated mesh state (workloads, services, policies, warnings) as JSON;
 //! - `GET /debug/config_errors`: problems in the sources (file and reason) and objects the
@@ -76,15 +77,28 @@ async fn ready(State(s): State<AdminState>) -> Response {
     }
 }
 
+/// `/debug/*` shows the whole mesh (every workload, identity and policy): it answers only
+/// callers on loopback (the CA's own pod: `kubectl port-forward` or `exec`), whatever address
+/// the port is bound to, so that Prometheus may scrape `/metrics` from elsewhere.
+async fn loopback_only(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let peer = request.extensions().get::<proto::endpoint::PeerAddr>().map(|p| p.0);
+    match peer {
+        Some(addr) if addr.ip().is_loopback() => next.run(request).await,
+        _ => {
+            tracing::warn!(peer = ?peer, path = %request.uri().path(), "debug endpoint refused: not from loopback");
+            (StatusCode::FORBIDDEN, "debug endpoints answer only on loopback (kubectl port-forward)\n").into_response()
+        }
+    }
+}
+
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
-    Router::new()
+    let debug = Router::new()
         .route("/debug/state", get(state_dump))
         .route("/debug/config_errors", get(config_errors))
         .route("/debug/objects", get(objects))
-        .route("/healthz/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+        .route_layer(axum::middleware::from_fn(loopback_only));
+    Router::new().merge(debug).route("/healthz/ready", get(ready)).route("/metrics", get(metrics)).with_state(state)
 }
 
 /// Serves the admin API until `stop` resolves.
@@ -95,4 +109,37 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     proto::endpoint::serve(listener, router(state), proto::endpoint::EndpointLimits::default(), stop).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_answers_only_loopback_while_metrics_answer_anyone() {
+        let (_tx, view) = watch::channel(Arc::new(MeshView::default()));
+        let state =
+            AdminState { store: Store::new(), view, clients: Arc::default(), metrics: Arc::new(CaMetrics::new()) };
+        let status = |path: &str, peer: Option<&str>| {
+            let mut request = Request::get(path).body(Body::empty()).unwrap();
+            if let Some(p) = peer {
+                request.extensions_mut().insert(proto::endpoint::PeerAddr(p.parse().unwrap()));
+            }
+            let router = router(state.clone());
+            async move { router.oneshot(request).await.unwrap().status() }
+        };
+        for path in ["/debug/state", "/debug/config_errors", "/debug/objects"] {
+            assert_eq!(status(path, Some("127.0.0.1:5000")).await, StatusCode::OK, "{path}");
+            assert_eq!(status(path, Some("[::1]:5000")).await, StatusCode::OK, "{path}");
+            assert_eq!(status(path, Some("10.1.2.3:5000")).await, StatusCode::FORBIDDEN, "{path}");
+            assert_eq!(status(path, None).await, StatusCode::FORBIDDEN, "{path}");
+        }
+        assert_eq!(status("/metrics", Some("10.1.2.3:5000")).await, StatusCode::OK);
+    }
 }

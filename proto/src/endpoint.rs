@@ -5,7 +5,8 @@
 //!   (a slowloris on 15020 cannot starve a proxy of descriptors for pod traffic);
 //! - a request's headers must arrive within [`EndpointLimits::header_read_timeout`], and a
 //!   connection with no request in flight is closed after the same time;
-//! - HTTP/1.1 only, headers at most 16 KiB.
+//! - HTTP/1.1 only, headers at most 16 KiB;
+//! - each request carries its TCP peer ([`PeerAddr`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,6 +18,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
+
+/// The TCP peer of a request to an endpoint, in its extensions (for endpoints that answer only
+/// on loopback).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
 
 /// Bounds on one HTTP endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +77,13 @@ where
             }
             continue;
         };
-        let service = TowerToHyperService::new(service.clone());
+        let service = TowerToHyperService::new(tower::util::MapRequest::new(
+            service.clone(),
+            move |mut req: http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
+                req
+            },
+        ));
         let mut stop_rx = stop_rx.clone();
         tokio::spawn(async move {
             let _slot = slot;
