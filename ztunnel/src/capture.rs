@@ -15,7 +15,10 @@
 //!   marked packets to table [`ROUTE_TABLE`], whose only route delivers everything locally, i.e.
 //!   to ztunnel's socket instead of out of the pod.
 //!
-//! The rules are IPv4 only for now. `nft` and `ip` run inside the pod's namespace.
+//! Capture is IPv4 only for now, so IPv6 must not become a way around it: a second table
+//! (`ip6 ambient`) drops every IPv6 packet of an enrolled pod but loopback and neighbour
+//! discovery (an app's IPv6 connection is refused at once). `nft` and `ip` run inside the pod's
+//! namespace.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -83,6 +86,23 @@ table ip {TABLE} {{
     meta mark & {mask:#x} == {connmark:#x} accept
     oifname \"lo\" accept
     meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :15001
+  }}
+}}
+table ip6 {TABLE}
+delete table ip6 {TABLE}
+table ip6 {TABLE} {{
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"lo\" accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert }} accept
+    counter drop
+  }}
+  chain output {{
+    type filter hook output priority filter; policy accept;
+    oifname \"lo\" accept
+    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert }} accept
+    meta l4proto tcp counter reject with tcp reset
+    counter drop
   }}
 }}
 "
@@ -153,6 +173,7 @@ pub fn install(netns: &NetNs) -> Result<(), CaptureError> {
 pub fn remove(netns: &NetNs) -> Result<(), CaptureError> {
     in_netns(netns, || {
         let _ = run("nft", &["delete", "table", "ip", TABLE], None);
+        let _ = run("nft", &["delete", "table", "ip6", TABLE], None);
         let del = rule_args("del");
         while run("ip", &del.iter().map(String::as_str).collect::<Vec<_>>(), None).is_ok() {}
         let table = ROUTE_TABLE.to_string();
