@@ -110,6 +110,21 @@ pub struct CaLaunch {
     pub extra_args: Vec<String>,
 }
 
+/// Identity of the one workload in [`bench_config`].
+pub const BENCH_IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
+
+/// A config directory under `dir` holding one pod (`bench/client` on `node-1`), for benchmarks
+/// that ask the CA for certificates.
+pub fn bench_config(dir: &Path) -> Result<PathBuf> {
+    let config = dir.join("config");
+    std::fs::create_dir(&config)?;
+    std::fs::write(
+        config.join("mesh.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: bench\nspec:\n  nodeName: node-1\n  serviceAccountName: client\n  containers: []\nstatus:\n  podIP: 10.0.0.1\n",
+    )?;
+    Ok(config)
+}
+
 impl CaLaunch {
     /// Loopback defaults: free ports, a new token issuer, warnings only, output discarded.
     pub fn local(binary: &Path, config_dir: &Path, state: &Path) -> Result<CaLaunch> {

@@ -92,6 +92,14 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6
 }
 
+/// The `p` quantile of `sorted` (ascending), as is.
+pub fn quantile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// The median of `v`.
 pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {

@@ -358,19 +358,26 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
     // nothing and an unreadable DENY denies everything; a bad rule leaves an ALLOW and matches
     // every request in a DENY.
     let match_all = pb::L7Rule::default;
-    if !review.policy_ok() {
-        let rules = if allow { Vec::new() } else { vec![match_all()] };
-        return Some(pb::L7Policy {
-            name: name.to_owned(),
-            namespace: ns.to_owned(),
-            targets,
-            action: action as i32,
-            rules,
-            dry_run: authz::dry_run(policy),
-        });
-    }
-    let rules = spec
-        .rules
+    let rules = if !review.policy_ok() {
+        if allow { Vec::new() } else { vec![match_all()] }
+    } else {
+        l7_rules(spec, &review, allow)
+    };
+    Some(pb::L7Policy {
+        name: name.to_owned(),
+        namespace: ns.to_owned(),
+        targets,
+        action: action as i32,
+        rules,
+        dry_run: authz::dry_run(policy),
+    })
+}
+
+/// The rules as written, but that a rule with a problem is left out of an ALLOW and matches
+/// everything in a DENY.
+fn l7_rules(spec: &k8s::AuthorizationPolicySpec, review: &authz::Review, allow: bool) -> Vec<pb::L7Rule> {
+    let match_all = pb::L7Rule::default;
+    spec.rules
         .iter()
         .enumerate()
         .filter(|(i, _)| !allow || review.rule_ok(*i))
@@ -429,15 +436,7 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
                 }
             }
         })
-        .collect();
-    Some(pb::L7Policy {
-        name: name.to_owned(),
-        namespace: ns.to_owned(),
-        targets,
-        action: action as i32,
-        rules,
-        dry_run: authz::dry_run(policy),
-    })
+        .collect()
 }
 
 #[cfg(test)]

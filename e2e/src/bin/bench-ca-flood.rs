@@ -69,7 +69,7 @@ struct Report {
     flood_streams_refused_by_h2: u64,
 }
 
-const IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
+const IDENTITY: &str = e2e::ca_process::BENCH_IDENTITY;
 const PATH: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
 fn csr() -> Result<String> {
@@ -78,13 +78,6 @@ fn csr() -> Result<String> {
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(IDENTITY.try_into()?)];
     Ok(params.serialize_request(&key)?.pem()?)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// `n` sequential legitimate requests: their latencies (ms, sorted) and the number that failed.
@@ -165,12 +158,7 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let ca_bin = ca_binary(args.ca.as_deref())?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
-    std::fs::write(
-        config.join("mesh.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: bench\nspec:\n  nodeName: node-1\n  serviceAccountName: client\n  containers: []\nstatus:\n  podIP: 10.0.0.1\n",
-    )?;
+    let config = e2e::ca_process::bench_config(dir.path())?;
     let ca = CaProcess::start(&ca_bin, &config, &dir.path().join("state"), std::env::var("CA_LOG").ok().as_deref())?;
     let target = ca.target(None)?;
     // The workload itself asks (token bound to its pod's identity), within its rate limit.
@@ -224,10 +212,10 @@ async fn main() -> Result<()> {
         flood_streams: args.streams,
         flood_connections: args.connections,
         prefix_bytes: args.prefix_bytes,
-        legit_p50_ms_at_rest: percentile(&rest, 0.5),
-        legit_p99_ms_at_rest: percentile(&rest, 0.99),
-        legit_p50_ms_flooded: percentile(&flooded, 0.5),
-        legit_p99_ms_flooded: percentile(&flooded, 0.99),
+        legit_p50_ms_at_rest: e2e::load::quantile(&rest, 0.5),
+        legit_p99_ms_at_rest: e2e::load::quantile(&rest, 0.99),
+        legit_p50_ms_flooded: e2e::load::quantile(&flooded, 0.5),
+        legit_p99_ms_flooded: e2e::load::quantile(&flooded, 0.99),
         legit_errors_flooded: errors,
         ca_rss_mib_at_rest: rss_rest,
         ca_rss_mib_flooded: rss_flooded,

@@ -71,7 +71,7 @@ struct Report {
     cores: usize,
 }
 
-const IDENTITY: &str = "spiffe://cluster.local/ns/bench/sa/client";
+const IDENTITY: &str = e2e::ca_process::BENCH_IDENTITY;
 
 fn csr() -> Result<String> {
     let key = KeyPair::generate()?;
@@ -106,24 +106,12 @@ fn raw_rate(for_: Duration) -> Result<f64> {
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
     let ca_bin = ca_binary(args.ca.as_deref())?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
-    std::fs::write(
-        config.join("mesh.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: bench\nspec:\n  nodeName: node-1\n  serviceAccountName: client\n  containers: []\nstatus:\n  podIP: 10.0.0.1\n",
-    )?;
+    let config = e2e::ca_process::bench_config(dir.path())?;
     let log = std::env::var("CA_LOG").ok();
     let mut launch = e2e::ca_process::CaLaunch::local(&ca_bin, &config, &dir.path().join("state"))?;
     if let Some(filter) = &log {
@@ -224,8 +212,8 @@ async fn main() -> Result<()> {
         certificates,
         errors,
         certificates_per_s: rate,
-        latency_p50_ms: percentile(&latencies, 0.50),
-        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_p50_ms: e2e::load::quantile(&latencies, 0.50),
+        latency_p99_ms: e2e::load::quantile(&latencies, 0.99),
         ca_cpu_ms_per_certificate: cpu_per_cert * 1e3,
         raw_sign_verify_per_s_one_core: raw,
         raw_cpu_ms_per_sign_verify: 1e3 / raw,
