@@ -45,7 +45,14 @@ pub struct NamedNetns {
 impl NamedNetns {
     /// Creates the namespace with its loopback up.
     pub fn create(name: &str) -> Result<NamedNetns> {
+        // A signal's cleanup lists the namespaces to delete: never while one is being added, and
+        // none is added once it ran.
+        let creating = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+        if interrupted() {
+            bail!("interrupted; not creating namespace {name}");
+        }
         ip(&["netns", "add", name])?;
+        drop(creating);
         let ns = NetNs::open(&Path::new("/run/netns").join(name)).with_context(|| format!("opening netns {name}"))?;
         let named = NamedNetns { name: name.to_owned(), ns };
         named.ip(&["link", "set", "lo", "up"])?;
@@ -112,8 +119,12 @@ pub fn remove_on_signal(dir: &Path) {
     OWN_DIRS.lock().unwrap_or_else(|p| p.into_inner()).push(dir.to_owned());
 }
 
+/// Held while a namespace is being added (see [`NamedNetns::create`]).
+static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Removes this process's namespaces (all meshes it built) and registered directories.
 pub fn remove_own() {
+    let _no_new_namespaces = CREATING.lock().unwrap_or_else(|p| p.into_inner());
     for dir in OWN_DIRS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
         let _ = std::fs::remove_dir_all(dir);
     }
