@@ -8,7 +8,8 @@
 //!   `%61` becomes `a`), runs of `/` merge, `.` and `..` segments are removed; an encoded
 //!   backslash, NUL or malformed escape is refused, and so is a `;` (path parameters, which some
 //!   backends strip and others keep). Other escapes are kept with upper-case hex. Paths are
-//!   case-sensitive, as in Istio. The query string is left as sent.
+//!   case-sensitive, as in Istio. Raw non-ASCII bytes are percent-encoded (a policy names them
+//!   encoded, as `/caf%C3%A9`). The query string is left as sent.
 //! - Host: one `Host` header at most, agreeing with the request target's authority (HTTP/2
 //!   `:authority`, HTTP/1.1 absolute form) when both are present; no user info. The canonical form
 //!   is lower case without a trailing dot (`Hello.Demo.` is `hello.demo`), and it is what the
@@ -118,6 +119,13 @@ pub fn path(raw: &str) -> Result<String, Refused> {
         if b == b';' {
             return Err(Refused::Parameters);
         }
+        // Raw non-ASCII bytes (HTTP/1.1 lets them through as obs-text) take their encoded form,
+        // the one an encoded request already has: one spelling for policies and backends.
+        if !b.is_ascii() {
+            decoded.push_str(&format!("%{b:02X}"));
+            i += 1;
+            continue;
+        }
         if b != b'%' {
             decoded.push(char::from(b));
             i += 1;
@@ -203,6 +211,11 @@ mod tests {
         assert_eq!(path("/admin;/x"), Err(Refused::Parameters));
         // An encoded ';' is data, not a separator: kept encoded.
         assert_eq!(path("/a%3bb"), Ok("/a%3Bb".into()));
+        // Raw non-ASCII bytes take the encoded spelling (fuzzer find: they were re-read as Latin-1
+        // characters, so the canonical form was not canonical).
+        assert_eq!(path("/caf\u{e9}"), path("/caf%C3%A9"));
+        assert_eq!(path("/.\u{73a}"), Ok("/.%DC%BA".into()));
+        assert_eq!(path("/.%dc%ba"), Ok("/.%DC%BA".into()));
     }
 
     #[test]
