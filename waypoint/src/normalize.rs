@@ -43,18 +43,37 @@ pub enum Refused {
     BadHost,
 }
 
-/// The canonical form of a host (`host[:port]`): lower case, no trailing dot on the name.
+/// The canonical form of a host (`host[:port]`): lower case, no trailing dot on the name. The
+/// name must be a DNS name (letters, digits, `-`, `_`, `.`), an IPv4 address or a bracketed IPv6
+/// address, and a port a number: the authority parser alone accepts more than that.
 fn canonical_host(raw: &str) -> Result<String, Refused> {
     let authority: http::uri::Authority = raw.parse().map_err(|_| Refused::BadHost)?;
-    if authority.as_str().contains('@') {
+    let text = authority.as_str();
+    if text.contains('@') {
         return Err(Refused::BadHost);
     }
     let name = authority.host().to_ascii_lowercase();
-    let name = if name.starts_with('[') { name.as_str() } else { name.trim_end_matches('.') };
-    Ok(match authority.port_u16() {
-        Some(port) => format!("{name}:{port}"),
-        None => name.to_owned(),
-    })
+    let name = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        Some(v6) => {
+            v6.parse::<std::net::Ipv6Addr>().map_err(|_| Refused::BadHost)?;
+            name.as_str()
+        }
+        None => {
+            let dns = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+            let trimmed = name.trim_end_matches('.');
+            if trimmed.is_empty() || !trimmed.chars().all(dns) {
+                return Err(Refused::BadHost);
+            }
+            trimmed
+        }
+    };
+    // Whatever follows the name must be a port.
+    let rest = &text[authority.host().len()..];
+    match (rest.strip_prefix(':'), authority.port_u16()) {
+        (None, _) if rest.is_empty() => Ok(name.to_owned()),
+        (Some(_), Some(port)) => Ok(format!("{name}:{port}")),
+        _ => Err(Refused::BadHost),
+    }
 }
 
 /// The request's host in canonical form (empty when it names none), or why it is refused.
@@ -239,5 +258,10 @@ mod tests {
         assert_eq!(h(&["public"], "http://admin/x"), Err(Refused::ConflictingHosts));
         assert_eq!(h(&["user@admin"], "/"), Err(Refused::BadHost));
         assert_eq!(h(&["a b"], "/"), Err(Refused::BadHost));
+        // Fuzzer find: the authority parser took this, and its "host" was `Q[`.
+        assert_eq!(h(&["Q[:&0]..0:00(30"], "/"), Err(Refused::BadHost));
+        assert_eq!(h(&["a:http"], "/"), Err(Refused::BadHost));
+        assert_eq!(h(&["[fe80::1"], "/"), Err(Refused::BadHost));
+        assert_eq!(h(&["."], "/"), Err(Refused::BadHost));
     }
 }
