@@ -94,8 +94,8 @@ fn admit(
             destination_ip: target.ip(),
             destination_port: target.port(),
         };
-        let decision = rbac::authorize(state, destination, &conn);
-        if let Some(would) = rbac::dry_run(state, destination, &conn) {
+        let (decision, dry_run) = rbac::authorize_with_dry_run(state, destination, &conn);
+        if let Some(would) = dry_run {
             let decision = if would.allowed() { "allow" } else { "deny" };
             ctx.metrics.dry_run.get_or_create(&crate::telemetry::DryRunLabels { decision }).inc();
             info!(src.addr = %client, src.identity = ?peer.map(|p| p.as_str()), dst.addr = %target,

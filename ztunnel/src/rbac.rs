@@ -60,24 +60,43 @@ impl Decision {
 
 /// Authorizes a connection to `destination`. Dry-run policies take no part (see [`dry_run`]).
 pub fn authorize(state: &MeshState, destination: &Workload, conn: &Connection<'_>) -> Decision {
-    decide(state, destination, conn, false)
+    decide(state, destination, conn, false).0
+}
+
+/// The decision, and what it would be with the dry-run policies that apply enforced too (`None`
+/// when none applies: the common case costs one pass over the policies). A dry-run policy never
+/// changes a connection; the second answer is for the log and metrics.
+pub fn authorize_with_dry_run(
+    state: &MeshState,
+    destination: &Workload,
+    conn: &Connection<'_>,
+) -> (Decision, Option<Decision>) {
+    let (decision, dry_run_applies) = decide(state, destination, conn, false);
+    let would = dry_run_applies.then(|| decide(state, destination, conn, true).0);
+    (decision, would)
 }
 
 /// What the decision would be with the dry-run policies that apply enforced too; `None` when
-/// none applies. For the log and metrics only: a dry-run policy never changes a connection.
+/// none applies.
 pub fn dry_run(state: &MeshState, destination: &Workload, conn: &Connection<'_>) -> Option<Decision> {
-    let mut applicable = state.policies.iter().filter(|(name, p)| applies(p, name, destination));
-    applicable.any(|(_, p)| p.dry_run).then(|| decide(state, destination, conn, true))
+    authorize_with_dry_run(state, destination, conn).1
 }
 
-fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with_dry_run: bool) -> Decision {
-    let applicable =
-        state.policies.iter().filter(|(name, p)| (with_dry_run || !p.dry_run) && applies(p, name, destination));
+/// The decision (dry-run policies included when `with_dry_run`), and whether a dry-run policy
+/// applies (not known when a DENY decided early).
+fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with_dry_run: bool) -> (Decision, bool) {
     let mut allow_policies = false;
     let mut allowed_by = None;
-    for (name, policy) in applicable {
+    let mut dry_run_applies = false;
+    for (name, policy) in state.policies.iter().filter(|(name, p)| applies(p, name, destination)) {
+        if policy.dry_run && !with_dry_run {
+            dry_run_applies = true;
+            continue;
+        }
         match Action::try_from(policy.action) {
-            Ok(Action::Deny) if policy_matches(policy, conn, Action::Deny) => return Decision::DeniedBy(name.clone()),
+            Ok(Action::Deny) if policy_matches(policy, conn, Action::Deny) => {
+                return (Decision::DeniedBy(name.clone()), dry_run_applies);
+            }
             Ok(Action::Deny) => {}
             Ok(Action::Allow) => {
                 allow_policies = true;
@@ -86,14 +105,15 @@ fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with
                 }
             }
             // An action this proxy does not know can only deny.
-            Err(_) => return Decision::DeniedBy(name.clone()),
+            Err(_) => return (Decision::DeniedBy(name.clone()), dry_run_applies),
         }
     }
-    match (allow_policies, allowed_by) {
+    let decision = match (allow_policies, allowed_by) {
         (false, _) => Decision::Allow(None),
         (true, Some(name)) => Decision::Allow(Some(name)),
         (true, None) => Decision::NotAllowed,
-    }
+    };
+    (decision, dry_run_applies)
 }
 
 fn applies(policy: &Authorization, name: &str, destination: &Workload) -> bool {
