@@ -593,6 +593,103 @@ pub struct PeerMtls {
     pub mode: Option<String>,
 }
 
+/// Istio `RequestAuthentication` (security.istio.io/v1): which JWTs a waypoint accepts. A request
+/// with a token that fails validation is refused (401); one without a token is anonymous.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "security.istio.io", version = "v1", kind = "RequestAuthentication", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct RequestAuthenticationSpec {
+    /// Workloads (sidecar mode); in ambient mode JWTs are checked by waypoints, through targetRefs.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// A single target (Gateway or Service).
+    #[serde(default)]
+    pub target_ref: Option<ObjectRef>,
+    /// Targets (Gateways or Services).
+    #[serde(default)]
+    pub target_refs: Vec<ObjectRef>,
+    /// One rule per accepted issuer.
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+    /// Fields this mesh does not read: reported, and the policy fails closed (every token refused).
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+    /// Why the spec could not be decoded at all, when it could not: the policy fails closed.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
+}
+
+/// How tokens of one issuer are found and checked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JwtRule {
+    /// Required `iss`.
+    #[serde(default)]
+    pub issuer: String,
+    /// Accepted `aud` values; empty: any.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Where the control plane fetches the keys (HTTPS).
+    #[serde(default)]
+    pub jwks_uri: Option<String>,
+    /// The keys, inline (a JWKS document); takes precedence over `jwksUri`.
+    #[serde(default)]
+    pub jwks: Option<String>,
+    /// Headers the token is read from; with neither this nor `fromParams`,
+    /// `Authorization: Bearer <token>` and the `access_token` query parameter.
+    #[serde(default)]
+    pub from_headers: Vec<JwtHeader>,
+    /// Query parameters the token is read from.
+    #[serde(default)]
+    pub from_params: Vec<String>,
+    /// Cookies the token is read from.
+    #[serde(default)]
+    pub from_cookies: Vec<String>,
+    /// A header that receives the verified payload (base64url JSON).
+    #[serde(default)]
+    pub output_payload_to_header: Option<String>,
+    /// Keep the token in the request sent on (default: removed).
+    #[serde(default)]
+    pub forward_original_token: bool,
+    /// Claims copied to request headers.
+    #[serde(default)]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// Fetch timeout for `jwksUri` (a duration such as `5s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Fields this mesh does not read.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// A header a token is read from, with the text before it (such as `Bearer `).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JwtHeader {
+    /// Header name.
+    #[serde(default)]
+    pub name: String,
+    /// Prefix stripped from the value.
+    #[serde(default)]
+    pub prefix: String,
+    /// Fields this mesh does not read.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
+/// A claim copied to a header.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClaimToHeader {
+    /// Header name.
+    #[serde(default)]
+    pub header: String,
+    /// Claim name (`a.b` for a nested claim).
+    #[serde(default)]
+    pub claim: String,
+    /// Fields this mesh does not read.
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, serde_json::Value>,
+}
+
 /// Labels of an object, or an empty map.
 pub fn labels(meta: &ObjectMeta) -> &BTreeMap<String, String> {
     static EMPTY: BTreeMap<String, String> = BTreeMap::new();

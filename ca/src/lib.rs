@@ -26,6 +26,7 @@ pub mod auth;
 pub mod authority;
 pub mod ctl;
 pub mod grpc;
+pub mod jwks;
 pub mod k8s;
 pub mod mesh;
 pub mod metrics;
@@ -130,6 +131,8 @@ pub struct Config {
     pub debounce: Duration,
     /// What a caller of the gRPC port can make the control plane do, authenticated or not.
     pub limits: Limits,
+    /// How RequestAuthentication keys named by `jwksUri` are fetched.
+    pub jwks: jwks::JwksConfig,
 }
 
 /// Bounds on the gRPC port (15012). Its TLS needs no client certificate (proxies authenticate
@@ -211,6 +214,7 @@ impl Config {
             serving: ServingConfig::default(),
             debounce: Duration::from_millis(20),
             limits: Limits::default(),
+            jwks: jwks::JwksConfig::default(),
         }
     }
 
@@ -263,6 +267,9 @@ pub enum Error {
     /// TLS setup.
     #[error("TLS: {0}")]
     Tls(#[from] proto::tls::TlsError),
+    /// The JWKS fetcher could not be set up.
+    #[error("JWKS fetcher: {0}")]
+    Jwks(String),
     /// Writing a file for clients.
     #[error("writing {path}: {source}")]
     Write {
@@ -374,6 +381,8 @@ impl ControlPlane {
 
         let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::default()));
         let (resources_tx, resources_rx) = watch::channel(Arc::new(Resources::default()));
+        let jwks = jwks::Jwks::new(config.jwks.clone()).map_err(Error::Jwks)?;
+        let jwks_fetcher = tokio::spawn(jwks.clone().run(stop()));
         let translator = tokio::spawn(translate_loop(
             TranslateInputs {
                 store: store.clone(),
@@ -381,6 +390,7 @@ impl ControlPlane {
                 debounce: config.debounce,
                 bundle: authority.bundle(),
                 nodes: nodes.clone(),
+                jwks,
             },
             view_tx,
             resources_tx,
@@ -447,6 +457,7 @@ impl ControlPlane {
         info!("control plane stopping");
         let _ = stop_tx.send(true);
         let _ = translator.await;
+        let _ = jwks_fetcher.await;
         let _ = renewer.await;
         let source_result = match source_result {
             Some(r) => r,
@@ -533,6 +544,8 @@ struct TranslateInputs {
     bundle: watch::Receiver<Arc<Vec<String>>>,
     /// Told which pods run where after every change (certificate authorization).
     nodes: Arc<NodeAuthorizer>,
+    /// Keys fetched for RequestAuthentication rules.
+    jwks: Arc<jwks::Jwks>,
 }
 
 /// Recomputes the state after each change of the objects (debounced) or of the trust bundle, and
@@ -543,8 +556,9 @@ async fn translate_loop(
     resources_tx: watch::Sender<Arc<Resources>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let TranslateInputs { store, mesh, debounce, mut bundle, nodes } = inputs;
+    let TranslateInputs { store, mesh, debounce, mut bundle, nodes, jwks } = inputs;
     let mut changes = store.subscribe();
+    let mut keys = jwks.changes();
     let mut generation = 0u64;
     let mut warned: std::collections::BTreeSet<String> = Default::default();
     let mut previous = Arc::new(Resources::default());
@@ -561,16 +575,20 @@ async fn translate_loop(
                 () = &mut stop => return,
                 changed = changes.changed() => if changed.is_err() { return },
                 changed = bundle.changed() => if changed.is_err() { return },
+                changed = keys.changed() => if changed.is_err() { return },
             }
             // Coalesce a burst of changes into one recomputation.
             tokio::time::sleep(debounce).await;
         }
         changes.mark_unchanged();
+        keys.mark_unchanged();
         let roots = bundle.borrow_and_update().clone();
         let objects = store.snapshot();
         let started = Instant::now();
         nodes.update(PodIndex::build(&objects, &mesh.trust_domain));
-        let state = translate::translate(&objects, &mesh);
+        let mut state = translate::translate(&objects, &mesh);
+        let key_errors = jwks.fill(&mut state.request_authns);
+        state.config_errors.extend(key_errors);
         generation += 1;
         let trust_bundle = proto::api::ambient::ca::v1::TrustBundle {
             trust_domain: mesh.trust_domain.clone(),

@@ -149,6 +149,20 @@ struct ServeArgs {
     #[arg(long, default_value_t = ca::Limits::default().issue_burst)]
     issue_burst: u32,
 
+    /// Extra roots (PEM) trusted when fetching RequestAuthentication `jwksUri` keys, besides the
+    /// system's (an identity provider with a private CA). Keys are fetched over HTTPS only.
+    #[arg(long, value_name = "FILE")]
+    jwks_ca_file: Option<PathBuf>,
+
+    /// How often `jwksUri` keys are fetched again (a failed fetch keeps the last keys and is
+    /// retried sooner).
+    #[arg(long, default_value = "20m", value_parser = parse_duration)]
+    jwks_refresh: Duration,
+
+    /// Time allowed for one `jwksUri` fetch.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    jwks_timeout: Duration,
+
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -236,6 +250,16 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("--key-secret {:?}: expected <namespace>/<name>", args.key_secret))?;
         authority.keys = KeySource::SelfManagedInSecret { client, namespace: namespace.into(), name: name.into() };
     }
+    let extra_roots = match &args.jwks_ca_file {
+        None => Vec::new(),
+        Some(path) => {
+            let pem = std::fs::read(path).with_context(|| format!("--jwks-ca-file {}", path.display()))?;
+            proto::tls::TrustBundle::from_pem(&pem)
+                .with_context(|| format!("--jwks-ca-file {}", path.display()))?
+                .roots()
+                .to_vec()
+        }
+    };
     let config = Config {
         source,
         grpc_addr: args.grpc_addr,
@@ -256,6 +280,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             issue_burst: args.issue_burst,
             ..ca::Limits::default()
         },
+        jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
     };
     let cp = ControlPlane::bind(config).await?;
     cp.run(shutdown_signal()).await?;

@@ -400,6 +400,8 @@ pub struct MeshState {
     pub routes: BTreeMap<String, proto::api::ambient::waypoint::v1::ServiceRoutes>,
     /// Waypoint (L7) policies by `namespace/name`.
     pub l7_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::L7Policy>,
+    /// Waypoint JWT rules (RequestAuthentication) by `namespace/name`.
+    pub request_authns: BTreeMap<String, proto::api::ambient::waypoint::v1::RequestAuthn>,
     /// DestinationRule traffic policies by service, `namespace/hostname`.
     pub destination_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::DestinationPolicy>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::k8s::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
-    Pod, Service, VirtualService,
+    Pod, RequestAuthentication, Service, VirtualService,
 };
 
 /// The kinds the mesh reads.
@@ -38,6 +38,8 @@ pub enum Kind {
     AuthorizationPolicy,
     /// security.istio.io PeerAuthentication.
     PeerAuthentication,
+    /// security.istio.io RequestAuthentication.
+    RequestAuthentication,
     /// networking.istio.io VirtualService.
     VirtualService,
     /// networking.istio.io DestinationRule.
@@ -92,6 +94,8 @@ pub enum Object {
     AuthorizationPolicy(Arc<AuthorizationPolicy>),
     /// A PeerAuthentication.
     PeerAuthentication(Arc<PeerAuthentication>),
+    /// A RequestAuthentication.
+    RequestAuthentication(Arc<RequestAuthentication>),
     /// A VirtualService.
     VirtualService(Arc<VirtualService>),
     /// A DestinationRule.
@@ -134,6 +138,11 @@ fn decode<T: serde::de::DeserializeOwned>(kind: Kind, value: serde_json::Value) 
     serde_json::from_value(value).map(Arc::new).map_err(|e| ObjectError::Schema { kind, reason: e.to_string() })
 }
 
+/// `spec.<key>` of an object whose spec as a whole does not decode, if that part does.
+fn part<T: serde::de::DeserializeOwned>(spec: Option<&serde_json::Value>, key: &str) -> Option<T> {
+    T::deserialize(spec?.get(key)?).ok()
+}
+
 /// Decodes an AuthorizationPolicy. One whose spec does not decode is still admitted (when its
 /// metadata does), marked unreadable with the decoder's reason, and carrying whatever of its
 /// selector, targets and action could be read: dropping it would silently lift the restriction it
@@ -149,9 +158,6 @@ fn decode_authorization_policy(value: &serde_json::Value) -> Result<Arc<Authoriz
     let metadata =
         Deserialize::deserialize(metadata).map_err(|e| ObjectError::Schema { kind, reason: e.to_string() })?;
     let spec = value.get("spec");
-    fn part<T: serde::de::DeserializeOwned>(spec: Option<&serde_json::Value>, key: &str) -> Option<T> {
-        T::deserialize(spec?.get(key)?).ok()
-    }
     let spec = crate::k8s::AuthorizationPolicySpec {
         selector: part(spec, "selector"),
         target_ref: part(spec, "targetRef"),
@@ -161,6 +167,30 @@ fn decode_authorization_policy(value: &serde_json::Value) -> Result<Arc<Authoriz
         ..Default::default()
     };
     Ok(Arc::new(AuthorizationPolicy { metadata, spec }))
+}
+
+/// Decodes a RequestAuthentication; like an AuthorizationPolicy, one whose spec does not decode is
+/// admitted as unreadable (with its targets, if they can be read), and fails closed: the waypoints
+/// it targets refuse every token rather than let unchecked ones through.
+fn decode_request_authentication(value: &serde_json::Value) -> Result<Arc<RequestAuthentication>, ObjectError> {
+    use serde::Deserialize;
+    let kind = Kind::RequestAuthentication;
+    let reason = match RequestAuthentication::deserialize(value) {
+        Ok(p) => return Ok(Arc::new(p)),
+        Err(e) => e.to_string(),
+    };
+    let metadata = value.get("metadata").unwrap_or(&serde_json::Value::Null);
+    let metadata =
+        Deserialize::deserialize(metadata).map_err(|e| ObjectError::Schema { kind, reason: e.to_string() })?;
+    let spec = value.get("spec");
+    let spec = crate::k8s::RequestAuthenticationSpec {
+        selector: part(spec, "selector"),
+        target_ref: part(spec, "targetRef"),
+        target_refs: part(spec, "targetRefs").unwrap_or_default(),
+        unreadable: Some(reason),
+        ..Default::default()
+    };
+    Ok(Arc::new(RequestAuthentication { metadata, spec }))
 }
 
 impl Object {
@@ -193,6 +223,9 @@ impl Object {
             ("security.istio.io", "PeerAuthentication") => {
                 decode(Kind::PeerAuthentication, value).map(Object::PeerAuthentication)
             }
+            ("security.istio.io", "RequestAuthentication") => {
+                decode_request_authentication(&value).map(Object::RequestAuthentication)
+            }
             ("networking.istio.io", "VirtualService") => {
                 decode(Kind::VirtualService, value).map(Object::VirtualService)
             }
@@ -215,6 +248,7 @@ impl Object {
             Object::GRPCRoute(o) => o.meta(),
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::PeerAuthentication(o) => o.meta(),
+            Object::RequestAuthentication(o) => o.meta(),
             Object::VirtualService(o) => o.meta(),
             Object::DestinationRule(o) => o.meta(),
         }
@@ -232,6 +266,7 @@ impl Object {
             Object::GRPCRoute(_) => Kind::GRPCRoute,
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Object::RequestAuthentication(_) => Kind::RequestAuthentication,
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
         }
@@ -269,6 +304,7 @@ impl Object {
             Object::GRPCRoute(o) => Object::GRPCRoute(fill(o)),
             Object::AuthorizationPolicy(o) => Object::AuthorizationPolicy(fill(o)),
             Object::PeerAuthentication(o) => Object::PeerAuthentication(fill(o)),
+            Object::RequestAuthentication(o) => Object::RequestAuthentication(fill(o)),
             Object::VirtualService(o) => Object::VirtualService(fill(o)),
             Object::DestinationRule(o) => Object::DestinationRule(fill(o)),
         }
@@ -450,6 +486,12 @@ impl Objects {
     pub fn peer_authentications(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
         self.of_kind(Kind::PeerAuthentication)
             .filter_map(|o| if let Object::PeerAuthentication(x) = o { Some(x) } else { None })
+    }
+
+    /// RequestAuthentications.
+    pub fn request_authentications(&self) -> impl Iterator<Item = &Arc<RequestAuthentication>> {
+        self.of_kind(Kind::RequestAuthentication)
+            .filter_map(|o| if let Object::RequestAuthentication(x) = o { Some(x) } else { None })
     }
 
     /// Count of objects per kind.

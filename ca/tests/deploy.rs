@@ -98,6 +98,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("gateway.networking.k8s.io", "grpcroutes"),
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
+        ("security.istio.io", "requestauthentications"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
     ]

@@ -15,7 +15,7 @@ use ca::source::dir::DirSource;
 use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
-use proto::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, ServiceRoutes};
+use proto::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, RequestAuthn, ServiceRoutes};
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
 use proto::api::type_url;
@@ -33,6 +33,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
         (type_url::AUTHORIZATION, "Authorization"),
         (type_url::SERVICE_ROUTES, "ServiceRoutes"),
         (type_url::L7_POLICY, "L7Policy"),
+        (type_url::REQUEST_AUTHN, "RequestAuthn"),
         (type_url::DESTINATION_POLICY, "DestinationPolicy"),
     ];
     for (url, label) in types {
@@ -48,6 +49,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
                 type_url::AUTHORIZATION => format!("{:#?}", Authorization::decode(bytes).unwrap()),
                 type_url::SERVICE_ROUTES => format!("{:#?}", ServiceRoutes::decode(bytes).unwrap()),
                 type_url::L7_POLICY => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
+                type_url::REQUEST_AUTHN => format!("{:#?}", RequestAuthn::decode(bytes).unwrap()),
                 _ => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();

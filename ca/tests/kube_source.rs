@@ -41,6 +41,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/apis/gateway.networking.k8s.io/v1/httproutes", "HTTPRouteList"),
     ("/apis/gateway.networking.k8s.io/v1/grpcroutes", "GRPCRouteList"),
     ("/apis/security.istio.io/v1/authorizationpolicies", "AuthorizationPolicyList"),
+    ("/apis/security.istio.io/v1/requestauthentications", "RequestAuthenticationList"),
     ("/apis/networking.istio.io/v1/virtualservices", "VirtualServiceList"),
     ("/apis/networking.istio.io/v1/destinationrules", "DestinationRuleList"),
     // PeerAuthentication is left out: the CRD "is not installed" and answers 404.
@@ -237,6 +238,21 @@ async fn lists_watches_and_relists_through_kube() {
     .await;
     let state = ca::translate::translate(&store.snapshot(), &Default::default());
     assert!(state.workloads["Kubernetes//Pod/shop/b"].captured, "namespace label change not applied");
+
+    // A RequestAuthentication from the API server becomes the waypoint's JWT rules.
+    let ra = json!({
+        "apiVersion": "security.istio.io/v1", "kind": "RequestAuthentication",
+        "metadata": {"name": "jwt", "namespace": "shop"},
+        "spec": {"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "waypoint"}],
+                 "jwtRules": [{"issuer": "https://idp.example", "jwksUri": "https://idp.example/keys"}]},
+    });
+    mock.apply("/apis/security.istio.io/v1/requestauthentications", ra, false);
+    eventually("RequestAuthentication watched", || {
+        store.snapshot().get(&key(Kind::RequestAuthentication, "shop", "jwt")).is_some()
+    })
+    .await;
+    let state = ca::translate::translate(&store.snapshot(), &Default::default());
+    assert_eq!(state.request_authns["shop/jwt"].jwt_rules[0].jwks_uri, "https://idp.example/keys");
 
     // An invalid object from the API is refused and reported; the store keeps the valid version.
     mock.apply("/api/v1/pods", pod("b", Some("garbage")), false);

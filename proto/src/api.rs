@@ -82,6 +82,8 @@ pub mod type_url {
     pub const SERVICE_ROUTES: &str = "type.googleapis.com/ambient.waypoint.v1.ServiceRoutes";
     /// An L7 authorization policy for waypoints (`ambient.waypoint.v1.L7Policy`).
     pub const L7_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.L7Policy";
+    /// A RequestAuthentication for waypoints (`ambient.waypoint.v1.RequestAuthn`).
+    pub const REQUEST_AUTHN: &str = "type.googleapis.com/ambient.waypoint.v1.RequestAuthn";
     /// A DestinationRule's traffic policy for waypoints (`ambient.waypoint.v1.DestinationPolicy`).
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.DestinationPolicy";
     /// The roots proxies trust (`ambient.ca.v1.TrustBundle`), one resource named

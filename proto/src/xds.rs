@@ -22,11 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
-use crate::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, ServiceRoutes};
+use crate::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, RequestAuthn, ServiceRoutes};
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, Service, Workload, address};
-use crate::api::type_url::{ADDRESS, AUTHORIZATION, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use crate::api::type_url::{
+    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
+};
 use crate::tls::{SharedTrustBundle, TrustBundle};
 
 use crate::api::envoy::config::core::v3::Node;
@@ -148,6 +150,8 @@ pub struct MeshState {
     pub routes: HashMap<String, Arc<ServiceRoutes>>,
     /// Waypoint (L7) policies by `namespace/name`.
     pub l7_policies: HashMap<String, Arc<L7Policy>>,
+    /// Waypoint JWT rules (RequestAuthentication) by `namespace/name`.
+    pub request_authns: HashMap<String, Arc<RequestAuthn>>,
     /// DestinationRule traffic policies by service, `namespace/hostname`.
     pub destination_policies: HashMap<String, Arc<DestinationPolicy>>,
     /// Workload uid by IP.
@@ -290,6 +294,9 @@ impl MeshView {
                 L7_POLICY => {
                     state.l7_policies.remove(name);
                 }
+                REQUEST_AUTHN => {
+                    state.request_authns.remove(name);
+                }
                 DESTINATION_POLICY => {
                     state.destination_policies.remove(name);
                 }
@@ -334,6 +341,10 @@ fn apply_resource(
         L7_POLICY => {
             let p = L7Policy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
             state.l7_policies.insert(res.name.clone(), Arc::new(p));
+        }
+        REQUEST_AUTHN => {
+            let p = RequestAuthn::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            state.request_authns.insert(res.name.clone(), Arc::new(p));
         }
         DESTINATION_POLICY => {
             let p = DestinationPolicy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;

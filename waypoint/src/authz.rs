@@ -19,6 +19,8 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 use proto::SpiffeId;
+
+use crate::jwt::RequestPrincipal;
 use proto::api::ambient::waypoint::v1::{self as pb, l7_policy::Action, policy_target::Kind};
 
 /// What a decision looks at.
@@ -45,6 +47,8 @@ pub struct HttpAttributes<'a> {
     pub host: &'a str,
     /// Request headers.
     pub headers: &'a HeaderMap,
+    /// The verified JWT caller (`None`: anonymous).
+    pub auth: Option<&'a RequestPrincipal>,
 }
 
 /// The outcome, with the deciding policy for logs.
@@ -59,7 +63,12 @@ pub enum Decision {
 /// Whether `policy` applies to traffic through waypoint `gateway` (`namespace`, `name`) to
 /// `service` (`namespace`, `name`; `None` when addressed to a pod).
 pub fn applies(policy: &pb::L7Policy, gateway: (&str, &str), service: Option<(&str, &str)>) -> bool {
-    policy.targets.iter().any(|t| match Kind::try_from(t.kind) {
+    targets_apply(&policy.targets, gateway, service)
+}
+
+/// Whether one of `targets` is waypoint `gateway` or `service` (see [`applies`]).
+pub fn targets_apply(targets: &[pb::PolicyTarget], gateway: (&str, &str), service: Option<(&str, &str)>) -> bool {
+    targets.iter().any(|t| match Kind::try_from(t.kind) {
         Ok(Kind::Gateway) => (t.namespace.as_str(), t.name.as_str()) == gateway,
         Ok(Kind::Service) => service == Some((t.namespace.as_str(), t.name.as_str())),
         Err(_) => false,
@@ -123,9 +132,15 @@ fn source_matches(s: &pb::L7Source, input: &AuthzInput<'_>) -> bool {
         && field(&s.namespaces, &s.not_namespaces, |n| string_match(n, input.peer.namespace()))
         && ip_field(&s.ip_blocks, &s.not_ip_blocks)
         && ip_field(&s.remote_ip_blocks, &s.not_remote_ip_blocks)
-        // Request principals come from JWTs, which this waypoint does not validate: a rule that
-        // needs one cannot match an HTTP request (on a TCP stream the field is ignored, see above).
-        && (input.http.is_none() || (s.request_principals.is_empty() && s.not_request_principals.is_empty()))
+        // On a TCP stream the field is ignored (see above). An anonymous request matches no
+        // `requestPrincipals` and every `notRequestPrincipals`.
+        && match input.http.as_ref() {
+            None => true,
+            Some(http) => match http.auth {
+                Some(a) => field(&s.request_principals, &s.not_request_principals, |p| string_match(p, &a.principal)),
+                None => s.request_principals.is_empty(),
+            },
+        }
 }
 
 fn operation_matches(o: &pb::L7Operation, input: &AuthzInput<'_>) -> bool {
@@ -170,6 +185,24 @@ fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>, deny: bool) ->
         let holds = |v: &&str| field(&c.values, &c.not_values, |p| string_match(p, v));
         return Some(if deny { values.iter().any(holds) } else { values.iter().all(holds) });
     }
+    if let Some(rest) = c.key.strip_prefix("request.auth.") {
+        let Some(http) = &input.http else { return Some(true) };
+        let values: Option<Vec<String>> = match rest {
+            "principal" => http.auth.map(|a| vec![a.principal.clone()]),
+            "audiences" => http.auth.map(|a| a.audiences.clone()),
+            "presenter" => http.auth.and_then(|a| a.presenter.clone()).map(|p| vec![p]),
+            _ => {
+                let path = rest.strip_prefix("claims").and_then(claim_path)?;
+                http.auth.and_then(|a| a.claim(&path))
+            }
+        };
+        // A list (audiences, a list claim) matches when any element does; `notValues` when none.
+        let values = values.unwrap_or_default();
+        return Some(
+            (c.values.is_empty() || values.iter().any(|v| c.values.iter().any(|p| string_match(p, v))))
+                && !values.iter().any(|v| c.not_values.iter().any(|p| string_match(p, v))),
+        );
+    }
     let value: Option<String> = match c.key.as_str() {
         "source.principal" => Some(principal.to_owned()),
         "source.namespace" => Some(input.peer.namespace().to_owned()),
@@ -182,6 +215,13 @@ fn condition_matches(c: &pb::L7Condition, input: &AuthzInput<'_>, deny: bool) ->
     };
     let Some(value) = value else { return Some(c.values.is_empty()) };
     Some(field(&c.values, &c.not_values, |v| string_match(v, &value)))
+}
+
+/// The claim names of `[<a>][<b>]…` (at least one, none empty).
+fn claim_path(brackets: &str) -> Option<Vec<&str>> {
+    let inner = brackets.strip_prefix('[')?.strip_suffix(']')?;
+    let names: Vec<&str> = inner.split("][").collect();
+    names.iter().all(|n| !n.is_empty() && !n.contains(['[', ']'])).then_some(names)
 }
 
 fn rule_matches(rule: &pb::L7Rule, input: &AuthzInput<'_>, action: Action) -> bool {
@@ -267,7 +307,8 @@ mod tests {
     fn decide_for(policies: &[pb::L7Policy], peer: &str, method: &str, path: &str) -> Decision {
         let peer: SpiffeId = peer.parse().unwrap();
         let headers = HeaderMap::new();
-        let http = HttpAttributes { method, path, host: "hello.demo.svc.cluster.local:80", headers: &headers };
+        let http =
+            HttpAttributes { method, path, host: "hello.demo.svc.cluster.local:80", headers: &headers, auth: None };
         decide(policies, &AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) })
     }
 
@@ -295,7 +336,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-user", "guest".parse().unwrap());
         headers.append("x-user", "admin".parse().unwrap());
-        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers };
+        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers, auth: None };
         let input = AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) };
         assert!(
             matches!(decide([&with(Action::Deny)], &input), Decision::Deny(Some(_))),
@@ -330,7 +371,7 @@ mod tests {
         dry.dry_run = true;
         let peer: SpiffeId = client.parse().unwrap();
         let headers = HeaderMap::new();
-        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers };
+        let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers, auth: None };
         let input = AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) };
         assert_eq!(decide([&dry], &input), Decision::Allow(None));
         assert_eq!(dry_run([&dry], &input), Some(Decision::Deny(Some("demo/p".into()))));
@@ -339,6 +380,71 @@ mod tests {
         let mut future = policy(Action::Allow, pb::L7Operation::default(), vec![]);
         future.action = 9;
         assert!(matches!(decide([&future], &input), Decision::Deny(Some(_))));
+    }
+
+    #[test]
+    fn request_principals_and_jwt_conditions() {
+        let peer: SpiffeId = "spiffe://cluster.local/ns/demo/sa/client".parse().unwrap();
+        let headers = HeaderMap::new();
+        let mut claims = serde_json::Map::new();
+        claims.insert("groups".into(), serde_json::json!(["dev", "admin"]));
+        claims.insert("org".into(), serde_json::json!({"team": "core"}));
+        let alice = RequestPrincipal {
+            principal: "https://idp/alice".into(),
+            audiences: vec!["shop".into()],
+            presenter: Some("web".into()),
+            claims,
+        };
+        let decide_as = |policies: &[pb::L7Policy], auth: Option<&RequestPrincipal>| {
+            let http = HttpAttributes { method: "GET", path: "/", host: "h", headers: &headers, auth };
+            decide(policies.iter(), &AuthzInput { peer: &peer, source_ip: None, port: 80, http: Some(http) })
+        };
+        let source = |rp: &[&str], not: &[&str]| {
+            vec![pb::L7Source {
+                request_principals: rp.iter().map(|s| s.to_string()).collect(),
+                not_request_principals: not.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }]
+        };
+        // ALLOW requestPrincipals ["*"]: any valid token; anonymous is denied.
+        let any = [policy(Action::Allow, pb::L7Operation::default(), source(&["*"], &[]))];
+        assert!(matches!(decide_as(&any, Some(&alice)), Decision::Allow(Some(_))));
+        assert_eq!(decide_as(&any, None), Decision::Deny(None));
+        let exact = [policy(Action::Allow, pb::L7Operation::default(), source(&["https://idp/bob"], &[]))];
+        assert_eq!(decide_as(&exact, Some(&alice)), Decision::Deny(None));
+        // DENY notRequestPrincipals ["*"]: denies anonymous requests only.
+        let deny_anon = [policy(Action::Deny, pb::L7Operation::default(), source(&[], &["*"]))];
+        assert!(matches!(decide_as(&deny_anon, None), Decision::Deny(Some(_))));
+        assert_eq!(decide_as(&deny_anon, Some(&alice)), Decision::Allow(None));
+
+        let when = |action: Action, key: &str, values: &[&str], not: &[&str]| pb::L7Policy {
+            name: "p".into(),
+            namespace: "demo".into(),
+            action: action as i32,
+            rules: vec![pb::L7Rule {
+                when: vec![pb::L7Condition {
+                    key: key.into(),
+                    values: values.iter().map(|s| s.to_string()).collect(),
+                    not_values: not.iter().map(|s| s.to_string()).collect(),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let allowed = |p: pb::L7Policy, auth| matches!(decide_as(&[p], auth), Decision::Allow(_));
+        assert!(allowed(when(Action::Allow, "request.auth.claims[groups]", &["admin"], &[]), Some(&alice)));
+        assert!(!allowed(when(Action::Allow, "request.auth.claims[groups]", &["ops"], &[]), Some(&alice)));
+        assert!(!allowed(when(Action::Allow, "request.auth.claims[groups]", &["admin"], &[]), None));
+        assert!(allowed(when(Action::Allow, "request.auth.claims[org][team]", &["core"], &[]), Some(&alice)));
+        assert!(allowed(when(Action::Allow, "request.auth.audiences", &["shop"], &[]), Some(&alice)));
+        assert!(allowed(when(Action::Allow, "request.auth.presenter", &["web"], &[]), Some(&alice)));
+        assert!(allowed(when(Action::Allow, "request.auth.principal", &["https://idp/*"], &[]), Some(&alice)));
+        // DENY unless in group admin: denies anonymous (no claim) and non-admins.
+        assert!(!allowed(when(Action::Deny, "request.auth.claims[groups]", &[], &["admin"]), None));
+        assert!(allowed(when(Action::Deny, "request.auth.claims[groups]", &[], &["admin"]), Some(&alice)));
+        // A malformed claim key cannot be evaluated: fails closed both ways.
+        assert!(!allowed(when(Action::Allow, "request.auth.claims[groups", &["admin"], &[]), Some(&alice)));
+        assert!(!allowed(when(Action::Deny, "request.auth.claims[]", &["admin"], &[]), Some(&alice)));
     }
 
     #[test]

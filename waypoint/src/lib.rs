@@ -25,6 +25,7 @@
 pub mod authz;
 pub mod body;
 pub mod destination;
+pub mod jwt;
 pub mod metrics;
 pub mod normalize;
 pub mod proxy;
@@ -46,7 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
 use proto::api::ambient::waypoint::v1::PortProtocol;
 use proto::api::istio::workload::gateway_address;
-use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, SERVICE_ROUTES, TRUST_BUNDLE};
+use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE};
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
 use proto::drain::{self, DrainTrigger};
@@ -64,7 +65,7 @@ use crate::route::Regexes;
 use crate::upstream::{Clients, Connector};
 
 /// The xDS types a waypoint follows.
-pub const SUBSCRIBED: [&str; 5] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
+pub const SUBSCRIBED: [&str; 6] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, REQUEST_AUTHN, DESTINATION_POLICY, TRUST_BUNDLE];
 
 /// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -92,6 +93,8 @@ pub struct Context {
     pub connector: Connector,
     /// How long to wait for a client's first bytes on a port whose protocol is not declared.
     pub detect_timeout: Duration,
+    /// Parsed JWT verification keys.
+    pub jwt_keys: jwt::KeyCache,
 }
 
 /// Settings.
@@ -302,6 +305,7 @@ async fn config_dump(State(s): State<Endpoints>) -> axum::Json<serde_json::Value
             "services": sorted(m.services.keys().cloned().collect()),
             "routes": routes,
             "l7_policies": sorted(m.l7_policies.keys().cloned().collect()),
+            "request_authns": sorted(m.request_authns.keys().cloned().collect()),
             "destination_policies": sorted(m.destination_policies.keys().cloned().collect()),
         })
     });
@@ -348,6 +352,7 @@ impl Waypoint {
             destinations: destination::Destinations::default(),
             connector,
             detect_timeout: config.detect_timeout,
+            jwt_keys: jwt::KeyCache::default(),
         });
         let stop = CancellationToken::new();
         let xds = AdsClient {

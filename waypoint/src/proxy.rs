@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::Context;
 use crate::authz::{self, AuthzInput, Decision, HttpAttributes};
 use crate::body::{Deadline, RequestBody};
+use crate::jwt::{self, Authn};
 use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
 use crate::route::{self, RouteInput};
@@ -102,6 +103,21 @@ pub(crate) fn authorize(ctx: &Context, destination: Option<&Destination>, input:
             "dry-run policies applied (not enforced)");
     }
     decision
+}
+
+/// Checks the request's JWT against the RequestAuthentication rules bound to this Gateway or to
+/// the destination's Service.
+fn authenticate(ctx: &Context, destination: &Destination, headers: &mut HeaderMap, query: Option<&str>) -> Authn {
+    let service = service_ref(destination);
+    let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
+    let policies: Vec<Arc<pb::RequestAuthn>> = ctx.view.read(|s| {
+        s.request_authns.values().filter(|p| authz::targets_apply(&p.targets, gateway, service)).cloned().collect()
+    });
+    if policies.is_empty() {
+        return Authn::Anonymous;
+    }
+    let rules: Vec<&pb::JwtRule> = policies.iter().flat_map(|p| &p.jwt_rules).collect();
+    jwt::authenticate(&rules, headers, query, &ctx.jwt_keys)
 }
 
 /// The service's `namespace`, `name`, for policy targets (`None` for a pod).
@@ -318,8 +334,27 @@ async fn route_and_send(
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
 
+    // Authentication (RequestAuthentication), whose principal authorization may need.
+    let principal = match authenticate(ctx, &destination, &mut parts.headers, parts.uri.query()) {
+        Authn::Anonymous => None,
+        Authn::Verified(p) => Some(p),
+        Authn::Refused(why) => {
+            warn!(peer = %down.peer, method = %method, path = %path, reason = %why, "request refused: invalid JWT");
+            let mut resp = text(StatusCode::UNAUTHORIZED, "Jwt verification fails\n");
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\""));
+            return (resp, fail(StatusCode::UNAUTHORIZED, "-", ""));
+        }
+    };
+
     // Authorization.
-    let http = HttpAttributes { method: method.as_str(), path: &path, host, headers: &parts.headers };
+    let http = HttpAttributes {
+        method: method.as_str(),
+        path: &path,
+        host,
+        headers: &parts.headers,
+        auth: principal.as_ref(),
+    };
     let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: Some(http) };
     let decision = authorize(ctx, Some(&destination), &input);
     if let Decision::Deny(policy) = &decision {

@@ -52,17 +52,25 @@ pub fn classify(buf: &[u8]) -> Option<Handling> {
     if buf[..n] == H2_PREFACE[..n] {
         return (n == H2_PREFACE.len()).then_some(Handling::Http);
     }
+    // Each verdict below holds for every longer buffer with the same start: the answer never
+    // depends on how the client's bytes were split into reads.
     let method_len = buf.iter().take_while(|b| is_tchar(**b)).count();
+    if method_len > 32 {
+        return Some(Handling::Tcp);
+    }
     if method_len == buf.len() {
-        return (method_len > 32).then_some(Handling::Tcp);
+        return None;
     }
     if method_len == 0 || buf[method_len] != b' ' {
         return Some(Handling::Tcp);
     }
     let rest = &buf[method_len + 1..];
     let target_len = rest.iter().take_while(|b| b.is_ascii_graphic()).count();
+    if method_len + 1 + target_len > MAX_REQUEST_LINE {
+        return Some(Handling::Http);
+    }
     if target_len == rest.len() {
-        return (method_len + 1 + target_len > MAX_REQUEST_LINE).then_some(Handling::Http);
+        return None;
     }
     if target_len == 0 || rest[target_len] != b' ' {
         return Some(Handling::Tcp);
@@ -265,5 +273,28 @@ mod tests {
         let mut long = b"GET /".to_vec();
         long.resize(MAX_REQUEST_LINE + 10, b'a');
         assert_eq!(classify(&long), Some(Handling::Http));
+    }
+
+    /// Found by the protocol_detect fuzzer: a 33-byte method was TCP while the buffer ended in it
+    /// and undecided once a space followed, and an over-long target was HTTP until a bad version
+    /// arrived. The verdict must not depend on how the bytes were split into reads.
+    #[test]
+    fn a_verdict_never_changes_with_more_bytes() {
+        let mut cases = vec![b"|tqtPRtttttUUUUUUUUUUUUUUUUU2I~PRI * HT\xff\xff\xff".to_vec()];
+        let mut long = b"GET /".to_vec();
+        long.resize(MAX_REQUEST_LINE + 10, b'a');
+        long.extend_from_slice(b" XYZ/1.1\r\n");
+        cases.push(long);
+        for case in cases {
+            let mut decided = None;
+            for end in 1..=case.len() {
+                let now = classify(&case[..end]);
+                match decided {
+                    None => decided = now,
+                    Some(before) => assert_eq!(now, Some(before), "changed at byte {end}"),
+                }
+            }
+            assert!(decided.is_some());
+        }
     }
 }

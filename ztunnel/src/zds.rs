@@ -262,7 +262,9 @@ impl ZdsClient {
     }
 }
 
-fn parse(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<ZdsEvent, String> {
+/// Reads one ZDS request (a datagram from the node agent) and the descriptors that came with it.
+/// Public for the fuzz target.
+pub fn parse(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<ZdsEvent, String> {
     let request = WorkloadRequest::decode(bytes).map_err(|e| format!("undecodable request: {e}"))?;
     let payload = request.payload.ok_or("request without a payload")?;
     let expects_fd = matches!(payload, workload_request::Payload::Add(_));

@@ -106,6 +106,14 @@ pub fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What one YAML file (possibly many `---` documents) yields on its own: its objects, and a message
+/// per document or object that was refused. The parser behind the directory source, public for
+/// the fuzz target.
+pub fn parse_documents(content: &str) -> (Vec<Object>, Vec<String>) {
+    let state = parse_file(content, None);
+    (state.objects.into_iter().map(|(_, o)| o).collect(), state.errors)
+}
+
 /// Parses one file. `previous` supplies last good versions.
 fn parse_file(content: &str, previous: Option<&FileState>) -> FileState {
     let mut state = FileState::default();

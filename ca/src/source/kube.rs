@@ -1,7 +1,7 @@
 //! The Kubernetes API server as the source of objects.
 //!
 //! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes, GRPCRoutes,
-//! AuthorizationPolicies, PeerAuthentications, VirtualServices, DestinationRules), across all
+//! AuthorizationPolicies, PeerAuthentications, RequestAuthentications, VirtualServices, DestinationRules), across all
 //! namespaces. A watcher lists, then
 //! watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
 //! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::k8s::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
-    Pod, Service, VirtualService,
+    Pod, RequestAuthentication, Service, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -60,7 +60,7 @@ impl Problems {
 
 /// Watches every kind until `stop` resolves.
 pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 10;
+    let kinds = 11;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -100,9 +100,16 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
                 &problems
             ),
             watch::<PeerAuthentication>(
-                Api::all(client),
+                Api::all(client.clone()),
                 Kind::PeerAuthentication,
                 Object::PeerAuthentication,
+                &store,
+                &problems
+            ),
+            watch::<RequestAuthentication>(
+                Api::all(client),
+                Kind::RequestAuthentication,
+                Object::RequestAuthentication,
                 &store,
                 &problems
             ),

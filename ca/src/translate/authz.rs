@@ -50,11 +50,20 @@ pub(crate) fn parse_service_account(s: &str) -> Result<(&str, &str), String> {
 }
 
 /// `when` keys the mesh evaluates: ztunnel the L4 ones, the waypoint these (but `destination.ip`)
-/// and `remote.ip` and `request.headers[<name>]`.
+/// and `remote.ip`, `request.headers[<name>]` and the JWT attributes (`request.auth.principal`,
+/// `.audiences`, `.presenter`, `.claims[<name>]`, nested `.claims[<a>][<b>]`).
 fn known_when_key(key: &str) -> bool {
     L4_KEYS.contains(&key)
-        || key == "remote.ip"
+        || matches!(key, "remote.ip" | "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter")
         || key.strip_prefix("request.headers[").and_then(|k| k.strip_suffix(']')).is_some_and(|k| !k.is_empty())
+        || key.strip_prefix("request.auth.claims").and_then(claim_path).is_some()
+}
+
+/// The claim names of `[<a>][<b>]…` (at least one, none empty, no brackets inside).
+pub fn claim_path(brackets: &str) -> Option<Vec<&str>> {
+    let inner = brackets.strip_prefix('[')?.strip_suffix(']')?;
+    let names: Vec<&str> = inner.split("][").collect();
+    names.iter().all(|n| !n.is_empty() && !n.contains(['[', ']'])).then_some(names)
 }
 
 /// An AuthorizationPolicy `action`, as enforced.
@@ -178,11 +187,6 @@ fn rule_problems(rule: &crate::k8s::AuthzRule) -> Vec<String> {
         out.extend(blocks.filter_map(|b| parse_cidr(b).err()).map(|e| format!("{at}: {e}")));
         let accounts = s.service_accounts.iter().chain(&s.not_service_accounts);
         out.extend(accounts.filter_map(|a| parse_service_account(a).err()).map(|e| format!("{at}: {e}")));
-        if !(s.request_principals.is_empty() && s.not_request_principals.is_empty()) {
-            out.push(format!(
-                "{at}: requestPrincipals need RequestAuthentication (JWT validation), which this mesh does not do yet"
-            ));
-        }
     }
     for (j, to) in rule.to.iter().enumerate() {
         let at = format!("to[{j}].operation");

@@ -14,6 +14,7 @@
 
 pub mod authz;
 pub mod istio;
+pub mod request_authn;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
@@ -297,6 +298,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     // What waypoints need: routes per service and the policies targeting them.
     state.routes = waypoint::routes(objects, config, &state.services);
     state.l7_policies = waypoint::l7_policies(objects);
+    let authn = request_authn::translate(objects);
+    state.request_authns = authn.rules;
+    state.config_errors.extend(authn.errors);
+    state.warnings.extend(authn.warnings);
     // VirtualServices are tried before the HTTPRoutes of the same service.
     for (key, mut vs_routes) in istio::virtual_service_routes(objects, config, &state.services) {
         if let Some(existing) = state.routes.remove(&key) {

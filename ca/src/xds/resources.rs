@@ -22,11 +22,12 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 6] = [
+pub const TYPES: [&str; 7] = [
     type_url::ADDRESS,
     type_url::AUTHORIZATION,
     type_url::SERVICE_ROUTES,
     type_url::L7_POLICY,
+    type_url::REQUEST_AUTHN,
     type_url::DESTINATION_POLICY,
     type_url::TRUST_BUNDLE,
 ];
@@ -163,6 +164,12 @@ impl Resources {
             l7.by_name.insert(name.clone(), resource(type_url::L7_POLICY, name, Vec::new(), p));
         }
 
+        let mut authns = TypeResources::default();
+        for (name, p) in &state.request_authns {
+            let name: Arc<str> = Arc::from(name.as_str());
+            authns.by_name.insert(name.clone(), resource(type_url::REQUEST_AUTHN, name, Vec::new(), p));
+        }
+
         let mut destinations = TypeResources::default();
         for (name, p) in &state.destination_policies {
             let name: Arc<str> = Arc::from(name.as_str());
@@ -181,6 +188,7 @@ impl Resources {
         by_type.insert(type_url::AUTHORIZATION, authz);
         by_type.insert(type_url::SERVICE_ROUTES, routes);
         by_type.insert(type_url::L7_POLICY, l7);
+        by_type.insert(type_url::REQUEST_AUTHN, authns);
         by_type.insert(type_url::DESTINATION_POLICY, destinations);
 
         let mut delta = Delta { generation, types: HashMap::new() };

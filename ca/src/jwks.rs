@@ -1,0 +1,250 @@
+//! The keys of RequestAuthentication rules that name a `jwksUri`: fetched by the control plane
+//! over HTTPS, cached, refreshed, and filled into the rules before they are served (as istiod
+//! does), so waypoints need no route to the identity provider.
+//!
+//! - A URI is fetched when a rule first names it, then every `refresh`; a failed fetch is retried
+//!   with backoff (1 s doubling, at most `refresh`).
+//! - A failed refresh keeps the last keys that were fetched; the failure is logged and reported.
+//! - Until keys have been fetched once, the rules naming the URI are served with an error, so
+//!   waypoints refuse the tokens those rules check (a request without a token is unaffected).
+//! - Only HTTPS, verified against the system's roots and any `extra_roots`; the answer must be a
+//!   200 with a JWKS document of at most 1 MiB that holds a public key.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use proto::api::ambient::waypoint::v1 as pb;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::objects::ConfigError;
+use crate::translate::request_authn::{check_jwks, check_jwks_uri, jwks_uris};
+
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// First retry after a failed fetch; doubles up to the refresh interval.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// How keys are fetched.
+#[derive(Debug, Clone)]
+pub struct JwksConfig {
+    /// How often keys are fetched again.
+    pub refresh: Duration,
+    /// Time allowed for one fetch (connect, TLS, answer).
+    pub timeout: Duration,
+    /// Roots trusted besides the system's (an identity provider with a private CA).
+    pub extra_roots: Vec<CertificateDer<'static>>,
+}
+
+impl Default for JwksConfig {
+    fn default() -> Self {
+        JwksConfig { refresh: Duration::from_secs(20 * 60), timeout: Duration::from_secs(5), extra_roots: Vec::new() }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// The last keys fetched.
+    keys: Option<Arc<str>>,
+    /// Why the last fetch failed, if it did.
+    error: Option<String>,
+    /// When to fetch next (`None`: now).
+    next: Option<Instant>,
+    failures: u32,
+}
+
+/// The fetched keys, shared by the fetcher and the translation.
+pub struct Jwks {
+    config: JwksConfig,
+    tls: tokio_rustls::TlsConnector,
+    entries: Mutex<HashMap<String, Entry>>,
+    /// The URIs the current rules need.
+    wanted: watch::Sender<BTreeSet<String>>,
+    /// Bumped when what [`Jwks::fill`] would produce changes.
+    changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jwks").field("config", &self.config).field("wanted", &*self.wanted.borrow()).finish()
+    }
+}
+
+impl Jwks {
+    /// A fetcher trusting the system's roots and `config.extra_roots`.
+    pub fn new(config: JwksConfig) -> Result<Arc<Jwks>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        let native = rustls_native_certs::load_native_certs();
+        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+        for cert in &config.extra_roots {
+            roots.add(cert.clone()).map_err(|e| format!("an extra JWKS root is not usable: {e}"))?;
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(Jwks {
+            config,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            entries: Mutex::default(),
+            wanted: watch::Sender::new(BTreeSet::new()),
+            changed: watch::Sender::new(0),
+        }))
+    }
+
+    /// Notified when fetched keys (or fetch errors) change what the rules would be.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Fills in the keys of the rules that name a `jwksUri`, or marks them with why there are
+    /// none (also returned as config errors); records which URIs are needed.
+    pub fn fill(&self, rules: &mut BTreeMap<String, pb::RequestAuthn>) -> Vec<ConfigError> {
+        let wanted = jwks_uris(rules);
+        self.wanted.send_if_modified(|w| {
+            let differs = *w != wanted;
+            if differs {
+                w.clone_from(&wanted);
+            }
+            differs
+        });
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut errors = Vec::new();
+        for (key, ra) in rules.iter_mut() {
+            for (i, rule) in ra.jwt_rules.iter_mut().enumerate() {
+                if !(rule.jwks.is_empty() && rule.error.is_empty() && !rule.jwks_uri.is_empty()) {
+                    continue;
+                }
+                let entry = entries.get(&rule.jwks_uri);
+                match entry.and_then(|e| e.keys.as_ref()) {
+                    Some(keys) => rule.jwks = keys.to_string(),
+                    None => {
+                        rule.error = match entry.and_then(|e| e.error.as_ref()) {
+                            Some(e) => format!("keys from {} could not be fetched: {e}", rule.jwks_uri),
+                            None => format!("keys from {} are not fetched yet", rule.jwks_uri),
+                        };
+                        errors.push(ConfigError {
+                            source: format!("RequestAuthentication {key}"),
+                            message: format!("jwtRules[{i}]: {}", rule.error),
+                        });
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    /// Fetches what is wanted, when it is due, until `stop` resolves.
+    pub async fn run(self: Arc<Self>, stop: impl std::future::Future<Output = ()>) {
+        let mut wanted_rx = self.wanted.subscribe();
+        tokio::pin!(stop);
+        loop {
+            let wanted = wanted_rx.borrow_and_update().clone();
+            let now = Instant::now();
+            let due: Vec<String> = {
+                let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                entries.retain(|uri, _| wanted.contains(uri));
+                wanted
+                    .iter()
+                    .filter(|u| entries.get(*u).and_then(|e| e.next).is_none_or(|next| next <= now))
+                    .cloned()
+                    .collect()
+            };
+            let fetched = futures_util::future::join_all(due.iter().map(|uri| self.fetch(uri))).await;
+            let mut changed = false;
+            {
+                let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                for (uri, result) in due.iter().zip(fetched) {
+                    let entry = entries.entry(uri.clone()).or_default();
+                    let before = (entry.keys.clone(), entry.error.is_some() && entry.keys.is_none());
+                    match result {
+                        Ok(keys) => {
+                            if entry.keys.as_deref() != Some(keys.as_str()) {
+                                info!(uri = %uri, "JWKS fetched");
+                            }
+                            entry.keys = Some(Arc::from(keys));
+                            entry.error = None;
+                            entry.failures = 0;
+                            entry.next = Some(Instant::now() + self.config.refresh);
+                        }
+                        Err(e) => {
+                            let retry =
+                                FIRST_RETRY.saturating_mul(1 << entry.failures.min(16)).min(self.config.refresh);
+                            warn!(uri = %uri, error = %e, retry_in_s = retry.as_secs_f64(),
+                                keeping_last_keys = entry.keys.is_some(), "JWKS fetch failed");
+                            entry.error = Some(e);
+                            entry.failures += 1;
+                            entry.next = Some(Instant::now() + retry);
+                        }
+                    }
+                    changed |= before != (entry.keys.clone(), entry.error.is_some() && entry.keys.is_none());
+                }
+            }
+            if changed {
+                self.changed.send_modify(|n| *n += 1);
+            }
+            let next = {
+                let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+                entries.values().filter_map(|e| e.next).min()
+            };
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut stop => return,
+                changed = wanted_rx.changed() => if changed.is_err() { return },
+                () = sleep => {}
+            }
+        }
+    }
+
+    async fn fetch(&self, uri: &str) -> Result<String, String> {
+        tokio::time::timeout(self.config.timeout, self.fetch_once(uri))
+            .await
+            .map_err(|_| format!("no answer within {:?}", self.config.timeout))?
+    }
+
+    async fn fetch_once(&self, uri: &str) -> Result<String, String> {
+        let parsed = check_jwks_uri(uri)?;
+        let host = parsed.host().unwrap_or_default();
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let port = parsed.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connect: {e}"))?;
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+            .await
+            .map_err(|e| format!("HTTP: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let authority = parsed.authority().map(|a| a.as_str()).unwrap_or(host);
+        let request = http::Request::get(parsed.path_and_query().map_or("/", |p| p.as_str()))
+            .header(http::header::HOST, authority)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        conn.abort();
+        if status != http::StatusCode::OK {
+            return Err(format!("answered {status}"));
+        }
+        let text = String::from_utf8(body.to_vec()).map_err(|_| "the answer is not UTF-8".to_owned())?;
+        check_jwks(&text)?;
+        Ok(text)
+    }
+}
