@@ -127,7 +127,8 @@ impl EchoClient {
 /// once and the body `late body` after that long. The request body is read whole and its size
 /// returned in `x-seen-body-bytes`; the `Upgrade`, `X-Forwarded-For` and
 /// `X-Forwarded-Client-Cert` headers it got in `x-seen-upgrade`, `x-seen-xff` and `x-seen-xfcc`
-/// (`-` when absent). A request with `Upgrade: echo` is answered 101 and the connection then
+/// (`-` when absent), `Authorization` in `x-seen-authorization` (`-`), and each `x-jwt-*` header as
+/// `x-seen-x-jwt-*`. A request with `Upgrade: echo` is answered 101 and the connection then
 /// echoes bytes.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
@@ -206,6 +207,15 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     ] {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
                             headers.insert(k, v);
+                        }
+                    }
+                    // What request authentication left: the token header, and what it wrote.
+                    let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();
+                    headers
+                        .insert("x-seen-authorization", auth.unwrap_or(hyper::header::HeaderValue::from_static("-")));
+                    for (k, v) in req.headers().iter().filter(|(k, _)| k.as_str().starts_with("x-jwt-")) {
+                        if let Ok(k) = hyper::header::HeaderName::from_bytes(format!("x-seen-{k}").as_bytes()) {
+                            headers.append(k, v.clone());
                         }
                     }
                     Ok::<_, Infallible>(resp)
@@ -335,4 +345,54 @@ pub async fn grpc_call(stream: TcpStream, path: &str, message: &[u8]) -> Result<
     let bytes = collected.to_bytes();
     let message = bytes.get(5..).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
     Ok(GrpcAnswer { status, message, grpc_status })
+}
+
+/// Serves `document` (a JWKS) over HTTPS at any path, as an identity provider does, until the
+/// task is aborted; `None` answers 503 (the provider is down). Returns the task and a count of
+/// the requests served.
+pub fn jwks_server(
+    listener: TcpListener,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    document: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> (tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server certificate");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let served = Arc::new(AtomicU64::new(0));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (acceptor, document, served) = (acceptor.clone(), document.clone(), served.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else { return };
+                let service = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    served.fetch_add(1, Ordering::Relaxed);
+                    let current = document.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from(current.clone().unwrap_or_default())));
+                    if current.is_none() {
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (task, count)
 }

@@ -50,6 +50,8 @@ pub struct MeshOptions {
     pub drain_timeout: Duration,
     /// Workload certificate lifetime (the CA's `--default-ttl`), when not its default.
     pub cert_ttl: Option<Duration>,
+    /// More arguments for the CA.
+    pub ca_args: Vec<String>,
 }
 
 impl Default for MeshOptions {
@@ -59,6 +61,7 @@ impl Default for MeshOptions {
             log_filter: std::env::var("E2E_LOG").unwrap_or_else(|_| "info".into()),
             drain_timeout: Duration::from_secs(2),
             cert_ttl: None,
+            ca_args: Vec::new(),
         }
     }
 }
@@ -266,7 +269,10 @@ impl Mesh {
             extra_args: options
                 .cert_ttl
                 .map(|t| vec!["--default-ttl".to_owned(), format!("{}ms", t.as_millis())])
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .chain(options.ca_args.iter().cloned())
+                .collect(),
         };
         write_atomic(
             &objects.join("ns-istio-system.yaml"),
