@@ -251,6 +251,8 @@ fn verify(rule: &pb::JwtRule, token: &str, cache: &KeyCache) -> Result<RequestPr
         validation.set_audience(&rule.audiences);
     }
     validation.required_spec_claims.clear();
+    // The issuer check passes a token whose `iss` is absent or not a string unless it is required.
+    validation.required_spec_claims.insert("iss".into());
     if !rule.audiences.is_empty() {
         // A token without `aud` would otherwise pass the audience check.
         validation.required_spec_claims.insert("aud".into());
