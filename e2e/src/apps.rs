@@ -127,7 +127,7 @@ impl EchoClient {
 /// once and the body `late body` after that long. The request body is read whole and its size
 /// returned in `x-seen-body-bytes`; the `Upgrade`, `X-Forwarded-For` and
 /// `X-Forwarded-Client-Cert` headers it got in `x-seen-upgrade`, `x-seen-xff` and `x-seen-xfcc`
-/// (`-` when absent), `Authorization` in `x-seen-authorization` (`-`), and each `x-jwt-*` header as
+/// (`-` when absent), the TCP peer's address in `x-seen-peer`, `Authorization` in `x-seen-authorization` (`-`), and each `x-jwt-*` header as
 /// `x-seen-x-jwt-*`. A request with `Upgrade: echo` is answered 101 and the connection then
 /// echoes bytes.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
@@ -146,10 +146,11 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
     let flaky = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
+            let Ok((stream, peer)) = listener.accept().await else { return };
             let (name, flaky) = (name.clone(), flaky.clone());
+            let peer = peer.ip().to_string();
             let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                let (name, flaky) = (name.clone(), flaky.clone());
+                let (name, flaky, peer) = (name.clone(), flaky.clone(), peer.clone());
                 async move {
                     // `Upgrade: echo`: switch protocols, then echo bytes until the client closes.
                     if req.headers().get(hyper::header::UPGRADE).is_some_and(|v| v == "echo") {
@@ -204,6 +205,7 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                         ("x-seen-path", &path),
                         ("x-seen-traceparent", trace),
                         ("x-seen-body-bytes", &received),
+                        ("x-seen-peer", &peer),
                     ] {
                         if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
                             headers.insert(k, v);

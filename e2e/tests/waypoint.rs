@@ -246,6 +246,9 @@ async fn l7_deny_by_method_and_path_cannot_be_bypassed() {
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.header("x-seen-method"), Some("GET"));
     assert_eq!(a.header("x-seen-path"), Some("/public/page"));
+    // The app sees the original client's address, not the waypoint's: the waypoint names the
+    // client in the tunnel's `forwarded`, which the endpoint's ztunnel believes from it alone.
+    assert_eq!(a.header("x-seen-peer"), Some(client.ip.to_string().as_str()), "{a:?}");
     assert_eq!(http_exchange(&client.netns.ns, "POST", to, "/admin", &[]).await.unwrap().status, 200);
     // Malformed escapes and path parameters are refused outright.
     assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/a%zz", &[]).await.unwrap().status, 400);

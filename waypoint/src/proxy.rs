@@ -540,7 +540,7 @@ async fn route_and_send(
             *copy.method_mut() = parts.method.clone();
             *copy.uri_mut() = uri;
             *copy.headers_mut() = parts.headers.clone();
-            let client = ctx.clients.http1.clone();
+            let client = ctx.clients.for_client(down.source_ip).http1;
             // Mirrored requests are fire-and-forget: their answers and failures are ignored.
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(10), client.request(copy)).await;
@@ -551,6 +551,7 @@ async fn route_and_send(
     let total_timeout = rule.as_ref().map(|r| r.request_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
     let per_try = rule.as_ref().map(|r| r.backend_request_timeout_ms).filter(|ms| *ms > 0).map(Duration::from_millis);
     let attempts = retry.as_ref().map_or(1, |r| r.attempts + 1);
+    let clients = ctx.clients.for_client(down.source_ip);
     let retry_codes: Vec<u16> = retry
         .as_ref()
         .map(|r| r.codes.iter().filter_map(|c| u16::try_from(*c).ok()).collect())
@@ -612,7 +613,7 @@ async fn route_and_send(
             let mut upstream = Request::from_parts(parts.clone(), b);
             *upstream.uri_mut() = uri;
             *upstream.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-            let client = if http2 { &ctx.clients.http2 } else { &ctx.clients.http1 };
+            let client = if http2 { &clients.http2 } else { &clients.http1 };
             let sent = client.request(upstream);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),

@@ -175,7 +175,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     labels.parties.set_endpoint(&endpoint.workload, &ctx.trust_domain);
     let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
     let upstream = match endpoint.workload.addresses.first().and_then(|a| ip_from_bytes(a)) {
-        Some(ip) => ctx.connector.tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
+        Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
         None => Err("the endpoint has no address".to_owned()),
     };
     let mut upstream = match upstream {

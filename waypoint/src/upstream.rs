@@ -1,10 +1,11 @@
 //! Requests to endpoint pods, each over HBONE.
 //!
 //! The HTTP clients (hyper-util's pooled client, one for HTTP/1.1 and one for HTTP/2 with prior
-//! knowledge for gRPC) keep idle keep-alive connections per endpoint; each new connection is an
-//! HBONE tunnel from [`Connector`]: a `CONNECT <pod ip>:<port>` stream on a pooled mutual-TLS
-//! HTTP/2 connection to the pod's `:15008`, presenting the waypoint's certificate and accepting
-//! only the pod's own identity.
+//! knowledge for gRPC, per downstream client) keep idle keep-alive connections per endpoint; each
+//! new connection is an HBONE tunnel from [`Connector`]: a `CONNECT <pod ip>:<port>` stream on a
+//! pooled mutual-TLS HTTP/2 connection to the pod's `:15008`, presenting the waypoint's
+//! certificate, accepting only the pod's own identity, and naming the original client in
+//! `forwarded`.
 
 use std::future::Future;
 use std::io;
@@ -45,6 +46,9 @@ pub struct Connector {
     pool: Pool,
     credential: Arc<Credential>,
     trust_domain: String,
+    /// The original client, passed on in each tunnel's `forwarded` header: the endpoint's ztunnel
+    /// believes it from this waypoint (and only from it) and shows it to the app.
+    client: Option<IpAddr>,
 }
 
 /// An HBONE tunnel as a hyper connection.
@@ -101,7 +105,12 @@ pub enum ConnectError {
 impl Connector {
     /// A connector presenting `credential`.
     pub fn new(view: Arc<MeshView>, pool: Pool, credential: Arc<Credential>, trust_domain: String) -> Self {
-        Connector { view, pool, credential, trust_domain }
+        Connector { view, pool, credential, trust_domain, client: None }
+    }
+
+    /// The same connector, for traffic of `client`.
+    pub fn for_client(&self, client: Option<IpAddr>) -> Connector {
+        Connector { client, ..self.clone() }
     }
 
     async fn open(self, uri: Uri) -> Result<Tunnel, ConnectError> {
@@ -117,12 +126,15 @@ impl Connector {
         let workload = self.view.read(|s| s.workload_by_ip(ip).cloned()).ok_or(ConnectError::UnknownEndpoint(ip))?;
         let identity =
             identity_of(&workload, &self.trust_domain).ok_or_else(|| ConnectError::NoIdentity(workload.uid.clone()))?;
-        let request = ConnectRequest::new(
+        let mut request = ConnectRequest::new(
             self.credential.clone(),
             SocketAddr::new(ip, HBONE_PORT),
             vec![identity],
             SocketAddr::new(ip, port),
         );
+        if let Some(client) = self.client {
+            request = request.forwarded_for(SocketAddr::new(client, 0));
+        }
         Ok(self.pool.connect(request).await?)
     }
 }
@@ -141,18 +153,44 @@ impl tower::Service<Uri> for Connector {
     }
 }
 
-/// The HTTP clients.
+/// One client's HTTP clients: their pooled tunnels all carry that client's address.
 #[derive(Debug, Clone)]
-pub struct Clients {
+pub struct ClientPair {
     /// HTTP/1.1.
     pub http1: Client<Connector, Body>,
     /// HTTP/2 with prior knowledge (gRPC and HTTP/2 clients).
     pub http2: Client<Connector, Body>,
 }
 
+/// Most downstream clients with pools of their own; beyond it the pools start over (idle tunnels
+/// of the dropped ones close, requests in flight finish).
+const MAX_CLIENT_POOLS: usize = 4096;
+
+/// The HTTP clients, one pair per downstream client address. A pooled upstream tunnel says in its
+/// `forwarded` header whose traffic it carries, so it is never shared between clients (Envoy keys
+/// its HBONE pools the same way).
+#[derive(Debug)]
+pub struct Clients {
+    connector: Connector,
+    by_client: std::sync::Mutex<std::collections::HashMap<Option<IpAddr>, ClientPair>>,
+}
+
 impl Clients {
     /// Clients over `connector`.
     pub fn new(connector: &Connector) -> Self {
+        Clients { connector: connector.clone(), by_client: Default::default() }
+    }
+
+    /// The clients for traffic from `client`.
+    pub fn for_client(&self, client: Option<IpAddr>) -> ClientPair {
+        let mut all = self.by_client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pair) = all.get(&client) {
+            return pair.clone();
+        }
+        if all.len() >= MAX_CLIENT_POOLS {
+            all.clear();
+        }
+        let connector = self.connector.for_client(client);
         let build = |http2: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(60))
@@ -160,6 +198,8 @@ impl Clients {
                 .http2_only(http2)
                 .build(connector.clone())
         };
-        Clients { http1: build(false), http2: build(true) }
+        let pair = ClientPair { http1: build(false), http2: build(true) };
+        all.insert(client, pair.clone());
+        pair
     }
 }
