@@ -41,6 +41,23 @@ pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
     canonical.then(|| s.parse::<u16>().ok()).flatten().ok_or_else(|| format!("{s:?} is not a port number (1-65535)"))
 }
 
+/// A string match as Istio writes them: exact, `prefix*`, `*suffix` or `*`. Anything else would be
+/// taken literally and silently match nothing: a `*` inside (`ns/*/sa/x`), surrounding whitespace,
+/// an empty value.
+pub(crate) fn check_pattern(p: &str) -> Result<(), String> {
+    let inner = p.strip_prefix('*').unwrap_or(p);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    if p.is_empty() {
+        Err("an empty value matches nothing".into())
+    } else if p != "*" && (inner.contains('*') || (p.starts_with('*') && p.ends_with('*'))) {
+        Err(format!("{p:?}: a wildcard is only allowed alone, at the start or at the end"))
+    } else if p.trim() != p {
+        Err(format!("{p:?} has leading or trailing whitespace"))
+    } else {
+        Ok(())
+    }
+}
+
 /// A `serviceAccounts` entry: `<namespace>/<name>`, both exact.
 pub(crate) fn parse_service_account(s: &str) -> Result<(&str, &str), String> {
     match s.split_once('/') {
@@ -187,6 +204,9 @@ fn rule_problems(rule: &crate::k8s::AuthzRule) -> Vec<String> {
         out.extend(blocks.filter_map(|b| parse_cidr(b).err()).map(|e| format!("{at}: {e}")));
         let accounts = s.service_accounts.iter().chain(&s.not_service_accounts);
         out.extend(accounts.filter_map(|a| parse_service_account(a).err()).map(|e| format!("{at}: {e}")));
+        let patterns = s.principals.iter().chain(&s.not_principals).chain(&s.request_principals);
+        let patterns = patterns.chain(&s.not_request_principals).chain(&s.namespaces).chain(&s.not_namespaces);
+        out.extend(patterns.filter_map(|p| check_pattern(p).err()).map(|e| format!("{at}: {e}")));
     }
     for (j, to) in rule.to.iter().enumerate() {
         let at = format!("to[{j}].operation");
@@ -195,6 +215,9 @@ fn rule_problems(rule: &crate::k8s::AuthzRule) -> Vec<String> {
         unknown_fields(&at, &o.unknown, &mut out);
         let ports = o.ports.iter().chain(&o.not_ports);
         out.extend(ports.filter_map(|p| parse_port(p).err()).map(|e| format!("{at}: {e}")));
+        let patterns = o.hosts.iter().chain(&o.not_hosts).chain(&o.methods).chain(&o.not_methods);
+        let patterns = patterns.chain(&o.paths).chain(&o.not_paths);
+        out.extend(patterns.filter_map(|p| check_pattern(p).err()).map(|e| format!("{at}: {e}")));
     }
     for (j, c) in rule.when.iter().enumerate() {
         let at = format!("when[{j}]");
@@ -212,7 +235,7 @@ fn rule_problems(rule: &crate::k8s::AuthzRule) -> Vec<String> {
                 out.extend(values.filter_map(|v| parse_cidr(v).err()).map(|e| format!("{at}: {e}")))
             }
             "destination.port" => out.extend(values.filter_map(|v| parse_port(v).err()).map(|e| format!("{at}: {e}"))),
-            _ => {}
+            _ => out.extend(values.filter_map(|v| check_pattern(v).err()).map(|e| format!("{at}: {e}"))),
         }
     }
     out
