@@ -433,6 +433,11 @@ impl ControlPlane {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            // What a peer can make the CA buffer before anything is read: 64 KiB per stream and
+            // 256 KiB per connection (hyper's defaults are 1 MiB each), so all connections
+            // together hold at most `max_connections` × 256 KiB (1 GiB at the defaults).
+            .initial_stream_window_size(Some(64 * 1024))
+            .initial_connection_window_size(Some(256 * 1024))
             .add_service(
                 AggregatedDiscoveryServiceServer::new(xds).max_decoding_message_size(limits.max_xds_request_bytes),
             )

@@ -775,6 +775,20 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
     )
     .await;
     assert_eq!(conn.max_concurrent_send_streams(), 256);
-    drop((client, send, conn));
+    // What one stream can make the server buffer before it reads: a 64 KiB send window (hyper's
+    // default is 1 MiB), whatever the caller asks for.
+    let driver = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let post = http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (_answer, mut body) = send.send_request(post, false).unwrap();
+    body.reserve_capacity(4 << 20);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let granted = std::future::poll_fn(|cx| std::task::Poll::Ready(body.poll_capacity(cx))).await;
+    assert_eq!(body.capacity(), 64 * 1024, "{granted:?}");
+    driver.abort();
+    drop((client, send, body));
     mesh.shutdown().await;
 }
