@@ -103,6 +103,9 @@ pub struct KeyCache {
     parsed: Mutex<HashMap<Arc<str>, Arc<Keys>>>,
 }
 
+/// Most keys a token without `kid` is checked against.
+const MAX_KEYS_TRIED: usize = 4;
+
 /// Most JWKS documents kept parsed (one per rule is typical).
 const MAX_CACHED: usize = 256;
 
@@ -259,9 +262,24 @@ fn verify(rule: &pb::JwtRule, token: &str, cache: &KeyCache) -> Result<RequestPr
     }
     validation.validate_nbf = true;
     validation.leeway = CLOCK_SKEW_S;
+    // A token without `kid` is tried against the keys of its algorithm's family, at most
+    // MAX_KEYS_TRIED of them: a JWKS with many keys cannot make one request cost many signature
+    // checks.
     let candidates: Vec<&DecodingKey> = match &header.kid {
-        Some(kid) => keys.keys.iter().filter(|(k, _)| k.as_deref() == Some(kid)).map(|(_, key)| key).collect(),
-        None => keys.keys.iter().map(|(_, key)| key).collect(),
+        Some(kid) => keys
+            .keys
+            .iter()
+            .filter(|(k, _)| k.as_deref() == Some(kid))
+            .map(|(_, key)| key)
+            .take(MAX_KEYS_TRIED)
+            .collect(),
+        None => keys
+            .keys
+            .iter()
+            .map(|(_, key)| key)
+            .filter(|key| key.family() == header.alg.family())
+            .take(MAX_KEYS_TRIED)
+            .collect(),
     };
     if candidates.is_empty() {
         return Err(format!("no key {:?} in the JWKS of issuer {}", header.kid, rule.issuer));
@@ -509,6 +527,24 @@ mod tests {
         // The same token twice is one token.
         let got = run(&[rule("https://idp", &i.jwks)], &mut bearer(&t1), Some(&format!("access_token={t1}")));
         assert!(matches!(got, Authn::Verified(_)), "{got:?}");
+    }
+
+    #[test]
+    fn a_token_without_kid_is_checked_against_the_keys_of_its_family() {
+        let a = issuer("ka");
+        let b = issuer("kb");
+        let set = |i: &Issuer| serde_json::from_str::<JwkSet>(&i.jwks).unwrap().keys;
+        let both = serde_json::to_string(&JwkSet { keys: [set(&a), set(&b)].concat() }).unwrap();
+        let h = Header::new(Algorithm::ES256);
+        let token = encode(&h, &serde_json::json!({"iss": "https://idp", "sub": "x"}), &b.key).unwrap();
+        let got = run(&[rule("https://idp", &both)], &mut bearer(&token), None);
+        assert!(matches!(got, Authn::Verified(ref p) if p.principal == "https://idp/x"), "{got:?}");
+        // Named by a kid the JWKS does not have: refused.
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("kz".into());
+        let token = encode(&h, &serde_json::json!({"iss": "https://idp", "sub": "x"}), &b.key).unwrap();
+        let got = run(&[rule("https://idp", &both)], &mut bearer(&token), None);
+        assert!(matches!(got, Authn::Refused(ref why) if why.contains("no key")), "{got:?}");
     }
 
     #[test]
