@@ -39,21 +39,7 @@ pub fn translate(objects: &Objects) -> Translated {
         let source = format!("RequestAuthentication {ns}/{name}");
         let spec = &ra.spec;
         let refs: Vec<&ObjectRef> = spec.target_ref.iter().chain(&spec.target_refs).collect();
-        let targets: Vec<pb::PolicyTarget> = refs
-            .iter()
-            .filter_map(|r| {
-                let kind = match r.kind.as_deref() {
-                    Some("Service") => pb::policy_target::Kind::Service,
-                    Some("Gateway") => pb::policy_target::Kind::Gateway,
-                    _ => return None,
-                };
-                Some(pb::PolicyTarget {
-                    kind: kind as i32,
-                    namespace: r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
-                    name: r.name.clone(),
-                })
-            })
-            .collect();
+        let targets = super::waypoint::policy_targets(&refs, ns);
         if targets.is_empty() {
             out.warnings.push(format!(
                 "{source}: has no targetRefs to a Gateway (waypoint) or Service, so no waypoint checks its \

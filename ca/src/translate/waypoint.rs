@@ -339,21 +339,7 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
     let allow = action == pb::l7_policy::Action::Allow;
     let review = authz::review(policy);
     let (ns, name) = k8s::ns_name(&policy.metadata);
-    let targets = refs
-        .iter()
-        .filter_map(|r| {
-            let kind = match r.kind.as_deref() {
-                Some("Service") => pb::policy_target::Kind::Service,
-                Some("Gateway") => pb::policy_target::Kind::Gateway,
-                _ => return None,
-            };
-            Some(pb::PolicyTarget {
-                kind: kind as i32,
-                namespace: r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
-                name: r.name.clone(),
-            })
-        })
-        .collect();
+    let targets = policy_targets(&refs, ns);
     // What cannot be evaluated fails closed (see `authz::Review`): an unreadable ALLOW allows
     // nothing and an unreadable DENY denies everything; a bad rule leaves an ALLOW and matches
     // every request in a DENY.
@@ -371,6 +357,24 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
         rules,
         dry_run: authz::dry_run(policy),
     })
+}
+
+/// The Gateways and Services among a policy's `targetRefs` (namespace defaulting to the policy's).
+pub(crate) fn policy_targets(refs: &[&ObjectRef], ns: &str) -> Vec<pb::PolicyTarget> {
+    refs.iter()
+        .filter_map(|r| {
+            let kind = match r.kind.as_deref() {
+                Some("Service") => pb::policy_target::Kind::Service,
+                Some("Gateway") => pb::policy_target::Kind::Gateway,
+                _ => return None,
+            };
+            Some(pb::PolicyTarget {
+                kind: kind as i32,
+                namespace: r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
+                name: r.name.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The rules as written, but that a rule with a problem is left out of an ALLOW and matches
