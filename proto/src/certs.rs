@@ -69,16 +69,20 @@ pub struct CertSummary {
     pub not_before: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
+    /// When the next renewal is due (half of the lifetime left at receipt, ± 10 %); `None` while
+    /// a renewal is under way or being retried.
+    pub renews_at: Option<SystemTime>,
     /// SHA-256 fingerprints (lowercase hex) of the chain above the leaf: the signer (the CA's
     /// intermediate) first, the root last when the CA sends it.
     pub chain_sha256: Vec<String>,
 }
 
 impl HeldCert {
-    fn of(identity: &SpiffeId, cert: Option<&WorkloadCert>) -> HeldCert {
+    fn of(identity: &SpiffeId, cert: Option<&WorkloadCert>, renews_at: Option<SystemTime>) -> HeldCert {
         let current = cert.map(|c| CertSummary {
             not_before: c.not_before(),
             not_after: c.not_after(),
+            renews_at,
             chain_sha256: c.chain().iter().skip(1).map(|d| crate::tls::fingerprint_sha256(d)).collect(),
         });
         HeldCert { identity: identity.clone(), current }
@@ -151,6 +155,8 @@ enum Slot {
 
 struct Entry {
     slot: watch::Sender<Slot>,
+    /// When `maintain` will next renew (for [`CertManager::held`]).
+    renews_at: Arc<Mutex<Option<SystemTime>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -196,8 +202,9 @@ impl CertManager {
                 Some(e) => e.slot.subscribe(),
                 None => {
                     let (tx, rx) = watch::channel(Slot::Pending);
-                    let task = tokio::spawn(Arc::clone(self).maintain(id.clone(), tx.clone()));
-                    entries.insert(id.clone(), Entry { slot: tx, task });
+                    let renews_at = Arc::default();
+                    let task = tokio::spawn(Arc::clone(self).maintain(id.clone(), tx.clone(), Arc::clone(&renews_at)));
+                    entries.insert(id.clone(), Entry { slot: tx, renews_at, task });
                     rx
                 }
             }
@@ -225,8 +232,10 @@ impl CertManager {
         let mut out: Vec<_> = entries
             .iter()
             .map(|(id, e)| match &*e.slot.borrow() {
-                Slot::Ready(c) => HeldCert::of(id, Some(&c.current())),
-                _ => HeldCert::of(id, None),
+                Slot::Ready(c) => {
+                    HeldCert::of(id, Some(&c.current()), *e.renews_at.lock().unwrap_or_else(|p| p.into_inner()))
+                }
+                _ => HeldCert::of(id, None, None),
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
@@ -251,7 +260,12 @@ impl CertManager {
     }
 
     /// Obtains the first certificate, then renews forever.
-    async fn maintain(self: Arc<Self>, id: SpiffeId, slot: watch::Sender<Slot>) {
+    async fn maintain(
+        self: Arc<Self>,
+        id: SpiffeId,
+        slot: watch::Sender<Slot>,
+        renews_at: Arc<Mutex<Option<SystemTime>>>,
+    ) {
         let credential = match self.first(&id).await {
             Ok(cert) => {
                 info!(identity = %id, not_after = ?cert.not_after(), "certificate issued");
@@ -266,9 +280,13 @@ impl CertManager {
             }
         };
         let mut retry = self.config.retry_min;
+        let set_renews_at = |at| *renews_at.lock().unwrap_or_else(|p| p.into_inner()) = at;
         loop {
-            let wait = renew_after(&credential.current(), SystemTime::now());
+            let now = SystemTime::now();
+            let wait = renew_after(&credential.current(), now);
+            set_renews_at(Some(now + wait));
             tokio::time::sleep(wait).await;
+            set_renews_at(None);
             loop {
                 match self.request(&id).await {
                     Ok(cert) => {

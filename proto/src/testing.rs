@@ -1,4 +1,5 @@
-//! Test helpers (feature `testing`): a throwaway CA that issues real X.509-SVIDs.
+//! Test helpers (feature `testing`): a throwaway CA that issues real X.509-SVIDs, and
+//! [`eventually`], the one way tests wait for a condition.
 //!
 //! Tests across the workspace use it to get real certificate chains without the `ca` component.
 //! It follows the SVID profile of DESIGN.md (one URI SAN, `CA:false`, serverAuth + clientAuth,
@@ -6,8 +7,10 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -172,5 +175,43 @@ impl TestCa {
 impl Default for TestCa {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How often [`eventually`] looks again: soon at first, then at most every 100 ms.
+fn next_poll(previous: Duration) -> Duration {
+    (previous * 2).clamp(Duration::from_millis(5), Duration::from_millis(100))
+}
+
+/// Waits for a condition instead of sleeping for a guessed time: polls `check` (soon at first,
+/// then every 100 ms at most) until it gives `Some`, and returns that value. Panics naming
+/// `what` once `within` has passed, so a test fails with the condition it waited for.
+pub async fn eventually<T, Fut>(what: &str, within: Duration, mut check: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::ZERO;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "waited {within:?} for {what}, in vain");
+        pause = next_poll(pause);
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// [`eventually`] for code outside an async runtime (blocks the thread between checks).
+pub fn eventually_blocking<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + within;
+    let mut pause = Duration::ZERO;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(std::time::Instant::now() < deadline, "waited {within:?} for {what}, in vain");
+        pause = next_poll(pause);
+        std::thread::sleep(pause);
     }
 }

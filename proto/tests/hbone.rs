@@ -15,6 +15,7 @@ use http::{Method, Request, StatusCode};
 use proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolConfig, PoolError, PoolKey, TcpDialer};
 use proto::hbone::server::ServerConfig;
 use proto::hbone::{Baggage, TraceParent};
+use proto::testing::eventually;
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -206,6 +207,7 @@ impl Dialer for CountingDialer {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send + 'a>> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
+            // Under test: a slow dial, so that the 50 callers arrive while it is under way.
             tokio::time::sleep(Duration::from_millis(50)).await;
             TcpDialer.dial(key).await
         })
@@ -240,7 +242,7 @@ async fn idle_connections_are_closed_and_forgotten() {
     let upstream = echo_upstream().await;
 
     let mut s = mesh.pool.connect(mesh.request("client", upstream)).await.unwrap();
-    // While a stream is open the connection stays, however long.
+    // Under test: while a stream is open the connection stays, even past its idle timeout.
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(mesh.pool.connection_count(), 1);
     s.write_all(b"x").await.unwrap();
@@ -248,11 +250,10 @@ async fn idle_connections_are_closed_and_forgotten() {
     assert_eq!(read_to_end_timeout(&mut s, WAIT).await, b"x");
     drop(s);
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while mesh.pool.connection_count() != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "idle connection never evicted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the idle connection to be evicted", Duration::from_secs(5), || async {
+        (mesh.pool.connection_count() == 0).then_some(())
+    })
+    .await;
     // A new stream dials afresh.
     let mut s = mesh.pool.connect(mesh.request("client", upstream)).await.unwrap();
     s.shutdown().await.unwrap();
@@ -368,33 +369,70 @@ async fn waypoint_mode_accepts_authorities_for_other_addresses() {
     let forward = Arc::new(Forward::default());
     let config = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
     let server = TestServer::start(server_cred, trust, config, forward.clone()).await;
-    let upstream = echo_upstream().await;
     // 127.0.0.2 is not where the connection landed, but a waypoint serves other addresses.
-    let target = SocketAddr::new("127.0.0.2".parse().unwrap(), upstream.port());
-    let _ = raw_request(&ca, &server, Method::CONNECT, &target.to_string()).await;
+    let target = echo_upstream_on("127.0.0.2".parse().unwrap()).await;
+    let status = raw_request(&ca, &server, Method::CONNECT, &target.to_string()).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(forward.seen().len(), 1);
     assert_eq!(forward.seen()[0].target, target);
 }
 
+/// A drain sends GOAWAY (seen by the client as a refusal of new streams on the connection it
+/// has), lets the stream that was open finish its exchange, then stops: new connections are
+/// refused at the TCP level because the listener is closed.
 #[tokio::test]
 async fn drain_sends_goaway_but_lets_open_streams_finish() {
     init_tracing();
-    let Fixture { ca, server, pool, .. } = Fixture::new().await;
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let server = TestServer::start(server_cred, trust, ServerConfig::default(), Arc::new(Forward::default())).await;
     let upstream = echo_upstream().await;
-    let req = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], upstream);
-    let mut open = pool.connect(req.clone()).await.unwrap();
     let addr = server.addr;
+    let (send, conn) = h2::client::handshake(raw_tls(&ca, &server, "client").await).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let connect = |target: SocketAddr| {
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        *req.uri_mut() = target.to_string().parse().unwrap();
+        req
+    };
+    let (resp, mut to_app) = send.clone().ready().await.unwrap().send_request(connect(upstream), false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut from_app = resp.into_body();
 
     let drained = tokio::spawn(server.shutdown());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // The open stream still works...
-    open.write_all(b"still here").await.unwrap();
-    open.shutdown().await.unwrap();
-    assert_eq!(read_to_end_timeout(&mut open, WAIT).await, b"still here");
-    drop(open);
-    // ...and once it is done the drain completes and new tunnels are refused.
-    assert_eq!(drained.await.unwrap(), proto::drain::DrainOutcome::Complete);
-    assert!(pool.connect(req).await.is_err(), "server at {addr} still accepted after drain");
+    // The GOAWAY arrives: the client may open no new stream on this connection. (Probes sent
+    // before it arrives go to a closed port and end at once with 503.)
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let refusal = eventually("the server's GOAWAY", WAIT, || {
+        let send = send.clone();
+        async move {
+            match send.ready().await {
+                Err(e) => Some(e),
+                Ok(mut ready) => ready.send_request(connect(closed), true).err(),
+            }
+        }
+    })
+    .await;
+    assert!(refusal.is_go_away() && refusal.is_remote(), "not a GOAWAY from the server: {refusal:?}");
+    assert_eq!(refusal.reason(), Some(h2::Reason::NO_ERROR), "{refusal:?}");
+
+    // The open stream still carries data both ways, to its end.
+    to_app.send_data(bytes::Bytes::from_static(b"still here"), true).unwrap();
+    let mut echoed = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, from_app.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        from_app.flow_control().release_capacity(chunk.len()).unwrap();
+        echoed.extend_from_slice(&chunk);
+    }
+    assert_eq!(echoed, b"still here");
+    drop((to_app, from_app, send));
+
+    // Then the drain completes, the connection ends cleanly and the listener is gone.
+    assert_eq!(tokio::time::timeout(WAIT, drained).await.unwrap().unwrap(), proto::drain::DrainOutcome::Complete);
+    tokio::time::timeout(WAIT, conn).await.unwrap().unwrap().unwrap();
+    let refused = TcpStream::connect(addr).await.expect_err("the listener still accepts after the drain");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
 }
 
 #[tokio::test]
@@ -486,21 +524,13 @@ async fn a_reset_stream_cancels_its_work_and_rapid_reset_is_cut_off() {
     };
     // One stream, reset once its work has started: the work is dropped.
     let (_resp, mut stream) = send.send_request(connect(9), false).unwrap();
-    tokio::time::timeout(WAIT, async {
-        while started.load(Ordering::SeqCst) < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    eventually("the handler to start its work", WAIT, || async { (started.load(Ordering::SeqCst) == 1).then_some(()) })
+        .await;
     stream.send_reset(h2::Reason::CANCEL);
-    tokio::time::timeout(WAIT, async {
-        while cancelled.load(Ordering::SeqCst) < 1 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    eventually("the reset to cancel the handler's work", WAIT, || async {
+        (cancelled.load(Ordering::SeqCst) == 1).then_some(())
     })
-    .await
-    .expect("the reset did not cancel the handler's work");
+    .await;
 
     // Open and reset in a loop: cut off after max_early_resets, with ENHANCE_YOUR_CALM.
     let mut opened = 1;
@@ -511,11 +541,13 @@ async fn a_reset_stream_cancels_its_work_and_rapid_reset_is_cut_off() {
                     opened += 1;
                     // Let the server start the work, then reset.
                     let before = started.load(Ordering::SeqCst);
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while started.load(Ordering::SeqCst) == before {
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    })
+                    // (Once the connection is cut off no work starts: give up waiting after 1 s.)
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        eventually("the work to start", WAIT, || async {
+                            (started.load(Ordering::SeqCst) != before).then_some(())
+                        }),
+                    )
                     .await;
                     stream.send_reset(h2::Reason::CANCEL);
                 }
@@ -530,8 +562,10 @@ async fn a_reset_stream_cancels_its_work_and_rapid_reset_is_cut_off() {
     assert!(reason.contains("ENHANCE_YOUR_CALM"), "{reason}");
     assert!((21..=30).contains(&opened), "cut off after {opened} streams");
     // Every started piece of work was cancelled, none leaked.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(started.load(Ordering::SeqCst), cancelled.load(Ordering::SeqCst));
+    eventually("every started piece of work to be cancelled", WAIT, || async {
+        (started.load(Ordering::SeqCst) == cancelled.load(Ordering::SeqCst)).then_some(())
+    })
+    .await;
     // Other clients are still served.
     assert_eq!(
         raw_request(&ca, &server, Method::CONNECT, &format!("{}:1", server.addr.ip())).await.unwrap(),

@@ -94,16 +94,28 @@ async fn refuses_client_from_another_trust_domain() {
 }
 
 #[tokio::test]
+/// The client side has no list of trust domains: it expects exact identities, which carry the
+/// trust domain. A server certificate with the expected namespace and service account but another
+/// trust domain, chained to a trusted root, is refused because that full identity is not expected.
 async fn refuses_server_from_another_trust_domain_signed_by_a_trusted_ca() {
     init_tracing();
     let ca = TestCa::new();
     let trust = ca.shared_bundle();
-    let server_cred = Credential::new(ca.issue(&"spiffe://other.domain/ns/test/sa/server".parse().unwrap()));
-    let (server, _) = forward_server(server_cred, trust.clone()).await;
+    let foreign = "spiffe://other.domain/ns/test/sa/server";
+    assert_eq!(
+        id("server").as_str().strip_prefix("spiffe://cluster.local"),
+        foreign.strip_prefix("spiffe://other.domain")
+    );
+    let server_cred = Credential::new(ca.issue(&foreign.parse().unwrap()));
+    let (server, forward) = forward_server(server_cred, trust.clone()).await;
     let pool = Pool::new(PoolConfig::default(), trust);
     let err =
         round_trip(&pool, ca.credential(id("client").as_str()), server.addr, vec![id("server")]).await.unwrap_err();
-    assert!(tls_error(&err).is_some(), "{err}");
+    let tls = tls_error(&err).unwrap_or_else(|| panic!("expected a TLS refusal, got {err}"));
+    assert!(matches!(tls, rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_))), "{tls:?}");
+    let reason = err.to_string();
+    assert!(reason.contains(&format!("{foreign} is not one of the expected identities")), "{reason}");
+    assert!(forward.seen().is_empty());
 }
 
 #[tokio::test]

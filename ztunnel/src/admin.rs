@@ -119,6 +119,7 @@ fn certificates(s: &AdminState) -> Vec<Value> {
                 "state": "ready",
                 "not_before_unix": unix(c.not_before),
                 "expires_unix": unix(c.not_after),
+                "renews_unix": c.renews_at.map(unix),
                 "chain_sha256": c.chain_sha256,
             }),
             None => json!({"identity": h.identity.to_string(), "state": "pending", "expires_unix": null}),

@@ -7,10 +7,11 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use ca::auth::TokenSigner;
 use proto::SpiffeId;
+use proto::testing::eventually;
 use ztunnel::certs::{CertConfig, CertError, CertManager, TokenSource};
 
 mod support;
@@ -93,34 +94,57 @@ async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
     let signer = TokenSigner::new(ISSUER, None).unwrap();
     let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
     let addr = ca.grpc;
-    // 4 s certificates: renewal comes at half of the lifetime left at receipt (~2 s); the CA's
-    // one-minute backdating is in the past and does not count.
+    // 4 s certificates; the CA's one-minute backdating is in the past and does not count.
     let certs = manager(addr, state.path(), &signer, Duration::from_secs(4));
+    let before = SystemTime::now();
     let cred = certs.fetch(&id(CLIENT)).await.unwrap();
+    let after = SystemTime::now();
     let first = cred.current();
 
-    // Renewed in place within ~2 s (half of 4 s ± 10 %).
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while Arc::ptr_eq(&cred.current(), &first) {
-        assert!(Instant::now() < deadline, "not renewed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Scheduled at half of the lifetime left at receipt, ± 10 %: with 4 s left, 1.8 s to 2.2 s
+    // after receipt (receipt lies between `before` and `after`).
+    let held = certs.held();
+    let renews_at = held[0].current.as_ref().unwrap().renews_at.expect("a renewal is scheduled");
+    let left = |at: SystemTime| first.not_after().duration_since(at).unwrap().as_secs_f64();
+    let (earliest, latest) = (after + seconds(0.45 * left(after)), before + seconds(0.55 * left(before)));
+    assert!(
+        earliest <= renews_at && renews_at <= latest,
+        "renewal due {:?} after receipt, not within half of the {:.1} s left ± 10 %",
+        renews_at.duration_since(before).unwrap(),
+        left(before)
+    );
+
+    // It happens then, not before, and swaps the certificate in place.
+    eventually("the renewal", Duration::from_secs(10), || async {
+        (!Arc::ptr_eq(&cred.current(), &first)).then_some(())
+    })
+    .await;
+    assert!(SystemTime::now() >= renews_at, "renewed before it was due");
     assert!(cred.current().not_after() > first.not_after());
     assert_eq!(ca.issued_to_ztunnel(), 2);
 
-    // CA down: renewals fail, the current certificate keeps being served.
+    // CA down: renewals fail and are retried, the current certificate keeps being served.
     ca.stop().await;
     let during = cred.current();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let due = certs.held()[0].current.as_ref().unwrap().renews_at.unwrap();
+    eventually("the renewal to come due and be retried", Duration::from_secs(10), || async {
+        (SystemTime::now() > due && certs.held()[0].current.as_ref().unwrap().renews_at.is_none()).then_some(())
+    })
+    .await;
+    // Under test: an outage that outlasts several retries (every 100 ms to 400 ms here).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(Arc::ptr_eq(&cred.current(), &during), "kept the current certificate through the outage");
 
     // CA back on the same address: the next retry renews.
     let ca = start_ca(objects.path(), state.path(), &signer, addr).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Arc::ptr_eq(&cred.current(), &during) {
-        assert!(Instant::now() < deadline, "not renewed after the CA came back");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the renewal after the CA came back", Duration::from_secs(10), || async {
+        (!Arc::ptr_eq(&cred.current(), &during)).then_some(())
+    })
+    .await;
     assert_eq!(cred.identity(), id(CLIENT));
     ca.stop().await;
+}
+
+fn seconds(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
 }

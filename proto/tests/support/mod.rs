@@ -68,7 +68,8 @@ impl Handler for Forward {
                 connect.reject(http::StatusCode::SERVICE_UNAVAILABLE);
                 return;
             };
-            let stream = connect.accept().unwrap();
+            // (A client that reset the stream meanwhile gets nothing.)
+            let Ok(stream) = connect.accept() else { return };
             let _ = copy_bidirectional(upstream, stream).await;
         }
     }
@@ -125,7 +126,12 @@ impl Drop for TestServer {
 
 /// A TCP service that echoes until EOF, then half-closes.
 pub async fn echo_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    echo_upstream_on("127.0.0.1".parse().unwrap()).await
+}
+
+/// [`echo_upstream`] on a given loopback address.
+pub async fn echo_upstream_on(ip: std::net::IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
