@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use proto::api::istio::workload::zds::WorkloadInfo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -94,6 +94,24 @@ impl Node {
     /// ztunnel's log file.
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+}
+
+/// A ztunnel sent SIGTERM, on its way out.
+#[derive(Debug)]
+pub struct Exiting {
+    child: Child,
+    signalled: Instant,
+}
+
+impl Exiting {
+    /// Waits for the process to exit; how long after the signal it did.
+    pub async fn exited(mut self) -> Result<Duration> {
+        tokio::task::spawn_blocking(move || {
+            self.child.wait()?;
+            Ok(self.signalled.elapsed())
+        })
+        .await?
     }
 }
 
@@ -379,15 +397,13 @@ impl Mesh {
         Ok(())
     }
 
-    /// Stops ztunnel on node `index` with SIGTERM and waits for it to exit; returns how long that
-    /// took.
-    pub fn terminate_ztunnel(&mut self, index: u8) -> Result<Duration> {
+    /// Sends SIGTERM to ztunnel on node `index`; [`Exiting::exited`] waits for it to exit.
+    pub fn terminate_ztunnel(&mut self, index: u8) -> Result<Exiting> {
         let node = self.node_mut(index)?;
-        let Some(mut child) = node.ztunnel.take() else { return Ok(Duration::ZERO) };
-        let start = Instant::now();
+        let child = node.ztunnel.take().ok_or_else(|| anyhow!("ztunnel on node-{index} is not running"))?;
+        let signalled = Instant::now();
         crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
-        child.wait()?;
-        Ok(start.elapsed())
+        Ok(Exiting { child, signalled })
     }
 
     /// Stops the CA (SIGKILL).

@@ -13,10 +13,26 @@ use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
-async fn expiry(mesh: &Mesh, node: u8, identity: &str) -> Option<u64> {
+/// A certificate as ztunnel's admin `/certs` shows it (Unix seconds).
+struct Held {
+    not_before: u64,
+    expires: u64,
+    renews: Option<u64>,
+}
+
+async fn held(mesh: &Mesh, node: u8, identity: &str) -> Option<Held> {
     let (_, body) = mesh.ztunnel_get(node, 15000, "/certs").await.ok()?;
     let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-    json["certificates"].as_array()?.iter().find(|c| c["identity"] == identity)?["expires_unix"].as_u64()
+    let cert = json["certificates"].as_array()?.iter().find(|c| c["identity"] == identity)?;
+    Some(Held {
+        not_before: cert["not_before_unix"].as_u64()?,
+        expires: cert["expires_unix"].as_u64()?,
+        renews: cert["renews_unix"].as_u64(),
+    })
+}
+
+async fn readiness(mesh: &Mesh, node: u8) -> Option<u16> {
+    mesh.ztunnel_get(node, 15021, "/healthz/ready").await.map(|(status, _)| status).ok()
 }
 
 async fn works(client: &MeshPod, server: &MeshPod) -> bool {
@@ -46,20 +62,39 @@ async fn traffic_survives_ca_outage_renewal_and_ztunnel_restart() {
     // A stream that lives through everything below until the restart.
     let mut long = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
     long.round_trip(b"start").await.unwrap();
-    let first_expiry = expiry(&mesh, 2, SERVER_ID).await.expect("node-2 holds the server's certificate");
+    let first = held(&mesh, 2, SERVER_ID).await.expect("node-2 holds the server's certificate");
 
-    // The CA goes away: the long stream and new connections keep working on the certificates held.
+    // The CA goes away, and both ztunnels see their control-plane stream fail; the long stream
+    // and new connections keep working on the certificates held.
+    let lost = |log: &str| log.matches("xDS stream failed").count() + log.matches("xDS stream closed").count();
+    let before = [lost(&mesh.ztunnel_log(1).unwrap()), lost(&mesh.ztunnel_log(2).unwrap())];
     mesh.stop_ca();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    mesh.wait_until("both ztunnels to lose their xDS stream", Duration::from_secs(10), || async {
+        lost(&mesh.ztunnel_log(1).unwrap()) > before[0] && lost(&mesh.ztunnel_log(2).unwrap()) > before[1]
+    })
+    .await
+    .unwrap();
     long.round_trip(b"ca down").await.unwrap();
     for _ in 0..3 {
         assert!(works(&client, &server).await, "a new connection failed while the CA was down");
     }
     mesh.start_ca().unwrap();
 
-    // The 20 s certificate is renewed around half-life; the long stream does not notice.
-    mesh.wait_until("the server's certificate to be renewed", Duration::from_secs(30), || async {
-        expiry(&mesh, 2, SERVER_ID).await.is_some_and(|e| e > first_expiry)
+    // The 20 s certificate is due for renewal at half of its lifetime left at receipt (± 10 %;
+    // receipt is 60 s after its backdated notBefore, to the second), and renewed then; the long
+    // stream does not notice.
+    let received = first.not_before + 60;
+    let due = first.renews.expect("a renewal is scheduled");
+    let lifetime = first.expires - received;
+    assert!(
+        (due - received) * 20 >= lifetime * 9 - 20 && (due - received) * 20 <= lifetime * 11 + 20,
+        "renewal due {} s after receipt, not about half of {lifetime} s",
+        due - received
+    );
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let wait = Duration::from_secs(due.saturating_sub(now) + 5);
+    mesh.wait_until("the server's certificate to be renewed when due", wait, || async {
+        held(&mesh, 2, SERVER_ID).await.is_some_and(|h| h.expires > first.expires)
     })
     .await
     .unwrap();
@@ -86,13 +121,25 @@ async fn sigterm_drains_then_exits_by_the_deadline() {
     let mut open = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
     open.round_trip(b"open during the drain").await.unwrap();
 
-    // The open connection keeps ztunnel draining until the deadline, then is closed.
-    let took = mesh.terminate_ztunnel(1).unwrap();
+    assert_eq!(readiness(&mesh, 1).await, Some(200), "ready before the signal");
+
+    // SIGTERM: at once not ready and the pod's listeners closed (a new connection from the client
+    // is refused), while the open connection keeps ztunnel draining until the deadline.
+    let exiting = mesh.terminate_ztunnel(1).unwrap();
+    mesh.wait_until("ztunnel to report not ready", Duration::from_secs(1), || async {
+        readiness(&mesh, 1).await == Some(503)
+    })
+    .await
+    .unwrap();
+    let refused = client.connect(server.addr(8080)).await.expect_err("a new connection was accepted while draining");
+    assert!(format!("{refused:#}").contains("Connection refused"), "{refused:#}");
+    open.round_trip(b"still open while draining").await.unwrap();
+    let took = exiting.exited().await.unwrap();
     assert!(took >= Duration::from_millis(1500), "exited after {took:?}, before the drain deadline");
     assert!(took < Duration::from_secs(8), "took {took:?} to exit");
     assert!(open.closed_within(Duration::from_secs(2)).await, "the connection outlived ztunnel");
     let log = mesh.ztunnel_log(1).unwrap();
-    for line in ["shutting down", "drained", "ztunnel stopped"] {
+    for line in ["shutting down", "no longer ready, closing every pod's listeners", "drained", "ztunnel stopped"] {
         assert!(log.contains(line), "no {line:?} in the log");
     }
 }

@@ -227,9 +227,9 @@ impl Ztunnel {
     /// Drains (no longer ready; every pod's listeners stop, connections get up to the drain
     /// deadline), then stops everything.
     pub async fn shutdown(self) {
-        info!("draining");
         self.draining.cancel();
         self.ready.send_replace(false);
+        info!("draining: no longer ready, closing every pod's listeners");
         self.proxy.shutdown().await;
         self.stop.cancel();
         info!("ztunnel stopped");
