@@ -14,7 +14,7 @@
 //! - outlier detection ejects a dead endpoint;
 //! - an HTTP/1.1 upgrade (101) joins both connections through the waypoint;
 //! - malformed HTTP (400), oversized headers (431), a CONTINUATION flood (connection cut) and
-//!   HTTP/2 rapid reset (GOAWAY) are refused or bounded while the waypoint keeps serving;
+//!   HTTP/2 rapid reset (cut off with GOAWAY) are refused or bounded while the waypoint keeps serving;
 //! - a port declared TCP is a byte stream (HTTP-looking bytes are not parsed), an undeclared one
 //!   is detected (a server-first protocol and HTTP both work), and an L4 DENY at the waypoint
 //!   refuses one peer on one port while the rest flows; the waypoint counts TCP streams.
@@ -192,9 +192,16 @@ async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
     let a = get(&client, LATEST, "/delay/1000", &[]).await;
     assert_eq!(a.status, 504, "{a:?}");
     assert_eq!(get(&client, LATEST, "/delay/10", &[]).await.status, 200);
-    // The timeout covers the body too: headers at once, a body 1 s later is cut at 300 ms.
-    let cut = http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/slow-body/1000", &[]).await;
-    assert!(cut.as_ref().is_err() || cut.as_ref().is_ok_and(|a| !a.body.contains("late body")), "{cut:?}");
+    // The timeout covers the body too: headers at once, a body 1 s later is cut at 300 ms (the
+    // status has gone out, so the cut is a chunked body that never ends).
+    let asked = std::time::Instant::now();
+    let cut =
+        http_exchange(&client.netns.ns, "GET", SocketAddr::from((LATEST, 80)), "/slow-body/1000", &[]).await.unwrap();
+    let took = asked.elapsed();
+    assert_eq!(cut.status, 200, "{cut:?}");
+    assert!(cut.head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{cut:?}");
+    assert!(!cut.body.contains("late body") && !cut.body.ends_with("0\r\n\r\n"), "the body was not cut: {cut:?}");
+    assert!(took >= Duration::from_millis(300) && took < Duration::from_millis(1000), "cut after {took:?}");
     let whole = get(&client, LATEST, "/slow-body/10", &[]).await;
     assert_eq!(whole.status, 200, "{whole:?}");
     assert!(whole.body.contains("late body\n"), "{whole:?}");
@@ -299,12 +306,15 @@ async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
             all_new &= a.status == 200 && a.header("x-served-by").is_some();
         }
         let m = mesh.waypoint_metrics(&waypoint).await.unwrap_or_default();
-        // The connection-pool policy is in force once requests carry it (one per connection).
-        all_new && m.contains("destination_service=\"hello.demo.svc.cluster.local\"")
+        // The DestinationRule (subsets, connection pool) has reached the waypoint.
+        let config = mesh.waypoint_config(&waypoint).await.unwrap_or_default();
+        let policies = config["waypoint"]["destination_policies"].as_array().cloned().unwrap_or_default();
+        all_new
+            && m.contains("destination_service=\"hello.demo.svc.cluster.local\"")
+            && policies.iter().any(|p| p.as_str().is_some_and(|p| p.contains("hello")))
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The split over the subsets: ~30 % new.
     let mut new = 0;
@@ -347,6 +357,8 @@ async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
             }
         }
     }
+    // Binomial(80, 0.1): outside 1..=20 with probability < 0.001. (The percentage itself is
+    // measured more tightly by the abort test, with 1,000 requests.)
     assert!((1..=20).contains(&timeouts), "{timeouts} of 80 delayed past the timeout (want ~8)");
 
     // Beyond the pool (1 in flight + 1 waiting), concurrent requests get 503 (overflow).
@@ -510,10 +522,8 @@ async fn bad_http_is_refused_or_bounded_and_the_waypoint_keeps_serving() {
         .and_then(h2::Error::get_io)
         .is_some_and(|e| matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset));
     let refused = format!("{stopped:?} {ended:?}").contains("ENHANCE_YOUR_CALM") || cut_by_server;
-    assert!(
-        refused || opened == 5000,
-        "the flood ended early without GOAWAY: {opened} streams, {stopped:?}, {ended:?}"
-    );
+    assert!(refused, "the flood was never cut off: {opened} streams, {stopped:?}, {ended:?}");
+    assert!(opened < 5000, "cut off only after all {opened} streams");
     serves().await;
     let (rss, peak) = e2e::ca_process::rss_mib(pid).unwrap();
     assert!(peak < 256.0, "waypoint peak RSS {peak:.0} MiB after the floods (now {rss:.0} MiB)");

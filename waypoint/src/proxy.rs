@@ -161,8 +161,12 @@ impl AsRef<Workload> for Endpoint {
 /// True with probability `percent` / 100; a percentage that is not a number never fires (the
 /// control plane refuses those; this keeps a bad one from panicking the proxy).
 fn chance(percent: f64) -> bool {
+    chance_with(&mut rand::rng(), percent)
+}
+
+fn chance_with(rng: &mut impl Rng, percent: f64) -> bool {
     let p = if percent.is_finite() { (percent / 100.0).clamp(0.0, 1.0) } else { 0.0 };
-    rand::rng().random_bool(p)
+    rng.random_bool(p)
 }
 
 /// Hop-by-hop headers, never forwarded.
@@ -753,6 +757,17 @@ mod tests {
             assert!((0..100).all(|_| !chance(p)), "{p}");
         }
         assert!((0..100).all(|_| chance(100.0)) && (0..100).all(|_| chance(1e300)));
+    }
+
+    #[test]
+    fn a_percentage_fires_that_often() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+        for (percent, low, high) in [(10.0, 9_600, 10_400), (0.5, 400, 600), (99.9, 99_850, 99_950)] {
+            // 100,000 draws: each range is more than 4 standard deviations wide on either side.
+            let fired = (0..100_000).filter(|_| chance_with(&mut rng, percent)).count();
+            assert!((low..=high).contains(&fired), "{percent} %: {fired} of 100,000");
+        }
     }
 
     #[test]
