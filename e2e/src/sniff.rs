@@ -36,14 +36,20 @@ impl Sniffer {
             let mut socket = socket;
             let mut seen = Vec::new();
             let mut frame = vec![0u8; 65536];
-            while !flag.load(Ordering::SeqCst) {
+            loop {
+                // Read the flag before the socket: once it is set, what is queued is read to the
+                // end (every frame sent before `finish` is already queued), then the loop ends.
+                let stopping = flag.load(Ordering::SeqCst);
                 match socket.read(&mut frame) {
                     Ok(n) => seen.push(frame[..n].to_vec()),
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                        if stopping {
+                            return Ok(seen);
+                        }
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }
-            Ok(seen)
         });
         Ok(Sniffer { stop, thread })
     }
@@ -53,7 +59,8 @@ impl Sniffer {
         Ok(self.frames()?.concat())
     }
 
-    /// Stops and returns the captured frames.
+    /// Stops and returns the captured frames: every frame that crossed the namespace's
+    /// interfaces before the call (no need to wait for the capture to catch up).
     pub fn frames(self) -> Result<Vec<Vec<u8>>> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().map_err(|_| anyhow::anyhow!("capture thread panicked"))?

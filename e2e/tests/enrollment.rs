@@ -10,14 +10,21 @@ use e2e::apps::{EchoClient, echo_server};
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, metric_sum};
 use e2e::sniff::{Sniffer, contains};
 
-/// Sends `marker` from `a` to `b` and says whether it crossed the underlay in the clear.
-async fn seen_in_clear(mesh: &Mesh, a: &MeshPod, b: &MeshPod, marker: &[u8]) -> bool {
+/// Sends `marker` from `a` to `b` and says whether it crossed the underlay in the clear. In the
+/// same capture `a` sends a control marker to `plain`, a pod outside the mesh on another node:
+/// it must be seen, or the capture proves nothing.
+async fn seen_in_clear(mesh: &Mesh, a: &MeshPod, b: &MeshPod, marker: &[u8], plain: &MeshPod) -> bool {
+    // (Not containing `marker`: the markers are upper case.)
+    let control = [b"control-".as_slice(), &marker.to_ascii_lowercase()].concat();
     let sniffer = Sniffer::start(&mesh.underlay.ns).unwrap();
     let mut c = EchoClient::greet(a.connect(b.addr(8080)).await.unwrap()).await.unwrap();
     assert_eq!(c.seen_as.ip(), a.ip, "the app must always see the real client");
     c.round_trip(marker).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    contains(&sniffer.finish().unwrap(), marker)
+    let mut p = EchoClient::greet(a.connect(plain.addr(8080)).await.unwrap()).await.unwrap();
+    p.round_trip(&control).await.unwrap();
+    let seen = sniffer.finish().unwrap();
+    assert!(contains(&seen, &control), "the capture missed plaintext traffic ({} bytes captured)", seen.len());
+    contains(&seen, marker)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,13 +39,13 @@ async fn flipping_the_namespace_label_enrolls_and_unenrolls_running_pods() {
     let _c_app = echo_server(opted_out.listen(8080).unwrap(), "c");
     mesh.settle(&[], &[]).await.unwrap();
 
-    assert!(seen_in_clear(&mesh, &a, &b, b"OUT-OF-MESH-1").await, "before enrollment traffic is plain");
+    assert!(seen_in_clear(&mesh, &a, &b, b"OUT-OF-MESH-1", &opted_out).await, "before enrollment traffic is plain");
     // A connection opened before enrollment keeps working afterwards.
     let mut early = EchoClient::greet(a.connect(b.addr(8080)).await.unwrap()).await.unwrap();
 
     mesh.namespace("flip", true).await.unwrap();
     mesh.settle(&[], &[]).await.unwrap();
-    assert!(!seen_in_clear(&mesh, &a, &b, b"IN-MESH-SECRET-2").await, "enrolled pods sent plaintext");
+    assert!(!seen_in_clear(&mesh, &a, &b, b"IN-MESH-SECRET-2", &opted_out).await, "enrolled pods sent plaintext");
     let m = mesh.metrics(2).await.unwrap();
     assert!(
         metric_sum(&m, "istio_tcp_connections_opened_total{", &["ns/flip/sa/a"]) >= 1.0,
@@ -46,7 +53,7 @@ async fn flipping_the_namespace_label_enrolls_and_unenrolls_running_pods() {
     );
     early.round_trip(b"opened before enrollment").await.unwrap();
     // The opted-out pod stays out: reached in plaintext (passthrough), never through its ztunnel.
-    assert!(seen_in_clear(&mesh, &a, &opted_out, b"OPTED-OUT-3").await);
+    assert!(seen_in_clear(&mesh, &a, &opted_out, b"OPTED-OUT-3", &opted_out).await);
     let dump = mesh.config_dump(2).await.unwrap();
     let served: Vec<String> =
         dump["pods"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap().to_owned()).collect();
@@ -54,7 +61,7 @@ async fn flipping_the_namespace_label_enrolls_and_unenrolls_running_pods() {
 
     mesh.namespace("flip", false).await.unwrap();
     mesh.settle(&[], &[]).await.unwrap();
-    assert!(seen_in_clear(&mesh, &a, &b, b"OUT-AGAIN-4").await, "unenrolled pods still captured");
+    assert!(seen_in_clear(&mesh, &a, &b, b"OUT-AGAIN-4", &opted_out).await, "unenrolled pods still captured");
     let dump = mesh.config_dump(2).await.unwrap();
     assert!(dump["pods"].as_array().unwrap().is_empty(), "node-2 still serves a pod: {dump}");
     assert!(!ztunnel::capture::installed(&b.netns.ns).unwrap(), "capture rules left in the pod");

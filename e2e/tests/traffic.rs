@@ -71,7 +71,6 @@ async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
     c.round_trip(secret).await.unwrap();
     let mut p = EchoClient::greet(outsider.connect(plain_far.addr(PORT)).await.unwrap()).await.unwrap();
     p.round_trip(open).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = sniffer.finish().unwrap();
     assert!(contains(&seen, open), "the capture did not see plaintext traffic ({} bytes captured)", seen.len());
     assert!(!contains(&seen, secret), "mesh payload crossed the underlay in the clear");
