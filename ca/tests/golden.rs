@@ -3,7 +3,8 @@
 //!
 //! The expected output is `fixtures/<case>/expected.txt`, one block per resource (name, aliases,
 //! decoded message). After a deliberate change, regenerate with `UPDATE_GOLDEN=1 cargo test -p ca
-//! --test golden` and review the diff like code.
+//! --test golden` (that run always fails, naming each file it rewrote), review the diff like code,
+//! and run again without it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -68,11 +69,15 @@ fn check(case: &str) {
     assert!(case == "failclosed" || !actual.contains("=== config error"), "fixture {case}: {actual}");
     assert!(warnings.is_empty(), "fixture {case} has warnings: {warnings:#?}");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case).join("expected.txt");
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &actual).unwrap();
-        return;
-    }
     let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        // Never a pass: a regenerating run must not be mistaken for a checking one.
+        if actual == expected {
+            panic!("{case}: UPDATE_GOLDEN is set; {} is already up to date (run without it to check)", path.display());
+        }
+        std::fs::write(&path, &actual).unwrap();
+        panic!("{case}: UPDATE_GOLDEN is set; rewrote {} — review the diff, then run without it", path.display());
+    }
     if actual != expected {
         let first = actual.lines().zip(expected.lines()).position(|(a, e)| a != e);
         panic!(
