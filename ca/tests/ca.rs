@@ -20,6 +20,7 @@ use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisc
 use proto::api::type_url::TRUST_BUNDLE;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
+use proto::testing::eventually;
 use proto::tls::{Credential, SharedTrustBundle, TrustBundle};
 use support::{ADMIN, Mesh, ZTUNNEL, credential, csr, csr_with, id, request};
 use tokio::io::AsyncWriteExt;
@@ -570,17 +571,13 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
 }
 
 async fn wait_for_new_admin_credential(mesh: &Mesh, root_pem: &str) -> Arc<Credential> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let pem =
-            std::fs::read_to_string(mesh.state.path().join("admin").join(ca::ADMIN_CREDENTIAL)).unwrap_or_default();
+    let path = mesh.state.path().join("admin").join(ca::ADMIN_CREDENTIAL);
+    eventually("the admin credential to be reissued under the new root", Duration::from_secs(5), || async {
         // Chain then key: the root is the last certificate.
-        if pem.contains(root_pem) {
-            return mesh.admin_credential();
-        }
-        assert!(std::time::Instant::now() < deadline, "admin credential not reissued under the new root");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        std::fs::read_to_string(&path).unwrap_or_default().contains(root_pem).then_some(())
+    })
+    .await;
+    mesh.admin_credential()
 }
 
 #[tokio::test]
@@ -756,7 +753,7 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
     let other = mesh.token("istio-system", "ztunnel", Some("node-2"));
     let server = "spiffe://cluster.local/ns/demo/sa/server";
     mesh.ca_client(Some(other), None).create_certificate(request(csr(&[server]).1, 0, Some(server))).await.unwrap();
-    // A second later the first caller has one more.
+    // Under test: the bucket refills with time; a second later the first caller has one more.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     client.create_certificate(request(csr(&[CLIENT]).1, 0, None)).await.unwrap();
     let (_, metrics) = mesh.admin_get("/metrics").await;
@@ -785,8 +782,10 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
         .unwrap();
     let (_answer, mut body) = send.send_request(post, false).unwrap();
     body.reserve_capacity(4 << 20);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let granted = std::future::poll_fn(|cx| std::task::Poll::Ready(body.poll_capacity(cx))).await;
+    // Capacity comes from the window the server granted; it grows only when the server reads.
+    let granted = tokio::time::timeout(Duration::from_secs(5), std::future::poll_fn(|cx| body.poll_capacity(cx)))
+        .await
+        .expect("no send capacity granted");
     assert_eq!(body.capacity(), 64 * 1024, "{granted:?}");
     driver.abort();
     drop((client, send, body));

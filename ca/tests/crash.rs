@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ca::auth::{DEFAULT_AUDIENCE, TokenRequest, TokenSigner};
 use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
@@ -64,17 +64,15 @@ fn start(objects: &std::path::Path, state: &std::path::Path, jwks: &std::path::P
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
+        // Our CA, not whatever else listens there: it is running and wrote its bundle first.
+        let started = proto::testing::eventually_blocking("the CA to listen", Duration::from_secs(20), || {
             if child.try_wait().unwrap().is_some() {
-                break;
+                return Some(false);
             }
-            // Our CA, not whatever else listens there: it is running and wrote its bundle first.
-            if state.join("root-cert.pem").exists() && std::net::TcpStream::connect(grpc).is_ok() {
-                return Ca { child, grpc };
-            }
-            assert!(Instant::now() < deadline, "ca did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
+            (state.join("root-cert.pem").exists() && std::net::TcpStream::connect(grpc).is_ok()).then_some(true)
+        });
+        if started {
+            return Ca { child, grpc };
         }
     }
     panic!("ca exited at start five times (ports taken?)");
@@ -132,11 +130,10 @@ async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
         }));
     }
     // Let it issue a few hundred, then SIGKILL mid-stream.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while received.lock().unwrap().len() < 300 {
-        assert!(Instant::now() < deadline, "too slow: {}", received.lock().unwrap().len());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    proto::testing::eventually("300 certificates issued", Duration::from_secs(20), || async {
+        (received.lock().unwrap().len() >= 300).then_some(())
+    })
+    .await;
     drop(ca); // kill -9
     for t in tasks {
         t.await.unwrap();

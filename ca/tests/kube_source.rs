@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -188,11 +188,7 @@ fn pod(name: &str, ip: Option<&str>) -> Value {
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proto::testing::eventually(what, Duration::from_secs(10), || std::future::ready(check().then_some(()))).await;
 }
 
 fn key(kind: Kind, ns: &str, name: &str) -> ObjectKey {

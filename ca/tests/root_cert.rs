@@ -23,18 +23,15 @@ fn add_namespace(store: &Store, name: &str) {
 }
 
 async fn writes(mock: &Mock, n: usize) -> Vec<Seen> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let seen = mock.seen.lock().unwrap().clone();
-        if seen.len() >= n || tokio::time::Instant::now() > deadline {
-            // A moment more: nothing beyond what is expected may arrive.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let mut all = mock.take();
-            all.sort_by(|a, b| a.uri.cmp(&b.uri));
-            return all;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proto::testing::eventually(&format!("{n} writes"), Duration::from_secs(10), || async {
+        (mock.seen.lock().unwrap().len() >= n).then_some(())
+    })
+    .await;
+    // Under test: nothing beyond what is expected arrives in a further 200 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut all = mock.take();
+    all.sort_by(|a, b| a.uri.cmp(&b.uri));
+    all
 }
 
 #[tokio::test]

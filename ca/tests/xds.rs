@@ -15,6 +15,7 @@ use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDisc
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::{Address, TunnelProtocol, address};
 use proto::api::type_url::{ADDRESS, AUTHORIZATION};
+use proto::testing::eventually;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -206,8 +207,14 @@ async fn reconnecting_client_gets_only_what_changed() {
 
     // While disconnected: one pod changes IP, one disappears.
     mesh.write("pods.yaml", &pod("sleep", "10.0.0.9"));
-    // Let the change be translated before reconnecting.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The change is translated before the client reconnects.
+    eventually("the CA to see the new address", Duration::from_secs(10), || async {
+        let (_, body) = mesh.admin_get("/debug/state").await;
+        let state: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let sleep = &state["workloads"]["Kubernetes//Pod/shop/sleep"];
+        sleep.to_string().contains("\"10.0.0.9\"").then_some(())
+    })
+    .await;
 
     let mut again = mesh.client().await;
     again.subscribe(ADDRESS, &[], held).await;
@@ -300,12 +307,7 @@ async fn unauthenticated_clients_are_refused() {
 #[tokio::test]
 async fn admin_api_dumps_state_and_config_errors() {
     let mesh = Mesh::start().await;
-    // Wait for readiness.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mesh.admin_get("/healthz/ready").await.0 != 200 {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    mesh.wait_ready().await;
     let (status, body) = mesh.admin_get("/debug/state").await;
     assert_eq!(status, 200);
     let state: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -314,18 +316,14 @@ async fn admin_api_dumps_state_and_config_errors() {
     assert_eq!(state["policies"]["shop/allow"]["action"], "Allow");
 
     mesh.write("broken.yaml", "kind: [");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let e = eventually("the config error to be reported", Duration::from_secs(5), || async {
         let (_, body) = mesh.admin_get("/debug/config_errors").await;
         let errors: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-        if let Some(e) = errors.first() {
-            assert!(e["source"].as_str().unwrap().ends_with("broken.yaml"));
-            assert!(e["message"].as_str().unwrap().starts_with("not valid YAML"));
-            break;
-        }
-        assert!(Instant::now() < deadline, "config error never reported");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        errors.into_iter().next()
+    })
+    .await;
+    assert!(e["source"].as_str().unwrap().ends_with("broken.yaml"), "{e}");
+    assert!(e["message"].as_str().unwrap().starts_with("not valid YAML"), "{e}");
     mesh.shutdown().await;
 }
 

@@ -140,11 +140,10 @@ impl Mesh {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while self.admin_get("/healthz/ready").await.0 != 200 {
-            assert!(std::time::Instant::now() < deadline, "never ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        proto::testing::eventually("the CA to be ready", Duration::from_secs(10), || async {
+            (self.admin_get("/healthz/ready").await.0 == 200).then_some(())
+        })
+        .await;
     }
 
     pub async fn shutdown(mut self) -> Mesh {
