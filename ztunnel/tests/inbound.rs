@@ -171,16 +171,22 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     again.read_exact(&mut one).await.unwrap();
     assert_eq!(pool.connection_count(), 1);
     drop(again);
-    // Istio's metrics saw it: two connections carried, one denied by policy, one failed upstream.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let metrics = ctx.metrics.encode();
-    let sum = |prefix: &str, needle: &str| -> u64 {
+    // Istio's metrics saw it: two connections carried, one denied by policy, one failed upstream
+    // (a connection is counted closed once its task has finished: wait for the last one).
+    let sum = |metrics: &str, prefix: &str, needle: &str| -> u64 {
         metrics
             .lines()
             .filter(|l| l.starts_with(prefix) && l.contains(needle))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
             .sum()
     };
+    let metrics = proto::testing::eventually("every connection counted closed", Duration::from_secs(5), || {
+        let metrics = ctx.metrics.encode();
+        let closed = sum(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"destination\"");
+        std::future::ready((closed == 4).then_some(metrics))
+    })
+    .await;
+    let sum = |prefix: &str, needle: &str| sum(&metrics, prefix, needle);
     assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 4, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 1, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");

@@ -69,10 +69,15 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         // A failed test may leave its process inside: a cgroup with processes cannot be removed.
-        for pid in std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default().lines() {
+        let procs = self.0.join("cgroup.procs");
+        for pid in std::fs::read_to_string(&procs).unwrap_or_default().lines() {
             let _ = Command::new("kill").args(["-KILL", pid]).status();
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let _ = std::panic::catch_unwind(|| {
+            proto::testing::eventually_blocking("the cgroup to empty", Duration::from_secs(5), || {
+                std::fs::read_to_string(&procs).unwrap_or_default().trim().is_empty().then_some(())
+            })
+        });
         let mut dir = self.0.clone();
         // Remove the pod directory and its test parents.
         while dir
@@ -95,15 +100,9 @@ fn a_running_pods_namespace_is_found_through_its_cgroup() {
     let host = NetNs::current().unwrap().inode().unwrap();
 
     // `ip netns exec` switches namespace before it becomes `sleep`: wait for that.
-    let mut found = None;
-    for _ in 0..50 {
-        found = find_netns(Path::new("/proc"), &uid, host).unwrap();
-        if found.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let found = found.expect("the pod's namespace was not found");
+    let found = proto::testing::eventually_blocking("the pod's namespace to be found", Duration::from_secs(5), || {
+        find_netns(Path::new("/proc"), &uid, host).unwrap()
+    });
     assert_eq!(found.inode().unwrap(), netns.inode());
     let other = "1e3a0000-0000-4000-8000-999999999999";
     assert!(find_netns(Path::new("/proc"), other, host).unwrap().is_none());
@@ -196,12 +195,8 @@ async fn the_cni_plugin_has_a_new_mesh_pod_captured_before_it_starts() {
     let agent = tokio::spawn(run_agent(client, config, async {
         let _ = stop_rx.await;
     }));
-    for _ in 0..100 {
-        if socket.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proto::testing::eventually("the CNI socket", Duration::from_secs(5), || async { socket.exists().then_some(()) })
+        .await;
 
     let web = Named::new("web");
     let run = |command: &'static str, args: String, netns: PathBuf| {

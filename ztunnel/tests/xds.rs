@@ -31,11 +31,7 @@ fn write_pods(dir: &Path, names: &[(&str, &str)]) {
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proto::testing::eventually(what, Duration::from_secs(10), || std::future::ready(check().then_some(()))).await;
 }
 
 #[tokio::test]

@@ -39,6 +39,7 @@ async fn agent_and_ztunnel_speak_zds_and_bad_requests_are_refused() {
             }
         }
     });
+    // Under test: the agent appears only later; ztunnel keeps trying until it does.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut listener = ZdsListener::bind(&path).unwrap();
     let agent = listener.accept().await.unwrap();
