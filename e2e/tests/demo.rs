@@ -118,19 +118,21 @@ fn namespaces_of(pid: u32) -> Vec<String> {
 
 /// Nothing the demo made is left: namespaces, processes, files.
 fn assert_nothing_left(pid: u32, tmp: &Path, when: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let left = || {
         let procs = processes_using(tmp);
         let netns = namespaces_of(pid);
         let files: Vec<PathBuf> = std::fs::read_dir(tmp).unwrap().flatten().map(|e| e.path()).collect();
-        if procs.is_empty() && netns.is_empty() && files.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{when}: left behind: processes {procs:?}, namespaces {netns:?}, files {files:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+        (procs, netns, files)
+    };
+    let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        proto::testing::eventually_blocking("nothing left", Duration::from_secs(10), || {
+            let (procs, netns, files) = left();
+            (procs.is_empty() && netns.is_empty() && files.is_empty()).then_some(())
+        })
+    }));
+    if gone.is_err() {
+        let (procs, netns, files) = left();
+        panic!("{when}: left behind: processes {procs:?}, namespaces {netns:?}, files {files:?}");
     }
 }
 
@@ -172,6 +174,7 @@ fn ctrl_c_at_any_step_leaves_nothing_behind() {
         let mut demo = Demo::start(&["--requests", "100"]);
         let pid = demo.child.id();
         demo.wait_for(&format!("[{step}/6]"));
+        // Under test: an interruption in the middle of the step's work.
         std::thread::sleep(Duration::from_millis(300));
         demo.interrupt();
         let (code, output, tmp) = demo.finish();
