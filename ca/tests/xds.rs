@@ -315,6 +315,22 @@ async fn admin_api_dumps_state_and_config_errors() {
     assert_eq!(state["services"]["shop/server.shop.svc.cluster.local"]["vips"][0], "10.96.0.1");
     assert_eq!(state["policies"]["shop/allow"]["action"], "Allow");
 
+    // What the sources hold, by kind, and how many proxies follow over xDS.
+    let objects = |body: String| serde_json::from_str::<serde_json::Value>(&body).unwrap();
+    let (status, body) = mesh.admin_get("/debug/objects").await;
+    assert_eq!(status, 200);
+    let counts = serde_json::json!({"AuthorizationPolicy": 1, "Namespace": 1, "Pod": 2, "Service": 1});
+    assert_eq!(objects(body), serde_json::json!({"objects": counts, "xds_clients": 0}));
+    let mut follower = mesh.client().await;
+    follower.subscribe(ADDRESS, &[], BTreeMap::new()).await;
+    follower.recv(Duration::from_secs(10)).await;
+    assert_eq!(objects(mesh.admin_get("/debug/objects").await.1)["xds_clients"], 1);
+    drop(follower);
+    eventually("the CA to count the client gone", Duration::from_secs(5), || async {
+        (objects(mesh.admin_get("/debug/objects").await.1)["xds_clients"] == 0).then_some(())
+    })
+    .await;
+
     mesh.write("broken.yaml", "kind: [");
     let e = eventually("the config error to be reported", Duration::from_secs(5), || async {
         let (_, body) = mesh.admin_get("/debug/config_errors").await;

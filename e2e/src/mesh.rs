@@ -128,6 +128,8 @@ pub struct PodSpec {
     pub service_account: Option<String>,
     /// Labels (`app` defaults to the name).
     pub labels: BTreeMap<String, String>,
+    /// The `nodeName` its object gives, when not its node's (an object that lags behind).
+    pub object_node: Option<String>,
 }
 
 impl PodSpec {
@@ -139,7 +141,14 @@ impl PodSpec {
             node,
             service_account: None,
             labels: BTreeMap::from([("app".to_owned(), name.to_owned())]),
+            object_node: None,
         }
+    }
+
+    /// Gives the pod's object another `nodeName` than the node it runs on.
+    pub fn object_node(mut self, node_name: &str) -> PodSpec {
+        self.object_node = Some(node_name.into());
+        self
     }
 
     /// Adds a label.
@@ -639,7 +648,7 @@ impl Mesh {
         // Ephemeral ports stay clear of 15001/15006/15008; TIME_WAIT does not starve a busy client.
         netns.sysctl("net.ipv4.ip_local_port_range", "32768 60999")?;
         netns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
-        let node_name = node.name.clone();
+        let node_name = spec.object_node.clone().unwrap_or_else(|| node.name.clone());
 
         let sa = spec.service_account.clone().unwrap_or_else(|| spec.name.clone());
         let uid = format!("{:08x}-e2e-{}-{}", rand_u32(), spec.namespace, spec.name);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::apps::{EchoClient, echo_server};
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, metric_sum};
 
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 
@@ -142,4 +142,117 @@ async fn sigterm_drains_then_exits_by_the_deadline() {
     for line in ["shutting down", "no longer ready, closing every pod's listeners", "drained", "ztunnel stopped"] {
         assert!(log.contains(line), "no {line:?} in the log");
     }
+}
+
+fn log_count(mesh: &Mesh, node: u8, line: &str) -> usize {
+    mesh.ztunnel_log(node).unwrap().matches(line).count()
+}
+
+/// The log level changes at run time through the admin `/logging` endpoint (and a bad filter is
+/// refused with the reason, the old one kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_log_level_changes_at_run_time() {
+    let (mesh, client, server) = client_and_server(MeshOptions::default()).await;
+    let logging = |method: &'static str, query: &'static str| {
+        let mesh = &mesh;
+        async move { mesh.ztunnel_request(2, method, 15000, &format!("/logging{query}")).await.unwrap() }
+    };
+    let (status, before) = logging("GET", "").await;
+    assert_eq!(status, 200);
+    assert!(before.starts_with("log filter: "), "{before}");
+    // Each connection ends with an info line from the `access` target.
+    let closed = async || metric_sum(&mesh.metrics(2).await.unwrap(), "istio_tcp_connections_closed_total{", &[]);
+    let connect_and_wait = async || {
+        let n = closed().await;
+        assert!(works(&client, &server).await);
+        mesh.wait_until("the connection to be counted closed", Duration::from_secs(5), || async { closed().await > n })
+            .await
+            .unwrap();
+    };
+
+    assert_eq!(logging("POST", "?level=warn").await, (200, "log filter: warn\n".to_owned()));
+    let lines = log_count(&mesh, 2, "connection complete");
+    connect_and_wait().await;
+    assert_eq!(log_count(&mesh, 2, "connection complete"), lines, "an info line was logged at level warn");
+
+    let (status, reason) = logging("POST", "?level=ztunnel=[bad").await;
+    assert_eq!(status, 400, "{reason}");
+    assert_eq!(logging("GET", "").await, (200, "log filter: warn\n".to_owned()), "a refused filter was applied");
+    assert_eq!(logging("POST", "").await.0, 400);
+
+    assert_eq!(logging("POST", "?level=info").await, (200, "log filter: info\n".to_owned()));
+    connect_and_wait().await;
+    assert_eq!(log_count(&mesh, 2, "connection complete"), lines + 1);
+}
+
+/// ztunnel is ready only once it has both the node agent's snapshot and the mesh state: restarted
+/// while the CA is down, it gets the snapshot but stays not ready until the CA is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_is_not_ready_until_it_has_the_mesh_state() {
+    let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
+    mesh.kill_ztunnel(2).unwrap();
+    mesh.stop_ca();
+    mesh.start_ztunnel(2).unwrap();
+    mesh.wait_until("the agent's snapshot to reach the new ztunnel", Duration::from_secs(10), || async {
+        mesh.nodes[1].agent.snapshots() == 2 && log_count(&mesh, 2, "node agent snapshot applied") >= 2
+    })
+    .await
+    .unwrap();
+    let (status, body) = mesh.ztunnel_get(2, 15021, "/healthz/ready").await.unwrap();
+    assert_eq!(status, 503, "ready without the mesh state: {body}");
+    mesh.start_ca().unwrap();
+    mesh.wait_until("ztunnel to become ready", Duration::from_secs(15), || async {
+        readiness(&mesh, 2).await == Some(200)
+    })
+    .await
+    .unwrap();
+    mesh.wait_until("traffic again", Duration::from_secs(10), || works(&client, &server)).await.unwrap();
+}
+
+/// What ztunnel cannot serve yet it neither serves wrongly nor drops: a pod whose certificate the
+/// CA does not grant yet has its inbound HBONE wait (the connection completes once it is granted);
+/// plaintext to an enrolled pod the mesh state does not know is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_waits_for_a_certificate_and_refuses_an_unknown_workload() {
+    let (mut mesh, client, _server) = client_and_server(MeshOptions::default()).await;
+    mesh.namespace("legacy", false).await.unwrap();
+    let outsider = mesh.pod(PodSpec::new("outsider", "legacy", 1)).await.unwrap();
+
+    // The object says another node, so the CA refuses node-2's ztunnel the pod's certificate.
+    let late = mesh.pod(PodSpec::new("late", "demo", 2).object_node("node-9")).await.unwrap();
+    drop(echo_server(late.listen(8080).unwrap(), "late"));
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_until("node-2 to be refused the certificate", Duration::from_secs(10), || async {
+        let log = mesh.ztunnel_log(2).unwrap();
+        log.lines().any(|l| l.contains("no certificate for the pod yet; inbound HBONE waits") && l.contains("sa/late"))
+    })
+    .await
+    .unwrap();
+    let waiting = {
+        let (client, to) = (client.clone(), late.addr(8080));
+        tokio::spawn(async move {
+            let mut c = EchoClient::greet(client.connect(to).await?).await?;
+            c.round_trip(b"worth the wait").await
+        })
+    };
+    // Under test: the connection is held, not refused, while the certificate is missing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the connection ended without a certificate: {:?}", waiting.await);
+    let object = std::fs::read_to_string(mesh.objects_dir().join("pod-demo-late.yaml")).unwrap();
+    mesh.apply("pod-demo-late", &object.replace("nodeName: node-9", "nodeName: node-2")).unwrap();
+    tokio::time::timeout(Duration::from_secs(15), waiting).await.unwrap().unwrap().unwrap();
+
+    // The mesh state loses the pod while node-2 still serves it: plaintext to it is refused.
+    assert!(works(&outsider, &late).await, "plaintext from outside the mesh is allowed by default");
+    mesh.delete("pod-demo-late").unwrap();
+    let refused = "plaintext inbound refused: no workload known at the destination address";
+    mesh.wait_until("a plaintext connection to be refused", Duration::from_secs(10), || async {
+        !works(&outsider, &late).await && log_count(&mesh, 2, refused) >= 1
+    })
+    .await
+    .unwrap();
+    mesh.apply("pod-demo-late", &object.replace("nodeName: node-9", "nodeName: node-2")).unwrap();
+    mesh.wait_until("the pod to be reachable again", Duration::from_secs(10), || works(&outsider, &late))
+        .await
+        .unwrap();
 }

@@ -379,3 +379,46 @@ fn trust_bundle_rejects_empty_and_garbage_pem() {
     let bundle = TrustBundle::from_pem(ca.root_pem().as_bytes()).unwrap();
     assert_eq!(bundle.roots(), std::slice::from_ref(ca.root()));
 }
+
+/// A TLS 1.2 ClientHello (no `supported_versions` extension, so TLS 1.2 is the highest version
+/// offered), as an old client would send it. Built by hand: the mesh's TLS library is compiled
+/// without TLS 1.2 at all.
+fn tls12_client_hello() -> Vec<u8> {
+    let ext = |kind: u16, body: &[u8]| [&kind.to_be_bytes()[..], &(body.len() as u16).to_be_bytes(), body].concat();
+    let extensions = [
+        // supported_groups: x25519, secp256r1.
+        ext(0x000a, &[0x00, 0x04, 0x00, 0x1d, 0x00, 0x17]),
+        // ec_point_formats: uncompressed.
+        ext(0x000b, &[0x01, 0x00]),
+        // signature_algorithms: ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, rsa_pkcs1_sha256.
+        ext(0x000d, &[0x00, 0x06, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01]),
+    ]
+    .concat();
+    // ECDHE-ECDSA-AES128-GCM-SHA256, ECDHE-RSA-AES128-GCM-SHA256.
+    let suites = [0xc0, 0x2b, 0xc0, 0x2f];
+    let mut hello = vec![0x03, 0x03];
+    hello.extend_from_slice(&[0x42; 32]);
+    hello.push(0); // no session id
+    hello.extend_from_slice(&(suites.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&suites);
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    hello.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&extensions);
+    let len = hello.len() as u32;
+    let handshake = [&[0x01][..], &len.to_be_bytes()[1..], &hello].concat();
+    [&[0x16, 0x03, 0x01][..], &(handshake.len() as u16).to_be_bytes(), &handshake].concat()
+}
+
+#[tokio::test]
+async fn refuses_a_tls12_peer() {
+    init_tracing();
+    let (_ca, server_cred, trust) = ca_and_server("server");
+    let (server, forward) = forward_server(server_cred, trust).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(&tls12_client_hello()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await.unwrap().unwrap();
+    // One fatal alert, protocol_version (70), and the connection closed: no ServerHello.
+    assert_eq!(answer, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 70], "{answer:02x?}");
+    assert!(forward.seen().is_empty());
+}
