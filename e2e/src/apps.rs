@@ -127,9 +127,10 @@ impl EchoClient {
 /// once and the body `late body` after that long. The request body is read whole and its size
 /// returned in `x-seen-body-bytes`; the `Upgrade`, `X-Forwarded-For` and
 /// `X-Forwarded-Client-Cert` headers it got in `x-seen-upgrade`, `x-seen-xff` and `x-seen-xfcc`
-/// (`-` when absent), the TCP peer's address in `x-seen-peer`, `Authorization` in `x-seen-authorization` (`-`), and each `x-jwt-*` header as
-/// `x-seen-x-jwt-*`. A request with `Upgrade: echo` is answered 101 and the connection then
-/// echoes bytes.
+/// (`-` when absent), the TCP peer's address in `x-seen-peer`, `Authorization` in `x-seen-authorization` (`-`), and each `x-jwt-*` and
+/// `x-test-*` header as `x-seen-x-jwt-*`, `x-seen-x-test-*`. A request with `Upgrade: echo` is
+/// answered 101 and the connection then echoes bytes. `/requests` answers `<n> <bytes>`: how many
+/// other requests the server has had so far, and their body bytes in all.
 pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle<()> {
     use std::convert::Infallible;
     use std::sync::Arc;
@@ -144,14 +145,19 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
 
     let name: Arc<str> = Arc::from(name);
     let flaky = Arc::new(AtomicU64::new(0));
+    let served = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
     tokio::spawn(async move {
         loop {
             let Ok((stream, peer)) = listener.accept().await else { return };
-            let (name, flaky) = (name.clone(), flaky.clone());
+            let (name, flaky, served) = (name.clone(), flaky.clone(), served.clone());
             let peer = peer.ip().to_string();
             let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                let (name, flaky, peer) = (name.clone(), flaky.clone(), peer.clone());
+                let (name, flaky, served, peer) = (name.clone(), flaky.clone(), served.clone(), peer.clone());
                 async move {
+                    if req.uri().path() == "/requests" {
+                        let (n, bytes) = (served.0.load(Ordering::SeqCst), served.1.load(Ordering::SeqCst));
+                        return Ok(Response::new(full(Bytes::from(format!("{n} {bytes}\n")))));
+                    }
                     // `Upgrade: echo`: switch protocols, then echo bytes until the client closes.
                     if req.headers().get(hyper::header::UPGRADE).is_some_and(|v| v == "echo") {
                         let on = hyper::upgrade::on(&mut req);
@@ -188,7 +194,10 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     };
                     let (head, request_body) = req.into_parts();
                     let req = Request::from_parts(head, ());
-                    let received = request_body.collect().await.map_or(0, |b| b.to_bytes().len()).to_string();
+                    let received = request_body.collect().await.map_or(0, |b| b.to_bytes().len());
+                    served.1.fetch_add(received as u64, Ordering::SeqCst);
+                    served.0.fetch_add(1, Ordering::SeqCst);
+                    let received = received.to_string();
                     let mut resp = Response::new(body);
                     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
                     let headers = resp.headers_mut();
@@ -215,7 +224,10 @@ pub fn http_server(listener: TcpListener, name: &str) -> tokio::task::JoinHandle
                     let auth = req.headers().get(hyper::header::AUTHORIZATION).cloned();
                     headers
                         .insert("x-seen-authorization", auth.unwrap_or(hyper::header::HeaderValue::from_static("-")));
-                    for (k, v) in req.headers().iter().filter(|(k, _)| k.as_str().starts_with("x-jwt-")) {
+                    let echoed = |k: &hyper::header::HeaderName| {
+                        k.as_str().starts_with("x-jwt-") || k.as_str().starts_with("x-test-")
+                    };
+                    for (k, v) in req.headers().iter().filter(|(k, _)| echoed(k)) {
                         if let Ok(k) = hyper::header::HeaderName::from_bytes(format!("x-seen-{k}").as_bytes()) {
                             headers.append(k, v.clone());
                         }

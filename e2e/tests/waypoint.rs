@@ -211,6 +211,14 @@ async fn retries_hide_a_flaky_endpoint_and_timeouts_answer_504() {
         .await
         .unwrap();
     assert_eq!((a.status, a.header("x-seen-body-bytes")), (200, Some("3145728")), "{a:?}");
+    // ...and so not retried: of two in a row to /flaky (which fails every other time), one fails.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let to = SocketAddr::from((LATEST, 80));
+        statuses.push(http_exchange_with_body(&client.netns.ns, "POST", to, "/flaky", &[], &big).await.unwrap().status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 503], "a body over 1 MiB was retried");
     let small =
         http_exchange_with_body(&client.netns.ns, "POST", SocketAddr::from((LATEST, 80)), "/flaky", &[], &[b's'; 1000])
             .await
@@ -854,4 +862,171 @@ async fn a_waypoint_serving_a_pod_cannot_be_bypassed() {
     // The waypoint's own path still works afterwards.
     let again = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.unwrap();
     assert_eq!((again.status, again.body.trim()), (200, "server"));
+
+    // A tunnel to the waypoint itself is taken for a target that uses it, and refused (400) for
+    // one that does not (the outsider, in a namespace without a waypoint).
+    let credential = mesh.workload_certificate("demo", "client").await.unwrap();
+    let waypoint_id = vec!["spiffe://cluster.local/ns/demo/sa/waypoint".parse().unwrap()];
+    let at_waypoint = SocketAddr::from((waypoint.ip, 15008));
+    let served = ConnectRequest::new(credential.clone(), at_waypoint, waypoint_id.clone(), to);
+    drop(pool.connect(served).await.expect("a tunnel for a target that uses the waypoint"));
+    let elsewhere = ConnectRequest::new(credential, at_waypoint, waypoint_id, outsider.addr(APP_PORT));
+    match pool.connect(elsewhere).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::BAD_REQUEST),
+        Ok(_) => panic!("the waypoint took a tunnel for a target that does not use it"),
+        Err(e) => panic!("unexpected error: {e}"),
+    }
+    let log = std::fs::read_to_string(mesh.state_dir().join("logs/waypoint-demo-waypoint.log")).unwrap_or_default();
+    assert!(log.contains("tunnel refused: the target does not use this waypoint"), "{log}");
+}
+
+const VS_FEATURES: &str = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hello-features, namespace: demo}
+spec:
+  hosts: [hello]
+  http:
+    - match: [{uri: {prefix: /abort}}]
+      fault: {abort: {percentage: {value: 10}, httpStatus: 418}}
+      route: [{destination: {host: hello-new}}]
+    - match: [{uri: {prefix: /old}}]
+      redirect: {uri: /new-place, authority: hello.example, redirectCode: 308}
+    - match: [{uri: {prefix: /headers}}]
+      headers:
+        request: {set: {x-test-set: set}, add: {x-test-add: added}, remove: [x-test-gone]}
+        response: {set: {x-answer: changed}, remove: [x-seen-peer]}
+      route: [{destination: {host: hello-new}}]
+    - match: [{uri: {prefix: /mirror}}]
+      route: [{destination: {host: hello-latest}}]
+      mirror: {host: hello-new}
+    - route: [{destination: {host: hello-new}}]
+";
+
+/// What hello-new's app has had so far: requests and body bytes (its `/requests`).
+async fn new_has_had(client: &MeshPod) -> (u64, u64) {
+    let a = get(client, NEW, "/requests", &[]).await;
+    let mut n = a.body.split_whitespace().map(|v| v.parse::<u64>().unwrap());
+    (n.next().unwrap(), n.next().unwrap())
+}
+
+/// A VirtualService takes precedence over an HTTPRoute for the same service, and its abort
+/// fault, redirect, header changes and mirror apply at run time (a body over 1 MiB is not
+/// mirrored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_virtualservice_comes_first_and_its_faults_redirects_headers_and_mirrors_apply() {
+    let (mesh, client, waypoint) = demo_mesh().await;
+    mesh.apply(
+        "route-hello",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata:\n  name: hello\n  namespace: demo\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello, port: 80}\n  rules:\n    - backendRefs: [{name: hello-latest, port: 80}]\n",
+    )
+    .unwrap();
+    let all_from = |name: &'static str| {
+        let client = client.clone();
+        async move {
+            for _ in 0..10 {
+                if get(&client, HELLO, "/", &[]).await.header("x-served-by") != Some(name) {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    mesh.wait_until("the HTTPRoute", Duration::from_secs(20), || all_from("hello-latest")).await.unwrap();
+    mesh.apply("vs-hello", VS_FEATURES).unwrap();
+    // Both now exist for `hello`: the VirtualService's routes are tried first.
+    mesh.wait_until("the VirtualService to win", Duration::from_secs(20), || all_from("hello-new")).await.unwrap();
+
+    // Abort 10 % with 418: Binomial(1000, 0.1) lies in 60..=140 but with probability < 1e-4.
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        let a = get(&client, HELLO, "/abort", &[]).await;
+        match a.status {
+            418 => {
+                aborted += 1;
+                assert_eq!(a.body, "fault filter abort\n", "{a:?}");
+            }
+            _ => assert_eq!((a.status, a.header("x-served-by")), (200, Some("hello-new")), "{a:?}"),
+        }
+    }
+    assert!((60..=140).contains(&aborted), "{aborted} of 1000 aborted (want ~100)");
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    assert_eq!(
+        sum(&m, "istio_requests_total{", &["response_code=\"418\"", "response_flags=\"FI\""]),
+        f64::from(aborted)
+    );
+
+    // Redirect: answered by the waypoint, never forwarded.
+    let before = new_has_had(&client).await;
+    let a = get(&client, HELLO, "/old/page", &[]).await;
+    assert_eq!((a.status, a.header("location")), (308, Some("http://hello.example/new-place")), "{a:?}");
+
+    // Header changes both ways.
+    let a =
+        get(&client, HELLO, "/headers", &[("x-test-gone", "bye"), ("x-test-add", "mine"), ("x-test-set", "old")]).await;
+    assert_eq!((a.status, a.header("x-served-by")), (200, Some("hello-new")), "{a:?}");
+    assert_eq!(a.header("x-seen-x-test-set"), Some("set"), "{a:?}");
+    let head = a.head.to_ascii_lowercase();
+    for line in ["x-seen-x-test-add: mine", "x-seen-x-test-add: added", "x-answer: changed"] {
+        assert!(head.contains(line), "no {line:?} in {a:?}");
+    }
+    assert!(!head.contains("x-seen-x-test-gone") && !head.contains("x-seen-peer"), "{a:?}");
+    assert_eq!(new_has_had(&client).await.0, before.0 + 1, "the redirect reached the app");
+
+    // Mirror: each request is answered by hello-latest and copied to hello-new.
+    let before = new_has_had(&client).await;
+    for _ in 0..20 {
+        assert_eq!(get(&client, HELLO, "/mirror", &[]).await.header("x-served-by"), Some("hello-latest"));
+    }
+    mesh.wait_until("20 copies at hello-new", Duration::from_secs(10), || async {
+        new_has_had(&client).await.0 == before.0 + 20
+    })
+    .await
+    .unwrap();
+    // A body over 1 MiB is streamed to hello-latest once and not copied; a small one is.
+    let to = SocketAddr::from((HELLO, 80));
+    let big = vec![b'b'; 3 << 20];
+    let a = http_exchange_with_body(&client.netns.ns, "POST", to, "/mirror", &[], &big).await.unwrap();
+    assert_eq!((a.status, a.header("x-seen-body-bytes")), (200, Some("3145728")), "{a:?}");
+    let a = http_exchange_with_body(&client.netns.ns, "POST", to, "/mirror", &[], &[b's'; 1000]).await.unwrap();
+    assert_eq!((a.status, a.header("x-served-by")), (200, Some("hello-latest")), "{a:?}");
+    mesh.wait_until("the small body's copy", Duration::from_secs(10), || async {
+        new_has_had(&client).await.0 > before.0 + 20
+    })
+    .await
+    .unwrap();
+    // Under test: no copy of the big body follows.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(new_has_had(&client).await, (before.0 + 21, before.1 + 1000), "the 3 MiB body was mirrored");
+}
+
+/// An L7 AuthorizationPolicy bound to a Service (`targetRefs`) applies to that Service only: an
+/// ALLOW for one caller's GETs lets exactly those through there, and changes nothing elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_l7_policy_on_a_service_applies_to_it_alone() {
+    let (mut mesh, client, _waypoint) = demo_mesh().await;
+    let intruder = mesh.pod(PodSpec::new("intruder", "demo", 1)).await.unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.apply(
+        "authz-latest",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: latest-readers\n  namespace: demo\nspec:\n  targetRefs:\n    - {group: \"\", kind: Service, name: hello-latest}\n  action: ALLOW\n  rules:\n    - from:\n        - source:\n            principals: [cluster.local/ns/demo/sa/client]\n      to:\n        - operation:\n            methods: [GET]\n",
+    )
+    .unwrap();
+    mesh.wait_until("the policy", Duration::from_secs(20), || async {
+        get(&intruder, LATEST, "/", &[]).await.status == 403
+    })
+    .await
+    .unwrap();
+    let to = |vip| SocketAddr::from((vip, 80));
+    let status = async |from: &MeshPod, method: &str, vip| {
+        http_exchange(&from.netns.ns, method, to(vip), "/", &[]).await.unwrap().status
+    };
+    // The service it targets: only the client's GETs.
+    assert_eq!(status(&client, "GET", LATEST).await, 200);
+    assert_eq!(status(&client, "POST", LATEST).await, 403);
+    assert_eq!(status(&intruder, "GET", LATEST).await, 403);
+    assert_eq!(status(&intruder, "POST", LATEST).await, 403);
+    // Another service behind the same waypoint: untouched.
+    assert_eq!(status(&intruder, "GET", NEW).await, 200);
+    assert_eq!(status(&intruder, "POST", NEW).await, 200);
+    assert_eq!(status(&client, "POST", NEW).await, 200);
 }

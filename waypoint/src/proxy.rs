@@ -249,7 +249,11 @@ fn redirect(r: &pb::Redirect, req_host: &str, path: &str, prefix: Option<&str>) 
     let host = if r.hostname.is_empty() { req_host.split(':').next().unwrap_or(req_host) } else { &r.hostname };
     let port = if r.port == 0 { String::new() } else { format!(":{}", r.port) };
     let path = r.path.as_ref().map_or_else(|| path.to_owned(), |m| rewrite_path(path, m, prefix));
-    let status = if r.status_code == 301 { StatusCode::MOVED_PERMANENTLY } else { StatusCode::FOUND };
+    // The redirect codes Envoy has; the control plane refuses others. Unset: 302 (Gateway API).
+    let status = match r.status_code {
+        301 | 303 | 307 | 308 => StatusCode::from_u16(r.status_code as u16).unwrap_or(StatusCode::FOUND),
+        _ => StatusCode::FOUND,
+    };
     let mut resp = text(status, "");
     if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{port}{path}")) {
         resp.headers_mut().insert(header::LOCATION, v);

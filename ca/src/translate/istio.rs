@@ -86,9 +86,17 @@ pub fn validate_virtual_service(spec: &VirtualServiceSpec) -> Result<(), String>
         if h.route.is_empty() && h.redirect.is_none() {
             return Err(format!("http[{i}]: neither route nor redirect"));
         }
+        if let Some(code) = h.redirect.as_ref().and_then(|r| r.get("redirectCode"))
+            && !code.as_u64().is_some_and(|c| REDIRECT_CODES.contains(&c))
+        {
+            return Err(format!("http[{i}].redirect.redirectCode {code} is not one of {REDIRECT_CODES:?}"));
+        }
     }
     Ok(())
 }
+
+/// The redirect statuses a proxy can answer with (Envoy's set).
+const REDIRECT_CODES: [u64; 5] = [301, 302, 303, 307, 308];
 
 /// Checks a DestinationRule's fields the translation relies on.
 pub fn validate_destination_rule(spec: &DestinationRuleSpec) -> Result<(), String> {
@@ -441,6 +449,20 @@ mod tests {
         let dr = |yaml: &str| validate_destination_rule(&serde_norway::from_str::<DestinationRuleSpec>(yaml).unwrap());
         let ejection = "host: hello\ntrafficPolicy:\n  outlierDetection: {maxEjectionPercent: 150}\n";
         assert!(dr(ejection).unwrap_err().contains("maxEjectionPercent 150 is more than 100"));
+    }
+
+    #[test]
+    fn redirect_codes_are_envoys() {
+        let vs = |code: &str| {
+            let yaml = format!("hosts: [hello]\nhttp:\n  - redirect: {{uri: /x, redirectCode: {code}}}\n");
+            validate_virtual_service(&serde_norway::from_str::<VirtualServiceSpec>(&yaml).unwrap())
+        };
+        for good in ["301", "302", "303", "307", "308"] {
+            assert_eq!(vs(good), Ok(()), "{good}");
+        }
+        for bad in ["200", "300", "304", "399", "\"308\"", "-1"] {
+            assert!(vs(bad).unwrap_err().contains("redirectCode"), "{bad}");
+        }
     }
 
     #[test]
