@@ -581,6 +581,15 @@ impl Mesh {
         Ok(pod)
     }
 
+    /// Sends SIGTERM to the waypoint running in `pod`; [`Exiting::exited`] waits for it to exit.
+    pub fn terminate_waypoint(&mut self, pod: &MeshPod) -> Result<Exiting> {
+        let waypoint = self.waypoints.iter_mut().find(|w| w.pod.uid == pod.uid).context("no such waypoint")?;
+        let child = waypoint.child.take().context("the waypoint is not running")?;
+        let signalled = Instant::now();
+        crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
+        Ok(Exiting { child, signalled })
+    }
+
     /// The process id of the waypoint running in `pod`.
     pub fn waypoint_pid(&self, pod: &MeshPod) -> Option<u32> {
         self.waypoints.iter().find(|w| w.pod.uid == pod.uid)?.child.as_ref().map(Child::id)

@@ -1030,3 +1030,52 @@ async fn an_l7_policy_on_a_service_applies_to_it_alone() {
     assert_eq!(status(&intruder, "POST", NEW).await, 200);
     assert_eq!(status(&client, "POST", NEW).await, 200);
 }
+
+/// SIGTERM: the waypoint stops being ready and taking new requests at once, lets the request in
+/// flight finish, then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_drains_on_sigterm() {
+    let (mut mesh, client, waypoint) = demo_mesh().await;
+    let ready = async || {
+        let at = SocketAddr::from((waypoint.ip, 15021));
+        e2e::mesh::http_get(&waypoint.netns.ns, at, "/healthz/ready").await.map(|(status, _)| status).ok()
+    };
+    assert_eq!(ready().await, Some(200));
+    let opened = async |mesh: &Mesh| {
+        let m = mesh.metrics(1).await.unwrap();
+        sum(
+            &m,
+            "istio_tcp_connections_opened_total{",
+            &["reporter=\"source\"", "destination_service=\"hello.demo.svc.cluster.local\""],
+        )
+    };
+    let before = opened(&mesh).await;
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            http_exchange(&client.netns.ns, "GET", SocketAddr::from((HELLO, 80)), "/delay/1500", &[]).await
+        })
+    };
+    mesh.wait_until("the request to reach the waypoint", Duration::from_secs(5), || async {
+        opened(&mesh).await > before
+    })
+    .await
+    .unwrap();
+
+    let exiting = mesh.terminate_waypoint(&waypoint).unwrap();
+    mesh.wait_until("the waypoint to report not ready", Duration::from_secs(2), || async {
+        ready().await == Some(503)
+    })
+    .await
+    .unwrap();
+    let refused = http_exchange(&client.netns.ns, "GET", SocketAddr::from((HELLO, 80)), "/", &[]).await;
+    assert!(refused.is_err(), "a new request was served while draining: {refused:?}");
+    let a = in_flight.await.unwrap().unwrap();
+    assert_eq!(a.status, 200, "the request in flight was cut: {a:?}");
+    let took = exiting.exited().await.unwrap();
+    assert!(took >= Duration::from_millis(1000), "exited after {took:?}, before its request was answered");
+    let log = std::fs::read_to_string(mesh.state_dir().join("logs/waypoint-demo-waypoint.log")).unwrap();
+    for line in ["draining", "drained", "waypoint stopped"] {
+        assert!(log.contains(line), "no {line:?} in the log");
+    }
+}
