@@ -109,6 +109,56 @@ async fn deny_policies_refuse_what_they_name_and_revoke_live_connections() {
     }
 }
 
+/// An ALLOW policy admits exactly what its rules name (by principal, by namespace, on a port)
+/// and nothing else reaches the workload it selects; two ALLOW policies add up; workloads it does
+/// not select are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_policies_admit_only_what_they_name() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    mesh.namespace("elsewhere", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let intruder = mesh.pod(PodSpec::new("intruder", "demo", 1)).await.unwrap();
+    let stranger = mesh.pod(PodSpec::new("stranger", "elsewhere", 1)).await.unwrap();
+    let server = mesh.pod(PodSpec::new("server", "demo", 2)).await.unwrap();
+    let other = mesh.pod(PodSpec::new("other", "demo", 2)).await.unwrap();
+    let _web = echo_server(server.listen(8080).unwrap(), "web");
+    let _admin = echo_server(server.listen(9090).unwrap(), "admin");
+    let _other = echo_server(other.listen(8080).unwrap(), "other");
+    mesh.settle(&[], &[]).await.unwrap();
+    let (web, admin) = (server.addr(8080), server.addr(9090));
+
+    let allow = |name: &str, rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: ALLOW\n  rules:\n    - {rule}\n"
+        )
+    };
+    // The client, on port 8080 only.
+    let client_web = "from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"8080\"]";
+    mesh.apply("allow-client", &allow("allow-client", client_web)).unwrap();
+    mesh.settle(&["demo/allow-client"], &[]).await.unwrap();
+    assert!(allowed(&client, web).await, "the ALLOW refused what it names");
+    assert!(!allowed(&client, admin).await, "the ALLOW let the client in on a port it does not name");
+    assert!(!allowed(&intruder, web).await, "the ALLOW let in a principal it does not name");
+    assert!(!allowed(&stranger, web).await, "the ALLOW let in a namespace it does not name");
+    for from in [&client, &intruder, &stranger] {
+        assert!(allowed(from, other.addr(8080)).await, "{} refused by a pod the policy does not select", from.name);
+    }
+
+    // A second ALLOW, for namespace `elsewhere` on any port: either one admits.
+    let namespace = "from:\n        - source:\n            namespaces: [elsewhere]";
+    mesh.apply("allow-elsewhere", &allow("allow-elsewhere", namespace)).unwrap();
+    mesh.settle(&["demo/allow-elsewhere"], &[]).await.unwrap();
+    assert!(allowed(&stranger, web).await && allowed(&stranger, admin).await);
+    assert!(allowed(&client, web).await && !allowed(&client, admin).await);
+    assert!(!allowed(&intruder, web).await);
+
+    let m = mesh.metrics(2).await.unwrap();
+    let denied =
+        sum(&m, "istio_tcp_connections_closed_total{", &["reporter=\"destination\"", "response_flags=\"DENY\""]);
+    assert_eq!(denied, 5.0, "{m}");
+}
+
 fn policy(name: &str, annotations: &str, body: &str) -> String {
     format!(
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: {name}\n  namespace: demo\n{annotations}spec:\n  selector:\n    matchLabels:\n      app: server\n{body}"
