@@ -84,10 +84,18 @@ impl Demo {
         (status.code(), self.output.join("\n"), self.tmp)
     }
 
+    /// Ctrl-C in a terminal: SIGINT to the whole process group.
     fn interrupt(&self) {
         let group = format!("-{}", self.child.id());
         let status = Command::new("kill").args(["-INT", "--", &group]).status().unwrap();
         assert!(status.success(), "kill -INT {group}");
+    }
+
+    /// `kill <pid>`: SIGTERM to the demo process alone (its mesh processes must follow it).
+    fn terminate(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success(), "kill -TERM {pid}");
     }
 }
 
@@ -182,4 +190,58 @@ fn ctrl_c_at_any_step_leaves_nothing_behind() {
         assert_nothing_left(pid, tmp.path(), &format!("interrupted in step {step}"));
         assert_eq!(host_rules(), rules, "the host's own rules changed (step {step})");
     }
+}
+
+#[test]
+fn sigterm_to_the_demo_alone_leaves_nothing_behind() {
+    let rules = host_rules();
+    for step in [2, 4] {
+        let mut demo = Demo::start(&["--requests", "100"]);
+        let pid = demo.child.id();
+        demo.wait_for(&format!("[{step}/6]"));
+        demo.terminate();
+        let (code, output, tmp) = demo.finish();
+        assert_eq!(code, Some(130), "SIGTERM in step {step}: the demo exited with {code:?}:\n{output}");
+        assert_nothing_left(pid, tmp.path(), &format!("SIGTERM in step {step}"));
+        assert_eq!(host_rules(), rules, "the host's own rules changed (step {step})");
+    }
+}
+
+/// `--keep`: after the walk-through the mesh stays up, reachable the way the demo says (each
+/// node's ztunnel admin from its namespace, the logs directory), until Ctrl-C removes it.
+#[test]
+fn keep_leaves_the_mesh_up_until_ctrl_c() {
+    let rules = host_rules();
+    let mut demo = Demo::start(&["--requests", "100", "--keep"]);
+    let pid = demo.child.id();
+    demo.wait_for("The mesh stays up until Ctrl-C");
+    demo.wait_for("node-2: ip netns exec");
+    let said = |prefix: &str| -> String {
+        let line =
+            demo.output.iter().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?}"));
+        line.trim_start()[prefix.len()..].trim().to_owned()
+    };
+    let logs = std::path::PathBuf::from(said("logs:"));
+    assert!(logs.join("ca.log").is_file(), "no CA log in {}", logs.display());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for node in ["node-1", "node-2"] {
+        // `<node>: ip netns exec <namespace> curl -s 127.0.0.1:15000/config_dump`
+        let command = said(&format!("{node}:"));
+        let netns = command.split_whitespace().nth(3).unwrap().to_owned();
+        assert!(command.ends_with("curl -s 127.0.0.1:15000/config_dump"), "{command}");
+        let ns = ztunnel::netns::NetNs::open(&Path::new("/run/netns").join(&netns)).unwrap();
+        let (status, body) =
+            runtime.block_on(e2e::mesh::http_get(&ns, "127.0.0.1:15000".parse().unwrap(), "/config_dump")).unwrap();
+        assert_eq!(status, 200, "{node}: {body}");
+        let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(!dump["pods"].as_array().unwrap().is_empty(), "{node} serves no pod: {dump}");
+    }
+    // Still up a moment later: it is kept, not torn down at the end.
+    assert!(demo.child.try_wait().unwrap().is_none(), "the demo exited with --keep");
+    demo.interrupt();
+    let (code, output, tmp) = demo.finish();
+    assert_eq!(code, Some(130), "Ctrl-C with --keep: the demo exited with {code:?}:\n{output}");
+    assert!(!output.contains("demo failed"), "{output}");
+    assert_nothing_left(pid, tmp.path(), "after --keep and Ctrl-C");
+    assert_eq!(host_rules(), rules, "the host's own rules changed");
 }

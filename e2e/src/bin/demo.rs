@@ -136,23 +136,24 @@ async fn run(args: Args) -> Result<()> {
         eprintln!("\n--- last lines of each process log ---\n{}", mesh.log_tails(15));
     }
     if result.is_ok() && args.keep {
-        println!("\nThe mesh stays up until Ctrl-C. Look around:");
+        println!("\nThe mesh stays up until Ctrl-C (which stops it and removes everything). Look around:");
         println!("  logs:          {}/logs/", state.display());
         println!("  YAML objects:  {}/objects/ (the CA watches it: edit, add, delete)", state.display());
         for node in &mesh.nodes {
             println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
         }
-        // Like a cluster's node agent, follow namespace labels edited in the YAML directory.
+        // Like a cluster's node agent, follow namespace labels edited in the YAML directory. The
+        // signal handler (Ctrl-C, SIGTERM, SIGHUP) ends this: it removes the mesh and exits (130).
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
-                _ = tick.tick() => match mesh.follow_namespace_labels().await {
-                    Ok(changed) => for ns in changed {
+            tick.tick().await;
+            match mesh.follow_namespace_labels().await {
+                Ok(changed) => {
+                    for ns in changed {
                         println!("namespace {ns}: labels changed; its pods were enrolled or unenrolled to match");
-                    },
-                    Err(e) => eprintln!("following namespace labels: {e:#}"),
-                },
+                    }
+                }
+                Err(e) => eprintln!("following namespace labels: {e:#}"),
             }
         }
     }
