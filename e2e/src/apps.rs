@@ -363,13 +363,13 @@ pub async fn grpc_call(stream: TcpStream, path: &str, message: &[u8]) -> Result<
 
 /// Serves `document` (a JWKS) over HTTPS at any path, as an identity provider does, until the
 /// task is aborted; `None` answers 503 (the provider is down). Returns the task and a count of
-/// the requests served.
+/// the requests served. Fails when the certificate and key do not make a TLS server.
 pub fn jwks_server(
     listener: TcpListener,
     chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     key: rustls_pki_types::PrivateKeyDer<'static>,
     document: std::sync::Arc<std::sync::Mutex<Option<String>>>,
-) -> (tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+) -> anyhow::Result<(tokio::task::JoinHandle<()>, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
     use std::convert::Infallible;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -379,11 +379,9 @@ pub fn jwks_server(
 
     let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
+        .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .expect("server certificate");
+        .with_single_cert(chain, key)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let served = Arc::new(AtomicU64::new(0));
     let count = served.clone();
@@ -408,5 +406,5 @@ pub fn jwks_server(
             });
         }
     });
-    (task, count)
+    Ok((task, count))
 }

@@ -85,7 +85,7 @@ async fn the_waypoint_checks_jwts_with_keys_the_ca_fetches() {
     let document = Arc::new(Mutex::new(Some(Idp::jwks(&[&key_a]))));
     let listener = mesh.underlay.ns.tcp_listener(SocketAddr::from(([127, 0, 0, 1], JWKS_PORT))).unwrap();
     let (chain, key) = provider_ca.issue_server(&["127.0.0.1"]);
-    let (_provider, fetches) = jwks_server(listener, chain, key, document.clone());
+    let (_provider, fetches) = jwks_server(listener, chain, key, document.clone()).unwrap();
 
     mesh.namespace("demo", true).await.unwrap();
     let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
