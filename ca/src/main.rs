@@ -189,7 +189,7 @@ async fn main() -> Result<()> {
     match args.command {
         None => serve(args.serve).await,
         Some(Command::Serve(serve_args)) => serve(*serve_args).await,
-        Some(Command::Admin(command)) => ca::ctl::admin::run(command).await,
+        Some(Command::Admin(command)) => ca::ctl::admin::run(command, ca::ctl::Output::Table).await,
     }
 }
 

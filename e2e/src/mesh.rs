@@ -430,6 +430,11 @@ impl Mesh {
         Ok(())
     }
 
+    /// The CA's state directory (root certificate, admin credential, issuance log).
+    pub fn ca_state_dir(&self) -> &Path {
+        &self.ca_launch.state
+    }
+
     /// The mesh's root certificate (PEM), as the CA wrote it.
     pub fn ca_root(&self) -> PathBuf {
         self.ca_launch.state.join("root-cert.pem")
@@ -731,22 +736,18 @@ impl Mesh {
         Ok(serde_json::from_str(&body)?)
     }
 
-    /// Waits until `check` holds, polling every 50 ms, failing after `timeout` with `what`.
+    /// Waits until `check` holds (polled as [`proto::testing::poll`] does), failing after
+    /// `timeout` with `what`.
     pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> Result<()>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if check().await {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("timed out after {timeout:?} waiting for {what}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let held = proto::testing::poll(timeout, || {
+            let checked = check();
+            async move { checked.await.then_some(()) }
+        });
+        held.await.ok_or_else(|| anyhow!("timed out after {timeout:?} waiting for {what}"))
     }
 
     /// Waits until every running ztunnel is ready and sees every pod as the harness does (HBONE

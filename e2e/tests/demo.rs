@@ -236,12 +236,39 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(!dump["pods"].as_array().unwrap().is_empty(), "{node} serves no pod: {dump}");
     }
-    // Still up a moment later: it is kept, not torn down at the end.
+    // The `ambientctl` commands it prints, run exactly as printed (as root already, `sudo` is
+    // dropped when this machine has none): they find the kept mesh without flags.
+    demo.wait_for("(the last one enrolls namespace legacy's pod");
+    let start = demo.output.iter().position(|l| l.starts_with("ambientctl finds this mesh by itself")).unwrap();
+    let commands: Vec<String> =
+        demo.output[start..].iter().filter_map(|l| l.trim_start().strip_prefix("sudo ")).map(str::to_owned).collect();
+    assert_eq!(commands.len(), 3, "{commands:?}");
+    let have_sudo = Command::new("sh").args(["-c", "command -v sudo"]).output().unwrap().status.success();
+    let run = |command: &str| {
+        let line = if have_sudo { format!("sudo {command}") } else { command.to_owned() };
+        let out = Command::new("sh").args(["-c", &line]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{line}: {}{text}", String::from_utf8_lossy(&out.stderr));
+        text
+    };
+    let status = run(&commands[0]);
+    assert!(commands[0].ends_with("ambientctl ca status"), "{commands:?}");
+    assert!(status.contains("trust domain: cluster.local"), "{status}");
+    assert!(status.contains(" UTC (in 364d") || status.contains(" UTC (in 365d"), "expiry as a date: {status}");
+    let workloads = run(&commands[1]);
+    assert!(commands[1].ends_with("ztunnel workloads --node node-1"), "{commands:?}");
+    assert!(workloads.contains("PODS SERVED ON THIS NODE") && workloads.contains("demo/client"), "{workloads}");
+    let enabled = run(&commands[2]);
+    assert!(enabled.contains("namespace legacy: istio.io/dataplane-mode=ambient"), "{enabled}");
+    demo.wait_for("namespace legacy: labels changed; its pods were enrolled");
+
+    // Still up: it is kept, not torn down at the end.
     assert!(demo.child.try_wait().unwrap().is_none(), "the demo exited with --keep");
     demo.interrupt();
     let (code, output, tmp) = demo.finish();
     assert_eq!(code, Some(130), "Ctrl-C with --keep: the demo exited with {code:?}:\n{output}");
     assert!(!output.contains("demo failed"), "{output}");
     assert_nothing_left(pid, tmp.path(), "after --keep and Ctrl-C");
+    assert!(!Path::new(ca::ctl::kept::REGISTRY).join(pid.to_string()).exists(), "the registration was left");
     assert_eq!(host_rules(), rules, "the host's own rules changed");
 }

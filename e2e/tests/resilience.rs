@@ -186,15 +186,44 @@ async fn ztunnel_log_level_changes_at_run_time() {
 }
 
 /// ztunnel is ready only once it has both the node agent's snapshot and the mesh state: restarted
-/// while the CA is down, it gets the snapshot but stays not ready until the CA is back.
+/// while the agent's socket is out of reach, it syncs with the CA but stays not ready until it
+/// gets the snapshot; restarted while the CA is down, it gets the snapshot but stays not ready
+/// until the CA is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ztunnel_is_not_ready_until_it_has_the_mesh_state() {
+async fn ztunnel_is_not_ready_until_it_has_the_snapshot_and_the_mesh_state() {
     let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
+    let synced = "xDS synced: every subscribed type received";
+    let applied = "node agent snapshot applied";
+
+    // No snapshot: the agent's socket moved aside, so ztunnel cannot reach it.
+    let socket = mesh.nodes[1].agent.path().to_owned();
+    let aside = socket.with_extension("aside");
+    mesh.kill_ztunnel(2).unwrap();
+    let (synced_before, applied_before) = (log_count(&mesh, 2, synced), log_count(&mesh, 2, applied));
+    std::fs::rename(&socket, &aside).unwrap();
+    mesh.start_ztunnel(2).unwrap();
+    mesh.wait_until("the new ztunnel to sync with the CA", Duration::from_secs(10), || async {
+        log_count(&mesh, 2, synced) > synced_before
+    })
+    .await
+    .unwrap();
+    let (status, body) = mesh.ztunnel_get(2, 15021, "/healthz/ready").await.unwrap();
+    assert_eq!(status, 503, "ready without the node agent's snapshot: {body}");
+    assert_eq!(log_count(&mesh, 2, applied), applied_before, "a snapshot arrived through a moved socket");
+    std::fs::rename(&aside, &socket).unwrap();
+    mesh.wait_until("ztunnel to become ready with the snapshot", Duration::from_secs(15), || async {
+        readiness(&mesh, 2).await == Some(200)
+    })
+    .await
+    .unwrap();
+
+    // No mesh state: the CA is down.
     mesh.kill_ztunnel(2).unwrap();
     mesh.stop_ca();
+    let applied_before = log_count(&mesh, 2, applied);
     mesh.start_ztunnel(2).unwrap();
     mesh.wait_until("the agent's snapshot to reach the new ztunnel", Duration::from_secs(10), || async {
-        mesh.nodes[1].agent.snapshots() == 2 && log_count(&mesh, 2, "node agent snapshot applied") >= 2
+        log_count(&mesh, 2, applied) > applied_before
     })
     .await
     .unwrap();

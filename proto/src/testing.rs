@@ -178,15 +178,15 @@ impl Default for TestCa {
     }
 }
 
-/// How often [`eventually`] looks again: soon at first, then at most every 100 ms.
+/// How often [`poll`] looks again: soon at first, then at most every 100 ms.
 fn next_poll(previous: Duration) -> Duration {
     (previous * 2).clamp(Duration::from_millis(5), Duration::from_millis(100))
 }
 
 /// Waits for a condition instead of sleeping for a guessed time: polls `check` (soon at first,
-/// then every 100 ms at most) until it gives `Some`, and returns that value. Panics naming
-/// `what` once `within` has passed, so a test fails with the condition it waited for.
-pub async fn eventually<T, Fut>(what: &str, within: Duration, mut check: impl FnMut() -> Fut) -> T
+/// then every 100 ms at most) until it gives `Some`, and returns that value; `None` once `within`
+/// has passed.
+pub async fn poll<T, Fut>(within: Duration, mut check: impl FnMut() -> Fut) -> Option<T>
 where
     Fut: Future<Output = Option<T>>,
 {
@@ -194,12 +194,23 @@ where
     let mut pause = Duration::ZERO;
     loop {
         if let Some(value) = check().await {
-            return value;
+            return Some(value);
         }
-        assert!(tokio::time::Instant::now() < deadline, "waited {within:?} for {what}, in vain");
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
         pause = next_poll(pause);
         tokio::time::sleep(pause).await;
     }
+}
+
+/// [`poll`] that panics naming `what` at the deadline, so a test fails with the condition it
+/// waited for.
+pub async fn eventually<T, Fut>(what: &str, within: Duration, check: impl FnMut() -> Fut) -> T
+where
+    Fut: Future<Output = Option<T>>,
+{
+    poll(within, check).await.unwrap_or_else(|| panic!("waited {within:?} for {what}, in vain"))
 }
 
 /// [`eventually`] for code outside an async runtime (blocks the thread between checks).

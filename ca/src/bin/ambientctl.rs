@@ -5,12 +5,15 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use ca::ctl::Output;
 use ca::ctl::admin::AdminCommand;
 use ca::ctl::config::{Outcome, Target, to_yaml};
 use ca::ctl::inspect;
+use ca::ctl::kept::KeptMesh;
 use ca::ctl::waypoint::WaypointSpec;
 use ca::k8s::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, USE_WAYPOINT_LABEL};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Everyday commands of an ambient mesh, in the spirit of `istioctl`.
 ///
@@ -18,8 +21,17 @@ use clap::{Args, Parser, Subcommand};
 /// the API server (your kubeconfig, as kubectl uses it), or, with --config-dir, in the YAML
 /// directory the one-machine mesh's `ca` reads. `ca` commands call the CA's admin API; `ztunnel`
 /// commands read a node proxy's admin endpoint.
+///
+/// A one-machine mesh kept running (`demo --keep`) is found without flags: when no flag and no
+/// cluster say otherwise, namespace and waypoint commands edit its YAML directory, `ca` commands
+/// reach its CA, and `ztunnel --node <name>` reads that node's ztunnel.
 #[derive(Debug, Parser)]
-#[command(version, propagate_version = true)]
+#[command(
+    version,
+    propagate_version = true,
+    after_help = "Exit status: 0 done; 1 failed; 2 wrong usage; 3 could not reach the CA, a ztunnel or \
+                  the cluster; 4 refused (not authorized, or the request was invalid)."
+)]
 struct Cli {
     /// Edit the YAML directory the `ca` reads (the one-machine mesh) instead of a cluster.
     #[arg(long, global = true, env = "AMBIENT_CONFIG_DIR", value_name = "DIR")]
@@ -28,6 +40,10 @@ struct Cli {
     /// Kubeconfig context (default: the current context).
     #[arg(long, global = true, value_name = "NAME")]
     context: Option<String>,
+
+    /// How to print what a command found: aligned tables, or a document for scripts.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
 
     #[command(subcommand)]
     command: Command,
@@ -147,8 +163,11 @@ struct ZtunnelArgs {
     admin_addr: String,
     /// Reach the admin endpoint from inside this network namespace (`ip netns exec`), e.g. a
     /// node of the one-machine mesh.
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "node")]
     netns: Option<String>,
+    /// A node of the kept one-machine mesh (`demo --keep`), e.g. node-1: its ztunnel.
+    #[arg(long, global = true, value_name = "NAME")]
+    node: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,7 +181,11 @@ enum ZtunnelCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -170,13 +193,61 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, ca_flags_given(&matches))) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ambientctl: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Whether a `ca` command was told how to reach a CA (otherwise a kept mesh's CA is used).
+fn ca_flags_given(matches: &clap::ArgMatches) -> bool {
+    let Some((_, command)) = matches.subcommand_matches("ca").and_then(clap::ArgMatches::subcommand) else {
+        return false;
+    };
+    ["server", "server_name", "state_dir", "ca_cert", "cert", "token_file"].iter().any(|id| {
+        matches!(command.try_get_raw(id), Ok(Some(_)))
+            && matches!(command.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable))
+    })
+}
+
+/// Nothing to talk to (exit status 3).
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// 3: something could not be reached; 4: it refused; 1: anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.downcast_ref::<Unreachable>().is_some() {
+            return 3;
+        }
+        if let Some(refused) = cause.downcast_ref::<ca::ctl::admin::CaRefused>() {
+            return match refused.0.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 3,
+                _ => 4,
+            };
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(io.kind(), ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable) {
+                return 3;
+            }
+        }
+        if cause.downcast_ref::<tokio::time::error::Elapsed>().is_some() {
+            return 3;
+        }
+    }
+    1
 }
 
 async fn target(cli: &Cli) -> Result<Target> {
@@ -189,10 +260,19 @@ async fn target(cli: &Cli) -> Result<Target> {
     let options = kube::config::KubeConfigOptions { context: cli.context.clone(), ..Default::default() };
     let config = match kube::Config::from_kubeconfig(&options).await {
         Ok(c) => c,
-        Err(kubeconfig) => kube::Config::incluster().map_err(|_| kubeconfig).context(
-            "no cluster: no usable kubeconfig (KUBECONFIG or ~/.kube/config) and not in a pod; \
-             for the one-machine mesh pass --config-dir",
-        )?,
+        Err(kubeconfig) => match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(_) => match KeptMesh::find().map_err(anyhow::Error::msg)? {
+                Some(kept) if cli.context.is_none() => return Ok(Target::Dir(kept.config_dir)),
+                _ => {
+                    return Err(anyhow::Error::new(Unreachable(format!(
+                        "no cluster: no usable kubeconfig (KUBECONFIG or ~/.kube/config: {kubeconfig}), not in a \
+                         pod, and no one-machine mesh kept running (demo --keep); for a mesh's YAML directory \
+                         pass --config-dir"
+                    ))));
+                }
+            },
+        },
     };
     Ok(Target::Cluster(kube::Client::try_from(config)?))
 }
@@ -206,7 +286,7 @@ fn report(outcomes: &[Outcome]) {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
     match &cli.command {
         Command::Namespace(command) => {
             let target = target(&cli).await?;
@@ -239,20 +319,38 @@ async fn run(cli: Cli) -> Result<()> {
             let objects: Vec<_> = objects.into_iter().rev().collect();
             report(&target.delete(&objects, &file_of(&at.namespace, &at.name)).await?);
         }
-        Command::Ca(command) => ca::ctl::admin::run(command.clone()).await?,
+        Command::Ca(command) => {
+            // No flag says which CA: the kept one-machine mesh's, from inside its network.
+            if !ca_flags_given && let Some(kept) = KeptMesh::find().map_err(anyhow::Error::msg)? {
+                let state = kept.state_dir.display().to_string();
+                let reach =
+                    ["--server", &kept.ca_addr.to_string(), "--server-name", &kept.ca_name, "--state-dir", &state]
+                        .map(String::from);
+                return reexec(&kept.ca_netns, &[], &reach);
+            }
+            ca::ctl::admin::run(command.clone(), cli.output).await?;
+        }
         Command::Ztunnel(args) => {
             if let Some(netns) = &args.netns {
-                return reexec_in(netns);
+                return reexec(netns, &["--netns"], &[]);
             }
-            match args.what {
-                ZtunnelCommand::Workloads => {
-                    inspect::print_workloads(&inspect::get_json(&args.admin_addr, "/config_dump").await?)
-                }
-                ZtunnelCommand::Certs => {
-                    inspect::print_certs(&inspect::get_json(&args.admin_addr, "/config_dump").await?)
-                }
-                ZtunnelCommand::Connections => {
-                    inspect::print_connections(&inspect::get_json(&args.admin_addr, "/connections").await?)
+            if let Some(node) = &args.node {
+                let kept = KeptMesh::find().map_err(anyhow::Error::msg)?.context(
+                    "--node reads a node of the one-machine mesh kept running by `demo --keep`, and none is; \
+                     for another ztunnel use --admin-addr (or --netns)",
+                )?;
+                return reexec(kept.node_netns(node).map_err(anyhow::Error::msg)?, &["--node"], &[]);
+            }
+            let path = match args.what {
+                ZtunnelCommand::Connections => "/connections",
+                ZtunnelCommand::Workloads | ZtunnelCommand::Certs => "/config_dump",
+            };
+            let found = inspect::get_json(&args.admin_addr, path).await?;
+            if !cli.output.document(&found)? {
+                match args.what {
+                    ZtunnelCommand::Workloads => inspect::print_workloads(&found),
+                    ZtunnelCommand::Certs => inspect::print_certs(&found),
+                    ZtunnelCommand::Connections => inspect::print_connections(&found),
                 }
             }
         }
@@ -265,21 +363,40 @@ fn file_of(namespace: &str, name: &str) -> String {
     format!("waypoint-{namespace}-{name}")
 }
 
-/// Runs this same command again inside network namespace `netns`, without `--netns`.
-fn reexec_in(netns: &str) -> Result<()> {
+/// Runs this same command again inside network namespace `netns`, without the flags `drop` (each
+/// with its value) and with `extra` appended.
+fn reexec(netns: &str, drop: &[&str], extra: &[String]) -> Result<()> {
     use std::os::unix::process::CommandExt as _;
     let exe = std::env::current_exe().context("finding this program")?;
-    let mut args: Vec<String> = Vec::new();
+    let args = without_flags(std::env::args().skip(1), drop);
+    let err = std::process::Command::new("ip").args(["netns", "exec", netns]).arg(exe).args(args).args(extra).exec();
+    Err(err).context("running `ip netns exec` (is iproute2 installed, and are you root?)")
+}
+
+/// `args` without the flags `drop` and their values (`--flag value` or `--flag=value`).
+fn without_flags(args: impl Iterator<Item = String>, drop: &[&str]) -> Vec<String> {
+    let mut kept = Vec::new();
     let mut skip = false;
-    for a in std::env::args().skip(1) {
-        if skip {
-            skip = false;
-        } else if a == "--netns" {
+    for a in args {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if drop.contains(&a.as_str()) {
             skip = true;
-        } else if !a.starts_with("--netns=") {
-            args.push(a);
+        } else if !drop.iter().any(|f| a.starts_with(&format!("{f}="))) {
+            kept.push(a);
         }
     }
-    let err = std::process::Command::new("ip").args(["netns", "exec", netns]).arg(exe).args(args).exec();
-    Err(err).context("running `ip netns exec` (is iproute2 installed, and are you root?)")
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reexec_drops_the_flags_it_resolved() {
+        let args = ["ztunnel", "--node", "node-1", "workloads", "--node=node-2", "-o", "json"].map(String::from);
+        assert_eq!(without_flags(args.into_iter(), &["--node"]), ["ztunnel", "workloads", "-o", "json"]);
+    }
 }

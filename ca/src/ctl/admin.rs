@@ -104,8 +104,11 @@ async fn admin_client(
     >,
 > {
     let roots = args.ca_cert.clone().unwrap_or_else(|| args.state_dir.join("root-cert.pem"));
-    let trust =
-        TrustBundle::from_pem(&read(&roots)?).with_context(|| format!("{}: no usable root", roots.display()))?;
+    let pem = read(&roots).context(
+        "no CA root to verify the CA with: pass --state-dir (the CA's state directory) or --ca-cert; \
+         a one-machine mesh kept by `demo --keep` is found without flags",
+    )?;
+    let trust = TrustBundle::from_pem(&pem).with_context(|| format!("{}: no usable root", roots.display()))?;
     let token = match &args.token_file {
         Some(f) => Some(String::from_utf8(read(f)?).context("token file is not UTF-8")?.trim().to_owned()),
         None => None,
@@ -137,22 +140,69 @@ async fn admin_client(
     Ok(CaAdminClient::with_interceptor(target.channel()?, with_token(token)))
 }
 
-fn when(unix: i64) -> String {
-    let secs =
-        unix - std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let (sign, secs) = if secs < 0 { ("-", -secs) } else { ("", secs) };
-    let human = if secs >= 86400 {
-        format!("{}d{}h", secs / 86400, secs % 86400 / 3600)
-    } else if secs >= 3600 {
-        format!("{}h{}m", secs / 3600, secs % 3600 / 60)
-    } else {
-        format!("{}m{}s", secs / 60, secs % 60)
-    };
-    format!("{unix} ({sign}{human})")
+use super::date_and_distance as when;
+use super::{Output, rfc3339};
+
+fn root_state(state: i32) -> &'static str {
+    pb::RootState::try_from(state).map_or("unknown", |s| match s {
+        pb::RootState::Pending => "pending",
+        pb::RootState::Active => "active",
+        pb::RootState::Retiring => "retiring",
+        pb::RootState::Unspecified => "unknown",
+    })
+}
+
+/// The status as a document (`-o json|yaml`).
+fn status_document(s: &pb::CaStatus) -> serde_json::Value {
+    let roots: Vec<_> = s
+        .roots
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "fingerprint_sha256": r.fingerprint_sha256,
+                "subject": r.subject,
+                "state": root_state(r.state),
+                "expires": rfc3339(r.not_after_unix),
+                "unexpired_issued": r.unexpired_issued,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "trust_domain": s.trust_domain,
+        "plugged_in": s.plugged_in,
+        "signer": {
+            "fingerprint_sha256": s.signer_fingerprint_sha256,
+            "subject": s.signer_subject,
+            "expires": rfc3339(s.signer_not_after_unix),
+        },
+        "roots": roots,
+        "trust_bundle_pem": s.bundle.iter().flat_map(|b| &b.roots_pem).collect::<Vec<_>>(),
+    })
+}
+
+fn certificates_document(list: &[pb::IssuedCertificate]) -> serde_json::Value {
+    let certs: Vec<_> = list
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "serial": c.serial_hex,
+                "identity": c.identity,
+                "node": c.node,
+                "requested_by": c.requested_by,
+                "not_before": rfc3339(c.not_before_unix),
+                "expires": rfc3339(c.not_after_unix),
+                "root_fingerprint_sha256": c.root_fingerprint_sha256,
+            })
+        })
+        .collect();
+    serde_json::json!({ "certificates": certs })
 }
 
 #[allow(clippy::print_stdout)]
-fn print_status(s: &pb::CaStatus) {
+fn print_status(s: &pb::CaStatus, output: Output) -> Result<()> {
+    if output.document(&status_document(s))? {
+        return Ok(());
+    }
     println!("trust domain: {}", s.trust_domain);
     println!("material:     {}", if s.plugged_in { "plugged in (operator files)" } else { "self-managed" });
     println!("signer:       {} {}", s.signer_fingerprint_sha256, s.signer_subject);
@@ -172,16 +222,29 @@ fn print_status(s: &pb::CaStatus) {
             r.unexpired_issued
         );
     }
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)]
-/// Runs `command` against the CA.
-pub async fn run(command: AdminCommand) -> Result<()> {
-    let describe = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+/// The CA answered a call with an error (or could not be reached: `Unavailable`).
+#[derive(Debug)]
+pub struct CaRefused(pub tonic::Status);
+
+impl std::fmt::Display for CaRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code(), self.0.message())
+    }
+}
+
+impl std::error::Error for CaRefused {}
+
+/// Runs `command` against the CA, printing as `output` says.
+pub async fn run(command: AdminCommand, output: Output) -> Result<()> {
+    let describe = |e: tonic::Status| anyhow::Error::new(CaRefused(e));
     match command {
         AdminCommand::Status(args) => {
             let s = admin_client(&args).await?.get_status(pb::GetStatusRequest {}).await.map_err(describe)?;
-            print_status(s.get_ref());
+            print_status(s.get_ref(), output)?;
         }
         AdminCommand::TrustBundle(args) => {
             let s = admin_client(&args).await?.get_status(pb::GetStatusRequest {}).await.map_err(describe)?;
@@ -195,8 +258,13 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 .rotate_intermediate(pb::RotateIntermediateRequest {})
                 .await
                 .map_err(describe)?;
-            println!("intermediate rotated; new certificates are signed by {}", s.get_ref().signer_fingerprint_sha256);
-            print_status(s.get_ref());
+            if output == Output::Table {
+                println!(
+                    "intermediate rotated; new certificates are signed by {}",
+                    s.get_ref().signer_fingerprint_sha256
+                );
+            }
+            print_status(s.get_ref(), output)?;
         }
         AdminCommand::RotateRoot { phase, force, client } => {
             let phase_pb = match phase {
@@ -210,6 +278,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 .await
                 .map_err(describe)?;
             match phase {
+                _ if output != Output::Table => {}
                 Phase::Prepare => println!(
                     "new root added to the trust bundle; proxies receive it over xDS. Next: rotate-root activate"
                 ),
@@ -218,7 +287,7 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 ),
                 Phase::Retire => println!("old root retired from the trust bundle"),
             }
-            print_status(s.get_ref());
+            print_status(s.get_ref(), output)?;
         }
         AdminCommand::Certs { all, identity, client } => {
             let list = admin_client(&client)
@@ -229,11 +298,18 @@ pub async fn run(command: AdminCommand) -> Result<()> {
                 })
                 .await
                 .map_err(describe)?;
-            println!("{:<34} {:<56} {:<16} EXPIRES", "SERIAL", "IDENTITY", "NODE");
-            for c in &list.get_ref().certificates {
-                let node = if c.node.is_empty() { "-" } else { &c.node };
-                println!("{:<34} {:<56} {:<16} {}", c.serial_hex, c.identity, node, when(c.not_after_unix));
+            let certificates = &list.get_ref().certificates;
+            if output.document(&certificates_document(certificates))? {
+                return Ok(());
             }
+            let rows: Vec<[String; 4]> = certificates
+                .iter()
+                .map(|c| {
+                    let node = if c.node.is_empty() { "-" } else { &c.node };
+                    [c.serial_hex.clone(), c.identity.clone(), node.to_owned(), when(c.not_after_unix)]
+                })
+                .collect();
+            super::print_table(&["SERIAL", "IDENTITY", "NODE", "EXPIRES"], &rows);
         }
     }
     Ok(())

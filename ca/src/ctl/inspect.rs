@@ -3,11 +3,11 @@
 
 #![allow(clippy::print_stdout)]
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use anyhow::{Context, Result, bail};
 use http_body_util::{BodyExt, Empty};
 use serde_json::Value;
+
+use super::print_table;
 
 /// GETs `path` from the admin endpoint at `addr` (`host:port`) and parses the JSON answer.
 pub async fn get_json(addr: &str, path: &str) -> Result<Value> {
@@ -29,22 +29,6 @@ pub async fn get_json(addr: &str, path: &str) -> Result<Value> {
     serde_json::from_slice(&body).with_context(|| format!("GET {addr}{path}: not JSON"))
 }
 
-/// Seconds from now until `unix` (negative: past), as `3h12m`, `-45s`.
-pub fn relative(unix: i64) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-    let (sign, secs) = if unix < now { ("-", now - unix) } else { ("", unix - now) };
-    let human = if secs >= 86400 {
-        format!("{}d{}h", secs / 86400, secs % 86400 / 3600)
-    } else if secs >= 3600 {
-        format!("{}h{}m", secs / 3600, secs % 3600 / 60)
-    } else if secs >= 60 {
-        format!("{}m{}s", secs / 60, secs % 60)
-    } else {
-        format!("{secs}s")
-    };
-    format!("{sign}{human}")
-}
-
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("-")
 }
@@ -52,44 +36,56 @@ fn s(v: &Value) -> &str {
 /// `workloads`: the pods this ztunnel serves, then every workload it knows.
 pub fn print_workloads(dump: &Value) {
     println!("PODS SERVED ON THIS NODE");
-    println!("{:<40} {:<56} POOLED CONNECTIONS", "POD", "IDENTITY");
-    for p in dump["pods"].as_array().into_iter().flatten() {
-        println!("{:<40} {:<56} {}", s(&p["name"]), s(&p["identity"]), p["pooled_connections"]);
-    }
+    let pods: Vec<[String; 3]> = dump["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| [s(&p["name"]).to_owned(), s(&p["identity"]).to_owned(), p["pooled_connections"].to_string()])
+        .collect();
+    print_table(&["POD", "IDENTITY", "POOLED CONNECTIONS"], &pods);
     println!();
     println!("WORKLOADS IN THE MESH");
-    println!("{:<40} {:<16} {:<12} {:<8} {:<9} POLICIES", "WORKLOAD", "IP", "NODE", "PROTOCOL", "WAYPOINT");
-    for w in dump["mesh"]["workloads"].as_array().into_iter().flatten() {
-        let name = format!("{}/{}", s(&w["namespace"]), s(&w["name"]));
-        let ips: Vec<&str> = w["addresses"].as_array().into_iter().flatten().map(s).collect();
-        let policies: Vec<&str> = w["authorization_policies"].as_array().into_iter().flatten().map(s).collect();
-        println!(
-            "{:<40} {:<16} {:<12} {:<8} {:<9} {}",
-            name,
-            ips.join(","),
-            s(&w["node"]),
-            s(&w["protocol"]),
-            if w["waypoint"].as_bool() == Some(true) { "yes" } else { "-" },
-            if policies.is_empty() { "-".to_owned() } else { policies.join(",") }
-        );
-    }
+    let workloads: Vec<[String; 6]> = dump["mesh"]["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let ips: Vec<&str> = w["addresses"].as_array().into_iter().flatten().map(s).collect();
+            let policies: Vec<&str> = w["authorization_policies"].as_array().into_iter().flatten().map(s).collect();
+            [
+                format!("{}/{}", s(&w["namespace"]), s(&w["name"])),
+                ips.join(","),
+                s(&w["node"]).to_owned(),
+                s(&w["protocol"]).to_owned(),
+                if w["waypoint"].as_bool() == Some(true) { "yes" } else { "-" }.to_owned(),
+                if policies.is_empty() { "-".to_owned() } else { policies.join(",") },
+            ]
+        })
+        .collect();
+    print_table(&["WORKLOAD", "IP", "NODE", "PROTOCOL", "WAYPOINT", "POLICIES"], &workloads);
 }
 
-/// `certs`: the certificates held, with their signer and root, and the trust bundle.
+/// `certs`: the certificates held (expiry, next renewal, signer and root), and the trust bundle.
 pub fn print_certs(dump: &Value) {
-    println!("{:<56} {:<8} {:<10} {:<18} ROOT", "IDENTITY", "STATE", "EXPIRES", "SIGNER");
-    for c in dump["certificates"].as_array().into_iter().flatten() {
-        let chain: Vec<&str> = c["chain_sha256"].as_array().into_iter().flatten().map(s).collect();
-        let short = |f: Option<&&str>| f.map_or("-".to_owned(), |f| f.chars().take(16).collect());
-        println!(
-            "{:<56} {:<8} {:<10} {:<18} {}",
-            s(&c["identity"]),
-            s(&c["state"]),
-            c["expires_unix"].as_i64().map_or("-".to_owned(), relative),
-            short(chain.first()),
-            short(chain.last()),
-        );
-    }
+    let when = |v: &Value| v.as_i64().map_or("-".to_owned(), super::date_and_distance);
+    let certs: Vec<[String; 6]> = dump["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let chain: Vec<&str> = c["chain_sha256"].as_array().into_iter().flatten().map(s).collect();
+            let short = |f: Option<&&str>| f.map_or("-".to_owned(), |f| f.chars().take(16).collect());
+            [
+                s(&c["identity"]).to_owned(),
+                s(&c["state"]).to_owned(),
+                when(&c["expires_unix"]),
+                c["renews_unix"].as_i64().map_or("-".to_owned(), super::distance),
+                short(chain.first()),
+                short(chain.last()),
+            ]
+        })
+        .collect();
+    print_table(&["IDENTITY", "STATE", "EXPIRES", "RENEWS", "SIGNER", "ROOT"], &certs);
     println!();
     println!("TRUSTED ROOTS");
     for r in dump["trust_bundle"].as_array().into_iter().flatten() {
@@ -100,10 +96,18 @@ pub fn print_certs(dump: &Value) {
 /// `connections`: live inbound connections, who made them (as their certificate proved) and since
 /// when.
 pub fn print_connections(live: &Value) {
-    println!("{:<56} {:<16} {:<22} AGE", "SOURCE IDENTITY", "SOURCE IP", "DESTINATION");
-    for c in live["inbound"].as_array().into_iter().flatten() {
-        let identity = c["source_identity"].as_str().unwrap_or("(plaintext)");
-        let age = c["opened_unix"].as_i64().map_or("-".to_owned(), |t| relative(t).trim_start_matches('-').to_owned());
-        println!("{:<56} {:<16} {:<22} {}", identity, s(&c["source_ip"]), s(&c["destination"]), age);
-    }
+    let rows: Vec<[String; 4]> = live["inbound"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            [
+                c["source_identity"].as_str().unwrap_or("(plaintext)").to_owned(),
+                s(&c["source_ip"]).to_owned(),
+                s(&c["destination"]).to_owned(),
+                c["opened_unix"].as_i64().map_or("-".to_owned(), super::age),
+            ]
+        })
+        .collect();
+    print_table(&["SOURCE IDENTITY", "SOURCE IP", "DESTINATION", "AGE"], &rows);
 }

@@ -136,12 +136,19 @@ async fn run(args: Args) -> Result<()> {
         eprintln!("\n--- last lines of each process log ---\n{}", mesh.log_tails(15));
     }
     if result.is_ok() && args.keep {
+        let registered = keep(&mesh)?;
+        let ctl = ambientctl_path();
         println!("\nThe mesh stays up until Ctrl-C (which stops it and removes everything). Look around:");
         println!("  logs:          {}/logs/", state.display());
         println!("  YAML objects:  {}/objects/ (the CA watches it: edit, add, delete)", state.display());
         for node in &mesh.nodes {
             println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
         }
+        println!("ambientctl finds this mesh by itself ({}):", registered.display());
+        println!("  sudo {ctl} ca status");
+        println!("  sudo {ctl} ztunnel workloads --node node-1");
+        println!("  sudo {ctl} namespace enable legacy");
+        println!("(the last one enrolls namespace legacy's pod; this demo follows the label and says so)");
         // Like a cluster's node agent, follow namespace labels edited in the YAML directory. The
         // signal handler (Ctrl-C, SIGTERM, SIGHUP) ends this: it removes the mesh and exits (130).
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -170,6 +177,33 @@ async fn run(args: Args) -> Result<()> {
         eprintln!("left behind: {}", left.join(", "));
     }
     result
+}
+
+/// Registers the kept mesh for `ambientctl` (removed with the mesh); returns the file.
+fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
+    let kept = ca::ctl::kept::KeptMesh {
+        pid: std::process::id(),
+        ca_addr: std::net::SocketAddr::from((CA_IP, 15012)),
+        ca_name: CA_IP.to_string(),
+        ca_netns: mesh.underlay.name.clone(),
+        state_dir: mesh.ca_state_dir().to_owned(),
+        config_dir: mesh.objects_dir().to_owned(),
+        nodes: mesh.nodes.iter().map(|n| (n.name.clone(), n.netns.name.clone())).collect(),
+    };
+    let dir = kept.register().context("registering the kept mesh for ambientctl")?;
+    e2e::topology::remove_on_signal(&dir);
+    Ok(dir.join("mesh.json"))
+}
+
+/// How to run the `ambientctl` built next to this program: relative to the current directory
+/// when it is below it (`./target/release/ambientctl`), else its full path.
+fn ambientctl_path() -> String {
+    let Ok(exe) = std::env::current_exe() else { return "ambientctl".into() };
+    let ctl = exe.with_file_name("ambientctl");
+    match std::env::current_dir().ok().and_then(|cwd| ctl.strip_prefix(cwd).ok().map(std::path::Path::to_owned)) {
+        Some(relative) => format!("./{}", relative.display()),
+        None => ctl.display().to_string(),
+    }
 }
 
 /// What the demo made that still exists: its network namespaces and state directory.

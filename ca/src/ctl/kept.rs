@@ -1,0 +1,122 @@
+//! A one-machine mesh left running (`demo --keep`) says where it is, so `ambientctl` can reach it
+//! without flags: the network namespace its CA listens in and the CA's address, certificate name
+//! and state directory, the YAML directory the CA reads, and each node's network namespace.
+//!
+//! Each kept mesh writes `<REGISTRY>/<pid>/mesh.json` and removes the directory when it stops;
+//! an entry whose process is gone is ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where kept meshes register.
+pub const REGISTRY: &str = "/run/ambient-mesh";
+
+/// What `ambientctl` needs to reach a kept mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptMesh {
+    /// The process keeping it (the demo).
+    pub pid: u32,
+    /// The CA's gRPC address, reachable inside `ca_netns`.
+    pub ca_addr: SocketAddr,
+    /// The name the CA's certificate is valid for.
+    pub ca_name: String,
+    /// The network namespace to reach the CA from (`ip netns` name).
+    pub ca_netns: String,
+    /// The CA's state directory (its root certificate and admin credential).
+    pub state_dir: PathBuf,
+    /// The YAML directory the CA reads.
+    pub config_dir: PathBuf,
+    /// Each node's name and network namespace, where its ztunnel's admin endpoint listens.
+    pub nodes: BTreeMap<String, String>,
+}
+
+impl KeptMesh {
+    /// Registers this mesh in [`REGISTRY`]; returns the directory to remove when it stops.
+    pub fn register(&self) -> std::io::Result<PathBuf> {
+        self.register_in(Path::new(REGISTRY))
+    }
+
+    fn register_in(&self, registry: &Path) -> std::io::Result<PathBuf> {
+        let dir = registry.join(self.pid.to_string());
+        std::fs::create_dir_all(&dir)?;
+        let json = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        let tmp = dir.join(".mesh.json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(tmp, dir.join("mesh.json"))?;
+        Ok(dir)
+    }
+
+    /// The kept mesh whose process is alive: `None` when there is none, an error naming them
+    /// when there are several (then flags must say which).
+    pub fn find() -> Result<Option<KeptMesh>, String> {
+        find_in(Path::new(REGISTRY), |pid| Path::new("/proc").join(pid.to_string()).exists())
+    }
+
+    /// The network namespace of node `name`.
+    pub fn node_netns(&self, name: &str) -> Result<&str, String> {
+        self.nodes.get(name).map(String::as_str).ok_or_else(|| {
+            let known: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
+            format!("the kept mesh has no node {name:?} (its nodes: {})", known.join(", "))
+        })
+    }
+}
+
+fn find_in(registry: &Path, alive: impl Fn(u32) -> bool) -> Result<Option<KeptMesh>, String> {
+    let Ok(entries) = std::fs::read_dir(registry) else { return Ok(None) };
+    let mut found: Vec<KeptMesh> = entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("mesh.json")).ok())
+        .filter_map(|bytes| serde_json::from_slice::<KeptMesh>(&bytes).ok())
+        .filter(|m| alive(m.pid))
+        .collect();
+    match found.len() {
+        0 | 1 => Ok(found.pop()),
+        _ => {
+            found.sort_by_key(|m| m.pid);
+            let list: Vec<String> =
+                found.iter().map(|m| format!("pid {} (objects in {})", m.pid, m.config_dir.display())).collect();
+            Err(format!(
+                "several one-machine meshes are kept ({}); say which with --config-dir, or the CA's --server and --state-dir",
+                list.join("; ")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn mesh(pid: u32) -> KeptMesh {
+        KeptMesh {
+            pid,
+            ca_addr: "10.10.0.254:15012".parse().unwrap(),
+            ca_name: "10.10.0.254".into(),
+            ca_netns: format!("underlay-{pid}"),
+            state_dir: format!("/tmp/m{pid}/state").into(),
+            config_dir: format!("/tmp/m{pid}/objects").into(),
+            nodes: BTreeMap::from([("node-1".into(), format!("n1-{pid}"))]),
+        }
+    }
+
+    #[test]
+    fn only_a_living_mesh_is_found_and_two_are_an_error() {
+        let registry = tempfile::tempdir().unwrap();
+        assert_eq!(find_in(&registry.path().join("absent"), |_| true), Ok(None));
+        mesh(10).register_in(registry.path()).unwrap();
+        mesh(20).register_in(registry.path()).unwrap();
+        std::fs::create_dir(registry.path().join("30")).unwrap();
+        std::fs::write(registry.path().join("30/mesh.json"), "{not json").unwrap();
+        assert_eq!(find_in(registry.path(), |pid| pid == 20), Ok(Some(mesh(20))));
+        assert_eq!(find_in(registry.path(), |_| false), Ok(None));
+        let both = find_in(registry.path(), |_| true).unwrap_err();
+        assert!(both.contains("pid 10") && both.contains("pid 20"), "{both}");
+        assert_eq!(mesh(20).node_netns("node-1"), Ok("n1-20"));
+        assert!(mesh(20).node_netns("node-3").unwrap_err().contains("its nodes: node-1"));
+    }
+}
