@@ -164,6 +164,7 @@ fn ambientctl(args: &[&str]) -> (i32, String, String) {
         .args(args)
         .env_remove("AMBIENT_CONFIG_DIR")
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .env("AMBIENT_MESH_REGISTRY", "/nonexistent/registry")
         .output()
         .unwrap();
     (
@@ -200,18 +201,72 @@ fn the_cli_explains_itself_and_fails_clearly() {
     let generated = docs(&stdout);
     assert_eq!(generated, WaypointSpec { name: "edge".into(), replicas: 2, ..WaypointSpec::new("shop") }.objects());
 
-    // No cluster and no directory: the error says what to do.
+    // No cluster, no directory, no kept mesh: the error says what to do (exit status 3: nothing
+    // to reach).
     let (code, _, stderr) = ambientctl(&["namespace", "enable", "shop"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(stderr.contains("--config-dir"), "{stderr}");
     let (code, _, stderr) = ambientctl(&["--config-dir", "/nonexistent", "namespace", "enable", "shop"]);
     assert_eq!(code, 1);
     assert!(stderr.contains("/nonexistent: not a directory"), "{stderr}");
-    // Nothing listens: the error names the endpoint.
+    // Nothing listens: the error names the endpoint (3).
     let (code, _, stderr) = ambientctl(&["ztunnel", "workloads", "--admin-addr", "127.0.0.1:1"]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 3);
     assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
     // Conflicting or missing arguments are usage errors.
     assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop"]).0, 2);
     assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop", "wp", "--none"]).0, 2);
+}
+
+/// A one-machine mesh kept running is found without flags: namespace commands edit its YAML
+/// directory, `--node` names its nodes; a registration whose process is gone is ignored.
+#[test]
+fn a_kept_mesh_is_found_without_flags() {
+    let registry = tempfile::tempdir().unwrap();
+    let objects = tempfile::tempdir().unwrap();
+    std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n")
+        .unwrap();
+    let kept = |pid: u32| ca::ctl::kept::KeptMesh {
+        pid,
+        ca_addr: "10.10.0.254:15012".parse().unwrap(),
+        ca_name: "10.10.0.254".into(),
+        ca_netns: "nowhere".into(),
+        state_dir: objects.path().join("state"),
+        config_dir: objects.path().to_owned(),
+        nodes: [("node-1".to_owned(), "nowhere-1".to_owned())].into(),
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ambientctl"))
+            .args(args)
+            .env_remove("AMBIENT_CONFIG_DIR")
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env("AMBIENT_MESH_REGISTRY", registry.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A registration left by a process that is gone: as if there were none.
+    let dead = std::fs::create_dir_all(registry.path().join("4000000")).and_then(|()| {
+        std::fs::write(registry.path().join("4000000/mesh.json"), serde_json::to_vec(&kept(4_000_000)).unwrap())
+    });
+    dead.unwrap();
+    assert_eq!(run(&["namespace", "enable", "shop"]).0, Some(3));
+
+    // This test's own process keeps it alive.
+    let alive = kept(std::process::id());
+    std::fs::create_dir_all(registry.path().join(alive.pid.to_string())).unwrap();
+    std::fs::write(registry.path().join(format!("{}/mesh.json", alive.pid)), serde_json::to_vec(&alive).unwrap())
+        .unwrap();
+    let (code, stdout, stderr) = run(&["namespace", "enable", "shop"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("namespace shop: istio.io/dataplane-mode=ambient"), "{stdout}");
+    let yaml = std::fs::read_to_string(objects.path().join("ns.yaml")).unwrap();
+    assert!(yaml.contains("istio.io/dataplane-mode: ambient"), "{yaml}");
+    let (code, _, stderr) = run(&["ztunnel", "workloads", "--node", "node-3"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("has no node \"node-3\" (its nodes: node-1)"), "{stderr}");
 }

@@ -49,8 +49,16 @@ async fn ambientctl_shows_what_ztunnel_holds_and_enrolls_namespaces_in_the_yaml_
     assert_eq!(cert[1], "ready", "{certs}");
     let dump = mesh.config_dump(2).await.unwrap();
     let root = dump["trust_bundle"][0].as_str().unwrap();
-    assert_eq!(cert[4], &root[..16], "the certificate chains to the trusted root: {certs}");
+    assert_eq!(cert.last().copied(), Some(&root[..16]), "the certificate chains to the trusted root: {certs}");
     assert!(certs.contains(root), "the trust bundle is listed: {certs}");
+    // Expiry as a date and a distance, the next renewal as a distance.
+    let line = certs.lines().find(|l| l.starts_with("spiffe://cluster.local/ns/shop/sa/server")).unwrap();
+    assert!(line.contains(" UTC (in ") && line.contains(" ready "), "{certs}");
+    // The same for scripts: the admin endpoint's document.
+    let json: serde_json::Value =
+        serde_json::from_str(&ambientctl(&["ztunnel", "certs", "--netns", &node2, "-o", "json"])).unwrap();
+    assert_eq!(json["certificates"][0]["identity"], "spiffe://cluster.local/ns/shop/sa/server", "{json}");
+    assert!(json["certificates"][0]["renews_unix"].as_u64().is_some(), "{json}");
 
     let connections = ambientctl(&["ztunnel", "connections", "--netns", &node2]);
     let conn = row(&connections, "spiffe://cluster.local/ns/shop/sa/client");

@@ -11,8 +11,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Where kept meshes register.
+/// Where kept meshes register, unless `AMBIENT_MESH_REGISTRY` names another directory.
 pub const REGISTRY: &str = "/run/ambient-mesh";
+
+fn registry() -> PathBuf {
+    std::env::var_os("AMBIENT_MESH_REGISTRY").map_or_else(|| PathBuf::from(REGISTRY), PathBuf::from)
+}
 
 /// What `ambientctl` needs to reach a kept mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +40,7 @@ pub struct KeptMesh {
 impl KeptMesh {
     /// Registers this mesh in [`REGISTRY`]; returns the directory to remove when it stops.
     pub fn register(&self) -> std::io::Result<PathBuf> {
-        self.register_in(Path::new(REGISTRY))
+        self.register_in(&registry())
     }
 
     fn register_in(&self, registry: &Path) -> std::io::Result<PathBuf> {
@@ -52,7 +56,7 @@ impl KeptMesh {
     /// The kept mesh whose process is alive: `None` when there is none, an error naming them
     /// when there are several (then flags must say which).
     pub fn find() -> Result<Option<KeptMesh>, String> {
-        find_in(Path::new(REGISTRY), |pid| Path::new("/proc").join(pid.to_string()).exists())
+        find_in(&registry(), |pid| Path::new("/proc").join(pid.to_string()).exists())
     }
 
     /// The network namespace of node `name`.
