@@ -167,7 +167,11 @@ fn cni(command: &str, socket: &Path, args: &str, netns: &Path) -> (i32, Value) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(config.to_string().as_bytes()).unwrap();
+    // A command that needs no configuration (VERSION) may answer and exit before reading it.
+    match child.stdin.take().unwrap().write_all(config.to_string().as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe && command == "VERSION" => {}
+        written => written.unwrap(),
+    }
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     (out.status.code().unwrap(), serde_json::from_str(stdout.trim()).unwrap_or(Value::Null))
