@@ -362,6 +362,14 @@ impl ControlPlane {
 
     /// Serves until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), Error> {
+        // The server itself is not generic: it is compiled once, here, not in every caller.
+        self.serve(Box::pin(shutdown)).await
+    }
+
+    async fn serve(
+        self,
+        shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    ) -> Result<(), Error> {
         let ControlPlane { config, grpc_listener, admin_listener, store, authority, serving, trust } = self;
         info!(
             source = ?config.source,

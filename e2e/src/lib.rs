@@ -13,5 +13,6 @@ pub mod apps;
 pub mod ca_process;
 pub mod load;
 pub mod mesh;
+pub mod scale;
 pub mod sniff;
 pub mod topology;

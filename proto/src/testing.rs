@@ -206,6 +206,7 @@ where
 
 /// [`poll`] that panics naming `what` at the deadline, so a test fails with the condition it
 /// waited for.
+#[allow(clippy::panic, reason = "failing the test is what it is for")]
 pub async fn eventually<T, Fut>(what: &str, within: Duration, check: impl FnMut() -> Fut) -> T
 where
     Fut: Future<Output = Option<T>>,

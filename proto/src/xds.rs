@@ -6,12 +6,12 @@
 //! stream reconnects with exponential backoff and jitter; the new stream sends the versions the
 //! handler holds, so the control plane sends only what changed meanwhile.
 //!
-//! [`MeshView`] is the handler both proxies use: workloads and services (`istio.workload.Address`),
-//! L4 policies, waypoint routes and L7 policies, each only if subscribed; a new trust bundle is
-//! swapped into the shared bundle at once, so the next handshake uses it.
+//! [`MeshView`] is the handler both proxies use: it converts workloads and services
+//! (`istio.workload.Address`), L4 policies, waypoint routes and L7 policies (each only if
+//! subscribed) into the typed, indexed [`MeshState`]; what does not convert is NACKed by name. A
+//! new trust bundle is swapped into the shared bundle at once, so the next handshake uses it.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -25,10 +25,11 @@ use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
 use crate::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, RequestAuthn, ServiceRoutes};
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
-use crate::api::istio::workload::{Address, Service, Workload, address};
+use crate::api::istio::workload::{Address, address};
 use crate::api::type_url::{
     ADDRESS, AUTHORIZATION, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
 };
+use crate::state::{MeshState, Service, Workload};
 use crate::tls::{SharedTrustBundle, TrustBundle};
 
 use crate::api::envoy::config::core::v3::Node;
@@ -137,99 +138,13 @@ impl AdsClient {
     }
 }
 
-/// What the control plane told us.
-#[derive(Debug, Default)]
-pub struct MeshState {
-    /// Workloads by uid.
-    pub workloads: HashMap<String, Arc<Workload>>,
-    /// Services by `namespace/hostname`.
-    pub services: HashMap<String, Arc<Service>>,
-    /// L4 policies by `namespace/name`.
-    pub policies: HashMap<String, Arc<Authorization>>,
-    /// Waypoint routes by service, `namespace/hostname`.
-    pub routes: HashMap<String, Arc<ServiceRoutes>>,
-    /// Waypoint (L7) policies by `namespace/name`.
-    pub l7_policies: HashMap<String, Arc<L7Policy>>,
-    /// Waypoint JWT rules (RequestAuthentication) by `namespace/name`.
-    pub request_authns: HashMap<String, Arc<RequestAuthn>>,
-    /// DestinationRule traffic policies by service, `namespace/hostname`.
-    pub destination_policies: HashMap<String, Arc<DestinationPolicy>>,
-    /// Workload uid by IP.
-    by_ip: HashMap<IpAddr, String>,
-    /// Service key by VIP.
-    by_vip: HashMap<IpAddr, String>,
-    /// Version held per (type, name), sent back on reconnect.
-    versions: HashMap<(&'static str, String), String>,
-}
-
-impl MeshState {
-    /// The workload with this IP.
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workloads.get(self.by_ip.get(&ip)?)
-    }
-
-    /// Adds a workload under its uid (tests build states by hand).
-    pub fn insert_workload_for_test(&mut self, w: Workload) {
-        self.insert_workload(w.uid.clone(), w);
-    }
-
-    /// The service with this VIP, with its `namespace/hostname` key.
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<(&String, &Arc<Service>)> {
-        self.services.get_key_value(self.by_vip.get(&ip)?)
-    }
-
-    /// Adds a service under its `namespace/hostname` (tests build states by hand).
-    pub fn insert_service(&mut self, name: String, s: Service) {
-        self.remove_service(&name);
-        for ip in s.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
-            self.by_vip.insert(ip, name.clone());
-        }
-        self.services.insert(name, Arc::new(s));
-    }
-
-    fn remove_service(&mut self, name: &str) {
-        if let Some(old) = self.services.remove(name) {
-            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(&a.address)) {
-                if self.by_vip.get(&ip).is_some_and(|n| n == name) {
-                    self.by_vip.remove(&ip);
-                }
-            }
-        }
-    }
-
-    fn insert_workload(&mut self, name: String, w: Workload) {
-        self.remove_workload(&name);
-        for ip in w.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
-            self.by_ip.insert(ip, name.clone());
-        }
-        self.workloads.insert(name, Arc::new(w));
-    }
-
-    fn remove_workload(&mut self, name: &str) {
-        if let Some(old) = self.workloads.remove(name) {
-            for ip in old.addresses.iter().filter_map(|a| ip_from_bytes(a)) {
-                if self.by_ip.get(&ip).is_some_and(|n| n == name) {
-                    self.by_ip.remove(&ip);
-                }
-            }
-        }
-    }
-}
-
-/// An address as the workload API carries it (4 or 16 bytes).
-pub fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
-    match b.len() {
-        4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
 /// The shared view: state, trust bundle, and change notifications.
 #[derive(Debug)]
 pub struct MeshView {
     types: Vec<&'static str>,
     state: RwLock<MeshState>,
+    /// Version held per (type, name), sent back on reconnect.
+    versions: RwLock<HashMap<(&'static str, String), String>>,
     /// Roots to verify peers with; replaced when the control plane pushes a new bundle.
     pub trust: Arc<SharedTrustBundle>,
     changes: watch::Sender<u64>,
@@ -243,6 +158,7 @@ impl MeshView {
         Arc::new(MeshView {
             types: types.to_vec(),
             state: RwLock::default(),
+            versions: RwLock::default(),
             trust,
             changes: watch::channel(0).0,
             synced: watch::channel(false).0,
@@ -271,49 +187,40 @@ impl MeshView {
         };
         let mut errors = Vec::new();
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut versions = self.versions.write().unwrap_or_else(|p| p.into_inner());
         for res in &r.resources {
             match apply_resource(&mut state, &self.trust, type_url, res) {
                 Ok(()) => {
-                    state.versions.insert((type_url, res.name.clone()), res.version.clone());
+                    versions.insert((type_url, res.name.clone()), res.version.clone());
                 }
                 Err(e) => errors.push(format!("{}: {e}", res.name)),
             }
         }
         for name in &r.removed_resources {
             match type_url {
-                ADDRESS => {
-                    state.remove_workload(name);
-                    state.remove_service(name);
-                }
-                AUTHORIZATION => {
-                    state.policies.remove(name);
-                }
+                ADDRESS => state.remove_address(name),
+                AUTHORIZATION => state.policies.remove(name),
                 SERVICE_ROUTES => {
                     state.routes.remove(name);
                 }
-                L7_POLICY => {
-                    state.l7_policies.remove(name);
-                }
-                REQUEST_AUTHN => {
-                    state.request_authns.remove(name);
-                }
+                L7_POLICY => state.l7_policies.remove(name),
+                REQUEST_AUTHN => state.request_authns.remove(name),
                 DESTINATION_POLICY => {
                     state.destination_policies.remove(name);
                 }
                 _ => {}
             }
-            state.versions.remove(&(type_url, name.clone()));
+            versions.remove(&(type_url, name.clone()));
         }
-        drop(state);
+        drop((state, versions));
         self.changes.send_modify(|n| *n += 1);
         errors
     }
 
     /// The versions held for `type_url`.
     pub fn versions_of(&self, type_url: &str) -> HashMap<String, String> {
-        self.read(|s| {
-            s.versions.iter().filter(|((t, _), _)| *t == type_url).map(|((_, n), v)| (n.clone(), v.clone())).collect()
-        })
+        let versions = self.versions.read().unwrap_or_else(|p| p.into_inner());
+        versions.iter().filter(|((t, _), _)| *t == type_url).map(|((_, n), v)| (n.clone(), v.clone())).collect()
     }
 }
 
@@ -326,13 +233,25 @@ fn apply_resource(
     let body = res.resource.as_ref().ok_or("no body")?;
     match type_url {
         ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
-            Some(address::Type::Workload(w)) => state.insert_workload(res.name.clone(), w),
-            Some(address::Type::Service(s)) => state.insert_service(res.name.clone(), s),
+            Some(address::Type::Workload(w)) => {
+                let w = Workload::from_pb(w).map_err(|e| e.to_string())?;
+                if w.uid != res.name {
+                    return Err(format!("the resource is named {:?}, its workload's uid is {:?}", res.name, w.uid));
+                }
+                state.insert_workload(w);
+            }
+            Some(address::Type::Service(s)) => {
+                let s = Service::from_pb(s).map_err(|e| e.to_string())?;
+                if s.key != res.name {
+                    return Err(format!("the resource is named {:?}, its service is {:?}", res.name, s.key));
+                }
+                state.insert_service(s);
+            }
             None => return Err("address with neither workload nor service".into()),
         },
         AUTHORIZATION => {
             let p = Authorization::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            state.policies.insert(res.name.clone(), Arc::new(p));
+            state.policies.insert(res.name.clone(), p);
         }
         SERVICE_ROUTES => {
             let r = ServiceRoutes::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
@@ -340,11 +259,11 @@ fn apply_resource(
         }
         L7_POLICY => {
             let p = L7Policy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            state.l7_policies.insert(res.name.clone(), Arc::new(p));
+            state.l7_policies.insert(res.name.clone(), p);
         }
         REQUEST_AUTHN => {
             let p = RequestAuthn::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            state.request_authns.insert(res.name.clone(), Arc::new(p));
+            state.request_authns.insert(res.name.clone(), p);
         }
         DESTINATION_POLICY => {
             let p = DestinationPolicy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
@@ -394,8 +313,12 @@ mod tests {
     fn a_bad_resource_is_reported_and_the_rest_applies() {
         let ca = crate::testing::TestCa::new();
         let view = MeshView::new(&[ADDRESS, AUTHORIZATION, TRUST_BUNDLE], ca.shared_bundle());
-        let workload =
-            Workload { uid: "Kubernetes//Pod/demo/a".into(), addresses: vec![vec![10, 0, 0, 9]], ..Default::default() };
+        let workload = crate::api::istio::workload::Workload {
+            uid: "Kubernetes//Pod/demo/a".into(),
+            namespace: "demo".into(),
+            addresses: vec![vec![10, 0, 0, 9]],
+            ..Default::default()
+        };
         let good = Address { r#type: Some(address::Type::Workload(workload)) }.encode_to_vec();
         let response = DeltaDiscoveryResponse {
             type_url: ADDRESS.into(),

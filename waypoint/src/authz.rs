@@ -21,7 +21,7 @@ use http::HeaderMap;
 use proto::SpiffeId;
 
 use crate::jwt::RequestPrincipal;
-use proto::api::ambient::waypoint::v1::{self as pb, l7_policy::Action, policy_target::Kind};
+use proto::api::ambient::waypoint::v1::{self as pb, l7_policy::Action};
 
 /// What a decision looks at.
 #[derive(Debug)]
@@ -58,21 +58,6 @@ pub enum Decision {
     Allow(Option<String>),
     /// Denied by this DENY policy, or by no ALLOW policy matching (`None`).
     Deny(Option<String>),
-}
-
-/// Whether `policy` applies to traffic through waypoint `gateway` (`namespace`, `name`) to
-/// `service` (`namespace`, `name`; `None` when addressed to a pod).
-pub fn applies(policy: &pb::L7Policy, gateway: (&str, &str), service: Option<(&str, &str)>) -> bool {
-    targets_apply(&policy.targets, gateway, service)
-}
-
-/// Whether one of `targets` is waypoint `gateway` or `service` (see [`applies`]).
-pub fn targets_apply(targets: &[pb::PolicyTarget], gateway: (&str, &str), service: Option<(&str, &str)>) -> bool {
-    targets.iter().any(|t| match Kind::try_from(t.kind) {
-        Ok(Kind::Gateway) => (t.namespace.as_str(), t.name.as_str()) == gateway,
-        Ok(Kind::Service) => service == Some((t.namespace.as_str(), t.name.as_str())),
-        Err(_) => false,
-    })
 }
 
 /// Istio string match: exact, `prefix*`, `*suffix`, or `*`.
@@ -294,7 +279,7 @@ mod tests {
             name: "p".into(),
             namespace: "demo".into(),
             targets: vec![pb::PolicyTarget {
-                kind: Kind::Gateway as i32,
+                kind: pb::policy_target::Kind::Gateway as i32,
                 namespace: "demo".into(),
                 name: "waypoint".into(),
             }],
@@ -514,14 +499,12 @@ mod tests {
     }
 
     #[test]
-    fn principals_hosts_and_targets() {
+    fn principals_and_hosts() {
         let deny = policy(
             Action::Deny,
             pb::L7Operation { hosts: vec!["*.DEMO.svc.cluster.local".into()], ..Default::default() },
             vec![pb::L7Source { principals: vec!["cluster.local/ns/other/*".into()], ..Default::default() }],
         );
-        assert!(applies(&deny, ("demo", "waypoint"), None));
-        assert!(!applies(&deny, ("demo", "other-waypoint"), Some(("demo", "hello"))));
         let p = [deny];
         assert!(matches!(decide_for(&p, OTHER, "GET", "/"), Decision::Deny(Some(_))));
         assert_eq!(decide_for(&p, CLIENT, "GET", "/"), Decision::Allow(None));

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use proto::api::ambient::waypoint::v1::{ConnectionPool, DestinationPolicy, OutlierDetection, destination_policy};
-use proto::api::istio::workload::Workload;
+use proto::state::Workload;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
@@ -203,7 +203,8 @@ mod tests {
     use super::*;
 
     fn w(uid: &str) -> Arc<Workload> {
-        Arc::new(Workload { uid: uid.into(), ..Default::default() })
+        let w = proto::api::istio::workload::Workload { uid: uid.into(), namespace: "t".into(), ..Default::default() };
+        Arc::new(Workload::from_pb(w).unwrap())
     }
 
     #[tokio::test]

@@ -46,7 +46,6 @@ use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
 use proto::api::ambient::waypoint::v1::PortProtocol;
-use proto::api::istio::workload::gateway_address;
 use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE};
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
@@ -54,7 +53,7 @@ use proto::drain::{self, DrainTrigger};
 use proto::hbone::Baggage;
 use proto::hbone::pool::{Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
-use proto::xds::ip_from_bytes;
+use proto::state::WaypointAt;
 use proto::xds::{AdsClient, MeshView};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -154,26 +153,23 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error
 
 /// Whether traffic to `target` is this waypoint's to handle: a service or pod that names it.
 fn serves(ctx: &Context, target: IpAddr, local: IpAddr) -> bool {
-    let own_host = format!("{}.{}.", ctx.name, ctx.namespace);
-    let ours = |gw: Option<&proto::api::istio::workload::GatewayAddress>| match gw.and_then(|g| g.destination.as_ref())
-    {
-        Some(gateway_address::Destination::Hostname(h)) => {
-            h.namespace == ctx.namespace && h.hostname.starts_with(&own_host)
+    // The waypoint's service key starts with `<namespace>/<name>.<namespace>.`.
+    let own_key = format!("{ns}/{}.{ns}.", ctx.name, ns = ctx.namespace);
+    ctx.view.read(|s| {
+        let waypoint = match s.service_by_vip(target) {
+            Some(svc) => svc.waypoint.as_ref(),
+            None => s.workload_by_ip(target).and_then(|w| w.waypoint.as_ref()),
+        };
+        match waypoint.map(|w| &w.at) {
+            Some(WaypointAt::Service(key)) => key.starts_with(&own_key),
+            // The waypoint's service VIP (or this pod's own address).
+            Some(WaypointAt::Address(ip)) => {
+                *ip == local
+                    || s.service_by_vip(*ip).is_some_and(|svc| svc.namespace == ctx.namespace && svc.name == ctx.name)
+            }
+            None => false,
         }
-        // The waypoint's service VIP (or this pod's own address).
-        Some(gateway_address::Destination::Address(a)) => ip_from_bytes(&a.address).is_some_and(|ip| {
-            ip == local
-                || ctx.view.read(|s| {
-                    s.service_by_vip(ip).is_some_and(|(_, svc)| svc.namespace == ctx.namespace && svc.name == ctx.name)
-                })
-        }),
-        None => false,
-    };
-    let gateway = ctx.view.read(|s| match s.service_by_vip(target) {
-        Some((_, svc)) => svc.waypoint.clone(),
-        None => s.workload_by_ip(target).and_then(|w| w.waypoint.clone()),
-    });
-    ours(gateway.as_ref())
+    })
 }
 
 /// Serves HTTP inside each accepted tunnel.
@@ -200,7 +196,7 @@ impl Handler for Inbound {
             target: connect.target,
         });
         let declared = self.ctx.view.read(|s| {
-            let (key, _) = s.service_by_vip(connect.target.ip())?;
+            let key = &s.service_by_vip(connect.target.ip())?.key;
             let protocol = *s.routes.get(key)?.port_protocols.get(&u32::from(connect.target.port()))?;
             PortProtocol::try_from(protocol).ok()
         });
@@ -301,11 +297,11 @@ async fn config_dump(State(s): State<Endpoints>) -> axum::Json<serde_json::Value
             m.routes.iter().map(|(svc, r)| (svc, r.routes.iter().map(|r| r.name.as_str()).collect())).collect();
         json!({
             "gateway": gateway,
-            "workloads": m.workloads.len(),
-            "services": sorted(m.services.keys().cloned().collect()),
+            "workloads": m.workload_count(),
+            "services": sorted(m.services().map(|svc| svc.key.clone()).collect()),
             "routes": routes,
-            "l7_policies": sorted(m.l7_policies.keys().cloned().collect()),
-            "request_authns": sorted(m.request_authns.keys().cloned().collect()),
+            "l7_policies": sorted(m.l7_policies.names().cloned().collect()),
+            "request_authns": sorted(m.request_authns.names().cloned().collect()),
             "destination_policies": sorted(m.destination_policies.keys().cloned().collect()),
         })
     });
@@ -340,7 +336,7 @@ impl Waypoint {
 
         let view = MeshView::new(&SUBSCRIBED, config.ca.trust.clone());
         let pool = Pool::new(PoolConfig::default(), view.trust.clone());
-        let connector = Connector::new(view.clone(), pool, credential.clone(), config.trust_domain.clone());
+        let connector = Connector::new(view.clone(), pool, credential.clone());
         let ctx = Arc::new(Context {
             name: config.name.clone(),
             namespace: config.namespace.clone(),

@@ -4,7 +4,7 @@
 //! `istio_tcp_received_bytes_total` (from the client) and `istio_tcp_sent_bytes_total` (to it).
 //! Unknown label values are `unknown`.
 
-use proto::api::istio::workload::Workload;
+use proto::state::Workload;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -41,7 +41,7 @@ impl Parties {
     pub(crate) fn new(down: &crate::proxy::Downstream, destination: Option<&crate::proxy::Destination>) -> Self {
         let unknown = || "unknown".to_owned();
         let (service, name, namespace) = match destination {
-            Some(crate::proxy::Destination::Service(_, s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+            Some(crate::proxy::Destination::Service(s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
             _ => (unknown(), unknown(), unknown()),
         };
         Parties {
@@ -58,12 +58,10 @@ impl Parties {
     }
 
     /// Names the endpoint reached.
-    pub fn set_endpoint(&mut self, w: &Workload, trust_domain: &str) {
-        self.destination_workload = if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() };
+    pub fn set_endpoint(&mut self, w: &Workload) {
+        self.destination_workload = w.display_name().to_owned();
         self.destination_workload_namespace = w.namespace.clone();
-        if let Some(id) = crate::upstream::identity_of(w, trust_domain) {
-            self.destination_principal = id.to_string();
-        }
+        self.destination_principal = w.identity.to_string();
     }
 }
 

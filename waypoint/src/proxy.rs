@@ -13,10 +13,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use proto::SpiffeId;
 use proto::api::ambient::waypoint::v1::{self as pb, filter, path_modifier};
-use proto::api::istio::workload::{Service, Workload, WorkloadStatus};
 use proto::hbone::TraceParent;
-use proto::xds::MeshState;
-use proto::xds::ip_from_bytes;
+use proto::state::{MeshState, Service, Workload};
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -49,8 +47,8 @@ pub struct Downstream {
 
 /// Where a request is going, resolved from the tunnel's target.
 pub(crate) enum Destination {
-    /// A service: `namespace/hostname` key and the service.
-    Service(String, Arc<Service>),
+    /// A service.
+    Service(Arc<Service>),
     /// A pod addressed directly.
     Workload(Arc<Workload>),
 }
@@ -81,7 +79,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 /// The service or pod at `ip`.
 pub(crate) fn resolve(ctx: &Context, ip: IpAddr) -> Option<Destination> {
     ctx.view.read(|s| match s.service_by_vip(ip) {
-        Some((key, svc)) => Some(Destination::Service(key.clone(), svc.clone())),
+        Some(svc) => Some(Destination::Service(svc.clone())),
         None => s.workload_by_ip(ip).cloned().map(Destination::Workload),
     })
 }
@@ -92,8 +90,9 @@ pub(crate) fn authorize(ctx: &Context, destination: Option<&Destination>, input:
     let service = destination.and_then(service_ref);
     let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
     let (decision, dry_run) = ctx.view.read(|s| {
-        let applicable = || s.l7_policies.values().map(|p| p.as_ref()).filter(|p| authz::applies(p, gateway, service));
-        (authz::decide(applicable(), input), authz::dry_run(applicable(), input))
+        let applicable = s.l7_policies.targeting(gateway, service);
+        let policies = || applicable.iter().map(|(_, p)| p.as_ref());
+        (authz::decide(policies(), input), authz::dry_run(policies(), input))
     });
     if let Some(would) = dry_run {
         let label = if matches!(would, Decision::Allow(_)) { "allow" } else { "deny" };
@@ -110,9 +109,8 @@ pub(crate) fn authorize(ctx: &Context, destination: Option<&Destination>, input:
 fn authenticate(ctx: &Context, destination: &Destination, headers: &mut HeaderMap, query: Option<&str>) -> Authn {
     let service = service_ref(destination);
     let gateway = (ctx.namespace.as_str(), ctx.name.as_str());
-    let policies: Vec<Arc<pb::RequestAuthn>> = ctx.view.read(|s| {
-        s.request_authns.values().filter(|p| authz::targets_apply(&p.targets, gateway, service)).cloned().collect()
-    });
+    let policies: Vec<Arc<pb::RequestAuthn>> =
+        ctx.view.read(|s| s.request_authns.targeting(gateway, service).into_iter().map(|(_, p)| p.clone()).collect());
     if policies.is_empty() {
         return Authn::Anonymous;
     }
@@ -123,26 +121,21 @@ fn authenticate(ctx: &Context, destination: &Destination, headers: &mut HeaderMa
 /// The service's `namespace`, `name`, for policy targets (`None` for a pod).
 fn service_ref(d: &Destination) -> Option<(&str, &str)> {
     match d {
-        Destination::Service(_, s) => Some((s.namespace.as_str(), s.name.as_str())),
+        Destination::Service(s) => Some((s.namespace.as_str(), s.name.as_str())),
         Destination::Workload(_) => None,
     }
 }
 
 /// Endpoints of `service_key` serving `port`, with the port to reach them on.
 pub(crate) fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
-    let mut out: Vec<_> = state
-        .workloads
-        .values()
-        .filter(|w| w.status != WorkloadStatus::Unhealthy as i32)
+    state
+        .endpoints(service_key)
+        .filter(|w| w.healthy)
         .filter_map(|w| {
-            let ports = w.services.get(service_key)?;
-            let p = ports.ports.iter().find(|p| p.service_port == u32::from(port))?;
-            let target = if p.target_port == 0 { p.service_port } else { p.target_port };
-            Some(Endpoint { workload: w.clone(), port: u16::try_from(target).ok()? })
+            let p = w.services.get(service_key)?.iter().find(|p| p.service_port == port)?;
+            Some(Endpoint { workload: w.clone(), port: p.target_port.unwrap_or(p.service_port) })
         })
-        .collect();
-    out.sort_by(|a, b| a.workload.uid.cmp(&b.workload.uid));
-    out
+        .collect()
 }
 
 /// An endpoint pod and the port it serves the backend on.
@@ -296,7 +289,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     let endpoint = outcome.endpoint.as_deref();
     let mut parties = parties;
     if let Some(w) = endpoint {
-        parties.set_endpoint(w, &ctx.trust_domain);
+        parties.set_endpoint(w);
     }
     let labels = RequestLabels {
         reporter: "waypoint",
@@ -373,7 +366,8 @@ async fn route_and_send(
     // Routing.
     let (service_key, rule, route_name) = match &destination {
         Destination::Workload(_) => (None, None, String::new()),
-        Destination::Service(key, _) => {
+        Destination::Service(svc) => {
+            let key = &svc.key;
             // A service with no route for this port (or only declared protocols) goes to itself.
             let routes = ctx.view.read(|s| s.routes.get(key).cloned()).filter(|r| route::serves_port(r, port));
             match routes {
@@ -541,7 +535,7 @@ async fn route_and_send(
     if let (Some(m), RequestBody::Buffered(b)) = (&mirror, &body) {
         let targets = ctx.view.read(|s| endpoints(s, &m.service, if m.port == 0 { port } else { m.port as u16 }));
         if let Some(Endpoint { workload: w, port: p }) = targets.first()
-            && let Some(ip) = w.addresses.first().and_then(|a| ip_from_bytes(a))
+            && let Some(ip) = w.primary_address()
             && let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *p)).parse::<Uri>()
         {
             let mut copy = Request::new(Full::new(b.clone()).map_err(|e| match e {}).boxed());
@@ -613,7 +607,7 @@ async fn route_and_send(
             };
             tried.push(workload.uid.clone());
             let _in_flight = destination_state.start(&workload.uid);
-            let Some(ip) = workload.addresses.first().and_then(|a| ip_from_bytes(a)) else { continue };
+            let Some(ip) = workload.primary_address() else { continue };
             let Some(b) = body.take() else { break };
             let Ok(uri) = format!("http://{}{path_and_query}", SocketAddr::new(ip, *target_port)).parse::<Uri>() else {
                 break;

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use proto::api::ambient::waypoint::v1::PortProtocol;
 use proto::hbone::H2Stream;
-use proto::xds::ip_from_bytes;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -152,7 +151,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         return;
     };
     let (key, candidates) = match &destination {
-        Destination::Service(key, _) => (key.clone(), ctx.view.read(|s| endpoints(s, key, port))),
+        Destination::Service(svc) => (svc.key.clone(), ctx.view.read(|s| endpoints(s, &svc.key, port))),
         Destination::Workload(w) => (String::new(), vec![crate::proxy::Endpoint { workload: w.clone(), port }]),
     };
     let policy = ctx.view.read(|s| s.destination_policies.get(&key).cloned());
@@ -172,9 +171,9 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         return;
     };
     let _in_flight = state.start(&endpoint.workload.uid);
-    labels.parties.set_endpoint(&endpoint.workload, &ctx.trust_domain);
+    labels.parties.set_endpoint(&endpoint.workload);
     let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
-    let upstream = match endpoint.workload.addresses.first().and_then(|a| ip_from_bytes(a)) {
+    let upstream = match endpoint.workload.primary_address() {
         Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
         None => Err("the endpoint has no address".to_owned()),
     };

@@ -21,8 +21,6 @@ use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proto::SpiffeId;
-use proto::api::istio::workload::Workload;
 use proto::hbone::pool::{ConnectRequest, Pool};
 use proto::hbone::{H2Stream, HBONE_PORT};
 use proto::tls::Credential;
@@ -33,19 +31,12 @@ pub type Body = BoxBody<Bytes, BoxError>;
 /// Errors inside bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The SPIFFE ID a workload's certificate must carry.
-pub fn identity_of(w: &Workload, default_trust_domain: &str) -> Option<SpiffeId> {
-    let td = if w.trust_domain.is_empty() { default_trust_domain } else { &w.trust_domain };
-    SpiffeId::new(td, &w.namespace, &w.service_account).ok()
-}
-
 /// Opens an HBONE tunnel for each new upstream connection.
 #[derive(Debug, Clone)]
 pub struct Connector {
     view: Arc<MeshView>,
     pool: Pool,
     credential: Arc<Credential>,
-    trust_domain: String,
     /// The original client, passed on in each tunnel's `forwarded` header: the endpoint's ztunnel
     /// believes it from this waypoint (and only from it) and shows it to the app.
     client: Option<IpAddr>,
@@ -94,9 +85,6 @@ pub enum ConnectError {
     /// No workload has the address.
     #[error("no workload has the address {0}")]
     UnknownEndpoint(IpAddr),
-    /// The workload's identity cannot be formed.
-    #[error("workload {0} has no valid identity")]
-    NoIdentity(String),
     /// The HBONE connection or CONNECT failed.
     #[error(transparent)]
     Hbone(#[from] proto::hbone::pool::PoolError),
@@ -104,8 +92,8 @@ pub enum ConnectError {
 
 impl Connector {
     /// A connector presenting `credential`.
-    pub fn new(view: Arc<MeshView>, pool: Pool, credential: Arc<Credential>, trust_domain: String) -> Self {
-        Connector { view, pool, credential, trust_domain, client: None }
+    pub fn new(view: Arc<MeshView>, pool: Pool, credential: Arc<Credential>) -> Self {
+        Connector { view, pool, credential, client: None }
     }
 
     /// The same connector, for traffic of `client`.
@@ -124,12 +112,10 @@ impl Connector {
     /// Opens an HBONE tunnel to `port` of the pod at `ip`, accepting only the pod's identity.
     pub async fn tunnel(&self, ip: IpAddr, port: u16) -> Result<H2Stream, ConnectError> {
         let workload = self.view.read(|s| s.workload_by_ip(ip).cloned()).ok_or(ConnectError::UnknownEndpoint(ip))?;
-        let identity =
-            identity_of(&workload, &self.trust_domain).ok_or_else(|| ConnectError::NoIdentity(workload.uid.clone()))?;
         let mut request = ConnectRequest::new(
             self.credential.clone(),
             SocketAddr::new(ip, HBONE_PORT),
-            vec![identity],
+            vec![workload.identity.clone()],
             SocketAddr::new(ip, port),
         );
         if let Some(client) = self.client {

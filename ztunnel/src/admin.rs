@@ -8,7 +8,6 @@
 //! - readiness (`:15021`): `GET /healthz/ready`, 200 once the node agent's snapshot is applied and
 //!   the mesh state synced, 503 before and while draining.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -17,7 +16,6 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
-use proto::api::istio::workload::{TunnelProtocol, WorkloadStatus};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -48,14 +46,6 @@ impl std::fmt::Debug for AdminState {
     }
 }
 
-fn ip(bytes: &[u8]) -> Option<IpAddr> {
-    match bytes.len() {
-        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
-        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
-        _ => None,
-    }
-}
-
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -63,39 +53,37 @@ fn unix(t: SystemTime) -> u64 {
 async fn config_dump(State(s): State<AdminState>) -> Json<Value> {
     let mesh = s.ctx.view.read(|state| {
         let mut workloads: Vec<Value> = state
-            .workloads
-            .values()
+            .workloads()
             .map(|w| {
                 json!({
                     "uid": w.uid,
                     "name": w.name,
                     "namespace": w.namespace,
-                    "addresses": w.addresses.iter().filter_map(|a| ip(a)).map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                     "node": w.node,
                     "service_account": w.service_account,
-                    "protocol": if w.tunnel_protocol == TunnelProtocol::Hbone as i32 { "HBONE" } else { "TCP" },
+                    "protocol": if w.speaks_hbone() { "HBONE" } else { "TCP" },
                     "waypoint": w.waypoint.is_some(),
                     "services": w.services.keys().collect::<Vec<_>>(),
                     "authorization_policies": w.authorization_policies,
-                    "healthy": w.status == WorkloadStatus::Healthy as i32,
+                    "healthy": w.healthy,
                 })
             })
             .collect();
         workloads.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
         let mut services: Vec<Value> = state
-            .services
-            .iter()
-            .map(|(key, svc)| {
+            .services()
+            .map(|svc| {
                 json!({
-                    "key": key,
-                    "addresses": svc.addresses.iter().filter_map(|a| ip(&a.address)).map(|a| a.to_string()).collect::<Vec<_>>(),
-                    "ports": svc.ports.iter().map(|p| json!({"port": p.service_port, "target_port": p.target_port})).collect::<Vec<_>>(),
+                    "key": svc.key,
+                    "addresses": svc.vips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "ports": svc.ports.iter().map(|p| json!({"port": p.service_port, "target_port": p.target_port.unwrap_or(0)})).collect::<Vec<_>>(),
                     "waypoint": svc.waypoint.is_some(),
                 })
             })
             .collect();
         services.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
-        let mut policies: Vec<&String> = state.policies.keys().collect();
+        let mut policies: Vec<&String> = state.policies.names().collect();
         policies.sort();
         json!({"workloads": workloads, "services": services, "policies": policies})
     });

@@ -16,10 +16,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use proto::api::istio::workload::Workload;
 use proto::drain::DrainWatcher;
 use proto::hbone::server::{Handler, InboundConnect, StatusCode};
 use proto::hbone::{MESH_PORTS, copy};
+use proto::state::Workload;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 

@@ -244,7 +244,16 @@ fn lock(k: &Shared) -> std::sync::MutexGuard<'_, Known> {
 pub async fn run_agent(
     client: kube::Client,
     config: AgentConfig,
-    stop: impl std::future::Future<Output = ()>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::agent::AgentError> {
+    // The agent itself is not generic: it is compiled once, here, not in every caller.
+    agent_loop(client, config, Box::pin(stop)).await
+}
+
+async fn agent_loop(
+    client: kube::Client,
+    config: AgentConfig,
+    stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 ) -> Result<(), crate::agent::AgentError> {
     use futures_util::StreamExt as _;
     use kube::runtime::WatchStreamExt as _;

@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use proto::SpiffeId;
-use proto::api::istio::workload::{GatewayAddress, TunnelProtocol, Workload, WorkloadStatus, gateway_address};
 use proto::drain::DrainWatcher;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
 use proto::hbone::server::StatusCode;
@@ -26,9 +25,7 @@ use tracing::{debug, warn};
 use crate::Context;
 use crate::pod::{Pod, PodDialer, connect};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
-use proto::xds::ip_from_bytes;
-
-use crate::xds::MeshState;
+use proto::state::{MeshState, PortMapping, Waypoint, WaypointAt, Workload};
 
 /// Where to send a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,107 +51,72 @@ pub enum Route {
 #[derive(Debug, Default)]
 pub struct Balancer(AtomicUsize);
 
-fn identity(w: &Workload) -> Option<SpiffeId> {
-    SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account).ok()
-}
-
-fn speaks_hbone(w: &Workload) -> bool {
-    w.tunnel_protocol == TunnelProtocol::Hbone as i32 || w.native_tunnel
-}
-
-fn healthy(w: &Workload) -> bool {
-    w.status == WorkloadStatus::Healthy as i32
-}
-
 /// A waypoint's workload: by address (the waypoint service's VIP, whose endpoint is picked, or a
-/// pod's own IP), or by hostname (a service) and one of its endpoints.
-fn waypoint_workload<'a>(state: &'a MeshState, gw: &GatewayAddress, lb: &Balancer) -> Option<&'a Workload> {
-    match gw.destination.as_ref()? {
-        gateway_address::Destination::Address(a) => {
-            let ip = ip_from_bytes(&a.address)?;
-            match state.service_by_vip(ip) {
-                Some((key, _)) => pick(state, key, lb).map(|(w, _)| w),
-                None => state.workload_by_ip(ip).map(|w| w.as_ref()),
-            }
-        }
-        gateway_address::Destination::Hostname(h) => {
-            let key = format!("{}/{}", h.namespace, h.hostname);
-            pick(state, &key, lb).map(|(w, _)| w)
-        }
+/// pod's own IP), or by service key and one of its endpoints.
+fn waypoint_workload<'a>(state: &'a MeshState, at: &WaypointAt, lb: &Balancer) -> Option<&'a Workload> {
+    match at {
+        WaypointAt::Address(ip) => match state.service_by_vip(*ip) {
+            Some(service) => pick(state, &service.key, lb).map(|(w, _)| w),
+            None => state.workload_by_ip(*ip).map(|w| w.as_ref()),
+        },
+        WaypointAt::Service(key) => pick(state, key, lb).map(|(w, _)| w),
     }
 }
 
 /// Every workload behind a waypoint address (all endpoints of its service, or the pod itself).
 pub(crate) fn waypoint_workloads<'a>(
     state: &'a MeshState,
-    gw: &GatewayAddress,
+    at: &'a WaypointAt,
 ) -> Box<dyn Iterator<Item = &'a Workload> + 'a> {
-    let service_key = match gw.destination.as_ref() {
-        None => return Box::new(std::iter::empty()),
-        Some(gateway_address::Destination::Address(a)) => {
-            let Some(ip) = ip_from_bytes(&a.address) else { return Box::new(std::iter::empty()) };
-            match state.service_by_vip(ip) {
-                Some((key, _)) => key.clone(),
-                None => return Box::new(state.workload_by_ip(ip).map(|w| w.as_ref()).into_iter()),
-            }
-        }
-        Some(gateway_address::Destination::Hostname(h)) => format!("{}/{}", h.namespace, h.hostname),
+    let key = match at {
+        WaypointAt::Address(ip) => match state.service_by_vip(*ip) {
+            Some(service) => &service.key,
+            None => return Box::new(state.workload_by_ip(*ip).map(|w| w.as_ref()).into_iter()),
+        },
+        WaypointAt::Service(key) => key,
     };
-    Box::new(state.workloads.values().filter(move |w| w.services.contains_key(&service_key)).map(|w| w.as_ref()))
+    Box::new(state.endpoints(key).map(|w| w.as_ref()))
 }
 
 /// Whether `peer` is a waypoint serving `destination` (its own, or one of its services'), proven
 /// by the identity of the workloads behind that waypoint.
 pub(crate) fn is_waypoint_of(state: &MeshState, destination: &Workload, peer: &SpiffeId) -> bool {
-    let services =
-        destination.services.keys().filter_map(|k| state.services.get(k)).filter_map(|s| s.waypoint.as_ref());
-    destination
-        .waypoint
-        .iter()
-        .chain(services)
-        .any(|gw| waypoint_workloads(state, gw).any(|w| identity(w).as_ref() == Some(peer)))
+    let services = destination.services.keys().filter_map(|k| state.service(k)).filter_map(|s| s.waypoint.as_ref());
+    destination.waypoint.iter().chain(services).any(|gw| waypoint_workloads(state, &gw.at).any(|w| &w.identity == peer))
 }
 
-fn via_waypoint(state: &MeshState, gw: &GatewayAddress, target: SocketAddr, lb: &Balancer) -> Option<Route> {
-    let w = waypoint_workload(state, gw, lb)?;
-    let ip = w.addresses.iter().find_map(|a| ip_from_bytes(a))?;
-    let port = if gw.hbone_mtls_port == 0 { HBONE_PORT } else { gw.hbone_mtls_port as u16 };
+fn via_waypoint(state: &MeshState, gw: &Waypoint, target: SocketAddr, lb: &Balancer) -> Option<Route> {
+    let w = waypoint_workload(state, &gw.at, lb)?;
     Some(Route::Hbone {
-        hbone: SocketAddr::new(ip, port),
+        hbone: SocketAddr::new(w.primary_address()?, gw.hbone_port),
         target,
-        identities: identity(w).into_iter().collect(),
+        identities: vec![w.identity.clone()],
         workload: w.uid.clone(),
     })
 }
 
-/// A healthy endpoint of service `key` and the port list it serves the service on.
-fn pick<'a>(
-    state: &'a MeshState,
-    key: &str,
-    lb: &Balancer,
-) -> Option<(&'a Workload, &'a [proto::api::istio::workload::Port])> {
-    let mut endpoints: Vec<(&Workload, &[proto::api::istio::workload::Port])> = state
-        .workloads
-        .values()
-        .filter(|w| healthy(w))
-        .filter_map(|w| w.services.get(key).map(|ports| (w.as_ref(), ports.ports.as_slice())))
+/// A healthy endpoint of service `key` and the ports it serves the service on.
+fn pick<'a>(state: &'a MeshState, key: &str, lb: &Balancer) -> Option<(&'a Workload, &'a [PortMapping])> {
+    let endpoints: Vec<(&Workload, &[PortMapping])> = state
+        .endpoints(key)
+        .filter(|w| w.healthy)
+        .filter_map(|w| w.services.get(key).map(|ports| (w.as_ref(), ports.as_slice())))
         .collect();
     if endpoints.is_empty() {
         return None;
     }
-    endpoints.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
     let i = lb.0.fetch_add(1, Ordering::Relaxed) % endpoints.len();
     Some(endpoints[i])
 }
 
 fn to_workload(w: &Workload, port: u16) -> Option<Route> {
-    let ip = w.addresses.iter().find_map(|a| ip_from_bytes(a))?;
+    let ip = w.primary_address()?;
     let target = SocketAddr::new(ip, port);
-    if speaks_hbone(w) {
+    if w.speaks_hbone() {
         Some(Route::Hbone {
             hbone: SocketAddr::new(ip, HBONE_PORT),
             target,
-            identities: identity(w).into_iter().collect(),
+            identities: vec![w.identity.clone()],
             workload: w.uid.clone(),
         })
     } else {
@@ -164,7 +126,8 @@ fn to_workload(w: &Workload, port: u16) -> Option<Route> {
 
 /// Decides where a connection to `dst` goes.
 pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
-    if let Some((key, service)) = state.service_by_vip(dst.ip()) {
+    if let Some(service) = state.service_by_vip(dst.ip()) {
+        let key = &service.key;
         // Traffic for a service with a waypoint never skips it: without a waypoint endpoint the
         // connection fails rather than bypass its L7 policy.
         if let Some(gw) = &service.waypoint {
@@ -175,16 +138,16 @@ pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
             return Route::NoHealthyEndpoint(key.clone());
         };
         // The endpoint's port for this service port; the service's own mapping, else the same.
-        let service_port = u32::from(dst.port());
         let target_port = ports
             .iter()
             .chain(service.ports.iter())
-            .find(|p| p.service_port == service_port && p.target_port != 0)
-            .map_or(dst.port(), |p| p.target_port as u16);
+            .filter(|p| p.service_port == dst.port())
+            .find_map(|p| p.target_port)
+            .unwrap_or(dst.port());
         return to_workload(endpoint, target_port).unwrap_or(Route::Passthrough(dst));
     }
     if let Some(w) = state.workload_by_ip(dst.ip()) {
-        if speaks_hbone(w)
+        if w.speaks_hbone()
             && let Some(gw) = &w.waypoint
         {
             return via_waypoint(state, gw, dst, lb)
@@ -268,13 +231,11 @@ impl Outbound {
             let route = route(state, dst, &self.lb);
             let source = Peer::proven(state.workload_by_ip(client.ip()), Some(self.pod.identity.clone()));
             let (destination, mtls) = match &route {
-                Route::Hbone { workload, .. } => {
-                    (state.workloads.get(workload).map(Peer::of).unwrap_or_default(), true)
-                }
+                Route::Hbone { workload, .. } => (state.workload(workload).map(Peer::of).unwrap_or_default(), true),
                 Route::Passthrough(to) => (state.workload_by_ip(to.ip()).map(Peer::of).unwrap_or_default(), false),
                 Route::NoHealthyEndpoint(_) => (Peer::default(), false),
             };
-            let service = state.service_by_vip(dst.ip()).map(|(_, s)| s.hostname.clone()).unwrap_or_default();
+            let service = state.service_by_vip(dst.ip()).map(|s| s.hostname.clone()).unwrap_or_default();
             let info = ConnectionInfo { reporter: "source", src: client, dst, source, destination, service, mtls };
             Decided { route, info }
         })
@@ -346,7 +307,10 @@ mod tests {
 
     use std::collections::HashMap;
 
-    use proto::api::istio::workload::{NamespacedHostname, NetworkAddress, Port, PortList, Service};
+    use proto::api::istio::workload::{
+        GatewayAddress, NamespacedHostname, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
+        WorkloadStatus, gateway_address,
+    };
 
     use super::*;
 
@@ -382,10 +346,12 @@ mod tests {
     fn state(workloads: Vec<Workload>, services: Vec<(&str, Service)>) -> MeshState {
         let mut s = MeshState::default();
         for w in workloads {
-            s.insert_workload_for_test(w);
+            s.insert_workload(proto::state::Workload::from_pb(w).unwrap());
         }
-        for (k, svc) in services {
-            s.insert_service(k.into(), svc);
+        for (key, svc) in services {
+            let svc = proto::state::Service::from_pb(svc).unwrap();
+            assert_eq!(svc.key, key);
+            s.insert_service(svc);
         }
         s
     }

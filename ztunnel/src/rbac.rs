@@ -21,9 +21,9 @@ use std::net::IpAddr;
 
 use proto::SpiffeId;
 use proto::api::istio::security::{
-    Action, Address, Authorization, Match, Scope, ServiceAccountMatch, StringMatch, string_match,
+    Action, Address, Authorization, Match, ServiceAccountMatch, StringMatch, string_match,
 };
-use proto::api::istio::workload::Workload;
+use proto::state::Workload;
 
 use crate::xds::MeshState;
 
@@ -88,24 +88,24 @@ fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with
     let mut allow_policies = false;
     let mut allowed_by = None;
     let mut dry_run_applies = false;
-    for (name, policy) in state.policies.iter().filter(|(name, p)| applies(p, name, destination)) {
+    for (name, policy) in state.policies.applying_to(destination) {
         if policy.dry_run && !with_dry_run {
             dry_run_applies = true;
             continue;
         }
         match Action::try_from(policy.action) {
             Ok(Action::Deny) if policy_matches(policy, conn, Action::Deny) => {
-                return (Decision::DeniedBy(name.clone()), dry_run_applies);
+                return (Decision::DeniedBy(name.to_owned()), dry_run_applies);
             }
             Ok(Action::Deny) => {}
             Ok(Action::Allow) => {
                 allow_policies = true;
                 if allowed_by.is_none() && policy_matches(policy, conn, Action::Allow) {
-                    allowed_by = Some(name.clone());
+                    allowed_by = Some(name.to_owned());
                 }
             }
             // An action this proxy does not know can only deny.
-            Err(_) => return (Decision::DeniedBy(name.clone()), dry_run_applies),
+            Err(_) => return (Decision::DeniedBy(name.to_owned()), dry_run_applies),
         }
     }
     let decision = match (allow_policies, allowed_by) {
@@ -114,16 +114,6 @@ fn decide(state: &MeshState, destination: &Workload, conn: &Connection<'_>, with
         (true, None) => Decision::NotAllowed,
     };
     (decision, dry_run_applies)
-}
-
-fn applies(policy: &Authorization, name: &str, destination: &Workload) -> bool {
-    match Scope::try_from(policy.scope) {
-        Ok(Scope::Global) => true,
-        Ok(Scope::Namespace) => policy.namespace == destination.namespace,
-        Ok(Scope::WorkloadSelector) => destination.authorization_policies.iter().any(|p| p == name),
-        // A scope this proxy does not know: apply it everywhere, so that it denies more, never less.
-        Err(_) => true,
-    }
 }
 
 /// Whether `policy` matches. Anything this proxy cannot evaluate (an extension, a string match
@@ -238,7 +228,7 @@ fn prefix_contains(prefix: &Address, ip: IpAddr) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use proto::api::istio::security::{Clause, Rule};
+    use proto::api::istio::security::{Clause, Rule, Scope};
 
     use super::*;
 
@@ -260,17 +250,18 @@ mod tests {
     fn state(policies: Vec<(&str, Authorization)>) -> MeshState {
         let mut s = MeshState::default();
         for (name, p) in policies {
-            s.policies.insert(name.into(), std::sync::Arc::new(p));
+            s.policies.insert(name.into(), p);
         }
         s
     }
 
     fn workload(selected: &[&str]) -> Workload {
-        Workload {
+        Workload::from_pb(proto::api::istio::workload::Workload {
             namespace: "demo".into(),
             authorization_policies: selected.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
-        }
+        })
+        .unwrap()
     }
 
     fn conn<'a>(source: Option<&'a SpiffeId>, port: u16) -> Connection<'a> {

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::api::istio::workload::Workload;
+use proto::state::Workload;
 
 /// Labels of the `istio_tcp_*` families.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,7 +176,7 @@ impl Peer {
     }
 
     fn name(&self) -> &str {
-        self.workload.as_deref().map_or("", |w| if w.workload_name.is_empty() { &w.name } else { &w.workload_name })
+        self.workload.as_deref().map_or("", Workload::display_name)
     }
 
     fn namespace(&self) -> &str {
@@ -190,11 +190,7 @@ impl Peer {
     fn spiffe(&self) -> String {
         match (&self.principal, self.workload.as_deref()) {
             (Principal::Known(id), _) => id.to_string(),
-            (Principal::FromWorkload, Some(w)) => {
-                proto::SpiffeId::new(&w.trust_domain, &w.namespace, &w.service_account)
-                    .map(|id| id.to_string())
-                    .unwrap_or_default()
-            }
+            (Principal::FromWorkload, Some(w)) => w.identity.to_string(),
             _ => String::new(),
         }
     }
@@ -306,13 +302,16 @@ mod tests {
             src: "10.0.0.1:4000".parse().unwrap(),
             dst: "10.0.0.2:80".parse().unwrap(),
             source: Peer::proven(None, Some("spiffe://cluster.local/ns/a/sa/client".parse().unwrap())),
-            destination: Peer::of(&Arc::new(Workload {
-                name: "server".into(),
-                namespace: "b".into(),
-                trust_domain: "cluster.local".into(),
-                service_account: "server".into(),
-                ..Workload::default()
-            })),
+            destination: Peer::of(&Arc::new(
+                Workload::from_pb(proto::api::istio::workload::Workload {
+                    name: "server".into(),
+                    namespace: "b".into(),
+                    trust_domain: "cluster.local".into(),
+                    service_account: "server".into(),
+                    ..Default::default()
+                })
+                .unwrap(),
+            )),
             service: String::new(),
             mtls: true,
         };

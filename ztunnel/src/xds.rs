@@ -12,8 +12,9 @@ use std::time::Duration;
 use proto::api::type_url::{ADDRESS, AUTHORIZATION, TRUST_BUNDLE};
 use proto::certs::TokenSource;
 use proto::control::ControlPlaneTarget;
+pub use proto::state::MeshState;
 use proto::xds::AdsClient;
-pub use proto::xds::{MeshState, MeshView};
+pub use proto::xds::MeshView;
 
 /// The types subscribed to, in order.
 pub const SUBSCRIBED: [&str; 3] = [ADDRESS, AUTHORIZATION, TRUST_BUNDLE];

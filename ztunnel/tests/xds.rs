@@ -60,7 +60,7 @@ async fn follows_edits_bundle_changes_and_a_control_plane_restart() {
 
     let mut synced = view.synced();
     tokio::time::timeout(Duration::from_secs(10), synced.wait_for(|s| *s)).await.expect("synced").unwrap();
-    assert_eq!(view.read(|s| s.workloads.len()), 2);
+    assert_eq!(view.read(|s| s.workload_count()), 2);
     let ip: IpAddr = "10.0.0.2".parse().unwrap();
     assert_eq!(view.read(|s| s.workload_by_ip(ip).map(|w| w.service_account.clone())), Some("server".into()));
 
@@ -79,7 +79,7 @@ async fn follows_edits_bundle_changes_and_a_control_plane_restart() {
     ca.stop().await;
     write_pods(objects.path(), &[("client", "10.0.0.1")]);
     let ca = start_ca(objects.path(), state.path(), &signer, addr).await;
-    eventually("resynced after restart", || view.read(|s| s.workloads.len() == 1)).await;
+    eventually("resynced after restart", || view.read(|s| s.workload_count() == 1)).await;
     assert_eq!(trust.current().roots().len(), 2, "the bundle persisted with the CA state");
 
     stop_tx.send(()).unwrap();

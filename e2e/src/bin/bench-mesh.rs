@@ -9,6 +9,11 @@
 //! open connection with 1,000 idle connections. Reports a table and JSON, with the mesh as a ratio to direct.
 //! Client, servers and both ztunnels share the machine's cores.
 //!
+//! Scale: the mesh's connection rate again with the proxies' state padded to 10,000 workloads,
+//! 1,000 services and 1,000 policies that have nothing to do with the measured pair
+//! ([`e2e::scale`]), between two rounds without it: what a connection's lookups and policy check
+//! cost as the mesh grows (`--pad-workloads 0` skips it; `--scale-only` measures only this).
+//!
 //! The server apps run as their own process in the server pod (this binary with `--serve`), as a
 //! real pod's would: a client and server sharing one thread would make the direct path's round
 //! trip free of any process wakeup, which no pair of pods gets.
@@ -61,6 +66,8 @@ struct Args {
     /// production).
     #[arg(long, default_value = "info")]
     log_filter: String,
+    #[command(flatten)]
+    scale: e2e::scale::ScaleArgs,
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -104,6 +111,21 @@ struct Calibration {
     added_p50_us: f64,
 }
 
+/// The mesh's connection rate with a small state and with a padded one.
+#[derive(Debug, Serialize)]
+struct Scale {
+    /// Workloads each ztunnel held in the small mesh.
+    small_workloads: usize,
+    /// Workloads, services and policies each ztunnel held in the padded mesh.
+    padded_workloads: usize,
+    padded_services: usize,
+    padded_policies: usize,
+    /// New connections/s through the mesh: small, padded, small again.
+    connections_per_s: [f64; 3],
+    /// padded / mean of the two small rounds.
+    padded_ratio: f64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     direct: PathResult,
@@ -121,6 +143,8 @@ struct Report {
     ztunnel_cpu_s_per_gib: f64,
     memory: Memory,
     calibration: Calibration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<Scale>,
 }
 
 /// A client pod and a server pod.
@@ -188,6 +212,37 @@ async fn measure(
         latency_p99_us: p99,
         connections_per_s: rate,
         ztunnel_cpu_us_per_request,
+    })
+}
+
+/// The mesh pair's connection rate, small, padded, then small again.
+async fn scale(mesh: &Mesh, (client, server): &Pair, args: &Args) -> Result<Scale> {
+    let rate = || {
+        let (c, target) = (client.clone(), server.addr(PING));
+        connection_rate(
+            move || {
+                let c = c.clone();
+                async move { c.connect(target).await }
+            },
+            Duration::from_secs(args.rate_seconds),
+            args.concurrency,
+        )
+    };
+    let small_workloads = mesh.config_dump(1).await?["mesh"]["workloads"].as_array().map_or(0, Vec::len);
+    let padding = args.scale.padding(false);
+    let timeout = Duration::from_secs(300);
+    let small = rate().await?;
+    padding.apply(mesh, &[1, 2], timeout).await?;
+    let padded = rate().await?;
+    padding.remove(mesh, &[1, 2], small_workloads, timeout).await?;
+    let small_again = rate().await?;
+    Ok(Scale {
+        small_workloads,
+        padded_workloads: args.scale.pad_workloads,
+        padded_services: args.scale.pad_services,
+        padded_policies: args.scale.pad_policies,
+        connections_per_s: [small, padded, small_again],
+        padded_ratio: padded / ((small + small_again) / 2.0),
     })
 }
 
@@ -272,6 +327,14 @@ async fn calibrate(requests: usize) -> Result<Calibration> {
     Ok(Calibration { direct_p50_us: direct, relayed_p50_us: relayed, added_p50_us: relayed - direct })
 }
 
+fn print_scale(s: &Scale) {
+    let [small, padded, again] = s.connections_per_s;
+    println!(
+        "mesh new connections/s with {} workloads: {small:.0}, then {again:.0}; with {} workloads, {} services, {} policies: {padded:.0} ({:.3} of small)",
+        s.small_workloads, s.padded_workloads, s.padded_services, s.padded_policies, s.padded_ratio
+    );
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -286,7 +349,7 @@ fn main() -> Result<()> {
 
 async fn run(args: Args) -> Result<()> {
     ztunnel::raise_open_files_limit();
-    let calibration = calibrate(args.requests).await?;
+    let calibration = if args.scale.scale_only { None } else { Some(calibrate(args.requests).await?) };
     let mut mesh = Mesh::start(MeshOptions { log_filter: args.log_filter.clone(), ..MeshOptions::default() })?;
     mesh.namespace("direct", false).await?;
     mesh.namespace("mesh", true).await?;
@@ -300,6 +363,12 @@ async fn run(args: Args) -> Result<()> {
         pairs.push((client, server));
     }
     mesh.settle(&[], &[]).await?;
+    let Some(calibration) = calibration else {
+        let scale = scale(&mesh, &pairs[1], &args).await?;
+        print_scale(&scale);
+        println!("{}", serde_json::to_string_pretty(&scale)?);
+        return Ok(());
+    };
 
     let ztunnels = ztunnel_pids(&mesh)?;
     let (direct_gbit_s, mesh_gbit_s, ztunnel_cpu_s_per_gib) =
@@ -307,6 +376,7 @@ async fn run(args: Args) -> Result<()> {
     let direct = measure(&pairs[0], direct_gbit_s, &args, None).await?;
     let through = measure(&pairs[1], mesh_gbit_s, &args, Some(ztunnels)).await?;
     let memory = memory(ztunnels, &pairs[1].0, &pairs[1].1, args.idle).await?;
+    let scale = if args.scale.pad_workloads > 0 { Some(scale(&mesh, &pairs[1], &args).await?) } else { None };
     drop(servers);
     let report = Report {
         throughput_ratio: through.throughput_gbit_s / direct.throughput_gbit_s,
@@ -318,6 +388,7 @@ async fn run(args: Args) -> Result<()> {
         mesh: through,
         memory,
         calibration,
+        scale,
     };
 
     println!("{:<28} {:>12} {:>12} {:>10}", "", "direct", "mesh", "mesh/direct");
@@ -343,6 +414,9 @@ async fn run(args: Args) -> Result<()> {
         report.memory.source_ztunnel_kib_per_conn,
         report.memory.destination_ztunnel_kib_per_conn
     );
+    if let Some(scale) = &report.scale {
+        print_scale(scale);
+    }
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(path) = &args.json {

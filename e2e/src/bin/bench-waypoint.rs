@@ -8,6 +8,11 @@
 //! for the waypoint, its CPU time per second of load, as cores and per 1,000 requests/s.
 //! The server app runs as its own process in the server pod. Table and JSON.
 //!
+//! Scale: requests/s through the waypoint again with the proxies' state padded to 10,000
+//! workloads, 1,000 services, 1,000 L4 and 1,000 L7 policies that have nothing to do with the
+//! measured requests ([`e2e::scale`]), between two rounds without it (`--pad-workloads 0` skips
+//! it; `--scale-only` measures only this).
+//!
 //! Needs root, iproute2 and nftables; build first:
 //! `cargo build --release -p ca -p ztunnel -p waypoint -p e2e`.
 
@@ -44,6 +49,8 @@ struct Args {
     /// waypoint, as in production).
     #[arg(long, default_value = "info")]
     log_filter: String,
+    #[command(flatten)]
+    scale: e2e::scale::ScaleArgs,
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -58,6 +65,62 @@ struct PathResult {
     requests_per_s: f64,
     latency_p50_us: f64,
     latency_p99_us: f64,
+}
+
+/// Requests/s through the waypoint with a small state and with a padded one.
+#[derive(Debug, Serialize)]
+struct Scale {
+    /// Workloads the waypoint held in the small mesh.
+    small_workloads: usize,
+    padded_workloads: usize,
+    padded_services: usize,
+    padded_l4_policies: usize,
+    padded_l7_policies: usize,
+    /// Requests/s: small, padded, small again.
+    requests_per_s: [f64; 3],
+    /// padded / mean of the two small rounds.
+    padded_ratio: f64,
+}
+
+/// Requests/s through the waypoint, small, padded, then small again.
+async fn scale(
+    mesh: &Mesh,
+    waypoint: &MeshPod,
+    (client, target): &(Arc<MeshPod>, SocketAddr),
+    args: &Args,
+) -> Result<Scale> {
+    let small_workloads = mesh.waypoint_config(waypoint).await?["waypoint"]["workloads"].as_u64().unwrap_or(0) as usize;
+    let padding = args.scale.padding(true);
+    let timeout = Duration::from_secs(300);
+    let small = load(client, *target, args).await?.requests_per_s;
+    padding.apply(mesh, &[1, 2], timeout).await?;
+    padding.wait_for_waypoint(mesh, waypoint, timeout).await?;
+    let padded = load(client, *target, args).await?.requests_per_s;
+    padding.remove(mesh, &[1, 2], small_workloads, timeout).await?;
+    padding.wait_for_waypoint_to_drop(mesh, waypoint, small_workloads, timeout).await?;
+    let small_again = load(client, *target, args).await?.requests_per_s;
+    Ok(Scale {
+        small_workloads,
+        padded_workloads: args.scale.pad_workloads,
+        padded_services: args.scale.pad_services,
+        padded_l4_policies: args.scale.pad_policies,
+        padded_l7_policies: args.scale.pad_policies,
+        requests_per_s: [small, padded, small_again],
+        padded_ratio: padded / ((small + small_again) / 2.0),
+    })
+}
+
+fn print_scale(s: &Scale) {
+    let [small, padded, again] = s.requests_per_s;
+    println!(
+        "waypoint requests/s with {} workloads: {small:.0}, then {again:.0}; with {} workloads, {} services, {} L4 and {} L7 policies: {padded:.0} ({:.3} of small)",
+        s.small_workloads,
+        s.padded_workloads,
+        s.padded_services,
+        s.padded_l4_policies,
+        s.padded_l7_policies,
+        s.padded_ratio
+    );
 }
 
 #[derive(Debug, Serialize)]
@@ -76,6 +139,8 @@ struct Report {
     waypoint_cores_per_1k_rps: f64,
     /// Requests per second one waypoint core handles.
     requests_per_waypoint_core: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<Scale>,
 }
 
 const APP_PORT: u16 = 8080;
@@ -175,12 +240,19 @@ async fn run(args: Args) -> Result<()> {
         ok && m.contains("server.l7.svc.cluster.local")
     })
     .await?;
+    if args.scale.scale_only {
+        let scale = scale(&mesh, &waypoint, &paths[1], &args).await?;
+        print_scale(&scale);
+        println!("{}", serde_json::to_string_pretty(&scale)?);
+        return Ok(());
+    }
 
     let without = load(&paths[0].0, paths[0].1, &args).await?;
     let pid = mesh.waypoint_pid(&waypoint).context("the waypoint is not running")?;
     let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
     let with = load(&paths[1].0, paths[1].1, &args).await?;
     let cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
+    let scale = if args.scale.pad_workloads > 0 { Some(scale(&mesh, &waypoint, &paths[1], &args).await?) } else { None };
     drop(servers);
 
     let report = Report {
@@ -193,6 +265,7 @@ async fn run(args: Args) -> Result<()> {
         requests_per_waypoint_core: with.requests_per_s / cores,
         without_waypoint: without,
         with_waypoint: with,
+        scale,
     };
     println!("HTTP/1.1 keep-alive, {} connections, {} B responses", report.connections, report.response_bytes);
     println!("{:<22} {:>12} {:>12} {:>12}", "", "requests/s", "p50 (µs)", "p99 (µs)");
@@ -206,6 +279,9 @@ async fn run(args: Args) -> Result<()> {
         report.waypoint_cores_per_1k_rps,
         report.requests_per_waypoint_core
     );
+    if let Some(scale) = &report.scale {
+        print_scale(scale);
+    }
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(path) = &args.json {
