@@ -252,7 +252,8 @@ async fn run(args: Args) -> Result<()> {
     let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
     let with = load(&paths[1].0, paths[1].1, &args).await?;
     let cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
-    let scale = if args.scale.pad_workloads > 0 { Some(scale(&mesh, &waypoint, &paths[1], &args).await?) } else { None };
+    let scale =
+        if args.scale.pad_workloads > 0 { Some(scale(&mesh, &waypoint, &paths[1], &args).await?) } else { None };
     drop(servers);
 
     let report = Report {

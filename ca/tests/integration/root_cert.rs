@@ -11,8 +11,7 @@ use ca::objects::{Object, Store};
 use k8s_openapi::api::core::v1::Namespace;
 use serde_json::json;
 
-mod recording_api;
-use recording_api::{Mock, Seen};
+use crate::recording_api::{Mock, Seen};
 
 fn add_namespace(store: &Store, name: &str) {
     let ns = Namespace {

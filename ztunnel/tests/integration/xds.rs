@@ -12,9 +12,7 @@ use tokio::sync::oneshot;
 use ztunnel::certs::TokenSource;
 use ztunnel::xds::{MeshView, XdsClient};
 
-mod support;
-
-use support::{ISSUER, start_ca, ztunnel_token};
+use crate::support::{ISSUER, start_ca, ztunnel_token};
 
 fn write_pods(dir: &Path, names: &[(&str, &str)]) {
     let mut text = String::from(
@@ -43,7 +41,7 @@ async fn follows_edits_bundle_changes_and_a_control_plane_restart() {
     let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
     let addr = ca.grpc;
 
-    let (target, trust) = support::target(addr, state.path());
+    let (target, trust) = crate::support::target(addr, state.path());
     let token = ztunnel_token(&signer, "node-1");
     let view = MeshView::new(&ztunnel::xds::SUBSCRIBED, trust.clone());
     let client = XdsClient {

@@ -4,13 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 use std::collections::{BTreeMap, HashSet};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{ADMIN, Mesh, ZTUNNEL, credential, csr, csr_with, id, request};
 use prost::Message;
 use proto::api::ambient::ca::v1 as pb;
 use proto::api::ambient::ca::v1::ca_admin_client::CaAdminClient;
@@ -22,7 +21,6 @@ use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
 use proto::testing::eventually;
 use proto::tls::{Credential, SharedTrustBundle, TrustBundle};
-use support::{ADMIN, Mesh, ZTUNNEL, credential, csr, csr_with, id, request};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -179,8 +177,10 @@ async fn every_refusal_has_a_clear_status_and_is_counted() {
     let expired =
         signer.mint_issued_at(&req(ca::auth::DEFAULT_AUDIENCE), jsonwebtoken::get_current_timestamp() - 7200).unwrap();
     let wrong_audience = signer.mint(&req("kubernetes")).unwrap();
-    let forged =
-        ca::auth::TokenSigner::new(support::ISSUER, None).unwrap().mint(&req(ca::auth::DEFAULT_AUDIENCE)).unwrap();
+    let forged = ca::auth::TokenSigner::new(crate::support::ISSUER, None)
+        .unwrap()
+        .mint(&req(ca::auth::DEFAULT_AUDIENCE))
+        .unwrap();
 
     let (key, good_csr) = csr(&[CLIENT]);
     let mut tampered = ::pem::parse(&good_csr).unwrap().into_contents();

@@ -16,8 +16,7 @@ use ca::ctl::config::{Outcome, Target};
 use ca::ctl::waypoint::WaypointSpec;
 use serde_json::{Value, json};
 
-mod recording_api;
-use recording_api::Mock;
+use crate::recording_api::Mock;
 
 fn docs(text: &str) -> Vec<Value> {
     use serde::Deserialize;

@@ -4,19 +4,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod support;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{csr, request};
 use ca::auth::{DEFAULT_AUDIENCE, TokenRequest, TokenSigner};
 use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use proto::control::{ControlPlaneTarget, with_token};
 use proto::tls::{SharedTrustBundle, TrustBundle};
-use support::{csr, request};
 use x509_parser::prelude::*;
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
@@ -56,7 +54,7 @@ fn start(objects: &std::path::Path, state: &std::path::Path, jwks: &std::path::P
             .args(["--config-dir", &objects.display().to_string()])
             .args(["--state-dir", &state.display().to_string()])
             .args(["--grpc-addr", &grpc.to_string(), "--admin-addr", &admin.to_string()])
-            .args(["--jwt-issuer", support::ISSUER, "--jwks-file", &jwks.display().to_string()])
+            .args(["--jwt-issuer", crate::support::ISSUER, "--jwks-file", &jwks.display().to_string()])
             // One caller issues as fast as it can: lift its rate limit (tested in ca.rs).
             .args(["--issue-rate", "1000000", "--issue-burst", "1000000"])
             .env("RUST_LOG", "warn")
@@ -88,7 +86,7 @@ fn serial(chain: &[String]) -> String {
 async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
     let objects = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let signer = TokenSigner::new(support::ISSUER, None).unwrap();
+    let signer = TokenSigner::new(crate::support::ISSUER, None).unwrap();
     let keys = tempfile::tempdir().unwrap();
     let jwks = keys.path().join("jwks.json");
     std::fs::write(&jwks, serde_json::to_string(signer.jwks()).unwrap()).unwrap();
@@ -169,7 +167,7 @@ async fn operator_commands_drive_the_admin_api() {
     let objects = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let keys = tempfile::tempdir().unwrap();
-    let signer = TokenSigner::new(support::ISSUER, None).unwrap();
+    let signer = TokenSigner::new(crate::support::ISSUER, None).unwrap();
     let jwks = keys.path().join("jwks.json");
     std::fs::write(&jwks, serde_json::to_string(signer.jwks()).unwrap()).unwrap();
     std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n")

@@ -28,9 +28,7 @@ use ztunnel::telemetry::Metrics;
 use ztunnel::tracker::Tracker;
 use ztunnel::xds::{MeshView, XdsClient};
 
-mod support;
-
-use support::{ISSUER, start_ca, ztunnel_token};
+use crate::support::{ISSUER, start_ca, ztunnel_token};
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const SERVER_IP: &str = "127.0.0.3";
@@ -84,7 +82,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let ca = start_ca(dir.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
 
     // ztunnel's parts.
-    let (target, trust) = support::target(ca.grpc, state.path());
+    let (target, trust) = crate::support::target(ca.grpc, state.path());
     let token = ztunnel_token(&signer, "node-1");
     let view = MeshView::new(&ztunnel::xds::SUBSCRIBED, trust.clone());
     let xds = XdsClient {

@@ -14,9 +14,7 @@ use proto::SpiffeId;
 use proto::testing::eventually;
 use ztunnel::certs::{CertConfig, CertError, CertManager, TokenSource};
 
-mod support;
-
-use support::{ISSUER, ZTUNNEL, start_ca, ztunnel_token};
+use crate::support::{ISSUER, ZTUNNEL, start_ca, ztunnel_token};
 
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
@@ -37,7 +35,7 @@ fn pods(dir: &Path) {
 }
 
 fn manager(grpc: SocketAddr, state: &Path, signer: &TokenSigner, ttl: Duration) -> Arc<CertManager> {
-    let (target, _) = support::target(grpc, state);
+    let (target, _) = crate::support::target(grpc, state);
     let token = ztunnel_token(signer, "node-1");
     let mut config = CertConfig::new(target, TokenSource::Static(token), ZTUNNEL.parse().unwrap());
     config.ttl = ttl;

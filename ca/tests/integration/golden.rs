@@ -3,7 +3,7 @@
 //!
 //! The expected output is `fixtures/<case>/expected.txt`, one block per resource (name, aliases,
 //! decoded message). After a deliberate change, regenerate with `UPDATE_GOLDEN=1 cargo test -p ca
-//! --test golden` (that run always fails, naming each file it rewrote), review the diff like code,
+//! --test integration golden::` (that run always fails, naming each file it rewrote), review the diff like code,
 //! and run again without it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]

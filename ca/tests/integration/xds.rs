@@ -20,9 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-mod support;
-
-use support::Mesh;
+use crate::support::Mesh;
 /// The acceptance bound for an edit to reach a subscribed client.
 const PROPAGATION: Duration = Duration::from_secs(1);
 
@@ -276,7 +274,7 @@ async fn nack_is_not_answered_with_the_same_version() {
 #[tokio::test]
 async fn unauthenticated_clients_are_refused() {
     let mesh = Mesh::start().await;
-    let foreign = ca::auth::TokenSigner::new(support::ISSUER, None).unwrap();
+    let foreign = ca::auth::TokenSigner::new(crate::support::ISSUER, None).unwrap();
     let forged = foreign
         .mint(&ca::auth::TokenRequest {
             namespace: "istio-system",
