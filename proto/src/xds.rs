@@ -234,7 +234,16 @@ fn apply_resource(
     match type_url {
         ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
             Some(address::Type::Workload(w)) => {
-                let w = Workload::from_pb(w).map_err(|e| e.to_string())?;
+                let addresses = crate::state::model::readable_addresses(&w);
+                let w = match Workload::from_pb(w) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        // Refused, and remembered as refused: traffic to its addresses is refused
+                        // too rather than passed through as if it were outside the mesh.
+                        state.refuse_workload(&res.name, addresses, e.to_string());
+                        return Err(e.to_string());
+                    }
+                };
                 if w.uid != res.name {
                     return Err(format!("the resource is named {:?}, its workload's uid is {:?}", res.name, w.uid));
                 }
@@ -298,6 +307,8 @@ impl XdsHandler for MeshView {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use std::net::IpAddr;
+
     use super::*;
 
     fn resource(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
@@ -332,6 +343,34 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert!(errors[0].starts_with("garbage: "), "{errors:?}");
         assert!(view.read(|s| s.workload_by_ip("10.0.0.9".parse().unwrap()).is_some()));
+
+        // A workload that does not convert is refused, and its address remembered as refused
+        // until the control plane replaces or removes it.
+        let unusable = crate::api::istio::workload::Workload {
+            uid: "Kubernetes//Pod/demo/b".into(),
+            namespace: "demo/../x".into(),
+            addresses: vec![vec![10, 0, 0, 10]],
+            ..Default::default()
+        };
+        let body = Address { r#type: Some(address::Type::Workload(unusable)) }.encode_to_vec();
+        let errors = view.apply(&DeltaDiscoveryResponse {
+            type_url: ADDRESS.into(),
+            resources: vec![resource("Kubernetes//Pod/demo/b", ADDRESS, body)],
+            ..Default::default()
+        });
+        assert!(errors[0].starts_with("Kubernetes//Pod/demo/b: no valid identity"), "{errors:?}");
+        let b: IpAddr = "10.0.0.10".parse().unwrap();
+        assert_eq!(
+            view.read(|s| s.refused_at(b).map(|(n, _)| n.to_owned())).as_deref(),
+            Some("Kubernetes//Pod/demo/b")
+        );
+        assert!(view.read(|s| s.workload_by_ip(b).is_none()));
+        view.apply(&DeltaDiscoveryResponse {
+            type_url: ADDRESS.into(),
+            removed_resources: vec!["Kubernetes//Pod/demo/b".into()],
+            ..Default::default()
+        });
+        assert!(view.read(|s| s.refused_at(b).is_none()));
 
         // Removal by name clears the IP index too.
         let removal = DeltaDiscoveryResponse {

@@ -45,6 +45,9 @@ pub enum Route {
     Passthrough(SocketAddr),
     /// A known service with no healthy endpoint.
     NoHealthyEndpoint(String),
+    /// A workload the control plane sent and this proxy refused (named, with why): its traffic
+    /// is refused, never passed through in plaintext.
+    Refused(String),
 }
 
 /// Round-robin state for endpoint picks.
@@ -126,6 +129,9 @@ fn to_workload(w: &Workload, port: u16) -> Option<Route> {
 
 /// Decides where a connection to `dst` goes.
 pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
+    if let Some((name, why)) = state.refused_at(dst.ip()) {
+        return Route::Refused(format!("{name}: {why}"));
+    }
     if let Some(service) = state.service_by_vip(dst.ip()) {
         let key = &service.key;
         // Traffic for a service with a waypoint never skips it: without a waypoint endpoint the
@@ -233,7 +239,7 @@ impl Outbound {
             let (destination, mtls) = match &route {
                 Route::Hbone { workload, .. } => (state.workload(workload).map(Peer::of).unwrap_or_default(), true),
                 Route::Passthrough(to) => (state.workload_by_ip(to.ip()).map(Peer::of).unwrap_or_default(), false),
-                Route::NoHealthyEndpoint(_) => (Peer::default(), false),
+                Route::NoHealthyEndpoint(_) | Route::Refused(_) => (Peer::default(), false),
             };
             let service = state.service_by_vip(dst.ip()).map(|s| s.hostname.clone()).unwrap_or_default();
             let info = ConnectionInfo { reporter: "source", src: client, dst, source, destination, service, mtls };
@@ -292,6 +298,10 @@ impl Outbound {
             }
             Route::NoHealthyEndpoint(service) => {
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("service {service} has no healthy endpoint")));
+            }
+            Route::Refused(workload) => {
+                let detail = format!("the destination's workload was refused by this proxy ({workload})");
+                record.close(Outcome::ConnectFailed, 0, 0, Some(&detail));
             }
         }
     }
@@ -482,5 +492,21 @@ mod tests {
             route(&s, "10.96.0.1:80".parse().unwrap(), &Balancer::default()),
             Route::NoHealthyEndpoint(KEY.into())
         );
+    }
+
+    #[test]
+    fn a_workload_this_proxy_refused_is_not_reached_around_the_mesh() {
+        let mut s = state(vec![], vec![]);
+        let ip = "10.0.0.7".parse().unwrap();
+        s.refuse_workload("Kubernetes//Pod/demo/odd", vec![ip], "no valid identity".into());
+        let to = SocketAddr::new(ip, 8080);
+        assert_eq!(
+            route(&s, to, &Balancer::default()),
+            Route::Refused("Kubernetes//Pod/demo/odd: no valid identity".into()),
+            "not Passthrough: that would send a mesh workload's traffic in plaintext"
+        );
+        // Once the control plane sends it in a form this proxy takes, it is reached over HBONE.
+        s.insert_workload(proto::state::Workload::from_pb(workload("odd", [10, 0, 0, 7], true, &[])).unwrap());
+        assert!(matches!(route(&s, to, &Balancer::default()), Route::Hbone { .. }));
     }
 }

@@ -37,6 +37,11 @@ pub struct MeshState {
     by_vip: HashMap<IpAddr, String>,
     /// The workloads (names, in order) that are endpoints of each service, by service key.
     endpoints: HashMap<String, BTreeSet<String>>,
+    /// Workloads the control plane sent that could not be converted, by name: their readable
+    /// addresses and why. Connections to those addresses are refused, never sent around the mesh.
+    refused: HashMap<String, (Vec<IpAddr>, String)>,
+    /// Refused workload name by IP.
+    refused_by_ip: HashMap<IpAddr, String>,
     /// L4 policies.
     pub policies: Policies,
     /// Waypoint routes by service, `<namespace>/<hostname>`.
@@ -58,6 +63,23 @@ impl MeshState {
     /// The workload with this IP.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(self.by_ip.get(&ip)?)
+    }
+
+    /// Why the workload at `ip` was refused, if the control plane sent one there that this proxy
+    /// could not take: a connection to it is refused, not sent in plaintext around the mesh.
+    pub fn refused_at(&self, ip: IpAddr) -> Option<(&str, &str)> {
+        let name = self.refused_by_ip.get(&ip)?;
+        self.refused.get(name).map(|(_, why)| (name.as_str(), why.as_str()))
+    }
+
+    /// Records that the workload `name` at `addresses` was refused, and why (replacing what was
+    /// held under that name).
+    pub fn refuse_workload(&mut self, name: &str, addresses: Vec<IpAddr>, why: String) {
+        self.remove_address(name);
+        for ip in &addresses {
+            self.refused_by_ip.insert(*ip, name.to_owned());
+        }
+        self.refused.insert(name.to_owned(), (addresses, why));
     }
 
     /// Every workload, in no order.
@@ -94,6 +116,7 @@ impl MeshState {
     pub fn insert_workload(&mut self, w: Workload) {
         let name = w.uid.clone();
         self.remove_workload(&name);
+        self.forget_refusal(&name);
         for ip in &w.addresses {
             self.by_ip.insert(*ip, name.clone());
         }
@@ -117,6 +140,16 @@ impl MeshState {
     pub fn remove_address(&mut self, name: &str) {
         self.remove_workload(name);
         self.remove_service(name);
+        self.forget_refusal(name);
+    }
+
+    fn forget_refusal(&mut self, name: &str) {
+        let Some((addresses, _)) = self.refused.remove(name) else { return };
+        for ip in &addresses {
+            if self.refused_by_ip.get(ip).is_some_and(|n| n == name) {
+                self.refused_by_ip.remove(ip);
+            }
+        }
     }
 
     fn remove_workload(&mut self, name: &str) {

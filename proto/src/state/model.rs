@@ -44,6 +44,12 @@ pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, ModelError> {
     }
 }
 
+/// The addresses of `w` that are addresses, for a workload refused whole: connections to them
+/// can still be refused rather than sent around the mesh.
+pub fn readable_addresses(w: &pb::Workload) -> Vec<IpAddr> {
+    w.addresses.iter().filter_map(|a| ip_from_bytes(a).ok()).collect()
+}
+
 fn port(p: u32) -> Result<u16, ModelError> {
     u16::try_from(p).map_err(|_| ModelError::Port(p))
 }
