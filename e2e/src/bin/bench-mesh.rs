@@ -11,8 +11,8 @@
 //!
 //! Scale: the mesh's connection rate again with the proxies' state padded to 10,000 workloads,
 //! 1,000 services and 1,000 policies that have nothing to do with the measured pair
-//! ([`e2e::scale`]), between two rounds without it: what a connection's lookups and policy check
-//! cost as the mesh grows (`--pad-workloads 0` skips it; `--scale-only` measures only this).
+//! ([`e2e::scale`]), between two rounds without it, through the server's service VIP: what a
+//! connection's lookups, endpoint pick and policy check cost as the mesh grows (`--pad-workloads 0` skips it; `--scale-only` measures only this).
 //!
 //! The server apps run as their own process in the server pod (this binary with `--serve`), as a
 //! real pod's would: a client and server sharing one thread would make the direct path's round
@@ -153,6 +153,8 @@ type Pair = (Arc<MeshPod>, Arc<MeshPod>);
 const SINK: u16 = 5001;
 const ECHO: u16 = 5002;
 const PING: u16 = 5003;
+/// The mesh server's service, for the scale check.
+const SCALE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 10);
 
 /// One-stream throughput rounds, alternating direct and mesh so that drift in the machine's speed
 /// over the run lands on both alike. Returns the medians (Gbit/s) and the CPU both ztunnels used
@@ -216,9 +218,9 @@ async fn measure(
 }
 
 /// The mesh pair's connection rate, small, padded, then small again.
-async fn scale(mesh: &Mesh, (client, server): &Pair, args: &Args) -> Result<Scale> {
+async fn scale(mesh: &Mesh, (client, _server): &Pair, args: &Args) -> Result<Scale> {
     let rate = || {
-        let (c, target) = (client.clone(), server.addr(PING));
+        let (c, target) = (client.clone(), SocketAddr::from((SCALE_VIP, PING)));
         connection_rate(
             move || {
                 let c = c.clone();
@@ -357,11 +359,13 @@ async fn run(args: Args) -> Result<()> {
     let mut servers = Vec::new();
     for ns in ["direct", "mesh"] {
         let client = mesh.pod(PodSpec::new("client", ns, 1)).await?;
-        let server = mesh.pod(PodSpec::new("server", ns, 2)).await?;
+        let server = mesh.pod(PodSpec::new("server", ns, 2).label("app", "server")).await?;
         let serve_args = ["--serve".to_string(), server.ip.to_string()];
         servers.push(KillOnDrop(helper(&serve_args, Some(&server.netns.ns), server.addr(PING))?));
         pairs.push((client, server));
     }
+    // The scale check connects through a service VIP: the endpoint pick is part of what it measures.
+    mesh.service("server", "mesh", SCALE_VIP, PING, "server", PING)?;
     mesh.settle(&[], &[]).await?;
     let Some(calibration) = calibration else {
         let scale = scale(&mesh, &pairs[1], &args).await?;
