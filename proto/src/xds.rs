@@ -39,6 +39,66 @@ use crate::api::google::rpc::Status as RpcStatus;
 use crate::certs::TokenSource;
 use crate::control::ControlPlaneTarget;
 
+/// Why a stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The control plane's address or TLS settings could not make a channel.
+    #[error("cannot reach the control plane")]
+    Channel(#[source] crate::control::ControlError),
+    /// The service-account token could not be read.
+    #[error("cannot read the token")]
+    Token(#[source] crate::certs::CertError),
+    /// The stream failed (or could not open).
+    #[error("the stream failed")]
+    Status(#[source] tonic::Status),
+    /// The stream's request side closed under us.
+    #[error("the request stream closed")]
+    Closed,
+}
+
+/// Why a resource was not applied (NACKed with this, naming the resource).
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    /// The resource has no body.
+    #[error("no body")]
+    NoBody,
+    /// The body is not the message its type says.
+    #[error("does not decode")]
+    Decode(#[source] prost::DecodeError),
+    /// The message decodes but cannot be taken as sent.
+    #[error(transparent)]
+    Model(#[from] crate::state::ModelError),
+    /// The resource's name is not the one its message implies.
+    #[error("the resource is named {name:?}, its message says {says:?}")]
+    Name {
+        /// The resource's name.
+        name: String,
+        /// What the message implies (a workload's uid, a service's `namespace/hostname`).
+        says: String,
+    },
+    /// An address that is neither a workload nor a service.
+    #[error("address with neither workload nor service")]
+    EmptyAddress,
+    /// A trust bundle whose roots do not parse.
+    #[error("unusable trust bundle")]
+    Bundle(#[source] crate::tls::TlsError),
+    /// A type this handler did not subscribe to.
+    #[error("unexpected type {0}")]
+    UnexpectedType(String),
+}
+
+/// `e` and each of its sources, joined by `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// What a proxy does with the responses of its stream.
 pub trait XdsHandler: Send + Sync {
     /// Applies one response; returns the resources that could not be applied, each with why.
@@ -77,7 +137,7 @@ impl AdsClient {
                 () = &mut stop => return,
                 result = attempt => match result {
                     Ok(()) => { warn!("xDS stream closed by the control plane; reconnecting"); retry = self.retry_min; }
-                    Err(e) => warn!(error = %e, "xDS stream failed; reconnecting in {retry:?}"),
+                    Err(e) => warn!(error = %error_chain(&e), "xDS stream failed; reconnecting in {retry:?}"),
                 },
             }
             let jittered = retry.mul_f64(rand::rng().random_range(0.8..1.2));
@@ -90,9 +150,9 @@ impl AdsClient {
     }
 
     /// One stream, until it ends.
-    async fn stream(&self, handler: &dyn XdsHandler) -> Result<(), String> {
-        let channel = self.target.channel().map_err(|e| e.to_string())?;
-        let token = self.token.read().map_err(|e| e.to_string())?;
+    async fn stream(&self, handler: &dyn XdsHandler) -> Result<(), StreamError> {
+        let channel = self.target.channel().map_err(StreamError::Channel)?;
+        let token = self.token.read().map_err(StreamError::Token)?;
         let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, crate::control::with_token(token))
             .max_decoding_message_size(256 << 20);
         let (tx, rx) = mpsc::channel(16);
@@ -104,13 +164,13 @@ impl AdsClient {
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| StreamError::Closed)?;
         }
         let mut responses =
-            ads.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|s| s.to_string())?.into_inner();
+            ads.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(StreamError::Status)?.into_inner();
         info!(node = %self.node_id, "xDS stream open");
         let mut seen: Vec<&'static str> = Vec::new();
-        while let Some(r) = responses.message().await.map_err(|s| s.to_string())? {
+        while let Some(r) = responses.message().await.map_err(StreamError::Status)? {
             let errors = handler.apply(&r);
             let error_detail = (!errors.is_empty()).then(|| {
                 warn!(type_url = %r.type_url, errors = ?errors, "NACK: resources that could not be applied");
@@ -123,7 +183,7 @@ impl AdsClient {
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| StreamError::Closed)?;
             if let Some(t) = self.types.iter().copied().find(|t| *t == r.type_url)
                 && !seen.contains(&t)
             {
@@ -193,7 +253,7 @@ impl MeshView {
                 Ok(()) => {
                     versions.insert((type_url, res.name.clone()), res.version.clone());
                 }
-                Err(e) => errors.push(format!("{}: {e}", res.name)),
+                Err(e) => errors.push(format!("{}: {}", res.name, error_chain(&e))),
             }
         }
         for name in &r.removed_resources {
@@ -229,10 +289,10 @@ fn apply_resource(
     trust: &SharedTrustBundle,
     type_url: &str,
     res: &Resource,
-) -> Result<(), String> {
-    let body = res.resource.as_ref().ok_or("no body")?;
+) -> Result<(), ResourceError> {
+    let body = res.resource.as_ref().ok_or(ResourceError::NoBody)?;
     match type_url {
-        ADDRESS => match Address::decode(body.value.as_slice()).map_err(|e| e.to_string())?.r#type {
+        ADDRESS => match Address::decode(body.value.as_slice()).map_err(ResourceError::Decode)?.r#type {
             Some(address::Type::Workload(w)) => {
                 let addresses = crate::state::model::readable_addresses(&w);
                 let w = match Workload::from_pb(w) {
@@ -240,51 +300,51 @@ fn apply_resource(
                     Err(e) => {
                         // Refused, and remembered as refused: traffic to its addresses is refused
                         // too rather than passed through as if it were outside the mesh.
-                        state.refuse_workload(&res.name, addresses, e.to_string());
-                        return Err(e.to_string());
+                        state.refuse_workload(&res.name, addresses, error_chain(&e));
+                        return Err(e.into());
                     }
                 };
                 if w.uid != res.name {
-                    return Err(format!("the resource is named {:?}, its workload's uid is {:?}", res.name, w.uid));
+                    return Err(ResourceError::Name { name: res.name.clone(), says: w.uid });
                 }
                 state.insert_workload(w);
             }
             Some(address::Type::Service(s)) => {
-                let s = Service::from_pb(s).map_err(|e| e.to_string())?;
+                let s = Service::from_pb(s)?;
                 if s.key != res.name {
-                    return Err(format!("the resource is named {:?}, its service is {:?}", res.name, s.key));
+                    return Err(ResourceError::Name { name: res.name.clone(), says: s.key });
                 }
                 state.insert_service(s);
             }
-            None => return Err("address with neither workload nor service".into()),
+            None => return Err(ResourceError::EmptyAddress),
         },
         AUTHORIZATION => {
-            let p = Authorization::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let p = Authorization::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.policies.insert(res.name.clone(), p);
         }
         SERVICE_ROUTES => {
-            let r = ServiceRoutes::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let r = ServiceRoutes::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.routes.insert(res.name.clone(), Arc::new(r));
         }
         L7_POLICY => {
-            let p = L7Policy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let p = L7Policy::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.l7_policies.insert(res.name.clone(), p);
         }
         REQUEST_AUTHN => {
-            let p = RequestAuthn::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let p = RequestAuthn::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.request_authns.insert(res.name.clone(), p);
         }
         DESTINATION_POLICY => {
-            let p = DestinationPolicy::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
+            let p = DestinationPolicy::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.destination_policies.insert(res.name.clone(), Arc::new(p));
         }
         TRUST_BUNDLE => {
-            let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(|e| e.to_string())?;
-            let bundle = TrustBundle::from_pem(b.roots_pem.concat().as_bytes()).map_err(|e| e.to_string())?;
+            let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
+            let bundle = TrustBundle::from_pem(b.roots_pem.concat().as_bytes()).map_err(ResourceError::Bundle)?;
             info!(roots = bundle.roots().len(), "trust bundle updated");
             trust.replace(bundle);
         }
-        _ => return Err(format!("unexpected type {type_url}")),
+        _ => return Err(ResourceError::UnexpectedType(type_url.to_owned())),
     }
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! - L4 policies by scope: mesh-wide ones, each namespace's, and selector-scoped ones by name
 //!   (a workload lists those that select it), so a connection meets only the policies that apply
 //!   to its destination;
-//! - waypoint policies and JWT rules by what they target (a Gateway or a Service).
+//! - waypoint policies and JWT rules by what they target (a Gateway or a Service); one that names a
+//!   kind of target this proxy does not know applies everywhere, so that it denies more, never less.
 //!
 //! [`MeshState`] is written only by the xDS client ([`crate::xds::MeshView`]) and read under its
 //! lock; everything in it is behind an `Arc`, so a reader may keep what it found.
@@ -298,11 +299,14 @@ impl Target {
 pub struct Targeted<T> {
     by_name: HashMap<String, Arc<T>>,
     by_target: HashMap<Target, BTreeSet<String>>,
+    /// Those naming a kind of target this proxy does not know: they apply everywhere (a DENY
+    /// denies more, an ALLOW makes the others' absence deny, a JWT rule checks more tokens).
+    unknown_kind: BTreeSet<String>,
 }
 
 impl<T> Default for Targeted<T> {
     fn default() -> Self {
-        Targeted { by_name: HashMap::new(), by_target: HashMap::new() }
+        Targeted { by_name: HashMap::new(), by_target: HashMap::new(), unknown_kind: BTreeSet::new() }
     }
 }
 
@@ -310,8 +314,11 @@ impl<T: HasTargets> Targeted<T> {
     /// Adds or replaces the resource named `name`.
     pub fn insert(&mut self, name: String, resource: T) {
         self.remove(&name);
-        for target in resource.targets().iter().filter_map(Target::of) {
-            self.by_target.entry(target).or_default().insert(name.clone());
+        for target in resource.targets() {
+            match Target::of(target) {
+                Some(target) => self.by_target.entry(target).or_default().insert(name.clone()),
+                None => self.unknown_kind.insert(name.clone()),
+            };
         }
         self.by_name.insert(name, Arc::new(resource));
     }
@@ -319,6 +326,7 @@ impl<T: HasTargets> Targeted<T> {
     /// Removes the resource named `name`.
     pub fn remove(&mut self, name: &str) {
         let Some(old) = self.by_name.remove(name) else { return };
+        self.unknown_kind.remove(name);
         for target in old.targets().iter().filter_map(Target::of) {
             if let Some(set) = self.by_target.get_mut(&target) {
                 set.remove(name);
@@ -335,12 +343,17 @@ impl<T: HasTargets> Targeted<T> {
     }
 
     /// The resources that target the Gateway `gateway` or the Service `service` (namespace, name),
-    /// each once, in name order.
+    /// and those naming a kind of target this proxy does not know; each once, in name order.
     pub fn targeting(&self, gateway: (&str, &str), service: Option<(&str, &str)>) -> Vec<(&str, &Arc<T>)> {
         let gateway = Target::Gateway(gateway.0.to_owned(), gateway.1.to_owned());
         let service = service.map(|(ns, name)| Target::Service(ns.to_owned(), name.to_owned()));
-        let names: BTreeSet<&String> =
-            [Some(gateway), service].into_iter().flatten().filter_map(|t| self.by_target.get(&t)).flatten().collect();
+        let names: BTreeSet<&String> = [Some(gateway), service]
+            .into_iter()
+            .flatten()
+            .filter_map(|t| self.by_target.get(&t))
+            .flatten()
+            .chain(&self.unknown_kind)
+            .collect();
         names.into_iter().filter_map(|n| self.by_name.get(n).map(|r| (n.as_str(), r))).collect()
     }
 }
@@ -429,9 +442,11 @@ mod tests {
         let names = |t: &Targeted<L7Policy>, svc| {
             t.targeting(("shop", "waypoint"), svc).into_iter().map(|(n, _)| n.to_owned()).collect::<Vec<_>>()
         };
-        assert_eq!(names(&t, Some(("shop", "web"))), ["shop/both", "shop/web"]);
-        assert_eq!(names(&t, None), ["shop/both"]);
+        // A kind this proxy does not know applies everywhere, so that it denies more, never less.
+        assert_eq!(names(&t, Some(("shop", "web"))), ["shop/both", "shop/unknown-kind", "shop/web"]);
+        assert_eq!(names(&t, None), ["shop/both", "shop/unknown-kind"]);
         t.remove("shop/both");
+        t.remove("shop/unknown-kind");
         assert_eq!(names(&t, Some(("shop", "web"))), ["shop/web"]);
     }
 }
