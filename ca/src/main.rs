@@ -174,7 +174,7 @@ enum LogFormat {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_duration(s: &str) -> Result<Duration, proto::duration::DurationError> {
     proto::duration::parse(s)
 }
 

@@ -4,10 +4,21 @@
 /// to clocks.
 pub const MAX_MILLIS: u64 = 365 * 24 * 3_600_000;
 
+/// Why a duration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    /// Not written as one.
+    #[error("{0:?} is not a duration like 10s, 500ms or 1m30s")]
+    Syntax(String),
+    /// Longer than [`MAX_MILLIS`].
+    #[error("{0:?} is longer than a year")]
+    TooLong(String),
+}
+
 /// Parses a Gateway API duration (`1h`, `30s`, `500ms`, `1m30s`) into milliseconds, at most
 /// [`MAX_MILLIS`].
-pub fn parse_millis(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a duration like 10s, 500ms or 1m30s");
+pub fn parse_millis(s: &str) -> Result<u64, DurationError> {
+    let bad = || DurationError::Syntax(s.to_owned());
     let mut total: u64 = 0;
     let mut rest = s;
     if rest.is_empty() {
@@ -33,7 +44,7 @@ pub fn parse_millis(s: &str) -> Result<u64, String> {
         };
         total = total.saturating_add(n * unit_ms);
         if total > MAX_MILLIS {
-            return Err(format!("{s:?} is longer than a year"));
+            return Err(DurationError::TooLong(s.to_owned()));
         }
         rest = &rest[len..];
     }
@@ -41,7 +52,7 @@ pub fn parse_millis(s: &str) -> Result<u64, String> {
 }
 
 /// [`parse_millis`] as a [`std::time::Duration`] (for command-line flags).
-pub fn parse(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse(s: &str) -> Result<std::time::Duration, DurationError> {
     parse_millis(s).map(std::time::Duration::from_millis)
 }
 

@@ -32,3 +32,26 @@ pub mod xds;
 pub mod testing;
 
 pub use identity::SpiffeId;
+
+/// `e` and each of its sources, joined by `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_error_chain_names_every_cause() {
+        let e = crate::xds::StreamError::Status(tonic::Status::unavailable("control plane gone"));
+        let chain = super::error_chain(&e);
+        assert!(chain.starts_with("the stream failed: "), "{chain}");
+        assert!(chain.contains("control plane gone"), "{chain}");
+    }
+}

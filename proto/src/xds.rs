@@ -87,18 +87,6 @@ pub enum ResourceError {
     UnexpectedType(String),
 }
 
-/// `e` and each of its sources, joined by `: `.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// What a proxy does with the responses of its stream.
 pub trait XdsHandler: Send + Sync {
     /// Applies one response; returns the resources that could not be applied, each with why.
@@ -137,7 +125,7 @@ impl AdsClient {
                 () = &mut stop => return,
                 result = attempt => match result {
                     Ok(()) => { warn!("xDS stream closed by the control plane; reconnecting"); retry = self.retry_min; }
-                    Err(e) => warn!(error = %error_chain(&e), "xDS stream failed; reconnecting in {retry:?}"),
+                    Err(e) => warn!(error = %crate::error_chain(&e), "xDS stream failed; reconnecting in {retry:?}"),
                 },
             }
             let jittered = retry.mul_f64(rand::rng().random_range(0.8..1.2));
@@ -253,7 +241,7 @@ impl MeshView {
                 Ok(()) => {
                     versions.insert((type_url, res.name.clone()), res.version.clone());
                 }
-                Err(e) => errors.push(format!("{}: {}", res.name, error_chain(&e))),
+                Err(e) => errors.push(format!("{}: {}", res.name, crate::error_chain(&e))),
             }
         }
         for name in &r.removed_resources {
@@ -300,7 +288,7 @@ fn apply_resource(
                     Err(e) => {
                         // Refused, and remembered as refused: traffic to its addresses is refused
                         // too rather than passed through as if it were outside the mesh.
-                        state.refuse_workload(&res.name, addresses, error_chain(&e));
+                        state.refuse_workload(&res.name, addresses, crate::error_chain(&e));
                         return Err(e.into());
                     }
                 };

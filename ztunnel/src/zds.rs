@@ -245,7 +245,8 @@ impl ZdsClient {
             let (bytes, mut fds) = recv_packet(&self.sock, &self.path).await?;
             match parse(&bytes, &mut fds) {
                 Ok(event) => return Ok(event),
-                Err(reason) => {
+                Err(bad) => {
+                    let reason = proto::error_chain(&bad);
                     warn!(%reason, "refusing a ZDS request");
                     self.ack(Some(reason)).await?;
                 }
@@ -262,43 +263,82 @@ impl ZdsClient {
     }
 }
 
+/// Why a ZDS request was refused (the node agent is told, in its Ack).
+#[derive(Debug, thiserror::Error)]
+pub enum BadRequest {
+    /// Not a `WorkloadRequest`.
+    #[error("undecodable request")]
+    Undecodable(#[source] prost::DecodeError),
+    /// A request with no payload.
+    #[error("request without a payload")]
+    NoPayload,
+    /// Descriptors sent with a request that takes none.
+    #[error("unexpected file descriptors ({0}) with a non-add request")]
+    UnexpectedFds(usize),
+    /// A request that must name a pod and does not.
+    #[error("{0} without a uid")]
+    NoUid(&'static str),
+    /// An AddWorkload without exactly one descriptor.
+    #[error("AddWorkload {uid} must carry exactly one netns descriptor, got {got}")]
+    NetnsCount {
+        /// The pod.
+        uid: String,
+        /// How many came.
+        got: usize,
+    },
+    /// An AddWorkload whose descriptor cannot be inspected.
+    #[error("AddWorkload {uid}: cannot inspect the descriptor")]
+    Inspect {
+        /// The pod.
+        uid: String,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An AddWorkload whose descriptor is not a network namespace.
+    #[error("AddWorkload {uid}: the descriptor is not a network namespace")]
+    NotNetns {
+        /// The pod.
+        uid: String,
+        /// What joining it said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Reads one ZDS request (a datagram from the node agent) and the descriptors that came with it.
 /// Public for the fuzz target.
-pub fn parse(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<ZdsEvent, String> {
-    let request = WorkloadRequest::decode(bytes).map_err(|e| format!("undecodable request: {e}"))?;
-    let payload = request.payload.ok_or("request without a payload")?;
+pub fn parse(bytes: &[u8], fds: &mut Vec<OwnedFd>) -> Result<ZdsEvent, BadRequest> {
+    let request = WorkloadRequest::decode(bytes).map_err(BadRequest::Undecodable)?;
+    let payload = request.payload.ok_or(BadRequest::NoPayload)?;
     let expects_fd = matches!(payload, workload_request::Payload::Add(_));
     if !expects_fd && !fds.is_empty() {
-        return Err(format!("unexpected file descriptors ({}) with a non-add request", fds.len()));
+        return Err(BadRequest::UnexpectedFds(fds.len()));
     }
     match payload {
         workload_request::Payload::Add(add) => {
             if add.uid.is_empty() {
-                return Err("AddWorkload without a uid".into());
+                return Err(BadRequest::NoUid("AddWorkload"));
             }
             if fds.len() != 1 {
-                return Err(format!(
-                    "AddWorkload {} must carry exactly one netns descriptor, got {}",
-                    add.uid,
-                    fds.len()
-                ));
+                return Err(BadRequest::NetnsCount { uid: add.uid, got: fds.len() });
             }
             let netns = fds.remove(0);
-            check_netns(&netns).map_err(|e| format!("AddWorkload {}: {e}", add.uid))?;
+            let dup = match netns.try_clone() {
+                Ok(dup) => dup,
+                Err(source) => return Err(BadRequest::Inspect { uid: add.uid, source }),
+            };
+            // The calling thread joins it and returns at once, which the kernel allows for
+            // exactly a network namespace.
+            if let Err(source) = crate::netns::NetNs::from_fd(dup).run(|| Ok(())) {
+                return Err(BadRequest::NotNetns { uid: add.uid, source });
+            }
             Ok(ZdsEvent::Add { uid: add.uid, info: add.workload_info, netns })
         }
         workload_request::Payload::Keep(k) if !k.uid.is_empty() => Ok(ZdsEvent::Keep { uid: k.uid }),
         workload_request::Payload::Del(d) if !d.uid.is_empty() => Ok(ZdsEvent::Del { uid: d.uid }),
-        workload_request::Payload::Keep(_) | workload_request::Payload::Del(_) => Err("request without a uid".into()),
+        workload_request::Payload::Keep(_) => Err(BadRequest::NoUid("KeepWorkload")),
+        workload_request::Payload::Del(_) => Err(BadRequest::NoUid("DelWorkload")),
         workload_request::Payload::SnapshotSent(_) => Ok(ZdsEvent::SnapshotSent),
     }
-}
-
-/// Whether the descriptor is a network namespace: the calling thread joins it (and returns at
-/// once), which the kernel allows for exactly that.
-fn check_netns(fd: &OwnedFd) -> Result<(), String> {
-    let dup = fd.try_clone().map_err(|e| format!("cannot inspect the descriptor: {e}"))?;
-    crate::netns::NetNs::from_fd(dup)
-        .run(|| Ok(()))
-        .map_err(|e| format!("the descriptor is not a network namespace ({e})"))
 }

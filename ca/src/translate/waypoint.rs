@@ -26,11 +26,11 @@ pub fn validate(spec: &HTTPRouteSpec) -> Result<(), String> {
     for rule in &spec.rules {
         if let Some(t) = &rule.timeouts {
             for d in t.request.iter().chain(&t.backend_request) {
-                parse_duration(d)?;
+                parse_duration(d).map_err(|e| e.to_string())?;
             }
         }
         if let Some(b) = rule.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
-            parse_duration(b)?;
+            parse_duration(b).map_err(|e| e.to_string())?;
         }
         for m in &rule.matches {
             match m.path.as_ref().and_then(|p| p.kind.as_deref()) {

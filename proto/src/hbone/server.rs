@@ -350,6 +350,7 @@ impl<H: Handler> Connection<H> {
         let target = match validate(&request, self.local, &self.config) {
             Ok(target) => target,
             Err(reason) => {
+                let reason = crate::error_chain(&reason);
                 info!(peer_identity = %identity, method = %request.method(), uri = %request.uri(), reason, "rejected HBONE request: 400");
                 let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
                 return;
@@ -371,18 +372,33 @@ impl<H: Handler> Connection<H> {
     }
 }
 
-/// Checks a request against the HBONE rules; the `Err` is the reason for a `400`.
-fn validate(request: &Request<RecvStream>, local: SocketAddr, config: &ServerConfig) -> Result<SocketAddr, String> {
+/// Why a request breaks the HBONE rules (answered `400`).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("method {0} is not CONNECT")]
+    NotConnect(Method),
+    #[error("CONNECT without an authority")]
+    NoAuthority,
+    #[error("bad authority")]
+    Authority(#[source] super::AuthorityError),
+    #[error("authority {target} is not the address the connection arrived on ({local})")]
+    NotLocal { target: SocketAddr, local: std::net::IpAddr },
+    #[error("authority {0} targets a mesh port")]
+    MeshPort(SocketAddr),
+}
+
+/// Checks a request against the HBONE rules.
+fn validate(request: &Request<RecvStream>, local: SocketAddr, config: &ServerConfig) -> Result<SocketAddr, Refusal> {
     if request.method() != Method::CONNECT {
-        return Err(format!("method {} is not CONNECT", request.method()));
+        return Err(Refusal::NotConnect(request.method().clone()));
     }
-    let authority = request.uri().authority().ok_or("CONNECT without an authority")?;
-    let target = parse_authority(authority.as_str()).map_err(|e| e.to_string())?;
+    let authority = request.uri().authority().ok_or(Refusal::NoAuthority)?;
+    let target = parse_authority(authority.as_str()).map_err(Refusal::Authority)?;
     if config.require_local_authority && target.ip() != local.ip() {
-        return Err(format!("authority {target} is not the address the connection arrived on ({})", local.ip()));
+        return Err(Refusal::NotLocal { target, local: local.ip() });
     }
     if config.forbidden_ports.contains(&target.port()) {
-        return Err(format!("authority {target} targets a mesh port"));
+        return Err(Refusal::MeshPort(target));
     }
     Ok(target)
 }
