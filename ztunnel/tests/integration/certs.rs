@@ -100,16 +100,20 @@ async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
     let first = cred.current();
 
     // Scheduled at half of the lifetime left at receipt, ± 10 %: with 4 s left, 1.8 s to 2.2 s
-    // after receipt (receipt lies between `before` and `after`).
+    // after receipt. Receipt lies between `before` and `after`, and the later the receipt the
+    // later the renewal (receipt + f × (not_after − receipt) grows with it), so the earliest
+    // possible time is from `before` with f = 0.45, the latest from `after` with f = 0.55.
     let held = certs.held();
     let renews_at = held[0].current.as_ref().unwrap().renews_at.expect("a renewal is scheduled");
     let left = |at: SystemTime| first.not_after().duration_since(at).unwrap().as_secs_f64();
-    let (earliest, latest) = (after + seconds(0.45 * left(after)), before + seconds(0.55 * left(before)));
+    let (earliest, latest) = (before + seconds(0.45 * left(before)), after + seconds(0.55 * left(after)));
     assert!(
         earliest <= renews_at && renews_at <= latest,
-        "renewal due {:?} after receipt, not within half of the {:.1} s left ± 10 %",
+        "renewal due {:?} after the request, not within half of the lifetime left at receipt ± 10 % \
+         ({:.2} s left when asked, {:.2} s when answered)",
         renews_at.duration_since(before).unwrap(),
-        left(before)
+        left(before),
+        left(after)
     );
 
     // It happens then, not before, and swaps the certificate in place.
