@@ -320,6 +320,34 @@ async fn handler_statuses_reach_the_client() {
     assert_eq!(pool.connection_count(), 1);
 }
 
+#[tokio::test]
+async fn a_connect_never_answered_fails_at_the_deadline() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    // Takes the stream and never answers (until the test ends).
+    let handler = FnHandler(|connect: proto::hbone::server::InboundConnect| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(connect);
+    });
+    let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(handler)).await;
+    let limit = Duration::from_millis(300);
+    let pool = Pool::new(PoolConfig { connect_timeout: limit, ..PoolConfig::default() }, trust);
+    let target = SocketAddr::new(server.addr.ip(), 8080);
+    let request = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], target);
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), pool.connect(request)).await;
+    let err = outcome.expect("the pool waited past its deadline for the CONNECT's answer").unwrap_err();
+    match err {
+        PoolError::Unanswered { target: t, after, .. } => {
+            assert_eq!((t, after), (target, limit));
+        }
+        other => panic!("expected the CONNECT to go unanswered, got {other}"),
+    }
+    assert!(started.elapsed() >= limit, "gave up before the deadline: {:?}", started.elapsed());
+    // The connection itself is fine: the next CONNECT uses it.
+    assert_eq!(pool.connection_count(), 1);
+}
+
 /// Sends one request over a raw mTLS + HTTP/2 connection and returns its status.
 async fn raw_request(
     ca: &proto::testing::TestCa,

@@ -39,7 +39,9 @@ pub struct PoolConfig {
     pub max_streams_per_conn: u32,
     /// A connection without streams for this long is closed.
     pub idle_timeout: Duration,
-    /// Time allowed for TCP connect, TLS and HTTP/2 handshakes together.
+    /// Time allowed for TCP connect, TLS and HTTP/2 handshakes together; and, again, for the
+    /// peer to answer each `CONNECT` (a peer that takes the stream and never answers would
+    /// otherwise hold the caller forever).
     pub connect_timeout: Duration,
     /// HTTP/2 windows and frame size.
     pub h2: H2Settings,
@@ -189,6 +191,16 @@ pub enum PoolError {
         dst: SocketAddr,
         /// h2's error.
         source: Arc<h2::Error>,
+    },
+    /// The `CONNECT` was not answered within `connect_timeout` (the stream is reset).
+    #[error("{dst} did not answer CONNECT {target} within {after:?}")]
+    Unanswered {
+        /// The HBONE address.
+        dst: SocketAddr,
+        /// The requested authority.
+        target: SocketAddr,
+        /// The limit.
+        after: Duration,
     },
     /// Connecting took longer than `connect_timeout`.
     #[error("connecting to {dst} timed out after {after:?}")]
@@ -367,7 +379,13 @@ impl Pool {
                 }
                 Err(e) => return Err(PoolError::Http2 { dst: key.dst, source: Arc::new(e) }),
             };
-            let response = response.await.map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
+            let limit = self.inner.config.connect_timeout;
+            // On the deadline the response future and the send stream are dropped: h2 resets the
+            // stream, so the peer learns it too.
+            let response = tokio::time::timeout(limit, response)
+                .await
+                .map_err(|_| PoolError::Unanswered { dst: key.dst, target: request.target, after: limit })?
+                .map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
             if response.status() != StatusCode::OK {
                 return Err(PoolError::Refused { dst: key.dst, target: request.target, status: response.status() });
             }
