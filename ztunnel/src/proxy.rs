@@ -82,6 +82,28 @@ pub struct PodSummary {
     pub pooled_connections: usize,
 }
 
+/// Why a pod could not be served (the node agent is told, in its Ack).
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    /// Its outbound, inbound and HBONE listeners could not be bound in its namespace.
+    #[error("opening listeners in the pod")]
+    Listeners(#[source] std::io::Error),
+    /// The request carried no workload info.
+    #[error("AddWorkload {0} without workload info")]
+    NoInfo(String),
+    /// Its namespace and service account do not form a SPIFFE identity.
+    #[error("pod {namespace}/{name}: no valid identity")]
+    Identity {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: proto::identity::SpiffeIdError,
+    },
+}
+
 /// The pods served.
 pub struct Proxy {
     ctx: Arc<Context>,
@@ -133,7 +155,7 @@ impl Proxy {
     }
 
     /// Starts serving a pod whose network namespace is `netns` (ZDS `AddWorkload`).
-    pub fn add_netns(&self, uid: &str, info: Option<&WorkloadInfo>, netns: NetNs) -> Result<(), String> {
+    pub fn add_netns(&self, uid: &str, info: Option<&WorkloadInfo>, netns: NetNs) -> Result<(), AddError> {
         let inode = netns.inode().ok();
         if let Some(existing) = self.pods().get(uid)
             && existing.netns_inode.is_some()
@@ -142,7 +164,7 @@ impl Proxy {
             info!(uid, pod = %existing.pod.name, "pod already served in this namespace");
             return Ok(());
         }
-        let listeners = PodListeners::open(&netns).map_err(|e| format!("opening listeners in the pod: {e}"))?;
+        let listeners = PodListeners::open(&netns).map_err(AddError::Listeners)?;
         self.add(uid, info, Arc::new(netns), listeners, inode)
     }
 
@@ -154,11 +176,12 @@ impl Proxy {
         sockets: Arc<dyn PodSockets>,
         listeners: PodListeners,
         netns_inode: Option<u64>,
-    ) -> Result<(), String> {
-        let info = info.ok_or_else(|| format!("AddWorkload {uid} without workload info"))?;
+    ) -> Result<(), AddError> {
+        let info = info.ok_or_else(|| AddError::NoInfo(uid.to_owned()))?;
         let sa = if info.service_account.is_empty() { "default" } else { &info.service_account };
-        let identity = SpiffeId::new(&self.ctx.trust_domain, &info.namespace, sa)
-            .map_err(|e| format!("pod {}/{}: no valid identity: {e}", info.namespace, info.name))?;
+        let identity = SpiffeId::new(&self.ctx.trust_domain, &info.namespace, sa).map_err(|source| {
+            AddError::Identity { namespace: info.namespace.clone(), name: info.name.clone(), source }
+        })?;
         let pod = Arc::new(Pod {
             uid: uid.to_owned(),
             name: info.name.clone(),
@@ -268,12 +291,13 @@ impl Proxy {
         loop {
             let reply = match client.next().await? {
                 ZdsEvent::Add { uid, info, netns } => {
-                    let result = self.add_netns(&uid, info.as_ref(), NetNs::from_fd(netns));
-                    if let Err(reason) = &result {
+                    let refused = self.add_netns(&uid, info.as_ref(), NetNs::from_fd(netns)).err();
+                    let reason = refused.map(|e| proto::error_chain(&e));
+                    if let Some(reason) = &reason {
                         warn!(uid, %reason, "AddWorkload refused");
                     }
                     named.insert(uid);
-                    result.err()
+                    reason
                 }
                 ZdsEvent::Keep { uid } => {
                     if self.has(&uid) {
