@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
 use crate::upstream::{Body, BoxError};
@@ -34,7 +34,7 @@ impl RequestBody {
 
     /// Reads `body` whole if it ends within `limit` bytes; a longer one streams on from where the
     /// reading stopped (nothing read is lost), to be sent once.
-    pub async fn buffer_up_to(mut body: Incoming, limit: usize) -> Result<RequestBody, BoxError> {
+    pub async fn buffer_up_to(mut body: Body, limit: usize) -> Result<RequestBody, BoxError> {
         let mut frames = VecDeque::new();
         let mut size = 0usize;
         loop {
@@ -60,7 +60,7 @@ impl RequestBody {
 #[derive(Debug)]
 struct Prefixed {
     read: VecDeque<Frame<Bytes>>,
-    rest: Incoming,
+    rest: Body,
 }
 
 impl HttpBody for Prefixed {
@@ -71,7 +71,7 @@ impl HttpBody for Prefixed {
         if let Some(f) = self.read.pop_front() {
             return Poll::Ready(Some(Ok(f)));
         }
-        Pin::new(&mut self.rest).poll_frame(cx).map_err(BoxError::from)
+        Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -25,11 +25,17 @@
 pub mod authz;
 pub mod body;
 pub mod destination;
+#[cfg(test)]
+mod fixture;
+mod headers;
 pub mod jwt;
 pub mod metrics;
 pub mod normalize;
+mod plan;
 pub mod proxy;
 pub mod route;
+mod send;
+mod target;
 pub mod tcp;
 pub mod upstream;
 

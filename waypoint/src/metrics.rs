@@ -38,10 +38,10 @@ pub struct Parties {
 impl Parties {
     /// The client of `down` and the service of `destination`; the endpoint is unknown until
     /// [`set_endpoint`](Self::set_endpoint).
-    pub(crate) fn new(down: &crate::proxy::Downstream, destination: Option<&crate::proxy::Destination>) -> Self {
+    pub(crate) fn new(down: &crate::proxy::Downstream, destination: Option<&crate::target::Destination>) -> Self {
         let unknown = || "unknown".to_owned();
         let (service, name, namespace) = match destination {
-            Some(crate::proxy::Destination::Service(s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
+            Some(crate::target::Destination::Service(s)) => (s.hostname.clone(), s.name.clone(), s.namespace.clone()),
             _ => (unknown(), unknown(), unknown()),
         };
         Parties {

@@ -14,7 +14,8 @@ use tracing::{info, warn};
 use crate::Context;
 use crate::authz::{AuthzInput, Decision};
 use crate::metrics::{Parties, TcpLabels};
-use crate::proxy::{Destination, Downstream, authorize, endpoints};
+use crate::proxy::Downstream;
+use crate::target::{self, Backend, Destination};
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -113,9 +114,13 @@ pub async fn detect(stream: &mut H2Stream, timeout: Duration) -> std::io::Result
 pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Stream) {
     let start = Instant::now();
     let port = down.target.port();
-    let destination = crate::proxy::resolve(&ctx, down.target.ip());
     let input = AuthzInput { peer: &down.peer, source_ip: down.source_ip, port, http: None };
-    let decision = authorize(&ctx, destination.as_ref(), &input);
+    let (destination, verdict) = ctx.view.read(|s| {
+        let destination = Destination::at(s, down.target.ip());
+        let verdict = target::authorize(s, ctx.env().gateway, destination.as_ref(), &input);
+        (destination, verdict)
+    });
+    ctx.record_dry_run(verdict.dry_run.as_ref(), &down.peer, port);
     let mut labels = TcpLabels::new(Parties::new(&down, destination.as_ref()));
     let log = |labels: &TcpLabels, endpoint: &str, from_client: u64, to_client: u64, reason: &str| {
         info!(
@@ -133,7 +138,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
             "connection"
         );
     };
-    if let Decision::Deny(policy) = decision {
+    if let Decision::Deny(policy) = verdict.decision {
         warn!(peer = %down.peer, target = %down.target,
             policy = policy.as_deref().unwrap_or("no ALLOW policy matched"), "connection denied by policy");
         labels.response_flags = "RBAC";
@@ -150,12 +155,8 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         stream.reset();
         return;
     };
-    let (key, candidates) = match &destination {
-        Destination::Service(svc) => (svc.key.clone(), ctx.view.read(|s| endpoints(s, &svc.key, port))),
-        Destination::Workload(w) => (String::new(), vec![crate::proxy::Endpoint { workload: w.clone(), port }]),
-    };
-    let policy = ctx.view.read(|s| s.destination_policies.get(&key).cloned());
-    let state = ctx.destinations.state(&key, policy.as_deref());
+    let backend = ctx.view.read(|s| Backend::of(s, &destination, port));
+    let state = ctx.destinations.state(&backend.key, backend.policy());
     let Some(_slot) = state.admit().await else {
         labels.response_flags = "UO";
         ctx.metrics.tcp_refused(&labels);
@@ -163,7 +164,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         stream.reset();
         return;
     };
-    let Some(endpoint) = state.pick(&candidates, policy.as_deref(), &[]).cloned() else {
+    let Some(endpoint) = state.pick(&backend.endpoints, backend.policy(), &[]).cloned() else {
         labels.response_flags = "UH";
         ctx.metrics.tcp_refused(&labels);
         log(&labels, "-", 0, 0, "no healthy endpoint");
@@ -172,7 +173,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     };
     let _in_flight = state.start(&endpoint.workload.uid);
     labels.parties.set_endpoint(&endpoint.workload);
-    let outlier = policy.as_ref().and_then(|p| p.outlier_detection);
+    let outlier = backend.policy().and_then(|p| p.outlier_detection);
     let upstream = match endpoint.workload.primary_address() {
         Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
         None => Err("the endpoint has no address".to_owned()),
@@ -180,7 +181,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     let mut upstream = match upstream {
         Ok(u) => u,
         Err(e) => {
-            state.record(&endpoint.workload.uid, 0, outlier.as_ref(), candidates.len());
+            state.record(&endpoint.workload.uid, 0, outlier.as_ref(), backend.endpoints.len());
             labels.response_flags = "UF";
             ctx.metrics.tcp_refused(&labels);
             warn!(endpoint = %endpoint.workload.name, error = %e, "upstream connection failed");
@@ -189,7 +190,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
             return;
         }
     };
-    state.record(&endpoint.workload.uid, 200, outlier.as_ref(), candidates.len());
+    state.record(&endpoint.workload.uid, 200, outlier.as_ref(), backend.endpoints.len());
     ctx.metrics.tcp_opened(&labels);
     let copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
     let (from_client, to_client, reason) = match &copied {

@@ -189,3 +189,18 @@ impl Clients {
         pair
     }
 }
+
+impl crate::send::Upstream for ClientPair {
+    async fn send(&self, request: http::Request<Body>, http2: bool) -> Result<http::Response<Body>, BoxError> {
+        let client = if http2 { &self.http2 } else { &self.http1 };
+        let response = client.request(request).await?;
+        Ok(response.map(|b| http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, BoxError::from))))
+    }
+
+    fn mirror(&self, request: http::Request<Body>) {
+        let client = self.http1.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(crate::send::MIRROR_TIMEOUT, client.request(request)).await;
+        });
+    }
+}

@@ -1,0 +1,144 @@
+//! Where a tunnel's traffic goes, for HTTP requests and TCP streams alike: the service or pod at
+//! the tunnel's address, the policies bound to it, and the endpoints a backend has with the
+//! DestinationRule that governs them. Reads of the mesh state only; nothing here waits or sends.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use proto::api::ambient::waypoint::v1::DestinationPolicy;
+use proto::state::{MeshState, Service, Workload};
+
+use crate::authz::{self, AuthzInput, Decision};
+
+/// Where a tunnel is going, resolved from its target address.
+#[derive(Debug, Clone)]
+pub(crate) enum Destination {
+    /// A service.
+    Service(Arc<Service>),
+    /// A pod addressed directly.
+    Workload(Arc<Workload>),
+}
+
+impl Destination {
+    /// The service or pod at `ip`.
+    pub(crate) fn at(state: &MeshState, ip: IpAddr) -> Option<Destination> {
+        match state.service_by_vip(ip) {
+            Some(svc) => Some(Destination::Service(svc.clone())),
+            None => state.workload_by_ip(ip).cloned().map(Destination::Workload),
+        }
+    }
+
+    /// The service's `namespace`, `name`, for policy targets (`None` for a pod).
+    pub(crate) fn service_ref(&self) -> Option<(&str, &str)> {
+        match self {
+            Destination::Service(s) => Some((s.namespace.as_str(), s.name.as_str())),
+            Destination::Workload(_) => None,
+        }
+    }
+}
+
+/// An authorization decision, with what the dry-run policies would have decided (for the log
+/// and metrics; `None` when no dry-run policy applies).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    /// What is enforced.
+    pub(crate) decision: Decision,
+    /// What would be, with the dry-run policies enforced too.
+    pub(crate) dry_run: Option<Decision>,
+}
+
+/// The policy decision for `input`, a connection or request to `destination`, over the policies
+/// bound to the Gateway `gateway` (namespace, name) or to the destination's Service.
+pub(crate) fn authorize(
+    state: &MeshState,
+    gateway: (&str, &str),
+    destination: Option<&Destination>,
+    input: &AuthzInput<'_>,
+) -> Verdict {
+    let service = destination.and_then(Destination::service_ref);
+    let applicable = state.l7_policies.targeting(gateway, service);
+    let policies = || applicable.iter().map(|(_, p)| p.as_ref());
+    Verdict { decision: authz::decide(policies(), input), dry_run: authz::dry_run(policies(), input) }
+}
+
+/// An endpoint pod and the port it serves the backend on.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) workload: Arc<Workload>,
+    pub(crate) port: u16,
+}
+
+impl AsRef<Workload> for Endpoint {
+    fn as_ref(&self) -> &Workload {
+        &self.workload
+    }
+}
+
+/// Healthy endpoints of `service_key` serving `port`, with the port to reach them on.
+pub(crate) fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<Endpoint> {
+    state
+        .endpoints(service_key)
+        .filter(|w| w.healthy)
+        .filter_map(|w| {
+            let p = w.services.get(service_key)?.iter().find(|p| p.service_port == port)?;
+            Some(Endpoint { workload: w.clone(), port: p.target_port.unwrap_or(p.service_port) })
+        })
+        .collect()
+}
+
+/// What traffic is sent to: a service (or one subset of it) or a pod, its endpoints, and the
+/// DestinationRule policy that governs them.
+#[derive(Debug, Clone)]
+pub(crate) struct Backend {
+    /// Names the backend's limits, balancing and ejections: the service key, `<key>#<subset>`
+    /// for a subset (a destination of its own), empty for a pod addressed directly.
+    pub(crate) key: String,
+    /// Where it can be sent.
+    pub(crate) endpoints: Vec<Endpoint>,
+    service_policy: Option<Arc<DestinationPolicy>>,
+    subset: Option<String>,
+}
+
+impl Backend {
+    /// The endpoints of `service_key` on `port`, or of its `subset` (the workloads named
+    /// `members`), under the service's policy (the subset's own when it has one).
+    pub(crate) fn service(
+        state: &MeshState,
+        service_key: &str,
+        port: u16,
+        subset: Option<(&str, &[String])>,
+    ) -> Backend {
+        let mut endpoints = endpoints(state, service_key, port);
+        if let Some((_, members)) = subset {
+            endpoints.retain(|e| members.contains(&e.workload.uid));
+        }
+        Backend {
+            key: match subset {
+                Some((name, _)) => format!("{service_key}#{name}"),
+                None => service_key.to_owned(),
+            },
+            endpoints,
+            service_policy: state.destination_policies.get(service_key).cloned(),
+            subset: subset.map(|(name, _)| name.to_owned()),
+        }
+    }
+
+    /// What `destination` itself is on `port`: the service's endpoints, or the pod.
+    pub(crate) fn of(state: &MeshState, destination: &Destination, port: u16) -> Backend {
+        match destination {
+            Destination::Service(svc) => Backend::service(state, &svc.key, port, None),
+            Destination::Workload(w) => Backend {
+                key: String::new(),
+                endpoints: vec![Endpoint { workload: w.clone(), port }],
+                service_policy: None,
+                subset: None,
+            },
+        }
+    }
+
+    /// The DestinationRule policy: the subset's when it has its own, else the service's.
+    pub(crate) fn policy(&self) -> Option<&DestinationPolicy> {
+        let service = self.service_policy.as_deref()?;
+        Some(self.subset.as_ref().and_then(|s| service.subsets.get(s)).unwrap_or(service))
+    }
+}
