@@ -8,14 +8,15 @@
 //! tunnel carries HTTP (HTTP/1.1 or HTTP/2, detected), and for each request:
 //!
 //! 1. puts the method and path in canonical form ([`normalize`]);
-//! 2. checks the L7 AuthorizationPolicies that target the waypoint or the service ([`authz`]),
-//!    with the caller's identity from the tunnel's TLS handshake (`403` on deny);
-//! 3. picks the rule of the service's routes ([`route`]), applies its filters (header changes,
-//!    redirects, rewrites, mirroring) and a weighted backend;
-//! 4. applies the rule's faults, then sends it to an endpoint pod of that backend (of the subset,
-//!    if one is named) over HBONE ([`upstream`]), with the rule's timeouts and retries and the
-//!    DestinationRule's load balancing, limits and outlier ejection ([`destination`]);
-//! 5. counts it (`istio_requests_total`, `istio_request_duration_milliseconds`, [`metrics`]) and
+//! 2. plans it against the mesh as it is now (`plan`, no I/O): the L7 AuthorizationPolicies that
+//!    target the waypoint or the service ([`authz`]), with the caller's identity from the
+//!    tunnel's TLS handshake (`403` on deny); the rule of the service's routes ([`route`]), its
+//!    filters (header changes, redirects, rewrites, mirroring), a weighted backend and its
+//!    endpoints (`target`, shared with the TCP path), the faults, the retry and timeout policy;
+//! 3. carries the plan out (`send`): the fault delay, the DestinationRule's limits, balancing and
+//!    outlier ejection ([`destination`]), then tries to endpoint pods over HBONE ([`upstream`])
+//!    with the rule's timeouts and retries;
+//! 4. counts it (`istio_requests_total`, `istio_request_duration_milliseconds`, [`metrics`]) and
 //!    writes one access-log line.
 //!
 //! It gets its own certificate from the CA with its service account's token (no impersonation)
@@ -100,6 +101,21 @@ pub struct Context {
     pub detect_timeout: Duration,
     /// Parsed JWT verification keys.
     pub jwt_keys: jwt::KeyCache,
+}
+
+impl Context {
+    /// What planning needs of the waypoint.
+    pub(crate) fn env(&self) -> plan::Env<'_> {
+        plan::Env { gateway: (&self.namespace, &self.name), regexes: &self.regexes, jwt_keys: &self.jwt_keys }
+    }
+
+    /// Counts and logs what the dry-run policies would have decided.
+    pub(crate) fn record_dry_run(&self, would: Option<&crate::authz::Decision>, peer: &SpiffeId, port: u16) {
+        let Some(would) = would else { return };
+        let decision = if matches!(would, crate::authz::Decision::Allow(_)) { "allow" } else { "deny" };
+        self.metrics.dry_run.get_or_create(&metrics::DryRunLabels { decision }).inc();
+        info!(%peer, port, dry_run.decision = ?would, "dry-run policies applied (not enforced)");
+    }
 }
 
 /// Settings.

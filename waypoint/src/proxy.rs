@@ -1,5 +1,5 @@
 //! One HTTP request through the waypoint: put its target in canonical form, plan it against the
-//! mesh as it is now ([`crate::plan`]), carry the plan out ([`crate::send`]), then count it and
+//! mesh as it is now (`plan`), carry the plan out (`send`), then count it and
 //! write its access-log line.
 
 use std::net::{IpAddr, SocketAddr};
@@ -13,9 +13,9 @@ use proto::SpiffeId;
 use tracing::{info, warn};
 
 use crate::Context;
-use crate::metrics::{DryRunLabels, Parties, RequestLabels};
+use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
-use crate::plan::{self, Answer, Env, Head, Next, Outcome};
+use crate::plan::{self, Answer, Head, Next, Outcome};
 use crate::send::{self, DownstreamUpgrade};
 use crate::target::Destination;
 use crate::upstream::{Body, BoxError};
@@ -32,21 +32,6 @@ pub struct Downstream {
     pub source_workload: Option<String>,
     /// The `CONNECT` target: a service VIP (or pod IP) and port.
     pub target: SocketAddr,
-}
-
-impl Context {
-    /// What planning needs of the waypoint.
-    pub(crate) fn env(&self) -> Env<'_> {
-        Env { gateway: (&self.namespace, &self.name), regexes: &self.regexes, jwt_keys: &self.jwt_keys }
-    }
-
-    /// Counts and logs what the dry-run policies would have decided.
-    pub(crate) fn record_dry_run(&self, would: Option<&crate::authz::Decision>, peer: &SpiffeId, port: u16) {
-        let Some(would) = would else { return };
-        let decision = if matches!(would, crate::authz::Decision::Allow(_)) { "allow" } else { "deny" };
-        self.metrics.dry_run.get_or_create(&DryRunLabels { decision }).inc();
-        info!(%peer, port, dry_run.decision = ?would, "dry-run policies applied (not enforced)");
-    }
 }
 
 /// Handles one request from `down`.
