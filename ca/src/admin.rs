@@ -5,6 +5,8 @@
 //! - `GET /debug/config_errors`: problems in the sources (file and reason) and objects the
 //!   translation could not take as written (policies made to fail closed), until fixed;
 //! - `GET /debug/objects`: object counts per kind;
+//! - `GET /logging`: the log filter in force; `POST /logging?level=<filter>` changes it (loopback
+//!   only too);
 //! - `GET /healthz/ready`: 200 once the first state is computed, 503 before;
 //! - `GET /metrics`: Prometheus metrics (certificates issued and refused, signing latency, xDS
 //!   clients).
@@ -35,6 +37,8 @@ pub struct AdminState {
     pub clients: Arc<AtomicUsize>,
     /// Metrics.
     pub metrics: Arc<CaMetrics>,
+    /// Changes the log filter, when the binary installed one.
+    pub log: Option<proto::lifecycle::LogControl>,
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
@@ -91,12 +95,17 @@ async fn loopback_only(request: axum::extract::Request, next: axum::middleware::
     }
 }
 
+async fn logging(State(s): State<AdminState>, method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    proto::lifecycle::logging_endpoint(s.log.as_ref(), &method, uri.query()).into_response()
+}
+
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
     let debug = Router::new()
         .route("/debug/state", get(state_dump))
         .route("/debug/config_errors", get(config_errors))
         .route("/debug/objects", get(objects))
+        .route("/logging", get(logging).post(logging))
         .route_layer(axum::middleware::from_fn(loopback_only));
     Router::new().merge(debug).route("/healthz/ready", get(ready)).route("/metrics", get(metrics)).with_state(state)
 }
@@ -124,8 +133,13 @@ mod tests {
     #[tokio::test]
     async fn debug_answers_only_loopback_while_metrics_answer_anyone() {
         let (_tx, view) = watch::channel(Arc::new(MeshView::default()));
-        let state =
-            AdminState { store: Store::new(), view, clients: Arc::default(), metrics: Arc::new(CaMetrics::new()) };
+        let state = AdminState {
+            store: Store::new(),
+            view,
+            clients: Arc::default(),
+            metrics: Arc::new(CaMetrics::new()),
+            log: None,
+        };
         let status = |path: &str, peer: Option<&str>| {
             let mut request = Request::get(path).body(Body::empty()).unwrap();
             if let Some(p) = peer {
@@ -134,6 +148,7 @@ mod tests {
             let router = router(state.clone());
             async move { router.oneshot(request).await.unwrap().status() }
         };
+        assert_eq!(status("/logging", Some("10.1.2.3:5000")).await, StatusCode::FORBIDDEN);
         for path in ["/debug/state", "/debug/config_errors", "/debug/objects"] {
             assert_eq!(status(path, Some("127.0.0.1:5000")).await, StatusCode::OK, "{path}");
             assert_eq!(status(path, Some("[::1]:5000")).await, StatusCode::OK, "{path}");

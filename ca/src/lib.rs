@@ -133,6 +133,8 @@ pub struct Config {
     pub limits: Limits,
     /// How RequestAuthentication keys named by `jwksUri` are fetched.
     pub jwks: jwks::JwksConfig,
+    /// Changes the log filter (admin `/logging`), when the binary installed one.
+    pub log: Option<proto::lifecycle::LogControl>,
 }
 
 /// Bounds on the gRPC port (15012). Its TLS needs no client certificate (proxies authenticate
@@ -215,6 +217,7 @@ impl Config {
             debounce: Duration::from_millis(20),
             limits: Limits::default(),
             jwks: jwks::JwksConfig::default(),
+            log: None,
         }
     }
 
@@ -456,7 +459,8 @@ impl ControlPlane {
             .serve_with_incoming_shutdown(incoming, stop());
         let grpc = tokio::spawn(grpc);
 
-        let admin_state = admin::AdminState { store: store.clone(), view: view_rx, clients, metrics };
+        let admin_state =
+            admin::AdminState { store: store.clone(), view: view_rx, clients, metrics, log: config.log.clone() };
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stop()));
 
         // Run until asked to stop, or until the source fails (then stop and report why).

@@ -12,6 +12,7 @@ use ca::translate::MeshConfig;
 use ca::{Config, ControlPlane, ServingConfig, Source};
 use clap::{Parser, Subcommand};
 use proto::SpiffeId;
+use proto::lifecycle::{self, LogFormat};
 
 /// The mesh control plane and certificate authority.
 ///
@@ -163,15 +164,11 @@ struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     jwks_timeout: Duration,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format: `text` or `json`. The filter comes from `RUST_LOG` (default `info`) and can
+    /// be changed while the CA runs: `POST /logging?level=<filter>` on the admin endpoint (from
+    /// loopback).
+    #[arg(long, default_value_t)]
     log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, proto::duration::DurationError> {
@@ -183,22 +180,19 @@ fn account(trust_domain: &str, s: &str) -> Result<SpiffeId> {
     SpiffeId::new(trust_domain, ns, sa).with_context(|| format!("{s:?}: not a valid service account"))
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    let runtime = lifecycle::runtime(0).context("starting the runtime")?;
     match args.command {
-        None => serve(args.serve).await,
-        Some(Command::Serve(serve_args)) => serve(*serve_args).await,
-        Some(Command::Admin(command)) => ca::ctl::admin::run(command, ca::ctl::Output::Table).await,
+        None => runtime.block_on(serve(args.serve)),
+        Some(Command::Serve(serve_args)) => runtime.block_on(serve(*serve_args)),
+        Some(Command::Admin(command)) => runtime.block_on(ca::ctl::admin::run(command, ca::ctl::Output::Table)),
     }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-    }
+    let log = lifecycle::init_logging(args.log_format);
+    let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     let td = args.trust_domain.clone();
 
     let (source, kube_client): (Source, Option<kube::Client>) = match &args.config_dir {
@@ -281,28 +275,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..ca::Limits::default()
         },
         jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
+        log: Some(log),
     };
     let cp = ControlPlane::bind(config).await?;
-    cp.run(shutdown_signal()).await?;
+    cp.run(async {
+        let signal = signal.await;
+        tracing::info!(signal, "shutting down");
+    })
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -719,7 +719,12 @@ impl Mesh {
 
     /// A GET to the CA's admin API (`/debug/config_errors`, `/metrics`, ...).
     pub async fn ca_get(&self, path: &str) -> Result<(u16, String)> {
-        http_get(&self.underlay.ns, self.ca_launch.admin, path).await
+        self.ca_request("GET", path).await
+    }
+
+    /// A request to the CA's admin API, from loopback.
+    pub async fn ca_request(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        http_request(&self.underlay.ns, method, self.ca_launch.admin, path).await
     }
 
     /// Node `index`'s ztunnel metrics.

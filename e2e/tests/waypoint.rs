@@ -1079,3 +1079,41 @@ async fn the_waypoint_drains_on_sigterm() {
         assert!(log.contains(line), "no {line:?} in the log");
     }
 }
+
+/// The waypoint's and the CA's log filters change at run time through their admin endpoints'
+/// `/logging` (ztunnel's: `resilience.rs`); a bad filter is refused with its reason and the one in
+/// force kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_waypoint_and_the_ca_change_their_log_filter_at_run_time() {
+    let (mesh, client, waypoint) = demo_mesh().await;
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let logging = async |method: &str, query: &str| {
+        e2e::mesh::http_request(&waypoint.netns.ns, method, admin, &format!("/logging{query}")).await.unwrap()
+    };
+    let log = || std::fs::read_to_string(mesh.state_dir().join("logs/waypoint-demo-waypoint.log")).unwrap();
+    // One info line per request, written before the answer is sent.
+    let access_lines = || log().matches("access: request").count();
+    let request = async || http_exchange(&client.netns.ns, "GET", SocketAddr::from((HELLO, 80)), "/", &[]).await;
+
+    assert_eq!(logging("GET", "").await, (200, "log filter: info\n".to_owned()));
+    let before = access_lines();
+    assert_eq!(request().await.unwrap().status, 200);
+    assert_eq!(access_lines(), before + 1, "no access line at info");
+
+    assert_eq!(logging("POST", "?level=warn").await, (200, "log filter: warn\n".to_owned()));
+    assert_eq!(request().await.unwrap().status, 200);
+    assert_eq!(access_lines(), before + 1, "an info line was logged at warn");
+    let (status, reason) = logging("POST", "?level=waypoint=[bad").await;
+    assert_eq!(status, 400, "{reason}");
+    assert!(reason.starts_with("invalid log filter \"waypoint=[bad\": "), "{reason}");
+    assert_eq!(logging("GET", "").await, (200, "log filter: warn\n".to_owned()), "a refused filter was applied");
+    assert_eq!(logging("POST", "?level=info").await, (200, "log filter: info\n".to_owned()));
+    assert_eq!(request().await.unwrap().status, 200);
+    assert_eq!(access_lines(), before + 2);
+
+    assert_eq!(mesh.ca_request("POST", "/logging?level=debug").await.unwrap(), (200, "log filter: debug\n".to_owned()));
+    assert_eq!(mesh.ca_get("/logging").await.unwrap(), (200, "log filter: debug\n".to_owned()));
+    let ca_log = std::fs::read_to_string(mesh.state_dir().join("logs/ca.log")).unwrap();
+    assert!(ca_log.contains("log filter changed"), "the CA did not log the change");
+    assert_eq!(mesh.ca_request("POST", "/logging?level=nope=[").await.unwrap().0, 400);
+}

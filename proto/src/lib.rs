@@ -24,6 +24,7 @@ pub mod duration;
 pub mod endpoint;
 pub mod hbone;
 pub mod identity;
+pub mod lifecycle;
 pub mod state;
 pub mod tls;
 pub mod xds;

@@ -60,6 +60,7 @@ use proto::drain::{self, DrainTrigger};
 use proto::hbone::Baggage;
 use proto::hbone::pool::{Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
+use proto::lifecycle::LogControl;
 use proto::state::WaypointAt;
 use proto::xds::{AdsClient, MeshView};
 use tokio::net::TcpListener;
@@ -146,6 +147,8 @@ pub struct Config {
     /// How long to wait for a client's first bytes on a port whose protocol is not declared
     /// before treating the connection as TCP (a protocol where the server speaks first).
     pub detect_timeout: Duration,
+    /// Changes the log filter (admin `/logging`), when the binary installed one.
+    pub log: Option<LogControl>,
 }
 
 /// Why the waypoint could not start.
@@ -286,6 +289,7 @@ struct Endpoints {
     ctx: Arc<Context>,
     ready: tokio::sync::watch::Receiver<bool>,
     certs: Arc<CertManager>,
+    log: Option<LogControl>,
 }
 
 async fn metrics(State(s): State<Endpoints>) -> axum::response::Response {
@@ -329,6 +333,10 @@ async fn config_dump(State(s): State<Endpoints>) -> axum::Json<serde_json::Value
     });
     let trust_bundle = s.ctx.view.trust.current().fingerprints();
     axum::Json(json!({"waypoint": dump, "certificates": certificates, "trust_bundle": trust_bundle}))
+}
+
+async fn logging(State(s): State<Endpoints>, method: http::Method, uri: http::Uri) -> axum::response::Response {
+    proto::lifecycle::logging_endpoint(s.log.as_ref(), &method, uri.query()).into_response()
 }
 
 async fn ready(State(s): State<Endpoints>) -> axum::response::Response {
@@ -413,7 +421,7 @@ impl Waypoint {
                 }
             });
         }
-        let endpoints = Endpoints { ctx: ctx.clone(), ready: ready_rx, certs: certs.clone() };
+        let endpoints = Endpoints { ctx: ctx.clone(), ready: ready_rx, certs: certs.clone(), log: config.log.clone() };
         let addr = |l: &TcpListener, fallback| l.local_addr().unwrap_or(fallback);
         let (metrics_addr, readiness_addr) =
             (addr(&metrics_listener, config.metrics_addr), addr(&readiness_listener, config.readiness_addr));
@@ -422,7 +430,10 @@ impl Waypoint {
             .route("/stats/prometheus", get(metrics))
             .with_state(endpoints.clone());
         let readiness_router = Router::new().route("/healthz/ready", get(ready)).with_state(endpoints.clone());
-        let admin_router = Router::new().route("/config_dump", get(config_dump)).with_state(endpoints);
+        let admin_router = Router::new()
+            .route("/config_dump", get(config_dump))
+            .route("/logging", get(logging).post(logging))
+            .with_state(endpoints);
         tokio::spawn(serve_http(admin_listener, admin_router, stop.clone()));
         tokio::spawn(serve_http(metrics_listener, metrics_router, stop.clone()));
         tokio::spawn(serve_http(readiness_listener, readiness_router, stop.clone()));

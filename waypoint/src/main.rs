@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proto::certs::TokenSource;
 use proto::control::ControlPlaneTarget;
+use proto::lifecycle::{self, LogControl, LogFormat};
 use proto::tls::{SharedTrustBundle, TrustBundle};
-use tracing_subscriber::EnvFilter;
 use waypoint::{Config, Waypoint};
 
 proto::proxy_allocator!();
@@ -73,7 +73,8 @@ struct Args {
     #[arg(long, default_value = "0.0.0.0:15021")]
     readiness_addr: SocketAddr,
 
-    /// Admin endpoint (/config_dump: certificate, services, routes and policies held).
+    /// Admin endpoint (/config_dump: certificate, services, routes and policies held; /logging:
+    /// the log filter, changed with POST /logging?level=<filter>). Keep it on loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
 
@@ -88,8 +89,9 @@ struct Args {
     #[arg(long, default_value = "1s", value_parser = proto::duration::parse)]
     protocol_detection_timeout: Duration,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format: `text` or `json`. The filter comes from `RUST_LOG` (default `info`) and can
+    /// be changed while the waypoint runs: `POST /logging?level=<filter>` on the admin endpoint.
+    #[arg(long, default_value_t)]
     log_format: LogFormat,
 
     /// Threads serving requests. One thread avoids handing requests between threads (on a
@@ -99,34 +101,15 @@ struct Args {
     worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colors only on a terminal: escape codes in a log file cost time and confuse readers.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    match args.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init(),
-        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
-    }
-    let runtime = if args.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()
-    }
-    .context("starting the runtime")?;
-    runtime.block_on(run(args))
+    let log = lifecycle::init_logging(args.log_format);
+    let runtime = lifecycle::runtime(args.worker_threads.max(1)).context("starting the runtime")?;
+    runtime.block_on(run(args, log))
 }
 
-async fn run(args: Args) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+async fn run(args: Args, log: LogControl) -> Result<()> {
+    let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
 
     let roots =
         std::fs::read(&args.ca_root).with_context(|| format!("reading --ca-root {}", args.ca_root.display()))?;
@@ -160,12 +143,10 @@ async fn run(args: Args) -> Result<()> {
         admin_addr: args.admin_addr,
         drain_timeout: args.drain_timeout,
         detect_timeout: args.protocol_detection_timeout,
+        log: Some(log),
     };
     let waypoint = Waypoint::start(config).await?;
-    let signal = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
+    let signal = signal.await;
     tracing::info!(signal, "shutting down");
     waypoint.shutdown().await;
     Ok(())

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -21,11 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use proto::lifecycle::LogControl;
+
 use crate::Context;
 use crate::proxy::Proxy;
-
-/// Changes the log filter; returns the filter now in force.
-pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -139,30 +138,8 @@ async fn certs(State(s): State<AdminState>) -> Json<Value> {
     Json(json!({"certificates": certificates(&s)}))
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct LevelQuery {
-    level: Option<String>,
-}
-
-async fn logging_get(State(s): State<AdminState>) -> Response {
-    logging(&s, None)
-}
-
-async fn logging_set(State(s): State<AdminState>, Query(q): Query<LevelQuery>) -> Response {
-    match q.level {
-        Some(level) => logging(&s, Some(&level)),
-        None => (StatusCode::BAD_REQUEST, "missing ?level=<filter>, e.g. level=debug\n").into_response(),
-    }
-}
-
-fn logging(s: &AdminState, level: Option<&str>) -> Response {
-    let Some(control) = &s.log else {
-        return (StatusCode::NOT_IMPLEMENTED, "log level control is not installed\n").into_response();
-    };
-    match control(level) {
-        Ok(now) => (StatusCode::OK, format!("log filter: {now}\n")).into_response(),
-        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
-    }
+async fn logging(State(s): State<AdminState>, method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    proto::lifecycle::logging_endpoint(s.log.as_ref(), &method, uri.query()).into_response()
 }
 
 async fn ready(State(s): State<AdminState>) -> Response {
@@ -185,7 +162,7 @@ pub fn admin_router(state: AdminState) -> Router {
         .route("/config_dump", get(config_dump))
         .route("/certs", get(certs))
         .route("/connections", get(connections))
-        .route("/logging", get(logging_get).post(logging_set))
+        .route("/logging", get(logging).post(logging))
         .route("/healthz/ready", get(ready))
         .with_state(state)
 }

@@ -139,7 +139,7 @@ use crate::proxy::Proxy;
 
 impl Ztunnel {
     /// Binds the endpoints and starts following the control plane and the node agent.
-    pub async fn start(config: Config, log: Option<admin::LogControl>) -> Result<Ztunnel, Error> {
+    pub async fn start(config: Config, log: Option<proto::lifecycle::LogControl>) -> Result<Ztunnel, Error> {
         let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
         let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
         let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;

@@ -2,17 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proto::SpiffeId;
 use proto::control::ControlPlaneTarget;
+use proto::lifecycle::{self, LogFormat};
 use proto::tls::{SharedTrustBundle, TrustBundle};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, reload};
 use ztunnel::certs::TokenSource;
 use ztunnel::{Config, Ztunnel};
 
@@ -81,8 +78,9 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
     drain_timeout: Duration,
 
-    /// Log format.
-    #[arg(long, value_enum, default_value = "text")]
+    /// Log format: `text` or `json`. The filter comes from `RUST_LOG` (default `info`) and can
+    /// be changed while ztunnel runs: `POST /logging?level=<filter>` on the admin endpoint.
+    #[arg(long, default_value_t)]
     log_format: LogFormat,
 
     /// Threads carrying traffic (1 keeps every hop of a connection on one core: lowest latency;
@@ -91,67 +89,20 @@ struct Args {
     worker_threads: usize,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Installs the subscriber; the returned control changes the filter live (admin `/logging`).
-fn init_logging(format: LogFormat) -> ztunnel::admin::LogControl {
-    let initial = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-    }
-    let current = Arc::new(std::sync::Mutex::new(initial));
-    Arc::new(move |level: Option<&str>| {
-        let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(level) = level {
-            let filter = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter {level:?}: {e}"))?;
-            handle.reload(filter).map_err(|e| format!("changing the log filter: {e}"))?;
-            tracing::info!(filter = level, "log filter changed");
-            *current = level.to_owned();
-        }
-        Ok(current.clone())
-    })
-}
-
 async fn resolve(addr: &str) -> Result<SocketAddr> {
     let mut found = tokio::net::lookup_host(addr).await.with_context(|| format!("resolving --ca-addr {addr}"))?;
     found.next().with_context(|| format!("--ca-addr {addr} resolved to no address"))
 }
 
-/// Installs the SIGTERM/SIGINT handlers now; the future resolves at the first of them.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = &'static str>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    })
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let runtime = if args.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.worker_threads).enable_all().build()
-    }
-    .context("starting the runtime")?;
+    let runtime = lifecycle::runtime(args.worker_threads.max(1)).context("starting the runtime")?;
     runtime.block_on(run(args))
 }
 
 async fn run(args: Args) -> Result<()> {
-    let log = init_logging(args.log_format);
-    let signal = shutdown_signal()?;
+    let log = lifecycle::init_logging(args.log_format);
+    let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     ztunnel::raise_open_files_limit();
 
     let (ns, sa) = args

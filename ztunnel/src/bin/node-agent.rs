@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use proto::lifecycle::{self, LogFormat};
 use ztunnel::node::{AgentConfig, CNI_SOCKET, install_cni, run_agent};
 
 /// The node agent of the ambient mesh, one per node (host network, host /proc).
@@ -56,15 +57,14 @@ struct Args {
     json_logs: bool,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.json_logs {
-        tracing_subscriber::fmt().with_env_filter(filter).json().init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    lifecycle::init_logging(if args.json_logs { LogFormat::Json } else { LogFormat::Text });
+    lifecycle::runtime(1).context("starting the runtime")?.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     if args.install_cni {
         let list = install_cni(&args.cni_plugin, &args.cni_bin_dir, &args.cni_conf_dir, &args.cni_socket)
             .context("installing the CNI plugin")?;
@@ -78,18 +78,11 @@ async fn main() -> Result<()> {
         proc_root: args.proc_root,
         cni_wait: Duration::from_secs(5),
     };
-    run_agent(client, config, shutdown()).await?;
+    run_agent(client, config, async {
+        let signal = signal.await;
+        tracing::info!(signal, "shutting down");
+    })
+    .await?;
     tracing::info!("node agent stopped");
     Ok(())
-}
-
-async fn shutdown() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
