@@ -1,0 +1,329 @@
+//! Istio networking kinds (networking.istio.io/v1): `VirtualService`, `DestinationRule`.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use serde::{Deserialize, Serialize};
+
+/// Istio `VirtualService` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): HTTP
+/// routes for the hosts it names, tried in order (the first matching `http` entry wins).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "networking.istio.io", version = "v1", kind = "VirtualService", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    /// Hosts: a short service name (in the VirtualService's namespace), `name.namespace`, or a
+    /// full `name.namespace.svc.<suffix>`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Where it applies: empty or containing `mesh` means traffic inside the mesh.
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// HTTP routes, in order.
+    #[serde(default)]
+    pub http: Vec<VsHttpRoute>,
+}
+
+/// One `http` entry of a VirtualService.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsHttpRoute {
+    /// Optional name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Alternatives; none matches every request.
+    #[serde(default, rename = "match")]
+    pub matches: Vec<VsMatch>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<VsRouteDestination>,
+    /// Redirect instead of routing (`uri`, `authority`, `scheme`, `port`, `redirectCode`).
+    #[serde(default)]
+    pub redirect: Option<serde_json::Value>,
+    /// Rewrite before routing (`uri`: the matched prefix, `authority`).
+    #[serde(default)]
+    pub rewrite: Option<VsRewrite>,
+    /// Total time for the request, e.g. `5s`.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retries: Option<VsRetries>,
+    /// Fault injection.
+    #[serde(default)]
+    pub fault: Option<VsFault>,
+    /// A destination that also gets a copy of each request.
+    #[serde(default)]
+    pub mirror: Option<VsDestination>,
+    /// Header changes.
+    #[serde(default)]
+    pub headers: Option<VsHeaders>,
+}
+
+/// Istio string match: one of `exact`, `prefix`, `regex`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StringMatch {
+    /// Exact value.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Prefix.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// RE2 regular expression (whole value).
+    #[serde(default)]
+    pub regex: Option<String>,
+}
+
+/// A VirtualService match: all set fields must hold.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsMatch {
+    /// Path.
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    /// Headers by (lower-case) name.
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Query parameters by name.
+    #[serde(default)]
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// Method.
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+}
+
+/// A destination with its weight.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRouteDestination {
+    /// Where.
+    pub destination: VsDestination,
+    /// Share of traffic (all weights of a route add up to 100; one destination may omit it).
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+/// A service (and optionally one of its DestinationRule subsets and a port).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsDestination {
+    /// Service host, resolved like `hosts`.
+    pub host: String,
+    /// DestinationRule subset name.
+    #[serde(default)]
+    pub subset: Option<String>,
+    /// Port.
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+/// A port by number.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PortSelector {
+    /// Port number.
+    #[serde(default)]
+    pub number: Option<u32>,
+}
+
+/// Rewrite of a VirtualService route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VsRewrite {
+    /// Replaces the matched path prefix (or the whole path for an exact match).
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// Replaces the Host header.
+    #[serde(default)]
+    pub authority: Option<String>,
+}
+
+/// Retry policy.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsRetries {
+    /// Retries after the first try.
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    /// Time allowed per try.
+    #[serde(default)]
+    pub per_try_timeout: Option<String>,
+    /// Comma-separated conditions: `5xx`, `gateway-error`, `connect-failure`, `reset`,
+    /// `retriable-4xx`, or status codes.
+    #[serde(default)]
+    pub retry_on: Option<String>,
+}
+
+/// Fault injection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VsFault {
+    /// Delay a share of requests.
+    #[serde(default)]
+    pub delay: Option<VsDelay>,
+    /// Abort a share of requests.
+    #[serde(default)]
+    pub abort: Option<VsAbort>,
+}
+
+/// A share of requests, in percent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percent {
+    /// 0–100.
+    #[serde(default)]
+    pub value: f64,
+}
+
+/// Delay fault.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsDelay {
+    /// Share delayed (absent: all).
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// The delay, e.g. `10s`.
+    #[serde(default)]
+    pub fixed_delay: Option<String>,
+}
+
+/// Abort fault.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsAbort {
+    /// Share aborted (absent: all).
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+    /// Status answered.
+    #[serde(default)]
+    pub http_status: Option<u32>,
+}
+
+/// Header changes for requests and responses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VsHeaders {
+    /// On the request.
+    #[serde(default)]
+    pub request: Option<VsHeaderOps>,
+    /// On the response.
+    #[serde(default)]
+    pub response: Option<VsHeaderOps>,
+}
+
+/// Set, add, remove.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VsHeaderOps {
+    /// Replace.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// Istio `DestinationRule` (networking.istio.io/v1): subsets of a service by pod labels, and
+/// the traffic policy for requests to it.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "networking.istio.io", version = "v1", kind = "DestinationRule", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    /// The service, resolved like a VirtualService host.
+    pub host: String,
+    /// Policy for every request to the service.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Named subsets.
+    #[serde(default)]
+    pub subsets: Vec<DrSubset>,
+}
+
+/// A named subset of a service's pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DrSubset {
+    /// Name, used by VirtualService destinations.
+    pub name: String,
+    /// Pod labels that select the subset.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The subset's own policy: each of its fields replaces the rule's.
+    #[serde(default)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+/// Load balancing, connection pool and outlier detection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicy {
+    /// `simple`: `ROUND_ROBIN` (default), `LEAST_REQUEST`, `RANDOM`.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Limits (a circuit breaker).
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Ejection of failing endpoints.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Load balancer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadBalancerSettings {
+    /// The algorithm.
+    #[serde(default)]
+    pub simple: Option<String>,
+}
+
+/// Connection pool limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionPoolSettings {
+    /// TCP limits.
+    #[serde(default)]
+    pub tcp: Option<TcpPoolSettings>,
+    /// HTTP limits.
+    #[serde(default)]
+    pub http: Option<HttpPoolSettings>,
+}
+
+/// TCP limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpPoolSettings {
+    /// Connections to the service at most.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+/// HTTP limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpPoolSettings {
+    /// Requests waiting for a connection at most.
+    #[serde(default)]
+    pub http1_max_pending_requests: Option<u32>,
+    /// Requests in flight at most.
+    #[serde(default)]
+    pub http2_max_requests: Option<u32>,
+    /// Requests per connection (1 disables keep-alive).
+    #[serde(default)]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+/// Outlier detection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx answers (including connection failures) that eject an endpoint.
+    #[serde(default)]
+    pub consecutive_5xx_errors: Option<u32>,
+    /// Consecutive 502/503/504 answers that eject an endpoint.
+    #[serde(default)]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// How often ejections are reviewed (ejections end on time regardless).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// First ejection's length; each later one is longer by as much.
+    #[serde(default)]
+    pub base_ejection_time: Option<String>,
+    /// Share of the endpoints that may be ejected at once (at least one always may).
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
