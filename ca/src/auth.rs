@@ -496,6 +496,20 @@ impl fmt::Debug for TokenSigner {
     }
 }
 
+/// Why a [`TokenSigner`] could not be made or could not sign.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerError {
+    /// The signing key could not be generated.
+    #[error("generating the token signing key")]
+    Key(#[source] rcgen::Error),
+    /// The key could not be described as a JWK.
+    #[error("describing the token signing key as a JWK")]
+    Jwk(#[source] jsonwebtoken::errors::Error),
+    /// A token could not be signed.
+    #[error("signing a token")]
+    Sign(#[source] jsonwebtoken::errors::Error),
+}
+
 /// What a minted token says.
 #[derive(Debug, Clone)]
 pub struct TokenRequest<'a> {
@@ -515,15 +529,15 @@ pub struct TokenRequest<'a> {
 
 impl TokenSigner {
     /// A signer with a fresh ES256 key. `pkcs8` reuses a stored key instead.
-    pub fn new(issuer: &str, pkcs8: Option<&[u8]>) -> Result<Self, String> {
+    pub fn new(issuer: &str, pkcs8: Option<&[u8]>) -> Result<Self, SignerError> {
         let der = match pkcs8 {
             Some(der) => der.to_vec(),
             None => {
-                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?.serialize_der()
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(SignerError::Key)?.serialize_der()
             }
         };
         let key = jsonwebtoken::EncodingKey::from_ec_der(&der);
-        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).map_err(|e| e.to_string())?;
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::ES256).map_err(SignerError::Jwk)?;
         let kid = crate::authority::fingerprint(&der)[..16].to_owned();
         jwk.common.key_id = Some(kid.clone());
         jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
@@ -541,12 +555,12 @@ impl TokenSigner {
     }
 
     /// A signed token, issued now.
-    pub fn mint(&self, req: &TokenRequest<'_>) -> Result<String, String> {
+    pub fn mint(&self, req: &TokenRequest<'_>) -> Result<String, SignerError> {
         self.mint_issued_at(req, jsonwebtoken::get_current_timestamp())
     }
 
     /// A signed token issued at `now` (Unix seconds; tests use it for expired tokens).
-    pub fn mint_issued_at(&self, req: &TokenRequest<'_>, now: u64) -> Result<String, String> {
+    pub fn mint_issued_at(&self, req: &TokenRequest<'_>, now: u64) -> Result<String, SignerError> {
         let mut kube = serde_json::json!({
             "namespace": req.namespace,
             "serviceaccount": {"name": req.service_account},
@@ -568,7 +582,7 @@ impl TokenSigner {
         });
         let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| e.to_string())
+        jsonwebtoken::encode(&header, &claims, &self.key).map_err(SignerError::Sign)
     }
 }
 

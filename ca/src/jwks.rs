@@ -23,7 +23,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::objects::ConfigError;
-use crate::translate::request_authn::{check_jwks, check_jwks_uri, jwks_uris};
+use crate::translate::request_authn::jwks_uris;
+use crate::validate;
 
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -177,6 +178,7 @@ impl Jwks {
                         Err(e) => {
                             let retry =
                                 FIRST_RETRY.saturating_mul(1 << entry.failures.min(16)).min(self.config.refresh);
+                            let e = proto::error_chain(&e);
                             warn!(uri = %uri, error = %e, retry_in_s = retry.as_secs_f64(),
                                 keeping_last_keys = entry.keys.is_some(), "JWKS fetch failed");
                             entry.error = Some(e);
@@ -208,43 +210,84 @@ impl Jwks {
         }
     }
 
-    async fn fetch(&self, uri: &str) -> Result<String, String> {
+    async fn fetch(&self, uri: &str) -> Result<String, FetchError> {
         tokio::time::timeout(self.config.timeout, self.fetch_once(uri))
             .await
-            .map_err(|_| format!("no answer within {:?}", self.config.timeout))?
+            .map_err(|_| FetchError::Timeout(self.config.timeout))?
     }
 
-    async fn fetch_once(&self, uri: &str) -> Result<String, String> {
-        let parsed = check_jwks_uri(uri)?;
+    async fn fetch_once(&self, uri: &str) -> Result<String, FetchError> {
+        let parsed = validate::jwks_uri(uri)?;
         let host = parsed.host().unwrap_or_default();
         let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let port = parsed.port_u16().unwrap_or(443);
-        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connect: {e}"))?;
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("server name {host:?}: {e}"))?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS: {e}"))?;
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(FetchError::Connect)?;
+        let name = ServerName::try_from(host.to_owned())
+            .map_err(|source| FetchError::ServerName { host: host.to_owned(), source })?;
+        let tls = self.tls.connect(name, tcp).await.map_err(FetchError::Tls)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
             .await
-            .map_err(|e| format!("HTTP: {e}"))?;
+            .map_err(FetchError::Http)?;
         let conn = tokio::spawn(conn);
         let authority = parsed.authority().map(|a| a.as_str()).unwrap_or(host);
         let request = http::Request::get(parsed.path_and_query().map_or("/", |p| p.as_str()))
             .header(http::header::HOST, authority)
             .header(http::header::ACCEPT, "application/json")
             .body(Empty::new())
-            .map_err(|e| e.to_string())?;
-        let response = sender.send_request(request).await.map_err(|e| format!("HTTP: {e}"))?;
+            .map_err(FetchError::Request)?;
+        let response = sender.send_request(request).await.map_err(FetchError::Http)?;
         let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
+        let body =
+            Limited::new(response.into_body(), MAX_JWKS_BYTES).collect().await.map_err(FetchError::Body)?.to_bytes();
         conn.abort();
         if status != http::StatusCode::OK {
-            return Err(format!("answered {status}"));
+            return Err(FetchError::Status(status));
         }
-        let text = String::from_utf8(body.to_vec()).map_err(|_| "the answer is not UTF-8".to_owned())?;
-        check_jwks(&text)?;
+        let text = String::from_utf8(body.to_vec()).map_err(|_| FetchError::NotUtf8)?;
+        validate::jwks(&text).map_err(FetchError::Document)?;
         Ok(text)
     }
+}
+
+/// Why keys could not be fetched from a `jwksUri`.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The URI is not one keys are fetched from.
+    #[error(transparent)]
+    Uri(#[from] validate::Invalid),
+    /// The TCP connection failed.
+    #[error("connect")]
+    Connect(#[source] std::io::Error),
+    /// The host is not a name TLS can verify.
+    #[error("server name {host:?}")]
+    ServerName {
+        /// The host.
+        host: String,
+        /// Why.
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS")]
+    Tls(#[source] std::io::Error),
+    /// The HTTP exchange failed.
+    #[error("HTTP")]
+    Http(#[source] hyper::Error),
+    /// The request could not be built.
+    #[error("request")]
+    Request(#[source] http::Error),
+    /// The answer's body could not be read (or was too large).
+    #[error("reading the answer")]
+    Body(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The server answered something else than 200.
+    #[error("answered {0}")]
+    Status(http::StatusCode),
+    /// The answer is not text.
+    #[error("the answer is not UTF-8")]
+    NotUtf8,
+    /// The answer is not a usable JWKS document.
+    #[error(transparent)]
+    Document(validate::Invalid),
 }

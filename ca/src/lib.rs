@@ -34,6 +34,7 @@ pub mod objects;
 pub mod root_cert;
 pub mod source;
 pub mod translate;
+pub mod validate;
 pub mod xds;
 
 use std::net::SocketAddr;

@@ -16,6 +16,7 @@ use crate::k8s::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
     Pod, RequestAuthentication, Service, VirtualService,
 };
+use crate::validate::{self, Invalid};
 
 /// The kinds the mesh reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -130,7 +131,7 @@ pub enum ObjectError {
         /// The object.
         key: ObjectKey,
         /// What is wrong.
-        reason: String,
+        reason: Invalid,
     },
 }
 
@@ -328,27 +329,27 @@ fn valid_ip(s: &str) -> bool {
 /// being half-used.
 pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
     let key = object.key();
-    let invalid = |reason: String| ObjectError::Invalid { key: key.clone(), reason };
+    let invalid = |reason: Invalid| ObjectError::Invalid { key: key.clone(), reason };
     if key.name.is_empty() {
-        return Err(invalid("metadata.name is missing".into()));
+        return Err(invalid(Invalid("metadata.name is missing".to_owned())));
     }
     match object {
         Object::Pod(pod) => {
             let status_ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
             if let Some(ip) = status_ip.filter(|ip| !valid_ip(ip)) {
-                return Err(invalid(format!("status.podIP {ip:?} is not an IP address")));
+                return Err(invalid(Invalid(format!("status.podIP {ip:?} is not an IP address"))));
             }
             for ip in pod.status.iter().flat_map(|s| s.pod_ips.iter().flatten()) {
                 if !valid_ip(&ip.ip) {
-                    return Err(invalid(format!("status.podIPs entry {:?} is not an IP address", ip.ip)));
+                    return Err(invalid(Invalid(format!("status.podIPs entry {:?} is not an IP address", ip.ip))));
                 }
             }
             if pods == PodRules::Declared {
                 if status_ip.is_none() {
-                    return Err(invalid("status.podIP is missing; a declared Pod needs its IP".into()));
+                    return Err(invalid(Invalid("status.podIP is missing; a declared Pod needs its IP".to_owned())));
                 }
                 if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default().is_empty() {
-                    return Err(invalid("spec.nodeName is missing; a declared Pod needs its node".into()));
+                    return Err(invalid(Invalid("spec.nodeName is missing; a declared Pod needs its node".to_owned())));
                 }
             }
         }
@@ -356,23 +357,21 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
             let spec = svc.spec.as_ref();
             for ip in spec.and_then(|s| s.cluster_ip.as_deref()).into_iter() {
                 if !ip.is_empty() && ip != "None" && !valid_ip(ip) {
-                    return Err(invalid(format!("spec.clusterIP {ip:?} is not an IP address")));
+                    return Err(invalid(Invalid(format!("spec.clusterIP {ip:?} is not an IP address"))));
                 }
             }
             for port in spec.iter().flat_map(|s| s.ports.iter().flatten()) {
                 if !(1..=65535).contains(&port.port) {
-                    return Err(invalid(format!("port {} is out of range", port.port)));
+                    return Err(invalid(Invalid(format!("port {} is out of range", port.port))));
                 }
             }
         }
         // Never refused: what cannot be evaluated fails closed in translation (`authz::review`).
         Object::AuthorizationPolicy(_) => {}
-        Object::HTTPRoute(route) => crate::translate::waypoint::validate(&route.spec).map_err(invalid)?,
-        Object::GRPCRoute(route) => {
-            crate::translate::waypoint::validate(&route.spec.as_http().map_err(invalid)?).map_err(invalid)?
-        }
-        Object::VirtualService(vs) => crate::translate::istio::validate_virtual_service(&vs.spec).map_err(invalid)?,
-        Object::DestinationRule(dr) => crate::translate::istio::validate_destination_rule(&dr.spec).map_err(invalid)?,
+        Object::HTTPRoute(route) => validate::http_route(&route.spec).map_err(invalid)?,
+        Object::GRPCRoute(route) => validate::http_route(&route.spec.as_http().map_err(invalid)?).map_err(invalid)?,
+        Object::VirtualService(vs) => validate::virtual_service(&vs.spec).map_err(invalid)?,
+        Object::DestinationRule(dr) => validate::destination_rule(&dr.spec).map_err(invalid)?,
         _ => {}
     }
     Ok(())

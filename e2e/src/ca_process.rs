@@ -134,7 +134,7 @@ impl CaLaunch {
             state: state.to_owned(),
             grpc: free_port()?,
             admin: free_port()?,
-            tokens: Arc::new(TokenSigner::new(ISSUER, None).map_err(anyhow::Error::msg)?),
+            tokens: Arc::new(TokenSigner::new(ISSUER, None)?),
             netns: None,
             log_filter: "warn".into(),
             log_file: None,

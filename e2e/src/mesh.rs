@@ -282,7 +282,7 @@ impl Mesh {
 
         let underlay = NamedNetns::create(&format!("{prefix}-u"))?;
         underlay.bridge("br0", &format!("{CA_IP}/24"))?;
-        let tokens = Arc::new(ca::auth::TokenSigner::new(ISSUER, None).map_err(anyhow::Error::msg)?);
+        let tokens = Arc::new(ca::auth::TokenSigner::new(ISSUER, None)?);
         let ca_launch = CaLaunch {
             binary: ca_bin,
             config_dir: objects.clone(),

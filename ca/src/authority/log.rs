@@ -58,11 +58,15 @@ pub enum LogError {
     #[error("issuance log writer stopped")]
     Stopped,
     /// A write failed (the certificate must not be handed out).
-    #[error("writing the issuance log: {0}")]
-    Write(String),
+    #[error("writing the issuance log")]
+    Write(#[source] Arc<io::Error>),
+    /// A record could not be encoded.
+    #[error("encoding an issuance log record")]
+    Encode(#[source] serde_json::Error),
 }
 
-type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+/// A line to write, and who waits for it (one failed write answers everyone in its batch).
+type Pending = (Vec<u8>, oneshot::Sender<Result<(), Arc<io::Error>>>);
 
 /// The issuance log.
 #[derive(Debug)]
@@ -133,7 +137,7 @@ impl IssuanceLog {
 
     /// Appends a record; returns once it is on disk.
     pub async fn append(&self, record: Record) -> Result<(), LogError> {
-        let mut line = serde_json::to_vec(&record).map_err(|e| LogError::Write(e.to_string()))?;
+        let mut line = serde_json::to_vec(&record).map_err(LogError::Encode)?;
         line.push(b'\n');
         let (done_tx, done_rx) = oneshot::channel();
         self.tx.send((line, done_tx)).map_err(|_| LogError::Stopped)?;
@@ -181,7 +185,7 @@ fn writer(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Pending>)
         }
         let result = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| {
             error!(path = %path.display(), error = %e, "cannot write the issuance log; refusing to issue");
-            e.to_string()
+            Arc::new(e)
         });
         for (_, done) in batch.drain(..) {
             let _ = done.send(result.clone());

@@ -262,7 +262,7 @@ async fn target(cli: &Cli) -> Result<Target> {
         Ok(c) => c,
         Err(kubeconfig) => match kube::Config::incluster() {
             Ok(c) => c,
-            Err(_) => match KeptMesh::find().map_err(anyhow::Error::msg)? {
+            Err(_) => match KeptMesh::find()? {
                 Some(kept) if cli.context.is_none() => return Ok(Target::Dir(kept.config_dir)),
                 _ => {
                     return Err(anyhow::Error::new(Unreachable(format!(
@@ -321,7 +321,7 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
         }
         Command::Ca(command) => {
             // No flag says which CA: the kept one-machine mesh's, from inside its network.
-            if !ca_flags_given && let Some(kept) = KeptMesh::find().map_err(anyhow::Error::msg)? {
+            if !ca_flags_given && let Some(kept) = KeptMesh::find()? {
                 let state = kept.state_dir.display().to_string();
                 let reach =
                     ["--server", &kept.ca_addr.to_string(), "--server-name", &kept.ca_name, "--state-dir", &state]
@@ -335,11 +335,11 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
                 return reexec(netns, &["--netns"], &[]);
             }
             if let Some(node) = &args.node {
-                let kept = KeptMesh::find().map_err(anyhow::Error::msg)?.context(
+                let kept = KeptMesh::find()?.context(
                     "--node reads a node of the one-machine mesh kept running by `demo --keep`, and none is; \
                      for another ztunnel use --admin-addr (or --netns)",
                 )?;
-                return reexec(kept.node_netns(node).map_err(anyhow::Error::msg)?, &["--node"], &[]);
+                return reexec(kept.node_netns(node)?, &["--node"], &[]);
             }
             let path = match args.what {
                 ZtunnelCommand::Connections => "/connections",

@@ -55,20 +55,38 @@ impl KeptMesh {
 
     /// The kept mesh whose process is alive: `None` when there is none, an error naming them
     /// when there are several (then flags must say which).
-    pub fn find() -> Result<Option<KeptMesh>, String> {
+    pub fn find() -> Result<Option<KeptMesh>, KeptError> {
         find_in(&registry(), |pid| Path::new("/proc").join(pid.to_string()).exists())
     }
 
     /// The network namespace of node `name`.
-    pub fn node_netns(&self, name: &str) -> Result<&str, String> {
-        self.nodes.get(name).map(String::as_str).ok_or_else(|| {
-            let known: Vec<&str> = self.nodes.keys().map(String::as_str).collect();
-            format!("the kept mesh has no node {name:?} (its nodes: {})", known.join(", "))
+    pub fn node_netns(&self, name: &str) -> Result<&str, KeptError> {
+        self.nodes.get(name).map(String::as_str).ok_or_else(|| KeptError::NoNode {
+            name: name.to_owned(),
+            known: self.nodes.keys().cloned().collect::<Vec<_>>().join(", "),
         })
     }
 }
 
-fn find_in(registry: &Path, alive: impl Fn(u32) -> bool) -> Result<Option<KeptMesh>, String> {
+/// Why no one kept mesh could be chosen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeptError {
+    /// More than one is running.
+    #[error(
+        "several one-machine meshes are kept ({0}); say which with --config-dir, or the CA's --server and --state-dir"
+    )]
+    Several(String),
+    /// The mesh has no such node.
+    #[error("the kept mesh has no node {name:?} (its nodes: {known})")]
+    NoNode {
+        /// The node asked for.
+        name: String,
+        /// Those it has.
+        known: String,
+    },
+}
+
+fn find_in(registry: &Path, alive: impl Fn(u32) -> bool) -> Result<Option<KeptMesh>, KeptError> {
     let Ok(entries) = std::fs::read_dir(registry) else { return Ok(None) };
     let mut found: Vec<KeptMesh> = entries
         .flatten()
@@ -82,10 +100,7 @@ fn find_in(registry: &Path, alive: impl Fn(u32) -> bool) -> Result<Option<KeptMe
             found.sort_by_key(|m| m.pid);
             let list: Vec<String> =
                 found.iter().map(|m| format!("pid {} (objects in {})", m.pid, m.config_dir.display())).collect();
-            Err(format!(
-                "several one-machine meshes are kept ({}); say which with --config-dir, or the CA's --server and --state-dir",
-                list.join("; ")
-            ))
+            Err(KeptError::Several(list.join("; ")))
         }
     }
 }
@@ -118,9 +133,9 @@ mod tests {
         std::fs::write(registry.path().join("30/mesh.json"), "{not json").unwrap();
         assert_eq!(find_in(registry.path(), |pid| pid == 20), Ok(Some(mesh(20))));
         assert_eq!(find_in(registry.path(), |_| false), Ok(None));
-        let both = find_in(registry.path(), |_| true).unwrap_err();
+        let both = find_in(registry.path(), |_| true).unwrap_err().to_string();
         assert!(both.contains("pid 10") && both.contains("pid 20"), "{both}");
         assert_eq!(mesh(20).node_netns("node-1"), Ok("n1-20"));
-        assert!(mesh(20).node_netns("node-3").unwrap_err().contains("its nodes: node-1"));
+        assert!(mesh(20).node_netns("node-3").unwrap_err().to_string().contains("its nodes: node-1"));
     }
 }

@@ -3,6 +3,8 @@
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
+use crate::validate::Invalid;
+
 /// Gateway API `Gateway` (gateway.networking.k8s.io/v1). Waypoints are Gateways of class
 /// `istio-waypoint`.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -134,7 +136,7 @@ impl GRPCRouteSpec {
     /// The HTTPRoute this route amounts to: a method match becomes a path match on
     /// `/<service>/<method>` (exact when both are given, a prefix `/<service>/` for a service alone,
     /// a regular expression otherwise).
-    pub fn as_http(&self) -> Result<HTTPRouteSpec, String> {
+    pub fn as_http(&self) -> Result<HTTPRouteSpec, Invalid> {
         let rules = self
             .rules
             .iter()
@@ -146,7 +148,7 @@ impl GRPCRouteSpec {
                         let path = m.method.as_ref().map(GrpcMethodMatch::as_path).transpose()?;
                         Ok(HttpRouteMatch { path, headers: m.headers.clone(), ..Default::default() })
                     })
-                    .collect::<Result<Vec<_>, String>>()?;
+                    .collect::<Result<Vec<_>, Invalid>>()?;
                 Ok(HttpRouteRule {
                     name: r.name.clone(),
                     matches,
@@ -155,13 +157,13 @@ impl GRPCRouteSpec {
                     ..Default::default()
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, Invalid>>()?;
         Ok(HTTPRouteSpec { parent_refs: self.parent_refs.clone(), hostnames: self.hostnames.clone(), rules })
     }
 }
 
 impl GrpcMethodMatch {
-    fn as_path(&self) -> Result<HttpPathMatch, String> {
+    fn as_path(&self) -> Result<HttpPathMatch, Invalid> {
         let (service, method) = (self.service.as_deref(), self.method.as_deref());
         let path = |kind: &str, value: String| HttpPathMatch { kind: Some(kind.into()), value: Some(value) };
         let valid = |s: &str| !s.is_empty() && !s.contains('/');
@@ -169,14 +171,14 @@ impl GrpcMethodMatch {
             None | Some("Exact") => {
                 for part in [service, method].into_iter().flatten() {
                     if !valid(part) {
-                        return Err(format!("gRPC method match {part:?} is empty or contains '/'"));
+                        return Err(Invalid(format!("gRPC method match {part:?} is empty or contains '/'")));
                     }
                 }
                 match (service, method) {
                     (Some(s), Some(m)) => Ok(path("Exact", format!("/{s}/{m}"))),
                     (Some(s), None) => Ok(path("PathPrefix", format!("/{s}"))),
                     (None, Some(m)) => Ok(path("RegularExpression", format!("/[^/]+/{}", regex_syntax::escape(m)))),
-                    (None, None) => Err("a gRPC method match needs a service or a method".into()),
+                    (None, None) => Err(Invalid("a gRPC method match needs a service or a method".to_owned())),
                 }
             }
             Some("RegularExpression") => {
@@ -184,7 +186,7 @@ impl GrpcMethodMatch {
                 let m = method.unwrap_or("[^/]+");
                 Ok(path("RegularExpression", format!("/({s})/({m})")))
             }
-            Some(other) => Err(format!("gRPC method match type {other:?} is not Exact or RegularExpression")),
+            Some(other) => Err(Invalid(format!("gRPC method match type {other:?} is not Exact or RegularExpression"))),
         }
     }
 }
@@ -349,7 +351,7 @@ mod grpc_route_tests {
 
     use super::*;
 
-    fn path_of(kind: Option<&str>, service: Option<&str>, method: Option<&str>) -> Result<(String, String), String> {
+    fn path_of(kind: Option<&str>, service: Option<&str>, method: Option<&str>) -> Result<(String, String), Invalid> {
         let m = GrpcMethodMatch {
             kind: kind.map(str::to_owned),
             service: service.map(str::to_owned),

@@ -13,22 +13,25 @@ use std::net::IpAddr;
 
 use crate::k8s::{AuthorizationPolicy, AuthorizationPolicySpec, AuthzCondition, PeerAuthentication};
 use crate::mesh::{Action, IpNet, Match, Policy, Scope, StringMatch};
+use crate::validate::Invalid;
 
 /// `when` keys ztunnel can evaluate.
 const L4_KEYS: &[&str] = &["source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"];
 
 /// Parses `a.b.c.d`, `a.b.c.d/n` or IPv6 equivalents.
-pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, Invalid> {
     let (addr, prefix) = match s.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
     };
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| Invalid(format!("{s:?} is not an IP address or CIDR")))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
-        Some(p) => {
-            p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?
-        }
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| Invalid(format!("{s:?} has an invalid prefix length")))?,
         None => max,
     };
     Ok(IpNet { addr, prefix })
@@ -36,33 +39,36 @@ pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
 
 /// A port as Istio writes it: decimal digits, no sign, no leading zero, 1–65535. Anything else
 /// (`"080"`, `"+80"`, `"http"`) is refused rather than read one way here and another elsewhere.
-pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
+pub(crate) fn parse_port(s: &str) -> Result<u16, Invalid> {
     let canonical = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && !s.starts_with('0');
-    canonical.then(|| s.parse::<u16>().ok()).flatten().ok_or_else(|| format!("{s:?} is not a port number (1-65535)"))
+    canonical
+        .then(|| s.parse::<u16>().ok())
+        .flatten()
+        .ok_or_else(|| Invalid(format!("{s:?} is not a port number (1-65535)")))
 }
 
 /// A string match as Istio writes them: exact, `prefix*`, `*suffix` or `*`. Anything else would be
 /// taken literally and silently match nothing: a `*` inside (`ns/*/sa/x`), surrounding whitespace,
 /// an empty value.
-pub(crate) fn check_pattern(p: &str) -> Result<(), String> {
+pub(crate) fn check_pattern(p: &str) -> Result<(), Invalid> {
     let inner = p.strip_prefix('*').unwrap_or(p);
     let inner = inner.strip_suffix('*').unwrap_or(inner);
     if p.is_empty() {
-        Err("an empty value matches nothing".into())
+        Err(Invalid("an empty value matches nothing".to_owned()))
     } else if p != "*" && (inner.contains('*') || (p.starts_with('*') && p.ends_with('*'))) {
-        Err(format!("{p:?}: a wildcard is only allowed alone, at the start or at the end"))
+        Err(Invalid(format!("{p:?}: a wildcard is only allowed alone, at the start or at the end")))
     } else if p.trim() != p {
-        Err(format!("{p:?} has leading or trailing whitespace"))
+        Err(Invalid(format!("{p:?} has leading or trailing whitespace")))
     } else {
         Ok(())
     }
 }
 
 /// A `serviceAccounts` entry: `<namespace>/<name>`, both exact.
-pub(crate) fn parse_service_account(s: &str) -> Result<(&str, &str), String> {
+pub(crate) fn parse_service_account(s: &str) -> Result<(&str, &str), Invalid> {
     match s.split_once('/') {
         Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !s.contains('*') => Ok((ns, sa)),
-        _ => Err(format!("service account {s:?} is not <namespace>/<name> (wildcards are not allowed)")),
+        _ => Err(Invalid(format!("service account {s:?} is not <namespace>/<name> (wildcards are not allowed)"))),
     }
 }
 
@@ -97,13 +103,13 @@ pub enum PolicyAction {
 }
 
 /// The policy's action; `Err` for a value Istio does not define.
-pub fn action(spec: &AuthorizationPolicySpec) -> Result<PolicyAction, String> {
+pub fn action(spec: &AuthorizationPolicySpec) -> Result<PolicyAction, Invalid> {
     match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => Ok(PolicyAction::Allow),
         "DENY" => Ok(PolicyAction::Deny),
         "AUDIT" => Ok(PolicyAction::Audit),
         "CUSTOM" => Ok(PolicyAction::Custom),
-        other => Err(format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM")),
+        other => Err(Invalid(format!("action {other:?} is not ALLOW, DENY, AUDIT or CUSTOM"))),
     }
 }
 
@@ -159,7 +165,7 @@ pub fn review(policy: &AuthorizationPolicy) -> Review {
     }
     unknown_fields("spec", &spec.unknown, &mut review.policy);
     match action(spec) {
-        Err(e) => review.policy.push(e),
+        Err(e) => review.policy.push(e.0),
         Ok(PolicyAction::Custom) => review.notes.push(
             "action CUSTOM needs an external authorizer, which this mesh does not have: what its rules match is denied"
                 .into(),
@@ -167,22 +173,22 @@ pub fn review(policy: &AuthorizationPolicy) -> Review {
         Ok(_) => {}
     }
     if let Err(e) = dry_run_annotation(policy) {
-        review.notes.push(e);
+        review.notes.push(e.0);
     }
     review.rules = spec.rules.iter().map(rule_problems).collect();
     review
 }
 
 /// Whether the policy is dry-run; `Err` (enforced) for a value that is neither `true` nor `false`.
-fn dry_run_annotation(policy: &AuthorizationPolicy) -> Result<bool, String> {
+fn dry_run_annotation(policy: &AuthorizationPolicy) -> Result<bool, Invalid> {
     let annotations = policy.metadata.annotations.as_ref();
     match annotations.and_then(|a| a.get(crate::k8s::DRY_RUN_ANNOTATION)).map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
-        Some(other) => Err(format!(
+        Some(other) => Err(Invalid(format!(
             "annotation {}: {other:?} is neither \"true\" nor \"false\"; the policy is enforced",
             crate::k8s::DRY_RUN_ANNOTATION
-        )),
+        ))),
     }
 }
 

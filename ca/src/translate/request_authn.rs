@@ -13,7 +13,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use http::HeaderName;
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use proto::api::ambient::waypoint::v1 as pb;
 
 use crate::k8s::{self, JwtRule, ObjectRef};
@@ -113,12 +112,12 @@ fn rule_problems(rule: &JwtRule) -> Vec<String> {
     }
     match (&rule.jwks, &rule.jwks_uri) {
         (Some(jwks), _) => {
-            if let Err(e) = check_jwks(jwks) {
+            if let Err(e) = crate::validate::jwks(jwks) {
                 out.push(format!("jwks: {e}"));
             }
         }
         (None, Some(uri)) => {
-            if let Err(e) = check_jwks_uri(uri) {
+            if let Err(e) = crate::validate::jwks_uri(uri) {
                 out.push(format!("jwksUri: {e}"));
             }
         }
@@ -161,29 +160,6 @@ fn rule_problems(rule: &JwtRule) -> Vec<String> {
         out.push(format!("timeout: {e}"));
     }
     out
-}
-
-/// A JWKS document with at least one key for an asymmetric algorithm. Symmetric (`oct`) keys are
-/// never used: anyone who can verify with one can also sign.
-pub fn check_jwks(text: &str) -> Result<(), String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS document: {e}"))?;
-    let usable = set.keys.iter().filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_))).count();
-    if usable == 0 {
-        return Err(format!("none of its {} keys is a public key (RSA, EC or OKP)", set.keys.len()));
-    }
-    Ok(())
-}
-
-/// `https://host[:port]/path`: keys are only fetched over TLS.
-pub fn check_jwks_uri(uri: &str) -> Result<http::Uri, String> {
-    let parsed: http::Uri = uri.parse().map_err(|e| format!("{uri:?} is not a URI: {e}"))?;
-    if parsed.scheme_str() != Some("https") {
-        return Err(format!("{uri:?}: keys are fetched over HTTPS only"));
-    }
-    if parsed.host().is_none_or(str::is_empty) {
-        return Err(format!("{uri:?} has no host"));
-    }
-    Ok(parsed)
 }
 
 /// The `jwksUri`s of the rules that still need their keys.

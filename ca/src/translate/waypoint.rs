@@ -21,53 +21,6 @@ use crate::translate::authz::{self, PolicyAction};
 
 pub use proto::duration::parse_millis as parse_duration;
 
-/// Checks the fields of an HTTPRoute the translation relies on.
-pub fn validate(spec: &HTTPRouteSpec) -> Result<(), String> {
-    for rule in &spec.rules {
-        if let Some(t) = &rule.timeouts {
-            for d in t.request.iter().chain(&t.backend_request) {
-                parse_duration(d).map_err(|e| e.to_string())?;
-            }
-        }
-        if let Some(b) = rule.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
-            parse_duration(b).map_err(|e| e.to_string())?;
-        }
-        for m in &rule.matches {
-            match m.path.as_ref().and_then(|p| p.kind.as_deref()) {
-                None | Some("PathPrefix" | "Exact" | "RegularExpression") => {}
-                Some(other) => {
-                    return Err(format!("path match type {other:?} is not Exact, PathPrefix or RegularExpression"));
-                }
-            }
-            for h in m.headers.iter().chain(&m.query_params) {
-                match h.kind.as_deref() {
-                    None | Some("Exact" | "RegularExpression") => {}
-                    Some(other) => return Err(format!("match type {other:?} is not Exact or RegularExpression")),
-                }
-            }
-        }
-        for f in &rule.filters {
-            match f.kind.as_str() {
-                "RequestHeaderModifier"
-                | "ResponseHeaderModifier"
-                | "RequestRedirect"
-                | "URLRewrite"
-                | "RequestMirror" => {}
-                other => return Err(format!("filter type {other:?} is not supported")),
-            }
-        }
-        for b in &rule.backend_refs {
-            if !matches!(b.target.kind.as_deref(), None | Some("Service")) {
-                return Err(format!(
-                    "backendRef kind {:?} is not Service",
-                    b.target.kind.as_deref().unwrap_or_default()
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 fn is_service(r: &ObjectRef) -> bool {
     matches!(r.group.as_deref(), None | Some("") | Some("core")) && r.kind.as_deref() == Some("Service")
 }

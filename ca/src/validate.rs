@@ -1,0 +1,230 @@
+//! What an object must satisfy to be taken at all: the checks run when an object arrives from
+//! its source (one that fails is refused and reported, its previous version kept) and that the
+//! translation relies on. Shared by [`crate::objects`] and [`crate::translate`], depending on
+//! neither.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use proto::duration::parse_millis as parse_duration;
+
+use crate::k8s::{DestinationRuleSpec, HTTPRouteSpec, StringMatch, VirtualServiceSpec};
+
+/// Why an object cannot be taken as written: the field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// Checks the fields of an HTTPRoute the translation relies on.
+pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
+    for rule in &spec.rules {
+        if let Some(t) = &rule.timeouts {
+            for d in t.request.iter().chain(&t.backend_request) {
+                parse_duration(d).map_err(|e| Invalid(e.to_string()))?;
+            }
+        }
+        if let Some(b) = rule.retry.as_ref().and_then(|r| r.backoff.as_ref()) {
+            parse_duration(b).map_err(|e| Invalid(e.to_string()))?;
+        }
+        for m in &rule.matches {
+            match m.path.as_ref().and_then(|p| p.kind.as_deref()) {
+                None | Some("PathPrefix" | "Exact" | "RegularExpression") => {}
+                Some(other) => {
+                    return Err(Invalid(format!(
+                        "path match type {other:?} is not Exact, PathPrefix or RegularExpression"
+                    )));
+                }
+            }
+            for h in m.headers.iter().chain(&m.query_params) {
+                match h.kind.as_deref() {
+                    None | Some("Exact" | "RegularExpression") => {}
+                    Some(other) => {
+                        return Err(Invalid(format!("match type {other:?} is not Exact or RegularExpression")));
+                    }
+                }
+            }
+        }
+        for f in &rule.filters {
+            match f.kind.as_str() {
+                "RequestHeaderModifier"
+                | "ResponseHeaderModifier"
+                | "RequestRedirect"
+                | "URLRewrite"
+                | "RequestMirror" => {}
+                other => return Err(Invalid(format!("filter type {other:?} is not supported"))),
+            }
+        }
+        for b in &rule.backend_refs {
+            if !matches!(b.target.kind.as_deref(), None | Some("Service")) {
+                return Err(Invalid(format!(
+                    "backendRef kind {:?} is not Service",
+                    b.target.kind.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a VirtualService's fields the translation relies on.
+pub fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), Invalid> {
+    if spec.hosts.is_empty() {
+        return Err(Invalid("spec.hosts is empty".to_owned()));
+    }
+    for (i, h) in spec.http.iter().enumerate() {
+        for d in h.timeout.iter().chain(h.retries.as_ref().and_then(|r| r.per_try_timeout.as_ref())) {
+            parse_duration(d).map_err(|e| Invalid(format!("http[{i}]: {e}")))?;
+        }
+        if let Some(d) = h.fault.as_ref().and_then(|f| f.delay.as_ref()).and_then(|d| d.fixed_delay.as_ref()) {
+            parse_duration(d).map_err(|e| Invalid(format!("http[{i}].fault.delay: {e}")))?;
+        }
+        if let Some(f) = &h.fault {
+            let percentages = [
+                ("delay", f.delay.as_ref().and_then(|d| d.percentage.as_ref())),
+                ("abort", f.abort.as_ref().and_then(|a| a.percentage.as_ref())),
+            ];
+            for (what, p) in percentages {
+                if let Some(p) = p.filter(|p| !(p.value.is_finite() && (0.0..=100.0).contains(&p.value))) {
+                    return Err(Invalid(format!(
+                        "http[{i}].fault.{what}.percentage {} is not between 0 and 100",
+                        p.value
+                    )));
+                }
+            }
+            if let Some(status) = f.abort.as_ref().and_then(|a| a.http_status).filter(|s| !(200..=599).contains(s)) {
+                return Err(Invalid(format!(
+                    "http[{i}].fault.abort.httpStatus {status} is not an HTTP status (200-599)"
+                )));
+            }
+        }
+        for m in &h.matches {
+            for (what, sm) in m.uri.iter().map(|u| ("uri", u)).chain(m.method.iter().map(|u| ("method", u))) {
+                one_of(sm, &format!("http[{i}].match.{what}"))?;
+            }
+            for (name, sm) in m.headers.iter().chain(&m.query_params) {
+                one_of(sm, &format!("http[{i}].match[{name}]"))?;
+            }
+        }
+        let total: u32 = h.route.iter().filter_map(|r| r.weight).sum();
+        if total > 100 {
+            return Err(Invalid(format!("http[{i}]: route weights add up to {total}, more than 100")));
+        }
+        if h.route.is_empty() && h.redirect.is_none() {
+            return Err(Invalid(format!("http[{i}]: neither route nor redirect")));
+        }
+        if let Some(code) = h.redirect.as_ref().and_then(|r| r.get("redirectCode"))
+            && !code.as_u64().is_some_and(|c| REDIRECT_CODES.contains(&c))
+        {
+            return Err(Invalid(format!("http[{i}].redirect.redirectCode {code} is not one of {REDIRECT_CODES:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// The redirect statuses a proxy can answer with (Envoy's set).
+const REDIRECT_CODES: [u64; 5] = [301, 302, 303, 307, 308];
+
+fn one_of(m: &StringMatch, what: &str) -> Result<(), Invalid> {
+    let set = [&m.exact, &m.prefix, &m.regex].iter().filter(|v| v.is_some()).count();
+    if set != 1 {
+        return Err(Invalid(format!("{what}: exactly one of exact, prefix, regex must be set")));
+    }
+    if let Some(r) = &m.regex {
+        regex_syntax::parse(r).map_err(|e| Invalid(format!("{what}: bad regex {r:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Checks a DestinationRule's fields the translation relies on.
+pub fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), Invalid> {
+    if spec.host.is_empty() {
+        return Err(Invalid("spec.host is empty".to_owned()));
+    }
+    if let Some(p) = &spec.traffic_policy {
+        match p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+            None | Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM" | "UNSPECIFIED" | "PASSTHROUGH") => {}
+            Some(other) => return Err(Invalid(format!("loadBalancer.simple {other:?} is not supported"))),
+        }
+        if let Some(o) = &p.outlier_detection {
+            for d in o.interval.iter().chain(&o.base_ejection_time) {
+                parse_duration(d).map_err(|e| Invalid(format!("outlierDetection: {e}")))?;
+            }
+            if let Some(m) = o.max_ejection_percent.filter(|m| *m > 100) {
+                return Err(Invalid(format!("outlierDetection.maxEjectionPercent {m} is more than 100")));
+            }
+        }
+    }
+    let mut names: Vec<&str> = spec.subsets.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(Invalid(format!("subset {:?} is defined twice", w[0])));
+    }
+    Ok(())
+}
+
+/// A JWKS document with at least one key for an asymmetric algorithm. Symmetric (`oct`) keys are
+/// never used: anyone who can verify with one can also sign.
+pub fn jwks(text: &str) -> Result<(), Invalid> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| Invalid(format!("not a JWKS document: {e}")))?;
+    let usable = set.keys.iter().filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_))).count();
+    if usable == 0 {
+        return Err(Invalid(format!("none of its {} keys is a public key (RSA, EC or OKP)", set.keys.len())));
+    }
+    Ok(())
+}
+
+/// `https://host[:port]/path`: keys are only fetched over TLS.
+pub fn jwks_uri(uri: &str) -> Result<http::Uri, Invalid> {
+    let parsed: http::Uri = uri.parse().map_err(|e| Invalid(format!("{uri:?} is not a URI: {e}")))?;
+    if parsed.scheme_str() != Some("https") {
+        return Err(Invalid(format!("{uri:?}: keys are fetched over HTTPS only")));
+    }
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(Invalid(format!("{uri:?} has no host")));
+    }
+    Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn values_that_could_crash_a_proxy_are_refused() {
+        let vs = |fault: &str| {
+            let yaml =
+                format!("hosts: [hello]\nhttp:\n  - route:\n      - destination: {{host: hello}}\n    fault:\n{fault}");
+            virtual_service(&serde_norway::from_str::<VirtualServiceSpec>(&yaml).unwrap())
+        };
+        let delay = |p: &str| vs(&format!("      delay: {{fixedDelay: 1s, percentage: {{value: {p}}}}}\n"));
+        assert_eq!(delay("10"), Ok(()));
+        for bad in [".nan", ".inf", "-.inf", "-1", "100.5", "1e300"] {
+            let err = delay(bad).unwrap_err().0;
+            assert!(err.contains("fault.delay.percentage") && err.contains("is not between 0 and 100"), "{bad}: {err}");
+        }
+        let abort = |status: &str| vs(&format!("      abort: {{httpStatus: {status}, percentage: {{value: 5}}}}\n"));
+        assert_eq!(abort("503"), Ok(()));
+        for bad in ["0", "99", "600", "4294967295"] {
+            assert!(abort(bad).unwrap_err().0.contains("is not an HTTP status"), "{bad}");
+        }
+        let long = vs("      delay: {fixedDelay: 99999h, percentage: {value: 1}}\n").unwrap_err().0;
+        assert!(long.contains("longer than a year"), "{long}");
+        let dr = |yaml: &str| destination_rule(&serde_norway::from_str::<DestinationRuleSpec>(yaml).unwrap());
+        let ejection = "host: hello\ntrafficPolicy:\n  outlierDetection: {maxEjectionPercent: 150}\n";
+        assert!(dr(ejection).unwrap_err().0.contains("maxEjectionPercent 150 is more than 100"));
+    }
+
+    #[test]
+    fn redirect_codes_are_envoys() {
+        let vs = |code: &str| {
+            let yaml = format!("hosts: [hello]\nhttp:\n  - redirect: {{uri: /x, redirectCode: {code}}}\n");
+            virtual_service(&serde_norway::from_str::<VirtualServiceSpec>(&yaml).unwrap())
+        };
+        for good in ["301", "302", "303", "307", "308"] {
+            assert_eq!(vs(good), Ok(()), "{good}");
+        }
+        for bad in ["200", "300", "304", "399", "\"308\"", "-1"] {
+            assert!(vs(bad).unwrap_err().0.contains("redirectCode"), "{bad}");
+        }
+    }
+}
