@@ -185,8 +185,8 @@ pub enum ConfigError {
     #[error("no admin identity configured")]
     NoAdmin,
     /// Bad service account for the serving certificate.
-    #[error("invalid control-plane identity: {0}")]
-    Identity(String),
+    #[error("invalid control-plane identity")]
+    Identity(#[source] proto::identity::SpiffeIdError),
     /// Leaf lifetimes.
     #[error("the default certificate lifetime must be positive and at most the maximum")]
     Ttl,
@@ -242,7 +242,7 @@ impl Config {
 
     fn serving_identity(&self) -> Result<proto::SpiffeId, ConfigError> {
         proto::SpiffeId::new(&self.mesh.trust_domain, &self.serving.namespace, &self.serving.service_account)
-            .map_err(|e| ConfigError::Identity(e.to_string()))
+            .map_err(ConfigError::Identity)
     }
 }
 

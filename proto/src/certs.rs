@@ -48,7 +48,7 @@ impl TokenSource {
             TokenSource::Static(t) => Ok(Some(t.clone())),
             TokenSource::File(path) => std::fs::read_to_string(path)
                 .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| CertError::Token(format!("{}: {e}", path.display()))),
+                .map_err(|e| CertError::Token { path: path.clone(), source: Arc::new(e) }),
         }
     }
 }
@@ -124,11 +124,19 @@ impl CertConfig {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CertError {
     /// Reading the token.
-    #[error("reading the service-account token: {0}")]
-    Token(String),
+    #[error("reading the service-account token {}", path.display())]
+    Token {
+        /// The token file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
+    /// The token is not something an HTTP header can carry.
+    #[error("the service-account token is not a valid header value")]
+    TokenNotAHeader,
     /// Building the request.
-    #[error("building the CSR: {0}")]
-    Csr(String),
+    #[error("building the CSR")]
+    Csr(#[source] rcgen::Error),
     /// The CA refused or could not be reached.
     #[error("CA: {code:?}: {message}")]
     Ca {
@@ -138,8 +146,16 @@ pub enum CertError {
         message: String,
     },
     /// The answer is unusable.
-    #[error("unusable certificate from the CA: {0}")]
-    Response(String),
+    #[error("unusable certificate from the CA")]
+    Response(#[source] Arc<crate::tls::TlsError>),
+    /// The CA answered with a certificate for someone else.
+    #[error("the CA answered with a certificate for {got}, asked for {asked}")]
+    WrongIdentity {
+        /// What was asked.
+        asked: SpiffeId,
+        /// What came.
+        got: SpiffeId,
+    },
     /// The identity was forgotten while waiting.
     #[error("no longer wanted")]
     Forgotten,
@@ -274,7 +290,7 @@ impl CertManager {
                 c
             }
             Err(e) => {
-                warn!(identity = %id, error = %e, "certificate request failed");
+                warn!(identity = %id, error = %crate::error_chain(&e), "certificate request failed");
                 slot.send_replace(Slot::Failed(e));
                 return;
             }
@@ -298,9 +314,9 @@ impl CertManager {
                     Err(e) => {
                         let current = credential.current();
                         if current.remaining(SystemTime::now()).is_zero() {
-                            error!(identity = %id, error = %e, "certificate EXPIRED and renewal failed; retrying in {retry:?}");
+                            error!(identity = %id, error = %crate::error_chain(&e), "certificate EXPIRED and renewal failed; retrying in {retry:?}");
                         } else {
-                            warn!(identity = %id, error = %e, remaining = ?current.remaining(SystemTime::now()),
+                            warn!(identity = %id, error = %crate::error_chain(&e), remaining = ?current.remaining(SystemTime::now()),
                                 "certificate renewal failed; still serving the current one, retrying in {retry:?}");
                         }
                         tokio::time::sleep(retry).await;
@@ -313,13 +329,12 @@ impl CertManager {
 
     /// One CSR round trip.
     async fn request(&self, id: &SpiffeId) -> Result<WorkloadCert, CertError> {
-        let key =
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CertError::Csr(e.to_string()))?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CertError::Csr)?;
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
-        let uri = id.as_str().try_into().map_err(|e: rcgen::Error| CertError::Csr(e.to_string()))?;
+        let uri = id.as_str().try_into().map_err(CertError::Csr)?;
         params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
-        let csr = params.serialize_request(&key).and_then(|r| r.pem()).map_err(|e| CertError::Csr(e.to_string()))?;
+        let csr = params.serialize_request(&key).and_then(|r| r.pem()).map_err(CertError::Csr)?;
         let metadata = (id != &self.config.own_identity).then(|| prost_types::Struct {
             fields: [(
                 "ImpersonatedIdentity".to_owned(),
@@ -334,8 +349,7 @@ impl CertManager {
         });
         request.set_timeout(Duration::from_secs(15));
         if let Some(token) = self.config.token.read()? {
-            let value =
-                format!("Bearer {token}").parse().map_err(|_| CertError::Token("not a valid header value".into()))?;
+            let value = format!("Bearer {token}").parse().map_err(|_| CertError::TokenNotAHeader)?;
             request.metadata_mut().insert("authorization", value);
         }
         let chain = self
@@ -347,9 +361,9 @@ impl CertManager {
             .into_inner()
             .cert_chain;
         let cert = WorkloadCert::from_pem(chain.concat().as_bytes(), key.serialize_pem().as_bytes())
-            .map_err(|e| CertError::Response(e.to_string()))?;
+            .map_err(|e| CertError::Response(Arc::new(e)))?;
         if cert.identity() != id {
-            return Err(CertError::Response(format!("certificate is for {}, asked for {id}", cert.identity())));
+            return Err(CertError::WrongIdentity { asked: id.clone(), got: cert.identity().clone() });
         }
         Ok(cert)
     }

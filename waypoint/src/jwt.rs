@@ -79,14 +79,78 @@ fn scalar(v: &Value) -> Option<String> {
 }
 
 /// What authentication concluded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Authn {
     /// No token anywhere a rule looks.
     Anonymous,
     /// A valid token.
     Verified(RequestPrincipal),
     /// A token that is not valid here, with why (for the log; the client only learns 401).
-    Refused(String),
+    Refused(Refusal),
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// More than one token in one request.
+    #[error("{0} different tokens in one request")]
+    SeveralTokens(usize),
+    /// Not a JWT.
+    #[error("the token cannot be read")]
+    Unreadable(#[source] jsonwebtoken::errors::Error),
+    /// No `iss` claim.
+    #[error("the token has no issuer (iss)")]
+    NoIssuer,
+    /// The rule for the token's issuer could not be set up by the control plane (its message).
+    #[error("the rule for this token cannot be used: {0}")]
+    BrokenRule(String),
+    /// No rule where the token was found accepts its issuer.
+    #[error("issuer {0:?} is not accepted where the token was sent")]
+    IssuerNotAccepted(String),
+    /// The token's header is not readable.
+    #[error("the token header cannot be read")]
+    Header(#[source] jsonwebtoken::errors::Error),
+    /// A symmetric (or unknown) algorithm.
+    #[error("algorithm {0:?} is not accepted (only asymmetric signatures are)")]
+    Algorithm(Algorithm),
+    /// The issuer's keys are unusable.
+    #[error("issuer {issuer}")]
+    Keys {
+        /// The issuer.
+        issuer: String,
+        /// What is wrong with its keys.
+        source: KeysError,
+    },
+    /// No key with the token's `kid`.
+    #[error("no key {kid:?} in the JWKS of issuer {issuer}")]
+    NoKey {
+        /// The token's key id.
+        kid: Option<String>,
+        /// The issuer.
+        issuer: String,
+    },
+    /// No key for the token's algorithm.
+    #[error("no {alg:?} key in the JWKS of issuer {issuer}")]
+    NoKeyFor {
+        /// The token's algorithm.
+        alg: Algorithm,
+        /// The issuer.
+        issuer: String,
+    },
+    /// The signature or a claim does not check out (expired, wrong audience, ...).
+    #[error("the token does not verify")]
+    Invalid(#[source] jsonwebtoken::errors::Error),
+}
+
+/// Why a JWKS document gives no keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// Not JSON of a JWKS.
+    #[error("the keys are not a JWKS document")]
+    NotJwks(#[source] serde_json::Error),
+    /// Only symmetric or unreadable keys.
+    #[error("the JWKS holds no usable public key")]
+    NoPublicKey,
 }
 
 /// Where a token was found.
@@ -115,12 +179,12 @@ struct Keys {
 }
 
 impl KeyCache {
-    fn keys(&self, jwks: &str) -> Result<Arc<Keys>, String> {
+    fn keys(&self, jwks: &str) -> Result<Arc<Keys>, KeysError> {
         let mut parsed = self.parsed.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = parsed.get(jwks) {
             return Ok(k.clone());
         }
-        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("the keys are not a JWKS document: {e}"))?;
+        let set: JwkSet = serde_json::from_str(jwks).map_err(KeysError::NotJwks)?;
         let keys: Vec<_> = set
             .keys
             .iter()
@@ -128,7 +192,7 @@ impl KeyCache {
             .filter_map(|k| Some((k.common.key_id.clone(), DecodingKey::from_jwk(k).ok()?)))
             .collect();
         if keys.is_empty() {
-            return Err("the JWKS holds no usable public key".into());
+            return Err(KeysError::NoPublicKey);
         }
         if parsed.len() >= MAX_CACHED {
             parsed.clear();
@@ -210,18 +274,18 @@ pub fn authenticate(rules: &[&pb::JwtRule], headers: &mut HeaderMap, query: Opti
     let (token, by) = match found.len() {
         0 => return Authn::Anonymous,
         1 => found.remove(0),
-        n => return Authn::Refused(format!("{n} different tokens in one request")),
+        n => return Authn::Refused(Refusal::SeveralTokens(n)),
     };
     let issuer = match jsonwebtoken::dangerous::insecure_decode_claims::<Value>(&token) {
         Ok(claims) => claims.get("iss").and_then(Value::as_str).map(str::to_owned),
-        Err(e) => return Authn::Refused(format!("the token cannot be read: {e}")),
+        Err(e) => return Authn::Refused(Refusal::Unreadable(e)),
     };
-    let Some(issuer) = issuer else { return Authn::Refused("the token has no issuer (iss)".into()) };
+    let Some(issuer) = issuer else { return Authn::Refused(Refusal::NoIssuer) };
     // A rule that cannot be used refuses what it would check, whatever another rule says.
     if let Some(broken) =
         by.iter().map(|(i, _)| rules[*i]).find(|r| !r.error.is_empty() && (r.issuer.is_empty() || r.issuer == issuer))
     {
-        return Authn::Refused(format!("the rule for this token cannot be used: {}", broken.error));
+        return Authn::Refused(Refusal::BrokenRule(broken.error.clone()));
     }
     let mut why = None;
     for (i, place) in &by {
@@ -237,15 +301,15 @@ pub fn authenticate(rules: &[&pb::JwtRule], headers: &mut HeaderMap, query: Opti
             Err(e) => why = Some(e),
         }
     }
-    Authn::Refused(why.unwrap_or_else(|| format!("issuer {issuer:?} is not accepted where the token was sent")))
+    Authn::Refused(why.unwrap_or(Refusal::IssuerNotAccepted(issuer)))
 }
 
-fn verify(rule: &pb::JwtRule, token: &str, cache: &KeyCache) -> Result<RequestPrincipal, String> {
-    let header = jsonwebtoken::decode_header(token).map_err(|e| format!("the token header cannot be read: {e}"))?;
+fn verify(rule: &pb::JwtRule, token: &str, cache: &KeyCache) -> Result<RequestPrincipal, Refusal> {
+    let header = jsonwebtoken::decode_header(token).map_err(Refusal::Header)?;
     if !ASYMMETRIC.contains(&header.alg) {
-        return Err(format!("algorithm {:?} is not accepted (only asymmetric signatures are)", header.alg));
+        return Err(Refusal::Algorithm(header.alg));
     }
-    let keys = cache.keys(&rule.jwks).map_err(|e| format!("issuer {}: {e}", rule.issuer))?;
+    let keys = cache.keys(&rule.jwks).map_err(|source| Refusal::Keys { issuer: rule.issuer.clone(), source })?;
     let mut validation = Validation::new(header.alg);
     validation.set_issuer(&[&rule.issuer]);
     if rule.audiences.is_empty() {
@@ -281,18 +345,15 @@ fn verify(rule: &pb::JwtRule, token: &str, cache: &KeyCache) -> Result<RequestPr
             .take(MAX_KEYS_TRIED)
             .collect(),
     };
-    if candidates.is_empty() {
-        return Err(format!("no key {:?} in the JWKS of issuer {}", header.kid, rule.issuer));
-    }
-    let mut last = String::new();
+    let mut last = Refusal::NoKey { kid: header.kid.clone(), issuer: rule.issuer.clone() };
     for key in candidates {
         if key.family() != header.alg.family() {
-            last = format!("no {:?} key in the JWKS of issuer {}", header.alg, rule.issuer);
+            last = Refusal::NoKeyFor { alg: header.alg, issuer: rule.issuer.clone() };
             continue;
         }
         match jsonwebtoken::decode::<serde_json::Map<String, Value>>(token, key, &validation) {
             Ok(data) => return Ok(principal(data.claims)),
-            Err(e) => last = format!("{e}"),
+            Err(e) => last = Refusal::Invalid(e),
         }
     }
     Err(last)
@@ -415,7 +476,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-jwt", HeaderValue::from_static("eyJzdWIiOiJhZG1pbiJ9"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwdw=="));
-        assert_eq!(run(&[r], &mut headers, None), Authn::Anonymous);
+        assert!(matches!(run(&[r], &mut headers, None), Authn::Anonymous));
         assert!(headers.get("x-jwt").is_none());
         assert!(headers.get(header::AUTHORIZATION).is_some(), "a header that holds no token is left alone");
     }
@@ -523,7 +584,7 @@ mod tests {
         assert!(matches!(got, Authn::Verified(ref p) if p.principal == "https://idp/b"), "{got:?}");
         // Two different tokens: refused, even though both are valid.
         let got = run(&[rule("https://idp", &i.jwks)], &mut bearer(&t1), Some(&format!("access_token={t2}")));
-        assert!(matches!(got, Authn::Refused(ref why) if why.contains("2 different tokens")), "{got:?}");
+        assert!(matches!(got, Authn::Refused(Refusal::SeveralTokens(2))), "{got:?}");
         // The same token twice is one token.
         let got = run(&[rule("https://idp", &i.jwks)], &mut bearer(&t1), Some(&format!("access_token={t1}")));
         assert!(matches!(got, Authn::Verified(_)), "{got:?}");
@@ -544,7 +605,7 @@ mod tests {
         h.kid = Some("kz".into());
         let token = encode(&h, &serde_json::json!({"iss": "https://idp", "sub": "x"}), &b.key).unwrap();
         let got = run(&[rule("https://idp", &both)], &mut bearer(&token), None);
-        assert!(matches!(got, Authn::Refused(ref why) if why.contains("no key")), "{got:?}");
+        assert!(matches!(got, Authn::Refused(Refusal::NoKey { .. })), "{got:?}");
     }
 
     #[test]

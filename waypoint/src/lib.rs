@@ -165,11 +165,17 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The identity is not a valid SPIFFE ID.
-    #[error("identity: {0}")]
-    Identity(String),
-    /// The control plane could not be reached or refused the certificate.
-    #[error("control plane: {0}")]
-    Control(String),
+    #[error("identity")]
+    Identity(#[source] proto::identity::SpiffeIdError),
+    /// The control plane's address or roots are unusable.
+    #[error("control plane")]
+    Control(#[source] proto::control::ControlError),
+    /// The certificate could not be had.
+    #[error("certificate")]
+    Certificate(#[source] proto::certs::CertError),
+    /// The TLS server could not be set up with it.
+    #[error("TLS")]
+    Tls(#[source] proto::tls::TlsError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -356,12 +362,12 @@ impl Waypoint {
         let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
         let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
 
-        let identity = SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account)
-            .map_err(|e| Error::Identity(e.to_string()))?;
+        let identity =
+            SpiffeId::new(&config.trust_domain, &config.namespace, &config.service_account).map_err(Error::Identity)?;
         let mut cert_config = CertConfig::new(config.ca.clone(), config.token.clone(), identity.clone());
         cert_config.retry_min = Duration::from_millis(500);
-        let certs = CertManager::new(cert_config).map_err(|e| Error::Control(e.to_string()))?;
-        let credential = certs.fetch(&identity).await.map_err(|e| Error::Control(e.to_string()))?;
+        let certs = CertManager::new(cert_config).map_err(Error::Control)?;
+        let credential = certs.fetch(&identity).await.map_err(Error::Certificate)?;
         info!(%identity, "certificate issued");
 
         let view = MeshView::new(&SUBSCRIBED, config.ca.trust.clone());
@@ -400,7 +406,7 @@ impl Waypoint {
         });
 
         let tls = proto::tls::server_config(credential, ctx.view.trust.clone(), vec![config.trust_domain.clone()])
-            .map_err(|e| Error::Control(e.to_string()))?;
+            .map_err(Error::Tls)?;
         let hbone = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
         let server = Server::new(hbone_listener, tls, hbone, Arc::new(Inbound { ctx: ctx.clone() }))
             .map_err(|source| Error::Bind { what: "the HBONE listener", addr: config.listen, source })?;

@@ -324,7 +324,7 @@ fn authenticate(
         Authn::Anonymous => Ok(None),
         Authn::Verified(p) => Ok(Some(p)),
         Authn::Refused(why) => {
-            warn!(peer = %down.peer, method = %parts.method, path = parts.uri.path(), reason = %why,
+            warn!(peer = %down.peer, method = %parts.method, path = parts.uri.path(), reason = %proto::error_chain(&why),
                 "request refused: invalid JWT");
             Err(Answer::text(StatusCode::UNAUTHORIZED, "Jwt verification fails\n", "-", "")
                 .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer error=\"invalid_token\"")))
