@@ -30,8 +30,8 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use proto::api::istio::workload::zds::WorkloadInfo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel::agent::{NodeAgent, in_mesh};
 use ztunnel::netns::NetNs;
+use ztunnel::node::agent::{NodeAgent, in_mesh};
 
 use crate::ca_process::{CaLaunch, CaProcess, ISSUER, output, sibling_binary, spawn_child_with, wait_for_port};
 use crate::topology::{NamedNetns, PREFIX, install_signal_cleanup, preflight, reap_stale};
@@ -484,7 +484,7 @@ impl Mesh {
             for doc in docs.iter().filter(|d| d["kind"] == "Namespace") {
                 let Some(name) = doc["metadata"]["name"].as_str() else { continue };
                 let labels = &doc["metadata"]["labels"];
-                let ambient = labels[ztunnel::agent::DATAPLANE_MODE_LABEL] == "ambient";
+                let ambient = labels[ztunnel::node::agent::DATAPLANE_MODE_LABEL] == "ambient";
                 let waypoint = labels["istio.io/use-waypoint"].as_str().map(str::to_owned);
                 seen.push((name.to_owned(), ambient, waypoint));
             }
@@ -544,7 +544,7 @@ impl Mesh {
         }
         let spec = PodSpec::new(name, namespace, node)
             .label("gateway.networking.k8s.io/gateway-name", name)
-            .label(ztunnel::agent::DATAPLANE_MODE_LABEL, "none");
+            .label(ztunnel::node::agent::DATAPLANE_MODE_LABEL, "none");
         let spec = PodSpec { service_account: Some("waypoint".into()), ..spec };
         let pod = self.pod(spec).await?;
         self.apply(
@@ -621,7 +621,7 @@ impl Mesh {
 
     fn enrolled(&self, pod: &MeshPod) -> bool {
         let ns_mode = self.namespaces.get(&pod.namespace).copied().unwrap_or(false).then_some("ambient");
-        in_mesh(ns_mode, pod.labels.get(ztunnel::agent::DATAPLANE_MODE_LABEL).map(String::as_str))
+        in_mesh(ns_mode, pod.labels.get(ztunnel::node::agent::DATAPLANE_MODE_LABEL).map(String::as_str))
     }
 
     async fn reconcile(&self, pod: &MeshPod) -> Result<()> {

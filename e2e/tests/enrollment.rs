@@ -64,7 +64,7 @@ async fn flipping_the_namespace_label_enrolls_and_unenrolls_running_pods() {
     assert!(seen_in_clear(&mesh, &a, &b, b"OUT-AGAIN-4", &opted_out).await, "unenrolled pods still captured");
     let dump = mesh.config_dump(2).await.unwrap();
     assert!(dump["pods"].as_array().unwrap().is_empty(), "node-2 still serves a pod: {dump}");
-    assert!(!ztunnel::capture::installed(&b.netns.ns).unwrap(), "capture rules left in the pod");
+    assert!(!ztunnel::node::capture::installed(&b.netns.ns).unwrap(), "capture rules left in the pod");
 }
 
 /// IPv6 is not captured yet, so it must not be a way around the mesh: with IPv6 addresses on the

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use proto::lifecycle::LogControl;
 
-use crate::Context;
-use crate::proxy::Proxy;
+use crate::context::Context;
+use crate::pods::Proxy;
 
 /// What the handlers read.
 #[derive(Clone)]

@@ -23,7 +23,7 @@ use proto::state::Workload;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
-use crate::Context;
+use crate::context::Context;
 use crate::pod::{Pod, connect};
 use crate::rbac::{self, Connection, Decision};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};

@@ -6,14 +6,15 @@
 //! Traffic between pods goes as HBONE (HTTP/2 `CONNECT` over mutual TLS with each pod's own SPIFFE
 //! certificate), L4 policy is enforced on the receiving side, and the app sees the real client IP.
 //!
-//! - [`run`] ties it together: [`xds`] (mesh state), [`certs`] (pod certificates), [`proxy`]
-//!   (pods and their listeners, following the node agent), [`admin`] (admin, metrics, readiness).
+//! - [`Ztunnel::start`] ties it together: [`xds`] (mesh state), [`certs`] (pod certificates), [`pods`]
+//!   (the pods served and their listeners, following the node agent), [`admin`] (admin,
+//!   metrics, readiness).
 //! - Connection handling: [`outbound`] (routing and tunnels), [`inbound`] (HBONE and plaintext),
 //!   [`rbac`] (L4 authorization, Istio's semantics), [`tracker`] (live connections re-authorized
 //!   when policy changes), [`telemetry`] (Istio's metrics, access log).
 //! - Pods: [`pod`] (identity, where sockets are made), [`netns`] (sockets in a pod's namespace).
-//! - Enrollment: [`zds`] (the protocol, both ends), [`agent`] (the node agent),
-//!   [`capture`] (the rules it installs in a pod).
+//! - Enrollment: [`zds`] (the protocol, both ends), [`node`] (the node agent and the CNI
+//!   plugin's side of it, with the capture rules it installs in a pod).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,14 +29,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub mod admin;
-pub mod agent;
-pub mod capture;
+mod context;
 pub mod inbound;
 pub mod netns;
 pub mod node;
 pub mod outbound;
 pub mod pod;
-pub mod proxy;
+pub mod pods;
 pub mod rbac;
 pub mod telemetry;
 pub mod tracker;
@@ -45,29 +45,12 @@ pub mod zds;
 /// Workload certificates (shared with the waypoint; lives in `proto`).
 pub use proto::certs;
 
+pub use crate::context::Context;
+
 use crate::certs::{CertConfig, CertManager, TokenSource};
 use crate::telemetry::Metrics;
 use crate::tracker::Tracker;
 use crate::xds::{MeshView, XdsClient};
-
-/// What every connection handler shares.
-#[derive(Debug)]
-pub struct Context {
-    /// The mesh as the control plane describes it (and the trust bundle).
-    pub view: Arc<MeshView>,
-    /// Pod certificates.
-    pub certs: Arc<CertManager>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Live inbound connections, for policy re-checks.
-    pub tracker: Arc<Tracker>,
-    /// The mesh's trust domain (pod identities, accepted peers).
-    pub trust_domain: String,
-    /// HBONE client settings.
-    pub pool: PoolConfig,
-    /// HBONE server settings.
-    pub hbone: ServerConfig,
-}
 
 /// ztunnel's settings.
 #[derive(Debug, Clone)]
@@ -135,7 +118,7 @@ pub struct Ztunnel {
     stop: CancellationToken,
 }
 
-use crate::proxy::Proxy;
+use crate::pods::Proxy;
 
 impl Ztunnel {
     /// Binds the endpoints and starts following the control plane and the node agent.

@@ -8,7 +8,7 @@
 //! the closure fails; if that ever became impossible the process aborts rather than run on in the
 //! wrong namespace.
 //!
-//! Sockets ztunnel opens for traffic carry [`crate::capture::ZTUNNEL_MARK`] so the pod's capture
+//! Sockets ztunnel opens for traffic carry [`crate::node::capture::ZTUNNEL_MARK`] so the pod's capture
 //! rules let them through instead of redirecting them back to ztunnel.
 
 use std::cell::OnceCell;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use nix::sched::{CloneFlags, setns, unshare};
 use tokio::net::TcpSocket;
 
-use crate::capture::ZTUNNEL_MARK;
+use crate::node::capture::ZTUNNEL_MARK;
 
 /// A network namespace, held open by a descriptor.
 #[derive(Debug, Clone)]

@@ -22,7 +22,7 @@ use proto::hbone::{HBONE_PORT, copy};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
-use crate::Context;
+use crate::context::Context;
 use crate::pod::{Pod, PodDialer, connect};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
 use proto::state::{MeshState, PortMapping, Waypoint, WaypointAt, Workload};

@@ -218,7 +218,7 @@ async fn the_cni_plugin_has_a_new_mesh_pod_captured_before_it_starts() {
         "the previous result is passed on"
     );
     let web_ns = NetNs::open(&web.path()).unwrap();
-    assert!(ztunnel::capture::installed(&web_ns).unwrap(), "the mesh pod was not captured before ADD returned");
+    assert!(ztunnel::node::capture::installed(&web_ns).unwrap(), "the mesh pod was not captured before ADD returned");
 
     // A pod outside the mesh: passed through, not captured.
     let legacy = Named::new("legacy");
@@ -227,7 +227,7 @@ async fn the_cni_plugin_has_a_new_mesh_pod_captured_before_it_starts() {
             .await
             .unwrap();
     assert_eq!(code, 0);
-    assert!(!ztunnel::capture::installed(&NetNs::open(&legacy.path()).unwrap()).unwrap());
+    assert!(!ztunnel::node::capture::installed(&NetNs::open(&legacy.path()).unwrap()).unwrap());
 
     // A pod the agent does not know: the ADD fails with a CNI error (the kubelet retries).
     let (code, out) =

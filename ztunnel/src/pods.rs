@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::Context;
+use crate::context::Context;
 use crate::inbound::{Inbound, serve_plaintext};
 use crate::netns::NetNs;
 use crate::outbound::Outbound;

@@ -2,7 +2,7 @@
 //! this node belong in the mesh, where their network namespaces are, and the CNI plugin's hook.
 //!
 //! - Pods come from the API server (a watch of this node's pods and of all namespaces); a pod is
-//!   enrolled when [`in_mesh`](crate::agent::in_mesh) says so, it is not on the host network and its
+//!   enrolled when [`in_mesh`] says so, it is not on the host network and its
 //!   network namespace exists (a sandbox was made); it is unenrolled when that stops being true or
 //!   it goes away.
 //! - A pod's network namespace comes from the CNI plugin (`ambient-cni`, chained after the
@@ -20,8 +20,8 @@ use proto::api::istio::workload::zds::WorkloadInfo;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt as _;
 
-use crate::agent::in_mesh;
 use crate::netns::NetNs;
+use crate::node::agent::in_mesh;
 
 /// Where the agent listens for the CNI plugin (next to the ZDS socket, in the host path both
 /// share).
@@ -61,7 +61,7 @@ impl PodFacts {
             name: meta.name.clone()?,
             namespace: meta.namespace.clone()?,
             service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-            mode: meta.labels.as_ref().and_then(|l| l.get(crate::agent::DATAPLANE_MODE_LABEL).cloned()),
+            mode: meta.labels.as_ref().and_then(|l| l.get(crate::node::agent::DATAPLANE_MODE_LABEL).cloned()),
             host_network: spec.host_network.unwrap_or(false),
             gone: meta.deletion_timestamp.is_some() || matches!(phase, Some("Succeeded" | "Failed")),
         })
@@ -245,7 +245,7 @@ pub async fn run_agent(
     client: kube::Client,
     config: AgentConfig,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), crate::agent::AgentError> {
+) -> Result<(), crate::node::agent::AgentError> {
     // The agent itself is not generic: it is compiled once, here, not in every caller.
     agent_loop(client, config, Box::pin(stop)).await
 }
@@ -254,13 +254,13 @@ async fn agent_loop(
     client: kube::Client,
     config: AgentConfig,
     stop: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-) -> Result<(), crate::agent::AgentError> {
+) -> Result<(), crate::node::agent::AgentError> {
     use futures_util::StreamExt as _;
     use kube::runtime::WatchStreamExt as _;
     use kube::runtime::watcher::{self, Event};
     use tracing::{info, warn};
 
-    let agent = std::sync::Arc::new(crate::agent::NodeAgent::bind(&config.zds_socket)?);
+    let agent = std::sync::Arc::new(crate::node::agent::NodeAgent::bind(&config.zds_socket)?);
     let known: Shared = Shared::default();
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
 
@@ -308,7 +308,7 @@ async fn agent_loop(
         let (known, changed) = (known.clone(), changed.clone());
         tokio::spawn(async move {
             let mode = |n: &k8s_openapi::api::core::v1::Namespace| {
-                n.metadata.labels.as_ref().and_then(|l| l.get(crate::agent::DATAPLANE_MODE_LABEL).cloned())
+                n.metadata.labels.as_ref().and_then(|l| l.get(crate::node::agent::DATAPLANE_MODE_LABEL).cloned())
             };
             let mut stream = std::pin::pin!(watcher::watcher(ns_api, watcher::Config::default()).default_backoff());
             let mut listing: Option<HashMap<String, Option<String>>> = None;
@@ -344,7 +344,7 @@ async fn agent_loop(
 
     let cni = {
         let listener = bind_unix(&config.cni_socket).map_err(|source| {
-            crate::agent::AgentError::Listen(crate::zds::ZdsError::Io { path: config.cni_socket.clone(), source })
+            crate::node::agent::AgentError::Listen(crate::zds::ZdsError::Io { path: config.cni_socket.clone(), source })
         })?;
         let (known, changed, wait) = (known.clone(), changed.clone(), config.cni_wait);
         tokio::spawn(async move {
@@ -388,7 +388,7 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
 /// Enrolls what belongs in the mesh and is not, unenrolls what is and no longer belongs, and
 /// enrolls again a pod whose sandbox (network namespace) the CNI plugin reported anew. The only
 /// place that enrolls: CNI reports wait for it.
-async fn reconcile(known: &Shared, agent: &crate::agent::NodeAgent, proc_root: &Path, host_ns: u64) {
+async fn reconcile(known: &Shared, agent: &crate::node::agent::NodeAgent, proc_root: &Path, host_ns: u64) {
     use tracing::warn;
     let (want, cni, enrolled_from) = {
         let k = lock(known);

@@ -19,8 +19,8 @@ use proto::api::istio::workload::zds::WorkloadInfo;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::capture::{self, CaptureError};
 use crate::netns::NetNs;
+use crate::node::capture::{self, CaptureError};
 use crate::zds::{AgentConnection, ZdsError, ZdsListener};
 
 /// Namespace (and pod) label that enrolls pods.
