@@ -27,7 +27,7 @@ use serde::Deserialize;
 use crate::objects::Objects;
 
 /// The audience Istio's proxies request for CA tokens.
-pub const DEFAULT_AUDIENCE: &str = "istio-ca";
+pub use proto::control::CA_AUDIENCE as DEFAULT_AUDIENCE;
 
 /// Local JWT validation settings.
 #[derive(Clone)]

@@ -24,7 +24,6 @@
 pub mod admin;
 pub mod auth;
 pub mod authority;
-pub mod ctl;
 pub mod grpc;
 pub mod jwks;
 pub mod k8s;
@@ -105,7 +104,7 @@ impl Default for ServingConfig {
 }
 
 /// The local admin credential in `<state-dir>/admin/`: chain (leaf first) then key, PEM.
-pub const ADMIN_CREDENTIAL: &str = "credential.pem";
+pub use proto::control::ADMIN_CREDENTIAL;
 
 /// Lifetime of the control plane's serving certificate and the local admin credential; renewed
 /// at half-life and whenever the signer changes.

@@ -34,7 +34,7 @@ enum Command {
     /// Run the control plane (the default).
     Serve(Box<ServeArgs>),
     #[command(flatten)]
-    Admin(ca::ctl::admin::AdminCommand),
+    Admin(ca_ctl::admin::AdminCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -186,7 +186,7 @@ fn main() -> Result<()> {
     match args.command {
         None => runtime.block_on(serve(args.serve)),
         Some(Command::Serve(serve_args)) => runtime.block_on(serve(*serve_args)),
-        Some(Command::Admin(command)) => runtime.block_on(ca::ctl::admin::run(command, ca::ctl::Output::Table)),
+        Some(Command::Admin(command)) => runtime.block_on(ca_ctl::admin::run(command, ca_ctl::Output::Table)),
     }
 }
 

@@ -480,7 +480,7 @@ impl Mesh {
             }
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
             // A file being written or broken is read again on the next call.
-            let Ok(docs) = ca::ctl::config::read_docs(&text) else { continue };
+            let Ok(docs) = ca_ctl::config::read_docs(&text) else { continue };
             for doc in docs.iter().filter(|d| d["kind"] == "Namespace") {
                 let Some(name) = doc["metadata"]["name"].as_str() else { continue };
                 let labels = &doc["metadata"]["labels"];

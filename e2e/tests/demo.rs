@@ -269,6 +269,6 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
     assert_eq!(code, Some(130), "Ctrl-C with --keep: the demo exited with {code:?}:\n{output}");
     assert!(!output.contains("demo failed"), "{output}");
     assert_nothing_left(pid, tmp.path(), "after --keep and Ctrl-C");
-    assert!(!Path::new(ca::ctl::kept::REGISTRY).join(pid.to_string()).exists(), "the registration was left");
+    assert!(!Path::new(ca_ctl::kept::REGISTRY).join(pid.to_string()).exists(), "the registration was left");
     assert_eq!(host_rules(), rules, "the host's own rules changed");
 }

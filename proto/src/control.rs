@@ -97,3 +97,9 @@ pub fn with_token(
         Ok(request)
     }
 }
+
+/// The audience Istio's proxies request for the tokens they present to the CA.
+pub const CA_AUDIENCE: &str = "istio-ca";
+
+/// The CA's local admin credential, in `<state-dir>/admin/`: chain (leaf first) then key, PEM.
+pub const ADMIN_CREDENTIAL: &str = "credential.pem";

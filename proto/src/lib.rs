@@ -24,10 +24,12 @@ pub mod duration;
 pub mod endpoint;
 pub mod hbone;
 pub mod identity;
+pub mod labels;
 pub mod lifecycle;
 pub mod state;
 pub mod tls;
 pub mod xds;
+pub mod yaml_dir;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

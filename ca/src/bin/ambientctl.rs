@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use ca::ctl::Output;
-use ca::ctl::admin::AdminCommand;
-use ca::ctl::config::{Outcome, Target, to_yaml};
-use ca::ctl::inspect;
-use ca::ctl::kept::KeptMesh;
-use ca::ctl::waypoint::WaypointSpec;
 use ca::k8s::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL, USE_WAYPOINT_LABEL};
+use ca_ctl::Output;
+use ca_ctl::admin::AdminCommand;
+use ca_ctl::config::{Outcome, Target, to_yaml};
+use ca_ctl::inspect;
+use ca_ctl::kept::KeptMesh;
+use ca_ctl::waypoint::WaypointSpec;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
@@ -231,7 +231,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<Unreachable>().is_some() {
             return 3;
         }
-        if let Some(refused) = cause.downcast_ref::<ca::ctl::admin::CaRefused>() {
+        if let Some(refused) = cause.downcast_ref::<ca_ctl::admin::CaRefused>() {
             return match refused.0.code() {
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => 3,
                 _ => 4,
@@ -328,7 +328,7 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
                         .map(String::from);
                 return reexec(&kept.ca_netns, &[], &reach);
             }
-            ca::ctl::admin::run(command.clone(), cli.output).await?;
+            ca_ctl::admin::run(command.clone(), cli.output).await?;
         }
         Command::Ztunnel(args) => {
             if let Some(netns) = &args.netns {

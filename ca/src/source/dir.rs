@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -85,26 +85,7 @@ pub struct DirSource {
     reported: BTreeSet<(String, String)>,
 }
 
-fn is_hidden(path: &Path) -> bool {
-    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
-}
-
-/// Every `.yaml`/`.yml` file below `dir`, hidden files and directories skipped.
-pub fn list_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        if is_hidden(&path) {
-            continue;
-        }
-        if path.is_dir() {
-            // A subdirectory that vanishes mid-scan is simply skipped.
-            let _ = list_yaml(&path, out);
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
+pub use proto::yaml_dir::list_yaml;
 
 /// What one YAML file (possibly many `---` documents) yields on its own: its objects, and a message
 /// per document or object that was refused. The parser behind the directory source, public for

@@ -12,8 +12,8 @@
 
 use std::process::Command;
 
-use ca::ctl::config::{Outcome, Target};
-use ca::ctl::waypoint::WaypointSpec;
+use ca_ctl::config::{Outcome, Target};
+use ca_ctl::waypoint::WaypointSpec;
 use serde_json::{Value, json};
 
 use crate::recording_api::Mock;
@@ -225,7 +225,7 @@ fn a_kept_mesh_is_found_without_flags() {
     let objects = tempfile::tempdir().unwrap();
     std::fs::write(objects.path().join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n")
         .unwrap();
-    let kept = |pid: u32| ca::ctl::kept::KeptMesh {
+    let kept = |pid: u32| ca_ctl::kept::KeptMesh {
         pid,
         ca_addr: "10.10.0.254:15012".parse().unwrap(),
         ca_name: "10.10.0.254".into(),

@@ -204,7 +204,7 @@ fn the_waypoint_template_is_what_ambientctl_generates() {
     let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
         .map(|d| serde_json::to_value(serde_norway::Value::deserialize(d).unwrap()).unwrap())
         .collect();
-    assert_eq!(docs, ca::ctl::waypoint::WaypointSpec::new("default").objects(), "regenerate deploy/waypoint.yaml");
+    assert_eq!(docs, ca_ctl::waypoint::WaypointSpec::new("default").objects(), "regenerate deploy/waypoint.yaml");
 }
 
 #[test]

@@ -181,7 +181,7 @@ async fn run(args: Args) -> Result<()> {
 
 /// Registers the kept mesh for `ambientctl` (removed with the mesh); returns the file.
 fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
-    let kept = ca::ctl::kept::KeptMesh {
+    let kept = ca_ctl::kept::KeptMesh {
         pid: std::process::id(),
         ca_addr: std::net::SocketAddr::from((CA_IP, 15012)),
         ca_name: CA_IP.to_string(),

@@ -19,17 +19,18 @@ use proto::api::istio::workload::zds::WorkloadInfo;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use proto::labels::{DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_NONE};
+
 use crate::netns::NetNs;
 use crate::node::capture::{self, CaptureError};
 use crate::zds::{AgentConnection, ZdsError, ZdsListener};
 
-/// Namespace (and pod) label that enrolls pods.
-pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+pub use proto::labels::DATAPLANE_MODE_LABEL;
 
 /// Whether a pod is in the mesh: its namespace says `istio.io/dataplane-mode=ambient` and the pod
 /// does not opt out with `istio.io/dataplane-mode=none`.
 pub fn in_mesh(namespace_mode: Option<&str>, pod_mode: Option<&str>) -> bool {
-    namespace_mode == Some("ambient") && pod_mode != Some("none")
+    namespace_mode == Some(DATAPLANE_MODE_AMBIENT) && pod_mode != Some(DATAPLANE_MODE_NONE)
 }
 
 /// Node agent errors.

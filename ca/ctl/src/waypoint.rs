@@ -5,8 +5,8 @@
 
 use serde_json::{Value, json};
 
-use crate::auth::DEFAULT_AUDIENCE;
-use crate::k8s::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS};
+use proto::control::CA_AUDIENCE as DEFAULT_AUDIENCE;
+use proto::labels::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, WAYPOINT_FOR_LABEL, WAYPOINT_GATEWAY_CLASS};
 
 /// The label tying a waypoint's Deployment, pods and Service to its Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";

@@ -116,7 +116,7 @@ async fn admin_client(
     let credential = match (&args.cert, &args.key) {
         (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
         _ if token.is_none() => {
-            let file = args.state_dir.join("admin").join(crate::ADMIN_CREDENTIAL);
+            let file = args.state_dir.join("admin").join(proto::control::ADMIN_CREDENTIAL);
             Some((file.clone(), file))
         }
         _ => None,

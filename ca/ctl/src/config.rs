@@ -199,7 +199,7 @@ fn find_in_dir(
         bail!("{}: not a directory", dir.display());
     }
     let mut files = Vec::new();
-    crate::source::dir::list_yaml(dir, &mut files).with_context(|| format!("listing {}", dir.display()))?;
+    proto::yaml_dir::list_yaml(dir, &mut files).with_context(|| format!("listing {}", dir.display()))?;
     files.sort();
     for path in files {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;

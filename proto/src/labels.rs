@@ -1,0 +1,22 @@
+//! The labels and annotations that drive the mesh, with Istio's names and values: shared by the
+//! control plane, the node agent and the CLI, so each reads them the same way.
+
+/// Namespace (and pod) label that enrolls workloads in ambient mode.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// `istio.io/dataplane-mode` value that enrolls a namespace.
+pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
+/// `istio.io/dataplane-mode` value that opts a pod (or namespace) out.
+pub const DATAPLANE_MODE_NONE: &str = "none";
+/// Label on a namespace, service or pod naming the waypoint its traffic goes through.
+pub const USE_WAYPOINT_LABEL: &str = "istio.io/use-waypoint";
+/// Optional label next to `istio.io/use-waypoint`: the waypoint's namespace, when not the object's.
+pub const USE_WAYPOINT_NAMESPACE_LABEL: &str = "istio.io/use-waypoint-namespace";
+/// Label on a waypoint Gateway: which traffic it handles (`service`, `workload`, `all`, `none`).
+pub const WAYPOINT_FOR_LABEL: &str = "istio.io/waypoint-for";
+/// The `gatewayClassName` of waypoints.
+pub const WAYPOINT_GATEWAY_CLASS: &str = "istio-waypoint";
+/// `istio.io/use-waypoint` value meaning "no waypoint, even if the namespace has one".
+pub const USE_WAYPOINT_NONE: &str = "none";
+/// Annotation that makes an AuthorizationPolicy dry-run (`"true"`): evaluated and logged, never
+/// enforced.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
