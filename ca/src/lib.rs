@@ -45,6 +45,7 @@ use proto::api::envoy::service::discovery::v3::aggregated_discovery_service_serv
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::auth::{AuthConfig, Authenticator, NodeAuthorizer, PodIndex};
@@ -382,8 +383,9 @@ impl ControlPlane {
             "control plane starting"
         );
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let stop = || wait_stop(stop_rx.clone());
+        // Every task stops on this token (one stop, as in ztunnel and the waypoint).
+        let stopping = CancellationToken::new();
+        let stop = || stopping.clone().cancelled_owned();
 
         let metrics = Arc::new(CaMetrics::new());
         metrics.signer_expiry.set(authority.material().signer.info.not_after);
@@ -472,7 +474,7 @@ impl ControlPlane {
             tracing::error!(error = %e, "config source failed; stopping");
         }
         info!("control plane stopping");
-        let _ = stop_tx.send(true);
+        stopping.cancel();
         let _ = translator.await;
         let _ = jwks_fetcher.await;
         let _ = renewer.await;
@@ -548,10 +550,6 @@ async fn renew_loop(
 }
 
 /// Resolves when the stop flag is raised (or its sender is gone).
-async fn wait_stop(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// What the translation loop reads.
 struct TranslateInputs {
     store: Arc<Store>,

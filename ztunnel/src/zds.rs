@@ -161,6 +161,7 @@ impl AgentConnection {
     }
 
     /// Sends an `AddWorkload` with no descriptor or any descriptor (for tests of ztunnel's checks).
+    #[cfg(feature = "testing")]
     pub async fn add_raw(&self, uid: &str, fd: Option<BorrowedFd<'_>>) -> Result<(), ZdsError> {
         let add = AddWorkload { uid: uid.into(), workload_info: None };
         self.request(workload_request::Payload::Add(add), fd).await

@@ -172,6 +172,7 @@ impl NodeAgent {
     }
 
     /// Runs `f` with the current ztunnel connection (tests send raw or malformed requests).
+    #[cfg(feature = "testing")]
     pub async fn with_connection<T>(&self, f: impl AsyncFnOnce(&AgentConnection) -> T) -> Option<T> {
         let conn = self.shared.conn.lock().await;
         match conn.as_ref() {
