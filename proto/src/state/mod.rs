@@ -294,11 +294,16 @@ impl Target {
     }
 }
 
+/// Names of resources by the namespace and name of what they target (looked up with `&str`, no
+/// allocation per request).
+type ByNamespacedName = HashMap<String, HashMap<String, BTreeSet<String>>>;
+
 /// Resources that target Gateways or Services, indexed by target.
 #[derive(Debug)]
 pub struct Targeted<T> {
     by_name: HashMap<String, Arc<T>>,
-    by_target: HashMap<Target, BTreeSet<String>>,
+    gateways: ByNamespacedName,
+    services: ByNamespacedName,
     /// Those naming a kind of target this proxy does not know: they apply everywhere (a DENY
     /// denies more, an ALLOW makes the others' absence deny, a JWT rule checks more tokens).
     unknown_kind: BTreeSet<String>,
@@ -306,19 +311,37 @@ pub struct Targeted<T> {
 
 impl<T> Default for Targeted<T> {
     fn default() -> Self {
-        Targeted { by_name: HashMap::new(), by_target: HashMap::new(), unknown_kind: BTreeSet::new() }
+        Targeted {
+            by_name: HashMap::new(),
+            gateways: HashMap::new(),
+            services: HashMap::new(),
+            unknown_kind: BTreeSet::new(),
+        }
     }
 }
 
 impl<T: HasTargets> Targeted<T> {
+    fn index(&mut self, target: &Target) -> &mut ByNamespacedName {
+        match target {
+            Target::Gateway(..) => &mut self.gateways,
+            Target::Service(..) => &mut self.services,
+        }
+    }
+
     /// Adds or replaces the resource named `name`.
     pub fn insert(&mut self, name: String, resource: T) {
         self.remove(&name);
         for target in resource.targets() {
             match Target::of(target) {
-                Some(target) => self.by_target.entry(target).or_default().insert(name.clone()),
-                None => self.unknown_kind.insert(name.clone()),
-            };
+                Some(t) => {
+                    let (Target::Gateway(ns, n) | Target::Service(ns, n)) = &t;
+                    let (ns, n) = (ns.clone(), n.clone());
+                    self.index(&t).entry(ns).or_default().entry(n).or_default().insert(name.clone());
+                }
+                None => {
+                    self.unknown_kind.insert(name.clone());
+                }
+            }
         }
         self.by_name.insert(name, Arc::new(resource));
     }
@@ -328,10 +351,17 @@ impl<T: HasTargets> Targeted<T> {
         let Some(old) = self.by_name.remove(name) else { return };
         self.unknown_kind.remove(name);
         for target in old.targets().iter().filter_map(Target::of) {
-            if let Some(set) = self.by_target.get_mut(&target) {
-                set.remove(name);
-                if set.is_empty() {
-                    self.by_target.remove(&target);
+            let (Target::Gateway(ns, n) | Target::Service(ns, n)) = &target;
+            let index = self.index(&target);
+            if let Some(names) = index.get_mut(ns) {
+                if let Some(set) = names.get_mut(n) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        names.remove(n);
+                    }
+                }
+                if names.is_empty() {
+                    index.remove(ns);
                 }
             }
         }
@@ -345,12 +375,12 @@ impl<T: HasTargets> Targeted<T> {
     /// The resources that target the Gateway `gateway` or the Service `service` (namespace, name),
     /// and those naming a kind of target this proxy does not know; each once, in name order.
     pub fn targeting(&self, gateway: (&str, &str), service: Option<(&str, &str)>) -> Vec<(&str, &Arc<T>)> {
-        let gateway = Target::Gateway(gateway.0.to_owned(), gateway.1.to_owned());
-        let service = service.map(|(ns, name)| Target::Service(ns.to_owned(), name.to_owned()));
-        let names: BTreeSet<&String> = [Some(gateway), service]
+        fn find<'a>(index: &'a ByNamespacedName, (ns, n): (&str, &str)) -> Option<&'a BTreeSet<String>> {
+            index.get(ns).and_then(|m| m.get(n))
+        }
+        let names: BTreeSet<&String> = [find(&self.gateways, gateway), service.and_then(|s| find(&self.services, s))]
             .into_iter()
             .flatten()
-            .filter_map(|t| self.by_target.get(&t))
             .flatten()
             .chain(&self.unknown_kind)
             .collect();
@@ -445,8 +475,15 @@ mod tests {
         // A kind this proxy does not know applies everywhere, so that it denies more, never less.
         assert_eq!(names(&t, Some(("shop", "web"))), ["shop/both", "shop/unknown-kind", "shop/web"]);
         assert_eq!(names(&t, None), ["shop/both", "shop/unknown-kind"]);
+        // A Gateway and a Service of the same name are different targets.
+        let gw_web = target(policy_target::Kind::Gateway, "shop", "web");
+        t.insert("shop/gateway-web".into(), L7Policy { targets: vec![gw_web], ..Default::default() });
+        assert_eq!(names(&t, Some(("shop", "web"))), ["shop/both", "shop/unknown-kind", "shop/web"]);
         t.remove("shop/both");
         t.remove("shop/unknown-kind");
         assert_eq!(names(&t, Some(("shop", "web"))), ["shop/web"]);
+        t.remove("shop/web");
+        t.remove("shop/gateway-web");
+        assert!(t.gateways.is_empty() && t.services.is_empty() && t.by_name.is_empty(), "{t:?}");
     }
 }
