@@ -24,7 +24,7 @@ use crate::SpiffeId;
 use crate::api::istio::v1::auth::IstioCertificateRequest;
 use crate::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::control::ControlPlaneTarget;
-use crate::tls::{Credential, WorkloadCert};
+use crate::tls::{Credential, TrustBundle, WorkloadCert};
 use rand::Rng;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -148,6 +148,9 @@ pub enum CertError {
     /// The answer is unusable.
     #[error("unusable certificate from the CA")]
     Response(#[source] Arc<crate::tls::TlsError>),
+    /// The answer has no trust bundle after the certificate (a single entry).
+    #[error("the CA's answer holds no root certificate after the leaf")]
+    NoRoots,
     /// The CA answered with a certificate for someone else.
     #[error("the CA answered with a certificate for {got}, asked for {asked}")]
     WrongIdentity {
@@ -181,6 +184,8 @@ pub struct CertManager {
     config: CertConfig,
     client: IstioCertificateServiceClient<tonic::transport::Channel>,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
+    /// The roots the CA sent with the latest certificate (the last entry of its answer).
+    ca_roots: arc_swap::ArcSwapOption<TrustBundle>,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -202,7 +207,18 @@ impl CertManager {
     /// A manager talking to `config.ca` (connects lazily).
     pub fn new(config: CertConfig) -> Result<Arc<Self>, crate::control::ControlError> {
         let client = IstioCertificateServiceClient::new(config.ca.channel()?);
-        Ok(Arc::new(CertManager { config, client, entries: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(CertManager {
+            config,
+            client,
+            entries: Mutex::new(HashMap::new()),
+            ca_roots: arc_swap::ArcSwapOption::empty(),
+        }))
+    }
+
+    /// The trust bundle the CA sent with the latest certificate: every root it trusts (during a
+    /// root rotation, the old and the new), as Istio's ztunnel reads it. `None` before the first.
+    pub fn ca_roots(&self) -> Option<Arc<TrustBundle>> {
+        self.ca_roots.load_full()
     }
 
     /// The credential for `id`, requesting it (and starting its renewal) on first use. Fails
@@ -360,13 +376,27 @@ impl CertManager {
             .map_err(|s| CertError::Ca { code: s.code(), message: s.message().to_owned() })?
             .into_inner()
             .cert_chain;
-        let cert = WorkloadCert::from_pem(chain.concat().as_bytes(), key.serialize_pem().as_bytes())
+        let (certs, roots) = split_answer(&chain)?;
+        let cert = WorkloadCert::from_pem(certs.as_bytes(), key.serialize_pem().as_bytes())
             .map_err(|e| CertError::Response(Arc::new(e)))?;
         if cert.identity() != id {
             return Err(CertError::WrongIdentity { asked: id.clone(), got: cert.identity().clone() });
         }
+        self.ca_roots.store(Some(Arc::new(roots)));
         Ok(cert)
     }
+}
+
+/// Splits a CA's answer as istiod gives it and Istio's ztunnel reads it: the leaf, the
+/// intermediates, and last the trust bundle (one or more roots in one PEM entry). Returns the leaf
+/// and intermediates as one PEM (the roots are not presented in handshakes) and the roots.
+pub fn split_answer(cert_chain: &[String]) -> Result<(String, TrustBundle), CertError> {
+    let [certs @ .., roots] = cert_chain else { return Err(CertError::NoRoots) };
+    if certs.is_empty() {
+        return Err(CertError::NoRoots);
+    }
+    let roots = TrustBundle::from_pem(roots.as_bytes()).map_err(|e| CertError::Response(Arc::new(e)))?;
+    Ok((certs.concat(), roots))
 }
 
 /// When to renew: at half of the lifetime left when the certificate was received, ± 10 %.
@@ -374,4 +404,26 @@ fn renew_after(cert: &WorkloadCert, now: SystemTime) -> Duration {
     let remaining = cert.remaining(now);
     let jitter = rand::rng().random_range(0.9..1.1);
     remaining.mul_f64(0.5 * jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::testing::TestCa;
+
+    #[test]
+    fn the_last_entry_of_an_answer_is_the_whole_trust_bundle() {
+        let (a, b) = (TestCa::new(), TestCa::new());
+        let answer = ["LEAF\n".to_owned(), "INTERMEDIATE\n".to_owned(), format!("{}{}", a.root_pem(), b.root_pem())];
+        let (certs, roots) = split_answer(&answer).unwrap();
+        assert_eq!(certs, "LEAF\nINTERMEDIATE\n", "the roots are not presented");
+        assert_eq!(roots.fingerprints(), [a.bundle().fingerprints(), b.bundle().fingerprints()].concat());
+        for no_roots in [&[][..], &["LEAF".to_owned()][..]] {
+            assert!(matches!(split_answer(no_roots), Err(CertError::NoRoots)), "{no_roots:?}");
+        }
+        let garbage = ["LEAF".to_owned(), "not a certificate".to_owned()];
+        assert!(matches!(split_answer(&garbage), Err(CertError::Response(_))));
+    }
 }

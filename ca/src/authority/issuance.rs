@@ -21,7 +21,9 @@ use super::{Authority, BACKDATE, SignError};
 /// One issued certificate.
 #[derive(Debug, Clone)]
 pub struct Issued {
-    /// Leaf → intermediates → root, PEM.
+    /// Leaf → intermediates → the trust bundle, PEM: the last entry holds every root of the bundle
+    /// (pending, active and retiring) concatenated, as istiod answers. Istio's ztunnel takes its
+    /// trusted roots from that entry, so during a root rotation it trusts peers on either root.
     pub chain: Vec<String>,
     /// The log record.
     pub record: Record,
@@ -73,9 +75,12 @@ impl Authority {
     /// Signs a checked request for its identity, logs it, and returns the chain.
     pub async fn issue(&self, csr: &CheckedCsr, ttl: Duration, by: Requester) -> Result<Issued, SignError> {
         let (cert, record, signer) = self.sign_leaf(&csr.identity, &[], &csr.public_key, ttl, by).await?;
-        let mut chain = Vec::with_capacity(1 + signer.chain.len());
+        // The signer's chain ends with its root, which the bundle holds.
+        let intermediates = &signer.chain[..signer.chain.len().saturating_sub(1)];
+        let mut chain = Vec::with_capacity(2 + intermediates.len());
         chain.push(cert.pem());
-        chain.extend(signer.chain.iter().cloned());
+        chain.extend(intermediates.iter().cloned());
+        chain.push(self.material().bundle_pem().concat());
         Ok(Issued { chain, record })
     }
 

@@ -57,6 +57,16 @@ fn admin_client(mesh: &Mesh) -> CaAdminClient<tonic::transport::Channel> {
     CaAdminClient::new(mesh.channel(Some(mesh.admin_credential())))
 }
 
+/// The PEM blocks of one entry, as written.
+fn pem_blocks(entry: &str) -> Vec<String> {
+    entry.split_inclusive("-----END CERTIFICATE-----\n").map(str::to_owned).collect()
+}
+
+/// The roots (DER) in the last entry of an answer.
+fn roots_in(chain: &[String]) -> Vec<Vec<u8>> {
+    ::pem::parse_many(chain.last().unwrap()).unwrap().into_iter().map(::pem::Pem::into_contents).collect()
+}
+
 fn der_chain(chain: &[String]) -> Vec<Vec<u8>> {
     chain.iter().map(|p| ::pem::parse(p).unwrap().into_contents()).collect()
 }
@@ -513,7 +523,12 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
     let overlap = watch.next().await;
     assert_eq!(overlap.roots().len(), 2);
     let (_, still_old) = issue(&mesh, "client").await;
-    assert_eq!(still_old[2], old_chain[2], "prepare does not change signing");
+    assert_eq!(still_old[1], old_chain[1], "prepare does not change signing");
+    // The answer ends with the whole bundle, as istiod's does: a proxy that takes its roots from
+    // it (Istio's ztunnel) trusts peers under either root.
+    assert_eq!(roots_in(&old_chain), [roots_in(&old_chain)[0].clone()], "one root before the rotation");
+    assert_eq!(roots_in(&still_old), overlap.roots().iter().map(|r| r.to_vec()).collect::<Vec<_>>());
+    let old_root = pem_blocks(old_chain.last().unwrap()).remove(0);
 
     // 2. Activate: new certificates chain to the new root.
     let s = admin.rotate_root(pb::RotateRootRequest { phase: 2, force: false }).await.unwrap().into_inner();
@@ -523,7 +538,9 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
     );
     let (new_a, new_chain) = issue(&mesh, "client").await;
     let (new_b, _) = issue(&mesh, "server").await;
-    assert_ne!(new_chain[2], old_chain[2]);
+    assert_ne!(new_chain[1], old_chain[1], "a new intermediate");
+    let new_root = pem_blocks(new_chain.last().unwrap()).into_iter().find(|r| *r != old_root).unwrap();
+    assert_eq!(roots_in(&new_chain).len(), 2, "both roots while the old one retires");
 
     // During the overlap every pair completes an HBONE handshake, both directions.
     for (what, client, server) in [
@@ -540,7 +557,7 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("still valid"), "{}", err.message());
     // The admin credential was reissued under the new root; use it (the old one stops working).
-    let admin_cred = wait_for_new_admin_credential(&mesh, &new_chain[2]).await;
+    let admin_cred = wait_for_new_admin_credential(&mesh, &new_root).await;
     let mut admin = CaAdminClient::new(
         proto::control::ControlPlaneTarget {
             addr: mesh.grpc,
@@ -555,7 +572,13 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
     assert_eq!(s.roots.len(), 1);
     let after = watch.next().await;
     assert_eq!(after.roots().len(), 1);
-    assert_eq!(after.roots()[0].as_ref(), ::pem::parse(&new_chain[2]).unwrap().contents());
+    assert_eq!(after.roots()[0].as_ref(), ::pem::parse(&new_root).unwrap().contents());
+    let (_, after_chain) = issue(&mesh, "client").await;
+    assert_eq!(
+        roots_in(&after_chain),
+        [::pem::parse(&new_root).unwrap().into_contents()],
+        "the old root left the answer"
+    );
 
     // Only new-root certificates are accepted now, in either role.
     hbone(&new_a, &after, &new_b, &after).await.unwrap();

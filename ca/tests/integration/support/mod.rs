@@ -181,8 +181,11 @@ pub fn request(csr: String, ttl: i64, impersonate: Option<&str>) -> IstioCertifi
 }
 
 /// A credential from an issued chain and its key.
+/// The credential a proxy makes of an answer: leaf and intermediates (the trust bundle, last, is
+/// not presented).
 pub fn credential(chain: &[String], key: &KeyPair) -> Arc<Credential> {
-    Credential::new(WorkloadCert::from_pem(chain.concat().as_bytes(), key.serialize_pem().as_bytes()).unwrap())
+    let (certs, _roots) = proto::certs::split_answer(chain).unwrap();
+    Credential::new(WorkloadCert::from_pem(certs.as_bytes(), key.serialize_pem().as_bytes()).unwrap())
 }
 
 pub fn id(s: &str) -> SpiffeId {
