@@ -30,6 +30,7 @@ impl WaypointRef {
     fn to_proto(&self) -> pb::GatewayAddress {
         let destination = match self.address {
             Some(ip) => pb::gateway_address::Destination::Address(pb::NetworkAddress {
+                length: None,
                 network: String::new(),
                 address: ip_bytes(ip),
             }),
@@ -49,11 +50,32 @@ pub struct PortMapping {
     pub service_port: u16,
     /// The workload port; 0 at service level means "named, resolved per workload".
     pub target_port: u16,
+    /// The application protocol the Service declares for it (service level only, as istiod
+    /// sends it; `UNKNOWN` on a workload's ports).
+    #[serde(serialize_with = "app_protocol_name", skip_serializing_if = "is_unknown")]
+    pub app_protocol: pb::AppProtocol,
+}
+
+fn app_protocol_name<S: serde::Serializer>(p: &pb::AppProtocol, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.as_str_name())
+}
+
+fn is_unknown(p: &pb::AppProtocol) -> bool {
+    *p == pb::AppProtocol::Unknown
 }
 
 impl PortMapping {
+    /// A mapping with no declared application protocol.
+    pub fn new(service_port: u16, target_port: u16) -> Self {
+        PortMapping { service_port, target_port, app_protocol: pb::AppProtocol::Unknown }
+    }
+
     fn to_proto(self) -> pb::Port {
-        pb::Port { service_port: u32::from(self.service_port), target_port: u32::from(self.target_port) }
+        pb::Port {
+            service_port: u32::from(self.service_port),
+            target_port: u32::from(self.target_port),
+            app_protocol: self.app_protocol as i32,
+        }
     }
 }
 
@@ -188,7 +210,7 @@ impl Service {
             addresses: self
                 .vips
                 .iter()
-                .map(|ip| pb::NetworkAddress { network: String::new(), address: ip_bytes(*ip) })
+                .map(|ip| pb::NetworkAddress { network: String::new(), address: ip_bytes(*ip), length: None })
                 .collect(),
             ports: self.ports.iter().map(|p| p.to_proto()).collect(),
             waypoint: self.waypoint.as_ref().map(WaypointRef::to_proto),

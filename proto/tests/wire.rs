@@ -128,12 +128,13 @@ fn workload_and_service_use_istios_field_numbers() {
         node: "node1".into(),
         services: [(
             "ns/svc.ns.svc.cluster.local".to_owned(),
-            wl::PortList { ports: vec![wl::Port { service_port: 80, target_port: 8080 }] },
+            wl::PortList { ports: vec![wl::Port { service_port: 80, target_port: 8080, app_protocol: 0 }] },
         )]
         .into(),
         authorization_policies: vec!["ns/p".into()],
         waypoint: Some(wl::GatewayAddress {
             destination: Some(wl::gateway_address::Destination::Address(wl::NetworkAddress {
+                length: None,
                 network: String::new(),
                 address: vec![10, 0, 0, 9],
             })),
@@ -169,8 +170,8 @@ fn workload_and_service_use_istios_field_numbers() {
         name: "svc".into(),
         namespace: "ns".into(),
         hostname: "svc.ns.svc.cluster.local".into(),
-        addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 1] }],
-        ports: vec![wl::Port { service_port: 80, target_port: 0 }],
+        addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 1], length: None }],
+        ports: vec![wl::Port { service_port: 80, target_port: 0, app_protocol: 0 }],
         ..Default::default()
     };
     let expected_svc = [

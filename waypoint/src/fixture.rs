@@ -29,7 +29,7 @@ pub(crate) const V2: &str = "Kubernetes//Pod/shop/web-v2";
 pub(crate) const SHADOW_KEY: &str = "shop/shadow.shop.svc.cluster.local";
 
 fn workload(name: &str, ip: [u8; 4], service_key: &str) -> Workload {
-    let ports = wl::PortList { ports: vec![wl::Port { service_port: 80, target_port: 8080 }] };
+    let ports = wl::PortList { ports: vec![wl::Port { service_port: 80, target_port: 8080, app_protocol: 0 }] };
     Workload::from_pb(wl::Workload {
         uid: format!("Kubernetes//Pod/shop/{name}"),
         name: name.into(),
@@ -54,8 +54,8 @@ pub(crate) fn state() -> MeshState {
             name: "web".into(),
             namespace: "shop".into(),
             hostname: "web.shop.svc.cluster.local".into(),
-            addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 1] }],
-            ports: vec![wl::Port { service_port: 80, target_port: 8080 }],
+            addresses: vec![wl::NetworkAddress { network: String::new(), address: vec![10, 96, 0, 1], length: None }],
+            ports: vec![wl::Port { service_port: 80, target_port: 8080, app_protocol: 0 }],
             ..Default::default()
         })
         .unwrap(),

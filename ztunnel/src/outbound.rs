@@ -327,7 +327,11 @@ mod tests {
     fn workload(name: &str, ip: [u8; 4], hbone: bool, services: &[(&str, u32, u32)]) -> Workload {
         let mut by_service: HashMap<String, PortList> = HashMap::new();
         for (svc, sp, tp) in services {
-            by_service.entry(svc.to_string()).or_default().ports.push(Port { service_port: *sp, target_port: *tp });
+            by_service.entry(svc.to_string()).or_default().ports.push(Port {
+                service_port: *sp,
+                target_port: *tp,
+                app_protocol: 0,
+            });
         }
         Workload {
             uid: format!("Kubernetes//Pod/demo/{name}"),
@@ -347,8 +351,8 @@ mod tests {
             name: "hello".into(),
             namespace: "demo".into(),
             hostname: "hello.demo.svc.cluster.local".into(),
-            addresses: vec![NetworkAddress { network: String::new(), address: vip.to_vec() }],
-            ports: vec![Port { service_port: port, target_port: target }],
+            addresses: vec![NetworkAddress { network: String::new(), address: vip.to_vec(), length: None }],
+            ports: vec![Port { service_port: port, target_port: target, app_protocol: 0 }],
             ..Default::default()
         }
     }
@@ -448,6 +452,7 @@ mod tests {
         // As the control plane sends it: the waypoint service's VIP.
         hello.waypoint = Some(GatewayAddress {
             destination: Some(gateway_address::Destination::Address(NetworkAddress {
+                length: None,
                 network: String::new(),
                 address: vec![10, 96, 0, 20],
             })),
@@ -456,7 +461,7 @@ mod tests {
         let waypoint_svc = Service {
             name: "waypoint".into(),
             hostname: "waypoint.demo.svc.cluster.local".into(),
-            addresses: vec![NetworkAddress { network: String::new(), address: vec![10, 96, 0, 20] }],
+            addresses: vec![NetworkAddress { network: String::new(), address: vec![10, 96, 0, 20], length: None }],
             ..service([10, 96, 0, 20], 15008, 15008)
         };
         let lb = Balancer::default();

@@ -269,7 +269,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
                     Some(IntOrString::String(n)) if n.parse::<u16>().is_err() => 0,
                     _ => target_port(p, None).unwrap_or(0),
                 };
-                Some(PortMapping { service_port, target_port: target })
+                Some(PortMapping { service_port, target_port: target, app_protocol: waypoint::app_protocol(p) })
             })
             .collect();
         let is_waypoint_service = waypoints.by_name.contains_key(&(ns, name));
@@ -419,12 +419,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
                 .iter()
                 .flat_map(|s| s.ports.iter().flatten())
                 .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-                .filter_map(|p| {
-                    Some(PortMapping {
-                        service_port: u16::try_from(p.port).ok()?,
-                        target_port: target_port(p, Some(pod))?,
-                    })
-                })
+                .filter_map(|p| Some(PortMapping::new(u16::try_from(p.port).ok()?, target_port(p, Some(pod))?)))
                 .collect();
             services.insert(format!("{svc_ns}/{svc_name}.{svc_ns}.svc.{}", config.domain_suffix), ports);
         }
@@ -439,7 +434,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
                         .iter()
                         .find(|(n, _)| *n == p.name.as_deref() || slice_ports.len() == 1)
                         .map(|(_, port)| *port)?;
-                    Some(PortMapping { service_port: u16::try_from(p.port).ok()?, target_port: target })
+                    Some(PortMapping::new(u16::try_from(p.port).ok()?, target))
                 })
                 .collect();
             services.insert(format!("{svc_ns}/{svc_name}.{svc_ns}.svc.{}", config.domain_suffix), ports);

@@ -233,6 +233,26 @@ pub fn declared_protocol(port: &ServicePort) -> Option<pb::PortProtocol> {
     }
 }
 
+/// The application protocol a Service port declares, as istiod reports it in
+/// `istio.workload.Port.app_protocol`: from `appProtocol`, else the port name's
+/// `<protocol>[-suffix]`; HTTP/1.1, HTTP/2 (`http2`, `h2c`) and gRPC are named, anything else is
+/// `UNKNOWN`.
+pub fn app_protocol(port: &ServicePort) -> proto::api::istio::workload::AppProtocol {
+    use proto::api::istio::workload::AppProtocol;
+    let named = |name: &str| match name.to_ascii_lowercase().as_str() {
+        "http" => Some(AppProtocol::Http11),
+        "http2" | "h2c" | "kubernetes.io/h2c" => Some(AppProtocol::Http2),
+        "grpc" => Some(AppProtocol::Grpc),
+        _ => None,
+    };
+    let declared = port.app_protocol.as_deref().filter(|p| !p.is_empty());
+    match declared {
+        Some(p) => named(p),
+        None => port.name.as_deref().and_then(|n| named(n.split('-').next().unwrap_or(n))),
+    }
+    .unwrap_or(AppProtocol::Unknown)
+}
+
 /// Adds the declared port protocols of every service that uses a waypoint to `routes` (creating
 /// the service's entry when it has no routes).
 pub fn add_port_protocols(
@@ -430,5 +450,26 @@ mod tests {
         assert_eq!(declared_protocol(&port(Some("web"), None)), None);
         assert_eq!(declared_protocol(&port(Some("httpx"), None)), None);
         assert_eq!(declared_protocol(&port(None, Some("custom"))), None);
+    }
+
+    #[test]
+    fn app_protocols_are_reported_as_istiod_reports_them() {
+        use proto::api::istio::workload::AppProtocol;
+        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
+            name: name.map(str::to_owned),
+            app_protocol: app.map(str::to_owned),
+            port: 80,
+            ..Default::default()
+        };
+        assert_eq!(app_protocol(&port(Some("http-web"), None)), AppProtocol::Http11);
+        assert_eq!(app_protocol(&port(Some("http2"), None)), AppProtocol::Http2);
+        assert_eq!(app_protocol(&port(Some("web"), Some("kubernetes.io/h2c"))), AppProtocol::Http2);
+        assert_eq!(app_protocol(&port(Some("grpc"), None)), AppProtocol::Grpc);
+        // appProtocol wins over the name, even one this enum does not name.
+        assert_eq!(app_protocol(&port(Some("http"), Some("tcp"))), AppProtocol::Unknown);
+        for unnamed in [port(Some("tcp-db"), None), port(Some("tls"), None), port(None, None), port(Some("web"), None)]
+        {
+            assert_eq!(app_protocol(&unnamed), AppProtocol::Unknown, "{unnamed:?}");
+        }
     }
 }

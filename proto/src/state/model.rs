@@ -302,7 +302,7 @@ mod tests {
             namespace: "shop".into(),
             services: [(
                 "shop/a".into(),
-                pb::PortList { ports: vec![pb::Port { service_port: 70_000, target_port: 0 }] },
+                pb::PortList { ports: vec![pb::Port { service_port: 70_000, target_port: 0, app_protocol: 0 }] },
             )]
             .into(),
             ..Default::default()
