@@ -286,10 +286,15 @@ impl Proxy {
         }
     }
 
+    /// One ZDS connection, answered as Istio's ztunnel answers: `KeepWorkload` and `DelWorkload`
+    /// of a pod not served here are acknowledged (there is nothing to keep or remove), while a
+    /// `KeepWorkload` after `SnapshotSent` or a second `SnapshotSent` is a protocol error:
+    /// refused, and the connection ends (the node agent then sends a new snapshot).
     async fn session(&self, client: &ZdsClient) -> Result<(), ZdsError> {
         let mut named: HashSet<String> = HashSet::new();
+        let mut snapshot_applied = false;
         loop {
-            let reply = match client.next().await? {
+            let (reply, protocol_error) = match client.next().await? {
                 ZdsEvent::Add { uid, info, netns } => {
                     let refused = self.add_netns(&uid, info.as_ref(), NetNs::from_fd(netns)).err();
                     let reason = refused.map(|e| proto::error_chain(&e));
@@ -297,24 +302,29 @@ impl Proxy {
                         warn!(uid, %reason, "AddWorkload refused");
                     }
                     named.insert(uid);
-                    reason
+                    (reason, false)
+                }
+                ZdsEvent::Keep { uid } if snapshot_applied => {
+                    warn!(uid, "KeepWorkload after SnapshotSent: protocol error; closing the ZDS connection");
+                    (Some(format!("KeepWorkload {uid} after SnapshotSent: protocol error")), true)
                 }
                 ZdsEvent::Keep { uid } => {
-                    if self.has(&uid) {
-                        named.insert(uid);
-                        None
-                    } else {
-                        warn!(uid, "KeepWorkload for a pod this ztunnel does not serve; refused");
-                        Some(format!("KeepWorkload {uid}: not served here (send AddWorkload)"))
+                    if !self.has(&uid) {
+                        info!(uid, "KeepWorkload for a pod this ztunnel does not serve: nothing to keep");
                     }
+                    named.insert(uid);
+                    (None, false)
                 }
                 ZdsEvent::Del { uid } => {
-                    if self.remove(&uid) {
-                        None
-                    } else {
-                        warn!(uid, "DelWorkload for a pod this ztunnel does not serve; refused");
-                        Some(format!("DelWorkload {uid}: not served here"))
+                    if !self.remove(&uid) {
+                        info!(uid, "DelWorkload for a pod this ztunnel does not serve: nothing to remove");
                     }
+                    named.remove(&uid);
+                    (None, false)
+                }
+                ZdsEvent::SnapshotSent if snapshot_applied => {
+                    warn!("a second SnapshotSent on one connection: protocol error; closing the ZDS connection");
+                    (Some("SnapshotSent received already: protocol error".to_owned()), true)
                 }
                 ZdsEvent::SnapshotSent => {
                     let stale: Vec<String> = self.pods().keys().filter(|u| !named.contains(*u)).cloned().collect();
@@ -322,10 +332,16 @@ impl Proxy {
                         self.remove(uid);
                     }
                     info!(pods = self.pod_count(), removed = stale.len(), "node agent snapshot applied");
+                    snapshot_applied = true;
                     self.zds_ready.send_replace(true);
-                    None
+                    (None, false)
                 }
             };
+            if protocol_error {
+                let reason = reply.clone().unwrap_or_default();
+                client.ack(reply).await?;
+                return Err(ZdsError::Protocol(reason));
+            }
             client.ack(reply).await?;
         }
     }
