@@ -376,12 +376,17 @@ impl Mesh {
             (self.ztunnel_bin.clone(), self.options.log_filter.clone(), self.options.drain_timeout);
         let node = self.node_mut(index)?;
         let mut command = Command::new(&bin);
+        // Configured as Istio's charts configure Istio's ztunnel: the shared settings through
+        // Istio's environment variable names, the control plane as https://host:port (its
+        // certificate name taken from that host).
         command
-            .args(["--node-name", &node.name])
-            .args(["--ca-addr", &format!("{CA_IP}:15012"), "--ca-name", &CA_IP.to_string()])
-            .args(["--ca-root", &root.display().to_string()])
+            .env("NODE_NAME", &node.name)
+            .env("CA_ADDRESS", format!("https://{CA_IP}:15012"))
+            .env("XDS_ADDRESS", format!("https://{CA_IP}:15012"))
+            .env("CA_ROOT_CA", &root)
+            .env("TRUST_DOMAIN", "cluster.local")
+            .env("INPOD_UDS", node.agent.path())
             .args(["--token-file", &node.token.display().to_string()])
-            .args(["--zds-socket", &node.agent.path().display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
             .env("RUST_LOG", &filter);
         let (stdout, stderr) = output(Some(&node.log), false)?;

@@ -34,16 +34,22 @@ struct Args {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
 
-    /// The control plane (CA + xDS) as host:port; a name is resolved once at start.
+    /// The control plane (CA + xDS) as host:port or https://host:port, as Istio's charts set
+    /// CA_ADDRESS (port 15012 when none is given); a name is resolved once at start.
     #[arg(long, env = "CA_ADDRESS", default_value = "ca.istio-system.svc:15012", value_name = "HOST:PORT")]
     ca_addr: String,
 
-    /// Name the control plane's certificate must carry.
-    #[arg(long, default_value = "ca.istio-system.svc")]
-    ca_name: String,
+    /// Istio's separate xDS address. This ztunnel takes certificates and xDS from one control
+    /// plane, so it must name the same one as --ca-addr (as in Istio's default install).
+    #[arg(long, env = "XDS_ADDRESS", value_name = "HOST:PORT")]
+    xds_addr: Option<String>,
+
+    /// Name the control plane's certificate must carry [default: the host of --ca-addr].
+    #[arg(long)]
+    ca_name: Option<String>,
 
     /// PEM roots to verify the control plane with (the mesh trust bundle; updates come over xDS).
-    #[arg(long, default_value = "/var/run/secrets/istio/root-cert.pem")]
+    #[arg(long, env = "CA_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
     ca_root: PathBuf,
 
     /// ztunnel's service-account token (projected, audience istio-ca), re-read for every request.
@@ -51,7 +57,7 @@ struct Args {
     token_file: PathBuf,
 
     /// The mesh's trust domain.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 
     /// ztunnel's own service account (namespace/name).
@@ -59,7 +65,7 @@ struct Args {
     service_account: String,
 
     /// The node agent's ZDS socket.
-    #[arg(long, default_value = ztunnel::zds::DEFAULT_SOCKET)]
+    #[arg(long, env = "INPOD_UDS", default_value = ztunnel::zds::DEFAULT_SOCKET)]
     zds_socket: PathBuf,
 
     /// Admin endpoint (config dump, certificates, log level). Keep it on localhost.
@@ -89,9 +95,31 @@ struct Args {
     worker_threads: usize,
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr> {
-    let mut found = tokio::net::lookup_host(addr).await.with_context(|| format!("resolving --ca-addr {addr}"))?;
-    found.next().with_context(|| format!("--ca-addr {addr} resolved to no address"))
+/// The control plane's host and port from `host:port`, `https://host:port` or `https://host`
+/// (port 15012), as Istio's charts write CA_ADDRESS and XDS_ADDRESS.
+fn control_plane(addr: &str) -> Result<(String, u16)> {
+    if addr.starts_with("http://") {
+        bail!("{addr:?}: the control plane is reached over TLS only; use https:// or host:port");
+    }
+    let rest = addr.strip_prefix("https://").unwrap_or(addr).trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        // An IPv6 address without a port has colons but ends with `]`.
+        Some((host, port)) if !port.ends_with(']') => {
+            (host, port.parse::<u16>().with_context(|| format!("{addr:?}: port {port:?} is not a port number"))?)
+        }
+        _ => (rest, 15012),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains('/') || port == 0 {
+        bail!("{addr:?}: expected host:port or https://host:port");
+    }
+    Ok((host.to_owned(), port))
+}
+
+async fn resolve((host, port): &(String, u16)) -> Result<SocketAddr> {
+    let mut found =
+        tokio::net::lookup_host((host.as_str(), *port)).await.with_context(|| format!("resolving --ca-addr {host}"))?;
+    found.next().with_context(|| format!("--ca-addr {host} resolved to no address"))
 }
 
 fn main() -> Result<()> {
@@ -119,9 +147,18 @@ async fn run(args: Args) -> Result<()> {
             args.token_file.display()
         );
     }
+    let ca_addr = control_plane(&args.ca_addr).context("--ca-addr (CA_ADDRESS)")?;
+    if let Some(xds) = &args.xds_addr
+        && control_plane(xds).context("--xds-addr (XDS_ADDRESS)")? != ca_addr
+    {
+        bail!(
+            "--xds-addr (XDS_ADDRESS) {xds:?} names another control plane than --ca-addr (CA_ADDRESS) {:?}: this ztunnel takes certificates and xDS from one",
+            args.ca_addr
+        );
+    }
     let ca = ControlPlaneTarget {
-        addr: resolve(&args.ca_addr).await?,
-        server_name: args.ca_name.clone(),
+        addr: resolve(&ca_addr).await?,
+        server_name: args.ca_name.clone().unwrap_or_else(|| ca_addr.0.clone()),
         trust: SharedTrustBundle::new(bundle),
         credential: None,
     };
@@ -144,4 +181,25 @@ async fn run(args: Args) -> Result<()> {
     tracing::info!(signal, "shutting down");
     ztunnel.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn control_plane_addresses_are_read_as_istio_writes_them() {
+        let ok = |s: &str| control_plane(s).unwrap();
+        assert_eq!(ok("istiod.istio-system.svc:15012"), ("istiod.istio-system.svc".into(), 15012));
+        assert_eq!(ok("https://istiod.istio-system.svc:15012"), ("istiod.istio-system.svc".into(), 15012));
+        assert_eq!(ok("https://istiod.istio-system.svc"), ("istiod.istio-system.svc".into(), 15012));
+        assert_eq!(ok("https://10.0.0.5:443/"), ("10.0.0.5".into(), 443));
+        assert_eq!(ok("[fd00::5]:15012"), ("fd00::5".into(), 15012));
+        assert_eq!(ok("https://[fd00::5]"), ("fd00::5".into(), 15012));
+        for bad in ["http://istiod:15012", "istiod:http", "https://:15012", "istiod:0", "https://istiod/path:1"] {
+            assert!(control_plane(bad).is_err(), "{bad}");
+        }
+    }
 }
