@@ -192,7 +192,7 @@ async fn ztunnel_log_level_changes_at_run_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_is_not_ready_until_it_has_the_snapshot_and_the_mesh_state() {
     let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
-    let synced = "xDS synced: every subscribed type received";
+    let synced = "xDS synced: every required type received";
     let applied = "node agent snapshot applied";
 
     // No snapshot: the agent's socket moved aside, so ztunnel cannot reach it.

@@ -27,7 +27,7 @@ use crate::control::ControlPlaneTarget;
 use crate::tls::{Credential, TrustBundle, WorkloadCert};
 use rand::Rng;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Where ztunnel's own token comes from (re-read for every request: projected tokens rotate).
 #[derive(Debug, Clone)]
@@ -381,6 +381,9 @@ impl CertManager {
             .map_err(|e| CertError::Response(Arc::new(e)))?;
         if cert.identity() != id {
             return Err(CertError::WrongIdentity { asked: id.clone(), got: cert.identity().clone() });
+        }
+        if self.config.ca.trust.adopt_answer_roots(&roots) {
+            debug!(roots = roots.roots().len(), "trusting the roots of the CA's answer (no bundle pushed yet)");
         }
         self.ca_roots.store(Some(Arc::new(roots)));
         Ok(cert)

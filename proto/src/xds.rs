@@ -108,6 +108,9 @@ pub struct AdsClient {
     pub node_id: String,
     /// Types subscribed to, in order.
     pub types: Vec<&'static str>,
+    /// Those among `types` that a control plane may never send (this project's own types, which
+    /// istiod does not serve): the view is synced without them.
+    pub optional: Vec<&'static str>,
     /// First reconnect delay.
     pub retry_min: Duration,
     /// Longest reconnect delay.
@@ -176,9 +179,10 @@ impl AdsClient {
                 && !seen.contains(&t)
             {
                 seen.push(t);
-                if seen.len() == self.types.len() {
+                let required = || self.types.iter().filter(|t| !self.optional.contains(t));
+                if !self.optional.contains(&t) && required().all(|t| seen.contains(t)) {
                     handler.synced();
-                    info!(types = ?self.types, "xDS synced: every subscribed type received");
+                    info!(types = ?self.types, received = ?seen, "xDS synced: every required type received");
                 }
             }
         }

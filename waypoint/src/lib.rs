@@ -392,6 +392,7 @@ impl Waypoint {
             token: config.token.clone(),
             node_id: format!("waypoint~{}~{}", config.namespace, config.name),
             types: SUBSCRIBED.to_vec(),
+            optional: Vec::new(),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
         };

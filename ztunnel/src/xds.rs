@@ -42,6 +42,9 @@ impl XdsClient {
             token: self.token,
             node_id: self.node_id,
             types: SUBSCRIBED.to_vec(),
+            // istiod serves only Istio's two types: then the trust bundle comes with the
+            // certificate answers (proto::tls::SharedTrustBundle).
+            optional: vec![TRUST_BUNDLE],
             retry_min: self.retry_min,
             retry_max: self.retry_max,
         };

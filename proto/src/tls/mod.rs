@@ -180,23 +180,51 @@ impl fmt::Debug for TrustBundle {
 }
 
 /// A trust bundle that can be replaced while connections use it.
+///
+/// It starts from the bootstrap roots (the root-cert file). The control plane's pushed bundle
+/// replaces it; until one is pushed, the roots that come with certificate answers are trusted too
+/// (a control plane that never pushes one, such as istiod, is trusted through its answers, as
+/// Istio's ztunnel trusts them).
 #[derive(Debug)]
-pub struct SharedTrustBundle(ArcSwap<TrustBundle>);
+pub struct SharedTrustBundle {
+    current: ArcSwap<TrustBundle>,
+    bootstrap: TrustBundle,
+    /// Set by the first pushed bundle; from then on answers do not change the bundle.
+    pushed: std::sync::Mutex<bool>,
+}
 
 impl SharedTrustBundle {
     /// Wraps an initial bundle.
     pub fn new(bundle: TrustBundle) -> Arc<Self> {
-        Arc::new(SharedTrustBundle(ArcSwap::from_pointee(bundle)))
+        Arc::new(SharedTrustBundle {
+            current: ArcSwap::from_pointee(bundle.clone()),
+            bootstrap: bundle,
+            pushed: std::sync::Mutex::new(false),
+        })
     }
 
     /// The current bundle.
     pub fn current(&self) -> Arc<TrustBundle> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
-    /// Replaces the bundle; the next handshake verifies against it.
+    /// Replaces the bundle with one the control plane pushed; the next handshake verifies
+    /// against it.
     pub fn replace(&self, bundle: TrustBundle) {
-        self.0.store(Arc::new(bundle));
+        let mut pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        *pushed = true;
+        self.current.store(Arc::new(bundle));
+    }
+
+    /// The roots a certificate answer came with: trusted, with the bootstrap roots, until the
+    /// control plane pushes a bundle. Returns whether they were taken.
+    pub fn adopt_answer_roots(&self, roots: &TrustBundle) -> bool {
+        let pushed = self.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if *pushed {
+            return false;
+        }
+        self.current.store(Arc::new(self.bootstrap.merged(roots)));
+        true
     }
 }
 
@@ -406,4 +434,29 @@ pub fn control_plane_client_config(
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::testing::TestCa;
+
+    #[test]
+    fn answer_roots_are_trusted_until_the_control_plane_pushes_a_bundle() {
+        let (bootstrap, answered, pushed) = (TestCa::new(), TestCa::new(), TestCa::new());
+        let shared = SharedTrustBundle::new(bootstrap.bundle());
+        let prints = |s: &SharedTrustBundle| s.current().fingerprints();
+        // Before any push: the bootstrap roots and those of the latest answer.
+        assert!(shared.adopt_answer_roots(&answered.bundle()));
+        assert_eq!(prints(&shared), [bootstrap.bundle().fingerprints(), answered.bundle().fingerprints()].concat());
+        // An answer replaces what an earlier answer added (a retired root does not linger).
+        assert!(shared.adopt_answer_roots(&pushed.bundle()));
+        assert_eq!(prints(&shared), [bootstrap.bundle().fingerprints(), pushed.bundle().fingerprints()].concat());
+        // A pushed bundle is authoritative; answers no longer change it.
+        shared.replace(pushed.bundle());
+        assert!(!shared.adopt_answer_roots(&answered.bundle()));
+        assert_eq!(prints(&shared), pushed.bundle().fingerprints());
+    }
 }
