@@ -73,7 +73,7 @@ pub struct CertSummary {
     /// a renewal is under way or being retried.
     pub renews_at: Option<SystemTime>,
     /// SHA-256 fingerprints (lowercase hex) of the chain above the leaf: the signer (the CA's
-    /// intermediate) first, the root last when the CA sends it.
+    /// intermediate) first, last the root of the CA's answer it leads to.
     pub chain_sha256: Vec<String>,
 }
 
@@ -83,7 +83,7 @@ impl HeldCert {
             not_before: c.not_before(),
             not_after: c.not_after(),
             renews_at,
-            chain_sha256: c.chain().iter().skip(1).map(|d| crate::tls::fingerprint_sha256(d)).collect(),
+            chain_sha256: c.chain().iter().skip(1).chain(c.root()).map(|d| crate::tls::fingerprint_sha256(d)).collect(),
         });
         HeldCert { identity: identity.clone(), current }
     }
@@ -378,7 +378,8 @@ impl CertManager {
             .cert_chain;
         let (certs, roots) = split_answer(&chain)?;
         let cert = WorkloadCert::from_pem(certs.as_bytes(), key.serialize_pem().as_bytes())
-            .map_err(|e| CertError::Response(Arc::new(e)))?;
+            .map_err(|e| CertError::Response(Arc::new(e)))?
+            .with_root_among(roots.roots());
         if cert.identity() != id {
             return Err(CertError::WrongIdentity { asked: id.clone(), got: cert.identity().clone() });
         }

@@ -235,6 +235,8 @@ pub struct WorkloadCert {
     identity: SpiffeId,
     not_before: SystemTime,
     not_after: SystemTime,
+    /// The root the chain leads to, when known (not presented in handshakes; for admin dumps).
+    root: Option<CertificateDer<'static>>,
 }
 
 impl WorkloadCert {
@@ -245,7 +247,7 @@ impl WorkloadCert {
         let identity = spiffe_id_from_cert(leaf)?;
         let (not_before, not_after) = verify::validity(leaf)?;
         let key = CertifiedKey::from_der(chain, key, &provider()).map_err(TlsError::Key)?;
-        Ok(WorkloadCert { key: Arc::new(key), identity, not_before, not_after })
+        Ok(WorkloadCert { key: Arc::new(key), identity, not_before, not_after, root: None })
     }
 
     /// Builds from a PEM chain (leaf first) and a PEM private key (PKCS#8, SEC1 or PKCS#1).
@@ -256,6 +258,21 @@ impl WorkloadCert {
         let key =
             PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem { what: "private key", source })?;
         Self::from_der(chain, key)
+    }
+
+    /// The same certificate, knowing the root among `roots` that its chain leads to (matched by
+    /// the last certificate's authority key identifier, else its issuer name); unchanged when
+    /// none does.
+    pub fn with_root_among(mut self, roots: &[CertificateDer<'static>]) -> Self {
+        if let Some(last) = self.key.cert.last() {
+            self.root = verify::issuing_root(last, roots).cloned();
+        }
+        self
+    }
+
+    /// The root the chain leads to, when known.
+    pub fn root(&self) -> Option<&CertificateDer<'static>> {
+        self.root.as_ref()
     }
 
     /// The identity this certificate proves.
@@ -442,6 +459,15 @@ mod tests {
 
     use super::*;
     use crate::testing::TestCa;
+
+    #[test]
+    fn a_certificate_knows_the_root_its_chain_leads_to() {
+        let (mine, other) = (TestCa::new(), TestCa::new());
+        let cert = mine.issue(&"spiffe://cluster.local/ns/a/sa/b".parse().unwrap());
+        let roots = [other.root().clone(), mine.root().clone()];
+        assert_eq!(cert.clone().with_root_among(&roots).root(), Some(mine.root()));
+        assert_eq!(cert.with_root_among(&roots[..1]).root(), None, "no root of the answer issued it");
+    }
 
     #[test]
     fn answer_roots_are_trusted_until_the_control_plane_pushes_a_bundle() {

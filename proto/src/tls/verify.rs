@@ -267,3 +267,28 @@ impl ServerCertVerifier for ServerVerifier {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// The root among `roots` that issued `cert`: the one whose subject key identifier is `cert`'s
+/// authority key identifier, or (without those extensions) whose subject is `cert`'s issuer.
+pub(crate) fn issuing_root<'r>(
+    cert: &CertificateDer<'_>,
+    roots: &'r [CertificateDer<'static>],
+) -> Option<&'r CertificateDer<'static>> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    let aki = cert.extensions().iter().find_map(|e| match e.parsed_extension() {
+        ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0.to_vec()),
+        _ => None,
+    });
+    roots.iter().find(|der| {
+        let Ok((_, root)) = X509Certificate::from_der(der) else { return false };
+        let ski = root.extensions().iter().find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        });
+        match (&aki, ski) {
+            (Some(aki), Some(ski)) => *aki == ski,
+            _ => root.subject().as_raw() == cert.issuer().as_raw(),
+        }
+    })
+}
