@@ -125,6 +125,8 @@ async fn an_httproute_splits_and_matches_and_the_waypoint_sees_it_all() {
         "reporter=\"waypoint\"",
         "destination_service=\"hello.demo.svc.cluster.local\"",
         "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+        // From the baggage the client's ztunnel sends, as Istio's does.
+        "source_workload=\"client\"",
         "response_code=\"200\"",
         "connection_security_policy=\"mutual_tls\"",
     ];

@@ -273,6 +273,7 @@ async fn request_headers_reach_the_server() {
         workload: Some(("deployment".into(), "client".into())),
         service_name: Some("client".into()),
         service_version: Some("v1".into()),
+        ..Default::default()
     };
     let client_addr: SocketAddr = "10.1.2.3:45678".parse().unwrap();
     let req = mesh.request("client", upstream).forwarded_for(client_addr).baggage(&baggage).traceparent(trace);

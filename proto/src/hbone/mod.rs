@@ -126,6 +126,27 @@ pub fn forwarded_for(addr: SocketAddr) -> String {
     format!("for=\"{addr}\"")
 }
 
+/// `forwarded: for="<ip:port>";host=<service hostname>`, as Istio's ztunnel sends it when the
+/// client addressed a service (the receiving side reads the service from it for telemetry).
+pub fn forwarded_for_service(addr: SocketAddr, service_hostname: Option<&str>) -> String {
+    match service_hostname
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b','))
+    {
+        Some(host) => format!("{};host={host}", forwarded_for(addr)),
+        None => forwarded_for(addr),
+    }
+}
+
+/// The `host=` parameter of a `forwarded` header (first element), quoted or not.
+pub fn parse_forwarded_host(value: &str) -> Option<String> {
+    let first = value.split(',').next()?;
+    first.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        let v = v.trim().trim_matches('"');
+        (k.eq_ignore_ascii_case("host") && !v.is_empty() && v.is_ascii()).then(|| v.to_owned())
+    })
+}
+
 /// Reads the client address from a `forwarded` header (first element, `for=` parameter).
 ///
 /// Only for telemetry and logging: identity and authorization never come from headers.
@@ -148,6 +169,8 @@ pub fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
 /// Telemetry attributes of the source workload, sent as W3C `baggage`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Baggage {
+    /// `k8s.cluster.name`.
+    pub cluster: Option<String>,
     /// `k8s.namespace.name`.
     pub namespace: Option<String>,
     /// Workload kind and name, sent as `k8s.<kind>.name=<name>` (kind e.g. `deployment`, `pod`).
@@ -156,6 +179,10 @@ pub struct Baggage {
     pub service_name: Option<String>,
     /// `service.version` (the canonical revision).
     pub service_version: Option<String>,
+    /// `cloud.region`.
+    pub region: Option<String>,
+    /// `cloud.availability_zone`.
+    pub zone: Option<String>,
 }
 
 /// Characters a baggage value may carry unescaped: we only emit Kubernetes-style names, and drop
@@ -165,17 +192,40 @@ fn baggage_safe(v: &str) -> bool {
 }
 
 impl Baggage {
+    /// What Istio's ztunnel says about a source workload: its cluster, namespace, controller,
+    /// canonical service and revision, and locality.
+    pub fn of_workload(w: &crate::state::Workload) -> Baggage {
+        let some = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+        Baggage {
+            cluster: some(&w.cluster_id),
+            namespace: some(&w.namespace),
+            // Without a controller the pod itself is the workload.
+            workload: match some(&w.workload_name) {
+                Some(name) => Some((w.workload_type.to_owned(), name)),
+                None => some(&w.name).map(|name| ("pod".to_owned(), name)),
+            },
+            service_name: some(&w.canonical_name),
+            service_version: some(&w.canonical_revision),
+            region: w.locality.as_ref().and_then(|(r, _)| some(r)),
+            zone: w.locality.as_ref().and_then(|(_, z)| some(z)),
+        }
+    }
+
     /// Formats the header value.
     pub fn to_header(&self) -> String {
         let safe = |v: &Option<String>| v.clone().filter(|v| baggage_safe(v));
         let workload = self.workload.as_ref().filter(|(kind, name)| {
             baggage_safe(kind) && baggage_safe(name) && kind.bytes().all(|b| b.is_ascii_lowercase())
         });
+        // Istio's ztunnel's order.
         let members: Vec<String> = [
+            safe(&self.cluster).map(|v| format!("k8s.cluster.name={v}")),
             safe(&self.namespace).map(|v| format!("k8s.namespace.name={v}")),
             workload.map(|(kind, name)| format!("k8s.{kind}.name={name}")),
             safe(&self.service_name).map(|v| format!("service.name={v}")),
             safe(&self.service_version).map(|v| format!("service.version={v}")),
+            safe(&self.region).map(|v| format!("cloud.region={v}")),
+            safe(&self.zone).map(|v| format!("cloud.availability_zone={v}")),
         ]
         .into_iter()
         .flatten()
@@ -195,9 +245,12 @@ impl Baggage {
                 continue;
             }
             match k {
+                "k8s.cluster.name" => out.cluster = Some(v.to_owned()),
                 "k8s.namespace.name" => out.namespace = Some(v.to_owned()),
                 "service.name" => out.service_name = Some(v.to_owned()),
                 "service.version" => out.service_version = Some(v.to_owned()),
+                "cloud.region" => out.region = Some(v.to_owned()),
+                "cloud.availability_zone" => out.zone = Some(v.to_owned()),
                 _ => {
                     if let Some(kind) = k.strip_prefix("k8s.").and_then(|r| r.strip_suffix(".name"))
                         && !kind.is_empty()
@@ -328,6 +381,7 @@ mod tests {
             workload: Some(("deployment".into(), "sleep".into())),
             service_name: Some("sleep".into()),
             service_version: Some("v1".into()),
+            ..Default::default()
         };
         let header = b.to_header();
         assert_eq!(
@@ -335,9 +389,36 @@ mod tests {
             "k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,service.version=v1"
         );
         assert_eq!(Baggage::parse(&header), b);
+        // Every member Istio's ztunnel sends, in its order (istio/ztunnel src/baggage.rs).
+        let full = Baggage {
+            cluster: Some("Kubernetes".into()),
+            region: Some("eu-west-1".into()),
+            zone: Some("eu-west-1a".into()),
+            ..b
+        };
+        let header = full.to_header();
+        assert_eq!(
+            header,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.deployment.name=sleep,service.name=sleep,\
+             service.version=v1,cloud.region=eu-west-1,cloud.availability_zone=eu-west-1a"
+        );
+        assert_eq!(Baggage::parse(&header), full);
         let evil = Baggage { namespace: Some("a,b=c".into()), ..Default::default() };
         assert_eq!(evil.to_header(), "");
         assert_eq!(Baggage::parse("garbage,,=,k8s..name=x,service.name=a b"), Baggage::default());
+    }
+
+    #[test]
+    fn forwarded_names_the_service_the_client_addressed() {
+        let client: SocketAddr = "10.1.2.3:4567".parse().unwrap();
+        let with = forwarded_for_service(client, Some("web.shop.svc.cluster.local"));
+        assert_eq!(with, "for=\"10.1.2.3:4567\";host=web.shop.svc.cluster.local");
+        assert_eq!(parse_forwarded_host(&with).as_deref(), Some("web.shop.svc.cluster.local"));
+        assert_eq!(parse_forwarded_for(&with), Some(client.ip()));
+        assert_eq!(forwarded_for_service(client, None), "for=\"10.1.2.3:4567\"");
+        assert_eq!(forwarded_for_service(client, Some("a;for=1.1.1.1")), "for=\"10.1.2.3:4567\"", "no injection");
+        assert_eq!(parse_forwarded_host("for=1.2.3.4;host=\"x.y\"").as_deref(), Some("x.y"));
+        assert_eq!(parse_forwarded_host("for=1.2.3.4"), None);
     }
 
     #[test]

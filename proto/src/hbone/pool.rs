@@ -133,6 +133,14 @@ impl ConnectRequest {
         self
     }
 
+    /// Sets `forwarded: for="<client>";host=<service>` when the client addressed a service.
+    pub fn forwarded_for_service(mut self, client: SocketAddr, service_hostname: Option<&str>) -> Self {
+        if let Ok(v) = HeaderValue::from_str(&super::forwarded_for_service(client, service_hostname)) {
+            self.headers.insert(FORWARDED, v);
+        }
+        self
+    }
+
     /// Sets `baggage` from the source workload's attributes (omitted when empty).
     pub fn baggage(mut self, baggage: &Baggage) -> Self {
         let value = baggage.to_header();

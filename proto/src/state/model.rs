@@ -139,6 +139,10 @@ pub struct Workload {
     pub canonical_name: String,
     /// `service.istio.io/canonical-revision`.
     pub canonical_revision: String,
+    /// The controller's kind as telemetry names it (`deployment`, `cronjob`, `pod`, `job`).
+    pub workload_type: &'static str,
+    /// Where it runs: region and zone (`topology.kubernetes.io/*` of its node), when known.
+    pub locality: Option<(String, String)>,
     /// Its service account (`default` when the control plane sent none).
     pub service_account: String,
     /// Its trust domain (`cluster.local` when the control plane sent none).
@@ -191,6 +195,13 @@ impl Workload {
             workload_name: w.workload_name,
             canonical_name: w.canonical_name,
             canonical_revision: w.canonical_revision,
+            workload_type: match pb::WorkloadType::try_from(w.workload_type) {
+                Ok(pb::WorkloadType::Cronjob) => "cronjob",
+                Ok(pb::WorkloadType::Pod) => "pod",
+                Ok(pb::WorkloadType::Job) => "job",
+                Ok(pb::WorkloadType::Deployment) | Err(_) => "deployment",
+            },
+            locality: w.locality.as_ref().map(|l| (l.region.clone(), l.zone.clone())),
             service_account,
             trust_domain,
             identity,
