@@ -366,27 +366,28 @@ async fn raw_request(
 }
 
 #[tokio::test]
-async fn invalid_requests_get_400() {
+async fn invalid_requests_get_400_and_calls_to_mesh_ports_503() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
     let forward = Arc::new(Forward::default());
     let server = TestServer::start(server_cred, trust, ServerConfig::default(), forward.clone()).await;
     let port = server.addr.port();
+    let (bad, own) = (StatusCode::BAD_REQUEST, StatusCode::SERVICE_UNAVAILABLE);
     let cases = [
-        (Method::GET, format!("http://127.0.0.1:{port}/")),
-        (Method::POST, format!("https://127.0.0.1:{port}/x")),
+        (Method::GET, format!("http://127.0.0.1:{port}/"), bad),
+        (Method::POST, format!("https://127.0.0.1:{port}/x"), bad),
         // Not ip:port.
-        (Method::CONNECT, "example.com:80".to_owned()),
+        (Method::CONNECT, "example.com:80".to_owned(), bad),
         // Not the address the connection landed on.
-        (Method::CONNECT, "127.0.0.2:80".to_owned()),
-        // Mesh ports.
-        (Method::CONNECT, "127.0.0.1:15008".to_owned()),
-        (Method::CONNECT, "127.0.0.1:15001".to_owned()),
-        (Method::CONNECT, "127.0.0.1:15000".to_owned()),
+        (Method::CONNECT, "127.0.0.2:80".to_owned(), bad),
+        // Mesh ports: a call to the proxy itself, answered as Istio's ztunnel answers it.
+        (Method::CONNECT, "127.0.0.1:15008".to_owned(), own),
+        (Method::CONNECT, "127.0.0.1:15001".to_owned(), own),
+        (Method::CONNECT, "127.0.0.1:15000".to_owned(), own),
     ];
-    for (method, uri) in cases {
+    for (method, uri, want) in cases {
         let status = raw_request(&ca, &server, method.clone(), &uri).await.unwrap();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {uri}");
+        assert_eq!(status, want, "{method} {uri}");
     }
     assert!(forward.seen().is_empty(), "an invalid request reached the handler");
 }

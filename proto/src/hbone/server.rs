@@ -349,10 +349,11 @@ impl<H: Handler> Connection<H> {
     ) {
         let target = match validate(&request, self.local, &self.config) {
             Ok(target) => target,
-            Err(reason) => {
-                let reason = crate::error_chain(&reason);
-                info!(peer_identity = %identity, method = %request.method(), uri = %request.uri(), reason, "rejected HBONE request: 400");
-                let _ = respond.send_response(response(StatusCode::BAD_REQUEST), true);
+            Err(refusal) => {
+                let (status, reason) = (refusal.status(), crate::error_chain(&refusal));
+                info!(peer_identity = %identity, method = %request.method(), uri = %request.uri(), reason,
+                    "rejected HBONE request: {}", status.as_u16());
+                let _ = respond.send_response(response(status), true);
                 return;
             }
         };
@@ -372,7 +373,8 @@ impl<H: Handler> Connection<H> {
     }
 }
 
-/// Why a request breaks the HBONE rules (answered `400`).
+/// Why a request breaks the HBONE rules: answered `400`, but `503` for a target that is one of
+/// the proxy's own ports, as Istio's ztunnel answers a call to itself.
 #[derive(Debug, thiserror::Error)]
 enum Refusal {
     #[error("method {0} is not CONNECT")]
@@ -385,6 +387,15 @@ enum Refusal {
     NotLocal { target: SocketAddr, local: std::net::IpAddr },
     #[error("authority {0} targets a mesh port")]
     MeshPort(SocketAddr),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::MeshPort(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
 }
 
 /// Checks a request against the HBONE rules.
