@@ -194,12 +194,16 @@ impl Connection {
         if first {
             // A first request without names is a wildcard subscription.
             state.wildcard = request.resource_names_subscribe.is_empty();
-            // Reconnect: start from what the client already holds.
+            // Reconnect: start from what the client already holds. For a subscription by name,
+            // what it holds stays subscribed (as Istio's ztunnel expects of istiod).
             state.sent = request
                 .initial_resource_versions
                 .iter()
                 .map(|(n, v)| (Arc::from(n.as_str()), u64::from_str_radix(v, 16).unwrap_or(UNKNOWN_VERSION)))
                 .collect();
+            if !state.wildcard {
+                state.names.extend(request.initial_resource_versions.keys().cloned());
+            }
         }
         for name in &request.resource_names_subscribe {
             if name == "*" {

@@ -222,6 +222,33 @@ async fn reconnecting_client_gets_only_what_changed() {
     mesh.shutdown().await;
 }
 
+/// An on-demand client that reconnects keeps what it held subscribed: it lists it in
+/// `initial_resource_versions`, subscribes only to what it newly wants, and still gets later
+/// changes of what it held.
+#[tokio::test]
+async fn an_on_demand_reconnect_keeps_what_it_held_subscribed() {
+    let mesh = Mesh::start().await;
+    let mut first = mesh.client().await;
+    first.subscribe(ADDRESS, &["/10.0.0.2"], BTreeMap::new()).await;
+    let r = first.recv(Duration::from_secs(10)).await;
+    assert_eq!(names(&r), ["Kubernetes//Pod/shop/server"]);
+    let held: BTreeMap<String, String> = r.resources.iter().map(|x| (x.name.clone(), x.version.clone())).collect();
+    drop(first);
+
+    let mut again = mesh.client().await;
+    again.subscribe(ADDRESS, &["/10.96.0.1"], held).await;
+    let resync = again.recv(Duration::from_secs(10)).await;
+    assert_eq!(names(&resync), ["shop/server.shop.svc.cluster.local"], "only what it did not hold");
+    again.ack(&resync).await;
+    mesh.write(
+        "pods.yaml",
+        &format!("{}---\n{}", pod("sleep", "10.0.0.1"), pod("server", "10.0.0.2").replace("node-a", "node-b")),
+    );
+    let update = again.recv(PROPAGATION).await;
+    assert_eq!(names(&update), ["Kubernetes//Pod/shop/server"], "what it held is still subscribed");
+    mesh.shutdown().await;
+}
+
 #[tokio::test]
 async fn on_demand_lookup_by_address_resolves_aliases_and_reports_unknowns() {
     let mesh = Mesh::start().await;
