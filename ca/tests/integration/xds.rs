@@ -408,3 +408,90 @@ async fn waypoint_types_are_served_on_the_same_stream() {
     assert_eq!(routes.routes[0].rules[0].backends[0].service, "shop/server.shop.svc.cluster.local");
     mesh.shutdown().await;
 }
+
+/// A client that speaks to the CA exactly as Istio's ztunnel does (istio/ztunnel
+/// `src/xds/client.rs`, `src/identity/auth.rs`, `src/identity/caclient.rs`): node id
+/// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`; `authorization: Bearer <token>` with a
+/// `clusterid` header; an on-demand `Address` subscription that starts by subscribing to nothing
+/// (`*` subscribed and unsubscribed in one request), a wildcard `Authorization` one; ACKs and a
+/// NACK; certificates asked for with `ImpersonatedIdentity` and read with the roots last.
+#[tokio::test]
+async fn a_client_speaking_as_istios_ztunnel_is_served() {
+    use proto::api::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+
+    let mesh = Mesh::start().await;
+    let token = mesh.token("istio-system", "ztunnel", Some("node-a"));
+    let headers = move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req.metadata_mut().insert("clusterid", "Kubernetes".parse().unwrap());
+        Ok(req)
+    };
+    let channel = mesh.channel(None);
+    let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel.clone(), headers.clone());
+    let (tx, rx) = mpsc::channel(16);
+    let mut responses = ads.delta_aggregated_resources(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut next =
+        async || tokio::time::timeout(Duration::from_secs(10), responses.message()).await.unwrap().unwrap().unwrap();
+    let node = Node {
+        id: "ztunnel~10.0.0.100~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let nothing = DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: ADDRESS.into(),
+        resource_names_subscribe: vec!["*".into()],
+        resource_names_unsubscribe: vec!["*".into()],
+        ..Default::default()
+    };
+    tx.send(nothing).await.unwrap();
+    let wildcard = DeltaDiscoveryRequest { node: Some(node), type_url: AUTHORIZATION.into(), ..Default::default() };
+    tx.send(wildcard).await.unwrap();
+    let mut first = BTreeMap::new();
+    for _ in 0..2 {
+        let r = next().await;
+        first.insert(r.type_url.clone(), r);
+    }
+    assert!(first[ADDRESS].resources.is_empty(), "subscribed to nothing: {:?}", names(&first[ADDRESS]));
+    assert_eq!(names(&first[AUTHORIZATION]), ["shop/allow"]);
+    for r in first.values() {
+        let ack = DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        };
+        tx.send(ack).await.unwrap();
+    }
+
+    // On demand, by address: the pod at 10.0.0.2.
+    let lookup = DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        resource_names_subscribe: vec!["/10.0.0.2".into()],
+        ..Default::default()
+    };
+    tx.send(lookup).await.unwrap();
+    let found = next().await;
+    assert_eq!(names(&found), ["Kubernetes//Pod/shop/server"]);
+    // A NACK is not answered with the same resources again.
+    let nack = DeltaDiscoveryRequest {
+        type_url: ADDRESS.into(),
+        response_nonce: found.nonce.clone(),
+        error_detail: Some(proto::api::google::rpc::Status { code: 3, message: "test".into(), details: vec![] }),
+        ..Default::default()
+    };
+    tx.send(nack).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), next()).await.is_err(),
+        "the NACKed resources were sent again"
+    );
+
+    // A certificate for a pod of its node, impersonated.
+    let mut ca = IstioCertificateServiceClient::with_interceptor(channel, headers);
+    let id = "spiffe://cluster.local/ns/shop/sa/server";
+    let (_key, pem) = crate::support::csr(&[id]);
+    let answer =
+        ca.create_certificate(crate::support::request(pem, 3600, Some(id))).await.unwrap().into_inner().cert_chain;
+    let (certs, roots) = proto::certs::split_answer(&answer).unwrap();
+    assert_eq!(certs.matches("BEGIN CERTIFICATE").count(), 2, "leaf and intermediate");
+    assert_eq!(roots.roots().len(), 1);
+    mesh.shutdown().await;
+}
