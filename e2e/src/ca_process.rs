@@ -304,6 +304,7 @@ impl CaProcess {
             server_name: "localhost".into(),
             trust: SharedTrustBundle::new(TrustBundle::from_pem(&pem)?),
             credential,
+            cluster_id: None,
         })
     }
 }

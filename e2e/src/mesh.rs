@@ -38,6 +38,8 @@ use crate::topology::{NamedNetns, PREFIX, install_signal_cleanup, preflight, rea
 
 /// The CA's address on the underlay.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 254);
+/// The cluster the one-machine mesh's ztunnels name (`CLUSTER_ID`, sent as `clusterid`).
+pub const E2E_CLUSTER_ID: &str = "one-machine";
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -369,7 +371,8 @@ impl Mesh {
         self.nodes.get_mut(usize::from(index).wrapping_sub(1)).with_context(|| format!("no node {index}"))
     }
 
-    /// Starts (or restarts) ztunnel on node `index`.
+    /// Starts (or restarts) ztunnel on node `index`, configured as Istio's charts configure Istio's
+    /// ztunnel (see [`E2E_CLUSTER_ID`] for the cluster it names).
     pub fn start_ztunnel(&mut self, index: u8) -> Result<()> {
         let root = self.ca_launch.state.join("root-cert.pem");
         let (bin, filter, drain) =
@@ -385,6 +388,7 @@ impl Mesh {
             .env("XDS_ADDRESS", format!("https://{CA_IP}:15012"))
             .env("CA_ROOT_CA", &root)
             .env("TRUST_DOMAIN", "cluster.local")
+            .env("CLUSTER_ID", E2E_CLUSTER_ID)
             .env("INPOD_UDS", node.agent.path())
             .args(["--token-file", &node.token.display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])

@@ -107,6 +107,14 @@ async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
         ) >= 1.0,
         "{m2}"
     );
+
+    // Each ztunnel named its cluster to the CA as Istio's ztunnel does (`clusterid`).
+    let ca_log = std::fs::read_to_string(mesh.state_dir().join("logs/ca.log")).unwrap();
+    let named = ca_log
+        .lines()
+        .filter(|l| l.contains("xDS client connected") && l.contains(&format!("cluster={}", e2e::mesh::E2E_CLUSTER_ID)))
+        .count();
+    assert!(named >= 2, "{named} xDS clients named the cluster:\n{ca_log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

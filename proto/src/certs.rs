@@ -368,6 +368,9 @@ impl CertManager {
             let value = format!("Bearer {token}").parse().map_err(|_| CertError::TokenNotAHeader)?;
             request.metadata_mut().insert("authorization", value);
         }
+        if let Some(cluster) = self.config.ca.cluster_id.as_deref().and_then(|c| c.parse().ok()) {
+            request.metadata_mut().insert(crate::control::CLUSTER_ID_HEADER, cluster);
+        }
         let chain = self
             .client
             .clone()

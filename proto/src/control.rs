@@ -46,6 +46,9 @@ pub struct ControlPlaneTarget {
     pub trust: Arc<SharedTrustBundle>,
     /// Client certificate to present, if any.
     pub credential: Option<Arc<Credential>>,
+    /// The cluster this proxy runs in, sent as Istio's `clusterid` header with every request
+    /// (Istio's ztunnel sends it, `Kubernetes` by default).
+    pub cluster_id: Option<String>,
 }
 
 impl std::fmt::Debug for ControlPlaneTarget {
@@ -84,6 +87,26 @@ impl ControlPlaneTarget {
         })))
     }
 }
+
+/// An interceptor adding `authorization: Bearer <token>` and, when known, `clusterid: <cluster>`
+/// to every request, as Istio's ztunnel sends them.
+pub fn with_token_and_cluster(
+    token: Option<String>,
+    cluster_id: Option<&str>,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    let mut with_token = with_token(token);
+    let cluster = cluster_id.and_then(|c| c.parse::<tonic::metadata::MetadataValue<_>>().ok());
+    move |request: tonic::Request<()>| {
+        let mut request = with_token(request)?;
+        if let Some(c) = &cluster {
+            request.metadata_mut().insert(CLUSTER_ID_HEADER, c.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The header Istio's ztunnel names its cluster in.
+pub const CLUSTER_ID_HEADER: &str = "clusterid";
 
 /// An interceptor adding `authorization: Bearer <token>` to every request.
 pub fn with_token(

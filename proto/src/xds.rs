@@ -144,8 +144,11 @@ impl AdsClient {
     async fn stream(&self, handler: &dyn XdsHandler) -> Result<(), StreamError> {
         let channel = self.target.channel().map_err(StreamError::Channel)?;
         let token = self.token.read().map_err(StreamError::Token)?;
-        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(channel, crate::control::with_token(token))
-            .max_decoding_message_size(256 << 20);
+        let mut ads = AggregatedDiscoveryServiceClient::with_interceptor(
+            channel,
+            crate::control::with_token_and_cluster(token, self.target.cluster_id.as_deref()),
+        )
+        .max_decoding_message_size(256 << 20);
         let (tx, rx) = mpsc::channel(16);
         for type_url in &self.types {
             tx.send(DeltaDiscoveryRequest {

@@ -135,6 +135,7 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
             server_name: args.ca_name,
             trust: SharedTrustBundle::new(bundle),
             credential: None,
+            cluster_id: None,
         },
         token: TokenSource::File(args.token_file),
         listen: args.listen,

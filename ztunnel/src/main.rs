@@ -60,6 +60,10 @@ struct Args {
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
 
+    /// The cluster this node belongs to, sent to the control plane as Istio's `clusterid` header.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+
     /// ztunnel's own service account (namespace/name).
     #[arg(long, default_value = "istio-system/ztunnel", value_name = "NS/SA")]
     service_account: String,
@@ -161,6 +165,7 @@ async fn run(args: Args) -> Result<()> {
         server_name: args.ca_name.clone().unwrap_or_else(|| ca_addr.0.clone()),
         trust: SharedTrustBundle::new(bundle),
         credential: None,
+        cluster_id: Some(args.cluster_id.clone()),
     };
     let config = Config {
         node_name: args.node_name,

@@ -136,6 +136,7 @@ async fn admin_client(
         server_name: args.server_name.clone(),
         trust: SharedTrustBundle::new(trust),
         credential,
+        cluster_id: None,
     };
     Ok(CaAdminClient::with_interceptor(target.channel()?, with_token(token)))
 }

@@ -84,12 +84,20 @@ impl AggregatedDiscoveryService for XdsServer {
             }
         };
         let caller = caller.identity.to_string();
+        // Istio's ztunnel names its cluster in a header (for the log; nothing is decided by it).
+        let cluster = request
+            .metadata()
+            .get(proto::control::CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
             resources: self.resources.clone(),
             types: HashMap::new(),
             nonce: 0,
             node: String::new(),
+            cluster,
             out: tx,
         };
         let clients = self.clients.clone();
@@ -136,6 +144,8 @@ struct Connection {
     types: HashMap<String, TypeState>,
     nonce: u64,
     node: String,
+    /// The `clusterid` the client sent, `-` for none.
+    cluster: String,
     out: mpsc::Sender<Result<xds::DeltaDiscoveryResponse, Status>>,
 }
 
@@ -172,7 +182,7 @@ impl Connection {
     async fn handle(&mut self, request: xds::DeltaDiscoveryRequest) -> Result<(), ()> {
         if let (true, Some(node)) = (self.node.is_empty(), &request.node) {
             self.node = node.id.clone();
-            info!(node = %self.node, "xDS client connected");
+            info!(node = %self.node, cluster = %self.cluster, "xDS client connected");
         }
         let type_url = request.type_url.clone();
         if !Resources::serves(&type_url) {

@@ -106,7 +106,13 @@ async fn kill_9_while_issuing_loses_nothing_that_was_handed_out() {
     let ca = start(objects.path(), state.path(), &jwks);
     let root_before = std::fs::read(state.path().join("root-cert.pem")).unwrap();
     let trust = SharedTrustBundle::new(TrustBundle::from_pem(&root_before).unwrap());
-    let target = ControlPlaneTarget { addr: ca.grpc, server_name: "localhost".into(), trust, credential: None };
+    let target = ControlPlaneTarget {
+        addr: ca.grpc,
+        server_name: "localhost".into(),
+        trust,
+        credential: None,
+        cluster_id: None,
+    };
 
     // Clients issue continuously; record every certificate received.
     let received = Arc::new(Mutex::new(Vec::new()));

@@ -564,6 +564,7 @@ async fn root_rotation_keeps_old_and_new_certificates_talking_until_retirement()
             server_name: "localhost".into(),
             trust: SharedTrustBundle::new(overlap.clone()),
             credential: Some(admin_cred),
+            cluster_id: None,
         }
         .channel()
         .unwrap(),

@@ -90,9 +90,15 @@ impl Mesh {
 
     /// A TLS channel, presenting `credential` if given.
     pub fn channel(&self, credential: Option<Arc<Credential>>) -> Channel {
-        ControlPlaneTarget { addr: self.grpc, server_name: "localhost".into(), trust: self.trust(), credential }
-            .channel()
-            .unwrap()
+        ControlPlaneTarget {
+            addr: self.grpc,
+            server_name: "localhost".into(),
+            trust: self.trust(),
+            credential,
+            cluster_id: None,
+        }
+        .channel()
+        .unwrap()
     }
 
     pub fn token(&self, namespace: &str, service_account: &str, node: Option<&str>) -> String {

@@ -69,5 +69,14 @@ pub fn ztunnel_token(signer: &TokenSigner, node: &str) -> String {
 pub fn target(grpc: SocketAddr, state: &Path) -> (ControlPlaneTarget, Arc<SharedTrustBundle>) {
     let roots = std::fs::read(state.join("root-cert.pem")).unwrap();
     let trust = SharedTrustBundle::new(TrustBundle::from_pem(&roots).unwrap());
-    (ControlPlaneTarget { addr: grpc, server_name: "localhost".into(), trust: trust.clone(), credential: None }, trust)
+    (
+        ControlPlaneTarget {
+            addr: grpc,
+            server_name: "localhost".into(),
+            trust: trust.clone(),
+            credential: None,
+            cluster_id: None,
+        },
+        trust,
+    )
 }
