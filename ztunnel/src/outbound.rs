@@ -18,7 +18,7 @@ use proto::SpiffeId;
 use proto::drain::DrainWatcher;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
 use proto::hbone::server::StatusCode;
-use proto::hbone::{Baggage, HBONE_PORT, copy};
+use proto::hbone::{HBONE_PORT, copy};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
@@ -255,7 +255,7 @@ impl Outbound {
         // What Istio's ztunnel tells the other side: the service the client addressed, and the
         // client workload's attributes (telemetry only; never trusted for identity).
         let service = (!info.service.is_empty()).then(|| info.service.clone());
-        let baggage = info.source.workload.as_deref().map(Baggage::of_workload);
+        let baggage = info.source.workload.as_ref().and_then(|w| w.baggage.clone());
         let record = ConnectionRecord::open(&self.ctx.metrics, info);
         let cancel = self.pod.cancel.child_token();
         match route {
@@ -271,8 +271,8 @@ impl Outbound {
                 };
                 let mut request = ConnectRequest::new(credential, hbone, identities, target)
                     .forwarded_for_service(client, service.as_deref());
-                if let Some(b) = &baggage {
-                    request = request.baggage(b);
+                if let Some(b) = baggage {
+                    request = request.baggage_value(b);
                 }
                 let tunnel = match Box::pin(self.pool.connect(request)).await {
                     Ok(t) => t,

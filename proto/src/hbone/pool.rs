@@ -141,6 +141,12 @@ impl ConnectRequest {
         self
     }
 
+    /// Sets a `baggage` header already formatted (a workload's, see `state::Workload::baggage`).
+    pub fn baggage_value(mut self, value: HeaderValue) -> Self {
+        self.headers.insert(BAGGAGE, value);
+        self
+    }
+
     /// Sets `baggage` from the source workload's attributes (omitted when empty).
     pub fn baggage(mut self, baggage: &Baggage) -> Self {
         let value = baggage.to_header();

@@ -413,6 +413,12 @@ mod tests {
     }
 
     #[test]
+    fn a_workloads_baggage_is_formatted_once_when_it_is_converted() {
+        let w = workload("web-1", "shop", [10, 0, 0, 1], &[], &[]);
+        assert_eq!(w.baggage.unwrap(), "k8s.namespace.name=shop,k8s.pod.name=web-1");
+    }
+
+    #[test]
     fn endpoints_and_addresses_follow_replacement_and_removal() {
         let mut s = MeshState::default();
         s.insert_workload(workload("b", "shop", [10, 0, 0, 2], &["shop/web"], &[]));

@@ -165,6 +165,9 @@ pub struct Workload {
     pub services: HashMap<String, Vec<PortMapping>>,
     /// The names (`<namespace>/<name>`) of the selector-scoped L4 policies that select it.
     pub authorization_policies: Vec<String>,
+    /// The `baggage` header its ztunnel sends for its connections, formatted once here rather
+    /// than per connection (`None` when it says nothing).
+    pub baggage: Option<http::HeaderValue>,
 }
 
 impl Workload {
@@ -188,7 +191,7 @@ impl Workload {
             .iter()
             .map(|(k, list)| Ok((k.clone(), ports(&list.ports)?)))
             .collect::<Result<_, ModelError>>()?;
-        Ok(Workload {
+        let mut workload = Workload {
             uid: w.uid,
             name: w.name,
             namespace: w.namespace,
@@ -213,7 +216,11 @@ impl Workload {
             waypoint,
             services,
             authorization_policies: w.authorization_policies,
-        })
+            baggage: None,
+        };
+        let baggage = crate::hbone::Baggage::of_workload(&workload).to_header();
+        workload.baggage = (!baggage.is_empty()).then(|| http::HeaderValue::from_str(&baggage).ok()).flatten();
+        Ok(workload)
     }
 
     /// Whether it is reached over HBONE (it is in the mesh).
