@@ -122,11 +122,23 @@ pub fn remove_on_signal(dir: &Path) {
 /// Held while a namespace is being added (see [`NamedNetns::create`]).
 static CREATING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Removes this process's namespaces (all meshes it built) and registered directories.
+/// Removes this process's namespaces (all meshes it built) and registered directories. Its
+/// child processes are killed first: a ztunnel or CA still running would write into a directory
+/// being removed (a new log line, a renewed certificate) and leave it behind.
 pub fn remove_own() {
     let _no_new_namespaces = CREATING.lock().unwrap_or_else(|p| p.into_inner());
+    kill_children();
     for dir in OWN_DIRS.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-        let _ = std::fs::remove_dir_all(dir);
+        // The harness's own threads may still be writing (the demo applying an object as the
+        // signal came): retry until the directory is gone.
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
     }
     let own = format!("{PREFIX}{}-", std::process::id());
     let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
@@ -134,6 +146,22 @@ pub fn remove_own() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(&own) {
             let _ = ip(&["netns", "del", &name]);
+        }
+    }
+}
+
+/// Sends SIGKILL to every direct child of this process and reaps none (the process is about to
+/// exit; `init` reaps them).
+fn kill_children() {
+    let own = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, so split after the last ')'.
+        let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(own) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
