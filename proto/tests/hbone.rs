@@ -14,7 +14,7 @@ use std::time::Duration;
 use http::{Method, Request, StatusCode};
 use proto::hbone::pool::{ConnectRequest, Dialer, Pool, PoolConfig, PoolError, PoolKey, TcpDialer};
 use proto::hbone::server::ServerConfig;
-use proto::hbone::{Baggage, TraceParent};
+use proto::hbone::{Baggage, Target, TraceParent};
 use proto::testing::eventually;
 use sha2::{Digest, Sha256};
 use support::*;
@@ -284,7 +284,7 @@ async fn request_headers_reach_the_server() {
     let seen = mesh.forward.seen();
     let h = &seen[0].headers;
     assert_eq!(seen[0].peer_identity, id("client"));
-    assert_eq!(seen[0].target, upstream);
+    assert_eq!(seen[0].target, upstream.into());
     assert_eq!(h["forwarded"], "for=\"10.1.2.3:45678\"");
     assert_eq!(proto::hbone::parse_forwarded_for(h["forwarded"].to_str().unwrap()), Some(client_addr.ip()));
     assert_eq!(Baggage::parse(h["baggage"].to_str().unwrap()), baggage);
@@ -312,7 +312,7 @@ async fn handler_statuses_reach_the_client() {
         match err {
             PoolError::Refused { status: got, target: t, .. } => {
                 assert_eq!(got, status);
-                assert_eq!(t, target);
+                assert_eq!(t, target.into());
             }
             other => panic!("expected a refusal with {status}, got {other}"),
         }
@@ -340,7 +340,7 @@ async fn a_connect_never_answered_fails_at_the_deadline() {
     let err = outcome.expect("the pool waited past its deadline for the CONNECT's answer").unwrap_err();
     match err {
         PoolError::Unanswered { target: t, after, .. } => {
-            assert_eq!((t, after), (target, limit));
+            assert_eq!((t, after), (target.into(), limit));
         }
         other => panic!("expected the CONNECT to go unanswered, got {other}"),
     }
@@ -404,7 +404,36 @@ async fn waypoint_mode_accepts_authorities_for_other_addresses() {
     let status = raw_request(&ca, &server, Method::CONNECT, &target.to_string()).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(forward.seen().len(), 1);
-    assert_eq!(forward.seen()[0].target, target);
+    assert_eq!(forward.seen()[0].target, target.into());
+}
+
+/// A `hostname:port` authority is refused (400) unless the server is configured to let its
+/// handler resolve service hostnames, which then sees exactly the name and service port sent.
+#[tokio::test]
+async fn service_hostname_authorities_only_where_configured() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let forward = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred.clone(), trust.clone(), ServerConfig::default(), forward.clone()).await;
+    let status = raw_request(&ca, &server, Method::CONNECT, "hello.demo.svc.cluster.local:8080").await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(forward.seen().is_empty(), "the handler saw a refused request");
+
+    let config = ServerConfig { service_hostnames: true, ..ServerConfig::default() };
+    let resolving = Arc::new(Forward::default());
+    let server = TestServer::start(server_cred, trust, config, resolving.clone()).await;
+    // The test handler cannot resolve names: it answers 503, after seeing the request.
+    let status = raw_request(&ca, &server, Method::CONNECT, "hello.demo.svc.cluster.local:8080").await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let seen = resolving.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target, Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 8080 });
+    // Malformed names are refused by the server whatever the handler could do.
+    for bad in ["Hello.demo:8080", "hello_demo:8080", "hello.demo:0", "10.0.0.300:80"] {
+        let status = raw_request(&ca, &server, Method::CONNECT, bad).await.unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    assert_eq!(resolving.seen().len(), 1);
 }
 
 /// A drain sends GOAWAY (seen by the client as a refusal of new streams on the connection it

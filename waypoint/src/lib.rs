@@ -57,9 +57,9 @@ use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
 use proto::drain::{self, DrainTrigger};
-use proto::hbone::Baggage;
 use proto::hbone::pool::{Pool, PoolConfig};
 use proto::hbone::server::{Handler, InboundConnect, Server, ServerConfig};
+use proto::hbone::{Baggage, Target};
 use proto::lifecycle::LogControl;
 use proto::state::WaypointAt;
 use proto::xds::{AdsClient, MeshView};
@@ -211,9 +211,16 @@ struct Inbound {
 
 impl Handler for Inbound {
     async fn handle(&self, connect: InboundConnect) {
-        if !serves(&self.ctx, connect.target.ip(), connect.local_addr.ip()) {
+        // The server refuses `hostname:port` for a waypoint (`service_hostnames` off): clients
+        // send a waypoint the address they resolved.
+        let Target::Addr(target) = connect.target else {
             warn!(peer = %connect.peer_identity, target = %connect.target,
-                "tunnel refused: the target does not use this waypoint");
+                "tunnel refused: a waypoint takes ip:port authorities only");
+            connect.reject(StatusCode::BAD_REQUEST);
+            return;
+        };
+        if !serves(&self.ctx, target.ip(), connect.local_addr.ip()) {
+            warn!(peer = %connect.peer_identity, %target, "tunnel refused: the target does not use this waypoint");
             connect.reject(StatusCode::BAD_REQUEST);
             return;
         }
@@ -224,11 +231,11 @@ impl Handler for Inbound {
             // client's ztunnel, which dials from the client's own address anyway.
             source_ip: Some(connect.peer_addr.ip()),
             source_workload: header(proto::hbone::BAGGAGE).and_then(|b| Baggage::parse(b).workload.map(|(_, n)| n)),
-            target: connect.target,
+            target,
         });
         let declared = self.ctx.view.read(|s| {
-            let key = &s.service_by_vip(connect.target.ip())?.key;
-            let protocol = *s.routes.get(key)?.port_protocols.get(&u32::from(connect.target.port()))?;
+            let key = &s.service_by_vip(target.ip())?.key;
+            let protocol = *s.routes.get(key)?.port_protocols.get(&u32::from(target.port()))?;
             PortProtocol::try_from(protocol).ok()
         });
         let mut stream = match connect.accept() {

@@ -2,7 +2,11 @@
 //!
 //! **HBONE (15008)**: the HBONE server has already completed mTLS (presenting the pod's
 //! certificate) and validated the request (authority is the IP the connection landed on, not one of
-//! our ports). Here:
+//! our ports; or a service hostname). Here:
+//! 0. a `hostname:port` authority (Istio's cross-network form) is resolved as Istio's ztunnel
+//!    does: to a service of that hostname the pod is an endpoint of, preferring the pod's own
+//!    namespace, and the port the pod serves that service port on; or `400` (`503` when it
+//!    resolves to one of our own ports);
 //! 1. the destination must be a workload the control plane knows at that IP, or `400`;
 //! 2. L4 authorization with the peer's identity from the handshake, or `401`;
 //! 3. connect to the app from inside the pod, as the client: the TCP peer's address, or the one
@@ -18,7 +22,7 @@ use std::sync::Arc;
 
 use proto::drain::DrainWatcher;
 use proto::hbone::server::{Handler, InboundConnect, StatusCode};
-use proto::hbone::{MESH_PORTS, copy};
+use proto::hbone::{MESH_PORTS, Target, copy};
 use proto::state::Workload;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -116,10 +120,71 @@ fn admit(
     })
 }
 
+/// Why a service hostname authority could not be resolved.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum Unresolved {
+    #[error("no workload is known at {0}, the address the tunnel arrived on")]
+    NoWorkload(IpAddr),
+    #[error("the pod is an endpoint of no service named {0}")]
+    NoService(String),
+    #[error("service {host} has no port {port} the pod serves")]
+    NoPort { host: String, port: u16 },
+    #[error("service {host}:{port} resolves to {resolved}, one of the mesh's own ports")]
+    MeshPort { host: String, port: u16, resolved: u16 },
+}
+
+impl Unresolved {
+    fn status(&self) -> StatusCode {
+        match self {
+            Unresolved::MeshPort { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// The address a tunnel goes to in the pod at `local`: an `ip:port` authority as it is (the
+/// server checked it names `local`); a `hostname:port` authority resolved among the services the
+/// pod is an endpoint of — the pod's own namespace first, as Istio's ztunnel prefers — to the
+/// port the pod serves that service port on (its own mapping, else the service's target port).
+fn resolve_target(state: &MeshState, local: IpAddr, target: &Target) -> Result<SocketAddr, Unresolved> {
+    let (host, port) = match target {
+        Target::Addr(addr) => return Ok(*addr),
+        Target::Service { host, port } => (host, *port),
+    };
+    let pod = state.workload_by_ip(local).ok_or(Unresolved::NoWorkload(local))?;
+    let (service, mappings) = pod
+        .services
+        .iter()
+        .filter_map(|(key, mappings)| Some((state.service(key)?, mappings)))
+        .filter(|(service, _)| service.hostname == *host)
+        .min_by_key(|(service, _)| (service.namespace != pod.namespace, service.key.as_str()))
+        .ok_or_else(|| Unresolved::NoService(host.clone()))?;
+    let resolved = mappings
+        .iter()
+        .find(|m| m.service_port == port)
+        .and_then(|m| m.target_port)
+        .or_else(|| service.target_port(port))
+        .ok_or_else(|| Unresolved::NoPort { host: host.clone(), port })?;
+    // What an ip:port authority may not name, a hostname may not resolve to (a loop into ztunnel).
+    if MESH_PORTS.contains(&resolved) {
+        return Err(Unresolved::MeshPort { host: host.clone(), port, resolved });
+    }
+    Ok(SocketAddr::new(local, resolved))
+}
+
 impl Handler for Inbound {
-    async fn handle(&self, connect: InboundConnect) {
+    async fn handle(&self, mut connect: InboundConnect) {
         let peer = connect.peer_identity.clone();
-        let target = connect.target;
+        let local = connect.local_addr.ip();
+        let target = match self.ctx.view.read(|state| resolve_target(state, local, &connect.target)) {
+            Ok(target) => target,
+            Err(why) => {
+                warn!(src.identity = %peer, authority = %connect.target, pod = %self.pod.name, reason = %why,
+                    "inbound refused ({})", why.status().as_u16());
+                connect.reject(why.status());
+                return;
+            }
+        };
         let forwarded = connect
             .headers
             .get(proto::hbone::FORWARDED)
@@ -127,7 +192,6 @@ impl Handler for Inbound {
             .and_then(proto::hbone::parse_forwarded_for);
 
         let admitted = admit(&self.ctx, Some(&peer), connect.peer_addr, forwarded, target);
-        let mut connect = connect;
         let Some(Admission { info, decision, client }) = admitted else {
             warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
                 "inbound refused (400): no workload known at the destination address");
@@ -257,4 +321,127 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
         (true, false) => Outcome::Revoked,
     };
     record.close(outcome, t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use proto::api::istio::workload::{NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload};
+
+    use super::*;
+
+    const POD: [u8; 4] = [10, 0, 0, 1];
+
+    fn port(service_port: u32, target_port: u32) -> Port {
+        Port { service_port, target_port, app_protocol: 0 }
+    }
+
+    fn service(namespace: &str, host: &str, ports: Vec<Port>) -> Service {
+        Service {
+            name: host.split('.').next().unwrap().into(),
+            namespace: namespace.into(),
+            hostname: host.into(),
+            addresses: vec![NetworkAddress { network: String::new(), address: vec![10, 96, 0, 9], length: None }],
+            ports,
+            ..Default::default()
+        }
+    }
+
+    /// One pod in `demo` at [`POD`], an endpoint of each `(service, its ports on the pod)`.
+    fn state(services: Vec<(Service, Vec<Port>)>) -> MeshState {
+        let mut s = MeshState::default();
+        let pod = Workload {
+            uid: "Kubernetes//Pod/demo/db-0".into(),
+            name: "db-0".into(),
+            namespace: "demo".into(),
+            addresses: vec![POD.to_vec()],
+            tunnel_protocol: TunnelProtocol::Hbone as i32,
+            services: services
+                .iter()
+                .map(|(svc, ports)| (format!("{}/{}", svc.namespace, svc.hostname), PortList { ports: ports.clone() }))
+                .collect(),
+            ..Default::default()
+        };
+        s.insert_workload(proto::state::Workload::from_pb(pod).unwrap());
+        for (svc, _) in services {
+            s.insert_service(proto::state::Service::from_pb(svc).unwrap());
+        }
+        s
+    }
+
+    fn host(name: &str, port: u16) -> Target {
+        Target::Service { host: name.into(), port }
+    }
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+
+    #[test]
+    fn an_address_authority_is_taken_as_it_is() {
+        let s = state(vec![]);
+        let addr: SocketAddr = "10.0.0.1:5432".parse().unwrap();
+        assert_eq!(resolve_target(&s, LOCAL, &Target::Addr(addr)), Ok(addr));
+    }
+
+    #[test]
+    fn a_hostname_resolves_to_the_port_the_pod_serves_the_service_port_on() {
+        let s = state(vec![
+            (service("demo", "db.demo.svc.cluster.local", vec![port(80, 8080)]), vec![port(80, 9090)]),
+            (service("demo", "web.demo.svc.cluster.local", vec![port(81, 8081)]), vec![]),
+        ]);
+        // The pod's own mapping wins over the service's (a named target port, resolved per pod).
+        assert_eq!(
+            resolve_target(&s, LOCAL, &host("db.demo.svc.cluster.local", 80)),
+            Ok("10.0.0.1:9090".parse().unwrap())
+        );
+        // No mapping of its own: the service's numeric target port.
+        assert_eq!(
+            resolve_target(&s, LOCAL, &host("web.demo.svc.cluster.local", 81)),
+            Ok("10.0.0.1:8081".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_target(&s, LOCAL, &host("db.demo.svc.cluster.local", 81)),
+            Err(Unresolved::NoPort { host: "db.demo.svc.cluster.local".into(), port: 81 })
+        );
+    }
+
+    #[test]
+    fn the_pods_own_namespace_wins_among_services_of_one_hostname() {
+        let shared = "db.example.com";
+        let s = state(vec![
+            (service("aaa", shared, vec![port(5432, 1111)]), vec![]),
+            (service("demo", shared, vec![port(5432, 2222)]), vec![]),
+            (service("zzz", shared, vec![port(5432, 3333)]), vec![]),
+        ]);
+        assert_eq!(resolve_target(&s, LOCAL, &host(shared, 5432)), Ok("10.0.0.1:2222".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_hostname_the_pod_does_not_serve_is_refused() {
+        let mut s = state(vec![(service("demo", "db.demo.svc.cluster.local", vec![port(80, 8080)]), vec![])]);
+        // A service of that name exists, but the pod is not one of its endpoints.
+        s.insert_service(
+            proto::state::Service::from_pb(service("demo", "other.demo.svc.cluster.local", vec![port(80, 80)]))
+                .unwrap(),
+        );
+        for name in ["other.demo.svc.cluster.local", "nothing.demo.svc.cluster.local"] {
+            assert_eq!(resolve_target(&s, LOCAL, &host(name, 80)), Err(Unresolved::NoService(name.into())));
+        }
+        let elsewhere: IpAddr = "10.0.0.2".parse().unwrap();
+        assert_eq!(
+            resolve_target(&s, elsewhere, &host("db.demo.svc.cluster.local", 80)),
+            Err(Unresolved::NoWorkload(elsewhere))
+        );
+    }
+
+    #[test]
+    fn a_hostname_may_not_resolve_to_a_mesh_port() {
+        let s = state(vec![(service("demo", "db.demo.svc.cluster.local", vec![port(80, 15008)]), vec![])]);
+        let refused = resolve_target(&s, LOCAL, &host("db.demo.svc.cluster.local", 80)).unwrap_err();
+        assert_eq!(
+            refused,
+            Unresolved::MeshPort { host: "db.demo.svc.cluster.local".into(), port: 80, resolved: 15008 }
+        );
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

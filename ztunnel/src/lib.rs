@@ -138,7 +138,8 @@ impl Ztunnel {
             tracker: Arc::new(Tracker::default()),
             trust_domain: config.trust_domain.clone(),
             pool: config.pool.clone(),
-            hbone: config.hbone.clone(),
+            // The inbound handler resolves `hostname:port` authorities (inbound::resolve_target).
+            hbone: ServerConfig { service_hostnames: true, ..config.hbone.clone() },
         });
         let proxy = Proxy::new(ctx.clone(), config.drain_timeout);
         // `draining` ends readiness and the node-agent session; `stop` everything else, after

@@ -70,7 +70,12 @@ struct Forward;
 
 impl Handler for Forward {
     async fn handle(&self, connect: InboundConnect) {
-        let Ok(upstream) = TcpStream::connect(connect.target).await else {
+        // The server takes ip:port authorities only (ServerConfig::service_hostnames is off).
+        let Some(target) = connect.target.addr() else {
+            connect.reject(http_503());
+            return;
+        };
+        let Ok(upstream) = TcpStream::connect(target).await else {
             connect.reject(http_503());
             return;
         };

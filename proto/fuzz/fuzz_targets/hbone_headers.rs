@@ -3,13 +3,16 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use proto::hbone::{parse_authority, parse_forwarded_for, Baggage, TraceParent};
+use proto::hbone::{parse_forwarded_for, parse_target, Baggage, Target, TraceParent};
 
 fuzz_target!(|data: &[u8]| {
     let s = String::from_utf8_lossy(data);
-    if let Ok(addr) = parse_authority(&s) {
-        assert_eq!(parse_authority(&addr.to_string()), Ok(addr));
-        assert_ne!(addr.port(), 0);
+    if let Ok(target) = parse_target(&s) {
+        assert_eq!(parse_target(&target.to_string()), Ok(target.clone()));
+        assert_ne!(target.port(), 0);
+        if let Target::Service { host, .. } = &target {
+            assert!(host.parse::<std::net::IpAddr>().is_err(), "an address passed as a name: {s:?}");
+        }
     }
     let _ = parse_forwarded_for(&s);
     let baggage = Baggage::parse(&s);

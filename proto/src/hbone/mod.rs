@@ -57,8 +57,8 @@ fn configure_tls<Data>(tls: &mut rustls::ConnectionCommon<Data>) {
     tls.set_buffer_limit(Some(TLS_SEND_BUFFER));
 }
 
-/// Longest `:authority` accepted (`[ipv6]:port` is at most 47 bytes).
-const MAX_AUTHORITY_LEN: usize = 64;
+/// Longest `:authority` accepted: a 253-byte hostname, `:` and a 5-digit port.
+const MAX_AUTHORITY_LEN: usize = 259;
 
 /// HTTP/2 settings for tunnel connections. Windows are large so one stream can fill a fast link:
 /// with the default 64 KiB window a single stream is capped at window/RTT.
@@ -85,39 +85,115 @@ impl Default for H2Settings {
     }
 }
 
+/// Where a `CONNECT` asks to go.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `ip:port`: the destination itself, resolved by the client.
+    Addr(SocketAddr),
+    /// `hostname:port`: a service by its hostname and *service* port, for the receiving proxy to
+    /// resolve (Istio's cross-network path names the service, not an address it cannot reach).
+    Service {
+        /// The service's hostname, lowercase.
+        host: String,
+        /// The service port.
+        port: u16,
+    },
+}
+
+impl Target {
+    /// The address, for an `ip:port` authority.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Target::Addr(a) => Some(*a),
+            Target::Service { .. } => None,
+        }
+    }
+
+    /// The port asked for: the destination's, or the service port.
+    pub fn port(&self) -> u16 {
+        match self {
+            Target::Addr(a) => a.port(),
+            Target::Service { port, .. } => *port,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Addr(a) => a.fmt(f),
+            Target::Service { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(a: SocketAddr) -> Self {
+        Target::Addr(a)
+    }
+}
+
 /// Why a `CONNECT` authority is unacceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
-    /// Longer than any `ip:port`.
-    #[error("authority is {0} bytes long; an ip:port is at most {MAX_AUTHORITY_LEN}")]
+    /// Longer than any `hostname:port`.
+    #[error("authority is {0} bytes long; the longest accepted is {MAX_AUTHORITY_LEN}")]
     TooLong(usize),
-    /// Not `ip:port` / `[ipv6]:port`.
-    #[error("authority {0:?} is not an ip:port")]
-    NotIpPort(String),
+    /// Neither `ip:port` / `[ipv6]:port` nor `hostname:port`.
+    #[error("authority {0:?} is neither ip:port nor hostname:port")]
+    Malformed(String),
     /// Port 0.
     #[error("authority {0:?} has port 0")]
     PortZero(String),
 }
 
-/// Parses a `CONNECT` authority: exactly `a.b.c.d:port` or `[v6]:port`, nonzero port.
-///
-/// Hostnames are refused: HBONE always carries the resolved destination.
-pub fn parse_authority(authority: &str) -> Result<SocketAddr, AuthorityError> {
+/// Parses a `CONNECT` authority: exactly `a.b.c.d:port`, `[v6]:port` or `hostname:port` (a DNS
+/// name in lowercase letters, digits, `-` and `.`, whose last label is not all digits, so that
+/// no malformed IPv4 address passes as a name), with a nonzero decimal port.
+pub fn parse_target(authority: &str) -> Result<Target, AuthorityError> {
     if authority.len() > MAX_AUTHORITY_LEN {
         return Err(AuthorityError::TooLong(authority.len()));
     }
-    let addr: SocketAddr = authority.parse().map_err(|_| AuthorityError::NotIpPort(authority.to_owned()))?;
-    if addr.port() == 0 {
-        return Err(AuthorityError::PortZero(authority.to_owned()));
+    let malformed = || AuthorityError::Malformed(authority.to_owned());
+    let port_zero = || AuthorityError::PortZero(authority.to_owned());
+    if let Ok(addr) = authority.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(port_zero());
+        }
+        // Neither a scope nor a flow label: the string we authorize is the string we dial.
+        if let SocketAddr::V6(v6) = addr
+            && (v6.scope_id() != 0 || v6.flowinfo() != 0)
+        {
+            return Err(malformed());
+        }
+        return Ok(Target::Addr(addr));
     }
-    // The standard parser accepts "[v6%scope]"-free forms only, but also IPv4-mapped IPv6 in
-    // brackets; normalise nothing, so the string we authorize is the string we dial.
-    if let SocketAddr::V6(v6) = addr
-        && (v6.scope_id() != 0 || v6.flowinfo() != 0)
-    {
-        return Err(AuthorityError::NotIpPort(authority.to_owned()));
+    let (host, port) = authority.rsplit_once(':').ok_or_else(malformed)?;
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(malformed());
     }
-    Ok(addr)
+    let port: u16 = port.parse().map_err(|_| malformed())?;
+    if !is_dns_name(host) {
+        return Err(malformed());
+    }
+    if port == 0 {
+        return Err(port_zero());
+    }
+    Ok(Target::Service { host: host.to_owned(), port })
+}
+
+/// A lowercase DNS name: labels of 1–63 letters, digits and inner `-`, at most 253 bytes, the
+/// last label not all digits.
+fn is_dns_name(host: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    host.len() <= 253
+        && host.split('.').all(label_ok)
+        && host.rsplit('.').next().is_some_and(|last| !last.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Formats the `forwarded` header value for a client address.
@@ -332,9 +408,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_ip_port_authorities_only() {
-        assert_eq!(parse_authority("10.0.0.1:8080"), Ok("10.0.0.1:8080".parse().unwrap()));
-        assert_eq!(parse_authority("[fd00::1]:80"), Ok("[fd00::1]:80".parse().unwrap()));
+    fn parses_ip_port_and_hostname_authorities() {
+        assert_eq!(parse_target("10.0.0.1:8080"), Ok(Target::Addr("10.0.0.1:8080".parse().unwrap())));
+        assert_eq!(parse_target("[fd00::1]:80"), Ok(Target::Addr("[fd00::1]:80".parse().unwrap())));
+        assert_eq!(
+            parse_target("hello.demo.svc.cluster.local:8080"),
+            Ok(Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 8080 })
+        );
+        assert_eq!(parse_target("a-1.b:1"), Ok(Target::Service { host: "a-1.b".into(), port: 1 }));
         for bad in [
             "",
             ":80",
@@ -342,7 +423,17 @@ mod tests {
             "10.0.0.1:",
             "10.0.0.1:65536",
             "10.0.0.1:-1",
-            "example.com:80",
+            "example.com",
+            "example.com:",
+            "example.com:+80",
+            "example.com:080080",
+            "Example.com:80",
+            "-example.com:80",
+            "example-.com:80",
+            "example..com:80",
+            ".example.com:80",
+            "example.com.:80",
+            "exa_mple.com:80",
             "10.0.0.1:80/path",
             "user@10.0.0.1:80",
             "fd00::1:80",
@@ -350,14 +441,22 @@ mod tests {
             " 10.0.0.1:80",
             "10.0.0.1:80 ",
             "010.0.0.1:80",
+            "10.0.0.256:80",
+            "1.2.3:80",
             "10.0.0.1:0x50",
             "\u{0}",
         ] {
-            assert!(parse_authority(bad).is_err(), "accepted {bad:?}");
+            assert!(parse_target(bad).is_err(), "accepted {bad:?}");
         }
-        assert_eq!(parse_authority("10.0.0.1:0"), Err(AuthorityError::PortZero("10.0.0.1:0".into())));
-        let long = "1".repeat(65);
-        assert_eq!(parse_authority(&long), Err(AuthorityError::TooLong(65)));
+        assert_eq!(parse_target("10.0.0.1:0"), Err(AuthorityError::PortZero("10.0.0.1:0".into())));
+        assert_eq!(parse_target("a.b:0"), Err(AuthorityError::PortZero("a.b:0".into())));
+        let label = "a".repeat(63);
+        let longest = format!("{label}.{label}.{label}.{}:65535", "a".repeat(61));
+        assert_eq!(longest.len(), MAX_AUTHORITY_LEN);
+        assert!(parse_target(&longest).is_ok());
+        assert!(parse_target(&format!("{}.b:80", "a".repeat(64))).is_err(), "a 64-byte label");
+        let long = "1".repeat(MAX_AUTHORITY_LEN + 1);
+        assert_eq!(parse_target(&long), Err(AuthorityError::TooLong(MAX_AUTHORITY_LEN + 1)));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tracing::{Instrument, debug};
 
-use super::{BAGGAGE, Baggage, FORWARDED, H2Settings, H2Stream, TRACEPARENT, TraceParent, forwarded_for};
+use super::{BAGGAGE, Baggage, FORWARDED, H2Settings, H2Stream, TRACEPARENT, Target, TraceParent, forwarded_for};
 use crate::identity::SpiffeId;
 use crate::tls::{ALPN_H2, Credential, SharedTrustBundle, TlsError, client_config};
 
@@ -107,8 +107,9 @@ pub struct ConnectRequest {
     pub dst: SocketAddr,
     /// Identities the server may present (the destination workload, or its waypoint).
     pub expected_identities: Vec<SpiffeId>,
-    /// The `:authority`: the final destination `ip:port`.
-    pub target: SocketAddr,
+    /// The `:authority`: the final destination `ip:port`, or a service `hostname:port` for the
+    /// server to resolve (only a peer that accepts them: Istio's ztunnel and ours do, inbound).
+    pub target: Target,
     /// Extra request headers (see [`ConnectRequest::forwarded_for`] and friends).
     pub headers: HeaderMap,
 }
@@ -120,8 +121,9 @@ impl ConnectRequest {
         credential: Arc<Credential>,
         dst: SocketAddr,
         expected_identities: Vec<SpiffeId>,
-        target: SocketAddr,
+        target: impl Into<Target>,
     ) -> Self {
+        let target = target.into();
         ConnectRequest { credential, src_ip: None, dst, expected_identities, target, headers: HeaderMap::new() }
     }
 
@@ -212,7 +214,7 @@ pub enum PoolError {
         /// The HBONE address.
         dst: SocketAddr,
         /// The requested authority.
-        target: SocketAddr,
+        target: Target,
         /// The limit.
         after: Duration,
     },
@@ -234,7 +236,7 @@ pub enum PoolError {
     #[error("{target} is not a valid CONNECT authority")]
     InvalidTarget {
         /// The requested authority.
-        target: SocketAddr,
+        target: Target,
     },
     /// The server answered the `CONNECT` with a non-200 status (400, 401, 503, ...).
     #[error("{dst} refused CONNECT {target}: {status}")]
@@ -242,7 +244,7 @@ pub enum PoolError {
         /// The HBONE address.
         dst: SocketAddr,
         /// The requested authority.
-        target: SocketAddr,
+        target: Target,
         /// The server's status.
         status: StatusCode,
     },
@@ -371,10 +373,10 @@ impl Pool {
             let slot = StreamSlot { conn };
             let mut req = Request::new(());
             *req.method_mut() = Method::CONNECT;
-            // An ip:port always forms a valid authority-form URI; the error path is unreachable in
-            // practice but reported rather than unwrapped.
+            // An ip:port or a DNS name always forms a valid authority-form URI; the error path is
+            // unreachable in practice but reported rather than unwrapped.
             *req.uri_mut() = http::Uri::try_from(request.target.to_string())
-                .map_err(|_| PoolError::InvalidTarget { target: request.target })?;
+                .map_err(|_| PoolError::InvalidTarget { target: request.target.clone() })?;
             *req.headers_mut() = headers.clone();
 
             let opened = async {
@@ -398,10 +400,14 @@ impl Pool {
             // stream, so the peer learns it too.
             let response = tokio::time::timeout(limit, response)
                 .await
-                .map_err(|_| PoolError::Unanswered { dst: key.dst, target: request.target, after: limit })?
+                .map_err(|_| PoolError::Unanswered { dst: key.dst, target: request.target.clone(), after: limit })?
                 .map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
             if response.status() != StatusCode::OK {
-                return Err(PoolError::Refused { dst: key.dst, target: request.target, status: response.status() });
+                return Err(PoolError::Refused {
+                    dst: key.dst,
+                    target: request.target.clone(),
+                    status: response.status(),
+                });
             }
             return Ok(H2Stream::new(send_stream, response.into_body(), Some(slot)));
         }

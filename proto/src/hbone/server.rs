@@ -3,8 +3,10 @@
 //! Per connection: the TLS and HTTP/2 handshakes must finish within `handshake_timeout` (a peer
 //! that stalls is dropped, not kept). The client's SPIFFE ID comes from its verified certificate
 //! only. Per stream, the server answers by itself:
-//! - `400` when the request is not `CONNECT`, the authority is not `ip:port`, the authority's IP is
-//!   not the address the connection arrived on (when required), or it targets a mesh port;
+//! - `400` when the request is not `CONNECT`, the authority is not `ip:port` (nor
+//!   `hostname:port`, where [`ServerConfig::service_hostnames`] allows it), the authority's IP is
+//!   not the address the connection arrived on (when required);
+//! - `503` when it targets a mesh port, as Istio's ztunnel answers a call to itself;
 //! - `503` when the handler drops the request without answering.
 //!
 //! The handler answers `200` ([`InboundConnect::accept`]) or any status it decides, `401` for a
@@ -27,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, warn};
 
-use super::{H2Settings, H2Stream, MESH_PORTS, parse_authority};
+use super::{H2Settings, H2Stream, MESH_PORTS, Target, parse_target};
 use crate::drain::DrainWatcher;
 use crate::identity::SpiffeId;
 use crate::tls::peer_identity;
@@ -44,6 +46,9 @@ pub struct ServerConfig {
     /// Refuse a `CONNECT` whose authority IP is not the address the connection arrived on (what a
     /// node proxy's inbound listener wants; a waypoint, which is addressed for others, does not).
     pub require_local_authority: bool,
+    /// Accept `hostname:port` authorities ([`Target::Service`]) for the handler to resolve, as
+    /// Istio's ztunnel does on its inbound side; otherwise they are refused (`400`).
+    pub service_hostnames: bool,
     /// Ports a tunnel may not target.
     pub forbidden_ports: Vec<u16>,
     /// Streams a client may reset before they are answered, per [`RESET_WINDOW`], before the
@@ -62,6 +67,7 @@ impl Default for ServerConfig {
             h2: H2Settings::default(),
             max_concurrent_streams: 1000,
             require_local_authority: true,
+            service_hostnames: false,
             forbidden_ports: MESH_PORTS.to_vec(),
             max_early_resets: 200,
         }
@@ -97,8 +103,10 @@ pub struct InboundConnect {
     pub peer_addr: SocketAddr,
     /// The address the connection arrived on.
     pub local_addr: SocketAddr,
-    /// The `:authority`: where the client wants to go.
-    pub target: SocketAddr,
+    /// The `:authority`: where the client wants to go. A [`Target::Service`] only where
+    /// [`ServerConfig::service_hostnames`] allows it; the handler resolves it and checks the
+    /// resolved port is not a mesh port.
+    pub target: Target,
     /// The request headers (`forwarded`, `baggage`, `traceparent`, ...).
     pub headers: HeaderMap,
     respond: Option<SendResponse<Bytes>>,
@@ -369,7 +377,8 @@ impl<H: Handler> Connection<H> {
             resets: resets.clone(),
         };
         let handler = self.handler.clone();
-        tokio::spawn(async move { handler.handle(connect).await }.instrument(tracing::debug_span!("connect", %target)));
+        let span = tracing::debug_span!("connect", target = %connect.target);
+        tokio::spawn(async move { handler.handle(connect).await }.instrument(span));
     }
 }
 
@@ -383,6 +392,8 @@ enum Refusal {
     NoAuthority,
     #[error("bad authority")]
     Authority(#[source] super::AuthorityError),
+    #[error("authority {0} names a service; this proxy takes ip:port only")]
+    Hostname(Target),
     #[error("authority {target} is not the address the connection arrived on ({local})")]
     NotLocal { target: SocketAddr, local: std::net::IpAddr },
     #[error("authority {0} targets a mesh port")]
@@ -399,17 +410,23 @@ impl Refusal {
 }
 
 /// Checks a request against the HBONE rules.
-fn validate(request: &Request<RecvStream>, local: SocketAddr, config: &ServerConfig) -> Result<SocketAddr, Refusal> {
+fn validate(request: &Request<RecvStream>, local: SocketAddr, config: &ServerConfig) -> Result<Target, Refusal> {
     if request.method() != Method::CONNECT {
         return Err(Refusal::NotConnect(request.method().clone()));
     }
     let authority = request.uri().authority().ok_or(Refusal::NoAuthority)?;
-    let target = parse_authority(authority.as_str()).map_err(Refusal::Authority)?;
-    if config.require_local_authority && target.ip() != local.ip() {
-        return Err(Refusal::NotLocal { target, local: local.ip() });
+    match parse_target(authority.as_str()).map_err(Refusal::Authority)? {
+        Target::Addr(target) => {
+            if config.require_local_authority && target.ip() != local.ip() {
+                return Err(Refusal::NotLocal { target, local: local.ip() });
+            }
+            if config.forbidden_ports.contains(&target.port()) {
+                return Err(Refusal::MeshPort(target));
+            }
+            Ok(Target::Addr(target))
+        }
+        // The service port says nothing yet: the handler checks the port it resolves to.
+        service if config.service_hostnames => Ok(service),
+        service => Err(Refusal::Hostname(service)),
     }
-    if config.forbidden_ports.contains(&target.port()) {
-        return Err(Refusal::MeshPort(target));
-    }
-    Ok(target)
 }

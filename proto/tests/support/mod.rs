@@ -38,7 +38,7 @@ pub fn init_tracing() {
 pub struct Seen {
     pub peer_identity: SpiffeId,
     pub peer_addr: SocketAddr,
-    pub target: SocketAddr,
+    pub target: proto::hbone::Target,
     pub headers: HeaderMap,
 }
 
@@ -60,11 +60,11 @@ impl Handler for Forward {
         self.seen.lock().unwrap().push(Seen {
             peer_identity: connect.peer_identity.clone(),
             peer_addr: connect.peer_addr,
-            target: connect.target,
+            target: connect.target.clone(),
             headers: connect.headers.clone(),
         });
         async move {
-            let Ok(upstream) = TcpStream::connect(connect.target).await else {
+            let Some(Ok(upstream)) = connect_to(connect.target.addr()).await else {
                 connect.reject(http::StatusCode::SERVICE_UNAVAILABLE);
                 return;
             };
@@ -73,6 +73,10 @@ impl Handler for Forward {
             let _ = copy_bidirectional(upstream, stream).await;
         }
     }
+}
+
+async fn connect_to(target: Option<SocketAddr>) -> Option<std::io::Result<TcpStream>> {
+    Some(TcpStream::connect(target?).await)
 }
 
 /// A handler from a closure.

@@ -1,7 +1,8 @@
 //! The inbound HBONE path with every real part but the network namespaces: a control plane (CA +
 //! xDS), the certificate manager, the xDS view, the HBONE server presenting the destination pod's
 //! certificate, an app behind it, and a client pool presenting the source pod's certificate.
-//! Allowed traffic flows; a DENY policy answers 401; a dead app answers 503. Then the client side:
+//! Allowed traffic flows, by address and by service hostname (Istio's cross-network form); a DENY
+//! policy answers 401; a dead app answers 503. Then the client side:
 //! a connection to a service VIP goes through the outbound path to the app, and a destination
 //! outside the mesh is passed through.
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use ca::auth::TokenSigner;
 use proto::SpiffeId;
+use proto::hbone::Target;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolConfig, PoolError};
 use proto::hbone::server::{Server, ServerConfig, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -130,14 +132,14 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let tls = proto::tls::server_config(server_cred, trust.clone(), vec!["cluster.local".into()]).unwrap();
     let listener = TcpListener::bind((SERVER_IP, 15008)).await.unwrap();
     let hbone = listener.local_addr().unwrap();
-    let server =
-        Server::new(listener, tls, ServerConfig::default(), Inbound::new(ctx.clone(), pod("server", SERVER))).unwrap();
+    let config = ServerConfig { service_hostnames: true, ..ServerConfig::default() };
+    let server = Server::new(listener, tls, config, Inbound::new(ctx.clone(), pod("server", SERVER))).unwrap();
     let (drain, watcher) = proto::drain::new();
     let server_task = tokio::spawn(server.run(watcher));
 
     let pool = Pool::new(PoolConfig::default(), trust.clone());
     let expected: Vec<SpiffeId> = vec![SERVER.parse().unwrap()];
-    let connect = |target: SocketAddr| {
+    let connect = |target: Target| {
         pool.connect(
             ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), target)
                 .forwarded_for("127.0.0.2:40000".parse().unwrap()),
@@ -145,25 +147,45 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     };
 
     // Allowed: bytes flow both ways.
-    let mut stream = connect(open_addr).await.unwrap();
+    let mut stream = connect(open_addr.into()).await.unwrap();
     stream.write_all(b"hello through the mesh").await.unwrap();
     let mut back = [0u8; 22];
     stream.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"hello through the mesh");
     drop(stream);
 
+    // Istio's cross-network form: the service by hostname and service port, resolved by the
+    // destination's ztunnel to the port the pod serves it on (the service's targetPort).
+    let by_name = || Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 80 };
+    let mut stream = connect(by_name()).await.unwrap();
+    stream.write_all(b"by name").await.unwrap();
+    let mut back = [0u8; 7];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"by name");
+    drop(stream);
+    // A service port the service does not have, and a service the pod does not serve: 400.
+    for target in [
+        Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 81 },
+        Target::Service { host: "nothing.demo.svc.cluster.local".into(), port: 80 },
+    ] {
+        match connect(target.clone()).await {
+            Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::BAD_REQUEST, "{target}"),
+            other => panic!("expected 400 for {target}, got {other:?}"),
+        }
+    }
+
     // Denied by the DENY policy on that port: 401.
-    match connect(admin_addr).await {
+    match connect(admin_addr.into()).await {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
         other => panic!("expected 401, got {other:?}"),
     }
     // Nothing listening: 503.
-    match connect(dead_addr).await {
+    match connect(dead_addr.into()).await {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
         other => panic!("expected 503, got {other:?}"),
     }
     // And the allowed port still works afterwards, on the same pooled connection.
-    let mut again = connect(open_addr).await.unwrap();
+    let mut again = connect(open_addr.into()).await.unwrap();
     again.write_all(b"x").await.unwrap();
     let mut one = [0u8; 1];
     again.read_exact(&mut one).await.unwrap();
@@ -181,16 +203,16 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let metrics = proto::testing::eventually("every connection counted closed", Duration::from_secs(5), || {
         let metrics = ctx.metrics.encode();
         let closed = sum(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"destination\"");
-        std::future::ready((closed == 4).then_some(metrics))
+        std::future::ready((closed == 5).then_some(metrics))
     })
     .await;
     let sum = |prefix: &str, needle: &str| sum(&metrics, prefix, needle);
-    assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 4, "{metrics}");
+    assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 5, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 1, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");
     assert_eq!(
         sum("istio_tcp_received_bytes_total{", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""),
-        23,
+        30,
         "{metrics}"
     );
 
