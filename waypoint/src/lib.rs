@@ -52,7 +52,6 @@ use axum::routing::get;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
-use proto::api::ambient::waypoint::v1::PortProtocol;
 use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE};
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
@@ -233,11 +232,8 @@ impl Handler for Inbound {
             source_workload: header(proto::hbone::BAGGAGE).and_then(|b| Baggage::parse(b).workload.map(|(_, n)| n)),
             target,
         });
-        let declared = self.ctx.view.read(|s| {
-            let key = &s.service_by_vip(target.ip())?.key;
-            let protocol = *s.routes.get(key)?.port_protocols.get(&u32::from(target.port()))?;
-            PortProtocol::try_from(protocol).ok()
-        });
+        // The protocol the service declares on the port (`Port.app_protocol`), if it does.
+        let declared = self.ctx.view.read(|s| Some(s.service_by_vip(target.ip())?.app_protocol(target.port())));
         let mut stream = match connect.accept() {
             Ok(s) => s,
             Err(e) => {

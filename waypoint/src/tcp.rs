@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::api::ambient::waypoint::v1::PortProtocol;
+use proto::api::istio::workload::AppProtocol;
 use proto::hbone::H2Stream;
 use tracing::{info, warn};
 
@@ -32,12 +32,14 @@ pub enum Handling {
     Tcp,
 }
 
-/// What the protocol a port declares says, before any byte is seen (`None`: detect it).
-pub fn declared(protocol: PortProtocol) -> Option<Handling> {
+/// How a port is handled when its service declares the protocol (`Port.app_protocol`); `None`:
+/// not declared, detected from the first bytes.
+pub fn declared(protocol: AppProtocol) -> Option<Handling> {
     match protocol {
-        PortProtocol::Http => Some(Handling::Http),
-        PortProtocol::Tcp => Some(Handling::Tcp),
-        PortProtocol::Detect => None,
+        AppProtocol::Http11 | AppProtocol::Http2 | AppProtocol::Grpc => Some(Handling::Http),
+        // TLS is not terminated by the waypoint: a byte stream with L4 policy, as TCP.
+        AppProtocol::Tcp | AppProtocol::Tls => Some(Handling::Tcp),
+        AppProtocol::Unknown => None,
     }
 }
 

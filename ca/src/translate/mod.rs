@@ -309,7 +309,6 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         }
         state.routes.insert(key, vs_routes);
     }
-    waypoint::add_port_protocols(objects, config, &state.services, &mut state.routes);
     state.destination_policies = istio::destination_policies(objects, config, &state.services);
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ServicePort;
 use proto::api::ambient::waypoint::v1 as pb;
+use proto::api::istio::workload::AppProtocol;
 use serde_json::Value;
 
 use crate::k8s::{self, AuthorizationPolicy, HTTPRouteSpec, HttpRouteFilter, HttpRouteRule, ObjectRef};
@@ -215,77 +216,28 @@ pub fn routes(
     out
 }
 
-/// The protocol a Service port declares, read as Istio reads it: its `appProtocol`, else its
-/// name's `<protocol>[-suffix]`; `None` when neither names a protocol (the waypoint detects it).
-pub fn declared_protocol(port: &ServicePort) -> Option<pb::PortProtocol> {
-    fn known(name: &str) -> Option<pb::PortProtocol> {
-        match name.to_ascii_lowercase().as_str() {
-            "http" | "http2" | "grpc" | "grpc-web" | "h2c" | "kubernetes.io/h2c" | "kubernetes.io/ws" => {
-                Some(pb::PortProtocol::Http)
-            }
-            "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" | "kubernetes.io/wss" => Some(pb::PortProtocol::Tcp),
-            _ => None,
-        }
-    }
-    match port.app_protocol.as_deref().and_then(known) {
-        Some(p) => Some(p),
-        None => port.name.as_deref().and_then(|n| known(n.split('-').next().unwrap_or(n))),
-    }
-}
-
-/// The application protocol a Service port declares, as istiod reports it in
-/// `istio.workload.Port.app_protocol`: from `appProtocol`, else the port name's
-/// `<protocol>[-suffix]`; HTTP/1.1, HTTP/2 (`http2`, `h2c`) and gRPC are named, anything else is
-/// `UNKNOWN`.
-pub fn app_protocol(port: &ServicePort) -> proto::api::istio::workload::AppProtocol {
-    use proto::api::istio::workload::AppProtocol;
+/// The application protocol a Service port declares, reported in `istio.workload.Port.app_protocol`
+/// and read by the waypoint to skip detection: from `appProtocol`, else the port name's
+/// `<protocol>[-suffix]`, as Istio selects a port's protocol. The HTTP family is named as istiod
+/// names it (HTTP/1.1, HTTP/2 for `http2`/`h2c`, gRPC); plain TCP protocols (`tcp`, `mongo`,
+/// `mysql`, `redis`) are `TCP` and TLS ones (`tls`, `https`, `kubernetes.io/wss`) `TLS`, values the
+/// enum defines but istiod leaves `UNKNOWN` (Istio's ztunnel does not read the field); anything
+/// else is `UNKNOWN`, detected by the waypoint per connection.
+pub fn app_protocol(port: &ServicePort) -> AppProtocol {
     let named = |name: &str| match name.to_ascii_lowercase().as_str() {
-        "http" => Some(AppProtocol::Http11),
+        "http" | "grpc-web" | "kubernetes.io/ws" => Some(AppProtocol::Http11),
         "http2" | "h2c" | "kubernetes.io/h2c" => Some(AppProtocol::Http2),
         "grpc" => Some(AppProtocol::Grpc),
+        "tcp" | "mongo" | "mysql" | "redis" => Some(AppProtocol::Tcp),
+        "tls" | "https" | "kubernetes.io/wss" => Some(AppProtocol::Tls),
         _ => None,
     };
-    let declared = port.app_protocol.as_deref().filter(|p| !p.is_empty());
-    match declared {
-        Some(p) => named(p),
-        None => port.name.as_deref().and_then(|n| named(n.split('-').next().unwrap_or(n))),
-    }
-    .unwrap_or(AppProtocol::Unknown)
-}
-
-/// Adds the declared port protocols of every service that uses a waypoint to `routes` (creating
-/// the service's entry when it has no routes).
-pub fn add_port_protocols(
-    objects: &Objects,
-    config: &MeshConfig,
-    services: &BTreeMap<String, Service>,
-    routes: &mut BTreeMap<String, pb::ServiceRoutes>,
-) {
-    for svc in objects.services() {
-        let (ns, name) = k8s::ns_name(&svc.metadata);
-        let Some(meshed) = services.get(&format!("{ns}/{name}.{ns}.svc.{}", config.domain_suffix)) else { continue };
-        if meshed.waypoint.is_none() {
-            continue;
-        }
-        let declared: std::collections::HashMap<u32, i32> = svc
-            .spec
-            .iter()
-            .flat_map(|s| s.ports.iter().flatten())
-            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-            .filter_map(|p| Some((u32::try_from(p.port).ok()?, declared_protocol(p)? as i32)))
-            .collect();
-        if declared.is_empty() {
-            continue;
-        }
-        routes
-            .entry(meshed.resource_name())
-            .or_insert_with(|| pb::ServiceRoutes {
-                namespace: meshed.namespace.clone(),
-                hostname: meshed.hostname.clone(),
-                ..Default::default()
-            })
-            .port_protocols = declared;
-    }
+    // An `appProtocol` Istio does not know falls back to the name, as Istio's does.
+    port.app_protocol
+        .as_deref()
+        .and_then(named)
+        .or_else(|| port.name.as_deref().and_then(|n| named(n.split('-').next().unwrap_or(n))))
+        .unwrap_or(AppProtocol::Unknown)
 }
 
 /// The policies a waypoint enforces, keyed `namespace/name`.
@@ -429,47 +381,39 @@ mod tests {
     }
 
     #[test]
-    fn port_protocols_come_from_app_protocol_then_the_port_name() {
+    fn app_protocols_come_from_app_protocol_then_the_port_name() {
         let port = |name: Option<&str>, app: Option<&str>| ServicePort {
             name: name.map(str::to_owned),
             app_protocol: app.map(str::to_owned),
             port: 80,
             ..Default::default()
         };
-        let http = Some(pb::PortProtocol::Http);
-        let tcp = Some(pb::PortProtocol::Tcp);
-        assert_eq!(declared_protocol(&port(Some("http"), None)), http);
-        assert_eq!(declared_protocol(&port(Some("grpc-api"), None)), http);
-        assert_eq!(declared_protocol(&port(Some("tcp-db"), None)), tcp);
-        assert_eq!(declared_protocol(&port(Some("MySQL"), None)), tcp);
-        assert_eq!(declared_protocol(&port(Some("tls"), None)), tcp);
-        // appProtocol wins over the name.
-        assert_eq!(declared_protocol(&port(Some("http"), Some("tcp"))), tcp);
-        assert_eq!(declared_protocol(&port(Some("web"), Some("kubernetes.io/h2c"))), http);
-        // Neither names a protocol: detected by the waypoint.
-        assert_eq!(declared_protocol(&port(Some("web"), None)), None);
-        assert_eq!(declared_protocol(&port(Some("httpx"), None)), None);
-        assert_eq!(declared_protocol(&port(None, Some("custom"))), None);
-    }
-
-    #[test]
-    fn app_protocols_are_reported_as_istiod_reports_them() {
-        use proto::api::istio::workload::AppProtocol;
-        let port = |name: Option<&str>, app: Option<&str>| ServicePort {
-            name: name.map(str::to_owned),
-            app_protocol: app.map(str::to_owned),
-            port: 80,
-            ..Default::default()
-        };
-        assert_eq!(app_protocol(&port(Some("http-web"), None)), AppProtocol::Http11);
-        assert_eq!(app_protocol(&port(Some("http2"), None)), AppProtocol::Http2);
-        assert_eq!(app_protocol(&port(Some("web"), Some("kubernetes.io/h2c"))), AppProtocol::Http2);
-        assert_eq!(app_protocol(&port(Some("grpc"), None)), AppProtocol::Grpc);
-        // appProtocol wins over the name, even one this enum does not name.
-        assert_eq!(app_protocol(&port(Some("http"), Some("tcp"))), AppProtocol::Unknown);
-        for unnamed in [port(Some("tcp-db"), None), port(Some("tls"), None), port(None, None), port(Some("web"), None)]
-        {
-            assert_eq!(app_protocol(&unnamed), AppProtocol::Unknown, "{unnamed:?}");
+        for (name, app, expected) in [
+            (Some("http-web"), None, AppProtocol::Http11),
+            (Some("http"), None, AppProtocol::Http11),
+            (Some("web"), Some("grpc-web"), AppProtocol::Http11),
+            // A name is read up to its first `-`, as Istio reads it.
+            (Some("grpc-web"), None, AppProtocol::Grpc),
+            (Some("http2"), None, AppProtocol::Http2),
+            (Some("web"), Some("kubernetes.io/h2c"), AppProtocol::Http2),
+            (Some("grpc"), None, AppProtocol::Grpc),
+            (Some("grpc-api"), None, AppProtocol::Grpc),
+            (Some("tcp-db"), None, AppProtocol::Tcp),
+            (Some("MySQL"), None, AppProtocol::Tcp),
+            (Some("tls"), None, AppProtocol::Tls),
+            (Some("https"), None, AppProtocol::Tls),
+            // appProtocol wins over the name.
+            (Some("http"), Some("tcp"), AppProtocol::Tcp),
+            (Some("tcp"), Some("http"), AppProtocol::Http11),
+            // An appProtocol Istio does not know: the name decides.
+            (Some("http"), Some("custom"), AppProtocol::Http11),
+            // Neither names a protocol.
+            (Some("web"), None, AppProtocol::Unknown),
+            (Some("httpx"), None, AppProtocol::Unknown),
+            (None, Some("custom"), AppProtocol::Unknown),
+            (None, None, AppProtocol::Unknown),
+        ] {
+            assert_eq!(app_protocol(&port(name, app)), expected, "name {name:?}, appProtocol {app:?}");
         }
     }
 }

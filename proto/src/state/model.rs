@@ -70,12 +70,19 @@ pub struct PortMapping {
     pub service_port: u16,
     /// The port the endpoint listens on; `None` when the control plane left it unset.
     pub target_port: Option<u16>,
+    /// The application protocol the service declares for it (`UNKNOWN`: not declared, or a value
+    /// this proxy does not know; on a workload's own port lists it is always unset).
+    pub app_protocol: pb::AppProtocol,
 }
 
 impl PortMapping {
     fn from_pb(p: &pb::Port) -> Result<Self, ModelError> {
         let target = port(p.target_port)?;
-        Ok(PortMapping { service_port: port(p.service_port)?, target_port: (target != 0).then_some(target) })
+        Ok(PortMapping {
+            service_port: port(p.service_port)?,
+            target_port: (target != 0).then_some(target),
+            app_protocol: pb::AppProtocol::try_from(p.app_protocol).unwrap_or(pb::AppProtocol::Unknown),
+        })
     }
 }
 
@@ -286,7 +293,17 @@ impl Service {
 
     /// The port endpoints serve `service_port` on, by the service's own mapping.
     pub fn target_port(&self, service_port: u16) -> Option<u16> {
-        self.ports.iter().find(|p| p.service_port == service_port).and_then(|p| p.target_port)
+        self.port(service_port).and_then(|p| p.target_port)
+    }
+
+    /// The application protocol the service declares on `service_port` (`UNKNOWN` for a port it
+    /// does not have).
+    pub fn app_protocol(&self, service_port: u16) -> pb::AppProtocol {
+        self.port(service_port).map_or(pb::AppProtocol::Unknown, |p| p.app_protocol)
+    }
+
+    fn port(&self, service_port: u16) -> Option<&PortMapping> {
+        self.ports.iter().find(|p| p.service_port == service_port)
     }
 }
 
