@@ -70,7 +70,6 @@ pub(crate) fn with_rules(mut s: MeshState, rules: Vec<pb::RouteRule>) -> MeshSta
         namespace: "shop".into(),
         hostname: "web.shop.svc.cluster.local".into(),
         routes: vec![route],
-        ..Default::default()
     };
     s.routes.insert(KEY.to_owned(), Arc::new(routes));
     s

@@ -193,7 +193,6 @@ mod tests {
             namespace: "demo".into(),
             hostname: "hello.demo.svc.cluster.local".into(),
             routes: vec![pb::Route { name: "demo/hello".into(), ports: vec![], rules, ordered: false }],
-            ..Default::default()
         }
     }
 
