@@ -129,6 +129,20 @@ pub struct Workload {
     pub workload_name: String,
     /// Cluster id.
     pub cluster_id: String,
+    /// Where it runs, from its node's topology labels (or its own `istio-locality` label).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Locality>,
+}
+
+/// A workload's region, zone and subzone (any may be empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Locality {
+    /// `topology.kubernetes.io/region`.
+    pub region: String,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: String,
+    /// `topology.istio.io/subzone`.
+    pub subzone: String,
 }
 
 fn ip_bytes(ip: IpAddr) -> Vec<u8> {
@@ -173,6 +187,11 @@ impl Workload {
             authorization_policies: self.authorization_policies.clone(),
             status: if self.healthy { pb::WorkloadStatus::Healthy } else { pb::WorkloadStatus::Unhealthy } as i32,
             cluster_id: self.cluster_id.clone(),
+            locality: self.locality.as_ref().map(|l| pb::Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.subzone.clone(),
+            }),
             ..Default::default()
         }
     }

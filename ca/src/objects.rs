@@ -13,8 +13,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
-    Pod, RequestAuthentication, Service, VirtualService,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, Node,
+    PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use crate::validate::{self, Invalid};
 
@@ -23,6 +23,8 @@ use crate::validate::{self, Invalid};
 pub enum Kind {
     /// core/v1 Namespace.
     Namespace,
+    /// core/v1 Node (its topology labels: the locality of its pods).
+    Node,
     /// core/v1 Pod.
     Pod,
     /// core/v1 Service.
@@ -79,6 +81,8 @@ impl fmt::Display for ObjectKey {
 pub enum Object {
     /// A Namespace.
     Namespace(Arc<Namespace>),
+    /// A Node.
+    Node(Arc<Node>),
     /// A Pod.
     Pod(Arc<Pod>),
     /// A Service.
@@ -212,6 +216,7 @@ impl Object {
                 return items.into_iter().flat_map(Object::from_value).collect();
             }
             ("", "Namespace") => decode(Kind::Namespace, value).map(Object::Namespace),
+            ("", "Node") => decode(Kind::Node, value).map(Object::Node),
             ("", "Pod") => decode(Kind::Pod, value).map(Object::Pod),
             ("", "Service") => decode(Kind::Service, value).map(Object::Service),
             ("discovery.k8s.io", "EndpointSlice") => decode(Kind::EndpointSlice, value).map(Object::EndpointSlice),
@@ -241,6 +246,7 @@ impl Object {
     fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
         match self {
             Object::Namespace(o) => o.meta(),
+            Object::Node(o) => o.meta(),
             Object::Pod(o) => o.meta(),
             Object::Service(o) => o.meta(),
             Object::EndpointSlice(o) => o.meta(),
@@ -259,6 +265,7 @@ impl Object {
     pub fn kind(&self) -> Kind {
         match self {
             Object::Namespace(_) => Kind::Namespace,
+            Object::Node(_) => Kind::Node,
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
@@ -279,7 +286,7 @@ impl Object {
         let meta = self.meta();
         let kind = self.kind();
         let namespace = match kind {
-            Kind::Namespace => String::new(),
+            Kind::Namespace | Kind::Node => String::new(),
             _ => meta.namespace.clone().unwrap_or_else(|| "default".to_owned()),
         };
         ObjectKey { kind, namespace, name: meta.name.clone().unwrap_or_default() }
@@ -297,6 +304,7 @@ impl Object {
         }
         match self {
             Object::Namespace(o) => Object::Namespace(o),
+            Object::Node(o) => Object::Node(o),
             Object::Pod(o) => Object::Pod(fill(o)),
             Object::Service(o) => Object::Service(fill(o)),
             Object::EndpointSlice(o) => Object::EndpointSlice(fill(o)),
@@ -431,6 +439,11 @@ impl Objects {
     /// Namespaces.
     pub fn namespaces(&self) -> impl Iterator<Item = &Arc<Namespace>> {
         self.of_kind(Kind::Namespace).filter_map(|o| if let Object::Namespace(x) = o { Some(x) } else { None })
+    }
+
+    /// Nodes.
+    pub fn nodes(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.of_kind(Kind::Node).filter_map(|o| if let Object::Node(x) = o { Some(x) } else { None })
     }
 
     /// Pods.

@@ -20,3 +20,12 @@ pub const USE_WAYPOINT_NONE: &str = "none";
 /// Annotation that makes an AuthorizationPolicy dry-run (`"true"`): evaluated and logged, never
 /// enforced.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+/// Node label: the region of the node's pods (their locality).
+pub const TOPOLOGY_REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// Node label: the zone of the node's pods.
+pub const TOPOLOGY_ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Node label: the subzone of the node's pods (Istio's own).
+pub const TOPOLOGY_SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+/// Pod label overriding its node's locality: `region[.zone[.subzone]]` (dots, as `/` is not
+/// allowed in label values).
+pub const LOCALITY_LABEL: &str = "istio-locality";

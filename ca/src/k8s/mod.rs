@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use self::gateway::*;
 pub use self::networking::*;
 pub use self::security::*;
-pub use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The labels and annotations that drive the mesh (Istio's names).

@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, PeerAuthentication,
-    Pod, RequestAuthentication, Service, VirtualService,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, Node,
+    PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -60,12 +60,13 @@ impl Problems {
 
 /// Watches every kind until `stop` resolves.
 pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 11;
+    let kinds = 12;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
         tokio::join!(
             watch::<Namespace>(Api::all(client.clone()), Kind::Namespace, Object::Namespace, &store, &problems),
+            watch::<Node>(Api::all(client.clone()), Kind::Node, Object::Node, &store, &problems),
             watch::<Pod>(Api::all(client.clone()), Kind::Pod, Object::Pod, &store, &problems),
             watch::<Service>(Api::all(client.clone()), Kind::Service, Object::Service, &store, &problems),
             watch::<EndpointSlice>(

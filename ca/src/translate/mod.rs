@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use proto::SpiffeId;
 
 use crate::k8s::{self, Gateway, Pod, Service};
-use crate::mesh::{MeshState, PortMapping, Service as MeshService, WaypointRef, Workload, WorkloadType};
+use crate::mesh::{Locality, MeshState, PortMapping, Service as MeshService, WaypointRef, Workload, WorkloadType};
 use crate::objects::Objects;
 
 /// Label the waypoint deployment puts on its pods: the Gateway's name.
@@ -165,6 +165,31 @@ fn target_port(port: &ServicePort, pod: Option<&Pod>) -> Option<u16> {
                 .and_then(|p| u16::try_from(p.container_port).ok())
         }
     }
+}
+
+/// A pod's locality, as istiod reports it: its `istio-locality` label (`region.zone.subzone`) if
+/// it has one, else its node's topology labels; `None` when neither says anything.
+fn locality(pod: &Pod, node_labels: Option<&BTreeMap<String, String>>) -> Option<Locality> {
+    let locality = match k8s::label(&pod.metadata, k8s::LOCALITY_LABEL).filter(|v| !v.is_empty()) {
+        Some(value) => {
+            let mut parts = value.splitn(3, '.').map(str::to_owned);
+            Locality {
+                region: parts.next().unwrap_or_default(),
+                zone: parts.next().unwrap_or_default(),
+                subzone: parts.next().unwrap_or_default(),
+            }
+        }
+        None => {
+            let node = node_labels?;
+            let get = |key: &str| node.get(key).cloned().unwrap_or_default();
+            Locality {
+                region: get(k8s::TOPOLOGY_REGION_LABEL),
+                zone: get(k8s::TOPOLOGY_ZONE_LABEL),
+                subzone: get(k8s::TOPOLOGY_SUBZONE_LABEL),
+            }
+        }
+    };
+    (locality != Locality::default()).then_some(locality)
 }
 
 fn canonical(pod: &Pod, workload_name: &str) -> (String, String) {
@@ -374,6 +399,8 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
 
     // Workloads.
+    let node_labels: HashMap<&str, &BTreeMap<String, String>> =
+        objects.nodes().map(|n| (k8s::ns_name(&n.metadata).1, k8s::labels(&n.metadata))).collect();
     let mut waypoint_identities: HashMap<(String, String), std::collections::BTreeSet<SpiffeId>> = HashMap::new();
     let mut waypoint_only: Vec<String> = Vec::new();
     for pod in objects.pods() {
@@ -459,12 +486,14 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         };
         let (workload_type, workload_name) = workload_owner(pod);
         let (canonical_name, canonical_revision) = canonical(pod, waypoint_of.unwrap_or(&workload_name));
+        let node = spec.and_then(|s| s.node_name.clone()).unwrap_or_default();
+        let locality = locality(pod, node_labels.get(node.as_str()).copied());
         let workload = Workload {
             uid: format!("{}//Pod/{ns}/{name}", config.cluster_id),
             name: name.to_owned(),
             namespace: ns.to_owned(),
             ips,
-            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            node,
             identity,
             captured,
             native_hbone: waypoint_of.is_some(),
@@ -477,6 +506,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             workload_type,
             workload_name,
             cluster_id: config.cluster_id.clone(),
+            locality,
         };
         if workload.waypoint.is_some() && !allows_waypoint_bypass(&pod.metadata, namespaces.get(ns).copied()) {
             waypoint_only.push(workload.uid.clone());

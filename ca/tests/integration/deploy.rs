@@ -90,6 +90,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
     granted.sort();
     let mut needed: Vec<(String, String)> = [
         ("", "namespaces"),
+        ("", "nodes"),
         ("", "pods"),
         ("", "services"),
         ("discovery.k8s.io", "endpointslices"),

@@ -34,6 +34,7 @@ struct Api {
 
 const PATHS: &[(&str, &str)] = &[
     ("/api/v1/namespaces", "NamespaceList"),
+    ("/api/v1/nodes", "NodeList"),
     ("/api/v1/pods", "PodList"),
     ("/api/v1/services", "ServiceList"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSliceList"),
@@ -199,6 +200,12 @@ fn key(kind: Kind, ns: &str, name: &str) -> ObjectKey {
 async fn lists_watches_and_relists_through_kube() {
     let mock = MockApi::new();
     mock.apply("/api/v1/namespaces", namespace("shop", false), true);
+    mock.apply(
+        "/api/v1/nodes",
+        json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}}}),
+        true,
+    );
     mock.apply("/api/v1/pods", pod("a", Some("10.0.0.1")), true);
     mock.apply("/api/v1/pods", pod("pending", None), true);
 
@@ -219,6 +226,7 @@ async fn lists_watches_and_relists_through_kube() {
     tokio::time::timeout(Duration::from_secs(10), store.wait_synced()).await.expect("never synced");
     let snap = store.snapshot();
     assert!(snap.get(&key(Kind::Namespace, "", "shop")).is_some());
+    assert!(snap.get(&key(Kind::Node, "", "node-a")).is_some(), "nodes are watched (their pods' locality)");
     assert!(snap.get(&key(Kind::Pod, "shop", "a")).is_some());
     // A pending pod (no IP yet) is a valid object in a cluster; the translation skips it.
     assert!(snap.get(&key(Kind::Pod, "shop", "pending")).is_some());
