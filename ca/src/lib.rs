@@ -136,6 +136,8 @@ pub struct Config {
     pub jwks: jwks::JwksConfig,
     /// Changes the log filter (admin `/logging`), when the binary installed one.
     pub log: Option<proto::lifecycle::LogControl>,
+    /// The xDS types served: all, or only Istio's two (as istiod).
+    pub xds_types: xds::ServedTypes,
 }
 
 /// Bounds on the gRPC port (15012). Its TLS needs no client certificate (proxies authenticate
@@ -219,6 +221,7 @@ impl Config {
             limits: Limits::default(),
             jwks: jwks::JwksConfig::default(),
             log: None,
+            xds_types: xds::ServedTypes::All,
         }
     }
 
@@ -404,6 +407,7 @@ impl ControlPlane {
                 bundle: authority.bundle(),
                 nodes: nodes.clone(),
                 jwks,
+                served: config.xds_types,
             },
             view_tx,
             resources_tx,
@@ -429,7 +433,7 @@ impl ControlPlane {
             }
         };
 
-        let xds = XdsServer::new(resources_rx, auth.clone());
+        let xds = XdsServer::new(resources_rx, auth.clone()).serving(config.xds_types);
         let clients = xds.client_counter();
         let limits = &config.limits;
         let issue_limit = Arc::new(grpc::IssueLimiter::new(limits.issue_per_second, limits.issue_burst));
@@ -561,6 +565,8 @@ struct TranslateInputs {
     nodes: Arc<NodeAuthorizer>,
     /// Keys fetched for RequestAuthentication rules.
     jwks: Arc<jwks::Jwks>,
+    /// The xDS types published.
+    served: xds::ServedTypes,
 }
 
 /// Recomputes the state after each change of the objects (debounced) or of the trust bundle, and
@@ -571,7 +577,7 @@ async fn translate_loop(
     resources_tx: watch::Sender<Arc<Resources>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let TranslateInputs { store, mesh, debounce, mut bundle, nodes, jwks } = inputs;
+    let TranslateInputs { store, mesh, debounce, mut bundle, nodes, jwks, served } = inputs;
     let mut changes = store.subscribe();
     let mut keys = jwks.changes();
     let mut generation = 0u64;
@@ -609,7 +615,7 @@ async fn translate_loop(
             trust_domain: mesh.trust_domain.clone(),
             roots_pem: roots.to_vec(),
         };
-        let resources = Arc::new(Resources::build(&state, Some(&trust_bundle), generation, &previous));
+        let resources = Arc::new(Resources::build(&state, Some(&trust_bundle), generation, &previous, served));
         previous = resources.clone();
         let took = started.elapsed();
         let config_errors = state.config_errors.iter().map(|e| format!("{}: {} (fails closed)", e.source, e.message));

@@ -169,6 +169,12 @@ struct ServeArgs {
     /// loopback).
     #[arg(long, default_value_t)]
     log_format: LogFormat,
+
+    /// The xDS types served: `all` (Istio's Address and Authorization, and the mesh's own types
+    /// our ztunnel and waypoint read), or `istio` (only Istio's two, exactly what istiod serves a
+    /// ztunnel: to check that a ztunnel runs behind istiod; waypoints get no routes this way).
+    #[arg(long, default_value_t, value_name = "all|istio")]
+    xds_types: ca::xds::ServedTypes,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, proto::duration::DurationError> {
@@ -276,6 +282,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         },
         jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
         log: Some(log),
+        xds_types: args.xds_types,
     };
     let cp = ControlPlane::bind(config).await?;
     cp.run(async {

@@ -7,7 +7,10 @@
 //! - a client outside the mesh reaches an enrolled server in plaintext (PERMISSIVE) and is refused
 //!   once a STRICT PeerAuthentication applies; an enrolled client reaches a server outside the mesh
 //!   (passthrough);
-//! - a service VIP with three endpoints spreads connections over all three.
+//! - a service VIP with three endpoints spreads connections over all three;
+//! - behind a control plane serving only what istiod serves (`ca --xds-types istio`: Address and
+//!   Authorization, no trust-bundle type), ztunnel still syncs, takes its roots from the
+//!   certificate answers, carries traffic over mTLS and enforces policy.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -147,4 +150,76 @@ async fn a_service_vip_spreads_connections_over_its_endpoints() {
     }
     assert_eq!(hit, BTreeSet::from(["web-1".to_owned(), "web-2".to_owned(), "web-3".to_owned()]));
     drop(backends);
+}
+
+/// Our ztunnel behind a control plane that serves only Istio's two xDS types, as istiod does: it
+/// asks for the trust-bundle type too, gets nothing, and runs on the roots that come with its
+/// certificates; services resolve and AuthorizationPolicy is enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_runs_on_only_what_istiod_serves() {
+    let options = MeshOptions { ca_args: vec!["--xds-types".into(), "istio".into()], ..MeshOptions::default() };
+    let mut mesh = Mesh::start(options).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let web = mesh.pod(PodSpec::new("web", "demo", 2).label("app", "web")).await.unwrap();
+    let _app = echo_server(web.listen(9000).unwrap(), &web.name);
+    let vip = Ipv4Addr::new(10, 96, 0, 20);
+    mesh.service("web", "demo", vip, 80, "web", 9000).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_until("the service VIP to be known", Duration::from_secs(20), || async {
+        let Ok(dump) = mesh.config_dump(1).await else { return false };
+        dump["mesh"]["services"].as_array().is_some_and(|s| s.iter().any(|s| s["addresses"][0] == vip.to_string()))
+    })
+    .await
+    .unwrap();
+
+    // Across nodes, by pod address and by service VIP, over mutual TLS.
+    for target in [web.addr(9000), (vip, 80).into()] {
+        let mut c = EchoClient::greet(client.connect(target).await.unwrap()).await.unwrap();
+        assert_eq!(c.seen_as.ip(), client.ip);
+        c.round_trip(b"behind an istiod-like control plane").await.unwrap();
+    }
+    let m2 = mesh.metrics(2).await.unwrap();
+    assert!(
+        sum(
+            &m2,
+            "istio_tcp_connections_opened_total{",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+                "connection_security_policy=\"mutual_tls\""
+            ]
+        ) >= 2.0,
+        "{m2}"
+    );
+
+    // istio.security.Authorization is applied: a DENY of the client's identity refuses it.
+    mesh.apply(
+        "deny-client",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-client\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: web\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n",
+    )
+    .unwrap();
+    mesh.settle(&["demo/deny-client"], &[]).await.unwrap();
+    let refused = match client.connect(web.addr(9000)).await {
+        Err(_) => true,
+        Ok(stream) => EchoClient::greet(stream).await.is_err(),
+    };
+    assert!(refused, "the DENY policy let the client through");
+    let m2 = mesh.metrics(2).await.unwrap();
+    assert!(
+        sum(&m2, "istio_tcp_connections_closed_total{", &["reporter=\"destination\"", "response_flags=\"DENY\""])
+            >= 1.0,
+        "{m2}"
+    );
+
+    // Each ztunnel asked for the trust-bundle type and was served nothing for it, as istiod would.
+    let ca_log = std::fs::read_to_string(mesh.state_dir().join("logs/ca.log")).unwrap();
+    let ignored = ca_log
+        .lines()
+        .filter(|l| {
+            l.contains("subscription to a type this server does not serve")
+                && l.contains(proto::api::type_url::TRUST_BUNDLE)
+        })
+        .count();
+    assert!(ignored >= 2, "{ignored} trust-bundle subscriptions ignored:\n{ca_log}");
 }

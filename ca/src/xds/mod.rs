@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, warn};
 
-pub use resources::{Resources, XdsResource};
+pub use resources::{Resources, ServedTypes, XdsResource};
 
 use crate::auth::Authenticator;
 
@@ -30,6 +30,7 @@ use crate::auth::Authenticator;
 #[derive(Debug, Clone)]
 pub struct XdsServer {
     resources: watch::Receiver<Arc<Resources>>,
+    served: ServedTypes,
     clients: Arc<AtomicUsize>,
     auth: Arc<Authenticator>,
 }
@@ -38,7 +39,14 @@ impl XdsServer {
     /// Serves the resources published on `resources` to callers `auth` accepts (a service-account
     /// token or a client certificate from the CA).
     pub fn new(resources: watch::Receiver<Arc<Resources>>, auth: Arc<Authenticator>) -> Self {
-        XdsServer { resources, clients: Arc::default(), auth }
+        XdsServer { resources, served: ServedTypes::All, clients: Arc::default(), auth }
+    }
+
+    /// Serves only `served` types: a subscription to another is ignored, as istiod ignores types
+    /// it does not know (the resources published must be built for the same set).
+    pub fn serving(mut self, served: ServedTypes) -> Self {
+        self.served = served;
+        self
     }
 
     /// Streams currently open.
@@ -94,6 +102,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
             resources: self.resources.clone(),
+            served: self.served,
             types: HashMap::new(),
             nonce: 0,
             node: String::new(),
@@ -141,6 +150,7 @@ const UNKNOWN_VERSION: u64 = u64::MAX;
 
 struct Connection {
     resources: watch::Receiver<Arc<Resources>>,
+    served: ServedTypes,
     types: HashMap<String, TypeState>,
     nonce: u64,
     node: String,
@@ -185,7 +195,7 @@ impl Connection {
             info!(node = %self.node, cluster = %self.cluster, "xDS client connected");
         }
         let type_url = request.type_url.clone();
-        if !Resources::serves(&type_url) {
+        if !self.served.urls().contains(&type_url.as_str()) {
             warn!(node = %self.node, %type_url, "subscription to a type this server does not serve; ignored");
             return Ok(());
         }

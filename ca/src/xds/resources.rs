@@ -32,6 +32,51 @@ pub const TYPES: [&str; 7] = [
     type_url::TRUST_BUNDLE,
 ];
 
+/// Istio's two types: what istiod serves a ztunnel.
+pub const ISTIO_TYPES: [&str; 2] = [type_url::ADDRESS, type_url::AUTHORIZATION];
+
+/// Which types the server serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServedTypes {
+    /// Istio's and ours ([`TYPES`]): what our ztunnel and waypoint read.
+    #[default]
+    All,
+    /// Only Istio's two ([`ISTIO_TYPES`]), as istiod serves them: subscriptions to the others are
+    /// ignored. For checking that a proxy runs behind istiod (no waypoint works this way).
+    Istio,
+}
+
+impl std::str::FromStr for ServedTypes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(ServedTypes::All),
+            "istio" => Ok(ServedTypes::Istio),
+            _ => Err(format!("{s:?}: expected `all` or `istio`")),
+        }
+    }
+}
+
+impl std::fmt::Display for ServedTypes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ServedTypes::All => "all",
+            ServedTypes::Istio => "istio",
+        })
+    }
+}
+
+impl ServedTypes {
+    /// The type URLs.
+    pub fn urls(self) -> &'static [&'static str] {
+        match self {
+            ServedTypes::All => &TYPES,
+            ServedTypes::Istio => &ISTIO_TYPES,
+        }
+    }
+}
+
 /// One encoded resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsResource {
@@ -126,6 +171,7 @@ impl Resources {
         bundle: Option<&proto::api::ambient::ca::v1::TrustBundle>,
         generation: u64,
         previous: &Resources,
+        served: ServedTypes,
     ) -> Resources {
         let mut addresses = TypeResources::default();
         for w in state.workloads.values() {
@@ -190,6 +236,7 @@ impl Resources {
         by_type.insert(type_url::L7_POLICY, l7);
         by_type.insert(type_url::REQUEST_AUTHN, authns);
         by_type.insert(type_url::DESTINATION_POLICY, destinations);
+        by_type.retain(|url, _| served.urls().contains(url));
 
         let mut delta = Delta { generation, types: HashMap::new() };
         for (url, current) in &by_type {
@@ -222,11 +269,6 @@ impl Resources {
     /// Resources of a type, if the server serves it.
     pub fn of_type(&self, type_url: &str) -> Option<&TypeResources> {
         self.by_type.get(type_url)
-    }
-
-    /// Whether the server serves this type.
-    pub fn serves(type_url: &str) -> bool {
-        TYPES.contains(&type_url)
     }
 
     /// The deltas that lead from `generation` to this build, if all are still known.
@@ -265,9 +307,9 @@ mod tests {
 
     #[test]
     fn history_records_what_each_build_changed() {
-        let g1 = Resources::build(&state_with(&["a", "b"]), None, 1, &Resources::default());
-        let g2 = Resources::build(&state_with(&["a", "c"]), None, 2, &g1);
-        let g3 = Resources::build(&state_with(&["a", "c"]), None, 3, &g2);
+        let g1 = Resources::build(&state_with(&["a", "b"]), None, 1, &Resources::default(), ServedTypes::All);
+        let g2 = Resources::build(&state_with(&["a", "c"]), None, 2, &g1, ServedTypes::All);
+        let g3 = Resources::build(&state_with(&["a", "c"]), None, 3, &g2, ServedTypes::All);
         let deltas: Vec<_> = g3.deltas_since(1).unwrap().collect();
         assert_eq!(deltas.iter().map(|d| d.generation).collect::<Vec<_>>(), [2, 3]);
         let d2 = &deltas[0].types[type_url::AUTHORIZATION];
@@ -278,7 +320,7 @@ mod tests {
         assert_eq!(g3.deltas_since(3).unwrap().count(), 0);
         // Unknown futures and gaps force a full comparison.
         assert!(g3.deltas_since(4).is_none());
-        let gap = Resources::build(&state_with(&["a"]), None, 10, &g3);
+        let gap = Resources::build(&state_with(&["a"]), None, 10, &g3, ServedTypes::All);
         assert!(gap.deltas_since(3).is_none());
         assert_eq!(gap.deltas_since(9).unwrap().count(), 1);
     }

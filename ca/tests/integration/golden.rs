@@ -27,7 +27,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
     let mut source = DirSource::new(&dir, store.clone()).unwrap();
     assert!(source.rescan());
     let state = translate(&store.snapshot(), &MeshConfig::default());
-    let resources = Resources::build(&state, None, 1, &Resources::default());
+    let resources = Resources::build(&state, None, 1, &Resources::default(), ca::xds::ServedTypes::All);
     let mut out = String::new();
     let types = [
         (type_url::ADDRESS, "Address"),
