@@ -750,6 +750,16 @@ impl Mesh {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// Waits until node `index`'s ztunnel knows a service at `vip`.
+    pub async fn wait_for_service(&self, index: u8, vip: std::net::IpAddr) -> Result<()> {
+        let what = format!("node-{index}'s ztunnel to know the service at {vip}");
+        self.wait_until(&what, Duration::from_secs(20), || async {
+            let Ok(dump) = self.config_dump(index).await else { return false };
+            dump["mesh"]["services"].as_array().is_some_and(|s| s.iter().any(|s| s["addresses"][0] == vip.to_string()))
+        })
+        .await
+    }
+
     /// Waits until `check` holds (polled as [`proto::testing::poll`] does), failing after
     /// `timeout` with `what`.
     pub async fn wait_until<F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> Result<()>

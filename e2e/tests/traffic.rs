@@ -16,7 +16,6 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::Duration;
 
 use e2e::apps::{EchoClient, echo_server};
 use e2e::mesh::{Mesh, MeshOptions, PodSpec, metric_sum as sum};
@@ -133,12 +132,7 @@ async fn a_service_vip_spreads_connections_over_its_endpoints() {
     let vip = Ipv4Addr::new(10, 96, 0, 10);
     mesh.service("web", "demo", vip, 80, "web", 9000).unwrap();
     mesh.settle(&[], &[]).await.unwrap();
-    mesh.wait_until("the service VIP to be known", Duration::from_secs(20), || async {
-        let Ok(dump) = mesh.config_dump(1).await else { return false };
-        dump["mesh"]["services"].as_array().is_some_and(|s| s.iter().any(|s| s["addresses"][0] == vip.to_string()))
-    })
-    .await
-    .unwrap();
+    mesh.wait_for_service(1, vip.into()).await.unwrap();
 
     // Every connection lands on one of the three (the greeting names it); over 12, all three.
     let mut hit = BTreeSet::new();
@@ -166,12 +160,7 @@ async fn ztunnel_runs_on_only_what_istiod_serves() {
     let vip = Ipv4Addr::new(10, 96, 0, 20);
     mesh.service("web", "demo", vip, 80, "web", 9000).unwrap();
     mesh.settle(&[], &[]).await.unwrap();
-    mesh.wait_until("the service VIP to be known", Duration::from_secs(20), || async {
-        let Ok(dump) = mesh.config_dump(1).await else { return false };
-        dump["mesh"]["services"].as_array().is_some_and(|s| s.iter().any(|s| s["addresses"][0] == vip.to_string()))
-    })
-    .await
-    .unwrap();
+    mesh.wait_for_service(1, vip.into()).await.unwrap();
 
     // Across nodes, by pod address and by service VIP, over mutual TLS.
     for target in [web.addr(9000), (vip, 80).into()] {
