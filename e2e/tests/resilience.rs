@@ -1,7 +1,8 @@
 //! The mesh through failures: the CA stopped (traffic keeps flowing on the certificates held), a
 //! certificate renewed under a long-lived stream (it is not interrupted), ztunnel killed and
 //! restarted (new connections work again within seconds), ztunnel stopped with SIGTERM (it drains
-//! and exits by its deadline).
+//! and exits by its deadline), a pod whose capture port is held when ztunnel enrolls it (pending:
+//! counted, not ready, retried until the port frees up, then served).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -123,16 +124,20 @@ async fn sigterm_drains_then_exits_by_the_deadline() {
 
     assert_eq!(readiness(&mesh, 1).await, Some(200), "ready before the signal");
 
-    // SIGTERM: at once not ready and the pod's listeners closed (a new connection from the client
-    // is refused), while the open connection keeps ztunnel draining until the deadline.
+    // SIGTERM: within a second not ready and the pod's listeners closed (a new connection from the
+    // client is refused; the listener tasks wake to the drain just after readiness flips), while
+    // the open connection keeps ztunnel draining until the deadline.
     let exiting = mesh.terminate_ztunnel(1).unwrap();
     mesh.wait_until("ztunnel to report not ready", Duration::from_secs(1), || async {
         readiness(&mesh, 1).await == Some(503)
     })
     .await
     .unwrap();
-    let refused = client.connect(server.addr(8080)).await.expect_err("a new connection was accepted while draining");
-    assert!(format!("{refused:#}").contains("Connection refused"), "{refused:#}");
+    mesh.wait_until("a new connection from the pod to be refused", Duration::from_secs(1), || async {
+        client.connect(server.addr(8080)).await.is_err_and(|e| format!("{e:#}").contains("Connection refused"))
+    })
+    .await
+    .unwrap();
     open.round_trip(b"still open while draining").await.unwrap();
     let took = exiting.exited().await.unwrap();
     assert!(took >= Duration::from_millis(1500), "exited after {took:?}, before the drain deadline");
@@ -284,4 +289,41 @@ async fn inbound_waits_for_a_certificate_and_refuses_an_unknown_workload() {
     mesh.wait_until("the pod to be reachable again", Duration::from_secs(10), || works(&outsider, &late))
         .await
         .unwrap();
+}
+
+/// A pod whose ports cannot be bound when ztunnel (re)starts is not left unserved: it is refused
+/// for now, counted pending (metric, config dump), ztunnel is not ready, and it is retried with
+/// backoff until the port frees up; then it is served and ztunnel is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_whose_port_is_held_is_retried_until_served() {
+    let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
+    let pending = |metrics: &str| metric_sum(metrics, "ztunnel_workloads_pending", &[]);
+
+    // node-1's ztunnel goes away, and something in the client pod takes 15006 meanwhile.
+    mesh.kill_ztunnel(1).unwrap();
+    let squatter = client.listen(15006).unwrap();
+    mesh.start_ztunnel(1).unwrap();
+    mesh.wait_until("node-1 to count the client pod pending", Duration::from_secs(20), || async {
+        mesh.metrics(1).await.is_ok_and(|m| pending(&m) == 1.0)
+    })
+    .await
+    .unwrap();
+    let dump = mesh.config_dump(1).await.unwrap();
+    assert_eq!(dump["pods_pending"], serde_json::json!([client.uid]), "{dump}");
+    assert_eq!(readiness(&mesh, 1).await, Some(503), "ready with a pod unserved");
+    // Retried, not given up on: still pending after several retries, and said so in the log.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pending(&mesh.metrics(1).await.unwrap()), 1.0);
+    let log = mesh.ztunnel_log(1).unwrap();
+    assert!(log.contains("pending pod still refused; retrying"), "{log}");
+
+    // The port frees up: the next retry serves the pod.
+    drop(squatter);
+    mesh.wait_until("node-1 to serve the client pod", Duration::from_secs(20), || async {
+        readiness(&mesh, 1).await == Some(200) && mesh.metrics(1).await.is_ok_and(|m| pending(&m) == 0.0)
+    })
+    .await
+    .unwrap();
+    assert!(mesh.ztunnel_log(1).unwrap().contains("pending pod served on retry"));
+    assert!(works(&client, &server).await, "the client pod is not served after the retry");
 }

@@ -88,6 +88,8 @@ async fn config_dump(State(s): State<AdminState>) -> Json<Value> {
     });
     Json(json!({
         "pods": s.proxy.summaries(),
+        // Sent by the node agent but not served yet (listeners could not be bound): retried.
+        "pods_pending": s.proxy.pending_uids(),
         "mesh": mesh,
         "certificates": certificates(&s),
         "trust_bundle": s.ctx.view.trust.current().fingerprints(),

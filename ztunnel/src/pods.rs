@@ -9,7 +9,11 @@
 //! ZDS: ztunnel connects to the node agent, which sends every pod (`AddWorkload`, or
 //! `KeepWorkload` for one ztunnel already serves after a reconnect) and then `SnapshotSent`; pods
 //! the snapshot did not name are removed. Each request is acknowledged, with the reason when it is
-//! refused. ztunnel is ready only while the snapshot of the current connection has been applied.
+//! refused. A pod whose listeners could not be bound (a port still held in its namespace, say by
+//! a predecessor's sockets) is refused, kept pending and retried with backoff (200 ms doubling to
+//! 5 s) until it is served or removed, as Istio's ztunnel does; it is counted
+//! (`ztunnel_workloads_pending`) and named in the log. ztunnel is ready only while the snapshot of
+//! the current connection has been applied and no pod is pending.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -61,6 +65,22 @@ impl PodListeners {
     }
 }
 
+/// A pod the node agent sent whose listeners could not be bound yet: retried.
+struct Pending {
+    info: Option<WorkloadInfo>,
+    netns: NetNs,
+}
+
+/// First and longest wait between retries of pending pods.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Why starting a pod failed, and whether it is worth retrying (with the namespace kept for it).
+enum Refused {
+    Retry(AddError, NetNs),
+    Final(AddError),
+}
+
 struct Served {
     pod: Arc<Pod>,
     /// Identifies the namespace the listeners live in (a re-add with the same one is a no-op).
@@ -108,6 +128,7 @@ pub enum AddError {
 pub struct Proxy {
     ctx: Arc<Context>,
     pods: Mutex<HashMap<String, Served>>,
+    pending: Mutex<HashMap<String, Pending>>,
     drain_timeout: Duration,
     zds_ready: watch::Sender<bool>,
 }
@@ -121,7 +142,47 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// No pods yet.
     pub fn new(ctx: Arc<Context>, drain_timeout: Duration) -> Arc<Self> {
-        Arc::new(Proxy { ctx, pods: Mutex::default(), drain_timeout, zds_ready: watch::channel(false).0 })
+        Arc::new(Proxy {
+            ctx,
+            pods: Mutex::default(),
+            pending: Mutex::default(),
+            drain_timeout,
+            zds_ready: watch::channel(false).0,
+        })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Uids of the pods waiting for a retry, sorted.
+    pub fn pending_uids(&self) -> Vec<String> {
+        let mut uids: Vec<String> = self.pending().keys().cloned().collect();
+        uids.sort();
+        uids
+    }
+
+    fn set_pending(&self, uid: &str, pending: Option<Pending>) {
+        let mut all = self.pending();
+        match pending {
+            Some(p) => all.insert(uid.to_owned(), p),
+            None => all.remove(uid),
+        };
+        self.ctx.metrics.pods_pending.set(all.len() as i64);
+    }
+
+    /// Retries every pending pod once; true when none is left.
+    fn retry_pending(&self) -> bool {
+        let due: Vec<(String, Pending)> = self.pending().drain().collect();
+        for (uid, p) in due {
+            match self.add_netns(&uid, p.info.as_ref(), p.netns) {
+                Ok(()) => info!(uid, "pending pod served on retry"),
+                Err(e) => warn!(uid, reason = %proto::error_chain(&e), "pending pod still refused; retrying"),
+            }
+        }
+        let left = self.pending().len();
+        self.ctx.metrics.pods_pending.set(left as i64);
+        left == 0
     }
 
     fn pods(&self) -> std::sync::MutexGuard<'_, HashMap<String, Served>> {
@@ -154,8 +215,26 @@ impl Proxy {
         self.zds_ready.subscribe()
     }
 
-    /// Starts serving a pod whose network namespace is `netns` (ZDS `AddWorkload`).
+    /// Starts serving a pod whose network namespace is `netns` (ZDS `AddWorkload`). When its
+    /// listeners cannot be bound the pod is kept pending and retried (see the module docs).
     pub fn add_netns(&self, uid: &str, info: Option<&WorkloadInfo>, netns: NetNs) -> Result<(), AddError> {
+        match self.start_netns(uid, info, netns) {
+            Ok(()) => {
+                self.set_pending(uid, None);
+                Ok(())
+            }
+            Err(Refused::Retry(e, netns)) => {
+                self.set_pending(uid, Some(Pending { info: info.cloned(), netns }));
+                Err(e)
+            }
+            Err(Refused::Final(e)) => {
+                self.set_pending(uid, None);
+                Err(e)
+            }
+        }
+    }
+
+    fn start_netns(&self, uid: &str, info: Option<&WorkloadInfo>, netns: NetNs) -> Result<(), Refused> {
         let inode = netns.inode().ok();
         if let Some(existing) = self.pods().get(uid)
             && existing.netns_inode.is_some()
@@ -164,8 +243,11 @@ impl Proxy {
             info!(uid, pod = %existing.pod.name, "pod already served in this namespace");
             return Ok(());
         }
-        let listeners = PodListeners::open(&netns).map_err(AddError::Listeners)?;
-        self.add(uid, info, Arc::new(netns), listeners, inode)
+        let listeners = match PodListeners::open(&netns) {
+            Ok(l) => l,
+            Err(e) => return Err(Refused::Retry(AddError::Listeners(e), netns)),
+        };
+        self.add(uid, info, Arc::new(netns), listeners, inode).map_err(Refused::Final)
     }
 
     /// Starts serving a pod with listeners already bound (tests bind them where they like).
@@ -293,13 +375,48 @@ impl Proxy {
     async fn session(&self, client: &ZdsClient) -> Result<(), ZdsError> {
         let mut named: HashSet<String> = HashSet::new();
         let mut snapshot_applied = false;
+        // A new connection brings a new snapshot, which names again whatever was pending.
+        self.pending().clear();
+        self.ctx.metrics.pods_pending.set(0);
+        let mut retry_in = RETRY_MIN;
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
-            let (reply, protocol_error) = match client.next().await? {
+            // The next request, retrying pending pods meanwhile. The request future is kept across
+            // retries, never dropped half-read.
+            let event = {
+                let next = client.next();
+                tokio::pin!(next);
+                loop {
+                    if self.pending().is_empty() {
+                        retry_at = None;
+                        retry_in = RETRY_MIN;
+                        break (&mut next).await?;
+                    }
+                    let at = *retry_at.get_or_insert_with(|| tokio::time::Instant::now() + retry_in);
+                    tokio::select! {
+                        event = &mut next => break event?,
+                        () = tokio::time::sleep_until(at) => {
+                            retry_at = None;
+                            if self.retry_pending() {
+                                info!("every pending pod is served");
+                                self.zds_ready.send_replace(snapshot_applied);
+                            } else {
+                                retry_in = (retry_in * 2).min(RETRY_MAX);
+                            }
+                        }
+                    }
+                }
+            };
+            let (reply, protocol_error) = match event {
                 ZdsEvent::Add { uid, info, netns } => {
                     let refused = self.add_netns(&uid, info.as_ref(), NetNs::from_fd(netns)).err();
                     let reason = refused.map(|e| proto::error_chain(&e));
                     if let Some(reason) = &reason {
-                        warn!(uid, %reason, "AddWorkload refused");
+                        if self.pending().contains_key(&uid) {
+                            warn!(uid, %reason, "AddWorkload refused for now; the pod is pending and retried");
+                        } else {
+                            warn!(uid, %reason, "AddWorkload refused");
+                        }
                     }
                     named.insert(uid);
                     (reason, false)
@@ -316,7 +433,9 @@ impl Proxy {
                     (None, false)
                 }
                 ZdsEvent::Del { uid } => {
-                    if !self.remove(&uid) {
+                    let was_pending = self.pending().contains_key(&uid);
+                    self.set_pending(&uid, None);
+                    if !self.remove(&uid) && !was_pending {
                         info!(uid, "DelWorkload for a pod this ztunnel does not serve: nothing to remove");
                     }
                     named.remove(&uid);
@@ -331,12 +450,21 @@ impl Proxy {
                     for uid in &stale {
                         self.remove(uid);
                     }
+                    let stale_pending: Vec<String> =
+                        self.pending().keys().filter(|u| !named.contains(*u)).cloned().collect();
+                    for uid in &stale_pending {
+                        self.set_pending(uid, None);
+                    }
                     info!(pods = self.pod_count(), removed = stale.len(), "node agent snapshot applied");
                     snapshot_applied = true;
-                    self.zds_ready.send_replace(true);
                     (None, false)
                 }
             };
+            // Ready once the snapshot is applied and every pod it named is served.
+            let ready = snapshot_applied && self.pending().is_empty();
+            if self.zds_ready.send_replace(ready) != ready && snapshot_applied && !ready {
+                warn!(pending = ?self.pending_uids(), "not ready: pods the node agent sent are not served yet");
+            }
             if protocol_error {
                 let reason = reply.clone().unwrap_or_default();
                 client.ack(reply).await?;

@@ -92,6 +92,8 @@ pub struct Metrics {
     sent: Family<ConnectionLabels, Counter>,
     /// Pods served on this node.
     pub pods: Gauge,
+    /// Pods the node agent sent that could not be served yet (retried).
+    pub pods_pending: Gauge,
     /// Connections open now.
     pub active: Gauge,
     /// Connections to which dry-run policies applied, by what they would have decided.
@@ -118,6 +120,12 @@ impl Metrics {
         });
         registry.register("istio_tcp_sent_bytes", "Bytes sent to the client (response direction)", sent.clone());
         registry.register("ztunnel_workloads", "Pods this ztunnel serves", pods.clone());
+        let pods_pending = Gauge::default();
+        registry.register(
+            "ztunnel_workloads_pending",
+            "Pods the node agent sent whose listeners could not be bound yet (retried with backoff)",
+            pods_pending.clone(),
+        );
         registry.register("ztunnel_active_connections", "Connections open through this ztunnel", active.clone());
         let dry_run = Family::default();
         registry.register(
@@ -125,7 +133,7 @@ impl Metrics {
             "Connections to which dry-run AuthorizationPolicies applied, by the decision they would have made (never enforced)",
             dry_run.clone(),
         );
-        Metrics { registry, opened, closed, received, sent, pods, active, dry_run }
+        Metrics { registry, opened, closed, received, sent, pods, pods_pending, active, dry_run }
     }
 
     /// The Prometheus text exposition.
