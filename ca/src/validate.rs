@@ -44,11 +44,8 @@ pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
         }
         for f in &rule.filters {
             match f.kind.as_str() {
-                "RequestHeaderModifier"
-                | "ResponseHeaderModifier"
-                | "RequestRedirect"
-                | "URLRewrite"
-                | "RequestMirror" => {}
+                "RequestHeaderModifier" | "ResponseHeaderModifier" | "URLRewrite" | "RequestMirror" => {}
+                "RequestRedirect" => f.request_redirect.as_ref().map_or(Ok(()), redirect)?,
                 other => return Err(Invalid(format!("filter type {other:?} is not supported"))),
             }
         }
@@ -60,6 +57,27 @@ pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
                 )));
             }
         }
+    }
+    Ok(())
+}
+
+/// Checks a `requestRedirect`: a redirect status Gateway API defines (301 and 302 standard, 303,
+/// 307 and 308 experimental), a port, a scheme the waypoint can send.
+fn redirect(v: &serde_json::Value) -> Result<(), Invalid> {
+    if let Some(code) = v.get("statusCode")
+        && !matches!(code.as_u64(), Some(301 | 302 | 303 | 307 | 308))
+    {
+        return Err(Invalid(format!("requestRedirect.statusCode {code} is not 301, 302, 303, 307 or 308")));
+    }
+    if let Some(port) = v.get("port")
+        && !matches!(port.as_u64(), Some(1..=65535))
+    {
+        return Err(Invalid(format!("requestRedirect.port {port} is not a port")));
+    }
+    if let Some(scheme) = v.get("scheme")
+        && !matches!(scheme.as_str(), Some("http" | "https"))
+    {
+        return Err(Invalid(format!("requestRedirect.scheme {scheme} is not http or https")));
     }
     Ok(())
 }
@@ -212,6 +230,30 @@ mod tests {
         let dr = |yaml: &str| destination_rule(&serde_norway::from_str::<DestinationRuleSpec>(yaml).unwrap());
         let ejection = "host: hello\ntrafficPolicy:\n  outlierDetection: {maxEjectionPercent: 150}\n";
         assert!(dr(ejection).unwrap_err().0.contains("maxEjectionPercent 150 is more than 100"));
+    }
+
+    #[test]
+    fn redirects_gateway_api_does_not_define_are_refused() {
+        let route = |redirect: &str| {
+            let yaml =
+                format!("rules:\n  - filters:\n      - type: RequestRedirect\n        requestRedirect: {redirect}\n");
+            http_route(&serde_norway::from_str::<HTTPRouteSpec>(&yaml).unwrap())
+        };
+        for ok in ["{}", "{statusCode: 301}", "{statusCode: 302, port: 8443, scheme: https}", "{statusCode: 308}"] {
+            assert_eq!(route(ok), Ok(()), "{ok}");
+        }
+        for (bad, says) in [
+            ("{statusCode: 200}", "statusCode 200 is not 301, 302, 303, 307 or 308"),
+            ("{statusCode: 999}", "statusCode 999"),
+            ("{statusCode: \"301\"}", "statusCode \"301\""),
+            ("{statusCode: -301}", "statusCode -301"),
+            ("{port: 0}", "port 0 is not a port"),
+            ("{port: 70000}", "port 70000"),
+            ("{scheme: ftp}", "scheme \"ftp\" is not http or https"),
+        ] {
+            let err = route(bad).unwrap_err().0;
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]
