@@ -23,6 +23,19 @@ use e2e::sniff::{Sniffer, contains};
 
 const PORT: u16 = 8080;
 
+/// Connections a destination ztunnel reported from `demo/client` over mutual TLS.
+fn mtls_from_client(metrics: &str) -> f64 {
+    sum(
+        metrics,
+        "istio_tcp_connections_opened_total{",
+        &[
+            "reporter=\"destination\"",
+            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+            "connection_security_policy=\"mutual_tls\"",
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
@@ -51,18 +64,7 @@ async fn pods_talk_through_the_mesh_and_only_tls_crosses_nodes() {
             >= 1.0,
         "{m1}"
     );
-    assert!(
-        sum(
-            &m2,
-            "istio_tcp_connections_opened_total{",
-            &[
-                "reporter=\"destination\"",
-                "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
-                "connection_security_policy=\"mutual_tls\""
-            ]
-        ) >= 1.0,
-        "{m2}"
-    );
+    assert!(mtls_from_client(&m2) >= 1.0, "{m2}");
 
     // On the underlay: an enrolled pair sends a marker that must never be seen; a pair outside
     // the mesh sends another that must be seen (proof the capture sees payloads).
@@ -169,18 +171,7 @@ async fn ztunnel_runs_on_only_what_istiod_serves() {
         c.round_trip(b"behind an istiod-like control plane").await.unwrap();
     }
     let m2 = mesh.metrics(2).await.unwrap();
-    assert!(
-        sum(
-            &m2,
-            "istio_tcp_connections_opened_total{",
-            &[
-                "reporter=\"destination\"",
-                "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
-                "connection_security_policy=\"mutual_tls\""
-            ]
-        ) >= 2.0,
-        "{m2}"
-    );
+    assert!(mtls_from_client(&m2) >= 2.0, "{m2}");
 
     // istio.security.Authorization is applied: a DENY of the client's identity refuses it.
     mesh.apply(

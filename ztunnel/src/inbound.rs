@@ -176,7 +176,12 @@ impl Handler for Inbound {
     async fn handle(&self, mut connect: InboundConnect) {
         let peer = connect.peer_identity.clone();
         let local = connect.local_addr.ip();
-        let target = match self.ctx.view.read(|state| resolve_target(state, local, &connect.target)) {
+        // An ip:port is taken as it is, without a look at the state (the common case).
+        let resolved = match &connect.target {
+            Target::Addr(addr) => Ok(*addr),
+            Target::Service { .. } => self.ctx.view.read(|state| resolve_target(state, local, &connect.target)),
+        };
+        let target = match resolved {
             Ok(target) => target,
             Err(why) => {
                 warn!(src.identity = %peer, authority = %connect.target, pod = %self.pod.name, reason = %why,

@@ -56,7 +56,7 @@ fn objects(deny_port: u16, open_port: u16) -> String {
         )
     };
     format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n{}{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-port\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"{deny_port}\"]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: demo\nspec:\n  clusterIP: 10.96.0.1\n  selector:\n    app: server\n  ports:\n    - port: 80\n      targetPort: {open_port}\n",
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels:\n    istio.io/dataplane-mode: ambient\n{}{}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: no-admin-port\n  namespace: demo\nspec:\n  selector:\n    matchLabels:\n      app: server\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [\"cluster.local/ns/demo/sa/client\"]\n      to:\n        - operation:\n            ports: [\"{deny_port}\"]\n---\napiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: demo\nspec:\n  clusterIP: 10.96.0.1\n  selector:\n    app: server\n  ports:\n    - name: web\n      port: 80\n      targetPort: {open_port}\n    - name: admin\n      port: 81\n      targetPort: {deny_port}\n",
         pod("client", "127.0.0.2"),
         pod("server", SERVER_IP),
     )
@@ -163,9 +163,15 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     stream.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"by name");
     drop(stream);
+    // By name, the policy sees the port the name resolves to: the DENY on the admin port holds
+    // when it is reached as service port 81 (401), as it does by address below.
+    match connect(Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 81 }).await {
+        Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401 by name on the denied port, got {other:?}"),
+    }
     // A service port the service does not have, and a service the pod does not serve: 400.
     for target in [
-        Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 81 },
+        Target::Service { host: "hello.demo.svc.cluster.local".into(), port: 82 },
         Target::Service { host: "nothing.demo.svc.cluster.local".into(), port: 80 },
     ] {
         match connect(target.clone()).await {
@@ -203,12 +209,12 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let metrics = proto::testing::eventually("every connection counted closed", Duration::from_secs(5), || {
         let metrics = ctx.metrics.encode();
         let closed = sum(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"destination\"");
-        std::future::ready((closed == 5).then_some(metrics))
+        std::future::ready((closed == 6).then_some(metrics))
     })
     .await;
     let sum = |prefix: &str, needle: &str| sum(&metrics, prefix, needle);
-    assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 5, "{metrics}");
-    assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 1, "{metrics}");
+    assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 6, "{metrics}");
+    assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 2, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");
     assert_eq!(
         sum("istio_tcp_received_bytes_total{", "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\""),
