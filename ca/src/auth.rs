@@ -115,14 +115,56 @@ pub enum AuthError {
     #[error("token authentication is not configured (no API server and no --jwt-issuer)")]
     TokensDisabled,
     /// The token failed validation.
-    #[error("invalid token: {0}")]
-    InvalidToken(String),
-    /// The API server said no, or could not be asked.
-    #[error("token review: {0}")]
-    TokenReview(String),
+    #[error("invalid token")]
+    InvalidToken(#[source] InvalidToken),
+    /// The API server could not be asked.
+    #[error("token review")]
+    TokenReview(#[source] TokenReviewError),
     /// The token is valid but not a service account's.
     #[error("not a service account: {0:?}")]
     NotServiceAccount(String),
+}
+
+/// What is wrong with a token.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidToken {
+    /// Not a JWT, a bad signature, expired, another issuer or audience, a missing claim.
+    #[error(transparent)]
+    Jwt(#[from] jsonwebtoken::errors::Error),
+    /// Signed with an algorithm we do not accept (symmetric ones never are).
+    #[error("algorithm {0:?} is not accepted")]
+    Algorithm(jsonwebtoken::Algorithm),
+    /// No key in the issuer's JWKS matches the token's `kid`.
+    #[error("no key {0:?} in the JWKS")]
+    UnknownKey(Option<String>),
+    /// The API server's review did not authenticate it (its reason, as it gave it).
+    #[error("the API server did not authenticate it: {0}")]
+    NotAuthenticated(String),
+    /// The API server's review did not check any of our audiences.
+    #[error("audiences {0:?} do not include ours")]
+    Audiences(Vec<String>),
+    /// The service account's names do not make a SPIFFE identity.
+    #[error("service account {namespace}/{name}")]
+    ServiceAccount {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why they do not make an identity.
+        #[source]
+        source: proto::identity::SpiffeIdError,
+    },
+}
+
+/// Why the API server could not review a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenReviewError {
+    /// No answer in time.
+    #[error("the API server did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The request failed.
+    #[error(transparent)]
+    Api(#[from] kube::Error),
 }
 
 impl AuthError {
@@ -154,6 +196,9 @@ pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// Entries kept at most; beyond that the cache is cleared (it refills from live traffic).
 const TOKEN_REVIEW_CACHE_MAX: usize = 16_384;
+
+/// How long a TokenReview may take before the caller is refused.
+const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The `kubernetes.io` claims of a service-account token.
 #[derive(Debug, Deserialize)]
@@ -230,8 +275,13 @@ impl Authenticator {
 
     fn caller(&self, username: &str, node: Option<String>, pod: Option<(String, String)>) -> Result<Caller, AuthError> {
         let (ns, sa) = service_account(username).ok_or_else(|| AuthError::NotServiceAccount(username.to_owned()))?;
-        let identity = SpiffeId::new(&self.config.trust_domain, ns, sa)
-            .map_err(|e| AuthError::InvalidToken(format!("service account {ns}/{sa}: {e}")))?;
+        let identity = SpiffeId::new(&self.config.trust_domain, ns, sa).map_err(|source| {
+            AuthError::InvalidToken(InvalidToken::ServiceAccount {
+                namespace: ns.to_owned(),
+                name: sa.to_owned(),
+                source,
+            })
+        })?;
         Ok(Caller { identity, method: Method::Token, node, pod })
     }
 
@@ -265,17 +315,17 @@ impl Authenticator {
     }
 
     fn check_local(&self, issuer: &JwtIssuer, token: &str) -> Result<Caller, AuthError> {
-        let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.to_string());
+        let invalid = |e: jsonwebtoken::errors::Error| AuthError::InvalidToken(e.into());
         let header = jsonwebtoken::decode_header(token).map_err(invalid)?;
         if !ASYMMETRIC.contains(&header.alg) {
-            return Err(AuthError::InvalidToken(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(AuthError::InvalidToken(InvalidToken::Algorithm(header.alg)));
         }
         let jwk = match &header.kid {
             Some(kid) => issuer.jwks.find(kid),
             None if issuer.jwks.keys.len() == 1 => issuer.jwks.keys.first(),
             None => None,
         }
-        .ok_or_else(|| AuthError::InvalidToken(format!("no key {:?} in the JWKS", header.kid)))?;
+        .ok_or_else(|| AuthError::InvalidToken(InvalidToken::UnknownKey(header.kid.clone())))?;
         let key = DecodingKey::from_jwk(jwk).map_err(invalid)?;
         let mut validation = Validation::new(header.alg);
         validation.set_issuer(&[&issuer.issuer]);
@@ -297,19 +347,20 @@ impl Authenticator {
             spec: TokenReviewSpec { token: Some(token.to_owned()), audiences: Some(self.config.audiences.clone()) },
             ..Default::default()
         };
-        let reviewed = tokio::time::timeout(Duration::from_secs(10), api.create(&Default::default(), &review))
+        let reviewed = tokio::time::timeout(TOKEN_REVIEW_TIMEOUT, api.create(&Default::default(), &review))
             .await
-            .map_err(|_| AuthError::TokenReview("the API server did not answer within 10 s".into()))?
-            .map_err(|e| AuthError::TokenReview(e.to_string()))?;
+            .map_err(|_| AuthError::TokenReview(TokenReviewError::Timeout(TOKEN_REVIEW_TIMEOUT)))?
+            .map_err(|e| AuthError::TokenReview(e.into()))?;
         let status = reviewed.status.unwrap_or_default();
         if status.authenticated != Some(true) {
-            return Err(AuthError::InvalidToken(status.error.unwrap_or_else(|| "not authenticated".into())));
+            let reason = status.error.unwrap_or_else(|| "no reason given".into());
+            return Err(AuthError::InvalidToken(InvalidToken::NotAuthenticated(reason)));
         }
         // The API server only returns audiences it checked; an answer without any of ours means
         // it did not check them.
         let audiences = status.audiences.unwrap_or_default();
         if !audiences.iter().any(|a| self.config.audiences.contains(a)) {
-            return Err(AuthError::InvalidToken(format!("audiences {audiences:?} do not include ours")));
+            return Err(AuthError::InvalidToken(InvalidToken::Audiences(audiences)));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();

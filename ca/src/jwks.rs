@@ -76,19 +76,30 @@ impl std::fmt::Debug for Jwks {
     }
 }
 
+/// Why the JWKS client could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// An extra root (`--jwks-ca-file`) is not a usable trust anchor.
+    #[error("an extra JWKS root is not usable")]
+    ExtraRoot(#[source] rustls::Error),
+    /// rustls refused the client configuration.
+    #[error("the JWKS client's TLS configuration")]
+    Tls(#[source] rustls::Error),
+}
+
 impl Jwks {
     /// A fetcher trusting the system's roots and `config.extra_roots`.
-    pub fn new(config: JwksConfig) -> Result<Arc<Jwks>, String> {
+    pub fn new(config: JwksConfig) -> Result<Arc<Jwks>, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
         for cert in &config.extra_roots {
-            roots.add(cert.clone()).map_err(|e| format!("an extra JWKS root is not usable: {e}"))?;
+            roots.add(cert.clone()).map_err(ClientError::ExtraRoot)?;
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(ClientError::Tls)?
             .with_root_certificates(roots)
             .with_no_client_auth();
         Ok(Arc::new(Jwks {

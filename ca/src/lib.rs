@@ -138,7 +138,12 @@ pub struct Config {
     pub log: Option<proto::lifecycle::LogControl>,
     /// The xDS types served: all, or only Istio's two (as istiod).
     pub xds_types: xds::ServedTypes,
+    /// On shutdown, how long requests in flight may take to finish before they are dropped.
+    pub drain_timeout: Duration,
 }
+
+/// How long calls in flight may take to finish on shutdown, unless configured.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bounds on the gRPC port (15012). Its TLS needs no client certificate (proxies authenticate
 /// with tokens), so anyone who can reach it can open connections and streams: these keep the
@@ -222,6 +227,7 @@ impl Config {
             jwks: jwks::JwksConfig::default(),
             log: None,
             xds_types: xds::ServedTypes::All,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 
@@ -275,8 +281,8 @@ pub enum Error {
     #[error("TLS: {0}")]
     Tls(#[from] proto::tls::TlsError),
     /// The JWKS fetcher could not be set up.
-    #[error("JWKS fetcher: {0}")]
-    Jwks(String),
+    #[error("setting up the JWKS fetcher")]
+    Jwks(#[source] jwks::ClientError),
     /// Writing a file for clients.
     #[error("writing {path}: {source}")]
     Write {
@@ -477,18 +483,36 @@ impl ControlPlane {
         if let Some(Err(e)) = &source_result {
             tracing::error!(error = %e, "config source failed; stopping");
         }
-        info!("control plane stopping");
+        info!(deadline = ?config.drain_timeout, "control plane stopping");
         stopping.cancel();
-        let _ = translator.await;
-        let _ = jwks_fetcher.await;
-        let _ = renewer.await;
-        let source_result = match source_result {
-            Some(r) => r,
-            None => source_task.await.unwrap_or(Ok(())),
+        // xDS streams end with the translator; gRPC calls in flight and admin requests get until
+        // the deadline, then whatever is left is dropped.
+        let aborts = [&translator, &jwks_fetcher, &renewer].map(|t| t.abort_handle());
+        let servers = [grpc.abort_handle(), admin.abort_handle(), source_task.abort_handle()];
+        let source_ended = source_result.is_some();
+        let stopped = async {
+            let _ = translator.await;
+            let _ = jwks_fetcher.await;
+            let _ = renewer.await;
+            let source_result = if source_ended { Ok(()) } else { source_task.await.unwrap_or(Ok(())) };
+            let grpc_result = grpc.await.map(|r| r.map_err(Error::from)).unwrap_or(Ok(()));
+            let admin_result = admin.await.map(|r| r.map_err(Error::Admin)).unwrap_or(Ok(()));
+            source_result.and(grpc_result).and(admin_result)
         };
-        let grpc_result = grpc.await.map(|r| r.map_err(Error::from)).unwrap_or(Ok(()));
-        let admin_result = admin.await.map(|r| r.map_err(Error::Admin)).unwrap_or(Ok(()));
-        source_result.and(grpc_result).and(admin_result)
+        let stopped = match tokio::time::timeout(config.drain_timeout, stopped).await {
+            Ok(result) => {
+                info!("control plane stopped");
+                result
+            }
+            Err(_) => {
+                warn!(deadline = ?config.drain_timeout, "drain deadline passed with calls still open; dropping them");
+                for task in aborts.iter().chain(&servers) {
+                    task.abort();
+                }
+                Ok(())
+            }
+        };
+        source_result.unwrap_or(Ok(())).and(stopped)
     }
 }
 

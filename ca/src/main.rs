@@ -175,6 +175,11 @@ struct ServeArgs {
     /// ztunnel: to check that a ztunnel runs behind istiod; waypoints get no routes this way).
     #[arg(long, default_value_t, value_name = "all|istio")]
     xds_types: ca::xds::ServedTypes,
+
+    /// On SIGTERM or SIGINT, how long certificate and admin calls in flight may take to finish
+    /// before they are dropped (xDS streams end at once; proxies reconnect to another replica).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, proto::duration::DurationError> {
@@ -283,6 +288,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
         log: Some(log),
         xds_types: args.xds_types,
+        drain_timeout: args.drain_timeout,
     };
     let cp = ControlPlane::bind(config).await?;
     cp.run(async {

@@ -44,17 +44,20 @@ pub struct CheckedCsr {
 }
 
 /// Why a CSR was refused. The message is returned to the caller.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum CsrError {
     /// Empty or oversized.
     #[error("the CSR is {0} bytes; expected 1..={MAX_CSR_LEN}")]
     Size(usize),
     /// No `CERTIFICATE REQUEST` PEM block.
-    #[error("the CSR is not a PEM CERTIFICATE REQUEST: {0}")]
-    Pem(String),
+    #[error("the CSR is not a PEM CERTIFICATE REQUEST")]
+    Pem(#[source] rustls_pki_types::pem::Error),
     /// Not PKCS#10.
-    #[error("the CSR is not a valid PKCS#10 request: {0}")]
-    Der(String),
+    #[error("the CSR is not a valid PKCS#10 request")]
+    Der(#[source] x509_parser::error::X509Error),
+    /// Bytes after the PKCS#10 structure.
+    #[error("the CSR has {0} bytes after the PKCS#10 request")]
+    TrailingBytes(usize),
     /// The signature algorithm is not one we accept.
     #[error(
         "CSR signature algorithm {0} is not accepted (use ECDSA with SHA-256/384 or RSA PKCS#1 with SHA-256/384/512)"
@@ -63,6 +66,9 @@ pub enum CsrError {
     /// The key is not one we accept.
     #[error("CSR key not accepted: {0} (use ECDSA P-256/P-384 or RSA of at least {MIN_RSA_BITS} bits)")]
     Key(String),
+    /// The key's encoding is not usable for signing.
+    #[error("the CSR's public key is not usable")]
+    UnusableKey(#[source] rcgen::Error),
     /// The self-signature does not verify.
     #[error("the CSR's signature does not verify against its own public key")]
     Signature,
@@ -73,12 +79,13 @@ pub enum CsrError {
     #[error("the CSR names {0} URI SANs; exactly one SPIFFE ID is allowed")]
     SeveralIdentities(usize),
     /// The URI SAN is not a SPIFFE ID.
-    #[error("the CSR's URI SAN {uri:?} is not a valid SPIFFE ID: {reason}")]
+    #[error("the CSR's URI SAN {uri:?} is not a valid SPIFFE ID")]
     Identity {
-        /// The URI.
+        /// The URI (its first 256 characters).
         uri: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: proto::identity::SpiffeIdError,
     },
 }
 
@@ -86,8 +93,8 @@ impl CsrError {
     /// A short label for metrics.
     pub fn reason(&self) -> &'static str {
         match self {
-            CsrError::Size(_) | CsrError::Pem(_) | CsrError::Der(_) => "malformed_csr",
-            CsrError::SignatureAlgorithm(_) | CsrError::Key(_) => "weak_key",
+            CsrError::Size(_) | CsrError::Pem(_) | CsrError::Der(_) | CsrError::TrailingBytes(_) => "malformed_csr",
+            CsrError::SignatureAlgorithm(_) | CsrError::Key(_) | CsrError::UnusableKey(_) => "weak_key",
             CsrError::Signature => "bad_signature",
             CsrError::NoIdentity | CsrError::SeveralIdentities(_) | CsrError::Identity { .. } => "bad_identity",
         }
@@ -99,15 +106,15 @@ pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
     if pem.is_empty() || pem.len() > MAX_CSR_LEN {
         return Err(CsrError::Size(pem.len()));
     }
-    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(|e| CsrError::Pem(e.to_string()))?;
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).map_err(CsrError::Pem)?;
     check_der(der.as_ref())
 }
 
 /// Checks a DER CSR.
 pub fn check_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Der(e.to_string()))?;
+    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| CsrError::Der(e.into()))?;
     if !rest.is_empty() {
-        return Err(CsrError::Der(format!("{} trailing bytes", rest.len())));
+        return Err(CsrError::TrailingBytes(rest.len()));
     }
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
@@ -119,8 +126,7 @@ pub fn check_der(der: &[u8]) -> Result<CheckedCsr, CsrError> {
         .map_err(|_| CsrError::Signature)?;
 
     let identity = requested_identity(&csr)?;
-    let public_key =
-        rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(|e| CsrError::Key(format!("unusable key: {e}")))?;
+    let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki.raw).map_err(CsrError::UnusableKey)?;
     Ok(CheckedCsr { identity, public_key, key_type })
 }
 
@@ -181,10 +187,7 @@ fn requested_identity(csr: &X509CertificationRequest<'_>) -> Result<SpiffeId, Cs
     }
     match uris.as_slice() {
         [] => Err(CsrError::NoIdentity),
-        [uri] => uri.parse().map_err(|e: proto::identity::SpiffeIdError| CsrError::Identity {
-            uri: uri.chars().take(256).collect(),
-            reason: e.to_string(),
-        }),
+        [uri] => uri.parse().map_err(|source| CsrError::Identity { uri: uri.chars().take(256).collect(), source }),
         several => Err(CsrError::SeveralIdentities(several.len())),
     }
 }
@@ -223,16 +226,16 @@ mod tests {
     #[test]
     fn refuses_identity_problems() {
         let key = KeyPair::generate().unwrap();
-        assert_eq!(check(&csr_for(&[], &key)).unwrap_err(), CsrError::NoIdentity);
-        assert_eq!(check(&csr_for(&[ID, ID], &key)).unwrap_err(), CsrError::SeveralIdentities(2));
+        assert!(matches!(check(&csr_for(&[], &key)).unwrap_err(), CsrError::NoIdentity));
+        assert!(matches!(check(&csr_for(&[ID, ID], &key)).unwrap_err(), CsrError::SeveralIdentities(2)));
         let err = check(&csr_for(&["spiffe://cluster.local/ns/demo"], &key)).unwrap_err();
         assert!(matches!(err, CsrError::Identity { .. }), "{err}");
     }
 
     #[test]
     fn refuses_malformed_input() {
-        assert_eq!(check("").unwrap_err(), CsrError::Size(0));
-        assert_eq!(check(&"A".repeat(MAX_CSR_LEN + 1)).unwrap_err(), CsrError::Size(MAX_CSR_LEN + 1));
+        assert!(matches!(check("").unwrap_err(), CsrError::Size(0)));
+        assert!(matches!(check(&"A".repeat(MAX_CSR_LEN + 1)).unwrap_err(), CsrError::Size(n) if n == MAX_CSR_LEN + 1));
         assert!(matches!(check("not pem at all").unwrap_err(), CsrError::Pem(_)));
         let bogus = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n";
         assert!(matches!(check(bogus).unwrap_err(), CsrError::Der(_)));
@@ -283,6 +286,6 @@ mod tests {
         // The signature is the last bytes of the DER; flip one.
         let last = der.len() - 2;
         der[last] ^= 0x01;
-        assert_eq!(check_der(&der).unwrap_err(), CsrError::Signature);
+        assert!(matches!(check_der(&der).unwrap_err(), CsrError::Signature));
     }
 }

@@ -17,7 +17,7 @@ use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
-use super::{AuthorityConfig, BACKDATE, SetupError};
+use super::{AuthorityConfig, BACKDATE, MaterialError, SelfCheckError, SetupError};
 
 /// Where a root stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,9 +43,9 @@ pub struct CertInfo {
 }
 
 impl CertInfo {
-    fn of(der: &[u8]) -> Result<Self, String> {
+    fn of(der: &[u8]) -> Result<Self, x509_parser::error::X509Error> {
         use x509_parser::prelude::FromDer;
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)?;
         Ok(CertInfo {
             fingerprint: fingerprint(der),
             subject: cert.subject().to_string(),
@@ -166,8 +166,8 @@ pub(super) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SetupError +
     move |source| SetupError::Io { path: path.to_owned(), source }
 }
 
-pub(super) fn material_err(path: &Path, reason: impl fmt::Display) -> SetupError {
-    SetupError::Material { path: path.to_owned(), reason: reason.to_string() }
+pub(super) fn material_err(path: &Path, source: MaterialError) -> SetupError {
+    SetupError::Material { path: path.to_owned(), source }
 }
 
 pub(super) fn distinguished_name(trust_domain: &str, cn: &str) -> DistinguishedName {
@@ -192,12 +192,12 @@ pub(super) fn new_root(config: &AuthorityConfig, state: RootState) -> Result<Roo
     params.serial_number = Some(random_serial());
     let cert = params.self_signed(&key)?;
     let der = cert.der().clone();
-    let info = CertInfo::of(&der).map_err(rcgen::Error::X509)?;
+    let info = CertInfo::of(&der).map_err(SetupError::Generated)?;
     Ok(Root { pem: cert.pem(), der, key_pem: Some(key.serialize_pem()), state, info })
 }
 
 pub(super) fn new_intermediate(config: &AuthorityConfig, root: &Root) -> Result<Signer, SetupError> {
-    let root_key_pem = root.key_pem.as_deref().ok_or_else(|| rcgen::Error::X509("root has no key".into()))?;
+    let root_key_pem = root.key_pem.as_deref().ok_or_else(|| SetupError::NoRootKey(root.info.fingerprint.clone()))?;
     let root_issuer = Issuer::from_ca_cert_der(&root.der, KeyPair::from_pem(root_key_pem)?)?;
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let now = SystemTime::now();
@@ -216,7 +216,7 @@ pub(super) fn new_intermediate(config: &AuthorityConfig, root: &Root) -> Result<
     let cert_pem = cert.pem();
     let key_pem = key.serialize_pem();
     let issuer = Issuer::from_ca_cert_der(cert.der(), key)?;
-    let info = CertInfo::of(cert.der()).map_err(rcgen::Error::X509)?;
+    let info = CertInfo::of(cert.der()).map_err(SetupError::Generated)?;
     Ok(Signer {
         issuer,
         cert_pem: cert_pem.clone(),
@@ -234,19 +234,19 @@ pub(super) fn generate_initial(config: &AuthorityConfig) -> Result<Material, Set
 }
 
 pub(super) fn parse_cert_pem(path: &Path, pem: &str) -> Result<CertificateDer<'static>, SetupError> {
-    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| material_err(path, format!("bad certificate PEM: {e}")))
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| material_err(path, MaterialError::Pem(e)))
 }
 
 pub(super) fn load_stored(path: &Path, bytes: &[u8]) -> Result<Material, SetupError> {
-    let stored: Stored = serde_json::from_slice(bytes).map_err(|e| material_err(path, e))?;
+    let stored: Stored = serde_json::from_slice(bytes).map_err(|e| material_err(path, MaterialError::Json(e)))?;
     if stored.version != 1 {
-        return Err(material_err(path, format!("unknown format version {}", stored.version)));
+        return Err(material_err(path, MaterialError::Version(stored.version)));
     }
     let mut roots = Vec::new();
     for r in stored.roots {
         let der = parse_cert_pem(path, &r.cert)?;
-        KeyPair::from_pem(&r.key).map_err(|e| material_err(path, format!("bad root key: {e}")))?;
-        let info = CertInfo::of(&der).map_err(|e| material_err(path, e))?;
+        KeyPair::from_pem(&r.key).map_err(|e| material_err(path, MaterialError::Key { which: "root", source: e }))?;
+        let info = CertInfo::of(&der).map_err(|e| material_err(path, MaterialError::Certificate(e)))?;
         roots.push(Root { pem: r.cert, der, key_pem: Some(r.key), state: r.state, info });
     }
     let signer = signer_from_pem(path, &stored.intermediate.cert, &stored.intermediate.key, &roots, true)?;
@@ -263,10 +263,12 @@ pub(super) fn signer_from_pem(
 ) -> Result<Signer, SetupError> {
     use x509_parser::prelude::FromDer;
     let der = parse_cert_pem(path, cert_pem)?;
-    let key = KeyPair::from_pem(key_pem).map_err(|e| material_err(path, format!("bad signing key: {e}")))?;
-    let (_, x509) = x509_parser::certificate::X509Certificate::from_der(&der).map_err(|e| material_err(path, e))?;
+    let key = KeyPair::from_pem(key_pem)
+        .map_err(|e| material_err(path, MaterialError::Key { which: "signing", source: e }))?;
+    let (_, x509) = x509_parser::certificate::X509Certificate::from_der(&der)
+        .map_err(|e| material_err(path, MaterialError::Certificate(e.into())))?;
     if x509.public_key().raw != key.subject_public_key_info().as_slice() {
-        return Err(material_err(path, "the signing key does not match the signing certificate"));
+        return Err(material_err(path, MaterialError::KeyMismatch));
     }
     let root = roots
         .iter()
@@ -276,8 +278,8 @@ pub(super) fn signer_from_pem(
                 .unwrap_or(false)
         })
         .or_else(|| roots.iter().find(|r| r.der == der))
-        .ok_or_else(|| material_err(path, "the signing certificate was not issued by any trusted root"))?;
-    let info = CertInfo::of(&der).map_err(|e| material_err(path, e))?;
+        .ok_or_else(|| material_err(path, MaterialError::NoIssuingRoot))?;
+    let info = CertInfo::of(&der).map_err(|e| material_err(path, MaterialError::Certificate(e)))?;
     let issuer = Issuer::from_ca_cert_der(&der, key)?;
     let chain = if root.der == der { vec![root.pem.clone()] } else { vec![cert_pem.to_owned(), root.pem.clone()] };
     Ok(Signer {
@@ -302,13 +304,13 @@ pub(super) fn load_plugged_in(dir: &Path) -> Result<Material, SetupError> {
     let (root_path, roots_pem) = read("root-cert.pem")?;
     let mut roots = Vec::new();
     for der in CertificateDer::pem_slice_iter(roots_pem.as_bytes()) {
-        let der = der.map_err(|e| material_err(&root_path, e))?;
-        let info = CertInfo::of(&der).map_err(|e| material_err(&root_path, e))?;
+        let der = der.map_err(|e| material_err(&root_path, MaterialError::Pem(e)))?;
+        let info = CertInfo::of(&der).map_err(|e| material_err(&root_path, MaterialError::Certificate(e)))?;
         let pem = pem_of(&der);
         roots.push(Root { pem, der, key_pem: None, state: RootState::Active, info });
     }
     if roots.is_empty() {
-        return Err(material_err(&root_path, "no certificate"));
+        return Err(material_err(&root_path, MaterialError::NoCertificate));
     }
     let mut signer = signer_from_pem(&cert_path, &cert_pem, &key_pem, &roots, false)?;
     let chain_path = dir.join("cert-chain.pem");
@@ -316,7 +318,7 @@ pub(super) fn load_plugged_in(dir: &Path) -> Result<Material, SetupError> {
         Ok(chain_pem) => {
             let mut chain: Vec<String> = Vec::new();
             for der in CertificateDer::pem_slice_iter(chain_pem.as_bytes()) {
-                chain.push(pem_of(&der.map_err(|e| material_err(&chain_path, e))?));
+                chain.push(pem_of(&der.map_err(|e| material_err(&chain_path, MaterialError::Pem(e)))?));
             }
             let ca_der = parse_cert_pem(&cert_path, &cert_pem)?;
             if chain.first().map(|c| c.as_str()) != Some(pem_of(&ca_der).as_str()) {
@@ -353,7 +355,7 @@ pub(super) fn encode(path: &Path, m: &Material) -> Result<Vec<u8>, SetupError> {
             .collect(),
         intermediate: StoredCert { cert: m.signer.cert_pem.clone(), key: m.signer.key_pem.clone().unwrap_or_default() },
     };
-    serde_json::to_vec_pretty(&stored).map_err(|e| material_err(path, e))
+    serde_json::to_vec_pretty(&stored).map_err(|e| material_err(path, MaterialError::Json(e)))
 }
 
 /// Issues a throwaway leaf with the material and verifies it against the material's own bundle:
@@ -371,14 +373,14 @@ pub(super) fn self_check(m: &Material, trust_domain: &str) -> Result<(), SetupEr
     params.not_before = to_datetime(now - BACKDATE);
     params.not_after = to_datetime(now + Duration::from_secs(60));
     let leaf = params.signed_by(&key, &m.signer.issuer)?;
-    let bundle = m.trust_bundle().map_err(|e| SetupError::SelfCheck(e.to_string()))?;
+    let bundle = m.trust_bundle().map_err(|e| SetupError::SelfCheck(SelfCheckError::Bundle(e)))?;
     let intermediates: Vec<CertificateDer<'static>> = m
         .signer
         .chain
         .iter()
         .flat_map(|pem| CertificateDer::pem_slice_iter(pem.as_bytes()).flatten().collect::<Vec<_>>())
         .collect();
-    let ee = webpki::EndEntityCert::try_from(leaf.der()).map_err(|e| SetupError::SelfCheck(e.to_string()))?;
+    let ee = webpki::EndEntityCert::try_from(leaf.der()).map_err(|e| SetupError::SelfCheck(SelfCheckError::Leaf(e)))?;
     let now = rustls_pki_types::UnixTime::now();
     ee.verify_for_usage(
         proto::tls::provider().signature_verification_algorithms.all,
@@ -389,7 +391,7 @@ pub(super) fn self_check(m: &Material, trust_domain: &str) -> Result<(), SetupEr
         None,
         None,
     )
-    .map_err(|e| SetupError::SelfCheck(e.to_string()))?;
+    .map_err(|e| SetupError::SelfCheck(SelfCheckError::Verify(e)))?;
     Ok(())
 }
 

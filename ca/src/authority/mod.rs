@@ -124,16 +124,22 @@ pub enum SetupError {
         source: std::io::Error,
     },
     /// Stored or plugged-in material is unusable.
-    #[error("{path}: {reason}")]
+    #[error("{path}: unusable CA material")]
     Material {
         /// The file.
         path: PathBuf,
         /// Why.
-        reason: String,
+        source: MaterialError,
     },
     /// Generating keys or certificates failed.
     #[error("generating CA material: {0}")]
     Crypto(#[from] rcgen::Error),
+    /// A new intermediate was asked of a root whose key this CA does not hold (plugged-in roots).
+    #[error("root {0} has no private key here; it cannot sign an intermediate")]
+    NoRootKey(String),
+    /// A certificate just generated does not read back as X.509 (a bug in the generator).
+    #[error("a certificate just generated cannot be read back")]
+    Generated(#[source] x509_parser::error::X509Error),
     /// Reading or writing the stored material.
     #[error(transparent)]
     Store(#[from] store::StoreError),
@@ -141,8 +147,56 @@ pub enum SetupError {
     #[error(transparent)]
     Log(#[from] LogError),
     /// The material does not produce certificates that verify.
-    #[error("self-check failed: a test certificate did not verify against the trust bundle: {0}")]
-    SelfCheck(String),
+    #[error("self-check failed: a test certificate did not verify against the trust bundle")]
+    SelfCheck(#[source] SelfCheckError),
+}
+
+/// What is wrong with stored or plugged-in CA material.
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    /// A certificate's PEM does not decode.
+    #[error("bad certificate PEM")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    /// A certificate is not valid X.509.
+    #[error("bad certificate")]
+    Certificate(#[source] x509_parser::error::X509Error),
+    /// A key does not parse.
+    #[error("bad {which} key")]
+    Key {
+        /// Which key (root, signing).
+        which: &'static str,
+        /// rcgen's reason.
+        source: rcgen::Error,
+    },
+    /// The stored JSON does not (de)serialize.
+    #[error("bad stored material")]
+    Json(#[source] serde_json::Error),
+    /// A format version this build does not know.
+    #[error("unknown format version {0}")]
+    Version(u32),
+    /// The signing key is not the signing certificate's.
+    #[error("the signing key does not match the signing certificate")]
+    KeyMismatch,
+    /// No trusted root issued the signing certificate.
+    #[error("the signing certificate was not issued by any trusted root")]
+    NoIssuingRoot,
+    /// The roots file holds no certificate.
+    #[error("no certificate")]
+    NoCertificate,
+}
+
+/// Which part of the start-up self-check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SelfCheckError {
+    /// The trust bundle cannot be built from the roots.
+    #[error("the trust bundle is unusable")]
+    Bundle(#[source] proto::tls::TlsError),
+    /// The test certificate is not one webpki reads.
+    #[error("the test certificate cannot be read")]
+    Leaf(#[source] webpki::Error),
+    /// The chain does not verify.
+    #[error("the chain does not verify")]
+    Verify(#[source] webpki::Error),
 }
 
 /// Why a signing request was refused.
@@ -214,6 +268,22 @@ impl fmt::Debug for Authority {
     }
 }
 
+/// The material in `store`; on first start, a new root and intermediate, stored (if another
+/// replica stored its own meanwhile, that one wins).
+async fn load_or_create(store: &KeyStore, config: &AuthorityConfig) -> Result<Material, SetupError> {
+    let where_ = PathBuf::from(store.to_string());
+    if let Some(bytes) = store.load().await? {
+        let m = load_stored(&where_, &bytes)?;
+        info!(%store, root = %active_root(&m), "loaded CA signing material");
+        return Ok(m);
+    }
+    let fresh = encode(&where_, &generate_initial(config)?)?;
+    let stored = store.create(fresh).await?;
+    let m = load_stored(&where_, &stored)?;
+    info!(%store, root = %active_root(&m), "created a new self-signed root and intermediate");
+    Ok(m)
+}
+
 impl Authority {
     /// Loads the signing material (creating it on first start), opens the issuance log and
     /// checks that a test certificate verifies.
@@ -221,34 +291,18 @@ impl Authority {
         let dir = &config.state_dir;
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-        let store = match &config.keys {
-            KeySource::PlugIn(_) => None,
-            KeySource::SelfManaged => Some(KeyStore::File(dir.join("authority.json"))),
+        let (store, material) = match &config.keys {
+            KeySource::PlugIn(dir) => (None, load_plugged_in(dir)?),
+            KeySource::SelfManaged => {
+                let store = KeyStore::File(dir.join("authority.json"));
+                let material = load_or_create(&store, &config).await?;
+                (Some(store), material)
+            }
             KeySource::SelfManagedInSecret { client, namespace, name } => {
-                Some(KeyStore::secret(client.clone(), namespace, name))
+                let store = KeyStore::secret(client.clone(), namespace, name);
+                let material = load_or_create(&store, &config).await?;
+                (Some(store), material)
             }
-        };
-        let material = match (&config.keys, &store) {
-            (KeySource::PlugIn(dir), _) => load_plugged_in(dir)?,
-            (_, Some(store)) => {
-                let where_ = PathBuf::from(store.to_string());
-                match store.load().await? {
-                    Some(bytes) => {
-                        let m = load_stored(&where_, &bytes)?;
-                        info!(%store, root = %active_root(&m), "loaded CA signing material");
-                        m
-                    }
-                    None => {
-                        let fresh = encode(&where_, &generate_initial(&config)?)?;
-                        // Another replica may have created it meanwhile: the stored one wins.
-                        let stored = store.create(fresh).await?;
-                        let m = load_stored(&where_, &stored)?;
-                        info!(%store, root = %active_root(&m), "created a new self-signed root and intermediate");
-                        m
-                    }
-                }
-            }
-            (_, None) => return Err(SetupError::SelfCheck("no key store".into())),
         };
         let log_path = dir.join("issued.jsonl");
         let (log, recovery) = IssuanceLog::open(&log_path, unix(SystemTime::now()))?;

@@ -101,7 +101,7 @@ impl CaService {
         let caller = match authenticate(&self.auth, &request).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(%peer, reason = %e, "certificate request refused: authentication failed");
+                warn!(%peer, reason = proto::error_chain(&e), "certificate request refused: authentication failed");
                 return Err(self.refuse(e.reason(), Status::unauthenticated("request authentication failed")));
             }
         };
@@ -115,8 +115,9 @@ impl CaService {
         let started = Instant::now();
         let request = request.into_inner();
         let checked = csr::check(&request.csr).map_err(|e| {
-            warn!(%peer, caller = %caller.identity, reason = %e, "certificate request refused: bad CSR");
-            self.refuse(e.reason(), Status::invalid_argument(e.to_string()))
+            let why = proto::error_chain(&e);
+            warn!(%peer, caller = %caller.identity, reason = %why, "certificate request refused: bad CSR");
+            self.refuse(e.reason(), Status::invalid_argument(why))
         })?;
         let impersonated =
             impersonated_identity(request.metadata.as_ref()).map_err(|s| self.refuse("bad_metadata", s))?;
@@ -176,7 +177,7 @@ impl AdminService {
     async fn admin<T>(&self, request: &Request<T>, what: &str) -> Result<Caller, Status> {
         let peer = peer_addr(request);
         let caller = authenticate(&self.0.auth, request).await.map_err(|e| {
-            warn!(%peer, reason = %e, what, "admin call refused: authentication failed");
+            warn!(%peer, reason = proto::error_chain(&e), what, "admin call refused: authentication failed");
             Status::unauthenticated("request authentication failed")
         })?;
         if !self.0.auth.is_admin(&caller) {

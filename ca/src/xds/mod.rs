@@ -87,7 +87,7 @@ impl AggregatedDiscoveryService for XdsServer {
         let caller = match crate::grpc::authenticate(&self.auth, &request).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(%peer, reason = %e, "xDS stream refused: authentication failed");
+                warn!(%peer, reason = proto::error_chain(&e), "xDS stream refused: authentication failed");
                 return Err(Status::unauthenticated("request authentication failed"));
             }
         };

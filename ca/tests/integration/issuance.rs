@@ -670,7 +670,7 @@ async fn plugged_in_ca_signs_with_operator_material_and_refuses_rotation() {
     std::fs::write(cacerts.path().join("ca-key.pem"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
     let mut config = Mesh::new().config();
     config.authority.keys = ca::authority::KeySource::PlugIn(cacerts.path().to_owned());
-    let err = ca::ControlPlane::bind(config).await.unwrap_err().to_string();
+    let err = proto::error_chain(&ca::ControlPlane::bind(config).await.unwrap_err());
     assert!(err.contains("ca-cert.pem") && err.contains("does not match"), "{err}");
 }
 
@@ -814,4 +814,33 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
     driver.abort();
     drop((client, send, body));
     mesh.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_call_that_never_finishes_is_dropped_at_the_drain_deadline() {
+    let drain = Duration::from_millis(500);
+    let mesh = mesh_with(|c| c.drain_timeout = drain).await;
+    // A client that sends a certificate call's headers and never its body: the server holds the
+    // stream open, and a graceful shutdown alone would wait for it forever.
+    let tcp = tokio::net::TcpStream::connect(mesh.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(proto::tls::control_plane_client_config(mesh.trust(), None).unwrap());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(stream).await.unwrap();
+    let mut ping = conn.ping_pong().unwrap();
+    let driver = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let post = http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (_answer, _body) = send.send_request(post, false).unwrap();
+    // The pong comes after the server has read the HEADERS frame sent before the PING.
+    ping.ping(h2::Ping::opaque()).await.unwrap();
+
+    let started = std::time::Instant::now();
+    mesh.shutdown().await; // fails after 10 s if the CA waits for the call
+    let took = started.elapsed();
+    assert!(took >= drain, "the CA stopped after {took:?}, before its drain deadline: the call was not held open");
+    driver.abort();
 }

@@ -78,11 +78,11 @@ pub enum TlsError {
 }
 
 /// Why a certificate does not carry a mesh identity.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum IdentityError {
-    /// The certificate is not valid DER X.509.
-    #[error("the certificate cannot be parsed: {0}")]
-    Parse(String),
+    /// The certificate is not valid DER X.509, or its SAN extension is not readable.
+    #[error("the certificate cannot be parsed")]
+    Parse(#[source] x509_parser::error::X509Error),
     /// The certificate has no URI SAN.
     #[error("the certificate has no URI subject alternative name")]
     NoUriSan,

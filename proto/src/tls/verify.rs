@@ -19,8 +19,8 @@ use crate::identity::SpiffeId;
 
 /// The SPIFFE ID in a certificate's single URI SAN.
 pub fn spiffe_id_from_cert(der: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let san = cert.subject_alternative_name().map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::Parse(e.into()))?;
+    let san = cert.subject_alternative_name().map_err(IdentityError::Parse)?;
     let mut uris = san.iter().flat_map(|ext| ext.value.general_names.iter()).filter_map(|name| match name {
         GeneralName::URI(uri) => Some(*uri),
         _ => None,
@@ -41,8 +41,7 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
 
 /// A certificate's validity period.
 pub(super) fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| TlsError::Identity(IdentityError::Parse(e.to_string())))?;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| TlsError::Identity(IdentityError::Parse(e.into())))?;
     let at = |secs: i64| UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0));
     Ok((at(cert.validity().not_before.timestamp()), at(cert.validity().not_after.timestamp())))
 }
