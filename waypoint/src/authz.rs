@@ -274,18 +274,14 @@ mod tests {
 
     use super::*;
 
+    /// A policy as `decide` sees it (already selected for the request: no targets needed).
     fn policy(action: Action, op: pb::L7Operation, from: Vec<pb::L7Source>) -> pb::L7Policy {
         pb::L7Policy {
             name: "p".into(),
             namespace: "demo".into(),
-            targets: vec![pb::PolicyTarget {
-                kind: pb::policy_target::Kind::Gateway as i32,
-                namespace: "demo".into(),
-                name: "waypoint".into(),
-            }],
             action: action as i32,
             rules: vec![pb::L7Rule { from, to: vec![op], when: vec![] }],
-            dry_run: false,
+            ..Default::default()
         }
     }
 

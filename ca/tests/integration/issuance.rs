@@ -784,11 +784,7 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
     assert!(metrics.contains("ca_certificate_requests_refused_total{reason=\"rate_limited\"} 1"), "{metrics}");
 
     // Streams per connection: the server announces its limit in its HTTP/2 settings.
-    let tcp = tokio::net::TcpStream::connect(mesh.grpc).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(proto::tls::control_plane_client_config(mesh.trust(), None).unwrap());
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = tls.connect(name, tcp).await.unwrap();
-    let (send, mut conn) = h2::client::handshake(stream).await.unwrap();
+    let (send, mut conn) = raw_h2(&mesh).await;
     // Drive the connection until the server's SETTINGS arrive.
     let _ = tokio::time::timeout(
         Duration::from_millis(300),
@@ -799,12 +795,7 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
     // What one stream can make the server buffer before it reads: a 64 KiB send window (hyper's
     // default is 1 MiB), whatever the caller asks for.
     let driver = tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
-    let post = http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (_answer, mut body) = send.send_request(post, false).unwrap();
+    let (_answer, mut body) = open_certificate_call(send).await;
     body.reserve_capacity(4 << 20);
     // Capacity comes from the window the server granted; it grows only when the server reads.
     let granted = tokio::time::timeout(Duration::from_secs(5), std::future::poll_fn(|cx| body.poll_capacity(cx)))
@@ -812,7 +803,7 @@ async fn requests_are_bounded_in_size_streams_and_rate() {
         .expect("no send capacity granted");
     assert_eq!(body.capacity(), 64 * 1024, "{granted:?}");
     driver.abort();
-    drop((client, send, body));
+    drop((client, body));
     mesh.shutdown().await;
 }
 
@@ -822,19 +813,10 @@ async fn a_call_that_never_finishes_is_dropped_at_the_drain_deadline() {
     let mesh = mesh_with(|c| c.drain_timeout = drain).await;
     // A client that sends a certificate call's headers and never its body: the server holds the
     // stream open, and a graceful shutdown alone would wait for it forever.
-    let tcp = tokio::net::TcpStream::connect(mesh.grpc).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(proto::tls::control_plane_client_config(mesh.trust(), None).unwrap());
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let stream = tls.connect(name, tcp).await.unwrap();
-    let (send, mut conn) = h2::client::handshake(stream).await.unwrap();
+    let (send, mut conn) = raw_h2(&mesh).await;
     let mut ping = conn.ping_pong().unwrap();
     let driver = tokio::spawn(conn);
-    let mut send = send.ready().await.unwrap();
-    let post = http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (_answer, _body) = send.send_request(post, false).unwrap();
+    let (_answer, _body) = open_certificate_call(send).await;
     // The pong comes after the server has read the HEADERS frame sent before the PING.
     ping.ping(h2::Ping::opaque()).await.unwrap();
 
@@ -843,4 +825,30 @@ async fn a_call_that_never_finishes_is_dropped_at_the_drain_deadline() {
     let took = started.elapsed();
     assert!(took >= drain, "the CA stopped after {took:?}, before its drain deadline: the call was not held open");
     driver.abort();
+}
+
+/// An HTTP/2 connection to the CA's gRPC port, over its TLS, driven by hand.
+async fn raw_h2(
+    mesh: &Mesh,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    h2::client::Connection<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(mesh.grpc).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(proto::tls::control_plane_client_config(mesh.trust(), None).unwrap());
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let stream = tls.connect(name, tcp).await.unwrap();
+    h2::client::handshake(stream).await.unwrap()
+}
+
+/// Starts a certificate call: its headers, and a body stream left open.
+async fn open_certificate_call(
+    send: h2::client::SendRequest<bytes::Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let mut send = send.ready().await.unwrap();
+    let post = http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/CreateCertificate")
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    send.send_request(post, false).unwrap()
 }
