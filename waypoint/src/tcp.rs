@@ -177,8 +177,8 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     labels.parties.set_endpoint(&endpoint.workload);
     let outlier = backend.policy().and_then(|p| p.outlier_detection);
     let upstream = match endpoint.workload.primary_address() {
-        Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(|e| e.to_string()),
-        None => Err("the endpoint has no address".to_owned()),
+        Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(Some),
+        None => Err(None),
     };
     let mut upstream = match upstream {
         Ok(u) => u,
@@ -186,7 +186,8 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
             state.record(&endpoint.workload.uid, 0, outlier.as_ref(), backend.endpoints.len());
             labels.response_flags = "UF";
             ctx.metrics.tcp_refused(&labels);
-            warn!(endpoint = %endpoint.workload.name, error = %e, "upstream connection failed");
+            let error = e.map_or_else(|| "the endpoint has no address".to_owned(), |e| proto::error_chain(&e));
+            warn!(endpoint = %endpoint.workload.name, %error, "upstream connection failed");
             log(&labels, &endpoint.workload.name, 0, 0, "upstream connection failed");
             stream.reset();
             return;

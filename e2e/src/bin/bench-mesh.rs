@@ -367,6 +367,9 @@ async fn run(args: Args) -> Result<()> {
     // The scale check connects through a service VIP: the endpoint pick is part of what it measures.
     mesh.service("server", "mesh", SCALE_VIP, PING, "server", PING)?;
     mesh.settle(&[], &[]).await?;
+    // Until the client's ztunnel knows the VIP, a connection to it is passed through (and reset:
+    // nothing answers there outside the mesh).
+    mesh.wait_for_service(1, SCALE_VIP.into()).await?;
     let Some(calibration) = calibration else {
         let scale = scale(&mesh, &pairs[1], &args).await?;
         print_scale(&scale);

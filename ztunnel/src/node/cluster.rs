@@ -154,17 +154,19 @@ pub struct CniReply {
     pub error: Option<String>,
 }
 
+/// A CNI configuration that is not a `.conflist` (no `plugins` array to chain into).
+#[derive(Debug, thiserror::Error)]
+#[error("not a CNI configuration list (no \"plugins\" array)")]
+pub struct NotAConfList;
+
 /// Adds `plugin` (`{"type": "ambient-cni", ...}`) at the end of the chain of a CNI `.conflist`
 /// document, or replaces an older entry of ours; `None` when it is already there as given.
 pub fn chain_plugin(
     conflist: &serde_json::Value,
     plugin: &serde_json::Value,
-) -> Result<Option<serde_json::Value>, String> {
+) -> Result<Option<serde_json::Value>, NotAConfList> {
     let mut out = conflist.clone();
-    let plugins = out
-        .get_mut("plugins")
-        .and_then(|p| p.as_array_mut())
-        .ok_or("not a CNI configuration list (no \"plugins\" array)")?;
+    let plugins = out.get_mut("plugins").and_then(|p| p.as_array_mut()).ok_or(NotAConfList)?;
     if plugins.iter().any(|p| p == plugin) {
         return Ok(None);
     }
