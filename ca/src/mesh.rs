@@ -445,6 +445,8 @@ pub struct MeshState {
     pub request_authns: BTreeMap<String, proto::api::ambient::waypoint::v1::RequestAuthn>,
     /// DestinationRule traffic policies by service, `namespace/hostname`.
     pub destination_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::DestinationPolicy>,
+    /// Ingress gateways (Istio Gateways with their bound VirtualServices) by `namespace/name`.
+    pub ingress_gateways: BTreeMap<String, proto::api::ambient::waypoint::v1::IngressGateway>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
     /// Objects the translation could not take as written (policies it made fail closed), with

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, Node,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
     PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use crate::validate::{self, Invalid};
@@ -43,6 +43,8 @@ pub enum Kind {
     PeerAuthentication,
     /// security.istio.io RequestAuthentication.
     RequestAuthentication,
+    /// networking.istio.io Gateway (shown as `IstioGateway`, apart from Gateway API's).
+    IstioGateway,
     /// networking.istio.io VirtualService.
     VirtualService,
     /// networking.istio.io DestinationRule.
@@ -101,6 +103,8 @@ pub enum Object {
     PeerAuthentication(Arc<PeerAuthentication>),
     /// A RequestAuthentication.
     RequestAuthentication(Arc<RequestAuthentication>),
+    /// An Istio Gateway.
+    IstioGateway(Arc<IstioGateway>),
     /// A VirtualService.
     VirtualService(Arc<VirtualService>),
     /// A DestinationRule.
@@ -232,6 +236,7 @@ impl Object {
             ("security.istio.io", "RequestAuthentication") => {
                 decode_request_authentication(&value).map(Object::RequestAuthentication)
             }
+            ("networking.istio.io", "Gateway") => decode(Kind::IstioGateway, value).map(Object::IstioGateway),
             ("networking.istio.io", "VirtualService") => {
                 decode(Kind::VirtualService, value).map(Object::VirtualService)
             }
@@ -256,6 +261,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => o.meta(),
             Object::PeerAuthentication(o) => o.meta(),
             Object::RequestAuthentication(o) => o.meta(),
+            Object::IstioGateway(o) => o.meta(),
             Object::VirtualService(o) => o.meta(),
             Object::DestinationRule(o) => o.meta(),
         }
@@ -275,6 +281,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::PeerAuthentication(_) => Kind::PeerAuthentication,
             Object::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Object::IstioGateway(_) => Kind::IstioGateway,
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
         }
@@ -314,6 +321,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => Object::AuthorizationPolicy(fill(o)),
             Object::PeerAuthentication(o) => Object::PeerAuthentication(fill(o)),
             Object::RequestAuthentication(o) => Object::RequestAuthentication(fill(o)),
+            Object::IstioGateway(o) => Object::IstioGateway(fill(o)),
             Object::VirtualService(o) => Object::VirtualService(fill(o)),
             Object::DestinationRule(o) => Object::DestinationRule(fill(o)),
         }
@@ -378,6 +386,7 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
         Object::AuthorizationPolicy(_) => {}
         Object::HTTPRoute(route) => validate::http_route(&route.spec).map_err(invalid)?,
         Object::GRPCRoute(route) => validate::http_route(&route.spec.as_http().map_err(invalid)?).map_err(invalid)?,
+        Object::IstioGateway(gw) => validate::istio_gateway(&gw.spec).map_err(invalid)?,
         Object::VirtualService(vs) => validate::virtual_service(&vs.spec).map_err(invalid)?,
         Object::DestinationRule(dr) => validate::destination_rule(&dr.spec).map_err(invalid)?,
         _ => {}
@@ -464,6 +473,11 @@ impl Objects {
     /// Gateways.
     pub fn gateways(&self) -> impl Iterator<Item = &Arc<Gateway>> {
         self.of_kind(Kind::Gateway).filter_map(|o| if let Object::Gateway(x) = o { Some(x) } else { None })
+    }
+
+    /// Istio Gateways.
+    pub fn istio_gateways(&self) -> impl Iterator<Item = &Arc<IstioGateway>> {
+        self.of_kind(Kind::IstioGateway).filter_map(|o| if let Object::IstioGateway(x) = o { Some(x) } else { None })
     }
 
     /// VirtualServices.

@@ -6,12 +6,95 @@
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use proto::duration::parse_millis as parse_duration;
 
-use crate::k8s::{DestinationRuleSpec, HTTPRouteSpec, StringMatch, VirtualServiceSpec};
+use crate::k8s::{
+    DestinationRuleSpec, GatewayServer, HTTPRouteSpec, IstioGatewaySpec, StringMatch, VirtualServiceSpec,
+};
 
 /// Why an object cannot be taken as written: the field and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Invalid(pub String);
+
+/// The server protocols an Istio Gateway may declare (Istio's names, compared case-insensitively).
+pub const GATEWAY_PROTOCOLS: [&str; 6] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP"];
+
+/// Checks an Istio Gateway's servers: ports, protocols, hosts and TLS settings.
+pub fn istio_gateway(spec: &IstioGatewaySpec) -> Result<(), Invalid> {
+    if spec.servers.is_empty() {
+        return Err(Invalid("spec.servers is empty".to_owned()));
+    }
+    for (i, server) in spec.servers.iter().enumerate() {
+        gateway_server(server).map_err(|Invalid(why)| Invalid(format!("servers[{i}]: {why}")))?;
+    }
+    Ok(())
+}
+
+fn gateway_server(server: &GatewayServer) -> Result<(), Invalid> {
+    let port = &server.port;
+    if !(1..=65535).contains(&port.number) {
+        return Err(Invalid(format!("port.number {} is out of range", port.number)));
+    }
+    let protocol = port.protocol.to_ascii_uppercase();
+    if !GATEWAY_PROTOCOLS.contains(&protocol.as_str()) {
+        return Err(Invalid(format!(
+            "port.protocol {:?} is not one of {}",
+            port.protocol,
+            GATEWAY_PROTOCOLS.join(", ")
+        )));
+    }
+    if server.hosts.is_empty() {
+        return Err(Invalid("hosts is empty".to_owned()));
+    }
+    for host in &server.hosts {
+        gateway_host(host).map_err(|why| Invalid(format!("hosts entry {host:?}: {why}")))?;
+    }
+    let tls = server.tls.as_ref();
+    let mode = tls.and_then(|t| t.mode.as_deref()).map(str::to_ascii_uppercase);
+    match (protocol.as_str(), mode.as_deref()) {
+        (_, None) if protocol == "HTTPS" || protocol == "TLS" => {
+            Err(Invalid(format!("port.protocol {protocol} needs tls.mode")))
+        }
+        (_, None) => Ok(()),
+        ("HTTPS", Some("PASSTHROUGH")) => {
+            Err(Invalid("tls.mode PASSTHROUGH needs port.protocol TLS (HTTPS terminates)".to_owned()))
+        }
+        ("TLS", Some("PASSTHROUGH")) => Ok(()),
+        ("HTTPS" | "TLS", Some(mode @ ("SIMPLE" | "MUTUAL"))) => {
+            match tls.and_then(|t| t.credential_name.as_deref()).filter(|n| !n.is_empty()) {
+                Some(_) => Ok(()),
+                None => Err(Invalid(format!("tls.mode {mode} needs tls.credentialName (a Secret)"))),
+            }
+        }
+        (_, Some(other @ ("SIMPLE" | "MUTUAL" | "PASSTHROUGH"))) => {
+            Err(Invalid(format!("tls.mode {other} needs port.protocol HTTPS or TLS, not {protocol}")))
+        }
+        (_, Some(other)) => {
+            Err(Invalid(format!("tls.mode {other} is not supported here (SIMPLE, MUTUAL or PASSTHROUGH)")))
+        }
+    }
+}
+
+/// A DNS label: 1-63 letters, digits and inner `-` (case is not significant in host names).
+fn dns_label(label: &str) -> bool {
+    (1..=63).contains(&label.len())
+        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// `[namespace/]host`: namespace `*`, `.` or a name; host `*`, `*.<domain>` or a DNS name.
+fn gateway_host(host: &str) -> Result<(), &'static str> {
+    let (namespace, name) = host.split_once('/').unwrap_or(("*", host));
+    if !(namespace == "*" || namespace == "." || dns_label(namespace)) {
+        return Err("the namespace part is not *, . or a namespace name");
+    }
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    if name == "*" || name.len() <= 253 && name.split('.').all(dns_label) {
+        Ok(())
+    } else {
+        Err("not *, *.<domain> or a DNS name")
+    }
+}
 
 /// Checks the fields of an HTTPRoute the translation relies on.
 pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
@@ -206,6 +289,44 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn an_istio_gateway_server_says_what_is_wrong_with_it() {
+        let check = |server: &str| {
+            let yaml = format!("selector: {{istio: ingressgateway}}\nservers:\n- {server}");
+            istio_gateway(&serde_norway::from_str::<IstioGatewaySpec>(&yaml).unwrap()).map_err(|Invalid(why)| why)
+        };
+        let http = "port: {number: 80, name: http, protocol: HTTP}";
+        assert_eq!(check(&format!("{{{http}, hosts: [xingren.upup]}}")), Ok(()));
+        assert_eq!(check(&format!("{{{http}, hosts: ['*', '*.upup', 'ns/a.b', './c']}}")), Ok(()));
+        assert_eq!(check(&format!("{{{http}, hosts: []}}")), Err("servers[0]: hosts is empty".to_owned()));
+        assert_eq!(
+            check(&format!("{{{http}, hosts: ['a..b']}}")),
+            Err("servers[0]: hosts entry \"a..b\": not *, *.<domain> or a DNS name".to_owned())
+        );
+        assert_eq!(
+            check("{port: {number: 70000, protocol: HTTP}, hosts: [a]}"),
+            Err("servers[0]: port.number 70000 is out of range".to_owned())
+        );
+        assert_eq!(
+            check("{port: {number: 80, protocol: QUIC}, hosts: [a]}"),
+            Err("servers[0]: port.protocol \"QUIC\" is not one of HTTP, HTTPS, HTTP2, GRPC, TLS, TCP".to_owned())
+        );
+        let https = "port: {number: 443, name: https, protocol: HTTPS}, hosts: [a.b]";
+        assert_eq!(check(&format!("{{{https}}}")), Err("servers[0]: port.protocol HTTPS needs tls.mode".to_owned()));
+        assert_eq!(
+            check(&format!("{{{https}, tls: {{mode: SIMPLE}}}}")),
+            Err("servers[0]: tls.mode SIMPLE needs tls.credentialName (a Secret)".to_owned())
+        );
+        assert_eq!(check(&format!("{{{https}, tls: {{mode: SIMPLE, credentialName: cert}}}}")), Ok(()));
+        assert_eq!(
+            check(&format!("{{{https}, tls: {{mode: ISTIO_MUTUAL}}}}")),
+            Err("servers[0]: tls.mode ISTIO_MUTUAL is not supported here (SIMPLE, MUTUAL or PASSTHROUGH)".to_owned())
+        );
+        assert_eq!(check("{port: {number: 443, protocol: TLS}, hosts: [a.b], tls: {mode: PASSTHROUGH}}"), Ok(()));
+        assert_eq!(check(&format!("{{{http}, hosts: [a.b], tls: {{httpsRedirect: true}}}}")), Ok(()));
+        assert_eq!(istio_gateway(&IstioGatewaySpec::default()), Err(Invalid("spec.servers is empty".to_owned())));
+    }
 
     #[test]
     fn values_that_could_crash_a_proxy_are_refused() {

@@ -86,6 +86,8 @@ pub mod type_url {
     pub const REQUEST_AUTHN: &str = "type.googleapis.com/ambient.waypoint.v1.RequestAuthn";
     /// A DestinationRule's traffic policy for waypoints (`ambient.waypoint.v1.DestinationPolicy`).
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.DestinationPolicy";
+    /// An ingress gateway's servers and bound routes (`ambient.waypoint.v1.IngressGateway`).
+    pub const INGRESS_GATEWAY: &str = "type.googleapis.com/ambient.waypoint.v1.IngressGateway";
     /// The roots proxies trust (`ambient.ca.v1.TrustBundle`), one resource named
     /// [`TRUST_BUNDLE_NAME`](super::TRUST_BUNDLE_NAME).
     pub const TRUST_BUNDLE: &str = "type.googleapis.com/ambient.ca.v1.TrustBundle";

@@ -1,9 +1,82 @@
-//! Istio networking kinds (networking.istio.io/v1): `VirtualService`, `DestinationRule`.
+//! Istio networking kinds (networking.istio.io/v1): `Gateway`, `VirtualService`, `DestinationRule`.
 
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
+
+/// Istio `Gateway` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): the servers
+/// (ports, protocols, hosts, TLS) that the gateway proxies whose pod labels match `selector`
+/// expose at the edge. VirtualServices naming it in `gateways:` route what arrives there.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "networking.istio.io",
+    version = "v1",
+    kind = "Gateway",
+    root = "IstioGateway",
+    namespaced,
+    schema = "disabled"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct IstioGatewaySpec {
+    /// Pod labels of the gateway proxies that serve it (e.g. `istio: ingressgateway`); empty
+    /// selects every gateway proxy, as in Istio.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// What is exposed.
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+/// One server of an Istio `Gateway`: a port, the hosts served on it and its TLS settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayServer {
+    /// The port the proxy listens on.
+    pub port: GatewayPort,
+    /// Hosts served, `[namespace/]host`; `*` and a leading `*.` are wildcards.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// TLS settings (HTTPS and TLS ports; `httpsRedirect` on HTTP ones).
+    #[serde(default)]
+    pub tls: Option<GatewayTls>,
+    /// Optional name.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// A server's port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPort {
+    /// The port number.
+    pub number: u32,
+    /// `HTTP`, `HTTPS`, `HTTP2`, `GRPC`, `TLS` or `TCP` (case-insensitive).
+    pub protocol: String,
+    /// Its name.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A server's TLS settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayTls {
+    /// On an HTTP server: answer every request with a redirect to https.
+    #[serde(default)]
+    pub https_redirect: bool,
+    /// `SIMPLE` (terminate), `MUTUAL` (terminate, require a client certificate), `PASSTHROUGH`
+    /// (route by SNI without terminating); others are refused.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The Secret (in the gateway proxy's namespace) holding `tls.crt`/`tls.key` (and `ca.crt`
+    /// for MUTUAL, or a `<name>-cacert` Secret).
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// Client certificate SANs accepted (MUTUAL); empty: any the CA bundle verifies.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
 
 /// Istio `VirtualService` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): HTTP
 /// routes for the hosts it names, tried in order (the first matching `http` entry wins).

@@ -1,9 +1,8 @@
 //! The Kubernetes API server as the source of objects.
 //!
-//! One `kube` watcher per kind (Namespaces, Pods, Services, EndpointSlices, Gateways, HTTPRoutes, GRPCRoutes,
-//! AuthorizationPolicies, PeerAuthentications, RequestAuthentications, VirtualServices, DestinationRules), across all
-//! namespaces. A watcher lists, then
-//! watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
+//! One `kube` watcher per kind (Namespaces, Nodes, Pods, Services, EndpointSlices, Gateway API Gateways,
+//! HTTPRoutes, GRPCRoutes, AuthorizationPolicies, PeerAuthentications, RequestAuthentications, Istio
+//! Gateways, VirtualServices, DestinationRules), across all namespaces. A watcher lists, then watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
 //! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
 //! logged and keep their previous valid version.
 
@@ -19,7 +18,7 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, Namespace, Node,
+    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
     PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
@@ -60,7 +59,7 @@ impl Problems {
 
 /// Watches every kind until `stop` resolves.
 pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 12;
+    let kinds = 13;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -83,6 +82,13 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
                 Api::all(client.clone()),
                 Kind::AuthorizationPolicy,
                 Object::AuthorizationPolicy,
+                &store,
+                &problems
+            ),
+            watch::<IstioGateway>(
+                Api::all(client.clone()),
+                Kind::IstioGateway,
+                Object::IstioGateway,
                 &store,
                 &problems
             ),

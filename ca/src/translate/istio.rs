@@ -69,12 +69,18 @@ fn retry_codes(retry_on: Option<&str>) -> Vec<u32> {
 }
 
 /// What resolving a destination needs.
-struct Resolver<'a> {
+/// Resolves a VirtualService's destinations (services, subsets) against the objects.
+pub(crate) struct Resolver<'a> {
     objects: &'a Objects,
     config: &'a MeshConfig,
 }
 
-impl Resolver<'_> {
+impl<'a> Resolver<'a> {
+    /// A resolver over `objects`.
+    pub(crate) fn new(objects: &'a Objects, config: &'a MeshConfig) -> Self {
+        Resolver { objects, config }
+    }
+
     /// The uids of the workloads of subset `subset` of the service `(ns, hostname)`.
     fn subset_workloads(&self, ns: &str, hostname: &str, subset: &str) -> Vec<String> {
         let suffix = &self.config.domain_suffix;
@@ -124,7 +130,8 @@ impl Resolver<'_> {
         }
     }
 
-    fn rule(&self, h: &VsHttpRoute, vs_ns: &str) -> pb::RouteRule {
+    /// One `http` entry of a VirtualService in namespace `vs_ns`, as a route rule.
+    pub(crate) fn rule(&self, h: &VsHttpRoute, vs_ns: &str) -> pb::RouteRule {
         let ms = |d: Option<&String>| d.and_then(|d| parse_duration(d).ok()).unwrap_or(0);
         let matches = h
             .matches

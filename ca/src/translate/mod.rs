@@ -10,9 +10,11 @@
 //!   `all` (the default is `service`), to workloads when it is for `workload` or `all`.
 //! - AuthorizationPolicies and STRICT PeerAuthentications become L4 policies ([`authz`]).
 //! - HTTPRoutes and waypoint-targeted AuthorizationPolicies become the waypoint's routes and L7
-//!   policies ([`waypoint`]).
+//!   policies ([`waypoint`]); VirtualServices and DestinationRules add to them ([`istio`]).
+//! - Istio Gateways, with the VirtualServices bound to them, become ingress gateways ([`ingress`]).
 
 pub mod authz;
+pub mod ingress;
 pub mod istio;
 pub mod request_authn;
 pub mod waypoint;
@@ -335,6 +337,9 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         state.routes.insert(key, vs_routes);
     }
     state.destination_policies = istio::destination_policies(objects, config, &state.services);
+    let (ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config);
+    state.ingress_gateways = ingress_gateways;
+    state.warnings.extend(ingress_warnings);
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
     let mut slice_members: HashMap<(&str, &str), Vec<SliceMembership<'_>>> = HashMap::new();

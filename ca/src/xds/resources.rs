@@ -22,13 +22,14 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 7] = [
+pub const TYPES: [&str; 8] = [
     type_url::ADDRESS,
     type_url::AUTHORIZATION,
     type_url::SERVICE_ROUTES,
     type_url::L7_POLICY,
     type_url::REQUEST_AUTHN,
     type_url::DESTINATION_POLICY,
+    type_url::INGRESS_GATEWAY,
     type_url::TRUST_BUNDLE,
 ];
 
@@ -222,6 +223,12 @@ impl Resources {
             destinations.by_name.insert(name.clone(), resource(type_url::DESTINATION_POLICY, name, Vec::new(), p));
         }
 
+        let mut gateways = TypeResources::default();
+        for (name, g) in &state.ingress_gateways {
+            let name: Arc<str> = Arc::from(name.as_str());
+            gateways.by_name.insert(name.clone(), resource(type_url::INGRESS_GATEWAY, name, Vec::new(), g));
+        }
+
         let mut trust = TypeResources::default();
         if let Some(bundle) = bundle {
             let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
@@ -236,6 +243,7 @@ impl Resources {
         by_type.insert(type_url::L7_POLICY, l7);
         by_type.insert(type_url::REQUEST_AUTHN, authns);
         by_type.insert(type_url::DESTINATION_POLICY, destinations);
+        by_type.insert(type_url::INGRESS_GATEWAY, gateways);
         by_type.retain(|url, _| served.urls().contains(url));
 
         let mut delta = Delta { generation, types: HashMap::new() };

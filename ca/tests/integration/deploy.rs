@@ -100,6 +100,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("security.istio.io", "authorizationpolicies"),
         ("security.istio.io", "peerauthentications"),
         ("security.istio.io", "requestauthentications"),
+        ("networking.istio.io", "gateways"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
     ]

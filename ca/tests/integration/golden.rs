@@ -16,7 +16,7 @@ use ca::source::dir::DirSource;
 use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
-use proto::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, RequestAuthn, ServiceRoutes};
+use proto::api::ambient::waypoint::v1::{DestinationPolicy, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes};
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
 use proto::api::type_url;
@@ -36,6 +36,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
         (type_url::L7_POLICY, "L7Policy"),
         (type_url::REQUEST_AUTHN, "RequestAuthn"),
         (type_url::DESTINATION_POLICY, "DestinationPolicy"),
+        (type_url::INGRESS_GATEWAY, "IngressGateway"),
     ];
     for (url, label) in types {
         for (name, r) in &resources.of_type(url).unwrap().by_name {
@@ -51,7 +52,8 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
                 type_url::SERVICE_ROUTES => format!("{:#?}", ServiceRoutes::decode(bytes).unwrap()),
                 type_url::L7_POLICY => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
                 type_url::REQUEST_AUTHN => format!("{:#?}", RequestAuthn::decode(bytes).unwrap()),
-                _ => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
+                type_url::DESTINATION_POLICY => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
+                _ => format!("{:#?}", IngressGateway::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();
         }
@@ -98,6 +100,15 @@ fn mesh_fixture_yields_the_expected_resources() {
 #[test]
 fn istio_fixture_yields_the_expected_resources() {
     check("istio");
+}
+
+/// The tutorial's Gateway, VirtualService and DestinationRule, unedited: an ingress gateway for
+/// `xingren.upup` on port 80 whose one route is the VirtualService's (the `version: new` header
+/// rule with its delay and timeout, then 70/30 over the subsets, resolved to the pods), no mesh
+/// routes for `hello` (the VirtualService names only the gateway), and the circuit breaker.
+#[test]
+fn tutorial_fixture_yields_the_expected_resources() {
+    check("tutorial");
 }
 
 /// AuthorizationPolicies the mesh cannot take as written fail closed, each reported with its

@@ -43,6 +43,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/apis/gateway.networking.k8s.io/v1/grpcroutes", "GRPCRouteList"),
     ("/apis/security.istio.io/v1/authorizationpolicies", "AuthorizationPolicyList"),
     ("/apis/security.istio.io/v1/requestauthentications", "RequestAuthenticationList"),
+    ("/apis/networking.istio.io/v1/gateways", "GatewayList"),
     ("/apis/networking.istio.io/v1/virtualservices", "VirtualServiceList"),
     ("/apis/networking.istio.io/v1/destinationrules", "DestinationRuleList"),
     // PeerAuthentication is left out: the CRD "is not installed" and answers 404.

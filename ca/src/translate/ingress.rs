@@ -1,0 +1,223 @@
+//! Istio `Gateway`s (networking.istio.io) → the ingress gateways: their servers, and the routes of
+//! the VirtualServices bound to them.
+//!
+//! - A VirtualService is bound to a Gateway it names in `gateways:`, as `<namespace>/<name>` or as
+//!   a bare name in the VirtualService's own namespace (`mesh` stands for the mesh, not a
+//!   gateway). A name that matches no Gateway binds nothing and is reported.
+//! - Of its hosts, a gateway serves those a server's hosts admit (`*`, `*.<domain>`, a name;
+//!   case does not matter); a wildcard host of the VirtualService takes the server hosts it
+//!   covers instead. A server host's `<namespace>/` part limits whose VirtualServices bind there:
+//!   `*` anyone's, `.` those in the Gateway's namespace, else that namespace's.
+//! - A short host (no dot) is the service of that name in the VirtualService's namespace, as
+//!   Istio expands it before matching.
+//! - The rules carry over as for the mesh ([`super::istio`]): matches, weighted destinations with
+//!   subsets, faults, timeouts, retries, header changes, redirects, rewrites, mirrors.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proto::api::ambient::waypoint::v1 as pb;
+
+use crate::k8s::{self, GatewayServer, IstioGateway};
+use crate::objects::Objects;
+use crate::translate::MeshConfig;
+use crate::translate::istio::Resolver;
+
+/// The ingress gateways by `namespace/name`, and what could not be bound (for the state's
+/// warnings).
+pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<String, pb::IngressGateway>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let by_key: BTreeMap<String, &IstioGateway> = objects
+        .istio_gateways()
+        .map(|g| {
+            let (ns, name) = k8s::ns_name(&g.metadata);
+            (format!("{ns}/{name}"), &**g)
+        })
+        .collect();
+    let mut out: BTreeMap<String, pb::IngressGateway> = by_key.iter().map(|(k, g)| (k.clone(), gateway(g))).collect();
+    let resolver = Resolver::new(objects, config);
+    let mut vss: Vec<_> = objects.virtual_services().collect();
+    vss.sort_by(|a, b| k8s::ns_name(&a.metadata).cmp(&k8s::ns_name(&b.metadata)));
+    for vs in vss {
+        let (vs_ns, vs_name) = k8s::ns_name(&vs.metadata);
+        for reference in vs.spec.gateways.iter().filter(|g| *g != "mesh") {
+            let key = if reference.contains('/') { reference.clone() } else { format!("{vs_ns}/{reference}") };
+            let (Some(gw), Some(bound)) = (by_key.get(&key), out.get_mut(&key)) else {
+                warnings.push(format!("VirtualService {vs_ns}/{vs_name}: gateway {key} does not exist"));
+                continue;
+            };
+            let gw_ns = k8s::ns_name(&gw.metadata).0;
+            let hosts: Vec<String> =
+                vs.spec.hosts.iter().map(|h| expand_short_host(h, vs_ns, &config.domain_suffix)).collect();
+            let (served, ports) = bind(&gw.spec.servers, gw_ns, vs_ns, &hosts);
+            if served.is_empty() {
+                warnings.push(format!(
+                    "VirtualService {vs_ns}/{vs_name}: none of its hosts is served by gateway {key}'s servers"
+                ));
+                continue;
+            }
+            let route = pb::Route {
+                name: format!("{vs_ns}/{vs_name}"),
+                ports: Vec::new(),
+                rules: vs.spec.http.iter().map(|h| resolver.rule(h, vs_ns)).collect(),
+                ordered: true,
+            };
+            bound.routes.push(pb::GatewayRoute {
+                hosts: served.into_iter().collect(),
+                ports: ports.into_iter().collect(),
+                route: Some(route),
+            });
+        }
+    }
+    (out, warnings)
+}
+
+fn gateway(g: &IstioGateway) -> pb::IngressGateway {
+    let (ns, name) = k8s::ns_name(&g.metadata);
+    pb::IngressGateway {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        selector: g.spec.selector.clone().into_iter().collect(),
+        servers: g.spec.servers.iter().map(server).collect(),
+        routes: Vec::new(),
+    }
+}
+
+fn server(s: &GatewayServer) -> pb::GatewayServer {
+    use pb::gateway_server::Protocol;
+    use pb::gateway_tls::Mode;
+    let protocol = match s.port.protocol.to_ascii_uppercase().as_str() {
+        "HTTP" => Protocol::Http,
+        "HTTPS" => Protocol::Https,
+        "HTTP2" => Protocol::Http2,
+        "GRPC" => Protocol::Grpc,
+        "TLS" => Protocol::Tls,
+        "TCP" => Protocol::Tcp,
+        // Refused by validation; a proxy that meets it serves nothing on the port.
+        _ => Protocol::Unspecified,
+    };
+    let tls = s.tls.as_ref().map(|t| pb::GatewayTls {
+        mode: match t.mode.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            Some("SIMPLE") => Mode::Simple,
+            Some("MUTUAL") => Mode::Mutual,
+            Some("PASSTHROUGH") => Mode::Passthrough,
+            _ => Mode::None,
+        } as i32,
+        https_redirect: t.https_redirect,
+        credential_name: t.credential_name.clone().unwrap_or_default(),
+        subject_alt_names: t.subject_alt_names.clone(),
+    });
+    pb::GatewayServer {
+        port: s.port.number,
+        protocol: protocol as i32,
+        hosts: s.hosts.iter().map(|h| server_host(h).1.to_ascii_lowercase()).collect(),
+        tls,
+        name: s.name.clone().unwrap_or_else(|| s.port.name.clone()),
+    }
+}
+
+/// A server host's namespace part (`*` when absent) and host part.
+fn server_host(host: &str) -> (&str, &str) {
+    host.split_once('/').unwrap_or(("*", host))
+}
+
+/// `name` → `name.<namespace>.svc.<suffix>`; hosts with a dot and wildcards stay as written.
+fn expand_short_host(host: &str, namespace: &str, suffix: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.contains('.') || host == "*" { host } else { format!("{host}.{namespace}.svc.{suffix}") }
+}
+
+/// Whether host pattern `pattern` (`*`, `*.<domain>` or a name) admits `host`.
+fn admits(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// The request hosts and server ports at which the VirtualService (hosts `hosts`, namespace
+/// `vs_ns`) binds to servers of a Gateway in `gw_ns`.
+fn bind(servers: &[GatewayServer], gw_ns: &str, vs_ns: &str, hosts: &[String]) -> (BTreeSet<String>, BTreeSet<u32>) {
+    let mut served = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for s in servers {
+        for written in &s.hosts {
+            let (ns, pattern) = server_host(written);
+            let namespace_ok = match ns {
+                "*" => true,
+                "." => vs_ns == gw_ns,
+                ns => vs_ns == ns,
+            };
+            if !namespace_ok {
+                continue;
+            }
+            let pattern = pattern.to_ascii_lowercase();
+            for host in hosts {
+                let bound = if admits(&pattern, host) {
+                    Some(host.clone())
+                } else if admits(host, &pattern) {
+                    Some(pattern.clone())
+                } else {
+                    None
+                };
+                if let Some(h) = bound {
+                    served.insert(h);
+                    ports.insert(s.port.number);
+                }
+            }
+        }
+    }
+    (served, ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(port: u32, hosts: &[&str]) -> GatewayServer {
+        GatewayServer {
+            port: k8s::GatewayPort { number: port, protocol: "HTTP".into(), name: "http".into() },
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn hosts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|h| h.to_string()).collect()
+    }
+
+    #[test]
+    fn a_virtual_service_binds_where_a_server_admits_its_hosts() {
+        let servers = [server(80, &["xingren.upup"]), server(8080, &["*.shop.example"])];
+        // The tutorial: of `hello` (a service) and `xingren.upup`, the gateway serves the latter.
+        let vs = hosts(&["hello.default.svc.cluster.local", "xingren.upup"]);
+        let (served, ports) = bind(&servers, "default", "default", &vs);
+        assert_eq!(served.into_iter().collect::<Vec<_>>(), ["xingren.upup"]);
+        assert_eq!(ports.into_iter().collect::<Vec<_>>(), [80]);
+        // A wildcard server admits names under it, not the bare domain.
+        let (served, _) = bind(&servers, "default", "default", &hosts(&["a.shop.example", "shop.example"]));
+        assert_eq!(served.into_iter().collect::<Vec<_>>(), ["a.shop.example"]);
+        // A wildcard VirtualService takes the server hosts it covers.
+        let (served, _) = bind(&servers, "default", "default", &hosts(&["*.upup"]));
+        assert_eq!(served.into_iter().collect::<Vec<_>>(), ["xingren.upup"]);
+        assert!(bind(&servers, "default", "default", &hosts(&["other.host"])).0.is_empty());
+    }
+
+    #[test]
+    fn a_server_hosts_namespace_limits_who_binds() {
+        let servers = [server(80, &["./own.example", "team-a/a.example", "*/any.example"])];
+        let served = |vs_ns: &str, host: &str| !bind(&servers, "edge", vs_ns, &hosts(&[host])).0.is_empty();
+        assert!(served("edge", "own.example"));
+        assert!(!served("team-a", "own.example"), "`.` is the Gateway's namespace only");
+        assert!(served("team-a", "a.example"));
+        assert!(!served("team-b", "a.example"));
+        assert!(served("team-b", "any.example"));
+    }
+
+    #[test]
+    fn short_hosts_expand_in_the_virtual_services_namespace() {
+        assert_eq!(expand_short_host("hello", "default", "cluster.local"), "hello.default.svc.cluster.local");
+        assert_eq!(expand_short_host("Xingren.UPUP.", "default", "cluster.local"), "xingren.upup");
+        assert_eq!(expand_short_host("*", "default", "cluster.local"), "*");
+    }
+}
