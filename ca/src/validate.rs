@@ -127,7 +127,8 @@ pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
         }
         for f in &rule.filters {
             match f.kind.as_str() {
-                "RequestHeaderModifier" | "ResponseHeaderModifier" | "URLRewrite" | "RequestMirror" => {}
+                "RequestHeaderModifier" | "ResponseHeaderModifier" | "URLRewrite" => {}
+                "RequestMirror" => f.request_mirror.as_ref().map_or(Ok(()), mirror)?,
                 "RequestRedirect" => f.request_redirect.as_ref().map_or(Ok(()), redirect)?,
                 other => return Err(Invalid(format!("filter type {other:?} is not supported"))),
             }
@@ -137,6 +138,29 @@ pub fn http_route(spec: &HTTPRouteSpec) -> Result<(), Invalid> {
                 return Err(Invalid(format!(
                     "backendRef kind {:?} is not Service",
                     b.target.kind.as_deref().unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks a `requestMirror`'s share: `percent` 0-100, or a `fraction` whose numerator is at most
+/// its denominator (100 by default), which is positive.
+fn mirror(v: &serde_json::Value) -> Result<(), Invalid> {
+    if let Some(p) = v.get("percent")
+        && p.as_u64().is_none_or(|p| p > 100)
+    {
+        return Err(Invalid(format!("requestMirror.percent {p} is not a whole number from 0 to 100")));
+    }
+    if let Some(f) = v.get("fraction") {
+        let numerator = f.get("numerator").and_then(serde_json::Value::as_u64);
+        let denominator = f.get("denominator").map_or(Some(100), serde_json::Value::as_u64);
+        match (numerator, denominator) {
+            (Some(n), Some(d)) if d > 0 && n <= d => {}
+            _ => {
+                return Err(Invalid(format!(
+                    "requestMirror.fraction {f} needs a numerator from 0 to its denominator (positive, 100 by default)"
                 )));
             }
         }
@@ -195,6 +219,14 @@ pub fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), Invalid> {
                     "http[{i}].fault.abort.httpStatus {status} is not an HTTP status (200-599)"
                 )));
             }
+        }
+        if let Some(p) =
+            h.mirror_percentage.as_ref().filter(|p| !(p.value.is_finite() && (0.0..=100.0).contains(&p.value)))
+        {
+            return Err(Invalid(format!("http[{i}].mirrorPercentage {} is not between 0 and 100", p.value)));
+        }
+        if let Some(p) = h.mirror_percent.filter(|p| *p > 100) {
+            return Err(Invalid(format!("http[{i}].mirrorPercent {p} is more than 100")));
         }
         for m in &h.matches {
             for (what, sm) in m.uri.iter().map(|u| ("uri", u)).chain(m.method.iter().map(|u| ("method", u))) {
@@ -289,6 +321,37 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_mirror_share_out_of_range_is_refused() {
+        let vs = |share: &str| {
+            let yaml = format!(
+                "hosts: [hello]\nhttp:\n  - route: [{{destination: {{host: hello}}}}]\n    mirror: {{host: shadow}}\n{share}"
+            );
+            virtual_service(&serde_norway::from_str::<VirtualServiceSpec>(&yaml).unwrap()).map_err(|Invalid(w)| w)
+        };
+        assert_eq!(vs("    mirrorPercentage: {value: 12.5}"), Ok(()));
+        assert_eq!(
+            vs("    mirrorPercentage: {value: 101}"),
+            Err("http[0].mirrorPercentage 101 is not between 0 and 100".into())
+        );
+        assert_eq!(vs("    mirrorPercent: 150"), Err("http[0].mirrorPercent 150 is more than 100".into()));
+        let route = |mirror: &str| {
+            let yaml = format!(
+                "rules:\n- filters:\n  - type: RequestMirror\n    requestMirror: {{backendRef: {{name: shadow, port: 80}}, {mirror}}}"
+            );
+            http_route(&serde_norway::from_str::<HTTPRouteSpec>(&yaml).unwrap()).map_err(|Invalid(w)| w)
+        };
+        assert_eq!(route("percent: 50"), Ok(()));
+        assert_eq!(route("fraction: {numerator: 1, denominator: 3}"), Ok(()));
+        assert_eq!(route("percent: 120"), Err("requestMirror.percent 120 is not a whole number from 0 to 100".into()));
+        assert!(
+            route("fraction: {numerator: 4, denominator: 3}")
+                .unwrap_err()
+                .contains("numerator from 0 to its denominator")
+        );
+        assert!(route("fraction: {numerator: 0, denominator: 0}").is_err());
+    }
 
     #[test]
     fn an_istio_gateway_server_says_what_is_wrong_with_it() {

@@ -287,9 +287,18 @@ fn decide(
             backoff: Duration::from_millis(r.backoff_ms).max(MIN_BACKOFF),
         }
     });
-    let mirror = filtered.mirror.and_then(|m| {
-        let port = if m.port == 0 { port } else { u16::try_from(m.port).unwrap_or(port) };
-        target::endpoints(state, &m.service, port).into_iter().next()
+    // The mirror's share is rolled per request; its endpoint is picked at random among the
+    // service's, or its subset's (a copy is never retried, so no state is kept for it).
+    let mirror = filtered.mirror.filter(|m| m.percent.is_none_or(|p| chance(rng, p))).and_then(|m| {
+        let b = m.backend.as_ref()?;
+        let port = if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) };
+        let subset = (!b.subset.is_empty()).then_some((b.subset.as_str(), b.workloads.as_slice()));
+        let mut endpoints = Backend::service(state, &b.service, port, subset).endpoints;
+        if endpoints.is_empty() {
+            return None;
+        }
+        let at = rng.random_range(0..endpoints.len());
+        Some(endpoints.swap_remove(at))
     });
     Ok(Plan {
         head: parts,
@@ -358,7 +367,7 @@ struct Filtered<'r> {
     /// The path to send (rewritten or not).
     path: String,
     response_headers: Option<pb::HeaderModifier>,
-    mirror: Option<&'r pb::Backend>,
+    mirror: Option<&'r pb::Mirror>,
 }
 
 /// Applies the rule's filters in order; a redirect answers at once.
@@ -393,7 +402,7 @@ fn apply_filters<'r>(
                     parts.headers.insert(header::HOST, v);
                 }
             }
-            Some(filter::Kind::RequestMirror(m)) => out.mirror = m.backend.as_ref(),
+            Some(filter::Kind::RequestMirror(m)) => out.mirror = Some(m),
             None => {}
         }
     }
@@ -719,6 +728,40 @@ mod tests {
             assert!((0..100).all(|_| !chance(&mut rng, p)), "{p}");
         }
         assert!((0..100).all(|_| chance(&mut rng, 100.0)) && (0..100).all(|_| chance(&mut rng, 1e300)));
+    }
+
+    /// VirtualService `mirrorPercentage` / Gateway API `percent`: that share of requests is
+    /// copied, each copy to one of the mirror service's endpoints (not always the first).
+    #[test]
+    fn a_mirror_copies_its_share_of_requests_spread_over_the_endpoints() {
+        let mirror = |percent: Option<f64>, subset: Option<(&str, &[&str])>| {
+            let (subset, workloads) = subset.map_or((String::new(), Vec::new()), |(name, members)| {
+                (name.to_owned(), members.iter().map(|m| m.to_string()).collect())
+            });
+            let backend = pb::Backend { service: KEY.into(), port: 80, weight: 1, subset, workloads };
+            let filter =
+                pb::Filter { kind: Some(filter::Kind::RequestMirror(pb::Mirror { backend: Some(backend), percent })) };
+            fixture::with_rules(fixture::state(), vec![pb::RouteRule { filters: vec![filter], ..fixture::rule() }])
+        };
+        let wp = Waypoint::new();
+        let mirrored = |state: &MeshState| {
+            (0..1_000u64)
+                .filter_map(|seed| plan_of(wp.plan(state, fixture::head("GET", "/", &[]), seed)).mirror)
+                .map(|e| e.workload.uid.clone())
+                .collect::<Vec<_>>()
+        };
+        let all = mirrored(&mirror(None, None));
+        assert_eq!(all.len(), 1_000, "no share given: every request");
+        for uid in [V1, V2] {
+            let n = all.iter().filter(|u| *u == uid).count();
+            assert!((400..=600).contains(&n), "{uid} took {n} of 1,000 copies");
+        }
+        assert!(mirrored(&mirror(Some(0.0), None)).is_empty());
+        let share = mirrored(&mirror(Some(25.0), None)).len();
+        assert!((180..=320).contains(&share), "25 %: {share} of 1,000");
+        // A subset's copies go to its members only.
+        let to_v2 = mirrored(&mirror(None, Some(("v2", &[V2][..]))));
+        assert!(to_v2.len() == 1_000 && to_v2.iter().all(|u| u == V2), "a copy left the subset");
     }
 
     #[test]

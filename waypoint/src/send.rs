@@ -468,6 +468,7 @@ mod tests {
         let mirror = pb::Filter {
             kind: Some(filter::Kind::RequestMirror(pb::Mirror {
                 backend: Some(pb::Backend { service: SHADOW_KEY.into(), port: 80, weight: 1, ..Default::default() }),
+                percent: None,
             })),
         };
         let rule = pb::RouteRule { filters: vec![mirror], ..fixture::rule() };

@@ -127,6 +127,12 @@ pub struct VsHttpRoute {
     /// A destination that also gets a copy of each request.
     #[serde(default)]
     pub mirror: Option<VsDestination>,
+    /// Share of requests mirrored (default: all).
+    #[serde(default)]
+    pub mirror_percentage: Option<Percent>,
+    /// The same as a whole number (deprecated in Istio, still read).
+    #[serde(default)]
+    pub mirror_percent: Option<u32>,
     /// Header changes.
     #[serde(default)]
     pub headers: Option<VsHeaders>,

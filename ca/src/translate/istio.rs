@@ -194,8 +194,16 @@ impl<'a> Resolver<'a> {
             });
         }
         if let Some(m) = &h.mirror {
+            let percent = match (&h.mirror_percentage, h.mirror_percent) {
+                (Some(p), _) => Some(p.value.clamp(0.0, 100.0)),
+                (None, Some(p)) => Some(f64::from(p.min(100))),
+                (None, None) => None,
+            };
             filters.push(pb::Filter {
-                kind: Some(pb::filter::Kind::RequestMirror(pb::Mirror { backend: Some(self.backend(m, vs_ns, 1)) })),
+                kind: Some(pb::filter::Kind::RequestMirror(pb::Mirror {
+                    backend: Some(self.backend(m, vs_ns, 1)),
+                    percent,
+                })),
             });
         }
         let percent = |p: &Option<k8s::Percent>| p.as_ref().map_or(100.0, |p| p.value.clamp(0.0, 100.0));

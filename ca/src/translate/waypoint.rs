@@ -84,7 +84,8 @@ fn filter(f: &HttpRouteFilter, route_ns: &str, suffix: &str) -> Option<pb::Filte
             Kind::UrlRewrite(pb::Rewrite { hostname: str_of(v, "hostname"), path: path_modifier(v.get("path")) })
         }
         "RequestMirror" => {
-            let b = f.request_mirror.as_ref()?.get("backendRef")?;
+            let mirror = f.request_mirror.as_ref()?;
+            let b = mirror.get("backendRef")?;
             let target = ObjectRef {
                 name: str_of(b, "name"),
                 namespace: b.get("namespace").and_then(Value::as_str).map(str::to_owned),
@@ -98,11 +99,24 @@ fn filter(f: &HttpRouteFilter, route_ns: &str, suffix: &str) -> Option<pb::Filte
                     weight: 1,
                     ..Default::default()
                 }),
+                percent: mirror_percent(mirror),
             })
         }
         _ => return None,
     };
     Some(pb::Filter { kind: Some(kind) })
+}
+
+/// A RequestMirror filter's share of requests: `percent` (0-100), else `fraction`
+/// (`numerator` / `denominator`, 100 by default), else every request.
+fn mirror_percent(mirror: &Value) -> Option<f64> {
+    if let Some(p) = mirror.get("percent").and_then(Value::as_f64) {
+        return Some(p.clamp(0.0, 100.0));
+    }
+    let fraction = mirror.get("fraction")?;
+    let numerator = fraction.get("numerator").and_then(Value::as_f64)?;
+    let denominator = fraction.get("denominator").and_then(Value::as_f64).unwrap_or(100.0);
+    Some(if denominator > 0.0 { (numerator / denominator * 100.0).clamp(0.0, 100.0) } else { 0.0 })
 }
 
 fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
@@ -371,6 +385,16 @@ fn l7_rules(spec: &k8s::AuthorizationPolicySpec, review: &authz::Review, allow: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_mirror_takes_its_share_from_percent_or_fraction() {
+        let share = |v: serde_json::Value| mirror_percent(&v);
+        assert_eq!(share(serde_json::json!({"backendRef": {"name": "b"}})), None, "unset: every request");
+        assert_eq!(share(serde_json::json!({"percent": 10})), Some(10.0));
+        assert_eq!(share(serde_json::json!({"fraction": {"numerator": 1, "denominator": 4}})), Some(25.0));
+        assert_eq!(share(serde_json::json!({"fraction": {"numerator": 5}})), Some(5.0), "denominator 100 by default");
+        assert_eq!(share(serde_json::json!({"percent": 20, "fraction": {"numerator": 1}})), Some(20.0));
+    }
 
     #[test]
     fn wildcard_hostnames_match_subdomains_only() {
