@@ -200,37 +200,39 @@ impl Resources {
             authz.by_name.insert(name.clone(), resource(type_url::AUTHORIZATION, name, Vec::new(), &p.to_proto()));
         }
 
+        // Only what is served is encoded (istiod's two types alone with `--xds-types istio`).
+        let wanted = |url: &str| served.urls().contains(&url);
         let mut routes = TypeResources::default();
-        for (name, r) in &state.routes {
+        for (name, r) in state.routes.iter().filter(|_| wanted(type_url::SERVICE_ROUTES)) {
             let name: Arc<str> = Arc::from(name.as_str());
             routes.by_name.insert(name.clone(), resource(type_url::SERVICE_ROUTES, name, Vec::new(), r));
         }
         let mut l7 = TypeResources::default();
-        for (name, p) in &state.l7_policies {
+        for (name, p) in state.l7_policies.iter().filter(|_| wanted(type_url::L7_POLICY)) {
             let name: Arc<str> = Arc::from(name.as_str());
             l7.by_name.insert(name.clone(), resource(type_url::L7_POLICY, name, Vec::new(), p));
         }
 
         let mut authns = TypeResources::default();
-        for (name, p) in &state.request_authns {
+        for (name, p) in state.request_authns.iter().filter(|_| wanted(type_url::REQUEST_AUTHN)) {
             let name: Arc<str> = Arc::from(name.as_str());
             authns.by_name.insert(name.clone(), resource(type_url::REQUEST_AUTHN, name, Vec::new(), p));
         }
 
         let mut destinations = TypeResources::default();
-        for (name, p) in &state.destination_policies {
+        for (name, p) in state.destination_policies.iter().filter(|_| wanted(type_url::DESTINATION_POLICY)) {
             let name: Arc<str> = Arc::from(name.as_str());
             destinations.by_name.insert(name.clone(), resource(type_url::DESTINATION_POLICY, name, Vec::new(), p));
         }
 
         let mut gateways = TypeResources::default();
-        for (name, g) in &state.ingress_gateways {
+        for (name, g) in state.ingress_gateways.iter().filter(|_| wanted(type_url::INGRESS_GATEWAY)) {
             let name: Arc<str> = Arc::from(name.as_str());
             gateways.by_name.insert(name.clone(), resource(type_url::INGRESS_GATEWAY, name, Vec::new(), g));
         }
 
         let mut trust = TypeResources::default();
-        if let Some(bundle) = bundle {
+        if let Some(bundle) = bundle.filter(|_| wanted(type_url::TRUST_BUNDLE)) {
             let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
             trust.by_name.insert(name.clone(), resource(type_url::TRUST_BUNDLE, name, Vec::new(), bundle));
         }
