@@ -522,4 +522,24 @@ mod tests {
         s.insert_workload(proto::state::Workload::from_pb(workload("odd", [10, 0, 0, 7], true, &[])).unwrap());
         assert!(matches!(route(&s, to, &Balancer::default()), Route::Hbone { .. }));
     }
+
+    /// An address reused while a refused entry still claims it (a pod replaced by one the proxy
+    /// cannot take, the old one not yet removed): refused until the bad entry goes, never
+    /// guessed at.
+    #[test]
+    fn an_address_a_refused_workload_shares_with_a_good_one_is_refused_until_it_goes() {
+        let mut s = state(vec![], vec![]);
+        let ip = "10.0.0.8".parse().unwrap();
+        let to = SocketAddr::new(ip, 8080);
+        s.insert_workload(proto::state::Workload::from_pb(workload("good", [10, 0, 0, 8], true, &[])).unwrap());
+        assert!(matches!(route(&s, to, &Balancer::default()), Route::Hbone { .. }));
+        s.refuse_workload("Kubernetes//Pod/demo/bad", vec![ip], "no valid identity".into());
+        assert_eq!(
+            route(&s, to, &Balancer::default()),
+            Route::Refused("Kubernetes//Pod/demo/bad: no valid identity".into()),
+            "the good workload's identity is not assumed for an address a refused one claims"
+        );
+        s.remove_address("Kubernetes//Pod/demo/bad");
+        assert!(matches!(route(&s, to, &Balancer::default()), Route::Hbone { .. }));
+    }
 }
