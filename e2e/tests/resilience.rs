@@ -311,6 +311,10 @@ async fn a_pod_whose_port_is_held_is_retried_until_served() {
     let dump = mesh.config_dump(1).await.unwrap();
     assert_eq!(dump["pods_pending"], serde_json::json!([client.uid]), "{dump}");
     assert_eq!(readiness(&mesh, 1).await, Some(503), "ready with a pod unserved");
+    // Fail closed meanwhile: the client's traffic is refused, not sent to the server around its
+    // ztunnel (the server's namespace takes plaintext, so a leak would get through).
+    let leaked = tokio::time::timeout(Duration::from_secs(5), works(&client, &server)).await.unwrap_or(false);
+    assert!(!leaked, "a pending pod's traffic reached the server without its ztunnel");
     // Retried, not given up on: still pending after several retries, and said so in the log.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pending(&mesh.metrics(1).await.unwrap()), 1.0);
