@@ -262,7 +262,7 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// A listener could not bind.
-    #[error("binding {what} on {addr}: {source}")]
+    #[error("binding {what} on {addr}")]
     Bind {
         /// Which listener.
         what: &'static str,
@@ -284,7 +284,7 @@ pub enum Error {
     #[error("setting up the JWKS fetcher")]
     Jwks(#[source] jwks::ClientError),
     /// Writing a file for clients.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}")]
     Write {
         /// The file.
         path: PathBuf,
@@ -481,7 +481,7 @@ impl ControlPlane {
             result = &mut source_task => Some(result.unwrap_or(Ok(()))),
         };
         if let Some(Err(e)) = &source_result {
-            tracing::error!(error = %e, "config source failed; stopping");
+            tracing::error!(error = proto::error_chain(&e), "config source failed; stopping");
         }
         info!(deadline = ?config.drain_timeout, "control plane stopping");
         stopping.cancel();
@@ -560,7 +560,7 @@ async fn renew_loop(
         let material = authority.material();
         match material.trust_bundle() {
             Ok(b) => trust.replace(b),
-            Err(e) => tracing::error!(error = %e, "the new trust bundle is unusable"),
+            Err(e) => tracing::error!(error = proto::error_chain(&e), "the new trust bundle is unusable"),
         }
         let Ok(id) = config.serving_identity() else { return };
         match authority.issue_local(&id, &config.serving.names, OWN_CERT_TTL).await.map(|c| c.workload_cert()) {
@@ -568,11 +568,11 @@ async fn renew_loop(
                 serving.replace(cert);
                 info!("renewed the control plane's serving certificate");
             }
-            Ok(Err(e)) => warn!(error = %e, "renewing the control plane's serving certificate failed; retrying"),
-            Err(e) => warn!(error = %e, "renewing the control plane's serving certificate failed; retrying"),
+            Ok(Err(e)) => warn!(error = proto::error_chain(&e), "renewing the control plane's serving certificate failed; retrying"),
+            Err(e) => warn!(error = proto::error_chain(&e), "renewing the control plane's serving certificate failed; retrying"),
         }
         if let Err(e) = write_client_files(&config, &authority).await {
-            warn!(error = %e, "updating the trust bundle and admin credential files failed");
+            warn!(error = proto::error_chain(&e), "updating the trust bundle and admin credential files failed");
         }
     }
 }

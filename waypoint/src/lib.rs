@@ -154,7 +154,7 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// An endpoint could not be bound.
-    #[error("binding {what} on {addr}: {source}")]
+    #[error("binding {what} on {addr}")]
     Bind {
         /// Which endpoint.
         what: &'static str,

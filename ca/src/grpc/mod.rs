@@ -139,7 +139,7 @@ impl CaService {
         })?;
         let by = Requester { caller: caller.identity.to_string(), node };
         let issued = self.authority.issue(&checked, ttl, by).await.map_err(|e| {
-            tracing::error!(caller = %caller.identity, error = %e, "signing failed");
+            tracing::error!(caller = %caller.identity, error = proto::error_chain(&e), "signing failed");
             match e {
                 SignError::Log(_) => self.refuse("log_unavailable", Status::unavailable(e.to_string())),
                 _ => self.refuse("internal", Status::internal("signing failed")),
@@ -232,12 +232,12 @@ impl AdminService {
                 Ok(Response::new(self.status(&m)))
             }
             Err(e) => {
-                warn!(caller = %caller.identity, what, reason = %e, "admin: rotation step refused");
+                warn!(caller = %caller.identity, what, reason = proto::error_chain(&e), "admin: rotation step refused");
                 Err(match e {
                     AdminError::PluggedIn(_) | AdminError::WrongStep(_) | AdminError::RootInUse { .. } => {
                         Status::failed_precondition(e.to_string())
                     }
-                    AdminError::Setup(_) => Status::internal(e.to_string()),
+                    AdminError::Setup(_) => Status::internal(proto::error_chain(&e)),
                 })
             }
         }
