@@ -568,8 +568,14 @@ async fn renew_loop(
                 serving.replace(cert);
                 info!("renewed the control plane's serving certificate");
             }
-            Ok(Err(e)) => warn!(error = proto::error_chain(&e), "renewing the control plane's serving certificate failed; retrying"),
-            Err(e) => warn!(error = proto::error_chain(&e), "renewing the control plane's serving certificate failed; retrying"),
+            Ok(Err(e)) => warn!(
+                error = proto::error_chain(&e),
+                "renewing the control plane's serving certificate failed; retrying"
+            ),
+            Err(e) => warn!(
+                error = proto::error_chain(&e),
+                "renewing the control plane's serving certificate failed; retrying"
+            ),
         }
         if let Err(e) = write_client_files(&config, &authority).await {
             warn!(error = proto::error_chain(&e), "updating the trust bundle and admin credential files failed");

@@ -259,6 +259,21 @@ async fn lists_watches_and_relists_through_kube() {
     let state = ca::translate::translate(&store.snapshot(), &Default::default());
     assert_eq!(state.request_authns["shop/jwt"].jwt_rules[0].jwks_uri, "https://idp.example/keys");
 
+    // An Istio Gateway (networking.istio.io, not Gateway API's kind of the same name) is watched
+    // and becomes an ingress gateway.
+    let gw = json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "Gateway",
+        "metadata": {"name": "edge", "namespace": "shop"},
+        "spec": {"selector": {"istio": "ingressgateway"},
+                 "servers": [{"port": {"number": 80, "name": "http", "protocol": "HTTP"}, "hosts": ["shop.example"]}]},
+    });
+    mock.apply("/apis/networking.istio.io/v1/gateways", gw, false);
+    eventually("Istio Gateway watched", || store.snapshot().get(&key(Kind::IstioGateway, "shop", "edge")).is_some())
+        .await;
+    assert!(store.snapshot().get(&key(Kind::Gateway, "shop", "edge")).is_none(), "taken for a Gateway API Gateway");
+    let state = ca::translate::translate(&store.snapshot(), &Default::default());
+    assert_eq!(state.ingress_gateways["shop/edge"].servers[0].hosts, ["shop.example"]);
+
     // An invalid object from the API is refused and reported; the store keeps the valid version.
     mock.apply("/api/v1/pods", pod("b", Some("garbage")), false);
     eventually("invalid object reported", || {

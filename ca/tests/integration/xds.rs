@@ -409,6 +409,55 @@ async fn waypoint_types_are_served_on_the_same_stream() {
     mesh.shutdown().await;
 }
 
+/// An Istio Gateway and a VirtualService naming it reach a subscriber of `IngressGateway` as
+/// written in the YAML directory, and the binding follows edits: the VirtualService's rules appear
+/// on the gateway when it binds, and go when its `gateways:` no longer names it.
+#[tokio::test]
+async fn an_istio_gateway_and_its_bound_routes_are_served_live() {
+    use proto::api::ambient::waypoint::v1::{IngressGateway, gateway_server::Protocol};
+    use proto::api::type_url::INGRESS_GATEWAY;
+    let decode = |r: &DeltaDiscoveryResponse| {
+        assert_eq!(r.resources.len(), 1, "{r:?}");
+        IngressGateway::decode(r.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap()
+    };
+    let mesh = Mesh::start().await;
+    let mut client = mesh.client().await;
+    client.subscribe(INGRESS_GATEWAY, &[], BTreeMap::new()).await;
+    let empty = client.recv(Duration::from_secs(10)).await;
+    assert!(empty.resources.is_empty(), "no Gateway yet");
+    client.ack(&empty).await;
+
+    let gateway = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [shop.example]\n";
+    mesh.write("gateway.yaml", gateway);
+    let update = client.recv(PROPAGATION).await;
+    assert_eq!(names(&update), ["shop/edge"]);
+    let served = decode(&update);
+    assert_eq!(served.selector.get("istio").map(String::as_str), Some("ingressgateway"));
+    assert_eq!((served.servers[0].port, served.servers[0].protocol()), (80, Protocol::Http));
+    assert!(served.routes.is_empty(), "no VirtualService names it yet");
+    client.ack(&update).await;
+
+    let vs = |gateways: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: front, namespace: shop}}\nspec:\n  hosts: [shop.example, server]\n  gateways: [{gateways}]\n  http:\n  - route: [{{destination: {{host: server}}}}]\n"
+        )
+    };
+    mesh.write("vs.yaml", &vs("edge"));
+    let update = client.recv(PROPAGATION).await;
+    let bound = decode(&update);
+    assert_eq!(bound.routes.len(), 1);
+    assert_eq!(bound.routes[0].hosts, ["shop.example"], "`server` is not a host the gateway serves");
+    let route = bound.routes[0].route.as_ref().unwrap();
+    assert_eq!(route.name, "shop/front");
+    assert_eq!(route.rules[0].backends[0].service, "shop/server.shop.svc.cluster.local");
+    client.ack(&update).await;
+
+    mesh.write("vs.yaml", &vs("mesh"));
+    let update = client.recv(PROPAGATION).await;
+    assert!(decode(&update).routes.is_empty(), "still bound after `gateways:` stopped naming it");
+    mesh.shutdown().await;
+}
+
 /// A client that speaks to the CA exactly as Istio's ztunnel does (istio/ztunnel
 /// `src/xds/client.rs`, `src/identity/auth.rs`, `src/identity/caclient.rs`): node id
 /// `ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local`; `authorization: Bearer <token>` with a
