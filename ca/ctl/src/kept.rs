@@ -2,8 +2,9 @@
 //! without flags: the network namespace its CA listens in and the CA's address, certificate name
 //! and state directory, the YAML directory the CA reads, and each node's network namespace.
 //!
-//! Each kept mesh writes `<REGISTRY>/<pid>/mesh.json` and removes the directory when it stops;
-//! an entry whose process is gone is ignored.
+//! Each kept mesh writes `<REGISTRY>/<pid>/mesh.json` and removes the directory when it stops.
+//! An entry whose process is gone (killed before it could clean up) is ignored and removed; a
+//! process is known by its pid and its start time, so a reused pid does not revive an entry.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ fn registry() -> PathBuf {
 pub struct KeptMesh {
     /// The process keeping it (the demo).
     pub pid: u32,
+    /// When that process started ([`process_start`]); 0: unknown, the pid alone is checked.
+    #[serde(default)]
+    pub started: u64,
     /// The CA's gRPC address, reachable inside `ca_netns`.
     pub ca_addr: SocketAddr,
     /// The name the CA's certificate is valid for.
@@ -56,7 +60,7 @@ impl KeptMesh {
     /// The kept mesh whose process is alive: `None` when there is none, an error naming them
     /// when there are several (then flags must say which).
     pub fn find() -> Result<Option<KeptMesh>, KeptError> {
-        find_in(&registry(), |pid| Path::new("/proc").join(pid.to_string()).exists())
+        find_in(&registry(), |m| process_start(m.pid).is_some_and(|s| m.started == 0 || s == m.started))
     }
 
     /// The network namespace of node `name`.
@@ -86,14 +90,33 @@ pub enum KeptError {
     },
 }
 
-fn find_in(registry: &Path, alive: impl Fn(u32) -> bool) -> Result<Option<KeptMesh>, KeptError> {
+/// When process `pid` started, in clock ticks after boot (`/proc/<pid>/stat`, field 22); `None`
+/// when there is no such process.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after_name = stat.rsplit_once(')')?.1;
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn find_in(registry: &Path, alive: impl Fn(&KeptMesh) -> bool) -> Result<Option<KeptMesh>, KeptError> {
     let Ok(entries) = std::fs::read_dir(registry) else { return Ok(None) };
-    let mut found: Vec<KeptMesh> = entries
-        .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("mesh.json")).ok())
-        .filter_map(|bytes| serde_json::from_slice::<KeptMesh>(&bytes).ok())
-        .filter(|m| alive(m.pid))
-        .collect();
+    let mut found = Vec::new();
+    for dir in entries.flatten().map(|e| e.path()) {
+        // A directory without a readable entry may be one being written: left alone.
+        let Some(mesh) =
+            std::fs::read(dir.join("mesh.json")).ok().and_then(|b| serde_json::from_slice::<KeptMesh>(&b).ok())
+        else {
+            continue;
+        };
+        if alive(&mesh) {
+            found.push(mesh);
+        } else {
+            // Its process was killed before it could remove it (best effort: the caller may not
+            // be allowed to).
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     match found.len() {
         0 | 1 => Ok(found.pop()),
         _ => {
@@ -114,6 +137,7 @@ mod tests {
     fn mesh(pid: u32) -> KeptMesh {
         KeptMesh {
             pid,
+            started: 0,
             ca_addr: "10.10.0.254:15012".parse().unwrap(),
             ca_name: "10.10.0.254".into(),
             ca_netns: format!("underlay-{pid}"),
@@ -131,11 +155,25 @@ mod tests {
         mesh(20).register_in(registry.path()).unwrap();
         std::fs::create_dir(registry.path().join("30")).unwrap();
         std::fs::write(registry.path().join("30/mesh.json"), "{not json").unwrap();
-        assert_eq!(find_in(registry.path(), |pid| pid == 20), Ok(Some(mesh(20))));
-        assert_eq!(find_in(registry.path(), |_| false), Ok(None));
         let both = find_in(registry.path(), |_| true).unwrap_err().to_string();
         assert!(both.contains("pid 10") && both.contains("pid 20"), "{both}");
+        // A dead one is passed over and its entry removed; the unreadable one is left alone.
+        assert_eq!(find_in(registry.path(), |m| m.pid == 20), Ok(Some(mesh(20))));
+        assert!(!registry.path().join("10").exists(), "the dead mesh's entry stayed");
+        assert!(registry.path().join("30").exists());
+        assert_eq!(find_in(registry.path(), |_| false), Ok(None));
+        assert!(!registry.path().join("20").exists());
         assert_eq!(mesh(20).node_netns("node-1"), Ok("n1-20"));
         assert!(mesh(20).node_netns("node-3").unwrap_err().to_string().contains("its nodes: node-1"));
+    }
+
+    #[test]
+    fn a_process_is_known_by_its_start_time() {
+        let me = process_start(std::process::id()).expect("this process has a start time");
+        assert!(me > 0);
+        assert_eq!(process_start(std::process::id()), Some(me), "the same process, the same time");
+        // pid 1 started before this test did.
+        assert!(process_start(1).is_some_and(|init| init <= me));
+        assert_eq!(process_start(u32::MAX), None);
     }
 }

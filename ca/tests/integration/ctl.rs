@@ -227,6 +227,7 @@ fn a_kept_mesh_is_found_without_flags() {
         .unwrap();
     let kept = |pid: u32| ca_ctl::kept::KeptMesh {
         pid,
+        started: ca_ctl::kept::process_start(pid).unwrap_or(0),
         ca_addr: "10.10.0.254:15012".parse().unwrap(),
         ca_name: "10.10.0.254".into(),
         ca_netns: "nowhere".into(),
@@ -254,12 +255,20 @@ fn a_kept_mesh_is_found_without_flags() {
     });
     dead.unwrap();
     assert_eq!(run(&["namespace", "enable", "shop"]).0, Some(3));
+    assert!(!registry.path().join("4000000").exists(), "the dead registration was not removed");
+
+    // A registration whose pid was reused by another process (another start time): as if none.
+    let write = |mesh: &ca_ctl::kept::KeptMesh| {
+        std::fs::create_dir_all(registry.path().join(mesh.pid.to_string())).unwrap();
+        std::fs::write(registry.path().join(format!("{}/mesh.json", mesh.pid)), serde_json::to_vec(mesh).unwrap())
+            .unwrap();
+    };
+    let alive = kept(std::process::id());
+    write(&ca_ctl::kept::KeptMesh { started: alive.started + 1, ..alive.clone() });
+    assert_eq!(run(&["namespace", "enable", "shop"]).0, Some(3));
 
     // This test's own process keeps it alive.
-    let alive = kept(std::process::id());
-    std::fs::create_dir_all(registry.path().join(alive.pid.to_string())).unwrap();
-    std::fs::write(registry.path().join(format!("{}/mesh.json", alive.pid)), serde_json::to_vec(&alive).unwrap())
-        .unwrap();
+    write(&alive);
     let (code, stdout, stderr) = run(&["namespace", "enable", "shop"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("namespace shop: istio.io/dataplane-mode=ambient"), "{stdout}");

@@ -183,6 +183,7 @@ async fn run(args: Args) -> Result<()> {
 fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
     let kept = ca_ctl::kept::KeptMesh {
         pid: std::process::id(),
+        started: ca_ctl::kept::process_start(std::process::id()).unwrap_or(0),
         ca_addr: std::net::SocketAddr::from((CA_IP, 15012)),
         ca_name: CA_IP.to_string(),
         ca_netns: mesh.underlay.name.clone(),
