@@ -15,7 +15,8 @@ use crate::k8s::{
 #[error("{0}")]
 pub struct Invalid(pub String);
 
-/// The server protocols an Istio Gateway may declare (Istio's names, compared case-insensitively).
+/// The server protocols an Istio Gateway may declare (Istio's names, compared case-insensitively;
+/// [`GatewayPort::protocol`](crate::k8s::GatewayPort::protocol) reads them), for messages.
 pub const GATEWAY_PROTOCOLS: [&str; 6] = ["HTTP", "HTTPS", "HTTP2", "GRPC", "TLS", "TCP"];
 
 /// Checks an Istio Gateway's servers: ports, protocols, hosts and TLS settings.
@@ -34,14 +35,14 @@ fn gateway_server(server: &GatewayServer) -> Result<(), Invalid> {
     if !(1..=65535).contains(&port.number) {
         return Err(Invalid(format!("port.number {} is out of range", port.number)));
     }
-    let protocol = port.protocol.to_ascii_uppercase();
-    if !GATEWAY_PROTOCOLS.contains(&protocol.as_str()) {
+    let Some(protocol) = port.protocol() else {
         return Err(Invalid(format!(
             "port.protocol {:?} is not one of {}",
             port.protocol,
             GATEWAY_PROTOCOLS.join(", ")
         )));
-    }
+    };
+    let protocol = protocol.as_str_name();
     if server.hosts.is_empty() {
         return Err(Invalid("hosts is empty".to_owned()));
     }
@@ -50,7 +51,7 @@ fn gateway_server(server: &GatewayServer) -> Result<(), Invalid> {
     }
     let tls = server.tls.as_ref();
     let mode = tls.and_then(|t| t.mode.as_deref()).map(str::to_ascii_uppercase);
-    match (protocol.as_str(), mode.as_deref()) {
+    match (protocol, mode.as_deref()) {
         (_, None) if protocol == "HTTPS" || protocol == "TLS" => {
             Err(Invalid(format!("port.protocol {protocol} needs tls.mode")))
         }
@@ -84,7 +85,7 @@ fn dns_label(label: &str) -> bool {
 
 /// `[namespace/]host`: namespace `*`, `.` or a name; host `*`, `*.<domain>` or a DNS name.
 fn gateway_host(host: &str) -> Result<(), &'static str> {
-    let (namespace, name) = host.split_once('/').unwrap_or(("*", host));
+    let (namespace, name) = crate::k8s::split_server_host(host);
     if !(namespace == "*" || namespace == "." || dns_label(namespace)) {
         return Err("the namespace part is not *, . or a namespace name");
     }

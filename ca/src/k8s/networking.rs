@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
+pub use proto::api::ambient::waypoint::v1::gateway_server::Protocol as GatewayProtocol;
+pub use proto::api::ambient::waypoint::v1::gateway_tls::Mode as GatewayTlsMode;
 use serde::{Deserialize, Serialize};
 
 /// Istio `Gateway` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): the servers
@@ -76,6 +78,28 @@ pub struct GatewayTls {
     /// Client certificate SANs accepted (MUTUAL); empty: any the CA bundle verifies.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+}
+
+impl GatewayPort {
+    /// The protocol as the proxies know it; `None` for a name Istio does not define.
+    pub fn protocol(&self) -> Option<GatewayProtocol> {
+        GatewayProtocol::from_str_name(&self.protocol.to_ascii_uppercase())
+            .filter(|p| *p != GatewayProtocol::Unspecified)
+    }
+}
+
+impl GatewayTls {
+    /// The mode as the proxies know it: SIMPLE, MUTUAL or PASSTHROUGH; `None` when unset or
+    /// another (Istio's ISTIO_MUTUAL, AUTO_PASSTHROUGH, OPTIONAL_MUTUAL are not served).
+    pub fn mode(&self) -> Option<GatewayTlsMode> {
+        let mode = GatewayTlsMode::from_str_name(&self.mode.as_deref()?.to_ascii_uppercase())?;
+        (mode != GatewayTlsMode::None).then_some(mode)
+    }
+}
+
+/// A server host's namespace part (`*` when it has none) and host part.
+pub fn split_server_host(host: &str) -> (&str, &str) {
+    host.split_once('/').unwrap_or(("*", host))
 }
 
 /// Istio `VirtualService` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): HTTP

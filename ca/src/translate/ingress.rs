@@ -83,25 +83,10 @@ fn gateway(g: &IstioGateway) -> pb::IngressGateway {
 }
 
 fn server(s: &GatewayServer) -> pb::GatewayServer {
-    use pb::gateway_server::Protocol;
-    use pb::gateway_tls::Mode;
-    let protocol = match s.port.protocol.to_ascii_uppercase().as_str() {
-        "HTTP" => Protocol::Http,
-        "HTTPS" => Protocol::Https,
-        "HTTP2" => Protocol::Http2,
-        "GRPC" => Protocol::Grpc,
-        "TLS" => Protocol::Tls,
-        "TCP" => Protocol::Tcp,
-        // Refused by validation; a proxy that meets it serves nothing on the port.
-        _ => Protocol::Unspecified,
-    };
+    // Unknown names are refused by validation; a proxy that met one would serve nothing there.
+    let protocol = s.port.protocol().unwrap_or(k8s::GatewayProtocol::Unspecified);
     let tls = s.tls.as_ref().map(|t| pb::GatewayTls {
-        mode: match t.mode.as_deref().map(str::to_ascii_uppercase).as_deref() {
-            Some("SIMPLE") => Mode::Simple,
-            Some("MUTUAL") => Mode::Mutual,
-            Some("PASSTHROUGH") => Mode::Passthrough,
-            _ => Mode::None,
-        } as i32,
+        mode: t.mode().unwrap_or(k8s::GatewayTlsMode::None) as i32,
         https_redirect: t.https_redirect,
         credential_name: t.credential_name.clone().unwrap_or_default(),
         subject_alt_names: t.subject_alt_names.clone(),
@@ -109,15 +94,10 @@ fn server(s: &GatewayServer) -> pb::GatewayServer {
     pb::GatewayServer {
         port: s.port.number,
         protocol: protocol as i32,
-        hosts: s.hosts.iter().map(|h| server_host(h).1.to_ascii_lowercase()).collect(),
+        hosts: s.hosts.iter().map(|h| k8s::split_server_host(h).1.to_ascii_lowercase()).collect(),
         tls,
         name: s.name.clone().unwrap_or_else(|| s.port.name.clone()),
     }
-}
-
-/// A server host's namespace part (`*` when absent) and host part.
-fn server_host(host: &str) -> (&str, &str) {
-    host.split_once('/').unwrap_or(("*", host))
 }
 
 /// `name` → `name.<namespace>.svc.<suffix>`; hosts with a dot and wildcards stay as written.
@@ -142,7 +122,7 @@ fn bind(servers: &[GatewayServer], gw_ns: &str, vs_ns: &str, hosts: &[String]) -
     let mut ports = BTreeSet::new();
     for s in servers {
         for written in &s.hosts {
-            let (ns, pattern) = server_host(written);
+            let (ns, pattern) = k8s::split_server_host(written);
             let namespace_ok = match ns {
                 "*" => true,
                 "." => vs_ns == gw_ns,
