@@ -82,11 +82,29 @@ impl NamedNetns {
     }
 
     /// Creates a bridge with `addr` (CIDR) on it.
+    ///
+    /// The bridge gets a fixed MAC address derived from `addr`. Left to itself a Linux bridge
+    /// takes the lowest MAC of its ports, so a pod added later can change the gateway's MAC under
+    /// pods already talking through it; a pod whose neighbour entry was refreshed within the last
+    /// second ignores the bridge's gratuitous ARP and keeps sending to the old MAC, which the
+    /// bridge no longer routes: its connections through the gateway stall until the entry expires.
     pub fn bridge(&self, name: &str, addr: &str) -> Result<()> {
-        self.ip(&["link", "add", name, "type", "bridge"])?;
+        let mac = bridge_mac(addr)?;
+        self.ip(&["link", "add", name, "address", &mac, "type", "bridge"])?;
         self.ip(&["addr", "add", addr, "dev", name])?;
         self.ip(&["link", "set", name, "up"])
     }
+}
+
+/// A locally administered MAC for the bridge holding IPv4 `addr` (CIDR): `02:00:` and the address.
+fn bridge_mac(addr: &str) -> Result<String> {
+    let ip: std::net::Ipv4Addr = addr
+        .split('/')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("bridge address {addr:?} is not IPv4 CIDR"))?;
+    let [a, b, c, d] = ip.octets();
+    Ok(format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"))
 }
 
 impl Drop for NamedNetns {
@@ -231,4 +249,40 @@ fn nix_is_root() -> bool {
             s.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
         })
         .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac_of(netns: &NamedNetns, dev: &str) -> String {
+        let out = Command::new("ip").args(["-n", &netns.name, "-br", "link", "show", dev]).output().unwrap();
+        let line = String::from_utf8(out.stdout).unwrap();
+        line.split_whitespace().nth(2).unwrap_or_default().to_owned()
+    }
+
+    /// A port added with a lower MAC than the bridge's must not change the gateway's MAC (it did:
+    /// pods kept sending to the old one and their connections through the gateway stalled).
+    #[test]
+    fn a_bridge_keeps_its_mac_when_a_port_with_a_lower_one_joins() {
+        preflight().unwrap();
+        let pid = std::process::id();
+        let node = NamedNetns::create(&format!("{PREFIX}{pid}-brmac")).unwrap();
+        let pod = NamedNetns::create(&format!("{PREFIX}{pid}-brmac-pod")).unwrap();
+        node.bridge("br0", "10.77.0.1/24").unwrap();
+        let before = mac_of(&node, "br0");
+        node.ip(&["link", "add", "p1", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "eth0", "netns", &pod.name])
+            .unwrap();
+        node.ip(&["link", "set", "p1", "master", "br0"]).unwrap();
+        node.ip(&["link", "set", "p1", "up"]).unwrap();
+        assert_eq!(mac_of(&node, "p1"), "02:00:00:00:00:01");
+        assert_eq!(mac_of(&node, "br0"), before, "the bridge took its new port's lower MAC");
+        assert_eq!(before, "02:00:0a:4d:00:01");
+    }
+
+    #[test]
+    fn a_bridge_mac_is_made_from_its_ipv4_address() {
+        assert_eq!(bridge_mac("10.20.3.1/24").unwrap(), "02:00:0a:14:03:01");
+        assert!(bridge_mac("fd00::1/64").is_err());
+    }
 }

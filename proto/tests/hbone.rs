@@ -325,10 +325,15 @@ async fn handler_statuses_reach_the_client() {
 async fn a_connect_never_answered_fails_at_the_deadline() {
     init_tracing();
     let (ca, server_cred, trust) = ca_and_server("server");
-    // Takes the stream and never answers (until the test ends).
-    let handler = FnHandler(|connect: proto::hbone::server::InboundConnect| async move {
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(connect);
+    // Takes the stream and never answers (until the test ends); notes the connection it came on.
+    let seen_from = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let seen = seen_from.clone();
+    let handler = FnHandler(move |connect: proto::hbone::server::InboundConnect| {
+        seen.lock().unwrap().insert(connect.peer_addr);
+        async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(connect);
+        }
     });
     let server = TestServer::start(server_cred, trust.clone(), ServerConfig::default(), Arc::new(handler)).await;
     let limit = Duration::from_millis(300);
@@ -345,8 +350,13 @@ async fn a_connect_never_answered_fails_at_the_deadline() {
         other => panic!("expected the CONNECT to go unanswered, got {other}"),
     }
     assert!(started.elapsed() >= limit, "gave up before the deadline: {:?}", started.elapsed());
-    // The connection itself is fine: the next CONNECT uses it.
-    assert_eq!(pool.connection_count(), 1);
+    // The connection that left it unanswered takes no new stream (its peer or the path may be
+    // gone): the next CONNECT dials another.
+    assert_eq!(pool.connection_count(), 0);
+    let again = ConnectRequest::new(ca.credential(id("client").as_str()), server.addr, vec![id("server")], target);
+    let err = pool.connect(again).await.unwrap_err();
+    assert!(matches!(err, PoolError::Unanswered { .. }), "{err}");
+    assert_eq!(seen_from.lock().unwrap().len(), 2, "the second CONNECT came on the first connection");
 }
 
 /// Sends one request over a raw mTLS + HTTP/2 connection and returns its status.

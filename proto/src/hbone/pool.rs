@@ -7,7 +7,9 @@
 //! - a new stream takes a connection with fewer than `max_streams_per_conn` open streams;
 //! - when all are full, one dial starts; concurrent callers wait for it instead of dialing too,
 //!   and all of them see its error if it fails;
-//! - a connection with no stream for `idle_timeout` is closed (GOAWAY) and forgotten.
+//! - a connection with no stream for `idle_timeout` is closed (GOAWAY) and forgotten;
+//! - a connection that leaves a `CONNECT` unanswered for `connect_timeout` takes no new stream
+//!   and is closed when its open ones end.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -397,11 +399,16 @@ impl Pool {
             };
             let limit = self.inner.config.connect_timeout;
             // On the deadline the response future and the send stream are dropped: h2 resets the
-            // stream, so the peer learns it too.
-            let response = tokio::time::timeout(limit, response)
-                .await
-                .map_err(|_| PoolError::Unanswered { dst: key.dst, target: request.target.clone(), after: limit })?
-                .map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
+            // stream, so the peer learns it too. The connection takes no new stream: its peer or
+            // the path to it may be gone (TCP does not probe a connection with unacknowledged
+            // data), and the next caller would wait out the same deadline. Its open streams go on.
+            let Ok(response) = tokio::time::timeout(limit, response).await else {
+                debug!(conn = slot.conn.id, dst = %key.dst, target = %request.target,
+                    "CONNECT unanswered; no new streams on this connection");
+                slot.conn.closed.store(true, Ordering::Release);
+                return Err(PoolError::Unanswered { dst: key.dst, target: request.target.clone(), after: limit });
+            };
+            let response = response.map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
             if response.status() != StatusCode::OK {
                 return Err(PoolError::Refused {
                     dst: key.dst,
@@ -532,6 +539,13 @@ async fn drive(
             if conn.active.load(Ordering::Acquire) > 0 {
                 conn.became_idle.notified().await;
                 continue;
+            }
+            // Retired (it takes no new stream) and its last stream is done: close it now.
+            if conn.is_closed() {
+                if let Some(pool) = pool.upgrade() {
+                    forget(&mut lock(&pool.state), &key, id);
+                }
+                return;
             }
             let since = *lock(&conn.idle_since);
             let deadline = since + idle_timeout;
