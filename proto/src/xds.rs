@@ -22,12 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
-use crate::api::ambient::waypoint::v1::{DestinationPolicy, L7Policy, RequestAuthn, ServiceRoutes};
+use crate::api::ambient::waypoint::v1::{DestinationPolicy, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes};
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, address};
 use crate::api::type_url::{
-    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
+    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES,
+    TRUST_BUNDLE,
 };
 use crate::state::{MeshState, Service, Workload};
 use crate::tls::{SharedTrustBundle, TrustBundle};
@@ -263,6 +264,9 @@ impl MeshView {
                 DESTINATION_POLICY => {
                     state.destination_policies.remove(name);
                 }
+                INGRESS_GATEWAY => {
+                    state.ingress_gateways.remove(name);
+                }
                 _ => {}
             }
             versions.remove(&(type_url, name.clone()));
@@ -332,6 +336,10 @@ fn apply_resource(
         DESTINATION_POLICY => {
             let p = DestinationPolicy::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.destination_policies.insert(res.name.clone(), Arc::new(p));
+        }
+        INGRESS_GATEWAY => {
+            let g = IngressGateway::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
+            state.ingress_gateways.insert(res.name.clone(), Arc::new(g));
         }
         TRUST_BUNDLE => {
             let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;

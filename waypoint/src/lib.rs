@@ -29,6 +29,7 @@ pub mod destination;
 #[cfg(test)]
 mod fixture;
 mod headers;
+pub mod ingress;
 pub mod jwt;
 pub mod metrics;
 pub mod normalize;
@@ -52,7 +53,9 @@ use axum::routing::get;
 use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
-use proto::api::type_url::{ADDRESS, DESTINATION_POLICY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE};
+use proto::api::type_url::{
+    ADDRESS, DESTINATION_POLICY, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
+};
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
 use proto::drain::{self, DrainTrigger};
@@ -72,6 +75,9 @@ use crate::upstream::{Clients, Connector};
 
 /// The xDS types a waypoint follows.
 pub const SUBSCRIBED: [&str; 6] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, REQUEST_AUTHN, DESTINATION_POLICY, TRUST_BUNDLE];
+/// The xDS types an ingress gateway follows: the Gateways and their routes, what the routes send
+/// to, and the policies of the destinations (no service routes: those are the waypoints').
+pub const SUBSCRIBED_INGRESS: [&str; 5] = [ADDRESS, INGRESS_GATEWAY, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
 
 /// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -83,6 +89,8 @@ pub struct Context {
     pub name: String,
     /// Its namespace.
     pub namespace: String,
+    /// The identity it presents (its certificate's).
+    pub identity: SpiffeId,
     /// The mesh's trust domain.
     pub trust_domain: String,
     /// The mesh.
@@ -148,6 +156,9 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// Changes the log filter (admin `/logging`), when the binary installed one.
     pub log: Option<LogControl>,
+    /// Serve as an ingress gateway instead of a waypoint (no HBONE listener: the Gateways'
+    /// server ports instead).
+    pub ingress: Option<ingress::IngressConfig>,
 }
 
 /// Why the waypoint could not start.
@@ -175,6 +186,14 @@ pub enum Error {
     /// The TLS server could not be set up with it.
     #[error("TLS")]
     Tls(#[source] proto::tls::TlsError),
+}
+
+/// What the proxy listens on for traffic.
+enum Mode {
+    /// A waypoint: HBONE from ztunnels.
+    Waypoint(TcpListener),
+    /// An ingress gateway: its Gateways' server ports.
+    Ingress(ingress::IngressConfig),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -284,7 +303,7 @@ impl Handler for Inbound {
 pub struct Waypoint {
     /// Shared state.
     pub ctx: Arc<Context>,
-    hbone_addr: SocketAddr,
+    hbone_addr: Option<SocketAddr>,
     metrics_addr: SocketAddr,
     readiness_addr: SocketAddr,
     drain: DrainTrigger,
@@ -360,7 +379,10 @@ async fn serve_http(listener: TcpListener, router: Router, stop: CancellationTok
 impl Waypoint {
     /// Gets the certificate, binds the endpoints and starts following the control plane.
     pub async fn start(config: Config) -> Result<Waypoint, Error> {
-        let hbone_listener = bind("the HBONE listener", config.listen).await?;
+        let mode = match config.ingress.clone() {
+            None => Mode::Waypoint(bind("the HBONE listener", config.listen).await?),
+            Some(ingress) => Mode::Ingress(ingress),
+        };
         let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
         let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
         let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
@@ -373,12 +395,14 @@ impl Waypoint {
         let credential = certs.fetch(&identity).await.map_err(Error::Certificate)?;
         info!(%identity, "certificate issued");
 
-        let view = MeshView::new(&SUBSCRIBED, config.ca.trust.clone());
+        let subscribed: &[&'static str] = if config.ingress.is_some() { &SUBSCRIBED_INGRESS } else { &SUBSCRIBED };
+        let view = MeshView::new(subscribed, config.ca.trust.clone());
         let pool = Pool::new(PoolConfig::default(), view.trust.clone());
         let connector = Connector::new(view.clone(), pool, credential.clone());
         let ctx = Arc::new(Context {
             name: config.name.clone(),
             namespace: config.namespace.clone(),
+            identity: identity.clone(),
             trust_domain: config.trust_domain.clone(),
             view: view.clone(),
             clients: Clients::new(&connector),
@@ -393,8 +417,8 @@ impl Waypoint {
         let xds = AdsClient {
             target: config.ca.clone(),
             token: config.token.clone(),
-            node_id: format!("waypoint~{}~{}", config.namespace, config.name),
-            types: SUBSCRIBED.to_vec(),
+            node_id: format!("{}~{}~{}", if config.ingress.is_some() { "router" } else { "waypoint" }, config.namespace, config.name),
+            types: subscribed.to_vec(),
             optional: Vec::new(),
             retry_min: Duration::from_millis(200),
             retry_max: Duration::from_secs(10),
@@ -409,14 +433,24 @@ impl Waypoint {
             }
         });
 
-        let tls = proto::tls::server_config(credential, ctx.view.trust.clone(), vec![config.trust_domain.clone()])
-            .map_err(Error::Tls)?;
-        let hbone = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
-        let server = Server::new(hbone_listener, tls, hbone, Arc::new(Inbound { ctx: ctx.clone() }))
-            .map_err(|source| Error::Bind { what: "the HBONE listener", addr: config.listen, source })?;
-        let hbone_addr = server.local_addr();
         let (drain, watcher) = drain::new();
-        tokio::spawn(server.run(watcher));
+        let hbone_addr = match mode {
+            Mode::Waypoint(listener) => {
+                let tls =
+                    proto::tls::server_config(credential, ctx.view.trust.clone(), vec![config.trust_domain.clone()])
+                        .map_err(Error::Tls)?;
+                let hbone = ServerConfig { require_local_authority: false, ..ServerConfig::default() };
+                let server = Server::new(listener, tls, hbone, Arc::new(Inbound { ctx: ctx.clone() }))
+                    .map_err(|source| Error::Bind { what: "the HBONE listener", addr: config.listen, source })?;
+                let addr = server.local_addr();
+                tokio::spawn(server.run(watcher));
+                Some(addr)
+            }
+            Mode::Ingress(ingress) => {
+                tokio::spawn(ingress::run(ctx.clone(), ingress, stop.clone(), watcher));
+                None
+            }
+        };
 
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         {
@@ -447,7 +481,7 @@ impl Waypoint {
         tokio::spawn(serve_http(admin_listener, admin_router, stop.clone()));
         tokio::spawn(serve_http(metrics_listener, metrics_router, stop.clone()));
         tokio::spawn(serve_http(readiness_listener, readiness_router, stop.clone()));
-        info!(gateway = %format!("{}/{}", config.namespace, config.name), %hbone_addr, %metrics_addr,
+        info!(gateway = %format!("{}/{}", config.namespace, config.name), hbone_addr = ?hbone_addr, %metrics_addr,
             %readiness_addr, ca = %config.ca.addr, "waypoint started");
         Ok(Waypoint {
             ctx,
@@ -461,8 +495,8 @@ impl Waypoint {
         })
     }
 
-    /// The HBONE listener's address.
-    pub fn hbone_addr(&self) -> SocketAddr {
+    /// The HBONE listener's address (none for an ingress gateway).
+    pub fn hbone_addr(&self) -> Option<SocketAddr> {
         self.hbone_addr
     }
 

@@ -1,6 +1,6 @@
 //! `waypoint`: the per-namespace L7 proxy of the ambient mesh.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use proto::certs::TokenSource;
 use proto::control::ControlPlaneTarget;
 use proto::lifecycle::{self, LogControl, LogFormat};
 use proto::tls::{SharedTrustBundle, TrustBundle};
+use waypoint::ingress::IngressConfig;
 use waypoint::{Config, Waypoint};
 
 proto::proxy_allocator!();
@@ -94,11 +95,33 @@ struct Args {
     #[arg(long, default_value_t)]
     log_format: LogFormat,
 
+    /// Run as an ingress gateway instead of a waypoint: serve the Istio Gateways whose `selector`
+    /// matches --gateway-label on their servers' ports (plain HTTP), routed by the VirtualServices
+    /// bound to them, into the mesh over HBONE with this proxy's identity. No HBONE listener.
+    #[arg(long)]
+    ingress: bool,
+
+    /// A label of the gateway's pod, `key=value` (repeat for more), matched against each
+    /// Gateway's `selector` (e.g. `istio=ingressgateway`).
+    #[arg(long = "gateway-label", value_name = "KEY=VALUE", value_parser = parse_label, requires = "ingress")]
+    gateway_labels: Vec<(String, String)>,
+
+    /// Address the Gateways' server ports are bound on (with --ingress).
+    #[arg(long, default_value = "0.0.0.0")]
+    ingress_bind: IpAddr,
+
     /// Threads serving requests. One thread avoids handing requests between threads (on a
     /// 2-core node: ~13,000 requests/s per core against ~9,500 with two); scale a busy waypoint out
     /// with replicas, or raise this.
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -145,6 +168,10 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
         drain_timeout: args.drain_timeout,
         detect_timeout: args.protocol_detection_timeout,
         log: Some(log),
+        ingress: args.ingress.then(|| IngressConfig {
+            labels: args.gateway_labels.into_iter().collect(),
+            bind: args.ingress_bind,
+        }),
     };
     let waypoint = Waypoint::start(config).await?;
     let signal = signal.await;

@@ -102,7 +102,7 @@ impl Answer {
     }
 
     /// The same answer with `name: value` added.
-    fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Answer {
+    pub(crate) fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Answer {
         self.header = Some(Box::new((name, value)));
         self
     }
@@ -239,6 +239,56 @@ fn decide(
     }
 
     let chosen = choose_rule(env, state, destination, &parts, &path, port)?;
+    let head = Head { parts, path, host };
+    let ports = Ports { request: port, unset: UnsetPort::Request };
+    plan_rule(state, chosen, head, ports, down.source_ip, || Backend::of(state, destination, port), rng)
+}
+
+/// What a backend that names no port is sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnsetPort {
+    /// The port the request came to (a waypoint: the client addressed the service's port).
+    Request,
+    /// The service's port when it has only one (an ingress gateway: the request came to the
+    /// gateway's port, not the service's), as Istio resolves a VirtualService destination.
+    OnlyServicePort,
+}
+
+/// The request's port, and how a backend without one gets its port.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ports {
+    pub(crate) request: u16,
+    pub(crate) unset: UnsetPort,
+}
+
+impl Ports {
+    /// The port to send to `service_key` on when the backend says `named` (0: none).
+    fn for_backend(self, state: &MeshState, service_key: &str, named: u32) -> Option<u16> {
+        if named != 0 {
+            return u16::try_from(named).ok();
+        }
+        match self.unset {
+            UnsetPort::Request => Some(self.request),
+            UnsetPort::OnlyServicePort => match state.service(service_key).map(|s| s.ports.as_slice()) {
+                Some([only]) => Some(only.service_port),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// What the chosen rule of a route makes of a request to `port`: its filters, a backend by
+/// weight, the faults, retries, mirror and timeouts. Without a rule the request goes to
+/// `unrouted`.
+pub(crate) fn plan_rule(
+    state: &MeshState,
+    chosen: Option<(&pb::RouteRule, String)>,
+    Head { mut parts, path, host }: Head,
+    ports: Ports,
+    source_ip: Option<std::net::IpAddr>,
+    unrouted: impl FnOnce() -> Backend,
+    rng: &mut impl Rng,
+) -> Result<Plan, Answer> {
     let (rule, route_name) = match chosen {
         Some((rule, route)) => (Some(rule), route),
         None => (None, String::new()),
@@ -246,8 +296,8 @@ fn decide(
     let filtered = apply_filters(rule, &mut parts, path, &host, &route_name)?;
 
     let backend = match rule {
-        Some(rule) => rule_backend(state, rule, port, rng, &route_name)?,
-        None => Backend::of(state, destination, port),
+        Some(rule) => rule_backend(state, rule, ports, rng, &route_name)?,
+        None => unrouted(),
     };
     if backend.endpoints.is_empty() {
         return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", "UH", &route_name));
@@ -255,7 +305,7 @@ fn decide(
     let one_request_per_connection =
         backend.policy().and_then(|p| p.connection_pool.as_ref()).is_some_and(|p| p.max_requests_per_connection == 1);
 
-    let upgrade = prepare_head(&mut parts, down, &host);
+    let upgrade = prepare_head(&mut parts, source_ip, &host);
     if one_request_per_connection {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -291,7 +341,7 @@ fn decide(
     // service's, or its subset's (a copy is never retried, so no state is kept for it).
     let mirror = filtered.mirror.filter(|m| m.percent.is_none_or(|p| chance(rng, p))).and_then(|m| {
         let b = m.backend.as_ref()?;
-        let port = if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) };
+        let port = ports.for_backend(state, &b.service, b.port)?;
         let subset = (!b.subset.is_empty()).then_some((b.subset.as_str(), b.workloads.as_slice()));
         let mut endpoints = Backend::service(state, &b.service, port, subset).endpoints;
         if endpoints.is_empty() {
@@ -413,7 +463,7 @@ fn apply_filters<'r>(
 fn rule_backend(
     state: &MeshState,
     rule: &pb::RouteRule,
-    port: u16,
+    ports: Ports,
     rng: &mut impl Rng,
     route_name: &str,
 ) -> Result<Backend, Answer> {
@@ -423,7 +473,11 @@ fn rule_backend(
     let Some(b) = route::pick_backend(&rule.backends, rng) else {
         return Err(Answer::text(StatusCode::INTERNAL_SERVER_ERROR, "no backend\n", "NR", route_name));
     };
-    let port = if b.port == 0 { port } else { u16::try_from(b.port).unwrap_or(port) };
+    let Some(port) = ports.for_backend(state, &b.service, b.port) else {
+        warn!(route = route_name, service = %b.service,
+            "request refused: the route's destination names no port and the service has not exactly one");
+        return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "destination port unknown\n", "NR", route_name));
+    };
     let subset = (!b.subset.is_empty()).then_some((b.subset.as_str(), b.workloads.as_slice()));
     Ok(Backend::service(state, &b.service, port, subset))
 }
@@ -431,11 +485,11 @@ fn rule_backend(
 /// Makes the head what goes upstream: hop-by-hop headers gone (an upgrade passed on keeps its
 /// `Upgrade`), forwarding headers the waypoint vouches for, a new span, the canonical host.
 /// Returns the upgrade passed on, if any.
-fn prepare_head(parts: &mut Parts, down: &Downstream, host: &str) -> Option<HeaderValue> {
+fn prepare_head(parts: &mut Parts, source_ip: Option<std::net::IpAddr>, host: &str) -> Option<HeaderValue> {
     let upgrade = headers::upgrade(&parts.headers);
     parts.headers.remove("http2-settings");
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::sanitize_forwarding(&mut parts.headers, down.source_ip);
+    headers::sanitize_forwarding(&mut parts.headers, source_ip);
     if let Some(proto) = &upgrade {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());

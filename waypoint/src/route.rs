@@ -131,7 +131,18 @@ pub fn serves_port(routes: &pb::ServiceRoutes, port: u16) -> bool {
 
 /// The rule for `input` among `routes`, if any matches.
 pub fn select<'a>(routes: &'a pb::ServiceRoutes, input: &RouteInput<'_>, regexes: &Regexes) -> Option<Chosen<'a>> {
-    let applicable = || routes.routes.iter().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
+    select_among(&routes.routes.iter(), input, regexes)
+}
+
+/// The rule for `input` among `routes` (a service's, or those bound to a gateway's host): the
+/// first match of the ordered routes (VirtualServices), else the most specific match of the others
+/// (HTTPRoutes).
+pub fn select_among<'a, I>(routes: &I, input: &RouteInput<'_>, regexes: &Regexes) -> Option<Chosen<'a>>
+where
+    I: Iterator<Item = &'a pb::Route> + Clone,
+{
+    let applicable =
+        || routes.clone().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
     for route in applicable().filter(|r| r.ordered) {
         for rule in &route.rules {
             if rule.matches.is_empty() || rule.matches.iter().any(|m| rank_if_matches(m, input, regexes).is_some()) {

@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub use model::{ModelError, PortMapping, Service, Tunnel, Waypoint, WaypointAt, Workload, service_key};
 
 use crate::api::ambient::waypoint::v1::{
-    DestinationPolicy, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes, policy_target,
+    DestinationPolicy, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes, policy_target,
 };
 use crate::api::istio::security::{Authorization, Scope};
 
@@ -53,6 +53,9 @@ pub struct MeshState {
     pub request_authns: Targeted<RequestAuthn>,
     /// DestinationRule traffic policies by service, `<namespace>/<hostname>`.
     pub destination_policies: HashMap<String, Arc<DestinationPolicy>>,
+    /// Istio Gateways with the routes bound to them, by `<namespace>/<name>` (ingress gateways
+    /// follow these).
+    pub ingress_gateways: HashMap<String, Arc<IngressGateway>>,
 }
 
 impl MeshState {

@@ -1,0 +1,570 @@
+//! The ingress gateway: a mode of the waypoint (`waypoint --ingress`) with the same L7 engine.
+//!
+//! It serves the Istio `Gateway`s whose `selector` matches its own pod labels (`--gateway-label`).
+//! For each plain-HTTP server port of those Gateways it listens on that port; a request is
+//! matched to a server by its port and `Host` (a name, `*.<domain>` or `*`), then to the rules of
+//! the VirtualServices bound to the Gateway for that host (the first match wins, as Istio orders
+//! them), and carried out like a waypoint's: weighted backends, subsets, header changes,
+//! redirects, rewrites, mirrors, faults, retries, timeouts, the DestinationRule's limits. It goes
+//! to the endpoint pods over HBONE with the gateway's own certificate, so the destination's
+//! ztunnel sees the gateway as the caller.
+//!
+//! What it does not do yet is refused, never done halfway: a destination service that has a
+//! waypoint is answered `503` (sending around its waypoint would skip the policies it enforces);
+//! a policy that selects the gateway's own pod denies every request (`403`), since the gateway
+//! cannot evaluate it; HTTPS, TLS and TCP servers are reported and not listened on.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use proto::api::ambient::waypoint::v1::{self as pb, gateway_server::Protocol};
+use proto::drain::DrainWatcher;
+use proto::state::MeshState;
+use rand::Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Context;
+use crate::metrics::{Parties, RequestLabels};
+use crate::normalize;
+use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
+use crate::route::{self, Regexes, RouteInput};
+use crate::send::{self, DownstreamUpgrade};
+use crate::target::Backend;
+use crate::upstream::{Body, BoxError};
+
+/// What makes a waypoint an ingress gateway.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// The gateway pod's labels: it serves the Gateways whose `selector` they match.
+    pub labels: BTreeMap<String, String>,
+    /// The address the servers' ports are bound on.
+    pub bind: IpAddr,
+}
+
+/// Whether `gateway`'s selector matches `labels` (an empty selector matches every gateway).
+fn selects(gateway: &pb::IngressGateway, labels: &BTreeMap<String, String>) -> bool {
+    gateway.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A server this gateway answers in plain HTTP (HTTP/1.1 or HTTP/2 with prior knowledge).
+fn plain_http(server: &pb::GatewayServer) -> bool {
+    matches!(server.protocol(), Protocol::Http | Protocol::Http2 | Protocol::Grpc)
+}
+
+/// The Gateways that select `labels`, in a stable order.
+fn selected<'s>(state: &'s MeshState, labels: &BTreeMap<String, String>) -> Vec<&'s pb::IngressGateway> {
+    let mut gateways: Vec<_> = state.ingress_gateways.values().map(AsRef::as_ref).filter(|g| selects(g, labels)).collect();
+    gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    gateways
+}
+
+/// The ports to listen on, and the servers this gateway cannot serve yet (for the log).
+fn listening_ports(state: &MeshState, labels: &BTreeMap<String, String>) -> (BTreeSet<u16>, Vec<String>) {
+    let mut ports = BTreeSet::new();
+    let mut unserved = Vec::new();
+    for g in selected(state, labels) {
+        for s in &g.servers {
+            match u16::try_from(s.port) {
+                Ok(port) if plain_http(s) => {
+                    ports.insert(port);
+                }
+                _ => unserved.push(format!("{}/{} port {} ({})", g.namespace, g.name, s.port, s.protocol().as_str_name())),
+            }
+        }
+    }
+    (ports, unserved)
+}
+
+/// Whether the host pattern (a name, `*.<domain>` or `*`) admits `host` (a name without port).
+pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some("") => true,
+        Some(suffix) => suffix.starts_with('.') && host.len() > suffix.len() && host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// The name in a canonical host (`name`, `name:port`, `[v6]:port`).
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.rsplit_once("]:").map_or(host, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    }
+    host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host, |(h, _)| h)
+}
+
+/// Decides what to do with a request that came to `port` of the gateway, as [`plan::plan`]
+/// does for a waypoint; `own_ip` is the gateway pod's address (its workload's policies).
+pub(crate) fn plan_request(
+    regexes: &Regexes,
+    state: &MeshState,
+    labels: &BTreeMap<String, String>,
+    (own_ip, port): (IpAddr, u16),
+    head: Head,
+    client: IpAddr,
+    rng: &mut impl Rng,
+) -> Result<Plan, Answer> {
+    // A policy that selects this pod is one the gateway cannot evaluate: it denies.
+    if let Some(own) = state.workload_by_ip(own_ip)
+        && let Some((name, _)) = state.policies.applying_to(own).next()
+    {
+        warn!(policy = name, "request denied: an AuthorizationPolicy selects this ingress gateway, which does not evaluate L4 policies");
+        return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
+    }
+    let name = host_name(&head.host).to_owned();
+    let gateways = selected(state, labels);
+    let admits = |hosts: &[String]| hosts.iter().any(|h| host_matches(h, &name));
+    let server = gateways
+        .iter()
+        .flat_map(|g| &g.servers)
+        .filter(|s| s.port == u32::from(port) && plain_http(s))
+        .find(|s| admits(&s.hosts));
+    let Some(server) = server else {
+        return Err(Answer::text(StatusCode::NOT_FOUND, "no gateway server for this host\n", "NR", ""));
+    };
+    if server.tls.as_ref().is_some_and(|t| t.https_redirect) {
+        let location = format!("https://{name}{}", head.parts.uri.path_and_query().map_or("/", |p| p.as_str()));
+        let answer = Answer::text(StatusCode::MOVED_PERMANENTLY, "", "-", "");
+        return Err(match HeaderValue::from_str(&location) {
+            Ok(v) => answer.with_header(header::LOCATION, v),
+            Err(_) => answer,
+        });
+    }
+    let routes = gateways
+        .iter()
+        .flat_map(|g| &g.routes)
+        .filter(|r| r.ports.contains(&u32::from(port)) && admits(&r.hosts))
+        .filter_map(|r| r.route.as_ref());
+    let input = RouteInput {
+        method: head.parts.method.as_str(),
+        path: &head.path,
+        query: head.parts.uri.query(),
+        headers: &head.parts.headers,
+        port,
+    };
+    let Some(chosen) = route::select_among(&routes, &input, regexes) else {
+        return Err(Answer::text(StatusCode::NOT_FOUND, "no route matched\n", "NR", ""));
+    };
+    let route_name = chosen.route.name.clone();
+    let ports = Ports { request: port, unset: UnsetPort::OnlyServicePort };
+    // Every rule here has a route; a request without one was answered above.
+    let unrouted = || Backend::service(state, "", port, None);
+    let plan = plan::plan_rule(state, Some((chosen.rule, route_name.clone())), head, ports, Some(client), unrouted, rng)?;
+    let service = plan.backend.key.split('#').next().unwrap_or_default();
+    if state.service(service).is_some_and(|s| s.waypoint.is_some()) {
+        warn!(route = %route_name, service,
+            "request refused: the destination service has a waypoint, and this gateway does not send through waypoints yet");
+        return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "destination has a waypoint\n", "UH", &route_name));
+    }
+    Ok(plan)
+}
+
+/// Handles one request that came to `local` from `client`.
+async fn handle(
+    ctx: Arc<Context>,
+    labels: Arc<BTreeMap<String, String>>,
+    local: SocketAddr,
+    client: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let mut upgrade = DownstreamUpgrade::of(&mut req);
+    let method = normalize::method(req.method());
+    let raw_path = req.uri().path().to_owned();
+    let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
+    let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+    let (mut parts, body) = req.into_parts();
+    parts.method = method.clone();
+    let planned = match target {
+        _ if method == http::Method::CONNECT => {
+            Err(Answer::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not proxied by the gateway\n", "-", ""))
+        }
+        Err(e) => {
+            warn!(client = %client, path = %raw_path, reason = %e, "request refused: ambiguous request target");
+            Err(Answer::text(StatusCode::BAD_REQUEST, "bad request target\n", "-", ""))
+        }
+        Ok((path, host)) => ctx.view.read(|s| {
+            let head = Head { parts, path, host };
+            plan_request(&ctx.regexes, s, &labels, (local.ip(), local.port()), head, client.ip(), &mut rand::rng())
+        }),
+    };
+    let destination = planned.as_ref().ok().and_then(|p| {
+        let key = p.backend.key.split('#').next()?;
+        ctx.view.read(|s| s.service(key).cloned())
+    });
+    let (response, outcome) = match planned {
+        Err(answer) => answer.into_parts(),
+        Ok(plan) => {
+            let clients = ctx.clients.for_client(None);
+            let body = body.map_err(BoxError::from).boxed();
+            send::send(plan, body, &clients, &ctx.destinations, &mut upgrade).await
+        }
+    };
+    let elapsed = start.elapsed();
+    let unknown = || "unknown".to_owned();
+    let mut parties = Parties {
+        source_workload: ctx.name.clone(),
+        source_workload_namespace: ctx.namespace.clone(),
+        source_principal: ctx.identity.to_string(),
+        destination_service: destination.as_ref().map_or_else(unknown, |s| s.hostname.clone()),
+        destination_service_name: destination.as_ref().map_or_else(unknown, |s| s.name.clone()),
+        destination_service_namespace: destination.as_ref().map_or_else(unknown, |s| s.namespace.clone()),
+        destination_workload: unknown(),
+        destination_workload_namespace: unknown(),
+        destination_principal: unknown(),
+    };
+    if let Some(w) = outcome.endpoint.as_deref() {
+        parties.set_endpoint(w);
+    }
+    let labels = RequestLabels {
+        reporter: "source",
+        parties,
+        request_protocol: "http",
+        response_code: outcome.status.as_u16(),
+        response_flags: outcome.flags,
+        connection_security_policy: "unknown",
+    };
+    ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
+    info!(
+        target: "access",
+        client = %client,
+        method = %method,
+        path = %raw_path,
+        authority = %host,
+        service = %labels.parties.destination_service,
+        route = %outcome.route,
+        endpoint = %outcome.endpoint.as_deref().map_or("-", |w| w.name.as_str()),
+        status = outcome.status.as_u16(),
+        flags = outcome.flags,
+        attempts = outcome.attempts,
+        duration_ms = elapsed.as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+/// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it ends or a
+/// drain closes it gracefully.
+async fn serve_connection(
+    ctx: Arc<Context>,
+    labels: Arc<BTreeMap<String, String>>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    mut drain: DrainWatcher,
+) {
+    let Ok(local) = tcp.local_addr() else { return };
+    let _ = tcp.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req| {
+        let (ctx, labels) = (ctx.clone(), labels.clone());
+        async move { Ok::<_, Infallible>(handle(ctx, labels, local, client, req).await) }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(crate::MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(crate::MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(1000)
+        .max_pending_accept_reset_streams(Some(50))
+        .max_local_error_reset_streams(Some(100));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%client, error = %e, "client connection ended with an error");
+    }
+}
+
+/// Accepts on one server port until it is no longer wanted or a drain starts.
+async fn accept_loop(
+    ctx: Arc<Context>,
+    labels: Arc<BTreeMap<String, String>>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    mut drain: DrainWatcher,
+) {
+    let addr = listener.local_addr().ok();
+    loop {
+        let (tcp, client) = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = drain.signaled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(serve_connection(ctx.clone(), labels.clone(), tcp, client, drain.clone()));
+    }
+    info!(addr = ?addr, "gateway port closed");
+}
+
+/// Keeps one listener per plain-HTTP server port of the Gateways that select this gateway,
+/// following the mesh state: ports are opened as servers appear and closed as they go (requests
+/// in flight on a closed port finish).
+pub(crate) async fn run(ctx: Arc<Context>, config: IngressConfig, stop: CancellationToken, drain: DrainWatcher) {
+    let labels = Arc::new(config.labels);
+    let mut changes = ctx.view.changes();
+    let mut open: HashMap<u16, CancellationToken> = HashMap::new();
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        let (want, unserved) = ctx.view.read(|s| listening_ports(s, &labels));
+        if unserved != reported {
+            for s in &unserved {
+                warn!(server = %s, "gateway server not served: this gateway serves plain HTTP servers only");
+            }
+            reported = unserved;
+        }
+        open.retain(|port, token| {
+            let keep = want.contains(port);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        let mut failed = false;
+        let missing: Vec<u16> = want.iter().copied().filter(|p| !open.contains_key(p)).collect();
+        for port in missing {
+            let addr = SocketAddr::new(config.bind, port);
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    info!(%addr, "gateway port listening");
+                    let token = stop.child_token();
+                    open.insert(port, token.clone());
+                    tokio::spawn(accept_loop(ctx.clone(), labels.clone(), listener, token, drain.clone()));
+                }
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot listen on a gateway server's port; retrying");
+                    failed = true;
+                }
+            }
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            changed = changes.changed() => if changed.is_err() { break },
+            () = retry => {}
+        }
+    }
+    for token in open.values() {
+        token.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use proto::api::ambient::waypoint::v1::GatewayTls;
+    use proto::api::istio::security::{self as sec, Authorization, Scope};
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::fixture::{self, KEY, V1, V2};
+
+    const GATEWAY_IP: [u8; 4] = [10, 0, 0, 50];
+
+    fn labels() -> BTreeMap<String, String> {
+        BTreeMap::from([("istio".to_owned(), "ingressgateway".to_owned())])
+    }
+
+    /// The tutorial's shape: Gateway `default/web-gateway` (selector istio=ingressgateway, port
+    /// 80 HTTP, host `shop.example`) with one VirtualService: `version: new` → subset v2, else
+    /// 70/30 v1/v2. Backends name no port (the service has one).
+    fn gateway_state() -> MeshState {
+        let mut s = fixture::state();
+        let mut v1 = fixture::backend(70, Some(("v1", &[V1])));
+        let mut v2 = fixture::backend(30, Some(("v2", &[V2])));
+        v1.port = 0;
+        v2.port = 0;
+        let header_match = pb::RouteMatch {
+            headers: vec![pb::ValueMatch {
+                kind: pb::value_match::Kind::Exact as i32,
+                name: "version".into(),
+                value: "new".into(),
+            }],
+            ..Default::default()
+        };
+        let rules = vec![
+            pb::RouteRule {
+                name: "new".into(),
+                matches: vec![header_match],
+                backends: vec![pb::Backend { weight: 100, ..v2.clone() }],
+                ..Default::default()
+            },
+            pb::RouteRule { name: "split".into(), backends: vec![v1, v2], ..Default::default() },
+        ];
+        let gateway = pb::IngressGateway {
+            namespace: "default".into(),
+            name: "web-gateway".into(),
+            selector: labels().into_iter().collect(),
+            servers: vec![pb::GatewayServer {
+                port: 80,
+                protocol: Protocol::Http as i32,
+                hosts: vec!["shop.example".into()],
+                ..Default::default()
+            }],
+            routes: vec![pb::GatewayRoute {
+                hosts: vec!["shop.example".into()],
+                ports: vec![80],
+                route: Some(pb::Route { name: "default/web".into(), rules, ordered: true, ..Default::default() }),
+            }],
+        };
+        s.ingress_gateways.insert("default/web-gateway".into(), Arc::new(gateway));
+        s
+    }
+
+    fn head(host: &str, headers: &[(&str, &str)]) -> Head {
+        let mut head = fixture::head("GET", "/hello?x=1", headers);
+        head.host = host.into();
+        head
+    }
+
+    fn plan(state: &MeshState, labels: &BTreeMap<String, String>, head: Head, seed: u64) -> Result<Plan, Answer> {
+        let own = (IpAddr::from(GATEWAY_IP), 80);
+        let client = IpAddr::from([192, 0, 2, 7]);
+        plan_request(&Regexes::default(), state, labels, own, head, client, &mut StdRng::seed_from_u64(seed))
+    }
+
+    #[test]
+    fn the_split_follows_the_weights_and_the_header_route_wins() {
+        let state = gateway_state();
+        let mut counts = BTreeMap::new();
+        for seed in 0..1000 {
+            let plan = plan(&state, &labels(), head("shop.example", &[]), seed).unwrap();
+            *counts.entry(plan.backend.key.clone()).or_insert(0) += 1;
+            assert_eq!(plan.route, "default/web");
+            // The backend named no port: the service's only one (80 → 8080).
+            assert!(plan.backend.endpoints.iter().all(|e| e.port == 8080));
+        }
+        let v1 = counts[&format!("{KEY}#v1")];
+        assert!((650..=750).contains(&v1), "{counts:?}");
+        assert_eq!(v1 + counts[&format!("{KEY}#v2")], 1000);
+        for seed in 0..20 {
+            let plan = plan(&state, &labels(), head("shop.example:80", &[("version", "new")]), seed).unwrap();
+            assert_eq!(plan.backend.key, format!("{KEY}#v2"));
+            // The client's address goes upstream in x-forwarded-for, from the socket.
+            assert_eq!(plan.head.headers["x-forwarded-for"], "192.0.2.7");
+        }
+    }
+
+    fn refused(result: Result<Plan, Answer>) -> Answer {
+        match result {
+            Ok(plan) => panic!("planned to {}", plan.backend.key),
+            Err(a) => a,
+        }
+    }
+
+    #[test]
+    fn a_host_port_or_selector_no_gateway_serves_gets_404() {
+        let state = gateway_state();
+        for host in ["other.example", "", "x.shop.example"] {
+            let a = refused(plan(&state, &labels(), head(host, &[]), 1));
+            assert_eq!((a.status, a.flags), (StatusCode::NOT_FOUND, "NR"), "{host}");
+        }
+        let other = BTreeMap::from([("istio".to_owned(), "eastwestgateway".to_owned())]);
+        let a = refused(plan(&state, &other, head("shop.example", &[]), 1));
+        assert_eq!((a.status, a.flags), (StatusCode::NOT_FOUND, "NR"));
+        let mut no_route = gateway_state();
+        Arc::make_mut(no_route.ingress_gateways.get_mut("default/web-gateway").unwrap()).routes.clear();
+        let a = refused(plan(&no_route, &labels(), head("shop.example", &[]), 1));
+        assert_eq!((a.status, a.body), (StatusCode::NOT_FOUND, "no route matched\n"));
+    }
+
+    #[test]
+    fn an_https_redirect_server_answers_301_with_the_https_location() {
+        let mut state = gateway_state();
+        let g = Arc::make_mut(state.ingress_gateways.get_mut("default/web-gateway").unwrap());
+        g.servers[0].tls = Some(GatewayTls { https_redirect: true, ..Default::default() });
+        let a = refused(plan(&state, &labels(), head("shop.example", &[]), 1));
+        assert_eq!(a.status, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(a.header.unwrap().1, "https://shop.example/hello?x=1");
+    }
+
+    #[test]
+    fn a_destination_with_a_waypoint_is_refused_not_bypassed() {
+        let mut state = gateway_state();
+        let mut svc = (**state.service(KEY).unwrap()).clone();
+        svc.waypoint = Some(proto::state::Waypoint {
+            at: proto::state::WaypointAt::Address("10.0.0.60".parse().unwrap()),
+            hbone_port: 15008,
+        });
+        state.insert_service(svc);
+        let a = refused(plan(&state, &labels(), head("shop.example", &[]), 1));
+        assert_eq!((a.status, a.flags), (StatusCode::SERVICE_UNAVAILABLE, "UH"));
+    }
+
+    #[test]
+    fn a_policy_selecting_the_gateway_pod_denies_every_request() {
+        let mut state = gateway_state();
+        let pod = proto::api::istio::workload::Workload {
+            uid: "Kubernetes//Pod/istio-system/ingress".into(),
+            name: "ingress".into(),
+            namespace: "istio-system".into(),
+            addresses: vec![GATEWAY_IP.to_vec()],
+            service_account: "ingress".into(),
+            ..Default::default()
+        };
+        state.insert_workload(proto::state::Workload::from_pb(pod).unwrap());
+        assert!(plan(&state, &labels(), head("shop.example", &[]), 1).is_ok());
+        let policy = Authorization {
+            name: "allow-some".into(),
+            namespace: "istio-system".into(),
+            scope: Scope::Namespace as i32,
+            action: sec::Action::Allow as i32,
+            ..Default::default()
+        };
+        state.policies.insert("istio-system/allow-some".into(), policy);
+        let a = refused(plan(&state, &labels(), head("shop.example", &[]), 1));
+        assert_eq!((a.status, a.flags), (StatusCode::FORBIDDEN, "RBAC"));
+    }
+
+    #[test]
+    fn host_patterns_admit_what_istio_admits() {
+        assert!(host_matches("*", "anything.example"));
+        assert!(host_matches("xingren.upup", "xingren.upup"));
+        assert!(!host_matches("xingren.upup", "a.xingren.upup"));
+        assert!(host_matches("*.upup", "xingren.upup"));
+        assert!(host_matches("*.upup", "a.b.upup"));
+        assert!(!host_matches("*.upup", "upup"));
+        assert!(!host_matches("*.upup", "xupup"));
+    }
+
+    #[test]
+    fn a_host_loses_its_port() {
+        assert_eq!(host_name("xingren.upup:80"), "xingren.upup");
+        assert_eq!(host_name("xingren.upup"), "xingren.upup");
+        assert_eq!(host_name("[fd00::1]:8080"), "fd00::1");
+        assert_eq!(host_name("[fd00::1]"), "fd00::1");
+    }
+}
