@@ -568,31 +568,81 @@ impl Mesh {
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    gateway.networking.k8s.io/gateway-name: {name}\n  ports:\n    - name: mesh\n      port: 15008\n      targetPort: 15008\n"
             ),
         )?;
-        let token = self.dir.path().join(format!("run/waypoint-{namespace}-{name}.token"));
+        self.run_proxy(&bin, &pod, "waypoint", &[]).await?;
+        Ok(pod)
+    }
+
+    /// Starts the `waypoint` binary in `pod` (as its name, namespace and service account, with
+    /// `extra` arguments) and waits until it is ready.
+    async fn run_proxy(&mut self, bin: &Path, pod: &Arc<MeshPod>, what: &str, extra: &[&str]) -> Result<()> {
+        let (namespace, name) = (pod.namespace.as_str(), pod.name.as_str());
+        let token = self.dir.path().join(format!("run/{what}-{namespace}-{name}.token"));
         let ca = self.ca.as_ref().context("CA not running")?;
-        std::fs::write(&token, ca.token(namespace, "waypoint", None)?)?;
-        let log = self.dir.path().join(format!("logs/waypoint-{namespace}-{name}.log"));
-        let mut command = Command::new(&bin);
+        std::fs::write(&token, ca.token(namespace, &pod.service_account, None)?)?;
+        let log = self.dir.path().join(format!("logs/{what}-{namespace}-{name}.log"));
+        let mut command = Command::new(bin);
         command
-            .args(["--name", name, "--namespace", namespace])
+            .args(["--name", name, "--namespace", namespace, "--service-account", &pod.service_account])
             .args(["--ca-addr", &format!("{CA_IP}:15012"), "--ca-name", &CA_IP.to_string()])
             .args(["--ca-root", &self.ca_root().display().to_string()])
             .args(["--token-file", &token.display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", self.options.drain_timeout.as_millis())])
+            .args(extra)
             .env("RUST_LOG", &self.options.log_filter);
         let (stdout, stderr) = output(Some(&log), false)?;
         let mut child = spawn_child_with(&command, Some(&pod.netns.ns), stdout, stderr)?;
         let ready = SocketAddr::from((pod.ip, 15021));
-        wait_for_port(&mut child, &format!("waypoint {namespace}/{name}"), ready, Some(&pod.netns.ns))?;
+        wait_for_port(&mut child, &format!("{what} {namespace}/{name}"), ready, Some(&pod.netns.ns))?;
         self.waypoints.push(Waypoint { pod: pod.clone(), child: Some(child), log });
-        let what = format!("waypoint {namespace}/{name} ready");
+        let what = format!("{what} {namespace}/{name} ready");
         let netns = pod.netns.ns.clone();
         self.wait_until(&what, Duration::from_secs(20), || {
             let netns = netns.clone();
             async move { http_get(&netns, ready, "/healthz/ready").await.is_ok_and(|(s, _)| s == 200) }
         })
-        .await?;
+        .await
+    }
+
+    /// Deploys an ingress gateway as Istio's chart does: pod `name` in `namespace` on node
+    /// `node`, labelled `labels` (what Gateways select), outside the mesh's capture, running
+    /// `waypoint --ingress` as service account `name`; waits until it is ready. Its ports open as
+    /// Gateways that select it appear.
+    pub async fn ingress_gateway(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        node: u8,
+        labels: &[(&str, &str)],
+    ) -> Result<Arc<MeshPod>> {
+        let bin = binary("waypoint")?;
+        if !bin.exists() {
+            bail!("{} not found: build it first (`cargo build -p waypoint`)", bin.display());
+        }
+        let mut spec = PodSpec::new(name, namespace, node).label(ztunnel::node::agent::DATAPLANE_MODE_LABEL, "none");
+        let mut args = vec!["--ingress".to_owned()];
+        for (k, v) in labels {
+            spec = spec.label(k, v);
+            args.extend(["--gateway-label".to_owned(), format!("{k}={v}")]);
+        }
+        let pod = self.pod(spec).await?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_proxy(&bin, &pod, "ingress", &args).await?;
         Ok(pod)
+    }
+
+    /// A client outside the mesh and outside the nodes: network namespace `outside-<n>` on the
+    /// underlay at `10.10.0.<200 + n>`, with routes to every node's pods (as a load balancer's
+    /// network would have).
+    pub fn outside_client(&mut self, n: u8) -> Result<NamedNetns> {
+        let netns = NamedNetns::create(&format!("{}-o{n}", self.prefix))?;
+        let veth = format!("o{n}");
+        netns.veth("eth0", &self.underlay, &veth)?;
+        self.underlay.ip(&["link", "set", &veth, "master", "br0"])?;
+        netns.ip(&["addr", "add", &format!("10.10.0.{}/24", 200 + u16::from(n)), "dev", "eth0"])?;
+        for node in &self.nodes {
+            netns.ip(&["route", "add", &format!("10.20.{}.0/24", node.index), "via", &node.ip.to_string()])?;
+        }
+        Ok(netns)
     }
 
     /// Sends SIGTERM to the waypoint running in `pod`; [`Exiting::exited`] waits for it to exit.
@@ -907,11 +957,35 @@ pub async fn http_exchange(
     http_exchange_with_body(netns, method, addr, path, headers, &[]).await
 }
 
+/// [`http_exchange`] with `Host: <host>` instead of the address (a client that resolved `host` to
+/// `addr`, as `wget http://<host>/` does).
+pub async fn http_exchange_as(
+    netns: &NetNs,
+    host: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpAnswer> {
+    exchange(netns, "GET", addr, host, path, headers, &[]).await
+}
+
 /// [`http_exchange`] with a request body (`Content-Length`).
 pub async fn http_exchange_with_body(
     netns: &NetNs,
     method: &str,
     addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpAnswer> {
+    exchange(netns, method, addr, &addr.to_string(), path, headers, body).await
+}
+
+async fn exchange(
+    netns: &NetNs,
+    method: &str,
+    addr: SocketAddr,
+    host: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
@@ -923,7 +997,7 @@ pub async fn http_exchange_with_body(
     let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let length = body.len();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Content-Length: {length}\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     stream.write_all(body).await?;

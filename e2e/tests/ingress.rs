@@ -1,0 +1,151 @@
+//! The ingress gateway in the one-machine mesh: real `ca`, `ztunnel` and `waypoint --ingress`
+//! processes, and a client outside the mesh and outside the nodes.
+//!
+//! The tutorial's three objects are applied exactly as the tutorial writes them (Gateway
+//! `xingren-gateway`, VirtualService `hello-virtualservice` bound to it, DestinationRule
+//! `hello-destinationrule`, in namespace `default`, the same file the CA's golden test reads),
+//! with service `hello` and pods labelled `version: latest|new`. The outside client sends
+//! `Host: xingren.upup` to the gateway's address, as `wget http://xingren.upup` does once the name
+//! resolves to the gateway, and sees: the 70/30 split; `version: new` always on the new pods,
+//! about 10 % delayed 10 s and cut at 5 s (504); the one-connection circuit breaker's overflow
+//! (503, `UO`); a host no server serves answered 404. The pods' ztunnel sees the gateway's own
+//! identity on each tunnel.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use e2e::apps::http_server;
+use e2e::mesh::{HttpAnswer, Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
+use ztunnel::netns::NetNs;
+
+const APP_PORT: u16 = 8080;
+const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// The tutorial's objects, verbatim.
+const TUTORIAL: &str = include_str!("../../ca/tests/fixtures/tutorial/input/tutorial.yaml");
+const GATEWAY_SA: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+
+async fn wget(outside: &NetNs, gateway: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpAnswer {
+    http_exchange_as(outside, "xingren.upup", gateway, path, headers).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tutorial_verbatim_through_the_ingress_gateway() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("default", true).await.unwrap();
+    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
+        let pod =
+            mesh.pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version)).await.unwrap();
+        http_server(pod.listen(APP_PORT).unwrap(), name);
+    }
+    mesh.apply(
+        "svc-hello",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: default\nspec:\n  clusterIP: {HELLO}\n  selector:\n    app: hello\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
+        ),
+    )
+    .unwrap();
+    mesh.apply("tutorial", TUTORIAL).unwrap();
+    let gateway_pod =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
+    let gateway = SocketAddr::from((gateway_pod.ip, 80));
+    let outside = mesh.outside_client(1).unwrap();
+
+    mesh.wait_until("the gateway to route xingren.upup", Duration::from_secs(30), || async {
+        let mut ok = true;
+        for _ in 0..10 {
+            ok &= http_exchange_as(&outside.ns, "xingren.upup", gateway, "/", &[]).await.is_ok_and(|a| a.status == 200);
+        }
+        ok
+    })
+    .await
+    .unwrap();
+
+    // The tutorial's loop: ~70 % latest, ~30 % new (±5 % of 600: 150..=210 new).
+    let mut new = 0;
+    for _ in 0..600 {
+        let a = wget(&outside.ns, gateway, "/", &[]).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        match a.body.trim() {
+            "hello-new" => new += 1,
+            "hello-latest" => {}
+            other => panic!("answered by {other:?}"),
+        }
+    }
+    assert!((150..=210).contains(&new), "subset new got {new} of 600 (want 180 ± 30)");
+
+    // `version: new`: always the new pods; ~10 % delayed 10 s and cut at 5 s (504). Two lanes,
+    // within the pool (one connection, one waiting).
+    let lanes: Vec<_> = (0..2)
+        .map(|_| {
+            let ns = outside.ns.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..40 {
+                    let start = Instant::now();
+                    let a = wget(&ns, gateway, "/", &[("version", "new")]).await;
+                    out.push((a, start.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut timeouts = 0;
+    for lane in lanes {
+        for (a, took) in lane.await.unwrap() {
+            if a.status == 504 {
+                timeouts += 1;
+                assert!(took >= Duration::from_millis(4900) && took < Duration::from_secs(9), "504 after {took:?}");
+            } else {
+                assert_eq!((a.status, a.body.trim()), (200, "hello-new"), "{a:?}");
+                assert!(took < Duration::from_secs(4), "an undelayed request took {took:?}");
+            }
+        }
+    }
+    // Binomial(80, 0.1): outside 1..=20 with probability < 0.001.
+    assert!((1..=20).contains(&timeouts), "{timeouts} of 80 delayed past the timeout (want ~8)");
+
+    // Beyond the pool (1 connection + 1 waiting), concurrent requests get 503 (overflow).
+    let burst: Vec<_> = (0..30)
+        .map(|_| {
+            let ns = outside.ns.clone();
+            tokio::spawn(async move { wget(&ns, gateway, "/delay/300", &[]).await.status })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for b in burst {
+        statuses.push(b.await.unwrap());
+    }
+    let overflow = statuses.iter().filter(|s| **s == 503).count();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(overflow + ok, 30, "{statuses:?}");
+    assert!(ok >= 2 && overflow >= 20, "{ok} served, {overflow} overflowed: {statuses:?}");
+
+    // A host no server of the Gateway serves: 404, no route.
+    let other = http_exchange_as(&outside.ns, "elsewhere.upup", gateway, "/", &[]).await.unwrap();
+    assert_eq!(other.status, 404, "{other:?}");
+
+    // The gateway counts what it did, as Istio's gateways report (reporter="source").
+    let m = mesh.waypoint_metrics(&gateway_pod).await.unwrap();
+    let by = |needles: &[&str]| sum(&m, "istio_requests_total{", needles);
+    assert_eq!(by(&["reporter=\"source\"", "response_code=\"503\"", "response_flags=\"UO\""]), overflow as f64);
+    assert_eq!(by(&["response_code=\"504\"", "response_flags=\"UT\""]), f64::from(timeouts));
+    assert_eq!(by(&["response_code=\"404\"", "response_flags=\"NR\""]), 1.0);
+    assert!(
+        by(&["response_code=\"200\"", "destination_workload=\"hello-new\"", "destination_service_name=\"hello\""])
+            >= f64::from(new),
+        "{m}"
+    );
+
+    // Each pod's ztunnel saw the gateway's own identity (from its certificate) on the tunnels.
+    for node in [1, 2] {
+        let m = mesh.metrics(node).await.unwrap();
+        let from_gateway = sum(
+            &m,
+            "istio_tcp_connections_opened_total{",
+            &["reporter=\"destination\"", &format!("source_principal=\"{GATEWAY_SA}\"")],
+        );
+        assert!(from_gateway >= 1.0, "node {node}'s ztunnel saw no tunnel from the gateway:\n{m}");
+    }
+}
