@@ -12,6 +12,11 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The tutorial's Gateway `xingren-gateway`, VirtualService `hello-virtualservice` and
+/// DestinationRule `hello-destinationrule`, exactly as the tutorial writes them (namespace
+/// `default`; the same file the CA's golden test reads).
+pub const TUTORIAL_VERBATIM: &str = include_str!("../../ca/tests/fixtures/tutorial/input/tutorial.yaml");
+
 /// The VirtualService + DestinationRule users copy from tutorials (the waypoint issue's example),
 /// in namespace `demo`: header `version: new` → subset `new` (10 % delayed 10 s, 5 s timeout),
 /// the rest 70/30 over `latest`/`new`; a connection pool of one connection, one waiting request,

@@ -16,14 +16,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use e2e::apps::http_server;
+use e2e::apps::{TUTORIAL_VERBATIM, http_server};
 use e2e::mesh::{HttpAnswer, Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
 use ztunnel::netns::NetNs;
 
 const APP_PORT: u16 = 8080;
 const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
-/// The tutorial's objects, verbatim.
-const TUTORIAL: &str = include_str!("../../ca/tests/fixtures/tutorial/input/tutorial.yaml");
 const GATEWAY_SA: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
 
 async fn wget(outside: &NetNs, gateway: SocketAddr, path: &str, headers: &[(&str, &str)]) -> HttpAnswer {
@@ -46,7 +44,7 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
         ),
     )
     .unwrap();
-    mesh.apply("tutorial", TUTORIAL).unwrap();
+    mesh.apply("tutorial", TUTORIAL_VERBATIM).unwrap();
     let gateway_pod =
         mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
     let gateway = SocketAddr::from((gateway_pod.ip, 80));

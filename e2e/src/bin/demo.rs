@@ -4,9 +4,10 @@
 //! real processes (the binaries next to this one). The walk-through: an ambient namespace whose
 //! pods talk across nodes over mutual TLS (the identities each side proved, and what the wire
 //! between the nodes carried); a pod outside the mesh let in under PERMISSIVE and refused under
-//! STRICT; a waypoint with the tutorial VirtualService + DestinationRule (canary split, header
-//! route with fault injection, connection-pool overflow); an AuthorizationPolicy denying one
-//! caller; the CA's intermediate and root rotated through its API under a long-lived stream.
+//! STRICT; the tutorial's Gateway, VirtualService and DestinationRule, unedited, from a client
+//! outside the mesh through the ingress gateway (canary split, header route with fault injection,
+//! connection-pool overflow); a waypoint whose AuthorizationPolicy denies one caller; the CA's
+//! intermediate and root rotated through its API under a long-lived stream.
 //! Everything is removed at the end, on Ctrl-C and on SIGTERM.
 
 #![allow(clippy::print_stdout)]
@@ -21,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use e2e::apps::{EchoClient, TUTORIAL, echo_server, http_server};
+use e2e::apps::{EchoClient, TUTORIAL_VERBATIM, echo_server, http_server};
 use e2e::ca_process::spawn_child_with;
-use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, binary, http_exchange, metric_sum};
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, binary, http_exchange, http_exchange_as, metric_sum};
 use e2e::sniff::{Sniffer, contains, tcp_segments};
 
 const STEPS: usize = 6;
@@ -31,21 +32,23 @@ const ECHO: u16 = 9000;
 const HTTP: u16 = 8080;
 const SERVER_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const HELLO_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+/// The tutorial's service `default/hello`.
+const TUTORIAL_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
 const WAYPOINT_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 2);
 
 /// A whole ambient mesh on this machine, walked through step by step (needs root).
 ///
 /// Builds two nodes and their pods as network namespaces, runs the real `ca`, one `ztunnel` per
-/// node and a `waypoint` as processes, and shows: mutual TLS between pods with the identities
-/// each side proved; plaintext clients let in (PERMISSIVE) and refused (STRICT); the waypoint's
-/// canary split, header route, fault injection and circuit breaker from the tutorial
-/// VirtualService + DestinationRule; an AuthorizationPolicy denying a caller; certificate
-/// rotation through the CA's API under a live stream. Removes everything it made when it ends,
-/// and on Ctrl-C / SIGTERM.
+/// node, an ingress gateway and a waypoint as processes, and shows: mutual TLS between pods with
+/// the identities each side proved; plaintext clients let in (PERMISSIVE) and refused (STRICT);
+/// the tutorial's Gateway, VirtualService and DestinationRule, unedited, from a client outside
+/// the mesh through the ingress gateway (canary split, header route with fault injection, circuit
+/// breaker); a waypoint's AuthorizationPolicy denying a caller; certificate rotation through the
+/// CA's API under a live stream. Removes everything it made when it ends, and on Ctrl-C / SIGTERM.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Requests sent through the waypoint for the 70/30 canary split.
+    /// Requests sent through the ingress gateway for the 70/30 canary split.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(10..=100_000))]
     requests: u32,
 
@@ -118,7 +121,7 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<()> {
     let mut story = Story { step: 0, start: Instant::now() };
     println!("ambient mesh demo: two nodes and their pods as network namespaces on this machine; the CA,");
-    println!("one ztunnel per node and a waypoint run as real processes.");
+    println!("one ztunnel per node, an ingress gateway and a waypoint run as real processes.");
 
     story.step("Starting the mesh: the CA (control plane) and a ztunnel on each node");
     let options = MeshOptions { nodes: 2, log_filter: args.log.clone(), ..MeshOptions::default() };
@@ -224,8 +227,8 @@ fn leftovers(state: &std::path::Path) -> Vec<String> {
 async fn walk(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> {
     let (client, server) = mutual_tls(mesh, story).await?;
     outside_the_mesh(mesh, story, &client, &server).await?;
-    waypoint(mesh, story, &client, args).await?;
-    authorization(mesh, story, &client).await?;
+    ingress(mesh, story, args).await?;
+    waypoint(mesh, story, &client).await?;
     rotation(mesh, story, &client, &server).await?;
     Ok(())
 }
@@ -377,38 +380,42 @@ async fn outside_the_mesh(mesh: &mut Mesh, story: &mut Story, client: &MeshPod, 
     Ok(())
 }
 
-async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, args: &Args) -> Result<()> {
-    story.step("A waypoint for namespace demo: L7 routing from the tutorial VirtualService + DestinationRule");
+async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> {
+    story.step("The tutorial, unedited: an outside client through the ingress gateway xingren-gateway");
+    mesh.namespace("default", true).await?;
     for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
-        let pod = mesh.pod(PodSpec::new(name, "demo", node).label("app", "hello").label("version", version)).await?;
+        let pod = mesh.pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version)).await?;
         http_server(pod.listen(HTTP)?, name);
     }
-    mesh.service("hello", "demo", HELLO_VIP, 80, "hello", HTTP)?;
-    let waypoint = mesh.waypoint("demo", "waypoint", 1, WAYPOINT_VIP).await?;
-    mesh.use_waypoint("demo", Some("waypoint"))?;
-    mesh.settle(&[], &[]).await?;
-    story.say("deployed: Gateway demo/waypoint (class istio-waypoint), its Service and a waypoint process on node-1;");
-    story.say(
-        "namespace demo labelled istio.io/use-waypoint=waypoint; service hello has pods hello-latest and hello-new",
-    );
-    mesh.apply("istio-hello", TUTORIAL)?;
-    let hello = SocketAddr::from((HELLO_VIP, 80));
-    mesh.wait_until("the waypoint to hold the VirtualService", Duration::from_secs(30), || async {
-        let Ok(dump) = mesh.waypoint_config(&waypoint).await else { return false };
-        let routes = &dump["waypoint"]["routes"]["demo/hello.demo.svc.cluster.local"];
-        let has_vs = routes.as_array().is_some_and(|r| r.iter().any(|n| n == "demo/hello"));
-        has_vs && dump["waypoint"]["destination_policies"].as_array().is_some_and(|p| !p.is_empty())
+    mesh.service("hello", "default", TUTORIAL_VIP, 80, "hello", HTTP)?;
+    let gateway = mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
+    story.say("deployed: service default/hello (pods hello-latest, hello-new; namespace default in the mesh) and");
+    story.say(format!(
+        "an ingress gateway pod istio-system/istio-ingressgateway (label istio=ingressgateway) on node-1 at {}",
+        gateway.ip
+    ));
+    mesh.apply("tutorial", TUTORIAL_VERBATIM)?;
+    let outside = mesh.outside_client(1)?;
+    let gw = SocketAddr::from((gateway.ip, 80));
+    let wget = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let ns = outside.ns.clone();
+        async move { http_exchange_as(&ns, "xingren.upup", gw, path, headers).await }
+    };
+    mesh.wait_until("the gateway to route xingren.upup", Duration::from_secs(30), || async {
+        wget("/", &[]).await.is_ok_and(|a| a.status == 200)
     })
     .await?;
-    story.say(
-        "applied VirtualService demo/hello + DestinationRule demo/hello (as in the tutorial); the waypoint holds them",
-    );
+    story.say("applied the tutorial's Gateway xingren-gateway, VirtualService hello-virtualservice and");
+    story.say("DestinationRule hello-destinationrule exactly as written; the gateway listens on port 80 for xingren.upup");
+    story.say(format!(
+        "an outside client (10.10.0.201: not a node, not in the mesh) loops `wget -q -O - http://xingren.upup`, the name sent to {gw}"
+    ));
 
     // The split.
     let total = args.requests;
     let mut served: BTreeMap<String, u32> = BTreeMap::new();
     for i in 1..=total {
-        let a = http_exchange(&client.netns.ns, "GET", hello, "/", &[]).await?;
+        let a = wget("/", &[]).await?;
         ensure!(a.status == 200, "request {i} answered {}: {}", a.status, a.body.trim());
         *served.entry(a.body.trim().to_owned()).or_default() += 1;
         if i % 20 == 0 || i == total {
@@ -430,15 +437,12 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, arg
     let started = Instant::now();
     let lanes: Vec<_> = (0..2)
         .map(|_| {
-            let client = client.clone();
+            let ns = outside.ns.clone();
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 for _ in 0..15 {
                     let t = Instant::now();
-                    out.push((
-                        http_exchange(&client.netns.ns, "GET", hello, "/", &[("version", "new")]).await,
-                        t.elapsed(),
-                    ));
+                    out.push((http_exchange_as(&ns, "xingren.upup", gw, "/", &[("version", "new")]).await, t.elapsed()));
                 }
                 out
             })
@@ -461,17 +465,10 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, arg
     ensure!(other == 0, "{other} header-routed requests did not end as the tutorial says");
 
     // The circuit breaker.
-    let burst: Vec<_> = (0..20)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                http_exchange(&client.netns.ns, "GET", hello, "/delay/300", &[]).await.map(|a| a.status)
-            })
-        })
-        .collect();
+    let burst: Vec<_> = (0..20).map(|_| tokio::spawn(wget("/delay/300", &[]))).collect();
     let mut statuses = Vec::new();
     for b in burst {
-        statuses.push(b.await??);
+        statuses.push(b.await??.status);
     }
     let overflow = statuses.iter().filter(|s| **s == 503).count();
     let ok = statuses.iter().filter(|s| **s == 200).count();
@@ -480,27 +477,42 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, arg
     ));
     ensure!(ok + overflow == 20 && overflow > 0, "unexpected burst answers: {statuses:?}");
 
-    let m = mesh.waypoint_metrics(&waypoint).await?;
-    let counted = metric_sum(&m, "istio_requests_total{", &["destination_service=\"hello.demo.svc.cluster.local\""]);
-    story.say(format!("the waypoint counted {counted} requests to hello (istio_requests_total, reporter=waypoint)"));
+    let m = mesh.waypoint_metrics(&gateway).await?;
+    let counted = metric_sum(&m, "istio_requests_total{", &["destination_service=\"hello.default.svc.cluster.local\""]);
+    story.say(format!("the gateway counted {counted} requests to hello (istio_requests_total, reporter=source)"));
+    let identity = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+    let seen = metric_sum(
+        &mesh.metrics(2).await?,
+        "istio_tcp_connections_opened_total{",
+        &["reporter=\"destination\"", &format!("source_principal=\"{identity}\"")],
+    );
+    ensure!(seen > 0.0, "node-2's ztunnel saw no tunnel from the gateway");
+    story.say(format!("into the mesh over HBONE as the gateway: node-2's ztunnel verified {identity}"));
     Ok(())
 }
 
-async fn authorization(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Result<()> {
-    story.step("An AuthorizationPolicy denies one caller");
+async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Result<()> {
+    story.step("A waypoint for namespace demo: an L7 AuthorizationPolicy denies one caller");
+    let hello = mesh.pod(PodSpec::new("hello", "demo", 2).label("app", "hello")).await?;
+    http_server(hello.listen(HTTP)?, "hello");
+    mesh.service("hello", "demo", HELLO_VIP, 80, "hello", HTTP)?;
+    let waypoint = mesh.waypoint("demo", "waypoint", 1, WAYPOINT_VIP).await?;
+    mesh.use_waypoint("demo", Some("waypoint"))?;
     let intruder = mesh.pod(PodSpec::new("intruder", "demo", 2)).await?;
     mesh.settle(&[], &[]).await?;
+    story.say("deployed: Gateway demo/waypoint (class istio-waypoint), its Service and a waypoint process on node-1;");
+    story.say("namespace demo labelled istio.io/use-waypoint=waypoint; service demo/hello; pods client and intruder");
     mesh.apply(
         "authz-demo-deny-intruder",
         "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: deny-intruder\n  namespace: demo\nspec:\n  targetRefs:\n    - {kind: Service, group: \"\", name: hello}\n  action: DENY\n  rules:\n    - from:\n        - source:\n            principals: [cluster.local/ns/demo/sa/intruder]\n",
     )?;
-    let hello = SocketAddr::from((HELLO_VIP, 80));
-    mesh.wait_until("the policy to apply", Duration::from_secs(20), || async {
-        http_exchange(&intruder.netns.ns, "GET", hello, "/", &[]).await.is_ok_and(|a| a.status == 403)
+    let to = SocketAddr::from((HELLO_VIP, 80));
+    mesh.wait_until("the policy to apply", Duration::from_secs(30), || async {
+        http_exchange(&intruder.netns.ns, "GET", to, "/", &[]).await.is_ok_and(|a| a.status == 403)
     })
     .await?;
-    let denied = http_exchange(&intruder.netns.ns, "GET", hello, "/", &[]).await?;
-    let allowed = http_exchange(&client.netns.ns, "GET", hello, "/", &[]).await?;
+    let denied = http_exchange(&intruder.netns.ns, "GET", to, "/", &[]).await?;
+    let allowed = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await?;
     story.say(
         "policy demo/deny-intruder: DENY requests to service hello from principal cluster.local/ns/demo/sa/intruder",
     );
@@ -508,10 +520,13 @@ async fn authorization(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> 
     story.say(format!("demo/client   → hello: {} (answered by {})", allowed.status, allowed.body.trim()));
     ensure!(denied.status == 403 && allowed.status == 200, "policy not enforced as written");
     story.say("the caller's identity comes from its TLS certificate, checked by the waypoint: a header cannot fake it");
+    let m = mesh.waypoint_metrics(&waypoint).await?;
+    let counted = metric_sum(&m, "istio_requests_total{", &["destination_service=\"hello.demo.svc.cluster.local\""]);
+    let refused = metric_sum(&m, "istio_requests_total{", &["response_code=\"403\"", "response_flags=\"RBAC\""]);
+    story.say(format!("the waypoint counted {counted} requests to hello, {refused} refused by policy (reporter=waypoint)"));
     Ok(())
 }
 
-/// Runs `ambientctl ca <args>` (the CA's admin API) from the underlay, as an admin would.
 fn ca_admin(mesh: &Mesh, args: &[&str]) -> Result<String> {
     let state = mesh.state_dir().join("state");
     let mut command = Command::new(binary("ambientctl")?);
