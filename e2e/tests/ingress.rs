@@ -147,3 +147,58 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
         assert!(from_gateway >= 1.0, "node {node}'s ztunnel saw no tunnel from the gateway:\n{m}");
     }
 }
+
+/// A destination with a waypoint is reached through it: the waypoint sees the gateway's identity
+/// and its policy decides (a DENY for the gateway on `/admin` answers 403; the rest passes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_with_a_waypoint_is_reached_through_it_as_the_gateway() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("shop", true).await.unwrap();
+    let web = mesh.pod(PodSpec::new("web", "shop", 2).label("app", "web")).await.unwrap();
+    http_server(web.listen(APP_PORT).unwrap(), "web");
+    mesh.service("web", "shop", Ipv4Addr::new(10, 96, 3, 10), 80, "web", APP_PORT).unwrap();
+    let waypoint = mesh.waypoint("shop", "waypoint", 1, Ipv4Addr::new(10, 96, 3, 2)).await.unwrap();
+    mesh.use_waypoint("shop", Some("waypoint")).unwrap();
+    mesh.apply(
+        "shop-gateway",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: shop, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [\"*.shop.example\"]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\nspec:\n  hosts: [www.shop.example]\n  gateways: [shop]\n  http:\n  - route: [{destination: {host: web}}]\n",
+    )
+    .unwrap();
+    mesh.apply(
+        "shop-deny-admin",
+        &format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-admin-from-edge, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: web}}]\n  action: DENY\n  rules:\n  - from: [{{source: {{principals: [\"{}\"]}}}}]\n    to: [{{operation: {{paths: [\"/admin*\"]}}}}]\n",
+            GATEWAY_SA.trim_start_matches("spiffe://")
+        ),
+    )
+    .unwrap();
+    let gateway_pod =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
+    let gateway = SocketAddr::from((gateway_pod.ip, 80));
+    let outside = mesh.outside_client(1).unwrap();
+    let get = |path: &'static str| {
+        let ns = outside.ns.clone();
+        async move { http_exchange_as(&ns, "www.shop.example", gateway, path, &[]).await }
+    };
+    mesh.wait_until("the gateway, the waypoint and its policy", Duration::from_secs(30), || async {
+        get("/public").await.is_ok_and(|a| a.status == 200) && get("/admin").await.is_ok_and(|a| a.status == 403)
+    })
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        let a = get("/public").await.unwrap();
+        assert_eq!((a.status, a.body.trim()), (200, "web"), "{a:?}");
+        let a = get("/admin/users").await.unwrap();
+        assert_eq!((a.status, a.body.trim()), (403, "RBAC: access denied"), "{a:?}");
+    }
+    // The waypoint saw the gateway as the caller, from its certificate.
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    let from_gateway = |code: &str| {
+        sum(
+            &m,
+            "istio_requests_total{",
+            &[&format!("source_principal=\"{GATEWAY_SA}\""), &format!("response_code=\"{code}\""), "reporter=\"waypoint\""],
+        )
+    };
+    assert!(from_gateway("200") >= 5.0 && from_gateway("403") >= 5.0, "{m}");
+}

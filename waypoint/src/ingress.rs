@@ -9,10 +9,13 @@
 //! to the endpoint pods over HBONE with the gateway's own certificate, so the destination's
 //! ztunnel sees the gateway as the caller.
 //!
-//! What it does not do yet is refused, never done halfway: a destination service that has a
-//! waypoint is answered `503` (sending around its waypoint would skip the policies it enforces);
-//! a policy that selects the gateway's own pod denies every request (`403`), since the gateway
-//! cannot evaluate it; HTTPS, TLS and TCP servers are reported and not listened on.
+//! A destination service that has a waypoint is reached through it (HBONE to a waypoint pod,
+//! naming the service's VIP and port), so the policies it enforces apply; the waypoint routes
+//! the request by the service's own routes (a subset chosen at the gateway is not kept).
+//!
+//! What it does not do yet is refused, never done halfway: a policy that selects the gateway's
+//! own pod denies every request (`403`), since the gateway cannot evaluate it; HTTPS, TLS and TCP
+//! servers are reported and not listened on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -39,7 +42,7 @@ use crate::normalize;
 use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
 use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
-use crate::target::Backend;
+use crate::target::{self, Backend};
 use crate::upstream::{Body, BoxError};
 
 /// What makes a waypoint an ingress gateway.
@@ -158,12 +161,17 @@ pub(crate) fn plan_request(
     let ports = Ports { request: port, unset: UnsetPort::OnlyServicePort };
     // Every rule here has a route; a request without one was answered above.
     let unrouted = || Backend::service(state, "", port, None);
-    let plan = plan::plan_rule(state, Some((chosen.rule, route_name.clone())), head, ports, Some(client), unrouted, rng)?;
-    let service = plan.backend.key.split('#').next().unwrap_or_default();
-    if state.service(service).is_some_and(|s| s.waypoint.is_some()) {
-        warn!(route = %route_name, service,
-            "request refused: the destination service has a waypoint, and this gateway does not send through waypoints yet");
-        return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "destination has a waypoint\n", "UH", &route_name));
+    let mut plan =
+        plan::plan_rule(state, Some((chosen.rule, route_name.clone())), head, ports, Some(client), unrouted, rng)?;
+    // A service with a waypoint is reached through it, never around it: its policies apply there.
+    let key = plan.backend.key.split('#').next().unwrap_or_default();
+    if let Some(service) = state.service(key).filter(|s| s.waypoint.is_some()) {
+        let through = target::waypoint_of(state, service).and_then(|w| plan.backend.clone().through_waypoint(service, w));
+        let Some(backend) = through else {
+            warn!(route = %route_name, service = key, "request refused: the destination's waypoint has no pod to take it");
+            return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", "UH", &route_name));
+        };
+        plan.backend = backend;
     }
     Ok(plan)
 }
@@ -512,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn a_destination_with_a_waypoint_is_refused_not_bypassed() {
+    fn a_destination_with_a_waypoint_is_reached_through_it_never_around_it() {
         let mut state = gateway_state();
         let mut svc = (**state.service(KEY).unwrap()).clone();
         svc.waypoint = Some(proto::state::Waypoint {
@@ -520,8 +528,26 @@ mod tests {
             hbone_port: 15008,
         });
         state.insert_service(svc);
+        // Its waypoint has no pod (yet): refused, not sent around it.
         let a = refused(plan(&state, &labels(), head("shop.example", &[]), 1));
         assert_eq!((a.status, a.flags), (StatusCode::SERVICE_UNAVAILABLE, "UH"));
+
+        let pod = proto::api::istio::workload::Workload {
+            uid: "Kubernetes//Pod/shop/waypoint".into(),
+            name: "waypoint".into(),
+            namespace: "shop".into(),
+            addresses: vec![vec![10, 0, 0, 60]],
+            service_account: "waypoint".into(),
+            ..Default::default()
+        };
+        state.insert_workload(proto::state::Workload::from_pb(pod).unwrap());
+        for seed in 0..10 {
+            let plan = plan(&state, &labels(), head("shop.example", &[]), seed).unwrap();
+            let [only] = plan.backend.endpoints.as_slice() else { panic!("{:?}", plan.backend.endpoints) };
+            // The waypoint pod, with requests naming the service's VIP and port.
+            assert_eq!(only.workload.name, "waypoint");
+            assert_eq!((only.address, only.port), (Some(IpAddr::from([10, 96, 0, 1])), 80));
+        }
     }
 
     #[test]

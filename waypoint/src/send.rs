@@ -217,7 +217,7 @@ async fn try_endpoints(
 /// The plan's request addressed to `endpoint`, with `body`; `None` for an endpoint without an
 /// address.
 fn request_to(plan: &Plan, endpoint: &Endpoint, body: Body) -> Option<Request<Body>> {
-    let ip = endpoint.workload.primary_address()?;
+    let ip = endpoint.address.or_else(|| endpoint.workload.primary_address())?;
     let uri: Uri = format!("http://{}{}", SocketAddr::new(ip, endpoint.port), plan.path_and_query).parse().ok()?;
     let mut request = Request::from_parts(plan.head.clone(), body);
     *request.uri_mut() = uri;

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use proto::api::ambient::waypoint::v1::DestinationPolicy;
-use proto::state::{MeshState, Service, Workload};
+use proto::state::{MeshState, Service, WaypointAt, Workload};
 
 use crate::authz::{self, AuthzInput, Decision};
 
@@ -66,6 +66,21 @@ pub(crate) fn authorize(
 pub(crate) struct Endpoint {
     pub(crate) workload: Arc<Workload>,
     pub(crate) port: u16,
+    /// The address requests name when it is not the pod's own: a service VIP, for a waypoint pod
+    /// that takes the service's traffic (see [`Backend::through_waypoint`]).
+    pub(crate) address: Option<IpAddr>,
+}
+
+/// A pod of `service`'s waypoint that can take traffic, if the service has a waypoint.
+pub(crate) fn waypoint_of(state: &MeshState, service: &Service) -> Option<Arc<Workload>> {
+    let pod = |key: &str| state.endpoints(key).find(|w| w.healthy).cloned();
+    match &service.waypoint.as_ref()?.at {
+        WaypointAt::Address(ip) => match state.service_by_vip(*ip) {
+            Some(svc) => pod(&svc.key),
+            None => state.workload_by_ip(*ip).cloned(),
+        },
+        WaypointAt::Service(key) => pod(key),
+    }
 }
 
 impl AsRef<Workload> for Endpoint {
@@ -81,7 +96,7 @@ pub(crate) fn endpoints(state: &MeshState, service_key: &str, port: u16) -> Vec<
         .filter(|w| w.healthy)
         .filter_map(|w| {
             let p = w.services.get(service_key)?.iter().find(|p| p.service_port == port)?;
-            Some(Endpoint { workload: w.clone(), port: p.target_port.unwrap_or(p.service_port) })
+            Some(Endpoint { workload: w.clone(), port: p.target_port.unwrap_or(p.service_port), address: None })
         })
         .collect()
 }
@@ -97,6 +112,8 @@ pub(crate) struct Backend {
     pub(crate) endpoints: Vec<Endpoint>,
     service_policy: Option<Arc<DestinationPolicy>>,
     subset: Option<String>,
+    /// The service port it is sent to (0 for a pod addressed directly).
+    service_port: u16,
 }
 
 impl Backend {
@@ -120,7 +137,18 @@ impl Backend {
             endpoints,
             service_policy: state.destination_policies.get(service_key).cloned(),
             subset: subset.map(|(name, _)| name.to_owned()),
+            service_port: port,
         }
+    }
+
+    /// The same backend reached through `service`'s waypoint pod `waypoint`: one endpoint, the
+    /// waypoint, with requests naming the service's VIP and port (the waypoint routes them and
+    /// applies the service's policies; a subset chosen here is not kept). `None` when the service
+    /// has no VIP.
+    pub(crate) fn through_waypoint(mut self, service: &Service, waypoint: Arc<Workload>) -> Option<Backend> {
+        let vip = *service.vips.first()?;
+        self.endpoints = vec![Endpoint { workload: waypoint, port: self.service_port, address: Some(vip) }];
+        Some(self)
     }
 
     /// What `destination` itself is on `port`: the service's endpoints, or the pod.
@@ -129,9 +157,10 @@ impl Backend {
             Destination::Service(svc) => Backend::service(state, &svc.key, port, None),
             Destination::Workload(w) => Backend {
                 key: String::new(),
-                endpoints: vec![Endpoint { workload: w.clone(), port }],
+                endpoints: vec![Endpoint { workload: w.clone(), port, address: None }],
                 service_policy: None,
                 subset: None,
+                service_port: 0,
             },
         }
     }

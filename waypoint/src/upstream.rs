@@ -109,13 +109,26 @@ impl Connector {
         Ok(Tunnel(TokioIo::new(self.tunnel(ip, port).await?)))
     }
 
-    /// Opens an HBONE tunnel to `port` of the pod at `ip`, accepting only the pod's identity.
+    /// Opens an HBONE tunnel to `port` of the pod at `ip`, accepting only the pod's identity; or,
+    /// when `ip` is the VIP of a service with a waypoint, to a pod of that waypoint (accepting only
+    /// its identity) for the VIP and port, as a ztunnel sends a client's traffic.
     pub async fn tunnel(&self, ip: IpAddr, port: u16) -> Result<H2Stream, ConnectError> {
-        let workload = self.view.read(|s| s.workload_by_ip(ip).cloned()).ok_or(ConnectError::UnknownEndpoint(ip))?;
+        let (peer, hbone_port) = self
+            .view
+            .read(|s| match s.workload_by_ip(ip) {
+                Some(w) => Some((w.clone(), HBONE_PORT)),
+                None => {
+                    let svc = s.service_by_vip(ip)?;
+                    let hbone_port = svc.waypoint.as_ref()?.hbone_port;
+                    Some((crate::target::waypoint_of(s, svc)?, hbone_port))
+                }
+            })
+            .ok_or(ConnectError::UnknownEndpoint(ip))?;
+        let dial = peer.primary_address().ok_or(ConnectError::UnknownEndpoint(ip))?;
         let mut request = ConnectRequest::new(
             self.credential.clone(),
-            SocketAddr::new(ip, HBONE_PORT),
-            vec![workload.identity.clone()],
+            SocketAddr::new(dial, hbone_port),
+            vec![peer.identity.clone()],
             SocketAddr::new(ip, port),
         );
         if let Some(client) = self.client {
