@@ -428,6 +428,48 @@ impl Policy {
     }
 }
 
+/// A gateway's TLS credential (from a Secret) and the identities it is served to: the service
+/// accounts of the gateway pods, in the Secret's namespace, that a Gateway naming it selects.
+/// Its debug and JSON forms never show the private key.
+#[derive(Clone, PartialEq)]
+pub struct ServedCredential {
+    /// What is served.
+    pub credential: proto::api::ambient::waypoint::v1::GatewayCredential,
+    /// SPIFFE IDs allowed to receive it.
+    pub readers: std::collections::BTreeSet<String>,
+}
+
+impl ServedCredential {
+    /// The SHA-256 of the certificate chain's PEM (to tell versions apart in dumps).
+    pub fn chain_sha256(&self) -> String {
+        proto::tls::fingerprint_sha256(self.credential.cert_chain.as_bytes())
+    }
+}
+
+impl std::fmt::Debug for ServedCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedCredential")
+            .field("namespace", &self.credential.namespace)
+            .field("name", &self.credential.name)
+            .field("chain_sha256", &self.chain_sha256())
+            .field("has_ca", &!self.credential.ca_certificates.is_empty())
+            .field("readers", &self.readers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for ServedCredential {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("ServedCredential", 4)?;
+        s.serialize_field("chain_sha256", &self.chain_sha256())?;
+        s.serialize_field("has_ca_certificates", &!self.credential.ca_certificates.is_empty())?;
+        s.serialize_field("readers", &self.readers)?;
+        s.serialize_field("private_key", "(redacted)")?;
+        s.end()
+    }
+}
+
 /// Everything the control plane serves, derived from the current objects.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MeshState {
@@ -447,6 +489,9 @@ pub struct MeshState {
     pub destination_policies: BTreeMap<String, proto::api::ambient::waypoint::v1::DestinationPolicy>,
     /// Ingress gateways (Istio Gateways with their bound VirtualServices) by `namespace/name`.
     pub ingress_gateways: BTreeMap<String, proto::api::ambient::waypoint::v1::IngressGateway>,
+    /// The TLS credentials gateways terminate with, by `<namespace>/<secret>`, with who may read
+    /// them.
+    pub gateway_credentials: BTreeMap<String, ServedCredential>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
     /// Objects the translation could not take as written (policies it made fail closed), with

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::k8s::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
-    PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
+    PeerAuthentication, Pod, RequestAuthentication, Secret, Service, VirtualService,
 };
 use crate::validate::{self, Invalid};
 
@@ -31,6 +31,8 @@ pub enum Kind {
     Service,
     /// discovery.k8s.io/v1 EndpointSlice.
     EndpointSlice,
+    /// core/v1 Secret of type `kubernetes.io/tls` (a gateway's `credentialName`).
+    Secret,
     /// gateway.networking.k8s.io Gateway.
     Gateway,
     /// gateway.networking.k8s.io HTTPRoute.
@@ -91,6 +93,8 @@ pub enum Object {
     Service(Arc<Service>),
     /// An EndpointSlice.
     EndpointSlice(Arc<EndpointSlice>),
+    /// A TLS Secret.
+    Secret(Arc<Secret>),
     /// A Gateway.
     Gateway(Arc<Gateway>),
     /// An HTTPRoute.
@@ -224,6 +228,7 @@ impl Object {
             ("", "Pod") => decode(Kind::Pod, value).map(Object::Pod),
             ("", "Service") => decode(Kind::Service, value).map(Object::Service),
             ("discovery.k8s.io", "EndpointSlice") => decode(Kind::EndpointSlice, value).map(Object::EndpointSlice),
+            ("", "Secret") => decode(Kind::Secret, value).map(Object::Secret),
             ("gateway.networking.k8s.io", "Gateway") => decode(Kind::Gateway, value).map(Object::Gateway),
             ("gateway.networking.k8s.io", "HTTPRoute") => decode(Kind::HTTPRoute, value).map(Object::HTTPRoute),
             ("gateway.networking.k8s.io", "GRPCRoute") => decode(Kind::GRPCRoute, value).map(Object::GRPCRoute),
@@ -255,6 +260,7 @@ impl Object {
             Object::Pod(o) => o.meta(),
             Object::Service(o) => o.meta(),
             Object::EndpointSlice(o) => o.meta(),
+            Object::Secret(o) => o.meta(),
             Object::Gateway(o) => o.meta(),
             Object::HTTPRoute(o) => o.meta(),
             Object::GRPCRoute(o) => o.meta(),
@@ -275,6 +281,7 @@ impl Object {
             Object::Pod(_) => Kind::Pod,
             Object::Service(_) => Kind::Service,
             Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::Secret(_) => Kind::Secret,
             Object::Gateway(_) => Kind::Gateway,
             Object::HTTPRoute(_) => Kind::HTTPRoute,
             Object::GRPCRoute(_) => Kind::GRPCRoute,
@@ -315,6 +322,7 @@ impl Object {
             Object::Pod(o) => Object::Pod(fill(o)),
             Object::Service(o) => Object::Service(fill(o)),
             Object::EndpointSlice(o) => Object::EndpointSlice(fill(o)),
+            Object::Secret(o) => Object::Secret(fill(o)),
             Object::Gateway(o) => Object::Gateway(fill(o)),
             Object::HTTPRoute(o) => Object::HTTPRoute(fill(o)),
             Object::GRPCRoute(o) => Object::GRPCRoute(fill(o)),
@@ -382,6 +390,7 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
                 }
             }
         }
+        Object::Secret(secret) => validate::tls_secret(secret).map_err(invalid)?,
         // Never refused: what cannot be evaluated fails closed in translation (`authz::review`).
         Object::AuthorizationPolicy(_) => {}
         Object::HTTPRoute(route) => validate::http_route(&route.spec).map_err(invalid)?,
@@ -473,6 +482,15 @@ impl Objects {
     /// Gateways.
     pub fn gateways(&self) -> impl Iterator<Item = &Arc<Gateway>> {
         self.of_kind(Kind::Gateway).filter_map(|o| if let Object::Gateway(x) = o { Some(x) } else { None })
+    }
+
+    /// The TLS Secret `namespace/name`.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<&Arc<Secret>> {
+        let key = ObjectKey { kind: Kind::Secret, namespace: namespace.to_owned(), name: name.to_owned() };
+        match self.get(&key) {
+            Some(Object::Secret(s)) => Some(s),
+            _ => None,
+        }
     }
 
     /// Istio Gateways.

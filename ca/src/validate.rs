@@ -317,6 +317,38 @@ pub fn jwks_uri(uri: &str) -> Result<http::Uri, Invalid> {
     Ok(parsed)
 }
 
+/// A Secret read as a gateway credential: type `kubernetes.io/tls` with `tls.crt` and `tls.key`
+/// (`ca.crt` optional) that parse as PEM certificates and a key. Nothing of its content is put in
+/// the reason.
+pub fn tls_secret(secret: &crate::k8s::Secret) -> Result<(), Invalid> {
+    use crate::k8s;
+    use rustls_pki_types::pem::PemObject;
+    let kind = secret.type_.as_deref().unwrap_or("Opaque");
+    if kind != k8s::TLS_SECRET_TYPE {
+        return Err(Invalid(format!(
+            "type {kind:?}: only {:?} Secrets are read (gateway credentials)",
+            k8s::TLS_SECRET_TYPE
+        )));
+    }
+    let value = |key: &str| k8s::secret_value(secret, key).ok_or_else(|| Invalid(format!("{key} is missing")));
+    let certs = |key: &str, pem: &[u8]| {
+        let certs = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| Invalid(format!("{key} is not PEM certificates")))?;
+        if certs.is_empty() {
+            return Err(Invalid(format!("{key} holds no certificate")));
+        }
+        Ok(())
+    };
+    certs("tls.crt", &value("tls.crt")?)?;
+    rustls_pki_types::PrivateKeyDer::from_pem_slice(&value("tls.key")?)
+        .map_err(|_| Invalid("tls.key is not a PEM private key".to_owned()))?;
+    if let Some(ca) = k8s::secret_value(secret, "ca.crt") {
+        certs("ca.crt", &ca)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -453,5 +485,28 @@ mod tests {
         for bad in ["200", "300", "304", "399", "\"308\"", "-1"] {
             assert!(vs(bad).unwrap_err().0.contains("redirectCode"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_gateway_secret_must_be_tls_with_pem_certificates_and_key() {
+        use k8s_openapi::ByteString;
+        let cert = rcgen::generate_simple_self_signed(vec!["shop.example".to_owned()]).unwrap();
+        let secret = |kind: &str, crt: &str, key: &str| crate::k8s::Secret {
+            type_: Some(kind.to_owned()),
+            data: Some(
+                [("tls.crt".to_owned(), ByteString(crt.into())), ("tls.key".to_owned(), ByteString(key.into()))]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let (crt, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+        assert_eq!(tls_secret(&secret("kubernetes.io/tls", &crt, &key)), Ok(()));
+        let refused = |s: &crate::k8s::Secret| tls_secret(s).unwrap_err().0;
+        assert!(refused(&secret("Opaque", &crt, &key)).contains("only \"kubernetes.io/tls\" Secrets"));
+        assert_eq!(refused(&secret("kubernetes.io/tls", "garbage", &key)), "tls.crt holds no certificate");
+        assert_eq!(refused(&secret("kubernetes.io/tls", &crt, "garbage")), "tls.key is not a PEM private key");
+        // The reason never quotes the Secret's content.
+        assert!(!refused(&secret("kubernetes.io/tls", &crt, "secret-value")).contains("secret-value"));
     }
 }

@@ -88,6 +88,8 @@ pub mod type_url {
     pub const DESTINATION_POLICY: &str = "type.googleapis.com/ambient.waypoint.v1.DestinationPolicy";
     /// An ingress gateway's servers and bound routes (`ambient.waypoint.v1.IngressGateway`).
     pub const INGRESS_GATEWAY: &str = "type.googleapis.com/ambient.waypoint.v1.IngressGateway";
+    /// A certificate an ingress gateway terminates TLS with (`ambient.waypoint.v1.GatewayCredential`).
+    pub const GATEWAY_CREDENTIAL: &str = "type.googleapis.com/ambient.waypoint.v1.GatewayCredential";
     /// The roots proxies trust (`ambient.ca.v1.TrustBundle`), one resource named
     /// [`TRUST_BUNDLE_NAME`](super::TRUST_BUNDLE_NAME).
     pub const TRUST_BUNDLE: &str = "type.googleapis.com/ambient.ca.v1.TrustBundle";

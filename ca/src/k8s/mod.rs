@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use self::gateway::*;
 pub use self::networking::*;
 pub use self::security::*;
-pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The labels and annotations that drive the mesh (Istio's names).
@@ -30,6 +30,17 @@ pub fn labels(meta: &ObjectMeta) -> &BTreeMap<String, String> {
 /// A label's value.
 pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The Secret type gateways' credentials have.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
+/// Value `key` of a Secret: from `data`, else `stringData` (as the API server would merge them).
+pub fn secret_value(secret: &Secret, key: &str) -> Option<Vec<u8>> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return Some(v.0.clone());
+    }
+    secret.string_data.as_ref().and_then(|d| d.get(key)).map(|v| v.as_bytes().to_vec())
 }
 
 /// Namespace and name of a namespaced object (empty strings when missing; validation rejects those).

@@ -1,6 +1,7 @@
 //! The Kubernetes API server as the source of objects.
 //!
-//! One `kube` watcher per kind (Namespaces, Nodes, Pods, Services, EndpointSlices, Gateway API Gateways,
+//! One `kube` watcher per kind (Namespaces, Nodes, Pods, Services, EndpointSlices, TLS Secrets
+//! (`type=kubernetes.io/tls` only, for gateways' `credentialName`), Gateway API Gateways,
 //! HTTPRoutes, GRPCRoutes, AuthorizationPolicies, PeerAuthentications, RequestAuthentications, Istio
 //! Gateways, VirtualServices, DestinationRules), across all namespaces. A watcher lists, then watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
 //! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
@@ -19,7 +20,7 @@ use tracing::{info, warn};
 
 use crate::k8s::{
     AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
-    PeerAuthentication, Pod, RequestAuthentication, Service, VirtualService,
+    PeerAuthentication, Pod, RequestAuthentication, Secret, Service, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -59,7 +60,7 @@ impl Problems {
 
 /// Watches every kind until `stop` resolves.
 pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 13;
+    let kinds = 14;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -72,6 +73,14 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
                 Api::all(client.clone()),
                 Kind::EndpointSlice,
                 Object::EndpointSlice,
+                &store,
+                &problems
+            ),
+            // TLS Secrets only (gateway credentials): other Secrets are never read.
+            watch_with::<Secret>(
+                Api::all(client.clone()),
+                watcher::Config::default().fields(&format!("type={}", crate::k8s::TLS_SECRET_TYPE)),
+                (Kind::Secret, Object::Secret),
                 &store,
                 &problems
             ),
@@ -149,7 +158,20 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
     K::DynamicType: Default,
 {
-    let mut stream = std::pin::pin!(watcher::watcher(api, watcher::Config::default()).default_backoff());
+    watch_with(api, watcher::Config::default(), (kind, wrap), store, problems).await;
+}
+
+async fn watch_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    (kind, wrap): (Kind, fn(Arc<K>) -> Object),
+    store: &Store,
+    problems: &Problems,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     // During a relist: the valid objects, and the keys of listed objects that were refused.
     let mut relist: Option<(Vec<Object>, Vec<ObjectKey>)> = None;
     let mut synced = false;

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proto::api::ambient::waypoint::v1 as pb;
 
 use crate::k8s::{self, GatewayServer, IstioGateway};
+use crate::mesh::ServedCredential;
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
 use crate::translate::istio::Resolver;
@@ -68,6 +69,59 @@ pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<Str
             });
         }
     }
+    (out, warnings)
+}
+
+/// The TLS credentials the Gateways' servers name (`tls.credentialName`), each read from the
+/// Secret of that name in the namespace of every gateway pod the Gateway selects, and served to
+/// those pods' service accounts only. A Secret that is missing is reported (the gateway then
+/// refuses handshakes for that server).
+pub fn gateway_credentials(
+    objects: &Objects,
+    gateways: &BTreeMap<String, pb::IngressGateway>,
+    config: &MeshConfig,
+) -> (BTreeMap<String, ServedCredential>, Vec<String>) {
+    let mut out: BTreeMap<String, ServedCredential> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for (key, g) in gateways {
+        let selector: BTreeMap<String, String> = g.selector.clone().into_iter().collect();
+        let pods: Vec<_> = objects.pods().filter(|p| k8s::selects(&selector, k8s::labels(&p.metadata))).collect();
+        let names: BTreeSet<&str> = g
+            .servers
+            .iter()
+            .filter_map(|s| s.tls.as_ref())
+            .filter(|t| matches!(t.mode(), pb::gateway_tls::Mode::Simple | pb::gateway_tls::Mode::Mutual))
+            .map(|t| t.credential_name.as_str())
+            .filter(|n| !n.is_empty())
+            .collect();
+        for name in names {
+            for pod in &pods {
+                let (ns, _) = k8s::ns_name(&pod.metadata);
+                let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.as_deref()).filter(|s| !s.is_empty());
+                let reader = format!("spiffe://{}/ns/{ns}/sa/{}", config.trust_domain, sa.unwrap_or("default"));
+                let Some(secret) = objects.secret(ns, name) else {
+                    warnings.push(format!("Gateway {key}: credentialName {name}: no TLS Secret {ns}/{name} (the namespace of its gateway pods)"));
+                    continue;
+                };
+                let value = |k: &str| {
+                    k8s::secret_value(secret, k).map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default()
+                };
+                let entry = out.entry(format!("{ns}/{name}")).or_insert_with(|| ServedCredential {
+                    credential: pb::GatewayCredential {
+                        namespace: ns.to_owned(),
+                        name: name.to_owned(),
+                        cert_chain: value("tls.crt"),
+                        private_key: value("tls.key"),
+                        ca_certificates: value("ca.crt"),
+                    },
+                    readers: BTreeSet::new(),
+                });
+                entry.readers.insert(reader);
+            }
+        }
+    }
+    warnings.sort();
+    warnings.dedup();
     (out, warnings)
 }
 

@@ -338,8 +338,11 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     }
     state.destination_policies = istio::destination_policies(objects, config, &state.services);
     let (ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config);
+    let (credentials, credential_warnings) = ingress::gateway_credentials(objects, &ingress_gateways, config);
     state.ingress_gateways = ingress_gateways;
+    state.gateway_credentials = credentials;
     state.warnings.extend(ingress_warnings);
+    state.warnings.extend(credential_warnings);
 
     // Which services each pod backs: by selector, or by EndpointSlice for selector-less services.
     let mut slice_members: HashMap<(&str, &str), Vec<SliceMembership<'_>>> = HashMap::new();

@@ -106,6 +106,7 @@ impl AggregatedDiscoveryService for XdsServer {
             types: HashMap::new(),
             nonce: 0,
             node: String::new(),
+            caller: caller.clone(),
             cluster,
             out: tx,
         };
@@ -145,6 +146,13 @@ impl TypeState {
     }
 }
 
+/// Whether `caller` may be sent `r`: anyone, unless the resource names its readers (a gateway's
+/// TLS credential goes to that gateway's service accounts only). For everyone else it does not
+/// exist: never sent, and taken back if the caller lost access.
+fn readable(r: &XdsResource, caller: &str) -> bool {
+    r.readers.as_ref().is_none_or(|readers| readers.iter().any(|id| id == caller))
+}
+
 /// A hash no content produces in practice: for versions a client reports that we cannot read.
 const UNKNOWN_VERSION: u64 = u64::MAX;
 
@@ -154,6 +162,8 @@ struct Connection {
     types: HashMap<String, TypeState>,
     nonce: u64,
     node: String,
+    /// The caller's identity, from its credentials.
+    caller: String,
     /// The `clusterid` the client sent, `-` for none.
     cluster: String,
     out: mpsc::Sender<Result<xds::DeltaDiscoveryResponse, Status>>,
@@ -270,6 +280,8 @@ impl Connection {
         let snapshot = self.resources.borrow_and_update().clone();
         let Some(all) = snapshot.of_type(type_url) else { return Ok(()) };
         let Some(state) = self.types.get_mut(type_url) else { return Ok(()) };
+        let caller = self.caller.as_str();
+        let resolve = |name: &str| all.resolve(name).filter(|r| readable(r, caller));
 
         let mut send: Vec<&Arc<XdsResource>> = Vec::new();
         let mut removed: Vec<String> = Vec::new();
@@ -286,9 +298,19 @@ impl Connection {
                     }
                 }
                 for name in changed {
-                    let wanted = all.by_name.get(name).filter(|r| state.wants(r));
-                    if let Some(r) = wanted.filter(|r| state.sent.get(name) != Some(&r.hash)) {
-                        send.push(r);
+                    match all.by_name.get(name).filter(|r| state.wants(r)) {
+                        Some(r) if readable(r, caller) => {
+                            if state.sent.get(name) != Some(&r.hash) {
+                                send.push(r);
+                            }
+                        }
+                        // No longer readable by this caller: taken back.
+                        Some(_) => {
+                            if state.sent.remove(name).is_some() {
+                                removed.push(name.to_string());
+                            }
+                        }
+                        None => {}
                     }
                 }
                 for name in gone {
@@ -301,14 +323,14 @@ impl Connection {
             None => {
                 let mut wanted: BTreeSet<&str> = BTreeSet::new();
                 if state.wildcard {
-                    for r in all.by_name.values() {
+                    for r in all.by_name.values().filter(|r| readable(r, caller)) {
                         if state.sent.get(&r.name) != Some(&r.hash) {
                             send.push(r);
                         }
                     }
                 }
                 for name in &state.names {
-                    match all.resolve(name) {
+                    match resolve(name) {
                         Some(r) => {
                             wanted.insert(&r.name);
                             if !state.wildcard && state.sent.get(&r.name) != Some(&r.hash) {
@@ -328,6 +350,7 @@ impl Connection {
                     .keys()
                     .filter(|n| match all.by_name.get(*n) {
                         None => true,
+                        Some(r) if !readable(r, caller) => true,
                         Some(_) => !state.wildcard && !wanted.contains(&***n),
                     })
                     .cloned()

@@ -22,7 +22,7 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 8] = [
+pub const TYPES: [&str; 9] = [
     type_url::ADDRESS,
     type_url::AUTHORIZATION,
     type_url::SERVICE_ROUTES,
@@ -30,6 +30,7 @@ pub const TYPES: [&str; 8] = [
     type_url::REQUEST_AUTHN,
     type_url::DESTINATION_POLICY,
     type_url::INGRESS_GATEWAY,
+    type_url::GATEWAY_CREDENTIAL,
     type_url::TRUST_BUNDLE,
 ];
 
@@ -91,6 +92,8 @@ pub struct XdsResource {
     pub aliases: Vec<String>,
     /// The encoded message.
     pub body: prost_types::Any,
+    /// The identities it is sent to; `None`: every client.
+    pub readers: Option<Arc<[String]>>,
 }
 
 /// Resources of one type, with an alias index.
@@ -156,6 +159,7 @@ fn resource(type_url: &str, name: Arc<str>, aliases: Vec<String>, message: &impl
         version: format!("{hash:016x}"),
         aliases,
         body: prost_types::Any { type_url: type_url.to_owned(), value },
+        readers: None,
     })
 }
 
@@ -231,6 +235,24 @@ impl Resources {
             gateways.by_name.insert(name.clone(), resource(type_url::INGRESS_GATEWAY, name, Vec::new(), g));
         }
 
+        let mut credentials = TypeResources::default();
+        for (name, c) in state.gateway_credentials.iter().filter(|_| wanted(type_url::GATEWAY_CREDENTIAL)) {
+            let name: Arc<str> = Arc::from(name.as_str());
+            let mut r = resource(type_url::GATEWAY_CREDENTIAL, name.clone(), Vec::new(), &c.credential);
+            let r_mut = Arc::make_mut(&mut r);
+            // Who may read it is part of its version: a change of readers is a change to push
+            // (sent to a new reader, taken back from a former one).
+            let mut versioned = r_mut.body.value.clone();
+            for reader in &c.readers {
+                versioned.push(0);
+                versioned.extend_from_slice(reader.as_bytes());
+            }
+            r_mut.hash = content_hash(&versioned);
+            r_mut.version = format!("{:016x}", r_mut.hash);
+            r_mut.readers = Some(c.readers.iter().cloned().collect());
+            credentials.by_name.insert(name, r);
+        }
+
         let mut trust = TypeResources::default();
         if let Some(bundle) = bundle.filter(|_| wanted(type_url::TRUST_BUNDLE)) {
             let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
@@ -246,6 +268,7 @@ impl Resources {
         by_type.insert(type_url::REQUEST_AUTHN, authns);
         by_type.insert(type_url::DESTINATION_POLICY, destinations);
         by_type.insert(type_url::INGRESS_GATEWAY, gateways);
+        by_type.insert(type_url::GATEWAY_CREDENTIAL, credentials);
         by_type.retain(|url, _| served.urls().contains(url));
 
         let mut delta = Delta { generation, types: HashMap::new() };

@@ -80,6 +80,14 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
             assert_eq!(rule.verbs, ["patch"]);
             continue;
         }
+        if rule.resources.as_deref() == Some(&["secrets".to_owned()][..]) {
+            // Gateway credentials (TLS Secrets, by a field selector): listed and watched, never
+            // fetched one by one.
+            assert_eq!(groups, [""]);
+            assert_eq!(rule.verbs, ["list", "watch"]);
+            granted.push((String::new(), "secrets".to_owned()));
+            continue;
+        }
         assert_eq!(rule.verbs, ["get", "list", "watch"], "the control plane only reads objects");
         for group in groups {
             for resource in rule.resources.clone().unwrap() {
@@ -93,6 +101,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("", "nodes"),
         ("", "pods"),
         ("", "services"),
+        ("", "secrets"),
         ("discovery.k8s.io", "endpointslices"),
         ("gateway.networking.k8s.io", "gateways"),
         ("gateway.networking.k8s.io", "httproutes"),

@@ -22,6 +22,8 @@ struct Collection {
     /// Every event with its resource version, so a watch from version N replays what followed N.
     log: Vec<(u64, String)>,
     lists: usize,
+    /// The query of every request (list or watch).
+    queries: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -37,6 +39,7 @@ const PATHS: &[(&str, &str)] = &[
     ("/api/v1/nodes", "NodeList"),
     ("/api/v1/pods", "PodList"),
     ("/api/v1/services", "ServiceList"),
+    ("/api/v1/secrets", "SecretList"),
     ("/apis/discovery.k8s.io/v1/endpointslices", "EndpointSliceList"),
     ("/apis/gateway.networking.k8s.io/v1/gateways", "GatewayList"),
     ("/apis/gateway.networking.k8s.io/v1/httproutes", "HTTPRouteList"),
@@ -62,6 +65,7 @@ impl MockApi {
                         events: broadcast::channel(64).0,
                         log: Vec::new(),
                         lists: 0,
+                        queries: Vec::new(),
                     },
                 )
             })
@@ -115,6 +119,10 @@ impl MockApi {
     fn lists(&self, path: &str) -> usize {
         self.0.lock().unwrap().collections[path].lists
     }
+
+    fn queries(&self, path: &str) -> Vec<String> {
+        self.0.lock().unwrap().collections[path].queries.clone()
+    }
 }
 
 async fn handle(State(mock): State<MockApi>, request: Request) -> Response {
@@ -131,6 +139,7 @@ async fn handle(State(mock): State<MockApi>, request: Request) -> Response {
             .body(Body::from(body.to_string()))
             .unwrap();
     };
+    c.queries.push(request.uri().query().unwrap_or_default().to_owned());
     if watch {
         let from: u64 = request
             .uri()
@@ -273,6 +282,19 @@ async fn lists_watches_and_relists_through_kube() {
     assert!(store.snapshot().get(&key(Kind::Gateway, "shop", "edge")).is_none(), "taken for a Gateway API Gateway");
     let state = ca::translate::translate(&store.snapshot(), &Default::default());
     assert_eq!(state.ingress_gateways["shop/edge"].servers[0].hosts, ["shop.example"]);
+
+    // TLS Secrets are asked for by type only, and one named by a Gateway server becomes that
+    // gateway's credential.
+    let queries = mock.queries("/api/v1/secrets");
+    assert!(!queries.is_empty() && queries.iter().all(|q| q.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")), "{queries:?}");
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example".to_owned()]).unwrap();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+        "metadata": {"name": "edge-cert", "namespace": "shop"},
+        "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+    });
+    mock.apply("/api/v1/secrets", secret, false);
+    eventually("TLS Secret watched", || store.snapshot().get(&key(Kind::Secret, "shop", "edge-cert")).is_some()).await;
 
     // An invalid object from the API is refused and reported; the store keeps the valid version.
     mock.apply("/api/v1/pods", pod("b", Some("garbage")), false);

@@ -544,3 +544,73 @@ async fn a_client_speaking_as_istios_ztunnel_is_served() {
     assert_eq!(roots.roots().len(), 1);
     mesh.shutdown().await;
 }
+
+/// A gateway's TLS credential goes to the service account of the gateway pod the Gateway selects,
+/// in the Secret's namespace, and to nobody else: a ztunnel subscribing gets nothing; when the pod
+/// no longer runs as that account the credential is taken back. The CA's state dump names it
+/// without its key.
+#[tokio::test]
+async fn a_gateway_credential_reaches_only_the_gateway_pods_that_use_it() {
+    use proto::api::ambient::waypoint::v1::GatewayCredential;
+    use proto::api::type_url::GATEWAY_CREDENTIAL;
+
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example".to_owned()]).unwrap();
+    let (chain, key) = (cert.cert.pem(), cert.signing_key.serialize_pem());
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let secret = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-cert, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&chain),
+        indent(&key)
+    );
+    let gateway_pod = |sa: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: ingress\n  namespace: istio-system\n  labels: {{istio: ingressgateway}}\nspec:\n  nodeName: node-a\n  serviceAccountName: {sa}\n  containers: []\nstatus:\n  podIP: 10.0.0.50\n"
+        )
+    };
+    let mesh = Mesh::start().await;
+    mesh.write("secret.yaml", &secret);
+    mesh.write("gateway-pod.yaml", &gateway_pod("ingress-sa"));
+    mesh.write(
+        "gateway.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https, protocol: HTTPS}\n    hosts: [shop.example]\n    tls: {mode: SIMPLE, credentialName: shop-cert}\n",
+    );
+
+    let gateway_token = mesh.token("istio-system", "ingress-sa", None);
+    let mut gateway = Client::connect(mesh.channel(None), Some(gateway_token)).await.unwrap();
+    let mut ztunnel = mesh.client().await;
+    // The gateway gets it once the objects are read.
+    gateway.subscribe(GATEWAY_CREDENTIAL, &[], BTreeMap::new()).await;
+    let mut got = gateway.recv(Duration::from_secs(10)).await;
+    while got.resources.is_empty() {
+        gateway.ack(&got).await;
+        got = gateway.recv(Duration::from_secs(10)).await;
+    }
+    assert_eq!(names(&got), ["istio-system/shop-cert"]);
+    let served = GatewayCredential::decode(got.resources[0].resource.as_ref().unwrap().value.as_slice()).unwrap();
+    assert_eq!((served.cert_chain.as_str(), served.private_key.as_str()), (chain.as_str(), key.as_str()));
+    assert!(served.ca_certificates.is_empty());
+    gateway.ack(&got).await;
+
+    // A ztunnel (in the same namespace) subscribing to everything of the type gets nothing.
+    ztunnel.subscribe(GATEWAY_CREDENTIAL, &[], BTreeMap::new()).await;
+    let nothing = ztunnel.recv(Duration::from_secs(10)).await;
+    assert!(nothing.resources.is_empty(), "a ztunnel was sent a gateway's key: {:?}", names(&nothing));
+    ztunnel.ack(&nothing).await;
+    // Nor by name.
+    ztunnel.subscribe(GATEWAY_CREDENTIAL, &["istio-system/shop-cert"], BTreeMap::new()).await;
+    let nothing = ztunnel.recv(PROPAGATION).await;
+    assert!(nothing.resources.is_empty(), "a ztunnel was sent a gateway's key by name");
+
+    // The dump shows the credential without its key.
+    let (_, body) = mesh.admin_get("/debug/state").await;
+    assert!(body.contains("istio-system/shop-cert") && body.contains("ingress-sa"), "{body}");
+    let key_line = key.lines().nth(1).unwrap();
+    assert!(!body.contains(key_line), "the state dump shows the private key");
+
+    // The pod now runs as another account: taken back from the first.
+    mesh.write("gateway-pod.yaml", &gateway_pod("other-sa"));
+    let update = gateway.recv(PROPAGATION).await;
+    assert_eq!(update.removed_resources, ["istio-system/shop-cert"], "{update:?}");
+    assert!(update.resources.is_empty());
+    mesh.shutdown().await;
+}
