@@ -299,18 +299,12 @@ impl Connection {
                 }
                 for name in changed {
                     match all.by_name.get(name).filter(|r| state.wants(r)) {
-                        Some(r) if readable(r, caller) => {
-                            if state.sent.get(name) != Some(&r.hash) {
-                                send.push(r);
-                            }
-                        }
+                        Some(r) if readable(r, caller) && state.sent.get(name) != Some(&r.hash) => send.push(r),
                         // No longer readable by this caller: taken back.
-                        Some(_) => {
-                            if state.sent.remove(name).is_some() {
-                                removed.push(name.to_string());
-                            }
+                        Some(r) if !readable(r, caller) && state.sent.remove(name).is_some() => {
+                            removed.push(name.to_string());
                         }
-                        None => {}
+                        _ => {}
                     }
                 }
                 for name in gone {
