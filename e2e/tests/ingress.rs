@@ -14,10 +14,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e::apps::{TUTORIAL_VERBATIM, http_server};
 use e2e::mesh::{HttpAnswer, Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use ztunnel::netns::NetNs;
 
 const APP_PORT: u16 = 8080;
@@ -201,4 +203,125 @@ async fn a_destination_with_a_waypoint_is_reached_through_it_as_the_gateway() {
         )
     };
     assert!(from_gateway("200") >= 5.0 && from_gateway("403") >= 5.0, "{m}");
+}
+
+fn pem_of(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
+}
+
+/// A TLS Secret (in the YAML directory) holding `chain`, `key` and, when given, `ca`.
+fn tls_secret(name: &str, chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>, ca: Option<&str>) -> String {
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let chain: String = chain.iter().map(|c| pem_of("CERTIFICATE", c)).collect();
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&chain),
+        indent(&pem_of("PRIVATE KEY", key.secret_der()))
+    );
+    if let Some(ca) = ca {
+        yaml.push_str(&format!("  ca.crt: |\n{}", indent(ca)));
+    }
+    yaml
+}
+
+/// One HTTPS request to the gateway from `outside`, naming `host` in SNI and `Host`, trusting
+/// `roots`, presenting `client` if given. Returns the status and body, or the handshake/read
+/// error, with the certificate the gateway presented.
+async fn https_get(
+    outside: &NetNs,
+    gateway: SocketAddr,
+    host: &str,
+    roots: &proto::testing::TestCa,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<(u16, String, CertificateDer<'static>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut store = rustls::RootCertStore::empty();
+    store.add(roots.root().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store);
+    let config = match client {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = outside.tcp_socket(false).unwrap().connect(gateway).await.map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw))
+        .await
+        .map_err(|_| "read timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("malformed answer {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("no status")?;
+    Ok((status, body.trim().to_owned(), presented))
+}
+
+/// HTTPS at the gateway with certificates from Secrets: SNI picks among two servers on port 443
+/// (each presents its own certificate), MUTUAL refuses a client without a certificate (or with one
+/// from another CA) and serves one with a certificate its `ca.crt` verifies, an unknown name gets
+/// no handshake, and the plain server's `httpsRedirect` answers 301.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("shop", true).await.unwrap();
+    let web = mesh.pod(PodSpec::new("web", "shop", 2).label("app", "web")).await.unwrap();
+    http_server(web.listen(APP_PORT).unwrap(), "web");
+    mesh.service("web", "shop", Ipv4Addr::new(10, 96, 3, 10), 80, "web", APP_PORT).unwrap();
+
+    let server_ca = proto::testing::TestCa::new();
+    let client_ca = proto::testing::TestCa::new();
+    let (www_chain, www_key) = server_ca.issue_server(&["www.shop.example"]);
+    let (api_chain, api_key) = server_ca.issue_server(&["api.shop.example"]);
+    mesh.apply("secret-www", &tls_secret("www-cert", &www_chain, &www_key, None)).unwrap();
+    mesh.apply("secret-api", &tls_secret("api-cert", &api_chain, &api_key, Some(client_ca.root_pem()))).unwrap();
+    mesh.apply(
+        "shop-gateway",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: shop, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https-www, protocol: HTTPS}\n    hosts: [www.shop.example]\n    tls: {mode: SIMPLE, credentialName: www-cert}\n  - port: {number: 443, name: https-api, protocol: HTTPS}\n    hosts: [api.shop.example]\n    tls: {mode: MUTUAL, credentialName: api-cert}\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [www.shop.example]\n    tls: {httpsRedirect: true}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\nspec:\n  hosts: [www.shop.example, api.shop.example]\n  gateways: [shop]\n  http:\n  - route: [{destination: {host: web}}]\n",
+    )
+    .unwrap();
+    let gateway_pod =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
+    let https = SocketAddr::from((gateway_pod.ip, 443));
+    let outside = mesh.outside_client(1).unwrap();
+    mesh.wait_until("the gateway to serve HTTPS", Duration::from_secs(30), || async {
+        https_get(&outside.ns, https, "www.shop.example", &server_ca, None).await.is_ok_and(|(s, _, _)| s == 200)
+    })
+    .await
+    .unwrap();
+
+    // SNI picks the server; each presents its own certificate.
+    let (status, body, presented) = https_get(&outside.ns, https, "www.shop.example", &server_ca, None).await.unwrap();
+    assert_eq!((status, body.as_str(), &presented), (200, "web", &www_chain[0]));
+    let client_cert = client_ca.issue_raw(&["spiffe://partner.example/client"], proto::testing::Validity::Current);
+    let (status, body, presented) =
+        https_get(&outside.ns, https, "api.shop.example", &server_ca, Some(client_cert)).await.unwrap();
+    assert_eq!((status, body.as_str(), &presented), (200, "web", &api_chain[0]));
+
+    // MUTUAL: no client certificate, or one its CA did not sign: no answer.
+    let without = https_get(&outside.ns, https, "api.shop.example", &server_ca, None).await;
+    assert!(without.is_err(), "served without a client certificate: {without:?}");
+    let stranger = server_ca.issue_raw(&["spiffe://elsewhere.example/client"], proto::testing::Validity::Current);
+    let foreign = https_get(&outside.ns, https, "api.shop.example", &server_ca, Some(stranger)).await;
+    assert!(foreign.is_err(), "served a client certificate from another CA: {foreign:?}");
+
+    // A name no server serves: no handshake.
+    let unknown = https_get(&outside.ns, https, "other.shop.example", &server_ca, None).await;
+    assert!(unknown.is_err(), "{unknown:?}");
+
+    // Plain HTTP for www: redirected.
+    let redirect = http_exchange_as(&outside.ns, "www.shop.example", SocketAddr::from((gateway_pod.ip, 80)), "/a?b=c", &[])
+        .await
+        .unwrap();
+    assert_eq!((redirect.status, redirect.header("location")), (301, Some("https://www.shop.example/a?b=c")));
+
+    let log = mesh.log_tails(200);
+    assert!(log.contains("TLS handshake refused") && log.contains("no HTTPS server on port 443"), "{log}");
 }

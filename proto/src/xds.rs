@@ -22,13 +22,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
-use crate::api::ambient::waypoint::v1::{DestinationPolicy, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes};
+use crate::api::ambient::waypoint::v1::{
+    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes,
+};
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, address};
 use crate::api::type_url::{
-    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES,
-    TRUST_BUNDLE,
+    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN,
+    SERVICE_ROUTES, TRUST_BUNDLE,
 };
 use crate::state::{MeshState, Service, Workload};
 use crate::tls::{SharedTrustBundle, TrustBundle};
@@ -267,6 +269,9 @@ impl MeshView {
                 INGRESS_GATEWAY => {
                     state.ingress_gateways.remove(name);
                 }
+                GATEWAY_CREDENTIAL => {
+                    state.gateway_credentials.remove(name);
+                }
                 _ => {}
             }
             versions.remove(&(type_url, name.clone()));
@@ -340,6 +345,10 @@ fn apply_resource(
         INGRESS_GATEWAY => {
             let g = IngressGateway::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.ingress_gateways.insert(res.name.clone(), Arc::new(g));
+        }
+        GATEWAY_CREDENTIAL => {
+            let c = GatewayCredential::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
+            state.gateway_credentials.insert(res.name.clone(), Arc::new(c));
         }
         TRUST_BUNDLE => {
             let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;

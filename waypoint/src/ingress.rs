@@ -17,7 +17,7 @@
 //! own pod denies every request (`403`), since the gateway cannot evaluate it; HTTPS, TLS and TCP
 //! servers are reported and not listened on.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::Context;
+use crate::edge_tls::{self, TlsServers};
 use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
 use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
@@ -65,23 +66,39 @@ fn plain_http(server: &pb::GatewayServer) -> bool {
 }
 
 /// The Gateways that select `labels`, in a stable order.
-fn selected<'s>(state: &'s MeshState, labels: &BTreeMap<String, String>) -> Vec<&'s pb::IngressGateway> {
+pub(crate) fn selected<'s>(state: &'s MeshState, labels: &BTreeMap<String, String>) -> Vec<&'s pb::IngressGateway> {
     let mut gateways: Vec<_> = state.ingress_gateways.values().map(AsRef::as_ref).filter(|g| selects(g, labels)).collect();
     gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     gateways
 }
 
-/// The ports to listen on, and the servers this gateway cannot serve yet (for the log).
-fn listening_ports(state: &MeshState, labels: &BTreeMap<String, String>) -> (BTreeSet<u16>, Vec<String>) {
-    let mut ports = BTreeSet::new();
+/// The ports to listen on (true: TLS is terminated there), and the servers this gateway cannot
+/// serve (for the log). A port with both HTTPS and plain servers is a TLS port; its plain servers
+/// are reported, as Istio refuses the conflict.
+fn listening_ports(state: &MeshState, labels: &BTreeMap<String, String>) -> (BTreeMap<u16, bool>, Vec<String>) {
+    let mut ports = BTreeMap::new();
     let mut unserved = Vec::new();
+    let describe = |g: &pb::IngressGateway, s: &pb::GatewayServer, why: &str| {
+        format!("{}/{} port {} ({}): {why}", g.namespace, g.name, s.port, s.protocol().as_str_name())
+    };
+    for g in selected(state, labels) {
+        for s in g.servers.iter().filter(|s| edge_tls::terminates(s)) {
+            if let Ok(port) = u16::try_from(s.port) {
+                ports.insert(port, true);
+            }
+        }
+    }
     for g in selected(state, labels) {
         for s in &g.servers {
             match u16::try_from(s.port) {
-                Ok(port) if plain_http(s) => {
-                    ports.insert(port);
-                }
-                _ => unserved.push(format!("{}/{} port {} ({})", g.namespace, g.name, s.port, s.protocol().as_str_name())),
+                Ok(port) if plain_http(s) => match ports.get(&port) {
+                    Some(true) => unserved.push(describe(g, s, "the port also has HTTPS servers")),
+                    _ => {
+                        ports.insert(port, false);
+                    }
+                },
+                Ok(_) if edge_tls::terminates(s) => {}
+                _ => unserved.push(describe(g, s, "this gateway serves HTTP and terminated HTTPS only")),
             }
         }
     }
@@ -113,7 +130,7 @@ pub(crate) fn plan_request(
     labels: &BTreeMap<String, String>,
     (own_ip, port): (IpAddr, u16),
     head: Head,
-    client: IpAddr,
+    (client, secure): (IpAddr, bool),
     rng: &mut impl Rng,
 ) -> Result<Plan, Answer> {
     // A policy that selects this pod is one the gateway cannot evaluate: it denies.
@@ -129,12 +146,12 @@ pub(crate) fn plan_request(
     let server = gateways
         .iter()
         .flat_map(|g| &g.servers)
-        .filter(|s| s.port == u32::from(port) && plain_http(s))
+        .filter(|s| s.port == u32::from(port) && if secure { edge_tls::terminates(s) } else { plain_http(s) })
         .find(|s| admits(&s.hosts));
     let Some(server) = server else {
         return Err(Answer::text(StatusCode::NOT_FOUND, "no gateway server for this host\n", "NR", ""));
     };
-    if server.tls.as_ref().is_some_and(|t| t.https_redirect) {
+    if !secure && server.tls.as_ref().is_some_and(|t| t.https_redirect) {
         let location = format!("https://{name}{}", head.parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let answer = Answer::text(StatusCode::MOVED_PERMANENTLY, "", "-", "");
         return Err(match HeaderValue::from_str(&location) {
@@ -180,8 +197,7 @@ pub(crate) fn plan_request(
 async fn handle(
     ctx: Arc<Context>,
     labels: Arc<BTreeMap<String, String>>,
-    local: SocketAddr,
-    client: SocketAddr,
+    (local, client, secure): (SocketAddr, SocketAddr, bool),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let start = Instant::now();
@@ -202,7 +218,8 @@ async fn handle(
         }
         Ok((path, host)) => ctx.view.read(|s| {
             let head = Head { parts, path, host };
-            plan_request(&ctx.regexes, s, &labels, (local.ip(), local.port()), head, client.ip(), &mut rand::rng())
+            let (own, from) = ((local.ip(), local.port()), (client.ip(), secure));
+            plan_request(&ctx.regexes, s, &labels, own, head, from, &mut rand::rng())
         }),
     };
     let destination = planned.as_ref().ok().and_then(|p| {
@@ -260,20 +277,20 @@ async fn handle(
     response
 }
 
-/// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it ends or a
-/// drain closes it gracefully.
-async fn serve_connection(
+/// Serves one client connection (HTTP/1.1, or HTTP/2: with prior knowledge, or by ALPN over TLS)
+/// until it ends or a drain closes it gracefully.
+async fn serve_connection<IO>(
     ctx: Arc<Context>,
     labels: Arc<BTreeMap<String, String>>,
-    tcp: TcpStream,
-    client: SocketAddr,
+    io: IO,
+    (local, client, secure): (SocketAddr, SocketAddr, bool),
     mut drain: DrainWatcher,
-) {
-    let Ok(local) = tcp.local_addr() else { return };
-    let _ = tcp.set_nodelay(true);
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |req| {
         let (ctx, labels) = (ctx.clone(), labels.clone());
-        async move { Ok::<_, Infallible>(handle(ctx, labels, local, client, req).await) }
+        async move { Ok::<_, Infallible>(handle(ctx, labels, (local, client, secure), req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -288,7 +305,7 @@ async fn serve_connection(
         .max_concurrent_streams(1000)
         .max_pending_accept_reset_streams(Some(50))
         .max_local_error_reset_streams(Some(100));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -302,11 +319,12 @@ async fn serve_connection(
     }
 }
 
-/// Accepts on one server port until it is no longer wanted or a drain starts.
+/// Accepts on one server port until it is no longer wanted or a drain starts; with `tls`, each
+/// connection's handshake is completed first ([`edge_tls`]).
 async fn accept_loop(
     ctx: Arc<Context>,
     labels: Arc<BTreeMap<String, String>>,
-    listener: TcpListener,
+    (listener, tls): (TcpListener, Option<Arc<TlsServers>>),
     stop: CancellationToken,
     mut drain: DrainWatcher,
 ) {
@@ -325,9 +343,59 @@ async fn accept_loop(
                 }
             },
         };
-        tokio::spawn(serve_connection(ctx.clone(), labels.clone(), tcp, client, drain.clone()));
+        let Ok(local) = tcp.local_addr() else { continue };
+        let _ = tcp.set_nodelay(true);
+        let (ctx, labels, drain) = (ctx.clone(), labels.clone(), drain.clone());
+        match &tls {
+            None => {
+                tokio::spawn(serve_connection(ctx, labels, tcp, (local, client, false), drain));
+            }
+            Some(servers) => {
+                let servers = servers.clone();
+                tokio::spawn(async move {
+                    let handshake = terminate(&ctx, &labels, &servers, tcp, local.port());
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(ctx, labels, stream, (local, client, true), drain).await,
+                        Ok(Err(reason)) => info!(%client, port = local.port(), reason, "TLS handshake refused"),
+                        Err(_) => debug!(%client, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     info!(addr = ?addr, "gateway port closed");
+}
+
+/// How long a client has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads the ClientHello, picks the server by its SNI and completes the handshake with that
+/// server's credential; a MUTUAL server's SAN list is checked on the client's certificate.
+async fn terminate(
+    ctx: &Context,
+    labels: &BTreeMap<String, String>,
+    servers: &TlsServers,
+    tcp: TcpStream,
+    port: u16,
+) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+    let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = acceptor.await.map_err(|e| format!("reading the ClientHello: {e}"))?;
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let chosen = ctx
+        .view
+        .read(|s| servers.choose(s, labels, &ctx.namespace, port, sni.as_deref()))
+        .map_err(|e| proto::error_chain(&e))?;
+    let stream = start.into_stream(chosen.config).await.map_err(|e| format!("handshake: {e}"))?;
+    if !chosen.subject_alt_names.is_empty() {
+        let leaf = stream.get_ref().1.peer_certificates().and_then(<[_]>::first);
+        if !leaf.is_some_and(|l| edge_tls::client_san_matches(l, &chosen.subject_alt_names)) {
+            return Err(format!(
+                "the client certificate carries none of the server's subjectAltNames {:?}",
+                chosen.subject_alt_names
+            ));
+        }
+    }
+    Ok(stream)
 }
 
 /// Keeps one listener per plain-HTTP server port of the Gateways that select this gateway,
@@ -336,33 +404,36 @@ async fn accept_loop(
 pub(crate) async fn run(ctx: Arc<Context>, config: IngressConfig, stop: CancellationToken, drain: DrainWatcher) {
     let labels = Arc::new(config.labels);
     let mut changes = ctx.view.changes();
-    let mut open: HashMap<u16, CancellationToken> = HashMap::new();
+    let tls_servers = Arc::new(TlsServers::default());
+    let mut open: HashMap<u16, (bool, CancellationToken)> = HashMap::new();
     let mut reported: Vec<String> = Vec::new();
     loop {
         let (want, unserved) = ctx.view.read(|s| listening_ports(s, &labels));
         if unserved != reported {
             for s in &unserved {
-                warn!(server = %s, "gateway server not served: this gateway serves plain HTTP servers only");
+                warn!(server = %s, "gateway server not served");
             }
             reported = unserved;
         }
-        open.retain(|port, token| {
-            let keep = want.contains(port);
+        open.retain(|port, (tls, token)| {
+            let keep = want.get(port) == Some(tls);
             if !keep {
                 token.cancel();
             }
             keep
         });
         let mut failed = false;
-        let missing: Vec<u16> = want.iter().copied().filter(|p| !open.contains_key(p)).collect();
-        for port in missing {
+        let missing: Vec<(u16, bool)> =
+            want.iter().map(|(p, tls)| (*p, *tls)).filter(|(p, _)| !open.contains_key(p)).collect();
+        for (port, tls) in missing {
             let addr = SocketAddr::new(config.bind, port);
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
-                    info!(%addr, "gateway port listening");
+                    info!(%addr, tls, "gateway port listening");
                     let token = stop.child_token();
-                    open.insert(port, token.clone());
-                    tokio::spawn(accept_loop(ctx.clone(), labels.clone(), listener, token, drain.clone()));
+                    open.insert(port, (tls, token.clone()));
+                    let listening = (listener, tls.then(|| tls_servers.clone()));
+                    tokio::spawn(accept_loop(ctx.clone(), labels.clone(), listening, token, drain.clone()));
                 }
                 Err(e) => {
                     warn!(%addr, error = %e, "cannot listen on a gateway server's port; retrying");
@@ -383,7 +454,7 @@ pub(crate) async fn run(ctx: Arc<Context>, config: IngressConfig, stop: Cancella
             () = retry => {}
         }
     }
-    for token in open.values() {
+    for (_, token) in open.values() {
         token.cancel();
     }
 }
@@ -461,7 +532,7 @@ mod tests {
     fn plan(state: &MeshState, labels: &BTreeMap<String, String>, head: Head, seed: u64) -> Result<Plan, Answer> {
         let own = (IpAddr::from(GATEWAY_IP), 80);
         let client = IpAddr::from([192, 0, 2, 7]);
-        plan_request(&Regexes::default(), state, labels, own, head, client, &mut StdRng::seed_from_u64(seed))
+        plan_request(&Regexes::default(), state, labels, own, head, (client, false), &mut StdRng::seed_from_u64(seed))
     }
 
     #[test]

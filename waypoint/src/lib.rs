@@ -26,6 +26,7 @@
 pub mod authz;
 pub mod body;
 pub mod destination;
+mod edge_tls;
 #[cfg(test)]
 mod fixture;
 mod headers;
@@ -54,7 +55,8 @@ use http::StatusCode;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
 use proto::api::type_url::{
-    ADDRESS, DESTINATION_POLICY, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
+    ADDRESS, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES,
+    TRUST_BUNDLE,
 };
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
@@ -77,7 +79,8 @@ use crate::upstream::{Clients, Connector};
 pub const SUBSCRIBED: [&str; 6] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, REQUEST_AUTHN, DESTINATION_POLICY, TRUST_BUNDLE];
 /// The xDS types an ingress gateway follows: the Gateways and their routes, what the routes send
 /// to, and the policies of the destinations (no service routes: those are the waypoints').
-pub const SUBSCRIBED_INGRESS: [&str; 5] = [ADDRESS, INGRESS_GATEWAY, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
+pub const SUBSCRIBED_INGRESS: [&str; 6] =
+    [ADDRESS, INGRESS_GATEWAY, GATEWAY_CREDENTIAL, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
 
 /// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 pub use model::{ModelError, PortMapping, Service, Tunnel, Waypoint, WaypointAt, Workload, service_key};
 
 use crate::api::ambient::waypoint::v1::{
-    DestinationPolicy, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes, policy_target,
+    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes, policy_target,
 };
 use crate::api::istio::security::{Authorization, Scope};
 
@@ -56,6 +56,31 @@ pub struct MeshState {
     /// Istio Gateways with the routes bound to them, by `<namespace>/<name>` (ingress gateways
     /// follow these).
     pub ingress_gateways: HashMap<String, Arc<IngressGateway>>,
+    /// TLS credentials this gateway terminates with, by `<namespace>/<secret>`.
+    pub gateway_credentials: Credentials,
+}
+
+/// Gateway TLS credentials by `<namespace>/<secret>`; their debug form never shows a key.
+#[derive(Default)]
+pub struct Credentials(pub HashMap<String, Arc<GatewayCredential>>);
+
+impl std::ops::Deref for Credentials {
+    type Target = HashMap<String, Arc<GatewayCredential>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Credentials {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
 }
 
 impl MeshState {
