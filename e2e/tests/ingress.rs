@@ -224,13 +224,13 @@ fn tls_secret(name: &str, chain: &[CertificateDer<'static>], key: &PrivateKeyDer
     yaml
 }
 
-/// One HTTPS request to the gateway from `outside`, naming `host` in SNI and `Host`, trusting
+/// One HTTPS request to the gateway from `outside`, naming `sni` in the handshake and `host` in `Host`, trusting
 /// `roots`, presenting `client` if given. Returns the status and body, or the handshake/read
 /// error, with the certificate the gateway presented.
 async fn https_get(
     outside: &NetNs,
     gateway: SocketAddr,
-    host: &str,
+    (sni, host): (&str, &str),
     roots: &proto::testing::TestCa,
     client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<(u16, String, CertificateDer<'static>), String> {
@@ -248,7 +248,7 @@ async fn https_get(
         None => builder.with_no_client_auth(),
     };
     let tcp = outside.tcp_socket(false).unwrap().connect(gateway).await.map_err(|e| e.to_string())?;
-    let name = rustls_pki_types::ServerName::try_from(host.to_owned()).unwrap();
+    let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
     let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
@@ -292,28 +292,33 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     let https = SocketAddr::from((gateway_pod.ip, 443));
     let outside = mesh.outside_client(1).unwrap();
     mesh.wait_until("the gateway to serve HTTPS", Duration::from_secs(30), || async {
-        https_get(&outside.ns, https, "www.shop.example", &server_ca, None).await.is_ok_and(|(s, _, _)| s == 200)
+        https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None).await.is_ok_and(|(s, _, _)| s == 200)
     })
     .await
     .unwrap();
 
     // SNI picks the server; each presents its own certificate.
-    let (status, body, presented) = https_get(&outside.ns, https, "www.shop.example", &server_ca, None).await.unwrap();
+    let (status, body, presented) = https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None).await.unwrap();
     assert_eq!((status, body.as_str(), &presented), (200, "web", &www_chain[0]));
     let client_cert = client_ca.issue_raw(&["spiffe://partner.example/client"], proto::testing::Validity::Current);
     let (status, body, presented) =
-        https_get(&outside.ns, https, "api.shop.example", &server_ca, Some(client_cert)).await.unwrap();
+        https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(client_cert)).await.unwrap();
     assert_eq!((status, body.as_str(), &presented), (200, "web", &api_chain[0]));
 
     // MUTUAL: no client certificate, or one its CA did not sign: no answer.
-    let without = https_get(&outside.ns, https, "api.shop.example", &server_ca, None).await;
+    let without = https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, None).await;
     assert!(without.is_err(), "served without a client certificate: {without:?}");
     let stranger = server_ca.issue_raw(&["spiffe://elsewhere.example/client"], proto::testing::Validity::Current);
-    let foreign = https_get(&outside.ns, https, "api.shop.example", &server_ca, Some(stranger)).await;
+    let foreign = https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(stranger)).await;
     assert!(foreign.is_err(), "served a client certificate from another CA: {foreign:?}");
 
+    // A connection whose handshake chose www cannot ask for api (whose server requires a client
+    // certificate): 421.
+    let fronted = https_get(&outside.ns, https, ("www.shop.example", "api.shop.example"), &server_ca, None).await;
+    assert_eq!(fronted.map(|(s, b, _)| (s, b)), Ok((421, "misdirected request".to_owned())));
+
     // A name no server serves: no handshake.
-    let unknown = https_get(&outside.ns, https, "other.shop.example", &server_ca, None).await;
+    let unknown = https_get(&outside.ns, https, ("other.shop.example", "other.shop.example"), &server_ca, None).await;
     assert!(unknown.is_err(), "{unknown:?}");
 
     // Plain HTTP for www: redirected.

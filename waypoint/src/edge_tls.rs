@@ -1,7 +1,8 @@
 //! TLS termination for the ingress gateway's HTTPS servers.
 //!
-//! The ClientHello's SNI picks the server among the HTTPS servers on the port (by its hosts: a
-//! name, `*.<domain>` or `*`; a client without SNI gets the server whose hosts include `*`). The
+//! The ClientHello's SNI picks the server among the HTTPS servers on the port: the one whose hosts
+//! admit it most specifically (a name, then the longest `*.<domain>`, then `*`; a client without
+//! SNI gets a `*` server). Requests on the connection must then be for that server (421 else). The
 //! server's `credentialName` names the certificate and key the control plane sends this gateway
 //! (a `GatewayCredential` from the Secret in the gateway's namespace); `MUTUAL` also requires a
 //! client certificate that chains to the credential's `ca.crt` (and, when the server lists
@@ -19,7 +20,7 @@ use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::ingress::{host_matches, selected};
+use crate::ingress::{ServerId, best_server, selected};
 
 /// Why a handshake was refused.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,8 @@ pub(crate) fn terminates(server: &pb::GatewayServer) -> bool {
 pub(crate) struct Chosen {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) subject_alt_names: Vec<String>,
+    /// The server: requests on the connection must be for it.
+    pub(crate) server: ServerId,
 }
 
 impl TlsServers {
@@ -88,15 +91,8 @@ impl TlsServers {
     ) -> Result<Chosen, Refused> {
         let name = sni.map(str::to_ascii_lowercase);
         let gateways = selected(state, labels);
-        let server = gateways
-            .iter()
-            .flat_map(|g| &g.servers)
-            .filter(|s| s.port == u32::from(port) && terminates(s))
-            .find(|s| match &name {
-                Some(n) => s.hosts.iter().any(|h| host_matches(h, n)),
-                None => s.hosts.iter().any(|h| h == "*"),
-            })
-            .ok_or(Refused::NoServer { port, sni: name.clone() })?;
+        let candidates = gateways.iter().flat_map(|g| &g.servers).filter(|s| s.port == u32::from(port) && terminates(s));
+        let server = best_server(candidates, name.as_deref()).ok_or(Refused::NoServer { port, sni: name.clone() })?;
         let tls = server.tls.clone().unwrap_or_default();
         let mutual = tls.mode() == Mode::Mutual;
         let key = format!("{namespace}/{}", tls.credential_name);
@@ -119,7 +115,8 @@ impl TlsServers {
                 config
             }
         };
-        Ok(Chosen { config, subject_alt_names: if mutual { tls.subject_alt_names } else { Vec::new() } })
+        let subject_alt_names = if mutual { tls.subject_alt_names } else { Vec::new() };
+        Ok(Chosen { config, subject_alt_names, server: ServerId::of(server) })
     }
 }
 

@@ -114,6 +114,48 @@ pub(crate) fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// How specifically `pattern` admits `host`: an exact name beats any wildcard, a longer
+/// `*.<domain>` beats a shorter one, `*` admits everything least specifically. `None`: it does
+/// not admit it. A missing host (no SNI) is admitted by `*` only.
+fn specificity(pattern: &str, host: Option<&str>) -> Option<usize> {
+    match (pattern, host) {
+        ("*", _) => Some(0),
+        (_, None) => None,
+        (p, Some(h)) if !host_matches(p, h) => None,
+        (p, Some(_)) if p.starts_with('*') => Some(p.len()),
+        _ => Some(usize::MAX),
+    }
+}
+
+/// The server among `servers` that admits `host` most specifically (the first of equals), as the
+/// SNI and the `Host` are matched alike.
+pub(crate) fn best_server<'g>(
+    servers: impl Iterator<Item = &'g pb::GatewayServer>,
+    host: Option<&str>,
+) -> Option<&'g pb::GatewayServer> {
+    let mut best: Option<(usize, &pb::GatewayServer)> = None;
+    for s in servers {
+        let Some(rank) = s.hosts.iter().filter_map(|p| specificity(p, host)).max() else { continue };
+        if best.is_none_or(|(b, _)| rank > b) {
+            best = Some((rank, s));
+        }
+    }
+    best.map(|(_, s)| s)
+}
+
+/// Which server a TLS connection's handshake chose: its name and hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ServerId {
+    pub(crate) name: String,
+    pub(crate) hosts: Vec<String>,
+}
+
+impl ServerId {
+    pub(crate) fn of(server: &pb::GatewayServer) -> ServerId {
+        ServerId { name: server.name.clone(), hosts: server.hosts.clone() }
+    }
+}
+
 /// The name in a canonical host (`name`, `name:port`, `[v6]:port`).
 fn host_name(host: &str) -> &str {
     if host.starts_with('[') {
@@ -130,7 +172,7 @@ pub(crate) fn plan_request(
     labels: &BTreeMap<String, String>,
     (own_ip, port): (IpAddr, u16),
     head: Head,
-    (client, secure): (IpAddr, bool),
+    (client, tls): (IpAddr, Option<&ServerId>),
     rng: &mut impl Rng,
 ) -> Result<Plan, Answer> {
     // A policy that selects this pod is one the gateway cannot evaluate: it denies.
@@ -143,15 +185,23 @@ pub(crate) fn plan_request(
     let name = host_name(&head.host).to_owned();
     let gateways = selected(state, labels);
     let admits = |hosts: &[String]| hosts.iter().any(|h| host_matches(h, &name));
-    let server = gateways
+    let candidates = gateways
         .iter()
         .flat_map(|g| &g.servers)
-        .filter(|s| s.port == u32::from(port) && if secure { edge_tls::terminates(s) } else { plain_http(s) })
-        .find(|s| admits(&s.hosts));
-    let Some(server) = server else {
+        .filter(|s| s.port == u32::from(port) && if tls.is_some() { edge_tls::terminates(s) } else { plain_http(s) });
+    let Some(server) = best_server(candidates, Some(&name)) else {
         return Err(Answer::text(StatusCode::NOT_FOUND, "no gateway server for this host\n", "NR", ""));
     };
-    if !secure && server.tls.as_ref().is_some_and(|t| t.https_redirect) {
+    // Over TLS, the request must be for the server whose certificate (and client check) the
+    // handshake used: a `Host` of another server would skip its client-certificate requirement.
+    if let Some(handshake) = tls
+        && *handshake != ServerId::of(server)
+    {
+        warn!(host = %name, handshake_server = %handshake.name, request_server = %server.name,
+            "request refused: its host belongs to another server than the one its TLS handshake chose");
+        return Err(Answer::text(StatusCode::MISDIRECTED_REQUEST, "misdirected request\n", "-", ""));
+    }
+    if tls.is_none() && server.tls.as_ref().is_some_and(|t| t.https_redirect) {
         let location = format!("https://{name}{}", head.parts.uri.path_and_query().map_or("/", |p| p.as_str()));
         let answer = Answer::text(StatusCode::MOVED_PERMANENTLY, "", "-", "");
         return Err(match HeaderValue::from_str(&location) {
@@ -197,7 +247,7 @@ pub(crate) fn plan_request(
 async fn handle(
     ctx: Arc<Context>,
     labels: Arc<BTreeMap<String, String>>,
-    (local, client, secure): (SocketAddr, SocketAddr, bool),
+    (local, client, tls): (SocketAddr, SocketAddr, Option<Arc<ServerId>>),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let start = Instant::now();
@@ -218,7 +268,7 @@ async fn handle(
         }
         Ok((path, host)) => ctx.view.read(|s| {
             let head = Head { parts, path, host };
-            let (own, from) = ((local.ip(), local.port()), (client.ip(), secure));
+            let (own, from) = ((local.ip(), local.port()), (client.ip(), tls.as_deref()));
             plan_request(&ctx.regexes, s, &labels, own, head, from, &mut rand::rng())
         }),
     };
@@ -283,14 +333,15 @@ async fn serve_connection<IO>(
     ctx: Arc<Context>,
     labels: Arc<BTreeMap<String, String>>,
     io: IO,
-    (local, client, secure): (SocketAddr, SocketAddr, bool),
+    (local, client, tls): (SocketAddr, SocketAddr, Option<Arc<ServerId>>),
     mut drain: DrainWatcher,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
         let (ctx, labels) = (ctx.clone(), labels.clone());
-        async move { Ok::<_, Infallible>(handle(ctx, labels, (local, client, secure), req).await) }
+        let tls = tls.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, labels, (local, client, tls), req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -348,14 +399,17 @@ async fn accept_loop(
         let (ctx, labels, drain) = (ctx.clone(), labels.clone(), drain.clone());
         match &tls {
             None => {
-                tokio::spawn(serve_connection(ctx, labels, tcp, (local, client, false), drain));
+                tokio::spawn(serve_connection(ctx, labels, tcp, (local, client, None), drain));
             }
             Some(servers) => {
                 let servers = servers.clone();
                 tokio::spawn(async move {
                     let handshake = terminate(&ctx, &labels, &servers, tcp, local.port());
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(ctx, labels, stream, (local, client, true), drain).await,
+                        Ok(Ok((stream, server))) => {
+                            let tls = Some(Arc::new(server));
+                            serve_connection(ctx, labels, stream, (local, client, tls), drain).await;
+                        }
                         Ok(Err(reason)) => info!(%client, port = local.port(), reason, "TLS handshake refused"),
                         Err(_) => debug!(%client, "TLS handshake timed out"),
                     }
@@ -377,7 +431,7 @@ async fn terminate(
     servers: &TlsServers,
     tcp: TcpStream,
     port: u16,
-) -> Result<tokio_rustls::server::TlsStream<TcpStream>, String> {
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, ServerId), String> {
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = acceptor.await.map_err(|e| format!("reading the ClientHello: {e}"))?;
     let sni = start.client_hello().server_name().map(str::to_owned);
@@ -395,7 +449,7 @@ async fn terminate(
             ));
         }
     }
-    Ok(stream)
+    Ok((stream, chosen.server))
 }
 
 /// Keeps one listener per plain-HTTP server port of the Gateways that select this gateway,
@@ -532,7 +586,7 @@ mod tests {
     fn plan(state: &MeshState, labels: &BTreeMap<String, String>, head: Head, seed: u64) -> Result<Plan, Answer> {
         let own = (IpAddr::from(GATEWAY_IP), 80);
         let client = IpAddr::from([192, 0, 2, 7]);
-        plan_request(&Regexes::default(), state, labels, own, head, (client, false), &mut StdRng::seed_from_u64(seed))
+        plan_request(&Regexes::default(), state, labels, own, head, (client, None), &mut StdRng::seed_from_u64(seed))
     }
 
     #[test]
@@ -655,6 +709,53 @@ mod tests {
         assert!(host_matches("*.upup", "a.b.upup"));
         assert!(!host_matches("*.upup", "upup"));
         assert!(!host_matches("*.upup", "xupup"));
+    }
+
+    #[test]
+    fn the_most_specific_server_wins_whatever_the_order() {
+        let server = |name: &str, hosts: &[&str]| pb::GatewayServer {
+            name: name.into(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            ..Default::default()
+        };
+        let servers = [server("any", &["*"]), server("shop", &["*.shop.example"]), server("api", &["api.shop.example"])];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
+            let listed: Vec<&pb::GatewayServer> = order.iter().map(|i| &servers[*i]).collect();
+            let best = |host| best_server(listed.iter().copied(), host).map(|s| s.name.as_str());
+            assert_eq!(best(Some("api.shop.example")), Some("api"));
+            assert_eq!(best(Some("www.shop.example")), Some("shop"));
+            assert_eq!(best(Some("elsewhere.example")), Some("any"));
+            assert_eq!(best(None), Some("any"));
+        }
+        assert_eq!(best_server([&servers[2]].into_iter(), None).map(|s| s.name.as_str()), None);
+    }
+
+    #[test]
+    fn a_request_for_another_server_than_its_handshake_chose_is_misdirected() {
+        let mut state = gateway_state();
+        let g = Arc::make_mut(state.ingress_gateways.get_mut("default/web-gateway").unwrap());
+        let https = |name: &str, host: &str| pb::GatewayServer {
+            name: name.into(),
+            port: 443,
+            protocol: Protocol::Https as i32,
+            hosts: vec![host.into()],
+            tls: Some(GatewayTls { mode: proto::api::ambient::waypoint::v1::gateway_tls::Mode::Simple as i32, ..Default::default() }),
+        };
+        g.servers = vec![https("public", "shop.example"), https("partners", "api.example")];
+        g.routes[0].ports = vec![443];
+        let public = ServerId::of(&g.servers[0]);
+        let own = (IpAddr::from(GATEWAY_IP), 443);
+        let client = IpAddr::from([192, 0, 2, 7]);
+        let plan = |host: &str, handshake: &ServerId| {
+            let rng = &mut StdRng::seed_from_u64(1);
+            plan_request(&Regexes::default(), &state, &labels(), own, head(host, &[]), (client, Some(handshake)), rng)
+        };
+        let partners = ServerId { name: "partners".into(), hosts: vec!["api.example".into()] };
+        assert!(plan("shop.example", &public).is_ok());
+        let a = refused(plan("api.example", &public));
+        assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+        let a = refused(plan("shop.example", &partners));
+        assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
     }
 
     #[test]
