@@ -132,7 +132,13 @@ async fn the_waypoint_checks_jwts_with_keys_the_ca_fetches() {
         }
     };
     let alice = key_a.token("alice", &json!({"group": "dev"}));
-    // Until the CA has fetched the keys and the waypoint has them, tokens are refused.
+    // The policy first (before it arrives, /secure is open to anyone, token or not); then, until
+    // the CA has fetched the keys and the waypoint has them, tokens are refused.
+    mesh.wait_until("the waypoint to deny anonymous /secure", Duration::from_secs(30), || async {
+        get("/secure", vec![]).await.status == 403
+    })
+    .await
+    .unwrap();
     mesh.wait_until("a valid token to pass the waypoint", Duration::from_secs(30), || async {
         get("/secure", vec![bearer(&alice)]).await.status == 200
     })
