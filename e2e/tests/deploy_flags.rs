@@ -1,6 +1,6 @@
 //! The manifests in `deploy/` pass the proxies only flags the binaries accept (clap parses every
 //! flag and value before `--help`, so an unknown flag or a bad value fails): the ztunnel and node
-//! agent DaemonSets and the waypoint template (the CA's Deployment is checked in `ca/tests/deploy.rs`).
+//! agent DaemonSets, the waypoint and ingress gateway templates (the CA's Deployment is checked in `ca/tests/deploy.rs`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -34,6 +34,7 @@ fn assert_accepted(program: &str, args: &[String]) {
 fn the_proxies_accept_every_flag_their_manifests_pass() {
     assert_accepted("ztunnel", &container_args("ztunnel.yaml", "DaemonSet"));
     assert_accepted("waypoint", &container_args("waypoint.yaml", "Deployment"));
+    assert_accepted("waypoint", &container_args("ingress-gateway.yaml", "Deployment"));
     assert_accepted("node-agent", &container_args("node-agent.yaml", "DaemonSet"));
     // The check itself refuses what the binaries do not know.
     let out =

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod gateway;
 pub mod inspect;
 pub mod kept;
 pub mod waypoint;

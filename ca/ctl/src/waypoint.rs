@@ -121,24 +121,10 @@ impl WaypointSpec {
                                 "requests": {"cpu": "100m", "memory": "64Mi"},
                                 "limits": {"memory": "512Mi"},
                             },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": false,
-                                "readOnlyRootFilesystem": true,
-                                "runAsNonRoot": true,
-                                "runAsUser": 1337,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                            "volumeMounts": [
-                                {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
-                                {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true},
-                            ],
+                            "securityContext": restricted_container(),
+                            "volumeMounts": credential_mounts(),
                         }],
-                        "volumes": [
-                            {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
-                                "audience": DEFAULT_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token",
-                            }}]}},
-                            {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
-                        ],
+                        "volumes": credential_volumes(),
                     },
                 },
             },
@@ -157,4 +143,33 @@ impl WaypointSpec {
         });
         vec![self.gateway(), service_account, deployment, service]
     }
+}
+
+/// A proxy container's security context: non-root, no capabilities, read-only root.
+pub(crate) fn restricted_container() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": 1337,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+/// Where a proxy reads its service-account token (audience `istio-ca`) and the mesh's roots.
+pub(crate) fn credential_mounts() -> Value {
+    json!([
+        {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+        {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true},
+    ])
+}
+
+/// The volumes behind [`credential_mounts`].
+pub(crate) fn credential_volumes() -> Value {
+    json!([
+        {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": DEFAULT_AUDIENCE, "expirationSeconds": 43200, "path": "istio-token",
+        }}]}},
+        {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+    ])
 }

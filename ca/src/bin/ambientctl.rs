@@ -11,6 +11,7 @@ use ca_ctl::admin::AdminCommand;
 use ca_ctl::config::{Outcome, Target, to_yaml};
 use ca_ctl::inspect;
 use ca_ctl::kept::KeptMesh;
+use ca_ctl::gateway::IngressGatewaySpec;
 use ca_ctl::waypoint::WaypointSpec;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -57,6 +58,9 @@ enum Command {
     /// Generate, deploy or remove a namespace's waypoint (its L7 proxy).
     #[command(subcommand)]
     Waypoint(WaypointCommand),
+    /// Generate, deploy or remove an ingress gateway (what Istio Gateways select, at the edge).
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
     /// The CA: status, trust bundle, certificate rotation, issued certificates.
     #[command(subcommand)]
     Ca(AdminCommand),
@@ -152,6 +156,73 @@ enum WaypointCommand {
     },
     /// Delete the waypoint's objects (the namespace's use-waypoint label is left as it is).
     Delete(WaypointArgs),
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// The namespace (the gateway's TLS Secrets live there).
+    #[arg(short, long, default_value = "istio-system")]
+    namespace: String,
+    /// Its name (ServiceAccount, Deployment and Service).
+    #[arg(long, default_value = "istio-ingressgateway")]
+    name: String,
+}
+
+#[derive(Debug, Args)]
+struct GatewaySpecArgs {
+    #[command(flatten)]
+    at: GatewayArgs,
+    /// A label of its pods, `key=value` (repeat for more): what Gateways' `selector` matches.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, default_value = "istio=ingressgateway")]
+    labels: Vec<(String, String)>,
+    /// A port its Service exposes (repeat for more): the Gateways' server ports.
+    #[arg(long = "port", default_values_t = [80u16, 443])]
+    ports: Vec<u16>,
+    /// The `waypoint` image.
+    #[arg(long)]
+    image: Option<String>,
+    /// Pods.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// The CA's address as pods reach it.
+    #[arg(long, default_value = "ca.istio-system.svc:15012", value_name = "HOST:PORT")]
+    ca_address: String,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+impl GatewaySpecArgs {
+    fn spec(&self) -> IngressGatewaySpec {
+        let mut spec = IngressGatewaySpec::new(&self.at.namespace);
+        spec.name.clone_from(&self.at.name);
+        spec.labels = self.labels.iter().cloned().collect();
+        spec.ports.clone_from(&self.ports);
+        if let Some(image) = &self.image {
+            spec.image.clone_from(image);
+        }
+        spec.replicas = self.replicas;
+        spec.ca_address.clone_from(&self.ca_address);
+        spec.trust_domain.clone_from(&self.trust_domain);
+        spec
+    }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum GatewayCommand {
+    /// Print the gateway's objects as YAML (ServiceAccount, Deployment, LoadBalancer Service).
+    Generate(GatewaySpecArgs),
+    /// Create or update the gateway's objects.
+    Apply(GatewaySpecArgs),
+    /// Delete the gateway's objects.
+    Delete(GatewayArgs),
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +389,18 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
             // Reverse order: what runs the Gateway goes first.
             let objects: Vec<_> = objects.into_iter().rev().collect();
             report(&target.delete(&objects, &file_of(&at.namespace, &at.name)).await?);
+        }
+        Command::Gateway(GatewayCommand::Generate(args)) => print!("{}", to_yaml(&args.spec().objects())?),
+        Command::Gateway(GatewayCommand::Apply(args)) => {
+            let target = target(&cli).await?;
+            let spec = args.spec();
+            report(&target.apply(&spec.objects(), &format!("gateway-{}-{}", spec.namespace, spec.name)).await?);
+        }
+        Command::Gateway(GatewayCommand::Delete(at)) => {
+            let target = target(&cli).await?;
+            let spec = IngressGatewaySpec { name: at.name.clone(), ..IngressGatewaySpec::new(&at.namespace) };
+            let objects: Vec<_> = spec.objects().into_iter().rev().collect();
+            report(&target.delete(&objects, &format!("gateway-{}-{}", at.namespace, at.name)).await?);
         }
         Command::Ca(command) => {
             // No flag says which CA: the kept one-machine mesh's, from inside its network.

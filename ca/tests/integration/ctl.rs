@@ -150,6 +150,22 @@ async fn namespace_labels_and_waypoints_in_a_cluster() {
     assert!(seen.iter().all(|s| s.content_type == "application/apply-patch+yaml"), "{seen:#?}");
     assert_eq!(seen[0].body, spec.objects()[0]);
 
+    // An ingress gateway: its ServiceAccount, Deployment and LoadBalancer Service, the same way.
+    let gateway = ca_ctl::gateway::IngressGatewaySpec::new("istio-system");
+    target.apply(&gateway.objects(), "unused").await.unwrap();
+    let seen = take();
+    let calls: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.uri.as_str())).collect();
+    let at = |kind: &str| format!("/namespaces/istio-system/{kind}/istio-ingressgateway?&force=true&fieldManager=ambientctl");
+    assert_eq!(
+        calls,
+        [
+            ("PATCH", format!("/api/v1{}", at("serviceaccounts")).as_str()),
+            ("PATCH", format!("/apis/apps/v1{}", at("deployments")).as_str()),
+            ("PATCH", format!("/api/v1{}", at("services")).as_str()),
+        ]
+    );
+    assert_eq!(seen[2].body["spec"]["type"], "LoadBalancer");
+
     // Deleting: each object; one already gone is reported, not an error.
     mock.objects.lock().unwrap().remove("/api/v1/namespaces/shop/services/waypoint");
     let out = target.delete(&spec.objects(), "unused").await.unwrap();

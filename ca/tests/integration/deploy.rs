@@ -219,6 +219,32 @@ fn the_waypoint_template_is_what_ambientctl_generates() {
 }
 
 #[test]
+fn the_ingress_gateway_template_is_what_ambientctl_generates() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ingress-gateway.yaml")).unwrap();
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_json::to_value(serde_norway::Value::deserialize(d).unwrap()).unwrap())
+        .collect();
+    let spec = ca_ctl::gateway::IngressGatewaySpec::new("istio-system");
+    assert_eq!(docs, spec.objects(), "regenerate deploy/ingress-gateway.yaml");
+    let pod = pod_spec("Deployment", "istio-ingressgateway");
+    assert_proxy_volumes(&pod, "ingress gateway");
+    // Its pods carry what Istio Gateways select, stay out of ztunnel's capture, and may bind the
+    // servers' ports (80, 443) as a non-root user.
+    let deployment = documents().into_iter().find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Deployment").unwrap().1;
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!((labels["istio"].as_str(), labels["istio.io/dataplane-mode"].as_str()), (Some("ingressgateway"), Some("none")));
+    let sysctls = pod.security_context.unwrap().sysctls.unwrap();
+    assert_eq!((sysctls[0].name.as_str(), sysctls[0].value.as_str()), ("net.ipv4.ip_unprivileged_port_start", "0"));
+    let args = pod.containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--gateway-label", "istio=ingressgateway"]), "{args:?}");
+    let service = documents().into_iter().find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Service").unwrap().1;
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    let ports: Vec<u64> = service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    assert_eq!(ports, [80, 443, 15021]);
+}
+
+#[test]
 fn the_ca_deployment_passes_only_flags_the_ca_accepts() {
     let ca = pod_spec("Deployment", "ca");
     let args = ca.containers[0].args.clone().unwrap();
