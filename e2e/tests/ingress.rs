@@ -330,3 +330,37 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     let log = mesh.log_tails(200);
     assert!(log.contains("TLS handshake refused") && log.contains("no HTTPS server on port 443"), "{log}");
 }
+
+/// A Gateway API Gateway of class `istio` and an HTTPRoute that names it: the pod labelled with
+/// the Gateway's name serves its listener, routes the route's hostname and paths, and answers 404
+/// for what the route does not match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_api_gateway_of_class_istio_serves_its_httproutes() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("shop", true).await.unwrap();
+    let web = mesh.pod(PodSpec::new("web", "shop", 2).label("app", "web")).await.unwrap();
+    http_server(web.listen(APP_PORT).unwrap(), "web");
+    mesh.service("web", "shop", Ipv4Addr::new(10, 96, 3, 10), 80, "web", APP_PORT).unwrap();
+    mesh.apply(
+        "edge-gateway",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\nspec:\n  gatewayClassName: istio\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP, hostname: \"*.shop.example\"}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [www.shop.example]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n    backendRefs: [{name: web, port: 80}]\n",
+    )
+    .unwrap();
+    let pod = mesh
+        .ingress_gateway("shop", "edge-istio", 1, &[("gateway.networking.k8s.io/gateway-name", "edge")])
+        .await
+        .unwrap();
+    let gateway = SocketAddr::from((pod.ip, 8080));
+    let outside = mesh.outside_client(1).unwrap();
+    mesh.wait_until("the Gateway API gateway to route", Duration::from_secs(30), || async {
+        http_exchange_as(&outside.ns, "www.shop.example", gateway, "/api/items", &[]).await.is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+    let a = http_exchange_as(&outside.ns, "www.shop.example", gateway, "/api/items", &[]).await.unwrap();
+    assert_eq!((a.status, a.body.trim()), (200, "web"));
+    let unmatched = http_exchange_as(&outside.ns, "www.shop.example", gateway, "/elsewhere", &[]).await.unwrap();
+    assert_eq!((unmatched.status, unmatched.body.trim()), (404, "no route matched"));
+    let other_host = http_exchange_as(&outside.ns, "api.shop.example", gateway, "/api", &[]).await.unwrap();
+    assert_eq!(other_host.status, 404, "a host the route does not name: {other_host:?}");
+}

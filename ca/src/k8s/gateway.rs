@@ -26,8 +26,50 @@ pub struct GatewayListener {
     pub name: String,
     /// Port.
     pub port: u16,
-    /// Protocol, `HBONE` for waypoints.
+    /// Protocol, `HBONE` for waypoints; `HTTP`, `HTTPS`, `TLS`, `TCP` for gateways.
     pub protocol: String,
+    /// The host it serves (a name or `*.<domain>`); none: any.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// TLS settings of an HTTPS or TLS listener.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Which routes may attach to it.
+    #[serde(default)]
+    pub allowed_routes: Option<AllowedRoutes>,
+}
+
+/// A listener's TLS settings.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTls {
+    /// `Terminate` (the default) or `Passthrough`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The Secrets holding its certificate (the first is used).
+    #[serde(default)]
+    pub certificate_refs: Vec<ObjectRef>,
+}
+
+/// Which routes may attach to a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedRoutes {
+    /// From which namespaces.
+    #[serde(default)]
+    pub namespaces: Option<RouteNamespaces>,
+}
+
+/// `allowedRoutes.namespaces`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteNamespaces {
+    /// `Same` (the default), `All` or `Selector`.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// For `Selector`: the namespaces' labels.
+    #[serde(default)]
+    pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
 /// A reference to a parent (Gateway or Service) or a backend.

@@ -72,6 +72,166 @@ pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<Str
     (out, warnings)
 }
 
+/// The Gateway API class Istio serves ingress with (its automated deployments' pods carry
+/// `gateway.networking.k8s.io/gateway-name: <name>`).
+pub const ISTIO_GATEWAY_CLASS: &str = "istio";
+
+/// Gateway API Gateways of class `istio`, as ingress gateways: each listener is a server (its
+/// `hostname`, or `*`; HTTPS `Terminate` with its first `certificateRefs` Secret), served by the
+/// pods labelled `gateway.networking.k8s.io/gateway-name: <name>`; the HTTPRoutes whose
+/// `parentRefs` name it (and the listener, by `sectionName` or `port`) and that the listener's
+/// `allowedRoutes` admit are bound to it, for the route's hostnames the listener serves. Keyed
+/// `gateway.networking.k8s.io/<namespace>/<name>`, apart from Istio Gateways of the same name.
+pub fn gateway_api_gateways(
+    objects: &Objects,
+    config: &MeshConfig,
+) -> (BTreeMap<String, pb::IngressGateway>, Vec<String>) {
+    let mut out = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let namespace_labels: BTreeMap<&str, &BTreeMap<String, String>> = objects
+        .namespaces()
+        .map(|n| (n.metadata.name.as_deref().unwrap_or_default(), k8s::labels(&n.metadata)))
+        .collect();
+    for gw in objects.gateways().filter(|g| g.spec.gateway_class_name == ISTIO_GATEWAY_CLASS) {
+        let (gw_ns, gw_name) = k8s::ns_name(&gw.metadata);
+        let key = format!("gateway.networking.k8s.io/{gw_ns}/{gw_name}");
+        let mut servers = Vec::new();
+        for l in &gw.spec.listeners {
+            let (protocol, tls) = match (l.protocol.as_str(), l.tls.as_ref()) {
+                ("HTTP", _) => (pb::gateway_server::Protocol::Http, None),
+                ("HTTPS", Some(t)) if t.mode.as_deref().unwrap_or("Terminate") == "Terminate" => {
+                    let secret = t.certificate_refs.first().filter(|r| {
+                        r.kind.as_deref().unwrap_or("Secret") == "Secret"
+                            && r.namespace.as_deref().is_none_or(|n| n == gw_ns)
+                    });
+                    let Some(secret) = secret else {
+                        warnings.push(format!(
+                            "Gateway {gw_ns}/{gw_name} listener {}: HTTPS needs a certificateRefs Secret in its own namespace",
+                            l.name
+                        ));
+                        continue;
+                    };
+                    let tls = pb::GatewayTls {
+                        mode: pb::gateway_tls::Mode::Simple as i32,
+                        credential_name: secret.name.clone(),
+                        ..Default::default()
+                    };
+                    (pb::gateway_server::Protocol::Https, Some(tls))
+                }
+                (other, _) => {
+                    warnings.push(format!(
+                        "Gateway {gw_ns}/{gw_name} listener {}: protocol {other} is not served by ingress gateways",
+                        l.name
+                    ));
+                    continue;
+                }
+            };
+            servers.push(pb::GatewayServer {
+                port: u32::from(l.port),
+                protocol: protocol as i32,
+                hosts: vec![l.hostname.clone().unwrap_or_else(|| "*".into()).to_ascii_lowercase()],
+                tls,
+                name: l.name.clone(),
+            });
+        }
+        let admits_namespace = |l: &k8s::GatewayListener, route_ns: &str| {
+            let from = l.allowed_routes.as_ref().and_then(|a| a.namespaces.as_ref());
+            match from.and_then(|f| f.from.as_deref()).unwrap_or("Same") {
+                "All" => true,
+                "Selector" => {
+                    let selector = from.and_then(|f| f.selector.as_ref());
+                    let wanted = selector.and_then(|s| s.match_labels.clone()).unwrap_or_default();
+                    let expressions = selector.is_some_and(|s| s.match_expressions.as_ref().is_some_and(|e| !e.is_empty()));
+                    !expressions
+                        && namespace_labels.get(route_ns).is_some_and(|labels| k8s::selects(&wanted, labels))
+                }
+                _ => route_ns == gw_ns,
+            }
+        };
+        let mut routes = Vec::new();
+        let mut http_routes: Vec<_> = objects.http_routes().collect();
+        http_routes.sort_by(|a, b| k8s::ns_name(&a.metadata).cmp(&k8s::ns_name(&b.metadata)));
+        for route in http_routes {
+            let (route_ns, route_name) = k8s::ns_name(&route.metadata);
+            for parent in route.spec.parent_refs.iter().filter(|p| super::waypoint::is_gateway(p)) {
+                if parent.name != gw_name || parent.namespace.as_deref().unwrap_or(route_ns) != gw_ns {
+                    continue;
+                }
+                let listeners: Vec<&k8s::GatewayListener> = gw
+                    .spec
+                    .listeners
+                    .iter()
+                    .filter(|l| parent.section_name.as_ref().is_none_or(|s| *s == l.name))
+                    .filter(|l| parent.port.is_none_or(|p| p == l.port))
+                    .filter(|l| admits_namespace(l, route_ns))
+                    .filter(|l| servers.iter().any(|s| s.name == l.name))
+                    .collect();
+                if listeners.is_empty() {
+                    warnings.push(format!(
+                        "HTTPRoute {route_ns}/{route_name}: no listener of Gateway {gw_ns}/{gw_name} it names admits it"
+                    ));
+                    continue;
+                }
+                let mut hosts = BTreeSet::new();
+                let mut ports = BTreeSet::new();
+                for l in listeners {
+                    let listener_host = l.hostname.clone().unwrap_or_else(|| "*".into()).to_ascii_lowercase();
+                    let route_hosts: Vec<String> = if route.spec.hostnames.is_empty() {
+                        vec![listener_host.clone()]
+                    } else {
+                        route.spec.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect()
+                    };
+                    for h in route_hosts {
+                        // The narrower of the two, when one admits the other.
+                        let served = if admits(&listener_host, &h) {
+                            Some(h)
+                        } else if admits(&h, &listener_host) {
+                            Some(listener_host.clone())
+                        } else {
+                            None
+                        };
+                        if let Some(h) = served {
+                            hosts.insert(h);
+                            ports.insert(u32::from(l.port));
+                        }
+                    }
+                }
+                if hosts.is_empty() {
+                    warnings.push(format!(
+                        "HTTPRoute {route_ns}/{route_name}: none of its hostnames is served by Gateway {gw_ns}/{gw_name}"
+                    ));
+                    continue;
+                }
+                let rules = route.spec.rules.iter().map(|r| super::waypoint::rule(r, route_ns, &config.domain_suffix));
+                routes.push(pb::GatewayRoute {
+                    hosts: hosts.into_iter().collect(),
+                    ports: ports.into_iter().collect(),
+                    route: Some(pb::Route {
+                        name: format!("{route_ns}/{route_name}"),
+                        ports: Vec::new(),
+                        rules: rules.collect(),
+                        ordered: false,
+                    }),
+                });
+            }
+        }
+        out.insert(
+            key,
+            pb::IngressGateway {
+                namespace: gw_ns.to_owned(),
+                name: gw_name.to_owned(),
+                selector: [(GATEWAY_NAME_LABEL.to_owned(), gw_name.to_owned())].into_iter().collect(),
+                servers,
+                routes,
+            },
+        );
+    }
+    (out, warnings)
+}
+
+/// The label Istio's automated gateway deployments put on their pods.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
 /// The TLS credentials the Gateways' servers name (`tls.credentialName`), each read from the
 /// Secret of that name in the namespace of every gateway pod the Gateway selects, and served to
 /// those pods' service accounts only. A Secret that is missing is reported (the gateway then

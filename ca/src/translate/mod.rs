@@ -337,7 +337,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         state.routes.insert(key, vs_routes);
     }
     state.destination_policies = istio::destination_policies(objects, config, &state.services);
-    let (ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config);
+    let (mut ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config);
+    let (api_gateways, api_warnings) = ingress::gateway_api_gateways(objects, config);
+    ingress_gateways.extend(api_gateways);
+    state.warnings.extend(api_warnings);
     let (credentials, credential_warnings) = ingress::gateway_credentials(objects, &ingress_gateways, config);
     state.ingress_gateways = ingress_gateways;
     state.gateway_credentials = credentials;

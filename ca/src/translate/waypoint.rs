@@ -26,7 +26,7 @@ fn is_service(r: &ObjectRef) -> bool {
     matches!(r.group.as_deref(), None | Some("") | Some("core")) && r.kind.as_deref() == Some("Service")
 }
 
-fn is_gateway(r: &ObjectRef) -> bool {
+pub(crate) fn is_gateway(r: &ObjectRef) -> bool {
     r.kind.as_deref().unwrap_or("Gateway") == "Gateway"
         && matches!(r.group.as_deref(), None | Some("gateway.networking.k8s.io"))
 }
@@ -119,7 +119,7 @@ fn mirror_percent(mirror: &Value) -> Option<f64> {
     Some(if denominator > 0.0 { (numerator / denominator * 100.0).clamp(0.0, 100.0) } else { 0.0 })
 }
 
-fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
+pub(crate) fn rule(r: &HttpRouteRule, route_ns: &str, suffix: &str) -> pb::RouteRule {
     let ms = |d: &Option<String>| d.as_deref().and_then(|d| parse_duration(d).ok()).unwrap_or(0);
     let value_match = |m: &k8s::HttpValueMatch| pb::ValueMatch {
         kind: match m.kind.as_deref() {

@@ -119,3 +119,58 @@ fn tutorial_fixture_yields_the_expected_resources() {
 fn failclosed_fixture_yields_the_expected_resources() {
     check("failclosed");
 }
+
+/// A Gateway API Gateway of class `istio` as an ingress gateway: its listeners as servers (the
+/// HTTPS one with its certificateRefs Secret, sent to the service account of the pod labelled with
+/// the Gateway's name), the HTTPRoutes that name it bound where the listeners admit them (by
+/// section name; by allowedRoutes: a namespace selector, All), for the hostnames both serve.
+#[test]
+fn gateway_api_fixture_yields_the_expected_resources() {
+    check("gateway-api");
+}
+
+/// Routes from a namespace a listener does not admit do not attach to it: a route from namespace
+/// `other` (not labelled team=shop) gets the HTTPS listener (from: All) only, and one naming the
+/// HTTP listener by section is refused with a warning that says why.
+#[test]
+fn gateway_api_routes_attach_only_where_allowed_routes_admit_them() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gateway-api/input");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let route = |name: &str, section: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: other}}\nspec:\n  parentRefs: [{{name: edge, namespace: edge{section}}}]\n  hostnames: [api.shop.example]\n  rules:\n  - backendRefs: [{{name: web, namespace: shop, port: 80}}]\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("other.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: other}}\n---\n{}---\n{}",
+            route("any-listener", ""),
+            route("http-only", ", sectionName: http")
+        ),
+    )
+    .unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+    let gateway = &state.ingress_gateways["gateway.networking.k8s.io/edge/edge"];
+    let bound: Vec<(&str, &[u32])> = gateway
+        .routes
+        .iter()
+        .map(|r| (r.route.as_ref().unwrap().name.as_str(), r.ports.as_slice()))
+        .filter(|(name, _)| name.starts_with("other/"))
+        .collect();
+    assert_eq!(bound, [("other/any-listener", &[443][..])]);
+    assert_eq!(
+        state.warnings,
+        ["HTTPRoute other/http-only: no listener of Gateway edge/edge it names admits it"],
+    );
+    // The HTTPS listener's Secret goes to the service account of the Gateway's pod only.
+    let credential = &state.gateway_credentials["edge/edge-cert"];
+    assert_eq!(credential.readers.iter().collect::<Vec<_>>(), ["spiffe://cluster.local/ns/edge/sa/edge-istio"]);
+}
