@@ -6,6 +6,9 @@
 //! node-2 (client → ztunnel → waypoint → ztunnel → server). For each: HTTP/1.1 keep-alive
 //! requests per second with 1 KiB responses over `--connections` connections, and latency p50/p99;
 //! for the waypoint, its CPU time per second of load, as cores and per 1,000 requests/s.
+//! Ingress: a client outside the mesh and the nodes, straight to the `l4` server pod and through
+//! an ingress gateway (`waypoint --ingress` on node-1, an Istio Gateway + VirtualService): the
+//! same figures, and the gateway's requests per core.
 //! The server app runs as its own process in the server pod. Table and JSON.
 //!
 //! Scale: requests/s through the waypoint again with the proxies' state padded to 10,000
@@ -27,7 +30,8 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use e2e::ca_process::{KillOnDrop, cpu_seconds, spawn_child_with, wait_for_port};
 use e2e::load::percentile;
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_as};
+use ztunnel::netns::NetNs;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use serde::Serialize;
@@ -139,28 +143,52 @@ struct Report {
     waypoint_cores_per_1k_rps: f64,
     /// Requests per second one waypoint core handles.
     requests_per_waypoint_core: f64,
+    /// An outside client (not in the mesh, not on a node) straight to the server pod (its ztunnel
+    /// takes plaintext in, PERMISSIVE), and the same through the ingress gateway (node-1) into
+    /// the mesh over HBONE.
+    ingress: Ingress,
     #[serde(skip_serializing_if = "Option::is_none")]
     scale: Option<Scale>,
+}
+
+#[derive(Debug, Serialize)]
+struct Ingress {
+    direct_to_pod: PathResult,
+    through_gateway: PathResult,
+    /// through / direct requests per second.
+    throughput_ratio: f64,
+    /// through − direct p50, µs.
+    added_latency_p50_us: f64,
+    /// Gateway CPU during its run, in cores.
+    gateway_cores: f64,
+    /// Requests per second one gateway core handles.
+    requests_per_gateway_core: f64,
 }
 
 const APP_PORT: u16 = 8080;
 
 /// Keep-alive HTTP/1.1 load from `client` to `target` for `duration`.
 async fn load(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<PathResult> {
+    load_from(&client.netns.ns, target, &target.to_string(), args).await
+}
+
+/// Keep-alive HTTP/1.1 load from inside `netns` to `target`, naming `host`, for `duration`.
+async fn load_from(netns: &NetNs, target: SocketAddr, host: &str, args: &Args) -> Result<PathResult> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let path = format!("/bytes/{}", args.response_bytes);
     let mut tasks = Vec::new();
     for _ in 0..args.connections {
-        let (client, path, size) = (client.clone(), path.clone(), args.response_bytes);
+        let (netns, path, size, host) = (netns.clone(), path.clone(), args.response_bytes, host.to_owned());
         tasks.push(tokio::spawn(async move {
-            let stream = client.connect(target).await?;
+            let stream = netns.tcp_socket(target.is_ipv6())?.connect(target).await?;
+            stream.set_nodelay(true)?;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
             tokio::spawn(conn);
             let mut samples = Vec::new();
             while Instant::now() < deadline {
                 let req = hyper::Request::get(path.as_str())
-                    .header(hyper::header::HOST, target.to_string())
+                    .header(hyper::header::HOST, host.as_str())
                     .body(Empty::<Bytes>::new())?;
                 let start = Instant::now();
                 let resp = sender.send_request(req).await?;
@@ -200,6 +228,35 @@ fn main() -> Result<()> {
     runtime.block_on(run(args))
 }
 
+/// An ingress gateway on node-1 routing `bench.example` to the `l4` server, and a client outside
+/// the mesh and the nodes: load straight to the server pod, then through the gateway.
+async fn ingress(mesh: &mut Mesh, server: &MeshPod, args: &Args) -> Result<Ingress> {
+    mesh.apply(
+        "bench-gateway",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: bench, namespace: l4}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [bench.example]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bench, namespace: l4}\nspec:\n  hosts: [bench.example]\n  gateways: [bench]\n  http:\n  - route: [{destination: {host: server}}]\n",
+    )?;
+    let gateway = mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
+    let outside = mesh.outside_client(1)?;
+    let through = SocketAddr::from((gateway.ip, 80));
+    mesh.wait_until("the ingress gateway to route", Duration::from_secs(30), || async {
+        http_exchange_as(&outside.ns, "bench.example", through, "/", &[]).await.is_ok_and(|a| a.status == 200)
+    })
+    .await?;
+    let direct_to_pod = load_from(&outside.ns, server.addr(APP_PORT), "bench.example", args).await?;
+    let pid = mesh.waypoint_pid(&gateway).context("the gateway is not running")?;
+    let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
+    let through_gateway = load_from(&outside.ns, through, "bench.example", args).await?;
+    let gateway_cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
+    Ok(Ingress {
+        throughput_ratio: through_gateway.requests_per_s / direct_to_pod.requests_per_s,
+        added_latency_p50_us: through_gateway.latency_p50_us - direct_to_pod.latency_p50_us,
+        requests_per_gateway_core: through_gateway.requests_per_s / gateway_cores,
+        gateway_cores,
+        direct_to_pod,
+        through_gateway,
+    })
+}
+
 fn service(name: &str, namespace: &str, vip: Ipv4Addr) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {name}\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
@@ -210,6 +267,7 @@ async fn run(args: Args) -> Result<()> {
     ztunnel::raise_open_files_limit();
     let mut mesh = Mesh::start(MeshOptions { log_filter: args.log_filter.clone(), ..MeshOptions::default() })?;
     let mut servers = Vec::new();
+    let mut server_pods = Vec::new();
     let mut paths = Vec::new();
     for (ns, vip) in [("l4", Ipv4Addr::new(10, 96, 5, 10)), ("l7", Ipv4Addr::new(10, 96, 6, 10))] {
         mesh.namespace(ns, true).await?;
@@ -220,6 +278,7 @@ async fn run(args: Args) -> Result<()> {
         let mut child = spawn_child_with(&command, Some(&server.netns.ns), Stdio::null(), Stdio::inherit())?;
         wait_for_port(&mut child, "HTTP server", server.addr(APP_PORT), Some(&server.netns.ns))?;
         servers.push(KillOnDrop(child));
+        server_pods.push(server.clone());
         mesh.apply(&format!("svc-{ns}"), &service("server", ns, vip))?;
         paths.push((client, SocketAddr::from((vip, 80))));
     }
@@ -252,6 +311,7 @@ async fn run(args: Args) -> Result<()> {
     let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
     let with = load(&paths[1].0, paths[1].1, &args).await?;
     let cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
+    let ingress = ingress(&mut mesh, &server_pods[0], &args).await?;
     let scale =
         if args.scale.pad_workloads > 0 { Some(scale(&mesh, &waypoint, &paths[1], &args).await?) } else { None };
     drop(servers);
@@ -266,6 +326,7 @@ async fn run(args: Args) -> Result<()> {
         requests_per_waypoint_core: with.requests_per_s / cores,
         without_waypoint: without,
         with_waypoint: with,
+        ingress,
         scale,
     };
     println!("HTTP/1.1 keep-alive, {} connections, {} B responses", report.connections, report.response_bytes);
@@ -279,6 +340,15 @@ async fn run(args: Args) -> Result<()> {
         report.with_waypoint.requests_per_s,
         report.waypoint_cores_per_1k_rps,
         report.requests_per_waypoint_core
+    );
+    let i = &report.ingress;
+    for (name, r) in [("outside → pod", &i.direct_to_pod), ("outside → gateway", &i.through_gateway)] {
+        println!("{name:<22} {:>12.0} {:>12.1} {:>12.1}", r.requests_per_s, r.latency_p50_us, r.latency_p99_us);
+    }
+    println!(
+        "ingress gateway: {:.2} cores at {:.0} requests/s = {:.0} requests/s per core; {:.3} of direct, +{:.1} µs p50",
+        i.gateway_cores, i.through_gateway.requests_per_s, i.requests_per_gateway_core, i.throughput_ratio,
+        i.added_latency_p50_us
     );
     if let Some(scale) = &report.scale {
         print_scale(scale);
