@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use proto::labels::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE};
 
-use crate::waypoint::{credential_mounts, credential_volumes, restricted_container};
+use crate::waypoint::{credential_volumes, proxy_container};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -69,19 +69,15 @@ impl IngressGatewaySpec {
         pod_labels.insert(DATAPLANE_MODE_LABEL.into(), json!(DATAPLANE_MODE_NONE));
         let mut args: Vec<String> = ["--ingress", "--name", name, "--ca-addr", &self.ca_address]
             .into_iter()
-            .chain(["--trust-domain", &self.trust_domain, "--log-format", "json"])
+            .chain(["--trust-domain", &self.trust_domain])
             .map(str::to_owned)
             .collect();
         for (k, v) in &self.labels {
             args.extend(["--gateway-label".to_owned(), format!("{k}={v}")]);
         }
-        let mut container_ports: Vec<Value> = self
-            .ports
-            .iter()
-            .map(|p| json!({"name": format!("port-{p}"), "containerPort": p, "protocol": "TCP"}))
-            .collect();
-        container_ports.push(json!({"name": "metrics", "containerPort": 15020, "protocol": "TCP"}));
-        container_ports.push(json!({"name": "status-port", "containerPort": 15021, "protocol": "TCP"}));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let port_names: Vec<(String, u16)> = self.ports.iter().map(|p| (format!("port-{p}"), *p)).collect();
+        let ports: Vec<(&str, u16)> = port_names.iter().map(|(n, p)| (n.as_str(), *p)).collect();
         let service_ports: Vec<Value> = self
             .ports
             .iter()
@@ -113,26 +109,7 @@ impl IngressGatewaySpec {
                         "serviceAccountName": name,
                         "terminationGracePeriodSeconds": 30,
                         "securityContext": {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]},
-                        "containers": [{
-                            "name": "istio-proxy",
-                            "image": self.image,
-                            "args": args,
-                            "env": [
-                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                                {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
-                            ],
-                            "ports": container_ports,
-                            "readinessProbe": {
-                                "httpGet": {"path": "/healthz/ready", "port": 15021},
-                                "periodSeconds": 2,
-                            },
-                            "resources": {
-                                "requests": {"cpu": "100m", "memory": "64Mi"},
-                                "limits": {"memory": "512Mi"},
-                            },
-                            "securityContext": restricted_container(),
-                            "volumeMounts": credential_mounts(),
-                        }],
+                        "containers": [proxy_container("istio-proxy", &self.image, &args, &ports)],
                         "volumes": credential_volumes(),
                     },
                 },

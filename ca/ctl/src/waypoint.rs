@@ -95,35 +95,12 @@ impl WaypointSpec {
                     "spec": {
                         "serviceAccountName": name,
                         "terminationGracePeriodSeconds": 30,
-                        "containers": [{
-                            "name": "waypoint",
-                            "image": self.image,
-                            "args": [
-                                "--name", name,
-                                "--ca-addr", self.ca_address,
-                                "--trust-domain", self.trust_domain,
-                                "--log-format", "json",
-                            ],
-                            "env": [
-                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                                {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
-                            ],
-                            "ports": [
-                                {"name": "mesh", "containerPort": 15008, "protocol": "TCP"},
-                                {"name": "metrics", "containerPort": 15020, "protocol": "TCP"},
-                                {"name": "status-port", "containerPort": 15021, "protocol": "TCP"},
-                            ],
-                            "readinessProbe": {
-                                "httpGet": {"path": "/healthz/ready", "port": 15021},
-                                "periodSeconds": 2,
-                            },
-                            "resources": {
-                                "requests": {"cpu": "100m", "memory": "64Mi"},
-                                "limits": {"memory": "512Mi"},
-                            },
-                            "securityContext": restricted_container(),
-                            "volumeMounts": credential_mounts(),
-                        }],
+                        "containers": [proxy_container(
+                            "waypoint",
+                            &self.image,
+                            &["--name", name, "--ca-addr", &self.ca_address, "--trust-domain", &self.trust_domain],
+                            &[("mesh", 15008)],
+                        )],
                         "volumes": credential_volumes(),
                     },
                 },
@@ -145,8 +122,36 @@ impl WaypointSpec {
     }
 }
 
+/// A container of the `waypoint` image as the mesh runs it (a waypoint or an ingress gateway):
+/// `args` then JSON logs, its namespace and service account from the pod, `ports` and the
+/// metrics and readiness ports, a readiness probe, modest resources, the restricted security
+/// context, and the token and roots mounted where the binary looks.
+pub(crate) fn proxy_container(name: &str, image: &str, args: &[&str], ports: &[(&str, u16)]) -> Value {
+    let mut args: Vec<&str> = args.to_vec();
+    args.extend(["--log-format", "json"]);
+    let ports: Vec<Value> = ports
+        .iter()
+        .chain(&[("metrics", 15020), ("status-port", 15021)])
+        .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+        .collect();
+    json!({
+        "name": name,
+        "image": image,
+        "args": args,
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+        ],
+        "ports": ports,
+        "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 2},
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+        "securityContext": restricted_container(),
+        "volumeMounts": credential_mounts(),
+    })
+}
+
 /// A proxy container's security context: non-root, no capabilities, read-only root.
-pub(crate) fn restricted_container() -> Value {
+fn restricted_container() -> Value {
     json!({
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
@@ -157,7 +162,7 @@ pub(crate) fn restricted_container() -> Value {
 }
 
 /// Where a proxy reads its service-account token (audience `istio-ca`) and the mesh's roots.
-pub(crate) fn credential_mounts() -> Value {
+fn credential_mounts() -> Value {
     json!([
         {"name": "istio-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
         {"name": "istiod-ca-cert", "mountPath": "/var/run/secrets/istio", "readOnly": true},

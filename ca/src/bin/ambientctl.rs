@@ -112,7 +112,14 @@ struct WaypointSpecArgs {
     /// Which traffic it takes (label istio.io/waypoint-for).
     #[arg(long = "for", default_value = "service", value_parser = ["service", "workload", "all", "none"])]
     traffic_for: String,
-    /// The waypoint image.
+    #[command(flatten)]
+    deploy: DeployArgs,
+}
+
+/// How the proxy's pods run (waypoints and gateways alike).
+#[derive(Debug, Args)]
+struct DeployArgs {
+    /// The `waypoint` image.
     #[arg(long)]
     image: Option<String>,
     /// Pods.
@@ -131,12 +138,13 @@ impl WaypointSpecArgs {
         let mut spec = WaypointSpec::new(&self.at.namespace);
         spec.name.clone_from(&self.at.name);
         spec.traffic_for.clone_from(&self.traffic_for);
-        if let Some(image) = &self.image {
+        let d = &self.deploy;
+        if let Some(image) = &d.image {
             spec.image.clone_from(image);
         }
-        spec.replicas = self.replicas;
-        spec.ca_address.clone_from(&self.ca_address);
-        spec.trust_domain.clone_from(&self.trust_domain);
+        spec.replicas = d.replicas;
+        spec.ca_address.clone_from(&d.ca_address);
+        spec.trust_domain.clone_from(&d.trust_domain);
         spec
     }
 }
@@ -178,18 +186,8 @@ struct GatewaySpecArgs {
     /// A port its Service exposes (repeat for more): the Gateways' server ports.
     #[arg(long = "port", default_values_t = [80u16, 443])]
     ports: Vec<u16>,
-    /// The `waypoint` image.
-    #[arg(long)]
-    image: Option<String>,
-    /// Pods.
-    #[arg(long, default_value_t = 1)]
-    replicas: u32,
-    /// The CA's address as pods reach it.
-    #[arg(long, default_value = "ca.istio-system.svc:15012", value_name = "HOST:PORT")]
-    ca_address: String,
-    /// The mesh's trust domain.
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
+    #[command(flatten)]
+    deploy: DeployArgs,
 }
 
 impl GatewaySpecArgs {
@@ -198,12 +196,13 @@ impl GatewaySpecArgs {
         spec.name.clone_from(&self.at.name);
         spec.labels = self.labels.iter().cloned().collect();
         spec.ports.clone_from(&self.ports);
-        if let Some(image) = &self.image {
+        let d = &self.deploy;
+        if let Some(image) = &d.image {
             spec.image.clone_from(image);
         }
-        spec.replicas = self.replicas;
-        spec.ca_address.clone_from(&self.ca_address);
-        spec.trust_domain.clone_from(&self.trust_domain);
+        spec.replicas = d.replicas;
+        spec.ca_address.clone_from(&d.ca_address);
+        spec.trust_domain.clone_from(&d.trust_domain);
         spec
     }
 }

@@ -29,13 +29,13 @@ pub struct GatewayListener {
     /// Protocol, `HBONE` for waypoints; `HTTP`, `HTTPS`, `TLS`, `TCP` for gateways.
     pub protocol: String,
     /// The host it serves (a name or `*.<domain>`); none: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     /// TLS settings of an HTTPS or TLS listener.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
     /// Which routes may attach to it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_routes: Option<AllowedRoutes>,
 }
 
@@ -44,10 +44,10 @@ pub struct GatewayListener {
 #[serde(rename_all = "camelCase")]
 pub struct ListenerTls {
     /// `Terminate` (the default) or `Passthrough`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
     /// The Secrets holding its certificate (the first is used).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificate_refs: Vec<ObjectRef>,
 }
 
@@ -56,7 +56,7 @@ pub struct ListenerTls {
 #[serde(rename_all = "camelCase")]
 pub struct AllowedRoutes {
     /// From which namespaces.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespaces: Option<RouteNamespaces>,
 }
 
@@ -65,10 +65,10 @@ pub struct AllowedRoutes {
 #[serde(rename_all = "camelCase")]
 pub struct RouteNamespaces {
     /// `Same` (the default), `All` or `Selector`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     /// For `Selector`: the namespaces' labels.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
 }
 
