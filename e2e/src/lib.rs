@@ -16,3 +16,4 @@ pub mod mesh;
 pub mod scale;
 pub mod sniff;
 pub mod topology;
+pub mod tutorial;

@@ -15,7 +15,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::apps::{TUTORIAL_VERBATIM, http_server};
 use e2e::mesh::{HttpAnswer, Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
@@ -77,46 +77,26 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
 
     // `version: new`: always the new pods; ~10 % delayed 10 s and cut at 5 s (504). Two lanes,
     // within the pool (one connection, one waiting).
-    let lanes: Vec<_> = (0..2)
-        .map(|_| {
-            let ns = outside.ns.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                for _ in 0..40 {
-                    let start = Instant::now();
-                    let a = wget(&ns, gateway, "/", &[("version", "new")]).await;
-                    out.push((a, start.elapsed()));
-                }
-                out
-            })
-        })
-        .collect();
-    let mut timeouts = 0;
-    for lane in lanes {
-        for (a, took) in lane.await.unwrap() {
-            if a.status == 504 {
-                timeouts += 1;
-                assert!(took >= Duration::from_millis(4900) && took < Duration::from_secs(9), "504 after {took:?}");
-            } else {
-                assert_eq!((a.status, a.body.trim()), (200, "hello-new"), "{a:?}");
-                assert!(took < Duration::from_secs(4), "an undelayed request took {took:?}");
-            }
-        }
-    }
+    let ns = outside.ns.clone();
+    let header = e2e::tutorial::header_route(2, 40, move || {
+        let ns = ns.clone();
+        async move { http_exchange_as(&ns, "xingren.upup", gateway, "/", &[("version", "new")]).await }
+    })
+    .await
+    .unwrap();
+    assert!(header.unexpected.is_empty(), "{:?}", header.unexpected);
+    let timeouts = header.timed_out;
     // Binomial(80, 0.1): outside 1..=20 with probability < 0.001.
     assert!((1..=20).contains(&timeouts), "{timeouts} of 80 delayed past the timeout (want ~8)");
 
     // Beyond the pool (1 connection + 1 waiting), concurrent requests get 503 (overflow).
-    let burst: Vec<_> = (0..30)
-        .map(|_| {
-            let ns = outside.ns.clone();
-            tokio::spawn(async move { wget(&ns, gateway, "/delay/300", &[]).await.status })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for b in burst {
-        statuses.push(b.await.unwrap());
-    }
+    let ns = outside.ns.clone();
+    let statuses = e2e::tutorial::burst(30, move || {
+        let ns = ns.clone();
+        async move { http_exchange_as(&ns, "xingren.upup", gateway, "/delay/300", &[]).await }
+    })
+    .await
+    .unwrap();
     let overflow = statuses.iter().filter(|s| **s == 503).count();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(overflow + ok, 30, "{statuses:?}");
@@ -130,7 +110,7 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
     let m = mesh.waypoint_metrics(&gateway_pod).await.unwrap();
     let by = |needles: &[&str]| sum(&m, "istio_requests_total{", needles);
     assert_eq!(by(&["reporter=\"source\"", "response_code=\"503\"", "response_flags=\"UO\""]), overflow as f64);
-    assert_eq!(by(&["response_code=\"504\"", "response_flags=\"UT\""]), f64::from(timeouts));
+    assert_eq!(by(&["response_code=\"504\"", "response_flags=\"UT\""]), timeouts as f64);
     assert_eq!(by(&["response_code=\"404\"", "response_flags=\"NR\""]), 1.0);
     assert!(
         by(&["response_code=\"200\"", "destination_workload=\"hello-new\"", "destination_service_name=\"hello\""])

@@ -341,47 +341,28 @@ async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
 
     // `version: new`: always the new subset; ~10 % delayed 10 s, cut at 5 s with 504. Two at a
     // time (within the pool: one in flight, one waiting).
-    let lanes: Vec<_> = (0..2)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                for _ in 0..40 {
-                    let start = std::time::Instant::now();
-                    let a = get(&client, HELLO, "/", &[("version", "new")]).await;
-                    out.push((a, start.elapsed()));
-                }
-                out
-            })
-        })
-        .collect();
-    let mut timeouts = 0;
-    for lane in lanes {
-        for (a, took) in lane.await.unwrap() {
-            if a.status == 504 {
-                timeouts += 1;
-                assert!(took >= Duration::from_millis(4900) && took < Duration::from_secs(9), "504 after {took:?}");
-            } else {
-                assert_eq!((a.status, a.body.trim()), (200, "hello-new"), "{a:?}");
-                assert!(took < Duration::from_secs(4), "an undelayed request took {took:?}");
-            }
-        }
-    }
+    let ns = client.netns.ns.clone();
+    let to = SocketAddr::from((HELLO, 80));
+    let header = e2e::tutorial::header_route(2, 40, move || {
+        let ns = ns.clone();
+        async move { http_exchange(&ns, "GET", to, "/", &[("version", "new")]).await }
+    })
+    .await
+    .unwrap();
+    assert!(header.unexpected.is_empty(), "{:?}", header.unexpected);
+    let timeouts = header.timed_out;
     // Binomial(80, 0.1): outside 1..=20 with probability < 0.001. (The percentage itself is
     // measured more tightly by the abort test, with 1,000 requests.)
     assert!((1..=20).contains(&timeouts), "{timeouts} of 80 delayed past the timeout (want ~8)");
 
     // Beyond the pool (1 in flight + 1 waiting), concurrent requests get 503 (overflow).
-    let burst: Vec<_> = (0..30)
-        .map(|_| {
-            let client = client.clone();
-            tokio::spawn(async move { get(&client, HELLO, "/delay/300", &[]).await.status })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for b in burst {
-        statuses.push(b.await.unwrap());
-    }
+    let ns = client.netns.ns.clone();
+    let statuses = e2e::tutorial::burst(30, move || {
+        let ns = ns.clone();
+        async move { http_exchange(&ns, "GET", to, "/delay/300", &[]).await }
+    })
+    .await
+    .unwrap();
     let overflow = statuses.iter().filter(|s| **s == 503).count();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     assert_eq!(overflow + ok, 30, "{statuses:?}");
@@ -390,7 +371,7 @@ async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
     assert_eq!(sum(&m, "istio_requests_total{", &["response_code=\"503\"", "response_flags=\"UO\""]), overflow as f64);
     assert_eq!(
         sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]),
-        f64::from(timeouts)
+        timeouts as f64
     );
 }
 

@@ -397,8 +397,9 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
     mesh.apply("tutorial", TUTORIAL_VERBATIM)?;
     let outside = mesh.outside_client(1)?;
     let gw = SocketAddr::from((gateway.ip, 80));
-    let wget = |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
-        let ns = outside.ns.clone();
+    let outside_ns = outside.ns.clone();
+    let wget = move |path: &'static str, headers: &'static [(&'static str, &'static str)]| {
+        let ns = outside_ns.clone();
         async move { http_exchange_as(&ns, "xingren.upup", gw, path, headers).await }
     };
     mesh.wait_until("the gateway to route xingren.upup", Duration::from_secs(30), || async {
@@ -434,42 +435,22 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
     // The header route, with its injected delay cut by the timeout. Two lanes (the pool: one in
     // flight, one waiting).
     story.progress("header route: 30 requests with `version: new` ...");
-    let started = Instant::now();
-    let lanes: Vec<_> = (0..2)
-        .map(|_| {
-            let ns = outside.ns.clone();
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                for _ in 0..15 {
-                    let t = Instant::now();
-                    out.push((http_exchange_as(&ns, "xingren.upup", gw, "/", &[("version", "new")]).await, t.elapsed()));
-                }
-                out
-            })
-        })
-        .collect();
-    let (mut to_new, mut timed_out, mut other) = (0, 0, 0);
-    for lane in lanes {
-        for (answer, took) in lane.await? {
-            match answer {
-                Ok(a) if a.status == 200 && a.body.trim() == "hello-new" => to_new += 1,
-                Ok(a) if a.status == 504 && took >= Duration::from_millis(4900) => timed_out += 1,
-                _ => other += 1,
-            }
-        }
-    }
+    let ns = outside.ns.clone();
+    let header = e2e::tutorial::header_route(2, 15, move || {
+        let ns = ns.clone();
+        async move { http_exchange_as(&ns, "xingren.upup", gw, "/", &[("version", "new")]).await }
+    })
+    .await?;
     story.done_progress(format!(
-        "header route `version: new`: {to_new} answered by hello-new, {timed_out} delayed by the injected 10 s fault and cut at the 5 s timeout (504) ({:.1} s)",
-        started.elapsed().as_secs_f64()
+        "header route `version: new`: {} answered by hello-new, {} delayed by the injected 10 s fault and cut at the 5 s timeout (504) ({:.1} s)",
+        header.to_new,
+        header.timed_out,
+        header.elapsed.as_secs_f64()
     ));
-    ensure!(other == 0, "{other} header-routed requests did not end as the tutorial says");
+    ensure!(header.unexpected.is_empty(), "header-routed requests did not end as the tutorial says: {:?}", header.unexpected);
 
     // The circuit breaker.
-    let burst: Vec<_> = (0..20).map(|_| tokio::spawn(wget("/delay/300", &[]))).collect();
-    let mut statuses = Vec::new();
-    for b in burst {
-        statuses.push(b.await??.status);
-    }
+    let statuses = e2e::tutorial::burst(20, move || wget("/delay/300", &[])).await?;
     let overflow = statuses.iter().filter(|s| **s == 503).count();
     let ok = statuses.iter().filter(|s| **s == 200).count();
     story.say(format!(

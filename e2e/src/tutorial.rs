@@ -1,0 +1,79 @@
+//! The tutorial's checks, shared by the end-to-end tests and the demo: the `version: new` header
+//! route with its injected delay cut by the timeout, and the circuit breaker's overflow. Each
+//! takes the request to send, so the same check runs against a waypoint (a pod's request to the
+//! service) and an ingress gateway (an outside client's request for `xingren.upup`).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::mesh::HttpAnswer;
+
+/// What the header route's requests got.
+#[derive(Debug, Default)]
+pub struct HeaderRoute {
+    /// Answered by `hello-new` within 4 s.
+    pub to_new: usize,
+    /// Answered 504 after the 5 s timeout (4.9 s to 9 s) cut the 10 s delay.
+    pub timed_out: usize,
+    /// Anything else, described.
+    pub unexpected: Vec<String>,
+    /// How long it all took.
+    pub elapsed: Duration,
+}
+
+/// `lanes` clients at once (the tutorial's pool holds one connection and one waiting request),
+/// each sending `per_lane` requests with `version: new` through `get`.
+pub async fn header_route<F, Fut>(lanes: usize, per_lane: usize, get: F) -> Result<HeaderRoute>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<HttpAnswer>> + Send,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..lanes)
+        .map(|_| {
+            let get = get.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..per_lane {
+                    let t = Instant::now();
+                    let answer = get().await;
+                    out.push((answer, t.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut outcome = HeaderRoute::default();
+    for task in tasks {
+        for (answer, took) in task.await? {
+            match answer {
+                Ok(a) if a.status == 200 && a.body.trim() == "hello-new" && took < Duration::from_secs(4) => {
+                    outcome.to_new += 1;
+                }
+                Ok(a) if a.status == 504 && took >= Duration::from_millis(4900) && took < Duration::from_secs(9) => {
+                    outcome.timed_out += 1;
+                }
+                Ok(a) => outcome.unexpected.push(format!("{} {:?} after {took:?}", a.status, a.body.trim())),
+                Err(e) => outcome.unexpected.push(format!("{e:#} after {took:?}")),
+            }
+        }
+    }
+    outcome.elapsed = started.elapsed();
+    Ok(outcome)
+}
+
+/// `n` requests at once through `get` (a slow path, so they overlap): the statuses, in order.
+pub async fn burst<F, Fut>(n: usize, get: F) -> Result<Vec<u16>>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<HttpAnswer>> + Send + 'static,
+{
+    let tasks: Vec<_> = (0..n).map(|_| tokio::spawn(get.clone()())).collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await??.status);
+    }
+    Ok(statuses)
+}
