@@ -271,8 +271,21 @@ mod tests {
         let pod = NamedNetns::create(&format!("{PREFIX}{pid}-brmac-pod")).unwrap();
         node.bridge("br0", "10.77.0.1/24").unwrap();
         let before = mac_of(&node, "br0");
-        node.ip(&["link", "add", "p1", "address", "02:00:00:00:00:01", "type", "veth", "peer", "name", "eth0", "netns", &pod.name])
-            .unwrap();
+        node.ip(&[
+            "link",
+            "add",
+            "p1",
+            "address",
+            "02:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &pod.name,
+        ])
+        .unwrap();
         node.ip(&["link", "set", "p1", "master", "br0"]).unwrap();
         node.ip(&["link", "set", "p1", "up"]).unwrap();
         assert_eq!(mac_of(&node, "p1"), "02:00:00:00:00:01");

@@ -35,8 +35,10 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
     mesh.namespace("default", true).await.unwrap();
     for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
-        let pod =
-            mesh.pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version)).await.unwrap();
+        let pod = mesh
+            .pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version))
+            .await
+            .unwrap();
         http_server(pod.listen(APP_PORT).unwrap(), name);
     }
     mesh.apply(
@@ -179,7 +181,11 @@ async fn a_destination_with_a_waypoint_is_reached_through_it_as_the_gateway() {
         sum(
             &m,
             "istio_requests_total{",
-            &[&format!("source_principal=\"{GATEWAY_SA}\""), &format!("response_code=\"{code}\""), "reporter=\"waypoint\""],
+            &[
+                &format!("source_principal=\"{GATEWAY_SA}\""),
+                &format!("response_code=\"{code}\""),
+                "reporter=\"waypoint\"",
+            ],
         )
     };
     assert!(from_gateway("200") >= 5.0 && from_gateway("403") >= 5.0, "{m}");
@@ -229,7 +235,8 @@ async fn https_get(
     };
     let tcp = outside.tcp_socket(false).unwrap().connect(gateway).await.map_err(|e| e.to_string())?;
     let name = rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let mut tls =
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
     let presented = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
@@ -272,24 +279,30 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     let https = SocketAddr::from((gateway_pod.ip, 443));
     let outside = mesh.outside_client(1).unwrap();
     mesh.wait_until("the gateway to serve HTTPS", Duration::from_secs(30), || async {
-        https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None).await.is_ok_and(|(s, _, _)| s == 200)
+        https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None)
+            .await
+            .is_ok_and(|(s, _, _)| s == 200)
     })
     .await
     .unwrap();
 
     // SNI picks the server; each presents its own certificate.
-    let (status, body, presented) = https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None).await.unwrap();
+    let (status, body, presented) =
+        https_get(&outside.ns, https, ("www.shop.example", "www.shop.example"), &server_ca, None).await.unwrap();
     assert_eq!((status, body.as_str(), &presented), (200, "web", &www_chain[0]));
     let client_cert = client_ca.issue_raw(&["spiffe://partner.example/client"], proto::testing::Validity::Current);
     let (status, body, presented) =
-        https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(client_cert)).await.unwrap();
+        https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(client_cert))
+            .await
+            .unwrap();
     assert_eq!((status, body.as_str(), &presented), (200, "web", &api_chain[0]));
 
     // MUTUAL: no client certificate, or one its CA did not sign: no answer.
     let without = https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, None).await;
     assert!(without.is_err(), "served without a client certificate: {without:?}");
     let stranger = server_ca.issue_raw(&["spiffe://elsewhere.example/client"], proto::testing::Validity::Current);
-    let foreign = https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(stranger)).await;
+    let foreign =
+        https_get(&outside.ns, https, ("api.shop.example", "api.shop.example"), &server_ca, Some(stranger)).await;
     assert!(foreign.is_err(), "served a client certificate from another CA: {foreign:?}");
 
     // A connection whose handshake chose www cannot ask for api (whose server requires a client
@@ -302,9 +315,10 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     assert!(unknown.is_err(), "{unknown:?}");
 
     // Plain HTTP for www: redirected.
-    let redirect = http_exchange_as(&outside.ns, "www.shop.example", SocketAddr::from((gateway_pod.ip, 80)), "/a?b=c", &[])
-        .await
-        .unwrap();
+    let redirect =
+        http_exchange_as(&outside.ns, "www.shop.example", SocketAddr::from((gateway_pod.ip, 80)), "/a?b=c", &[])
+            .await
+            .unwrap();
     assert_eq!((redirect.status, redirect.header("location")), (301, Some("https://www.shop.example/a?b=c")));
 
     let log = mesh.log_tails(200);
@@ -333,7 +347,9 @@ async fn a_gateway_api_gateway_of_class_istio_serves_its_httproutes() {
     let gateway = SocketAddr::from((pod.ip, 8080));
     let outside = mesh.outside_client(1).unwrap();
     mesh.wait_until("the Gateway API gateway to route", Duration::from_secs(30), || async {
-        http_exchange_as(&outside.ns, "www.shop.example", gateway, "/api/items", &[]).await.is_ok_and(|a| a.status == 200)
+        http_exchange_as(&outside.ns, "www.shop.example", gateway, "/api/items", &[])
+            .await
+            .is_ok_and(|a| a.status == 200)
     })
     .await
     .unwrap();

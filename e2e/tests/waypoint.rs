@@ -369,10 +369,7 @@ async fn the_tutorial_virtualservice_and_destinationrule_behave_as_written() {
     assert!(ok >= 2 && overflow >= 20, "{ok} served, {overflow} overflowed: {statuses:?}");
     let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
     assert_eq!(sum(&m, "istio_requests_total{", &["response_code=\"503\"", "response_flags=\"UO\""]), overflow as f64);
-    assert_eq!(
-        sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]),
-        timeouts as f64
-    );
+    assert_eq!(sum(&m, "istio_requests_total{", &["response_code=\"504\"", "response_flags=\"UT\""]), timeouts as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

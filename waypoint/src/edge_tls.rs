@@ -91,7 +91,8 @@ impl TlsServers {
     ) -> Result<Chosen, Refused> {
         let name = sni.map(str::to_ascii_lowercase);
         let gateways = selected(state, labels);
-        let candidates = gateways.iter().flat_map(|g| &g.servers).filter(|s| s.port == u32::from(port) && terminates(s));
+        let candidates =
+            gateways.iter().flat_map(|g| &g.servers).filter(|s| s.port == u32::from(port) && terminates(s));
         let server = best_server(candidates, name.as_deref()).ok_or(Refused::NoServer { port, sni: name.clone() })?;
         let tls = server.tls.clone().unwrap_or_default();
         let mutual = tls.mode() == Mode::Mutual;

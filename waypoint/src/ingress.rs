@@ -67,7 +67,8 @@ fn plain_http(server: &pb::GatewayServer) -> bool {
 
 /// The Gateways that select `labels`, in a stable order.
 pub(crate) fn selected<'s>(state: &'s MeshState, labels: &BTreeMap<String, String>) -> Vec<&'s pb::IngressGateway> {
-    let mut gateways: Vec<_> = state.ingress_gateways.values().map(AsRef::as_ref).filter(|g| selects(g, labels)).collect();
+    let mut gateways: Vec<_> =
+        state.ingress_gateways.values().map(AsRef::as_ref).filter(|g| selects(g, labels)).collect();
     gateways.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     gateways
 }
@@ -179,7 +180,10 @@ pub(crate) fn plan_request(
     if let Some(own) = state.workload_by_ip(own_ip)
         && let Some((name, _)) = state.policies.applying_to(own).next()
     {
-        warn!(policy = name, "request denied: an AuthorizationPolicy selects this ingress gateway, which does not evaluate L4 policies");
+        warn!(
+            policy = name,
+            "request denied: an AuthorizationPolicy selects this ingress gateway, which does not evaluate L4 policies"
+        );
         return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
     }
     let name = host_name(&head.host).to_owned();
@@ -233,7 +237,8 @@ pub(crate) fn plan_request(
     // A service with a waypoint is reached through it, never around it: its policies apply there.
     let key = plan.backend.key.split('#').next().unwrap_or_default();
     if let Some(service) = state.service(key).filter(|s| s.waypoint.is_some()) {
-        let through = target::waypoint_of(state, service).and_then(|w| plan.backend.clone().through_waypoint(service, w));
+        let through =
+            target::waypoint_of(state, service).and_then(|w| plan.backend.clone().through_waypoint(service, w));
         let Some(backend) = through else {
             warn!(route = %route_name, service = key, "request refused: the destination's waypoint has no pod to take it");
             return Err(Answer::text(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", "UH", &route_name));
@@ -718,7 +723,8 @@ mod tests {
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             ..Default::default()
         };
-        let servers = [server("any", &["*"]), server("shop", &["*.shop.example"]), server("api", &["api.shop.example"])];
+        let servers =
+            [server("any", &["*"]), server("shop", &["*.shop.example"]), server("api", &["api.shop.example"])];
         for order in [[0, 1, 2], [2, 1, 0], [1, 0, 2]] {
             let listed: Vec<&pb::GatewayServer> = order.iter().map(|i| &servers[*i]).collect();
             let best = |host| best_server(listed.iter().copied(), host).map(|s| s.name.as_str());
@@ -739,7 +745,10 @@ mod tests {
             port: 443,
             protocol: Protocol::Https as i32,
             hosts: vec![host.into()],
-            tls: Some(GatewayTls { mode: proto::api::ambient::waypoint::v1::gateway_tls::Mode::Simple as i32, ..Default::default() }),
+            tls: Some(GatewayTls {
+                mode: proto::api::ambient::waypoint::v1::gateway_tls::Mode::Simple as i32,
+                ..Default::default()
+            }),
         };
         g.servers = vec![https("public", "shop.example"), https("partners", "api.example")];
         g.routes[0].ports = vec![443];

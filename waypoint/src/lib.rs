@@ -420,7 +420,12 @@ impl Waypoint {
         let xds = AdsClient {
             target: config.ca.clone(),
             token: config.token.clone(),
-            node_id: format!("{}~{}~{}", if config.ingress.is_some() { "router" } else { "waypoint" }, config.namespace, config.name),
+            node_id: format!(
+                "{}~{}~{}",
+                if config.ingress.is_some() { "router" } else { "waypoint" },
+                config.namespace,
+                config.name
+            ),
             types: subscribed.to_vec(),
             optional: Vec::new(),
             retry_min: Duration::from_millis(200),

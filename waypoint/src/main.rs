@@ -168,10 +168,9 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
         drain_timeout: args.drain_timeout,
         detect_timeout: args.protocol_detection_timeout,
         log: Some(log),
-        ingress: args.ingress.then(|| IngressConfig {
-            labels: args.gateway_labels.into_iter().collect(),
-            bind: args.ingress_bind,
-        }),
+        ingress: args
+            .ingress
+            .then(|| IngressConfig { labels: args.gateway_labels.into_iter().collect(), bind: args.ingress_bind }),
     };
     let waypoint = Waypoint::start(config).await?;
     let signal = signal.await;

@@ -141,8 +141,7 @@ pub fn select_among<'a, I>(routes: &I, input: &RouteInput<'_>, regexes: &Regexes
 where
     I: Iterator<Item = &'a pb::Route> + Clone,
 {
-    let applicable =
-        || routes.clone().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
+    let applicable = || routes.clone().filter(|r| r.ports.is_empty() || r.ports.contains(&u32::from(input.port)));
     for route in applicable().filter(|r| r.ordered) {
         for rule in &route.rules {
             if rule.matches.is_empty() || rule.matches.iter().any(|m| rank_if_matches(m, input, regexes).is_some()) {

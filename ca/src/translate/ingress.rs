@@ -141,9 +141,9 @@ pub fn gateway_api_gateways(
                 "Selector" => {
                     let selector = from.and_then(|f| f.selector.as_ref());
                     let wanted = selector.and_then(|s| s.match_labels.clone()).unwrap_or_default();
-                    let expressions = selector.is_some_and(|s| s.match_expressions.as_ref().is_some_and(|e| !e.is_empty()));
-                    !expressions
-                        && namespace_labels.get(route_ns).is_some_and(|labels| k8s::selects(&wanted, labels))
+                    let expressions =
+                        selector.is_some_and(|s| s.match_expressions.as_ref().is_some_and(|e| !e.is_empty()));
+                    !expressions && namespace_labels.get(route_ns).is_some_and(|labels| k8s::selects(&wanted, labels))
                 }
                 _ => route_ns == gw_ns,
             }

@@ -155,7 +155,9 @@ async fn namespace_labels_and_waypoints_in_a_cluster() {
     target.apply(&gateway.objects(), "unused").await.unwrap();
     let seen = take();
     let calls: Vec<(&str, &str)> = seen.iter().map(|s| (s.method.as_str(), s.uri.as_str())).collect();
-    let at = |kind: &str| format!("/namespaces/istio-system/{kind}/istio-ingressgateway?&force=true&fieldManager=ambientctl");
+    let at = |kind: &str| {
+        format!("/namespaces/istio-system/{kind}/istio-ingressgateway?&force=true&fieldManager=ambientctl")
+    };
     assert_eq!(
         calls,
         [

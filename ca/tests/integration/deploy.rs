@@ -231,16 +231,28 @@ fn the_ingress_gateway_template_is_what_ambientctl_generates() {
     assert_proxy_volumes(&pod, "ingress gateway");
     // Its pods carry what Istio Gateways select, stay out of ztunnel's capture, and may bind the
     // servers' ports (80, 443) as a non-root user.
-    let deployment = documents().into_iter().find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Deployment").unwrap().1;
+    let deployment = documents()
+        .into_iter()
+        .find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Deployment")
+        .unwrap()
+        .1;
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];
-    assert_eq!((labels["istio"].as_str(), labels["istio.io/dataplane-mode"].as_str()), (Some("ingressgateway"), Some("none")));
+    assert_eq!(
+        (labels["istio"].as_str(), labels["istio.io/dataplane-mode"].as_str()),
+        (Some("ingressgateway"), Some("none"))
+    );
     let sysctls = pod.security_context.unwrap().sysctls.unwrap();
     assert_eq!((sysctls[0].name.as_str(), sysctls[0].value.as_str()), ("net.ipv4.ip_unprivileged_port_start", "0"));
     let args = pod.containers[0].args.clone().unwrap();
     assert!(args.windows(2).any(|w| w == ["--gateway-label", "istio=ingressgateway"]), "{args:?}");
-    let service = documents().into_iter().find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Service").unwrap().1;
+    let service = documents()
+        .into_iter()
+        .find(|(_, d)| d["metadata"]["name"] == "istio-ingressgateway" && d["kind"] == "Service")
+        .unwrap()
+        .1;
     assert_eq!(service["spec"]["type"], "LoadBalancer");
-    let ports: Vec<u64> = service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
+    let ports: Vec<u64> =
+        service["spec"]["ports"].as_array().unwrap().iter().map(|p| p["port"].as_u64().unwrap()).collect();
     assert_eq!(ports, [80, 443, 15021]);
 }
 

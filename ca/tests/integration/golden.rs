@@ -166,10 +166,7 @@ fn gateway_api_routes_attach_only_where_allowed_routes_admit_them() {
         .filter(|(name, _)| name.starts_with("other/"))
         .collect();
     assert_eq!(bound, [("other/any-listener", &[443][..])]);
-    assert_eq!(
-        state.warnings,
-        ["HTTPRoute other/http-only: no listener of Gateway edge/edge it names admits it"],
-    );
+    assert_eq!(state.warnings, ["HTTPRoute other/http-only: no listener of Gateway edge/edge it names admits it"],);
     // The HTTPS listener's Secret goes to the service account of the Gateway's pod only.
     let credential = &state.gateway_credentials["edge/edge-cert"];
     assert_eq!(credential.readers.iter().collect::<Vec<_>>(), ["spiffe://cluster.local/ns/edge/sa/edge-istio"]);

@@ -286,7 +286,10 @@ async fn lists_watches_and_relists_through_kube() {
     // TLS Secrets are asked for by type only, and one named by a Gateway server becomes that
     // gateway's credential.
     let queries = mock.queries("/api/v1/secrets");
-    assert!(!queries.is_empty() && queries.iter().all(|q| q.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")), "{queries:?}");
+    assert!(
+        !queries.is_empty() && queries.iter().all(|q| q.contains("fieldSelector=type%3Dkubernetes.io%2Ftls")),
+        "{queries:?}"
+    );
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example".to_owned()]).unwrap();
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",

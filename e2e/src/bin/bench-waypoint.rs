@@ -31,10 +31,10 @@ use clap::Parser;
 use e2e::ca_process::{KillOnDrop, cpu_seconds, spawn_child_with, wait_for_port};
 use e2e::load::percentile;
 use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_as};
-use ztunnel::netns::NetNs;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use serde::Serialize;
+use ztunnel::netns::NetNs;
 
 /// Benchmark HTTP through a waypoint against the same without one.
 #[derive(Debug, Parser)]
@@ -235,7 +235,8 @@ async fn ingress(mesh: &mut Mesh, server: &MeshPod, args: &Args) -> Result<Ingre
         "bench-gateway",
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: bench, namespace: l4}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [bench.example]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: bench, namespace: l4}\nspec:\n  hosts: [bench.example]\n  gateways: [bench]\n  http:\n  - route: [{destination: {host: server}}]\n",
     )?;
-    let gateway = mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
+    let gateway =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
     let outside = mesh.outside_client(1)?;
     let through = SocketAddr::from((gateway.ip, 80));
     mesh.wait_until("the ingress gateway to route", Duration::from_secs(30), || async {
@@ -347,7 +348,10 @@ async fn run(args: Args) -> Result<()> {
     }
     println!(
         "ingress gateway: {:.2} cores at {:.0} requests/s = {:.0} requests/s per core; {:.3} of direct, +{:.1} µs p50",
-        i.gateway_cores, i.through_gateway.requests_per_s, i.requests_per_gateway_core, i.throughput_ratio,
+        i.gateway_cores,
+        i.through_gateway.requests_per_s,
+        i.requests_per_gateway_core,
+        i.throughput_ratio,
         i.added_latency_p50_us
     );
     if let Some(scale) = &report.scale {

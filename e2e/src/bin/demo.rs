@@ -388,7 +388,8 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
         http_server(pod.listen(HTTP)?, name);
     }
     mesh.service("hello", "default", TUTORIAL_VIP, 80, "hello", HTTP)?;
-    let gateway = mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
+    let gateway =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
     story.say("deployed: service default/hello (pods hello-latest, hello-new; namespace default in the mesh) and");
     story.say(format!(
         "an ingress gateway pod istio-system/istio-ingressgateway (label istio=ingressgateway) on node-1 at {}",
@@ -407,7 +408,9 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
     })
     .await?;
     story.say("applied the tutorial's Gateway xingren-gateway, VirtualService hello-virtualservice and");
-    story.say("DestinationRule hello-destinationrule exactly as written; the gateway listens on port 80 for xingren.upup");
+    story.say(
+        "DestinationRule hello-destinationrule exactly as written; the gateway listens on port 80 for xingren.upup",
+    );
     story.say(format!(
         "an outside client (10.10.0.201: not a node, not in the mesh) loops `wget -q -O - http://xingren.upup`, the name sent to {gw}"
     ));
@@ -447,7 +450,11 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
         header.timed_out,
         header.elapsed.as_secs_f64()
     ));
-    ensure!(header.unexpected.is_empty(), "header-routed requests did not end as the tutorial says: {:?}", header.unexpected);
+    ensure!(
+        header.unexpected.is_empty(),
+        "header-routed requests did not end as the tutorial says: {:?}",
+        header.unexpected
+    );
 
     // The circuit breaker.
     let statuses = e2e::tutorial::burst(20, move || wget("/delay/300", &[])).await?;
@@ -504,7 +511,9 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Resul
     let m = mesh.waypoint_metrics(&waypoint).await?;
     let counted = metric_sum(&m, "istio_requests_total{", &["destination_service=\"hello.demo.svc.cluster.local\""]);
     let refused = metric_sum(&m, "istio_requests_total{", &["response_code=\"403\"", "response_flags=\"RBAC\""]);
-    story.say(format!("the waypoint counted {counted} requests to hello, {refused} refused by policy (reporter=waypoint)"));
+    story.say(format!(
+        "the waypoint counted {counted} requests to hello, {refused} refused by policy (reporter=waypoint)"
+    ));
     Ok(())
 }
 

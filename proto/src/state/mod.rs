@@ -21,7 +21,8 @@ use std::sync::Arc;
 pub use model::{ModelError, PortMapping, Service, Tunnel, Waypoint, WaypointAt, Workload, service_key};
 
 use crate::api::ambient::waypoint::v1::{
-    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes, policy_target,
+    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes,
+    policy_target,
 };
 use crate::api::istio::security::{Authorization, Scope};
 
