@@ -625,6 +625,7 @@ impl Mesh {
             args.extend(["--gateway-label".to_owned(), format!("{k}={v}")]);
         }
         let pod = self.pod(spec).await?;
+        args.extend(["--pod-ip".to_owned(), pod.ip.to_string()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run_proxy(&bin, &pod, "ingress", &args).await?;
         Ok(pod)

@@ -176,3 +176,42 @@ pub(crate) fn client_san_matches(leaf: &CertificateDer<'_>, wanted: &[String]) -
         _ => false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn leaf(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.self_signed(&KeyPair::generate().unwrap()).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_client_certificate_matches_only_by_an_exact_san() {
+        let cert = leaf(vec![
+            SanType::DnsName("client.example".try_into().unwrap()),
+            SanType::URI("spiffe://partner.example/ns/a/sa/b".try_into().unwrap()),
+            SanType::IpAddress(IpAddr::from([192, 0, 2, 1])),
+        ]);
+        let wants = |w: &[&str]| client_san_matches(&cert, &w.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert!(wants(&["client.example"]));
+        assert!(wants(&["other.example", "spiffe://partner.example/ns/a/sa/b"]));
+        assert!(wants(&["192.0.2.1"]));
+        // No wildcard, suffix, prefix or case folding; an address matches only as an IP SAN.
+        assert!(!wants(&["*.example"]));
+        assert!(!wants(&["lient.example", "client.example.", "client", "Client.example"]));
+        assert!(!wants(&["spiffe://partner.example/ns/a/sa/bb", "spiffe://partner.example/ns/a"]));
+        assert!(!wants(&["192.0.2.10", "::ffff:192.0.2.1"]));
+        assert!(!wants(&[]));
+
+        let wildcard = leaf(vec![SanType::DnsName("*.example".try_into().unwrap())]);
+        assert!(!client_san_matches(&wildcard, &["client.example".to_owned()]));
+        assert!(!client_san_matches(&leaf(vec![]), &["client.example".to_owned()]));
+        assert!(!client_san_matches(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]), &["x".to_owned()]));
+    }
+}

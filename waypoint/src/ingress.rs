@@ -53,6 +53,10 @@ pub struct IngressConfig {
     pub labels: BTreeMap<String, String>,
     /// The address the servers' ports are bound on.
     pub bind: IpAddr,
+    /// The gateway pod's own address (`status.podIP`): its workload in the mesh state, whose
+    /// policies it must honour. Not the address a client connected to, which a node port, a
+    /// host-network pod or a load balancer can make something else.
+    pub pod_ip: IpAddr,
 }
 
 /// Whether `gateway`'s selector matches `labels` (an empty selector matches every gateway).
@@ -176,13 +180,19 @@ pub(crate) fn plan_request(
     (client, tls): (IpAddr, Option<&ServerId>),
     rng: &mut impl Rng,
 ) -> Result<Plan, Answer> {
-    // A policy that selects this pod is one the gateway cannot evaluate: it denies.
-    if let Some(own) = state.workload_by_ip(own_ip)
-        && let Some((name, _)) = state.policies.applying_to(own).next()
-    {
+    // A policy that applies to this pod is one the gateway does not evaluate: it denies. Until
+    // the pod's own workload is known, whether one applies cannot be told: that denies too.
+    let Some(own) = state.workload_by_ip(own_ip) else {
+        warn!(
+            pod_ip = %own_ip,
+            "request denied: this gateway's own workload is not in the mesh state (yet), so the policies that may apply to it cannot be checked"
+        );
+        return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
+    };
+    if let Some((name, _)) = state.policies.applying_to(own).next() {
         warn!(
             policy = name,
-            "request denied: an AuthorizationPolicy selects this ingress gateway, which does not evaluate L4 policies"
+            "request denied: an AuthorizationPolicy applies to this ingress gateway, which does not evaluate L4 policies"
         );
         return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
     }
@@ -251,7 +261,7 @@ pub(crate) fn plan_request(
 /// Handles one request that came to `local` from `client`.
 async fn handle(
     ctx: Arc<Context>,
-    labels: Arc<BTreeMap<String, String>>,
+    gw: Arc<IngressConfig>,
     (local, client, tls): (SocketAddr, SocketAddr, Option<Arc<ServerId>>),
     mut req: Request<Incoming>,
 ) -> Response<Body> {
@@ -273,8 +283,8 @@ async fn handle(
         }
         Ok((path, host)) => ctx.view.read(|s| {
             let head = Head { parts, path, host };
-            let (own, from) = ((local.ip(), local.port()), (client.ip(), tls.as_deref()));
-            plan_request(&ctx.regexes, s, &labels, own, head, from, &mut rand::rng())
+            let (own, from) = ((gw.pod_ip, local.port()), (client.ip(), tls.as_deref()));
+            plan_request(&ctx.regexes, s, &gw.labels, own, head, from, &mut rand::rng())
         }),
     };
     let destination = planned.as_ref().ok().and_then(|p| {
@@ -336,7 +346,7 @@ async fn handle(
 /// until it ends or a drain closes it gracefully.
 async fn serve_connection<IO>(
     ctx: Arc<Context>,
-    labels: Arc<BTreeMap<String, String>>,
+    gw: Arc<IngressConfig>,
     io: IO,
     (local, client, tls): (SocketAddr, SocketAddr, Option<Arc<ServerId>>),
     mut drain: DrainWatcher,
@@ -344,9 +354,9 @@ async fn serve_connection<IO>(
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let (ctx, labels) = (ctx.clone(), labels.clone());
+        let (ctx, gw) = (ctx.clone(), gw.clone());
         let tls = tls.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, labels, (local, client, tls), req).await) }
+        async move { Ok::<_, Infallible>(handle(ctx, gw, (local, client, tls), req).await) }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -379,7 +389,7 @@ async fn serve_connection<IO>(
 /// connection's handshake is completed first ([`edge_tls`]).
 async fn accept_loop(
     ctx: Arc<Context>,
-    labels: Arc<BTreeMap<String, String>>,
+    gw: Arc<IngressConfig>,
     (listener, tls): (TcpListener, Option<Arc<TlsServers>>),
     stop: CancellationToken,
     mut drain: DrainWatcher,
@@ -401,19 +411,19 @@ async fn accept_loop(
         };
         let Ok(local) = tcp.local_addr() else { continue };
         let _ = tcp.set_nodelay(true);
-        let (ctx, labels, drain) = (ctx.clone(), labels.clone(), drain.clone());
+        let (ctx, gw, drain) = (ctx.clone(), gw.clone(), drain.clone());
         match &tls {
             None => {
-                tokio::spawn(serve_connection(ctx, labels, tcp, (local, client, None), drain));
+                tokio::spawn(serve_connection(ctx, gw, tcp, (local, client, None), drain));
             }
             Some(servers) => {
                 let servers = servers.clone();
                 tokio::spawn(async move {
-                    let handshake = terminate(&ctx, &labels, &servers, tcp, local.port());
+                    let handshake = terminate(&ctx, &gw.labels, &servers, tcp, local.port());
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok((stream, server))) => {
                             let tls = Some(Arc::new(server));
-                            serve_connection(ctx, labels, stream, (local, client, tls), drain).await;
+                            serve_connection(ctx, gw, stream, (local, client, tls), drain).await;
                         }
                         Ok(Err(reason)) => info!(%client, port = local.port(), reason, "TLS handshake refused"),
                         Err(_) => debug!(%client, "TLS handshake timed out"),
@@ -461,13 +471,13 @@ async fn terminate(
 /// following the mesh state: ports are opened as servers appear and closed as they go (requests
 /// in flight on a closed port finish).
 pub(crate) async fn run(ctx: Arc<Context>, config: IngressConfig, stop: CancellationToken, drain: DrainWatcher) {
-    let labels = Arc::new(config.labels);
+    let gw = Arc::new(config);
     let mut changes = ctx.view.changes();
     let tls_servers = Arc::new(TlsServers::default());
     let mut open: HashMap<u16, (bool, CancellationToken)> = HashMap::new();
     let mut reported: Vec<String> = Vec::new();
     loop {
-        let (want, unserved) = ctx.view.read(|s| listening_ports(s, &labels));
+        let (want, unserved) = ctx.view.read(|s| listening_ports(s, &gw.labels));
         if unserved != reported {
             for s in &unserved {
                 warn!(server = %s, "gateway server not served");
@@ -485,14 +495,14 @@ pub(crate) async fn run(ctx: Arc<Context>, config: IngressConfig, stop: Cancella
         let missing: Vec<(u16, bool)> =
             want.iter().map(|(p, tls)| (*p, *tls)).filter(|(p, _)| !open.contains_key(p)).collect();
         for (port, tls) in missing {
-            let addr = SocketAddr::new(config.bind, port);
+            let addr = SocketAddr::new(gw.bind, port);
             match TcpListener::bind(addr).await {
                 Ok(listener) => {
                     info!(%addr, tls, "gateway port listening");
                     let token = stop.child_token();
                     open.insert(port, (tls, token.clone()));
                     let listening = (listener, tls.then(|| tls_servers.clone()));
-                    tokio::spawn(accept_loop(ctx.clone(), labels.clone(), listening, token, drain.clone()));
+                    tokio::spawn(accept_loop(ctx.clone(), gw.clone(), listening, token, drain.clone()));
                 }
                 Err(e) => {
                     warn!(%addr, error = %e, "cannot listen on a gateway server's port; retrying");
@@ -579,7 +589,21 @@ mod tests {
             }],
         };
         s.ingress_gateways.insert("default/web-gateway".into(), Arc::new(gateway));
+        s.insert_workload(proto::state::Workload::from_pb(gateway_pod(&[])).unwrap());
         s
+    }
+
+    /// The gateway's own pod, with the names of the selector policies that apply to it.
+    fn gateway_pod(policies: &[&str]) -> proto::api::istio::workload::Workload {
+        proto::api::istio::workload::Workload {
+            uid: "Kubernetes//Pod/istio-system/ingress".into(),
+            name: "ingress".into(),
+            namespace: "istio-system".into(),
+            addresses: vec![GATEWAY_IP.to_vec()],
+            service_account: "ingress".into(),
+            authorization_policies: policies.iter().map(|p| (*p).to_owned()).collect(),
+            ..Default::default()
+        }
     }
 
     fn head(host: &str, headers: &[(&str, &str)]) -> Head {
@@ -681,28 +705,46 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_selecting_the_gateway_pod_denies_every_request() {
-        let mut state = gateway_state();
-        let pod = proto::api::istio::workload::Workload {
-            uid: "Kubernetes//Pod/istio-system/ingress".into(),
-            name: "ingress".into(),
-            namespace: "istio-system".into(),
-            addresses: vec![GATEWAY_IP.to_vec()],
-            service_account: "ingress".into(),
-            ..Default::default()
+    fn a_policy_applying_to_the_gateway_pod_or_an_unknown_pod_denies_every_request() {
+        let denied = |state: &MeshState| {
+            let a = refused(plan(state, &labels(), head("shop.example", &[]), 1));
+            assert_eq!((a.status, a.flags), (StatusCode::FORBIDDEN, "RBAC"));
         };
-        state.insert_workload(proto::state::Workload::from_pb(pod).unwrap());
-        assert!(plan(&state, &labels(), head("shop.example", &[]), 1).is_ok());
-        let policy = Authorization {
-            name: "allow-some".into(),
-            namespace: "istio-system".into(),
-            scope: Scope::Namespace as i32,
+        let policy = |name: &str, namespace: &str, scope: Scope| Authorization {
+            name: name.into(),
+            namespace: namespace.into(),
+            scope: scope as i32,
             action: sec::Action::Allow as i32,
             ..Default::default()
         };
-        state.policies.insert("istio-system/allow-some".into(), policy);
-        let a = refused(plan(&state, &labels(), head("shop.example", &[]), 1));
-        assert_eq!((a.status, a.flags), (StatusCode::FORBIDDEN, "RBAC"));
+        let base = || {
+            let mut state = gateway_state();
+            // A policy elsewhere does not concern it.
+            state.policies.insert("shop/allow-some".into(), policy("allow-some", "shop", Scope::Namespace));
+            state
+        };
+        assert!(plan(&base(), &labels(), head("shop.example", &[]), 1).is_ok());
+
+        // Its namespace's policy, the mesh-wide one, one whose selector picks its pod.
+        let mut namespaced = base();
+        namespaced.policies.insert("istio-system/ns".into(), policy("ns", "istio-system", Scope::Namespace));
+        denied(&namespaced);
+        let mut global = base();
+        global.policies.insert("istio-system/all".into(), policy("all", "istio-system", Scope::Global));
+        denied(&global);
+        let mut selected = base();
+        let by_selector = policy("pick", "istio-system", Scope::WorkloadSelector);
+        selected.policies.insert("istio-system/pick".into(), by_selector);
+        // ... only once the control plane says the selector picks it.
+        assert!(plan(&selected, &labels(), head("shop.example", &[]), 1).is_ok());
+        selected.insert_workload(proto::state::Workload::from_pb(gateway_pod(&["istio-system/pick"])).unwrap());
+        denied(&selected);
+
+        // Its own workload not (yet) known: whether a policy applies cannot be told.
+        let mut unknown = base();
+        unknown.remove_address("Kubernetes//Pod/istio-system/ingress");
+        assert!(unknown.workload_by_ip(IpAddr::from(GATEWAY_IP)).is_none());
+        denied(&unknown);
     }
 
     #[test]

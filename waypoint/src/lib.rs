@@ -191,6 +191,30 @@ pub enum Error {
     Tls(#[source] proto::tls::TlsError),
 }
 
+/// Waits until the mesh state is synced and, for an ingress gateway (`own_ip`), its own workload
+/// is in it (until then it denies every request: see [`ingress`]). False if the state's source
+/// went away first.
+async fn became_ready(view: &MeshView, own_ip: Option<IpAddr>) -> bool {
+    if view.synced().wait_for(|s| *s).await.is_err() {
+        return false;
+    }
+    let Some(ip) = own_ip else { return true };
+    let mut changes = view.changes();
+    let mut waiting = false;
+    loop {
+        if view.read(|s| s.workload_by_ip(ip).is_some()) {
+            return true;
+        }
+        if !waiting {
+            info!(pod_ip = %ip, "not ready: waiting for this gateway's own workload in the mesh state");
+            waiting = true;
+        }
+        if changes.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
 /// What the proxy listens on for traffic.
 enum Mode {
     /// A waypoint: HBONE from ztunnels.
@@ -462,11 +486,12 @@ impl Waypoint {
 
         let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
         {
-            let (mut synced, ready_tx, stop) = (ctx.view.synced(), ready_tx.clone(), stop.clone());
+            let (ready_tx, stop, ctx) = (ready_tx.clone(), stop.clone(), ctx.clone());
+            let own_ip = config.ingress.as_ref().map(|i| i.pod_ip);
             tokio::spawn(async move {
                 tokio::select! {
                     () = stop.cancelled() => {}
-                    r = synced.wait_for(|s| *s) => if r.is_ok() {
+                    ready = became_ready(&ctx.view, own_ip) => if ready {
                         info!("ready: certificate issued and mesh state synced");
                         ready_tx.send_replace(true);
                     },

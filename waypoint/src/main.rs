@@ -106,6 +106,12 @@ struct Args {
     #[arg(long = "gateway-label", value_name = "KEY=VALUE", value_parser = parse_label, requires = "ingress")]
     gateway_labels: Vec<(String, String)>,
 
+    /// The gateway pod's own address (with --ingress; from the Downward API's `status.podIP`).
+    /// The gateway finds its own workload by it, and denies every request while that workload
+    /// is unknown or a policy applies to it.
+    #[arg(long, env = "INSTANCE_IP", value_name = "IP")]
+    pod_ip: Option<IpAddr>,
+
     /// Address the Gateways' server ports are bound on (with --ingress).
     #[arg(long, default_value = "0.0.0.0")]
     ingress_bind: IpAddr,
@@ -148,6 +154,15 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
         .with_context(|| format!("resolving --ca-addr {}", args.ca_addr))?
         .next()
         .with_context(|| format!("--ca-addr {} resolved to no address", args.ca_addr))?;
+    let ingress = match (args.ingress, args.pod_ip) {
+        (false, _) => None,
+        (true, Some(pod_ip)) => {
+            Some(IngressConfig { labels: args.gateway_labels.into_iter().collect(), bind: args.ingress_bind, pod_ip })
+        }
+        (true, None) => bail!(
+            "--ingress needs the gateway pod's address: --pod-ip or INSTANCE_IP (the Downward API's status.podIP)"
+        ),
+    };
     let config = Config {
         name: args.name,
         namespace: args.namespace,
@@ -168,9 +183,7 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
         drain_timeout: args.drain_timeout,
         detect_timeout: args.protocol_detection_timeout,
         log: Some(log),
-        ingress: args
-            .ingress
-            .then(|| IngressConfig { labels: args.gateway_labels.into_iter().collect(), bind: args.ingress_bind }),
+        ingress,
     };
     let waypoint = Waypoint::start(config).await?;
     let signal = signal.await;

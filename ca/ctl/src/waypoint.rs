@@ -123,7 +123,7 @@ impl WaypointSpec {
 }
 
 /// A container of the `waypoint` image as the mesh runs it (a waypoint or an ingress gateway):
-/// `args` then JSON logs, its namespace and service account from the pod, `ports` and the
+/// `args` then JSON logs, its namespace, service account and address from the pod, `ports` and the
 /// metrics and readiness ports, a readiness probe, modest resources, the restricted security
 /// context, and the token and roots mounted where the binary looks.
 pub(crate) fn proxy_container(name: &str, image: &str, args: &[&str], ports: &[(&str, u16)]) -> Value {
@@ -141,6 +141,7 @@ pub(crate) fn proxy_container(name: &str, image: &str, args: &[&str], ports: &[(
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+            {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
         "ports": ports,
         "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}, "periodSeconds": 2},
