@@ -432,8 +432,9 @@ impl ControlPlane {
                 tokio::spawn(root_cert::publish(client.clone(), store.clone(), authority.bundle(), stop()));
                 let store = store.clone();
                 let stop = stop();
+                let root_namespace = config.mesh.root_namespace.clone();
                 tokio::spawn(async move {
-                    Box::pin(source::kube::run(client, store, stop)).await;
+                    Box::pin(source::kube::run(client, store, &root_namespace, stop)).await;
                     Ok(())
                 })
             }

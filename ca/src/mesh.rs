@@ -103,6 +103,10 @@ pub struct Workload {
     pub namespace: String,
     /// Pod IPs.
     pub ips: Vec<IpAddr>,
+    /// A DNS name the node proxy resolves when it connects (a ServiceEntry endpoint with
+    /// `resolution: DNS`); then `ips` is empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
     /// Node the pod runs on.
     pub node: String,
     /// SPIFFE identity (trust domain, namespace, service account).
@@ -160,6 +164,7 @@ impl Workload {
             name: self.name.clone(),
             namespace: self.namespace.clone(),
             addresses: self.ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+            hostname: self.hostname.clone().unwrap_or_default(),
             tunnel_protocol: if self.captured || self.native_hbone {
                 pb::TunnelProtocol::Hbone
             } else {
@@ -212,6 +217,10 @@ pub struct Service {
     pub ports: Vec<PortMapping>,
     /// The waypoint its traffic goes through, if any.
     pub waypoint: Option<WaypointRef>,
+    /// Connections go to the address the client dialed, not to an endpoint (a ServiceEntry
+    /// with `resolution: NONE`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub passthrough: bool,
 }
 
 impl Service {
@@ -233,6 +242,10 @@ impl Service {
                 .collect(),
             ports: self.ports.iter().map(|p| p.to_proto()).collect(),
             waypoint: self.waypoint.as_ref().map(WaypointRef::to_proto),
+            load_balancing: self.passthrough.then(|| pb::LoadBalancing {
+                mode: pb::load_balancing::Mode::Passthrough as i32,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -492,9 +505,42 @@ pub struct MeshState {
     /// The TLS credentials gateways terminate with, by `<namespace>/<secret>`, with who may read
     /// them.
     pub gateway_credentials: BTreeMap<String, ServedCredential>,
+    /// Mesh-wide settings (from the root namespace's `istio` ConfigMap).
+    pub settings: MeshSettings,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
     /// Objects the translation could not take as written (policies it made fail closed), with
     /// the reasons; served with the sources' errors at `/debug/config_errors`.
     pub config_errors: Vec<crate::objects::ConfigError>,
+}
+
+/// What ztunnel does with a connection to an address the mesh does not know.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboundTrafficPolicy {
+    /// Pass it through (Istio's default).
+    #[default]
+    AllowAny,
+    /// Refuse it.
+    RegistryOnly,
+}
+
+/// Mesh-wide settings, read from the root namespace's `istio` ConfigMap (key `mesh`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshSettings {
+    /// `outboundTrafficPolicy.mode`.
+    pub outbound_traffic_policy: OutboundTrafficPolicy,
+}
+
+impl MeshSettings {
+    /// The wire form.
+    pub fn to_proto(&self) -> proto::api::ambient::waypoint::v1::MeshSettings {
+        use proto::api::ambient::waypoint::v1::mesh_settings::OutboundTrafficPolicy as Pb;
+        let policy = match self.outbound_traffic_policy {
+            OutboundTrafficPolicy::AllowAny => Pb::AllowAny,
+            OutboundTrafficPolicy::RegistryOnly => Pb::RegistryOnly,
+        };
+        proto::api::ambient::waypoint::v1::MeshSettings { outbound_traffic_policy: policy as i32 }
+    }
 }

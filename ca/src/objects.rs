@@ -13,8 +13,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
-    PeerAuthentication, Pod, RequestAuthentication, Secret, Service, VirtualService,
+    AuthorizationPolicy, ConfigMap, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway,
+    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, VirtualService,
 };
 use crate::validate::{self, Invalid};
 
@@ -51,6 +51,11 @@ pub enum Kind {
     VirtualService,
     /// networking.istio.io DestinationRule.
     DestinationRule,
+    /// networking.istio.io ServiceEntry.
+    ServiceEntry,
+    /// core/v1 ConfigMap `istio` of the root namespace (the mesh configuration); others are
+    /// never read.
+    ConfigMap,
 }
 
 impl fmt::Display for Kind {
@@ -113,6 +118,10 @@ pub enum Object {
     VirtualService(Arc<VirtualService>),
     /// A DestinationRule.
     DestinationRule(Arc<DestinationRule>),
+    /// A ServiceEntry.
+    ServiceEntry(Arc<ServiceEntry>),
+    /// A ConfigMap (the mesh configuration).
+    ConfigMap(Arc<ConfigMap>),
 }
 
 /// Why a document is not a usable object.
@@ -248,6 +257,8 @@ impl Object {
             ("networking.istio.io", "DestinationRule") => {
                 decode(Kind::DestinationRule, value).map(Object::DestinationRule)
             }
+            ("networking.istio.io", "ServiceEntry") => decode(Kind::ServiceEntry, value).map(Object::ServiceEntry),
+            ("", "ConfigMap") => decode(Kind::ConfigMap, value).map(Object::ConfigMap),
             _ => Err(ObjectError::UnknownKind { api_version, kind }),
         };
         vec![object]
@@ -270,6 +281,8 @@ impl Object {
             Object::IstioGateway(o) => o.meta(),
             Object::VirtualService(o) => o.meta(),
             Object::DestinationRule(o) => o.meta(),
+            Object::ServiceEntry(o) => o.meta(),
+            Object::ConfigMap(o) => o.meta(),
         }
     }
 
@@ -291,6 +304,8 @@ impl Object {
             Object::IstioGateway(_) => Kind::IstioGateway,
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
+            Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::ConfigMap(_) => Kind::ConfigMap,
         }
     }
 
@@ -332,6 +347,8 @@ impl Object {
             Object::IstioGateway(o) => Object::IstioGateway(fill(o)),
             Object::VirtualService(o) => Object::VirtualService(fill(o)),
             Object::DestinationRule(o) => Object::DestinationRule(fill(o)),
+            Object::ServiceEntry(o) => Object::ServiceEntry(fill(o)),
+            Object::ConfigMap(o) => Object::ConfigMap(fill(o)),
         }
     }
 }
@@ -398,6 +415,8 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
         Object::IstioGateway(gw) => validate::istio_gateway(&gw.spec).map_err(invalid)?,
         Object::VirtualService(vs) => validate::virtual_service(&vs.spec).map_err(invalid)?,
         Object::DestinationRule(dr) => validate::destination_rule(&dr.spec).map_err(invalid)?,
+        Object::ServiceEntry(se) => validate::service_entry(&se.spec).map_err(invalid)?,
+        Object::ConfigMap(cm) => validate::mesh_config_map(cm).map_err(invalid)?,
         _ => {}
     }
     Ok(())
@@ -508,6 +527,20 @@ impl Objects {
     pub fn destination_rules(&self) -> impl Iterator<Item = &Arc<DestinationRule>> {
         self.of_kind(Kind::DestinationRule)
             .filter_map(|o| if let Object::DestinationRule(x) = o { Some(x) } else { None })
+    }
+
+    /// ServiceEntries.
+    pub fn service_entries(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.of_kind(Kind::ServiceEntry).filter_map(|o| if let Object::ServiceEntry(x) = o { Some(x) } else { None })
+    }
+
+    /// The ConfigMap `namespace/name`.
+    pub fn config_map(&self, namespace: &str, name: &str) -> Option<&Arc<ConfigMap>> {
+        let key = ObjectKey { kind: Kind::ConfigMap, namespace: namespace.to_owned(), name: name.to_owned() };
+        match self.get(&key) {
+            Some(Object::ConfigMap(c)) => Some(c),
+            _ => None,
+        }
     }
 
     /// GRPCRoutes.

@@ -349,6 +349,128 @@ pub fn tls_secret(secret: &crate::k8s::Secret) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A host name as a ServiceEntry may give it: DNS labels of letters, digits and `-`, dot-separated
+/// (no wildcard: ambient needs one service per name).
+fn dns_name(host: &str) -> Result<(), String> {
+    if host.starts_with('*') {
+        return Err(format!("host {host:?}: wildcard hosts are not supported (name each host)"));
+    }
+    let ok_label = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(ok_label) {
+        return Err(format!("host {host:?} is not a DNS name"));
+    }
+    Ok(())
+}
+
+/// A ServiceEntry address: an IP, or a CIDR of exactly one address (`/32`, `/128`).
+pub fn service_entry_address(a: &str) -> Result<std::net::IpAddr, String> {
+    let (ip, len) = match a.split_once('/') {
+        Some((ip, len)) => (ip, Some(len)),
+        None => (a, None),
+    };
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| format!("address {a:?} is not an IP address"))?;
+    let full = if ip.is_ipv4() { "32" } else { "128" };
+    match len {
+        None => Ok(ip),
+        Some(l) if l == full => Ok(ip),
+        Some(_) => Err(format!("address {a:?} is a range: only single addresses are supported")),
+    }
+}
+
+/// Checks a ServiceEntry: hosts, addresses, ports, resolution and location, endpoints.
+pub fn service_entry(spec: &crate::k8s::ServiceEntrySpec) -> Result<(), Invalid> {
+    use crate::k8s::Resolution;
+    if spec.hosts.is_empty() {
+        return Err(Invalid("spec.hosts is empty".to_owned()));
+    }
+    for host in &spec.hosts {
+        dns_name(host).map_err(Invalid)?;
+    }
+    for a in &spec.addresses {
+        service_entry_address(a).map_err(Invalid)?;
+    }
+    if spec.ports.is_empty() {
+        return Err(Invalid("spec.ports is empty".to_owned()));
+    }
+    for (i, p) in spec.ports.iter().enumerate() {
+        if !(1..=65535).contains(&p.number) {
+            return Err(Invalid(format!("ports[{i}].number {} is out of range", p.number)));
+        }
+        if let Some(t) = p.target_port.filter(|t| !(1..=65535).contains(t)) {
+            return Err(Invalid(format!("ports[{i}].targetPort {t} is out of range")));
+        }
+    }
+    let resolution = spec.resolution().map_err(Invalid)?;
+    spec.location().map_err(Invalid)?;
+    if spec.workload_selector.is_some() && !spec.endpoints.is_empty() {
+        return Err(Invalid("workloadSelector and endpoints are exclusive".to_owned()));
+    }
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        let is_ip = e.address.parse::<std::net::IpAddr>().is_ok();
+        match resolution {
+            Resolution::Static if !is_ip => {
+                return Err(Invalid(format!(
+                    "endpoints[{i}].address {:?}: resolution STATIC needs IP addresses",
+                    e.address
+                )));
+            }
+            Resolution::Dns if !is_ip => {
+                dns_name(&e.address).map_err(|why| Invalid(format!("endpoints[{i}]: {why}")))?;
+            }
+            Resolution::None => {
+                return Err(Invalid(format!("endpoints[{i}]: resolution NONE takes no endpoints")));
+            }
+            _ => {}
+        }
+        if let Some((name, port)) = e.ports.iter().find(|(_, p)| !(1..=65535).contains(*p)) {
+            return Err(Invalid(format!("endpoints[{i}].ports[{name}] {port} is out of range")));
+        }
+    }
+    if resolution == Resolution::Static && spec.endpoints.is_empty() && spec.workload_selector.is_none() {
+        return Err(Invalid("resolution STATIC needs endpoints or a workloadSelector".to_owned()));
+    }
+    Ok(())
+}
+
+/// The mesh settings in the `istio` ConfigMap's `mesh` key (Istio's MeshConfig as YAML; fields
+/// this mesh does not use are ignored). Another ConfigMap, or one without the key: the defaults.
+pub fn mesh_settings(cm: &crate::k8s::ConfigMap) -> Result<crate::mesh::MeshSettings, Invalid> {
+    use crate::mesh::{MeshSettings, OutboundTrafficPolicy};
+    let (name, key) = crate::k8s::MESH_CONFIG_MAP;
+    let Some(text) = cm.data.as_ref().and_then(|d| d.get(key)).filter(|_| cm.metadata.name.as_deref() == Some(name))
+    else {
+        return Ok(MeshSettings::default());
+    };
+    let mesh: serde_json::Value =
+        serde_norway::from_str(text).map_err(|e| Invalid(format!("data.{key} is not YAML: {e}")))?;
+    let mode = match mesh.get("outboundTrafficPolicy").and_then(|p| p.get("mode")) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(m)) => Some(m.as_str()),
+        Some(other) => return Err(Invalid(format!("data.{key}: outboundTrafficPolicy.mode {other} is not a string"))),
+    };
+    let outbound_traffic_policy = match mode {
+        None | Some("ALLOW_ANY") => OutboundTrafficPolicy::AllowAny,
+        Some("REGISTRY_ONLY") => OutboundTrafficPolicy::RegistryOnly,
+        Some(m) => {
+            return Err(Invalid(format!(
+                "data.{key}: outboundTrafficPolicy.mode {m:?} is not ALLOW_ANY or REGISTRY_ONLY"
+            )));
+        }
+    };
+    Ok(MeshSettings { outbound_traffic_policy })
+}
+
+/// Checks a ConfigMap the mesh reads (the `istio` one: its mesh settings must parse).
+pub fn mesh_config_map(cm: &crate::k8s::ConfigMap) -> Result<(), Invalid> {
+    mesh_settings(cm).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -90,6 +90,9 @@ pub mod type_url {
     pub const INGRESS_GATEWAY: &str = "type.googleapis.com/ambient.waypoint.v1.IngressGateway";
     /// A certificate an ingress gateway terminates TLS with (`ambient.waypoint.v1.GatewayCredential`).
     pub const GATEWAY_CREDENTIAL: &str = "type.googleapis.com/ambient.waypoint.v1.GatewayCredential";
+    /// Mesh-wide settings for the node proxies (`ambient.waypoint.v1.MeshSettings`), one
+    /// resource named [`MESH_SETTINGS_NAME`](super::MESH_SETTINGS_NAME).
+    pub const MESH_SETTINGS: &str = "type.googleapis.com/ambient.waypoint.v1.MeshSettings";
     /// The roots proxies trust (`ambient.ca.v1.TrustBundle`), one resource named
     /// [`TRUST_BUNDLE_NAME`](super::TRUST_BUNDLE_NAME).
     pub const TRUST_BUNDLE: &str = "type.googleapis.com/ambient.ca.v1.TrustBundle";
@@ -97,3 +100,6 @@ pub mod type_url {
 
 /// Name of the single trust-bundle resource.
 pub const TRUST_BUNDLE_NAME: &str = "trust-bundle";
+
+/// Name of the single mesh-settings resource.
+pub const MESH_SETTINGS_NAME: &str = "mesh";

@@ -23,14 +23,14 @@ use tracing::{info, warn};
 
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
 use crate::api::ambient::waypoint::v1::{
-    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes,
+    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, MeshSettings, RequestAuthn, ServiceRoutes,
 };
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, address};
 use crate::api::type_url::{
-    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN,
-    SERVICE_ROUTES, TRUST_BUNDLE,
+    ADDRESS, AUTHORIZATION, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, MESH_SETTINGS,
+    REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
 };
 use crate::state::{MeshState, Service, Workload};
 use crate::tls::{SharedTrustBundle, TrustBundle};
@@ -272,6 +272,7 @@ impl MeshView {
                 GATEWAY_CREDENTIAL => {
                     state.gateway_credentials.remove(name);
                 }
+                MESH_SETTINGS => state.settings = MeshSettings::default(),
                 _ => {}
             }
             versions.remove(&(type_url, name.clone()));
@@ -349,6 +350,16 @@ fn apply_resource(
         GATEWAY_CREDENTIAL => {
             let c = GatewayCredential::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
             state.gateway_credentials.insert(res.name.clone(), Arc::new(c));
+        }
+        MESH_SETTINGS => {
+            let settings = MeshSettings::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
+            if settings.outbound_traffic_policy() != state.settings.outbound_traffic_policy() {
+                info!(
+                    outbound_traffic_policy = settings.outbound_traffic_policy().as_str_name(),
+                    "mesh settings updated"
+                );
+            }
+            state.settings = settings;
         }
         TRUST_BUNDLE => {
             let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;

@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 use crate::context::Context;
 use crate::pod::{Pod, PodDialer, connect};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use proto::api::ambient::waypoint::v1::mesh_settings::OutboundTrafficPolicy;
 use proto::state::{MeshState, PortMapping, Waypoint, WaypointAt, Workload};
 
 /// Where to send a connection.
@@ -43,6 +44,11 @@ pub enum Route {
     },
     /// Plain TCP to this address.
     Passthrough(SocketAddr),
+    /// Plain TCP to what this DNS name resolves to, at this port (a ServiceEntry endpoint with
+    /// `resolution: DNS`).
+    Resolve(String, u16),
+    /// An address the mesh does not know, under `outboundTrafficPolicy: REGISTRY_ONLY`: refused.
+    Unregistered(SocketAddr),
     /// A known service with no healthy endpoint.
     NoHealthyEndpoint(String),
     /// A workload the control plane sent and this proxy refused (named, with why): its traffic
@@ -113,7 +119,9 @@ fn pick<'a>(state: &'a MeshState, key: &str, lb: &Balancer) -> Option<(&'a Workl
 }
 
 fn to_workload(w: &Workload, port: u16) -> Option<Route> {
-    let ip = w.primary_address()?;
+    let Some(ip) = w.primary_address() else {
+        return w.hostname.as_ref().map(|h| Route::Resolve(h.clone(), port));
+    };
     let target = SocketAddr::new(ip, port);
     if w.speaks_hbone() {
         Some(Route::Hbone {
@@ -141,6 +149,9 @@ pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
                 .unwrap_or_else(|| Route::NoHealthyEndpoint(format!("the waypoint of {key}")));
         }
         let Some((endpoint, ports)) = pick(state, key, lb) else {
+            if service.passthrough {
+                return Route::Passthrough(dst);
+            }
             return Route::NoHealthyEndpoint(key.clone());
         };
         // The endpoint's port for this service port; the service's own mapping, else the same.
@@ -161,7 +172,33 @@ pub fn route(state: &MeshState, dst: SocketAddr, lb: &Balancer) -> Route {
         }
         return to_workload(w, dst.port()).unwrap_or(Route::Passthrough(dst));
     }
-    Route::Passthrough(dst)
+    match state.settings.outbound_traffic_policy() {
+        OutboundTrafficPolicy::AllowAny => Route::Passthrough(dst),
+        OutboundTrafficPolicy::RegistryOnly => Route::Unregistered(dst),
+    }
+}
+
+/// Resolves `host` (with the node's resolver) and connects from the pod to the first address that
+/// answers. An address of a workload in the mesh is skipped: a name must not lead the proxy to
+/// reach a mesh pod in plaintext.
+async fn resolve_and_connect(ctx: &Context, pod: &Pod, host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for to in tokio::net::lookup_host((host, port)).await? {
+        if ctx.view.read(|s| s.workload_by_ip(to.ip()).is_some_and(|w| w.speaks_hbone())) {
+            warn!(%host, address = %to.ip(), "a DNS answer names a workload in the mesh; not connecting to it in plaintext");
+            last = Some(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "resolved to a mesh workload"));
+            continue;
+        }
+        let attempt = match pod.sockets.outbound(to.is_ipv6()) {
+            Ok(socket) => connect(socket, to).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolved to no address")))
 }
 
 /// The original destination of a redirected connection (`SO_ORIGINAL_DST`, set by the capture
@@ -239,7 +276,9 @@ impl Outbound {
             let (destination, mtls) = match &route {
                 Route::Hbone { workload, .. } => (state.workload(workload).map(Peer::of).unwrap_or_default(), true),
                 Route::Passthrough(to) => (state.workload_by_ip(to.ip()).map(Peer::of).unwrap_or_default(), false),
-                Route::NoHealthyEndpoint(_) | Route::Refused(_) => (Peer::default(), false),
+                Route::NoHealthyEndpoint(_) | Route::Refused(_) | Route::Resolve(..) | Route::Unregistered(_) => {
+                    (Peer::default(), false)
+                }
             };
             let service = state.service_by_vip(dst.ip()).map(|s| s.hostname.clone()).unwrap_or_default();
             let info = ConnectionInfo { reporter: "source", src: client, dst, source, destination, service, mtls };
@@ -303,6 +342,20 @@ impl Outbound {
                 };
                 let (t, stopped, error) = copy::copy_plain_until(downstream, upstream, cancel.cancelled()).await;
                 record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+            }
+            Route::Resolve(host, port) => {
+                let upstream = match Box::pin(resolve_and_connect(&self.ctx, &self.pod, &host, port)).await {
+                    Ok(u) => u,
+                    Err(e) => return record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("{host}:{port}: {e}"))),
+                };
+                let (t, stopped, error) = copy::copy_plain_until(downstream, upstream, cancel.cancelled()).await;
+                record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+            }
+            Route::Unregistered(to) => {
+                let detail = format!(
+                    "outboundTrafficPolicy REGISTRY_ONLY: {to} is no workload, service or ServiceEntry address"
+                );
+                record.close(Outcome::Denied, 0, 0, Some(&detail));
             }
             Route::NoHealthyEndpoint(service) => {
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("service {service} has no healthy endpoint")));
@@ -494,6 +547,54 @@ mod tests {
             vec![("demo/hello.demo.svc.cluster.local", hello), ("demo/waypoint.demo.svc.cluster.local", waypoint_svc)],
         );
         assert!(matches!(route(&s, to, &lb), Route::NoHealthyEndpoint(_)));
+    }
+
+    #[test]
+    fn registry_only_refuses_what_the_mesh_does_not_know_and_only_that() {
+        use proto::api::ambient::waypoint::v1::MeshSettings;
+        let pod = workload("server", [10, 0, 0, 5], true, &[]);
+        let outside = workload("legacy", [10, 0, 0, 6], false, &[]);
+        let mut s = state(vec![pod, outside], vec![(KEY, service([10, 96, 0, 1], 80, 8080))]);
+        let lb = Balancer::default();
+        let unknown: SocketAddr = "192.0.2.7:443".parse().unwrap();
+        assert_eq!(route(&s, unknown, &lb), Route::Passthrough(unknown), "ALLOW_ANY by default");
+        s.settings = MeshSettings { outbound_traffic_policy: OutboundTrafficPolicy::RegistryOnly as i32 };
+        assert_eq!(route(&s, unknown, &lb), Route::Unregistered(unknown));
+        // What the mesh knows is reached as before: a pod, a workload outside the mesh, a service.
+        assert!(matches!(route(&s, "10.0.0.5:9000".parse().unwrap(), &lb), Route::Hbone { .. }));
+        let legacy: SocketAddr = "10.0.0.6:5432".parse().unwrap();
+        assert_eq!(route(&s, legacy, &lb), Route::Passthrough(legacy));
+        assert_eq!(
+            route(&s, "10.96.0.1:80".parse().unwrap(), &lb),
+            Route::NoHealthyEndpoint(KEY.into()),
+            "a known service is not refused as unregistered"
+        );
+    }
+
+    #[test]
+    fn service_entries_pass_through_or_resolve_their_endpoints() {
+        use proto::api::istio::workload::{LoadBalancing, load_balancing};
+        const LEGACY: &str = "demo/legacy.internal";
+        const API: &str = "demo/api.example.com";
+        // resolution NONE: no endpoints, load balancing PASSTHROUGH: where the client dialed.
+        let mut legacy = service([198, 51, 100, 7], 5432, 5432);
+        legacy.hostname = "legacy.internal".into();
+        legacy.load_balancing =
+            Some(LoadBalancing { mode: load_balancing::Mode::Passthrough as i32, ..Default::default() });
+        // resolution DNS: an endpoint with a hostname and no address.
+        let mut api = service([240, 240, 1, 2], 80, 8080);
+        api.hostname = "api.example.com".into();
+        let mut backend = workload("api-backend", [0, 0, 0, 0], false, &[(API, 80, 8080)]);
+        backend.addresses.clear();
+        backend.hostname = "api-backend.example.net".into();
+        let s = state(vec![backend], vec![(LEGACY, legacy), (API, api)]);
+        let lb = Balancer::default();
+        let to: SocketAddr = "198.51.100.7:5432".parse().unwrap();
+        assert_eq!(route(&s, to, &lb), Route::Passthrough(to));
+        assert_eq!(
+            route(&s, "240.240.1.2:80".parse().unwrap(), &lb),
+            Route::Resolve("api-backend.example.net".into(), 8080)
+        );
     }
 
     #[test]

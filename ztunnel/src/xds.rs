@@ -1,7 +1,8 @@
 //! ztunnel's view of the mesh, kept current over delta xDS.
 //!
 //! One ADS stream ([`proto::xds::AdsClient`]) subscribes (wildcard) to workloads and services
-//! (`istio.workload.Address`), L4 policies (`istio.security.Authorization`) and the trust bundle.
+//! (`istio.workload.Address`), L4 policies (`istio.security.Authorization`), the trust bundle and
+//! the mesh settings (`ambient.waypoint.v1.MeshSettings`: the outbound traffic policy).
 //! Each response is applied to [`MeshView`] and ACKed; a resource that does not decode is NACKed
 //! with the reason and the rest of the response still applies. A new trust bundle is swapped into
 //! the shared bundle at once: the next handshake uses it.
@@ -9,15 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::api::type_url::{ADDRESS, AUTHORIZATION, TRUST_BUNDLE};
+use proto::api::type_url::{ADDRESS, AUTHORIZATION, MESH_SETTINGS, TRUST_BUNDLE};
 use proto::certs::TokenSource;
 use proto::control::ControlPlaneTarget;
 pub use proto::state::MeshState;
 use proto::xds::AdsClient;
 pub use proto::xds::MeshView;
 
-/// The types subscribed to, in order.
-pub const SUBSCRIBED: [&str; 3] = [ADDRESS, AUTHORIZATION, TRUST_BUNDLE];
+/// The types subscribed to, in order. The mesh settings come first: the control plane answers
+/// subscriptions in order, so a `REGISTRY_ONLY` policy is in place before the workloads and
+/// policies that make the proxy ready.
+pub const SUBSCRIBED: [&str; 4] = [MESH_SETTINGS, ADDRESS, AUTHORIZATION, TRUST_BUNDLE];
 
 /// Keeps a [`MeshView`] current (the shared [`AdsClient`] subscribed to ztunnel's types).
 #[derive(Debug, Clone)]
@@ -43,8 +46,9 @@ impl XdsClient {
             node_id: self.node_id,
             types: SUBSCRIBED.to_vec(),
             // istiod serves only Istio's two types: then the trust bundle comes with the
-            // certificate answers (proto::tls::SharedTrustBundle).
-            optional: vec![TRUST_BUNDLE],
+            // certificate answers (proto::tls::SharedTrustBundle), and the settings keep Istio's
+            // defaults (ALLOW_ANY, as Istio's ztunnel behaves).
+            optional: vec![MESH_SETTINGS, TRUST_BUNDLE],
             retry_min: self.retry_min,
             retry_max: self.retry_max,
         };

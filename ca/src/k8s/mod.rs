@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use self::gateway::*;
 pub use self::networking::*;
 pub use self::security::*;
-pub use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service};
+pub use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The labels and annotations that drive the mesh (Istio's names).
@@ -31,6 +31,9 @@ pub fn labels(meta: &ObjectMeta) -> &BTreeMap<String, String> {
 pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.labels.as_ref()?.get(key).map(String::as_str)
 }
+
+/// The ConfigMap holding the mesh configuration (in the root namespace), and its key.
+pub const MESH_CONFIG_MAP: (&str, &str) = ("istio", "mesh");
 
 /// The Secret type gateways' credentials have.
 pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";

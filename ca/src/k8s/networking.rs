@@ -430,3 +430,118 @@ pub struct OutlierDetection {
     #[serde(default)]
     pub max_ejection_percent: Option<u32>,
 }
+
+/// Istio `ServiceEntry` (networking.istio.io/v1; v1beta1 and v1alpha3 decode the same): hosts
+/// added to the mesh's registry, outside it (`MESH_EXTERNAL`) or inside (`MESH_INTERNAL`, its
+/// endpoints possibly pods picked by `workloadSelector`).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[kube(group = "networking.istio.io", version = "v1", kind = "ServiceEntry", namespaced, schema = "disabled")]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    /// Hostnames (a leading `*.` wildcard is refused: ambient needs one name per service).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Virtual IPs (single addresses; `/32` and `/128` CIDRs are taken as addresses).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<ServiceEntryPort>,
+    /// `MESH_EXTERNAL` (default) or `MESH_INTERNAL`.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// `NONE` (default), `STATIC`, `DNS` or `DNS_ROUND_ROBIN`.
+    #[serde(default)]
+    pub resolution: Option<String>,
+    /// Explicit endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntrySpec>,
+    /// Pods (in the ServiceEntry's namespace) that are its endpoints.
+    #[serde(default)]
+    pub workload_selector: Option<EntrySelector>,
+}
+
+/// A ServiceEntry port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryPort {
+    /// The port clients use.
+    pub number: u32,
+    /// `HTTP`, `HTTPS`, `HTTP2`, `GRPC`, `TLS`, `TCP`, ...
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Its name (endpoints' `ports` map refers to it).
+    #[serde(default)]
+    pub name: String,
+    /// The port endpoints serve it on (default: `number`).
+    #[serde(default)]
+    pub target_port: Option<u32>,
+}
+
+/// An endpoint of a ServiceEntry (Istio's `WorkloadEntry` spec).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadEntrySpec {
+    /// An IP address, or a DNS name (with `resolution: DNS`).
+    #[serde(default)]
+    pub address: String,
+    /// Port name → the endpoint's port for it.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u32>,
+    /// Labels (subsets).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Its service account (in the ServiceEntry's namespace).
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+/// Pod labels picking workloads.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntrySelector {
+    /// Labels every picked pod carries.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A ServiceEntry's `resolution`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Connections go to the address the client dialed.
+    None,
+    /// To the endpoints' IP addresses.
+    Static,
+    /// To what the endpoints' names (or the hosts) resolve to.
+    Dns,
+}
+
+/// A ServiceEntry's `location`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// Outside the mesh: endpoints are reached in plaintext (or TLS the app or a waypoint adds).
+    External,
+    /// Inside: endpoints are mesh workloads.
+    Internal,
+}
+
+impl ServiceEntrySpec {
+    /// The resolution, or why it is not one this mesh knows.
+    pub fn resolution(&self) -> Result<Resolution, String> {
+        match self.resolution.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("NONE") => Ok(Resolution::None),
+            Some("STATIC") => Ok(Resolution::Static),
+            Some("DNS" | "DNS_ROUND_ROBIN") => Ok(Resolution::Dns),
+            Some(other) => Err(format!("resolution {other:?} is not NONE, STATIC, DNS or DNS_ROUND_ROBIN")),
+        }
+    }
+
+    /// The location, or why it is not one this mesh knows.
+    pub fn location(&self) -> Result<Location, String> {
+        match self.location.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("MESH_EXTERNAL") => Ok(Location::External),
+            Some("MESH_INTERNAL") => Ok(Location::Internal),
+            Some(other) => Err(format!("location {other:?} is not MESH_EXTERNAL or MESH_INTERNAL")),
+        }
+    }
+}

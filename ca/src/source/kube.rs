@@ -19,8 +19,8 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::k8s::{
-    AuthorizationPolicy, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway, Namespace, Node,
-    PeerAuthentication, Pod, RequestAuthentication, Secret, Service, VirtualService,
+    AuthorizationPolicy, ConfigMap, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway,
+    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -58,9 +58,12 @@ impl Problems {
     }
 }
 
-/// Watches every kind until `stop` resolves.
-pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Future<Output = ()>) {
-    let kinds = 14;
+/// Watches every kind until `stop` resolves; ConfigMaps only the mesh configuration's
+/// (`istio` in `root_namespace`).
+pub async fn run(client: Client, store: Arc<Store>, root_namespace: &str, stop: impl std::future::Future<Output = ()>) {
+    // One per watcher below: the store is synced when every one has listed (a count short of
+    // them would let the mesh start without a kind, e.g. its RequestAuthentications).
+    let kinds = 17;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -119,6 +122,21 @@ pub async fn run(client: Client, store: Arc<Store>, stop: impl std::future::Futu
                 Api::all(client.clone()),
                 Kind::PeerAuthentication,
                 Object::PeerAuthentication,
+                &store,
+                &problems
+            ),
+            watch::<ServiceEntry>(
+                Api::all(client.clone()),
+                Kind::ServiceEntry,
+                Object::ServiceEntry,
+                &store,
+                &problems
+            ),
+            // The mesh configuration only: no other ConfigMap is read.
+            watch_with::<ConfigMap>(
+                Api::namespaced(client.clone(), root_namespace),
+                watcher::Config::default().fields(&format!("metadata.name={}", crate::k8s::MESH_CONFIG_MAP.0)),
+                (Kind::ConfigMap, Object::ConfigMap),
                 &store,
                 &problems
             ),

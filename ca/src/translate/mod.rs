@@ -14,6 +14,7 @@
 //! - Istio Gateways, with the VirtualServices bound to them, become ingress gateways ([`ingress`]).
 
 pub mod authz;
+pub mod egress;
 pub mod ingress;
 pub mod istio;
 pub mod request_authn;
@@ -318,9 +319,14 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             vips: cluster_ips(svc),
             ports,
             waypoint,
+            passthrough: false,
         };
         state.services.insert(service.resource_name(), service);
     }
+
+    // ServiceEntry hosts (after the Services: a Service's name and addresses win).
+    egress::services(objects, &mut state);
+    state.settings = egress::settings(objects, config);
 
     // What waypoints need: routes per service and the policies targeting them.
     state.routes = waypoint::routes(objects, config, &state.services);
@@ -504,6 +510,7 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
             name: name.to_owned(),
             namespace: ns.to_owned(),
             ips,
+            hostname: None,
             node,
             identity,
             captured,
@@ -524,6 +531,9 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         }
         state.workloads.insert(workload.uid.clone(), workload);
     }
+
+    // ServiceEntry endpoints (after the pods: a pod's address is never an entry's).
+    egress::endpoints(objects, config, &mut state);
 
     // A workload whose own address is served by a waypoint accepts traffic only from that
     // waypoint: an Istio-compatible DENY of every other peer, which Istio's ztunnel enforces too.

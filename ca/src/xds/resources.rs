@@ -22,7 +22,7 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 9] = [
+pub const TYPES: [&str; 10] = [
     type_url::ADDRESS,
     type_url::AUTHORIZATION,
     type_url::SERVICE_ROUTES,
@@ -31,6 +31,7 @@ pub const TYPES: [&str; 9] = [
     type_url::DESTINATION_POLICY,
     type_url::INGRESS_GATEWAY,
     type_url::GATEWAY_CREDENTIAL,
+    type_url::MESH_SETTINGS,
     type_url::TRUST_BUNDLE,
 ];
 
@@ -253,6 +254,13 @@ impl Resources {
             credentials.by_name.insert(name, r);
         }
 
+        let mut settings = TypeResources::default();
+        if wanted(type_url::MESH_SETTINGS) {
+            let name: Arc<str> = Arc::from(proto::api::MESH_SETTINGS_NAME);
+            let msg = state.settings.to_proto();
+            settings.by_name.insert(name.clone(), resource(type_url::MESH_SETTINGS, name, Vec::new(), &msg));
+        }
+
         let mut trust = TypeResources::default();
         if let Some(bundle) = bundle.filter(|_| wanted(type_url::TRUST_BUNDLE)) {
             let name: Arc<str> = Arc::from(proto::api::TRUST_BUNDLE_NAME);
@@ -269,6 +277,7 @@ impl Resources {
         by_type.insert(type_url::DESTINATION_POLICY, destinations);
         by_type.insert(type_url::INGRESS_GATEWAY, gateways);
         by_type.insert(type_url::GATEWAY_CREDENTIAL, credentials);
+        by_type.insert(type_url::MESH_SETTINGS, settings);
         by_type.retain(|url, _| served.urls().contains(url));
 
         let mut delta = Delta { generation, types: HashMap::new() };

@@ -112,6 +112,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("networking.istio.io", "gateways"),
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
+        ("networking.istio.io", "serviceentries"),
     ]
     .iter()
     .map(|(g, r)| (g.to_string(), r.to_string()))
@@ -145,6 +146,31 @@ fn key_secret_role_covers_create_get_update_of_the_default_secret_only() {
         .expect("RoleBinding");
     assert_eq!(binding.role_ref.name, "ambient-mesh-ca-keys");
     assert_eq!(binding.subjects.unwrap()[0].name, "ca");
+}
+
+#[test]
+fn the_mesh_config_is_read_in_the_root_namespace_only() {
+    let role: Role = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "Role" && d["metadata"]["name"] == "ambient-mesh-ca-mesh-config")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("Role ambient-mesh-ca-mesh-config");
+    assert_eq!(role.metadata.namespace.as_deref(), Some("istio-system"));
+    let rules = role.rules.unwrap();
+    let [rule] = rules.as_slice() else { panic!("{rules:?}") };
+    assert_eq!(
+        (rule.resources.as_deref(), rule.verbs.as_slice()),
+        (Some(&["configmaps".to_owned()][..]), &["list".to_owned(), "watch".to_owned()][..])
+    );
+    let binding: RoleBinding = documents()
+        .into_iter()
+        .find(|(_, d)| d["kind"] == "RoleBinding" && d["metadata"]["name"] == "ambient-mesh-ca-mesh-config")
+        .map(|(_, d)| serde_json::from_value(d).unwrap())
+        .expect("RoleBinding");
+    assert_eq!(
+        (binding.role_ref.name.as_str(), binding.subjects.unwrap()[0].name.as_str()),
+        ("ambient-mesh-ca-mesh-config", "ca")
+    );
 }
 
 fn pod_spec(kind: &str, name: &str) -> PodSpec {

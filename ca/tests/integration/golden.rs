@@ -16,7 +16,9 @@ use ca::source::dir::DirSource;
 use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
-use proto::api::ambient::waypoint::v1::{DestinationPolicy, IngressGateway, L7Policy, RequestAuthn, ServiceRoutes};
+use proto::api::ambient::waypoint::v1::{
+    DestinationPolicy, IngressGateway, L7Policy, MeshSettings, RequestAuthn, ServiceRoutes,
+};
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
 use proto::api::type_url;
@@ -37,6 +39,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
         (type_url::REQUEST_AUTHN, "RequestAuthn"),
         (type_url::DESTINATION_POLICY, "DestinationPolicy"),
         (type_url::INGRESS_GATEWAY, "IngressGateway"),
+        (type_url::MESH_SETTINGS, "MeshSettings"),
     ];
     for (url, label) in types {
         for (name, r) in &resources.of_type(url).unwrap().by_name {
@@ -53,6 +56,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
                 type_url::L7_POLICY => format!("{:#?}", L7Policy::decode(bytes).unwrap()),
                 type_url::REQUEST_AUTHN => format!("{:#?}", RequestAuthn::decode(bytes).unwrap()),
                 type_url::DESTINATION_POLICY => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
+                type_url::MESH_SETTINGS => format!("{:#?}", MeshSettings::decode(bytes).unwrap()),
                 _ => format!("{:#?}", IngressGateway::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();
@@ -132,6 +136,16 @@ fn gateway_api_fixture_yields_the_expected_resources() {
 /// Routes from a namespace a listener does not admit do not attach to it: a route from namespace
 /// `other` (not labelled team=shop) gets the HTTPS listener (from: All) only, and one naming the
 /// HTTP listener by section is refused with a warning that says why.
+/// ServiceEntries as services and workloads, as Istio's ambient control plane sends them: STATIC
+/// endpoints at their IPs (an endpoint's own port by name), DNS endpoints (or, with none, the host)
+/// as workloads with a hostname, an address allocated in 240.240.0.0/16 when none is given,
+/// NONE as a passthrough service, a workloadSelector making a pod the endpoint; the root
+/// namespace's `istio` ConfigMap as the mesh settings (REGISTRY_ONLY).
+#[test]
+fn egress_fixture_yields_the_expected_resources() {
+    check("egress");
+}
+
 #[test]
 fn gateway_api_routes_attach_only_where_allowed_routes_admit_them() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gateway-api/input");
@@ -170,4 +184,105 @@ fn gateway_api_routes_attach_only_where_allowed_routes_admit_them() {
     // The HTTPS listener's Secret goes to the service account of the Gateway's pod only.
     let credential = &state.gateway_credentials["edge/edge-cert"];
     assert_eq!(credential.readers.iter().collect::<Vec<_>>(), ["spiffe://cluster.local/ns/edge/sa/edge-istio"]);
+}
+
+/// A ServiceEntry never takes an address or a name the mesh already uses: a VIP or an endpoint at
+/// a pod's IP or a Service's ClusterIP is dropped (else a node proxy would take the pod for a
+/// workload outside the mesh and reach it in plaintext), a host that is a Service's hostname is
+/// skipped; each is reported. Malformed entries and mesh configurations are refused with reasons.
+#[test]
+fn service_entries_cannot_take_what_the_mesh_holds_and_bad_ones_are_refused() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
+    let dir = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(&fixture).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let entry = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}---\n"
+        )
+    };
+    let tcp = "  ports: [{number: 5432, name: tcp}]\n";
+    let mut yaml = String::from(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.30\n  ports: [{port: 80}]\n---\n",
+    );
+    // Hijacks: the db pod's IP as an endpoint and as a VIP, the web Service's ClusterIP, its name.
+    yaml += &entry(
+        "steal-pod",
+        &format!("  hosts: [steal.example]\n  resolution: STATIC\n  endpoints: [{{address: 10.0.1.50}}]\n{tcp}"),
+    );
+    yaml += &entry(
+        "steal-vip",
+        &format!("  hosts: [vip.example]\n  addresses: [10.0.1.50, 10.96.0.30]\n  resolution: NONE\n{tcp}"),
+    );
+    yaml += &entry("steal-name", &format!("  hosts: [web.shop.svc.cluster.local]\n  resolution: DNS\n{tcp}"));
+    // Refused outright.
+    yaml += &entry("wildcard", &format!("  hosts: ['*.example.com']\n  resolution: DNS\n{tcp}"));
+    yaml += &entry("range", &format!("  hosts: [r.example]\n  addresses: [10.9.0.0/16]\n{tcp}"));
+    yaml += &entry(
+        "static-name",
+        &format!("  hosts: [s.example]\n  resolution: STATIC\n  endpoints: [{{address: db.example}}]\n{tcp}"),
+    );
+    yaml += &entry("no-ports", "  hosts: [p.example]\n  resolution: DNS\n");
+    yaml += &entry("odd", &format!("  hosts: [o.example]\n  resolution: MAGIC\n{tcp}"));
+    std::fs::write(dir.path().join("hostile.yaml"), yaml).unwrap();
+    std::fs::write(
+        dir.path().join("mesh-config.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |-\n    outboundTrafficPolicy: {mode: BLOCK_ALL}\n",
+    )
+    .unwrap();
+    std::fs::remove_file(dir.path().join("egress.yaml")).unwrap();
+    let original = std::fs::read_to_string(fixture.join("egress.yaml")).unwrap();
+    // Without its ConfigMap (replaced by the bad one above).
+    let without_config: String =
+        original.split("---\n").filter(|d| !d.contains("kind: ConfigMap")).collect::<Vec<_>>().join("---\n");
+    std::fs::write(dir.path().join("egress.yaml"), without_config).unwrap();
+
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+
+    let mut refused: Vec<String> = store.errors().iter().map(|e| e.message.clone()).collect();
+    refused.sort();
+    let expect = [
+        "BLOCK_ALL\" is not ALLOW_ANY or REGISTRY_ONLY",
+        "wildcard hosts are not supported",
+        "is a range: only single addresses are supported",
+        "resolution STATIC needs IP addresses",
+        "spec.ports is empty",
+        "resolution \"MAGIC\" is not NONE, STATIC, DNS or DNS_ROUND_ROBIN",
+    ];
+    assert_eq!(refused.len(), expect.len(), "{refused:#?}");
+    for e in expect {
+        assert!(refused.iter().any(|r| r.contains(e)), "no refusal says {e:?}: {refused:#?}");
+    }
+    // The refused ConfigMap leaves the defaults.
+    assert_eq!(state.settings, ca::mesh::MeshSettings::default());
+
+    assert_eq!(
+        state.warnings,
+        [
+            "ServiceEntry shop/steal-vip: address 10.0.1.50 is pod shop/db-0's; the entry does not take it",
+            "ServiceEntry shop/steal-vip: address 10.96.0.30 is service shop/web.shop.svc.cluster.local's; the entry does not take it",
+            "ServiceEntry shop/steal-name: host web.shop.svc.cluster.local is already a service; skipped",
+            "ServiceEntry shop/steal-pod: endpoint 10.0.1.50 is pod shop/db-0's; the entry does not take it",
+        ]
+    );
+    // The pod stays a mesh workload, reached over HBONE, and no entry's workload holds its IP.
+    let holders: Vec<&str> = state
+        .workloads
+        .values()
+        .filter(|w| w.ips.contains(&"10.0.1.50".parse().unwrap()))
+        .map(|w| w.uid.as_str())
+        .collect();
+    assert_eq!(holders, ["Kubernetes//Pod/shop/db-0"]);
+    assert!(state.workloads["Kubernetes//Pod/shop/db-0"].captured);
+    assert!(state.services["shop/vip.example"].vips.is_empty());
+    // A Service's hostname is not an entry's: the Service keeps it (same key, its own VIP).
+    assert_eq!(
+        state.services["shop/web.shop.svc.cluster.local"].vips,
+        ["10.96.0.30".parse::<std::net::IpAddr>().unwrap()]
+    );
 }

@@ -228,7 +228,7 @@ async fn lists_watches_and_relists_through_kube() {
     let client = kube::Client::try_from(config).unwrap();
     let store = Store::new();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(ca::source::kube::run(client, store.clone(), async {
+    let task = tokio::spawn(ca::source::kube::run(client, store.clone(), "istio-system", async {
         let _ = stop_rx.await;
     }));
 

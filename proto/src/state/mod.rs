@@ -21,8 +21,8 @@ use std::sync::Arc;
 pub use model::{ModelError, PortMapping, Service, Tunnel, Waypoint, WaypointAt, Workload, service_key};
 
 use crate::api::ambient::waypoint::v1::{
-    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, PolicyTarget, RequestAuthn, ServiceRoutes,
-    policy_target,
+    DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, MeshSettings, PolicyTarget, RequestAuthn,
+    ServiceRoutes, policy_target,
 };
 use crate::api::istio::security::{Authorization, Scope};
 
@@ -59,6 +59,8 @@ pub struct MeshState {
     pub ingress_gateways: HashMap<String, Arc<IngressGateway>>,
     /// TLS credentials this gateway terminates with, by `<namespace>/<secret>`.
     pub gateway_credentials: Credentials,
+    /// Mesh-wide settings (the defaults until the control plane sends them).
+    pub settings: MeshSettings,
 }
 
 /// Gateway TLS credentials by `<namespace>/<secret>`; their debug form never shows a key.

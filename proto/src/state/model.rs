@@ -162,6 +162,9 @@ pub struct Workload {
     pub cluster_id: String,
     /// Its addresses, first the one connections are sent to.
     pub addresses: Vec<IpAddr>,
+    /// A DNS name to resolve when it has no address (a ServiceEntry endpoint with
+    /// `resolution: DNS`): connections go to what the name resolves to at connect time.
+    pub hostname: Option<String>,
     /// How it is reached.
     pub tunnel: Tunnel,
     /// Whether it may be sent new connections; a status this proxy does not know counts as not.
@@ -218,6 +221,7 @@ impl Workload {
             node: w.node,
             cluster_id: w.cluster_id,
             addresses,
+            hostname: (!w.hostname.is_empty()).then_some(w.hostname),
             tunnel,
             healthy: w.status == pb::WorkloadStatus::Healthy as i32,
             waypoint,
@@ -267,6 +271,9 @@ pub struct Service {
     pub ports: Vec<PortMapping>,
     /// Its waypoint, if it has one: traffic to the service never skips it.
     pub waypoint: Option<Waypoint>,
+    /// Connections to it go to the address the client dialed, not to an endpoint (a
+    /// ServiceEntry with `resolution: NONE`: load balancing mode `PASSTHROUGH`).
+    pub passthrough: bool,
 }
 
 impl Service {
@@ -280,7 +287,10 @@ impl Service {
             Some(gw) => Waypoint::from_pb(gw)?,
             None => None,
         };
+        let passthrough =
+            s.load_balancing.as_ref().is_some_and(|lb| lb.mode == pb::load_balancing::Mode::Passthrough as i32);
         Ok(Service {
+            passthrough,
             key: service_key(&s.namespace, &s.hostname),
             ports: ports(&s.ports)?,
             name: s.name,
