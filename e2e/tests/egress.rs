@@ -1,0 +1,131 @@
+//! Traffic leaving the mesh, with real namespaces, capture rules and processes: two servers outside
+//! the mesh and outside the nodes (network namespaces on the underlay), a client pod in an ambient
+//! namespace.
+//!
+//! - by default (`ALLOW_ANY`) the client reaches an unknown address (passthrough);
+//! - with the root namespace's `istio` ConfigMap saying `outboundTrafficPolicy: REGISTRY_ONLY`,
+//!   ztunnel refuses it (counted as `DENY`), while ServiceEntry hosts work: a STATIC entry by its
+//!   address and at its endpoint's own address, a DNS entry whose endpoint ztunnel resolves, and
+//!   a NONE entry that registers the unknown server's address, after which it is reached again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use e2e::apps::{EchoClient, echo_server};
+use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, metric_sum};
+
+const PORT: u16 = 9000;
+
+/// Whether `client` gets the greeting of the server named `server` at `to`.
+async fn reaches(client: &MeshPod, to: SocketAddr, server: &str) -> bool {
+    let Ok(stream) = client.connect(to).await else { return false };
+    match EchoClient::greet(stream).await {
+        Ok(mut c) => {
+            assert_eq!(c.server, server, "{to} answered as {}", c.server);
+            assert_eq!(c.seen_as.ip(), client.ip, "the server outside saw another source address");
+            c.round_trip(b"out of the mesh").await.unwrap();
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+const REGISTRY_ONLY: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    outboundTrafficPolicy:
+      mode: REGISTRY_ONLY
+";
+
+const ENTRIES: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: demo}
+spec:
+  hosts: [api.partner.example]
+  addresses: [240.240.0.10]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 9000}]
+  endpoints: [{address: 10.10.0.201}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: by-name, namespace: demo}
+spec:
+  hosts: [named.partner.example]
+  addresses: [240.240.0.11]
+  resolution: DNS
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  endpoints: [{address: 10.10.0.201}]
+";
+
+const LEGACY: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: demo}
+spec:
+  hosts: [legacy.partner.example]
+  addresses: [10.10.0.202]
+  resolution: NONE
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_only_refuses_unknown_destinations_and_service_entries_open_them() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let partner = mesh.outside_client(1).unwrap();
+    let stranger = mesh.outside_client(2).unwrap();
+    let _apps = [
+        echo_server(partner.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap(), "partner"),
+        echo_server(stranger.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], PORT))).unwrap(), "stranger"),
+    ];
+    mesh.settle(&[], &[]).await.unwrap();
+    let stranger_at = SocketAddr::from(([10, 10, 0, 202], PORT));
+    let partner_at = SocketAddr::from(([10, 10, 0, 201], PORT));
+
+    // ALLOW_ANY (no mesh configuration): an address the mesh does not know is passed through.
+    assert!(reaches(&client, stranger_at, "stranger").await, "ALLOW_ANY did not pass an unknown address through");
+
+    // REGISTRY_ONLY with two ServiceEntries.
+    mesh.apply("entries", ENTRIES).unwrap();
+    mesh.wait_for_service(1, "240.240.0.10".parse().unwrap()).await.unwrap();
+    mesh.wait_for_service(1, "240.240.0.11".parse().unwrap()).await.unwrap();
+    mesh.apply("mesh-config", REGISTRY_ONLY).unwrap();
+    mesh.wait_until("REGISTRY_ONLY to refuse the unknown address", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move { !reaches(&client, stranger_at, "stranger").await }
+    })
+    .await
+    .unwrap();
+    // It stays refused, and each refusal is counted as a denial by the client's ztunnel.
+    let denied = || async {
+        let m = mesh.metrics(1).await.unwrap();
+        metric_sum(&m, "istio_tcp_connections_closed_total{", &["reporter=\"source\"", "response_flags=\"DENY\""])
+    };
+    let before = denied().await;
+    for _ in 0..3 {
+        assert!(!reaches(&client, stranger_at, "stranger").await, "REGISTRY_ONLY let an unknown address through");
+    }
+    assert_eq!(denied().await - before, 3.0);
+    let log = mesh.ztunnel_log(1).unwrap();
+    assert!(log.contains("outboundTrafficPolicy REGISTRY_ONLY: 10.10.0.202:9000"), "no log line says why");
+
+    // The entries' hosts work: the STATIC one by its address (port 80 → the endpoint's 9000) and
+    // at its endpoint's own address, the DNS one through the name ztunnel resolves.
+    assert!(reaches(&client, SocketAddr::from(([240, 240, 0, 10], 80)), "partner").await);
+    assert!(reaches(&client, partner_at, "partner").await);
+    assert!(reaches(&client, SocketAddr::from(([240, 240, 0, 11], PORT)), "partner").await);
+
+    // A NONE entry registers the stranger's address: reached again, where the client dialed.
+    mesh.apply("legacy", LEGACY).unwrap();
+    mesh.wait_until("the NONE entry to register the address", Duration::from_secs(20), || {
+        let client = client.clone();
+        async move { reaches(&client, stranger_at, "stranger").await }
+    })
+    .await
+    .unwrap();
+}
