@@ -54,6 +54,8 @@ pub struct MeshOptions {
     pub cert_ttl: Option<Duration>,
     /// More arguments for the CA.
     pub ca_args: Vec<String>,
+    /// More arguments for every ztunnel.
+    pub ztunnel_args: Vec<String>,
 }
 
 impl Default for MeshOptions {
@@ -64,6 +66,7 @@ impl Default for MeshOptions {
             drain_timeout: Duration::from_secs(2),
             cert_ttl: None,
             ca_args: Vec::new(),
+            ztunnel_args: Vec::new(),
         }
     }
 }
@@ -377,6 +380,7 @@ impl Mesh {
         let root = self.ca_launch.state.join("root-cert.pem");
         let (bin, filter, drain) =
             (self.ztunnel_bin.clone(), self.options.log_filter.clone(), self.options.drain_timeout);
+        let extra = self.options.ztunnel_args.clone();
         let node = self.node_mut(index)?;
         let mut command = Command::new(&bin);
         // Configured as Istio's charts configure Istio's ztunnel: the shared settings through
@@ -392,6 +396,7 @@ impl Mesh {
             .env("INPOD_UDS", node.agent.path())
             .args(["--token-file", &node.token.display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
+            .args(&extra)
             .env("RUST_LOG", &filter);
         let (stdout, stderr) = output(Some(&node.log), false)?;
         let mut child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;

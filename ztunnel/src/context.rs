@@ -28,4 +28,6 @@ pub struct Context {
     pub pool: PoolConfig,
     /// HBONE server settings.
     pub hbone: ServerConfig,
+    /// The DNS proxy's settings.
+    pub dns: crate::dns::DnsConfig,
 }

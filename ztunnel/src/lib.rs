@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 pub mod admin;
 mod context;
+pub mod dns;
 pub mod inbound;
 pub mod netns;
 pub mod node;
@@ -79,6 +80,8 @@ pub struct Config {
     pub pool: PoolConfig,
     /// HBONE server settings.
     pub hbone: ServerConfig,
+    /// The DNS proxy (upstream resolvers, cluster domain).
+    pub dns: dns::DnsConfig,
 }
 
 /// Why ztunnel could not start.
@@ -140,6 +143,7 @@ impl Ztunnel {
             pool: config.pool.clone(),
             // The inbound handler resolves `hostname:port` authorities (inbound::resolve_target).
             hbone: ServerConfig { service_hostnames: true, ..config.hbone.clone() },
+            dns: config.dns.clone(),
         });
         let proxy = Proxy::new(ctx.clone(), config.drain_timeout);
         // `draining` ends readiness and the node-agent session; `stop` everything else, after

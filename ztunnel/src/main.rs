@@ -93,6 +93,15 @@ struct Args {
     #[arg(long, default_value_t)]
     log_format: LogFormat,
 
+    /// Resolver for the names the mesh does not know, `ip` or `ip:port` (repeat for more, tried
+    /// in order). Default: the nameservers of ztunnel's own /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_name = "ADDR", value_parser = parse_upstream)]
+    dns_upstreams: Vec<SocketAddr>,
+
+    /// The cluster's DNS domain: services are `<name>.<namespace>.svc.<domain>`.
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+
     /// Threads carrying traffic (1 keeps every hop of a connection on one core: lowest latency;
     /// more spread many connections over cores).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
@@ -167,6 +176,17 @@ async fn run(args: Args) -> Result<()> {
         credential: None,
         cluster_id: Some(args.cluster_id.clone()),
     };
+    let dns_upstreams = if args.dns_upstreams.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        ztunnel::dns::DnsConfig::upstreams_from_resolv_conf(&conf)
+    } else {
+        args.dns_upstreams
+    };
+    if dns_upstreams.is_empty() {
+        tracing::warn!(
+            "no DNS upstream (--dns-upstream, /etc/resolv.conf): pods get SERVFAIL for names the mesh does not know"
+        );
+    }
     let config = Config {
         node_name: args.node_name,
         trust_domain: args.trust_domain,
@@ -180,12 +200,20 @@ async fn run(args: Args) -> Result<()> {
         drain_timeout: args.drain_timeout,
         pool: Default::default(),
         hbone: Default::default(),
+        dns: ztunnel::dns::DnsConfig { upstreams: dns_upstreams, domain: args.cluster_domain },
     };
     let ztunnel = Ztunnel::start(config, Some(log)).await?;
     let signal = signal.await;
     tracing::info!(signal, "shutting down");
     ztunnel.shutdown().await;
     Ok(())
+}
+
+/// `ip` (port 53) or `ip:port`.
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
 }
 
 #[cfg(test)]

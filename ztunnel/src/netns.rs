@@ -121,6 +121,16 @@ impl NetNs {
         tokio::net::TcpListener::from_std(std)
     }
 
+    /// A UDP socket bound to `addr` inside this namespace (call from within a tokio runtime).
+    pub fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let std = self.run(|| {
+            let socket = std::net::UdpSocket::bind(addr)?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        })?;
+        tokio::net::UdpSocket::from_std(std)
+    }
+
     /// An unconnected TCP socket inside this namespace, for connecting out from it.
     pub fn tcp_socket(&self, ipv6: bool) -> io::Result<TcpSocket> {
         self.run(|| if ipv6 { TcpSocket::new_v6() } else { TcpSocket::new_v4() })

@@ -25,7 +25,7 @@ use proto::SpiffeId;
 use proto::api::istio::workload::zds::WorkloadInfo;
 use proto::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
 use proto::hbone::server::Server;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -42,7 +42,7 @@ pub const OUTBOUND_PORT: u16 = 15001;
 /// Inbound plaintext capture port.
 pub const PLAINTEXT_PORT: u16 = 15006;
 
-/// A pod's three listeners, bound.
+/// A pod's listeners, bound.
 #[derive(Debug)]
 pub struct PodListeners {
     /// 15001.
@@ -51,16 +51,22 @@ pub struct PodListeners {
     pub plaintext: TcpListener,
     /// 15008.
     pub hbone: TcpListener,
+    /// 15053 on the pod's loopback, UDP and TCP: its captured DNS (none: not proxied).
+    pub dns: Option<(UdpSocket, TcpListener)>,
 }
 
 impl PodListeners {
-    /// Binds the three ports on all addresses inside `netns`.
+    /// Binds the three traffic ports on all addresses inside `netns`, and the DNS port on its
+    /// loopback only (the capture rules redirect the pod's own queries there; nothing from
+    /// outside the pod can ask it).
     pub fn open(netns: &NetNs) -> std::io::Result<PodListeners> {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        let dns = SocketAddr::from(([127, 0, 0, 1], crate::dns::DNS_PORT));
         Ok(PodListeners {
             outbound: netns.tcp_listener(any(OUTBOUND_PORT))?,
             plaintext: netns.tcp_listener(any(PLAINTEXT_PORT))?,
             hbone: netns.tcp_listener(any(proto::hbone::HBONE_PORT))?,
+            dns: Some((netns.udp_socket(dns)?, netns.tcp_listener(dns)?)),
         })
     }
 }
@@ -280,6 +286,13 @@ impl Proxy {
             serve_plaintext(self.ctx.clone(), pod.clone(), listeners.plaintext, watcher.clone())
                 .instrument(span.clone()),
         );
+        if let Some((udp, tcp)) = listeners.dns {
+            let stop = |mut w: DrainWatcher| async move { w.signaled().await };
+            let (ctx, p) = (self.ctx.clone(), pod.clone());
+            tokio::spawn(crate::dns::serve_udp(ctx, p, udp, stop(watcher.clone())).instrument(span.clone()));
+            let (ctx, p) = (self.ctx.clone(), pod.clone());
+            tokio::spawn(crate::dns::serve_tcp(ctx, p, tcp, stop(watcher.clone())).instrument(span.clone()));
+        }
         tokio::spawn(serve_hbone(self.ctx.clone(), pod.clone(), listeners.hbone, watcher).instrument(span));
         info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "serving pod");
         let old = self.pods().insert(uid.to_owned(), Served { pod, netns_inode, outbound, drain: trigger });

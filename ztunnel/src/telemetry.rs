@@ -57,6 +57,13 @@ pub struct DryRunLabels {
     pub decision: &'static str,
 }
 
+/// Label of the DNS counter: who answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    /// `mesh`, `upstream` or `failed`.
+    pub answered: &'static str,
+}
+
 /// What ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -98,6 +105,8 @@ pub struct Metrics {
     pub active: Gauge,
     /// Connections to which dry-run policies applied, by what they would have decided.
     pub dry_run: Family<DryRunLabels, Counter>,
+    /// DNS queries of the pods, by who answered them.
+    pub dns_requests: Family<DnsLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -133,7 +142,13 @@ impl Metrics {
             "Connections to which dry-run AuthorizationPolicies applied, by the decision they would have made (never enforced)",
             dry_run.clone(),
         );
-        Metrics { registry, opened, closed, received, sent, pods, pods_pending, active, dry_run }
+        let dns_requests = Family::default();
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries of the pods, by who answered: the mesh state, the upstream resolver, or nobody (SERVFAIL)",
+            dns_requests.clone(),
+        );
+        Metrics { registry, opened, closed, received, sent, pods, pods_pending, active, dry_run, dns_requests }
     }
 
     /// The Prometheus text exposition.

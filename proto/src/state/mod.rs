@@ -37,6 +37,9 @@ pub struct MeshState {
     by_ip: HashMap<IpAddr, String>,
     /// Service name by VIP.
     by_vip: HashMap<IpAddr, String>,
+    /// Service names by hostname (lower case): a ServiceEntry host may be named in several
+    /// namespaces.
+    by_hostname: HashMap<String, BTreeSet<String>>,
     /// The workloads (names, in order) that are endpoints of each service, by service key.
     endpoints: HashMap<String, BTreeSet<String>>,
     /// Workloads the control plane sent that could not be converted, by name: their readable
@@ -129,6 +132,15 @@ impl MeshState {
         self.services.get(key)
     }
 
+    /// The services with this hostname (compared in lower case), in key order.
+    pub fn services_by_hostname(&self, hostname: &str) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_hostname
+            .get(&hostname.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.services.get(key))
+    }
+
     /// The service with this VIP.
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.services.get(self.by_vip.get(&ip)?)
@@ -165,6 +177,7 @@ impl MeshState {
         for ip in &s.vips {
             self.by_vip.insert(*ip, name.clone());
         }
+        self.by_hostname.entry(s.hostname.to_ascii_lowercase()).or_default().insert(name.clone());
         self.services.insert(name, Arc::new(s));
     }
 
@@ -206,6 +219,13 @@ impl MeshState {
         for ip in &old.vips {
             if self.by_vip.get(ip).is_some_and(|n| n == name) {
                 self.by_vip.remove(ip);
+            }
+        }
+        let hostname = old.hostname.to_ascii_lowercase();
+        if let Some(set) = self.by_hostname.get_mut(&hostname) {
+            set.remove(name);
+            if set.is_empty() {
+                self.by_hostname.remove(&hostname);
             }
         }
     }

@@ -5,6 +5,8 @@
 //! - outbound TCP from the app to anything but loopback → `:15001` (REDIRECT; ztunnel reads the
 //!   original destination with `SO_ORIGINAL_DST`);
 //! - inbound TCP to the pod, except `:15008` (HBONE) → `:15006` (plaintext capture);
+//! - DNS from the app (UDP and TCP to port 53 of anything but loopback) → `:15053`, ztunnel's DNS
+//!   proxy on the pod's loopback ([`crate::dns`]);
 //! - ztunnel's own sockets carry [`ZTUNNEL_MARK`] and are never redirected;
 //! - only a connection's opening SYN is redirected: a connection already open when the pod is
 //!   enrolled (conntrack picks it up mid-stream, as new) keeps going directly instead of being
@@ -64,7 +66,7 @@ pub enum CaptureError {
 
 /// The nftables script (replaces the table if present).
 pub fn ruleset() -> String {
-    let (mark, connmark, mask) = (ZTUNNEL_MARK, CONNMARK, MARK_MASK);
+    let (mark, connmark, mask, dns) = (ZTUNNEL_MARK, CONNMARK, MARK_MASK, crate::dns::DNS_PORT);
     format!(
         "table ip {TABLE}
 delete table ip {TABLE}
@@ -85,6 +87,8 @@ table ip {TABLE} {{
     type nat hook output priority -100; policy accept;
     meta mark & {mask:#x} == {connmark:#x} accept
     oifname \"lo\" accept
+    udp dport 53 ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :{dns}
+    tcp dport 53 tcp flags & (fin|syn|rst|ack) == syn ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :{dns}
     meta l4proto tcp tcp flags & (fin|syn|rst|ack) == syn ip daddr != 127.0.0.0/8 meta mark & {mask:#x} != {mark:#x} redirect to :15001
   }}
 }}

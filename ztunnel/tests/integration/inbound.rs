@@ -116,6 +116,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
         trust_domain: "cluster.local".into(),
         pool: PoolConfig::default(),
         hbone: ServerConfig::default(),
+        dns: ztunnel::dns::DnsConfig { upstreams: Vec::new(), domain: "cluster.local".into() },
     });
     let pod = |name: &str, id: &str| {
         Arc::new(Pod {
