@@ -16,7 +16,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 source .ci/packages.sh
-ensure_packages iproute2 nftables util-linux
+ensure_packages iproute2 nftables util-linux wget
 
 # One line of progress instead of cargo's hundreds; its whole output goes to a log, shown on failure.
 log="${TMPDIR:-/tmp}/ambient-demo-build.log"

@@ -107,10 +107,38 @@ fn bridge_mac(addr: &str) -> Result<String> {
     Ok(format!("02:00:{a:02x}:{b:02x}:{c:02x}:{d:02x}"))
 }
 
+impl NamedNetns {
+    /// Writes `/etc/netns/<name>/<file>`, which `ip netns exec` mounts over `/etc/<file>` for the
+    /// commands it runs here (as a kubelet gives a pod its own `resolv.conf` and `hosts`). Removed
+    /// with the namespace.
+    pub fn etc_file(&self, file: &str, content: &str) -> Result<()> {
+        let dir = etc_dir(&self.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::write(dir.join(file), content).with_context(|| format!("writing {}/{file}", dir.display()))
+    }
+
+    /// Runs `args` in this namespace with `ip netns exec` (so its `/etc/netns` files apply).
+    pub fn exec(&self, args: &[&str]) -> Result<std::process::Output> {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .with_context(|| format!("running {args:?} in {}", self.name))
+    }
+}
+
+fn etc_dir(netns: &str) -> std::path::PathBuf {
+    Path::new("/etc/netns").join(netns)
+}
+
 impl Drop for NamedNetns {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             tracing::warn!(netns = %self.name, error = %e, "could not delete a test namespace");
+        }
+        let dir = etc_dir(&self.name);
+        if dir.exists() {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -125,6 +153,7 @@ pub fn reap_stale() {
         if !Path::new(&format!("/proc/{pid}")).exists() {
             tracing::info!(netns = %name, "removing a namespace left by a dead harness");
             let _ = ip(&["netns", "del", &name]);
+            let _ = std::fs::remove_dir_all(etc_dir(&name));
         }
     }
 }
@@ -164,6 +193,7 @@ pub fn remove_own() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(&own) {
             let _ = ip(&["netns", "del", &name]);
+            let _ = std::fs::remove_dir_all(etc_dir(&name));
         }
     }
 }

@@ -6,9 +6,39 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use crate::mesh::HttpAnswer;
+use crate::topology::NamedNetns;
+
+/// The tutorial's host.
+pub const HOST: &str = "xingren.upup";
+
+/// Points the tutorial's host at `gateway` for the commands run in `client` (its own
+/// `/etc/hosts`), as a reader outside the cluster points the name at the gateway's address.
+pub fn point_host_at(client: &NamedNetns, gateway: std::net::Ipv4Addr) -> Result<()> {
+    client.etc_file("hosts", &format!("127.0.0.1 localhost\n::1 localhost\n{gateway} {HOST}\n"))
+}
+
+/// One turn of the tutorial's loop, `wget -q -O - http://xingren.upup`, run in `client` (which
+/// resolves the name through its own /etc/hosts, [`point_host_at`]); the page, or why there was
+/// none (wget says nothing with `-q`: its exit status names the failure).
+pub async fn wget(client: &NamedNetns) -> Result<String> {
+    let name = client.name.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "timeout", "20", "wget", "-q", "-O", "-", "http://xingren.upup"])
+            // The client talks to the gateway itself, never through a proxy of the machine's.
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY")
+            .output()
+    })
+    .await??;
+    if !out.status.success() {
+        bail!("wget -q -O - http://{HOST} failed ({}; 8 is an HTTP error status, 4 a network failure)", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
 
 /// What the header route's requests got.
 #[derive(Debug, Default)]
