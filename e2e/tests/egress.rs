@@ -129,3 +129,74 @@ async fn registry_only_refuses_unknown_destinations_and_service_entries_open_the
     .await
     .unwrap();
 }
+
+const EGRESS: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: partner-api
+  namespace: demo
+  labels: {istio.io/use-waypoint: waypoint}
+spec:
+  hosts: [api.partner.example]
+  addresses: [240.240.0.20]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  endpoints: [{address: 10.10.0.201}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-partner-admin, namespace: demo}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}
+  action: DENY
+  rules:
+    - to:
+        - operation:
+            paths: [\"/admin*\"]
+";
+
+/// A ServiceEntry labelled `istio.io/use-waypoint` sends its traffic through that waypoint (an
+/// egress waypoint): L7 policy applies to it (a path denied with 403 by the waypoint, the rest
+/// served by the server outside the mesh, reached in plain TCP from the waypoint), and the
+/// waypoint's metrics name the entry's host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_waypoint_applies_l7_policy_to_a_service_entry() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let partner = mesh.outside_client(1).unwrap();
+    let _app =
+        e2e::apps::http_server(partner.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap(), "partner");
+    let waypoint = mesh.waypoint("demo", "waypoint", 2, std::net::Ipv4Addr::new(10, 96, 0, 90)).await.unwrap();
+    mesh.apply("egress", EGRESS).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_for_service(1, "240.240.0.20".parse().unwrap()).await.unwrap();
+
+    let vip = SocketAddr::from(([240, 240, 0, 20], 80));
+    let get = |path: &'static str| {
+        let ns = client.netns.ns.clone();
+        async move { e2e::mesh::http_exchange_as(&ns, "api.partner.example", vip, path, &[]).await }
+    };
+    mesh.wait_until("the entry's traffic to cross the waypoint", Duration::from_secs(30), || async {
+        let Ok(a) = get("/").await else { return false };
+        let Ok(m) = mesh.waypoint_metrics(&waypoint).await else { return false };
+        a.status == 200
+            && metric_sum(&m, "istio_requests_total{", &["destination_service=\"api.partner.example\""]) >= 1.0
+    })
+    .await
+    .unwrap();
+    let ok = get("/orders").await.unwrap();
+    assert_eq!((ok.status, ok.header("x-served-by")), (200, Some("partner")), "{ok:?}");
+    let denied = get("/admin/keys").await.unwrap();
+    assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied\n"), "{denied:?}");
+    let m = mesh.waypoint_metrics(&waypoint).await.unwrap();
+    let to_partner = |code: &str| {
+        metric_sum(
+            &m,
+            "istio_requests_total{",
+            &["destination_service=\"api.partner.example\"", &format!("response_code=\"{code}\"")],
+        )
+    };
+    assert!(to_partner("200") >= 2.0 && to_partner("403") == 1.0, "{m}");
+}

@@ -214,11 +214,14 @@ async fn try_endpoints(
     last
 }
 
-/// The plan's request addressed to `endpoint`, with `body`; `None` for an endpoint without an
-/// address.
+/// The plan's request addressed to `endpoint` (its address, or the DNS name of a ServiceEntry
+/// endpoint), with `body`; `None` for an endpoint with neither.
 fn request_to(plan: &Plan, endpoint: &Endpoint, body: Body) -> Option<Request<Body>> {
-    let ip = endpoint.address.or_else(|| endpoint.workload.primary_address())?;
-    let uri: Uri = format!("http://{}{}", SocketAddr::new(ip, endpoint.port), plan.path_and_query).parse().ok()?;
+    let authority = match endpoint.address.or_else(|| endpoint.workload.primary_address()) {
+        Some(ip) => SocketAddr::new(ip, endpoint.port).to_string(),
+        None => format!("{}:{}", endpoint.workload.hostname.as_deref()?, endpoint.port),
+    };
+    let uri: Uri = format!("http://{authority}{}", plan.path_and_query).parse().ok()?;
     let mut request = Request::from_parts(plan.head.clone(), body);
     *request.uri_mut() = uri;
     Some(request)

@@ -176,9 +176,11 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     let _in_flight = state.start(&endpoint.workload.uid);
     labels.parties.set_endpoint(&endpoint.workload);
     let outlier = backend.policy().and_then(|p| p.outlier_detection);
-    let upstream = match endpoint.workload.primary_address() {
-        Some(ip) => ctx.connector.for_client(down.source_ip).tunnel(ip, endpoint.port).await.map_err(Some),
-        None => Err(None),
+    let connector = ctx.connector.for_client(down.source_ip);
+    let upstream = match (endpoint.workload.primary_address(), endpoint.workload.hostname.as_deref()) {
+        (Some(ip), _) => connector.connect(ip, endpoint.port).await.map_err(Some),
+        (None, Some(host)) => connector.resolve_and_connect(host, endpoint.port).await.map_err(Some),
+        (None, None) => Err(None),
     };
     let mut upstream = match upstream {
         Ok(u) => u,

@@ -1,11 +1,13 @@
-//! Requests to endpoint pods, each over HBONE.
+//! Requests to endpoints: over HBONE to mesh pods, in plain TCP to workloads outside the mesh.
 //!
 //! The HTTP clients (hyper-util's pooled client, one for HTTP/1.1 and one for HTTP/2 with prior
 //! knowledge for gRPC, per downstream client) keep idle keep-alive connections per endpoint; each
-//! new connection is an HBONE tunnel from [`Connector`]: a `CONNECT <pod ip>:<port>` stream on a
-//! pooled mutual-TLS HTTP/2 connection to the pod's `:15008`, presenting the waypoint's
-//! certificate, accepting only the pod's own identity, and naming the original client in
-//! `forwarded`.
+//! new connection comes from [`Connector`]. To a mesh pod it is an HBONE tunnel: a
+//! `CONNECT <pod ip>:<port>` stream on a pooled mutual-TLS HTTP/2 connection to the pod's
+//! `:15008`, presenting the waypoint's certificate, accepting only the pod's own identity, and
+//! naming the original client in `forwarded`. To a workload the mesh knows as outside it (a
+//! ServiceEntry endpoint, when this waypoint is an egress waypoint) it is plain TCP from the
+//! waypoint, to its address or to what its DNS name resolves to (never to a mesh pod's address).
 
 use std::future::Future;
 use std::io;
@@ -25,6 +27,8 @@ use proto::hbone::pool::{ConnectRequest, Pool};
 use proto::hbone::{H2Stream, HBONE_PORT};
 use proto::tls::Credential;
 use proto::xds::MeshView;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
 /// Bodies on both sides of the proxy.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -42,9 +46,62 @@ pub struct Connector {
     client: Option<IpAddr>,
 }
 
-/// An HBONE tunnel as a hyper connection.
+/// A connection to an endpoint.
 #[derive(Debug)]
-pub struct Tunnel(TokioIo<H2Stream>);
+pub enum EndpointStream {
+    /// An HBONE tunnel to a mesh pod.
+    Hbone(H2Stream),
+    /// Plain TCP to a workload outside the mesh.
+    Plain(TcpStream),
+}
+
+impl EndpointStream {
+    /// Ends the connection abruptly (a reset stream, or a TCP RST) after an error.
+    pub fn reset(&mut self) {
+        match self {
+            EndpointStream::Hbone(s) => s.reset(),
+            EndpointStream::Plain(s) => {
+                let _ = socket2::SockRef::from(&*s).set_linger(Some(Duration::ZERO));
+            }
+        }
+    }
+}
+
+impl AsyncRead for EndpointStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointStream::Hbone(s) => Pin::new(s).poll_read(cx, buf),
+            EndpointStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for EndpointStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            EndpointStream::Hbone(s) => Pin::new(s).poll_write(cx, buf),
+            EndpointStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointStream::Hbone(s) => Pin::new(s).poll_flush(cx),
+            EndpointStream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            EndpointStream::Hbone(s) => Pin::new(s).poll_shutdown(cx),
+            EndpointStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// An endpoint connection as a hyper connection.
+#[derive(Debug)]
+pub struct Tunnel(TokioIo<EndpointStream>);
 
 impl Connection for Tunnel {
     fn connected(&self) -> Connected {
@@ -79,9 +136,21 @@ impl hyper::rt::Write for Tunnel {
 /// Why no tunnel was opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The URI is not `http://<ip>:<port>`.
-    #[error("upstream URI {0} is not http://<ip>:<port>")]
+    /// The URI is not `http://<ip or name>:<port>`.
+    #[error("upstream URI {0} is not http://<ip or name>:<port>")]
     BadUri(String),
+    /// A plain connection to a workload outside the mesh failed.
+    #[error("connecting to {to}")]
+    Plain {
+        /// The address or name.
+        to: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A name resolved to no address a plain connection may go to.
+    #[error("{0} resolved to no address outside the mesh")]
+    Unresolved(String),
     /// No workload has the address.
     #[error("no workload has the address {0}")]
     UnknownEndpoint(IpAddr),
@@ -104,9 +173,47 @@ impl Connector {
     async fn open(self, uri: Uri) -> Result<Tunnel, ConnectError> {
         let bad = || ConnectError::BadUri(uri.to_string());
         let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']');
-        let ip: IpAddr = host.parse().map_err(|_| bad())?;
         let port = uri.port_u16().ok_or_else(bad)?;
-        Ok(Tunnel(TokioIo::new(self.tunnel(ip, port).await?)))
+        let stream = match host.parse::<IpAddr>() {
+            Ok(ip) => self.connect(ip, port).await?,
+            Err(_) => self.resolve_and_connect(host, port).await?,
+        };
+        Ok(Tunnel(TokioIo::new(stream)))
+    }
+
+    /// A connection to `port` at `ip`: plain TCP when the mesh knows `ip` as a workload outside
+    /// it, else an HBONE tunnel ([`Connector::tunnel`]).
+    pub async fn connect(&self, ip: IpAddr, port: u16) -> Result<EndpointStream, ConnectError> {
+        let outside = self.view.read(|s| s.workload_by_ip(ip).is_some_and(|w| !w.speaks_hbone()));
+        if outside {
+            let to = SocketAddr::new(ip, port);
+            let stream =
+                TcpStream::connect(to).await.map_err(|source| ConnectError::Plain { to: to.to_string(), source })?;
+            let _ = stream.set_nodelay(true);
+            return Ok(EndpointStream::Plain(stream));
+        }
+        Ok(EndpointStream::Hbone(self.tunnel(ip, port).await?))
+    }
+
+    /// Plain TCP to what `host` resolves to (a ServiceEntry endpoint with `resolution: DNS`). An
+    /// address of a mesh pod is skipped: a name must not make the waypoint reach a mesh workload
+    /// in plaintext.
+    pub async fn resolve_and_connect(&self, host: &str, port: u16) -> Result<EndpointStream, ConnectError> {
+        let plain = |source| ConnectError::Plain { to: format!("{host}:{port}"), source };
+        let mut last = None;
+        for to in tokio::net::lookup_host((host, port)).await.map_err(plain)? {
+            if self.view.read(|s| s.workload_by_ip(to.ip()).is_some_and(|w| w.speaks_hbone())) {
+                continue;
+            }
+            match TcpStream::connect(to).await {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(EndpointStream::Plain(stream));
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.map_or_else(|| ConnectError::Unresolved(host.to_owned()), plain))
     }
 
     /// Opens an HBONE tunnel to `port` of the pod at `ip`, accepting only the pod's identity; or,

@@ -96,7 +96,11 @@ fn taken(objects: &Objects, state: &MeshState) -> HashMap<IpAddr, String> {
 
 /// Adds a service per ServiceEntry host (after the Kubernetes Services, whose hostnames and
 /// addresses win).
-pub(super) fn services(objects: &Objects, state: &mut MeshState) {
+pub(super) fn services(
+    objects: &Objects,
+    state: &mut MeshState,
+    waypoint_of: &dyn Fn(&mut MeshState, &ServiceEntry) -> Option<crate::mesh::WaypointRef>,
+) {
     let taken = taken(objects, state);
     let mut used: BTreeSet<IpAddr> = taken.keys().copied().collect();
     let mut wanted: Vec<(String, &ServiceEntry, &String, Vec<IpAddr>, Resolution)> = Vec::new();
@@ -134,13 +138,14 @@ pub(super) fn services(objects: &Objects, state: &mut MeshState) {
                 }
             }
         }
+        let waypoint = waypoint_of(state, se);
         let service = MeshService {
             name: name.to_owned(),
             namespace: ns.to_owned(),
             hostname: host.clone(),
             vips,
             ports: service_ports(se),
-            waypoint: None,
+            waypoint,
             passthrough: resolution == Resolution::None,
         };
         state.services.insert(key, service);

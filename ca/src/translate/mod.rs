@@ -324,8 +324,14 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         state.services.insert(service.resource_name(), service);
     }
 
-    // ServiceEntry hosts (after the Services: a Service's name and addresses win).
-    egress::services(objects, &mut state);
+    // ServiceEntry hosts (after the Services: a Service's name and addresses win); one labelled
+    // istio.io/use-waypoint goes through that (egress) waypoint.
+    let entry_waypoint = |state: &mut MeshState, se: &k8s::ServiceEntry| {
+        let (ns, name) = k8s::ns_name(&se.metadata);
+        let what = format!("ServiceEntry {ns}/{name}");
+        resolve_waypoint(state, &what, use_waypoint(&se.metadata), ns, WaypointFor::services)
+    };
+    egress::services(objects, &mut state, &entry_waypoint);
     state.settings = egress::settings(objects, config);
 
     // What waypoints need: routes per service and the policies targeting them.
