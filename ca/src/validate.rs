@@ -195,6 +195,24 @@ pub fn virtual_service(spec: &VirtualServiceSpec) -> Result<(), Invalid> {
     if spec.hosts.is_empty() {
         return Err(Invalid("spec.hosts is empty".to_owned()));
     }
+    for (i, t) in spec.tls.iter().enumerate() {
+        if t.matches.is_empty() {
+            return Err(Invalid(format!("tls[{i}]: match is empty (each needs sniHosts)")));
+        }
+        if let Some(j) = t.matches.iter().position(|m| m.sni_hosts.is_empty()) {
+            return Err(Invalid(format!("tls[{i}].match[{j}]: sniHosts is empty")));
+        }
+        if let Some(p) = t.matches.iter().filter_map(|m| m.port).find(|p| !(1..=65535).contains(p)) {
+            return Err(Invalid(format!("tls[{i}]: port {p} is out of range")));
+        }
+        if t.route.is_empty() {
+            return Err(Invalid(format!("tls[{i}]: route is empty")));
+        }
+        let total: u32 = t.route.iter().filter_map(|r| r.weight).sum();
+        if total > 100 {
+            return Err(Invalid(format!("tls[{i}]: route weights add up to {total}, more than 100")));
+        }
+    }
     for (i, h) in spec.http.iter().enumerate() {
         for d in h.timeout.iter().chain(h.retries.as_ref().and_then(|r| r.per_try_timeout.as_ref())) {
             parse_duration(d).map_err(|e| Invalid(format!("http[{i}]: {e}")))?;

@@ -249,8 +249,46 @@ async fn https_get(
     Ok((status, body.trim().to_owned(), presented))
 }
 
+/// An app that speaks HTTPS itself (with `chain`/`key`): answers every request `200 <name>`.
+fn tls_app(
+    listener: tokio::net::TcpListener,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    name: &str,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}\n", name.len() + 1);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, answer) = (acceptor.clone(), answer.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+}
+
 /// HTTPS at the gateway with certificates from Secrets: SNI picks among two servers on port 443
-/// (each presents its own certificate), MUTUAL refuses a client without a certificate (or with one
+/// (each presents its own certificate) and a PASSTHROUGH one (the app's own certificate), MUTUAL refuses a client without a certificate (or with one
 /// from another CA) and serves one with a certificate its `ca.crt` verifies, an unknown name gets
 /// no handshake, and the plain server's `httpsRedirect` answers 301.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,13 +301,23 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
 
     let server_ca = proto::testing::TestCa::new();
     let client_ca = proto::testing::TestCa::new();
+    // An app that terminates its own TLS, behind a PASSTHROUGH server on the same port.
+    let vault = mesh.pod(PodSpec::new("vault", "shop", 2).label("app", "vault")).await.unwrap();
+    let (vault_chain, vault_key) = server_ca.issue_server(&["vault.shop.example"]);
+    tls_app(vault.listen(8443).unwrap(), vault_chain.clone(), vault_key, "vault");
+    mesh.service("vault", "shop", Ipv4Addr::new(10, 96, 3, 11), 443, "vault", 8443).unwrap();
+    mesh.apply(
+        "vault-route",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vault, namespace: shop}\nspec:\n  hosts: [vault.shop.example]\n  gateways: [shop]\n  tls:\n  - match: [{port: 443, sniHosts: [vault.shop.example]}]\n    route: [{destination: {host: vault, port: {number: 443}}}]\n",
+    )
+    .unwrap();
     let (www_chain, www_key) = server_ca.issue_server(&["www.shop.example"]);
     let (api_chain, api_key) = server_ca.issue_server(&["api.shop.example"]);
     mesh.apply("secret-www", &tls_secret("www-cert", &www_chain, &www_key, None)).unwrap();
     mesh.apply("secret-api", &tls_secret("api-cert", &api_chain, &api_key, Some(client_ca.root_pem()))).unwrap();
     mesh.apply(
         "shop-gateway",
-        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: shop, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https-www, protocol: HTTPS}\n    hosts: [www.shop.example]\n    tls: {mode: SIMPLE, credentialName: www-cert}\n  - port: {number: 443, name: https-api, protocol: HTTPS}\n    hosts: [api.shop.example]\n    tls: {mode: MUTUAL, credentialName: api-cert}\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [www.shop.example]\n    tls: {httpsRedirect: true}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\nspec:\n  hosts: [www.shop.example, api.shop.example]\n  gateways: [shop]\n  http:\n  - route: [{destination: {host: web}}]\n",
+        "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: shop, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https-www, protocol: HTTPS}\n    hosts: [www.shop.example]\n    tls: {mode: SIMPLE, credentialName: www-cert}\n  - port: {number: 443, name: https-api, protocol: HTTPS}\n    hosts: [api.shop.example]\n    tls: {mode: MUTUAL, credentialName: api-cert}\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [www.shop.example]\n    tls: {httpsRedirect: true}\n  - port: {number: 443, name: tls-vault, protocol: TLS}\n    hosts: [vault.shop.example]\n    tls: {mode: PASSTHROUGH}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\nspec:\n  hosts: [www.shop.example, api.shop.example]\n  gateways: [shop]\n  http:\n  - route: [{destination: {host: web}}]\n",
     )
     .unwrap();
     let gateway_pod =
@@ -307,6 +355,19 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     // certificate): 421.
     let fronted = https_get(&outside.ns, https, ("www.shop.example", "api.shop.example"), &server_ca, None).await;
     assert_eq!(fronted.map(|(s, b, _)| (s, b)), Ok((421, "misdirected request".to_owned())));
+
+    // PASSTHROUGH by SNI on the same port: the app's own certificate (the gateway never opens the
+    // stream), the stream carried into the mesh over HBONE and counted by the gateway.
+    let (status, body, presented) =
+        https_get(&outside.ns, https, ("vault.shop.example", "vault.shop.example"), &server_ca, None).await.unwrap();
+    assert_eq!((status, body.as_str(), &presented), (200, "vault", &vault_chain[0]));
+    let m = mesh.waypoint_metrics(&gateway_pod).await.unwrap();
+    let passed = sum(
+        &m,
+        "istio_tcp_connections_opened_total{",
+        &["reporter=\"source\"", "destination_service=\"vault.shop.svc.cluster.local\"", "response_flags=\"-\""],
+    );
+    assert_eq!(passed, 1.0, "{m}");
 
     // A name no server serves: no handshake.
     let unknown = https_get(&outside.ns, https, ("other.shop.example", "other.shop.example"), &server_ca, None).await;

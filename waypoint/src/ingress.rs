@@ -32,7 +32,7 @@ use proto::api::ambient::waypoint::v1::{self as pb, gateway_server::Protocol};
 use proto::drain::DrainWatcher;
 use proto::state::MeshState;
 use rand::Rng;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -40,6 +40,7 @@ use crate::Context;
 use crate::edge_tls::{self, TlsServers};
 use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
+use crate::passthrough;
 use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
 use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
@@ -87,7 +88,7 @@ fn listening_ports(state: &MeshState, labels: &BTreeMap<String, String>) -> (BTr
         format!("{}/{} port {} ({}): {why}", g.namespace, g.name, s.port, s.protocol().as_str_name())
     };
     for g in selected(state, labels) {
-        for s in g.servers.iter().filter(|s| edge_tls::terminates(s)) {
+        for s in g.servers.iter().filter(|s| edge_tls::terminates(s) || passthrough::passes_through(s)) {
             if let Ok(port) = u16::try_from(s.port) {
                 ports.insert(port, true);
             }
@@ -102,8 +103,10 @@ fn listening_ports(state: &MeshState, labels: &BTreeMap<String, String>) -> (BTr
                         ports.insert(port, false);
                     }
                 },
-                Ok(_) if edge_tls::terminates(s) => {}
-                _ => unserved.push(describe(g, s, "this gateway serves HTTP and terminated HTTPS only")),
+                Ok(_) if edge_tls::terminates(s) || passthrough::passes_through(s) => {}
+                _ => {
+                    unserved.push(describe(g, s, "this gateway serves HTTP, terminated HTTPS and TLS passthrough only"))
+                }
             }
         }
     }
@@ -169,6 +172,20 @@ fn host_name(host: &str) -> &str {
     host.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map_or(host, |(h, _)| h)
 }
 
+/// Why the gateway at `own_ip` must refuse everything, if it must: a policy that applies to its
+/// own pod is one it does not evaluate, and until that pod's workload is known, whether one
+/// applies cannot be told.
+pub(crate) fn own_pod_refusal(state: &MeshState, own_ip: IpAddr) -> Option<String> {
+    let Some(own) = state.workload_by_ip(own_ip) else {
+        return Some(
+            "this gateway's own workload is not in the mesh state (yet), so the policies that may apply to it cannot be checked"
+                .to_owned(),
+        );
+    };
+    let (name, _) = state.policies.applying_to(own).next()?;
+    Some(format!("AuthorizationPolicy {name} applies to this ingress gateway, which does not evaluate L4 policies"))
+}
+
 /// Decides what to do with a request that came to `port` of the gateway, as [`plan::plan`]
 /// does for a waypoint; `own_ip` is the gateway pod's address (its workload's policies).
 pub(crate) fn plan_request(
@@ -180,20 +197,8 @@ pub(crate) fn plan_request(
     (client, tls): (IpAddr, Option<&ServerId>),
     rng: &mut impl Rng,
 ) -> Result<Plan, Answer> {
-    // A policy that applies to this pod is one the gateway does not evaluate: it denies. Until
-    // the pod's own workload is known, whether one applies cannot be told: that denies too.
-    let Some(own) = state.workload_by_ip(own_ip) else {
-        warn!(
-            pod_ip = %own_ip,
-            "request denied: this gateway's own workload is not in the mesh state (yet), so the policies that may apply to it cannot be checked"
-        );
-        return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
-    };
-    if let Some((name, _)) = state.policies.applying_to(own).next() {
-        warn!(
-            policy = name,
-            "request denied: an AuthorizationPolicy applies to this ingress gateway, which does not evaluate L4 policies"
-        );
+    if let Some(reason) = own_pod_refusal(state, own_ip) {
+        warn!(pod_ip = %own_ip, "request denied: {reason}");
         return Err(Answer::text(StatusCode::FORBIDDEN, "RBAC: access denied\n", "RBAC", ""));
     }
     let name = host_name(&head.host).to_owned();
@@ -419,7 +424,20 @@ async fn accept_loop(
             Some(servers) => {
                 let servers = servers.clone();
                 tokio::spawn(async move {
-                    let handshake = terminate(&ctx, &gw.labels, &servers, tcp, local.port());
+                    let mut tcp = tcp;
+                    let port = local.port();
+                    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, passthrough::read_client_hello(&mut tcp)).await;
+                    let (bytes, sni) = match hello {
+                        Ok(Ok(read)) => read,
+                        Ok(Err(reason)) => return info!(%client, port, reason, "TLS connection refused"),
+                        Err(_) => return debug!(%client, "no ClientHello in time"),
+                    };
+                    let passes = ctx.view.read(|s| passthrough::is_passthrough(s, &gw.labels, port, sni.as_deref()));
+                    if passes {
+                        return passthrough::forward(ctx, gw, tcp, (bytes, sni), (port, client)).await;
+                    }
+                    let stream = passthrough::Prefixed::new(bytes, tcp);
+                    let handshake = terminate(&ctx, &gw.labels, &servers, stream, port);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                         Ok(Ok((stream, server))) => {
                             let tls = Some(Arc::new(server));
@@ -440,13 +458,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reads the ClientHello, picks the server by its SNI and completes the handshake with that
 /// server's credential; a MUTUAL server's SAN list is checked on the client's certificate.
-async fn terminate(
+async fn terminate<IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     ctx: &Context,
     labels: &BTreeMap<String, String>,
     servers: &TlsServers,
-    tcp: TcpStream,
+    tcp: IO,
     port: u16,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, ServerId), String> {
+) -> Result<(tokio_rustls::server::TlsStream<IO>, ServerId), String> {
     let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = acceptor.await.map_err(|e| format!("reading the ClientHello: {e}"))?;
     let sni = start.client_hello().server_name().map(str::to_owned);
@@ -586,6 +604,7 @@ mod tests {
                 hosts: vec!["shop.example".into()],
                 ports: vec![80],
                 route: Some(pb::Route { name: "default/web".into(), rules, ordered: true, ..Default::default() }),
+                tls_rules: Vec::new(),
             }],
         };
         s.ingress_gateways.insert("default/web-gateway".into(), Arc::new(gateway));

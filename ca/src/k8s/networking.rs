@@ -118,6 +118,33 @@ pub struct VirtualServiceSpec {
     /// HTTP routes, in order.
     #[serde(default)]
     pub http: Vec<VsHttpRoute>,
+    /// TLS routes (by SNI, the stream not opened), in order: for a gateway's PASSTHROUGH servers.
+    #[serde(default)]
+    pub tls: Vec<VsTlsRoute>,
+}
+
+/// One `tls` entry of a VirtualService.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsTlsRoute {
+    /// Alternatives (at least one).
+    #[serde(default, rename = "match")]
+    pub matches: Vec<VsTlsMatch>,
+    /// Weighted destinations.
+    #[serde(default)]
+    pub route: Vec<VsRouteDestination>,
+}
+
+/// A `tls` entry's match: the SNI and, optionally, the port.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VsTlsMatch {
+    /// SNI names (required).
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    /// The gateway port.
+    #[serde(default)]
+    pub port: Option<u32>,
 }
 
 /// One `http` entry of a VirtualService.

@@ -62,10 +62,31 @@ pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<Str
                 rules: vs.spec.http.iter().map(|h| resolver.rule(h, vs_ns)).collect(),
                 ordered: true,
             };
+            let tls_rules = vs
+                .spec
+                .tls
+                .iter()
+                .flat_map(|t| {
+                    let only = t.route.len() == 1;
+                    let backends: Vec<pb::Backend> = t
+                        .route
+                        .iter()
+                        .map(|r| {
+                            resolver.backend(&r.destination, vs_ns, r.weight.unwrap_or(if only { 100 } else { 0 }))
+                        })
+                        .collect();
+                    t.matches.iter().map(move |m| pb::TlsRule {
+                        sni_hosts: m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                        port: m.port.unwrap_or(0),
+                        backends: backends.clone(),
+                    })
+                })
+                .collect();
             bound.routes.push(pb::GatewayRoute {
                 hosts: served.into_iter().collect(),
                 ports: ports.into_iter().collect(),
                 route: Some(route),
+                tls_rules,
             });
         }
     }
@@ -212,6 +233,7 @@ pub fn gateway_api_gateways(
                         rules: rules.collect(),
                         ordered: false,
                     }),
+                    tls_rules: Vec::new(),
                 });
             }
         }

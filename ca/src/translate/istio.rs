@@ -117,7 +117,7 @@ impl<'a> Resolver<'a> {
         uids
     }
 
-    fn backend(&self, d: &k8s::VsDestination, vs_ns: &str, weight: u32) -> pb::Backend {
+    pub(crate) fn backend(&self, d: &k8s::VsDestination, vs_ns: &str, weight: u32) -> pb::Backend {
         let (ns, host) = resolve_host(&d.host, vs_ns, &self.config.domain_suffix);
         let subset = d.subset.clone().unwrap_or_default();
         let workloads = if subset.is_empty() { Vec::new() } else { self.subset_workloads(&ns, &host, &subset) };
