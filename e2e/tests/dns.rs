@@ -8,8 +8,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::mesh::{Mesh, MeshOptions, PodSpec, metric_sum};
@@ -21,35 +19,17 @@ use hickory_proto::rr::{RData, Record, RecordType};
 const NAMESERVER: &str = "10.96.0.10";
 const UPSTREAM: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 203);
 
-/// `/etc/netns/<netns>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf (as a
-/// kubelet writes a pod's); removed on drop.
-struct ResolvConf(PathBuf);
-
-impl ResolvConf {
-    fn write(netns: &str, namespace: &str) -> ResolvConf {
-        let dir = PathBuf::from("/etc/netns").join(netns);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("resolv.conf"),
-            format!(
-                "nameserver {NAMESERVER}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
-            ),
-        )
-        .unwrap();
-        ResolvConf(dir)
-    }
+/// The resolv.conf a kubelet would give a pod of `namespace` (ClusterFirst), naming a nameserver
+/// that does not exist: capture answers for it.
+fn resolv_conf(namespace: &str) -> String {
+    format!(
+        "nameserver {NAMESERVER}\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
+    )
 }
 
-impl Drop for ResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `args` in network namespace `netns`; its stdout.
-fn in_pod(netns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip").args(["netns", "exec", netns]).args(args).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+/// Runs `args` in `netns` (its own resolv.conf mounted over /etc/resolv.conf); its stdout.
+fn in_pod(netns: &e2e::topology::NamedNetns, args: &[&str]) -> String {
+    String::from_utf8_lossy(&netns.exec(args).unwrap().stdout).trim().to_owned()
 }
 
 /// An upstream resolver outside the nodes: `outside.example` is 10.10.0.202, anything else
@@ -123,18 +103,18 @@ async fn pods_resolve_mesh_names_from_ztunnel_and_the_rest_upstream() {
     mesh.wait_for_service(1, "10.96.0.40".parse().unwrap()).await.unwrap();
     mesh.wait_for_service(1, "240.240.0.10".parse().unwrap()).await.unwrap();
     mesh.settle(&[], &[]).await.unwrap();
-    let pod = client.netns.name.clone();
-    let _conf = ResolvConf::write(&pod, "demo");
+    let pod = &client.netns;
+    pod.etc_file("resolv.conf", &resolv_conf("demo")).unwrap();
 
     // getent through the pod's resolv.conf: short names expand through the search list; the
     // ServiceEntry host is answered for its search-list expansion too (no NXDOMAIN walk).
     let first = |s: String| s.split_whitespace().next().unwrap_or_default().to_owned();
-    assert_eq!(first(in_pod(&pod, &["getent", "ahostsv4", "hello"])), "10.96.0.40");
-    assert_eq!(first(in_pod(&pod, &["getent", "ahostsv4", "hello.demo"])), "10.96.0.40");
-    assert_eq!(first(in_pod(&pod, &["getent", "ahostsv4", "api.partner.example"])), "240.240.0.10");
+    assert_eq!(first(in_pod(pod, &["getent", "ahostsv4", "hello"])), "10.96.0.40");
+    assert_eq!(first(in_pod(pod, &["getent", "ahostsv4", "hello.demo"])), "10.96.0.40");
+    assert_eq!(first(in_pod(pod, &["getent", "ahostsv4", "api.partner.example"])), "240.240.0.10");
     // Upstream: a name the mesh does not know.
-    assert_eq!(first(in_pod(&pod, &["getent", "ahostsv4", "outside.example"])), "10.10.0.202");
-    assert_eq!(in_pod(&pod, &["getent", "ahostsv4", "nowhere.example"]), "");
+    assert_eq!(first(in_pod(pod, &["getent", "ahostsv4", "outside.example"])), "10.10.0.202");
+    assert_eq!(in_pod(pod, &["getent", "ahostsv4", "nowhere.example"]), "");
 
     // dig, UDP and TCP, straight at the (non-existent) nameserver.
     let dig = |extra: &[&str], name: &str, qtype: &str| {
@@ -142,7 +122,7 @@ async fn pods_resolve_mesh_names_from_ztunnel_and_the_rest_upstream() {
         args.extend_from_slice(extra);
         let server = format!("@{NAMESERVER}");
         args.extend([server.as_str(), name, qtype]);
-        in_pod(&pod, &args)
+        in_pod(pod, &args)
     };
     for transport in [&[][..], &["+tcp"][..]] {
         assert_eq!(dig(transport, "hello.demo.svc.cluster.local.", "A"), "10.96.0.40", "{transport:?}");
@@ -150,7 +130,7 @@ async fn pods_resolve_mesh_names_from_ztunnel_and_the_rest_upstream() {
         assert_eq!(dig(transport, "hello.demo.svc.cluster.local.", "AAAA"), "", "NODATA, {transport:?}");
         assert_eq!(dig(transport, "outside.example.", "A"), "10.10.0.202", "{transport:?}");
     }
-    let status = in_pod(&pod, &["dig", "+time=3", "+tries=1", &format!("@{NAMESERVER}"), "nowhere.example.", "A"]);
+    let status = in_pod(pod, &["dig", "+time=3", "+tries=1", &format!("@{NAMESERVER}"), "nowhere.example.", "A"]);
     assert!(status.contains("status: NXDOMAIN"), "{status}");
 
     // Malformed packets from the pod: a header with garbage after it gets FORMERR with its id, a

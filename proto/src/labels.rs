@@ -29,3 +29,24 @@ pub const TOPOLOGY_SUBZONE_LABEL: &str = "topology.istio.io/subzone";
 /// Pod label overriding its node's locality: `region[.zone[.subzone]]` (dots, as `/` is not
 /// allowed in label values).
 pub const LOCALITY_LABEL: &str = "istio-locality";
+
+/// A label given on a command line, `key=value` (the value may be empty, the key not).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_label_is_key_equals_value() {
+        assert_eq!(parse_label("istio=ingressgateway"), Ok(("istio".into(), "ingressgateway".into())));
+        assert_eq!(parse_label("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_label("empty="), Ok(("empty".into(), String::new())));
+        assert!(parse_label("=v").is_err() && parse_label("novalue").is_err());
+    }
+}

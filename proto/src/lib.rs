@@ -23,6 +23,7 @@ pub mod drain;
 pub mod duration;
 pub mod endpoint;
 pub mod hbone;
+pub mod host;
 pub mod identity;
 pub mod labels;
 pub mod lifecycle;

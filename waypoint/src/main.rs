@@ -103,7 +103,7 @@ struct Args {
 
     /// A label of the gateway's pod, `key=value` (repeat for more), matched against each
     /// Gateway's `selector` (e.g. `istio=ingressgateway`).
-    #[arg(long = "gateway-label", value_name = "KEY=VALUE", value_parser = parse_label, requires = "ingress")]
+    #[arg(long = "gateway-label", value_name = "KEY=VALUE", value_parser = proto::labels::parse_label, requires = "ingress")]
     gateway_labels: Vec<(String, String)>,
 
     /// The gateway pod's own address (with --ingress; from the Downward API's `status.podIP`).
@@ -121,13 +121,6 @@ struct Args {
     /// with replicas, or raise this.
     #[arg(long, env = "WAYPOINT_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
-    }
 }
 
 fn main() -> Result<()> {

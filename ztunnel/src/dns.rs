@@ -13,7 +13,8 @@
 //! A name under `<ns>.svc.<domain>` is only ever answered with a service of namespace `<ns>`: a
 //! ServiceEntry in another namespace cannot take over a Kubernetes service's name. Messages are
 //! parsed with `hickory-proto`; one that does not parse gets FORMERR when its header can be read
-//! and is dropped otherwise, never a panic (fuzz target `dns_query`).
+//! and is dropped otherwise, never a panic (fuzz target `dns_query`). A pod has at most 256 queries
+//! (and TCP connections) in progress; more are dropped.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use proto::state::MeshState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::context::Context;
@@ -40,6 +42,10 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest UDP answer without EDNS (RFC 1035).
 const PLAIN_UDP_LIMIT: usize = 512;
+/// Queries (UDP) and connections (TCP) one pod may have in progress at once; beyond, new ones are
+/// dropped (counted `answered="dropped"`): a pod cannot make ztunnel hold unbounded work or
+/// sockets for it.
+const PER_POD_IN_FLIGHT: usize = 256;
 
 /// Settings of the DNS proxy.
 #[derive(Debug, Clone)]
@@ -253,6 +259,7 @@ pub async fn serve_udp(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let socket = Arc::new(socket);
+    let in_flight = Arc::new(Semaphore::new(PER_POD_IN_FLIGHT));
     let mut buf = vec![0; 65_535];
     let mut stop = std::pin::pin!(stop);
     loop {
@@ -266,9 +273,15 @@ pub async fn serve_udp(
                 }
             },
         };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "dropped" }).inc();
+            debug!(pod = %pod.name, %client, "DNS query dropped: too many in progress for this pod");
+            continue;
+        };
         let query = buf[..n].to_vec();
         let (ctx, pod, socket) = (ctx.clone(), pod.clone(), socket.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             if let Some(bytes) = answer(&ctx, &pod, &query, false).await
                 && let Err(e) = socket.send_to(&bytes, client).await
             {
@@ -285,6 +298,7 @@ pub async fn serve_tcp(
     listener: TcpListener,
     stop: impl std::future::Future<Output = ()>,
 ) {
+    let in_flight = Arc::new(Semaphore::new(PER_POD_IN_FLIGHT));
     let mut stop = std::pin::pin!(stop);
     loop {
         let (mut stream, client) = tokio::select! {
@@ -298,8 +312,14 @@ pub async fn serve_tcp(
                 }
             },
         };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "dropped" }).inc();
+            debug!(pod = %pod.name, %client, "DNS connection closed: too many in progress for this pod");
+            continue;
+        };
         let (ctx, pod) = (ctx.clone(), pod.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             while let Ok(Ok(query)) = tokio::time::timeout(TCP_READ_TIMEOUT, read_framed(&mut stream)).await {
                 let Some(bytes) = answer(&ctx, &pod, &query, true).await else { break };
                 let Ok(len) = u16::try_from(bytes.len()) else { break };

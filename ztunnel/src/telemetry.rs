@@ -60,7 +60,7 @@ pub struct DryRunLabels {
 /// Label of the DNS counter: who answered.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DnsLabels {
-    /// `mesh`, `upstream` or `failed`.
+    /// `mesh`, `upstream`, `failed` (SERVFAIL) or `dropped` (too many in progress).
     pub answered: &'static str,
 }
 
@@ -145,7 +145,7 @@ impl Metrics {
         let dns_requests = Family::default();
         registry.register(
             "istio_dns_requests",
-            "DNS queries of the pods, by who answered: the mesh state, the upstream resolver, or nobody (SERVFAIL)",
+            "DNS queries of the pods, by who answered: the mesh state, the upstream resolver, nobody (SERVFAIL), or dropped (too many in progress)",
             dns_requests.clone(),
         );
         Metrics { registry, opened, closed, received, sent, pods, pods_pending, active, dry_run, dns_requests }

@@ -181,7 +181,7 @@ struct GatewaySpecArgs {
     #[command(flatten)]
     at: GatewayArgs,
     /// A label of its pods, `key=value` (repeat for more): what Gateways' `selector` matches.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, default_value = "istio=ingressgateway")]
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = proto::labels::parse_label, default_value = "istio=ingressgateway")]
     labels: Vec<(String, String)>,
     /// A port its Service exposes (repeat for more): the Gateways' server ports.
     #[arg(long = "port", default_values_t = [80u16, 443])]
@@ -204,13 +204,6 @@ impl GatewaySpecArgs {
         spec.ca_address.clone_from(&d.ca_address);
         spec.trust_domain.clone_from(&d.trust_domain);
         spec
-    }
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not key=value")),
     }
 }
 

@@ -204,9 +204,9 @@ pub fn gateway_api_gateways(
                     };
                     for h in route_hosts {
                         // The narrower of the two, when one admits the other.
-                        let served = if admits(&listener_host, &h) {
+                        let served = if proto::host::admits(&listener_host, &h) {
                             Some(h)
-                        } else if admits(&h, &listener_host) {
+                        } else if proto::host::admits(&h, &listener_host) {
                             Some(listener_host.clone())
                         } else {
                             None
@@ -342,15 +342,6 @@ fn expand_short_host(host: &str, namespace: &str, suffix: &str) -> String {
     if host.contains('.') || host == "*" { host } else { format!("{host}.{namespace}.svc.{suffix}") }
 }
 
-/// Whether host pattern `pattern` (`*`, `*.<domain>` or a name) admits `host`.
-fn admits(pattern: &str, host: &str) -> bool {
-    match pattern.strip_prefix('*') {
-        Some("") => true,
-        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
-        None => pattern == host,
-    }
-}
-
 /// The request hosts and server ports at which the VirtualService (hosts `hosts`, namespace
 /// `vs_ns`) binds to servers of a Gateway in `gw_ns`.
 fn bind(servers: &[GatewayServer], gw_ns: &str, vs_ns: &str, hosts: &[String]) -> (BTreeSet<String>, BTreeSet<u32>) {
@@ -369,9 +360,9 @@ fn bind(servers: &[GatewayServer], gw_ns: &str, vs_ns: &str, hosts: &[String]) -
             }
             let pattern = pattern.to_ascii_lowercase();
             for host in hosts {
-                let bound = if admits(&pattern, host) {
+                let bound = if proto::host::admits(&pattern, host) {
                     Some(host.clone())
-                } else if admits(host, &pattern) {
+                } else if proto::host::admits(host, &pattern) {
                     Some(pattern.clone())
                 } else {
                     None
