@@ -2,8 +2,9 @@
 //! the mesh settings (`outboundTrafficPolicy`) of the root namespace's `istio` ConfigMap.
 //!
 //! A ServiceEntry host becomes a service `<namespace>/<host>`, as Istio's ambient control plane
-//! sends it: its `addresses` are the VIPs (or one is allocated from 240.240.0.0/16, where Istio
-//! allocates them, when it gives none and its resolution is not NONE), `resolution: NONE` is
+//! sends it: the entry's `addresses` are its first host's VIPs (one is allocated from
+//! 240.240.0.0/16, where Istio allocates them, for a host without any when the resolution is not
+//! NONE; an address belongs to one service, so two entries giving it: the first keeps it), `resolution: NONE` is
 //! load-balancing mode PASSTHROUGH (connections go where the client dialed), STATIC endpoints are
 //! workloads at their IPs, DNS ones (or, with none, the hosts themselves) workloads with a
 //! `hostname` the node proxy resolves when it connects. A `workloadSelector` makes the selected
@@ -104,21 +105,30 @@ pub(super) fn services(
     let taken = taken(objects, state);
     let mut used: BTreeSet<IpAddr> = taken.keys().copied().collect();
     let mut wanted: Vec<(String, &ServiceEntry, &String, Vec<IpAddr>, Resolution)> = Vec::new();
+    // Addresses entries gave, by the entry that has it: the first (in namespace/name order) keeps
+    // an address two entries give, as an address is one service's.
+    let mut claimed: HashMap<IpAddr, String> = HashMap::new();
     for (se, resolution) in entries(objects) {
         let (ns, name) = k8s::ns_name(&se.metadata);
         let mut vips = Vec::new();
         for a in &se.spec.addresses {
             let Ok(ip) = validate::service_entry_address(a) else { continue };
-            match taken.get(&ip) {
+            let holder = taken.get(&ip).cloned().or_else(|| claimed.get(&ip).map(|e| format!("ServiceEntry {e}")));
+            match holder {
                 Some(holder) => state
                     .warnings
                     .push(format!("ServiceEntry {ns}/{name}: address {ip} is {holder}'s; the entry does not take it")),
-                None => vips.push(ip),
+                None => {
+                    claimed.insert(ip, format!("{ns}/{name}"));
+                    vips.push(ip);
+                }
             }
         }
         used.extend(vips.iter().copied());
-        for host in &se.spec.hosts {
-            wanted.push((format!("{ns}/{host}"), se, host, vips.clone(), resolution));
+        // The addresses are the first host's; further hosts get their own (allocated) ones.
+        for (i, host) in se.spec.hosts.iter().enumerate() {
+            let own = if i == 0 { vips.clone() } else { Vec::new() };
+            wanted.push((format!("{ns}/{host}"), se, host, own, resolution));
         }
     }
     for (key, se, host, mut vips, resolution) in wanted {

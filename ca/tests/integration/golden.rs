@@ -217,6 +217,14 @@ fn service_entries_cannot_take_what_the_mesh_holds_and_bad_ones_are_refused() {
         &format!("  hosts: [vip.example]\n  addresses: [10.0.1.50, 10.96.0.30]\n  resolution: NONE\n{tcp}"),
     );
     yaml += &entry("steal-name", &format!("  hosts: [web.shop.svc.cluster.local]\n  resolution: DNS\n{tcp}"));
+    // Another entry's address (payments has 192.0.2.100): the first in namespace/name order keeps it.
+    yaml +=
+        &entry("z-copycat", &format!("  hosts: [copy.example]\n  addresses: [192.0.2.100]\n  resolution: NONE\n{tcp}"));
+    // Two hosts, one address: the first host's; the second gets an allocated one.
+    yaml += &entry(
+        "pair",
+        &format!("  hosts: [one.example, two.example]\n  addresses: [198.51.100.9]\n  resolution: DNS\n{tcp}"),
+    );
     // Refused outright.
     yaml += &entry("wildcard", &format!("  hosts: ['*.example.com']\n  resolution: DNS\n{tcp}"));
     yaml += &entry("range", &format!("  hosts: [r.example]\n  addresses: [10.9.0.0/16]\n{tcp}"));
@@ -266,10 +274,14 @@ fn service_entries_cannot_take_what_the_mesh_holds_and_bad_ones_are_refused() {
         [
             "ServiceEntry shop/steal-vip: address 10.0.1.50 is pod shop/db-0's; the entry does not take it",
             "ServiceEntry shop/steal-vip: address 10.96.0.30 is service shop/web.shop.svc.cluster.local's; the entry does not take it",
+            "ServiceEntry shop/z-copycat: address 192.0.2.100 is ServiceEntry shop/payments's; the entry does not take it",
             "ServiceEntry shop/steal-name: host web.shop.svc.cluster.local is already a service; skipped",
             "ServiceEntry shop/steal-pod: endpoint 10.0.1.50 is pod shop/db-0's; the entry does not take it",
         ]
     );
+    assert_eq!(state.services["shop/one.example"].vips, ["198.51.100.9".parse::<std::net::IpAddr>().unwrap()]);
+    let second = &state.services["shop/two.example"].vips;
+    assert!(second.len() == 1 && second[0].to_string().starts_with("240.240."), "{second:?}");
     // The pod stays a mesh workload, reached over HBONE, and no entry's workload holds its IP.
     let holders: Vec<&str> = state
         .workloads
