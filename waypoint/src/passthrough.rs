@@ -49,7 +49,15 @@ pub(crate) async fn read_client_hello(tcp: &mut TcpStream) -> Result<(Vec<u8>, O
             return Err("the client closed before its ClientHello ended".to_owned());
         }
         read.extend_from_slice(&chunk[..n]);
-        acceptor.read_tls(&mut &chunk[..n]).map_err(|e| format!("reading the ClientHello: {e}"))?;
+        // rustls takes what its buffer holds per call: feed the whole chunk.
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            match acceptor.read_tls(&mut rest) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => return Err(format!("reading the ClientHello: {e}")),
+            }
+        }
         match acceptor.accept() {
             Ok(Some(accepted)) => {
                 let sni = accepted.client_hello().server_name().map(str::to_ascii_lowercase);
