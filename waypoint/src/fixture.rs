@@ -25,6 +25,28 @@ use crate::target::Destination;
 pub(crate) const KEY: &str = "shop/web.shop.svc.cluster.local";
 pub(crate) const V1: &str = "Kubernetes//Pod/shop/web-v1";
 pub(crate) const V2: &str = "Kubernetes//Pod/shop/web-v2";
+/// The ingress gateway's own pod address (the gateway tests).
+pub(crate) const GATEWAY_IP: [u8; 4] = [10, 0, 0, 50];
+
+/// The labels the gateway tests' gateway pod carries (what their Gateways select).
+pub(crate) fn gateway_labels() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([("istio".to_owned(), "ingressgateway".to_owned())])
+}
+
+/// The gateway tests' gateway pod (istio-system/ingress at [`GATEWAY_IP`]), with the names of the
+/// selector policies that apply to it.
+pub(crate) fn gateway_pod(policies: &[&str]) -> wl::Workload {
+    wl::Workload {
+        uid: "Kubernetes//Pod/istio-system/ingress".into(),
+        name: "ingress".into(),
+        namespace: "istio-system".into(),
+        addresses: vec![GATEWAY_IP.to_vec()],
+        service_account: "ingress".into(),
+        authorization_policies: policies.iter().map(|p| (*p).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
 /// A service with no VIP whose one endpoint (10.0.0.3) takes mirrored requests.
 pub(crate) const SHADOW_KEY: &str = "shop/shadow.shop.svc.cluster.local";
 

@@ -550,13 +550,7 @@ mod tests {
     use rand::rngs::StdRng;
 
     use super::*;
-    use crate::fixture::{self, KEY, V1, V2};
-
-    const GATEWAY_IP: [u8; 4] = [10, 0, 0, 50];
-
-    fn labels() -> BTreeMap<String, String> {
-        BTreeMap::from([("istio".to_owned(), "ingressgateway".to_owned())])
-    }
+    use crate::fixture::{self, GATEWAY_IP, KEY, V1, V2, gateway_labels as labels, gateway_pod};
 
     /// The tutorial's shape: Gateway `default/web-gateway` (selector istio=ingressgateway, port
     /// 80 HTTP, host `shop.example`) with one VirtualService: `version: new` → subset v2, else
@@ -604,19 +598,6 @@ mod tests {
         s.ingress_gateways.insert("default/web-gateway".into(), Arc::new(gateway));
         s.insert_workload(proto::state::Workload::from_pb(gateway_pod(&[])).unwrap());
         s
-    }
-
-    /// The gateway's own pod, with the names of the selector policies that apply to it.
-    fn gateway_pod(policies: &[&str]) -> proto::api::istio::workload::Workload {
-        proto::api::istio::workload::Workload {
-            uid: "Kubernetes//Pod/istio-system/ingress".into(),
-            name: "ingress".into(),
-            namespace: "istio-system".into(),
-            addresses: vec![GATEWAY_IP.to_vec()],
-            service_account: "ingress".into(),
-            authorization_policies: policies.iter().map(|p| (*p).to_owned()).collect(),
-            ..Default::default()
-        }
     }
 
     fn head(host: &str, headers: &[(&str, &str)]) -> Head {

@@ -283,7 +283,6 @@ pub(crate) async fn forward(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
 
-    use std::collections::BTreeMap;
     use std::net::IpAddr;
 
     use proto::api::ambient::waypoint::v1::GatewayTls;
@@ -291,13 +290,7 @@ mod tests {
     use rand::rngs::StdRng;
 
     use super::*;
-    use crate::fixture::{self, KEY};
-
-    const GATEWAY_IP: [u8; 4] = [10, 0, 0, 50];
-
-    fn labels() -> BTreeMap<String, String> {
-        BTreeMap::from([("istio".to_owned(), "ingressgateway".to_owned())])
-    }
+    use crate::fixture::{self, GATEWAY_IP, KEY, gateway_labels as labels, gateway_pod};
 
     /// A Gateway with a PASSTHROUGH server for `secure.example` on 443 and a `tls:` rule sending
     /// that SNI to the fixture's service (no port named: its only one), plus the gateway's pod.
@@ -328,14 +321,7 @@ mod tests {
             }],
         };
         s.ingress_gateways.insert("shop/edge".into(), Arc::new(gateway));
-        let pod = proto::api::istio::workload::Workload {
-            uid: "Kubernetes//Pod/istio-system/ingress".into(),
-            name: "ingress".into(),
-            namespace: "istio-system".into(),
-            addresses: vec![GATEWAY_IP.to_vec()],
-            ..Default::default()
-        };
-        s.insert_workload(proto::state::Workload::from_pb(pod).unwrap());
+        s.insert_workload(proto::state::Workload::from_pb(gateway_pod(&[])).unwrap());
         s
     }
 

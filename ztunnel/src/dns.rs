@@ -226,22 +226,27 @@ async fn read_framed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Counts one query by who answered it.
+fn count(ctx: &Context, answered: &'static str) {
+    ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered }).inc();
+}
+
 /// The answer to one query: from the mesh, from upstream, or SERVFAIL when upstream fails.
 async fn answer(ctx: &Context, pod: &Pod, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let reply = ctx.view.read(|s| respond(s, &pod.namespace, &ctx.dns.domain, query, !tcp));
     match reply {
         Reply::Answer(bytes) => {
-            ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "mesh" }).inc();
+            count(ctx, "mesh");
             Some(bytes)
         }
         Reply::Drop => None,
         Reply::Forward => match forward(&ctx.dns.upstreams, query, tcp).await {
             Ok(bytes) => {
-                ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "upstream" }).inc();
+                count(ctx, "upstream");
                 Some(bytes)
             }
             Err(reason) => {
-                ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "failed" }).inc();
+                count(ctx, "failed");
                 warn!(pod = %pod.name, reason, "DNS query not answered upstream; SERVFAIL");
                 let id = u16::from_be_bytes([query[0], query[1]]);
                 let message = Message::error_msg(id, OpCode::Query, ResponseCode::ServFail);
@@ -274,7 +279,7 @@ pub async fn serve_udp(
             },
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "dropped" }).inc();
+            count(&ctx, "dropped");
             debug!(pod = %pod.name, %client, "DNS query dropped: too many in progress for this pod");
             continue;
         };
@@ -313,7 +318,7 @@ pub async fn serve_tcp(
             },
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            ctx.metrics.dns_requests.get_or_create(&crate::telemetry::DnsLabels { answered: "dropped" }).inc();
+            count(&ctx, "dropped");
             debug!(pod = %pod.name, %client, "DNS connection closed: too many in progress for this pod");
             continue;
         };
