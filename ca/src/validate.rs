@@ -7,7 +7,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use proto::duration::parse_millis as parse_duration;
 
 use crate::k8s::{
-    DestinationRuleSpec, GatewayServer, HTTPRouteSpec, IstioGatewaySpec, StringMatch, VirtualServiceSpec,
+    ClientTlsSettings, DestinationRuleSpec, GatewayServer, HTTPRouteSpec, IstioGatewaySpec, StringMatch, TrafficPolicy,
+    VirtualServiceSpec,
 };
 
 /// Why an object cannot be taken as written: the field and what is wrong with it.
@@ -291,23 +292,66 @@ pub fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), Invalid> {
         return Err(Invalid("spec.host is empty".to_owned()));
     }
     if let Some(p) = &spec.traffic_policy {
-        match p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
-            None | Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM" | "UNSPECIFIED" | "PASSTHROUGH") => {}
-            Some(other) => return Err(Invalid(format!("loadBalancer.simple {other:?} is not supported"))),
-        }
-        if let Some(o) = &p.outlier_detection {
-            for d in o.interval.iter().chain(&o.base_ejection_time) {
-                parse_duration(d).map_err(|e| Invalid(format!("outlierDetection: {e}")))?;
-            }
-            if let Some(m) = o.max_ejection_percent.filter(|m| *m > 100) {
-                return Err(Invalid(format!("outlierDetection.maxEjectionPercent {m} is more than 100")));
-            }
+        traffic_policy(p).map_err(|Invalid(why)| Invalid(format!("trafficPolicy.{why}")))?;
+    }
+    for s in &spec.subsets {
+        if let Some(p) = &s.traffic_policy {
+            traffic_policy(p).map_err(|Invalid(why)| Invalid(format!("subset {:?}: trafficPolicy.{why}", s.name)))?;
         }
     }
     let mut names: Vec<&str> = spec.subsets.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
     if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
         return Err(Invalid(format!("subset {:?} is defined twice", w[0])));
+    }
+    Ok(())
+}
+
+fn traffic_policy(p: &TrafficPolicy) -> Result<(), Invalid> {
+    match p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+        None | Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN" | "RANDOM" | "UNSPECIFIED" | "PASSTHROUGH") => {}
+        Some(other) => return Err(Invalid(format!("loadBalancer.simple {other:?} is not supported"))),
+    }
+    if let Some(o) = &p.outlier_detection {
+        for d in o.interval.iter().chain(&o.base_ejection_time) {
+            parse_duration(d).map_err(|e| Invalid(format!("outlierDetection: {e}")))?;
+        }
+        if let Some(m) = o.max_ejection_percent.filter(|m| *m > 100) {
+            return Err(Invalid(format!("outlierDetection.maxEjectionPercent {m} is more than 100")));
+        }
+    }
+    if let Some(t) = &p.tls {
+        client_tls(t).map_err(|Invalid(why)| Invalid(format!("tls.{why}")))?;
+    }
+    for (i, port) in p.port_level_settings.iter().enumerate() {
+        let number = port.port.as_ref().and_then(|p| p.number).unwrap_or(0);
+        if !(1..=65535).contains(&number) {
+            return Err(Invalid(format!("portLevelSettings[{i}].port.number {number} is not a port")));
+        }
+        if let Some(t) = &port.tls {
+            client_tls(t).map_err(|Invalid(why)| Invalid(format!("portLevelSettings[{i}].tls.{why}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// The TLS modes a DestinationRule may name (MUTUAL is accepted and refused at the proxy: see
+/// [`crate::translate::istio`]).
+fn client_tls(t: &ClientTlsSettings) -> Result<(), Invalid> {
+    match t.mode.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        None | Some("DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") => {}
+        Some(_) => {
+            return Err(Invalid(format!(
+                "mode {:?} is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL",
+                t.mode.as_deref().unwrap_or_default()
+            )));
+        }
+    }
+    let fields = t.sni.iter().map(|n| ("sni", n)).chain(t.subject_alt_names.iter().map(|n| ("subjectAltNames", n)));
+    for (field, name) in fields {
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(Invalid(format!("{field}: {name:?} is not a DNS name or IP address")));
+        }
     }
     Ok(())
 }

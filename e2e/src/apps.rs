@@ -413,3 +413,80 @@ pub fn jwks_server(
     });
     Ok((task, count))
 }
+
+/// PEM text of one DER object labelled `label`.
+pub fn pem_of(label: &str, der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new(label, der.to_vec()))
+}
+
+/// A `kubernetes.io/tls` Secret `namespace/name` (for the YAML directory) holding `chain`, `key`
+/// and, when given, `ca` as `ca.crt`.
+pub fn tls_secret(
+    namespace: &str,
+    name: &str,
+    chain: &[rustls_pki_types::CertificateDer<'static>],
+    key: &rustls_pki_types::PrivateKeyDer<'static>,
+    ca: Option<&str>,
+) -> String {
+    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    let chain: String = chain.iter().map(|c| pem_of("CERTIFICATE", c)).collect();
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {namespace}}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&chain),
+        indent(&pem_of("PRIVATE KEY", key.secret_der()))
+    );
+    if let Some(ca) = ca {
+        yaml.push_str(&format!("  ca.crt: |\n{}", indent(ca)));
+    }
+    yaml
+}
+
+/// An app that speaks HTTPS itself with `chain`/`key`, one request per connection: answers every
+/// request `200` with body `<name>\n` and headers saying what it got — `x-served-by` (its name),
+/// `x-sni` (the handshake's server name), `x-host` (the `Host` header) and `x-path`.
+pub fn https_app(
+    listener: TcpListener,
+    chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    key: rustls_pki_types::PrivateKeyDer<'static>,
+    name: &str,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let name: Arc<str> = Arc::from(name);
+    Ok(tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, name) = (acceptor.clone(), name.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let sni = tls.get_ref().1.server_name().unwrap_or("").to_owned();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let text = String::from_utf8_lossy(&request);
+                let path = text.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let host = text
+                    .lines()
+                    .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("host")))
+                    .map(|(_, v)| v.trim().to_owned())
+                    .unwrap_or_default();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nx-served-by: {name}\r\nx-sni: {sni}\r\nx-host: {host}\r\nx-path: {path}\r\nConnection: close\r\n\r\n{name}\n",
+                    name.len() + 1
+                );
+                let _ = tls.write_all(answer.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    }))
+}

@@ -887,6 +887,16 @@ impl Mesh {
     pub fn ztunnel_log(&self, index: u8) -> Result<String> {
         Ok(std::fs::read_to_string(&self.node(index)?.log).unwrap_or_default())
     }
+
+    /// What the waypoint (or gateway) running in `pod` has logged so far.
+    pub fn waypoint_log(&self, pod: &MeshPod) -> Result<String> {
+        let w = self
+            .waypoints
+            .iter()
+            .find(|w| w.pod.ip == pod.ip)
+            .with_context(|| format!("no waypoint runs in pod {}/{}", pod.namespace, pod.name))?;
+        Ok(std::fs::read_to_string(&w.log).unwrap_or_default())
+    }
 }
 
 impl Drop for Mesh {

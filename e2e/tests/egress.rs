@@ -130,6 +130,20 @@ async fn registry_only_refuses_unknown_destinations_and_service_entries_open_the
     .unwrap();
 }
 
+/// The egress waypoint's policy: nobody reaches `/admin` of a partner.
+const NO_PARTNER_ADMIN: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-partner-admin, namespace: demo}
+spec:
+  targetRefs:
+    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}
+  action: DENY
+  rules:
+    - to:
+        - operation:
+            paths: [\"/admin*\"]
+";
+
 const EGRESS: &str = "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -142,18 +156,6 @@ spec:
   resolution: STATIC
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
   endpoints: [{address: 10.10.0.201}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: no-partner-admin, namespace: demo}
-spec:
-  targetRefs:
-    - {group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}
-  action: DENY
-  rules:
-    - to:
-        - operation:
-            paths: [\"/admin*\"]
 ";
 
 /// A ServiceEntry labelled `istio.io/use-waypoint` sends its traffic through that waypoint (an
@@ -170,6 +172,7 @@ async fn an_egress_waypoint_applies_l7_policy_to_a_service_entry() {
         e2e::apps::http_server(partner.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], 8080))).unwrap(), "partner");
     let waypoint = mesh.waypoint("demo", "waypoint", 2, std::net::Ipv4Addr::new(10, 96, 0, 90)).await.unwrap();
     mesh.apply("egress", EGRESS).unwrap();
+    mesh.apply("no-partner-admin", NO_PARTNER_ADMIN).unwrap();
     mesh.settle(&[], &[]).await.unwrap();
     mesh.wait_for_service(1, "240.240.0.20".parse().unwrap()).await.unwrap();
 
@@ -199,4 +202,115 @@ async fn an_egress_waypoint_applies_l7_policy_to_a_service_entry() {
         )
     };
     assert!(to_partner("200") >= 2.0 && to_partner("403") == 1.0, "{m}");
+}
+
+const ORIGINATION: &str = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: partner-secure
+  namespace: demo
+  labels: {istio.io/use-waypoint: waypoint}
+spec:
+  hosts: [secure.partner.example]
+  addresses: [240.240.0.30]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8443}]
+  endpoints: [{address: 10.10.0.201}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: partner-impostor
+  namespace: demo
+  labels: {istio.io/use-waypoint: waypoint}
+spec:
+  hosts: [impostor.partner.example]
+  addresses: [240.240.0.31]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8443}]
+  endpoints: [{address: 10.10.0.201}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: impostor-tls, namespace: demo}
+spec:
+  host: impostor.partner.example
+  trafficPolicy:
+    tls: {mode: SIMPLE, credentialName: partner-ca}
+";
+
+/// The rule for the secure host, with `tls` as given.
+fn partner_tls(tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: partner-tls, namespace: demo}}\nspec:\n  host: secure.partner.example\n  trafficPolicy:\n    tls: {tls}\n"
+    )
+}
+
+/// TLS origination at the egress waypoint (a DestinationRule's `tls.mode: SIMPLE`): the client
+/// sends plain HTTP to a ServiceEntry host, the waypoint applies L7 policy and sends it in TLS
+/// to the server outside the mesh — SNI the entry's host, the server's certificate verified
+/// against the roots of the rule's `credentialName` Secret. A server whose certificate is not for
+/// the name is refused (503, logged), and a rule asking for what the waypoint cannot do (MUTUAL)
+/// refuses requests rather than send them in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_waypoint_originates_tls_and_verifies_the_server() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    mesh.namespace("demo", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "demo", 1)).await.unwrap();
+    let partner = mesh.outside_client(1).unwrap();
+    let ca = proto::testing::TestCa::new();
+    let (chain, key) = ca.issue_server(&["secure.partner.example"]);
+    let listener = partner.ns.tcp_listener(SocketAddr::from(([0, 0, 0, 0], 8443))).unwrap();
+    let _app = e2e::apps::https_app(listener, chain.clone(), key.clone_key(), "partner").unwrap();
+    let waypoint = mesh.waypoint("demo", "waypoint", 2, std::net::Ipv4Addr::new(10, 96, 0, 90)).await.unwrap();
+    mesh.apply("partner-ca", &e2e::apps::tls_secret("demo", "partner-ca", &chain, &key, Some(ca.root_pem()))).unwrap();
+    mesh.apply("origination", ORIGINATION).unwrap();
+    mesh.apply("no-partner-admin", NO_PARTNER_ADMIN).unwrap();
+    mesh.apply("partner-tls", &partner_tls("{mode: SIMPLE, credentialName: partner-ca}")).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+    mesh.wait_for_service(1, "240.240.0.30".parse().unwrap()).await.unwrap();
+    mesh.wait_for_service(1, "240.240.0.31".parse().unwrap()).await.unwrap();
+
+    let get = |host: &'static str, vip: [u8; 4], path: &'static str| {
+        let ns = client.netns.ns.clone();
+        async move { e2e::mesh::http_exchange_as(&ns, host, SocketAddr::from((vip, 80)), path, &[]).await }
+    };
+    let secure = |path| get("secure.partner.example", [240, 240, 0, 30], path);
+    mesh.wait_until("the waypoint to originate TLS to the partner", Duration::from_secs(30), || async {
+        secure("/").await.is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+    let ok = secure("/orders?page=2").await.unwrap();
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        (ok.header("x-served-by"), ok.header("x-sni"), ok.header("x-host"), ok.header("x-path")),
+        (Some("partner"), Some("secure.partner.example"), Some("secure.partner.example"), Some("/orders?page=2")),
+        "the server did not get the request in TLS for the entry's host: {ok:?}"
+    );
+    // L7 policy applies before the TLS leaves.
+    let denied = secure("/admin/keys").await.unwrap();
+    assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied\n"), "{denied:?}");
+
+    // The same server under another name: its certificate is not for it, so nothing is sent.
+    let impostor = get("impostor.partner.example", [240, 240, 0, 31], "/orders").await.unwrap();
+    assert_eq!(impostor.status, 503, "{impostor:?}");
+    let log = mesh.waypoint_log(&waypoint).unwrap();
+    assert!(
+        log.contains("TLS to 10.10.0.201:8443 (impostor.partner.example)")
+            && log.contains("certificate not valid for name"),
+        "no log line says why the impostor was refused:\n{log}"
+    );
+
+    // A rule the waypoint cannot carry out: refused, not sent without it.
+    mesh.apply("partner-tls", &partner_tls("{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}")).unwrap();
+    mesh.wait_until("MUTUAL to be refused", Duration::from_secs(20), || async {
+        secure("/orders").await.is_ok_and(|a| a.status == 503)
+    })
+    .await
+    .unwrap();
+    let refused = secure("/orders").await.unwrap();
+    assert!(refused.body.contains("TLS origination refused"), "{refused:?}");
+    let log = mesh.waypoint_log(&waypoint).unwrap();
+    assert!(log.contains("tls.mode MUTUAL is not supported"), "no log line says why:\n{log}");
 }

@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::apps::{TUTORIAL_VERBATIM, http_server};
+use e2e::apps::{TUTORIAL_VERBATIM, http_server, https_app, tls_secret};
 use e2e::mesh::{Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use ztunnel::netns::NetNs;
@@ -189,25 +189,6 @@ async fn a_destination_with_a_waypoint_is_reached_through_it_as_the_gateway() {
     assert!(from_gateway("200") >= 5.0 && from_gateway("403") >= 5.0, "{m}");
 }
 
-fn pem_of(label: &str, der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new(label, der.to_vec()))
-}
-
-/// A TLS Secret (in the YAML directory) holding `chain`, `key` and, when given, `ca`.
-fn tls_secret(name: &str, chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>, ca: Option<&str>) -> String {
-    let indent = |pem: &str| pem.lines().map(|l| format!("    {l}\n")).collect::<String>();
-    let chain: String = chain.iter().map(|c| pem_of("CERTIFICATE", c)).collect();
-    let mut yaml = format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: istio-system}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
-        indent(&chain),
-        indent(&pem_of("PRIVATE KEY", key.secret_der()))
-    );
-    if let Some(ca) = ca {
-        yaml.push_str(&format!("  ca.crt: |\n{}", indent(ca)));
-    }
-    yaml
-}
-
 /// One HTTPS request to the gateway from `outside`, naming `sni` in the handshake and `host` in `Host`, trusting
 /// `roots`, presenting `client` if given. Returns the status and body, or the handshake/read
 /// error, with the certificate the gateway presented.
@@ -249,44 +230,6 @@ async fn https_get(
     Ok((status, body.trim().to_owned(), presented))
 }
 
-/// An app that speaks HTTPS itself (with `chain`/`key`): answers every request `200 <name>`.
-fn tls_app(
-    listener: tokio::net::TcpListener,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    name: &str,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}\n", name.len() + 1);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, answer) = (acceptor.clone(), answer.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match tls.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = tls.write_all(answer.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            });
-        }
-    });
-}
-
 /// HTTPS at the gateway with certificates from Secrets: SNI picks among two servers on port 443
 /// (each presents its own certificate) and a PASSTHROUGH one (the app's own certificate), MUTUAL refuses a client without a certificate (or with one
 /// from another CA) and serves one with a certificate its `ca.crt` verifies, an unknown name gets
@@ -304,7 +247,7 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     // An app that terminates its own TLS, behind a PASSTHROUGH server on the same port.
     let vault = mesh.pod(PodSpec::new("vault", "shop", 2).label("app", "vault")).await.unwrap();
     let (vault_chain, vault_key) = server_ca.issue_server(&["vault.shop.example"]);
-    tls_app(vault.listen(8443).unwrap(), vault_chain.clone(), vault_key, "vault");
+    let _vault = https_app(vault.listen(8443).unwrap(), vault_chain.clone(), vault_key, "vault").unwrap();
     mesh.service("vault", "shop", Ipv4Addr::new(10, 96, 3, 11), 443, "vault", 8443).unwrap();
     mesh.apply(
         "vault-route",
@@ -313,8 +256,9 @@ async fn https_servers_terminate_tls_with_secrets_picked_by_sni() {
     .unwrap();
     let (www_chain, www_key) = server_ca.issue_server(&["www.shop.example"]);
     let (api_chain, api_key) = server_ca.issue_server(&["api.shop.example"]);
-    mesh.apply("secret-www", &tls_secret("www-cert", &www_chain, &www_key, None)).unwrap();
-    mesh.apply("secret-api", &tls_secret("api-cert", &api_chain, &api_key, Some(client_ca.root_pem()))).unwrap();
+    mesh.apply("secret-www", &tls_secret("istio-system", "www-cert", &www_chain, &www_key, None)).unwrap();
+    mesh.apply("secret-api", &tls_secret("istio-system", "api-cert", &api_chain, &api_key, Some(client_ca.root_pem())))
+        .unwrap();
     mesh.apply(
         "shop-gateway",
         "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: shop, namespace: shop}\nspec:\n  selector: {istio: ingressgateway}\n  servers:\n  - port: {number: 443, name: https-www, protocol: HTTPS}\n    hosts: [www.shop.example]\n    tls: {mode: SIMPLE, credentialName: www-cert}\n  - port: {number: 443, name: https-api, protocol: HTTPS}\n    hosts: [api.shop.example]\n    tls: {mode: MUTUAL, credentialName: api-cert}\n  - port: {number: 80, name: http, protocol: HTTP}\n    hosts: [www.shop.example]\n    tls: {httpsRedirect: true}\n  - port: {number: 443, name: tls-vault, protocol: TLS}\n    hosts: [vault.shop.example]\n    tls: {mode: PASSTHROUGH}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: web, namespace: shop}\nspec:\n  hosts: [www.shop.example, api.shop.example]\n  gateways: [shop]\n  http:\n  - route: [{destination: {host: web}}]\n",

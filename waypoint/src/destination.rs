@@ -7,11 +7,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proto::api::ambient::waypoint::v1::{ConnectionPool, DestinationPolicy, OutlierDetection, destination_policy};
+use proto::api::ambient::waypoint::v1::{
+    ConnectionPool, DestinationPolicy, OutlierDetection, UpstreamTls, destination_policy,
+};
 use proto::state::Workload;
 use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
+
+use crate::origination::Origination;
 
 /// Requests that may wait for a slot when the policy sets a limit but not this one.
 const DEFAULT_MAX_PENDING: usize = 1024;
@@ -24,9 +28,57 @@ struct Health {
     ejections: u32,
 }
 
+/// How requests reach a destination's endpoints: as they are, or in TLS the waypoint originates;
+/// or not at all, when the TLS its DestinationRule asks for cannot be originated.
+#[derive(Debug, Clone)]
+pub enum UpstreamTransport {
+    /// No TLS of the waypoint's own (HBONE to mesh pods, plain TCP outside).
+    Plain,
+    /// TLS originated to the endpoint.
+    Tls(Arc<Origination>),
+    /// Refused; the reason (logged when the policy arrived).
+    Refused(Arc<str>),
+}
+
+/// A destination's TLS settings as the policy gave them (to notice a change) and as built.
+#[derive(Debug, Default)]
+struct TlsSettings {
+    given: (Option<UpstreamTls>, HashMap<u32, UpstreamTls>),
+    default: Option<UpstreamTransport>,
+    by_port: HashMap<u32, UpstreamTransport>,
+}
+
+impl TlsSettings {
+    fn new(policy: Option<&DestinationPolicy>) -> Self {
+        let Some(p) = policy else { return TlsSettings::default() };
+        let build = |tls: &UpstreamTls| match Origination::new(tls, &p.hostname) {
+            Ok(o) => UpstreamTransport::Tls(Arc::new(o)),
+            Err(e) => {
+                let reason = proto::error_chain(&e);
+                warn!(destination = %p.hostname, policy = %p.name, %reason,
+                    "TLS to the destination cannot be originated; its requests are refused");
+                UpstreamTransport::Refused(reason.into())
+            }
+        };
+        TlsSettings {
+            given: (p.tls.clone(), p.port_tls.clone()),
+            default: p.tls.as_ref().map(build),
+            by_port: p.port_tls.iter().map(|(port, t)| (*port, build(t))).collect(),
+        }
+    }
+
+    fn same_as(&self, policy: Option<&DestinationPolicy>) -> bool {
+        match policy {
+            Some(p) => self.given.0 == p.tls && self.given.1 == p.port_tls,
+            None => self.given.0.is_none() && self.given.1.is_empty(),
+        }
+    }
+}
+
 /// The state of one destination service.
 #[derive(Debug)]
 pub struct ServiceState {
+    tls: TlsSettings,
     pool: Option<ConnectionPool>,
     slots: Option<Arc<Semaphore>>,
     max_pending: usize,
@@ -57,12 +109,14 @@ fn nonzero(v: u32) -> Option<usize> {
 }
 
 impl ServiceState {
-    fn new(pool: Option<&ConnectionPool>) -> Self {
+    fn new(policy: Option<&DestinationPolicy>) -> Self {
+        let pool = policy.and_then(|p| p.connection_pool.as_ref());
         let limit = pool.and_then(|p| match (nonzero(p.max_connections), nonzero(p.max_requests)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         });
         ServiceState {
+            tls: TlsSettings::new(policy),
             pool: pool.cloned(),
             slots: limit.map(|n| Arc::new(Semaphore::new(n))),
             max_pending: pool.and_then(|p| nonzero(p.max_pending_requests)).unwrap_or(DEFAULT_MAX_PENDING),
@@ -86,6 +140,16 @@ impl ServiceState {
         let permit = slots.clone().acquire_owned().await.ok();
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         Some(Slot { _permit: Some(permit?) })
+    }
+
+    /// How requests to service port `port` reach the endpoints.
+    pub fn transport(&self, port: u16) -> UpstreamTransport {
+        self.tls
+            .by_port
+            .get(&u32::from(port))
+            .or(self.tls.default.as_ref())
+            .cloned()
+            .unwrap_or(UpstreamTransport::Plain)
     }
 
     /// Whether connections to endpoints carry one request each.
@@ -181,14 +245,14 @@ impl ServiceState {
 pub struct Destinations(Mutex<HashMap<String, Arc<ServiceState>>>);
 
 impl Destinations {
-    /// The state for service `key` under `policy` (rebuilt when its limits change).
+    /// The state for service `key` under `policy` (rebuilt when its limits or TLS change).
     pub fn state(&self, key: &str, policy: Option<&DestinationPolicy>) -> Arc<ServiceState> {
         let pool = policy.and_then(|p| p.connection_pool.as_ref());
         let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(key) {
-            Some(s) if s.pool.as_ref() == pool => s.clone(),
+            Some(s) if s.pool.as_ref() == pool && s.tls.same_as(policy) => s.clone(),
             _ => {
-                let s = Arc::new(ServiceState::new(pool));
+                let s = Arc::new(ServiceState::new(policy));
                 map.insert(key.to_owned(), s.clone());
                 s
             }
@@ -210,7 +274,8 @@ mod tests {
     #[tokio::test]
     async fn limits_admit_then_queue_then_overflow() {
         let pool = ConnectionPool { max_connections: 1, max_pending_requests: 1, ..Default::default() };
-        let s = Arc::new(ServiceState::new(Some(&pool)));
+        let policy = DestinationPolicy { connection_pool: Some(pool), ..Default::default() };
+        let s = Arc::new(ServiceState::new(Some(&policy)));
         let first = s.admit().await.unwrap();
         let waiter = tokio::spawn({
             let s = s.clone();

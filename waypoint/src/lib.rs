@@ -34,6 +34,7 @@ pub mod ingress;
 pub mod jwt;
 pub mod metrics;
 pub mod normalize;
+pub mod origination;
 mod passthrough;
 mod plan;
 pub mod proxy;

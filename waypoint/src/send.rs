@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
@@ -15,8 +16,9 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::body::{Deadline, RequestBody};
-use crate::destination::{Destinations, ServiceState};
+use crate::destination::{Destinations, ServiceState, UpstreamTransport};
 use crate::headers;
+use crate::origination::Origination;
 use crate::plan::{Answer, Outcome, Plan, text};
 use crate::target::Endpoint;
 use crate::upstream::{Body, BoxError};
@@ -27,11 +29,12 @@ pub(crate) const MAX_REPLAY_BODY: usize = 1 << 20;
 
 /// Where requests go: HTTP to endpoint pods (over HBONE in the waypoint; anything in tests).
 pub(crate) trait Upstream: Sync {
-    /// Sends `request` to the endpoint its URI names, as HTTP/2 when `http2`.
+    /// Sends `request` to the endpoint its URI names, as HTTP/2 when `http2`, in `tls` when set.
     fn send(
         &self,
         request: Request<Body>,
         http2: bool,
+        tls: Option<&Arc<Origination>>,
     ) -> impl Future<Output = Result<Response<Body>, BoxError>> + Send;
 
     /// Sends a copy of a request; nobody waits for its answer.
@@ -121,6 +124,20 @@ async fn try_endpoints(
     if let Some(d) = plan.delay {
         tokio::time::sleep(d).await;
     }
+    let tls = match plan.backend.tls_port().map(|port| limits.transport(port)) {
+        None | Some(UpstreamTransport::Plain) => None,
+        Some(UpstreamTransport::Tls(tls)) => Some(tls),
+        // The reason was logged when the policy arrived; the client learns no configuration.
+        Some(UpstreamTransport::Refused(_)) => {
+            return Answer::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: TLS origination refused\n",
+                "UF",
+                &plan.route,
+            )
+            .into_parts();
+        }
+    };
     let Some(_slot) = limits.admit().await else {
         return Answer::text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -157,7 +174,7 @@ async fn try_endpoints(
         let Some(b) = body.take() else { break };
         let Some(mut request) = request_to(plan, endpoint, b) else { continue };
         *request.version_mut() = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        let sent = upstream.send(request, http2);
+        let sent = upstream.send(request, http2, tls.as_ref());
         let result = match plan.per_try_timeout {
             Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
             None => Ok(sent.await),
@@ -196,7 +213,8 @@ async fn try_endpoints(
             }
             Ok(Err(e)) => {
                 limits.record(&workload.uid, 0, outlier.as_ref(), endpoints.len());
-                warn!(endpoint = %workload.name, error = %e, attempt = attempt + 1, "upstream request failed");
+                warn!(endpoint = %workload.name, error = %proto::error_chain(&*e), attempt = attempt + 1,
+                    "upstream request failed");
                 last = (
                     text(StatusCode::SERVICE_UNAVAILABLE, "upstream connect error\n"),
                     outcome(StatusCode::SERVICE_UNAVAILABLE, "UF"),
@@ -312,7 +330,12 @@ mod tests {
     }
 
     impl Upstream for Fake {
-        async fn send(&self, request: Request<Body>, _http2: bool) -> Result<Response<Body>, BoxError> {
+        async fn send(
+            &self,
+            request: Request<Body>,
+            _http2: bool,
+            _tls: Option<&Arc<Origination>>,
+        ) -> Result<Response<Body>, BoxError> {
             let got = receive(request).await;
             let to = got.to.clone();
             self.got.lock().unwrap().push(got);

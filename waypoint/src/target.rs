@@ -114,6 +114,8 @@ pub(crate) struct Backend {
     subset: Option<String>,
     /// The service port it is sent to (0 for a pod addressed directly).
     service_port: u16,
+    /// Sent to the service's waypoint, which applies the service's policy itself.
+    via_waypoint: bool,
 }
 
 impl Backend {
@@ -138,6 +140,7 @@ impl Backend {
             service_policy: state.destination_policies.get(service_key).cloned(),
             subset: subset.map(|(name, _)| name.to_owned()),
             service_port: port,
+            via_waypoint: false,
         }
     }
 
@@ -148,6 +151,7 @@ impl Backend {
     pub(crate) fn through_waypoint(mut self, service: &Service, waypoint: Arc<Workload>) -> Option<Backend> {
         let vip = *service.vips.first()?;
         self.endpoints = vec![Endpoint { workload: waypoint, port: self.service_port, address: Some(vip) }];
+        self.via_waypoint = true;
         Some(self)
     }
 
@@ -161,8 +165,16 @@ impl Backend {
                 service_policy: None,
                 subset: None,
                 service_port: 0,
+                via_waypoint: false,
             },
         }
+    }
+
+    /// The service port whose DestinationRule TLS this proxy originates to the endpoints: `None`
+    /// for a pod addressed directly, and when the service's waypoint is the next hop (the
+    /// waypoint originates it).
+    pub(crate) fn tls_port(&self) -> Option<u16> {
+        (self.service_policy.is_some() && !self.via_waypoint).then_some(self.service_port)
     }
 
     /// The DestinationRule policy: the subset's when it has its own, else the service's.

@@ -29,6 +29,9 @@ use proto::tls::Credential;
 use proto::xds::MeshView;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
+
+use crate::origination::Origination;
 
 /// Bodies on both sides of the proxy.
 pub type Body = BoxBody<Bytes, BoxError>;
@@ -44,6 +47,8 @@ pub struct Connector {
     /// The original client, passed on in each tunnel's `forwarded` header: the endpoint's ztunnel
     /// believes it from this waypoint (and only from it) and shows it to the app.
     client: Option<IpAddr>,
+    /// TLS to originate inside each connection, and whether it is for HTTP/2.
+    tls: Option<(Arc<Origination>, bool)>,
 }
 
 /// A connection to an endpoint.
@@ -99,9 +104,13 @@ impl AsyncWrite for EndpointStream {
     }
 }
 
+/// An endpoint connection as it is (left), or in TLS the waypoint originates (right: a
+/// DestinationRule's `tls`).
+pub type Wire = Either<EndpointStream, Box<tokio_rustls::client::TlsStream<EndpointStream>>>;
+
 /// An endpoint connection as a hyper connection.
 #[derive(Debug)]
-pub struct Tunnel(TokioIo<EndpointStream>);
+pub struct Tunnel(TokioIo<Wire>);
 
 impl Connection for Tunnel {
     fn connected(&self) -> Connected {
@@ -148,6 +157,17 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    /// The TLS handshake the waypoint originates failed (the endpoint's certificate, say).
+    #[error("TLS to {to} ({sni})")]
+    Tls {
+        /// The address or name.
+        to: String,
+        /// The SNI sent.
+        sni: String,
+        /// Why; rustls' own error inside.
+        #[source]
+        source: io::Error,
+    },
     /// A name resolved to no address a plain connection may go to.
     #[error("{0} resolved to no address outside the mesh")]
     Unresolved(String),
@@ -162,7 +182,12 @@ pub enum ConnectError {
 impl Connector {
     /// A connector presenting `credential`.
     pub fn new(view: Arc<MeshView>, pool: Pool, credential: Arc<Credential>) -> Self {
-        Connector { view, pool, credential, client: None }
+        Connector { view, pool, credential, client: None, tls: None }
+    }
+
+    /// The same connector, originating `tls` in each connection (offering `h2` when `http2`).
+    fn originating(&self, tls: Arc<Origination>, http2: bool) -> Connector {
+        Connector { tls: Some((tls, http2)), ..self.clone() }
     }
 
     /// The same connector, for traffic of `client`.
@@ -178,7 +203,18 @@ impl Connector {
             Ok(ip) => self.connect(ip, port).await?,
             Err(_) => self.resolve_and_connect(host, port).await?,
         };
-        Ok(Tunnel(TokioIo::new(stream)))
+        let wire = match &self.tls {
+            None => Either::Left(stream),
+            Some((tls, http2)) => {
+                let tls_stream = tls.connect(stream, *http2).await.map_err(|source| ConnectError::Tls {
+                    to: format!("{host}:{port}"),
+                    sni: tls.server_name().to_str().into_owned(),
+                    source: io::Error::other(proto::tls::describe_io_error(&source)),
+                })?;
+                Either::Right(Box::new(tls_stream))
+            }
+        };
+        Ok(Tunnel(TokioIo::new(wire)))
     }
 
     /// A connection to `port` at `ip`: plain TCP when the mesh knows `ip` as a workload outside
@@ -266,6 +302,58 @@ pub struct ClientPair {
     pub http1: Client<Connector, Body>,
     /// HTTP/2 with prior knowledge (gRPC and HTTP/2 clients).
     pub http2: Client<Connector, Body>,
+    connector: Connector,
+    /// Clients whose connections carry TLS the waypoint originates, one pair per TLS setting
+    /// (a connection pooled for one setting is never used for another).
+    originating: Arc<std::sync::Mutex<OriginatingClients>>,
+}
+
+/// The clients per TLS setting (by identity: a changed setting is a new one).
+type OriginatingClients = Vec<(Arc<Origination>, ClientPair)>;
+
+/// TLS settings with pools of their own per downstream client at most; beyond it they start over.
+const MAX_ORIGINATING_POOLS: usize = 64;
+
+fn http_client(connector: Connector, http2: bool) -> Client<Connector, Body> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .http2_only(http2)
+        .build(connector)
+}
+
+impl ClientPair {
+    fn new(connector: &Connector) -> ClientPair {
+        ClientPair {
+            http1: http_client(connector.clone(), false),
+            http2: http_client(connector.clone(), true),
+            connector: connector.clone(),
+            originating: Default::default(),
+        }
+    }
+
+    /// The HTTP client for connections originating `tls` (none: as they are), HTTP/2 when `http2`.
+    fn client(&self, tls: Option<&Arc<Origination>>, http2: bool) -> Client<Connector, Body> {
+        let Some(tls) = tls else { return if http2 { self.http2.clone() } else { self.http1.clone() } };
+        let mut all = self.originating.lock().unwrap_or_else(|p| p.into_inner());
+        let pair = match all.iter().find(|(t, _)| Arc::ptr_eq(t, tls)) {
+            Some((_, pair)) => pair.clone(),
+            None => {
+                if all.len() >= MAX_ORIGINATING_POOLS {
+                    all.clear();
+                }
+                let pair = ClientPair {
+                    http1: http_client(self.connector.originating(tls.clone(), false), false),
+                    http2: http_client(self.connector.originating(tls.clone(), true), true),
+                    connector: self.connector.clone(),
+                    originating: Default::default(),
+                };
+                all.push((tls.clone(), pair.clone()));
+                pair
+            }
+        };
+        if http2 { pair.http2 } else { pair.http1 }
+    }
 }
 
 /// Most downstream clients with pools of their own; beyond it the pools start over (idle tunnels
@@ -296,24 +384,20 @@ impl Clients {
         if all.len() >= MAX_CLIENT_POOLS {
             all.clear();
         }
-        let connector = self.connector.for_client(client);
-        let build = |http2: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .pool_max_idle_per_host(64)
-                .http2_only(http2)
-                .build(connector.clone())
-        };
-        let pair = ClientPair { http1: build(false), http2: build(true) };
+        let pair = ClientPair::new(&self.connector.for_client(client));
         all.insert(client, pair.clone());
         pair
     }
 }
 
 impl crate::send::Upstream for ClientPair {
-    async fn send(&self, request: http::Request<Body>, http2: bool) -> Result<http::Response<Body>, BoxError> {
-        let client = if http2 { &self.http2 } else { &self.http1 };
-        let response = client.request(request).await?;
+    async fn send(
+        &self,
+        request: http::Request<Body>,
+        http2: bool,
+        tls: Option<&Arc<Origination>>,
+    ) -> Result<http::Response<Body>, BoxError> {
+        let response = self.client(tls, http2).request(request).await?;
         Ok(response.map(|b| http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, BoxError::from))))
     }
 

@@ -392,6 +392,54 @@ pub struct TrafficPolicy {
     /// Ejection of failing endpoints.
     #[serde(default)]
     pub outlier_detection: Option<OutlierDetection>,
+    /// TLS originated to the endpoints.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
+    /// Per-port settings (only `tls` is taken from them).
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// A DestinationRule's `tls`: how a proxy speaks TLS to the endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientTlsSettings {
+    /// `DISABLE` (default), `SIMPLE`, `MUTUAL` or `ISTIO_MUTUAL`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// SNI (default: the destination's hostname).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Names the endpoint's certificate may carry (default: the SNI name).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// A file in the proxy holding the roots.
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    /// A Secret in the rule's namespace whose `ca.crt` holds the roots.
+    #[serde(default)]
+    pub credential_name: Option<String>,
+    /// Accept any certificate.
+    #[serde(default)]
+    pub insecure_skip_verify: Option<bool>,
+    /// MUTUAL: the client certificate file (not supported).
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    /// MUTUAL: its key file (not supported).
+    #[serde(default)]
+    pub private_key: Option<String>,
+}
+
+/// Settings for one port of the destination.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The service port.
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    /// TLS originated on it.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSettings>,
 }
 
 /// Load balancer.

@@ -18,14 +18,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use proto::api::ambient::waypoint::v1 as pb;
 
 use crate::k8s::{self, GatewayServer, IstioGateway};
-use crate::mesh::ServedCredential;
+use crate::mesh::{ServedCredential, Service};
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
 use crate::translate::istio::Resolver;
 
 /// The ingress gateways by `namespace/name`, and what could not be bound (for the state's
 /// warnings).
-pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<String, pb::IngressGateway>, Vec<String>) {
+pub fn ingress_gateways(
+    objects: &Objects,
+    config: &MeshConfig,
+    services: &BTreeMap<String, Service>,
+) -> (BTreeMap<String, pb::IngressGateway>, Vec<String>) {
     let mut warnings = Vec::new();
     let by_key: BTreeMap<String, &IstioGateway> = objects
         .istio_gateways()
@@ -35,7 +39,7 @@ pub fn ingress_gateways(objects: &Objects, config: &MeshConfig) -> (BTreeMap<Str
         })
         .collect();
     let mut out: BTreeMap<String, pb::IngressGateway> = by_key.iter().map(|(k, g)| (k.clone(), gateway(g))).collect();
-    let resolver = Resolver::new(objects, config);
+    let resolver = Resolver::new(objects, config, services);
     let mut vss: Vec<_> = objects.virtual_services().collect();
     vss.sort_by(|a, b| k8s::ns_name(&a.metadata).cmp(&k8s::ns_name(&b.metadata)));
     for vs in vss {

@@ -16,13 +16,40 @@ use std::collections::BTreeMap;
 
 use proto::api::ambient::waypoint::v1 as pb;
 
-use crate::k8s::{self, StringMatch, TrafficPolicy, VsHeaderOps, VsHttpRoute};
+use crate::k8s::{self, ClientTlsSettings, StringMatch, TrafficPolicy, VsHeaderOps, VsHttpRoute};
 use crate::mesh::Service;
 use crate::objects::Objects;
 use crate::translate::MeshConfig;
 use crate::translate::waypoint::parse_duration;
 
-/// `(namespace, hostname)` of a host as written in `namespace`.
+/// `(namespace, hostname)` of the service a VirtualService or DestinationRule in `namespace`
+/// names by `host`: the Kubernetes reading of [`resolve_host`] when such a service exists, else a
+/// ServiceEntry host as written (in `namespace` first, then in any namespace, as Istio matches
+/// hosts across namespaces): `httpbin.org` is a ServiceEntry's host, never a Service `httpbin`
+/// in a namespace `org`.
+pub fn service_key(
+    services: &BTreeMap<String, Service>,
+    host: &str,
+    namespace: &str,
+    suffix: &str,
+) -> (String, String) {
+    let resolved = resolve_host(host, namespace, suffix);
+    if services.contains_key(&format!("{}/{}", resolved.0, resolved.1)) {
+        return resolved;
+    }
+    let literal = host.trim_end_matches('.');
+    if literal.contains('.') {
+        if services.contains_key(&format!("{namespace}/{literal}")) {
+            return (namespace.to_owned(), literal.to_owned());
+        }
+        if let Some(s) = services.values().find(|s| s.hostname == literal) {
+            return (s.namespace.clone(), literal.to_owned());
+        }
+    }
+    resolved
+}
+
+/// `(namespace, hostname)` of a host as written in `namespace`, read as a Kubernetes Service name.
 pub fn resolve_host(host: &str, namespace: &str, suffix: &str) -> (String, String) {
     let host = host.trim_end_matches('.');
     let parts: Vec<&str> = host.split('.').collect();
@@ -73,12 +100,13 @@ fn retry_codes(retry_on: Option<&str>) -> Vec<u32> {
 pub(crate) struct Resolver<'a> {
     objects: &'a Objects,
     config: &'a MeshConfig,
+    services: &'a BTreeMap<String, Service>,
 }
 
 impl<'a> Resolver<'a> {
-    /// A resolver over `objects`.
-    pub(crate) fn new(objects: &'a Objects, config: &'a MeshConfig) -> Self {
-        Resolver { objects, config }
+    /// A resolver over `objects`, naming `services`.
+    pub(crate) fn new(objects: &'a Objects, config: &'a MeshConfig, services: &'a BTreeMap<String, Service>) -> Self {
+        Resolver { objects, config, services }
     }
 
     /// The uids of the workloads of subset `subset` of the service `(ns, hostname)`.
@@ -89,7 +117,7 @@ impl<'a> Resolver<'a> {
             .destination_rules()
             .filter(|dr| {
                 let (dr_ns, _) = k8s::ns_name(&dr.metadata);
-                resolve_host(&dr.spec.host, dr_ns, suffix) == (ns.to_owned(), hostname.to_owned())
+                service_key(self.services, &dr.spec.host, dr_ns, suffix) == (ns.to_owned(), hostname.to_owned())
             })
             .flat_map(|dr| dr.spec.subsets.iter())
             .find(|s| s.name == subset)
@@ -118,7 +146,7 @@ impl<'a> Resolver<'a> {
     }
 
     pub(crate) fn backend(&self, d: &k8s::VsDestination, vs_ns: &str, weight: u32) -> pb::Backend {
-        let (ns, host) = resolve_host(&d.host, vs_ns, &self.config.domain_suffix);
+        let (ns, host) = service_key(self.services, &d.host, vs_ns, &self.config.domain_suffix);
         let subset = d.subset.clone().unwrap_or_default();
         let workloads = if subset.is_empty() { Vec::new() } else { self.subset_workloads(&ns, &host, &subset) };
         pb::Backend {
@@ -240,7 +268,7 @@ pub fn virtual_service_routes(
     config: &MeshConfig,
     services: &BTreeMap<String, Service>,
 ) -> BTreeMap<String, pb::ServiceRoutes> {
-    let resolver = Resolver { objects, config };
+    let resolver = Resolver::new(objects, config, services);
     let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
     let mut vss: Vec<_> = objects.virtual_services().collect();
     // Oldest-named first, for a stable order when two VirtualServices name one host.
@@ -253,7 +281,7 @@ pub fn virtual_service_routes(
         let (ns, name) = k8s::ns_name(&vs.metadata);
         let rules: Vec<pb::RouteRule> = spec.http.iter().map(|h| resolver.rule(h, ns)).collect();
         for host in &spec.hosts {
-            let (svc_ns, hostname) = resolve_host(host, ns, &config.domain_suffix);
+            let (svc_ns, hostname) = service_key(services, host, ns, &config.domain_suffix);
             let key = format!("{svc_ns}/{hostname}");
             let Some(svc) = services.get(&key) else { continue };
             out.entry(key)
@@ -274,39 +302,96 @@ pub fn virtual_service_routes(
     out
 }
 
-/// Destination policies per service (`namespace/hostname`) from the DestinationRules.
+/// Destination policies per service (`namespace/hostname`) from the DestinationRules, and a
+/// warning for each TLS setting the waypoints will refuse requests for.
 pub fn destination_policies(
     objects: &Objects,
     config: &MeshConfig,
     services: &BTreeMap<String, Service>,
-) -> BTreeMap<String, pb::DestinationPolicy> {
+) -> (BTreeMap<String, pb::DestinationPolicy>, Vec<String>) {
     let mut out = BTreeMap::new();
     for dr in objects.destination_rules() {
         let (ns, name) = k8s::ns_name(&dr.metadata);
-        let (svc_ns, hostname) = resolve_host(&dr.spec.host, ns, &config.domain_suffix);
+        let (svc_ns, hostname) = service_key(services, &dr.spec.host, ns, &config.domain_suffix);
         let key = format!("{svc_ns}/{hostname}");
         if !services.contains_key(&key) {
             continue;
         }
         let policy = dr.spec.traffic_policy.clone().unwrap_or_default();
         let name = format!("{ns}/{name}");
-        let mut converted = destination_policy(&policy, &svc_ns, &hostname, &name);
+        let tls = |t: &ClientTlsSettings| upstream_tls(t, objects, ns, &name);
+        let mut converted = destination_policy(&policy, &svc_ns, &hostname, &name, &tls);
         for subset in &dr.spec.subsets {
             let Some(own) = &subset.traffic_policy else { continue };
             let merged = TrafficPolicy {
                 load_balancer: own.load_balancer.clone().or_else(|| policy.load_balancer.clone()),
                 connection_pool: own.connection_pool.clone().or_else(|| policy.connection_pool.clone()),
                 outlier_detection: own.outlier_detection.clone().or_else(|| policy.outlier_detection.clone()),
+                tls: own.tls.clone().or_else(|| policy.tls.clone()),
+                port_level_settings: if own.port_level_settings.is_empty() {
+                    policy.port_level_settings.clone()
+                } else {
+                    own.port_level_settings.clone()
+                },
             };
-            converted.subsets.insert(subset.name.clone(), destination_policy(&merged, &svc_ns, &hostname, &name));
+            converted.subsets.insert(subset.name.clone(), destination_policy(&merged, &svc_ns, &hostname, &name, &tls));
         }
         out.insert(key, converted);
     }
-    out
+    let warnings = out
+        .values()
+        .flat_map(|p| std::iter::once(p).chain(p.subsets.values()))
+        .flat_map(|p| p.tls.iter().chain(p.port_tls.values()))
+        .filter(|t| !t.refusal.is_empty())
+        .map(|t| format!("{}; requests to its destination are refused", t.refusal))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    (out, warnings)
+}
+
+/// A DestinationRule's `tls` in the waypoint's form; `None` when no TLS is originated. The roots
+/// of `credentialName` are looked up here (the rule's namespace, the Secret's `ca.crt`) and sent
+/// inline: they are public. What the waypoint cannot carry out (MUTUAL, a missing Secret) becomes
+/// a refusal: requests are refused rather than sent without the TLS the rule asks for.
+fn upstream_tls(t: &ClientTlsSettings, objects: &Objects, namespace: &str, rule: &str) -> Option<pb::UpstreamTls> {
+    let refuse =
+        |why: String| Some(pb::UpstreamTls { refusal: format!("DestinationRule {rule}: {why}"), ..Default::default() });
+    match t.mode.as_deref().map(str::to_ascii_uppercase).as_deref() {
+        // Mesh traffic is mutual TLS (HBONE) already; a destination outside the mesh has no
+        // Istio identity to present one to.
+        None | Some("DISABLE" | "ISTIO_MUTUAL") => return None,
+        Some("SIMPLE") => {}
+        Some(other) => return refuse(format!("tls.mode {other} is not supported (only SIMPLE is)")),
+    }
+    let ca_certificates = match t.credential_name.as_deref() {
+        None => String::new(),
+        Some(secret) => match objects.secret(namespace, secret) {
+            Some(s) => match crate::k8s::secret_value(s, "ca.crt").and_then(|pem| String::from_utf8(pem).ok()) {
+                Some(pem) => pem,
+                None => return refuse(format!("Secret {namespace}/{secret} has no ca.crt")),
+            },
+            None => return refuse(format!("Secret {namespace}/{secret} (type kubernetes.io/tls) is not found")),
+        },
+    };
+    Some(pb::UpstreamTls {
+        sni: t.sni.clone().unwrap_or_default(),
+        subject_alt_names: t.subject_alt_names.clone(),
+        ca_certificates,
+        ca_certificates_file: t.ca_certificates.clone().unwrap_or_default(),
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
+        refusal: String::new(),
+    })
 }
 
 /// One traffic policy in the waypoint's form.
-fn destination_policy(policy: &TrafficPolicy, namespace: &str, hostname: &str, name: &str) -> pb::DestinationPolicy {
+fn destination_policy(
+    policy: &TrafficPolicy,
+    namespace: &str,
+    hostname: &str,
+    name: &str,
+    tls: &dyn Fn(&ClientTlsSettings) -> Option<pb::UpstreamTls>,
+) -> pb::DestinationPolicy {
     let load_balancer = match policy.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
         Some("LEAST_REQUEST" | "LEAST_CONN") => pb::destination_policy::LoadBalancer::LeastRequest,
         Some("RANDOM") => pb::destination_policy::LoadBalancer::Random,
@@ -344,6 +429,12 @@ fn destination_policy(policy: &TrafficPolicy, namespace: &str, hostname: &str, n
         connection_pool,
         outlier_detection,
         subsets: Default::default(),
+        tls: policy.tls.as_ref().and_then(tls),
+        port_tls: policy
+            .port_level_settings
+            .iter()
+            .filter_map(|p| Some((p.port.as_ref()?.number?, tls(p.tls.as_ref()?)?)))
+            .collect(),
     }
 }
 

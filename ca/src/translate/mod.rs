@@ -348,8 +348,10 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
         }
         state.routes.insert(key, vs_routes);
     }
-    state.destination_policies = istio::destination_policies(objects, config, &state.services);
-    let (mut ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config);
+    let (destination_policies, tls_warnings) = istio::destination_policies(objects, config, &state.services);
+    state.destination_policies = destination_policies;
+    state.warnings.extend(tls_warnings);
+    let (mut ingress_gateways, ingress_warnings) = ingress::ingress_gateways(objects, config, &state.services);
     let (api_gateways, api_warnings) = ingress::gateway_api_gateways(objects, config);
     ingress_gateways.extend(api_gateways);
     state.warnings.extend(api_warnings);

@@ -298,3 +298,57 @@ fn service_entries_cannot_take_what_the_mesh_holds_and_bad_ones_are_refused() {
         ["10.96.0.30".parse::<std::net::IpAddr>().unwrap()]
     );
 }
+
+/// TLS a DestinationRule asks for that the waypoint cannot originate — MUTUAL, or roots from a
+/// Secret that is not there — is carried to the waypoint as a refusal (its requests get 503, never
+/// the plaintext the rule tried to rule out) and reported; a mode Istio does not define refuses
+/// the rule.
+#[test]
+fn tls_the_waypoint_cannot_originate_is_a_refusal_not_plaintext() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
+    let rule = |name: &str, host: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls: {tls}\n---\n"
+        )
+    };
+    let yaml = rule("mutual", "payments.example.com", "{mode: MUTUAL, clientCertificate: /c.pem, privateKey: /k.pem}")
+        + &rule("no-secret", "legacy.internal", "{mode: SIMPLE, credentialName: missing}")
+        + &rule("odd", "db.shop.svc.cluster.local", "{mode: STRICT}")
+        + &rule("bad-sni", "db.shop.svc.cluster.local", "{mode: SIMPLE, sni: 'not a name'}");
+    std::fs::write(dir.path().join("rules.yaml"), yaml).unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+
+    let mut refused: Vec<String> = store.errors().iter().map(|e| format!("{}: {}", e.source, e.message)).collect();
+    refused.sort();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    assert!(
+        refused[0].contains("odd is invalid: trafficPolicy.tls.mode \"STRICT\" is not DISABLE, SIMPLE"),
+        "{refused:#?}"
+    );
+    assert!(
+        refused[1].contains("bad-sni is invalid: trafficPolicy.tls.sni: \"not a name\" is not a DNS name"),
+        "{refused:#?}"
+    );
+    let refusal = |key: &str| state.destination_policies[key].tls.as_ref().unwrap().refusal.clone();
+    assert_eq!(
+        refusal("shop/payments.example.com"),
+        "DestinationRule shop/mutual: tls.mode MUTUAL is not supported (only SIMPLE is)"
+    );
+    assert_eq!(
+        refusal("shop/legacy.internal"),
+        "DestinationRule shop/no-secret: Secret shop/missing (type kubernetes.io/tls) is not found"
+    );
+    let tls_warnings: Vec<&String> = state.warnings.iter().filter(|w| w.starts_with("DestinationRule")).collect();
+    assert_eq!(
+        tls_warnings,
+        [
+            "DestinationRule shop/mutual: tls.mode MUTUAL is not supported (only SIMPLE is); requests to its destination are refused",
+            "DestinationRule shop/no-secret: Secret shop/missing (type kubernetes.io/tls) is not found; requests to its destination are refused",
+        ]
+    );
+}
