@@ -230,6 +230,18 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8443}]
   endpoints: [{address: 10.10.0.201}]
 ---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: secure-not-internal, namespace: demo}
+spec:
+  targetRefs:
+    - {group: networking.istio.io, kind: ServiceEntry, name: partner-secure}
+  action: DENY
+  rules:
+    - to:
+        - operation:
+            paths: [\"/internal*\"]
+---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: impostor-tls, namespace: demo}
@@ -251,7 +263,7 @@ fn partner_tls(tls: &str) -> String {
 /// to the server outside the mesh — SNI the entry's host, the server's certificate verified
 /// against the roots of the rule's `credentialName` Secret. A server whose certificate is not for
 /// the name is refused (503, logged), and a rule asking for what the waypoint cannot do (MUTUAL)
-/// refuses requests rather than send them in plaintext.
+/// refuses requests rather than send them in plaintext. A DENY policy may target the ServiceEntry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_egress_waypoint_originates_tls_and_verifies_the_server() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
@@ -290,6 +302,9 @@ async fn an_egress_waypoint_originates_tls_and_verifies_the_server() {
     );
     // L7 policy applies before the TLS leaves.
     let denied = secure("/admin/keys").await.unwrap();
+    assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied\n"), "{denied:?}");
+    // A policy may name the ServiceEntry itself.
+    let denied = secure("/internal/report").await.unwrap();
     assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied\n"), "{denied:?}");
 
     // The same server under another name: its certificate is not for it, so nothing is sent.

@@ -112,16 +112,19 @@ impl<'a> Resolver<'a> {
     /// The uids of the workloads of subset `subset` of the service `(ns, hostname)`.
     fn subset_workloads(&self, ns: &str, hostname: &str, subset: &str) -> Vec<String> {
         let suffix = &self.config.domain_suffix;
-        let Some(labels) = self
+        // The rules that may govern the service (see `destination_policies`), its own namespace's first.
+        let mut rules: Vec<_> = self
             .objects
             .destination_rules()
             .filter(|dr| {
                 let (dr_ns, _) = k8s::ns_name(&dr.metadata);
-                service_key(self.services, &dr.spec.host, dr_ns, suffix) == (ns.to_owned(), hostname.to_owned())
+                (dr_ns == ns || dr_ns == self.config.root_namespace)
+                    && service_key(self.services, &dr.spec.host, dr_ns, suffix) == (ns.to_owned(), hostname.to_owned())
             })
-            .flat_map(|dr| dr.spec.subsets.iter())
-            .find(|s| s.name == subset)
-            .map(|s| &s.labels)
+            .collect();
+        rules.sort_by_key(|dr| k8s::ns_name(&dr.metadata).0 != ns);
+        let Some(labels) =
+            rules.iter().flat_map(|dr| dr.spec.subsets.iter()).find(|s| s.name == subset).map(|s| &s.labels)
         else {
             return Vec::new();
         };
@@ -262,12 +265,16 @@ impl<'a> Resolver<'a> {
     }
 }
 
-/// Ordered routes per service (`namespace/hostname`) from the mesh's VirtualServices.
+/// Ordered routes per service (`namespace/hostname`) from the mesh's VirtualServices, and the
+/// hosts refused: a VirtualService routes only services of its own namespace at the waypoints (a
+/// producer route, as Istio's waypoints take them; another namespace's would let its owner
+/// reroute the service).
 pub fn virtual_service_routes(
     objects: &Objects,
     config: &MeshConfig,
     services: &BTreeMap<String, Service>,
-) -> BTreeMap<String, pb::ServiceRoutes> {
+) -> (BTreeMap<String, pb::ServiceRoutes>, Vec<String>) {
+    let mut warnings = Vec::new();
     let resolver = Resolver::new(objects, config, services);
     let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
     let mut vss: Vec<_> = objects.virtual_services().collect();
@@ -284,6 +291,12 @@ pub fn virtual_service_routes(
             let (svc_ns, hostname) = service_key(services, host, ns, &config.domain_suffix);
             let key = format!("{svc_ns}/{hostname}");
             let Some(svc) = services.get(&key) else { continue };
+            if svc_ns != ns {
+                warnings.push(format!(
+                    "VirtualService {ns}/{name}: host {host} is a service of namespace {svc_ns}; only VirtualServices in that namespace route it"
+                ));
+                continue;
+            }
             out.entry(key)
                 .or_insert_with(|| pb::ServiceRoutes {
                     namespace: svc.namespace.clone(),
@@ -299,7 +312,7 @@ pub fn virtual_service_routes(
                 });
         }
     }
-    out
+    (out, warnings)
 }
 
 /// Destination policies per service (`namespace/hostname`) from the DestinationRules, and a
@@ -310,6 +323,11 @@ pub fn destination_policies(
     services: &BTreeMap<String, Service>,
 ) -> (BTreeMap<String, pb::DestinationPolicy>, Vec<String>) {
     let mut out = BTreeMap::new();
+    let mut warnings = Vec::new();
+    // Which rule governs each service: the first (by name) of its own namespace, else of the root
+    // namespace. A rule elsewhere is ignored, as Istio ignores it for the service's own proxies:
+    // otherwise any namespace could turn off another's TLS verification or limits.
+    let mut chosen: BTreeMap<String, (bool, &k8s::DestinationRule)> = BTreeMap::new();
     for dr in objects.destination_rules() {
         let (ns, name) = k8s::ns_name(&dr.metadata);
         let (svc_ns, hostname) = service_key(services, &dr.spec.host, ns, &config.domain_suffix);
@@ -317,6 +335,25 @@ pub fn destination_policies(
         if !services.contains_key(&key) {
             continue;
         }
+        let own = ns == svc_ns;
+        if !own && ns != config.root_namespace {
+            warnings.push(format!(
+                "DestinationRule {ns}/{name}: host {} is a service of namespace {svc_ns}; only rules in {svc_ns} or {} apply to it",
+                dr.spec.host, config.root_namespace
+            ));
+            continue;
+        }
+        match chosen.get(&key) {
+            Some((true, _)) => {}
+            Some((false, _)) if !own => {}
+            _ => {
+                chosen.insert(key, (own, dr));
+            }
+        }
+    }
+    for (key, (_, dr)) in chosen {
+        let (ns, name) = k8s::ns_name(&dr.metadata);
+        let (svc_ns, hostname) = key.split_once('/').map(|(a, b)| (a.to_owned(), b.to_owned())).unwrap_or_default();
         let policy = dr.spec.traffic_policy.clone().unwrap_or_default();
         let name = format!("{ns}/{name}");
         let tls = |t: &ClientTlsSettings| upstream_tls(t, objects, ns, &name);
@@ -338,15 +375,14 @@ pub fn destination_policies(
         }
         out.insert(key, converted);
     }
-    let warnings = out
+    let refusals: std::collections::BTreeSet<String> = out
         .values()
         .flat_map(|p| std::iter::once(p).chain(p.subsets.values()))
         .flat_map(|p| p.tls.iter().chain(p.port_tls.values()))
         .filter(|t| !t.refusal.is_empty())
         .map(|t| format!("{}; requests to its destination are refused", t.refusal))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
         .collect();
+    warnings.extend(refusals);
     (out, warnings)
 }
 

@@ -335,14 +335,20 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     state.settings = egress::settings(objects, config);
 
     // What waypoints need: routes per service and the policies targeting them.
-    state.routes = waypoint::routes(objects, config, &state.services);
-    state.l7_policies = waypoint::l7_policies(objects);
-    let authn = request_authn::translate(objects);
+    let (routes, route_warnings) = waypoint::routes(objects, config, &state.services);
+    state.routes = routes;
+    state.warnings.extend(route_warnings);
+    let (l7_policies, l7_errors) = waypoint::l7_policies(objects, &state.services, &config.root_namespace);
+    state.l7_policies = l7_policies;
+    state.config_errors.extend(l7_errors);
+    let authn = request_authn::translate(objects, &state.services, &config.root_namespace);
     state.request_authns = authn.rules;
     state.config_errors.extend(authn.errors);
     state.warnings.extend(authn.warnings);
     // VirtualServices are tried before the HTTPRoutes of the same service.
-    for (key, mut vs_routes) in istio::virtual_service_routes(objects, config, &state.services) {
+    let (vs_routes, vs_warnings) = istio::virtual_service_routes(objects, config, &state.services);
+    state.warnings.extend(vs_warnings);
+    for (key, mut vs_routes) in vs_routes {
         if let Some(existing) = state.routes.remove(&key) {
             vs_routes.routes.extend(existing.routes);
         }

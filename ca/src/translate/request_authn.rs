@@ -16,6 +16,7 @@ use http::HeaderName;
 use proto::api::ambient::waypoint::v1 as pb;
 
 use crate::k8s::{self, JwtRule, ObjectRef};
+use crate::mesh::Service;
 use crate::objects::{ConfigError, Objects};
 
 /// The waypoint rules, by `namespace/name`, with the problems found (as config errors) and the
@@ -31,14 +32,15 @@ pub struct Translated {
 }
 
 /// Translates every RequestAuthentication.
-pub fn translate(objects: &Objects) -> Translated {
+pub fn translate(objects: &Objects, services: &BTreeMap<String, Service>, root_namespace: &str) -> Translated {
     let mut out = Translated::default();
     for ra in objects.request_authentications() {
         let (ns, name) = k8s::ns_name(&ra.metadata);
         let source = format!("RequestAuthentication {ns}/{name}");
         let spec = &ra.spec;
         let refs: Vec<&ObjectRef> = spec.target_ref.iter().chain(&spec.target_refs).collect();
-        let targets = super::waypoint::policy_targets(&refs, ns);
+        let (targets, unsupported) = super::waypoint::policy_targets(&refs, ns, services, root_namespace);
+        out.errors.extend(unsupported.into_iter().map(|message| ConfigError { source: source.clone(), message }));
         if targets.is_empty() {
             out.warnings.push(format!(
                 "{source}: has no targetRefs to a Gateway (waypoint) or Service, so no waypoint checks its \
@@ -204,7 +206,7 @@ mod tests {
              fromHeaders: [{{name: X-Token, prefix: 'T '}}]\n    outputPayloadToHeader: X-Jwt\n    \
              outputClaimToHeaders: [{{header: X-Group, claim: groups}}]\n"
         ));
-        let t = translate(&objects(&yaml));
+        let t = translate(&objects(&yaml), &BTreeMap::new(), "istio-system");
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let r = &t.rules["shop/jwt"];
         assert_eq!(r.targets[0].name, "waypoint");
@@ -225,7 +227,7 @@ mod tests {
              jwks: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"c2VjcmV0\"}]}'\n  - issuer: c\n  - issuer: d\n    \
              jwksUri: https://keys.example/jwks\n    fromHeader: [{name: x}]\n  - issuer: e\n    \
              jwksUri: https://keys.example/e\n");
-        let t = translate(&objects(&yaml));
+        let t = translate(&objects(&yaml), &BTreeMap::new(), "istio-system");
         let rules = &t.rules["shop/jwt"].jwt_rules;
         assert!(rules[0].error.contains("HTTPS only"), "{}", rules[0].error);
         assert!(rules[1].error.contains("public key"), "{}", rules[1].error);
@@ -243,7 +245,7 @@ mod tests {
     #[test]
     fn an_unreadable_policy_refuses_every_token() {
         for spec in ["  jwtRule:\n  - issuer: a\n", "  jwtRules: 7\n"] {
-            let t = translate(&objects(&ra(spec)));
+            let t = translate(&objects(&ra(spec)), &BTreeMap::new(), "istio-system");
             let rules = &t.rules["shop/jwt"].jwt_rules;
             assert_eq!(rules.len(), 1, "{spec}");
             assert!(rules[0].issuer.is_empty() && !rules[0].error.is_empty(), "{spec}: {rules:?}");
@@ -255,7 +257,7 @@ mod tests {
     fn a_policy_without_targets_is_a_warning() {
         let yaml = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: \
                     shop}\nspec:\n  jwtRules: [{issuer: a, jwksUri: 'https://k/j'}]\n";
-        let t = translate(&objects(yaml));
+        let t = translate(&objects(yaml), &BTreeMap::new(), "istio-system");
         assert!(t.rules.is_empty());
         assert_eq!(t.warnings.len(), 1);
         assert!(t.warnings[0].contains("no targetRefs"), "{:?}", t.warnings);

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::k8s::{self, AuthorizationPolicy, HTTPRouteSpec, HttpRouteFilter, HttpRouteRule, ObjectRef};
 use crate::mesh::Service;
-use crate::objects::Objects;
+use crate::objects::{ConfigError, Objects};
 use crate::translate::MeshConfig;
 use crate::translate::authz::{self, PolicyAction};
 
@@ -181,13 +181,17 @@ fn hostname_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// Routes per service, keyed `namespace/hostname`.
+/// Routes per service, keyed `namespace/hostname`, and the attachments refused. Only producer
+/// routes are taken, as Istio's waypoints take them: a route in the namespace of the Service it
+/// names (or of the waypoint Gateway it names, whose listeners admit the same namespace only). A
+/// route in another namespace would let that namespace's owner reroute someone else's service.
 pub fn routes(
     objects: &Objects,
     config: &MeshConfig,
     services: &BTreeMap<String, Service>,
-) -> BTreeMap<String, pb::ServiceRoutes> {
+) -> (BTreeMap<String, pb::ServiceRoutes>, Vec<String>) {
     let mut out: BTreeMap<String, pb::ServiceRoutes> = BTreeMap::new();
+    let mut warnings = Vec::new();
     // A GRPCRoute is the HTTPRoute it amounts to (validated on the way in).
     let grpc: Vec<(&kube::core::ObjectMeta, HTTPRouteSpec)> =
         objects.grpc_routes().filter_map(|r| Some((&r.metadata, r.spec.as_http().ok()?))).collect();
@@ -212,6 +216,16 @@ pub fn routes(
             } else {
                 Vec::new()
             };
+            // An ingress Gateway in another namespace is none of this (its listeners' allowedRoutes
+            // decide, see `ingress`); a Service or a waypoint there is.
+            let parent_ns = parent.namespace.as_deref().unwrap_or(ns);
+            if parent_ns != ns && !targets.is_empty() {
+                warnings.push(format!(
+                    "route {ns}/{name}: parentRef {parent_ns}/{} is in another namespace; waypoints take only routes in the namespace of what they name",
+                    parent.name
+                ));
+                continue;
+            }
             for svc in targets {
                 let entry = out.entry(svc.resource_name()).or_insert_with(|| pb::ServiceRoutes {
                     namespace: svc.namespace.clone(),
@@ -227,7 +241,7 @@ pub fn routes(
             }
         }
     }
-    out
+    (out, warnings)
 }
 
 /// The application protocol a Service port declares, reported in `istio.workload.Port.app_protocol`
@@ -254,16 +268,36 @@ pub fn app_protocol(port: &ServicePort) -> AppProtocol {
         .unwrap_or(AppProtocol::Unknown)
 }
 
-/// The policies a waypoint enforces, keyed `namespace/name`.
-pub fn l7_policies(objects: &Objects) -> BTreeMap<String, pb::L7Policy> {
-    objects
+/// The policies a waypoint enforces, keyed `namespace/name`, and the targets it cannot take as
+/// written (see [`policy_targets`]).
+pub fn l7_policies(
+    objects: &Objects,
+    services: &BTreeMap<String, Service>,
+    root_namespace: &str,
+) -> (BTreeMap<String, pb::L7Policy>, Vec<ConfigError>) {
+    let mut errors = Vec::new();
+    let policies = objects
         .authorization_policies()
-        .filter_map(|p| l7_policy(p))
+        .filter_map(|p| {
+            let (policy, unsupported) = l7_policy(p, services, root_namespace)?;
+            let (ns, name) = k8s::ns_name(&p.metadata);
+            errors.extend(
+                unsupported
+                    .into_iter()
+                    .map(|message| ConfigError { source: format!("AuthorizationPolicy {ns}/{name}"), message }),
+            );
+            Some(policy)
+        })
         .map(|p| (format!("{}/{}", p.namespace, p.name), p))
-        .collect()
+        .collect();
+    (policies, errors)
 }
 
-fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
+fn l7_policy(
+    policy: &AuthorizationPolicy,
+    services: &BTreeMap<String, Service>,
+    root_namespace: &str,
+) -> Option<(pb::L7Policy, Vec<String>)> {
     let spec = &policy.spec;
     let refs: Vec<&ObjectRef> = spec.target_ref.iter().chain(&spec.target_refs).collect();
     if refs.is_empty() {
@@ -278,7 +312,7 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
     let allow = action == pb::l7_policy::Action::Allow;
     let review = authz::review(policy);
     let (ns, name) = k8s::ns_name(&policy.metadata);
-    let targets = policy_targets(&refs, ns);
+    let (targets, unsupported) = policy_targets(&refs, ns, services, root_namespace);
     // What cannot be evaluated fails closed (see `authz::Review`): an unreadable ALLOW allows
     // nothing and an unreadable DENY denies everything; a bad rule leaves an ALLOW and matches
     // every request in a DENY.
@@ -288,32 +322,64 @@ fn l7_policy(policy: &AuthorizationPolicy) -> Option<pb::L7Policy> {
     } else {
         l7_rules(spec, &review, allow)
     };
-    Some(pb::L7Policy {
+    let policy = pb::L7Policy {
         name: name.to_owned(),
         namespace: ns.to_owned(),
         targets,
         action: action as i32,
         rules,
         dry_run: authz::dry_run(policy),
-    })
+    };
+    Some((policy, unsupported))
 }
 
-/// The Gateways and Services among a policy's `targetRefs` (namespace defaulting to the policy's).
-pub(crate) fn policy_targets(refs: &[&ObjectRef], ns: &str) -> Vec<pb::PolicyTarget> {
-    refs.iter()
-        .filter_map(|r| {
-            let kind = match r.kind.as_deref() {
-                Some("Service") => pb::policy_target::Kind::Service,
-                Some("Gateway") => pb::policy_target::Kind::Gateway,
-                _ => return None,
-            };
-            Some(pb::PolicyTarget {
-                kind: kind as i32,
-                namespace: r.namespace.clone().unwrap_or_else(|| ns.to_owned()),
-                name: r.name.clone(),
-            })
-        })
-        .collect()
+/// A policy's `targetRefs` as waypoint targets (namespace defaulting to the policy's): Gateways
+/// (waypoints and ingress gateways), Services, and ServiceEntries (the services of their hosts
+/// carry the entry's name). A kind the mesh does not know cannot be dropped — a DENY aimed at it
+/// would then deny nothing — so it fails closed within what the policy's author governs: it
+/// targets every service of the policy's namespace (of the mesh, for the root namespace), and
+/// is returned as a problem to report.
+pub(crate) fn policy_targets(
+    refs: &[&ObjectRef],
+    ns: &str,
+    services: &BTreeMap<String, Service>,
+    root_namespace: &str,
+) -> (Vec<pb::PolicyTarget>, Vec<String>) {
+    let mut targets = Vec::new();
+    let mut unsupported = Vec::new();
+    let target = |kind: pb::policy_target::Kind, namespace: String, name: String| pb::PolicyTarget {
+        kind: kind as i32,
+        namespace,
+        name,
+    };
+    for r in refs {
+        let namespace = r.namespace.clone().unwrap_or_else(|| ns.to_owned());
+        let group = r.group.as_deref().unwrap_or("");
+        match (group, r.kind.as_deref().unwrap_or("")) {
+            ("" | "core", "Service") => {
+                targets.push(target(pb::policy_target::Kind::Service, namespace, r.name.clone()))
+            }
+            ("" | "gateway.networking.k8s.io", "Gateway") => {
+                targets.push(target(pb::policy_target::Kind::Gateway, namespace, r.name.clone()));
+            }
+            ("networking.istio.io", "ServiceEntry") => {
+                targets.push(target(pb::policy_target::Kind::Service, namespace, r.name.clone()));
+            }
+            (group, kind) => {
+                let scope = if ns == root_namespace { "the mesh" } else { "its namespace" };
+                unsupported.push(format!(
+                    "targetRefs kind {kind:?} (group {group:?}) is not one the mesh knows; the policy applies to every service of {scope} instead"
+                ));
+                let mut seen = std::collections::BTreeSet::new();
+                for svc in services.values().filter(|s| ns == root_namespace || s.namespace == ns) {
+                    if seen.insert((svc.namespace.clone(), svc.name.clone())) {
+                        targets.push(target(pb::policy_target::Kind::Service, svc.namespace.clone(), svc.name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    (targets, unsupported)
 }
 
 /// The rules as written, but that a rule with a problem is left out of an ALLOW and matches

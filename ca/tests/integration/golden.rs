@@ -352,3 +352,132 @@ fn tls_the_waypoint_cannot_originate_is_a_refusal_not_plaintext() {
         ]
     );
 }
+
+/// A namespace's owner cannot reroute or relax another namespace's services: a VirtualService or
+/// an HTTPRoute in namespace `evil` naming shop's Service is not taken (only producer routes, as
+/// Istio's waypoints take them), nor is a DestinationRule there for shop's ServiceEntry host (it
+/// would turn off TLS verification); each is reported. A rule in the root namespace applies
+/// where the service's own namespace has none.
+#[test]
+fn another_namespace_cannot_reroute_or_relax_a_service() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
+    let yaml = "apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: hijack, namespace: evil}
+spec:
+  hosts: [web.shop.svc.cluster.local, payments.example.com]
+  http: [{route: [{destination: {host: sink.evil.svc.cluster.local}}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: hijack, namespace: evil}
+spec:
+  parentRefs: [{group: '', kind: Service, name: web, namespace: shop}]
+  rules: [{backendRefs: [{name: sink, port: 80}]}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: a-relax, namespace: evil}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls: {mode: SIMPLE, insecureSkipVerify: true}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: legacy-limits, namespace: istio-system}
+spec:
+  host: legacy.internal
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 10}}
+";
+    std::fs::write(dir.path().join("tenants.yaml"), yaml).unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    assert_eq!(store.errors(), []);
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+
+    assert!(!state.routes.contains_key("shop/web.shop.svc.cluster.local"), "{:#?}", state.routes);
+    assert!(!state.routes.contains_key("shop/payments.example.com"), "{:#?}", state.routes);
+    let api = &state.destination_policies["shop/api.example.com"];
+    assert_eq!(api.name, "shop/api-tls");
+    assert!(!api.tls.as_ref().unwrap().insecure_skip_verify);
+    assert_eq!(state.destination_policies["shop/legacy.internal"].name, "istio-system/legacy-limits");
+    let mut warnings = state.warnings.clone();
+    warnings.sort();
+    assert_eq!(
+        warnings,
+        [
+            "DestinationRule evil/a-relax: host api.example.com is a service of namespace shop; only rules in shop or istio-system apply to it",
+            "VirtualService evil/hijack: host payments.example.com is a service of namespace shop; only VirtualServices in that namespace route it",
+            "VirtualService evil/hijack: host web.shop.svc.cluster.local is a service of namespace shop; only VirtualServices in that namespace route it",
+            "route evil/hijack: parentRef shop/web is in another namespace; waypoints take only routes in the namespace of what they name",
+        ]
+    );
+}
+
+/// A waypoint policy may target a ServiceEntry (the services of its hosts, which carry its name);
+/// one naming a kind the mesh does not know is not dropped (a DENY would deny nothing) but applies
+/// to every service of its namespace — of the mesh from the root namespace — and is reported.
+#[test]
+fn policy_targets_of_unknown_kinds_fail_closed_within_their_namespace() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
+    let policy = |ns: &str, name: &str, target: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRefs: [{target}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/x]}}}}]}}]\n---\n"
+        )
+    };
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: other}\nspec:\n  clusterIP: 10.96.0.31\n  ports: [{port: 80}]\n---\n".to_owned()
+        + &policy("shop", "entry", "{group: networking.istio.io, kind: ServiceEntry, name: payments}")
+        + &policy("shop", "odd", "{group: example.com, kind: Frobnicator, name: x}")
+        + &policy("istio-system", "classwide", "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}");
+    std::fs::write(dir.path().join("policies.yaml"), yaml).unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+    let targets = |key: &str| -> Vec<String> {
+        let mut t: Vec<String> = state.l7_policies[key]
+            .targets
+            .iter()
+            .map(|t| format!("{:?} {}/{}", t.kind(), t.namespace, t.name))
+            .collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    assert_eq!(targets("shop/entry"), ["Service shop/payments"]);
+    let shop = ["Service shop/apis", "Service shop/legacy", "Service shop/payments", "Service shop/search"];
+    let odd = targets("shop/odd");
+    assert!(shop.iter().all(|s| odd.contains(&s.to_string())), "{odd:?}");
+    assert!(odd.iter().all(|t| t.starts_with("Service shop/")), "{odd:?}");
+    let classwide = targets("istio-system/classwide");
+    assert!(
+        classwide.contains(&"Service other/web".to_owned()) && classwide.contains(&"Service shop/payments".to_owned())
+    );
+    let errors: Vec<String> = state.config_errors.iter().map(|e| format!("{}: {}", e.source, e.message)).collect();
+    for (source, says) in [
+        (
+            "AuthorizationPolicy shop/odd",
+            "targetRefs kind \"Frobnicator\" (group \"example.com\") is not one the mesh knows; the policy applies to every service of its namespace instead",
+        ),
+        (
+            "AuthorizationPolicy istio-system/classwide",
+            "kind \"GatewayClass\" (group \"gateway.networking.k8s.io\") is not one the mesh knows; the policy applies to every service of the mesh instead",
+        ),
+    ] {
+        assert!(errors.iter().any(|e| e.starts_with(source) && e.contains(says)), "{source}: {errors:#?}");
+    }
+}
