@@ -135,6 +135,15 @@ const DEFAULT_RETRY_ON: [u16; 4] = [500, 502, 503, 504];
 /// The shortest backoff between retries (Envoy's default base interval).
 const MIN_BACKOFF: Duration = Duration::from_millis(25);
 
+/// Where a request's copy goes.
+#[derive(Debug)]
+pub(crate) struct Mirror {
+    /// The endpoint picked for it.
+    pub(crate) endpoint: Endpoint,
+    /// The backend it is one of (its DestinationRule says how the copy is sent).
+    pub(crate) backend: Backend,
+}
+
 /// A request to send on.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -147,7 +156,7 @@ pub(crate) struct Plan {
     /// Where it goes.
     pub(crate) backend: Backend,
     /// Where a copy goes, its answer ignored.
-    pub(crate) mirror: Option<Endpoint>,
+    pub(crate) mirror: Option<Mirror>,
     /// A fault delay that fired: the request waits this long first.
     pub(crate) delay: Option<Duration>,
     /// Retries, when the rule has them (never for an upgrade: its body is the connection).
@@ -343,12 +352,13 @@ pub(crate) fn plan_rule(
         let b = m.backend.as_ref()?;
         let port = ports.for_backend(state, &b.service, b.port)?;
         let subset = (!b.subset.is_empty()).then_some((b.subset.as_str(), b.workloads.as_slice()));
-        let mut endpoints = Backend::service(state, &b.service, port, subset).endpoints;
-        if endpoints.is_empty() {
+        let mut backend = Backend::service(state, &b.service, port, subset);
+        if backend.endpoints.is_empty() {
             return None;
         }
-        let at = rng.random_range(0..endpoints.len());
-        Some(endpoints.swap_remove(at))
+        let at = rng.random_range(0..backend.endpoints.len());
+        let endpoint = backend.endpoints.swap_remove(at);
+        Some(Mirror { endpoint, backend })
     });
     Ok(Plan {
         head: parts,
@@ -801,7 +811,7 @@ mod tests {
         let mirrored = |state: &MeshState| {
             (0..1_000u64)
                 .filter_map(|seed| plan_of(wp.plan(state, fixture::head("GET", "/", &[]), seed)).mirror)
-                .map(|e| e.workload.uid.clone())
+                .map(|m| m.endpoint.workload.uid.clone())
                 .collect::<Vec<_>>()
         };
         let all = mirrored(&mirror(None, None));

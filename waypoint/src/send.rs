@@ -37,8 +37,8 @@ pub(crate) trait Upstream: Sync {
         tls: Option<&Arc<Origination>>,
     ) -> impl Future<Output = Result<Response<Body>, BoxError>> + Send;
 
-    /// Sends a copy of a request; nobody waits for its answer.
-    fn mirror(&self, request: Request<Body>);
+    /// Sends a copy of a request (in `tls` when set); nobody waits for its answer.
+    fn mirror(&self, request: Request<Body>, tls: Option<&Arc<Origination>>);
 }
 
 /// The client's side of an HTTP/1.1 upgrade it asked for. Unless the endpoint switched protocols
@@ -88,7 +88,13 @@ pub(crate) async fn send(
     };
     let limits = destinations.state(&plan.backend.key, plan.backend.policy());
     let deadline = plan.timeout.and_then(|t| Instant::now().checked_add(t));
-    let tried = try_endpoints(&plan, body, upstream, &limits, downstream_upgrade);
+    // A copy is sent as its own backend's DestinationRule says: in the TLS it originates, or not
+    // at all when that TLS is refused.
+    let mirror_transport = plan.mirror.as_ref().map(|m| match m.backend.tls_port() {
+        Some(port) => destinations.state(&m.backend.key, m.backend.policy()).transport(port),
+        None => UpstreamTransport::Plain,
+    });
+    let tried = try_endpoints(&plan, body, upstream, &limits, mirror_transport, downstream_upgrade);
     let (mut response, outcome) = match deadline {
         Some(d) => match tokio::time::timeout_at(d, tried).await {
             Ok(r) => r,
@@ -118,6 +124,7 @@ async fn try_endpoints(
     mut body: RequestBody,
     upstream: &impl Upstream,
     limits: &ServiceState,
+    mirror_transport: Option<UpstreamTransport>,
     downstream_upgrade: &mut DownstreamUpgrade,
 ) -> (Response<Body>, Outcome) {
     // A delay counts against the request's timeout, as Envoy's does.
@@ -147,10 +154,17 @@ async fn try_endpoints(
         )
         .into_parts();
     };
-    if let (Some(m), RequestBody::Buffered(b)) = (&plan.mirror, &body)
-        && let Some(copy) = request_to(plan, m, Full::new(b.clone()).map_err(|e| match e {}).boxed())
-    {
-        upstream.mirror(copy);
+    if let (Some(m), RequestBody::Buffered(b)) = (&plan.mirror, &body) {
+        let tls = match mirror_transport {
+            None | Some(UpstreamTransport::Plain) => Some(None),
+            Some(UpstreamTransport::Tls(tls)) => Some(Some(tls)),
+            Some(UpstreamTransport::Refused(_)) => None,
+        };
+        if let Some(tls) = tls
+            && let Some(copy) = request_to(plan, &m.endpoint, Full::new(b.clone()).map_err(|e| match e {}).boxed())
+        {
+            upstream.mirror(copy, tls.as_ref());
+        }
     }
     let http2 = plan.head.version == Version::HTTP_2;
     let policy = plan.backend.policy();
@@ -303,6 +317,8 @@ mod tests {
         to: String,
         path: String,
         body: Bytes,
+        /// The SNI of the TLS it was to be sent in.
+        tls: Option<String>,
     }
 
     /// An upstream that answers from a script (`200` once it runs out) and records what it got.
@@ -323,10 +339,11 @@ mod tests {
         }
     }
 
-    async fn receive(request: Request<Body>) -> Got {
+    async fn receive(request: Request<Body>, tls: Option<&Arc<Origination>>) -> Got {
+        let tls = tls.map(|t| t.server_name().to_str().into_owned());
         let (parts, body) = request.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        Got { to: parts.uri.authority().unwrap().to_string(), path: parts.uri.path().to_owned(), body }
+        Got { to: parts.uri.authority().unwrap().to_string(), path: parts.uri.path().to_owned(), body, tls }
     }
 
     impl Upstream for Fake {
@@ -334,9 +351,9 @@ mod tests {
             &self,
             request: Request<Body>,
             _http2: bool,
-            _tls: Option<&Arc<Origination>>,
+            tls: Option<&Arc<Origination>>,
         ) -> Result<Response<Body>, BoxError> {
-            let got = receive(request).await;
+            let got = receive(request, tls).await;
             let to = got.to.clone();
             self.got.lock().unwrap().push(got);
             let reply = self.replies.lock().unwrap().pop_front().unwrap_or(Reply::Status(200));
@@ -356,10 +373,11 @@ mod tests {
             Ok(response)
         }
 
-        fn mirror(&self, request: Request<Body>) {
+        fn mirror(&self, request: Request<Body>, tls: Option<&Arc<Origination>>) {
             let mirrored = self.mirrored.clone();
+            let tls = tls.cloned();
             tokio::spawn(async move {
-                let got = receive(request).await;
+                let got = receive(request, tls.as_ref()).await;
                 mirrored.lock().unwrap().push(got);
             });
         }
@@ -509,6 +527,67 @@ mod tests {
         assert_eq!(mirrored.len(), 1);
         assert_eq!((mirrored[0].to.as_str(), &mirrored[0].body[..]), ("10.0.0.3:8080", &b"copy me"[..]));
         assert_eq!(fake.got()[0].body, "copy me");
+    }
+
+    /// A DestinationRule's TLS goes with the request, and the mirror's rule with the copy; TLS
+    /// that cannot be originated sends nothing: the request gets 503 (`UF`), the copy is dropped.
+    #[tokio::test(start_paused = true)]
+    async fn requests_and_copies_go_in_the_tls_their_rules_ask_for_or_not_at_all() {
+        let mirror = pb::Filter {
+            kind: Some(filter::Kind::RequestMirror(pb::Mirror {
+                backend: Some(pb::Backend { service: SHADOW_KEY.into(), port: 80, weight: 1, ..Default::default() }),
+                percent: None,
+            })),
+        };
+        let rule = pb::RouteRule { filters: vec![mirror], ..fixture::rule() };
+        let tls = |sni: &str, refusal: &str| pb::DestinationPolicy {
+            hostname: "web.example".into(),
+            tls: Some(pb::UpstreamTls {
+                sni: sni.into(),
+                insecure_skip_verify: true,
+                refusal: refusal.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let plan_with = |web: pb::DestinationPolicy, shadow: pb::DestinationPolicy| {
+            let mut state = fixture::with_rules(fixture::state(), vec![rule.clone()]);
+            state.destination_policies.insert(KEY.into(), Arc::new(web));
+            state.destination_policies.insert(SHADOW_KEY.into(), Arc::new(shadow));
+            match Waypoint::new().plan(&state, fixture::head("POST", "/", &[]), 1).next {
+                Next::Send(p) => *p,
+                Next::Answer(a) => panic!("answered {}", a.status),
+            }
+        };
+        let settle = || async {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+        };
+
+        let fake = Fake::default();
+        let plan = plan_with(tls("web.example", ""), tls("shadow.example", ""));
+        let (status, _, _) = run(plan, body("both"), &fake, &Destinations::default()).await;
+        settle().await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(fake.got()[0].tls.as_deref(), Some("web.example"));
+        assert_eq!(fake.mirrored.lock().unwrap()[0].tls.as_deref(), Some("shadow.example"));
+
+        let fake = Fake::default();
+        let plan = plan_with(tls("web.example", "DestinationRule a/b: no"), tls("shadow.example", ""));
+        let (status, outcome, answer) = run(plan, body("refused"), &fake, &Destinations::default()).await;
+        settle().await;
+        assert_eq!((status, outcome.flags), (StatusCode::SERVICE_UNAVAILABLE, "UF"));
+        assert!(String::from_utf8_lossy(&answer).contains("TLS origination refused"), "{answer:?}");
+        assert!(!String::from_utf8_lossy(&answer).contains("DestinationRule"), "the client learns no configuration");
+        assert!(fake.got().is_empty() && fake.mirrored.lock().unwrap().is_empty());
+
+        let fake = Fake::default();
+        let plan = plan_with(tls("web.example", ""), tls("shadow.example", "DestinationRule a/c: no"));
+        let (status, _, _) = run(plan, body("no copy"), &fake, &Destinations::default()).await;
+        settle().await;
+        assert_eq!((status, fake.got().len()), (StatusCode::OK, 1));
+        assert!(fake.mirrored.lock().unwrap().is_empty(), "a copy went out without the TLS its rule asks for");
     }
 
     /// The tutorial's circuit breaker: one connection, one waiting; a third request overflows.

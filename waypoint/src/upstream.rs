@@ -401,8 +401,8 @@ impl crate::send::Upstream for ClientPair {
         Ok(response.map(|b| http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, BoxError::from))))
     }
 
-    fn mirror(&self, request: http::Request<Body>) {
-        let client = self.http1.clone();
+    fn mirror(&self, request: http::Request<Body>, tls: Option<&Arc<Origination>>) {
+        let client = self.client(tls, false);
         tokio::spawn(async move {
             let _ = tokio::time::timeout(crate::send::MIRROR_TIMEOUT, client.request(request)).await;
         });
