@@ -332,9 +332,8 @@ impl ClientPair {
         }
     }
 
-    /// The HTTP client for connections originating `tls` (none: as they are), HTTP/2 when `http2`.
-    fn client(&self, tls: Option<&Arc<Origination>>, http2: bool) -> Client<Connector, Body> {
-        let Some(tls) = tls else { return if http2 { self.http2.clone() } else { self.http1.clone() } };
+    /// The HTTP client whose connections originate `tls`, HTTP/2 when `http2`.
+    fn originating(&self, tls: &Arc<Origination>, http2: bool) -> Client<Connector, Body> {
         let mut all = self.originating.lock().unwrap_or_else(|p| p.into_inner());
         let pair = match all.iter().find(|(t, _)| Arc::ptr_eq(t, tls)) {
             Some((_, pair)) => pair.clone(),
@@ -397,12 +396,18 @@ impl crate::send::Upstream for ClientPair {
         http2: bool,
         tls: Option<&Arc<Origination>>,
     ) -> Result<http::Response<Body>, BoxError> {
-        let response = self.client(tls, http2).request(request).await?;
+        let response = match tls {
+            None => if http2 { &self.http2 } else { &self.http1 }.request(request).await?,
+            Some(tls) => self.originating(tls, http2).request(request).await?,
+        };
         Ok(response.map(|b| http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(b, BoxError::from))))
     }
 
     fn mirror(&self, request: http::Request<Body>, tls: Option<&Arc<Origination>>) {
-        let client = self.client(tls, false);
+        let client = match tls {
+            None => self.http1.clone(),
+            Some(tls) => self.originating(tls, false),
+        };
         tokio::spawn(async move {
             let _ = tokio::time::timeout(crate::send::MIRROR_TIMEOUT, client.request(request)).await;
         });

@@ -299,15 +299,26 @@ fn service_entries_cannot_take_what_the_mesh_holds_and_bad_ones_are_refused() {
     );
 }
 
+/// The egress fixture with one more file `name` holding `yaml`: the store (for its refusals) and
+/// the translated state.
+fn egress_fixture_with(name: &str, yaml: &str) -> (std::sync::Arc<Store>, ca::mesh::MeshState) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
+    std::fs::write(dir.path().join(name), yaml).unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+    (store, state)
+}
+
 /// TLS a DestinationRule asks for that the waypoint cannot originate — MUTUAL, or roots from a
 /// Secret that is not there — is carried to the waypoint as a refusal (its requests get 503, never
 /// the plaintext the rule tried to rule out) and reported; a mode Istio does not define refuses
 /// the rule.
 #[test]
 fn tls_the_waypoint_cannot_originate_is_a_refusal_not_plaintext() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
     let rule = |name: &str, host: &str, tls: &str| {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls: {tls}\n---\n"
@@ -317,11 +328,7 @@ fn tls_the_waypoint_cannot_originate_is_a_refusal_not_plaintext() {
         + &rule("no-secret", "legacy.internal", "{mode: SIMPLE, credentialName: missing}")
         + &rule("odd", "db.shop.svc.cluster.local", "{mode: STRICT}")
         + &rule("bad-sni", "db.shop.svc.cluster.local", "{mode: SIMPLE, sni: 'not a name'}");
-    std::fs::write(dir.path().join("rules.yaml"), yaml).unwrap();
-    let store = Store::new();
-    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
-    assert!(source.rescan());
-    let state = translate(&store.snapshot(), &MeshConfig::default());
+    let (store, state) = egress_fixture_with("rules.yaml", &yaml);
 
     let mut refused: Vec<String> = store.errors().iter().map(|e| format!("{}: {}", e.source, e.message)).collect();
     refused.sort();
@@ -360,9 +367,6 @@ fn tls_the_waypoint_cannot_originate_is_a_refusal_not_plaintext() {
 /// where the service's own namespace has none.
 #[test]
 fn another_namespace_cannot_reroute_or_relax_a_service() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
     let yaml = "apiVersion: v1
 kind: Service
 metadata: {name: web, namespace: shop}
@@ -400,12 +404,8 @@ spec:
   trafficPolicy:
     connectionPool: {tcp: {maxConnections: 10}}
 ";
-    std::fs::write(dir.path().join("tenants.yaml"), yaml).unwrap();
-    let store = Store::new();
-    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
-    assert!(source.rescan());
+    let (store, state) = egress_fixture_with("tenants.yaml", yaml);
     assert_eq!(store.errors(), []);
-    let state = translate(&store.snapshot(), &MeshConfig::default());
 
     assert!(!state.routes.contains_key("shop/web.shop.svc.cluster.local"), "{:#?}", state.routes);
     assert!(!state.routes.contains_key("shop/payments.example.com"), "{:#?}", state.routes);
@@ -431,9 +431,6 @@ spec:
 /// to every service of its namespace — of the mesh from the root namespace — and is reported.
 #[test]
 fn policy_targets_of_unknown_kinds_fail_closed_within_their_namespace() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/egress/input");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture.join("egress.yaml"), dir.path().join("egress.yaml")).unwrap();
     let policy = |ns: &str, name: &str, target: &str| {
         format!(
             "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  targetRefs: [{target}]\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/x]}}}}]}}]\n---\n"
@@ -443,11 +440,7 @@ fn policy_targets_of_unknown_kinds_fail_closed_within_their_namespace() {
         + &policy("shop", "entry", "{group: networking.istio.io, kind: ServiceEntry, name: payments}")
         + &policy("shop", "odd", "{group: example.com, kind: Frobnicator, name: x}")
         + &policy("istio-system", "classwide", "{group: gateway.networking.k8s.io, kind: GatewayClass, name: istio-waypoint}");
-    std::fs::write(dir.path().join("policies.yaml"), yaml).unwrap();
-    let store = Store::new();
-    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
-    assert!(source.rescan());
-    let state = translate(&store.snapshot(), &MeshConfig::default());
+    let (_, state) = egress_fixture_with("policies.yaml", &yaml);
     let targets = |key: &str| -> Vec<String> {
         let mut t: Vec<String> = state.l7_policies[key]
             .targets
