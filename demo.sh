@@ -16,7 +16,10 @@ if ! command -v cargo >/dev/null; then
 fi
 
 source .ci/packages.sh
-ensure_packages iproute2 nftables util-linux wget
+packages=(iproute2 nftables util-linux wget)
+# With --keep the mesh stays up for a look around, Prometheus scraping it.
+[[ " $* " == *" --keep "* ]] && packages+=(prometheus)
+ensure_packages "${packages[@]}"
 
 # One line of progress instead of cargo's hundreds; its whole output goes to a log, shown on failure.
 log="${TMPDIR:-/tmp}/ambient-demo-build.log"

@@ -13,6 +13,7 @@ pub mod apps;
 pub mod ca_process;
 pub mod load;
 pub mod mesh;
+pub mod prometheus;
 pub mod scale;
 pub mod sniff;
 pub mod topology;

@@ -34,12 +34,17 @@ use ztunnel::netns::NetNs;
 use ztunnel::node::agent::{NodeAgent, in_mesh};
 
 use crate::ca_process::{CaLaunch, CaProcess, ISSUER, output, sibling_binary, spawn_child_with, wait_for_port};
+use crate::prometheus::{Prometheus, ScrapeTargets, Target};
 use crate::topology::{NamedNetns, PREFIX, install_signal_cleanup, preflight, reap_stale};
 
 /// The CA's address on the underlay.
 pub const CA_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 254);
 /// The cluster the one-machine mesh's ztunnels name (`CLUSTER_ID`, sent as `clusterid`).
 pub const E2E_CLUSTER_ID: &str = "one-machine";
+
+/// How often the mesh's Prometheus scrapes each component (Istio's sample configuration uses
+/// 15 s; a second keeps tests and the demo's dashboards prompt).
+pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -231,6 +236,8 @@ pub struct Mesh {
     use_waypoint: BTreeMap<String, String>,
     ztunnel_bin: PathBuf,
     waypoints: Vec<Waypoint>,
+    scrape: ScrapeTargets,
+    prometheus: Option<Prometheus>,
 }
 
 /// A waypoint process of the mesh.
@@ -311,6 +318,15 @@ impl Mesh {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: istio-system\n",
         )?;
         let ca = CaProcess::launch(&ca_launch, false)?;
+        let scrape = ScrapeTargets::create(&dir.path().join("prometheus"), SCRAPE_INTERVAL)?;
+        scrape.add(&Target {
+            job: "ca",
+            addr: ca_launch.admin,
+            path: "/metrics",
+            namespace: "istio-system",
+            pod: "ca",
+            node: "underlay",
+        })?;
 
         let mut mesh = Mesh {
             prefix,
@@ -326,6 +342,8 @@ impl Mesh {
             use_waypoint: BTreeMap::new(),
             waypoints: Vec::new(),
             ztunnel_bin,
+            scrape,
+            prometheus: None,
         };
         let count = mesh.options.nodes;
         for i in 1..=count {
@@ -407,7 +425,15 @@ impl Mesh {
             Some(&node.netns.ns),
         )?;
         node.ztunnel = Some(child);
-        Ok(())
+        let (node_name, node_ip) = (node.name.clone(), node.ip);
+        self.scrape.add(&Target {
+            job: "ztunnel",
+            addr: SocketAddr::from((node_ip, 15020)),
+            path: "/metrics",
+            namespace: "istio-system",
+            pod: &format!("ztunnel-{node_name}"),
+            node: &node_name,
+        })
     }
 
     /// Kills ztunnel on node `index` (SIGKILL).
@@ -599,6 +625,15 @@ impl Mesh {
         let ready = SocketAddr::from((pod.ip, 15021));
         wait_for_port(&mut child, &format!("{what} {namespace}/{name}"), ready, Some(&pod.netns.ns))?;
         self.waypoints.push(Waypoint { pod: pod.clone(), child: Some(child), log });
+        let node = self.node(pod.node)?.name.clone();
+        self.scrape.add(&Target {
+            job: if what == "ingress" { "gateway" } else { "waypoint" },
+            addr: SocketAddr::from((pod.ip, 15020)),
+            path: "/metrics",
+            namespace,
+            pod: name,
+            node: &node,
+        })?;
         let what = format!("{what} {namespace}/{name} ready");
         let netns = pod.netns.ns.clone();
         self.wait_until(&what, Duration::from_secs(20), || {
@@ -634,6 +669,28 @@ impl Mesh {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run_proxy(&bin, &pod, "ingress", &args).await?;
         Ok(pod)
+    }
+
+    /// The mesh's scrape configuration (`<state>/prometheus/`, kept up to date as components
+    /// start, whether or not a Prometheus runs).
+    pub fn scrape_targets(&self) -> &ScrapeTargets {
+        &self.scrape
+    }
+
+    /// Starts a real Prometheus on the scrape configuration, in the underlay namespace at
+    /// [`crate::prometheus::LISTEN`] (its log: `logs/prometheus.log`). Needs the `prometheus`
+    /// binary ([`crate::prometheus::binary`]).
+    pub fn start_prometheus(&mut self) -> Result<&Prometheus> {
+        let bin = crate::prometheus::binary()
+            .context("no prometheus binary on PATH (Debian: apt-get install prometheus; or set PROMETHEUS)")?;
+        let log = self.dir.path().join("logs/prometheus.log");
+        let started = Prometheus::start(&bin, &self.scrape, &self.underlay.ns, crate::prometheus::LISTEN, &log)?;
+        Ok(self.prometheus.insert(started))
+    }
+
+    /// The Prometheus [`start_prometheus`](Self::start_prometheus) started.
+    pub fn prometheus(&self) -> Option<&Prometheus> {
+        self.prometheus.as_ref()
     }
 
     /// A client outside the mesh and outside the nodes: network namespace `outside-<n>` on the
@@ -916,6 +973,7 @@ impl Drop for Mesh {
                 let _ = child.wait();
             }
         }
+        self.prometheus = None;
         self.stop_ca();
         // Pods, then nodes, then the underlay (field drop order does the rest).
         self.pods.clear();
@@ -1021,11 +1079,35 @@ async fn exchange(
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
         .await
         .with_context(|| format!("reading the answer from {addr}{path} timed out"))??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP answer")?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("malformed HTTP answer")?;
+    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
     let status =
         head.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok()).context("malformed HTTP status line")?;
-    Ok(HttpAnswer { status, head: head.to_owned(), body: body.to_owned() })
+    let mut answer = HttpAnswer { status, head, body: String::new() };
+    let body = &raw[end + 4..];
+    answer.body = if answer.header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        String::from_utf8_lossy(&dechunk(body).with_context(|| format!("a malformed chunked body from {addr}{path}"))?)
+            .into_owned()
+    } else {
+        String::from_utf8_lossy(body).into_owned()
+    };
+    Ok(answer)
+}
+
+/// The data of a chunked body (RFC 9112 §7.1), extensions and trailers ignored.
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size = std::str::from_utf8(&rest[..line_end]).ok()?.split(';').next()?.trim();
+        let size = usize::from_str_radix(size, 16).ok()?;
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
 }
 
 /// The sum of the Prometheus samples in `metrics` whose line starts with `prefix` (e.g.
@@ -1042,7 +1124,15 @@ pub fn metric_sum(metrics: &str, prefix: &str, needles: &[&str]) -> f64 {
 /// (what `kubectl port-forward` does): how the harness reaches the CA on the underlay. Runs until
 /// the returned task is aborted.
 pub async fn port_forward(netns: NetNs, target: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    port_forward_from(TcpListener::bind("127.0.0.1:0").await?, netns, target)
+}
+
+/// [`port_forward`] from a listener of the caller's (a chosen port).
+pub fn port_forward_from(
+    listener: TcpListener,
+    netns: NetNs,
+    target: SocketAddr,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let local = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {

@@ -14,6 +14,10 @@ use crate::topology::NamedNetns;
 /// The tutorial's host.
 pub const HOST: &str = "xingren.upup";
 
+/// The canary split in PromQL: requests the ingress gateway answered 200 for service `hello`, by
+/// the workload that served them (Istio's metric and label names, as the gateway reports them).
+pub const SPLIT_PROMQL: &str = r#"sum by (destination_workload) (istio_requests_total{reporter="source", destination_service_name="hello", response_code="200"})"#;
+
 /// Points the tutorial's host at `gateway` for the commands run in `client` (its own
 /// `/etc/hosts`), as a reader outside the cluster points the name at the gateway's address.
 pub fn point_host_at(client: &NamedNetns, gateway: std::net::Ipv4Addr) -> Result<()> {

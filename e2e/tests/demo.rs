@@ -217,6 +217,7 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
     let pid = demo.child.id();
     demo.wait_for("The mesh stays up until Ctrl-C");
     demo.wait_for("node-2: ip netns exec");
+    demo.wait_for("ambientctl finds this mesh by itself");
     let said = |prefix: &str| -> String {
         let line =
             demo.output.iter().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?}"));
@@ -237,6 +238,52 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         let dump: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert!(!dump["pods"].as_array().unwrap().is_empty(), "{node} serves no pod: {dump}");
     }
+    // Prometheus, where it says: every component scraped, and the split as it printed it.
+    let prometheus = said("Prometheus:");
+    let url = prometheus.split_whitespace().next().unwrap();
+    assert!(prometheus.contains("(5 targets up: ca ×1, gateway ×1, waypoint ×1, ztunnel ×2;"), "{prometheus}");
+    let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
+    let here = ztunnel::netns::NetNs::current().unwrap();
+    let (status, body) = runtime.block_on(e2e::mesh::http_get(&here, addr, "/api/v1/targets?state=active")).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let targets: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut scraped: Vec<String> = targets["data"]["activeTargets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| format!("{} {} {}", t["labels"]["job"], t["labels"]["pod"], t["health"]))
+        .collect();
+    scraped.sort();
+    assert_eq!(
+        scraped,
+        [
+            r#""ca" "ca" "up""#,
+            r#""gateway" "istio-ingressgateway" "up""#,
+            r#""waypoint" "waypoint" "up""#,
+            r#""ztunnel" "ztunnel-node-1" "up""#,
+            r#""ztunnel" "ztunnel-node-2" "up""#,
+        ],
+        "{body}"
+    );
+    assert_eq!(said("the split:"), e2e::tutorial::SPLIT_PROMQL);
+    let query: String =
+        form_urlencoded::Serializer::new(String::new()).append_pair("query", e2e::tutorial::SPLIT_PROMQL).finish();
+    let (status, body) = runtime.block_on(e2e::mesh::http_get(&here, addr, &format!("/api/v1/query?{query}"))).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut split: Vec<String> = answer["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!("{} {}", r["metric"]["destination_workload"].as_str().unwrap(), r["value"][1].as_str().unwrap())
+        })
+        .collect();
+    split.sort();
+    assert_eq!(split.join(", "), said("answers now:"), "{body}");
+    let served: f64 = split.iter().map(|s| s.split(' ').nth(1).unwrap().parse::<f64>().unwrap()).sum();
+    assert!(served >= 100.0, "the loop alone sent 100: {split:?}");
+
     // The `ambientctl` commands it prints, run exactly as printed (as root already, `sudo` is
     // dropped when this machine has none): they find the kept mesh without flags.
     demo.wait_for("(the last one enrolls namespace legacy's pod");

@@ -13,6 +13,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +61,18 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
     .await
     .unwrap();
 
+    // A real Prometheus scrapes every component of the mesh: the CA, both ztunnels, the gateway.
+    mesh.start_prometheus().unwrap();
+    let up = mesh.prometheus().unwrap().all_up(4, Duration::from_secs(30)).await.unwrap();
+    let mut scraped: Vec<String> = up.iter().map(|t| format!("{} {}", t.label("job"), t.label("pod"))).collect();
+    scraped.sort();
+    assert_eq!(
+        scraped,
+        ["ca ca", "gateway istio-ingressgateway", "ztunnel ztunnel-node-1", "ztunnel ztunnel-node-2"],
+        "{up:?}"
+    );
+    let split = split_seen_by_prometheus(&mesh, &gateway_pod).await;
+
     // The tutorial's loop, run as written (`wget -q -O - http://xingren.upup`, the name pointed at
     // the gateway in the client's /etc/hosts): ~70 % latest, ~30 % new, within ±5 %: 500..=700 of
     // 2,000. Binomial(2000, 0.3) has sd 20.5, so the bound is 4.9 sd (over 600 requests it would
@@ -74,6 +87,16 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
         }
     }
     assert!((500..=700).contains(&new), "subset new got {new} of 2000 (want 600 ± 100)");
+
+    // Prometheus saw exactly that split: the PromQL sum per destination workload grew by what the
+    // loop's answers counted, once a scrape after the loop has landed.
+    let after = split_seen_by_prometheus(&mesh, &gateway_pod).await;
+    let grew = |w: &str| after.get(w).copied().unwrap_or(0.0) - split.get(w).copied().unwrap_or(0.0);
+    assert_eq!(
+        (grew("hello-latest"), grew("hello-new")),
+        (f64::from(2000 - new), f64::from(new)),
+        "{split:?} {after:?}"
+    );
 
     // `version: new`: always the new pods; ~10 % delayed 10 s and cut at 5 s (504). Two lanes,
     // within the pool (one connection, one waiting).
@@ -127,6 +150,41 @@ async fn the_tutorial_verbatim_through_the_ingress_gateway() {
             &["reporter=\"destination\"", &format!("source_principal=\"{GATEWAY_SA}\"")],
         );
         assert!(from_gateway >= 1.0, "node {node}'s ztunnel saw no tunnel from the gateway:\n{m}");
+    }
+}
+
+/// The PromQL query of the tutorial's split (`istio_requests_total` per destination workload, as
+/// the gateway reports it), answered by the mesh's Prometheus once it has scraped the gateway's
+/// current counters (compared with the gateway's own `/metrics` at the time of asking).
+async fn split_seen_by_prometheus(mesh: &Mesh, gateway: &e2e::mesh::MeshPod) -> BTreeMap<String, f64> {
+    let m = mesh.waypoint_metrics(gateway).await.unwrap();
+    let own: BTreeMap<String, f64> = ["hello-latest", "hello-new"]
+        .into_iter()
+        .map(|w| {
+            let needles = [
+                "response_code=\"200\"",
+                "destination_service_name=\"hello\"",
+                &format!("destination_workload=\"{w}\""),
+            ];
+            (w.to_owned(), sum(&m, "istio_requests_total{", &needles))
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    let prometheus = mesh.prometheus().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: BTreeMap<String, f64> = prometheus
+            .query(e2e::tutorial::SPLIT_PROMQL)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.labels.get("destination_workload").cloned().unwrap_or_default(), s.value))
+            .collect();
+        if seen == own {
+            return seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "Prometheus answers {seen:?}, the gateway counts {own:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -147,6 +147,10 @@ async fn run(args: Args) -> Result<()> {
         for node in &mesh.nodes {
             println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
         }
+        match prometheus(&mut mesh).await {
+            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+            Err(e) => println!("  Prometheus:    not started: {e:#}"),
+        }
         println!("ambientctl finds this mesh by itself ({}):", registered.display());
         println!("  sudo {ctl} ca status");
         println!("  sudo {ctl} ztunnel workloads --node node-1");
@@ -197,6 +201,43 @@ fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
     let dir = kept.register().context("registering the kept mesh for ambientctl")?;
     e2e::topology::remove_on_signal(&dir);
     Ok(dir.join("mesh.json"))
+}
+
+/// Starts a real Prometheus on the mesh's scrape configuration, forwards this machine's
+/// 127.0.0.1:9090 (or a free port when that is taken) to it, and checks what it will say: every
+/// component scraped, and the canary split as PromQL sees it. The lines to print.
+async fn prometheus(mesh: &mut Mesh) -> Result<Vec<String>> {
+    let config = mesh.scrape_targets().config();
+    let expected = 1 + mesh.nodes.len() + 2; // the CA, a ztunnel per node, the gateway, the waypoint
+    let prometheus = mesh.start_prometheus()?;
+    let up = prometheus.all_up(expected, Duration::from_secs(30)).await?;
+    let split = prometheus.query(e2e::tutorial::SPLIT_PROMQL).await?;
+    let target = prometheus.addr();
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:9090").await {
+        Ok(l) => l,
+        Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+    };
+    let (local, _forward) = e2e::mesh::port_forward_from(listener, mesh.underlay.ns.clone(), target)?;
+    let mut jobs: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in &up {
+        *jobs.entry(t.label("job")).or_default() += 1;
+    }
+    let jobs: Vec<String> = jobs.iter().map(|(job, n)| format!("{job} ×{n}")).collect();
+    let mut split: Vec<String> = split
+        .iter()
+        .map(|s| format!("{} {}", s.labels.get("destination_workload").map_or("?", String::as_str), s.value))
+        .collect();
+    split.sort();
+    Ok(vec![
+        format!(
+            "  Prometheus:    http://{local} ({} targets up: {}; config {})",
+            up.len(),
+            jobs.join(", "),
+            config.display()
+        ),
+        format!("    the split:   {}", e2e::tutorial::SPLIT_PROMQL),
+        format!("    answers now: {}", split.join(", ")),
+    ])
 }
 
 /// How to run the `ambientctl` built next to this program: relative to the current directory
