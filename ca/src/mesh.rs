@@ -507,6 +507,8 @@ pub struct MeshState {
     pub gateway_credentials: BTreeMap<String, ServedCredential>,
     /// Mesh-wide settings (from the root namespace's `istio` ConfigMap).
     pub settings: MeshSettings,
+    /// Telemetry API settings for waypoints and gateways by `namespace/name`.
+    pub telemetry: BTreeMap<String, proto::api::ambient::waypoint::v1::Telemetry>,
     /// Problems found while translating (missing waypoints, unsupported policy fields).
     pub warnings: Vec<String>,
     /// Objects the translation could not take as written (policies it made fail closed), with

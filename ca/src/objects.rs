@@ -14,7 +14,8 @@ use tokio::sync::watch;
 
 use crate::k8s::{
     AuthorizationPolicy, ConfigMap, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway,
-    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, VirtualService,
+    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, Telemetry,
+    VirtualService,
 };
 use crate::validate::{self, Invalid};
 
@@ -53,6 +54,8 @@ pub enum Kind {
     DestinationRule,
     /// networking.istio.io ServiceEntry.
     ServiceEntry,
+    /// telemetry.istio.io Telemetry.
+    Telemetry,
     /// core/v1 ConfigMap `istio` of the root namespace (the mesh configuration); others are
     /// never read.
     ConfigMap,
@@ -120,6 +123,8 @@ pub enum Object {
     DestinationRule(Arc<DestinationRule>),
     /// A ServiceEntry.
     ServiceEntry(Arc<ServiceEntry>),
+    /// A Telemetry.
+    Telemetry(Arc<Telemetry>),
     /// A ConfigMap (the mesh configuration).
     ConfigMap(Arc<ConfigMap>),
 }
@@ -258,6 +263,7 @@ impl Object {
                 decode(Kind::DestinationRule, value).map(Object::DestinationRule)
             }
             ("networking.istio.io", "ServiceEntry") => decode(Kind::ServiceEntry, value).map(Object::ServiceEntry),
+            ("telemetry.istio.io", "Telemetry") => decode(Kind::Telemetry, value).map(Object::Telemetry),
             ("", "ConfigMap") => decode(Kind::ConfigMap, value).map(Object::ConfigMap),
             _ => Err(ObjectError::UnknownKind { api_version, kind }),
         };
@@ -282,6 +288,7 @@ impl Object {
             Object::VirtualService(o) => o.meta(),
             Object::DestinationRule(o) => o.meta(),
             Object::ServiceEntry(o) => o.meta(),
+            Object::Telemetry(o) => o.meta(),
             Object::ConfigMap(o) => o.meta(),
         }
     }
@@ -305,6 +312,7 @@ impl Object {
             Object::VirtualService(_) => Kind::VirtualService,
             Object::DestinationRule(_) => Kind::DestinationRule,
             Object::ServiceEntry(_) => Kind::ServiceEntry,
+            Object::Telemetry(_) => Kind::Telemetry,
             Object::ConfigMap(_) => Kind::ConfigMap,
         }
     }
@@ -348,6 +356,7 @@ impl Object {
             Object::VirtualService(o) => Object::VirtualService(fill(o)),
             Object::DestinationRule(o) => Object::DestinationRule(fill(o)),
             Object::ServiceEntry(o) => Object::ServiceEntry(fill(o)),
+            Object::Telemetry(o) => Object::Telemetry(fill(o)),
             Object::ConfigMap(o) => Object::ConfigMap(fill(o)),
         }
     }
@@ -416,6 +425,7 @@ pub fn validate(object: &Object, pods: PodRules) -> Result<(), ObjectError> {
         Object::VirtualService(vs) => validate::virtual_service(&vs.spec).map_err(invalid)?,
         Object::DestinationRule(dr) => validate::destination_rule(&dr.spec).map_err(invalid)?,
         Object::ServiceEntry(se) => validate::service_entry(&se.spec).map_err(invalid)?,
+        Object::Telemetry(t) => validate::telemetry(&t.spec).map_err(invalid)?,
         Object::ConfigMap(cm) => validate::mesh_config_map(cm).map_err(invalid)?,
         _ => {}
     }
@@ -563,6 +573,11 @@ impl Objects {
     pub fn peer_authentications(&self) -> impl Iterator<Item = &Arc<PeerAuthentication>> {
         self.of_kind(Kind::PeerAuthentication)
             .filter_map(|o| if let Object::PeerAuthentication(x) = o { Some(x) } else { None })
+    }
+
+    /// Telemetries.
+    pub fn telemetries(&self) -> impl Iterator<Item = &Arc<Telemetry>> {
+        self.of_kind(Kind::Telemetry).filter_map(|o| if let Object::Telemetry(x) = o { Some(x) } else { None })
     }
 
     /// RequestAuthentications.

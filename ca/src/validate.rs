@@ -528,9 +528,83 @@ pub fn mesh_settings(cm: &crate::k8s::ConfigMap) -> Result<crate::mesh::MeshSett
     Ok(MeshSettings { outbound_traffic_policy })
 }
 
-/// Checks a ConfigMap the mesh reads (the `istio` one: its mesh settings must parse).
+/// Checks a Telemetry: a sampling percentage from 0 to 100, targets with names.
+pub fn telemetry(spec: &crate::k8s::TelemetrySpec) -> Result<(), Invalid> {
+    for (i, t) in spec.tracing.iter().enumerate() {
+        if let Some(p) = t.random_sampling_percentage.filter(|p| !(0.0..=100.0).contains(p)) {
+            return Err(Invalid(format!("tracing[{i}].randomSamplingPercentage {p} is not between 0 and 100")));
+        }
+    }
+    for (i, r) in spec.target_ref.iter().chain(&spec.target_refs).enumerate() {
+        if r.name.is_empty() {
+            return Err(Invalid(format!("targetRefs[{i}] has no name")));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a ConfigMap the mesh reads (the `istio` one: its mesh settings and extension providers
+/// must parse).
 pub fn mesh_config_map(cm: &crate::k8s::ConfigMap) -> Result<(), Invalid> {
-    mesh_settings(cm).map(|_| ())
+    mesh_settings(cm)?;
+    extension_providers(cm).map(|_| ())
+}
+
+/// An entry of the mesh config's `extensionProviders`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExtensionProvider {
+    /// `opentelemetry`: an OTLP/gRPC collector.
+    OpenTelemetry {
+        /// Its host name or address.
+        service: String,
+        /// Its port.
+        port: u16,
+    },
+    /// Any other kind (`zipkin`, `envoyFileAccessLog`, ...), by its key: named, not used.
+    Other(String),
+}
+
+/// The mesh config's `extensionProviders` by name (none when the ConfigMap is not the mesh's).
+pub fn extension_providers(
+    cm: &crate::k8s::ConfigMap,
+) -> Result<std::collections::BTreeMap<String, ExtensionProvider>, Invalid> {
+    let (name, key) = crate::k8s::MESH_CONFIG_MAP;
+    let mut out = std::collections::BTreeMap::new();
+    let Some(text) = cm.data.as_ref().and_then(|d| d.get(key)).filter(|_| cm.metadata.name.as_deref() == Some(name))
+    else {
+        return Ok(out);
+    };
+    let mesh: serde_json::Value =
+        serde_norway::from_str(text).map_err(|e| Invalid(format!("data.{key} is not YAML: {e}")))?;
+    let list = match mesh.get("extensionProviders") {
+        None | Some(serde_json::Value::Null) => return Ok(out),
+        Some(serde_json::Value::Array(list)) => list,
+        Some(_) => return Err(Invalid(format!("data.{key}: extensionProviders is not a list"))),
+    };
+    for (i, p) in list.iter().enumerate() {
+        let at = |what: &str| Invalid(format!("data.{key}: extensionProviders[{i}]: {what}"));
+        let provider_name =
+            p.get("name").and_then(|n| n.as_str()).filter(|n| !n.is_empty()).ok_or_else(|| at("no name"))?;
+        let kinds: Vec<&String> =
+            p.as_object().map(|o| o.keys().filter(|k| *k != "name").collect()).unwrap_or_default();
+        let [kind] = kinds.as_slice() else {
+            return Err(at("needs exactly one provider kind besides its name"));
+        };
+        let provider = if kind.as_str() == "opentelemetry" {
+            let otel = &p["opentelemetry"];
+            let service = otel.get("service").and_then(|s| s.as_str()).filter(|s| !s.is_empty());
+            let service = service.ok_or_else(|| at("opentelemetry.service is missing"))?;
+            let port = otel.get("port").and_then(serde_json::Value::as_u64).and_then(|p| u16::try_from(p).ok());
+            let port = port.filter(|p| *p != 0).ok_or_else(|| at("opentelemetry.port is not a port number"))?;
+            ExtensionProvider::OpenTelemetry { service: service.to_owned(), port }
+        } else {
+            ExtensionProvider::Other((*kind).clone())
+        };
+        if out.insert(provider_name.to_owned(), provider).is_some() {
+            return Err(at(&format!("a second provider named {provider_name:?}")));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -538,6 +612,48 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn extension_providers_are_read_and_bad_ones_refuse_the_mesh_config() {
+        let cm = |providers: &str| crate::k8s::ConfigMap {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("istio".into()),
+                ..Default::default()
+            },
+            data: Some([("mesh".to_owned(), format!("extensionProviders:\n{providers}"))].into()),
+            ..Default::default()
+        };
+        let read = |providers: &str| extension_providers(&cm(providers)).map_err(|Invalid(w)| w);
+        let ok = read("- {name: otel, opentelemetry: {service: collector.obs, port: 4317}}\n- {name: log, envoyFileAccessLog: {path: /dev/stdout}}").unwrap();
+        assert_eq!(
+            ok.into_iter().collect::<Vec<_>>(),
+            [
+                ("log".to_owned(), ExtensionProvider::Other("envoyFileAccessLog".into())),
+                ("otel".to_owned(), ExtensionProvider::OpenTelemetry { service: "collector.obs".into(), port: 4317 }),
+            ]
+        );
+        assert_eq!(
+            read("- {opentelemetry: {service: a, port: 1}}"),
+            Err("data.mesh: extensionProviders[0]: no name".into())
+        );
+        assert_eq!(
+            read("- {name: o, opentelemetry: {service: a, port: 70000}}"),
+            Err("data.mesh: extensionProviders[0]: opentelemetry.port is not a port number".into())
+        );
+        assert_eq!(
+            read("- {name: o, opentelemetry: {port: 4317}}"),
+            Err("data.mesh: extensionProviders[0]: opentelemetry.service is missing".into())
+        );
+        assert_eq!(
+            read("- {name: o, opentelemetry: {service: a, port: 1}, zipkin: {service: b, port: 2}}"),
+            Err("data.mesh: extensionProviders[0]: needs exactly one provider kind besides its name".into())
+        );
+        assert_eq!(
+            read("- {name: o, zipkin: {service: b, port: 2}}\n- {name: o, zipkin: {service: c, port: 2}}"),
+            Err("data.mesh: extensionProviders[1]: a second provider named \"o\"".into())
+        );
+        assert!(mesh_config_map(&cm("- {name: o, opentelemetry: {service: a}}")).is_err());
+    }
 
     #[test]
     fn a_mirror_share_out_of_range_is_refused() {

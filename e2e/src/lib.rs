@@ -11,6 +11,7 @@
 
 pub mod apps;
 pub mod ca_process;
+pub mod dashboards;
 pub mod load;
 pub mod mesh;
 pub mod prometheus;

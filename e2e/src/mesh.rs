@@ -320,7 +320,7 @@ impl Mesh {
         let ca = CaProcess::launch(&ca_launch, false)?;
         let scrape = ScrapeTargets::create(&dir.path().join("prometheus"), SCRAPE_INTERVAL)?;
         scrape.add(&Target {
-            job: "ca",
+            component: "ca",
             addr: ca_launch.admin,
             path: "/metrics",
             namespace: "istio-system",
@@ -427,7 +427,7 @@ impl Mesh {
         node.ztunnel = Some(child);
         let (node_name, node_ip) = (node.name.clone(), node.ip);
         self.scrape.add(&Target {
-            job: "ztunnel",
+            component: "ztunnel",
             addr: SocketAddr::from((node_ip, 15020)),
             path: "/metrics",
             namespace: "istio-system",
@@ -627,7 +627,7 @@ impl Mesh {
         self.waypoints.push(Waypoint { pod: pod.clone(), child: Some(child), log });
         let node = self.node(pod.node)?.name.clone();
         self.scrape.add(&Target {
-            job: if what == "ingress" { "gateway" } else { "waypoint" },
+            component: if what == "ingress" { "ingress-gateway" } else { "waypoint" },
             addr: SocketAddr::from((pod.ip, 15020)),
             path: "/metrics",
             namespace,

@@ -1,16 +1,18 @@
 //! A real Prometheus for the one-machine mesh.
 //!
-//! The mesh keeps a scrape configuration next to its state (`<state>/prometheus/`): one
-//! `prometheus.yml` whose jobs read their targets from files ([`ScrapeTargets`], Prometheus'
-//! `file_sd_configs`), and one target file per component, written as the component starts — the
-//! CA, each node's ztunnel, each waypoint and ingress gateway. Prometheus re-reads those files by
-//! itself, so targets added while it runs are picked up without a reload.
+//! The mesh keeps a scrape configuration next to its state (`<state>/prometheus/`): the job of the
+//! cluster's Prometheus (`deploy/prometheus.yaml`, compiled in) with its relabelling rules as they
+//! are, only the pods discovered from files instead of from the API server ([`ScrapeTargets`]): one
+//! file per component, written as the component starts — the CA, each node's ztunnel, each
+//! waypoint and ingress gateway — holding the metadata Prometheus' Kubernetes discovery gives a pod
+//! (`__meta_kubernetes_pod_ip`, its `prometheus.io/*` annotations, namespace, name, node, phase,
+//! `app.kubernetes.io/name` label). So the rules a cluster relies on run here on real components,
+//! and Prometheus re-reads the files by itself as components come and go.
 //!
 //! Prometheus runs in the underlay namespace (it reaches the CA on loopback, the ztunnels on their
 //! nodes' addresses and the waypoints on their pods' addresses, as a cluster's Prometheus reaches
-//! pod IPs) and answers its HTTP API there ([`Prometheus::query`], [`Prometheus::targets`]).
-//! Every target carries the labels a Kubernetes pod scrape gives (`namespace`, `pod`, `node`),
-//! so dashboards written for a cluster read the one-machine mesh too.
+//! pod IPs) and answers its HTTP API there ([`Prometheus::query`], [`Prometheus::targets`]). Each
+//! target is labelled `component`, `namespace`, `pod` and `node`, as in a cluster.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,8 +29,11 @@ use crate::mesh::http_get;
 /// Where Prometheus listens, in the underlay namespace.
 pub const LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 
-/// The jobs of the scrape configuration, one per kind of component.
-pub const JOBS: [&str; 4] = ["ca", "ztunnel", "waypoint", "gateway"];
+/// The cluster's Prometheus manifests (the configuration is their ConfigMap's `prometheus.yml`).
+const CLUSTER_MANIFESTS: &str = include_str!("../../deploy/prometheus.yaml");
+
+/// The job of the cluster's configuration that scrapes the mesh's pods.
+pub const JOB: &str = "mesh-pods";
 
 /// The scrape configuration of a mesh: `prometheus.yml` and its target files.
 #[derive(Debug, Clone)]
@@ -36,14 +41,16 @@ pub struct ScrapeTargets {
     dir: PathBuf,
 }
 
-/// One component to scrape.
+/// One component to scrape, described as a pod.
 #[derive(Debug, Clone)]
 pub struct Target<'a> {
-    /// Its job ([`JOBS`]).
-    pub job: &'static str,
-    /// The address of its metrics endpoint, as seen from the underlay.
+    /// What it is (its pod's `app.kubernetes.io/name`: `ca`, `ztunnel`, `waypoint`,
+    /// `ingress-gateway`, as in `deploy/`).
+    pub component: &'static str,
+    /// The address of its metrics endpoint, as seen from the underlay (its "pod IP" and its
+    /// `prometheus.io/port`).
     pub addr: SocketAddr,
-    /// Its metrics path.
+    /// Its `prometheus.io/path`.
     pub path: &'static str,
     /// Its namespace (the CA's and the ztunnels' is `istio-system`, as in a cluster).
     pub namespace: &'a str,
@@ -53,23 +60,44 @@ pub struct Target<'a> {
     pub node: &'a str,
 }
 
-impl ScrapeTargets {
-    /// Writes `prometheus.yml` into `dir` (created), scraping every `interval`.
-    pub fn create(dir: &Path, interval: Duration) -> Result<ScrapeTargets> {
-        std::fs::create_dir_all(dir.join("targets")).with_context(|| format!("creating {}", dir.display()))?;
-        let every = format!("{}ms", interval.as_millis().max(1));
-        let mut yaml = format!(
-            "# Written by the one-machine mesh. Prometheus re-reads targets/*.json as components start.\n\
-             global:\n  scrape_interval: {every}\n  evaluation_interval: {every}\n  scrape_timeout: {every}\n\
-             scrape_configs:\n"
-        );
-        for job in JOBS {
-            yaml.push_str(&format!(
-                "  - job_name: {job}\n    file_sd_configs:\n      - files: ['{}/targets/{job}-*.json']\n        refresh_interval: 1s\n",
-                dir.display()
-            ));
+/// The cluster's scrape configuration (`deploy/prometheus.yaml`), as a YAML value.
+pub fn cluster_config() -> Result<serde_norway::Value> {
+    for doc in serde_norway::Deserializer::from_str(CLUSTER_MANIFESTS) {
+        let doc = serde_norway::Value::deserialize(doc)?;
+        if doc["kind"].as_str() == Some("ConfigMap") {
+            let text = doc["data"]["prometheus.yml"].as_str().context("the ConfigMap has no prometheus.yml")?;
+            return Ok(serde_norway::from_str(text)?);
         }
-        write_atomic(&dir.join("prometheus.yml"), &yaml)?;
+    }
+    bail!("deploy/prometheus.yaml has no ConfigMap")
+}
+
+impl ScrapeTargets {
+    /// Writes `prometheus.yml` into `dir` (created): the cluster's [`JOB`] reading pods from
+    /// `dir/targets/*.json`, scraping every `interval`.
+    pub fn create(dir: &Path, interval: Duration) -> Result<ScrapeTargets> {
+        use serde_norway::Value;
+        std::fs::create_dir_all(dir.join("targets")).with_context(|| format!("creating {}", dir.display()))?;
+        let mut config = cluster_config()?;
+        let every = Value::from(format!("{}ms", interval.as_millis().max(1)));
+        for key in ["scrape_interval", "evaluation_interval", "scrape_timeout"] {
+            config["global"][key] = every.clone();
+        }
+        let jobs = config["scrape_configs"].as_sequence_mut().context("no scrape_configs")?;
+        jobs.retain(|j| j["job_name"].as_str() == Some(JOB));
+        let job = jobs.first_mut().with_context(|| format!("no job {JOB} in deploy/prometheus.yaml"))?;
+        let job = job.as_mapping_mut().context("a job that is not a mapping")?;
+        job.remove("kubernetes_sd_configs").context("the job discovers no Kubernetes pods")?;
+        let files = serde_norway::from_str::<Value>(&format!(
+            "[{{files: ['{}/targets/*.json'], refresh_interval: 1s}}]",
+            dir.display()
+        ))?;
+        job.insert("file_sd_configs".into(), files);
+        let text = format!(
+            "# Written by the one-machine mesh: deploy/prometheus.yaml's job, pods listed in targets/*.json.\n{}",
+            serde_norway::to_string(&config)?
+        );
+        write_atomic(&dir.join("prometheus.yml"), &text)?;
         Ok(ScrapeTargets { dir: dir.to_owned() })
     }
 
@@ -88,13 +116,18 @@ impl ScrapeTargets {
         let entry = serde_json::json!([{
             "targets": [t.addr.to_string()],
             "labels": {
-                "__metrics_path__": t.path,
-                "namespace": t.namespace,
-                "pod": t.pod,
-                "node": t.node,
+                "__meta_kubernetes_pod_ip": t.addr.ip().to_string(),
+                "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+                "__meta_kubernetes_pod_annotation_prometheus_io_port": t.addr.port().to_string(),
+                "__meta_kubernetes_pod_annotation_prometheus_io_path": t.path,
+                "__meta_kubernetes_pod_phase": "Running",
+                "__meta_kubernetes_namespace": t.namespace,
+                "__meta_kubernetes_pod_name": t.pod,
+                "__meta_kubernetes_pod_node_name": t.node,
+                "__meta_kubernetes_pod_label_app_kubernetes_io_name": t.component,
             },
         }]);
-        let file = self.dir.join(format!("targets/{}-{}-{}.json", t.job, t.namespace, t.pod));
+        let file = self.dir.join(format!("targets/{}-{}-{}.json", t.component, t.namespace, t.pod));
         write_atomic(&file, &serde_json::to_string_pretty(&entry)?)
     }
 }
@@ -124,7 +157,7 @@ pub struct Prometheus {
 /// One active target, as `/api/v1/targets` reports it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ActiveTarget {
-    /// Its labels after relabelling (`job`, `instance`, `namespace`, `pod`, `node`).
+    /// Its labels after relabelling (`job`, `instance`, `component`, `namespace`, `pod`, `node`).
     pub labels: std::collections::BTreeMap<String, String>,
     /// `up`, `down` or `unknown` (not scraped yet).
     pub health: String,
@@ -252,7 +285,9 @@ impl Prometheus {
                 let down: Vec<String> = targets
                     .iter()
                     .filter(|t| t.health != "up")
-                    .map(|t| format!("{} {} ({}: {})", t.label("job"), t.label("instance"), t.health, t.last_error))
+                    .map(|t| {
+                        format!("{} {} ({}: {})", t.label("component"), t.label("instance"), t.health, t.last_error)
+                    })
                     .collect();
                 bail!("{} of {expected} targets active; not up: {}", targets.len(), down.join(", "));
             }
@@ -273,20 +308,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_configuration_reads_one_target_file_per_component() {
+    fn the_configuration_is_the_clusters_job_reading_pods_from_files() {
         let dir = tempfile::tempdir().unwrap();
         let targets = ScrapeTargets::create(&dir.path().join("p"), Duration::from_secs(1)).unwrap();
-        let yaml = std::fs::read_to_string(targets.config()).unwrap();
-        let doc: serde_json::Value = serde_norway::from_str(&yaml).unwrap();
-        let jobs: Vec<&str> =
-            doc["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
-        assert_eq!(jobs, JOBS);
-        assert_eq!(doc["global"]["scrape_interval"], "1000ms");
-        let files = &doc["scrape_configs"][1]["file_sd_configs"][0]["files"][0];
-        assert_eq!(files.as_str().unwrap(), format!("{}/targets/ztunnel-*.json", targets.dir().display()));
+        let doc: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(targets.config()).unwrap()).unwrap();
+        let cluster = cluster_config().unwrap();
+        assert_eq!(doc["global"]["scrape_interval"].as_str(), Some("1000ms"));
+        let jobs = doc["scrape_configs"].as_sequence().unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0]["job_name"].as_str(), Some(JOB));
+        // The cluster's relabelling, unchanged.
+        assert_eq!(jobs[0]["relabel_configs"], cluster["scrape_configs"][0]["relabel_configs"]);
+        assert!(jobs[0].get("kubernetes_sd_configs").is_none());
+        let files = jobs[0]["file_sd_configs"][0]["files"][0].as_str().unwrap().to_owned();
+        assert_eq!(files, format!("{}/targets/*.json", targets.dir().display()));
 
         let t = Target {
-            job: "ztunnel",
+            component: "ztunnel",
             addr: "10.10.0.1:15020".parse().unwrap(),
             path: "/metrics",
             namespace: "istio-system",
@@ -299,7 +338,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(written[0]["targets"][0], "10.10.0.1:15020");
-        assert_eq!(written[0]["labels"]["node"], "node-1");
-        assert_eq!(written[0]["labels"]["__metrics_path__"], "/metrics");
+        assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_ip"], "10.10.0.1");
+        assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_annotation_prometheus_io_port"], "15020");
+        assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_node_name"], "node-1");
     }
 }

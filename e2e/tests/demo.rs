@@ -241,7 +241,7 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
     // Prometheus, where it says: every component scraped, and the split as it printed it.
     let prometheus = said("Prometheus:");
     let url = prometheus.split_whitespace().next().unwrap();
-    assert!(prometheus.contains("(5 targets up: ca ×1, gateway ×1, waypoint ×1, ztunnel ×2;"), "{prometheus}");
+    assert!(prometheus.contains("(5 targets up: ca ×1, ingress-gateway ×1, waypoint ×1, ztunnel ×2;"), "{prometheus}");
     let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
     let here = ztunnel::netns::NetNs::current().unwrap();
     let (status, body) = runtime.block_on(e2e::mesh::http_get(&here, addr, "/api/v1/targets?state=active")).unwrap();
@@ -251,14 +251,14 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|t| format!("{} {} {}", t["labels"]["job"], t["labels"]["pod"], t["health"]))
+        .map(|t| format!("{} {} {}", t["labels"]["component"], t["labels"]["pod"], t["health"]))
         .collect();
     scraped.sort();
     assert_eq!(
         scraped,
         [
             r#""ca" "ca" "up""#,
-            r#""gateway" "istio-ingressgateway" "up""#,
+            r#""ingress-gateway" "istio-ingressgateway" "up""#,
             r#""waypoint" "waypoint" "up""#,
             r#""ztunnel" "ztunnel-node-1" "up""#,
             r#""ztunnel" "ztunnel-node-2" "up""#,

@@ -90,6 +90,8 @@ pub mod type_url {
     pub const INGRESS_GATEWAY: &str = "type.googleapis.com/ambient.waypoint.v1.IngressGateway";
     /// A certificate an ingress gateway terminates TLS with (`ambient.waypoint.v1.GatewayCredential`).
     pub const GATEWAY_CREDENTIAL: &str = "type.googleapis.com/ambient.waypoint.v1.GatewayCredential";
+    /// Telemetry settings of one scope for waypoints and gateways (`ambient.waypoint.v1.Telemetry`).
+    pub const TELEMETRY: &str = "type.googleapis.com/ambient.waypoint.v1.Telemetry";
     /// Mesh-wide settings for the node proxies (`ambient.waypoint.v1.MeshSettings`), one
     /// resource named [`MESH_SETTINGS_NAME`](super::MESH_SETTINGS_NAME).
     pub const MESH_SETTINGS: &str = "type.googleapis.com/ambient.waypoint.v1.MeshSettings";

@@ -24,13 +24,14 @@ use tracing::{info, warn};
 use crate::api::ambient::ca::v1::TrustBundle as TrustBundleMsg;
 use crate::api::ambient::waypoint::v1::{
     DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, MeshSettings, RequestAuthn, ServiceRoutes,
+    Telemetry,
 };
 use crate::api::envoy::service::discovery::v3::Resource;
 use crate::api::istio::security::Authorization;
 use crate::api::istio::workload::{Address, address};
 use crate::api::type_url::{
     ADDRESS, AUTHORIZATION, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, MESH_SETTINGS,
-    REQUEST_AUTHN, SERVICE_ROUTES, TRUST_BUNDLE,
+    REQUEST_AUTHN, SERVICE_ROUTES, TELEMETRY, TRUST_BUNDLE,
 };
 use crate::state::{MeshState, Service, Workload};
 use crate::tls::{SharedTrustBundle, TrustBundle};
@@ -273,6 +274,9 @@ impl MeshView {
                     state.gateway_credentials.remove(name);
                 }
                 MESH_SETTINGS => state.settings = MeshSettings::default(),
+                TELEMETRY => {
+                    state.telemetry.remove(name);
+                }
                 _ => {}
             }
             versions.remove(&(type_url, name.clone()));
@@ -360,6 +364,10 @@ fn apply_resource(
                 );
             }
             state.settings = settings;
+        }
+        TELEMETRY => {
+            let t = Telemetry::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;
+            state.telemetry.insert(res.name.clone(), Arc::new(t));
         }
         TRUST_BUNDLE => {
             let b = TrustBundleMsg::decode(body.value.as_slice()).map_err(ResourceError::Decode)?;

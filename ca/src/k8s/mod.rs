@@ -3,11 +3,12 @@
 //! Core kinds come from `k8s-openapi`; the Gateway API and Istio security and networking kinds are declared here
 //! with the fields the mesh uses (serde skips the rest, so newer objects still load), one file per
 //! API group: `gateway` (gateway.networking.k8s.io), `security` (security.istio.io), `networking`
-//! (networking.istio.io).
+//! (networking.istio.io), `telemetry` (telemetry.istio.io).
 
 mod gateway;
 mod networking;
 mod security;
+mod telemetry;
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 pub use self::gateway::*;
 pub use self::networking::*;
 pub use self::security::*;
+pub use self::telemetry::*;
 pub use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
 pub use k8s_openapi::api::discovery::v1::EndpointSlice;
 

@@ -3,7 +3,8 @@
 //! One `kube` watcher per kind (Namespaces, Nodes, Pods, Services, EndpointSlices, TLS Secrets
 //! (`type=kubernetes.io/tls` only, for gateways' `credentialName`), Gateway API Gateways,
 //! HTTPRoutes, GRPCRoutes, AuthorizationPolicies, PeerAuthentications, RequestAuthentications, Istio
-//! Gateways, VirtualServices, DestinationRules), across all namespaces. A watcher lists, then watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
+//! Gateways, VirtualServices, DestinationRules, ServiceEntries, Telemetries, the root namespace's
+//! `istio` ConfigMap), across all namespaces. A watcher lists, then watches; when its watch breaks it backs off, reconnects and relists, and the relist replaces
 //! everything of that kind in the store (objects deleted meanwhile disappear). Invalid objects are
 //! logged and keep their previous valid version.
 
@@ -20,7 +21,8 @@ use tracing::{info, warn};
 
 use crate::k8s::{
     AuthorizationPolicy, ConfigMap, DestinationRule, EndpointSlice, GRPCRoute, Gateway, HTTPRoute, IstioGateway,
-    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, VirtualService,
+    Namespace, Node, PeerAuthentication, Pod, RequestAuthentication, Secret, Service, ServiceEntry, Telemetry,
+    VirtualService,
 };
 use crate::objects::{ConfigError, Kind, Object, ObjectKey, PodRules, Store, validate};
 
@@ -63,7 +65,7 @@ impl Problems {
 pub async fn run(client: Client, store: Arc<Store>, root_namespace: &str, stop: impl std::future::Future<Output = ()>) {
     // One per watcher below: the store is synced when every one has listed (a count short of
     // them would let the mesh start without a kind, e.g. its RequestAuthentications).
-    let kinds = 17;
+    let kinds = 18;
     store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
     let watchers = async {
@@ -140,6 +142,7 @@ pub async fn run(client: Client, store: Arc<Store>, root_namespace: &str, stop: 
                 &store,
                 &problems
             ),
+            watch::<Telemetry>(Api::all(client.clone()), Kind::Telemetry, Object::Telemetry, &store, &problems),
             watch::<RequestAuthentication>(
                 Api::all(client),
                 Kind::RequestAuthentication,

@@ -18,6 +18,7 @@ pub mod egress;
 pub mod ingress;
 pub mod istio;
 pub mod request_authn;
+pub mod telemetry;
 pub mod waypoint;
 
 use std::collections::{BTreeMap, HashMap};
@@ -333,6 +334,9 @@ pub fn translate(objects: &Objects, config: &MeshConfig) -> MeshState {
     };
     egress::services(objects, &mut state, &entry_waypoint);
     state.settings = egress::settings(objects, config);
+    let (telemetry, telemetry_warnings) = telemetry::translate(objects, config);
+    state.telemetry = telemetry;
+    state.warnings.extend(telemetry_warnings);
 
     // What waypoints need: routes per service and the policies targeting them.
     let (routes, route_warnings) = waypoint::routes(objects, config, &state.services);

@@ -22,7 +22,7 @@ use crate::mesh::MeshState;
 const HISTORY: usize = 32;
 
 /// The served types.
-pub const TYPES: [&str; 10] = [
+pub const TYPES: [&str; 11] = [
     type_url::ADDRESS,
     type_url::AUTHORIZATION,
     type_url::SERVICE_ROUTES,
@@ -32,6 +32,7 @@ pub const TYPES: [&str; 10] = [
     type_url::INGRESS_GATEWAY,
     type_url::GATEWAY_CREDENTIAL,
     type_url::MESH_SETTINGS,
+    type_url::TELEMETRY,
     type_url::TRUST_BUNDLE,
 ];
 
@@ -254,6 +255,12 @@ impl Resources {
             credentials.by_name.insert(name, r);
         }
 
+        let mut telemetry = TypeResources::default();
+        for (name, t) in state.telemetry.iter().filter(|_| wanted(type_url::TELEMETRY)) {
+            let name: Arc<str> = Arc::from(name.as_str());
+            telemetry.by_name.insert(name.clone(), resource(type_url::TELEMETRY, name, Vec::new(), t));
+        }
+
         let mut settings = TypeResources::default();
         if wanted(type_url::MESH_SETTINGS) {
             let name: Arc<str> = Arc::from(proto::api::MESH_SETTINGS_NAME);
@@ -269,6 +276,7 @@ impl Resources {
 
         let mut by_type = HashMap::new();
         by_type.insert(type_url::TRUST_BUNDLE, trust);
+        by_type.insert(type_url::TELEMETRY, telemetry);
         by_type.insert(type_url::ADDRESS, addresses);
         by_type.insert(type_url::AUTHORIZATION, authz);
         by_type.insert(type_url::SERVICE_ROUTES, routes);

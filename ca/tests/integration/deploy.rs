@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Deserialize;
@@ -48,6 +48,7 @@ fn every_manifest_matches_its_kubernetes_schema() {
             "Role" => round_trips::<Role>(file, doc),
             "RoleBinding" => round_trips::<RoleBinding>(file, doc),
             "Namespace" => round_trips::<Namespace>(file, doc),
+            "ConfigMap" => round_trips::<ConfigMap>(file, doc),
             "Service" => round_trips::<Service>(file, doc),
             "Deployment" => round_trips::<Deployment>(file, doc),
             "DaemonSet" => round_trips::<DaemonSet>(file, doc),
@@ -113,6 +114,7 @@ fn control_plane_role_grants_exactly_what_the_watchers_read_and_token_review() {
         ("networking.istio.io", "virtualservices"),
         ("networking.istio.io", "destinationrules"),
         ("networking.istio.io", "serviceentries"),
+        ("telemetry.istio.io", "telemetries"),
     ]
     .iter()
     .map(|(g, r)| (g.to_string(), r.to_string()))

@@ -17,7 +17,7 @@ use ca::translate::{MeshConfig, translate};
 use ca::xds::Resources;
 use prost::Message;
 use proto::api::ambient::waypoint::v1::{
-    DestinationPolicy, IngressGateway, L7Policy, MeshSettings, RequestAuthn, ServiceRoutes,
+    DestinationPolicy, IngressGateway, L7Policy, MeshSettings, RequestAuthn, ServiceRoutes, Telemetry,
 };
 use proto::api::istio::security::Authorization;
 use proto::api::istio::workload::Address;
@@ -40,6 +40,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
         (type_url::DESTINATION_POLICY, "DestinationPolicy"),
         (type_url::INGRESS_GATEWAY, "IngressGateway"),
         (type_url::MESH_SETTINGS, "MeshSettings"),
+        (type_url::TELEMETRY, "Telemetry"),
     ];
     for (url, label) in types {
         for (name, r) in &resources.of_type(url).unwrap().by_name {
@@ -57,6 +58,7 @@ fn render(case: &str) -> (String, Vec<ca::objects::ConfigError>, Vec<String>) {
                 type_url::REQUEST_AUTHN => format!("{:#?}", RequestAuthn::decode(bytes).unwrap()),
                 type_url::DESTINATION_POLICY => format!("{:#?}", DestinationPolicy::decode(bytes).unwrap()),
                 type_url::MESH_SETTINGS => format!("{:#?}", MeshSettings::decode(bytes).unwrap()),
+                type_url::TELEMETRY => format!("{:#?}", Telemetry::decode(bytes).unwrap()),
                 _ => format!("{:#?}", IngressGateway::decode(bytes).unwrap()),
             };
             writeln!(out, "{body}").unwrap();
@@ -144,6 +146,66 @@ fn gateway_api_fixture_yields_the_expected_resources() {
 #[test]
 fn egress_fixture_yields_the_expected_resources() {
     check("egress");
+}
+
+/// The Telemetry API: mesh-wide, namespace and Gateway scopes, the provider resolved from the
+/// mesh config's `extensionProviders`.
+#[test]
+fn telemetry_fixture_yields_the_expected_resources() {
+    check("telemetry");
+}
+
+/// What the waypoints cannot carry out of a Telemetry is reported and left out, never half
+/// applied: a selector (sidecars'), a target that is not a Gateway, a provider that is not an
+/// OpenTelemetry one or is not defined; a percentage out of range refuses the object.
+#[test]
+fn telemetry_the_waypoints_cannot_carry_out_is_reported_and_left_out() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/telemetry/input");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture.join("telemetry.yaml"), dir.path().join("telemetry.yaml")).unwrap();
+    let telemetry = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: web}}\nspec:\n{spec}\n---\n"
+        )
+    };
+    let yaml =
+        telemetry("by-selector", "  selector: {matchLabels: {app: web}}\n  tracing: [{randomSamplingPercentage: 5}]")
+            + &telemetry(
+                "by-service",
+                "  targetRefs: [{kind: Service, group: '', name: web}]\n  tracing: [{randomSamplingPercentage: 5}]",
+            )
+            + &telemetry("to-a-log", "  tracing: [{providers: [{name: file-log}]}]")
+            + &telemetry(
+                "to-nowhere",
+                "  tracing: [{providers: [{name: zipkin}], customTags: {a: {literal: {value: b}}}}]",
+            )
+            + &telemetry("too-much", "  tracing: [{randomSamplingPercentage: 150}]");
+    std::fs::write(dir.path().join("more.yaml"), yaml).unwrap();
+    let store = Store::new();
+    let mut source = DirSource::new(dir.path(), store.clone()).unwrap();
+    assert!(source.rescan());
+    let state = translate(&store.snapshot(), &MeshConfig::default());
+
+    let errors: Vec<String> = store.errors().iter().map(|e| format!("{}: {}", e.source, e.message)).collect();
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert!(errors[0].contains("tracing[0].randomSamplingPercentage 150 is not between 0 and 100"), "{errors:#?}");
+    assert_eq!(
+        state.warnings,
+        [
+            "Telemetry web/by-selector: selector names sidecars and node proxies; waypoints and gateways are named by targetRefs (left out)",
+            "Telemetry web/by-service: targetRefs /Service web is not a Gateway; only waypoints and gateways read Telemetry here",
+            "Telemetry web/to-a-log: provider \"file-log\" is of kind envoyFileAccessLog; spans go to opentelemetry providers only",
+            "Telemetry web/to-nowhere: tracing[0].customTags is not read",
+            "Telemetry web/to-nowhere: provider \"zipkin\" is not among the mesh config's extensionProviders",
+        ]
+    );
+    // Neither the selector's nor the Service's: they would otherwise apply to the whole namespace.
+    let names: Vec<&String> = state.telemetry.keys().collect();
+    assert_eq!(
+        names,
+        ["istio-system/mesh-default", "shop/quiet-waypoint", "shop/shop-tracing", "web/to-a-log", "web/to-nowhere"]
+    );
+    assert_eq!(state.telemetry["web/to-nowhere"].tracing.as_ref().unwrap().collector, None);
 }
 
 #[test]

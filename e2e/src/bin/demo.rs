@@ -220,9 +220,9 @@ async fn prometheus(mesh: &mut Mesh) -> Result<Vec<String>> {
     let (local, _forward) = e2e::mesh::port_forward_from(listener, mesh.underlay.ns.clone(), target)?;
     let mut jobs: BTreeMap<&str, usize> = BTreeMap::new();
     for t in &up {
-        *jobs.entry(t.label("job")).or_default() += 1;
+        *jobs.entry(t.label("component")).or_default() += 1;
     }
-    let jobs: Vec<String> = jobs.iter().map(|(job, n)| format!("{job} ×{n}")).collect();
+    let jobs: Vec<String> = jobs.iter().map(|(component, n)| format!("{component} ×{n}")).collect();
     let mut split: Vec<String> = split
         .iter()
         .map(|s| format!("{} {}", s.labels.get("destination_workload").map_or("?", String::as_str), s.value))

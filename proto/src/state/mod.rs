@@ -13,8 +13,9 @@
 //! lock; everything in it is behind an `Arc`, so a reader may keep what it found.
 
 pub mod model;
+pub mod telemetry;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -22,7 +23,7 @@ pub use model::{ModelError, PortMapping, Service, Tunnel, Waypoint, WaypointAt, 
 
 use crate::api::ambient::waypoint::v1::{
     DestinationPolicy, GatewayCredential, IngressGateway, L7Policy, MeshSettings, PolicyTarget, RequestAuthn,
-    ServiceRoutes, policy_target,
+    ServiceRoutes, Telemetry, policy_target,
 };
 use crate::api::istio::security::{Authorization, Scope};
 
@@ -64,6 +65,9 @@ pub struct MeshState {
     pub gateway_credentials: Credentials,
     /// Mesh-wide settings (the defaults until the control plane sends them).
     pub settings: MeshSettings,
+    /// Telemetry API settings by `<namespace>/<name>` (name order is merge order, see
+    /// [`telemetry::effective`]).
+    pub telemetry: BTreeMap<String, Arc<Telemetry>>,
 }
 
 /// Gateway TLS credentials by `<namespace>/<secret>`; their debug form never shows a key.
