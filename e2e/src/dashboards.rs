@@ -52,7 +52,7 @@ pub struct Dashboard {
 pub fn all() -> Result<Vec<Dashboard>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir())?
         .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()?
+        .collect::<std::io::Result<Vec<PathBuf>>>()?
         .into_iter()
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
