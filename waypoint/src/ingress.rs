@@ -44,6 +44,7 @@ use crate::passthrough;
 use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
 use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
+use crate::spans;
 use crate::target::{self, Backend};
 use crate::upstream::{Body, BoxError};
 
@@ -270,6 +271,10 @@ async fn handle(
     let raw_path = req.uri().path().to_owned();
     let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
     let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+    let mut spans = {
+        let (name, attributes) = spans::describe(&req, &host, local.port(), Some(client.ip()));
+        ctx.tracer.start(req.headers(), name, attributes)
+    };
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
     let planned = match target {
@@ -292,7 +297,10 @@ async fn handle(
     });
     let (response, outcome) = match planned {
         Err(answer) => answer.into_parts(),
-        Ok(plan) => {
+        Ok(mut plan) => {
+            if let Some(spans) = spans.as_mut() {
+                spans.upstream(&mut plan.head.headers, &plan.backend.cluster());
+            }
             let clients = ctx.clients.for_client(None);
             let body = body.map_err(BoxError::from).boxed();
             send::send(plan, body, &clients, &ctx.destinations, &mut upgrade).await
@@ -323,6 +331,13 @@ async fn handle(
         connection_security_policy: "unknown",
     };
     ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
+    if let Some(spans) = spans {
+        let endpoint = outcome.endpoint.as_deref().and_then(|w| w.primary_address());
+        spans.finish(outcome.status.as_u16(), outcome.flags, endpoint);
+    }
+    if !ctx.access_log.load(std::sync::atomic::Ordering::Relaxed) {
+        return response;
+    }
     info!(
         target: "access",
         client = %client,

@@ -40,6 +40,7 @@ mod plan;
 pub mod proxy;
 pub mod route;
 mod send;
+pub mod spans;
 mod target;
 pub mod tcp;
 pub mod upstream;
@@ -47,6 +48,7 @@ pub mod upstream;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -58,7 +60,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::SpiffeId;
 use proto::api::type_url::{
     ADDRESS, DESTINATION_POLICY, GATEWAY_CREDENTIAL, INGRESS_GATEWAY, L7_POLICY, REQUEST_AUTHN, SERVICE_ROUTES,
-    TRUST_BUNDLE,
+    TELEMETRY, TRUST_BUNDLE,
 };
 use proto::certs::{CertConfig, CertManager, TokenSource};
 use proto::control::ControlPlaneTarget;
@@ -78,11 +80,12 @@ use crate::route::Regexes;
 use crate::upstream::{Clients, Connector};
 
 /// The xDS types a waypoint follows.
-pub const SUBSCRIBED: [&str; 6] = [ADDRESS, SERVICE_ROUTES, L7_POLICY, REQUEST_AUTHN, DESTINATION_POLICY, TRUST_BUNDLE];
+pub const SUBSCRIBED: [&str; 7] =
+    [ADDRESS, SERVICE_ROUTES, L7_POLICY, REQUEST_AUTHN, DESTINATION_POLICY, TELEMETRY, TRUST_BUNDLE];
 /// The xDS types an ingress gateway follows: the Gateways and their routes, what the routes send
 /// to, and the policies of the destinations (no service routes: those are the waypoints').
-pub const SUBSCRIBED_INGRESS: [&str; 6] =
-    [ADDRESS, INGRESS_GATEWAY, GATEWAY_CREDENTIAL, L7_POLICY, DESTINATION_POLICY, TRUST_BUNDLE];
+pub const SUBSCRIBED_INGRESS: [&str; 7] =
+    [ADDRESS, INGRESS_GATEWAY, GATEWAY_CREDENTIAL, L7_POLICY, DESTINATION_POLICY, TELEMETRY, TRUST_BUNDLE];
 
 /// Largest request head (HTTP/1.1 line + headers, or an HTTP/2 header list) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -114,6 +117,10 @@ pub struct Context {
     pub detect_timeout: Duration,
     /// Parsed JWT verification keys.
     pub jwt_keys: jwt::KeyCache,
+    /// Span reporting (Telemetry API).
+    pub tracer: spans::Tracer,
+    /// One access-log line per request (Telemetry API; on by default).
+    pub access_log: AtomicBool,
 }
 
 impl Context {
@@ -213,6 +220,22 @@ async fn became_ready(view: &MeshView, own_ip: Option<IpAddr>) -> bool {
         }
         if changes.changed().await.is_err() {
             return false;
+        }
+    }
+}
+
+/// Applies the Telemetry API's settings for this proxy (tracing, access log) as they change.
+async fn follow_telemetry(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut changes = ctx.view.changes();
+    loop {
+        let effective = ctx.view.read(|s| proto::state::telemetry::effective(&s.telemetry, &ctx.namespace, &ctx.name));
+        ctx.tracer.configure(effective.tracing.as_ref());
+        if ctx.access_log.swap(effective.access_log, Ordering::Relaxed) != effective.access_log {
+            info!(access_log = effective.access_log, "access log switched by the Telemetry API");
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
         }
     }
 }
@@ -441,8 +464,11 @@ impl Waypoint {
             connector,
             detect_timeout: config.detect_timeout,
             jwt_keys: jwt::KeyCache::default(),
+            tracer: spans::Tracer::new(&config.name, &config.namespace, None),
+            access_log: AtomicBool::new(true),
         });
         let stop = CancellationToken::new();
+        tokio::spawn(follow_telemetry(ctx.clone(), stop.clone()));
         let xds = AdsClient {
             target: config.ca.clone(),
             token: config.token.clone(),
@@ -553,6 +579,7 @@ impl Waypoint {
         let outcome = self.drain.drain(self.drain_timeout).await;
         info!(?outcome, "drained");
         self.stop.cancel();
+        self.ctx.tracer.shutdown().await;
         info!("waypoint stopped");
     }
 }

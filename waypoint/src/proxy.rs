@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use http::{Request, Response, StatusCode, header};
@@ -17,6 +18,7 @@ use crate::metrics::{Parties, RequestLabels};
 use crate::normalize;
 use crate::plan::{self, Answer, Head, Next, Outcome};
 use crate::send::{self, DownstreamUpgrade};
+use crate::spans;
 use crate::target::Destination;
 use crate::upstream::{Body, BoxError};
 
@@ -44,6 +46,10 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
     let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut spans = {
+        let (name, attributes) = spans::describe(&req, &host, down.target.port(), down.source_ip);
+        ctx.tracer.start(req.headers(), name, attributes)
+    };
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
     let (destination, planned) = ctx.view.read(|s| {
@@ -69,10 +75,16 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
         (destination, planned)
     });
     ctx.record_dry_run(planned.dry_run.as_ref(), &down.peer, down.target.port());
+    if let (Some(spans), Some(Destination::Service(s))) = (spans.as_mut(), &destination) {
+        spans.rename(spans::operation(&s.hostname, down.target.port()));
+    }
     let parties = Parties::new(&down, destination.as_ref());
     let (response, outcome): (Response<Body>, Outcome) = match planned.next {
         Next::Answer(a) => a.into_parts(),
-        Next::Send(plan) => {
+        Next::Send(mut plan) => {
+            if let Some(spans) = spans.as_mut() {
+                spans.upstream(&mut plan.head.headers, &plan.backend.cluster());
+            }
             let clients = ctx.clients.for_client(down.source_ip);
             let body = body.map_err(BoxError::from).boxed();
             send::send(*plan, body, &clients, &ctx.destinations, &mut upgrade).await
@@ -93,6 +105,12 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
         connection_security_policy: "mutual_tls",
     };
     ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
+    if let Some(spans) = spans {
+        spans.finish(outcome.status.as_u16(), outcome.flags, endpoint.and_then(|w| w.primary_address()));
+    }
+    if !ctx.access_log.load(Ordering::Relaxed) {
+        return response;
+    }
     info!(
         target: "access",
         src = %down.peer,

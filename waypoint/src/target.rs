@@ -119,6 +119,13 @@ pub(crate) struct Backend {
 }
 
 impl Backend {
+    /// Its name as Envoy names a cluster (`outbound|<port>|<subset>|<host>`), for spans.
+    pub(crate) fn cluster(&self) -> String {
+        let service = self.key.split('#').next().unwrap_or_default();
+        let host = service.split_once('/').map_or(service, |(_, h)| h);
+        format!("outbound|{}|{}|{}", self.service_port, self.subset.as_deref().unwrap_or_default(), host)
+    }
+
     /// The endpoints of `service_key` on `port`, or of its `subset` (the workloads named
     /// `members`), under the service's policy (the subset's own when it has one).
     pub(crate) fn service(

@@ -1,0 +1,275 @@
+//! The Telemetry API end to end: real `ca`, `ztunnel` and `waypoint` processes, and a real
+//! OTLP/gRPC collector (the published OTLP service, served by this test on the underlay).
+//!
+//! - a mesh-wide Telemetry naming the mesh config's OpenTelemetry provider: a request arriving
+//!   with a sampled `traceparent` gives the waypoint's server span (the client's span its parent)
+//!   and client span (the server span its parent), and the server pod receives the client span's
+//!   context — one tree, client → waypoint → server;
+//! - at 0 % a request without a trace, or with an unsampled one, gives no span;
+//! - a namespace Telemetry raising the rate to 100 % makes the waypoint start traces of its own;
+//! - a Telemetry targeting the waypoint's Gateway turns its access log off, and back on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use e2e::apps::http_server;
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, PodSpec, http_exchange};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use proto::hbone::TraceParent;
+
+const APP_PORT: u16 = 8080;
+const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 10);
+const WAYPOINT: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 2);
+const COLLECTOR_PORT: u16 = 4317;
+
+/// A span as the collector received it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    name: String,
+    kind: i32,
+    trace: u128,
+    span: u64,
+    parent: Option<u64>,
+    attributes: BTreeMap<String, String>,
+}
+
+#[derive(Default, Clone)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Got>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(value_text)
+                .unwrap_or_default();
+            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
+                let id = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+                got.push(Got {
+                    service: service.clone(),
+                    name: span.name,
+                    kind: span.kind,
+                    trace: u128::from_be_bytes(span.trace_id.as_slice().try_into().unwrap()),
+                    span: id(&span.span_id),
+                    parent: (!span.parent_span_id.is_empty()).then(|| id(&span.parent_span_id)),
+                    attributes: span
+                        .attributes
+                        .iter()
+                        .map(|a| (a.key.clone(), a.value.as_ref().map(value_text).unwrap_or_default()))
+                        .collect(),
+                });
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+fn value_text(v: &opentelemetry_proto::tonic::common::v1::AnyValue) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    match &v.value {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+impl Collector {
+    fn of_trace(&self, trace: u128) -> Vec<Got> {
+        self.spans.lock().unwrap().iter().filter(|s| s.trace == trace).cloned().collect()
+    }
+
+    /// Waits until trace `trace` has `n` spans.
+    async fn wait_for(&self, trace: u128, n: usize) -> Vec<Got> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = self.of_trace(trace);
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(std::time::Instant::now() < deadline, "trace {trace:032x}: {spans:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn mesh_config(extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |\n    extensionProviders:\n      - name: otel\n        opentelemetry:\n          service: {CA_IP}\n          port: {COLLECTOR_PORT}\n{extra}"
+    )
+}
+
+fn telemetry(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n{spec}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steers_it() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    // The collector, on the underlay (as a cluster's collector Service would be reached).
+    let collector = Collector::default();
+    let listener = mesh.underlay.ns.tcp_listener(SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+
+    mesh.namespace("shop", true).await.unwrap();
+    let client = mesh.pod(PodSpec::new("client", "shop", 1)).await.unwrap();
+    let server = mesh.pod(PodSpec::new("hello", "shop", 2).label("app", "hello")).await.unwrap();
+    http_server(server.listen(APP_PORT).unwrap(), "hello");
+    mesh.apply(
+        "svc-hello",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: shop\nspec:\n  clusterIP: {HELLO}\n  selector:\n    app: hello\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
+        ),
+    )
+    .unwrap();
+    let waypoint = mesh.waypoint("shop", "waypoint", 1, WAYPOINT).await.unwrap();
+    mesh.use_waypoint("shop", Some("waypoint")).unwrap();
+    mesh.apply("mesh-config", &mesh_config("")).unwrap();
+    mesh.apply(
+        "telemetry-mesh",
+        &telemetry(
+            "istio-system",
+            "mesh-default",
+            "  tracing:\n    - providers: [{name: otel}]\n      randomSamplingPercentage: 0\n",
+        ),
+    )
+    .unwrap();
+    let log_has = |needle: &'static str| {
+        let log = mesh.waypoint_log(&waypoint).unwrap();
+        log.contains(needle)
+    };
+    mesh.wait_until("the waypoint to export spans", Duration::from_secs(30), || async {
+        log_has("tracing: exporting spans provider=otel collector=10.10.0.254:4317 sampling_percent=0")
+            || log_has("tracing: exporting spans provider=otel collector=10.10.0.254:4317 sampling_percent=0.0")
+    })
+    .await
+    .unwrap();
+    let to = SocketAddr::from((HELLO, 80));
+    mesh.wait_until("hello through the waypoint", Duration::from_secs(30), || async {
+        http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+
+    // A sampled request: one tree, client → waypoint (server span, client span) → server.
+    let incoming =
+        TraceParent { trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, span_id: 0x00f0_67aa_0ba9_02b7, flags: 1 };
+    let answer =
+        http_exchange(&client.netns.ns, "GET", to, "/traced", &[("traceparent", &incoming.to_string())]).await.unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
+    let spans = collector.wait_for(incoming.trace_id, 2).await;
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
+    let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
+    assert_eq!(server_span.parent, Some(incoming.span_id), "the server span's parent is the caller's span");
+    assert_eq!(client_span.parent, Some(server_span.span), "the client span's parent is the server span");
+    assert_eq!(seen.trace_id, incoming.trace_id);
+    assert_eq!(seen.span_id, client_span.span, "the server pod's parent is the waypoint's client span");
+    assert_eq!(seen.flags, 1);
+    assert_eq!(server_span.name, "hello.shop.svc.cluster.local:80/*");
+    assert_eq!(server_span.service, "waypoint.shop");
+    for (k, v) in [
+        ("http.method", "GET"),
+        ("http.url", "http://10.96.3.10:80/traced"),
+        ("http.status_code", "200"),
+        ("response_flags", "-"),
+        ("istio.namespace", "shop"),
+        ("upstream_cluster", "outbound|80||hello.shop.svc.cluster.local"),
+        ("peer.address", &client.ip.to_string()),
+    ] {
+        assert_eq!(server_span.attributes.get(k).map(String::as_str), Some(v), "{k}: {server_span:#?}");
+    }
+    assert_eq!(client_span.name, "router outbound|80||hello.shop.svc.cluster.local egress");
+    assert_eq!(client_span.attributes.get("peer.address"), Some(&server.ip.to_string()));
+    // A failed request is an error span.
+    let failing = TraceParent { trace_id: 0x11, span_id: 0x22, flags: 1 };
+    let answer = http_exchange(&client.netns.ns, "GET", to, "/status/503", &[("traceparent", &failing.to_string())])
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 503);
+    let spans = collector.wait_for(failing.trace_id, 2).await;
+    assert!(spans.iter().all(|s| s.attributes.get("error").map(String::as_str) == Some("true")), "{spans:#?}");
+
+    // At 0 %: no trace of its own, and an unsampled caller's is not reported.
+    let before = collector.spans.lock().unwrap().len();
+    let unsampled = TraceParent { trace_id: 0x33, span_id: 0x44, flags: 0 };
+    for headers in [vec![], vec![("traceparent", unsampled.to_string())]] {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let answer = http_exchange(&client.netns.ns, "GET", to, "/", &headers).await.unwrap();
+        assert_eq!(answer.status, 200);
+    }
+
+    // The namespace raises the rate to 100 %: every request starts a trace at the waypoint.
+    mesh.apply("telemetry-shop", &telemetry("shop", "all", "  tracing:\n    - randomSamplingPercentage: 100\n"))
+        .unwrap();
+    mesh.wait_until("the namespace's rate to apply", Duration::from_secs(30), || async {
+        log_has("sampling_percent=100")
+    })
+    .await
+    .unwrap();
+    // The batch of the requests above (exported every second) has gone by now: none of theirs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(collector.spans.lock().unwrap().len(), before, "unsampled requests were reported");
+    let answer = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.unwrap();
+    let started = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
+    assert_eq!(started.flags, 1);
+    let spans = collector.wait_for(started.trace_id, 2).await;
+    let root = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
+    assert_eq!(root.parent, None, "a trace the waypoint starts has its server span as the root");
+    assert_eq!(spans.iter().find(|s| s.kind == SpanKind::Client as i32).unwrap().span, started.span_id);
+
+    // The waypoint's access log, switched off for its Gateway, then on again.
+    let access_lines = |path: &str| {
+        let log = mesh.waypoint_log(&waypoint).unwrap();
+        log.lines().filter(|l| l.contains("access") && l.contains(&format!("path={path} "))).count()
+    };
+    assert_eq!(access_lines("/traced"), 1);
+    mesh.apply(
+        "telemetry-quiet",
+        &telemetry(
+            "shop",
+            "quiet",
+            "  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]\n  accessLogging:\n    - disabled: true\n",
+        ),
+    )
+    .unwrap();
+    mesh.wait_until("the access log to go off", Duration::from_secs(30), || async {
+        log_has("access log switched by the Telemetry API access_log=false")
+    })
+    .await
+    .unwrap();
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/quiet", &[]).await.unwrap().status, 200);
+    mesh.delete("telemetry-quiet").unwrap();
+    mesh.wait_until("the access log to come back", Duration::from_secs(30), || async {
+        log_has("access log switched by the Telemetry API access_log=true")
+    })
+    .await
+    .unwrap();
+    assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/loud", &[]).await.unwrap().status, 200);
+    assert_eq!((access_lines("/quiet"), access_lines("/loud")), (0, 1));
+}
