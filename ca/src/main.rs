@@ -164,10 +164,11 @@ struct ServeArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     jwks_timeout: Duration,
 
-    /// Log format: `text` or `json`. The filter comes from `RUST_LOG` (default `info`) and can
+    /// Log format: `text` (or `plain`) or `json` (one object per line, access-log lines with
+    /// Istio's field names). The filter comes from `RUST_LOG` (default `info`) and can
     /// be changed while the CA runs: `POST /logging?level=<filter>` on the admin endpoint (from
     /// loopback).
-    #[arg(long, default_value_t)]
+    #[arg(long, env = "LOG_FORMAT", default_value_t)]
     log_format: LogFormat,
 
     /// The xDS types served: `all` (Istio's Address and Authorization, and the mesh's own types

@@ -61,6 +61,8 @@ pub struct MeshOptions {
     pub ca_args: Vec<String>,
     /// More arguments for every ztunnel.
     pub ztunnel_args: Vec<String>,
+    /// ztunnels and waypoints write JSON log lines (`LOG_FORMAT=json`).
+    pub json_logs: bool,
 }
 
 impl Default for MeshOptions {
@@ -72,6 +74,7 @@ impl Default for MeshOptions {
             cert_ttl: None,
             ca_args: Vec::new(),
             ztunnel_args: Vec::new(),
+            json_logs: false,
         }
     }
 }
@@ -399,6 +402,7 @@ impl Mesh {
         let (bin, filter, drain) =
             (self.ztunnel_bin.clone(), self.options.log_filter.clone(), self.options.drain_timeout);
         let extra = self.options.ztunnel_args.clone();
+        let log_format = if self.options.json_logs { "json" } else { "text" };
         let node = self.node_mut(index)?;
         let mut command = Command::new(&bin);
         // Configured as Istio's charts configure Istio's ztunnel: the shared settings through
@@ -415,6 +419,7 @@ impl Mesh {
             .args(["--token-file", &node.token.display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
             .args(&extra)
+            .env("LOG_FORMAT", log_format)
             .env("RUST_LOG", &filter);
         let (stdout, stderr) = output(Some(&node.log), false)?;
         let mut child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;
@@ -619,6 +624,7 @@ impl Mesh {
             .args(["--token-file", &token.display().to_string()])
             .args(["--drain-timeout", &format!("{}ms", self.options.drain_timeout.as_millis())])
             .args(extra)
+            .env("LOG_FORMAT", if self.options.json_logs { "json" } else { "text" })
             .env("RUST_LOG", &self.options.log_filter);
         let (stdout, stderr) = output(Some(&log), false)?;
         let mut child = spawn_child_with(&command, Some(&pod.netns.ns), stdout, stderr)?;

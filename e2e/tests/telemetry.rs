@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use e2e::apps::http_server;
-use e2e::mesh::{CA_IP, Mesh, MeshOptions, PodSpec, http_exchange};
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
@@ -123,18 +123,10 @@ fn telemetry(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steers_it() {
-    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
-    // The collector, on the underlay (as a cluster's collector Service would be reached).
-    let collector = Collector::default();
-    let listener = mesh.underlay.ns.tcp_listener(SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-
+/// Namespace `shop` in the mesh with its waypoint: a client on node 1, `hello` (service and pod)
+/// on node 2; hello reached through the waypoint.
+async fn shop_mesh(json_logs: bool) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>, Arc<MeshPod>) {
+    let mut mesh = Mesh::start(MeshOptions { json_logs, ..MeshOptions::default() }).unwrap();
     mesh.namespace("shop", true).await.unwrap();
     let client = mesh.pod(PodSpec::new("client", "shop", 1)).await.unwrap();
     let server = mesh.pod(PodSpec::new("hello", "shop", 2).label("app", "hello")).await.unwrap();
@@ -148,6 +140,30 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
     .unwrap();
     let waypoint = mesh.waypoint("shop", "waypoint", 1, WAYPOINT).await.unwrap();
     mesh.use_waypoint("shop", Some("waypoint")).unwrap();
+    let to = SocketAddr::from((HELLO, 80));
+    mesh.wait_until("hello through the waypoint", Duration::from_secs(30), || async {
+        http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.is_ok_and(|a| a.status == 200)
+            && mesh
+                .waypoint_metrics(&waypoint)
+                .await
+                .is_ok_and(|m| m.contains("destination_service=\"hello.shop.svc.cluster.local\""))
+    })
+    .await
+    .unwrap();
+    (mesh, client, server, waypoint)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steers_it() {
+    let (mesh, client, server, waypoint) = shop_mesh(false).await;
+    // The collector, on the underlay (as a cluster's collector Service would be reached).
+    let collector = Collector::default();
+    let listener = mesh.underlay.ns.tcp_listener(SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
     mesh.apply("mesh-config", &mesh_config("")).unwrap();
     mesh.apply(
         "telemetry-mesh",
@@ -169,11 +185,6 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
     .await
     .unwrap();
     let to = SocketAddr::from((HELLO, 80));
-    mesh.wait_until("hello through the waypoint", Duration::from_secs(30), || async {
-        http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.is_ok_and(|a| a.status == 200)
-    })
-    .await
-    .unwrap();
 
     // A sampled request: one tree, client → waypoint (server span, client span) → server.
     let incoming =
@@ -272,4 +283,86 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
     .unwrap();
     assert_eq!(http_exchange(&client.netns.ns, "GET", to, "/loud", &[]).await.unwrap().status, 200);
     assert_eq!((access_lines("/quiet"), access_lines("/loud")), (0, 1));
+}
+
+/// `LOG_FORMAT=json`: every line of the proxies' logs is a JSON object, and the access-log lines
+/// carry Istio's names: the waypoint's Envoy's (`method`, `path`, `response_code`,
+/// `response_flags`, `upstream_host`, `duration`, ...), ztunnel's its own (`src.identity`,
+/// `dst.workload`, `direction`, `bytes_sent`, `bytes_recv`, ...).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_are_json_lines_with_istios_field_names() {
+    let (mesh, client, server, waypoint) = shop_mesh(true).await;
+    let to = SocketAddr::from((HELLO, 80));
+    let answer = http_exchange(
+        &client.netns.ns,
+        "GET",
+        to,
+        "/json-line",
+        &[("x-request-id", "req-42"), ("user-agent", "e2e/1")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200);
+    let lines = |log: String| -> Vec<serde_json::Value> {
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect()
+    };
+    let mut request = None;
+    mesh.wait_until("the waypoint's access line", Duration::from_secs(10), || {
+        request = lines(mesh.waypoint_log(&waypoint).unwrap())
+            .into_iter()
+            .find(|l| l["target"] == "access" && l["path"] == "/json-line");
+        std::future::ready(request.is_some())
+    })
+    .await
+    .unwrap();
+    let request = request.unwrap();
+    for (k, v) in [
+        ("message", serde_json::json!("request")),
+        ("level", serde_json::json!("INFO")),
+        ("method", serde_json::json!("GET")),
+        ("protocol", serde_json::json!("HTTP/1.1")),
+        ("authority", serde_json::json!("10.96.3.10:80")),
+        ("response_code", serde_json::json!(200)),
+        ("response_flags", serde_json::json!("-")),
+        ("upstream_host", serde_json::json!(server.ip.to_string())),
+        ("upstream_request_attempt_count", serde_json::json!(1)),
+        ("downstream_remote_address", serde_json::json!(client.ip.to_string())),
+        ("request_id", serde_json::json!("req-42")),
+        ("user_agent", serde_json::json!("e2e/1")),
+        ("src.identity", serde_json::json!(format!("spiffe://cluster.local/ns/shop/sa/{}", client.service_account))),
+        ("dst.service", serde_json::json!("hello.shop.svc.cluster.local")),
+        ("dst.workload", serde_json::json!("hello")),
+    ] {
+        assert_eq!(request[k], v, "{k}: {request}");
+    }
+    assert!(request["duration"].is_u64() && request["timestamp"].is_string(), "{request}");
+
+    // The client's ztunnel: the client's connection (closed after the answer), outbound.
+    let mut outbound = None;
+    mesh.wait_until("ztunnel's access line", Duration::from_secs(10), || {
+        outbound = lines(mesh.ztunnel_log(1).unwrap()).into_iter().find(|l| {
+            l["target"] == "access"
+                && l["direction"] == "outbound"
+                && l["src.workload"] == "client"
+                && l["bytes_sent"].as_u64().is_some_and(|b| b > 0)
+        });
+        std::future::ready(outbound.is_some())
+    })
+    .await
+    .unwrap();
+    let outbound = outbound.unwrap();
+    for (k, v) in [
+        ("message", serde_json::json!("connection complete")),
+        ("src.namespace", serde_json::json!("shop")),
+        ("src.identity", serde_json::json!(format!("spiffe://cluster.local/ns/shop/sa/{}", client.service_account))),
+        ("dst.addr", serde_json::json!(to.to_string())),
+        ("dst.service", serde_json::json!("hello.shop.svc.cluster.local")),
+        ("mtls", serde_json::json!(true)),
+    ] {
+        assert_eq!(outbound[k], v, "{k}: {outbound}");
+    }
+    assert!(outbound["bytes_recv"].is_u64() && outbound["duration"].is_u64(), "{outbound}");
+    assert!(outbound["src.addr"].as_str().unwrap().starts_with(&format!("{}:", client.ip)), "{outbound}");
+    // And the lines that are not access lines are JSON too (checked by `lines` on both logs).
+    assert!(lines(mesh.ztunnel_log(1).unwrap()).iter().any(|l| l["message"] == "ztunnel started"));
 }

@@ -18,13 +18,14 @@ pub enum LogFormat {
     /// One human-readable line per event (colored on a terminal only).
     #[default]
     Text,
-    /// One JSON object per event.
+    /// One JSON object per event, its fields at the top level (`timestamp`, `level`, `target`,
+    /// `message`, then the event's own: an access-log line's `method`, `response_code`, ...).
     Json,
 }
 
 /// A log format that is not `text` or `json`.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown log format {0:?} (expected text or json)")]
+#[error("unknown log format {0:?} (expected text, plain or json)")]
 pub struct UnknownLogFormat(String);
 
 impl FromStr for LogFormat {
@@ -32,7 +33,8 @@ impl FromStr for LogFormat {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "text" => Ok(LogFormat::Text),
+            // `plain` is Istio's name for it (ztunnel's LOG_FORMAT).
+            "text" | "plain" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
             other => Err(UnknownLogFormat(other.to_owned())),
         }
@@ -114,7 +116,15 @@ pub fn init_logging(format: LogFormat) -> LogControl {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let installed = match format {
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).try_init(),
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
+            .try_init(),
     };
     if installed.is_err() {
         tracing::warn!("a log subscriber was already installed; this one is not used");
@@ -198,9 +208,10 @@ mod tests {
         for f in [LogFormat::Text, LogFormat::Json] {
             assert_eq!(f.to_string().parse::<LogFormat>().unwrap(), f);
         }
+        assert_eq!("plain".parse::<LogFormat>().unwrap(), LogFormat::Text, "Istio's LOG_FORMAT value");
         assert_eq!(
             "yaml".parse::<LogFormat>().unwrap_err().to_string(),
-            "unknown log format \"yaml\" (expected text or json)"
+            "unknown log format \"yaml\" (expected text, plain or json)"
         );
     }
 }

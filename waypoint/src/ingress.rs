@@ -271,6 +271,8 @@ async fn handle(
     let raw_path = req.uri().path().to_owned();
     let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
     let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
+    let (version, request_id, user_agent) =
+        (req.version(), crate::proxy::header_text(&req, "x-request-id"), crate::proxy::header_text(&req, "user-agent"));
     let mut spans = {
         let (name, attributes) = spans::describe(&req, &host, local.port(), Some(client.ip()));
         ctx.tracer.start(req.headers(), name, attributes)
@@ -338,19 +340,25 @@ async fn handle(
     if !ctx.access_log.load(std::sync::atomic::Ordering::Relaxed) {
         return response;
     }
+    // Envoy's and Istio's access-log names (`--log-format json` writes them as JSON keys).
+    let endpoint = outcome.endpoint.as_deref();
     info!(
         target: "access",
-        client = %client,
         method = %method,
         path = %raw_path,
+        protocol = ?version,
         authority = %host,
-        service = %labels.parties.destination_service,
-        route = %outcome.route,
-        endpoint = %outcome.endpoint.as_deref().map_or("-", |w| w.name.as_str()),
-        status = outcome.status.as_u16(),
-        flags = outcome.flags,
-        attempts = outcome.attempts,
-        duration_ms = elapsed.as_millis() as u64,
+        response_code = outcome.status.as_u16(),
+        response_flags = outcome.flags,
+        route_name = %outcome.route,
+        upstream_host = %endpoint.and_then(|w| w.primary_address()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        upstream_request_attempt_count = outcome.attempts,
+        downstream_remote_address = %client,
+        request_id = %request_id.as_deref().unwrap_or("-"),
+        user_agent = %user_agent.as_deref().unwrap_or("-"),
+        duration = elapsed.as_millis() as u64,
+        dst.service = %labels.parties.destination_service,
+        dst.workload = %endpoint.map_or("-", |w| w.name.as_str()),
         "request"
     );
     response

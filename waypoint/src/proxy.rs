@@ -46,6 +46,8 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     let target = normalize::path(&raw_path).and_then(|p| Ok((p, normalize::host(req.headers(), req.uri())?)));
     let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let (version, request_id, user_agent) =
+        (req.version(), header_text(&req, "x-request-id"), header_text(&req, "user-agent"));
     let mut spans = {
         let (name, attributes) = spans::describe(&req, &host, down.target.port(), down.source_ip);
         ctx.tracer.start(req.headers(), name, attributes)
@@ -111,21 +113,31 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     if !ctx.access_log.load(Ordering::Relaxed) {
         return response;
     }
+    // Envoy's and Istio's access-log names (`--log-format json` writes them as JSON keys).
     info!(
         target: "access",
-        src = %down.peer,
-        src_ip = ?down.source_ip,
         method = %method,
         path = %raw_path,
+        protocol = ?version,
         authority = %host,
-        service = %labels.parties.destination_service,
-        route = %outcome.route,
-        endpoint = %endpoint.map(|w| w.name.as_str()).unwrap_or("-"),
-        status = outcome.status.as_u16(),
-        flags = outcome.flags,
-        attempts = outcome.attempts,
-        duration_ms = elapsed.as_millis() as u64,
+        response_code = outcome.status.as_u16(),
+        response_flags = outcome.flags,
+        route_name = %outcome.route,
+        upstream_host = %endpoint.and_then(|w| w.primary_address()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        upstream_request_attempt_count = outcome.attempts,
+        downstream_remote_address = %down.source_ip.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+        request_id = %request_id.as_deref().unwrap_or("-"),
+        user_agent = %user_agent.as_deref().unwrap_or("-"),
+        duration = elapsed.as_millis() as u64,
+        src.identity = %down.peer,
+        dst.service = %labels.parties.destination_service,
+        dst.workload = %endpoint.map_or("-", |w| w.name.as_str()),
         "request"
     );
     response
+}
+
+/// A request header's value as text, if it has one.
+pub(crate) fn header_text<B>(req: &Request<B>, name: &str) -> Option<String> {
+    req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
 }

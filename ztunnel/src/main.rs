@@ -88,9 +88,10 @@ struct Args {
     #[arg(long, default_value = "5s", value_parser = proto::duration::parse)]
     drain_timeout: Duration,
 
-    /// Log format: `text` or `json`. The filter comes from `RUST_LOG` (default `info`) and can
+    /// Log format: `text` (or `plain`) or `json` (one object per line, access-log lines with
+    /// Istio's field names). The filter comes from `RUST_LOG` (default `info`) and can
     /// be changed while ztunnel runs: `POST /logging?level=<filter>` on the admin endpoint.
-    #[arg(long, default_value_t)]
+    #[arg(long, env = "LOG_FORMAT", default_value_t)]
     log_format: LogFormat,
 
     /// Resolver for the names the mesh does not know, `ip` or `ip:port` (repeat for more, tried

@@ -303,9 +303,9 @@ impl ConnectionRecord {
             mtls = i.mtls,
             outcome = ?outcome,
             detail = detail.unwrap_or(""),
-            bytes_received = received,
+            bytes_recv = received,
             bytes_sent = sent,
-            duration_ms = self.start.elapsed().as_millis() as u64,
+            duration = self.start.elapsed().as_millis() as u64,
             "connection complete"
         );
     }
