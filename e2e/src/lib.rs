@@ -14,6 +14,7 @@ pub mod ca_process;
 pub mod dashboards;
 pub mod load;
 pub mod mesh;
+pub mod otlp;
 pub mod prometheus;
 pub mod scale;
 pub mod sniff;

@@ -11,105 +11,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use e2e::apps::http_server;
 use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use e2e::otlp::{Collector, SpanKind};
 use proto::hbone::TraceParent;
 
 const APP_PORT: u16 = 8080;
 const HELLO: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 10);
 const WAYPOINT: Ipv4Addr = Ipv4Addr::new(10, 96, 3, 2);
 const COLLECTOR_PORT: u16 = 4317;
-
-/// A span as the collector received it.
-#[derive(Debug, Clone)]
-struct Got {
-    service: String,
-    name: String,
-    kind: i32,
-    trace: u128,
-    span: u64,
-    parent: Option<u64>,
-    attributes: BTreeMap<String, String>,
-}
-
-#[derive(Default, Clone)]
-struct Collector {
-    spans: Arc<Mutex<Vec<Got>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut got = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref())
-                .map(value_text)
-                .unwrap_or_default();
-            for span in rs.scope_spans.into_iter().flat_map(|s| s.spans) {
-                let id = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
-                got.push(Got {
-                    service: service.clone(),
-                    name: span.name,
-                    kind: span.kind,
-                    trace: u128::from_be_bytes(span.trace_id.as_slice().try_into().unwrap()),
-                    span: id(&span.span_id),
-                    parent: (!span.parent_span_id.is_empty()).then(|| id(&span.parent_span_id)),
-                    attributes: span
-                        .attributes
-                        .iter()
-                        .map(|a| (a.key.clone(), a.value.as_ref().map(value_text).unwrap_or_default()))
-                        .collect(),
-                });
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-fn value_text(v: &opentelemetry_proto::tonic::common::v1::AnyValue) -> String {
-    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-    match &v.value {
-        Some(Value::StringValue(s)) => s.clone(),
-        Some(Value::IntValue(i)) => i.to_string(),
-        Some(Value::BoolValue(b)) => b.to_string(),
-        other => format!("{other:?}"),
-    }
-}
-
-impl Collector {
-    fn of_trace(&self, trace: u128) -> Vec<Got> {
-        self.spans.lock().unwrap().iter().filter(|s| s.trace == trace).cloned().collect()
-    }
-
-    /// Waits until trace `trace` has `n` spans.
-    async fn wait_for(&self, trace: u128, n: usize) -> Vec<Got> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let spans = self.of_trace(trace);
-            if spans.len() >= n {
-                return spans;
-            }
-            assert!(std::time::Instant::now() < deadline, "trace {trace:032x}: {spans:#?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
 
 fn mesh_config(extra: &str) -> String {
     format!(
@@ -157,13 +71,7 @@ async fn shop_mesh(json_logs: bool) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>, Arc<Me
 async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steers_it() {
     let (mesh, client, server, waypoint) = shop_mesh(false).await;
     // The collector, on the underlay (as a cluster's collector Service would be reached).
-    let collector = Collector::default();
-    let listener = mesh.underlay.ns.tcp_listener(SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
+    let collector = Collector::serve(&mesh.underlay.ns, SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
     mesh.apply("mesh-config", &mesh_config("")).unwrap();
     mesh.apply(
         "telemetry-mesh",
@@ -193,7 +101,7 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
         http_exchange(&client.netns.ns, "GET", to, "/traced", &[("traceparent", &incoming.to_string())]).await.unwrap();
     assert_eq!(answer.status, 200, "{answer:?}");
     let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
-    let spans = collector.wait_for(incoming.trace_id, 2).await;
+    let spans = collector.wait_for(incoming.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
     assert_eq!(spans.len(), 2, "{spans:#?}");
     let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
     let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
@@ -223,11 +131,11 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
         .await
         .unwrap();
     assert_eq!(answer.status, 503);
-    let spans = collector.wait_for(failing.trace_id, 2).await;
+    let spans = collector.wait_for(failing.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
     assert!(spans.iter().all(|s| s.attributes.get("error").map(String::as_str) == Some("true")), "{spans:#?}");
 
     // At 0 %: no trace of its own, and an unsampled caller's is not reported.
-    let before = collector.spans.lock().unwrap().len();
+    let before = collector.count();
     let unsampled = TraceParent { trace_id: 0x33, span_id: 0x44, flags: 0 };
     for headers in [vec![], vec![("traceparent", unsampled.to_string())]] {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -245,11 +153,11 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
     .unwrap();
     // The batch of the requests above (exported every second) has gone by now: none of theirs.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(collector.spans.lock().unwrap().len(), before, "unsampled requests were reported");
+    assert_eq!(collector.count(), before, "unsampled requests were reported");
     let answer = http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.unwrap();
     let started = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
     assert_eq!(started.flags, 1);
-    let spans = collector.wait_for(started.trace_id, 2).await;
+    let spans = collector.wait_for(started.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
     let root = spans.iter().find(|s| s.kind == SpanKind::Server as i32).unwrap();
     assert_eq!(root.parent, None, "a trace the waypoint starts has its server span as the root");
     assert_eq!(spans.iter().find(|s| s.kind == SpanKind::Client as i32).unwrap().span, started.span_id);

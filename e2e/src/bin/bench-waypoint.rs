@@ -16,6 +16,10 @@
 //! measured requests ([`e2e::scale`]), between two rounds without it (`--pad-workloads 0` skips
 //! it; `--scale-only` measures only this).
 //!
+//! Tracing (`--tracing-only`): the waypoint's requests/s per core with spans off, at 1 % and at
+//! 100 % sampling (the Telemetry API, a real OTLP collector in this process), in alternating
+//! rounds (`--tracing-rounds`), with the spans the collector received per request.
+//!
 //! Needs root, iproute2 and nftables; build first:
 //! `cargo build --release -p ca -p ztunnel -p waypoint -p e2e`.
 
@@ -30,7 +34,7 @@ use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use e2e::ca_process::{KillOnDrop, cpu_seconds, spawn_child_with, wait_for_port};
 use e2e::load::percentile;
-use e2e::mesh::{Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_as};
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_as};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use serde::Serialize;
@@ -55,6 +59,12 @@ struct Args {
     log_filter: String,
     #[command(flatten)]
     scale: e2e::scale::ScaleArgs,
+    /// Measure only the cost of tracing: spans off, at 1 % and at 100 % sampling.
+    #[arg(long)]
+    tracing_only: bool,
+    /// Rounds of the tracing measurement (each: off, 1 %, 100 %).
+    #[arg(long, default_value_t = 3)]
+    tracing_rounds: usize,
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -258,6 +268,102 @@ async fn ingress(mesh: &mut Mesh, server: &MeshPod, args: &Args) -> Result<Ingre
     })
 }
 
+/// One setting of the tracing measurement.
+#[derive(Debug, Serialize)]
+struct TracingSetting {
+    /// `off`, `1%` or `100%`.
+    setting: &'static str,
+    /// Requests/s per waypoint core, each round.
+    requests_per_core: Vec<f64>,
+    /// Their median.
+    median_requests_per_core: f64,
+    /// Its ratio to spans off (medians).
+    ratio_to_off: f64,
+    /// Spans the collector received per request (all rounds).
+    spans_per_request: f64,
+}
+
+/// The waypoint's requests/s per core with tracing off, at 1 % and at 100 %, alternating.
+async fn tracing_cost(
+    mesh: &Mesh,
+    waypoint: &MeshPod,
+    (client, target): &(Arc<MeshPod>, SocketAddr),
+    args: &Args,
+) -> Result<Vec<TracingSetting>> {
+    const COLLECTOR_PORT: u16 = 4317;
+    ensure!(args.tracing_rounds > 0, "--tracing-rounds must be at least 1");
+    let collector = e2e::otlp::Collector::serve(&mesh.underlay.ns, SocketAddr::from((CA_IP, COLLECTOR_PORT)))?;
+    mesh.apply(
+        "mesh-config",
+        &format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: istio\n  namespace: istio-system\ndata:\n  mesh: |\n    extensionProviders:\n      - name: otel\n        opentelemetry:\n          service: {CA_IP}\n          port: {COLLECTOR_PORT}\n"
+        ),
+    )?;
+    let pid = mesh.waypoint_pid(waypoint).context("the waypoint is not running")?;
+    let settings: [(&'static str, Option<f64>); 3] = [("off", None), ("1%", Some(1.0)), ("100%", Some(100.0))];
+    let mut per_core: Vec<Vec<f64>> = vec![Vec::new(); settings.len()];
+    let mut spans = vec![(0usize, 0u64); settings.len()];
+    let switches =
+        |log: &str| log.matches("tracing: exporting spans").count() + log.matches("tracing: no spans reported").count();
+    for round in 0..args.tracing_rounds {
+        for (i, (label, percent)) in settings.iter().enumerate() {
+            let before = switches(&mesh.waypoint_log(waypoint)?);
+            match percent {
+                None if round == 0 => {}
+                None => mesh.delete("telemetry-bench")?,
+                Some(p) => mesh.apply(
+                    "telemetry-bench",
+                    &format!(
+                        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata:\n  name: bench\n  namespace: istio-system\nspec:\n  tracing:\n    - providers: [{{name: otel}}]\n      randomSamplingPercentage: {p}\n"
+                    ),
+                )?,
+            }
+            // The very first "off" is the waypoint's state already: nothing to wait for.
+            if round > 0 || i > 0 {
+                mesh.wait_until(&format!("tracing {label} at the waypoint"), Duration::from_secs(30), || async {
+                    mesh.waypoint_log(waypoint).is_ok_and(|l| switches(&l) > before)
+                })
+                .await?;
+            }
+            let spans_before = collector.count();
+            let (cpu_before, start) = (cpu_seconds(pid)?, Instant::now());
+            let r = load(client, *target, args).await?;
+            let cores = (cpu_seconds(pid)? - cpu_before) / start.elapsed().as_secs_f64();
+            // The last batch leaves within a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            spans[i].0 += collector.count() - spans_before;
+            spans[i].1 += r.requests;
+            per_core[i].push(r.requests_per_s / cores);
+            println!(
+                "round {}: tracing {label:<5} {:>8.0} requests/s, {:.2} cores, {:>8.0} per core, {} spans",
+                round + 1,
+                r.requests_per_s,
+                cores,
+                r.requests_per_s / cores,
+                collector.count() - spans_before
+            );
+        }
+    }
+    mesh.delete("telemetry-bench")?;
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let off = median(&per_core[0]);
+    Ok(settings
+        .iter()
+        .enumerate()
+        .map(|(i, (label, _))| TracingSetting {
+            setting: label,
+            median_requests_per_core: median(&per_core[i]),
+            ratio_to_off: median(&per_core[i]) / off,
+            requests_per_core: per_core[i].clone(),
+            spans_per_request: spans[i].0 as f64 / spans[i].1.max(1) as f64,
+        })
+        .collect())
+}
+
 fn service(name: &str, namespace: &str, vip: Ipv4Addr) -> String {
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  clusterIP: {vip}\n  selector:\n    app: {name}\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
@@ -300,6 +406,11 @@ async fn run(args: Args) -> Result<()> {
         ok && m.contains("server.l7.svc.cluster.local")
     })
     .await?;
+    if args.tracing_only {
+        let report = tracing_cost(&mesh, &waypoint, &paths[1], &args).await?;
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
     if args.scale.scale_only {
         let scale = scale(&mesh, &waypoint, &paths[1], &args).await?;
         print_scale(&scale);

@@ -156,6 +156,25 @@ mod tests {
     }
 
     #[test]
+    fn another_namespace_cannot_reach_a_gateway_that_is_not_its_own() {
+        // A resource of namespace `evil` whose target names shop's waypoint: the control plane
+        // never sends one, and a proxy does not take it either.
+        let mut forged = telemetry("evil", "forged", false, None);
+        forged.targets = vec![PolicyTarget {
+            kind: policy_target::Kind::Gateway as i32,
+            namespace: "shop".into(),
+            name: "waypoint".into(),
+        }];
+        forged.access_logging = Some(AccessLogSettings { disabled: Some(true) });
+        forged.tracing = Some(TracingSettings { disable_span_reporting: Some(true), ..Default::default() });
+        let mut mesh = telemetry("istio-system", "mesh", true, None);
+        mesh.tracing = Some(TracingSettings { collector: Some(collector("otel")), ..Default::default() });
+        let e = effective(&all(vec![forged, mesh]), "shop", "waypoint");
+        assert!(e.access_log);
+        assert_eq!(e.tracing.map(|t| t.collector), Some(collector("otel")));
+    }
+
+    #[test]
     fn no_collector_no_spans_and_the_default_percentage_is_istios() {
         assert_eq!(effective(&BTreeMap::new(), "shop", "waypoint"), Effective::default());
         let mut mesh = telemetry("istio-system", "mesh", true, None);
