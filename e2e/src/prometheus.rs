@@ -24,7 +24,7 @@ use serde::Deserialize;
 use ztunnel::netns::NetNs;
 
 use crate::ca_process::{output, spawn_child_with, wait_for_port};
-use crate::mesh::http_get;
+use crate::mesh::{http_exchange, http_get};
 
 /// Where Prometheus listens, in the underlay namespace.
 pub const LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
@@ -235,7 +235,8 @@ impl Prometheus {
     }
 
     async fn api<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let (status, body) = http_get(&self.netns, self.addr, path).await?;
+        let answer = http_exchange(&self.netns, "GET", self.addr, path, &[]).await?;
+        let (status, body) = (answer.status, answer.data().context("Prometheus' answer was cut")?);
         let answer: Answer<T> = serde_json::from_str(&body)
             .with_context(|| format!("Prometheus answered {path} with {status} and not its API's JSON: {body}"))?;
         match (answer.status.as_str(), answer.data) {

@@ -244,9 +244,13 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
     assert!(prometheus.contains("(5 targets up: ca ×1, ingress-gateway ×1, waypoint ×1, ztunnel ×2;"), "{prometheus}");
     let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
     let here = ztunnel::netns::NetNs::current().unwrap();
-    let (status, body) = runtime.block_on(e2e::mesh::http_get(&here, addr, "/api/v1/targets?state=active")).unwrap();
-    assert_eq!(status, 200, "{body}");
-    let targets: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // Prometheus' HTTP API at the printed address, from this machine's own network.
+    let api = |path: &str| -> serde_json::Value {
+        let answer = runtime.block_on(e2e::mesh::http_exchange(&here, "GET", addr, path, &[])).unwrap();
+        assert_eq!(answer.status, 200, "{path}: {answer:?}");
+        serde_json::from_str(&answer.data().unwrap()).unwrap()
+    };
+    let targets = api("/api/v1/targets?state=active");
     let mut scraped: Vec<String> = targets["data"]["activeTargets"]
         .as_array()
         .unwrap()
@@ -263,14 +267,12 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
             r#""ztunnel" "ztunnel-node-1" "up""#,
             r#""ztunnel" "ztunnel-node-2" "up""#,
         ],
-        "{body}"
+        "{targets}"
     );
     assert_eq!(said("the split:"), e2e::tutorial::SPLIT_PROMQL);
     let query: String =
         form_urlencoded::Serializer::new(String::new()).append_pair("query", e2e::tutorial::SPLIT_PROMQL).finish();
-    let (status, body) = runtime.block_on(e2e::mesh::http_get(&here, addr, &format!("/api/v1/query?{query}"))).unwrap();
-    assert_eq!(status, 200, "{body}");
-    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let answer = api(&format!("/api/v1/query?{query}"));
     let mut split: Vec<String> = answer["data"]["result"]
         .as_array()
         .unwrap()
@@ -280,7 +282,7 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         })
         .collect();
     split.sort();
-    assert_eq!(split.join(", "), said("answers now:"), "{body}");
+    assert_eq!(split.join(", "), said("answers now:"), "{answer}");
     let served: f64 = split.iter().map(|s| s.split(' ').nth(1).unwrap().parse::<f64>().unwrap()).sum();
     assert!(served >= 100.0, "the loop alone sent 100: {split:?}");
 
