@@ -44,7 +44,6 @@ use crate::passthrough;
 use crate::plan::{self, Answer, Head, Plan, Ports, UnsetPort};
 use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
-use crate::spans;
 use crate::target::{self, Backend};
 use crate::upstream::{Body, BoxError};
 
@@ -273,10 +272,7 @@ async fn handle(
     let host = target.as_ref().map(|(_, h)| h.clone()).unwrap_or_default();
     let (version, request_id, user_agent) =
         (req.version(), crate::proxy::header_text(&req, "x-request-id"), crate::proxy::header_text(&req, "user-agent"));
-    let mut spans = {
-        let (name, attributes) = spans::describe(&req, &host, local.port(), Some(client.ip()));
-        ctx.tracer.start(req.headers(), name, attributes)
-    };
+    let mut spans = ctx.tracer.start(&req, &host, local.port(), Some(client.ip()));
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
     let planned = match target {
@@ -354,8 +350,8 @@ async fn handle(
         upstream_host = %endpoint.and_then(|w| w.primary_address()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
         upstream_request_attempt_count = outcome.attempts,
         downstream_remote_address = %client,
-        request_id = %request_id.as_deref().unwrap_or("-"),
-        user_agent = %user_agent.as_deref().unwrap_or("-"),
+        request_id = crate::proxy::log_text(request_id.as_ref()),
+        user_agent = crate::proxy::log_text(user_agent.as_ref()),
         duration = elapsed.as_millis() as u64,
         dst.service = %labels.parties.destination_service,
         dst.workload = %endpoint.map_or("-", |w| w.name.as_str()),

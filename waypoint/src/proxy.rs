@@ -48,10 +48,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let (version, request_id, user_agent) =
         (req.version(), header_text(&req, "x-request-id"), header_text(&req, "user-agent"));
-    let mut spans = {
-        let (name, attributes) = spans::describe(&req, &host, down.target.port(), down.source_ip);
-        ctx.tracer.start(req.headers(), name, attributes)
-    };
+    let mut spans = ctx.tracer.start(&req, &host, down.target.port(), down.source_ip);
     let (mut parts, body) = req.into_parts();
     parts.method = method.clone();
     let (destination, planned) = ctx.view.read(|s| {
@@ -126,8 +123,8 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
         upstream_host = %endpoint.and_then(|w| w.primary_address()).map_or_else(|| "-".to_owned(), |a| a.to_string()),
         upstream_request_attempt_count = outcome.attempts,
         downstream_remote_address = %down.source_ip.map_or_else(|| "-".to_owned(), |a| a.to_string()),
-        request_id = %request_id.as_deref().unwrap_or("-"),
-        user_agent = %user_agent.as_deref().unwrap_or("-"),
+        request_id = log_text(request_id.as_ref()),
+        user_agent = log_text(user_agent.as_ref()),
         duration = elapsed.as_millis() as u64,
         src.identity = %down.peer,
         dst.service = %labels.parties.destination_service,
@@ -137,7 +134,12 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     response
 }
 
-/// A request header's value as text, if it has one.
-pub(crate) fn header_text<B>(req: &Request<B>, name: &str) -> Option<String> {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// A request header's value (a cheap copy: the bytes are shared), if it has one.
+pub(crate) fn header_text<B>(req: &Request<B>, name: &str) -> Option<http::HeaderValue> {
+    req.headers().get(name).cloned()
+}
+
+/// A header value for a log line: its text, `-` when absent or not text.
+pub(crate) fn log_text(v: Option<&http::HeaderValue>) -> &str {
+    v.and_then(|v| v.to_str().ok()).unwrap_or("-")
 }

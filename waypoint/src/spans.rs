@@ -128,10 +128,17 @@ impl Tracer {
         Ok(Exporting { settings: settings.clone(), provider, tracer })
     }
 
-    /// The spans of a request arriving with `headers`, when it is sampled and spans are reported.
-    pub fn start(&self, headers: &HeaderMap, name: String, attributes: Vec<KeyValue>) -> Option<RequestSpans> {
+    /// The spans of `req` (to `host` on `port`, from `peer`), when spans are reported and it is
+    /// sampled; nothing is built otherwise.
+    pub fn start<B>(
+        &self,
+        req: &http::Request<B>,
+        host: &str,
+        port: u16,
+        peer: Option<std::net::IpAddr>,
+    ) -> Option<RequestSpans> {
         let exporting = self.current.load_full()?;
-        let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
+        let incoming = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceParent::parse);
         let parent = match incoming {
             Some(t) if t.flags & 1 == 1 => Context::new().with_remote_span_context(SpanContext::new(
                 TraceId::from(t.trace_id),
@@ -144,7 +151,7 @@ impl Tracer {
             None if sampled(&mut rand::rng(), exporting.settings.sampling_percent) => Context::new(),
             None => return None,
         };
-        let mut attributes = attributes;
+        let (name, mut attributes) = describe(req, host, port, peer);
         attributes.extend(self.own.iter().cloned());
         let server = exporting
             .tracer
@@ -164,7 +171,7 @@ impl Tracer {
 }
 
 /// The server span's name and attributes for a request to `host` on `port` (Istio's names).
-pub fn describe<B>(
+fn describe<B>(
     req: &http::Request<B>,
     host: &str,
     port: u16,
