@@ -254,7 +254,8 @@ pub struct Waypoint {
 
 static MESHES: AtomicU32 = AtomicU32::new(0);
 
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
+/// Writes `text` to `path` through a temporary file and a rename (readers never see half of it).
+pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;

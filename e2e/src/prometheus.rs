@@ -24,7 +24,7 @@ use serde::Deserialize;
 use ztunnel::netns::NetNs;
 
 use crate::ca_process::{output, spawn_child_with, wait_for_port};
-use crate::mesh::{http_exchange, http_get};
+use crate::mesh::{http_exchange, http_get, write_atomic};
 
 /// Where Prometheus listens, in the underlay namespace.
 pub const LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
@@ -130,12 +130,6 @@ impl ScrapeTargets {
         let file = self.dir.join(format!("targets/{}-{}-{}.json", t.component, t.namespace, t.pod));
         write_atomic(&file, &serde_json::to_string_pretty(&entry)?)
     }
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 /// The `prometheus` binary: `PROMETHEUS`, else the first on `PATH`.
