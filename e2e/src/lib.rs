@@ -10,6 +10,7 @@
 //!   (certificates signed per second against the raw sign+verify rate of the same key type).
 
 pub mod apps;
+pub mod browser;
 pub mod ca_process;
 pub mod dashboards;
 pub mod load;

@@ -329,6 +329,7 @@ impl Mesh {
             path: "/metrics",
             namespace: "istio-system",
             pod: "ca",
+            workload: "ca",
             node: "underlay",
         })?;
 
@@ -438,6 +439,7 @@ impl Mesh {
             path: "/metrics",
             namespace: "istio-system",
             pod: &format!("ztunnel-{node_name}"),
+            workload: "ztunnel",
             node: &node_name,
         })
     }
@@ -639,6 +641,7 @@ impl Mesh {
             path: "/metrics",
             namespace,
             pod: name,
+            workload: name,
             node: &node,
         })?;
         let what = format!("{what} {namespace}/{name} ready");

@@ -56,6 +56,8 @@ pub struct Target<'a> {
     pub namespace: &'a str,
     /// Its pod's name.
     pub pod: &'a str,
+    /// Its workload's name (its pods' `service.istio.io/canonical-name`).
+    pub workload: &'a str,
     /// The node it runs on.
     pub node: &'a str,
 }
@@ -125,6 +127,7 @@ impl ScrapeTargets {
                 "__meta_kubernetes_pod_name": t.pod,
                 "__meta_kubernetes_pod_node_name": t.node,
                 "__meta_kubernetes_pod_label_app_kubernetes_io_name": t.component,
+                "__meta_kubernetes_pod_label_service_istio_io_canonical_name": t.workload,
             },
         }]);
         let file = self.dir.join(format!("targets/{}-{}-{}.json", t.component, t.namespace, t.pod));
@@ -325,6 +328,7 @@ mod tests {
             path: "/metrics",
             namespace: "istio-system",
             pod: "ztunnel-node-1",
+            workload: "ztunnel",
             node: "node-1",
         };
         targets.add(&t).unwrap();
@@ -336,5 +340,6 @@ mod tests {
         assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_ip"], "10.10.0.1");
         assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_annotation_prometheus_io_port"], "15020");
         assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_node_name"], "node-1");
+        assert_eq!(written[0]["labels"]["__meta_kubernetes_pod_label_service_istio_io_canonical_name"], "ztunnel");
     }
 }

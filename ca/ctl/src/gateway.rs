@@ -67,6 +67,7 @@ impl IngressGatewaySpec {
         pod_labels.insert("app.kubernetes.io/name".into(), json!("ingress-gateway"));
         pod_labels.insert("app.kubernetes.io/part-of".into(), json!("ambient-mesh"));
         pod_labels.insert(DATAPLANE_MODE_LABEL.into(), json!(DATAPLANE_MODE_NONE));
+        pod_labels.insert(crate::waypoint::CANONICAL_NAME_LABEL.into(), json!(name));
         let mut args: Vec<String> = ["--ingress", "--name", name, "--ca-addr", &self.ca_address]
             .into_iter()
             .chain(["--trust-domain", &self.trust_domain])

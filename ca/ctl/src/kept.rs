@@ -39,6 +39,13 @@ pub struct KeptMesh {
     pub config_dir: PathBuf,
     /// Each node's name and network namespace, where its ztunnel's admin endpoint listens.
     pub nodes: BTreeMap<String, String>,
+    /// A Prometheus scraping the mesh, reachable from this machine's network (`http://…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<String>,
+    /// The Prometheus target files listing the mesh's metrics endpoints, reachable inside
+    /// `ca_netns`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrape_targets: Option<PathBuf>,
 }
 
 impl KeptMesh {
@@ -144,6 +151,8 @@ mod tests {
             state_dir: format!("/tmp/m{pid}/state").into(),
             config_dir: format!("/tmp/m{pid}/objects").into(),
             nodes: BTreeMap::from([("node-1".into(), format!("n1-{pid}"))]),
+            prometheus: None,
+            scrape_targets: None,
         }
     }
 

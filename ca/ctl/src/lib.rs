@@ -5,10 +5,12 @@
 //!   cluster through the API server or in the one-machine mesh's YAML directory;
 //! - [`waypoint`]: the objects a namespace's waypoint is made of;
 //! - [`inspect`]: what a node's ztunnel holds (workloads, certificates, connections);
-//! - [`kept`]: how a one-machine mesh left running is found without flags.
+//! - [`kept`]: how a one-machine mesh left running is found without flags;
+//! - [`dashboard`]: the mesh in a web page (service graph, golden signals), live.
 
 pub mod admin;
 pub mod config;
+pub mod dashboard;
 pub mod gateway;
 pub mod inspect;
 pub mod kept;

@@ -11,6 +11,9 @@ use proto::labels::{DATAPLANE_MODE_LABEL, DATAPLANE_MODE_NONE, WAYPOINT_FOR_LABE
 /// The label tying a waypoint's Deployment, pods and Service to its Gateway.
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 
+/// Istio's canonical service label: on a proxy's pods, its Deployment's name.
+pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
+
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct WaypointSpec {
@@ -76,6 +79,8 @@ impl WaypointSpec {
         });
         let mut pod_labels = labels.clone();
         pod_labels[DATAPLANE_MODE_LABEL] = json!(DATAPLANE_MODE_NONE);
+        // The workload's name for metrics scrapers (deploy/prometheus.yaml labels it `workload`).
+        pod_labels[CANONICAL_NAME_LABEL] = json!(name);
         let deployment = json!({
             "apiVersion": "apps/v1",
             "kind": "Deployment",

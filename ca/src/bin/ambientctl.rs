@@ -66,6 +66,49 @@ enum Command {
     Ca(AdminCommand),
     /// What a node's ztunnel holds: workloads, certificates, live connections.
     Ztunnel(ZtunnelArgs),
+    /// The mesh in a web page, live: the service graph (workloads, services, waypoints and
+    /// gateways; request rate, errors, p50/p99 latency and mutual TLS per edge) and each
+    /// service's golden signals over time.
+    ///
+    /// The figures come from Prometheus (--prometheus) or straight from the proxies' metrics
+    /// endpoints (--targets). A one-machine mesh kept running (`demo --keep`) is read without
+    /// flags. The page is served until Ctrl-C; it has no login, so it listens on loopback unless
+    /// --listen says otherwise.
+    #[command(after_help = "Examples:\n  \
+        ambientctl dashboard                                   # the kept one-machine mesh\n  \
+        kubectl -n istio-system port-forward svc/prometheus 9090 &\n  \
+        ambientctl dashboard --prometheus http://127.0.0.1:9090\n  \
+        ambientctl dashboard --targets targets.json --netns mesh  # scrape the proxies from a namespace")]
+    Dashboard(DashboardArgs),
+}
+
+#[derive(Debug, Args)]
+struct DashboardArgs {
+    /// Where to serve the page (on this machine's network, whatever --netns says).
+    #[arg(long, default_value = "127.0.0.1:20001", value_name = "HOST:PORT")]
+    listen: std::net::SocketAddr,
+    /// Read the figures from this Prometheus (plain HTTP), one that scrapes the mesh as
+    /// deploy/prometheus.yaml does.
+    #[arg(long, env = "AMBIENT_PROMETHEUS", value_name = "URL", conflicts_with = "targets")]
+    prometheus: Option<String>,
+    /// Scrape the proxies itself: the endpoints listed in Prometheus file-discovery target files
+    /// (a file, or a directory of *.json/*.yml), labelled `component` (ztunnel, waypoint,
+    /// ingress-gateway), `namespace` and `workload`.
+    #[arg(long, value_name = "FILE|DIR")]
+    targets: Option<PathBuf>,
+    /// Reach Prometheus or the proxies from inside this network namespace (`ip netns` name).
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
+    /// Rates are averaged over this long.
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    window: std::time::Duration,
+    /// How often the figures are read.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, proto::duration::DurationError> {
+    proto::duration::parse(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -405,6 +448,7 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
             }
             ca_ctl::admin::run(command.clone(), cli.output).await?;
         }
+        Command::Dashboard(args) => dashboard(args).await?,
         Command::Ztunnel(args) => {
             if let Some(netns) = &args.netns {
                 return reexec(netns, &["--netns"], &[]);
@@ -431,6 +475,53 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves the dashboard until the process ends.
+async fn dashboard(args: &DashboardArgs) -> Result<()> {
+    use ca_ctl::dashboard::{Figures, Options};
+    let (figures, netns) = match (&args.prometheus, &args.targets) {
+        (Some(url), _) => (Figures::Prometheus(url.clone()), args.netns.clone()),
+        (None, Some(targets)) => (Figures::Targets(targets.clone()), args.netns.clone()),
+        (None, None) => {
+            let kept = KeptMesh::find()?.ok_or_else(|| {
+                anyhow::Error::new(Unreachable(
+                    "where are the mesh's figures? Say --prometheus http://HOST:PORT (in a cluster: kubectl -n \
+                     istio-system port-forward svc/prometheus 9090, then --prometheus http://127.0.0.1:9090) or \
+                     --targets FILE for the proxies' metrics endpoints; no one-machine mesh is kept running \
+                     (demo --keep)"
+                        .to_owned(),
+                ))
+            })?;
+            match (kept.prometheus, kept.scrape_targets) {
+                (Some(url), _) => (Figures::Prometheus(url), None),
+                (None, Some(targets)) => (Figures::Targets(targets), Some(kept.ca_netns)),
+                (None, None) => bail!(
+                    "the kept one-machine mesh (pid {}) records neither a Prometheus nor its scrape targets; \
+                     say --prometheus or --targets",
+                    kept.pid
+                ),
+            }
+        }
+    };
+    let listener = std::net::TcpListener::bind(args.listen).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (in use: pick another with --listen)" } else { "" };
+        anyhow::Error::new(e).context(format!("listening on {}{hint}", args.listen))
+    })?;
+    listener.set_nonblocking(true)?;
+    let url = format!("http://{}", listener.local_addr()?);
+    if let Some(netns) = &netns {
+        // The page stays on this network (the listener is open); the figures are read from there.
+        ca_ctl::dashboard::enter_netns(netns)?;
+    }
+    let from = match &figures {
+        Figures::Prometheus(u) => format!("Prometheus at {u}"),
+        Figures::Targets(t) => format!("the proxies listed in {}", t.display()),
+    };
+    let inside = netns.map(|n| format!(", from network namespace {n}")).unwrap_or_default();
+    println!("Dashboard: {url}  (figures from {from}{inside}; Ctrl-C stops it)");
+    let options = Options { window: args.window, interval: args.interval, ..Options::new(figures) };
+    ca_ctl::dashboard::serve(tokio::net::TcpListener::from_std(listener)?, options).await
 }
 
 /// The file a waypoint's objects go to in a YAML directory.

@@ -252,6 +252,8 @@ fn a_kept_mesh_is_found_without_flags() {
         state_dir: objects.path().join("state"),
         config_dir: objects.path().to_owned(),
         nodes: [("node-1".to_owned(), "nowhere-1".to_owned())].into(),
+        prometheus: None,
+        scrape_targets: None,
     };
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_ambientctl"))

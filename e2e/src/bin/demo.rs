@@ -197,6 +197,8 @@ fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
         state_dir: mesh.ca_state_dir().to_owned(),
         config_dir: mesh.objects_dir().to_owned(),
         nodes: mesh.nodes.iter().map(|n| (n.name.clone(), n.netns.name.clone())).collect(),
+        prometheus: None,
+        scrape_targets: None,
     };
     let dir = kept.register().context("registering the kept mesh for ambientctl")?;
     e2e::topology::remove_on_signal(&dir);
