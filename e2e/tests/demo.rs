@@ -6,6 +6,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,17 @@ struct Demo {
     child: Child,
     lines: Receiver<String>,
     output: Vec<String>,
-    tmp: tempfile::TempDir,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl Drop for Demo {
+    /// A test that failed half-way leaves no demo (and no mesh) running: Ctrl-C to the group.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.interrupt();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Demo {
@@ -53,7 +64,7 @@ impl Demo {
                 }
             }
         });
-        Demo { child, lines, output: Vec::new(), tmp }
+        Demo { child, lines, output: Vec::new(), tmp: Some(tmp) }
     }
 
     /// Reads output until a line contains `marker`.
@@ -81,7 +92,7 @@ impl Demo {
     fn finish(mut self) -> (Option<i32>, String, tempfile::TempDir) {
         let status = self.child.wait().unwrap();
         self.output.extend(self.lines.iter());
-        (status.code(), self.output.join("\n"), self.tmp)
+        (status.code(), self.output.join("\n"), self.tmp.take().unwrap())
     }
 
     /// Ctrl-C in a terminal: SIGINT to the whole process group.
@@ -208,6 +219,11 @@ fn sigterm_to_the_demo_alone_leaves_nothing_behind() {
     }
 }
 
+/// The URL a line starts with.
+fn url_of(line: &str) -> &str {
+    line.split_whitespace().next().unwrap()
+}
+
 /// `--keep`: after the walk-through the mesh stays up, reachable the way the demo says (each
 /// node's ztunnel admin from its namespace, the logs directory), until Ctrl-C removes it.
 #[test]
@@ -240,7 +256,7 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
     }
     // Prometheus, where it says: every component scraped, and the split as it printed it.
     let prometheus = said("Prometheus:");
-    let url = prometheus.split_whitespace().next().unwrap();
+    let url = url_of(&prometheus);
     assert!(prometheus.contains("(5 targets up: ca ×1, ingress-gateway ×1, waypoint ×1, ztunnel ×2;"), "{prometheus}");
     let addr: std::net::SocketAddr = url.strip_prefix("http://").unwrap().parse().unwrap();
     let here = ztunnel::netns::NetNs::current().unwrap();
@@ -270,6 +286,7 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         "{targets}"
     );
     assert_eq!(said("the split:"), e2e::tutorial::SPLIT_PROMQL);
+    let said_split = said("answers now:");
     let query: String =
         form_urlencoded::Serializer::new(String::new()).append_pair("query", e2e::tutorial::SPLIT_PROMQL).finish();
     let answer = api(&format!("/api/v1/query?{query}"));
@@ -282,9 +299,69 @@ fn keep_leaves_the_mesh_up_until_ctrl_c() {
         })
         .collect();
     split.sort();
-    assert_eq!(split.join(", "), said("answers now:"), "{answer}");
+    // What the demo printed, or more: its clients keep calling through the gateway.
+    let printed: BTreeMap<&str, f64> =
+        said_split.split(", ").filter_map(|p| p.split_once(' ')).map(|(w, n)| (w, n.parse().unwrap())).collect();
+    let now: BTreeMap<&str, f64> =
+        split.iter().filter_map(|p| p.split_once(' ')).map(|(w, n)| (w, n.parse().unwrap())).collect();
+    assert_eq!(printed.keys().collect::<Vec<_>>(), now.keys().collect::<Vec<_>>(), "{answer}");
+    assert!(printed.iter().all(|(w, n)| now[w] >= *n), "printed {printed:?}, now {now:?}");
     let served: f64 = split.iter().map(|s| s.split(' ').nth(1).unwrap().parse::<f64>().unwrap()).sum();
     assert!(served >= 100.0, "the loop alone sent 100: {split:?}");
+
+    // The dashboard, where it says: the live graph, the gateway and the waypoint on their paths,
+    // drawn by a real browser.
+    let dashboard = said("Dashboard:");
+    let url = dashboard.split_whitespace().next().unwrap().to_owned();
+    assert!(dashboard.contains("the waypoint and the gateway on their paths"), "{dashboard}");
+    let graph_at = |addr: std::net::SocketAddr| -> serde_json::Value {
+        let answer = runtime.block_on(e2e::mesh::http_exchange(&here, "GET", addr, "/api/graph", &[])).unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+        serde_json::from_str(&answer.data().unwrap()).unwrap()
+    };
+    let graph = graph_at(url.strip_prefix("http://").unwrap().parse().unwrap());
+    let edges: Vec<&str> = graph["edges"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    for wanted in [
+        "unknown -> workload:istio-system/istio-ingressgateway",
+        "workload:istio-system/istio-ingressgateway -> service:hello.default.svc.cluster.local",
+        "workload:demo/client -> workload:demo/waypoint",
+        "workload:demo/waypoint -> service:hello.demo.svc.cluster.local",
+    ] {
+        assert!(edges.contains(&wanted), "no {wanted} in {graph:#}");
+    }
+    // "live: N nodes, M edges now": what the page showed when the demo checked it.
+    let counts = dashboard.split("live: ").nth(1).unwrap();
+    let counts: Vec<usize> = counts.split(&[' ', ','][..]).take(4).filter_map(|w| w.parse().ok()).collect();
+    assert!(counts.len() == 2 && counts[0] >= 6 && counts[1] >= 4, "{dashboard}");
+    if e2e::browser::binary().is_some() {
+        let dom = runtime.block_on(e2e::browser::dom(&url)).unwrap();
+        assert_eq!(e2e::browser::attribute(&dom, "data-state"), Some("live"), "{dom}");
+        assert!(
+            e2e::browser::attributes(&dom, "data-edge").contains(&"workload:demo/client -> workload:demo/waypoint")
+        );
+    }
+    // `ambientctl dashboard` as printed (on a free port) finds the kept mesh's Prometheus itself.
+    let command = said("the same page, served by ambientctl:");
+    let command = command.strip_prefix("sudo ").unwrap();
+    assert!(command.ends_with(" dashboard"), "{command}");
+    let mut served = Command::new("sh")
+        .args(["-c", &format!("exec {command} --listen 127.0.0.1:0")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(served.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let prometheus_url = url_of(&prometheus);
+    assert!(first.contains(&format!("figures from Prometheus at {prometheus_url}")), "{first}");
+    let own: std::net::SocketAddr =
+        first.split_whitespace().nth(1).unwrap().strip_prefix("http://").unwrap().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while graph_at(own)["edges"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "ambientctl dashboard drew no edge: {}", graph_at(own));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = served.kill();
+    let _ = served.wait();
 
     // The `ambientctl` commands it prints, run exactly as printed (as root already, `sudo` is
     // dropped when this machine has none): they find the kept mesh without flags.

@@ -138,8 +138,9 @@ async fn run(args: Args) -> Result<()> {
     if result.is_err() && !e2e::topology::interrupted() {
         eprintln!("\n--- last lines of each process log ---\n{}", mesh.log_tails(15));
     }
-    if result.is_ok() && args.keep {
-        let registered = keep(&mesh)?;
+    if let Ok(live) = &result
+        && args.keep
+    {
         let ctl = ambientctl_path();
         println!("\nThe mesh stays up until Ctrl-C (which stops it and removes everything). Look around:");
         println!("  logs:          {}/logs/", state.display());
@@ -147,10 +148,26 @@ async fn run(args: Args) -> Result<()> {
         for node in &mesh.nodes {
             println!("  {}: ip netns exec {} curl -s 127.0.0.1:15000/config_dump", node.name, node.netns.name);
         }
-        match prometheus(&mut mesh).await {
-            Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-            Err(e) => println!("  Prometheus:    not started: {e:#}"),
+        let prometheus_url = match prometheus(&mut mesh).await {
+            Ok((url, lines)) => {
+                lines.iter().for_each(|l| println!("{l}"));
+                Some(url)
+            }
+            Err(e) => {
+                println!("  Prometheus:    not started: {e:#}");
+                None
+            }
+        };
+        live.keep_sending();
+        match dashboard(&mesh, prometheus_url.is_some()).await {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("  Dashboard:     not started: {e:#}"),
         }
+        println!(
+            "    (the outside client keeps calling xingren.upup and demo/client keeps calling hello, twice a second)"
+        );
+        println!("    the same page, served by ambientctl: sudo {ctl} dashboard");
+        let registered = keep(&mesh, prometheus_url)?;
         println!("ambientctl finds this mesh by itself ({}):", registered.display());
         println!("  sudo {ctl} ca status");
         println!("  sudo {ctl} ztunnel workloads --node node-1");
@@ -173,6 +190,7 @@ async fn run(args: Args) -> Result<()> {
     }
     drop(mesh);
     let left = leftovers(&state);
+    let result = result.map(drop);
     if result.is_ok() {
         println!(
             "\nCleaned up: processes stopped, network namespaces and capture rules removed, {} deleted.",
@@ -187,7 +205,7 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// Registers the kept mesh for `ambientctl` (removed with the mesh); returns the file.
-fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
+fn keep(mesh: &Mesh, prometheus: Option<String>) -> Result<std::path::PathBuf> {
     let kept = ca_ctl::kept::KeptMesh {
         pid: std::process::id(),
         started: ca_ctl::kept::process_start(std::process::id()).unwrap_or(0),
@@ -197,8 +215,8 @@ fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
         state_dir: mesh.ca_state_dir().to_owned(),
         config_dir: mesh.objects_dir().to_owned(),
         nodes: mesh.nodes.iter().map(|n| (n.name.clone(), n.netns.name.clone())).collect(),
-        prometheus: None,
-        scrape_targets: None,
+        prometheus,
+        scrape_targets: Some(mesh.scrape_targets().dir().join("targets")),
     };
     let dir = kept.register().context("registering the kept mesh for ambientctl")?;
     e2e::topology::remove_on_signal(&dir);
@@ -207,8 +225,8 @@ fn keep(mesh: &Mesh) -> Result<std::path::PathBuf> {
 
 /// Starts a real Prometheus on the mesh's scrape configuration, forwards this machine's
 /// 127.0.0.1:9090 (or a free port when that is taken) to it, and checks what it will say: every
-/// component scraped, and the canary split as PromQL sees it. The lines to print.
-async fn prometheus(mesh: &mut Mesh) -> Result<Vec<String>> {
+/// component scraped, and the canary split as PromQL sees it. Its URL here and the lines to print.
+async fn prometheus(mesh: &mut Mesh) -> Result<(String, Vec<String>)> {
     let config = mesh.scrape_targets().config();
     let expected = 1 + mesh.nodes.len() + 2; // the CA, a ztunnel per node, the gateway, the waypoint
     let prometheus = mesh.start_prometheus()?;
@@ -230,16 +248,77 @@ async fn prometheus(mesh: &mut Mesh) -> Result<Vec<String>> {
         .map(|s| format!("{} {}", s.labels.get("destination_workload").map_or("?", String::as_str), s.value))
         .collect();
     split.sort();
-    Ok(vec![
-        format!(
-            "  Prometheus:    http://{local} ({} targets up: {}; config {})",
-            up.len(),
-            jobs.join(", "),
-            config.display()
-        ),
-        format!("    the split:   {}", e2e::tutorial::SPLIT_PROMQL),
-        format!("    answers now: {}", split.join(", ")),
-    ])
+    Ok((
+        format!("http://{local}"),
+        vec![
+            format!(
+                "  Prometheus:    http://{local} ({} targets up: {}; config {})",
+                up.len(),
+                jobs.join(", "),
+                config.display()
+            ),
+            format!("    the split:   {}", e2e::tutorial::SPLIT_PROMQL),
+            format!("    answers now: {}", split.join(", ")),
+        ],
+    ))
+}
+
+/// Serves `ambientctl dashboard`'s page on this machine's 127.0.0.1:20001 (or a free port when
+/// that is taken), reading the mesh's Prometheus (or, without one, its proxies) from inside the
+/// mesh's network, and checks it draws the live graph: the gateway and the waypoint on their
+/// paths. The line to print.
+async fn dashboard(mesh: &Mesh, with_prometheus: bool) -> Result<String> {
+    use ca_ctl::dashboard::{Figures, Options};
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:20001").or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let figures = if with_prometheus {
+        Figures::Prometheus(format!("http://{}", e2e::prometheus::LISTEN))
+    } else {
+        Figures::Targets(mesh.scrape_targets().dir().join("targets"))
+    };
+    let options = Options { interval: Duration::from_secs(1), ..Options::new(figures) };
+    let netns = mesh.underlay.name.clone();
+    // Its own thread, in the mesh's network; the page's socket stays on this machine's.
+    std::thread::Builder::new().name("dashboard".into()).spawn(move || {
+        let served =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| {
+                    ca_ctl::dashboard::enter_netns(&netns)?;
+                    rt.block_on(async {
+                        ca_ctl::dashboard::serve(tokio::net::TcpListener::from_std(listener)?, options).await
+                    })
+                },
+            );
+        if let Err(e) = served {
+            eprintln!("the dashboard stopped: {e:#}");
+        }
+    })?;
+    let here = ztunnel::netns::NetNs::current()?;
+    let wanted =
+        ["unknown -> workload:istio-system/istio-ingressgateway", "workload:demo/client -> workload:demo/waypoint"];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let graph = loop {
+        let answer = http_exchange(&here, "GET", addr, "/api/graph", &[]).await?;
+        let graph: serde_json::Value = serde_json::from_str(&answer.data().unwrap_or_default())?;
+        let edges: Vec<&str> =
+            graph["edges"].as_array().into_iter().flatten().filter_map(|e| e["id"].as_str()).collect();
+        if wanted.iter().all(|w| edges.contains(w)) {
+            break graph;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the dashboard's graph never showed the gateway's and the waypoint's traffic: {graph}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let count = |k: &str| graph[k].as_array().map_or(0, Vec::len);
+    Ok(format!(
+        "  Dashboard:     http://{addr} (the service graph, live: {} nodes, {} edges now, the waypoint and the gateway on their paths)",
+        count("nodes"),
+        count("edges")
+    ))
 }
 
 /// How to run the `ambientctl` built next to this program: relative to the current directory
@@ -267,13 +346,42 @@ fn leftovers(state: &std::path::Path) -> Vec<String> {
     left
 }
 
-async fn walk(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> {
+/// What keeps traffic flowing when the mesh is kept: the tutorial's outside client (and the
+/// gateway it calls) and demo/client (which calls hello through the waypoint).
+struct Live {
+    outside: e2e::topology::NamedNetns,
+    gateway: SocketAddr,
+    client: Arc<MeshPod>,
+}
+
+async fn walk(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<Live> {
     let (client, server) = mutual_tls(mesh, story).await?;
     outside_the_mesh(mesh, story, &client, &server).await?;
-    ingress(mesh, story, args).await?;
+    let (outside, gateway) = ingress(mesh, story, args).await?;
     waypoint(mesh, story, &client).await?;
     rotation(mesh, story, &client, &server).await?;
-    Ok(())
+    Ok(Live { outside, gateway, client })
+}
+
+impl Live {
+    /// Two requests a second from each client until the process ends: the tutorial's loop
+    /// through the gateway, and demo/client → hello through the waypoint.
+    fn keep_sending(&self) {
+        let (ns, gateway) = (self.outside.ns.clone(), self.gateway);
+        tokio::spawn(async move {
+            loop {
+                let _ = http_exchange_as(&ns, "xingren.upup", gateway, "/", &[]).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        let ns = self.client.netns.ns.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = http_exchange(&ns, "GET", SocketAddr::from((HELLO_VIP, 80)), "/", &[]).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    }
 }
 
 /// A label value from a Prometheus sample line.
@@ -423,7 +531,7 @@ async fn outside_the_mesh(mesh: &mut Mesh, story: &mut Story, client: &MeshPod, 
     Ok(())
 }
 
-async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> {
+async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<(e2e::topology::NamedNetns, SocketAddr)> {
     story.step("The tutorial, unedited: an outside client through the ingress gateway xingren-gateway");
     mesh.namespace("default", true).await?;
     for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
@@ -521,7 +629,7 @@ async fn ingress(mesh: &mut Mesh, story: &mut Story, args: &Args) -> Result<()> 
     );
     ensure!(seen > 0.0, "node-2's ztunnel saw no tunnel from the gateway");
     story.say(format!("into the mesh over HBONE as the gateway: node-2's ztunnel verified {identity}"));
-    Ok(())
+    Ok((outside, gw))
 }
 
 async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Result<()> {
