@@ -504,6 +504,15 @@ async fn dashboard(args: &DashboardArgs) -> Result<()> {
             }
         }
     };
+    // What cannot work is said now, not on the page.
+    match &figures {
+        Figures::Prometheus(url) => {
+            ca_ctl::dashboard::source::http_url(url).context("--prometheus")?;
+        }
+        Figures::Targets(path) => {
+            ca_ctl::dashboard::source::read_targets(path).context("--targets")?;
+        }
+    }
     let listener = std::net::TcpListener::bind(args.listen).map_err(|e| {
         let hint = if e.kind() == std::io::ErrorKind::AddrInUse { " (in use: pick another with --listen)" } else { "" };
         anyhow::Error::new(e).context(format!("listening on {}{hint}", args.listen))

@@ -207,6 +207,7 @@ fn the_cli_explains_itself_and_fails_clearly() {
         &["ca", "rotate-root", "--help"],
         &["ztunnel", "--help"],
         &["ztunnel", "certs", "--help"],
+        &["dashboard", "--help"],
     ] {
         let (code, stdout, _) = ambientctl(args);
         assert_eq!(code, 0, "{args:?}");
@@ -230,6 +231,24 @@ fn the_cli_explains_itself_and_fails_clearly() {
     let (code, _, stderr) = ambientctl(&["ztunnel", "workloads", "--admin-addr", "127.0.0.1:1"]);
     assert_eq!(code, 3);
     assert!(stderr.contains("127.0.0.1:1"), "{stderr}");
+    // A dashboard with nothing to read says where figures come from (3); sources that cannot work
+    // are refused before anything is served (1); a listener in use is named.
+    let (code, _, stderr) = ambientctl(&["dashboard"]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("--prometheus http://HOST:PORT") && stderr.contains("--targets"), "{stderr}");
+    let (code, _, stderr) = ambientctl(&["dashboard", "--prometheus", "https://prometheus:9090"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--prometheus: https://prometheus:9090: only http:// is read"), "{stderr}");
+    let (code, _, stderr) = ambientctl(&["dashboard", "--targets", "/nonexistent/targets.json"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--targets: reading /nonexistent/targets.json"), "{stderr}");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = taken.local_addr().unwrap().to_string();
+    let (code, _, stderr) = ambientctl(&["dashboard", "--prometheus", "http://127.0.0.1:9", "--listen", &at]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(&format!("listening on {at} (in use: pick another with --listen)")), "{stderr}");
+    assert_eq!(ambientctl(&["dashboard", "--prometheus", "http://a:1", "--targets", "t.json"]).0, 2);
+    assert_eq!(ambientctl(&["dashboard", "--window", "soon"]).0, 2);
     // Conflicting or missing arguments are usage errors.
     assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop"]).0, 2);
     assert_eq!(ambientctl(&["namespace", "use-waypoint", "shop", "wp", "--none"]).0, 2);
