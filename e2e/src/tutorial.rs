@@ -1,14 +1,18 @@
-//! The tutorial's checks, shared by the end-to-end tests and the demo: the `version: new` header
+//! The tutorial's deployment ([`deploy`]) and checks, shared by the end-to-end tests and the demo:
+//! the `version: new` header
 //! route with its injected delay cut by the timeout, and the circuit breaker's overflow. Each
 //! takes the request to send, so the same check runs against a waypoint (a pod's request to the
 //! service) and an ingress gateway (an outside client's request for `xingren.upup`).
 
 use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
-use crate::mesh::HttpAnswer;
+use crate::apps::{TUTORIAL_VERBATIM, http_server};
+use crate::mesh::{HttpAnswer, Mesh, MeshPod, PodSpec};
 use crate::topology::NamedNetns;
 
 /// The tutorial's host.
@@ -17,6 +21,42 @@ pub const HOST: &str = "xingren.upup";
 /// The canary split in PromQL: requests the ingress gateway answered 200 for service `hello`, by
 /// the workload that served them (Istio's metric and label names, as the gateway reports them).
 pub const SPLIT_PROMQL: &str = r#"sum by (destination_workload) (istio_requests_total{reporter="source", destination_service_name="hello", response_code="200"})"#;
+
+/// What [`deploy`] started.
+#[derive(Debug)]
+pub struct Deployed {
+    /// Pods `default/hello-latest` (node 2) and `default/hello-new` (node 1).
+    pub hello: [Arc<MeshPod>; 2],
+    /// The ingress gateway's pod, `istio-system/istio-ingressgateway` on node 1 (label
+    /// `istio: ingressgateway`).
+    pub gateway: Arc<MeshPod>,
+}
+
+/// The tutorial's world in `mesh`: namespace `default` in the mesh; pods `hello-latest` and
+/// `hello-new` (labels `app: hello`, `version: latest|new`), each answering HTTP on `port` with its
+/// name ([`http_server`]); service `default/hello` at `vip`:80 (port named `http`); the tutorial's
+/// Gateway, VirtualService and DestinationRule exactly as written; and the ingress gateway they
+/// select.
+pub async fn deploy(mesh: &mut Mesh, vip: Ipv4Addr, port: u16) -> Result<Deployed> {
+    mesh.namespace("default", true).await?;
+    let mut pods = Vec::new();
+    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
+        let pod = mesh.pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version)).await?;
+        http_server(pod.listen(port)?, name);
+        pods.push(pod);
+    }
+    mesh.apply(
+        "svc-hello",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: default\nspec:\n  clusterIP: {vip}\n  selector:\n    app: hello\n  ports:\n    - name: http\n      port: 80\n      targetPort: {port}\n"
+        ),
+    )?;
+    mesh.apply("tutorial", TUTORIAL_VERBATIM)?;
+    let gateway =
+        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await?;
+    let [latest, new] = <[Arc<MeshPod>; 2]>::try_from(pods).map_err(|_| anyhow::anyhow!("two pods"))?;
+    Ok(Deployed { hello: [latest, new], gateway })
+}
 
 /// Points the tutorial's host at `gateway` for the commands run in `client` (its own
 /// `/etc/hosts`), as a reader outside the cluster points the name at the gateway's address.

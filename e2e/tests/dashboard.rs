@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use e2e::apps::{TUTORIAL_VERBATIM, http_server};
+use e2e::apps::http_server;
 use e2e::mesh::{Mesh, MeshOptions, PodSpec, http_exchange, http_exchange_as};
 use serde_json::Value;
 
@@ -153,18 +153,7 @@ async fn the_dashboard_draws_the_live_mesh_in_a_real_browser() {
     assert!(e2e::browser::binary().is_some(), "no chromium: install Debian's chromium (.ci/run does) or set CHROMIUM");
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
     // The tutorial: hello-latest and hello-new behind the ingress gateway.
-    mesh.namespace("default", true).await.unwrap();
-    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
-        let pod = mesh
-            .pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version))
-            .await
-            .unwrap();
-        http_server(pod.listen(APP_PORT).unwrap(), name);
-    }
-    mesh.service("hello", "default", HELLO, 80, "hello", APP_PORT).unwrap();
-    mesh.apply("tutorial", TUTORIAL_VERBATIM).unwrap();
-    let gateway_pod =
-        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
+    let gateway_pod = e2e::tutorial::deploy(&mut mesh, HELLO, APP_PORT).await.unwrap().gateway;
     let gateway = SocketAddr::from((gateway_pod.ip, 80));
     let outside = mesh.outside_client(1).unwrap();
     // Namespace shop: client → server through the namespace's waypoint.

@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use e2e::apps::{TUTORIAL_VERBATIM, http_server, https_app, tls_secret};
+use e2e::apps::{http_server, https_app, tls_secret};
 use e2e::mesh::{Mesh, MeshOptions, PodSpec, http_exchange_as, metric_sum as sum};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use ztunnel::netns::NetNs;
@@ -30,24 +30,7 @@ const GATEWAY_SA: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingres
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tutorial_verbatim_through_the_ingress_gateway() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
-    mesh.namespace("default", true).await.unwrap();
-    for (name, version, node) in [("hello-latest", "latest", 2), ("hello-new", "new", 1)] {
-        let pod = mesh
-            .pod(PodSpec::new(name, "default", node).label("app", "hello").label("version", version))
-            .await
-            .unwrap();
-        http_server(pod.listen(APP_PORT).unwrap(), name);
-    }
-    mesh.apply(
-        "svc-hello",
-        &format!(
-            "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: default\nspec:\n  clusterIP: {HELLO}\n  selector:\n    app: hello\n  ports:\n    - name: http\n      port: 80\n      targetPort: {APP_PORT}\n"
-        ),
-    )
-    .unwrap();
-    mesh.apply("tutorial", TUTORIAL_VERBATIM).unwrap();
-    let gateway_pod =
-        mesh.ingress_gateway("istio-system", "istio-ingressgateway", 1, &[("istio", "ingressgateway")]).await.unwrap();
+    let gateway_pod = e2e::tutorial::deploy(&mut mesh, HELLO, APP_PORT).await.unwrap().gateway;
     let gateway = SocketAddr::from((gateway_pod.ip, 80));
     let outside = mesh.outside_client(1).unwrap();
 

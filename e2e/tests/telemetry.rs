@@ -39,6 +39,23 @@ fn telemetry(namespace: &str, name: &str, spec: &str) -> String {
 
 /// Namespace `shop` in the mesh with its waypoint: a client on node 1, `hello` (service and pod)
 /// on node 2; hello reached through the waypoint.
+/// A collector on the underlay (as a cluster's collector Service would be reached), named as the
+/// mesh's OpenTelemetry provider and chosen mesh-wide at 0 %: only sampled callers are traced.
+fn collect_spans(mesh: &Mesh) -> Collector {
+    let collector = Collector::serve(&mesh.underlay.ns, SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
+    mesh.apply("mesh-config", &mesh_config("")).unwrap();
+    mesh.apply(
+        "telemetry-mesh",
+        &telemetry(
+            "istio-system",
+            "mesh-default",
+            "  tracing:\n    - providers: [{name: otel}]\n      randomSamplingPercentage: 0\n",
+        ),
+    )
+    .unwrap();
+    collector
+}
+
 async fn shop_mesh(json_logs: bool) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>, Arc<MeshPod>) {
     let mut mesh = Mesh::start(MeshOptions { json_logs, ..MeshOptions::default() }).unwrap();
     mesh.namespace("shop", true).await.unwrap();
@@ -70,18 +87,7 @@ async fn shop_mesh(json_logs: bool) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>, Arc<Me
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steers_it() {
     let (mesh, client, server, waypoint) = shop_mesh(false).await;
-    // The collector, on the underlay (as a cluster's collector Service would be reached).
-    let collector = Collector::serve(&mesh.underlay.ns, SocketAddr::from((CA_IP, COLLECTOR_PORT))).unwrap();
-    mesh.apply("mesh-config", &mesh_config("")).unwrap();
-    mesh.apply(
-        "telemetry-mesh",
-        &telemetry(
-            "istio-system",
-            "mesh-default",
-            "  tracing:\n    - providers: [{name: otel}]\n      randomSamplingPercentage: 0\n",
-        ),
-    )
-    .unwrap();
+    let collector = collect_spans(&mesh);
     let log_has = |needle: &'static str| {
         let log = mesh.waypoint_log(&waypoint).unwrap();
         log.contains(needle)
@@ -273,4 +279,54 @@ async fn access_logs_are_json_lines_with_istios_field_names() {
     assert!(outbound["src.addr"].as_str().unwrap().starts_with(&format!("{}:", client.ip)), "{outbound}");
     // And the lines that are not access lines are JSON too (checked by `lines` on both logs).
     assert!(lines(mesh.ztunnel_log(1).unwrap()).iter().any(|l| l["message"] == "ztunnel started"));
+}
+
+/// The ingress gateway traces like a waypoint: a request from outside the mesh through the
+/// tutorial's `xingren-gateway` carrying a sampled `traceparent` is the gateway's server span (the
+/// caller's span its parent) and client span (the server span its parent), and the pod that
+/// answers receives the client span's context.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_through_the_ingress_gateway_is_one_trace() {
+    let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
+    let tutorial = e2e::tutorial::deploy(&mut mesh, Ipv4Addr::new(10, 96, 0, 20), APP_PORT).await.unwrap();
+    let gateway = tutorial.gateway;
+    let pods: Vec<String> = tutorial.hello.iter().map(|p| p.ip.to_string()).collect();
+    let outside = mesh.outside_client(1).unwrap();
+    let collector = collect_spans(&mesh);
+    mesh.wait_until("the gateway to export spans", Duration::from_secs(30), || async {
+        mesh.waypoint_log(&gateway).is_ok_and(|l| l.contains("tracing: exporting spans provider=otel"))
+    })
+    .await
+    .unwrap();
+    let to = SocketAddr::from((gateway.ip, 80));
+    mesh.wait_until("the gateway to route xingren.upup", Duration::from_secs(30), || async {
+        e2e::mesh::http_exchange_as(&outside.ns, "xingren.upup", to, "/", &[]).await.is_ok_and(|a| a.status == 200)
+    })
+    .await
+    .unwrap();
+
+    let incoming =
+        TraceParent { trace_id: 0x5af7_183f_b1d4_cf5f_0000_0000_0000_0042, span_id: 0x0102_0304_0506_0708, flags: 1 };
+    let answer = e2e::mesh::http_exchange_as(
+        &outside.ns,
+        "xingren.upup",
+        to,
+        "/traced",
+        &[("traceparent", &incoming.to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
+    let spans = collector.wait_for(incoming.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
+    let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
+    assert_eq!(server_span.parent, Some(incoming.span_id), "the server span's parent is the caller's span");
+    assert_eq!(client_span.parent, Some(server_span.span), "the client span's parent is the server span");
+    assert_eq!((seen.trace_id, seen.span_id, seen.flags), (incoming.trace_id, client_span.span, 1));
+    assert_eq!(server_span.service, "istio-ingressgateway.istio-system", "{server_span:#?}");
+    assert_eq!(server_span.attributes.get("http.status_code").map(String::as_str), Some("200"), "{server_span:#?}");
+    let endpoint = client_span.attributes.get("peer.address").cloned().unwrap_or_default();
+    assert!(pods.contains(&endpoint), "the client span names the pod that answered: {client_span:#?}");
 }

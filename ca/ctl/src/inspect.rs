@@ -3,29 +3,16 @@
 
 #![allow(clippy::print_stdout)]
 
-use anyhow::{Context, Result, bail};
-use http_body_util::{BodyExt, Empty};
+use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::print_table;
 
 /// GETs `path` from the admin endpoint at `addr` (`host:port`) and parses the JSON answer.
 pub async fn get_json(addr: &str, path: &str) -> Result<Value> {
-    let stream = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+    let body = crate::fetch::http_get(addr, path)
         .await
-        .with_context(|| format!("connecting to {addr} timed out"))?
-        .with_context(|| format!("connecting to ztunnel's admin endpoint at {addr} (is ztunnel running there?)"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .with_context(|| format!("HTTP to {addr}"))?;
-    tokio::spawn(connection);
-    let request = http::Request::get(path).header(http::header::HOST, addr).body(Empty::<bytes::Bytes>::new())?;
-    let response = sender.send_request(request).await.with_context(|| format!("GET {addr}{path}"))?;
-    let status = response.status();
-    let body = response.into_body().collect().await.with_context(|| format!("reading {addr}{path}"))?.to_bytes();
-    if !status.is_success() {
-        bail!("GET {addr}{path}: {status}: {}", String::from_utf8_lossy(&body).trim());
-    }
+        .with_context(|| format!("ztunnel's admin endpoint at {addr} (is ztunnel running there?)"))?;
     serde_json::from_slice(&body).with_context(|| format!("GET {addr}{path}: not JSON"))
 }
 

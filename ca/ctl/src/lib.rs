@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod dashboard;
+pub mod fetch;
 pub mod gateway;
 pub mod inspect;
 pub mod kept;
