@@ -63,95 +63,93 @@ impl Problems {
 /// Watches every kind until `stop` resolves; ConfigMaps only the mesh configuration's
 /// (`istio` in `root_namespace`).
 pub async fn run(client: Client, store: Arc<Store>, root_namespace: &str, stop: impl std::future::Future<Output = ()>) {
-    // One per watcher below: the store is synced when every one has listed (a count short of
-    // them would let the mesh start without a kind, e.g. its RequestAuthentications).
-    let kinds = 18;
-    store.expect_sources(kinds);
     let problems = Arc::new(Problems::default());
-    let watchers = async {
-        tokio::join!(
-            watch::<Namespace>(Api::all(client.clone()), Kind::Namespace, Object::Namespace, &store, &problems),
-            watch::<Node>(Api::all(client.clone()), Kind::Node, Object::Node, &store, &problems),
-            watch::<Pod>(Api::all(client.clone()), Kind::Pod, Object::Pod, &store, &problems),
-            watch::<Service>(Api::all(client.clone()), Kind::Service, Object::Service, &store, &problems),
-            watch::<EndpointSlice>(
-                Api::all(client.clone()),
-                Kind::EndpointSlice,
-                Object::EndpointSlice,
-                &store,
-                &problems
-            ),
-            // TLS Secrets only (gateway credentials): other Secrets are never read.
-            watch_with::<Secret>(
-                Api::all(client.clone()),
-                watcher::Config::default().fields(&format!("type={}", crate::k8s::TLS_SECRET_TYPE)),
-                (Kind::Secret, Object::Secret),
-                &store,
-                &problems
-            ),
-            watch::<Gateway>(Api::all(client.clone()), Kind::Gateway, Object::Gateway, &store, &problems),
-            watch::<HTTPRoute>(Api::all(client.clone()), Kind::HTTPRoute, Object::HTTPRoute, &store, &problems),
-            watch::<GRPCRoute>(Api::all(client.clone()), Kind::GRPCRoute, Object::GRPCRoute, &store, &problems),
-            watch::<AuthorizationPolicy>(
-                Api::all(client.clone()),
-                Kind::AuthorizationPolicy,
-                Object::AuthorizationPolicy,
-                &store,
-                &problems
-            ),
-            watch::<IstioGateway>(
-                Api::all(client.clone()),
-                Kind::IstioGateway,
-                Object::IstioGateway,
-                &store,
-                &problems
-            ),
-            watch::<VirtualService>(
-                Api::all(client.clone()),
-                Kind::VirtualService,
-                Object::VirtualService,
-                &store,
-                &problems
-            ),
-            watch::<DestinationRule>(
-                Api::all(client.clone()),
-                Kind::DestinationRule,
-                Object::DestinationRule,
-                &store,
-                &problems
-            ),
-            watch::<PeerAuthentication>(
-                Api::all(client.clone()),
-                Kind::PeerAuthentication,
-                Object::PeerAuthentication,
-                &store,
-                &problems
-            ),
-            watch::<ServiceEntry>(
-                Api::all(client.clone()),
-                Kind::ServiceEntry,
-                Object::ServiceEntry,
-                &store,
-                &problems
-            ),
-            // The mesh configuration only: no other ConfigMap is read.
-            watch_with::<ConfigMap>(
-                Api::namespaced(client.clone(), root_namespace),
-                watcher::Config::default().fields(&format!("metadata.name={}", crate::k8s::MESH_CONFIG_MAP.0)),
-                (Kind::ConfigMap, Object::ConfigMap),
-                &store,
-                &problems
-            ),
-            watch::<Telemetry>(Api::all(client.clone()), Kind::Telemetry, Object::Telemetry, &store, &problems),
-            watch::<RequestAuthentication>(
-                Api::all(client),
-                Kind::RequestAuthentication,
-                Object::RequestAuthentication,
-                &store,
-                &problems
-            ),
-        )
-    };
+    let watchers: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>> = vec![
+        Box::pin(watch::<Namespace>(Api::all(client.clone()), Kind::Namespace, Object::Namespace, &store, &problems)),
+        Box::pin(watch::<Node>(Api::all(client.clone()), Kind::Node, Object::Node, &store, &problems)),
+        Box::pin(watch::<Pod>(Api::all(client.clone()), Kind::Pod, Object::Pod, &store, &problems)),
+        Box::pin(watch::<Service>(Api::all(client.clone()), Kind::Service, Object::Service, &store, &problems)),
+        Box::pin(watch::<EndpointSlice>(
+            Api::all(client.clone()),
+            Kind::EndpointSlice,
+            Object::EndpointSlice,
+            &store,
+            &problems,
+        )),
+        // TLS Secrets only (gateway credentials): other Secrets are never read.
+        Box::pin(watch_with::<Secret>(
+            Api::all(client.clone()),
+            watcher::Config::default().fields(&format!("type={}", crate::k8s::TLS_SECRET_TYPE)),
+            (Kind::Secret, Object::Secret),
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<Gateway>(Api::all(client.clone()), Kind::Gateway, Object::Gateway, &store, &problems)),
+        Box::pin(watch::<HTTPRoute>(Api::all(client.clone()), Kind::HTTPRoute, Object::HTTPRoute, &store, &problems)),
+        Box::pin(watch::<GRPCRoute>(Api::all(client.clone()), Kind::GRPCRoute, Object::GRPCRoute, &store, &problems)),
+        Box::pin(watch::<AuthorizationPolicy>(
+            Api::all(client.clone()),
+            Kind::AuthorizationPolicy,
+            Object::AuthorizationPolicy,
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<IstioGateway>(
+            Api::all(client.clone()),
+            Kind::IstioGateway,
+            Object::IstioGateway,
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<VirtualService>(
+            Api::all(client.clone()),
+            Kind::VirtualService,
+            Object::VirtualService,
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<DestinationRule>(
+            Api::all(client.clone()),
+            Kind::DestinationRule,
+            Object::DestinationRule,
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<PeerAuthentication>(
+            Api::all(client.clone()),
+            Kind::PeerAuthentication,
+            Object::PeerAuthentication,
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<ServiceEntry>(
+            Api::all(client.clone()),
+            Kind::ServiceEntry,
+            Object::ServiceEntry,
+            &store,
+            &problems,
+        )),
+        // The mesh configuration only: no other ConfigMap is read.
+        Box::pin(watch_with::<ConfigMap>(
+            Api::namespaced(client.clone(), root_namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", crate::k8s::MESH_CONFIG_MAP.0)),
+            (Kind::ConfigMap, Object::ConfigMap),
+            &store,
+            &problems,
+        )),
+        Box::pin(watch::<Telemetry>(Api::all(client.clone()), Kind::Telemetry, Object::Telemetry, &store, &problems)),
+        Box::pin(watch::<RequestAuthentication>(
+            Api::all(client),
+            Kind::RequestAuthentication,
+            Object::RequestAuthentication,
+            &store,
+            &problems,
+        )),
+    ];
+    // The store is synced when every watcher has listed (a count short of them would let the mesh
+    // start without a kind, e.g. its RequestAuthentications).
+    store.expect_sources(watchers.len());
+    let watchers = futures_util::future::join_all(watchers);
     tokio::select! {
         () = stop => {}
         _ = watchers => {}

@@ -188,9 +188,10 @@ async fn run(args: Args) -> Result<()> {
             }
         }
     }
+    // The outside client's namespace first (it is the mesh's), then the mesh.
+    let result = result.map(drop);
     drop(mesh);
     let left = leftovers(&state);
-    let result = result.map(drop);
     if result.is_ok() {
         println!(
             "\nCleaned up: processes stopped, network namespaces and capture rules removed, {} deleted.",
