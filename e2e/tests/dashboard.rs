@@ -253,6 +253,11 @@ async fn the_dashboard_draws_the_live_mesh_in_a_real_browser() {
         assert_eq!(edge(&graph, &format!("{GATEWAY} -> {HELLO_SVC}"))["rps"], to_gateway["rps"], "{what}");
     }
 
+    // A page elsewhere that points its own name at the dashboard (DNS rebinding) is refused.
+    let here = ztunnel::netns::NetNs::current().unwrap();
+    let rebound = http_exchange_as(&here, "evil.example", from_prometheus.addr, "/api/graph", &[]).await.unwrap();
+    assert_eq!(rebound.status, 421, "{rebound:?}");
+
     // The page, in Chromium: live, every node and edge drawn, every edge in the table, the
     // services charted.
     let dom = e2e::browser::dom(&from_prometheus.url).await.unwrap();

@@ -199,8 +199,48 @@ pub async fn serve(listener: tokio::net::TcpListener, options: Options) -> Resul
         interval: options.interval,
     });
     tokio::spawn(poll(shared.clone(), options));
-    axum::serve(listener, router(shared)).await?;
+    let hosts = Hosts::of(listener.local_addr()?);
+    axum::serve(listener, router(shared).layer(axum::middleware::from_fn_with_state(hosts, check_host))).await?;
     Ok(())
+}
+
+/// The `Host` values a page served on loopback answers to. A web page elsewhere could point a
+/// name of its own at 127.0.0.1 (DNS rebinding) and read the mesh's graph from the browser; such
+/// requests carry that name, and are refused. Served on another address (`--listen`), any name
+/// is answered: whoever reaches it can read it anyway.
+#[derive(Debug, Clone)]
+struct Hosts(Option<Arc<[String]>>);
+
+impl Hosts {
+    fn of(addr: std::net::SocketAddr) -> Hosts {
+        if !addr.ip().is_loopback() {
+            return Hosts(None);
+        }
+        let port = addr.port();
+        let names =
+            [addr.to_string(), format!("localhost:{port}"), format!("127.0.0.1:{port}"), format!("[::1]:{port}")];
+        Hosts(Some(names.into_iter().collect()))
+    }
+
+    fn allow(&self, host: Option<&str>) -> bool {
+        match &self.0 {
+            None => true,
+            Some(names) => host.is_some_and(|h| names.iter().any(|n| n.eq_ignore_ascii_case(h))),
+        }
+    }
+}
+
+async fn check_host(
+    State(hosts): State<Hosts>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    if hosts.allow(host) {
+        return next.run(request).await;
+    }
+    tracing::warn!(host = host.unwrap_or("-"), "refused a request for another host name (DNS rebinding?)");
+    (StatusCode::MISDIRECTED_REQUEST, "this dashboard answers only to the address it listens on\n").into_response()
 }
 
 fn router(shared: Arc<Shared>) -> Router {
@@ -279,6 +319,19 @@ async fn api_history(State(shared): State<Arc<Shared>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_loopback_only_the_listening_address_is_answered() {
+        let hosts = Hosts::of("127.0.0.1:20001".parse().unwrap());
+        for ok in ["127.0.0.1:20001", "localhost:20001", "LOCALHOST:20001", "[::1]:20001"] {
+            assert!(hosts.allow(Some(ok)), "{ok}");
+        }
+        for refused in [None, Some("evil.example:20001"), Some("127.0.0.1:20002"), Some("localhost")] {
+            assert!(!hosts.allow(refused), "{refused:?}");
+        }
+        let anywhere = Hosts::of("10.0.0.5:20001".parse().unwrap());
+        assert!(anywhere.allow(Some("dashboard.example:20001")) && anywhere.allow(None));
+    }
 
     #[tokio::test]
     async fn the_history_has_a_column_per_service_aligned_on_time() {
