@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use e2e::apps::http_server;
 use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, http_exchange};
-use e2e::otlp::{Collector, SpanKind};
+use e2e::otlp::{Collector, Got, SpanKind};
 use proto::hbone::TraceParent;
 
 const APP_PORT: u16 = 8080;
@@ -54,6 +54,23 @@ fn collect_spans(mesh: &Mesh) -> Collector {
     )
     .unwrap();
     collector
+}
+
+/// The proxy's two spans of the request that `incoming` traced and `answer` answered (200): its
+/// server span, child of the caller's span, and its client span, child of the server span, whose
+/// context the answering pod received.
+async fn one_trace(collector: &Collector, answer: &e2e::mesh::HttpAnswer, incoming: &TraceParent) -> (Got, Got) {
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
+    let spans = collector.wait_for(incoming.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
+    let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
+    assert_eq!(server_span.parent, Some(incoming.span_id), "the server span's parent is the caller's span");
+    assert_eq!(client_span.parent, Some(server_span.span), "the client span's parent is the server span");
+    let seen = (seen.trace_id, seen.span_id, seen.flags);
+    assert_eq!(seen, (incoming.trace_id, client_span.span, 1), "the pod's parent is the proxy's client span");
+    (server_span.clone(), client_span.clone())
 }
 
 async fn shop_mesh(json_logs: bool) -> (Mesh, Arc<MeshPod>, Arc<MeshPod>, Arc<MeshPod>) {
@@ -105,17 +122,8 @@ async fn a_request_through_the_waypoint_is_one_trace_and_the_telemetry_api_steer
         TraceParent { trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736, span_id: 0x00f0_67aa_0ba9_02b7, flags: 1 };
     let answer =
         http_exchange(&client.netns.ns, "GET", to, "/traced", &[("traceparent", &incoming.to_string())]).await.unwrap();
-    assert_eq!(answer.status, 200, "{answer:?}");
-    let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
-    let spans = collector.wait_for(incoming.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
-    assert_eq!(spans.len(), 2, "{spans:#?}");
-    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
-    let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
-    assert_eq!(server_span.parent, Some(incoming.span_id), "the server span's parent is the caller's span");
-    assert_eq!(client_span.parent, Some(server_span.span), "the client span's parent is the server span");
-    assert_eq!(seen.trace_id, incoming.trace_id);
-    assert_eq!(seen.span_id, client_span.span, "the server pod's parent is the waypoint's client span");
-    assert_eq!(seen.flags, 1);
+    let (server_span, client_span) = one_trace(&collector, &answer, &incoming).await;
+    let (server_span, client_span) = (&server_span, &client_span);
     assert_eq!(server_span.name, "hello.shop.svc.cluster.local:80/*");
     assert_eq!(server_span.service, "waypoint.shop");
     for (k, v) in [
@@ -316,15 +324,8 @@ async fn a_request_through_the_ingress_gateway_is_one_trace() {
     )
     .await
     .unwrap();
-    assert_eq!(answer.status, 200, "{answer:?}");
-    let seen = TraceParent::parse(answer.header("x-seen-traceparent").unwrap()).unwrap();
-    let spans = collector.wait_for(incoming.trace_id, 2).await.unwrap_or_else(|s| panic!("{s:#?}"));
-    assert_eq!(spans.len(), 2, "{spans:#?}");
-    let server_span = spans.iter().find(|s| s.kind == SpanKind::Server as i32).expect("a server span");
-    let client_span = spans.iter().find(|s| s.kind == SpanKind::Client as i32).expect("a client span");
-    assert_eq!(server_span.parent, Some(incoming.span_id), "the server span's parent is the caller's span");
-    assert_eq!(client_span.parent, Some(server_span.span), "the client span's parent is the server span");
-    assert_eq!((seen.trace_id, seen.span_id, seen.flags), (incoming.trace_id, client_span.span, 1));
+    let (server_span, client_span) = one_trace(&collector, &answer, &incoming).await;
+    let (server_span, client_span) = (&server_span, &client_span);
     assert_eq!(server_span.service, "istio-ingressgateway.istio-system", "{server_span:#?}");
     assert_eq!(server_span.attributes.get("http.status_code").map(String::as_str), Some("200"), "{server_span:#?}");
     let endpoint = client_span.attributes.get("peer.address").cloned().unwrap_or_default();
