@@ -332,29 +332,34 @@ impl AdaptiveReader {
 
     /// The next chunk, or `None` at EOF.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        loop {
-            self.io.readable().await?;
+        // Wait for data holding no buffer.
+        self.io.readable().await?;
+        let (n, room) = std::future::poll_fn(|cx| {
             let room = self.sizer.reserve(&mut self.buf);
-            let read = std::future::poll_fn(|cx| match read_buf(&mut self.io, cx, &mut self.buf) {
-                // Readiness was stale: come back to wait for it, not inside the read.
-                Poll::Pending => Poll::Ready(None),
-                Poll::Ready(r) => Poll::Ready(Some(r)),
-            });
-            match read.await.transpose()? {
-                Some(0) => return Ok(None),
-                Some(n) => {
-                    self.sizer.after_read(n, room);
-                    let chunk = self.buf.split_to(n).freeze();
-                    if n < room {
-                        // Drained: the next call waits, and waits holding no buffer.
-                        self.buf = BytesMut::new();
-                    }
-                    return Ok(Some(chunk));
+            match read_buf(&mut self.io, cx, &mut self.buf) {
+                Poll::Ready(r) => Poll::Ready(r.map(|n| (n, room))),
+                // The readiness was stale, or the task used up its turn (tokio's cooperative
+                // budget: `readable()` above does not count against it, the read does). Either
+                // way the read arranged the wake-up: yield, and wait holding no buffer (chunks
+                // handed out keep their own part of it). Going back to `readable()` instead
+                // would spin without ever yielding.
+                Poll::Pending => {
+                    self.buf = BytesMut::new();
+                    Poll::Pending
                 }
-                // Wait with no buffer at all (chunks handed out keep their own part of it).
-                None => self.buf = BytesMut::new(),
             }
+        })
+        .await?;
+        if n == 0 {
+            return Ok(None);
         }
+        self.sizer.after_read(n, room);
+        let chunk = self.buf.split_to(n).freeze();
+        if n < room {
+            // Drained: the next call waits, and waits holding no buffer.
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(chunk))
     }
 
     /// Bytes currently held for reading.
@@ -414,6 +419,47 @@ mod tests {
         assert!(waiting);
         assert_eq!(idle, 0, "a reader waiting for data holds a buffer");
         drop(tx);
+    }
+
+    /// A plain copy with data always waiting and room always free (sender and receiver on their
+    /// own threads) runs out of its task's cooperative budget again and again: it must yield
+    /// then, not spin. Before the fix this never finished: the copy's task spun at 100 % CPU in
+    /// its read loop and the runtime's only thread never ran anything else again.
+    #[test]
+    fn a_saturated_plain_copy_yields_instead_of_spinning() {
+        const TOTAL: usize = 256 << 20;
+        let front = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let back = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (relay_addr, upstream_addr) = (front.local_addr().unwrap(), back.local_addr().unwrap());
+        // Receiver and sender: blocking threads, as fast as the copy goes.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut s, _) = back.accept().unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0;
+            while let Ok(n @ 1..) = std::io::Read::read(&mut s, &mut buf) {
+                total += n;
+            }
+            let _ = tx.send(total);
+        });
+        std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(relay_addr).unwrap();
+            let chunk = vec![9u8; 1 << 20];
+            for _ in 0..TOTAL / chunk.len() {
+                std::io::Write::write_all(&mut s, &chunk).unwrap();
+            }
+        });
+        // The copy on a runtime of its own thread (a spinning copy would hold that thread).
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                front.set_nonblocking(true).unwrap();
+                let (client, _) = tokio::net::TcpListener::from_std(front).unwrap().accept().await.unwrap();
+                let server = TcpStream::connect(upstream_addr).await.unwrap();
+                copy_plain_until(client, server, std::future::pending()).await
+            })
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(TOTAL), "the copy stalled");
     }
 
     #[tokio::test]
