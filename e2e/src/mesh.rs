@@ -79,6 +79,16 @@ impl Default for MeshOptions {
     }
 }
 
+/// Which ztunnel a node runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ZtunnelImpl {
+    /// This project's, the binary next to the test's.
+    Ours,
+    /// Istio's ztunnel (built from its public source, outside the project), at this path: for
+    /// side-by-side benchmarks and interop.
+    Istio(PathBuf),
+}
+
 /// A node.
 #[derive(Debug)]
 pub struct Node {
@@ -400,16 +410,25 @@ impl Mesh {
     /// Starts (or restarts) ztunnel on node `index`, configured as Istio's charts configure Istio's
     /// ztunnel (see [`E2E_CLUSTER_ID`] for the cluster it names).
     pub fn start_ztunnel(&mut self, index: u8) -> Result<()> {
+        self.start_ztunnel_impl(index, &ZtunnelImpl::Ours)
+    }
+
+    /// Starts (or restarts) `which` ztunnel on node `index`: ours, or another implementation of
+    /// the same contracts (Istio's) configured the way Istio's charts configure it, on this mesh's
+    /// CA, xDS and node agent. Returns once its readiness port answers.
+    pub fn start_ztunnel_impl(&mut self, index: u8, which: &ZtunnelImpl) -> Result<()> {
         let root = self.ca_launch.state.join("root-cert.pem");
-        let (bin, filter, drain) =
-            (self.ztunnel_bin.clone(), self.options.log_filter.clone(), self.options.drain_timeout);
+        let (filter, drain) = (self.options.log_filter.clone(), self.options.drain_timeout);
         let extra = self.options.ztunnel_args.clone();
         let log_format = if self.options.json_logs { "json" } else { "text" };
+        let ours = self.ztunnel_bin.clone();
         let node = self.node_mut(index)?;
-        let mut command = Command::new(&bin);
-        // Configured as Istio's charts configure Istio's ztunnel: the shared settings through
-        // Istio's environment variable names, the control plane as https://host:port (its
-        // certificate name taken from that host).
+        // The shared settings through Istio's environment variable names, the control plane as
+        // https://host:port (its certificate name taken from that host).
+        let mut command = Command::new(match which {
+            ZtunnelImpl::Ours => &ours,
+            ZtunnelImpl::Istio(bin) => bin,
+        });
         command
             .env("NODE_NAME", &node.name)
             .env("CA_ADDRESS", format!("https://{CA_IP}:15012"))
@@ -418,11 +437,26 @@ impl Mesh {
             .env("TRUST_DOMAIN", "cluster.local")
             .env("CLUSTER_ID", E2E_CLUSTER_ID)
             .env("INPOD_UDS", node.agent.path())
-            .args(["--token-file", &node.token.display().to_string()])
-            .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
-            .args(&extra)
-            .env("LOG_FORMAT", log_format)
             .env("RUST_LOG", &filter);
+        match which {
+            ZtunnelImpl::Ours => {
+                command
+                    .args(["--token-file", &node.token.display().to_string()])
+                    .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
+                    .args(&extra)
+                    .env("LOG_FORMAT", log_format);
+            }
+            // Istio's reads the rest from the environment too: its token file, the xDS server's
+            // root, its node address, and its drain deadline in whole seconds.
+            ZtunnelImpl::Istio(_) => {
+                command
+                    .env("AUTH_TOKEN", &node.token)
+                    .env("XDS_ROOT_CA", &root)
+                    .env("PROXY_MODE", "shared")
+                    .env("INSTANCE_IP", node.ip.to_string())
+                    .env("TERMINATION_GRACE_PERIOD_SECONDS", drain.as_secs().max(1).to_string());
+            }
+        }
         let (stdout, stderr) = output(Some(&node.log), false)?;
         let mut child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;
         wait_for_port(
