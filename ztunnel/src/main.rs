@@ -52,8 +52,9 @@ struct Args {
     #[arg(long, env = "CA_ROOT_CA", default_value = "/var/run/secrets/istio/root-cert.pem")]
     ca_root: PathBuf,
 
-    /// ztunnel's service-account token (projected, audience istio-ca), re-read for every request.
-    #[arg(long, default_value = "/var/run/secrets/tokens/istio-token")]
+    /// ztunnel's service-account token (projected, audience istio-ca), re-read for every request
+    /// (`AUTH_TOKEN`: the variable Istio's ztunnel reads it from).
+    #[arg(long, env = "AUTH_TOKEN", default_value = "/var/run/secrets/tokens/istio-token")]
     token_file: PathBuf,
 
     /// The mesh's trust domain.

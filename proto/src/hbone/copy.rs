@@ -250,7 +250,7 @@ fn read_buf<R: AsyncRead + Unpin>(
 
 /// Read-buffer sizing from recent traffic (see the module docs).
 #[derive(Debug)]
-struct Sizer {
+pub(super) struct Sizer {
     target: usize,
 }
 
@@ -261,8 +261,13 @@ impl Default for Sizer {
 }
 
 impl Sizer {
+    /// The size the next read should have room for.
+    pub(super) fn target(&self) -> usize {
+        self.target
+    }
+
     /// Makes room in `buf` for the next read; returns the room.
-    fn reserve(&self, buf: &mut BytesMut) -> usize {
+    pub(super) fn reserve(&self, buf: &mut BytesMut) -> usize {
         if buf.capacity() - buf.len() < self.target {
             buf.reserve(self.target);
         }
@@ -270,7 +275,7 @@ impl Sizer {
     }
 
     /// Grows after a read that filled the room, shrinks after small ones.
-    fn after_read(&mut self, n: usize, room: usize) {
+    pub(super) fn after_read(&mut self, n: usize, room: usize) {
         if n >= room && self.target < MAX_BUF {
             self.target *= 2;
         } else if n < self.target / 4 && self.target > MIN_BUF {

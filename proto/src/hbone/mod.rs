@@ -10,6 +10,7 @@
 
 pub mod copy;
 pub mod pool;
+pub mod readahead;
 pub mod server;
 pub mod stream;
 

@@ -494,7 +494,7 @@ async fn dial(inner: Weak<Inner>, key: PoolKey, credential: Arc<Credential>, tx:
     let _ = tx.send(Some(outcome));
 }
 
-type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+type TlsStream = tokio_rustls::client::TlsStream<super::readahead::ReadAhead<TcpStream>>;
 
 async fn establish(
     pool: &Inner,
@@ -506,7 +506,7 @@ async fn establish(
         .map_err(|e| PoolError::Config { dst, source: Arc::new(e) })?;
     let tcp = pool.dialer.dial(key).await.map_err(|e| PoolError::Connect { dst, source: Arc::new(e) })?;
     let mut tls = TlsConnector::from(tls)
-        .connect(ServerName::IpAddress(dst.ip().into()), tcp)
+        .connect(ServerName::IpAddress(dst.ip().into()), super::readahead::ReadAhead::new(tcp))
         .await
         .map_err(|e| PoolError::Tls { dst, source: Arc::new(e) })?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {

@@ -289,7 +289,10 @@ impl<H: Handler> Connection<H> {
         let h2 = self.config.h2;
         let max_streams = self.config.max_concurrent_streams;
         let handshake = async move {
-            let mut tls = TlsAcceptor::from(tls).accept(tcp).await.map_err(|e| crate::tls::describe_io_error(&e))?;
+            let mut tls = TlsAcceptor::from(tls)
+                .accept(super::readahead::ReadAhead::new(tcp))
+                .await
+                .map_err(|e| crate::tls::describe_io_error(&e))?;
             let identity = peer_identity(tls.get_ref().1).ok_or("the client presented no SPIFFE identity")?;
             super::configure_tls(tls.get_mut().1);
             let conn = h2::server::Builder::new()
