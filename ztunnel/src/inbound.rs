@@ -173,7 +173,34 @@ fn resolve_target(state: &MeshState, local: IpAddr, target: &Target) -> Result<S
 }
 
 impl Handler for Inbound {
-    async fn handle(&self, mut connect: InboundConnect) {
+    /// As on the outbound side, the set-up (resolution, policy, the dial to the app) runs in its
+    /// own allocation, freed before the copy: the task that lives as long as the connection
+    /// holds only what the copy needs.
+    fn handle(&self, connect: InboundConnect) -> impl Future<Output = ()> + Send {
+        // Boxed before the task's future is built, so the request is not kept in it either.
+        let establish = Box::pin(self.establish(connect));
+        async move {
+            let Some(Established { app, tunnel, record, cancel, _registration }) = establish.await else { return };
+            self.relay(copy::copy_bidirectional_until(app, tunnel, cancel.cancelled_owned()), record, _registration)
+                .await;
+        }
+    }
+}
+
+/// An admitted connection with both sides open: what its copy needs.
+struct Established {
+    app: TcpStream,
+    tunnel: proto::hbone::H2Stream,
+    record: ConnectionRecord,
+    cancel: tokio_util::sync::CancellationToken,
+    /// Keeps the connection in the table of live connections (re-authorized on policy changes).
+    _registration: crate::tracker::Registration,
+}
+
+impl Inbound {
+    /// Resolves, authorizes and dials the app; `None` when the `CONNECT` was refused (answered
+    /// and recorded then).
+    async fn establish(&self, mut connect: InboundConnect) -> Option<Established> {
         let peer = connect.peer_identity.clone();
         let local = connect.local_addr.ip();
         // An ip:port is taken as it is, without a look at the state (the common case).
@@ -187,7 +214,7 @@ impl Handler for Inbound {
                 warn!(src.identity = %peer, authority = %connect.target, pod = %self.pod.name, reason = %why,
                     "inbound refused ({})", why.status().as_u16());
                 connect.reject(why.status());
-                return;
+                return None;
             }
         };
         let forwarded = connect
@@ -201,56 +228,69 @@ impl Handler for Inbound {
             warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
                 "inbound refused (400): no workload known at the destination address");
             connect.reject(StatusCode::BAD_REQUEST);
-            return;
+            return None;
         };
         let record = ConnectionRecord::open(&self.ctx.metrics, info);
         if !decision.allowed() {
             connect.reject(StatusCode::UNAUTHORIZED);
             record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
-            return;
+            return None;
         }
         let cancel = self.pod.cancel.child_token();
-        let _registration = self.ctx.tracker.register(Some(peer), client.ip(), target, cancel.clone());
+        let registration = self.ctx.tracker.register(Some(peer), client.ip(), target, cancel.clone());
         // The dial is cancelled if the client resets the stream, and bounded in time.
         let dial = tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connect_app(client.ip(), target));
-        let app = match Box::pin(connect.until_reset(dial)).await {
+        let app = match connect.until_reset(dial).await {
             Some(Ok(Ok(s))) => s,
             Some(Ok(Err(e))) => {
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("connecting to the app: {e}")));
-                return;
+                return None;
             }
             Some(Err(_)) => {
                 connect.reject(StatusCode::SERVICE_UNAVAILABLE);
                 let reason = format!("connecting to the app: no answer within {APP_CONNECT_TIMEOUT:?}");
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&reason));
-                return;
+                return None;
             }
             None => {
                 record.close(Outcome::Done, 0, 0, Some("the client reset the stream before it was answered"));
-                return;
+                return None;
             }
         };
         let tunnel = match connect.accept() {
             Ok(t) => t,
             Err(e) => {
                 record.close(Outcome::Done, 0, 0, Some(&format!("client went away before the answer: {e}")));
-                return;
+                return None;
             }
         };
-        match copy::copy_bidirectional_until(app, tunnel, cancel.cancelled()).await {
-            // The tunnel's "sent" is what went to the client.
-            Ok((t, false)) => record.close(Outcome::Done, t.received, t.sent, None),
-            Ok((t, true)) => record.close(self.stop_reason(), t.received, t.sent, None),
-            Err(e) => {
-                let t = e.transferred;
-                record.close(Outcome::Done, t.received, t.sent, Some(&e.to_string()))
+        Some(Established { app, tunnel, record, cancel, _registration: registration })
+    }
+
+    /// Copies until both sides close, the pod goes or policy revokes the connection, then closes
+    /// the record. An `async` block that owns all three and awaits the copy in place stores each
+    /// once (see `Outbound::relay`).
+    fn relay(
+        &self,
+        mut copy: copy::CopyUntil<tokio_util::sync::WaitForCancellationFutureOwned>,
+        record: ConnectionRecord,
+        registration: crate::tracker::Registration,
+    ) -> impl Future<Output = ()> + '_ {
+        async move {
+            let _registration = registration;
+            match (&mut copy).await {
+                // The tunnel's "sent" is what went to the client.
+                Ok((t, false)) => record.close(Outcome::Done, t.received, t.sent, None),
+                Ok((t, true)) => record.close(self.stop_reason(), t.received, t.sent, None),
+                Err(e) => {
+                    let t = e.transferred;
+                    record.close(Outcome::Done, t.received, t.sent, Some(&e.to_string()))
+                }
             }
         }
     }
-}
 
-impl Inbound {
     async fn connect_app(&self, client: IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
         connect(self.pod.sockets.as_client(client)?, target).await
     }

@@ -20,6 +20,7 @@ use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
 use proto::hbone::server::StatusCode;
 use proto::hbone::{HBONE_PORT, copy};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::{debug, warn};
 
 use crate::context::Context;
@@ -227,6 +228,21 @@ struct Decided {
     info: ConnectionInfo,
 }
 
+/// Where an established connection goes.
+enum Upstream {
+    /// An HBONE stream.
+    Tunnel(proto::hbone::H2Stream),
+    /// A plain TCP connection (passthrough, egress to a resolved name).
+    Plain(TcpStream),
+}
+
+/// A connection with both sides open: what its copy needs.
+struct Established {
+    downstream: TcpStream,
+    upstream: Upstream,
+    record: ConnectionRecord,
+}
+
 impl Outbound {
     /// For `pod`; its tunnels are dialed from the pod ([`PodDialer`]) and pooled per pod.
     pub fn new(ctx: Arc<Context>, pod: Arc<Pod>) -> Arc<Self> {
@@ -288,7 +304,32 @@ impl Outbound {
 
     /// Proxies `downstream` (from the app at `client`) to `dst`, its original destination, until
     /// both sides close.
-    pub async fn handle(&self, downstream: TcpStream, client: SocketAddr, dst: SocketAddr) {
+    ///
+    /// A connection's task lives as long as the connection and its size is what every open
+    /// connection costs, so it holds only what the copy needs: the set-up (decisions, the
+    /// certificate, the `CONNECT` or the dial) runs in its own allocation, freed before the copy
+    /// starts, and so does a plain copy (bigger than the tunnel's, and rarer).
+    pub fn handle(&self, downstream: TcpStream, client: SocketAddr, dst: SocketAddr) -> impl Future<Output = ()> + '_ {
+        // Boxed before the task's future is built, so the arguments are not kept in it either.
+        let establish = Box::pin(self.establish(downstream, client, dst));
+        async move {
+            let Some(Established { downstream, upstream, record }) = establish.await else { return };
+            let stop = self.pod.cancel.child_token().cancelled_owned();
+            match upstream {
+                Upstream::Tunnel(tunnel) => {
+                    self.relay(copy::copy_bidirectional_until(downstream, tunnel, stop), record).await;
+                }
+                Upstream::Plain(upstream) => {
+                    let (t, stopped, error) = Box::pin(copy::copy_plain_until(downstream, upstream, stop)).await;
+                    record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+                }
+            }
+        }
+    }
+
+    /// Decides where the connection goes and opens its upstream; `None` when it goes nowhere (the
+    /// record is closed then, with the reason).
+    async fn establish(&self, downstream: TcpStream, client: SocketAddr, dst: SocketAddr) -> Option<Established> {
         let _ = downstream.set_nodelay(true);
         let Decided { route, info } = self.decide(client, dst);
         // What Istio's ztunnel tells the other side: the service the client addressed, and the
@@ -296,16 +337,14 @@ impl Outbound {
         let service = (!info.service.is_empty()).then(|| info.service.clone());
         let baggage = info.source.workload.as_ref().and_then(|w| w.baggage.clone());
         let record = ConnectionRecord::open(&self.ctx.metrics, info);
-        let cancel = self.pod.cancel.child_token();
-        match route {
+        let upstream = match route {
             Route::Hbone { hbone, target, identities, .. } => {
-                // Setup futures are boxed: an async fn keeps room for its largest await point for as long
-                // as it lives, and these are done long before the copy that keeps the connection.
-                let credential = match Box::pin(self.ctx.certs.fetch(&self.pod.identity)).await {
+                let credential = match self.ctx.certs.fetch(&self.pod.identity).await {
                     Ok(c) => c,
                     Err(e) => {
                         let detail = format!("no certificate for {}: {e}", self.pod.identity);
-                        return record.close(Outcome::ConnectFailed, 0, 0, Some(&detail));
+                        record.close(Outcome::ConnectFailed, 0, 0, Some(&detail));
+                        return None;
                     }
                 };
                 let mut request = ConnectRequest::new(credential, hbone, identities, target)
@@ -313,56 +352,73 @@ impl Outbound {
                 if let Some(b) = baggage {
                     request = request.baggage_value(b);
                 }
-                let tunnel = match Box::pin(self.pool.connect(request)).await {
-                    Ok(t) => t,
+                match self.pool.connect(request).await {
+                    Ok(tunnel) => Upstream::Tunnel(tunnel),
                     Err(e) => {
                         let outcome = match &e {
                             PoolError::Refused { status, .. } if *status == StatusCode::UNAUTHORIZED => Outcome::Denied,
                             _ => Outcome::ConnectFailed,
                         };
-                        return record.close(outcome, 0, 0, Some(&e.to_string()));
-                    }
-                };
-                match copy::copy_bidirectional_until(downstream, tunnel, cancel.cancelled()).await {
-                    Ok((t, stopped)) => record.close(self.ended(stopped), t.sent, t.received, None),
-                    Err(e) => {
-                        let t = e.transferred;
-                        record.close(Outcome::Done, t.sent, t.received, Some(&e.to_string()))
+                        record.close(outcome, 0, 0, Some(&e.to_string()));
+                        return None;
                     }
                 }
             }
             Route::Passthrough(to) => {
                 let upstream = match self.pod.sockets.outbound(to.is_ipv6()) {
-                    Ok(socket) => Box::pin(connect(socket, to)).await,
+                    Ok(socket) => connect(socket, to).await,
                     Err(e) => Err(e),
                 };
-                let upstream = match upstream {
-                    Ok(u) => u,
-                    Err(e) => return record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("passthrough: {e}"))),
-                };
-                let (t, stopped, error) = copy::copy_plain_until(downstream, upstream, cancel.cancelled()).await;
-                record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+                match upstream {
+                    Ok(u) => Upstream::Plain(u),
+                    Err(e) => {
+                        record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("passthrough: {e}")));
+                        return None;
+                    }
+                }
             }
-            Route::Resolve(host, port) => {
-                let upstream = match Box::pin(resolve_and_connect(&self.ctx, &self.pod, &host, port)).await {
-                    Ok(u) => u,
-                    Err(e) => return record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("{host}:{port}: {e}"))),
-                };
-                let (t, stopped, error) = copy::copy_plain_until(downstream, upstream, cancel.cancelled()).await;
-                record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
-            }
+            Route::Resolve(host, port) => match resolve_and_connect(&self.ctx, &self.pod, &host, port).await {
+                Ok(u) => Upstream::Plain(u),
+                Err(e) => {
+                    record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("{host}:{port}: {e}")));
+                    return None;
+                }
+            },
             Route::Unregistered(to) => {
                 let detail = format!(
                     "outboundTrafficPolicy REGISTRY_ONLY: {to} is no workload, service or ServiceEntry address"
                 );
                 record.close(Outcome::Denied, 0, 0, Some(&detail));
+                return None;
             }
             Route::NoHealthyEndpoint(service) => {
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("service {service} has no healthy endpoint")));
+                return None;
             }
             Route::Refused(workload) => {
                 let detail = format!("the destination's workload was refused by this proxy ({workload})");
                 record.close(Outcome::ConnectFailed, 0, 0, Some(&detail));
+                return None;
+            }
+        };
+        Some(Established { downstream, upstream, record })
+    }
+
+    /// Copies until both sides close (or the pod goes), then closes the record. An `async`
+    /// block that owns both and awaits the copy in place stores each once (an `async fn` would
+    /// keep its arguments twice, and `.await` on the copy would move it into a third slot).
+    fn relay(
+        &self,
+        mut copy: copy::CopyUntil<WaitForCancellationFutureOwned>,
+        record: ConnectionRecord,
+    ) -> impl Future<Output = ()> + '_ {
+        async move {
+            match (&mut copy).await {
+                Ok((t, stopped)) => record.close(self.ended(stopped), t.sent, t.received, None),
+                Err(e) => {
+                    let t = e.transferred;
+                    record.close(Outcome::Done, t.sent, t.received, Some(&e.to_string()))
+                }
             }
         }
     }

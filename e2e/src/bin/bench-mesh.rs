@@ -142,6 +142,9 @@ struct Round {
     #[serde(skip_serializing_if = "Option::is_none")]
     proxies_cpu_us_per_request: Option<f64>,
     connections_per_s: f64,
+    /// CPU the two proxies spent per new connection, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxies_cpu_us_per_connection: Option<f64>,
     /// Round trips with many connections busy at once.
     concurrent: Vec<Concurrent>,
     /// CPU the two proxies spent per round trip under that load, µs (same order as `concurrent`).
@@ -156,6 +159,9 @@ struct Round {
     /// Where the proxies' CPU went during a throughput run (`--profile`, first round).
     #[serde(skip_serializing_if = "Option::is_none")]
     profile: Option<Profile>,
+    /// Where it went while connections opened and closed (`--profile`, first round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    connection_profile: Option<Profile>,
 }
 
 /// Shares of the proxies' CPU samples during one throughput run, by what the code does.
@@ -172,10 +178,10 @@ struct Profile {
     user_copy: f64,
     /// Everything else in user space (HTTP/2, TLS records, the runtime, the allocator).
     user_other: f64,
-    /// System calls the two proxies made per MiB carried.
-    syscalls_per_mib: f64,
-    /// Context switches of the two proxies' threads per MiB carried.
-    context_switches_per_mib: f64,
+    /// System calls the two proxies made per MiB carried (or per connection).
+    syscalls_per_unit: f64,
+    /// Context switches of the two proxies' threads per MiB carried (or per connection).
+    context_switches_per_unit: f64,
 }
 
 impl Profile {
@@ -225,12 +231,24 @@ impl Profile {
     }
 }
 
-/// One more throughput run of `path` with `perf record` on its proxies; the samples, the report
-/// and the split go to `dir`.
-async fn profile(path: &Path, args: &Args, dir: &std::path::Path) -> Result<Option<Profile>> {
+/// What a profile runs.
+#[derive(Debug, Clone, Copy)]
+enum Workload {
+    /// One stream of four times `--bytes` (counts per MiB).
+    Bytes,
+    /// New connections for `--rate-seconds` (counts per connection).
+    Connections,
+}
+
+/// `workload` once more on `path` with `perf record` and `perf stat` on its proxies; the
+/// samples, the report and the split go to `dir`.
+async fn profile(path: &Path, args: &Args, dir: &std::path::Path, workload: Workload) -> Result<Option<Profile>> {
     let Some([a, b]) = path.proxies else { return Ok(None) };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.kind.name();
+    let name = match workload {
+        Workload::Bytes => path.kind.name().to_owned(),
+        Workload::Connections => format!("{}-connections", path.kind.name()),
+    };
     let (data, counts) = (dir.join(format!("{name}.perf.data")), dir.join(format!("{name}.perf-stat.csv")));
     let pids = format!("{a},{b}");
     let spawn = |args: &[&str], out: &std::path::Path| {
@@ -247,14 +265,22 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path) -> Result<Opti
     let mut stat = KillOnDrop(spawn(&["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"], &counts)?);
     // perf attaches before the first sample; give it a moment so the run is covered.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    // Four times the measured runs' bytes: enough samples to split.
-    let bytes = 4 * args.bytes;
-    let run = throughput(path.connect(SINK).await?, bytes).await;
+    let run = match workload {
+        // Four times the measured runs' bytes: enough samples to split.
+        Workload::Bytes => {
+            let bytes = 4 * args.bytes;
+            throughput(path.connect(SINK).await?, bytes).await.map(|_| bytes as f64 / f64::from(1u32 << 20))
+        }
+        Workload::Connections => {
+            let seconds = args.rate_seconds;
+            rate(path, args).await.map(|per_s| per_s * seconds as f64)
+        }
+    };
     for perf in [&mut record, &mut stat] {
         e2e::topology::run("kill", &["-INT", &perf.0.id().to_string()])?;
         perf.0.wait()?;
     }
-    run?;
+    let units = run?;
     let out = Command::new("perf")
         .args(["report", "--stdio", "--no-children", "--sort", "dso,sym", "-t", "|", "-q", "-n", "-i"])
         .arg(&data)
@@ -266,11 +292,13 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path) -> Result<Opti
     let mut profile = Profile::parse(&report);
     let counts = std::fs::read_to_string(&counts).with_context(|| format!("reading {}", counts.display()))?;
     let count = |event: &str| {
-        counts.lines().find(|l| l.split(',').nth(2) == Some(event)).and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+        counts
+            .lines()
+            .find(|l| l.split(',').nth(2) == Some(event))
+            .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
     };
-    let mib = bytes as f64 / f64::from(1u32 << 20);
-    profile.syscalls_per_mib = count("raw_syscalls:sys_enter").unwrap_or(f64::NAN) / mib;
-    profile.context_switches_per_mib = count("context-switches").unwrap_or(f64::NAN) / mib;
+    profile.syscalls_per_unit = count("raw_syscalls:sys_enter").unwrap_or(f64::NAN) / units;
+    profile.context_switches_per_unit = count("context-switches").unwrap_or(f64::NAN) / units;
     Ok(Some(profile))
 }
 
@@ -282,7 +310,7 @@ struct Row {
     rounds: BTreeMap<Kind, Vec<f64>>,
     /// Each path's median.
     median: BTreeMap<Kind, f64>,
-    /// ours / peer, of the medians.
+    /// Median over rounds of ours / peer in the same round.
     #[serde(skip_serializing_if = "Option::is_none")]
     ours_to_peer: Option<f64>,
 }
@@ -371,16 +399,10 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     // `latency` also makes 100 unmeasured warm-up exchanges.
     round.proxies_cpu_us_per_request = path.cpu_per(cpu, (args.requests + 100) as f64 / 1e6)?;
 
-    let (client, target) = (path.client.clone(), SocketAddr::new(path.target, PING));
-    round.connections_per_s = connection_rate(
-        move || {
-            let c = client.clone();
-            async move { c.connect(target).await }
-        },
-        Duration::from_secs(args.rate_seconds),
-        args.concurrency,
-    )
-    .await?;
+    let cpu = path.cpu()?;
+    round.connections_per_s = rate(path, args).await?;
+    round.proxies_cpu_us_per_connection =
+        path.cpu_per(cpu, round.connections_per_s * args.rate_seconds as f64 / 1e6)?;
 
     for &n in &args.concurrent {
         let mut streams = Vec::with_capacity(n);
@@ -399,10 +421,25 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     }
 
     if let (Some(dir), true) = (&args.profile, first_round) {
-        round.profile = profile(path, args, dir).await?;
+        round.profile = profile(path, args, dir, Workload::Bytes).await?;
+        round.connection_profile = profile(path, args, dir, Workload::Connections).await?;
     }
 
     Ok(round)
+}
+
+/// New connections per second on `path`, `--concurrency` at a time for `--rate-seconds`.
+async fn rate(path: &Path, args: &Args) -> Result<f64> {
+    let (client, target) = (path.client.clone(), SocketAddr::new(path.target, PING));
+    connection_rate(
+        move || {
+            let c = client.clone();
+            async move { c.connect(target).await }
+        },
+        Duration::from_secs(args.rate_seconds),
+        args.concurrency,
+    )
+    .await
 }
 
 /// Each proxy's memory at rest and its growth per held idle connection.
@@ -563,8 +600,11 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
                 row.rounds.insert(kind, values);
             }
         }
-        if let (Some(o), Some(p)) = (row.median.get(&Kind::Ours), row.median.get(&Kind::Peer)) {
-            row.ours_to_peer = Some(o / p);
+        // Paired by round (both measured minutes apart), so drift between rounds cancels out.
+        if let (Some(o), Some(p)) = (row.rounds.get(&Kind::Ours), row.rounds.get(&Kind::Peer))
+            && o.len() == p.len()
+        {
+            row.ours_to_peer = Some(median(o.iter().zip(p).map(|(o, p)| o / p).collect()));
         }
         if !row.median.is_empty() {
             rows.push(row);
@@ -578,6 +618,7 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
     push("added p99 (− direct), µs".into(), Box::new(|r| Some(r.latency_p99_us)), true);
     push("CPU per round trip, both proxies, µs".into(), Box::new(|r| r.proxies_cpu_us_per_request), false);
     push("new connections/s".into(), Box::new(|r| Some(r.connections_per_s)), false);
+    push("CPU per connection, both proxies, µs".into(), Box::new(|r| r.proxies_cpu_us_per_connection), false);
     for (i, &n) in levels.iter().enumerate() {
         let at = move |r: &Round| r.concurrent.get(i).copied();
         push(format!("{n} busy: round trips/s"), Box::new(move |r| Some(at(r)?.requests_per_s)), false);
@@ -595,8 +636,23 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
     push("CPU share: crypto".into(), Box::new(|r| Some(r.profile?.user_crypto)), false);
     push("CPU share: user-space copies".into(), Box::new(|r| Some(r.profile?.user_copy)), false);
     push("CPU share: rest of user space".into(), Box::new(|r| Some(r.profile?.user_other)), false);
-    push("system calls per MiB, both".into(), Box::new(|r| Some(r.profile?.syscalls_per_mib)), false);
-    push("context switches per MiB, both".into(), Box::new(|r| Some(r.profile?.context_switches_per_mib)), false);
+    push("system calls per MiB, both".into(), Box::new(|r| Some(r.profile?.syscalls_per_unit)), false);
+    push("context switches per MiB, both".into(), Box::new(|r| Some(r.profile?.context_switches_per_unit)), false);
+    push(
+        "connections: CPU share, kernel".into(),
+        Box::new(|r| Some(r.connection_profile.map(|p| p.kernel_copy + p.kernel_other)?)),
+        false,
+    );
+    push(
+        "connections: system calls each, both".into(),
+        Box::new(|r| Some(r.connection_profile?.syscalls_per_unit)),
+        false,
+    );
+    push(
+        "connections: context switches each, both".into(),
+        Box::new(|r| Some(r.connection_profile?.context_switches_per_unit)),
+        false,
+    );
     push("memory at rest, source node, MiB".into(), Box::new(|r| Some(r.rss_at_rest_mib?[0])), false);
     push("memory at rest, destination node, MiB".into(), Box::new(|r| Some(r.rss_at_rest_mib?[1])), false);
     push("KiB per held connection, source".into(), Box::new(|r| Some(r.kib_per_held_connection?[0])), false);
@@ -604,7 +660,8 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
     rows
 }
 
-/// The summary as a table: one column per path ("median [round figures]"), then ours/peer.
+/// The summary as a table: one column per path ("median [round figures]"), then ours/peer
+/// (the median of the rounds' ratios).
 fn print_table(rows: &[Row], kinds: &[Kind]) {
     let cell = |row: &Row, k: Kind| match (row.median.get(&k), row.rounds.get(&k)) {
         (Some(m), Some(all)) if all.len() > 1 => {

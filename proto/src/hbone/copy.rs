@@ -73,41 +73,66 @@ pub async fn copy_bidirectional(io: TcpStream, tunnel: H2Stream) -> Result<Trans
 }
 
 /// Like [`copy_bidirectional`], but abandons the copy when `stop` resolves (a policy revoked the
-/// connection, the proxy is shutting down): the tunnel stream is reset and the plain stream dropped.
-/// Returns what was moved and whether `stop` ended it.
-pub async fn copy_bidirectional_until(
-    io: TcpStream,
-    tunnel: H2Stream,
-    stop: impl Future<Output = ()>,
-) -> Result<(Transferred, bool), CopyError> {
-    let (send, recv, pending, _slot) = tunnel.into_parts();
-    let mut copy = Bidi {
-        io,
-        send,
-        recv,
-        reader: Sizer::default(),
-        buf: BytesMut::new(),
-        upload: None,
-        upload_done: false,
-        download: pending,
-        download_done: false,
-        shut_down: false,
-        transferred: Transferred::default(),
-    };
-    let result = tokio::select! {
-        r = &mut copy => Some(r),
-        () = stop => None,
-    };
-    match result {
-        Some(Ok(())) => Ok((copy.transferred, false)),
-        Some(Err((direction, source))) => {
-            copy.send.send_reset(h2::Reason::CANCEL);
-            Err(CopyError { direction, transferred: copy.transferred, source })
+/// connection, the proxy is shutting down): the tunnel stream is reset and the plain stream
+/// dropped. Resolves to what was moved and whether `stop` ended it.
+///
+/// A named future rather than an `async fn`: it holds the copy's state once, where an `async fn`
+/// would also keep its arguments for as long as it runs. Await it by `&mut` from a caller that
+/// keeps it anyway (as an argument), so it is not moved into a second slot either: per open
+/// connection, these bytes are the cost.
+pub fn copy_bidirectional_until<S: Future<Output = ()>>(io: TcpStream, tunnel: H2Stream, stop: S) -> CopyUntil<S> {
+    let (send, recv, pending, slot) = tunnel.into_parts();
+    CopyUntil {
+        copy: Bidi {
+            io,
+            send,
+            recv,
+            reader: Sizer::default(),
+            buf: BytesMut::new(),
+            upload: None,
+            upload_done: false,
+            download: pending,
+            download_done: false,
+            shut_down: false,
+            transferred: Transferred::default(),
+        },
+        stop: Box::pin(stop),
+        _slot: slot,
+    }
+}
+
+/// The future of [`copy_bidirectional_until`].
+pub struct CopyUntil<S> {
+    copy: Bidi,
+    stop: Pin<Box<S>>,
+    /// Keeps the pooled connection's stream count until the stream is gone (client side only).
+    _slot: Option<super::pool::StreamSlot>,
+}
+
+impl<S> std::fmt::Debug for CopyUntil<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyUntil").field("transferred", &self.copy.transferred).finish_non_exhaustive()
+    }
+}
+
+impl<S: Future<Output = ()>> Future for CopyUntil<S> {
+    type Output = Result<(Transferred, bool), CopyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.copy).poll(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Ok((this.copy.transferred, false))),
+            Poll::Ready(Err((direction, source))) => {
+                this.copy.send.send_reset(h2::Reason::CANCEL);
+                return Poll::Ready(Err(CopyError { direction, transferred: this.copy.transferred, source }));
+            }
+            Poll::Pending => {}
         }
-        None => {
-            copy.send.send_reset(h2::Reason::CANCEL);
-            Ok((copy.transferred, true))
+        if this.stop.as_mut().poll(cx).is_ready() {
+            this.copy.send.send_reset(h2::Reason::CANCEL);
+            return Poll::Ready(Ok((this.copy.transferred, true)));
         }
+        Poll::Pending
     }
 }
 

@@ -381,7 +381,10 @@ impl<H: Handler> Connection<H> {
         };
         let handler = self.handler.clone();
         let span = tracing::debug_span!("connect", target = %connect.target);
-        tokio::spawn(async move { handler.handle(connect).await }.instrument(span));
+        // Boxed: the task keeps what it captures for as long as the stream lives, and a handler
+        // is done with the request long before.
+        let connect = Box::new(connect);
+        tokio::spawn(async move { handler.handle(*connect).await }.instrument(span));
     }
 }
 
