@@ -271,6 +271,7 @@ impl Inbound {
     /// Copies until both sides close, the pod goes or policy revokes the connection, then closes
     /// the record. An `async` block that owns all three and awaits the copy in place stores each
     /// once (see `Outbound::relay`).
+    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
     fn relay(
         &self,
         mut copy: copy::CopyUntil<tokio_util::sync::WaitForCancellationFutureOwned>,

@@ -314,7 +314,8 @@ impl Outbound {
         let establish = Box::pin(self.establish(downstream, client, dst));
         async move {
             let Some(Established { downstream, upstream, record }) = establish.await else { return };
-            let stop = self.pod.cancel.child_token().cancelled_owned();
+            // The pod's own token (no per-connection child: nothing revokes an outbound connection alone).
+            let stop = self.pod.cancel.clone().cancelled_owned();
             match upstream {
                 Upstream::Tunnel(tunnel) => {
                     self.relay(copy::copy_bidirectional_until(downstream, tunnel, stop), record).await;
@@ -407,6 +408,7 @@ impl Outbound {
     /// Copies until both sides close (or the pod goes), then closes the record. An `async`
     /// block that owns both and awaits the copy in place stores each once (an `async fn` would
     /// keep its arguments twice, and `.await` on the copy would move it into a third slot).
+    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
     fn relay(
         &self,
         mut copy: copy::CopyUntil<WaitForCancellationFutureOwned>,
