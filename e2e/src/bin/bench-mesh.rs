@@ -52,9 +52,11 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Benchmark the mesh's data path: direct, floor (two plain relays), ours, and another ztunnel.
+/// Benchmark the mesh's data path in one run: direct pod to pod, the floor (two plain relay
+/// processes, one per node), through our ztunnels, and through another ztunnel (--peer-ztunnel).
+/// Needs root; prints a table (median [each round]) and JSON.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Another ztunnel binary to measure against ours in the same run (Istio's, built from its
     /// public source; see ../shared/bench/README.md). It is started on both nodes in place of ours
@@ -94,9 +96,10 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Profile where each path's CPU per GiB goes: in the first round, one more throughput run
-    /// per path under `perf record` (its proxies only, not measured for the figures), with the
-    /// samples and `perf report` of each kept in this directory and the split in the report.
+    /// Profile where each path's CPU goes: in the first round, one more throughput run and one
+    /// more connection-rate run per path under `perf record` and `perf stat` (its proxies only;
+    /// not counted in the figures), with the samples and reports kept in this directory and the
+    /// split (kernel, crypto, copies; system calls and context switches) in the report.
     #[arg(long, value_name = "DIR")]
     profile: Option<PathBuf>,
     /// (internal) Run the sink, echo and ping servers on this IP (ports 5001–5003) and nothing else.
