@@ -276,7 +276,7 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path, workload: Work
         }
         Workload::Connections => {
             let seconds = args.rate_seconds;
-            rate(path, args).await.map(|per_s| per_s * seconds as f64)
+            rate(&path.client, SocketAddr::new(path.target, PING), args).await.map(|per_s| per_s * seconds as f64)
         }
     };
     for perf in [&mut record, &mut stat] {
@@ -403,7 +403,7 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     round.proxies_cpu_us_per_request = path.cpu_per(cpu, (args.requests + 100) as f64 / 1e6)?;
 
     let cpu = path.cpu()?;
-    round.connections_per_s = rate(path, args).await?;
+    round.connections_per_s = rate(&path.client, SocketAddr::new(path.target, PING), args).await?;
     round.proxies_cpu_us_per_connection =
         path.cpu_per(cpu, round.connections_per_s * args.rate_seconds as f64 / 1e6)?;
 
@@ -432,8 +432,8 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
 }
 
 /// New connections per second on `path`, `--concurrency` at a time for `--rate-seconds`.
-async fn rate(path: &Path, args: &Args) -> Result<f64> {
-    let (client, target) = (path.client.clone(), SocketAddr::new(path.target, PING));
+async fn rate(client: &Arc<MeshPod>, target: SocketAddr, args: &Args) -> Result<f64> {
+    let client = client.clone();
     connection_rate(
         move || {
             let c = client.clone();
@@ -503,25 +503,15 @@ async fn swap_ztunnels(mesh: &mut Mesh, which: &ZtunnelImpl, client: &MeshPod, s
 
 /// The mesh pair's connection rate, small, padded, then small again.
 async fn scale(mesh: &Mesh, client: &Arc<MeshPod>, args: &Args) -> Result<Scale> {
-    let rate = || {
-        let (c, target) = (client.clone(), SocketAddr::from((SCALE_VIP, PING)));
-        connection_rate(
-            move || {
-                let c = c.clone();
-                async move { c.connect(target).await }
-            },
-            Duration::from_secs(args.rate_seconds),
-            args.concurrency,
-        )
-    };
+    let vip = SocketAddr::from((SCALE_VIP, PING));
     let small_workloads = mesh.config_dump(1).await?["mesh"]["workloads"].as_array().map_or(0, Vec::len);
     let padding = args.scale.padding(false);
     let timeout = Duration::from_secs(300);
-    let small = rate().await?;
+    let small = rate(client, vip, args).await?;
     padding.apply(mesh, &[1, 2], timeout).await?;
-    let padded = rate().await?;
+    let padded = rate(client, vip, args).await?;
     padding.remove(mesh, &[1, 2], small_workloads, timeout).await?;
-    let small_again = rate().await?;
+    let small_again = rate(client, vip, args).await?;
     Ok(Scale {
         small_workloads,
         padded_workloads: args.scale.pad_workloads,

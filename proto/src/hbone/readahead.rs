@@ -175,7 +175,6 @@ mod tests {
         let tx = writer.await.unwrap();
         assert!(got == data, "bytes changed on the way");
         let socket_reads = reader.get_ref().reads;
-        assert!(calls >= TOTAL / 4096);
         assert!(socket_reads * 8 < calls, "{socket_reads} socket reads for {calls} reads of 4 KiB: no read-ahead");
 
         // Nothing more comes: a read waits, and waits holding no buffer.
