@@ -120,21 +120,51 @@ impl Node {
     }
 }
 
+/// `d` as the proxies' duration flags take it (whole seconds where it is, as they allow at most
+/// five digits per unit).
+fn duration_flag(d: Duration) -> String {
+    if d.subsec_millis() == 0 { format!("{}s", d.as_secs()) } else { format!("{}ms", d.as_millis()) }
+}
+
 /// A ztunnel sent SIGTERM, on its way out.
 #[derive(Debug)]
 pub struct Exiting {
-    child: Child,
+    /// `None` once waited for.
+    child: Option<Child>,
     signalled: Instant,
 }
 
 impl Exiting {
+    fn new(child: Child) -> Result<Exiting> {
+        let signalled = Instant::now();
+        crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
+        Ok(Exiting { child: Some(child), signalled })
+    }
+
     /// Waits for the process to exit; how long after the signal it did.
     pub async fn exited(mut self) -> Result<Duration> {
+        let mut child = self.child.take().context("already waited for")?;
+        let signalled = self.signalled;
         tokio::task::spawn_blocking(move || {
-            self.child.wait()?;
-            Ok(self.signalled.elapsed())
+            child.wait()?;
+            Ok(signalled.elapsed())
         })
         .await?
+    }
+
+    /// Whether it is still running (draining).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+/// One not waited for is killed (SIGKILL): a test that ends before a drain does leaves nothing.
+impl Drop for Exiting {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -417,6 +447,20 @@ impl Mesh {
     /// the same contracts (Istio's) configured the way Istio's charts configure it, on this mesh's
     /// CA, xDS and node agent. Returns once its readiness port answers.
     pub fn start_ztunnel_impl(&mut self, index: u8, which: &ZtunnelImpl) -> Result<()> {
+        let mut child = self.spawn_ztunnel(index, which)?;
+        let node = self.node_mut(index)?;
+        wait_for_port(
+            &mut child,
+            &format!("ztunnel on {}", node.name),
+            "127.0.0.1:15021".parse()?,
+            Some(&node.netns.ns),
+        )?;
+        node.ztunnel = Some(child);
+        Ok(())
+    }
+
+    /// Starts `which` ztunnel on node `index` and adds it to the scrape targets.
+    fn spawn_ztunnel(&mut self, index: u8, which: &ZtunnelImpl) -> Result<Child> {
         let root = self.ca_launch.state.join("root-cert.pem");
         let (filter, drain) = (self.options.log_filter.clone(), self.options.drain_timeout);
         let extra = self.options.ztunnel_args.clone();
@@ -442,7 +486,7 @@ impl Mesh {
             ZtunnelImpl::Ours => {
                 command
                     .args(["--token-file", &node.token.display().to_string()])
-                    .args(["--drain-timeout", &format!("{}ms", drain.as_millis())])
+                    .args(["--drain-timeout", &duration_flag(drain)])
                     .args(&extra)
                     .env("LOG_FORMAT", log_format);
             }
@@ -458,14 +502,7 @@ impl Mesh {
             }
         }
         let (stdout, stderr) = output(Some(&node.log), false)?;
-        let mut child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;
-        wait_for_port(
-            &mut child,
-            &format!("ztunnel on {}", node.name),
-            "127.0.0.1:15021".parse()?,
-            Some(&node.netns.ns),
-        )?;
-        node.ztunnel = Some(child);
+        let child = spawn_child_with(&command, Some(&node.netns.ns), stdout, stderr)?;
         let (node_name, node_ip) = (node.name.clone(), node.ip);
         self.scrape.add(&Target {
             component: "ztunnel",
@@ -475,7 +512,8 @@ impl Mesh {
             pod: &format!("ztunnel-{node_name}"),
             workload: "ztunnel",
             node: &node_name,
-        })
+        })?;
+        Ok(child)
     }
 
     /// Kills ztunnel on node `index` (SIGKILL).
@@ -492,9 +530,37 @@ impl Mesh {
     pub fn terminate_ztunnel(&mut self, index: u8) -> Result<Exiting> {
         let node = self.node_mut(index)?;
         let child = node.ztunnel.take().ok_or_else(|| anyhow!("ztunnel on node-{index} is not running"))?;
-        let signalled = Instant::now();
-        crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
-        Ok(Exiting { child, signalled })
+        Exiting::new(child)
+    }
+
+    /// Replaces ztunnel on node `index` with a new process of ours, as a rolling update with a
+    /// surge does: the successor starts beside the running one, takes the node agent's snapshot
+    /// (it connects only once it has the mesh state) and so listens in every pod beside its
+    /// predecessor; then the predecessor gets SIGTERM and drains. Returns the predecessor, still
+    /// relaying the connections it holds.
+    pub async fn replace_ztunnel(&mut self, index: u8) -> Result<Exiting> {
+        let before = self.node(index)?.agent.snapshots();
+        let mut successor = self.spawn_ztunnel(index, &ZtunnelImpl::Ours)?;
+        let node = self.node(index)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while node.agent.snapshots() <= before {
+            if let Some(status) = successor.try_wait()? {
+                bail!("the successor ztunnel on {} exited before taking the snapshot: {status}", node.name);
+            }
+            if Instant::now() > deadline {
+                let _ = successor.kill();
+                bail!("the successor ztunnel on {} took no snapshot within 30 s", node.name);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), node.agent.wait_for_snapshot(before)).await;
+        }
+        let node = self.node_mut(index)?;
+        let predecessor = node.ztunnel.replace(successor).context("no ztunnel was running")?;
+        Exiting::new(predecessor)
+    }
+
+    /// ztunnels connected to node `index`'s agent now (two during a handover).
+    pub async fn agent_connections(&self, index: u8) -> Result<usize> {
+        Ok(self.node(index)?.agent.connected().await)
     }
 
     /// Stops the CA (SIGKILL).
@@ -659,7 +725,7 @@ impl Mesh {
             .args(["--ca-addr", &format!("{CA_IP}:15012"), "--ca-name", &CA_IP.to_string()])
             .args(["--ca-root", &self.ca_root().display().to_string()])
             .args(["--token-file", &token.display().to_string()])
-            .args(["--drain-timeout", &format!("{}ms", self.options.drain_timeout.as_millis())])
+            .args(["--drain-timeout", &duration_flag(self.options.drain_timeout)])
             .args(extra)
             .env("LOG_FORMAT", if self.options.json_logs { "json" } else { "text" })
             .env("RUST_LOG", &self.options.log_filter);
@@ -756,9 +822,7 @@ impl Mesh {
     pub fn terminate_waypoint(&mut self, pod: &MeshPod) -> Result<Exiting> {
         let waypoint = self.waypoints.iter_mut().find(|w| w.pod.uid == pod.uid).context("no such waypoint")?;
         let child = waypoint.child.take().context("the waypoint is not running")?;
-        let signalled = Instant::now();
-        crate::topology::run("kill", &["-TERM", &child.id().to_string()])?;
-        Ok(Exiting { child, signalled })
+        Exiting::new(child)
     }
 
     /// The process id of the waypoint running in `pod`.

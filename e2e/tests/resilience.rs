@@ -128,8 +128,9 @@ async fn sigterm_drains_then_exits_by_the_deadline() {
     // client is refused; the listener tasks wake to the drain just after readiness flips), while
     // the open connection keeps ztunnel draining until the deadline.
     let exiting = mesh.terminate_ztunnel(1).unwrap();
-    mesh.wait_until("ztunnel to report not ready", Duration::from_secs(1), || async {
-        readiness(&mesh, 1).await == Some(503)
+    // Readiness stops answering at once (where a successor shares the port, it answers alone).
+    mesh.wait_until("ztunnel to stop answering readiness", Duration::from_secs(1), || async {
+        readiness(&mesh, 1).await.is_none()
     })
     .await
     .unwrap();
@@ -192,8 +193,9 @@ async fn ztunnel_log_level_changes_at_run_time() {
 
 /// ztunnel is ready only once it has both the node agent's snapshot and the mesh state: restarted
 /// while the agent's socket is out of reach, it syncs with the CA but stays not ready until it
-/// gets the snapshot; restarted while the CA is down, it gets the snapshot but stays not ready
-/// until the CA is back.
+/// gets the snapshot; restarted while the CA is down, it does not even take the snapshot (a
+/// ztunnel that listened in pods without knowing the mesh would refuse what it should carry) and
+/// stays not ready until the CA is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ztunnel_is_not_ready_until_it_has_the_snapshot_and_the_mesh_state() {
     let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
@@ -223,17 +225,21 @@ async fn ztunnel_is_not_ready_until_it_has_the_snapshot_and_the_mesh_state() {
     .unwrap();
 
     // No mesh state: the CA is down.
+    let failed = "xDS stream failed";
     mesh.kill_ztunnel(2).unwrap();
     mesh.stop_ca();
-    let applied_before = log_count(&mesh, 2, applied);
+    let (applied_before, failed_before) = (log_count(&mesh, 2, applied), log_count(&mesh, 2, failed));
+    let snapshots_before = mesh.nodes[1].agent.snapshots();
     mesh.start_ztunnel(2).unwrap();
-    mesh.wait_until("the agent's snapshot to reach the new ztunnel", Duration::from_secs(10), || async {
-        log_count(&mesh, 2, applied) > applied_before
+    mesh.wait_until("the new ztunnel to fail to reach the CA twice", Duration::from_secs(10), || async {
+        log_count(&mesh, 2, failed) >= failed_before + 2
     })
     .await
     .unwrap();
     let (status, body) = mesh.ztunnel_get(2, 15021, "/healthz/ready").await.unwrap();
     assert_eq!(status, 503, "ready without the mesh state: {body}");
+    assert_eq!(log_count(&mesh, 2, applied), applied_before, "took the agent's snapshot without the mesh state");
+    assert_eq!(mesh.nodes[1].agent.snapshots(), snapshots_before, "connected to the agent without the mesh state");
     mesh.start_ca().unwrap();
     mesh.wait_until("ztunnel to become ready", Duration::from_secs(15), || async {
         readiness(&mesh, 2).await == Some(200)
@@ -330,4 +336,191 @@ async fn a_pod_whose_port_is_held_is_retried_until_served() {
     .unwrap();
     assert!(mesh.ztunnel_log(1).unwrap().contains("pending pod served on retry"));
     assert!(works(&client, &server).await, "the client pod is not served after the retry");
+}
+
+/// A long-lived connection's record: round trips every 10 ms until stopped.
+#[derive(Debug, Default)]
+struct Ticks {
+    count: u64,
+    /// The longest time between two round trips completing.
+    max_gap: Duration,
+    error: Option<String>,
+}
+
+/// One echo round trip on a long-lived connection.
+trait RoundTrip: Send + 'static {
+    fn exchange<'a>(
+        &'a mut self,
+        msg: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>>;
+}
+
+impl RoundTrip for EchoClient {
+    fn exchange<'a>(
+        &'a mut self,
+        msg: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>> {
+        Box::pin(self.round_trip(msg))
+    }
+}
+
+/// A connection the server echoes raw (an upgraded one).
+impl RoundTrip for tokio::net::TcpStream {
+    fn exchange<'a>(
+        &'a mut self,
+        msg: &'a [u8],
+    ) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'a>> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Box::pin(async move {
+            self.write_all(msg).await?;
+            let mut back = vec![0u8; msg.len()];
+            tokio::time::timeout(Duration::from_secs(10), self.read_exact(&mut back)).await??;
+            anyhow::ensure!(
+                back == msg,
+                "echoed {:?} for {:?}",
+                String::from_utf8_lossy(&back),
+                String::from_utf8_lossy(msg)
+            );
+            Ok(())
+        })
+    }
+}
+
+/// Round trips on `stream` every 10 ms until `stop` (or the first failure).
+fn keep_talking(mut stream: impl RoundTrip, stop: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<Ticks> {
+    tokio::spawn(async move {
+        let mut ticks = Ticks::default();
+        let mut last = Instant::now();
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
+        loop {
+            let msg = format!("message {}", ticks.count);
+            if let Err(e) = stream.exchange(msg.as_bytes()).await {
+                ticks.error = Some(format!("round trip {}: {e:#}", ticks.count));
+                return ticks;
+            }
+            ticks.count += 1;
+            ticks.max_gap = ticks.max_gap.max(last.elapsed());
+            last = Instant::now();
+            tokio::select! {
+                () = &mut stopped => return ticks,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    })
+}
+
+/// A ztunnel upgrade resets nothing: ztunnel on both nodes is replaced, one after the other, by a
+/// new process (started beside the old one, which then gets SIGTERM and drains) while a
+/// long-lived echo stream pod to pod and an upgraded connection through a waypoint keep
+/// exchanging messages every 10 ms — no reset, no gap over 100 ms — and new connections opened
+/// all along succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ztunnel_handover_resets_no_connection() {
+    use e2e::apps::http_server;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    // The predecessors hold what they carry until this deadline: longer than the test.
+    let options = MeshOptions { drain_timeout: Duration::from_secs(120), ..MeshOptions::default() };
+    let (mut mesh, client, server) = client_and_server(options).await;
+    // Namespace `web` has a waypoint (node-1); `hello` (node-2) behind it.
+    mesh.namespace("web", true).await.unwrap();
+    let hello = mesh.pod(PodSpec::new("hello", "web", 2)).await.unwrap();
+    drop(http_server(hello.listen(8080).unwrap(), "hello"));
+    let vip = std::net::Ipv4Addr::new(10, 96, 3, 10);
+    let svc = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: hello\n  namespace: web\nspec:\n  clusterIP: {vip}\n  selector:\n    app: hello\n  ports:\n    - name: http\n      port: 80\n      targetPort: 8080\n"
+    );
+    mesh.apply("svc-web-hello", &svc).unwrap();
+    let waypoint = mesh.waypoint("web", "waypoint", 1, std::net::Ipv4Addr::new(10, 96, 3, 2)).await.unwrap();
+    mesh.use_waypoint("web", Some("waypoint")).unwrap();
+    mesh.settle(&[], &[]).await.unwrap();
+
+    // The upgraded connection, once the waypoint carries `hello` (it counts the 101).
+    let upgraded = async || {
+        let mut s = client.connect(std::net::SocketAddr::from((vip, 80))).await?;
+        s.write_all(b"GET /chat HTTP/1.1\r\nHost: hello.web\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut byte)).await??;
+            head.push(byte[0]);
+        }
+        anyhow::ensure!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        Ok::<_, anyhow::Error>(s)
+    };
+    let switched = |m: &str| metric_sum(m, "istio_requests_total{", &["response_code=\"101\""]);
+    let upgrade = std::sync::Mutex::new(None);
+    mesh.wait_until("an upgraded connection through the waypoint", Duration::from_secs(30), || async {
+        let before = mesh.waypoint_metrics(&waypoint).await.map(|m| switched(&m)).unwrap_or(0.0);
+        let Ok(s) = upgraded().await else { return false };
+        let after = mesh.waypoint_metrics(&waypoint).await.map(|m| switched(&m)).unwrap_or(0.0);
+        *upgrade.lock().unwrap() = Some(s);
+        after > before
+    })
+    .await
+    .unwrap();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let through_waypoint = keep_talking(upgrade.into_inner().unwrap().unwrap(), stop.clone());
+    let long = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
+    let pod_to_pod = keep_talking(long, stop.clone());
+    // New connections all along, one every 20 ms.
+    let opener = {
+        let (client, server, stop) = (client.clone(), server.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            loop {
+                let started = Instant::now();
+                match tokio::time::timeout(Duration::from_secs(5), works(&client, &server)).await {
+                    Ok(true) => ok += 1,
+                    _ => failed.push(format!("{:?}", started.elapsed())),
+                }
+                tokio::select! {
+                    () = &mut stopped => return (ok, failed),
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut predecessors = Vec::new();
+    for node in [1, 2] {
+        let old = mesh.replace_ztunnel(node).await.unwrap();
+        predecessors.push(old);
+        // The predecessor lets go of the node agent as it starts draining; it keeps relaying.
+        mesh.wait_until("the predecessor to leave the node agent", Duration::from_secs(5), || async {
+            mesh.agent_connections(node).await.unwrap() == 1
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(predecessors.last_mut().unwrap().running(), "node-{node}'s predecessor exited while draining");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.notify_waiters();
+    let (waypoint_ticks, pod_ticks) = (through_waypoint.await.unwrap(), pod_to_pod.await.unwrap());
+    let (opened, failed) = opener.await.unwrap();
+    eprintln!(
+        "pod to pod: {} round trips, longest gap {:?}; through the waypoint: {} round trips, longest gap {:?}; {opened} new connections",
+        pod_ticks.count, pod_ticks.max_gap, waypoint_ticks.count, waypoint_ticks.max_gap
+    );
+    for (what, ticks) in [("pod to pod", &pod_ticks), ("through the waypoint", &waypoint_ticks)] {
+        assert_eq!(ticks.error, None, "the {what} stream broke during the handover");
+        assert!(ticks.max_gap < Duration::from_millis(100), "the {what} stream stalled {:?}", ticks.max_gap);
+        assert!(ticks.count > 100, "the {what} stream made only {} round trips", ticks.count);
+    }
+    assert!(failed.is_empty(), "{} new connections failed during the handover (after {failed:?})", failed.len());
+    assert!(opened > 50, "only {opened} new connections were tried");
+    // Request migration is on in the pods, so connections queued on a closing listener move over.
+    let migrate = client.netns.ns.run(|| std::fs::read_to_string(ztunnel::node::capture::MIGRATE_REQUESTS)).unwrap();
+    assert_eq!(migrate.trim(), "1");
+
+    // The successors alone serve new connections once the predecessors are gone.
+    drop(predecessors);
+    assert!(works(&client, &server).await, "no new connection through the successors");
+    let log = mesh.ztunnel_log(1).unwrap();
+    assert!(log.contains("mesh state synced; following the node agent"), "{log}");
 }

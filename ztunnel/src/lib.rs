@@ -102,8 +102,14 @@ pub enum Error {
     Control(#[from] proto::control::ControlError),
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|source| Error::Bind { what, addr, source })
+/// Binds an endpoint so that a successor can bind it too while this process drains (a handover
+/// on one network namespace; in a cluster each ztunnel pod has its own).
+fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    netns::shared_tcp_listener(addr).and_then(tokio::net::TcpListener::from_std).map_err(|source| Error::Bind {
+        what,
+        addr,
+        source,
+    })
 }
 
 /// A started ztunnel (endpoints bound, tasks running).
@@ -126,9 +132,9 @@ use crate::pods::Proxy;
 impl Ztunnel {
     /// Binds the endpoints and starts following the control plane and the node agent.
     pub async fn start(config: Config, log: Option<proto::lifecycle::LogControl>) -> Result<Ztunnel, Error> {
-        let admin_listener = bind("the admin endpoint", config.admin_addr).await?;
-        let metrics_listener = bind("the metrics endpoint", config.metrics_addr).await?;
-        let readiness_listener = bind("the readiness endpoint", config.readiness_addr).await?;
+        let admin_listener = bind("the admin endpoint", config.admin_addr)?;
+        let metrics_listener = bind("the metrics endpoint", config.metrics_addr)?;
+        let readiness_listener = bind("the readiness endpoint", config.readiness_addr)?;
 
         let view = MeshView::new(&xds::SUBSCRIBED, config.ca.trust.clone());
         let mut cert_config = CertConfig::new(config.ca.clone(), config.token.clone(), config.identity.clone());
@@ -159,7 +165,22 @@ impl Ztunnel {
         };
         tokio::spawn(xds.run(view.clone(), stop.clone().cancelled_owned()));
         tokio::spawn(ctx.tracker.clone().watch(view.clone(), stop.clone()));
-        tokio::spawn(proxy.clone().follow_node_agent(config.zds_socket.clone(), draining.clone()));
+        // Pods are taken from the node agent only once the mesh state is in: a ztunnel that
+        // listened in a pod before knowing its workloads and policies would refuse what it
+        // should carry. That matters most for a successor starting beside a running ztunnel
+        // (a handover), whose listeners share every connection from the moment they open.
+        {
+            let (proxy, path, draining, mut synced) =
+                (proxy.clone(), config.zds_socket.clone(), draining.clone(), view.synced());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = draining.cancelled() => return,
+                    r = synced.wait_for(|s| *s) => if r.is_err() { return },
+                }
+                info!("mesh state synced; following the node agent");
+                proxy.follow_node_agent(path, draining).await;
+            });
+        }
 
         // Ready = the node agent's snapshot applied and the mesh state synced.
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
@@ -191,7 +212,9 @@ impl Ztunnel {
         );
         tokio::spawn(admin::serve(admin_listener, admin::admin_router(state.clone()), stop.clone()));
         tokio::spawn(admin::serve(metrics_listener, admin::metrics_router(state.clone()), stop.clone()));
-        tokio::spawn(admin::serve(readiness_listener, admin::readiness_router(state), stop.clone()));
+        // A draining ztunnel stops answering readiness at once: where a successor shares the
+        // port, every probe then reaches the successor.
+        tokio::spawn(admin::serve(readiness_listener, admin::readiness_router(state), draining.clone()));
         info!(node = %config.node_name, %admin_addr, %metrics_addr, %readiness_addr,
             zds = %config.zds_socket.display(), ca = %config.ca.addr, "ztunnel started");
         Ok(Ztunnel { ctx, proxy, admin_addr, metrics_addr, readiness_addr, ready, draining, stop })

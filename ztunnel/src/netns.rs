@@ -105,29 +105,31 @@ impl NetNs {
         })
     }
 
-    /// A TCP listener bound to `addr` inside this namespace (call from within a tokio runtime).
+    /// A TCP listener bound to `addr` inside this namespace (call from within a tokio runtime),
+    /// with `SO_REUSEADDR`.
     pub fn tcp_listener(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let std = self.run(|| {
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM.nonblocking(),
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_reuse_address(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(1024)?;
-            Ok(std::net::TcpListener::from(socket))
-        })?;
+        let std = self.run(|| tcp_listener(addr, false))?;
+        tokio::net::TcpListener::from_std(std)
+    }
+
+    /// A TCP listener ztunnel serves a pod on, bound inside this namespace (call from within a
+    /// tokio runtime) as [`shared_tcp_listener`] binds: beside a predecessor's `TIME_WAIT`
+    /// sockets, and beside a predecessor still listening during a handover (see [`crate::pods`]).
+    pub fn shared_tcp_listener(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
+        let std = self.run(|| tcp_listener(addr, true))?;
         tokio::net::TcpListener::from_std(std)
     }
 
     /// A UDP socket bound to `addr` inside this namespace (call from within a tokio runtime).
     pub fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-        let std = self.run(|| {
-            let socket = std::net::UdpSocket::bind(addr)?;
-            socket.set_nonblocking(true)?;
-            Ok(socket)
-        })?;
+        let std = self.run(|| udp_socket(addr, false))?;
+        tokio::net::UdpSocket::from_std(std)
+    }
+
+    /// A UDP socket bound to `addr` inside this namespace (call from within a tokio runtime), with
+    /// `SO_REUSEPORT` like [`shared_tcp_listener`](Self::shared_tcp_listener).
+    pub fn shared_udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+        let std = self.run(|| udp_socket(addr, true))?;
         tokio::net::UdpSocket::from_std(std)
     }
 
@@ -160,6 +162,34 @@ impl NetNs {
     }
 }
 
+/// A non-blocking TCP listener on `addr` in the calling thread's namespace that a successor
+/// process can bind beside (`SO_REUSEPORT`; the kernel then spreads new connections over both
+/// until one closes) and that binds beside a predecessor's `TIME_WAIT` sockets (`SO_REUSEADDR`).
+/// Only a process of the same user can join the port: another user's bind still fails.
+pub fn shared_tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    tcp_listener(addr, true)
+}
+
+fn socket(addr: SocketAddr, ty: socket2::Type, reuse_port: bool) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty.nonblocking(), None)?;
+    socket.set_reuse_port(reuse_port)?;
+    Ok(socket)
+}
+
+fn tcp_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpListener> {
+    let socket = socket(addr, socket2::Type::STREAM, reuse_port)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
+    let socket = socket(addr, socket2::Type::DGRAM, reuse_port)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -184,5 +214,37 @@ mod tests {
         // The calling thread never changed namespace.
         let me = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
         assert_eq!(me, std::fs::read_link("/proc/self/ns/net").unwrap());
+    }
+
+    /// A successor binds beside a listening predecessor and both take connections; the
+    /// predecessor closing leaves the successor serving; an app's plain bind cannot join.
+    #[tokio::test]
+    async fn a_successor_listens_beside_its_predecessor() {
+        let old = shared_tcp_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = old.local_addr().unwrap();
+        let new = tokio::net::TcpListener::from_std(shared_tcp_listener(addr).unwrap()).unwrap();
+        let old = tokio::net::TcpListener::from_std(old).unwrap();
+        let err = std::net::TcpListener::bind(addr).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "a socket without SO_REUSEPORT joined the port");
+        // The kernel spreads connections over both (by the 4-tuple's hash): with 64 clients each
+        // gets some.
+        let mut clients = Vec::new();
+        for _ in 0..64 {
+            clients.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let (mut to_old, mut to_new) = (0, 0);
+        let idle = std::time::Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                Ok(_) = old.accept() => to_old += 1,
+                Ok(_) = new.accept() => to_new += 1,
+                () = tokio::time::sleep(idle) => break,
+            }
+        }
+        assert_eq!(to_old + to_new, 64);
+        assert!(to_old > 0 && to_new > 0, "old took {to_old}, new {to_new}");
+        drop(old);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::timeout(idle * 10, new.accept()).await.unwrap().unwrap();
     }
 }

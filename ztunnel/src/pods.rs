@@ -63,10 +63,10 @@ impl PodListeners {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         let dns = SocketAddr::from(([127, 0, 0, 1], crate::dns::DNS_PORT));
         Ok(PodListeners {
-            outbound: netns.tcp_listener(any(OUTBOUND_PORT))?,
-            plaintext: netns.tcp_listener(any(PLAINTEXT_PORT))?,
-            hbone: netns.tcp_listener(any(proto::hbone::HBONE_PORT))?,
-            dns: Some((netns.udp_socket(dns)?, netns.tcp_listener(dns)?)),
+            outbound: netns.shared_tcp_listener(any(OUTBOUND_PORT))?,
+            plaintext: netns.shared_tcp_listener(any(PLAINTEXT_PORT))?,
+            hbone: netns.shared_tcp_listener(any(proto::hbone::HBONE_PORT))?,
+            dns: Some((netns.shared_udp_socket(dns)?, netns.shared_tcp_listener(dns)?)),
         })
     }
 }

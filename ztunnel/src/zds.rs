@@ -154,6 +154,15 @@ impl AgentConnection {
         }
     }
 
+    /// Whether ztunnel has closed this connection (it exited, or drained and let go). Between
+    /// requests ztunnel sends nothing, so anything to read then is the end of the connection.
+    pub fn is_closed(&self) -> bool {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.sock.as_fd(), PollFlags::POLLIN)];
+        !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
+    }
+
     /// Tells ztunnel to serve a pod whose network namespace is `netns`.
     pub async fn add(&self, uid: &str, info: WorkloadInfo, netns: BorrowedFd<'_>) -> Result<(), ZdsError> {
         let add = AddWorkload { uid: uid.into(), workload_info: Some(info) };

@@ -1,12 +1,16 @@
 //! The node agent: decides which pods on the node are in the mesh, installs capture in their
 //! network namespaces and tells ztunnel over ZDS.
 //!
-//! It serves the ZDS socket. Whenever a ztunnel connects (first start, or a restart) it gets the
-//! whole snapshot: `AddWorkload` for every enrolled pod (with its namespace descriptor), then
-//! `SnapshotSent`. After that each [`NodeAgent::enroll`] installs capture first and then sends
-//! `AddWorkload`; [`NodeAgent::unenroll`] removes capture first (new connections bypass ztunnel)
-//! and then sends `DelWorkload`. A pod enrolled while no ztunnel is connected is sent with the next
-//! snapshot.
+//! It serves the ZDS socket. Whenever a ztunnel connects (first start, a restart, or a successor
+//! starting beside the current one) it gets the whole snapshot: `AddWorkload` for every enrolled
+//! pod (with its namespace descriptor), then `SnapshotSent`. After that each
+//! [`NodeAgent::enroll`] installs capture first and then sends `AddWorkload`;
+//! [`NodeAgent::unenroll`] removes capture first (new connections bypass ztunnel) and then sends
+//! `DelWorkload`. A pod enrolled while no ztunnel is connected is sent with the next snapshot.
+//!
+//! Several ztunnels may be connected at once: during a handover the successor serves the pods
+//! beside its predecessor until the predecessor drains, and disconnects. Every request goes to
+//! every connected ztunnel; one whose connection fails is dropped from the list.
 //!
 //! In a cluster the agent learns pods from the CNI plugin or the API server; in the one-machine
 //! mesh the `e2e` harness drives it. [`in_mesh`] is the enrollment rule both use.
@@ -66,8 +70,9 @@ struct Enrolled {
 #[derive(Debug, Default)]
 struct Shared {
     pods: Mutex<BTreeMap<String, Enrolled>>,
-    /// The current ztunnel, once it has its snapshot. Requests are strictly one at a time.
-    conn: tokio::sync::Mutex<Option<AgentConnection>>,
+    /// The connected ztunnels that have their snapshot, oldest first. Requests are strictly one
+    /// at a time.
+    conns: tokio::sync::Mutex<Vec<AgentConnection>>,
     /// Notified when a ztunnel has taken a snapshot.
     synced: Notify,
     snapshots: std::sync::atomic::AtomicU64,
@@ -129,22 +134,12 @@ impl NodeAgent {
         let enrolled = Enrolled { info, netns };
         self.shared.pods.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.to_owned(), enrolled.clone());
         info!(uid, pod = %enrolled.info.name, namespace = %enrolled.info.namespace, "pod enrolled: capture installed");
-        let mut conn = self.shared.conn.lock().await;
-        let Some(c) = conn.as_ref() else {
+        let mut conns = self.shared.conns.lock().await;
+        if conns.is_empty() {
             info!(uid, "no ztunnel connected; the pod goes with the next snapshot");
             return Ok(());
-        };
-        match c.add(uid, enrolled.info.clone(), enrolled.netns.fd()).await {
-            Ok(()) => Ok(()),
-            Err(ZdsError::Refused(reason)) => {
-                Err(AgentError::Zds { uid: uid.into(), source: ZdsError::Refused(reason) })
-            }
-            Err(e) => {
-                warn!(uid, error = %e, "ztunnel connection lost; the pod goes with the next snapshot");
-                *conn = None;
-                Ok(())
-            }
         }
+        send_to_all(&mut conns, uid, Request::Add(&enrolled)).await
     }
 
     /// Takes a pod out of the mesh: capture removed, then `DelWorkload` to ztunnel.
@@ -155,30 +150,61 @@ impl NodeAgent {
         };
         capture::remove(&pod.netns).map_err(|source| AgentError::Capture { uid: uid.into(), source })?;
         info!(uid, pod = %pod.info.name, namespace = %pod.info.namespace, "pod unenrolled: capture removed");
-        let mut conn = self.shared.conn.lock().await;
-        if let Some(c) = conn.as_ref() {
-            match c.del(uid).await {
-                Ok(()) => {}
-                Err(ZdsError::Refused(reason)) => {
-                    return Err(AgentError::Zds { uid: uid.into(), source: ZdsError::Refused(reason) });
-                }
-                Err(e) => {
-                    warn!(uid, error = %e, "ztunnel connection lost while removing a pod");
-                    *conn = None;
-                }
-            }
-        }
-        Ok(())
+        let mut conns = self.shared.conns.lock().await;
+        send_to_all(&mut conns, uid, Request::Del).await
     }
 
-    /// Runs `f` with the current ztunnel connection (tests send raw or malformed requests).
+    /// Runs `f` with the newest ztunnel connection (tests send raw or malformed requests).
     #[cfg(feature = "testing")]
     pub async fn with_connection<T>(&self, f: impl AsyncFnOnce(&AgentConnection) -> T) -> Option<T> {
-        let conn = self.shared.conn.lock().await;
-        match conn.as_ref() {
+        let conns = self.shared.conns.lock().await;
+        match conns.last() {
             Some(c) => Some(f(c).await),
             None => None,
         }
+    }
+
+    /// ztunnels connected now (two during a handover).
+    pub async fn connected(&self) -> usize {
+        let mut conns = self.shared.conns.lock().await;
+        conns.retain(|c| !c.is_closed());
+        conns.len()
+    }
+}
+
+/// What [`send_to_all`] sends about a pod.
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Add(&'a Enrolled),
+    Del,
+}
+
+/// Sends one request to every connected ztunnel. A connection that fails is dropped (that ztunnel
+/// gets the pod with its next snapshot, if it comes back); a refusal is the caller's error.
+async fn send_to_all(conns: &mut Vec<AgentConnection>, uid: &str, request: Request<'_>) -> Result<(), AgentError> {
+    conns.retain(|c| !c.is_closed());
+    let mut refused = None;
+    let mut lost = Vec::new();
+    for (i, c) in conns.iter().enumerate() {
+        let sent = match request {
+            Request::Add(pod) => c.add(uid, pod.info.clone(), pod.netns.fd()).await,
+            Request::Del => c.del(uid).await,
+        };
+        match sent {
+            Ok(()) => {}
+            Err(ZdsError::Refused(reason)) => refused = refused.or(Some(reason)),
+            Err(e) => {
+                warn!(uid, error = %e, "a ztunnel's connection is gone; it gets the pod with its next snapshot");
+                lost.push(i);
+            }
+        }
+    }
+    for i in lost.into_iter().rev() {
+        conns.remove(i);
+    }
+    match refused {
+        Some(reason) => Err(AgentError::Zds { uid: uid.into(), source: ZdsError::Refused(reason) }),
+        None => Ok(()),
     }
 }
 
@@ -192,15 +218,16 @@ async fn accept_loop(mut listener: ZdsListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        // Hold the slot while the snapshot goes out, so enrollments queue behind it.
-        let mut slot = shared.conn.lock().await;
-        *slot = None;
+        // Hold the list while the snapshot goes out, so enrollments queue behind it (and reach
+        // this ztunnel either in the snapshot or after it, never neither).
+        let mut conns = shared.conns.lock().await;
+        conns.retain(|c| !c.is_closed());
         let pods: Vec<(String, Enrolled)> =
             shared.pods.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         match send_snapshot(&conn, &pods).await {
             Ok(()) => {
-                info!(pods = pods.len(), "snapshot sent to ztunnel");
-                *slot = Some(conn);
+                info!(pods = pods.len(), connected = conns.len() + 1, "snapshot sent to ztunnel");
+                conns.push(conn);
                 shared.snapshots.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 shared.synced.notify_waiters();
             }

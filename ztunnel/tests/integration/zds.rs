@@ -66,3 +66,72 @@ async fn agent_and_ztunnel_speak_zds_and_bad_requests_are_refused() {
     let seen = tokio::time::timeout(Duration::from_secs(5), ztunnel).await.unwrap().unwrap();
     assert_eq!(seen, ["add uid-1 client", "del unknown", "keep uid-1", "snapshot", "del uid-1"]);
 }
+
+/// A stand-in ztunnel: acknowledges everything and records what it was sent, until dropped.
+struct FakeZtunnel {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeZtunnel {
+    fn connect(path: &std::path::Path) -> FakeZtunnel {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (path, record) = (path.to_owned(), seen.clone());
+        let task = tokio::spawn(async move {
+            let client = ZdsClient::connect(&path).await;
+            while let Ok(event) = client.next().await {
+                record.lock().unwrap().push(match event {
+                    ZdsEvent::Add { uid, .. } => format!("add {uid}"),
+                    ZdsEvent::Keep { uid } => format!("keep {uid}"),
+                    ZdsEvent::Del { uid } => format!("del {uid}"),
+                    ZdsEvent::SnapshotSent => "snapshot".into(),
+                });
+                client.ack(None).await.unwrap();
+            }
+        });
+        FakeZtunnel { seen, task }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// During a handover two ztunnels are connected to the node agent: the second gets the whole
+/// snapshot without the first being cut off, every enrollment reaches both, and once one goes
+/// away the agent notices and carries on with the other. Enrolling turns on request migration in
+/// the pod's namespace.
+#[tokio::test]
+async fn the_node_agent_serves_a_ztunnel_and_its_successor() {
+    use ztunnel::node::agent::NodeAgent;
+    use ztunnel::node::capture::MIGRATE_REQUESTS;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztunnel.sock");
+    let agent = NodeAgent::bind(&path).unwrap();
+    let pod = ztunnel::netns::NetNs::new_isolated().unwrap();
+    let info = WorkloadInfo { name: "app".into(), namespace: "demo".into(), service_account: "app".into() };
+    agent.enroll("uid-1", info.clone(), pod.clone()).await.unwrap();
+    let migrate = pod.run(|| std::fs::read_to_string(MIGRATE_REQUESTS)).unwrap();
+    assert_eq!(migrate.trim(), "1", "request migration is off in the pod");
+
+    let old = FakeZtunnel::connect(&path);
+    tokio::time::timeout(Duration::from_secs(5), agent.wait_for_snapshot(0)).await.unwrap();
+    let new = FakeZtunnel::connect(&path);
+    tokio::time::timeout(Duration::from_secs(5), agent.wait_for_snapshot(1)).await.unwrap();
+    assert_eq!(agent.connected().await, 2);
+    agent.enroll("uid-2", info, pod.clone()).await.unwrap();
+    for z in [&old, &new] {
+        assert_eq!(z.seen(), ["add uid-1", "snapshot", "add uid-2"]);
+    }
+
+    // The old one lets go (it drains); the agent drops it and goes on with the new one.
+    old.task.abort();
+    proto::testing::eventually("the agent to notice the old ztunnel left", Duration::from_secs(5), || async {
+        (agent.connected().await == 1).then_some(())
+    })
+    .await;
+    agent.unenroll("uid-1").await.unwrap();
+    assert_eq!(new.seen(), ["add uid-1", "snapshot", "add uid-2", "del uid-1"]);
+    assert_eq!(old.seen().len(), 3, "the old ztunnel heard of the pod leaving after it left");
+}
