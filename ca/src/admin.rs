@@ -5,6 +5,9 @@
 //! - `GET /debug/config_errors`: problems in the sources (file and reason) and objects the
 //!   translation could not take as written (policies made to fail closed), until fixed;
 //! - `GET /debug/objects`: object counts per kind;
+//! - `GET /debug/explain?from=<ns>/<pod>&to=<dest>`: what the mesh would do with that connection
+//!   now, by ztunnel's own decision code ([`crate::explain`]); 400 with the reason for a question
+//!   it cannot answer;
 //! - `GET /logging`: the log filter in force; `POST /logging?level=<filter>` changes it (loopback
 //!   only too);
 //! - `GET /healthz/ready`: 200 once the first state is computed, 503 before;
@@ -33,6 +36,10 @@ pub struct AdminState {
     pub store: Arc<Store>,
     /// The latest state.
     pub view: watch::Receiver<Arc<MeshView>>,
+    /// The resources served over xDS (what every ztunnel holds).
+    pub resources: watch::Receiver<Arc<crate::xds::resources::Resources>>,
+    /// The CA's trust bundle.
+    pub trust: Arc<proto::tls::SharedTrustBundle>,
     /// Open xDS streams.
     pub clients: Arc<AtomicUsize>,
     /// Metrics.
@@ -73,6 +80,29 @@ async fn objects(State(s): State<AdminState>) -> Response {
     Json(body).into_response()
 }
 
+/// The question `/debug/explain` answers.
+#[derive(Debug, serde::Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+}
+
+async fn explain(
+    State(s): State<AdminState>,
+    query: Result<axum::extract::Query<ExplainQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(axum::extract::Query(q)) = query else {
+        return (StatusCode::BAD_REQUEST, "expected ?from=<ns>/<pod>&to=<ns>/<pod>:<port>|<host>:<port>|<ip>:<port>\n")
+            .into_response();
+    };
+    let resources = s.resources.borrow().clone();
+    let view = crate::explain::ztunnel_view(&resources, s.trust.clone());
+    match view.read(|state| crate::explain::explain(state, &q.from, &q.to)) {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
 async fn ready(State(s): State<AdminState>) -> Response {
     if s.view.borrow().generation > 0 {
         (StatusCode::OK, "ready\n").into_response()
@@ -105,6 +135,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/state", get(state_dump))
         .route("/debug/config_errors", get(config_errors))
         .route("/debug/objects", get(objects))
+        .route("/debug/explain", get(explain))
         .route("/logging", get(logging).post(logging))
         .route_layer(axum::middleware::from_fn(loopback_only));
     Router::new().merge(debug).route("/healthz/ready", get(ready)).route("/metrics", get(metrics)).with_state(state)
@@ -136,6 +167,8 @@ mod tests {
         let state = AdminState {
             store: Store::new(),
             view,
+            resources: watch::channel(Arc::default()).1,
+            trust: proto::testing::TestCa::new().shared_bundle(),
             clients: Arc::default(),
             metrics: Arc::new(CaMetrics::new()),
             log: None,
@@ -156,5 +189,10 @@ mod tests {
             assert_eq!(status(path, None).await, StatusCode::FORBIDDEN, "{path}");
         }
         assert_eq!(status("/metrics", Some("10.1.2.3:5000")).await, StatusCode::OK);
+        // Explaining answers loopback (here: 400, no such workload) and refuses anyone else.
+        let explain = "/debug/explain?from=demo/a&to=demo/b:80";
+        assert_eq!(status(explain, Some("127.0.0.1:5000")).await, StatusCode::BAD_REQUEST);
+        assert_eq!(status("/debug/explain?from=demo/a", Some("127.0.0.1:5000")).await, StatusCode::BAD_REQUEST);
+        assert_eq!(status(explain, Some("10.1.2.3:5000")).await, StatusCode::FORBIDDEN);
     }
 }

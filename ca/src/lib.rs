@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod auth;
 pub mod authority;
+pub mod explain;
 pub mod grpc;
 pub mod jwks;
 pub mod k8s;
@@ -440,12 +441,13 @@ impl ControlPlane {
             }
         };
 
-        let xds = XdsServer::new(resources_rx, auth.clone()).serving(config.xds_types);
+        let xds = XdsServer::new(resources_rx.clone(), auth.clone()).serving(config.xds_types);
         let clients = xds.client_counter();
         let limits = &config.limits;
         let issue_limit = Arc::new(grpc::IssueLimiter::new(limits.issue_per_second, limits.issue_burst));
         let ca = grpc::CaService { authority: authority.clone(), auth, nodes, metrics: metrics.clone(), issue_limit };
-        let tls = proto::tls::control_plane_server_config(serving, trust, vec![config.mesh.trust_domain.clone()])?;
+        let tls =
+            proto::tls::control_plane_server_config(serving, trust.clone(), vec![config.mesh.trust_domain.clone()])?;
         let incoming = grpc::tls::incoming(
             grpc_listener,
             tls,
@@ -472,8 +474,15 @@ impl ControlPlane {
             .serve_with_incoming_shutdown(incoming, stop());
         let grpc = tokio::spawn(grpc);
 
-        let admin_state =
-            admin::AdminState { store: store.clone(), view: view_rx, clients, metrics, log: config.log.clone() };
+        let admin_state = admin::AdminState {
+            store: store.clone(),
+            view: view_rx,
+            resources: resources_rx.clone(),
+            trust: trust.clone(),
+            clients,
+            metrics,
+            log: config.log.clone(),
+        };
         let admin = tokio::spawn(admin::serve(admin_listener, admin_state, stop()));
 
         // Run until asked to stop, or until the source fails (then stop and report why).

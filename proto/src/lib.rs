@@ -12,8 +12,11 @@
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
 //! - [`alloc`]: the proxies' allocator (jemalloc and its options), [`proxy_allocator!`].
+//! - [`rbac`], [`route`]: ztunnel's L4 decisions (authorization; where a connection goes), pure
+//!   functions of the mesh state, here so the CA explains a connection with the very code that
+//!   decides it.
 //!
-//! No component logic lives here: ztunnel, waypoint and ca build on these pieces.
+//! Otherwise no component logic lives here: ztunnel, waypoint and ca build on these pieces.
 
 pub mod alloc;
 pub mod api;
@@ -27,6 +30,8 @@ pub mod host;
 pub mod identity;
 pub mod labels;
 pub mod lifecycle;
+pub mod rbac;
+pub mod route;
 pub mod state;
 pub mod tls;
 pub mod xds;

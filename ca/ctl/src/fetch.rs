@@ -14,6 +14,15 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest answer read (a proxy's metrics, a Prometheus query, a config dump).
 const MAX_BODY: usize = 32 << 20;
 
+/// `pairs` as a URL query string (`a=1&b=x%2Fy`).
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    let mut q = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        q.append_pair(k, v);
+    }
+    q.finish()
+}
+
 /// GETs `path_and_query` from `authority` (`host:port`, plain HTTP/1.1).
 pub async fn http_get(authority: &str, path_and_query: &str) -> Result<Bytes> {
     let exchange = async {

@@ -98,3 +98,64 @@ pub fn print_connections(live: &Value) {
         .collect();
     print_table(&["SOURCE IDENTITY", "SOURCE IP", "DESTINATION", "AGE"], &rows);
 }
+
+/// `explain`: the decision path of one connection, a line per step.
+pub fn print_explanation(e: &Value) {
+    println!("{}", explanation_lines(e).join("\n"));
+}
+
+fn end(v: &Value) -> String {
+    let mut line = format!("{}  {}", s(&v["workload"]), s(&v["identity"]));
+    let mut at = vec![format!("node {}", s(&v["node"]))];
+    if let Some(ip) = v["address"].as_str() {
+        at.push(ip.to_owned());
+    }
+    if v["in_mesh"] == Value::Bool(false) {
+        at.push("not in the mesh".into());
+    }
+    line.push_str(&format!("  ({})", at.join(", ")));
+    line
+}
+
+/// The lines [`print_explanation`] prints.
+pub fn explanation_lines(e: &Value) -> Vec<String> {
+    let mut out = vec![format!("from       {}", end(&e["source"]))];
+    let mut to = format!("to         {}", s(&e["destination_address"]));
+    if let Some(svc) = e["service"].as_object() {
+        let endpoints: Vec<&str> =
+            svc["endpoints"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let endpoints = if endpoints.is_empty() { "none healthy".to_owned() } else { endpoints.join(", ") };
+        to.push_str(&format!("  service {} (endpoints: {endpoints})", s(&svc["hostname"])));
+    }
+    out.push(to);
+    if let Some(gw) = e["waypoint"].as_object() {
+        out.push(format!("waypoint   {}  {}", s(&gw["workload"]), s(&gw["identity"])));
+        out.push(format!("           because {}", s(&gw["reason"])));
+    }
+    out.push(format!("hop        {}", s(&e["hop"])));
+    if e["destination"].is_object() {
+        out.push(format!("reaches    {}", end(&e["destination"])));
+    }
+    if let Some(authz) = e["authorization"].as_object() {
+        out.push(format!(
+            "policy     at {}, peer {} (from its TLS handshake):",
+            s(&authz["at"]),
+            s(&authz["peer_identity"])
+        ));
+        let policies = authz["policies"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if policies.is_empty() {
+            out.push("             (no AuthorizationPolicy applies)".into());
+        }
+        for p in policies {
+            let matched = if p["matched"] == Value::Bool(true) { "matched" } else { "no match" };
+            let dry = if p["dry_run"] == Value::Bool(true) { "  (dry run: not enforced)" } else { "" };
+            out.push(format!("             {:<6} {:<40} {matched}{dry}", s(&p["action"]), s(&p["name"])));
+        }
+        out.push(format!("verdict    {}: {}", s(&authz["verdict"]), s(&authz["reason"])));
+    }
+    out.push(format!("outcome    {}", s(&e["outcome"])));
+    for left in e["not_explained"].as_array().into_iter().flatten() {
+        out.push(format!("not explained here: {}", s(left)));
+    }
+    out
+}

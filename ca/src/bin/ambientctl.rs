@@ -80,6 +80,33 @@ enum Command {
         ambientctl dashboard --prometheus http://127.0.0.1:9090\n  \
         ambientctl dashboard --targets targets.json --netns mesh  # scrape the proxies from a namespace")]
     Dashboard(DashboardArgs),
+    /// What the mesh would do now with a connection from a pod: its identity, the service and
+    /// its endpoints, the waypoint on the path and why, the hop its ztunnel takes, and every L4
+    /// AuthorizationPolicy the destination's ztunnel evaluates, with its verdict.
+    ///
+    /// The CA computes it from the state it pushes, with ztunnel's own routing and authorization
+    /// code. A waypoint's L7 decisions are not explained yet (the answer says so).
+    #[command(after_help = "Examples:\n  \
+        ambientctl explain demo/client demo/server:8080        # pod to pod\n  \
+        ambientctl explain demo/client hello.demo:80           # to a service (its VIP)\n  \
+        ambientctl explain demo/client 10.96.1.10:80 -o json")]
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The client pod, `<namespace>/<name>`.
+    from: String,
+    /// Where it connects: `<namespace>/<pod>:<port>`, a service `<host>:<port>` (its hostname, or
+    /// `<name>.<namespace>`), or `<ip>:<port>`.
+    to: String,
+    /// The CA's admin endpoint; it answers on loopback only (in a cluster: `kubectl -n
+    /// istio-system port-forward deploy/ca 15014`).
+    #[arg(long, default_value = "127.0.0.1:15014", value_name = "HOST:PORT")]
+    ca_admin: String,
+    /// Reach the CA's admin endpoint from inside this network namespace (`ip netns` name).
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -310,6 +337,9 @@ fn main() -> std::process::ExitCode {
 
 /// Whether a `ca` command was told how to reach a CA (otherwise a kept mesh's CA is used).
 fn ca_flags_given(matches: &clap::ArgMatches) -> bool {
+    if let Some(explain) = matches.subcommand_matches("explain") {
+        return matches!(explain.value_source("ca_admin"), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
+    }
     let Some((_, command)) = matches.subcommand_matches("ca").and_then(clap::ArgMatches::subcommand) else {
         return false;
     };
@@ -449,6 +479,23 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
             ca_ctl::admin::run(command.clone(), cli.output).await?;
         }
         Command::Dashboard(args) => dashboard(args).await?,
+        Command::Explain(args) => {
+            if let Some(netns) = &args.netns {
+                return reexec(netns, &["--netns"], &[]);
+            }
+            // No flag says which CA: the kept one-machine mesh's, from inside its network.
+            if !ca_flags_given && let Some(kept) = KeptMesh::find()? {
+                return reexec(&kept.ca_netns, &[], &[]);
+            }
+            let query = format!("/debug/explain?{}", ca_ctl::fetch::query(&[("from", &args.from), ("to", &args.to)]));
+            let body = ca_ctl::fetch::http_get(&args.ca_admin, &query)
+                .await
+                .with_context(|| format!("asking the CA's admin endpoint at {}", args.ca_admin))?;
+            let found: serde_json::Value = serde_json::from_slice(&body).context("the CA's answer is not JSON")?;
+            if !cli.output.document(&found)? {
+                inspect::print_explanation(&found);
+            }
+        }
         Command::Ztunnel(args) => {
             if let Some(netns) = &args.netns {
                 return reexec(netns, &["--netns"], &[]);

@@ -1,0 +1,352 @@
+//! What the mesh would do with a connection now (`GET /debug/explain?from=<ns>/<pod>&to=<dest>`,
+//! `ambientctl explain`).
+//!
+//! Computed by ztunnel's own decision code — [`proto::route`] (where the connection goes) and
+//! [`proto::rbac`] (the destination's L4 policies) — on the state the CA pushes to every ztunnel,
+//! rebuilt the way a ztunnel builds it ([`proto::xds::MeshView`] applying the resources). So the
+//! explanation and the decision cannot drift apart: they are one function.
+//!
+//! The destination is `<ns>/<pod>:<port>`, a service `<host>:<port>` (its hostname, or
+//! `<name>.<ns>` / `<name>.<ns>.svc`), or `<ip>:<port>`. Explained: the source's identity; the
+//! service and its endpoints; the waypoint on the path and why; the hop ztunnel takes (HBONE to whom,
+//! expecting which identity, or plaintext, or a refusal); at the destination's ztunnel, every L4
+//! AuthorizationPolicy that applies with whether it matched, and the verdict. Not yet: the L7
+//! decisions a waypoint takes (routes, DestinationRule policy, L7 authorization) — the answer says so.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use proto::api::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+use proto::api::type_url::{ADDRESS, AUTHORIZATION, MESH_SETTINGS};
+use proto::rbac::{self, Connection, Decision, PolicyVerdict};
+use proto::route::{self, Balancer, Route};
+use proto::state::{MeshState, Workload};
+use proto::tls::SharedTrustBundle;
+use serde::Serialize;
+
+use crate::xds::resources::Resources;
+
+/// Why a question cannot be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    /// The source is not `<ns>/<pod>` of a workload the mesh knows.
+    #[error("source {0:?}: no workload <namespace>/<name> of that name is known")]
+    UnknownSource(String),
+    /// The destination cannot be read or resolved.
+    #[error("destination {0:?}: {1}")]
+    Destination(String, String),
+}
+
+/// One end of the connection.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct End {
+    /// `<namespace>/<name>`.
+    pub workload: String,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// Its address.
+    pub address: Option<IpAddr>,
+    /// Its node.
+    pub node: String,
+    /// Whether it is in the mesh (its traffic is captured, it speaks HBONE).
+    pub in_mesh: bool,
+}
+
+impl End {
+    fn of(w: &Workload) -> End {
+        End {
+            workload: format!("{}/{}", w.namespace, w.name),
+            identity: w.identity.to_string(),
+            address: w.primary_address(),
+            node: w.node.clone(),
+            in_mesh: w.speaks_hbone(),
+        }
+    }
+}
+
+/// The service addressed.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct ServiceInfo {
+    /// `<namespace>/<hostname>`.
+    pub key: String,
+    /// Its hostname.
+    pub hostname: String,
+    /// Its endpoints (`<namespace>/<name>`), healthy ones only.
+    pub endpoints: Vec<String>,
+}
+
+/// The waypoint on the path.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct WaypointInfo {
+    /// The waypoint workload the hop reaches.
+    pub workload: String,
+    /// Its identity, which the hop expects.
+    pub identity: String,
+    /// Why traffic goes through it.
+    pub reason: String,
+}
+
+/// The L4 decision at the destination's ztunnel.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Authorization {
+    /// Where it is taken.
+    pub at: String,
+    /// The identity it authorizes (from the TLS handshake).
+    pub peer_identity: String,
+    /// `ALLOW` or `DENY`.
+    pub verdict: &'static str,
+    /// The policy that decided (the matching DENY, or the matching ALLOW), or why none did.
+    pub reason: String,
+    /// Every policy that applies, in evaluation order.
+    pub policies: Vec<PolicyVerdict>,
+}
+
+/// The answer.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct Explanation {
+    /// The client.
+    pub source: End,
+    /// The address the client connects to.
+    pub destination_address: SocketAddr,
+    /// The service of that address, if it is a service VIP.
+    pub service: Option<ServiceInfo>,
+    /// The waypoint the connection goes through, if any.
+    pub waypoint: Option<WaypointInfo>,
+    /// What the source's ztunnel does with the connection.
+    pub hop: String,
+    /// The workload the hop reaches last (the endpoint chosen, or the pod addressed).
+    pub destination: Option<End>,
+    /// The L4 decision at the destination's ztunnel (none: no ztunnel on the destination side).
+    pub authorization: Option<Authorization>,
+    /// The outcome in one line.
+    pub outcome: String,
+    /// What this explanation leaves out.
+    pub not_explained: Vec<String>,
+}
+
+/// The state as a ztunnel holds it, from the resources the CA serves (`trust`: the bundle the
+/// view starts from; the resources applied here do not touch it).
+pub fn ztunnel_view(resources: &Resources, trust: Arc<SharedTrustBundle>) -> Arc<proto::xds::MeshView> {
+    let types = [MESH_SETTINGS, ADDRESS, AUTHORIZATION];
+    let view = proto::xds::MeshView::new(&types, trust);
+    for type_url in types {
+        let Some(of_type) = resources.of_type(type_url) else { continue };
+        let response = DeltaDiscoveryResponse {
+            type_url: type_url.to_owned(),
+            resources: of_type
+                .by_name
+                .values()
+                .map(|r| Resource {
+                    name: r.name.to_string(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        for error in view.apply(&response) {
+            tracing::warn!(%error, "explain: a resource the CA serves does not decode as a ztunnel decodes it");
+        }
+    }
+    view
+}
+
+/// The workload `<namespace>/<name>`.
+fn workload_named<'a>(state: &'a MeshState, name: &str) -> Option<&'a Arc<Workload>> {
+    let (ns, name) = name.split_once('/')?;
+    state.workloads().find(|w| w.namespace == ns && w.name == name)
+}
+
+/// The address `to` names.
+fn destination_address(state: &MeshState, to: &str) -> Result<SocketAddr, ExplainError> {
+    let bad = |why: &str| ExplainError::Destination(to.to_owned(), why.to_owned());
+    if let Ok(addr) = to.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let (host, port) =
+        to.rsplit_once(':').ok_or_else(|| bad("expected <ns>/<pod>:<port>, <host>:<port> or <ip>:<port>"))?;
+    let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
+    if host.contains('/') {
+        let w = workload_named(state, host).ok_or_else(|| bad("no such workload"))?;
+        let ip = w.primary_address().ok_or_else(|| bad("the workload has no address"))?;
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let candidates = [host.to_owned(), format!("{host}.cluster.local"), format!("{host}.svc.cluster.local")];
+    let service = candidates
+        .iter()
+        .find_map(|h| state.services_by_hostname(h).next())
+        .ok_or_else(|| bad("no service of that hostname"))?;
+    let vip = service.vips.first().ok_or_else(|| bad("the service has no VIP (headless or DNS-resolved)"))?;
+    Ok(SocketAddr::new(*vip, port))
+}
+
+/// Explains a connection from workload `from` (`<ns>/<pod>`) to `to`.
+pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, ExplainError> {
+    let source = workload_named(state, from).ok_or_else(|| ExplainError::UnknownSource(from.to_owned()))?;
+    let dst = destination_address(state, to)?;
+    let service = state.service_by_vip(dst.ip());
+    let service_info = service.map(|s| ServiceInfo {
+        key: s.key.clone(),
+        hostname: s.hostname.clone(),
+        endpoints: state
+            .endpoints(&s.key)
+            .filter(|w| w.healthy)
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .collect(),
+    });
+    let mut not_explained = Vec::new();
+    let mut explanation = Explanation {
+        source: End::of(source),
+        destination_address: dst,
+        service: service_info,
+        waypoint: None,
+        hop: String::new(),
+        destination: None,
+        authorization: None,
+        outcome: String::new(),
+        not_explained: Vec::new(),
+    };
+    if !source.speaks_hbone() {
+        explanation.hop = "none: the source is not in the mesh, so its traffic is not captured".into();
+        explanation.outcome = "plain TCP, straight from the source; the mesh takes no part".into();
+        return Ok(explanation);
+    }
+    let addressed = state.workload_by_ip(dst.ip());
+    let (outcome, hop) = match route::route(state, dst, &Balancer::default()) {
+        Route::Hbone { hbone, target, identities, workload } => {
+            let reached = state.workload(&workload);
+            let names = identities.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let hop = format!("HBONE (mutual TLS) to {hbone}, CONNECT {target}, expecting {names}");
+            let via_service = service.and_then(|s| s.waypoint.as_ref().map(|_| s));
+            let via_pod = addressed.filter(|w| w.waypoint.is_some());
+            if let (Some(gw), true) = (reached, via_service.is_some() || via_pod.is_some()) {
+                let reason = match (via_service, via_pod) {
+                    (Some(s), _) => format!(
+                        "service {} is bound to a waypoint (istio.io/use-waypoint on the service or its namespace)",
+                        s.key
+                    ),
+                    (None, Some(w)) => format!(
+                        "workload {}/{} is bound to a waypoint (istio.io/use-waypoint on the pod or its namespace)",
+                        w.namespace, w.name
+                    ),
+                    (None, None) => unreachable!("checked above"),
+                };
+                explanation.waypoint = Some(WaypointInfo {
+                    workload: format!("{}/{}", gw.namespace, gw.name),
+                    identity: gw.identity.to_string(),
+                    reason,
+                });
+                not_explained.push(
+                    "the waypoint's L7 decisions (HTTP route, DestinationRule policy, L7 authorization) and the hop \
+                     it takes from there"
+                        .into(),
+                );
+                ("to the waypoint, which decides the rest".to_owned(), hop)
+            } else if let Some(w) = reached {
+                explanation.destination = Some(End::of(w));
+                let conn = Connection {
+                    source: Some(&source.identity),
+                    source_ip: source.primary_address().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+                    destination_ip: target.ip(),
+                    destination_port: target.port(),
+                };
+                let (decision, policies) = rbac::explain(state, w, &conn);
+                let (verdict, reason) = match &decision {
+                    Decision::Allow(Some(p)) => ("ALLOW", format!("allowed by {p}")),
+                    Decision::Allow(None) => ("ALLOW", "no ALLOW policy applies and no DENY policy matches".into()),
+                    Decision::DeniedBy(p) => ("DENY", format!("denied by {p}")),
+                    Decision::NotAllowed => ("DENY", "ALLOW policies apply and none matches".into()),
+                };
+                let outcome = if decision.allowed() {
+                    format!("connected to {}/{} at {target}", w.namespace, w.name)
+                } else {
+                    format!("refused by {}/{}'s ztunnel (HBONE 401): {reason}", w.namespace, w.name)
+                };
+                explanation.authorization = Some(Authorization {
+                    at: format!("the ztunnel of node {}", w.node),
+                    peer_identity: source.identity.to_string(),
+                    verdict,
+                    reason,
+                    policies,
+                });
+                (outcome, hop)
+            } else {
+                ("the reached workload is not in the state".to_owned(), hop)
+            }
+        }
+        Route::Passthrough(to) => {
+            explanation.destination = addressed.map(|w| End::of(w));
+            let hop = format!("plain TCP to {to} (the destination is not in the mesh: no tunnel, no policy)");
+            (format!("passed through to {to}"), hop)
+        }
+        Route::Resolve(host, port) => {
+            (format!("passed through to {host}:{port}"), format!("plain TCP to what {host} resolves to, port {port}"))
+        }
+        Route::Unregistered(to) => (
+            "refused".into(),
+            format!("none: {to} is not known to the mesh and outboundTrafficPolicy is REGISTRY_ONLY"),
+        ),
+        Route::NoHealthyEndpoint(what) => ("refused".into(), format!("none: {what} has no healthy endpoint")),
+        Route::Refused(why) => ("refused".into(), format!("none: the ztunnel refused the workload there ({why})")),
+    };
+    explanation.hop = hop;
+    explanation.outcome = outcome;
+    explanation.not_explained = not_explained;
+    Ok(explanation)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use proto::api::istio::workload as pb;
+
+    use super::*;
+
+    fn state() -> MeshState {
+        let mut state = MeshState::default();
+        let w = pb::Workload {
+            uid: "Kubernetes//Pod/demo/client".into(),
+            name: "client".into(),
+            namespace: "demo".into(),
+            addresses: vec![vec![10, 0, 0, 1]],
+            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            trust_domain: "cluster.local".into(),
+            service_account: "client".into(),
+            ..Default::default()
+        };
+        state.insert_workload(Workload::from_pb(w).unwrap());
+        state
+    }
+
+    #[test]
+    fn questions_it_cannot_answer_say_why() {
+        let s = state();
+        let err = |from: &str, to: &str| explain(&s, from, to).unwrap_err().to_string();
+        assert_eq!(
+            err("demo/nobody", "10.0.0.9:80"),
+            "source \"demo/nobody\": no workload <namespace>/<name> of that name is known"
+        );
+        assert_eq!(
+            err("client", "10.0.0.9:80"),
+            "source \"client\": no workload <namespace>/<name> of that name is known"
+        );
+        for (to, why) in [
+            ("demo/client", "expected <ns>/<pod>:<port>, <host>:<port> or <ip>:<port>"),
+            ("demo/client:http", "the port is not a number"),
+            ("demo/client:70000", "the port is not a number"),
+            ("demo/gone:80", "no such workload"),
+            ("nothing.demo:80", "no service of that hostname"),
+        ] {
+            assert_eq!(err("demo/client", to), format!("destination {to:?}: {why}"));
+        }
+        // To itself by name: the pod's own address, over HBONE (no policy applies).
+        let e = explain(&s, "demo/client", "demo/client:8080").unwrap();
+        assert_eq!(e.destination_address, "10.0.0.1:8080".parse().unwrap());
+        assert_eq!(e.authorization.unwrap().verdict, "ALLOW");
+        // An address the mesh does not know is passed through (ALLOW_ANY, the default).
+        let e = explain(&s, "demo/client", "192.0.2.1:443").unwrap();
+        assert_eq!((e.outcome.as_str(), e.authorization), ("passed through to 192.0.2.1:443", None));
+    }
+}
