@@ -87,8 +87,9 @@ async fn ambientctl_shows_what_ztunnel_holds_and_enrolls_namespaces_in_the_yaml_
 /// routing and authorization code, agrees with what the mesh then does — an allowed connection
 /// (the DENY policy that applies, evaluated and not matching), one denied by an L4 policy (named),
 /// one passed through to a pod outside the mesh, and one to a service bound to a waypoint (the
-/// waypoint and why; its L7 decisions said to be left out). A question it cannot answer is
-/// refused with the reason.
+/// waypoint and why; its L7 decisions said to be left out), and under REGISTRY_ONLY one to an
+/// address the mesh does not know (refused, and the client's ztunnel says so). A question it
+/// cannot answer is refused with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
@@ -181,6 +182,28 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
         let answered =
             e2e::mesh::http_exchange(&client.netns.ns, "GET", to, "/", &[]).await.is_ok_and(|a| a.status == 200);
         answered && requests().await > before
+    })
+    .await
+    .unwrap();
+
+    // REGISTRY_ONLY: an address the mesh does not know is refused by the client's ztunnel.
+    let unknown = "192.0.2.1:443";
+    mesh.apply(
+        "mesh-config",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: istio, namespace: istio-system}\ndata:\n  mesh: |-\n    outboundTrafficPolicy:\n      mode: REGISTRY_ONLY\n",
+    )
+    .unwrap();
+    mesh.wait_until("the CA to take REGISTRY_ONLY in", Duration::from_secs(10), || async {
+        explain("demo/client", unknown).await["outcome"] == "refused"
+    })
+    .await
+    .unwrap();
+    let refused = explain("demo/client", unknown).await;
+    let why = format!("none: {unknown} is not known to the mesh and outboundTrafficPolicy is REGISTRY_ONLY");
+    assert_eq!(refused["hop"], why, "{refused}");
+    mesh.wait_until("node-1's ztunnel to refuse the unknown address", Duration::from_secs(20), || async {
+        let _ = client.connect(unknown.parse().unwrap()).await;
+        mesh.ztunnel_log(1).unwrap().contains(&format!("outboundTrafficPolicy REGISTRY_ONLY: {unknown}"))
     })
     .await
     .unwrap();
