@@ -97,7 +97,10 @@ async fn explain(
     };
     let resources = s.resources.borrow().clone();
     let view = crate::explain::ztunnel_view(&resources, s.trust.clone());
-    match view.read(|state| crate::explain::explain(state, &q.from, &q.to)) {
+    let objects = s.store.snapshot();
+    let binding =
+        |ns: &str, svc: Option<&str>, pod: Option<&str>| crate::translate::waypoint_binding(&objects, ns, svc, pod);
+    match view.read(|state| crate::explain::explain(state, &q.from, &q.to, &binding)) {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }

@@ -181,8 +181,18 @@ fn destination_address(state: &MeshState, to: &str) -> Result<SocketAddr, Explai
     Ok(SocketAddr::new(*vip, port))
 }
 
-/// Explains a connection from workload `from` (`<ns>/<pod>`) to `to`.
-pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, ExplainError> {
+/// Says which object's label binds a service or pod to its waypoint: `(namespace, service, pod)`
+/// → e.g. `istio.io/use-waypoint=waypoint on Namespace web` (`crate::translate::waypoint_binding`).
+pub type BindingSource<'a> = &'a dyn Fn(&str, Option<&str>, Option<&str>) -> Option<String>;
+
+/// Explains a connection from workload `from` (`<ns>/<pod>`) to `to`; `binding` names the label
+/// that put a waypoint on the path.
+pub fn explain(
+    state: &MeshState,
+    from: &str,
+    to: &str,
+    binding: BindingSource<'_>,
+) -> Result<Explanation, ExplainError> {
     let source = workload_named(state, from).ok_or_else(|| ExplainError::UnknownSource(from.to_owned()))?;
     let dst = destination_address(state, to)?;
     let service = state.service_by_vip(dst.ip());
@@ -221,14 +231,20 @@ pub fn explain(state: &MeshState, from: &str, to: &str) -> Result<Explanation, E
             let via_service = service.and_then(|s| s.waypoint.as_ref().map(|_| s));
             let via_pod = addressed.filter(|w| w.waypoint.is_some());
             if let (Some(gw), true) = (reached, via_service.is_some() || via_pod.is_some()) {
+                let label = |ns: &str, svc, pod| {
+                    binding(ns, svc, pod).unwrap_or_else(|| "istio.io/use-waypoint on it or its namespace".into())
+                };
                 let reason = match (via_service, via_pod) {
                     (Some(s), _) => format!(
-                        "service {} is bound to a waypoint (istio.io/use-waypoint on the service or its namespace)",
-                        s.key
+                        "service {} is bound to it: {}",
+                        s.key,
+                        label(&s.namespace, Some(s.name.as_str()), None)
                     ),
                     (None, Some(w)) => format!(
-                        "workload {}/{} is bound to a waypoint (istio.io/use-waypoint on the pod or its namespace)",
-                        w.namespace, w.name
+                        "workload {}/{} is bound to it: {}",
+                        w.namespace,
+                        w.name,
+                        label(&w.namespace, None, Some(w.name.as_str()))
                     ),
                     (None, None) => unreachable!("checked above"),
                 };
@@ -323,7 +339,8 @@ mod tests {
     #[test]
     fn questions_it_cannot_answer_say_why() {
         let s = state();
-        let err = |from: &str, to: &str| explain(&s, from, to).unwrap_err().to_string();
+        let none = |_: &str, _: Option<&str>, _: Option<&str>| None;
+        let err = |from: &str, to: &str| explain(&s, from, to, &none).unwrap_err().to_string();
         assert_eq!(
             err("demo/nobody", "10.0.0.9:80"),
             "source \"demo/nobody\": no workload <namespace>/<name> of that name is known"
@@ -342,11 +359,11 @@ mod tests {
             assert_eq!(err("demo/client", to), format!("destination {to:?}: {why}"));
         }
         // To itself by name: the pod's own address, over HBONE (no policy applies).
-        let e = explain(&s, "demo/client", "demo/client:8080").unwrap();
+        let e = explain(&s, "demo/client", "demo/client:8080", &none).unwrap();
         assert_eq!(e.destination_address, "10.0.0.1:8080".parse().unwrap());
         assert_eq!(e.authorization.unwrap().verdict, "ALLOW");
         // An address the mesh does not know is passed through (ALLOW_ANY, the default).
-        let e = explain(&s, "demo/client", "192.0.2.1:443").unwrap();
+        let e = explain(&s, "demo/client", "192.0.2.1:443", &none).unwrap();
         assert_eq!((e.outcome.as_str(), e.authorization), ("passed through to 192.0.2.1:443", None));
     }
 }

@@ -169,7 +169,11 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
     assert_eq!(via["service"]["hostname"], "hello.web.svc.cluster.local", "{via}");
     assert_eq!(via["service"]["endpoints"], serde_json::json!(["web/hello"]), "{via}");
     assert_eq!(via["waypoint"]["workload"], format!("web/{}", waypoint.name), "{via}");
-    assert!(via["waypoint"]["reason"].as_str().unwrap().contains("service web/hello.web.svc.cluster.local"), "{via}");
+    assert_eq!(
+        via["waypoint"]["reason"],
+        "service web/hello.web.svc.cluster.local is bound to it: istio.io/use-waypoint=waypoint on Namespace web",
+        "{via}"
+    );
     assert!(via["hop"].as_str().unwrap().contains(&format!("to {}:15008", waypoint.ip)), "{via}");
     assert!(!via["not_explained"].as_array().unwrap().is_empty(), "{via}");
     let requests = async || {

@@ -132,6 +132,53 @@ fn use_waypoint<'a>(meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Ob
     }
 }
 
+/// Which object's `istio.io/use-waypoint` label binds a service (`service`) or a pod (`pod`) of
+/// `namespace` to a waypoint, as the translation reads it (the object's own label, else its
+/// namespace's): `"istio.io/use-waypoint=waypoint on Namespace web"`. `None` when no label does.
+pub fn waypoint_binding(
+    objects: &Objects,
+    namespace: &str,
+    service: Option<&str>,
+    pod: Option<&str>,
+) -> Option<String> {
+    let said =
+        |kind: &str, meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, at: String| match use_waypoint(
+            meta,
+        ) {
+            UseWaypoint::Named { namespace: ns, name }
+                if ns == meta.namespace.as_deref().or(meta.name.as_deref()).unwrap_or_default() =>
+            {
+                Some(Some(format!("{}={name} on {kind} {at}", k8s::USE_WAYPOINT_LABEL)))
+            }
+            UseWaypoint::Named { namespace: ns, name } => Some(Some(format!(
+                "{}={name} ({}={ns}) on {kind} {at}",
+                k8s::USE_WAYPOINT_LABEL,
+                k8s::USE_WAYPOINT_NAMESPACE_LABEL
+            ))),
+            UseWaypoint::OptOut => Some(None),
+            UseWaypoint::Unset => None,
+        };
+    let own = match (service, pod) {
+        (Some(svc), _) => objects
+            .services()
+            .find(|s| s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(svc))
+            .and_then(|s| said("Service", &s.metadata, format!("{namespace}/{svc}"))),
+        (None, Some(p)) => objects
+            .pods()
+            .find(|o| o.metadata.namespace.as_deref() == Some(namespace) && o.metadata.name.as_deref() == Some(p))
+            .and_then(|o| said("Pod", &o.metadata, format!("{namespace}/{p}"))),
+        (None, None) => None,
+    };
+    if let Some(own) = own {
+        return own;
+    }
+    objects
+        .namespaces()
+        .find(|n| n.metadata.name.as_deref() == Some(namespace))
+        .and_then(|n| said("Namespace", &n.metadata, namespace.to_owned()))
+        .flatten()
+}
+
 fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
     let Some(spec) = svc.spec.as_ref() else { return Vec::new() };
     let ips: Vec<&String> = match &spec.cluster_ips {
@@ -579,4 +626,45 @@ fn allows_waypoint_bypass(
         m.annotations.as_ref().and_then(|a| a.get(ALLOW_WAYPOINT_BYPASS_ANNOTATION)).map(String::as_str)
     }
     set(pod).or_else(|| namespace.and_then(|n| set(&n.metadata))) == Some("true")
+}
+
+#[cfg(test)]
+mod binding_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::objects::Object;
+
+    fn objects(yaml: &str) -> Objects {
+        let mut all = Objects::default();
+        for doc in serde_norway::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            for o in Object::from_value(value) {
+                all.insert(o.unwrap());
+            }
+        }
+        all
+    }
+
+    /// The most specific label is named: the service's (or pod's) own, else its namespace's; an
+    /// opt-out on the object means no binding even where the namespace has one.
+    #[test]
+    fn the_label_that_binds_a_waypoint_is_named() {
+        let o = objects(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: web, labels: {istio.io/use-waypoint: wp}}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: own, namespace: web, labels: {istio.io/use-waypoint: other, istio.io/use-waypoint-namespace: infra}}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: plain, namespace: web}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: out, namespace: web, labels: {istio.io/use-waypoint: none}}\nspec: {ports: [{port: 80}]}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: web, labels: {istio.io/use-waypoint: podwp}}\nspec: {containers: []}\n",
+        );
+        let b = |svc, pod| waypoint_binding(&o, "web", svc, pod);
+        assert_eq!(
+            b(Some("own"), None).as_deref(),
+            Some("istio.io/use-waypoint=other (istio.io/use-waypoint-namespace=infra) on Service web/own")
+        );
+        assert_eq!(b(Some("plain"), None).as_deref(), Some("istio.io/use-waypoint=wp on Namespace web"));
+        assert_eq!(b(Some("out"), None), None);
+        assert_eq!(b(None, Some("p")).as_deref(), Some("istio.io/use-waypoint=podwp on Pod web/p"));
+        assert_eq!(waypoint_binding(&o, "elsewhere", Some("x"), None), None);
+    }
 }
