@@ -29,8 +29,8 @@ use crate::xds::resources::Resources;
 /// Why a question cannot be answered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ExplainError {
-    /// The source is not `<ns>/<pod>` of a workload the mesh knows.
-    #[error("source {0:?}: no workload <namespace>/<name> of that name is known")]
+    /// The source is neither `<ns>/<pod>` nor the address of a workload the mesh knows.
+    #[error("source {0:?}: no workload of that <namespace>/<name> or address is known")]
     UnknownSource(String),
     /// The destination cannot be read or resolved.
     #[error("destination {0:?}: {1}")]
@@ -193,7 +193,9 @@ pub fn explain(
     to: &str,
     binding: BindingSource<'_>,
 ) -> Result<Explanation, ExplainError> {
-    let source = workload_named(state, from).ok_or_else(|| ExplainError::UnknownSource(from.to_owned()))?;
+    let by_ip = || from.parse::<IpAddr>().ok().and_then(|ip| state.workload_by_ip(ip));
+    let source =
+        workload_named(state, from).or_else(by_ip).ok_or_else(|| ExplainError::UnknownSource(from.to_owned()))?;
     let dst = destination_address(state, to)?;
     let service = state.service_by_vip(dst.ip());
     let service_info = service.map(|s| ServiceInfo {
@@ -343,11 +345,11 @@ mod tests {
         let err = |from: &str, to: &str| explain(&s, from, to, &none).unwrap_err().to_string();
         assert_eq!(
             err("demo/nobody", "10.0.0.9:80"),
-            "source \"demo/nobody\": no workload <namespace>/<name> of that name is known"
+            "source \"demo/nobody\": no workload of that <namespace>/<name> or address is known"
         );
         assert_eq!(
             err("client", "10.0.0.9:80"),
-            "source \"client\": no workload <namespace>/<name> of that name is known"
+            "source \"client\": no workload of that <namespace>/<name> or address is known"
         );
         for (to, why) in [
             ("demo/client", "expected <ns>/<pod>:<port>, <host>:<port> or <ip>:<port>"),

@@ -88,8 +88,8 @@ async fn ambientctl_shows_what_ztunnel_holds_and_enrolls_namespaces_in_the_yaml_
 /// (the DENY policy that applies, evaluated and not matching), one denied by an L4 policy (named),
 /// one passed through to a pod outside the mesh, and one to a service bound to a waypoint (the
 /// waypoint and why; its L7 decisions said to be left out), and under REGISTRY_ONLY one to an
-/// address the mesh does not know (refused, and the client's ztunnel says so). A question it
-/// cannot answer is refused with the reason.
+/// address the mesh does not know (refused, and the client's ztunnel says so); a live connection
+/// taken from a ztunnel's table by its id. A question it cannot answer is refused with the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
     let mut mesh = Mesh::start(MeshOptions::default()).unwrap();
@@ -225,6 +225,39 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
     ] {
         assert!(printed.contains(line), "no {line:?} in:\n{printed}");
     }
+    // A live connection from node-2's table, explained as the mesh is now.
+    let mut live = EchoClient::greet(client.connect(server.addr(8080)).await.unwrap()).await.unwrap();
+    live.round_trip(b"still here").await.unwrap();
+    let node2 = mesh.nodes[1].netns.name.clone();
+    let table: serde_json::Value =
+        serde_json::from_str(&ambientctl(&["ztunnel", "connections", "--netns", &node2, "-o", "json"])).unwrap();
+    let id = table["inbound"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| {
+            c["source_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && c["destination"] == server.addr(8080).to_string()
+        })
+        .and_then(|c| c["id"].as_u64())
+        .unwrap_or_else(|| panic!("the client's connection is not in node-2's table: {table}"));
+    let id = id.to_string();
+    let printed = ambientctl(&["explain", "--connection", &id, "--ztunnel-netns", &node2, "--netns", &underlay]);
+    let first = format!(
+        "connection {id} from {} (spiffe://cluster.local/ns/demo/sa/client) to {}, open for",
+        client.ip,
+        server.addr(8080)
+    );
+    assert!(printed.starts_with(&first), "{printed}");
+    assert!(printed.contains("verdict    ALLOW: no ALLOW policy applies and no DENY policy matches"), "{printed}");
+    live.round_trip(b"after the explanation").await.unwrap();
+    let out = Command::new(binary("ambientctl").unwrap())
+        .args(["explain", "--connection", "999999", "--ztunnel-netns", &node2, "--netns", &underlay])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live connection 999999 in that ztunnel's table"));
+
     // A question it cannot answer: the reason, and a failure status.
     let out = Command::new(binary("ambientctl").unwrap())
         .args(["explain", "demo/nobody", "demo/server:8080", "--netns", &underlay])

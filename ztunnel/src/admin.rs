@@ -126,6 +126,7 @@ async fn connections(State(s): State<AdminState>) -> Json<Value> {
         .into_iter()
         .map(|c| {
             json!({
+                "id": c.id,
                 "source_identity": c.source.map(|id| id.to_string()),
                 "source_ip": c.source_ip.to_string(),
                 "destination": c.destination.to_string(),

@@ -28,6 +28,8 @@ struct Tracked {
 /// A live inbound connection, as admin endpoints show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveConnection {
+    /// Its number in this ztunnel's table (`ambientctl explain --connection`).
+    pub id: u64,
     /// The peer's identity, proven by its TLS certificate (`None`: plaintext inbound).
     pub source: Option<SpiffeId>,
     /// The client's IP.
@@ -82,8 +84,9 @@ impl Tracker {
     pub fn snapshot(&self) -> Vec<LiveConnection> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<LiveConnection> = live
-            .values()
-            .map(|t| LiveConnection {
+            .iter()
+            .map(|(id, t)| LiveConnection {
+                id: *id,
                 source: t.source.clone(),
                 source_ip: t.source_ip,
                 destination: t.destination,

@@ -83,7 +83,7 @@ pub fn print_certs(dump: &Value) {
 /// `connections`: live inbound connections, who made them (as their certificate proved) and since
 /// when.
 pub fn print_connections(live: &Value) {
-    let rows: Vec<[String; 4]> = live["inbound"]
+    let rows: Vec<[String; 5]> = live["inbound"]
         .as_array()
         .into_iter()
         .flatten()
@@ -93,10 +93,11 @@ pub fn print_connections(live: &Value) {
                 s(&c["source_ip"]).to_owned(),
                 s(&c["destination"]).to_owned(),
                 c["opened_unix"].as_i64().map_or("-".to_owned(), super::age),
+                c["id"].as_u64().map_or("-".to_owned(), |id| id.to_string()),
             ]
         })
         .collect();
-    print_table(&["SOURCE IDENTITY", "SOURCE IP", "DESTINATION", "AGE"], &rows);
+    print_table(&["SOURCE IDENTITY", "SOURCE IP", "DESTINATION", "AGE", "ID"], &rows);
 }
 
 /// `explain`: the decision path of one connection, a line per step.
@@ -119,7 +120,24 @@ fn end(v: &Value) -> String {
 
 /// The lines [`print_explanation`] prints.
 pub fn explanation_lines(e: &Value) -> Vec<String> {
-    let mut out = vec![format!("from       {}", end(&e["source"]))];
+    let mut out = Vec::new();
+    if let Some(c) = e["connection"].as_object() {
+        let peer = c["source_identity"].as_str().unwrap_or("no identity (plaintext)");
+        out.push(format!(
+            "connection {} from {} ({peer}) to {}, open for {}; as the mesh is now:",
+            c["id"],
+            s(&c["source_ip"]),
+            s(&c["destination"]),
+            c["opened_unix"].as_i64().map_or("-".to_owned(), super::age)
+        ));
+    }
+    let proved = e["connection"]["source_identity"].as_str();
+    if let Some(peer) = proved.filter(|p| Some(*p) != e["source"]["identity"].as_str()) {
+        out.push(format!(
+            "note: its peer {peer} spoke for the client (a waypoint); explained below as the client's own connection"
+        ));
+    }
+    out.push(format!("from       {}", end(&e["source"])));
     let mut to = format!("to         {}", s(&e["destination_address"]));
     if let Some(svc) = e["service"].as_object() {
         let endpoints: Vec<&str> =

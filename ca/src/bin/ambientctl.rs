@@ -89,17 +89,33 @@ enum Command {
     #[command(after_help = "Examples:\n  \
         ambientctl explain demo/client demo/server:8080        # pod to pod\n  \
         ambientctl explain demo/client hello.demo:80           # to a service (its VIP)\n  \
-        ambientctl explain demo/client 10.96.1.10:80 -o json")]
+        ambientctl explain demo/client 10.96.1.10:80 -o json\n  \
+        ambientctl explain --connection 7 --node node-2             # a live connection, as the mesh is now")]
     Explain(ExplainArgs),
 }
 
 #[derive(Debug, Args)]
 struct ExplainArgs {
-    /// The client pod, `<namespace>/<name>`.
-    from: String,
+    /// The client pod, `<namespace>/<name>` (or its IP).
+    #[arg(required_unless_present = "connection")]
+    from: Option<String>,
     /// Where it connects: `<namespace>/<pod>:<port>`, a service `<host>:<port>` (its hostname, or
     /// `<name>.<namespace>`), or `<ip>:<port>`.
-    to: String,
+    #[arg(required_unless_present = "connection")]
+    to: Option<String>,
+    /// Explain a live inbound connection instead: its number in a ztunnel's table (`ambientctl
+    /// ztunnel connections`), re-evaluated with its client and destination as the mesh is now.
+    #[arg(long, value_name = "ID", conflicts_with_all = ["from", "to"])]
+    connection: Option<u64>,
+    /// That ztunnel's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:15000", value_name = "HOST:PORT", requires = "connection")]
+    ztunnel_admin: String,
+    /// Reach that ztunnel's admin endpoint from inside this network namespace.
+    #[arg(long, value_name = "NAME", requires = "connection", conflicts_with = "node")]
+    ztunnel_netns: Option<String>,
+    /// That ztunnel is the one of this node of the kept one-machine mesh (`demo --keep`).
+    #[arg(long, value_name = "NAME", requires = "connection")]
+    node: Option<String>,
     /// The CA's admin endpoint; it answers on loopback only (in a cluster: `kubectl -n
     /// istio-system port-forward deploy/ca 15014`).
     #[arg(long, default_value = "127.0.0.1:15014", value_name = "HOST:PORT")]
@@ -479,23 +495,7 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
             ca_ctl::admin::run(command.clone(), cli.output).await?;
         }
         Command::Dashboard(args) => dashboard(args).await?,
-        Command::Explain(args) => {
-            if let Some(netns) = &args.netns {
-                return reexec(netns, &["--netns"], &[]);
-            }
-            // No flag says which CA: the kept one-machine mesh's, from inside its network.
-            if !ca_flags_given && let Some(kept) = KeptMesh::find()? {
-                return reexec(&kept.ca_netns, &[], &[]);
-            }
-            let query = format!("/debug/explain?{}", ca_ctl::fetch::query(&[("from", &args.from), ("to", &args.to)]));
-            let body = ca_ctl::fetch::http_get(&args.ca_admin, &query)
-                .await
-                .with_context(|| format!("asking the CA's admin endpoint at {}", args.ca_admin))?;
-            let found: serde_json::Value = serde_json::from_slice(&body).context("the CA's answer is not JSON")?;
-            if !cli.output.document(&found)? {
-                inspect::print_explanation(&found);
-            }
-        }
+        Command::Explain(args) => explain(args, ca_flags_given, cli.output).await?,
         Command::Ztunnel(args) => {
             if let Some(netns) = &args.netns {
                 return reexec(netns, &["--netns"], &[]);
@@ -520,6 +520,62 @@ async fn run(cli: Cli, ca_flags_given: bool) -> Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `ambientctl explain`: a connection described by FROM and TO, or a live one from a ztunnel's
+/// table, explained by the CA. The namespaces to reach ztunnel and the CA from are entered in turn
+/// (this runs on one thread, so each socket opens where it should).
+async fn explain(args: &ExplainArgs, ca_flags_given: bool, output: Output) -> Result<()> {
+    let kept = if args.node.is_some() || (!ca_flags_given && args.netns.is_none()) { KeptMesh::find()? } else { None };
+    let ca_netns =
+        args.netns.clone().or_else(|| if ca_flags_given { None } else { kept.as_ref().map(|k| k.ca_netns.clone()) });
+    let (from, to, connection) = match args.connection {
+        Some(id) => {
+            let ztunnel_netns = match &args.node {
+                Some(node) => Some(
+                    kept.as_ref()
+                        .context(
+                            "--node reads a node of the one-machine mesh kept running by `demo --keep`, and none is; \
+                             for another ztunnel use --ztunnel-admin (or --ztunnel-netns)",
+                        )?
+                        .node_netns(node)?
+                        .to_owned(),
+                ),
+                None => args.ztunnel_netns.clone(),
+            };
+            if let Some(netns) = &ztunnel_netns {
+                ca_ctl::dashboard::enter_netns(netns)?;
+            }
+            let live = inspect::get_json(&args.ztunnel_admin, "/connections").await?;
+            let found = live["inbound"].as_array().into_iter().flatten().find(|c| c["id"].as_u64() == Some(id));
+            let c = found.with_context(|| {
+                format!("no live connection {id} in that ztunnel's table (`ambientctl ztunnel connections` lists them)")
+            })?;
+            let (from, to) =
+                (c["source_ip"].as_str().unwrap_or_default(), c["destination"].as_str().unwrap_or_default());
+            (from.to_owned(), to.to_owned(), Some(c.clone()))
+        }
+        None => (
+            args.from.clone().context("FROM is required (or --connection ID)")?,
+            args.to.clone().context("TO is required (or --connection ID)")?,
+            None,
+        ),
+    };
+    if let Some(netns) = &ca_netns {
+        ca_ctl::dashboard::enter_netns(netns)?;
+    }
+    let query = format!("/debug/explain?{}", ca_ctl::fetch::query(&[("from", &from), ("to", &to)]));
+    let body = ca_ctl::fetch::http_get(&args.ca_admin, &query)
+        .await
+        .with_context(|| format!("asking the CA's admin endpoint at {}", args.ca_admin))?;
+    let mut found: serde_json::Value = serde_json::from_slice(&body).context("the CA's answer is not JSON")?;
+    if let Some(c) = connection {
+        found["connection"] = c;
+    }
+    if !output.document(&found)? {
+        inspect::print_explanation(&found);
     }
     Ok(())
 }

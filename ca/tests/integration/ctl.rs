@@ -316,4 +316,16 @@ fn a_kept_mesh_is_found_without_flags() {
     let (code, _, stderr) = run(&["ztunnel", "workloads", "--node", "node-3"]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains("has no node \"node-3\" (its nodes: node-1)"), "{stderr}");
+    // `explain` asks the kept mesh's CA from inside its network namespace (here one that does
+    // not exist: said so), unless --ca-admin names a CA.
+    let (code, _, stderr) = run(&["explain", "shop/a", "shop/b:80"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("network namespace nowhere"), "{stderr}");
+    let (code, _, stderr) = run(&["explain", "shop/a", "shop/b:80", "--ca-admin", "127.0.0.1:1"]);
+    assert_eq!(code, Some(3), "nothing to reach: {stderr}");
+    assert!(stderr.contains("asking the CA's admin endpoint at 127.0.0.1:1"), "{stderr}");
+    let (code, _, stderr) = run(&["explain", "--connection", "3", "--node", "node-3"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("has no node \"node-3\""), "{stderr}");
+    assert_eq!(run(&["explain", "shop/a"]).0, Some(2), "TO is required");
 }
