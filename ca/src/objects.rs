@@ -439,6 +439,20 @@ pub struct Objects {
 }
 
 impl Objects {
+    /// The objects of a multi-document YAML string (tests; panics on what does not parse).
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn from_yaml(yaml: &str) -> Objects {
+        let mut all = Objects::default();
+        for doc in serde_norway::Deserializer::from_str(yaml) {
+            let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            for o in Object::from_value(value) {
+                all.insert(o.unwrap());
+            }
+        }
+        all
+    }
+
     /// Adds or replaces an object.
     pub fn insert(&mut self, object: Object) {
         self.by_key.insert(object.key(), object);

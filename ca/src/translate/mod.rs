@@ -633,17 +633,9 @@ mod binding_tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::objects::Object;
 
     fn objects(yaml: &str) -> Objects {
-        let mut all = Objects::default();
-        for doc in serde_norway::Deserializer::from_str(yaml) {
-            let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-            for o in Object::from_value(value) {
-                all.insert(o.unwrap());
-            }
-        }
-        all
+        Objects::from_yaml(yaml)
     }
 
     /// The most specific label is named: the service's (or pod's) own, else its namespace's; an

@@ -177,17 +177,9 @@ pub fn jwks_uris(rules: &BTreeMap<String, pb::RequestAuthn>) -> BTreeSet<String>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::objects::Object;
 
     fn objects(yaml: &str) -> Objects {
-        let mut all = Objects::default();
-        for doc in serde_norway::Deserializer::from_str(yaml) {
-            let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
-            for o in Object::from_value(value) {
-                all.insert(o.unwrap());
-            }
-        }
-        all
+        Objects::from_yaml(yaml)
     }
 
     const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0","kid":"k1"}]}"#;
