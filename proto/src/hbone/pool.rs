@@ -408,7 +408,19 @@ impl Pool {
                 slot.conn.closed.store(true, Ordering::Release);
                 return Err(PoolError::Unanswered { dst: key.dst, target: request.target.clone(), after: limit });
             };
-            let response = response.map_err(|e| PoolError::Http2 { dst: key.dst, source: Arc::new(e) })?;
+            let response = match response {
+                Ok(response) => response,
+                // A stream the server says it did not process — refused, or above the last one its
+                // GOAWAY accepted (a draining peer, e.g. a ztunnel handing over to its successor) —
+                // is safe to send again (RFC 9113 §8.7): once, on another connection.
+                Err(e) if !retried && (e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_go_away()) => {
+                    debug!(dst = %key.dst, error = %e, "stream not processed by a draining peer; retrying on another");
+                    slot.conn.closed.store(true, Ordering::Release);
+                    retried = true;
+                    continue;
+                }
+                Err(e) => return Err(PoolError::Http2 { dst: key.dst, source: Arc::new(e) }),
+            };
             if response.status() != StatusCode::OK {
                 return Err(PoolError::Refused {
                     dst: key.dst,
