@@ -411,7 +411,8 @@ fn keep_talking(mut stream: impl RoundTrip, stop: Arc<tokio::sync::Notify>) -> t
 }
 
 /// A ztunnel upgrade resets nothing: ztunnel on both nodes is replaced, one after the other, by a
-/// new process (started beside the old one, which then gets SIGTERM and drains) while a
+/// new process (started beside the old one, it takes over the pods' listening sockets; the old
+/// one then gets SIGTERM and drains) while a
 /// long-lived echo stream pod to pod and an upgraded connection through a waypoint keep
 /// exchanging messages every 10 ms — no reset, no gap over 100 ms — and new connections opened
 /// all along succeed.
@@ -514,9 +515,27 @@ async fn ztunnel_handover_resets_no_connection() {
     }
     assert!(failed.is_empty(), "{} new connections failed during the handover (after {failed:?})", failed.len());
     assert!(opened > 50, "only {opened} new connections were tried");
-    // Request migration is on in the pods, so connections queued on a closing listener move over.
-    let migrate = client.netns.ns.run(|| std::fs::read_to_string(ztunnel::node::capture::MIGRATE_REQUESTS)).unwrap();
-    assert_eq!(migrate.trim(), "1");
+    // The successors serve the very sockets their predecessors listened on, which no app in a pod
+    // can join, even as root with SO_REUSEPORT.
+    for port in [15001, 15006, 15008] {
+        let squat = client.netns.ns.run(|| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_port(true)?;
+            s.set_reuse_address(true)?;
+            s.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], port)).into())
+        });
+        assert_eq!(squat.unwrap_err().kind(), std::io::ErrorKind::AddrInUse, "an app joined ztunnel's port {port}");
+    }
+    for node in [1, 2] {
+        let log = mesh.ztunnel_log(node).unwrap();
+        for line in [
+            "taking over from the running ztunnel",
+            "serving the pod on the sockets its previous ztunnel handed over",
+            "the successor serves every pod now",
+        ] {
+            assert!(log.contains(line), "node-{node}'s ztunnel log lacks {line:?}:\n{log}");
+        }
+    }
 
     // The successors alone serve new connections once the predecessors are gone.
     drop(predecessors);

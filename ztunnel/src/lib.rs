@@ -15,6 +15,7 @@
 //! - Pods: [`pod`] (identity, where sockets are made), [`netns`] (sockets in a pod's namespace).
 //! - Enrollment: [`zds`] (the protocol, both ends), [`node`] (the node agent and the CNI
 //!   plugin's side of it, with the capture rules it installs in a pod).
+//! - Upgrades: [`handoff`] (the pods' listening sockets passed to a successor process).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 pub mod admin;
 mod context;
 pub mod dns;
+pub mod handoff;
 pub mod inbound;
 pub mod netns;
 pub mod node;
@@ -68,6 +70,9 @@ pub struct Config {
     pub token: TokenSource,
     /// The node agent's ZDS socket.
     pub zds_socket: PathBuf,
+    /// Where this ztunnel takes over from a running one and later hands over to its successor
+    /// ([`handoff`]).
+    pub handoff_socket: PathBuf,
     /// Admin endpoint (localhost).
     pub admin_addr: SocketAddr,
     /// Prometheus endpoint.
@@ -103,7 +108,7 @@ pub enum Error {
 }
 
 /// Binds an endpoint so that a successor can bind it too while this process drains (a handover
-/// on one network namespace; in a cluster each ztunnel pod has its own).
+/// on one network namespace, the node's; in a cluster each ztunnel pod has its own).
 fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
     netns::shared_tcp_listener(addr).and_then(tokio::net::TcpListener::from_std).map_err(|source| Error::Bind {
         what,
@@ -125,6 +130,7 @@ pub struct Ztunnel {
     ready: tokio::sync::watch::Sender<bool>,
     draining: CancellationToken,
     stop: CancellationToken,
+    handed_over: CancellationToken,
 }
 
 use crate::pods::Proxy;
@@ -165,20 +171,60 @@ impl Ztunnel {
         };
         tokio::spawn(xds.run(view.clone(), stop.clone().cancelled_owned()));
         tokio::spawn(ctx.tracker.clone().watch(view.clone(), stop.clone()));
-        // Pods are taken from the node agent only once the mesh state is in: a ztunnel that
-        // listened in a pod before knowing its workloads and policies would refuse what it
-        // should carry. That matters most for a successor starting beside a running ztunnel
-        // (a handover), whose listeners share every connection from the moment they open.
+        // Pods are taken only once the mesh state is in: a ztunnel that served a pod before knowing
+        // its workloads and policies would refuse what it should carry. Then, before following the
+        // node agent, the pods' sockets of a ztunnel already running on the node are taken over
+        // (see `handoff`); this ztunnel says so once it serves every pod the agent names, and
+        // from then on hands over to its own successor.
+        let handed_over = CancellationToken::new();
         {
-            let (proxy, path, draining, mut synced) =
-                (proxy.clone(), config.zds_socket.clone(), draining.clone(), view.synced());
+            let (proxy, zds_path, handoff_path, node) =
+                (proxy.clone(), config.zds_socket.clone(), config.handoff_socket.clone(), config.node_name.clone());
+            let (draining, mut synced, handed_over) = (draining.clone(), view.synced(), handed_over.clone());
             tokio::spawn(async move {
                 tokio::select! {
                     () = draining.cancelled() => return,
                     r = synced.wait_for(|s| *s) => if r.is_err() { return },
                 }
+                let predecessor = match handoff::Predecessor::take_over(&handoff_path, &node).await {
+                    Ok(Some(mut p)) => {
+                        info!(pods = p.pods.len(), predecessor_pid = p.pid, "taking over from the running ztunnel");
+                        proxy.inherit(std::mem::take(&mut p.pods));
+                        Some(p)
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(reason = %proto::error_chain(&e),
+                            "could not take over from the running ztunnel; its pods stay pending here until it lets go of them");
+                        None
+                    }
+                };
                 info!("mesh state synced; following the node agent");
-                proxy.follow_node_agent(path, draining).await;
+                let gate = Arc::new(handoff::ZdsGate::default());
+                {
+                    let (gate, proxy, draining) = (gate.clone(), proxy.clone(), draining.clone());
+                    tokio::spawn(async move { gate.follow(proxy, zds_path, draining).await });
+                }
+                if let Some(predecessor) = predecessor {
+                    let mut zds_ready = proxy.zds_ready();
+                    tokio::select! {
+                        () = draining.cancelled() => return,
+                        r = zds_ready.wait_for(|r| *r) => if r.is_err() { return },
+                    }
+                    match predecessor.taken().await {
+                        Ok(()) => {
+                            info!("serving every pod the node agent named; the previous ztunnel drains what it holds")
+                        }
+                        Err(e) => {
+                            info!(reason = %proto::error_chain(&e), "serving every pod; the previous ztunnel was already gone")
+                        }
+                    }
+                }
+                match handoff::HandoffServer::bind(&handoff_path, &node) {
+                    Ok(server) => server.serve(proxy, gate, handed_over, draining).await,
+                    Err(e) => warn!(reason = %proto::error_chain(&e),
+                        "no handoff socket: a successor will have to wait for this ztunnel to exit"),
+                }
             });
         }
 
@@ -217,7 +263,7 @@ impl Ztunnel {
         tokio::spawn(admin::serve(readiness_listener, admin::readiness_router(state), draining.clone()));
         info!(node = %config.node_name, %admin_addr, %metrics_addr, %readiness_addr,
             zds = %config.zds_socket.display(), ca = %config.ca.addr, "ztunnel started");
-        Ok(Ztunnel { ctx, proxy, admin_addr, metrics_addr, readiness_addr, ready, draining, stop })
+        Ok(Ztunnel { ctx, proxy, admin_addr, metrics_addr, readiness_addr, ready, draining, stop, handed_over })
     }
 
     /// The admin endpoint's address.
@@ -233,6 +279,12 @@ impl Ztunnel {
     /// The readiness endpoint's address.
     pub fn readiness_addr(&self) -> SocketAddr {
         self.readiness_addr
+    }
+
+    /// Returns once a successor serves every pod ([`handoff`]): this ztunnel should then
+    /// [`shutdown`](Self::shutdown), and wait for SIGTERM to exit.
+    pub async fn handed_over(&self) {
+        self.handed_over.cancelled().await;
     }
 
     /// Drains (no longer ready; every pod's listeners stop, connections get up to the drain

@@ -27,6 +27,10 @@ proto::proxy_allocator!();
 ///
 /// On SIGTERM or SIGINT it stops being ready, stops accepting, lets open connections finish for
 /// --drain-timeout, then exits.
+///
+/// Upgrades: a new ztunnel started on the node while one runs takes over the pods' listening
+/// sockets from it (--handoff-socket) and serves them; the old one then stops accepting, drains
+/// what it holds and waits for SIGTERM. No connection is refused or reset.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -72,6 +76,12 @@ struct Args {
     /// The node agent's ZDS socket.
     #[arg(long, env = "INPOD_UDS", default_value = ztunnel::zds::DEFAULT_SOCKET)]
     zds_socket: PathBuf,
+
+    /// The socket through which this ztunnel takes the pods' listening sockets from one already
+    /// running on the node (an upgrade), and later hands them to its successor
+    /// [default: ztunnel-handoff.sock beside --zds-socket].
+    #[arg(long, value_name = "PATH")]
+    handoff_socket: Option<PathBuf>,
 
     /// Admin endpoint (config dump, certificates, log level). Keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000")]
@@ -195,6 +205,7 @@ async fn run(args: Args) -> Result<()> {
         identity,
         ca,
         token: TokenSource::File(args.token_file),
+        handoff_socket: args.handoff_socket.unwrap_or_else(|| ztunnel::handoff::default_path(&args.zds_socket)),
         zds_socket: args.zds_socket,
         admin_addr: args.admin_addr,
         metrics_addr: args.metrics_addr,
@@ -205,9 +216,19 @@ async fn run(args: Args) -> Result<()> {
         dns: ztunnel::dns::DnsConfig { upstreams: dns_upstreams, domain: args.cluster_domain },
     };
     let ztunnel = Ztunnel::start(config, Some(log)).await?;
-    let signal = signal.await;
-    tracing::info!(signal, "shutting down");
-    ztunnel.shutdown().await;
+    tokio::pin!(signal);
+    tokio::select! {
+        signal = &mut signal => {
+            tracing::info!(signal, "shutting down");
+            ztunnel.shutdown().await;
+        }
+        () = ztunnel.handed_over() => {
+            tracing::info!("handed over to a successor: draining what this process holds, then waiting for SIGTERM");
+            ztunnel.shutdown().await;
+            let signal = signal.await;
+            tracing::info!(signal, "exiting");
+        }
+    }
     Ok(())
 }
 

@@ -106,30 +106,17 @@ impl NetNs {
     }
 
     /// A TCP listener bound to `addr` inside this namespace (call from within a tokio runtime),
-    /// with `SO_REUSEADDR`.
+    /// with `SO_REUSEADDR` (it binds beside a predecessor's `TIME_WAIT` sockets) and without
+    /// `SO_REUSEPORT`: no other socket can join the port while it listens. A pod's listeners
+    /// pass to a successor ztunnel as they are ([`crate::handoff`]).
     pub fn tcp_listener(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
         let std = self.run(|| tcp_listener(addr, false))?;
         tokio::net::TcpListener::from_std(std)
     }
 
-    /// A TCP listener ztunnel serves a pod on, bound inside this namespace (call from within a
-    /// tokio runtime) as [`shared_tcp_listener`] binds: beside a predecessor's `TIME_WAIT`
-    /// sockets, and beside a predecessor still listening during a handover (see [`crate::pods`]).
-    pub fn shared_tcp_listener(&self, addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
-        let std = self.run(|| tcp_listener(addr, true))?;
-        tokio::net::TcpListener::from_std(std)
-    }
-
     /// A UDP socket bound to `addr` inside this namespace (call from within a tokio runtime).
     pub fn udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-        let std = self.run(|| udp_socket(addr, false))?;
-        tokio::net::UdpSocket::from_std(std)
-    }
-
-    /// A UDP socket bound to `addr` inside this namespace (call from within a tokio runtime), with
-    /// `SO_REUSEPORT` like [`shared_tcp_listener`](Self::shared_tcp_listener).
-    pub fn shared_udp_socket(&self, addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
-        let std = self.run(|| udp_socket(addr, true))?;
+        let std = self.run(|| udp_socket(addr))?;
         tokio::net::UdpSocket::from_std(std)
     }
 
@@ -165,7 +152,9 @@ impl NetNs {
 /// A non-blocking TCP listener on `addr` in the calling thread's namespace that a successor
 /// process can bind beside (`SO_REUSEPORT`; the kernel then spreads new connections over both
 /// until one closes) and that binds beside a predecessor's `TIME_WAIT` sockets (`SO_REUSEADDR`).
-/// Only a process of the same user can join the port: another user's bind still fails.
+/// Only a process of the same user can join the port: another user's bind still fails. For
+/// ztunnel's own endpoints in the node's namespace (admin, metrics, readiness), where only the
+/// node's root runs; never for a pod's ports, where an app running as root could join.
 pub fn shared_tcp_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     tcp_listener(addr, true)
 }
@@ -184,8 +173,8 @@ fn tcp_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
-fn udp_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<std::net::UdpSocket> {
-    let socket = socket(addr, socket2::Type::DGRAM, reuse_port)?;
+fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = socket(addr, socket2::Type::DGRAM, false)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }

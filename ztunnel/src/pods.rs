@@ -9,14 +9,16 @@
 //! ZDS: ztunnel connects to the node agent, which sends every pod (`AddWorkload`, or
 //! `KeepWorkload` for one ztunnel already serves after a reconnect) and then `SnapshotSent`; pods
 //! the snapshot did not name are removed. Each request is acknowledged, with the reason when it is
-//! refused. A pod whose listeners could not be bound (a port still held in its namespace, say by
-//! a predecessor's sockets) is refused, kept pending and retried with backoff (200 ms doubling to
+//! refused. A pod served on sockets a predecessor handed over ([`crate::handoff`]) keeps them; a
+//! pod whose listeners could not be bound (a port still held in its namespace, say by a
+//! predecessor that does not hand over) is refused, kept pending and retried with backoff (200 ms doubling to
 //! 5 s) until it is served or removed, as Istio's ztunnel does; it is counted
 //! (`ztunnel_workloads_pending`) and named in the log. ztunnel is ready only while the snapshot of
 //! the current connection has been applied and no pod is pending.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::context::Context;
+use crate::handoff::{HandedPod, SocketKind};
 use crate::inbound::{Inbound, serve_plaintext};
 use crate::netns::NetNs;
 use crate::outbound::Outbound;
@@ -56,6 +59,20 @@ pub struct PodListeners {
 }
 
 impl PodListeners {
+    /// Copies of the sockets' descriptors, to hand to a successor ([`crate::handoff`]).
+    fn handoff_fds(&self) -> std::io::Result<Vec<(SocketKind, OwnedFd)>> {
+        let mut fds = vec![
+            (SocketKind::Outbound, self.outbound.as_fd().try_clone_to_owned()?),
+            (SocketKind::Plaintext, self.plaintext.as_fd().try_clone_to_owned()?),
+            (SocketKind::Hbone, self.hbone.as_fd().try_clone_to_owned()?),
+        ];
+        if let Some((udp, tcp)) = &self.dns {
+            fds.push((SocketKind::DnsUdp, udp.as_fd().try_clone_to_owned()?));
+            fds.push((SocketKind::DnsTcp, tcp.as_fd().try_clone_to_owned()?));
+        }
+        Ok(fds)
+    }
+
     /// Binds the three traffic ports on all addresses inside `netns`, and the DNS port on its
     /// loopback only (the capture rules redirect the pod's own queries there; nothing from
     /// outside the pod can ask it).
@@ -63,10 +80,10 @@ impl PodListeners {
         let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
         let dns = SocketAddr::from(([127, 0, 0, 1], crate::dns::DNS_PORT));
         Ok(PodListeners {
-            outbound: netns.shared_tcp_listener(any(OUTBOUND_PORT))?,
-            plaintext: netns.shared_tcp_listener(any(PLAINTEXT_PORT))?,
-            hbone: netns.shared_tcp_listener(any(proto::hbone::HBONE_PORT))?,
-            dns: Some((netns.shared_udp_socket(dns)?, netns.shared_tcp_listener(dns)?)),
+            outbound: netns.tcp_listener(any(OUTBOUND_PORT))?,
+            plaintext: netns.tcp_listener(any(PLAINTEXT_PORT))?,
+            hbone: netns.tcp_listener(any(proto::hbone::HBONE_PORT))?,
+            dns: Some((netns.udp_socket(dns)?, netns.tcp_listener(dns)?)),
         })
     }
 }
@@ -93,6 +110,9 @@ struct Served {
     netns_inode: Option<u64>,
     outbound: Arc<Outbound>,
     drain: DrainTrigger,
+    /// Copies of the listening sockets for a successor; closed as the pod is retired (a socket
+    /// kept open for nobody would queue connections no one accepts).
+    handoff: Vec<(SocketKind, OwnedFd)>,
 }
 
 /// What the admin API shows of a pod.
@@ -135,6 +155,8 @@ pub struct Proxy {
     ctx: Arc<Context>,
     pods: Mutex<HashMap<String, Served>>,
     pending: Mutex<HashMap<String, Pending>>,
+    /// Sockets a predecessor handed over, by pod uid, until the node agent names their pods.
+    inherited: Mutex<HashMap<String, HandedPod>>,
     drain_timeout: Duration,
     zds_ready: watch::Sender<bool>,
 }
@@ -152,6 +174,7 @@ impl Proxy {
             ctx,
             pods: Mutex::default(),
             pending: Mutex::default(),
+            inherited: Mutex::default(),
             drain_timeout,
             zds_ready: watch::channel(false).0,
         })
@@ -249,7 +272,18 @@ impl Proxy {
             info!(uid, pod = %existing.pod.name, "pod already served in this namespace");
             return Ok(());
         }
-        let listeners = match PodListeners::open(&netns) {
+        let handed = self.inherited.lock().unwrap_or_else(|p| p.into_inner()).remove(uid);
+        let handed = handed.and_then(|h| match h.into_listeners(&netns) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(uid, reason = %proto::error_chain(&e), "the predecessor's sockets for this pod are not usable; binding new ones");
+                None
+            }
+        });
+        if handed.is_some() {
+            info!(uid, "serving the pod on the sockets its previous ztunnel handed over");
+        }
+        let listeners = match handed.map_or_else(|| PodListeners::open(&netns), Ok) {
             Ok(l) => l,
             Err(e) => return Err(Refused::Retry(AddError::Listeners(e), netns)),
         };
@@ -278,6 +312,7 @@ impl Proxy {
             sockets,
             cancel: CancellationToken::new(),
         });
+        let handoff = listeners.handoff_fds().map_err(AddError::Listeners)?;
         let (trigger, watcher) = drain::new();
         let outbound = Outbound::new(self.ctx.clone(), pod.clone());
         let span = info_span!("pod", pod = %format!("{}/{}", pod.namespace, pod.name));
@@ -295,7 +330,7 @@ impl Proxy {
         }
         tokio::spawn(serve_hbone(self.ctx.clone(), pod.clone(), listeners.hbone, watcher).instrument(span));
         info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "serving pod");
-        let old = self.pods().insert(uid.to_owned(), Served { pod, netns_inode, outbound, drain: trigger });
+        let old = self.pods().insert(uid.to_owned(), Served { pod, netns_inode, outbound, drain: trigger, handoff });
         self.ctx.metrics.pods.set(self.pod_count() as i64);
         if let Some(old) = old {
             info!(uid, "replacing the proxy of a pod re-added with a new namespace");
@@ -323,8 +358,28 @@ impl Proxy {
         }
     }
 
+    /// Takes the sockets a predecessor handed over; each is used when the node agent names its
+    /// pod (after checking it), the rest are closed once the agent's snapshot is applied.
+    pub fn inherit(&self, pods: HashMap<String, HandedPod>) {
+        *self.inherited.lock().unwrap_or_else(|p| p.into_inner()) = pods;
+    }
+
+    /// Every served pod's uid with its namespace's inode and copies of its listening sockets, to
+    /// hand to a successor.
+    pub fn handoff_sockets(&self) -> std::io::Result<Vec<(String, HandedPod)>> {
+        self.pods()
+            .iter()
+            .map(|(uid, s)| {
+                let sockets =
+                    s.handoff.iter().map(|(k, fd)| Ok((*k, fd.try_clone()?))).collect::<std::io::Result<_>>()?;
+                Ok((uid.clone(), HandedPod { netns_inode: s.netns_inode, sockets }))
+            })
+            .collect()
+    }
+
     /// Drains a pod's proxy in the background, then closes what is left.
-    fn retire(&self, served: Served) {
+    fn retire(&self, mut served: Served) {
+        served.handoff.clear();
         let identity = served.pod.identity.clone();
         if !self.pods().values().any(|s| s.pod.identity == identity) {
             self.ctx.certs.forget(&identity);
@@ -341,7 +396,14 @@ impl Proxy {
 
     /// Drains every pod together (shutdown), waiting up to the drain deadline.
     pub async fn shutdown(&self) {
-        let all: Vec<Served> = self.pods().drain().map(|(_, s)| s).collect();
+        let all: Vec<Served> = self
+            .pods()
+            .drain()
+            .map(|(_, mut s)| {
+                s.handoff.clear();
+                s
+            })
+            .collect();
         self.ctx.metrics.pods.set(0);
         let deadline = self.drain_timeout;
         let drains = all.into_iter().map(|served| async move {
@@ -467,6 +529,13 @@ impl Proxy {
                         self.pending().keys().filter(|u| !named.contains(*u)).cloned().collect();
                     for uid in &stale_pending {
                         self.set_pending(uid, None);
+                    }
+                    let unclaimed = std::mem::take(&mut *self.inherited.lock().unwrap_or_else(|p| p.into_inner()));
+                    if !unclaimed.is_empty() {
+                        info!(
+                            pods = unclaimed.len(),
+                            "closing the handed sockets of pods the node agent no longer names"
+                        );
                     }
                     info!(pods = self.pod_count(), removed = stale.len(), "node agent snapshot applied");
                     snapshot_applied = true;

@@ -57,11 +57,42 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ZdsError + '_ {
     move |source| ZdsError::Io { path: path.to_owned(), source }
 }
 
-/// One packet, with the descriptors that came with it.
-async fn recv_packet(sock: &UnixSeqpacket, path: &Path) -> Result<(Vec<u8>, Vec<OwnedFd>), ZdsError> {
-    let mut buf = vec![0u8; MAX_MESSAGE];
+/// What can go wrong with one packet on a `SOCK_SEQPACKET` socket (ZDS, and ztunnel's handoff
+/// socket, [`crate::handoff`]).
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection.
+    #[error("peer closed the connection")]
+    Closed,
+    /// The packet was larger than expected.
+    #[error("message or its descriptors truncated")]
+    Truncated,
+    /// More descriptors than a packet may carry.
+    #[error("no room for {0} descriptors")]
+    TooManyFds(usize),
+}
+
+impl PacketError {
+    fn zds(self, path: &Path) -> ZdsError {
+        match self {
+            PacketError::Io(source) => ZdsError::Io { path: path.to_owned(), source },
+            PacketError::Closed => ZdsError::Closed,
+            e => ZdsError::Protocol(e.to_string()),
+        }
+    }
+}
+
+/// Most descriptors one packet may carry (ZDS sends one; a handoff, one per listening socket of a pod).
+pub(crate) const MAX_FDS: usize = 8;
+
+/// One packet of at most `max` bytes, with the descriptors that came with it.
+pub(crate) async fn recv(sock: &UnixSeqpacket, max: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), PacketError> {
+    let mut buf = vec![0u8; max];
     let mut ancillary = [0u8; 256];
-    let (info, reader) = sock.recv_with_ancillary(&mut buf, &mut ancillary).await.map_err(io(path))?;
+    let (info, reader) = sock.recv_with_ancillary(&mut buf, &mut ancillary).await?;
     let mut fds = Vec::new();
     for message in reader.into_messages() {
         if let OwnedAncillaryMessage::FileDescriptors(received) = message {
@@ -69,13 +100,31 @@ async fn recv_packet(sock: &UnixSeqpacket, path: &Path) -> Result<(Vec<u8>, Vec<
         }
     }
     if info.bytes_read() == 0 && !info.truncated() {
-        return Err(ZdsError::Closed);
+        return Err(PacketError::Closed);
     }
     if info.truncated() || info.ancillary_truncated() {
-        return Err(ZdsError::Protocol("message or its descriptors truncated".into()));
+        return Err(PacketError::Truncated);
     }
     buf.truncate(info.bytes_read());
     Ok((buf, fds))
+}
+
+/// Sends one packet, with `fds` (at most [`MAX_FDS`]) as `SCM_RIGHTS`.
+pub(crate) async fn send(sock: &UnixSeqpacket, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), PacketError> {
+    if fds.is_empty() {
+        return sock.send(bytes).await.map(|_| ()).map_err(PacketError::from);
+    }
+    let mut space = [0u8; 128];
+    let mut ancillary = AncillaryMessageWriter::new(&mut space);
+    if fds.len() > MAX_FDS || ancillary.add_fds(fds.iter().copied()).is_err() {
+        return Err(PacketError::TooManyFds(fds.len()));
+    }
+    sock.send_vectored_with_ancillary(&[IoSlice::new(bytes)], &mut ancillary).await?;
+    Ok(())
+}
+
+async fn recv_packet(sock: &UnixSeqpacket, path: &Path) -> Result<(Vec<u8>, Vec<OwnedFd>), ZdsError> {
+    recv(sock, MAX_MESSAGE).await.map_err(|e| e.zds(path))
 }
 
 async fn send_packet(
@@ -84,18 +133,7 @@ async fn send_packet(
     bytes: &[u8],
     fd: Option<BorrowedFd<'_>>,
 ) -> Result<(), ZdsError> {
-    match fd {
-        None => sock.send(bytes).await.map(|_| ()).map_err(io(path)),
-        Some(fd) => {
-            let mut space = [0u8; 64];
-            let mut ancillary = AncillaryMessageWriter::new(&mut space);
-            ancillary.add_fds([fd]).map_err(|_| ZdsError::Protocol("no room for the descriptor".into()))?;
-            sock.send_vectored_with_ancillary(&[IoSlice::new(bytes)], &mut ancillary)
-                .await
-                .map(|_| ())
-                .map_err(io(path))
-        }
-    }
+    send(sock, bytes, fd.as_slice()).await.map_err(|e| e.zds(path))
 }
 
 /// The node agent's listening socket.

@@ -162,7 +162,6 @@ fn rule_args(verb: &str) -> Vec<String> {
 /// Installs (or re-installs: idempotent) capture in `netns`.
 pub fn install(netns: &NetNs) -> Result<(), CaptureError> {
     in_netns(netns, || {
-        migrate_requests();
         run("nft", &["-f", "-"], Some(&ruleset()))?;
         // Remove an earlier copy of the rule so re-installing does not stack duplicates.
         let del = rule_args("del");
@@ -172,24 +171,6 @@ pub fn install(netns: &NetNs) -> Result<(), CaptureError> {
         let table = ROUTE_TABLE.to_string();
         run("ip", &["-4", "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", &table], None)
     })
-}
-
-/// The `sysctl` that hands the connections queued on a closing listener to another listener of
-/// its `SO_REUSEPORT` group instead of resetting them (Linux 5.14).
-pub const MIGRATE_REQUESTS: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
-/// Turns on [`MIGRATE_REQUESTS`] in the calling thread's namespace: when a draining ztunnel closes a
-/// pod's listeners, connections the kernel had queued on them (handshake done, not accepted yet)
-/// go to its successor's instead of being reset. An older kernel keeps working without it, with
-/// that small window; said once in the log.
-fn migrate_requests() {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    if let Err(e) = std::fs::write(MIGRATE_REQUESTS, "1") {
-        WARNED.call_once(|| {
-            tracing::warn!(error = %e, sysctl = MIGRATE_REQUESTS,
-                "cannot turn on request migration: a ztunnel handover may reset connections still queued on the old listeners");
-        });
-    }
 }
 
 /// Removes capture from `netns` (a pod leaving the mesh); what is not there is not an error.

@@ -8,6 +8,7 @@
 mod support;
 
 mod certs;
+mod handoff;
 mod inbound;
 mod node_agent;
 mod xds;

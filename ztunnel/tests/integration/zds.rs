@@ -99,12 +99,10 @@ impl FakeZtunnel {
 
 /// During a handover two ztunnels are connected to the node agent: the second gets the whole
 /// snapshot without the first being cut off, every enrollment reaches both, and once one goes
-/// away the agent notices and carries on with the other. Enrolling turns on request migration in
-/// the pod's namespace.
+/// away the agent notices and carries on with the other.
 #[tokio::test]
 async fn the_node_agent_serves_a_ztunnel_and_its_successor() {
     use ztunnel::node::agent::NodeAgent;
-    use ztunnel::node::capture::MIGRATE_REQUESTS;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ztunnel.sock");
@@ -112,8 +110,6 @@ async fn the_node_agent_serves_a_ztunnel_and_its_successor() {
     let pod = ztunnel::netns::NetNs::new_isolated().unwrap();
     let info = WorkloadInfo { name: "app".into(), namespace: "demo".into(), service_account: "app".into() };
     agent.enroll("uid-1", info.clone(), pod.clone()).await.unwrap();
-    let migrate = pod.run(|| std::fs::read_to_string(MIGRATE_REQUESTS)).unwrap();
-    assert_eq!(migrate.trim(), "1", "request migration is off in the pod");
 
     let old = FakeZtunnel::connect(&path);
     tokio::time::timeout(Duration::from_secs(5), agent.wait_for_snapshot(0)).await.unwrap();
