@@ -85,6 +85,10 @@ async fn objects(State(s): State<AdminState>) -> Response {
 struct ExplainQuery {
     from: String,
     to: String,
+    /// At a waypoint: the request's method, path and headers (`Name: value` lines).
+    method: Option<String>,
+    path: Option<String>,
+    header: Option<String>,
 }
 
 async fn explain(
@@ -100,7 +104,27 @@ async fn explain(
     let objects = s.store.snapshot();
     let binding =
         |ns: &str, svc: Option<&str>, pod: Option<&str>| crate::translate::waypoint_binding(&objects, ns, svc, pod);
-    match view.read(|state| crate::explain::explain(state, &q.from, &q.to, &binding)) {
+    let mut http = crate::explain::HttpQuestion::default();
+    if let Some(m) = q.method.filter(|m| !m.is_empty()) {
+        http.method = m;
+    }
+    if let Some(p) = q.path.filter(|p| !p.is_empty()) {
+        http.path = p;
+    }
+    for line in q.header.iter().flat_map(|h| h.lines()).filter(|l| !l.trim().is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return (StatusCode::BAD_REQUEST, format!("header {line:?}: expected <name>: <value>\n")).into_response();
+        };
+        http.headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let answer = view.read(|state| crate::explain::explain(state, &q.from, &q.to, &binding)).and_then(|mut a| {
+        if a.waypoint.is_some() {
+            let waypoint = crate::explain::waypoint_view(&resources, s.trust.clone());
+            waypoint.read(|state| crate::explain::explain_request(&mut a, state, &http))?;
+        }
+        Ok(a)
+    });
+    match answer {
         Ok(answer) => Json(answer).into_response(),
         Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     }

@@ -10,8 +10,10 @@
 //! `<name>.<ns>` / `<name>.<ns>.svc`), or `<ip>:<port>`. Explained: the source's identity; the
 //! service and its endpoints; the waypoint on the path and why; the hop ztunnel takes (HBONE to whom,
 //! expecting which identity, or plaintext, or a refusal); at the destination's ztunnel, every L4
-//! AuthorizationPolicy that applies with whether it matched, and the verdict. Not yet: the L7
-//! decisions a waypoint takes (routes, DestinationRule policy, L7 authorization) — the answer says so.
+//! AuthorizationPolicy that applies with whether it matched, and the verdict. When a waypoint is on
+//! the path, what it does with an HTTP request (method, path, headers; `GET /` by default):
+//! [`waypoint::explain::request`] — the waypoint's own planning steps — on the state the CA pushes
+//! to waypoints ([`explain_request`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use proto::api::type_url::{ADDRESS, AUTHORIZATION, MESH_SETTINGS};
 use proto::rbac::{self, Connection, Decision, PolicyVerdict};
 use proto::route::{self, Balancer, Route};
 use proto::state::{MeshState, Workload};
+use proto::state::{Waypoint, WaypointAt};
 use proto::tls::SharedTrustBundle;
 use serde::Serialize;
 
@@ -35,6 +38,9 @@ pub enum ExplainError {
     /// The destination cannot be read or resolved.
     #[error("destination {0:?}: {1}")]
     Destination(String, String),
+    /// The HTTP request asked about cannot be explained.
+    #[error("request: {0}")]
+    Request(String),
 }
 
 /// One end of the connection.
@@ -84,6 +90,8 @@ pub struct WaypointInfo {
     pub identity: String,
     /// Why traffic goes through it.
     pub reason: String,
+    /// Its Gateway (`<namespace>/<name>`): L7 policies bound to it apply.
+    pub gateway: String,
 }
 
 /// The L4 decision at the destination's ztunnel.
@@ -102,7 +110,7 @@ pub struct Authorization {
 }
 
 /// The answer.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub struct Explanation {
     /// The client.
     pub source: End,
@@ -120,16 +128,45 @@ pub struct Explanation {
     pub authorization: Option<Authorization>,
     /// The outcome in one line.
     pub outcome: String,
+    /// What the waypoint on the path does with the HTTP request asked about.
+    pub request: Option<waypoint::explain::RequestExplanation>,
     /// What this explanation leaves out.
     pub not_explained: Vec<String>,
+}
+
+/// The HTTP request to explain at a waypoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpQuestion {
+    /// Method.
+    pub method: String,
+    /// Path, with the query if any.
+    pub path: String,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Default for HttpQuestion {
+    fn default() -> Self {
+        HttpQuestion { method: "GET".into(), path: "/".into(), headers: Vec::new() }
+    }
 }
 
 /// The state as a ztunnel holds it, from the resources the CA serves (`trust`: the bundle the
 /// view starts from; the resources applied here do not touch it).
 pub fn ztunnel_view(resources: &Resources, trust: Arc<SharedTrustBundle>) -> Arc<proto::xds::MeshView> {
-    let types = [MESH_SETTINGS, ADDRESS, AUTHORIZATION];
-    let view = proto::xds::MeshView::new(&types, trust);
-    for type_url in types {
+    view_of(resources, &[MESH_SETTINGS, ADDRESS, AUTHORIZATION], trust)
+}
+
+/// The state as a waypoint holds it (the types it subscribes to), from the resources the CA serves.
+pub fn waypoint_view(resources: &Resources, trust: Arc<SharedTrustBundle>) -> Arc<proto::xds::MeshView> {
+    let types: Vec<&'static str> =
+        waypoint::SUBSCRIBED.into_iter().filter(|t| *t != proto::api::type_url::TRUST_BUNDLE).collect();
+    view_of(resources, &types, trust)
+}
+
+fn view_of(resources: &Resources, types: &[&'static str], trust: Arc<SharedTrustBundle>) -> Arc<proto::xds::MeshView> {
+    let view = proto::xds::MeshView::new(types, trust);
+    for &type_url in types {
         let Some(of_type) = resources.of_type(type_url) else { continue };
         let response = DeltaDiscoveryResponse {
             type_url: type_url.to_owned(),
@@ -146,10 +183,53 @@ pub fn ztunnel_view(resources: &Resources, trust: Arc<SharedTrustBundle>) -> Arc
             ..Default::default()
         };
         for error in view.apply(&response) {
-            tracing::warn!(%error, "explain: a resource the CA serves does not decode as a ztunnel decodes it");
+            tracing::warn!(%error, "explain: a resource the CA serves does not decode as its proxy decodes it");
         }
     }
     view
+}
+
+/// The Gateway of a waypoint (namespace, name): the Service it is reached through is named after
+/// it, as Istio names a waypoint's Service after its Gateway.
+fn gateway_of(state: &MeshState, waypoint: &Waypoint) -> Option<(String, String)> {
+    let service = match &waypoint.at {
+        WaypointAt::Service(key) => state.service(key),
+        WaypointAt::Address(ip) => state.service_by_vip(*ip),
+    };
+    match (service, &waypoint.at) {
+        (Some(s), _) => Some((s.namespace.clone(), s.name.clone())),
+        (None, WaypointAt::Address(ip)) => state.workload_by_ip(*ip).map(|w| (w.namespace.clone(), w.name.clone())),
+        (None, WaypointAt::Service(_)) => None,
+    }
+}
+
+/// Adds to `explanation`, whose connection goes through a waypoint, what that waypoint does with
+/// the HTTP request `question`; `state` is the waypoint's (see [`waypoint_view`]).
+pub fn explain_request(
+    explanation: &mut Explanation,
+    state: &MeshState,
+    question: &HttpQuestion,
+) -> Result<(), ExplainError> {
+    let Some(gw) = &explanation.waypoint else { return Ok(()) };
+    let gateway = gw.gateway.split_once('/').unwrap_or(("", &gw.gateway));
+    let peer: proto::SpiffeId = explanation
+        .source
+        .identity
+        .parse()
+        .map_err(|_| ExplainError::UnknownSource(explanation.source.workload.clone()))?;
+    let request = waypoint::explain::Request {
+        method: &question.method,
+        path: &question.path,
+        headers: &question.headers,
+        port: explanation.destination_address.port(),
+        peer: &peer,
+        source_ip: explanation.source.address,
+    };
+    let answer = waypoint::explain::request(state, gateway, explanation.destination_address.ip(), &request)
+        .map_err(|e| ExplainError::Request(e.to_string()))?;
+    explanation.outcome = answer.outcome.clone();
+    explanation.request = Some(answer);
+    Ok(())
 }
 
 /// The workload `<namespace>/<name>`.
@@ -217,6 +297,7 @@ pub fn explain(
         destination: None,
         authorization: None,
         outcome: String::new(),
+        request: None,
         not_explained: Vec::new(),
     };
     if !source.speaks_hbone() {
@@ -250,14 +331,19 @@ pub fn explain(
                     ),
                     (None, None) => unreachable!("checked above"),
                 };
+                let waypoint = via_service.and_then(|s| s.waypoint.as_ref()).or_else(|| via_pod?.waypoint.as_ref());
+                let gateway = waypoint
+                    .and_then(|w| gateway_of(state, w))
+                    .unwrap_or_else(|| (gw.namespace.clone(), gw.name.clone()));
                 explanation.waypoint = Some(WaypointInfo {
                     workload: format!("{}/{}", gw.namespace, gw.name),
                     identity: gw.identity.to_string(),
                     reason,
+                    gateway: format!("{}/{}", gateway.0, gateway.1),
                 });
                 not_explained.push(
-                    "the waypoint's L7 decisions (HTTP route, DestinationRule policy, L7 authorization) and the hop \
-                     it takes from there"
+                    "the hop from the waypoint to the endpoint it picks, and the L4 policy at that endpoint's \
+                     ztunnel (where the waypoint's identity is the peer)"
                         .into(),
                 );
                 ("to the waypoint, which decides the rest".to_owned(), hop)

@@ -124,6 +124,13 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
         assert_eq!(status, 200, "{from} -> {to}: {body}");
         serde_json::from_str::<serde_json::Value>(&body).unwrap()
     };
+    let explain_http = async |from: &str, to: &str, path: &str, header: &str| {
+        let query =
+            ca_ctl::fetch::query(&[("from", from), ("to", to), ("method", "GET"), ("path", path), ("header", header)]);
+        let (status, body) = mesh.ca_get(&format!("/debug/explain?{query}")).await.unwrap();
+        assert_eq!(status, 200, "{from} -> {to} {path}: {body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()
+    };
     let verdicts = |e: &serde_json::Value| -> Vec<(String, bool)> {
         e["authorization"]["policies"]
             .as_array()
@@ -190,6 +197,61 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
     .await
     .unwrap();
 
+    // At the waypoint: an L7 DENY bound to its Gateway, an HTTPRoute with a header match and a
+    // timeout, a DestinationRule with a connection limit. What explain says the waypoint does
+    // with a request, the waypoint then does.
+    let hello_vip = std::net::SocketAddr::from(([10, 96, 4, 10], 80));
+    mesh.apply(
+        "l7-hello",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: web}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/admin*\"]}}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: hello, namespace: web}\nspec:\n  parentRefs:\n    - {group: \"\", kind: Service, name: hello, port: 80}\n  rules:\n    - matches:\n        - headers: [{name: x-canary, value: \"yes\"}]\n      timeouts: {request: 3s}\n      backendRefs: [{name: hello, port: 80}]\n    - backendRefs: [{name: hello, port: 80}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: hello, namespace: web}\nspec:\n  host: hello.web.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1}\n",
+    )
+    .unwrap();
+    mesh.wait_until("the CA to take the L7 objects in", Duration::from_secs(10), || async {
+        let e = explain_http("demo/client", "hello.web:80", "/", "x-canary: yes").await;
+        e["request"]["route"]["rule"] == 0 && e["request"]["backends"][0]["policy"].is_string()
+    })
+    .await
+    .unwrap();
+    let admin = explain_http("demo/client", "hello.web:80", "/admin/users", "").await;
+    let r = &admin["request"];
+    assert_eq!(r["request"], "GET /admin/users  (host hello.web.svc.cluster.local, port 80)", "{admin}");
+    assert_eq!(r["authentication"], "no RequestAuthentication applies", "{admin}");
+    assert_eq!(r["verdict"], "DENY", "{admin}");
+    assert_eq!(r["reason"], "denied by web/deny-admin", "{admin}");
+    assert_eq!(
+        r["policies"],
+        serde_json::json!([{"name": "web/deny-admin", "action": "DENY", "dry_run": false, "matched": true, "rule": 0}]),
+        "{admin}"
+    );
+    let forbidden = "answered 403 by the waypoint (RBAC: access denied): denied by web/deny-admin";
+    assert_eq!(admin["outcome"], forbidden, "{admin}");
+    mesh.wait_until("the waypoint to deny /admin", Duration::from_secs(20), || async {
+        let a = e2e::mesh::http_exchange(&client.netns.ns, "GET", hello_vip, "/admin/users", &[]).await;
+        a.is_ok_and(|a| a.status == 403)
+    })
+    .await
+    .unwrap();
+    let canary = explain_http("demo/client", "hello.web:80", "/", "x-canary: yes").await;
+    let r = &canary["request"];
+    assert_eq!(r["verdict"], "ALLOW", "{canary}");
+    assert_eq!(r["policies"][0]["matched"], false, "{canary}");
+    assert_eq!(r["route"], serde_json::json!({"kind": "HTTPRoute", "route": "web/hello", "rule": 0, "rule_name": ""}));
+    assert_eq!(r["rule_settings"], serde_json::json!(["timeout 3000 ms"]), "{canary}");
+    assert_eq!(r["backends"][0]["service"], "web/hello.web.svc.cluster.local", "{canary}");
+    assert_eq!(r["backends"][0]["share"], 100.0, "{canary}");
+    assert_eq!(r["backends"][0]["endpoints"], serde_json::json!(["web/hello"]), "{canary}");
+    assert_eq!(
+        r["backends"][0]["policy"],
+        "DestinationRule web/hello; load balancer round_robin; connection pool: max connections 1",
+        "{canary}"
+    );
+    assert_eq!(canary["outcome"], "sent by the waypoint to web/hello.web.svc.cluster.local:80 (100%)", "{canary}");
+    let plain = explain_http("demo/client", "hello.web:80", "/", "").await;
+    assert_eq!(plain["request"]["route"]["rule"], 1, "{plain}");
+    assert_eq!(plain["request"]["rule_settings"], serde_json::json!([]), "{plain}");
+    let answered = e2e::mesh::http_exchange(&client.netns.ns, "GET", hello_vip, "/", &[("x-canary", "yes")]).await;
+    assert_eq!(answered.unwrap().status, 200, "the waypoint did not carry what explain said it sends");
+
     // REGISTRY_ONLY: an address the mesh does not know is refused by the client's ztunnel.
     let unknown = "192.0.2.1:443";
     mesh.apply(
@@ -222,6 +284,28 @@ async fn ambientctl_explain_agrees_with_what_the_mesh_does() {
         "DENY   demo/deny-intruder",
         "verdict    DENY: denied by demo/deny-intruder",
         "outcome    refused by demo/server's ztunnel (HBONE 401): denied by demo/deny-intruder",
+    ] {
+        assert!(printed.contains(line), "no {line:?} in:\n{printed}");
+    }
+    // The waypoint's part, printed.
+    let printed =
+        ambientctl(&["explain", "demo/client", "hello.web:80", "--path", "/admin/users", "--netns", &underlay]);
+    eprintln!("{printed}");
+    for line in [
+        "request    GET /admin/users  (host hello.web.svc.cluster.local, port 80) at the waypoint",
+        "DENY   web/deny-admin",
+        "matched (rule 0)",
+        "verdict    DENY: denied by web/deny-admin",
+        &format!("outcome    {forbidden}"),
+    ] {
+        assert!(printed.contains(line), "no {line:?} in:\n{printed}");
+    }
+    let printed = ambientctl(&["explain", "demo/client", "hello.web:80", "-H", "x-canary: yes", "--netns", &underlay]);
+    for line in [
+        "route      rule 0 of HTTPRoute web/hello",
+        "backend    100%  web/hello.web.svc.cluster.local:80 (endpoints: web/hello)",
+        "             DestinationRule web/hello; load balancer round_robin; connection pool: max connections 1",
+        "rule       timeout 3000 ms",
     ] {
         assert!(printed.contains(line), "no {line:?} in:\n{printed}");
     }

@@ -222,8 +222,14 @@ fn rule_matches(rule: &pb::L7Rule, input: &AuthzInput<'_>, action: Action) -> bo
 }
 
 fn policy_matches(p: &pb::L7Policy, input: &AuthzInput<'_>) -> bool {
+    matching_rule(p, input).is_some()
+}
+
+/// The first of `p`'s rules (0-based) that matches `input`: what makes the policy match in
+/// [`decide`].
+pub fn matching_rule(p: &pb::L7Policy, input: &AuthzInput<'_>) -> Option<usize> {
     let action = Action::try_from(p.action).unwrap_or(Action::Allow);
-    p.rules.iter().any(|r| rule_matches(r, input, action))
+    p.rules.iter().position(|r| rule_matches(r, input, action))
 }
 
 /// Decides a request against the policies that apply to it; dry-run policies take no part.

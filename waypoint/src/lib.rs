@@ -27,6 +27,7 @@ pub mod authz;
 pub mod body;
 pub mod destination;
 mod edge_tls;
+pub mod explain;
 #[cfg(test)]
 mod fixture;
 mod headers;

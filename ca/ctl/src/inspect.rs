@@ -118,6 +118,54 @@ fn end(v: &Value) -> String {
     line
 }
 
+/// The waypoint's part of an explanation: the request, its JWT, the L7 policies, the route, the
+/// backends.
+fn request_lines(r: &serde_json::Map<String, Value>) -> Vec<String> {
+    let mut out = vec![
+        format!("request    {} at the waypoint", s(&r["request"])),
+        format!("jwt        {}", s(&r["authentication"])),
+        "L7 policy  (bound to the waypoint's Gateway or the service):".to_owned(),
+    ];
+    let policies = r["policies"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if policies.is_empty() {
+        out.push("             (no L7 AuthorizationPolicy applies)".into());
+    }
+    for p in policies {
+        let matched = match p["rule"].as_u64() {
+            Some(rule) => format!("matched (rule {rule})"),
+            None => "no match".to_owned(),
+        };
+        let dry = if p["dry_run"] == Value::Bool(true) { "  (dry run: not enforced)" } else { "" };
+        out.push(format!("             {:<6} {:<40} {matched}{dry}", s(&p["action"]), s(&p["name"])));
+    }
+    out.push(format!("verdict    {}: {}", s(&r["verdict"]), s(&r["reason"])));
+    if !s(&r["routing"]).is_empty() {
+        out.push(format!("route      {}", s(&r["routing"])));
+    }
+    for b in r["backends"].as_array().into_iter().flatten() {
+        let mut line = format!("backend    {:>3.0}%  {}", b["share"].as_f64().unwrap_or_default(), s(&b["service"]));
+        if let Some(port) = b["port"].as_u64() {
+            line.push_str(&format!(":{port}"));
+        }
+        if let Some(subset) = b["subset"].as_str() {
+            line.push_str(&format!(" subset {subset}"));
+        }
+        let endpoints: Vec<&str> = b["endpoints"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        line.push_str(&format!(
+            " (endpoints: {})",
+            if endpoints.is_empty() { "none healthy".to_owned() } else { endpoints.join(", ") }
+        ));
+        out.push(line);
+        if let Some(policy) = b["policy"].as_str() {
+            out.push(format!("             {policy}"));
+        }
+    }
+    for setting in r["rule_settings"].as_array().into_iter().flatten() {
+        out.push(format!("rule       {}", s(setting)));
+    }
+    out
+}
+
 /// The lines [`print_explanation`] prints.
 pub fn explanation_lines(e: &Value) -> Vec<String> {
     let mut out = Vec::new();
@@ -170,6 +218,9 @@ pub fn explanation_lines(e: &Value) -> Vec<String> {
             out.push(format!("             {:<6} {:<40} {matched}{dry}", s(&p["action"]), s(&p["name"])));
         }
         out.push(format!("verdict    {}: {}", s(&authz["verdict"]), s(&authz["reason"])));
+    }
+    if let Some(r) = e["request"].as_object() {
+        out.extend(request_lines(r));
     }
     out.push(format!("outcome    {}", s(&e["outcome"])));
     for left in e["not_explained"].as_array().into_iter().flatten() {

@@ -90,6 +90,7 @@ enum Command {
         ambientctl explain demo/client demo/server:8080        # pod to pod\n  \
         ambientctl explain demo/client hello.demo:80           # to a service (its VIP)\n  \
         ambientctl explain demo/client 10.96.1.10:80 -o json\n  \
+        ambientctl explain demo/client hello.web:80 --method POST --path /admin -H 'x-user: bob'  # at its waypoint\n  \
         ambientctl explain --connection 7 --node node-2             # a live connection, as the mesh is now")]
     Explain(ExplainArgs),
 }
@@ -123,6 +124,24 @@ struct ExplainArgs {
     /// Reach the CA's admin endpoint from inside this network namespace (`ip netns` name).
     #[arg(long, value_name = "NAME")]
     netns: Option<String>,
+    /// When a waypoint is on the path: the method of the HTTP request to explain there.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// When a waypoint is on the path: the request's path, with the query if any.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// When a waypoint is on the path: a header of the request, `Name: value` (repeat for more;
+    /// without `Host`, the service's hostname is taken).
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE", value_parser = parse_header)]
+    headers: Vec<String>,
+}
+
+/// A `Name: value` header.
+fn parse_header(s: &str) -> Result<String, String> {
+    match s.split_once(':') {
+        Some((name, _)) if !name.trim().is_empty() && !s.contains('\n') => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: expected \"Name: value\"")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -566,7 +585,17 @@ async fn explain(args: &ExplainArgs, ca_flags_given: bool, output: Output) -> Re
     if let Some(netns) = &ca_netns {
         ca_ctl::dashboard::enter_netns(netns)?;
     }
-    let query = format!("/debug/explain?{}", ca_ctl::fetch::query(&[("from", &from), ("to", &to)]));
+    let headers = args.headers.join("\n");
+    let query = format!(
+        "/debug/explain?{}",
+        ca_ctl::fetch::query(&[
+            ("from", &from),
+            ("to", &to),
+            ("method", &args.method),
+            ("path", &args.path),
+            ("header", &headers)
+        ])
+    );
     let body = ca_ctl::fetch::http_get(&args.ca_admin, &query)
         .await
         .with_context(|| format!("asking the CA's admin endpoint at {}", args.ca_admin))?;
