@@ -558,6 +558,32 @@ impl Mesh {
         Exiting::new(predecessor)
     }
 
+    /// Restarts node `index`'s agent: the old one goes (its ZDS connections close), a new one
+    /// serves the same socket knowing the node's enrolled pods, as a restarted agent rebuilds
+    /// them before ztunnel reconnects. Returns once ztunnel has taken the new agent's snapshot.
+    pub async fn restart_node_agent(&mut self, index: u8) -> Result<()> {
+        let enrolled: Vec<(String, WorkloadInfo, NetNs)> = self
+            .pods
+            .values()
+            .filter(|p| p.node == index && self.enrolled(p))
+            .map(|p| {
+                let info = WorkloadInfo {
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                };
+                (p.uid.clone(), info, p.netns.ns.clone())
+            })
+            .collect();
+        let node = self.node_mut(index)?;
+        let path = node.agent.path().to_owned();
+        node.agent = NodeAgent::restore(&path, enrolled)?;
+        tokio::time::timeout(Duration::from_secs(30), node.agent.wait_for_snapshot(0))
+            .await
+            .with_context(|| format!("ztunnel on {} did not come back to the restarted node agent", node.name))?;
+        Ok(())
+    }
+
     /// ztunnels connected to node `index`'s agent now (two during a handover).
     pub async fn agent_connections(&self, index: u8) -> Result<usize> {
         Ok(self.node(index)?.agent.connected().await)

@@ -95,8 +95,22 @@ impl Drop for NodeAgent {
 impl NodeAgent {
     /// Serves ZDS at `path` (call within a tokio runtime).
     pub fn bind(path: &Path) -> Result<NodeAgent, AgentError> {
-        let listener = ZdsListener::bind(path).map_err(AgentError::Listen)?;
+        Self::restore(path, Vec::new())
+    }
+
+    /// Serves ZDS at `path` for pods already enrolled (capture installed) by an earlier run of
+    /// the agent: a restarted agent knows its pods before any ztunnel connects, so the first
+    /// snapshot names every one of them and ztunnel keeps serving them undisturbed (a snapshot
+    /// missing a pod would make ztunnel drop it).
+    pub fn restore(path: &Path, pods: Vec<(String, WorkloadInfo, NetNs)>) -> Result<NodeAgent, AgentError> {
         let shared = Arc::new(Shared::default());
+        {
+            let mut known = shared.pods.lock().unwrap_or_else(|p| p.into_inner());
+            for (uid, info, netns) in pods {
+                known.insert(uid, Enrolled { info, netns });
+            }
+        }
+        let listener = ZdsListener::bind(path).map_err(AgentError::Listen)?;
         let accept = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(NodeAgent { shared, path: path.to_owned(), accept })
     }
