@@ -84,6 +84,8 @@ pub struct NodeAgent {
     shared: Arc<Shared>,
     path: PathBuf,
     accept: tokio::task::JoinHandle<()>,
+    /// Whether ztunnels are served yet (connections wait in the listen queue until then).
+    open: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for NodeAgent {
@@ -103,16 +105,32 @@ impl NodeAgent {
     /// snapshot names every one of them and ztunnel keeps serving them undisturbed (a snapshot
     /// missing a pod would make ztunnel drop it).
     pub fn restore(path: &Path, pods: Vec<(String, WorkloadInfo, NetNs)>) -> Result<NodeAgent, AgentError> {
-        let shared = Arc::new(Shared::default());
+        let agent = Self::bind_closed(path)?;
         {
-            let mut known = shared.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let mut known = agent.shared.pods.lock().unwrap_or_else(|p| p.into_inner());
             for (uid, info, netns) in pods {
                 known.insert(uid, Enrolled { info, netns });
             }
         }
+        agent.open();
+        Ok(agent)
+    }
+
+    /// Binds `path` but serves no ztunnel until [`open`](Self::open): an agent that (re)starts
+    /// enrolls the node's pods first, so that the first snapshot a ztunnel gets names every pod
+    /// it serves (a ztunnel drops the pods a snapshot does not name). A ztunnel connecting
+    /// meanwhile waits in the listen queue.
+    pub fn bind_closed(path: &Path) -> Result<NodeAgent, AgentError> {
+        let shared = Arc::new(Shared::default());
         let listener = ZdsListener::bind(path).map_err(AgentError::Listen)?;
-        let accept = tokio::spawn(accept_loop(listener, shared.clone()));
-        Ok(NodeAgent { shared, path: path.to_owned(), accept })
+        let open = tokio::sync::watch::Sender::new(false);
+        let accept = tokio::spawn(accept_loop(listener, shared.clone(), open.subscribe()));
+        Ok(NodeAgent { shared, path: path.to_owned(), accept, open })
+    }
+
+    /// Starts serving ztunnels (see [`bind_closed`](Self::bind_closed)); true the first time.
+    pub fn open(&self) -> bool {
+        !self.open.send_replace(true)
     }
 
     /// The socket path.
@@ -222,7 +240,10 @@ async fn send_to_all(conns: &mut Vec<AgentConnection>, uid: &str, request: Reque
     }
 }
 
-async fn accept_loop(mut listener: ZdsListener, shared: Arc<Shared>) {
+async fn accept_loop(mut listener: ZdsListener, shared: Arc<Shared>, mut open: tokio::sync::watch::Receiver<bool>) {
+    if open.wait_for(|o| *o).await.is_err() {
+        return;
+    }
     loop {
         let conn = match listener.accept().await {
             Ok(c) => c,

@@ -262,7 +262,9 @@ async fn agent_loop(
     use kube::runtime::watcher::{self, Event};
     use tracing::{info, warn};
 
-    let agent = std::sync::Arc::new(crate::node::agent::NodeAgent::bind(&config.zds_socket)?);
+    // ztunnel is served once the node's pods are enrolled: after a restart of this agent its
+    // first snapshot must name every pod ztunnel already serves.
+    let agent = std::sync::Arc::new(crate::node::agent::NodeAgent::bind_closed(&config.zds_socket)?);
     let known: Shared = Shared::default();
     let changed = std::sync::Arc::new(tokio::sync::Notify::new());
 
@@ -364,7 +366,9 @@ async fn agent_loop(
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
     loop {
-        reconcile(&known, &agent, &config.proc_root, host_ns).await;
+        if reconcile(&known, &agent, &config.proc_root, host_ns).await && agent.open() {
+            info!(pods = agent.enrolled().len(), "the node's pods are enrolled; serving ztunnel");
+        }
         tokio::select! {
             () = &mut stop => break,
             () = changed.notified() => {}
@@ -389,13 +393,13 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
 
 /// Enrolls what belongs in the mesh and is not, unenrolls what is and no longer belongs, and
 /// enrolls again a pod whose sandbox (network namespace) the CNI plugin reported anew. The only
-/// place that enrolls: CNI reports wait for it.
-async fn reconcile(known: &Shared, agent: &crate::node::agent::NodeAgent, proc_root: &Path, host_ns: u64) {
+/// place that enrolls: CNI reports wait for it. False until the pods and namespaces are listed.
+async fn reconcile(known: &Shared, agent: &crate::node::agent::NodeAgent, proc_root: &Path, host_ns: u64) -> bool {
     use tracing::warn;
     let (want, cni, enrolled_from) = {
         let k = lock(known);
         if !(k.synced_pods && k.synced_namespaces) {
-            return;
+            return false;
         }
         let pods: Vec<PodFacts> = k.pods.values().cloned().collect();
         (desired(&pods, &k.namespaces), k.cni.clone(), k.enrolled_from.clone())
@@ -431,6 +435,7 @@ async fn reconcile(known: &Shared, agent: &crate::node::agent::NodeAgent, proc_r
             Err(e) => warn!(uid, error = %e, "cannot open the pod's network namespace; retrying"),
         }
     }
+    true
 }
 
 /// One CNI report: remember the namespace, wait until the pod is known, enroll it now if it

@@ -131,3 +131,26 @@ async fn the_node_agent_serves_a_ztunnel_and_its_successor() {
     assert_eq!(new.seen(), ["add uid-1", "snapshot", "add uid-2", "del uid-1"]);
     assert_eq!(old.seen().len(), 3, "the old ztunnel heard of the pod leaving after it left");
 }
+
+/// A (re)starting node agent serves ztunnel only once it has enrolled the node's pods: a ztunnel
+/// connecting earlier waits, then gets a first snapshot that names every pod, never an empty one
+/// (which would make it drop the pods it serves).
+#[tokio::test]
+async fn a_closed_node_agent_serves_ztunnel_only_once_opened() {
+    use ztunnel::node::agent::NodeAgent;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ztunnel.sock");
+    let agent = NodeAgent::bind_closed(&path).unwrap();
+    let early = FakeZtunnel::connect(&path);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(agent.snapshots(), 0);
+    assert!(early.seen().is_empty(), "{:?}", early.seen());
+    let pod = ztunnel::netns::NetNs::new_isolated().unwrap();
+    let info = WorkloadInfo { name: "app".into(), namespace: "demo".into(), service_account: "app".into() };
+    agent.enroll("uid-1", info, pod).await.unwrap();
+    assert!(agent.open(), "the first open");
+    assert!(!agent.open(), "open twice");
+    tokio::time::timeout(Duration::from_secs(5), agent.wait_for_snapshot(0)).await.unwrap();
+    assert_eq!(early.seen(), ["add uid-1", "snapshot"]);
+}
