@@ -167,10 +167,16 @@ impl IssuanceLog {
     }
 }
 
-/// The writer thread: batches whatever is waiting into one write + one sync.
+/// The writer thread: batches whatever is waiting into one write + one sync. A write that fails
+/// (the disk full, say) may have left part of the batch in the file: the file is cut back to its
+/// last whole record, so that once the disk has room again the next records start on a line of
+/// their own and every record stays readable. The batch's callers are refused: nothing of it was
+/// issued. If the cut itself fails, every later write is refused too (until a restart, whose
+/// recovery cuts the partial line), rather than write records after an unreadable line.
 fn writer(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut buf = Vec::new();
+    let mut whole = file.metadata().map(|m| m.len());
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < 4096 {
@@ -183,10 +189,27 @@ fn writer(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Pending>)
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
-        let result = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| {
-            error!(path = %path.display(), error = %e, "cannot write the issuance log; refusing to issue");
-            Arc::new(e)
-        });
+        let result = match &whole {
+            Err(e) => Err(Arc::new(io::Error::new(
+                e.kind(),
+                format!("the log could not be repaired after a failed write: {e}"),
+            ))),
+            Ok(len) => match file.write_all(&buf).and_then(|()| file.sync_data()) {
+                Ok(()) => {
+                    whole = Ok(len + buf.len() as u64);
+                    Ok(())
+                }
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "cannot write the issuance log; refusing to issue");
+                    if let Err(cut) = file.set_len(*len) {
+                        error!(path = %path.display(), error = %cut,
+                            "cannot cut the issuance log back to its last whole record; refusing to issue until restarted");
+                        whole = Err(cut);
+                    }
+                    Err(Arc::new(e))
+                }
+            },
+        };
         for (_, done) in batch.drain(..) {
             let _ = done.send(result.clone());
         }
@@ -239,6 +262,74 @@ mod tests {
         assert_eq!(log.unexpired_under("aa", 999), (6, Some(1000)));
         assert_eq!(log.unexpired_under("aa", 1000), (0, None));
         assert_eq!(log.unexpired_under("bb", 0), (0, None));
+    }
+
+    /// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount(size: &str) -> Tmpfs {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "mount tmpfs");
+            Tmpfs(dir)
+        }
+
+        fn resize(&self, size: &str) {
+            let status = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(self.0.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "remount tmpfs");
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0.path()).status();
+        }
+    }
+
+    /// The disk fills up: issuing is refused (the append fails), the file keeps only whole
+    /// records, and once there is room again records are appended and all of them read back.
+    #[tokio::test]
+    async fn a_full_disk_refuses_records_and_leaves_the_log_whole() {
+        let disk = Tmpfs::mount("8k");
+        let path = disk.0.path().join("issued.jsonl");
+        let (log, _) = IssuanceLog::open(&path, 0).unwrap();
+        let mut written = 0;
+        let refused = loop {
+            match log.append(record(&format!("{written:04x}"), 1000)).await {
+                Ok(()) => written += 1,
+                Err(e) => break e,
+            }
+            assert!(written < 1000, "the 8 KiB disk never filled");
+        };
+        assert!(written > 5, "only {written} records fit");
+        assert!(matches!(&refused, LogError::Write(e) if e.raw_os_error() == Some(28)), "{refused:?}");
+        let whole = |expected: usize| {
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(text.ends_with('\n'), "a partial record was left at the end");
+            assert_eq!(text.lines().count(), expected);
+            assert!(text.lines().all(|l| serde_json::from_str::<Record>(l).is_ok()));
+        };
+        whole(written);
+        // Still full: refused again, still whole.
+        assert!(log.append(record("ffff", 1000)).await.is_err());
+        whole(written);
+        // Room again: issuing resumes.
+        disk.resize("64k");
+        log.append(record("aaaa", 1000)).await.unwrap();
+        whole(written + 1);
+        assert_eq!(log.records(0).len(), written + 1);
+        drop(log);
+        let (_, recovery) = IssuanceLog::open(&path, 0).unwrap();
+        assert_eq!(recovery, Recovery { records: written + 1, truncated_bytes: 0, bad_lines: 0 });
     }
 
     #[tokio::test]
