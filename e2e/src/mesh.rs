@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -556,6 +556,24 @@ impl Mesh {
         let node = self.node_mut(index)?;
         let predecessor = node.ztunnel.replace(successor).context("no ztunnel was running")?;
         Exiting::new(predecessor)
+    }
+
+    /// Runs `ambientctl ca ARGS` against the CA's admin API (from the underlay, with the admin
+    /// credential in the CA's state), returning what it printed.
+    pub fn ambientctl_ca(&self, args: &[&str]) -> Result<String> {
+        let mut command = Command::new(binary("ambientctl")?);
+        command
+            .arg("ca")
+            .args(args)
+            .args(["--server", &format!("{CA_IP}:15012"), "--server-name", &CA_IP.to_string()])
+            .arg("--state-dir")
+            .arg(&self.ca_launch.state);
+        let child = spawn_child_with(&command, Some(&self.underlay.ns), Stdio::piped(), Stdio::piped())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("ambientctl ca {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Restarts node `index`'s agent: the old one goes (its ZDS connections close), a new one

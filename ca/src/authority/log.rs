@@ -176,7 +176,7 @@ impl IssuanceLog {
 fn writer(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut buf = Vec::new();
-    let mut whole = file.metadata().map(|m| m.len());
+    let mut broken: Option<io::ErrorKind> = None;
     while let Some(first) = rx.blocking_recv() {
         batch.push(first);
         while batch.len() < 4096 {
@@ -189,27 +189,20 @@ fn writer(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Pending>)
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
-        let result = match &whole {
-            Err(e) => Err(Arc::new(io::Error::new(
-                e.kind(),
-                format!("the log could not be repaired after a failed write: {e}"),
-            ))),
-            Ok(len) => match file.write_all(&buf).and_then(|()| file.sync_data()) {
-                Ok(()) => {
-                    whole = Ok(len + buf.len() as u64);
-                    Ok(())
-                }
-                Err(e) => {
+        let result = match broken {
+            Some(kind) => Err(io::Error::new(kind, "the log could not be repaired after a failed write")),
+            None => file.metadata().map(|m| m.len()).and_then(|whole| {
+                file.write_all(&buf).and_then(|()| file.sync_data()).inspect_err(|e| {
                     error!(path = %path.display(), error = %e, "cannot write the issuance log; refusing to issue");
-                    if let Err(cut) = file.set_len(*len) {
+                    if let Err(cut) = file.set_len(whole) {
                         error!(path = %path.display(), error = %cut,
                             "cannot cut the issuance log back to its last whole record; refusing to issue until restarted");
-                        whole = Err(cut);
+                        broken = Some(cut.kind());
                     }
-                    Err(Arc::new(e))
-                }
-            },
-        };
+                })
+            }),
+        }
+        .map_err(Arc::new);
         for (_, done) in batch.drain(..) {
             let _ = done.send(result.clone());
         }

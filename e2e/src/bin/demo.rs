@@ -15,16 +15,15 @@
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use e2e::apps::{EchoClient, TUTORIAL_VERBATIM, echo_server, http_server};
-use e2e::ca_process::spawn_child_with;
-use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, binary, http_exchange, http_exchange_as, metric_sum};
+use e2e::mesh::{CA_IP, Mesh, MeshOptions, MeshPod, PodSpec, http_exchange, http_exchange_as, metric_sum};
 use e2e::sniff::{Sniffer, contains, tcp_segments};
 
 const STEPS: usize = 6;
@@ -671,23 +670,6 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Resul
     Ok(())
 }
 
-fn ca_admin(mesh: &Mesh, args: &[&str]) -> Result<String> {
-    let state = mesh.state_dir().join("state");
-    let mut command = Command::new(binary("ambientctl")?);
-    command
-        .arg("ca")
-        .args(args)
-        .args(["--server", &format!("{CA_IP}:15012"), "--server-name", &CA_IP.to_string()])
-        .arg("--state-dir")
-        .arg(&state);
-    let child = spawn_child_with(&command, Some(&mesh.underlay.ns), Stdio::piped(), Stdio::piped())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("ambientctl ca {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The fingerprints of the certificates above `identity`'s leaf in node `node`'s ztunnel: its
 /// signer first, the root last.
 async fn chain_of(mesh: &Mesh, node: u8, identity: &str) -> Result<Vec<String>> {
@@ -736,11 +718,11 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
     let summary = |out: &str| out.lines().next().unwrap_or("").to_owned();
     story.say(format!(
         "$ ambientctl ca rotate-intermediate   → {}",
-        summary(&ca_admin(mesh, &["rotate-intermediate"])?)
+        summary(&mesh.ambientctl_ca(&["rotate-intermediate"])?)
     ));
     story.say(format!(
         "$ ambientctl ca rotate-root prepare    → {}",
-        summary(&ca_admin(mesh, &["rotate-root", "prepare"])?)
+        summary(&mesh.ambientctl_ca(&["rotate-root", "prepare"])?)
     ));
     // Every proxy must trust the new root before anything is signed under it.
     mesh.wait_until("every proxy to trust the new root", Duration::from_secs(20), || async {
@@ -755,7 +737,7 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
     story.say("  (both ztunnels now trust the old and the new root: the bundle came over xDS)");
     story.say(format!(
         "$ ambientctl ca rotate-root activate   → {}",
-        summary(&ca_admin(mesh, &["rotate-root", "activate"])?)
+        summary(&mesh.ambientctl_ca(&["rotate-root", "activate"])?)
     ));
 
     // A pod that joins now gets a certificate under the new root, and talks to the server
