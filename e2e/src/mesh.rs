@@ -351,7 +351,7 @@ impl Mesh {
             log_file: Some(dir.path().join("logs/ca.log")),
             extra_args: options
                 .cert_ttl
-                .map(|t| vec!["--default-ttl".to_owned(), format!("{}ms", t.as_millis())])
+                .map(|t| vec!["--default-ttl".to_owned(), duration_flag(t)])
                 .unwrap_or_default()
                 .into_iter()
                 .chain(options.ca_args.iter().cloned())

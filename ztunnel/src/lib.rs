@@ -171,62 +171,9 @@ impl Ztunnel {
         };
         tokio::spawn(xds.run(view.clone(), stop.clone().cancelled_owned()));
         tokio::spawn(ctx.tracker.clone().watch(view.clone(), stop.clone()));
-        // Pods are taken only once the mesh state is in: a ztunnel that served a pod before knowing
-        // its workloads and policies would refuse what it should carry. Then, before following the
-        // node agent, the pods' sockets of a ztunnel already running on the node are taken over
-        // (see `handoff`); this ztunnel says so once it serves every pod the agent names, and
-        // from then on hands over to its own successor.
+        // Pods are taken only once the mesh state is in (see `take_pods`).
         let handed_over = CancellationToken::new();
-        {
-            let (proxy, zds_path, handoff_path, node) =
-                (proxy.clone(), config.zds_socket.clone(), config.handoff_socket.clone(), config.node_name.clone());
-            let (draining, mut synced, handed_over) = (draining.clone(), view.synced(), handed_over.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = draining.cancelled() => return,
-                    r = synced.wait_for(|s| *s) => if r.is_err() { return },
-                }
-                let predecessor = match handoff::Predecessor::take_over(&handoff_path, &node).await {
-                    Ok(Some(mut p)) => {
-                        info!(pods = p.pods.len(), predecessor_pid = p.pid, "taking over from the running ztunnel");
-                        proxy.inherit(std::mem::take(&mut p.pods));
-                        Some(p)
-                    }
-                    Ok(None) => None,
-                    Err(e) => {
-                        warn!(reason = %proto::error_chain(&e),
-                            "could not take over from the running ztunnel; its pods stay pending here until it lets go of them");
-                        None
-                    }
-                };
-                info!("mesh state synced; following the node agent");
-                let gate = Arc::new(handoff::ZdsGate::default());
-                {
-                    let (gate, proxy, draining) = (gate.clone(), proxy.clone(), draining.clone());
-                    tokio::spawn(async move { gate.follow(proxy, zds_path, draining).await });
-                }
-                if let Some(predecessor) = predecessor {
-                    let mut zds_ready = proxy.zds_ready();
-                    tokio::select! {
-                        () = draining.cancelled() => return,
-                        r = zds_ready.wait_for(|r| *r) => if r.is_err() { return },
-                    }
-                    match predecessor.taken().await {
-                        Ok(()) => {
-                            info!("serving every pod the node agent named; the previous ztunnel drains what it holds")
-                        }
-                        Err(e) => {
-                            info!(reason = %proto::error_chain(&e), "serving every pod; the previous ztunnel was already gone")
-                        }
-                    }
-                }
-                match handoff::HandoffServer::bind(&handoff_path, &node) {
-                    Ok(server) => server.serve(proxy, gate, handed_over, draining).await,
-                    Err(e) => warn!(reason = %proto::error_chain(&e),
-                        "no handoff socket: a successor will have to wait for this ztunnel to exit"),
-                }
-            });
-        }
+        tokio::spawn(take_pods(proxy.clone(), config.clone(), view.synced(), draining.clone(), handed_over.clone()));
 
         // Ready = the node agent's snapshot applied and the mesh state synced.
         let (ready, ready_rx) = tokio::sync::watch::channel(false);
@@ -296,6 +243,63 @@ impl Ztunnel {
         self.proxy.shutdown().await;
         self.stop.cancel();
         info!("ztunnel stopped");
+    }
+}
+
+/// Takes the node's pods once the mesh state is in (a ztunnel that served a pod before knowing
+/// its workloads and policies would refuse what it should carry): first the listening sockets of
+/// a ztunnel already running on the node ([`handoff`]), then the node agent's snapshot; once it
+/// serves every pod the agent names it tells its predecessor so, and from then on stands ready to
+/// hand over to its own successor (`handed_over` is cancelled when one has taken over).
+async fn take_pods(
+    proxy: Arc<Proxy>,
+    config: Config,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    draining: CancellationToken,
+    handed_over: CancellationToken,
+) {
+    tokio::select! {
+        () = draining.cancelled() => return,
+        r = synced.wait_for(|s| *s) => if r.is_err() { return },
+    }
+    let (handoff_path, node) = (&config.handoff_socket, &config.node_name);
+    let predecessor = match handoff::Predecessor::take_over(handoff_path, node).await {
+        Ok(Some(mut p)) => {
+            info!(pods = p.pods.len(), predecessor_pid = p.pid, "taking over from the running ztunnel");
+            proxy.inherit(std::mem::take(&mut p.pods));
+            Some(p)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!(reason = %proto::error_chain(&e),
+                "could not take over from the running ztunnel; its pods stay pending here until it lets go of them");
+            None
+        }
+    };
+    info!("mesh state synced; following the node agent");
+    let gate = Arc::new(handoff::ZdsGate::default());
+    {
+        let (gate, proxy, path, draining) = (gate.clone(), proxy.clone(), config.zds_socket.clone(), draining.clone());
+        tokio::spawn(async move { gate.follow(proxy, path, draining).await });
+    }
+    if let Some(predecessor) = predecessor {
+        let mut zds_ready = proxy.zds_ready();
+        tokio::select! {
+            () = draining.cancelled() => return,
+            r = zds_ready.wait_for(|r| *r) => if r.is_err() { return },
+        }
+        match predecessor.taken().await {
+            Ok(()) => info!("serving every pod the node agent named; the previous ztunnel drains what it holds"),
+            Err(e) => {
+                info!(reason = %proto::error_chain(&e), "serving every pod; the previous ztunnel was already gone")
+            }
+        }
+    }
+    match handoff::HandoffServer::bind(handoff_path, node) {
+        Ok(server) => server.serve(proxy, gate, handed_over, draining).await,
+        Err(e) => {
+            warn!(reason = %proto::error_chain(&e), "no handoff socket: a successor will have to wait for this ztunnel to exit")
+        }
     }
 }
 

@@ -18,6 +18,8 @@
 //! - `disk-full`: the CA's issuance log on a full file system: a new pod's certificate is refused
 //!   with a clear error (nothing issued unlogged), and issued once there is room again.
 
+#![allow(clippy::print_stdout)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -469,7 +471,7 @@ async fn agent(args: &Args) -> Result<Figure> {
 async fn ca_outage(args: &Args) -> Result<Figure> {
     // Certificates outlive the outage by a third of it; renewal (at half the TTL) falls due
     // during it.
-    let ttl = args.ca_outage.mul_f64(4.0 / 3.0).max(Duration::from_secs(60));
+    let ttl = Duration::from_secs(args.ca_outage.mul_f64(4.0 / 3.0).as_secs().max(60));
     let mut pair = Pair::start(MeshOptions { cert_ttl: Some(ttl), ..MeshOptions::default() }).await?;
     let streams = Streams::open(&pair, 100, Duration::from_millis(200)).await?;
     pair.mesh.stop_ca();
