@@ -558,6 +558,38 @@ impl Mesh {
         Exiting::new(predecessor)
     }
 
+    /// `identity`'s certificate as node `index`'s ztunnel holds it (`/certs`), once issued.
+    async fn held_cert(&self, index: u8, identity: &str) -> Result<serde_json::Value> {
+        let (_, body) = self.ztunnel_get(index, 15000, "/certs").await?;
+        let certs: serde_json::Value = serde_json::from_str(&body)?;
+        certs["certificates"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["identity"] == identity && c["state"] == "ready"))
+            .cloned()
+            .with_context(|| format!("node-{index}'s ztunnel holds no certificate for {identity}"))
+    }
+
+    /// The SHA-256 fingerprints of the certificates above `identity`'s leaf in node `index`'s
+    /// ztunnel: its signer first, the root last.
+    pub async fn cert_chain(&self, index: u8, identity: &str) -> Result<Vec<String>> {
+        let cert = self.held_cert(index, identity).await?;
+        let chain: Vec<String> = cert["chain_sha256"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str().map(str::to_owned))
+            .collect();
+        ensure!(chain.len() >= 2, "{identity}'s chain has no signer and root: {chain:?}");
+        Ok(chain)
+    }
+
+    /// What tells `identity`'s certificate in node `index`'s ztunnel from the next one (its
+    /// validity, `<not before>-<expiry>` in Unix seconds).
+    pub async fn cert_validity(&self, index: u8, identity: &str) -> Result<String> {
+        let cert = self.held_cert(index, identity).await?;
+        Ok(format!("{}-{}", cert["not_before_unix"], cert["expires_unix"]))
+    }
+
     /// Runs `ambientctl ca ARGS` against the CA's admin API (from the underlay, with the admin
     /// credential in the CA's state), returning what it printed.
     pub fn ambientctl_ca(&self, args: &[&str]) -> Result<String> {

@@ -670,21 +670,6 @@ async fn waypoint(mesh: &mut Mesh, story: &mut Story, client: &MeshPod) -> Resul
     Ok(())
 }
 
-/// The fingerprints of the certificates above `identity`'s leaf in node `node`'s ztunnel: its
-/// signer first, the root last.
-async fn chain_of(mesh: &Mesh, node: u8, identity: &str) -> Result<Vec<String>> {
-    let (_, body) = mesh.ztunnel_get(node, 15000, "/certs").await?;
-    let certs: serde_json::Value = serde_json::from_str(&body)?;
-    let cert = certs["certificates"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["identity"] == identity))
-        .with_context(|| format!("node-{node}'s ztunnel holds no certificate for {identity}"))?;
-    let chain: Vec<String> =
-        cert["chain_sha256"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(str::to_owned)).collect();
-    ensure!(chain.len() >= 2, "{identity}'s chain has no signer and root: {chain:?}");
-    Ok(chain)
-}
-
 fn short(fingerprint: &str) -> &str {
     fingerprint.get(..16).unwrap_or(fingerprint)
 }
@@ -708,7 +693,7 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
         })
     };
     let client_id = "spiffe://cluster.local/ns/demo/sa/client";
-    let before = chain_of(mesh, 1, client_id).await?;
+    let before = mesh.cert_chain(1, client_id).await?;
     story.say(format!(
         "a long-lived stream client → server is open; the client's certificate: signer {}…, root {}…",
         short(&before[0]),
@@ -746,7 +731,7 @@ async fn rotation(mesh: &mut Mesh, story: &mut Story, client: &Arc<MeshPod>, ser
     mesh.settle(&[], &[]).await?;
     let mut echo = connect_echo(&late, server.addr(ECHO)).await?;
     echo.round_trip(b"signed under the new root").await?;
-    let after = chain_of(mesh, 1, "spiffe://cluster.local/ns/demo/sa/late").await?;
+    let after = mesh.cert_chain(1, "spiffe://cluster.local/ns/demo/sa/late").await?;
     story.say(format!(
         "new pod demo/late got a certificate: signer {}…, root {}… (the new ones), and reached the server,",
         short(&after[0]),

@@ -327,30 +327,6 @@ async fn hold(args: &Args) -> Result<Figure> {
     })
 }
 
-/// The SHA-256 fingerprints above `identity`'s leaf in node `node`'s ztunnel, signer first.
-async fn chain(mesh: &Mesh, node: u8, identity: &str) -> Result<Vec<String>> {
-    let (_, body) = mesh.ztunnel_get(node, 15000, "/certs").await?;
-    let certs: serde_json::Value = serde_json::from_str(&body)?;
-    let cert = certs["certificates"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["identity"] == identity))
-        .with_context(|| format!("node-{node}'s ztunnel holds no certificate for {identity}"))?;
-    Ok(cert["chain_sha256"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(str::to_owned)).collect())
-}
-
-/// What tells `identity`'s certificate in node `node`'s ztunnel from its next one (its validity);
-/// an error while there is none.
-async fn serial(mesh: &Mesh, node: u8, identity: &str) -> Result<String> {
-    let (_, body) = mesh.ztunnel_get(node, 15000, "/certs").await?;
-    let certs: serde_json::Value = serde_json::from_str(&body)?;
-    certs["certificates"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["identity"] == identity))
-        .filter(|c| c["state"] == "ready")
-        .map(|c| format!("{}-{}", c["not_before_unix"], c["expires_unix"]))
-        .with_context(|| format!("node-{node}'s ztunnel holds no certificate for {identity}"))
-}
-
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/soak/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/soak/sa/server";
 
@@ -359,8 +335,8 @@ async fn rotation(args: &Args) -> Result<Figure> {
     let pair = Pair::start(MeshOptions { cert_ttl: Some(ttl), ..MeshOptions::default() }).await?;
     let streams = Streams::open(&pair, args.streams, Duration::from_millis(500)).await?;
     let mesh = &pair.mesh;
-    let before = [chain(mesh, 1, CLIENT_ID).await?, chain(mesh, 2, SERVER_ID).await?];
-    let serials = [serial(mesh, 1, CLIENT_ID).await?, serial(mesh, 2, SERVER_ID).await?];
+    let before = [mesh.cert_chain(1, CLIENT_ID).await?, mesh.cert_chain(2, SERVER_ID).await?];
+    let serials = [mesh.cert_validity(1, CLIENT_ID).await?, mesh.cert_validity(2, SERVER_ID).await?];
     let started = Instant::now();
     let first = |out: String| out.lines().next().unwrap_or_default().to_owned();
     let mut steps = vec![first(mesh.ambientctl_ca(&["rotate-intermediate"])?)];
@@ -382,7 +358,7 @@ async fn rotation(args: &Args) -> Result<Figure> {
     let deadline = Instant::now() + ttl + Duration::from_secs(30);
     let (mut after, mut renewed) = (before.clone(), false);
     while Instant::now() < deadline {
-        after = [chain(mesh, 1, CLIENT_ID).await?, chain(mesh, 2, SERVER_ID).await?];
+        after = [mesh.cert_chain(1, CLIENT_ID).await?, mesh.cert_chain(2, SERVER_ID).await?];
         if new_root(&after[0], &before[0]) && new_root(&after[1], &before[1]) {
             renewed = true;
             break;
@@ -390,7 +366,7 @@ async fn rotation(args: &Args) -> Result<Figure> {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let leaves_renewed =
-        [serial(mesh, 1, CLIENT_ID).await? != serials[0], serial(mesh, 2, SERVER_ID).await? != serials[1]];
+        [mesh.cert_validity(1, CLIENT_ID).await? != serials[0], mesh.cert_validity(2, SERVER_ID).await? != serials[1]];
     // A while longer under the new chain.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let trips = streams.trips();
@@ -595,7 +571,7 @@ async fn disk_full() -> Result<Figure> {
     std::fs::remove_file(&filler)?;
     let freed = Instant::now();
     let resumed = tokio::time::timeout(Duration::from_secs(60), async {
-        while serial(&pair.mesh, 1, late_id).await.is_err() {
+        while pair.mesh.cert_validity(1, late_id).await.is_err() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })
