@@ -78,8 +78,8 @@ struct Args {
     zds_socket: PathBuf,
 
     /// The socket through which this ztunnel takes the pods' listening sockets from one already
-    /// running on the node (an upgrade), and later hands them to its successor
-    /// [default: ztunnel-handoff.sock beside --zds-socket].
+    /// running on the node (an upgrade), and later hands them to its successor [default: beside
+    /// --zds-socket, named after it: /var/run/ztunnel/ztunnel-handoff.sock for the default].
     #[arg(long, value_name = "PATH")]
     handoff_socket: Option<PathBuf>,
 
