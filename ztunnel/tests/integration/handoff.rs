@@ -7,38 +7,42 @@ use std::time::Duration;
 
 use proto::api::istio::workload::zds::WorkloadInfo;
 use proto::certs::{CertConfig, CertManager, TokenSource};
-use proto::hbone::pool::PoolConfig;
-use proto::hbone::server::ServerConfig;
 use tokio_util::sync::CancellationToken;
-use ztunnel::Context;
 use ztunnel::handoff::{HandoffServer, Predecessor, ZdsGate};
 use ztunnel::netns::NetNs;
 use ztunnel::pods::Proxy;
-use ztunnel::telemetry::Metrics;
-use ztunnel::tracker::Tracker;
 use ztunnel::xds::MeshView;
 
-use crate::support::{ISSUER, ZTUNNEL, start_ca, target, ztunnel_token};
+use crate::support::{Ca, ISSUER, ZTUNNEL, start_ca, target, ztunnel_token};
 
 fn proxy(target: &proto::control::ControlPlaneTarget, token: &str) -> Arc<Proxy> {
-    let trust = target.trust.clone();
     let certs = CertManager::new(CertConfig::new(
         target.clone(),
         TokenSource::Static(token.to_owned()),
         ZTUNNEL.parse().unwrap(),
     ))
     .unwrap();
-    let ctx = Arc::new(Context {
-        view: MeshView::new(&ztunnel::xds::SUBSCRIBED, trust),
-        certs,
-        metrics: Arc::new(Metrics::new()),
-        tracker: Arc::new(Tracker::default()),
-        trust_domain: "cluster.local".into(),
-        pool: PoolConfig::default(),
-        hbone: ServerConfig::default(),
-        dns: ztunnel::dns::DnsConfig { upstreams: Vec::new(), domain: "cluster.local".into() },
-    });
-    Proxy::new(ctx, Duration::from_secs(5))
+    let view = MeshView::new(&ztunnel::xds::SUBSCRIBED, target.trust.clone());
+    Proxy::new(crate::support::context(view, certs), Duration::from_secs(5))
+}
+
+/// A control plane in process, how to reach it, and node-1's ztunnel token for it.
+struct ControlPlane {
+    ca: Ca,
+    target: proto::control::ControlPlaneTarget,
+    token: String,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl ControlPlane {
+    async fn start() -> ControlPlane {
+        let objects = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let signer = ca::auth::TokenSigner::new(ISSUER, None).unwrap();
+        let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
+        let (target, _) = target(ca.grpc, state.path());
+        ControlPlane { ca, target, token: ztunnel_token(&signer, "node-1"), _dirs: [objects, state] }
+    }
 }
 
 /// A bind of `port` inside `pod` as an app running as root would try it to share the port.
@@ -66,12 +70,8 @@ async fn ask_dns(pod: &NetNs) -> Option<u16> {
 
 #[tokio::test]
 async fn a_successor_serves_the_very_sockets_its_predecessor_handed_over() {
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let signer = ca::auth::TokenSigner::new(ISSUER, None).unwrap();
-    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
-    let (target, _) = target(ca.grpc, state.path());
-    let token = ztunnel_token(&signer, "node-1");
+    let cp = ControlPlane::start().await;
+    let (target, token) = (&cp.target, &cp.token);
 
     let pod = NetNs::new_isolated().unwrap();
     pod.run(|| {
@@ -82,7 +82,7 @@ async fn a_successor_serves_the_very_sockets_its_predecessor_handed_over() {
     .unwrap();
     let info = WorkloadInfo { name: "app".into(), namespace: "demo".into(), service_account: "app".into() };
 
-    let old = proxy(&target, &token);
+    let old = proxy(target, token);
     old.add_netns("uid-1", Some(&info), pod.clone()).unwrap();
     assert_eq!(ask_dns(&pod).await, Some(0x4a11), "the predecessor does not answer the pod's DNS");
     for port in [15001, 15006, 15008] {
@@ -111,7 +111,7 @@ async fn a_successor_serves_the_very_sockets_its_predecessor_handed_over() {
 
     let mut predecessor = Predecessor::take_over(&path, "node-1").await.unwrap().unwrap();
     assert_eq!(predecessor.pid, Some(std::process::id() as i32));
-    let new = proxy(&target, &token);
+    let new = proxy(target, token);
     new.inherit(std::mem::take(&mut predecessor.pods));
     new.add_netns("uid-1", Some(&info), pod.clone()).unwrap();
     assert!(new.has("uid-1"));
@@ -135,22 +135,18 @@ async fn a_successor_serves_the_very_sockets_its_predecessor_handed_over() {
     let refused = pod.run(|| std::net::TcpStream::connect(("127.0.0.1", 15006)).map(|_| ()));
     assert_eq!(refused.unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
     stop.cancel();
-    ca.stop().await;
+    cp.ca.stop().await;
 }
 
 /// Sockets handed for one namespace are not used for another: the successor binds anew.
 #[tokio::test]
 async fn handed_sockets_are_checked_against_the_pods_namespace() {
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let signer = ca::auth::TokenSigner::new(ISSUER, None).unwrap();
-    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
-    let (target, _) = target(ca.grpc, state.path());
-    let token = ztunnel_token(&signer, "node-1");
+    let cp = ControlPlane::start().await;
+    let (target, token) = (&cp.target, &cp.token);
     let info = WorkloadInfo { name: "app".into(), namespace: "demo".into(), service_account: "app".into() };
 
     let (first, second) = (NetNs::new_isolated().unwrap(), NetNs::new_isolated().unwrap());
-    let old = proxy(&target, &token);
+    let old = proxy(target, token);
     old.add_netns("uid-1", Some(&info), first.clone()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("handoff.sock");
@@ -169,5 +165,5 @@ async fn handed_sockets_are_checked_against_the_pods_namespace() {
     assert_eq!(listeners.hbone.local_addr().unwrap().port(), 15008);
     assert!(listeners.dns.is_some());
     stop.cancel();
-    ca.stop().await;
+    cp.ca.stop().await;
 }

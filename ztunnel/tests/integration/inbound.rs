@@ -21,13 +21,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use ztunnel::Context;
 use ztunnel::certs::{CertConfig, CertManager, TokenSource};
 use ztunnel::inbound::Inbound;
 use ztunnel::outbound::Outbound;
 use ztunnel::pod::{Loopback, Pod};
-use ztunnel::telemetry::Metrics;
-use ztunnel::tracker::Tracker;
 use ztunnel::xds::{MeshView, XdsClient};
 
 use crate::support::{ISSUER, start_ca, ztunnel_token};
@@ -108,16 +105,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     .unwrap();
     let server_cred = certs.fetch(&SERVER.parse().unwrap()).await.unwrap();
     let client_cred = certs.fetch(&CLIENT.parse().unwrap()).await.unwrap();
-    let ctx = Arc::new(Context {
-        view: view.clone(),
-        certs: certs.clone(),
-        metrics: Arc::new(Metrics::new()),
-        tracker: Arc::new(Tracker::default()),
-        trust_domain: "cluster.local".into(),
-        pool: PoolConfig::default(),
-        hbone: ServerConfig::default(),
-        dns: ztunnel::dns::DnsConfig { upstreams: Vec::new(), domain: "cluster.local".into() },
-    });
+    let ctx = crate::support::context(view.clone(), certs.clone());
     let pod = |name: &str, id: &str| {
         Arc::new(Pod {
             uid: format!("uid-{name}"),

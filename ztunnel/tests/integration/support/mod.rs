@@ -80,3 +80,18 @@ pub fn target(grpc: SocketAddr, state: &Path) -> (ControlPlaneTarget, Arc<Shared
         trust,
     )
 }
+
+/// What ztunnel's connection handlers share, over `view` and `certs`, with default settings and no
+/// DNS upstream.
+pub fn context(view: Arc<ztunnel::xds::MeshView>, certs: Arc<ztunnel::certs::CertManager>) -> Arc<ztunnel::Context> {
+    Arc::new(ztunnel::Context {
+        view,
+        certs,
+        metrics: Arc::new(ztunnel::telemetry::Metrics::new()),
+        tracker: Arc::new(ztunnel::tracker::Tracker::default()),
+        trust_domain: "cluster.local".into(),
+        pool: proto::hbone::pool::PoolConfig::default(),
+        hbone: proto::hbone::server::ServerConfig::default(),
+        dns: ztunnel::dns::DnsConfig { upstreams: Vec::new(), domain: "cluster.local".into() },
+    })
+}
