@@ -29,10 +29,14 @@ const MAX_SERVICE_ACCOUNT_LEN: usize = 253;
 pub struct SpiffeId {
     /// The whole URI; the parts are slices of it.
     uri: Arc<str>,
-    td_end: usize,
-    ns: (usize, usize),
-    sa_start: usize,
+    // Offsets into `uri` (at most `MAX_ID_LEN`): 16-bit, so an identity is 24 bytes. Every live
+    // connection's record holds one or two.
+    td_end: u16,
+    ns: (u16, u16),
+    sa_start: u16,
 }
+
+const _: () = assert!(MAX_ID_LEN <= u16::MAX as usize, "SpiffeId's offsets are 16-bit");
 
 /// Why a string is not a mesh SPIFFE ID.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -102,17 +106,17 @@ impl SpiffeId {
 
     /// The trust domain, e.g. `cluster.local`.
     pub fn trust_domain(&self) -> &str {
-        &self.uri[SCHEME.len()..self.td_end]
+        &self.uri[SCHEME.len()..usize::from(self.td_end)]
     }
 
     /// The Kubernetes namespace.
     pub fn namespace(&self) -> &str {
-        &self.uri[self.ns.0..self.ns.1]
+        &self.uri[usize::from(self.ns.0)..usize::from(self.ns.1)]
     }
 
     /// The Kubernetes service account.
     pub fn service_account(&self) -> &str {
-        &self.uri[self.sa_start..]
+        &self.uri[usize::from(self.sa_start)..]
     }
 
     /// The full URI, as it appears in a certificate's URI SAN.
@@ -141,10 +145,17 @@ impl SpiffeId {
         validate_namespace(ns)?;
         validate_service_account(sa)?;
 
+        // Each offset is within `input`, which is at most MAX_ID_LEN (checked above) and so fits.
+        let offset = |i: usize| i as u16;
         let td_end = SCHEME.len() + td.len();
         let ns_start = td_end + "/ns/".len();
         let ns_end = ns_start + ns.len();
-        Ok(SpiffeId { uri: Arc::from(input), td_end, ns: (ns_start, ns_end), sa_start: ns_end + "/sa/".len() })
+        Ok(SpiffeId {
+            uri: Arc::from(input),
+            td_end: offset(td_end),
+            ns: (offset(ns_start), offset(ns_end)),
+            sa_start: offset(ns_end + "/sa/".len()),
+        })
     }
 }
 
@@ -312,6 +323,16 @@ mod tests {
         assert!(SpiffeId::new("td", &"a".repeat(63), "b").is_ok());
         let huge = format!("spiffe://td/ns/a/sa/{}", "b".repeat(4000));
         assert_eq!(huge.parse::<SpiffeId>(), Err(SpiffeIdError::TooLong { len: huge.len() }));
+    }
+
+    #[test]
+    fn the_longest_valid_identity_keeps_its_parts_in_24_bytes() {
+        let (td, ns) = (format!("{}.local", "t".repeat(249)), "n".repeat(63));
+        let sa = ["s".repeat(63), "s".repeat(63), "s".repeat(63), "s".repeat(61)].join(".");
+        assert_eq!((td.len(), sa.len()), (MAX_TRUST_DOMAIN_LEN, MAX_SERVICE_ACCOUNT_LEN));
+        let id = SpiffeId::new(&td, &ns, &sa).unwrap();
+        assert_eq!((id.trust_domain(), id.namespace(), id.service_account()), (td.as_str(), ns.as_str(), sa.as_str()));
+        assert_eq!(std::mem::size_of::<SpiffeId>(), 24);
     }
 
     #[test]

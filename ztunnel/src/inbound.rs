@@ -31,6 +31,7 @@ use crate::context::Context;
 use crate::pod::{Pod, connect};
 use crate::rbac::{self, Connection, Decision};
 use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use crate::tracker::{Registration, Revocation};
 use crate::xds::MeshState;
 
 /// How long a dial to the app may take before the tunnel is answered `503`.
@@ -180,9 +181,8 @@ impl Handler for Inbound {
         // Boxed before the task's future is built, so the request is not kept in it either.
         let establish = Box::pin(self.establish(connect));
         async move {
-            let Some(Established { app, tunnel, record, cancel, _registration }) = establish.await else { return };
-            self.relay(copy::copy_bidirectional_until(app, tunnel, cancel.cancelled_owned()), record, _registration)
-                .await;
+            let Some(Established { app, tunnel, record, registration }) = establish.await else { return };
+            self.relay(copy::copy_bidirectional_until(app, tunnel, registration.revoked()), record).await;
         }
     }
 }
@@ -192,9 +192,9 @@ struct Established {
     app: TcpStream,
     tunnel: proto::hbone::H2Stream,
     record: ConnectionRecord,
-    cancel: tokio_util::sync::CancellationToken,
-    /// Keeps the connection in the table of live connections (re-authorized on policy changes).
-    _registration: crate::tracker::Registration,
+    /// Keeps the connection in the table of live connections (re-authorized on policy changes);
+    /// its copy ends when the registration is revoked.
+    registration: Registration,
 }
 
 impl Inbound {
@@ -236,8 +236,7 @@ impl Inbound {
             record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
             return None;
         }
-        let cancel = self.pod.cancel.child_token();
-        let registration = self.ctx.tracker.register(Some(peer), client.ip(), target, cancel.clone());
+        let registration = self.ctx.tracker.register(&self.pod, Some(peer), client.ip(), target);
         // The dial is cancelled if the client resets the stream, and bounded in time.
         let dial = tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connect_app(client.ip(), target));
         let app = match connect.until_reset(dial).await {
@@ -265,21 +264,15 @@ impl Inbound {
                 return None;
             }
         };
-        Some(Established { app, tunnel, record, cancel, _registration: registration })
+        Some(Established { app, tunnel, record, registration })
     }
 
     /// Copies until both sides close, the pod goes or policy revokes the connection, then closes
-    /// the record. An `async` block that owns all three and awaits the copy in place stores each
-    /// once (see `Outbound::relay`).
+    /// the record. An `async` block that owns both and awaits the copy in place stores each once
+    /// (see `Outbound::relay`).
     #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
-    fn relay(
-        &self,
-        mut copy: copy::CopyUntil<tokio_util::sync::WaitForCancellationFutureOwned>,
-        record: ConnectionRecord,
-        registration: crate::tracker::Registration,
-    ) -> impl Future<Output = ()> + '_ {
+    fn relay(&self, mut copy: copy::CopyUntil<Revocation>, record: ConnectionRecord) -> impl Future<Output = ()> + '_ {
         async move {
-            let _registration = registration;
             match (&mut copy).await {
                 // The tunnel's "sent" is what went to the client.
                 Ok((t, false)) => record.close(Outcome::Done, t.received, t.sent, None),
@@ -347,8 +340,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
         record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
         return;
     }
-    let cancel = pod.cancel.child_token();
-    let _registration = ctx.tracker.register(None, client.ip(), target, cancel.clone());
+    let registration = ctx.tracker.register(&pod, None, client.ip(), target);
     let app = match pod.sockets.as_client(client.ip()) {
         Ok(socket) => Box::pin(connect(socket, target)).await,
         Err(e) => Err(e),
@@ -360,7 +352,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
             return;
         }
     };
-    let (t, stopped, error) = copy::copy_plain_until(stream, app, cancel.cancelled()).await;
+    let (t, stopped, error) = copy::copy_plain_until(stream, app, registration.revoked()).await;
     let outcome = match (stopped, pod.cancel.is_cancelled()) {
         (false, _) => Outcome::Done,
         (true, true) => Outcome::Shutdown,

@@ -4,6 +4,7 @@
 //! source identities).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use proto::drain::DrainWatcher;
@@ -155,7 +156,7 @@ impl Outbound {
         async move {
             let Some(Established { downstream, upstream, record }) = establish.await else { return };
             // The pod's own token (no per-connection child: nothing revokes an outbound connection alone).
-            let stop = self.pod.cancel.clone().cancelled_owned();
+            let stop = Box::pin(self.pod.cancel.clone().cancelled_owned());
             match upstream {
                 Upstream::Tunnel(tunnel) => {
                     self.relay(copy::copy_bidirectional_until(downstream, tunnel, stop), record).await;
@@ -251,7 +252,7 @@ impl Outbound {
     #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
     fn relay(
         &self,
-        mut copy: copy::CopyUntil<WaitForCancellationFutureOwned>,
+        mut copy: copy::CopyUntil<Pin<Box<WaitForCancellationFutureOwned>>>,
         record: ConnectionRecord,
     ) -> impl Future<Output = ()> + '_ {
         async move {

@@ -313,6 +313,8 @@ impl Proxy {
             cancel: CancellationToken::new(),
         });
         let handoff = listeners.handoff_fds().map_err(AddError::Listeners)?;
+        // Whatever tears the pod's proxy down (removal, shutdown) ends its inbound connections.
+        tokio::spawn(self.ctx.tracker.clone().revoke_when_cancelled(pod.clone()));
         let (trigger, watcher) = drain::new();
         let outbound = Outbound::new(self.ctx.clone(), pod.clone());
         let span = info_span!("pod", pod = %format!("{}/{}", pod.namespace, pod.name));

@@ -69,7 +69,7 @@ impl std::fmt::Display for Direction {
 
 /// Copies between `io` and `tunnel` until both directions have ended, carrying half-closes.
 pub async fn copy_bidirectional(io: TcpStream, tunnel: H2Stream) -> Result<Transferred, CopyError> {
-    copy_bidirectional_until(io, tunnel, std::future::pending()).await.map(|(t, _)| t)
+    copy_bidirectional_until(io, tunnel, std::future::pending::<()>()).await.map(|(t, _)| t)
 }
 
 /// Like [`copy_bidirectional`], but abandons the copy when `stop` resolves (a policy revoked the
@@ -79,8 +79,13 @@ pub async fn copy_bidirectional(io: TcpStream, tunnel: H2Stream) -> Result<Trans
 /// A named future rather than an `async fn`: it holds the copy's state once, where an `async fn`
 /// would also keep its arguments for as long as it runs. Await it by `&mut` from a caller that
 /// keeps it anyway (as an argument), so it is not moved into a second slot either: per open
-/// connection, these bytes are the cost.
-pub fn copy_bidirectional_until<S: Future<Output = ()>>(io: TcpStream, tunnel: H2Stream, stop: S) -> CopyUntil<S> {
+/// connection, these bytes are the cost. `stop` is kept inline, hence `Unpin` (box one that is
+/// not).
+pub fn copy_bidirectional_until<S: Future<Output = ()> + Unpin>(
+    io: TcpStream,
+    tunnel: H2Stream,
+    stop: S,
+) -> CopyUntil<S> {
     let (send, recv, pending, slot) = tunnel.into_parts();
     CopyUntil {
         copy: Bidi {
@@ -96,7 +101,7 @@ pub fn copy_bidirectional_until<S: Future<Output = ()>>(io: TcpStream, tunnel: H
             shut_down: false,
             transferred: Transferred::default(),
         },
-        stop: Box::pin(stop),
+        stop,
         _slot: slot,
     }
 }
@@ -104,7 +109,7 @@ pub fn copy_bidirectional_until<S: Future<Output = ()>>(io: TcpStream, tunnel: H
 /// The future of [`copy_bidirectional_until`].
 pub struct CopyUntil<S> {
     copy: Bidi,
-    stop: Pin<Box<S>>,
+    stop: S,
     /// Keeps the pooled connection's stream count until the stream is gone (client side only).
     _slot: Option<super::pool::StreamSlot>,
 }
@@ -115,7 +120,7 @@ impl<S> std::fmt::Debug for CopyUntil<S> {
     }
 }
 
-impl<S: Future<Output = ()>> Future for CopyUntil<S> {
+impl<S: Future<Output = ()> + Unpin> Future for CopyUntil<S> {
     type Output = Result<(Transferred, bool), CopyError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
@@ -128,7 +133,7 @@ impl<S: Future<Output = ()>> Future for CopyUntil<S> {
             }
             Poll::Pending => {}
         }
-        if this.stop.as_mut().poll(cx).is_ready() {
+        if Pin::new(&mut this.stop).poll(cx).is_ready() {
             this.copy.send.send_reset(h2::Reason::CANCEL);
             return Poll::Ready(Ok((this.copy.transferred, true)));
         }
