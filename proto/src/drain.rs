@@ -24,6 +24,13 @@ pub struct DrainWatcher {
     _alive: mpsc::Sender<()>,
 }
 
+/// Holds a drain open without watching for its signal: what a connection keeps for as long as it
+/// lives (8 bytes, where a [`DrainWatcher`] is 24).
+#[derive(Debug, Clone)]
+pub struct DrainGuard {
+    _alive: mpsc::Sender<()>,
+}
+
 /// How a drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainOutcome {
@@ -64,10 +71,17 @@ impl DrainWatcher {
     pub fn is_draining(&self) -> bool {
         *self.signal.borrow()
     }
+
+    /// A guard that keeps the drain waiting until it is dropped, like a watcher.
+    pub fn guard(&self) -> DrainGuard {
+        DrainGuard { _alive: self._alive.clone() }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[tokio::test]
@@ -82,6 +96,18 @@ mod tests {
         drop(watcher);
         assert_eq!(trigger.drain(Duration::from_secs(5)).await, DrainOutcome::Complete);
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_guard_holds_the_drain_like_a_watcher() {
+        let (trigger, watcher) = new();
+        let guard = watcher.guard();
+        drop(watcher);
+        let drain = tokio::spawn(trigger.drain(Duration::from_secs(5)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!drain.is_finished(), "the drain completed while a guard was held");
+        drop(guard);
+        assert_eq!(drain.await.unwrap(), DrainOutcome::Complete);
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::context::Context;
 use crate::pod::{Pod, connect};
 use crate::rbac::{self, Connection, Decision};
-use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer, Reporter};
 use crate::tracker::{Registration, Revocation};
 use crate::xds::MeshState;
 
@@ -109,7 +109,7 @@ fn admit(
         // Only an identity the handshake proved is reported as the source principal.
         let source = Peer::proven(state.workload_by_ip(client.ip()), peer.cloned());
         let info = ConnectionInfo {
-            reporter: "destination",
+            reporter: Reporter::Destination,
             src: client,
             dst: target,
             source,

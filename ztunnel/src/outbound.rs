@@ -7,18 +7,18 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use proto::drain::DrainWatcher;
+use proto::drain::{DrainGuard, DrainWatcher};
 use proto::hbone::copy;
 use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
 use proto::hbone::server::StatusCode;
 pub use proto::route::{Balancer, Route, is_waypoint_of, route};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 use crate::context::Context;
 use crate::pod::{Pod, PodDialer, connect};
-use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer};
+use crate::telemetry::{ConnectionInfo, ConnectionRecord, Outcome, Peer, Reporter};
 
 /// Resolves `host` (with the node's resolver) and connects from the pod to the first address that
 /// answers. An address of a workload in the mesh is skipped: a name must not lead the proxy to
@@ -82,6 +82,38 @@ struct Established {
     downstream: TcpStream,
     upstream: Upstream,
     record: ConnectionRecord,
+    /// The pod's own token (no per-connection one: nothing revokes an outbound connection alone).
+    stop: CancellationToken,
+}
+
+/// Waits for the pod's token; boxed, as the copy keeps its stop inline and this one is not `Unpin`.
+type PodGone = Pin<Box<WaitForCancellationFutureOwned>>;
+
+/// A plain copy: what moved, whether the pod's going stopped it, and its error.
+type PlainCopy = Pin<Box<dyn Future<Output = (copy::Transferred, bool, Option<std::io::Error>)> + Send>>;
+
+/// The copy of an established connection.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the common case, in place on purpose: boxing it would add an allocation per connection"
+)]
+enum Relay {
+    /// Through an HBONE stream, in place.
+    Tunnel(copy::CopyUntil<PodGone>),
+    /// Plain TCP, boxed (bigger than the tunnel's, and rarer).
+    Plain(PlainCopy),
+}
+
+impl Established {
+    fn into_relay(self) -> (Relay, ConnectionRecord) {
+        let Established { downstream, upstream, record, stop } = self;
+        let stop = Box::pin(stop.cancelled_owned());
+        let relay = match upstream {
+            Upstream::Tunnel(tunnel) => Relay::Tunnel(copy::copy_bidirectional_until(downstream, tunnel, stop)),
+            Upstream::Plain(upstream) => Relay::Plain(Box::pin(copy::copy_plain_until(downstream, upstream, stop))),
+        };
+        (relay, record)
+    }
 }
 
 impl Outbound {
@@ -112,17 +144,7 @@ impl Outbound {
                     }
                 },
             };
-            let this = self.clone();
-            let watcher = drain.clone();
-            tokio::spawn(async move {
-                let _watcher = watcher;
-                match original_dst(&stream) {
-                    Ok(dst) => this.handle(stream, client, dst).await,
-                    Err(e) => {
-                        debug!(pod = %this.pod.name, %client, error = %e, "outbound connection without an original destination; closing")
-                    }
-                }
-            });
+            tokio::spawn(self.connection(stream, client, None, drain.guard()));
         }
     }
 
@@ -138,34 +160,62 @@ impl Outbound {
                 }
             };
             let service = state.service_by_vip(dst.ip()).map(|s| s.hostname.clone()).unwrap_or_default();
-            let info = ConnectionInfo { reporter: "source", src: client, dst, source, destination, service, mtls };
+            let info =
+                ConnectionInfo { reporter: Reporter::Source, src: client, dst, source, destination, service, mtls };
             Decided { route, info }
         })
     }
 
-    /// Proxies `downstream` (from the app at `client`) to `dst`, its original destination, until
-    /// both sides close.
+    /// The task of one captured connection: proxies `downstream` (from the app at `client`) to
+    /// `dst` — `None`: its original destination, read from the socket — until both sides close or
+    /// the pod goes, holding `guard` (the pod's drain) until then.
     ///
     /// A connection's task lives as long as the connection and its size is what every open
-    /// connection costs, so it holds only what the copy needs: the set-up (decisions, the
-    /// certificate, the `CONNECT` or the dial) runs in its own allocation, freed before the copy
-    /// starts, and so does a plain copy (bigger than the tunnel's, and rarer).
-    pub fn handle(&self, downstream: TcpStream, client: SocketAddr, dst: SocketAddr) -> impl Future<Output = ()> + '_ {
-        // Boxed before the task's future is built, so the arguments are not kept in it either.
-        let establish = Box::pin(self.establish(downstream, client, dst));
+    /// connection costs, so it holds only what the copy needs (the copy, the record, the drain
+    /// guard): the set-up (the original destination, decisions, the certificate, the `CONNECT`
+    /// or the dial) runs in its own allocation, freed before the copy starts, and so does a plain
+    /// copy (bigger than the tunnel's, and rarer).
+    pub fn connection(
+        self: &Arc<Self>,
+        downstream: TcpStream,
+        client: SocketAddr,
+        dst: Option<SocketAddr>,
+        guard: DrainGuard,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        // Boxed before the task's future is built, so the arguments are not kept in it either;
+        // it hands back the drain guard with the connection, so the task holds only what it returns.
+        let establish = Box::pin(async move {
+            let dst = match dst.map_or_else(|| original_dst(&downstream), Ok) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    debug!(pod = %this.pod.name, %client, error = %e, "outbound connection without an original destination; closing");
+                    return None;
+                }
+            };
+            Some((this.establish(downstream, client, dst).await?, guard))
+        });
         async move {
-            let Some(Established { downstream, upstream, record }) = establish.await else { return };
-            // The pod's own token (no per-connection child: nothing revokes an outbound connection alone).
-            let stop = Box::pin(self.pod.cancel.clone().cancelled_owned());
-            match upstream {
-                Upstream::Tunnel(tunnel) => {
-                    self.relay(copy::copy_bidirectional_until(downstream, tunnel, stop), record).await;
+            // Bound in this arm only, so the set-up's results take no room beside the copy.
+            let (mut relay, record, _guard) = match establish.await {
+                Some((established, guard)) => {
+                    let (relay, record) = established.into_relay();
+                    (relay, record, guard)
                 }
-                Upstream::Plain(upstream) => {
-                    let (t, stopped, error) = Box::pin(copy::copy_plain_until(downstream, upstream, stop)).await;
-                    record.close(self.ended(stopped), t.sent, t.received, error.map(|e| e.to_string()).as_deref());
+                None => return,
+            };
+            let (t, stopped, error) = match &mut relay {
+                Relay::Tunnel(copy) => match copy.await {
+                    Ok((t, stopped)) => (t, stopped, None),
+                    Err(e) => (e.transferred, false, Some(e.to_string())),
+                },
+                Relay::Plain(copy) => {
+                    let (t, stopped, error) = copy.await;
+                    (t, stopped, error.map(|e| e.to_string()))
                 }
-            }
+            };
+            let outcome = if stopped { Outcome::Shutdown } else { Outcome::Done };
+            record.close(outcome, t.sent, t.received, error.as_deref());
         }
     }
 
@@ -243,30 +293,6 @@ impl Outbound {
                 return None;
             }
         };
-        Some(Established { downstream, upstream, record })
-    }
-
-    /// Copies until both sides close (or the pod goes), then closes the record. An `async`
-    /// block that owns both and awaits the copy in place stores each once (an `async fn` would
-    /// keep its arguments twice, and `.await` on the copy would move it into a third slot).
-    #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
-    fn relay(
-        &self,
-        mut copy: copy::CopyUntil<Pin<Box<WaitForCancellationFutureOwned>>>,
-        record: ConnectionRecord,
-    ) -> impl Future<Output = ()> + '_ {
-        async move {
-            match (&mut copy).await {
-                Ok((t, stopped)) => record.close(self.ended(stopped), t.sent, t.received, None),
-                Err(e) => {
-                    let t = e.transferred;
-                    record.close(Outcome::Done, t.sent, t.received, Some(&e.to_string()))
-                }
-            }
-        }
-    }
-
-    fn ended(&self, stopped: bool) -> Outcome {
-        if stopped { Outcome::Shutdown } else { Outcome::Done }
+        Some(Established { downstream, upstream, record, stop: self.pod.cancel.clone() })
     }
 }

@@ -219,11 +219,38 @@ impl Peer {
     }
 }
 
+/// Which end of a connection reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    /// The client's ztunnel (outbound).
+    Source,
+    /// The server's ztunnel (inbound).
+    Destination,
+}
+
+impl Reporter {
+    /// The `reporter` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        }
+    }
+
+    /// The access log's `direction`.
+    fn direction(self) -> &'static str {
+        match self {
+            Reporter::Source => "outbound",
+            Reporter::Destination => "inbound",
+        }
+    }
+}
+
 /// Everything an access-log line and the metric labels say about a connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
-    /// `source` or `destination`.
-    pub reporter: &'static str,
+    /// Which end reports.
+    pub reporter: Reporter,
     /// Client address.
     pub src: SocketAddr,
     /// Where the client wanted to go.
@@ -241,7 +268,7 @@ pub struct ConnectionInfo {
 impl ConnectionInfo {
     fn labels(&self, flags: &'static str) -> ConnectionLabels {
         ConnectionLabels {
-            reporter: self.reporter,
+            reporter: self.reporter.as_str(),
             source_workload: or_unknown(self.source.name()),
             source_workload_namespace: or_unknown(self.source.namespace()),
             source_principal: or_unknown(&self.source.spiffe()),
@@ -290,7 +317,7 @@ impl ConnectionRecord {
         let i = &self.info;
         tracing::info!(
             target: "access",
-            direction = if i.reporter == "source" { "outbound" } else { "inbound" },
+            direction = i.reporter.direction(),
             src.addr = %i.src,
             src.workload = %i.source.name(),
             src.namespace = %i.source.namespace(),
@@ -321,7 +348,7 @@ mod tests {
     fn istio_names_and_labels() {
         let metrics = Arc::new(Metrics::new());
         let info = ConnectionInfo {
-            reporter: "destination",
+            reporter: Reporter::Destination,
             src: "10.0.0.1:4000".parse().unwrap(),
             dst: "10.0.0.2:80".parse().unwrap(),
             source: Peer::proven(None, Some("spiffe://cluster.local/ns/a/sa/client".parse().unwrap())),
