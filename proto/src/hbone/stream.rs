@@ -94,6 +94,10 @@ impl AsyncRead for H2Stream {
             if !this.pending.is_empty() {
                 let n = this.pending.len().min(buf.remaining());
                 buf.put_slice(&this.pending.split_to(n));
+                if this.pending.is_empty() {
+                    // An empty slice still holds the buffer HTTP/2 read it from: let go of it.
+                    this.pending = Bytes::new();
+                }
                 // Return window only as the reader consumes: that is the back-pressure.
                 this.recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
                 return Poll::Ready(Ok(()));
