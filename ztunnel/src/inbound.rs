@@ -269,7 +269,7 @@ impl Inbound {
 
     /// Copies until both sides close, the pod goes or policy revokes the connection, then closes
     /// the record. An `async` block that owns both and awaits the copy in place stores each once
-    /// (see `Outbound::relay`).
+    /// (see `Outbound::connection`).
     #[allow(clippy::manual_async_fn, reason = "an async fn would store its arguments twice (see above)")]
     fn relay(&self, mut copy: copy::CopyUntil<Revocation>, record: ConnectionRecord) -> impl Future<Output = ()> + '_ {
         async move {

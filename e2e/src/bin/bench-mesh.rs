@@ -12,9 +12,11 @@
 //!   from its public source outside the project), started on both nodes in place of ours, on the
 //!   same CA, xDS and node agent.
 //!
-//! Rounds go through all paths in turn (the ztunnels swapped between `ours` and `peer`), so that
-//! drift in the machine's speed lands on every path alike; the report gives each metric's median
-//! over the rounds with every round's figure, as a table and as JSON.
+//! Rounds go through all paths in turn (the ztunnels swapped between `ours` and `peer`, and
+//! restarted before each: every ztunnel path starts on a fresh pair), so that drift in the
+//! machine's speed lands on every path alike; `ours` and `peer` alternate which goes first. The
+//! report gives each metric's median over the rounds with every round's figure, as a table and as
+//! JSON.
 //!
 //! Measured per path and round: one-stream throughput (and the CPU the path's two proxies spend
 //! per GiB carried, user space and kernel), 1 KiB request/response latency p50/p99 on one
@@ -773,15 +775,32 @@ async fn run(args: Args) -> Result<()> {
     }
     let mut paths: BTreeMap<Kind, Vec<Round>> = BTreeMap::new();
     let mut running = Kind::Ours;
+    // Whether the running ztunnels are fresh: every ztunnel path starts on a just-started pair.
+    let mut fresh = true;
     for round in 1..=args.rounds.max(1) {
-        for &kind in &kinds {
-            if matches!(kind, Kind::Ours | Kind::Peer) && kind != running {
-                let which = match (kind, &args.peer_ztunnel) {
-                    (Kind::Peer, Some(bin)) => ZtunnelImpl::Istio(bin.clone()),
-                    _ => ZtunnelImpl::Ours,
-                };
-                swap_ztunnels(&mut mesh, &which, &mesh_client, &mesh_server).await?;
-                running = kind;
+        // Ours and peer alternate which goes first: the second of the two measured better under
+        // load whichever binary it was (±10 %), so the order must favour neither.
+        let mut order = kinds.clone();
+        if round % 2 == 0 {
+            order.iter_mut().for_each(|k| {
+                *k = match *k {
+                    Kind::Ours if kinds.contains(&Kind::Peer) => Kind::Peer,
+                    Kind::Peer => Kind::Ours,
+                    other => other,
+                }
+            });
+        }
+        for &kind in &order {
+            if matches!(kind, Kind::Ours | Kind::Peer) {
+                if kind != running || !fresh {
+                    let which = match (kind, &args.peer_ztunnel) {
+                        (Kind::Peer, Some(bin)) => ZtunnelImpl::Istio(bin.clone()),
+                        _ => ZtunnelImpl::Ours,
+                    };
+                    swap_ztunnels(&mut mesh, &which, &mesh_client, &mesh_server).await?;
+                    running = kind;
+                }
+                fresh = false;
             }
             let path = match kind {
                 Kind::Direct => {

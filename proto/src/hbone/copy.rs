@@ -228,8 +228,8 @@ impl Bidi {
                 self.recv.flow_control().release_capacity(n).map_err(h2_to_io)?;
                 self.transferred.received += n as u64;
             }
-            // An empty slice still holds the whole buffer HTTP/2 read it from (tens of KiB,
-            // shared with the frames of other streams): let go of it while waiting.
+            // An empty slice still holds the whole buffer HTTP/2 read it from (shared with the
+            // frames of other streams): let go of it while waiting.
             self.download = Bytes::new();
             if self.download_done {
                 if !self.shut_down {
