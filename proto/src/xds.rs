@@ -234,6 +234,13 @@ impl MeshView {
         self.changes.subscribe()
     }
 
+    /// How many responses have been applied (the value [`changes`](Self::changes) carries). It is
+    /// bumped after the state is written: a decision made with the state read after taking this
+    /// number is current as long as the number has not moved.
+    pub fn generation(&self) -> u64 {
+        *self.changes.borrow()
+    }
+
     /// True once every subscribed type has been received at least once.
     pub fn synced(&self) -> watch::Receiver<bool> {
         self.synced.subscribe()

@@ -55,6 +55,8 @@ impl Inbound {
 struct Admission {
     info: ConnectionInfo,
     decision: Decision,
+    /// The state's generation the decision was made at (see `Tracker::register`).
+    generation: u64,
     /// The client's address, as the app will see it.
     client: SocketAddr,
 }
@@ -90,6 +92,9 @@ fn admit(
     forwarded: Option<IpAddr>,
     target: SocketAddr,
 ) -> Option<Admission> {
+    // Taken before the state is read: if it has moved by the time the connection is registered,
+    // the decision is made again there.
+    let generation = ctx.view.generation();
     ctx.view.read(|state| {
         let destination = state.workload_by_ip(target.ip())?;
         let client = client_address(state, destination, peer, peer_addr, forwarded);
@@ -117,7 +122,7 @@ fn admit(
             service: String::new(),
             mtls: peer.is_some(),
         };
-        Some(Admission { info, decision, client })
+        Some(Admission { info, decision, generation, client })
     })
 }
 
@@ -224,7 +229,7 @@ impl Inbound {
             .and_then(proto::hbone::parse_forwarded_for);
 
         let admitted = admit(&self.ctx, Some(&peer), connect.peer_addr, forwarded, target);
-        let Some(Admission { info, decision, client }) = admitted else {
+        let Some(Admission { info, decision, generation, client }) = admitted else {
             warn!(src.identity = %peer, dst.addr = %target, pod = %self.pod.name,
                 "inbound refused (400): no workload known at the destination address");
             connect.reject(StatusCode::BAD_REQUEST);
@@ -236,7 +241,8 @@ impl Inbound {
             record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
             return None;
         }
-        let registration = self.ctx.tracker.register(&self.pod, Some(peer), client.ip(), target);
+        let registration =
+            self.ctx.tracker.register(&self.ctx.view, generation, &self.pod, Some(peer), client.ip(), target);
         // The dial is cancelled if the client resets the stream, and bounded in time.
         let dial = tokio::time::timeout(APP_CONNECT_TIMEOUT, self.connect_app(client.ip(), target));
         let app = match connect.until_reset(dial).await {
@@ -331,7 +337,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
         return;
     }
     let _ = stream.set_nodelay(true);
-    let Some(Admission { info, decision, .. }) = admit(&ctx, None, client, None, target) else {
+    let Some(Admission { info, decision, generation, .. }) = admit(&ctx, None, client, None, target) else {
         warn!(pod = %pod.name, %client, dst.addr = %target, "plaintext inbound refused: no workload known at the destination address");
         return;
     };
@@ -340,7 +346,7 @@ async fn plaintext(ctx: Arc<Context>, pod: Arc<Pod>, stream: TcpStream, client: 
         record.close(Outcome::Denied, 0, 0, Some(&format!("{decision:?}")));
         return;
     }
-    let registration = ctx.tracker.register(&pod, None, client.ip(), target);
+    let registration = ctx.tracker.register(&ctx.view, generation, &pod, None, client.ip(), target);
     let app = match pod.sockets.as_client(client.ip()) {
         Ok(socket) => Box::pin(connect(socket, target)).await,
         Err(e) => Err(e),

@@ -122,11 +122,15 @@ impl Tracker {
         self.live.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection to `pod`. It is revoked if policy no longer allows it, or once the
-    /// pod's `cancel` token is cancelled and [`revoke_pod`](Self::revoke_pod) runs — at once if
-    /// that already happened.
+    /// Registers a connection to `pod`, admitted with the state of `view` at `admitted_at` (its
+    /// [`generation`](MeshView::generation), taken before the decision). It is revoked if policy no
+    /// longer allows it — at once if the state changed since the decision: a change applied between
+    /// the decision and this call was rechecked without it — or once the pod's `cancel` token is
+    /// cancelled and [`revoke_pod`](Self::revoke_pod) runs, at once if that already happened.
     pub fn register(
         self: &Arc<Self>,
+        view: &MeshView,
+        admitted_at: u64,
         pod: &Arc<Pod>,
         source: Option<SpiffeId>,
         source_ip: IpAddr,
@@ -150,7 +154,34 @@ impl Tracker {
             live.revoke();
         }
         drop(table);
+        // Once listed, every later change is rechecked with it (the recheck runs after each bump of
+        // the generation and reads the table then); one that came between the decision and the
+        // listing is checked here.
+        if view.generation() != admitted_at && view.read(|state| Self::denies(state, &live)) {
+            live.revoke();
+        }
         Registration { tracker: self.clone(), live }
+    }
+
+    /// Whether the current state denies `live` (logged); a destination no longer known is left to
+    /// its pod's removal, as in [`recheck`](Self::recheck).
+    fn denies(state: &crate::xds::MeshState, live: &Live) -> bool {
+        let Some(destination) = state.workload_by_ip(live.destination.ip()) else {
+            return false;
+        };
+        let conn = Connection {
+            source: live.source.as_ref(),
+            source_ip: live.source_ip,
+            destination_ip: live.destination.ip(),
+            destination_port: live.destination.port(),
+        };
+        let decision = rbac::authorize(state, destination, &conn);
+        if decision.allowed() {
+            return false;
+        }
+        info!(src.identity = ?live.source.as_ref().map(ToString::to_string), src.ip = %live.source_ip,
+            dst.addr = %live.destination, ?decision, "closing a live connection: policy no longer allows it");
+        true
     }
 
     /// Revokes every connection to `pod` (its proxy is being torn down). Call it after cancelling
@@ -200,19 +231,7 @@ impl Tracker {
         let mut closed = 0;
         view.read(|state| {
             for l in table.values().filter(|l| !l.is_revoked()) {
-                let Some(destination) = state.workload_by_ip(l.destination.ip()) else {
-                    continue;
-                };
-                let conn = Connection {
-                    source: l.source.as_ref(),
-                    source_ip: l.source_ip,
-                    destination_ip: l.destination.ip(),
-                    destination_port: l.destination.port(),
-                };
-                let decision = rbac::authorize(state, destination, &conn);
-                if !decision.allowed() {
-                    info!(src.identity = ?l.source.as_ref().map(ToString::to_string), src.ip = %l.source_ip,
-                        dst.addr = %l.destination, ?decision, "closing a live connection: policy no longer allows it");
+                if Self::denies(state, l) {
                     l.revoke();
                     closed += 1;
                 }
@@ -255,8 +274,91 @@ mod tests {
         })
     }
 
+    fn empty_view() -> Arc<MeshView> {
+        MeshView::new(&crate::xds::SUBSCRIBED, proto::testing::TestCa::new().shared_bundle())
+    }
+
     fn register(tracker: &Arc<Tracker>, pod: &Arc<Pod>, port: u16) -> Registration {
-        tracker.register(pod, None, "10.0.0.9".parse().unwrap(), SocketAddr::from(([10, 0, 0, 1], port)))
+        let view = empty_view();
+        let generation = view.generation();
+        tracker.register(
+            &view,
+            generation,
+            pod,
+            None,
+            "10.0.0.9".parse().unwrap(),
+            SocketAddr::from(([10, 0, 0, 1], port)),
+        )
+    }
+
+    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> proto::api::envoy::service::discovery::v3::Resource {
+        proto::api::envoy::service::discovery::v3::Resource {
+            name: name.into(),
+            version: "v1".into(),
+            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
+            ..Default::default()
+        }
+    }
+
+    fn apply(view: &MeshView, type_url: &str, name: &str, body: Vec<u8>) {
+        let response = proto::api::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+            type_url: type_url.into(),
+            resources: vec![resource(name, type_url, body)],
+            ..Default::default()
+        };
+        assert!(view.apply(&response).is_empty());
+    }
+
+    #[test]
+    fn a_change_between_the_decision_and_the_registration_is_checked_at_registration() {
+        use prost::Message;
+        use proto::api::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
+        use proto::api::istio::workload::{Address, Workload, address};
+        use proto::api::type_url::{ADDRESS, AUTHORIZATION};
+
+        let view = empty_view();
+        let workload = Workload {
+            uid: "Kubernetes//Pod/demo/server".into(),
+            name: "server".into(),
+            namespace: "demo".into(),
+            addresses: vec![vec![10, 0, 0, 1]],
+            ..Default::default()
+        };
+        let body = Address { r#type: Some(address::Type::Workload(workload)) }.encode_to_vec();
+        apply(&view, ADDRESS, "Kubernetes//Pod/demo/server", body);
+        let tracker = Arc::new(Tracker::default());
+        let a = pod("a");
+        let (client, to_80) = ("10.0.0.9".parse().unwrap(), SocketAddr::from(([10, 0, 0, 1], 80)));
+
+        // Decided (allowed: no policy yet) at this generation...
+        let decided_at = view.generation();
+        // ...then a DENY of port 80 arrives before the connection is listed: the recheck that
+        // followed it could not see the connection, so registering must.
+        let deny = Authorization {
+            name: "deny-80".into(),
+            namespace: "demo".into(),
+            scope: Scope::Namespace as i32,
+            action: Action::Deny as i32,
+            rules: vec![Rule {
+                clauses: vec![Clause { matches: vec![Match { destination_ports: vec![80], ..Default::default() }] }],
+            }],
+            ..Default::default()
+        };
+        apply(&view, AUTHORIZATION, "demo/deny-80", deny.encode_to_vec());
+        assert_ne!(view.generation(), decided_at);
+        let mut late = tracker.register(&view, decided_at, &a, None, client, to_80).revoked();
+        assert_eq!(Probe::new().poll(&mut late), Poll::Ready(()));
+
+        // A decision made at the current generation is not made again (nothing changed since).
+        let to_81 = SocketAddr::from(([10, 0, 0, 1], 81));
+        let mut current = tracker.register(&view, view.generation(), &a, None, client, to_81).revoked();
+        assert_eq!(Probe::new().poll(&mut current), Poll::Pending);
+        // Negative control: a connection to 80 decided at the current generation is left to the
+        // recheck (which closes it).
+        let mut stale_but_current = tracker.register(&view, view.generation(), &a, None, client, to_80).revoked();
+        assert_eq!(Probe::new().poll(&mut stale_but_current), Poll::Pending);
+        assert_eq!(tracker.recheck(&view), 1);
+        assert_eq!(Probe::new().poll(&mut stale_but_current), Poll::Ready(()));
     }
 
     /// Polls once with a waker that counts its wakes.
