@@ -119,7 +119,7 @@ fn admit(
             dst: target,
             source,
             destination: Peer::of(destination),
-            service: String::new(),
+            service: None,
             mtls: peer.is_some(),
         };
         Some(Admission { info, decision, generation, client })

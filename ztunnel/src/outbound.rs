@@ -159,7 +159,7 @@ impl Outbound {
                     (Peer::default(), false)
                 }
             };
-            let service = state.service_by_vip(dst.ip()).map(|s| s.hostname.clone()).unwrap_or_default();
+            let service = state.service_by_vip(dst.ip()).cloned();
             let info =
                 ConnectionInfo { reporter: Reporter::Source, src: client, dst, source, destination, service, mtls };
             Decided { route, info }
@@ -226,7 +226,7 @@ impl Outbound {
         let Decided { route, info } = self.decide(client, dst);
         // What Istio's ztunnel tells the other side: the service the client addressed, and the
         // client workload's attributes (telemetry only; never trusted for identity).
-        let service = (!info.service.is_empty()).then(|| info.service.clone());
+        let service = info.service.clone();
         let baggage = info.source.workload.as_ref().and_then(|w| w.baggage.clone());
         let record = ConnectionRecord::open(&self.ctx.metrics, info);
         let upstream = match route {
@@ -240,7 +240,7 @@ impl Outbound {
                     }
                 };
                 let mut request = ConnectRequest::new(credential, hbone, identities, target)
-                    .forwarded_for_service(client, service.as_deref());
+                    .forwarded_for_service(client, service.as_deref().map(|s| s.hostname.as_str()));
                 if let Some(b) = baggage {
                     request = request.baggage_value(b);
                 }

@@ -17,7 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use proto::state::Workload;
+use proto::state::{Service, Workload};
 
 /// Labels of the `istio_tcp_*` families.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -165,37 +165,27 @@ fn or_unknown(s: &str) -> String {
     if s.is_empty() { UNKNOWN.to_owned() } else { s.to_owned() }
 }
 
-/// One side of a connection: its workload when the control plane knows it (shared, not copied:
-/// a connection holds a pointer, not strings), and the identity it proved, if any.
+/// One side of a connection: its workload when the control plane knows it, and its SPIFFE ID if
+/// it has one — both shared, not copied: a connection holds pointers, not strings.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
     /// The workload.
     pub workload: Option<Arc<Workload>>,
-    /// Its SPIFFE ID.
-    pub principal: Principal,
-}
-
-/// Where a side's SPIFFE ID comes from.
-#[derive(Debug, Clone, Default)]
-pub enum Principal {
-    /// Proven (a TLS handshake) or known first-hand (the pod ztunnel serves).
-    Known(proto::SpiffeId),
-    /// Implied by its workload (a destination the control plane describes).
-    FromWorkload,
-    /// None: a plaintext client proves nothing.
-    #[default]
-    Unknown,
+    /// Its SPIFFE ID: proven (a TLS handshake), known first-hand (the pod ztunnel serves) or
+    /// implied by its workload (a destination the control plane describes); `None` for a
+    /// plaintext client, which proves nothing.
+    pub principal: Option<proto::SpiffeId>,
 }
 
 impl Peer {
     /// A workload whose identity is implied by the control plane's description of it.
     pub fn of(w: &Arc<Workload>) -> Peer {
-        Peer { workload: Some(w.clone()), principal: Principal::FromWorkload }
+        Peer { workload: Some(w.clone()), principal: Some(w.identity.clone()) }
     }
 
     /// A workload (if known) and the identity it proved (`None`: plaintext).
     pub fn proven(workload: Option<&Arc<Workload>>, principal: Option<proto::SpiffeId>) -> Peer {
-        Peer { workload: workload.cloned(), principal: principal.map_or(Principal::Unknown, Principal::Known) }
+        Peer { workload: workload.cloned(), principal }
     }
 
     fn name(&self) -> &str {
@@ -211,11 +201,7 @@ impl Peer {
     }
 
     fn spiffe(&self) -> String {
-        match (&self.principal, self.workload.as_deref()) {
-            (Principal::Known(id), _) => id.to_string(),
-            (Principal::FromWorkload, Some(w)) => w.identity.to_string(),
-            _ => String::new(),
-        }
+        self.principal.as_ref().map(ToString::to_string).unwrap_or_default()
     }
 }
 
@@ -259,13 +245,18 @@ pub struct ConnectionInfo {
     pub source: Peer,
     /// The server.
     pub destination: Peer,
-    /// The service hostname, when a VIP was addressed.
-    pub service: String,
+    /// The service, when its VIP was addressed.
+    pub service: Option<Arc<Service>>,
     /// Carried over HBONE (mutual TLS).
     pub mtls: bool,
 }
 
 impl ConnectionInfo {
+    /// The addressed service's hostname, or `""`.
+    pub fn service_hostname(&self) -> &str {
+        self.service.as_deref().map_or("", |s| &s.hostname)
+    }
+
     fn labels(&self, flags: &'static str) -> ConnectionLabels {
         ConnectionLabels {
             reporter: self.reporter.as_str(),
@@ -276,7 +267,7 @@ impl ConnectionInfo {
             destination_workload: or_unknown(self.destination.name()),
             destination_workload_namespace: or_unknown(self.destination.namespace()),
             destination_principal: or_unknown(&self.destination.spiffe()),
-            destination_service: or_unknown(&self.service),
+            destination_service: or_unknown(self.service_hostname()),
             destination_canonical_service: or_unknown(self.destination.canonical()),
             request_protocol: "tcp",
             response_flags: flags,
@@ -323,7 +314,7 @@ impl ConnectionRecord {
             src.namespace = %i.source.namespace(),
             src.identity = %i.source.spiffe(),
             dst.addr = %i.dst,
-            dst.service = %i.service,
+            dst.service = %i.service_hostname(),
             dst.workload = %i.destination.name(),
             dst.namespace = %i.destination.namespace(),
             dst.identity = %i.destination.spiffe(),
@@ -362,7 +353,7 @@ mod tests {
                 })
                 .unwrap(),
             )),
-            service: String::new(),
+            service: None,
             mtls: true,
         };
         ConnectionRecord::open(&metrics, info.clone()).close(Outcome::Done, 100, 7, None);

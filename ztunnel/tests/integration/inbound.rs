@@ -240,6 +240,10 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     // allocation.
     let size = size_rx.await.unwrap();
     assert!(size <= 472, "an outbound connection's task future takes {size} bytes");
+    // The same for each inbound stream's task (a 768-byte allocation while it kept the request's
+    // emptied box, a disabled span and 32 bytes more of connection record).
+    let size = proto::hbone::server::stream_task_size::<Inbound>();
+    assert!(size <= 472, "an inbound stream's task future takes {size} bytes");
 
     // A destination outside the mesh is passed through in plaintext.
     let outside = TcpListener::bind(("127.0.0.9", 0)).await.unwrap();
