@@ -26,14 +26,19 @@ use crate::pod::Pod;
 use crate::rbac::{self, Connection};
 use crate::xds::MeshView;
 
-/// One registered connection: what its authorization used, and what ends it.
+/// One registered connection: what its authorization used, and what ends it. Every live inbound
+/// connection holds one, so it is packed: the destination as address and port (a `SocketAddr`
+/// takes 32 bytes) and the opening time as microseconds (a `SystemTime` takes 16), which keeps it
+/// in a 128-byte allocation with its reference counts.
 #[derive(Debug)]
 struct Live {
     id: u64,
     source: Option<SpiffeId>,
     source_ip: IpAddr,
-    destination: SocketAddr,
-    opened: std::time::SystemTime,
+    destination_ip: IpAddr,
+    destination_port: u16,
+    /// Microseconds since the Unix epoch.
+    opened_us: u64,
     /// The pod it reaches (compared by pointer: its connections end when it goes).
     pod: Arc<Pod>,
     revoked: AtomicBool,
@@ -41,7 +46,17 @@ struct Live {
     waker: AtomicWaker,
 }
 
+const _: () = assert!(std::mem::size_of::<Live>() <= 112, "a live connection's entry outgrew its allocation");
+
 impl Live {
+    fn destination(&self) -> SocketAddr {
+        SocketAddr::new(self.destination_ip, self.destination_port)
+    }
+
+    fn opened(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_micros(self.opened_us)
+    }
+
     /// Ends the connection (its task wakes and stops its copy); true if it was not already.
     fn revoke(&self) -> bool {
         let first = !self.revoked.swap(true, Ordering::AcqRel);
@@ -140,8 +155,9 @@ impl Tracker {
             id: self.next.fetch_add(1, Ordering::Relaxed),
             source,
             source_ip,
-            destination,
-            opened: std::time::SystemTime::now(),
+            destination_ip: destination.ip(),
+            destination_port: destination.port(),
+            opened_us: std::time::UNIX_EPOCH.elapsed().map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
             pod: pod.clone(),
             revoked: AtomicBool::new(false),
             waker: AtomicWaker::new(),
@@ -166,21 +182,21 @@ impl Tracker {
     /// Whether the current state denies `live` (logged); a destination no longer known is left to
     /// its pod's removal, as in [`recheck`](Self::recheck).
     fn denies(state: &crate::xds::MeshState, live: &Live) -> bool {
-        let Some(destination) = state.workload_by_ip(live.destination.ip()) else {
+        let Some(destination) = state.workload_by_ip(live.destination_ip) else {
             return false;
         };
         let conn = Connection {
             source: live.source.as_ref(),
             source_ip: live.source_ip,
-            destination_ip: live.destination.ip(),
-            destination_port: live.destination.port(),
+            destination_ip: live.destination_ip,
+            destination_port: live.destination_port,
         };
         let decision = rbac::authorize(state, destination, &conn);
         if decision.allowed() {
             return false;
         }
         info!(src.identity = ?live.source.as_ref().map(ToString::to_string), src.ip = %live.source_ip,
-            dst.addr = %live.destination, ?decision, "closing a live connection: policy no longer allows it");
+            dst.addr = %live.destination(), ?decision, "closing a live connection: policy no longer allows it");
         true
     }
 
@@ -212,8 +228,8 @@ impl Tracker {
                 id: l.id,
                 source: l.source.clone(),
                 source_ip: l.source_ip,
-                destination: l.destination,
-                opened: l.opened,
+                destination: l.destination(),
+                opened: l.opened(),
             })
             .collect();
         out.sort_by_key(|c| (c.opened, c.id));

@@ -98,10 +98,11 @@ struct Args {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Profile where each path's CPU goes: in the first round, one more throughput run and one
-    /// more connection-rate run per path under `perf record` and `perf stat` (its proxies only;
-    /// not counted in the figures), with the samples and reports kept in this directory and the
-    /// split (kernel, crypto, copies; system calls and context switches) in the report.
+    /// Profile where each path's CPU goes: in the first round, one more throughput run,
+    /// connection-rate run and one-connection latency run per path under `perf record` and `perf
+    /// stat` (its proxies only; not counted in the figures), with the samples and reports kept in
+    /// this directory and the split (kernel, crypto, copies; system calls and context switches)
+    /// in the report.
     #[arg(long, value_name = "DIR")]
     profile: Option<PathBuf>,
     /// (internal) Run the sink, echo and ping servers on this IP (ports 5001–5003) and nothing else.
@@ -167,6 +168,9 @@ struct Round {
     /// Where it went while connections opened and closed (`--profile`, first round).
     #[serde(skip_serializing_if = "Option::is_none")]
     connection_profile: Option<Profile>,
+    /// Where it went during one connection's 1 KiB round trips (`--profile`, first round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round_trip_profile: Option<Profile>,
 }
 
 /// Shares of the proxies' CPU samples during one throughput run, by what the code does.
@@ -243,6 +247,8 @@ enum Workload {
     Bytes,
     /// New connections for `--rate-seconds` (counts per connection).
     Connections,
+    /// `--requests` 1 KiB round trips on one connection (counts per round trip).
+    RoundTrips,
 }
 
 /// `workload` once more on `path` with `perf record` and `perf stat` on its proxies; the
@@ -253,6 +259,7 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path, workload: Work
     let name = match workload {
         Workload::Bytes => path.kind.name().to_owned(),
         Workload::Connections => format!("{}-connections", path.kind.name()),
+        Workload::RoundTrips => format!("{}-round-trips", path.kind.name()),
     };
     let (data, counts) = (dir.join(format!("{name}.perf.data")), dir.join(format!("{name}.perf-stat.csv")));
     let pids = format!("{a},{b}");
@@ -279,6 +286,10 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path, workload: Work
         Workload::Connections => {
             let seconds = args.rate_seconds;
             rate(&path.client, SocketAddr::new(path.target, PING), args).await.map(|per_s| per_s * seconds as f64)
+        }
+        // (`latency` makes 100 warm-up exchanges before the measured ones.)
+        Workload::RoundTrips => {
+            latency(path.connect(ECHO).await?, args.requests).await.map(|_| (args.requests + 100) as f64)
         }
     };
     for perf in [&mut record, &mut stat] {
@@ -428,6 +439,7 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     if let (Some(dir), true) = (&args.profile, first_round) {
         round.profile = profile(path, args, dir, Workload::Bytes).await?;
         round.connection_profile = profile(path, args, dir, Workload::Connections).await?;
+        round.round_trip_profile = profile(path, args, dir, Workload::RoundTrips).await?;
     }
 
     Ok(round)
@@ -643,6 +655,16 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
     push(
         "connections: context switches each, both".into(),
         Box::new(|r| Some(r.connection_profile?.context_switches_per_unit)),
+        false,
+    );
+    push(
+        "round trips: system calls each, both".into(),
+        Box::new(|r| Some(r.round_trip_profile?.syscalls_per_unit)),
+        false,
+    );
+    push(
+        "round trips: context switches each, both".into(),
+        Box::new(|r| Some(r.round_trip_profile?.context_switches_per_unit)),
         false,
     );
     push("memory at rest, source node, MiB".into(), Box::new(|r| Some(r.rss_at_rest_mib?[0])), false);
