@@ -1,5 +1,6 @@
-//! Test helpers (feature `testing`): a throwaway CA that issues real X.509-SVIDs, and
-//! [`eventually`], the one way tests wait for a condition.
+//! Test helpers (feature `testing`): a throwaway CA that issues real X.509-SVIDs,
+//! [`eventually`], the one way tests wait for a condition, and [`xds_resource`] for delta xDS
+//! responses built by hand.
 //!
 //! Tests across the workspace use it to get real certificate chains without the `ca` component.
 //! It follows the SVID profile of DESIGN.md (one URI SAN, `CA:false`, serverAuth + clientAuth,
@@ -20,6 +21,16 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::SpiffeId;
 use crate::tls::{Credential, SharedTrustBundle, TrustBundle, WorkloadCert};
+
+/// A delta xDS resource of `type_url` named `name` (version `v1`) carrying the encoded `value`.
+pub fn xds_resource(name: &str, type_url: &str, value: Vec<u8>) -> crate::api::envoy::service::discovery::v3::Resource {
+    crate::api::envoy::service::discovery::v3::Resource {
+        name: name.into(),
+        version: "v1".into(),
+        resource: Some(prost_types::Any { type_url: type_url.into(), value }),
+        ..Default::default()
+    }
+}
 
 static SERIAL: AtomicU64 = AtomicU64::new(1);
 

@@ -408,15 +408,7 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
-
-    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> Resource {
-        Resource {
-            name: name.into(),
-            version: "v1".into(),
-            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
-            ..Default::default()
-        }
-    }
+    use crate::testing::xds_resource as resource;
 
     #[test]
     fn a_bad_resource_is_reported_and_the_rest_applies() {

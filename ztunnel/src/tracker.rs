@@ -307,19 +307,10 @@ mod tests {
         )
     }
 
-    fn resource(name: &str, type_url: &str, value: Vec<u8>) -> proto::api::envoy::service::discovery::v3::Resource {
-        proto::api::envoy::service::discovery::v3::Resource {
-            name: name.into(),
-            version: "v1".into(),
-            resource: Some(prost_types::Any { type_url: type_url.into(), value }),
-            ..Default::default()
-        }
-    }
-
     fn apply(view: &MeshView, type_url: &str, name: &str, body: Vec<u8>) {
         let response = proto::api::envoy::service::discovery::v3::DeltaDiscoveryResponse {
             type_url: type_url.into(),
-            resources: vec![resource(name, type_url, body)],
+            resources: vec![proto::testing::xds_resource(name, type_url, body)],
             ..Default::default()
         };
         assert!(view.apply(&response).is_empty());

@@ -647,26 +647,16 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
         Box::new(|r| r.connection_profile.map(|p| p.kernel_copy + p.kernel_other)),
         false,
     );
-    push(
-        "connections: system calls each, both".into(),
-        Box::new(|r| Some(r.connection_profile?.syscalls_per_unit)),
-        false,
-    );
-    push(
-        "connections: context switches each, both".into(),
-        Box::new(|r| Some(r.connection_profile?.context_switches_per_unit)),
-        false,
-    );
-    push(
-        "round trips: system calls each, both".into(),
-        Box::new(|r| Some(r.round_trip_profile?.syscalls_per_unit)),
-        false,
-    );
-    push(
-        "round trips: context switches each, both".into(),
-        Box::new(|r| Some(r.round_trip_profile?.context_switches_per_unit)),
-        false,
-    );
+    let connection: fn(&Round) -> Option<Profile> = |r| r.connection_profile;
+    let round_trip: fn(&Round) -> Option<Profile> = |r| r.round_trip_profile;
+    for (what, profile) in [("connections", connection), ("round trips", round_trip)] {
+        push(format!("{what}: system calls each, both"), Box::new(move |r| Some(profile(r)?.syscalls_per_unit)), false);
+        push(
+            format!("{what}: context switches each, both"),
+            Box::new(move |r| Some(profile(r)?.context_switches_per_unit)),
+            false,
+        );
+    }
     push("memory at rest, source node, MiB".into(), Box::new(|r| Some(r.rss_at_rest_mib?[0])), false);
     push("memory at rest, destination node, MiB".into(), Box::new(|r| Some(r.rss_at_rest_mib?[1])), false);
     push("KiB per held connection, source".into(), Box::new(|r| Some(r.kib_per_held_connection?[0])), false);
