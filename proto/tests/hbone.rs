@@ -359,6 +359,64 @@ async fn a_connect_never_answered_fails_at_the_deadline() {
     assert_eq!(seen_from.lock().unwrap().len(), 2, "the second CONNECT came on the first connection");
 }
 
+/// A client's first bytes go right behind its `CONNECT` (early data): the server has them before it
+/// answers; a stream a draining server refuses is sent again, bytes and all, on another connection;
+/// the copy counts them as sent. (A plain HTTP/2 server here, to look before answering.)
+#[tokio::test]
+async fn early_data_arrives_before_the_answer_and_again_on_a_retry() {
+    init_tracing();
+    let (ca, server_cred, trust) = ca_and_server("server");
+    let tls = tokio_rustls::TlsAcceptor::from(
+        proto::tls::server_config(server_cred, trust.clone(), vec![TD.to_owned()]).unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        for refuse in [true, false] {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tls.accept(tcp).await.unwrap()).await.unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // Nothing is answered yet: what arrives now was sent ahead of the answer.
+            let mut body = request.into_body();
+            let first = match tokio::time::timeout(Duration::from_secs(5), body.data()).await {
+                Ok(Some(Ok(data))) => data,
+                _ => bytes::Bytes::new(),
+            };
+            seen_tx.send(first.clone()).unwrap();
+            if refuse {
+                respond.send_reset(h2::Reason::REFUSED_STREAM);
+                continue;
+            }
+            let mut send = respond.send_response(http::Response::new(()), false).unwrap();
+            let reply = format!("got {}", String::from_utf8_lossy(&first));
+            send.send_data(bytes::Bytes::from(reply), true).unwrap();
+            // Held until the client ends its side.
+            while let Some(Ok(_)) = body.data().await {}
+        }
+    });
+
+    let pool = Pool::new(PoolConfig::default(), trust);
+    let target = SocketAddr::new(addr.ip(), 8080);
+    let request = ConnectRequest::new(ca.credential(id("client").as_str()), addr, vec![id("server")], target)
+        .early_data(bytes::Bytes::from_static(b"hello"));
+    let tunnel = tokio::time::timeout(WAIT, pool.connect(request)).await.expect("no answer").unwrap();
+    assert_eq!(seen.recv().await.unwrap(), &b"hello"[..], "the refused stream carried no early data");
+    assert_eq!(seen.recv().await.unwrap(), &b"hello"[..], "the retried stream carried no early data");
+    assert_eq!(tunnel.sent_early(), 5);
+
+    // The application side sends nothing more: the copy still counts the 5 bytes as sent.
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(app_listener.local_addr().unwrap()).await.unwrap();
+    let (proxied, _) = app_listener.accept().await.unwrap();
+    app.shutdown().await.unwrap();
+    let copy = tokio::spawn(proto::hbone::copy_bidirectional(proxied, tunnel));
+    assert_eq!(read_to_end_timeout(&mut app, WAIT).await, b"got hello");
+    let moved = tokio::time::timeout(WAIT, copy).await.unwrap().unwrap().unwrap();
+    assert_eq!((moved.sent, moved.received), (5, 9));
+}
+
 /// Sends one request over a raw mTLS + HTTP/2 connection and returns its status.
 async fn raw_request(
     ca: &proto::testing::TestCa,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use proto::drain::{DrainGuard, DrainWatcher};
 use proto::hbone::copy;
-use proto::hbone::pool::{ConnectRequest, Pool, PoolError};
+use proto::hbone::pool::{ConnectRequest, MAX_EARLY_DATA, Pool, PoolError};
 use proto::hbone::server::StatusCode;
 pub use proto::route::{Balancer, Route, is_waypoint_of, route};
 use tokio::net::{TcpListener, TcpStream};
@@ -52,6 +52,22 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAdd
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
     addr.as_socket().ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// What the client has sent so far (up to [`MAX_EARLY_DATA`] bytes), read without waiting, to go
+/// with the `CONNECT` ([`ConnectRequest::early_data`]): empty when it has sent nothing yet (a
+/// server-speaks-first protocol, or a client not that quick) or has only closed; the copy reads
+/// the rest. An error is the client's connection failing (a reset) and ends the set-up.
+fn sent_so_far(downstream: &TcpStream) -> std::io::Result<bytes::Bytes> {
+    use std::io::Read as _;
+    let mut buf = [0u8; MAX_EARLY_DATA];
+    // A read of the socket itself: tokio's own would answer from its readiness state, which the
+    // reactor has not updated yet for a connection this new. The socket is non-blocking.
+    match (&*socket2::SockRef::from(downstream)).read(&mut buf) {
+        Ok(n) => Ok(bytes::Bytes::copy_from_slice(&buf[..n])),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(bytes::Bytes::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Carries one pod's outbound connections (its 15001 listener).
@@ -243,6 +259,14 @@ impl Outbound {
                     .forwarded_for_service(client, service.as_deref().map(|s| s.hostname.as_str()));
                 if let Some(b) = baggage {
                     request = request.baggage_value(b);
+                }
+                // Last, so the client has had the most time to speak.
+                match sent_so_far(&downstream) {
+                    Ok(early) => request = request.early_data(early),
+                    Err(e) => {
+                        record.close(Outcome::ConnectFailed, 0, 0, Some(&format!("client connection failed: {e}")));
+                        return None;
+                    }
                 }
                 match self.pool.connect(request).await {
                     Ok(tunnel) => Upstream::Tunnel(tunnel),

@@ -102,7 +102,9 @@ struct Args {
     /// connection-rate run and one-connection latency run per path under `perf record` and `perf
     /// stat` (its proxies only; not counted in the figures), with the samples and reports kept in
     /// this directory and the split (kernel, crypto, copies; system calls and context switches)
-    /// in the report.
+    /// in the report. More `perf record` arguments come from BENCH_PERF_ARGS (`-g` for call
+    /// graphs; `-e sched:sched_switch -e sched:sched_wakeup -g` for why and by whom threads sleep
+    /// and wake).
     #[arg(long, value_name = "DIR")]
     profile: Option<PathBuf>,
     /// (internal) Run the sink, echo and ping servers on this IP (ports 5001–5003) and nothing else.
@@ -151,6 +153,9 @@ struct Round {
     /// CPU the two proxies spent per new connection, µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     proxies_cpu_us_per_connection: Option<f64>,
+    /// Share of the machine's CPU time busy during the connection-rate run (1.0: every core
+    /// all the time, so the rate is bound by CPU per connection, not by waiting).
+    machine_busy_connections: f64,
     /// Round trips with many connections busy at once.
     concurrent: Vec<Concurrent>,
     /// CPU the two proxies spent per round trip under that load, µs (same order as `concurrent`).
@@ -273,7 +278,10 @@ async fn profile(path: &Path, args: &Args, dir: &std::path::Path, workload: Work
             .spawn()
             .context("running perf (Debian: apt-get install linux-perf)")
     };
-    let mut record = KillOnDrop(spawn(&["record", "-q", "-F", "999"], &data)?);
+    let extra = std::env::var("BENCH_PERF_ARGS").unwrap_or_default();
+    let mut rec_args = vec!["record", "-q", "-F", "999"];
+    rec_args.extend(extra.split_whitespace());
+    let mut record = KillOnDrop(spawn(&rec_args, &data)?);
     let mut stat = KillOnDrop(spawn(&["stat", "-x", ",", "-e", "raw_syscalls:sys_enter,context-switches"], &counts)?);
     // perf attaches before the first sample; give it a moment so the run is covered.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -415,8 +423,9 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     // `latency` also makes 100 unmeasured warm-up exchanges.
     round.proxies_cpu_us_per_request = path.cpu_per(cpu, (args.requests + 100) as f64 / 1e6)?;
 
-    let cpu = path.cpu()?;
+    let (cpu, machine) = (path.cpu()?, machine_ticks()?);
     round.connections_per_s = rate(&path.client, SocketAddr::new(path.target, PING), args).await?;
+    round.machine_busy_connections = busy_since(machine)?;
     round.proxies_cpu_us_per_connection =
         path.cpu_per(cpu, round.connections_per_s * args.rate_seconds as f64 / 1e6)?;
 
@@ -443,6 +452,23 @@ async fn measure(path: &Path, args: &Args, first_round: bool) -> Result<Round> {
     }
 
     Ok(round)
+}
+
+/// The machine's (busy, all) CPU time so far, in ticks, from /proc/stat.
+fn machine_ticks() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().filter(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
+    let ticks: Vec<u64> = line.split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let all: u64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    Ok((all - idle, all))
+}
+
+/// Share of the machine's CPU time busy since `before` was read.
+fn busy_since(before: (u64, u64)) -> Result<f64> {
+    let now = machine_ticks()?;
+    Ok((now.0 - before.0) as f64 / (now.1 - before.1).max(1) as f64)
 }
 
 /// New connections per second on `path`, `--concurrency` at a time for `--rate-seconds`.
@@ -623,6 +649,7 @@ fn summarize(paths: &BTreeMap<Kind, Vec<Round>>, levels: &[usize]) -> Vec<Row> {
     push("CPU per round trip, both proxies, µs".into(), Box::new(|r| r.proxies_cpu_us_per_request), false);
     push("new connections/s".into(), Box::new(|r| Some(r.connections_per_s)), false);
     push("CPU per connection, both proxies, µs".into(), Box::new(|r| r.proxies_cpu_us_per_connection), false);
+    push("connections: machine CPU busy".into(), Box::new(|r| Some(r.machine_busy_connections)), false);
     for (i, &n) in levels.iter().enumerate() {
         let at = move |r: &Round| r.concurrent.get(i).copied();
         push(format!("{n} busy: round trips/s"), Box::new(move |r| Some(at(r)?.requests_per_s)), false);

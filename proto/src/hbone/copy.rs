@@ -86,7 +86,7 @@ pub fn copy_bidirectional_until<S: Future<Output = ()> + Unpin>(
     tunnel: H2Stream,
     stop: S,
 ) -> CopyUntil<S> {
-    let (send, recv, pending, slot) = tunnel.into_parts();
+    let (send, recv, pending, sent_early, slot) = tunnel.into_parts();
     CopyUntil {
         copy: Bidi {
             io,
@@ -99,7 +99,7 @@ pub fn copy_bidirectional_until<S: Future<Output = ()> + Unpin>(
             download: pending,
             download_done: false,
             shut_down: false,
-            transferred: Transferred::default(),
+            transferred: Transferred { sent: u64::from(sent_early), received: 0 },
         },
         stop,
         _slot: slot,

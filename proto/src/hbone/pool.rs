@@ -114,7 +114,15 @@ pub struct ConnectRequest {
     pub target: Target,
     /// Extra request headers (see [`ConnectRequest::forwarded_for`] and friends).
     pub headers: HeaderMap,
+    /// Bytes the client has already sent, to go right behind the `CONNECT` (see
+    /// [`ConnectRequest::early_data`]); empty for none.
+    pub early_data: Bytes,
 }
+
+/// The most early data a caller should give a request ([`ConnectRequest::early_data`]): one
+/// HTTP/2 frame at the default frame size, well inside the smallest stream window a peer may
+/// start with (65,535 bytes), so it is sent at once, never held for window.
+pub const MAX_EARLY_DATA: usize = 16 * 1024;
 
 impl ConnectRequest {
     /// A request with no extra headers; a random unsampled `traceparent` is added on send unless
@@ -126,7 +134,26 @@ impl ConnectRequest {
         target: impl Into<Target>,
     ) -> Self {
         let target = target.into();
-        ConnectRequest { credential, src_ip: None, dst, expected_identities, target, headers: HeaderMap::new() }
+        ConnectRequest {
+            credential,
+            src_ip: None,
+            dst,
+            expected_identities,
+            target,
+            headers: HeaderMap::new(),
+            early_data: Bytes::new(),
+        }
+    }
+
+    /// Sends `data` — bytes the client has already sent, at most [`MAX_EARLY_DATA`] — on the
+    /// stream right behind the `CONNECT` instead of after its answer, so a client that speaks first
+    /// (an HTTP request, a TLS ClientHello) is heard one round trip sooner. The server holds them
+    /// (inside the stream's flow-control window) until it has decided: a refused stream's bytes
+    /// are discarded with it, never delivered. A stream retried on another connection sends them
+    /// again. The copy counts them as sent ([`H2Stream`]).
+    pub fn early_data(mut self, data: Bytes) -> Self {
+        self.early_data = data;
+        self
     }
 
     /// Sets `forwarded: for="<client>"`.
@@ -383,7 +410,11 @@ impl Pool {
 
             let opened = async {
                 let mut send = slot.conn.send.clone().ready().await?;
-                let (response, stream) = send.send_request(req, false)?;
+                let (response, mut stream) = send.send_request(req, false)?;
+                if !request.early_data.is_empty() {
+                    // Queued with the headers: the connection task writes both at once.
+                    stream.send_data(request.early_data.clone(), false)?;
+                }
                 Ok::<_, h2::Error>((response, stream))
             }
             .await;
@@ -428,7 +459,9 @@ impl Pool {
                     status: response.status(),
                 });
             }
-            return Ok(H2Stream::new(send_stream, response.into_body(), Some(slot)));
+            let mut stream = H2Stream::new(send_stream, response.into_body(), Some(slot));
+            stream.sent_early = request.early_data.len() as u32;
+            return Ok(stream);
         }
     }
 

@@ -24,6 +24,11 @@ pub struct H2Stream {
     pending: Bytes,
     recv_done: bool,
     send_done: bool,
+    /// Bytes sent before the stream was answered ([`ConnectRequest::early_data`]); a copy counts
+    /// them as sent.
+    ///
+    /// [`ConnectRequest::early_data`]: super::pool::ConnectRequest::early_data
+    pub(super) sent_early: u32,
     /// Keeps the pooled connection's stream count until the stream is gone (client side only).
     pub(super) _slot: Option<StreamSlot>,
 }
@@ -41,12 +46,18 @@ pub(super) fn h2_to_io(e: h2::Error) -> io::Error {
 
 impl H2Stream {
     pub(super) fn new(send: SendStream<Bytes>, recv: RecvStream, slot: Option<StreamSlot>) -> Self {
-        H2Stream { send, recv, pending: Bytes::new(), recv_done: false, send_done: false, _slot: slot }
+        H2Stream { send, recv, pending: Bytes::new(), recv_done: false, send_done: false, sent_early: 0, _slot: slot }
     }
 
-    /// Splits into the raw halves and the pool slot (which must outlive both).
-    pub(super) fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Bytes, Option<StreamSlot>) {
-        (self.send, self.recv, self.pending, self._slot)
+    /// Splits into the raw halves, the bytes received and not read, the bytes sent early and the
+    /// pool slot (which must outlive both halves).
+    pub(super) fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Bytes, u32, Option<StreamSlot>) {
+        (self.send, self.recv, self.pending, self.sent_early, self._slot)
+    }
+
+    /// Bytes sent before the stream was answered (early data), which a copy counts as sent.
+    pub fn sent_early(&self) -> u64 {
+        u64::from(self.sent_early)
     }
 
     /// Receives the next chunk into the read buffer without consuming anything, for looking at a

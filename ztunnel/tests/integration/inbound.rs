@@ -169,8 +169,12 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
         }
     }
 
-    // Denied by the DENY policy on that port: 401.
-    match connect(admin_addr.into()).await {
+    // Denied by the DENY policy on that port: 401. Bytes sent ahead of the answer (early data)
+    // are dropped with the stream: never delivered, never counted (the byte total below).
+    let early = ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), admin_addr)
+        .forwarded_for("127.0.0.2:40000".parse().unwrap())
+        .early_data(bytes::Bytes::from_static(b"let me in"));
+    match pool.connect(early).await {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
         other => panic!("expected 401, got {other:?}"),
     }
@@ -188,7 +192,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     drop(again);
     // Istio's metrics saw it: two connections carried, one denied by policy, one failed upstream
     // (a connection is counted closed once its task has finished: wait for the last one).
-    let sum = |metrics: &str, prefix: &str, needle: &str| -> u64 {
+    let sum_in = |metrics: &str, prefix: &str, needle: &str| -> u64 {
         metrics
             .lines()
             .filter(|l| l.starts_with(prefix) && l.contains(needle))
@@ -197,11 +201,11 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     };
     let metrics = proto::testing::eventually("every connection counted closed", Duration::from_secs(5), || {
         let metrics = ctx.metrics.encode();
-        let closed = sum(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"destination\"");
+        let closed = sum_in(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"destination\"");
         std::future::ready((closed == 6).then_some(metrics))
     })
     .await;
-    let sum = |prefix: &str, needle: &str| sum(&metrics, prefix, needle);
+    let sum = |prefix: &str, needle: &str| sum_in(&metrics, prefix, needle);
     assert_eq!(sum("istio_tcp_connections_opened_total{", "reporter=\"destination\""), 6, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"DENY\""), 2, "{metrics}");
     assert_eq!(sum("istio_tcp_connections_closed_total{", "response_flags=\"CONNECT\""), 1, "{metrics}");
@@ -219,21 +223,39 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
     let ob = outbound.clone();
     let vip: SocketAddr = "10.96.0.1:80".parse().unwrap();
     let (size_tx, size_rx) = oneshot::channel();
+    let (spoke_tx, spoke) = oneshot::channel();
     // Each outbound connection holds its pod's drain watcher.
     let (_pod_drain, pod_watcher) = proto::drain::new();
     let w = pod_watcher.guard();
     tokio::spawn(async move {
         let (downstream, client) = capture.accept().await.unwrap();
+        // Taken up once the app has spoken: its bytes wait in the socket and go with the CONNECT.
+        spoke.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         let connection = ob.connection(downstream, client, Some(vip), w);
         let _ = size_tx.send(std::mem::size_of_val(&connection));
         connection.await;
     });
     let mut app = tokio::net::TcpStream::connect(capture_addr).await.unwrap();
     app.write_all(b"via the VIP").await.unwrap();
+    spoke_tx.send(()).unwrap();
     let mut back = [0u8; 11];
     app.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"via the VIP");
     drop(app);
+    // Those bytes went ahead of the CONNECT's answer (early data) and count as sent all the same.
+    let source_bytes = proto::testing::eventually("the VIP connection counted closed", Duration::from_secs(5), || {
+        let metrics = ctx.metrics.encode();
+        let closed = sum_in(&metrics, "istio_tcp_connections_closed_total{", "reporter=\"source\"");
+        std::future::ready((closed == 1).then(|| {
+            [
+                sum_in(&metrics, "istio_tcp_received_bytes_total{", "reporter=\"source\""),
+                sum_in(&metrics, "istio_tcp_sent_bytes_total{", "reporter=\"source\""),
+            ]
+        }))
+    })
+    .await;
+    assert_eq!(source_bytes, [11, 11], "client → server, server → client");
     // What each open connection's task holds for as long as it lives: the set-up is boxed away and
     // the copy stored once (it was 2,584 bytes when the set-up and a plain copy lived in it, 728
     // with the set-up's results kept beside the copy). With tokio's task header this is a 640-byte
