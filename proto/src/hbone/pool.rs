@@ -460,7 +460,7 @@ impl Pool {
                 });
             }
             let mut stream = H2Stream::new(send_stream, response.into_body(), Some(slot));
-            stream.sent_early = request.early_data.len() as u32;
+            stream.sent_early = u32::try_from(request.early_data.len()).unwrap_or(u32::MAX);
             return Ok(stream);
         }
     }
