@@ -320,3 +320,46 @@ impl Outbound {
         Some(Established { downstream, upstream, record, stop: self.pod.cancel.clone() })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    /// What the client sent is taken (once, at most `MAX_EARLY_DATA`), nothing is waited for, a
+    /// client that only closed gives nothing, and a reset is the set-up's error.
+    #[tokio::test]
+    async fn early_data_is_what_the_client_already_sent() {
+        let (mut client, accepted) = pair().await;
+        assert!(sent_so_far(&accepted).unwrap().is_empty(), "nothing sent yet");
+        let big = vec![7u8; MAX_EARLY_DATA + 100];
+        client.write_all(&big).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(sent_so_far(&accepted).unwrap().len(), MAX_EARLY_DATA);
+        assert_eq!(sent_so_far(&accepted).unwrap().len(), 100, "the rest, not the same bytes again");
+
+        let (client, accepted) = pair().await;
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(sent_so_far(&accepted).unwrap().is_empty(), "a close is no data");
+
+        let (client, accepted) = pair().await;
+        socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let err = sent_so_far(&accepted).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    }
+}
