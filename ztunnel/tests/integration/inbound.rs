@@ -128,12 +128,11 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
 
     let pool = Pool::new(PoolConfig::default(), trust.clone());
     let expected: Vec<SpiffeId> = vec![SERVER.parse().unwrap()];
-    let connect = |target: Target| {
-        pool.connect(
-            ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), target)
-                .forwarded_for("127.0.0.2:40000".parse().unwrap()),
-        )
+    let request = |target: Target| {
+        ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), target)
+            .forwarded_for("127.0.0.2:40000".parse().unwrap())
     };
+    let connect = |target: Target| pool.connect(request(target));
 
     // Allowed: bytes flow both ways.
     let mut stream = connect(open_addr.into()).await.unwrap();
@@ -171,9 +170,7 @@ async fn inbound_and_outbound_paths_over_real_hbone() {
 
     // Denied by the DENY policy on that port: 401. Bytes sent ahead of the answer (early data)
     // are dropped with the stream: never delivered, never counted (the byte total below).
-    let early = ConnectRequest::new(client_cred.clone(), hbone, expected.clone(), admin_addr)
-        .forwarded_for("127.0.0.2:40000".parse().unwrap())
-        .early_data(bytes::Bytes::from_static(b"let me in"));
+    let early = request(admin_addr.into()).early_data(bytes::Bytes::from_static(b"let me in"));
     match pool.connect(early).await {
         Err(PoolError::Refused { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
         other => panic!("expected 401, got {other:?}"),
