@@ -203,7 +203,7 @@ fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let log = lifecycle::init_logging(args.log_format);
+    let logging = lifecycle::init_logging(args.log_format);
     let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     let td = args.trust_domain.clone();
 
@@ -287,7 +287,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..ca::Limits::default()
         },
         jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
-        log: Some(log),
+        log: Some(logging.control()),
         xds_types: args.xds_types,
         drain_timeout: args.drain_timeout,
     };

@@ -2,7 +2,8 @@
 //! certificate renewed under a long-lived stream (it is not interrupted), ztunnel killed and
 //! restarted (new connections work again within seconds), ztunnel stopped with SIGTERM (it drains
 //! and exits by its deadline), a pod whose capture port is held when ztunnel enrolls it (pending:
-//! counted, not ready, retried until the port frees up, then served).
+//! counted, not ready, retried until the port frees up, then served), ztunnel's log output stalled
+//! (traffic flows on, no line lost).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -189,6 +190,65 @@ async fn ztunnel_log_level_changes_at_run_time() {
     assert_eq!(logging("POST", "?level=info").await, (200, "log filter: info\n".to_owned()));
     connect_and_wait().await;
     assert_eq!(log_count(&mesh, 2, "connection complete"), lines + 1);
+}
+
+/// ztunnel's stderr is a pipe nobody reads (a log collector that stopped): once the pipe is full,
+/// traffic keeps flowing (the access lines queue instead of blocking the workers), and when the
+/// pipe is read again every connection's line arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_output_does_not_stop_traffic() {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let (mut mesh, client, server) = client_and_server(MeshOptions::default()).await;
+    mesh.kill_ztunnel(1).unwrap();
+    let log = mesh.nodes[0].log_path().to_owned();
+    std::fs::remove_file(&log).unwrap();
+    e2e::topology::run("mkfifo", &[log.to_str().unwrap()]).unwrap();
+    // Open for reading first (without waiting for a writer), so ztunnel's open for writing
+    // succeeds; then read nothing.
+    let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(&log).unwrap();
+    mesh.start_ztunnel(1).unwrap();
+    // ztunnel holds the pipe open; the harness (which prints the logs of a failed test) finds a
+    // plain file in its place.
+    std::fs::rename(&log, log.with_extension("fifo")).unwrap();
+    std::fs::write(&log, "").unwrap();
+    mesh.wait_until("traffic through the restarted ztunnel", Duration::from_secs(10), || works(&client, &server))
+        .await
+        .unwrap();
+
+    // 1,000 connections: their access lines (~400 bytes each) are several times what the pipe
+    // holds (64 KiB), so the pipe is full long before the last.
+    for i in 0..1000 {
+        let done = tokio::time::timeout(Duration::from_secs(10), works(&client, &server)).await;
+        assert_eq!(done, Ok(true), "connection {i} with the log output stalled");
+    }
+
+    // The collector comes back: one access line for each connection counted closed, none lost
+    // (a connection is counted just before its line is logged).
+    let closed = async || metric_sum(&mesh.metrics(1).await.unwrap(), "istio_tcp_connections_closed_total{", &[]);
+    let mut text = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("reading the log pipe: {e}"),
+            }
+        }
+        let lines = String::from_utf8_lossy(&text).matches("connection complete").count() as f64;
+        let total = closed().await;
+        if lines == total && total >= 1000.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{lines} access lines out of the pipe for {total} connections closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = String::from_utf8_lossy(&text);
+    assert!(!text.contains("log lines were dropped"), "lines were dropped below the queue's limit");
 }
 
 /// ztunnel is ready only once it has both the node agent's snapshot and the mesh state: restarted

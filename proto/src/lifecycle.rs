@@ -2,10 +2,13 @@
 //! the same way: its async runtime, its logs (with a filter that can be changed while it runs,
 //! through the admin endpoint's `/logging`), and the signals that begin its shutdown.
 
+mod output;
+
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use tracing_subscriber::layer::SubscriberExt;
@@ -99,10 +102,43 @@ impl LogControl {
     }
 }
 
+/// The process's logging, from [`init_logging`]. Keep it until `main` returns: dropping it waits
+/// (up to a second) for the lines still queued to be written.
+pub struct Logging {
+    control: LogControl,
+    output: Option<output::Output>,
+}
+
+impl Logging {
+    /// Changes the filter while the process runs (the admin endpoint's `/logging`).
+    pub fn control(&self) -> LogControl {
+        self.control.clone()
+    }
+}
+
+impl fmt::Debug for Logging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Logging").field("control", &self.control).field("queued", &self.output.is_some()).finish()
+    }
+}
+
+impl Drop for Logging {
+    fn drop(&mut self) {
+        if let Some(output) = &self.output {
+            output.flush(FLUSH_AT_EXIT);
+        }
+    }
+}
+
+/// How long the end of `main`, or a panic, waits for queued log lines to be written.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
+
 /// Installs the process's log subscriber: the filter from `RUST_LOG` (`info` when unset or
-/// invalid, which is logged), written to stderr in `format`. Call it once, first thing; a second
-/// call leaves the first subscriber in place.
-pub fn init_logging(format: LogFormat) -> LogControl {
+/// invalid, which is logged), lines in `format` to stderr — written at once while stderr takes
+/// them without blocking, else queued for a writer thread, so a stalled stderr never blocks a
+/// thread that logs (see `output`). Call it once, first thing; a second call leaves the first
+/// subscriber in place. A panic's message follows the lines logged before it.
+pub fn init_logging(format: LogFormat) -> Logging {
     let from_env = std::env::var("RUST_LOG").ok();
     let (filter, rejected) = match from_env.as_deref().map(EnvFilter::try_new) {
         None => (EnvFilter::new("info"), None),
@@ -111,28 +147,60 @@ pub fn init_logging(format: LogFormat) -> LogControl {
     };
     let initial = if rejected.is_none() { from_env.unwrap_or_else(|| "info".to_owned()) } else { "info".to_owned() };
     let (filter, handle) = reload::Layer::new(filter);
+    let control = LogControl { handle, current: Arc::new(Mutex::new(initial)) };
+    let stderr = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned();
+    let output = match stderr.and_then(|fd| output::Output::start(fd, output::QUEUE_LIMIT)) {
+        Ok(output) => output,
+        Err(e) => {
+            // No thread for the output: log straight to stderr rather than not at all.
+            if install(filter, format, std::io::stderr).is_ok() {
+                tracing::warn!(error = %e, "starting the log writer thread; logging directly to stderr");
+            }
+            return Logging { control, output: None };
+        }
+    };
+    if install(filter, format, output.clone()).is_err() {
+        tracing::warn!("a log subscriber was already installed; this one is not used");
+        return Logging { control, output: None };
+    }
+    let queued = output.clone();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        queued.flush(FLUSH_AT_EXIT);
+        previous(info);
+    }));
+    if let Some(e) = rejected {
+        tracing::warn!(error = %e, "RUST_LOG is not a valid filter; logging at info");
+    }
+    Logging { control, output: Some(output) }
+}
+
+fn install<W>(
+    filter: reload::Layer<EnvFilter, Registry>,
+    format: LogFormat,
+    writer: W,
+) -> Result<(), tracing_subscriber::util::TryInitError>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let registry = tracing_subscriber::registry().with(filter);
     // Colors only on a terminal: escape codes in a log file cost time and confuse readers.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let installed = match format {
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).try_init(),
+    match format {
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(writer)).try_init()
+        }
         LogFormat::Json => registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
                     .flatten_event(true)
                     .with_current_span(false)
-                    .with_span_list(false),
+                    .with_span_list(false)
+                    .with_writer(writer),
             )
             .try_init(),
-    };
-    if installed.is_err() {
-        tracing::warn!("a log subscriber was already installed; this one is not used");
     }
-    if let Some(e) = rejected {
-        tracing::warn!(error = %e, "RUST_LOG is not a valid filter; logging at info");
-    }
-    LogControl { handle, current: Arc::new(Mutex::new(initial)) }
 }
 
 /// The admin endpoint `/logging`: `GET` answers the filter in force, `POST ?level=<filter>`
@@ -189,7 +257,7 @@ mod tests {
 
     #[test]
     fn the_filter_changes_at_run_time_and_a_bad_one_changes_nothing() {
-        let control = init_logging(LogFormat::Text);
+        let control = init_logging(LogFormat::Text).control();
         let get = logging_endpoint(Some(&control), &Method::GET, None);
         assert_eq!(get.0, StatusCode::OK);
         let set = logging_endpoint(Some(&control), &Method::POST, Some("x=1&level=info%2Cproto%3A%3Axds%3Ddebug"));

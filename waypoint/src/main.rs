@@ -126,9 +126,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let log = lifecycle::init_logging(args.log_format);
+    let logging = lifecycle::init_logging(args.log_format);
     let runtime = lifecycle::runtime(args.worker_threads.max(1)).context("starting the runtime")?;
-    runtime.block_on(run(args, log))
+    runtime.block_on(run(args, logging.control()))
 }
 
 async fn run(args: Args, log: LogControl) -> Result<()> {

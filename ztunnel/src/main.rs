@@ -154,7 +154,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let log = lifecycle::init_logging(args.log_format);
+    let logging = lifecycle::init_logging(args.log_format);
     let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     ztunnel::raise_open_files_limit();
 
@@ -215,7 +215,7 @@ async fn run(args: Args) -> Result<()> {
         hbone: Default::default(),
         dns: ztunnel::dns::DnsConfig { upstreams: dns_upstreams, domain: args.cluster_domain },
     };
-    let ztunnel = Ztunnel::start(config, Some(log)).await?;
+    let ztunnel = Ztunnel::start(config, Some(logging.control())).await?;
     tokio::pin!(signal);
     tokio::select! {
         signal = &mut signal => {

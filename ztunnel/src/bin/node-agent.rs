@@ -59,7 +59,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    lifecycle::init_logging(if args.json_logs { LogFormat::Json } else { LogFormat::Text });
+    let _logging = lifecycle::init_logging(if args.json_logs { LogFormat::Json } else { LogFormat::Text });
     lifecycle::runtime(1).context("starting the runtime")?.block_on(run(args))
 }
 
