@@ -12,7 +12,7 @@ use ca::translate::MeshConfig;
 use ca::{Config, ControlPlane, ServingConfig, Source};
 use clap::{Parser, Subcommand};
 use proto::SpiffeId;
-use proto::lifecycle::{self, LogFormat};
+use proto::lifecycle::{self, LogControl, LogFormat};
 
 /// The mesh control plane and certificate authority.
 ///
@@ -194,16 +194,21 @@ fn account(trust_domain: &str, s: &str) -> Result<SpiffeId> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let serve_args = match args.command {
+        None => args.serve,
+        Some(Command::Serve(serve_args)) => *serve_args,
+        Some(Command::Admin(command)) => {
+            let runtime = lifecycle::runtime(0).context("starting the runtime")?;
+            return runtime.block_on(ca_ctl::admin::run(command, ca_ctl::Output::Table));
+        }
+    };
+    // Logging outlives the runtime: lines logged while its tasks are dropped are written too.
+    let logging = lifecycle::init_logging(serve_args.log_format);
     let runtime = lifecycle::runtime(0).context("starting the runtime")?;
-    match args.command {
-        None => runtime.block_on(serve(args.serve)),
-        Some(Command::Serve(serve_args)) => runtime.block_on(serve(*serve_args)),
-        Some(Command::Admin(command)) => runtime.block_on(ca_ctl::admin::run(command, ca_ctl::Output::Table)),
-    }
+    runtime.block_on(serve(serve_args, logging.control()))
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
-    let logging = lifecycle::init_logging(args.log_format);
+async fn serve(args: ServeArgs, log: LogControl) -> Result<()> {
     let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     let td = args.trust_domain.clone();
 
@@ -287,7 +292,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..ca::Limits::default()
         },
         jwks: ca::jwks::JwksConfig { refresh: args.jwks_refresh, timeout: args.jwks_timeout, extra_roots },
-        log: Some(logging.control()),
+        log: Some(log),
         xds_types: args.xds_types,
         drain_timeout: args.drain_timeout,
     };

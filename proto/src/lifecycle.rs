@@ -148,13 +148,12 @@ pub fn init_logging(format: LogFormat) -> Logging {
     let initial = if rejected.is_none() { from_env.unwrap_or_else(|| "info".to_owned()) } else { "info".to_owned() };
     let (filter, handle) = reload::Layer::new(filter);
     let control = LogControl { handle, current: Arc::new(Mutex::new(initial)) };
-    let stderr = std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned();
-    let output = match stderr.and_then(|fd| output::Output::start(fd, output::QUEUE_LIMIT)) {
-        Ok(output) => output,
+    let output = match std::os::fd::AsFd::as_fd(&std::io::stderr()).try_clone_to_owned() {
+        Ok(fd) => output::Output::new(fd, output::QUEUE_LIMIT),
         Err(e) => {
-            // No thread for the output: log straight to stderr rather than not at all.
+            // No descriptor of its own for the output: log straight to stderr rather than not at all.
             if install(filter, format, std::io::stderr).is_ok() {
-                tracing::warn!(error = %e, "starting the log writer thread; logging directly to stderr");
+                tracing::warn!(error = %e, "duplicating stderr for the log output; logging directly to stderr");
             }
             return Logging { control, output: None };
         }
@@ -162,6 +161,10 @@ pub fn init_logging(format: LogFormat) -> Logging {
     if install(filter, format, output.clone()).is_err() {
         tracing::warn!("a log subscriber was already installed; this one is not used");
         return Logging { control, output: None };
+    }
+    // Only now the subscriber is ours: until the thread runs, lines are written directly.
+    if let Err(e) = output.start_writer() {
+        tracing::warn!(error = %e, "starting the log writer thread; a stalled stderr will block the threads that log");
     }
     let queued = output.clone();
     let previous = std::panic::take_hook();

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use proto::SpiffeId;
 use proto::control::ControlPlaneTarget;
-use proto::lifecycle::{self, LogFormat};
+use proto::lifecycle::{self, LogControl, LogFormat};
 use proto::tls::{SharedTrustBundle, TrustBundle};
 use ztunnel::certs::TokenSource;
 use ztunnel::{Config, Ztunnel};
@@ -149,12 +149,13 @@ async fn resolve((host, port): &(String, u16)) -> Result<SocketAddr> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Logging outlives the runtime: lines logged while its tasks are dropped are written too.
+    let logging = lifecycle::init_logging(args.log_format);
     let runtime = lifecycle::runtime(args.worker_threads.max(1)).context("starting the runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, logging.control()))
 }
 
-async fn run(args: Args) -> Result<()> {
-    let logging = lifecycle::init_logging(args.log_format);
+async fn run(args: Args, log: LogControl) -> Result<()> {
     let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     ztunnel::raise_open_files_limit();
 
@@ -215,7 +216,7 @@ async fn run(args: Args) -> Result<()> {
         hbone: Default::default(),
         dns: ztunnel::dns::DnsConfig { upstreams: dns_upstreams, domain: args.cluster_domain },
     };
-    let ztunnel = Ztunnel::start(config, Some(logging.control())).await?;
+    let ztunnel = Ztunnel::start(config, Some(log)).await?;
     tokio::pin!(signal);
     tokio::select! {
         signal = &mut signal => {

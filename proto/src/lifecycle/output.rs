@@ -4,8 +4,9 @@
 //! path would stop with it.
 //!
 //! A line is written at once, on the thread that logged it, when the output can take it without
-//! blocking (`poll` says writable, and the line fits in the pipe's free page) and nothing is
-//! waiting before it: as cheap as before, and in the file when the log call returns. Otherwise it
+//! blocking (a regular file always can; a pipe or socket when `poll` says writable and the line
+//! fits in a free page) and nothing is waiting before it: as cheap as before, and in the file when
+//! the log call returns. Otherwise it
 //! joins a queue that a thread of its own writes out (blocking there is harmless), in order. The
 //! queue is bounded in bytes: a line that does not fit is dropped and counted, and once the output
 //! moves again the writer logs how many were lost — the data path is never held up by its logs,
@@ -38,6 +39,8 @@ pub(super) struct Output {
 
 struct Shared {
     out: File,
+    /// The output is a regular file: writes to it never wait for a reader, so no `poll`.
+    is_file: bool,
     state: Mutex<State>,
     /// The writer thread waits here for lines.
     lines: Condvar,
@@ -56,9 +59,13 @@ struct State {
     dropped: u64,
     /// Lines dropped since the start.
     dropped_total: u64,
-    /// Bytes ever accepted, and ever written (or failed to write: there is nowhere to say so).
+    /// Bytes ever accepted, and ever written (or failed to write: there is nowhere to say so);
+    /// the difference is what waits, queued or in the writer's hands, and is what the limit bounds.
     accepted: u64,
     written: u64,
+    /// The writer thread runs; until it does (or when it could not be started) every line is
+    /// written at once, blocking like a plain `write`.
+    has_writer: bool,
     /// The writer thread waits for lines: queuing one must wake it.
     idle: bool,
     /// The writer thread is to finish the queue and exit.
@@ -66,26 +73,49 @@ struct State {
 }
 
 impl Output {
-    /// Takes over `out` (stderr's descriptor, duplicated) and starts its writer thread, with at
-    /// most `limit` bytes waiting.
-    pub(super) fn start(out: OwnedFd, limit: usize) -> std::io::Result<Output> {
+    /// Takes over `out` (stderr's descriptor, duplicated), with at most `limit` bytes waiting.
+    /// Lines are written directly until [`Output::start_writer`] has started the writer thread.
+    pub(super) fn new(out: OwnedFd, limit: usize) -> Output {
+        let out = File::from(out);
+        let is_file = out.metadata().is_ok_and(|m| m.is_file());
         let shared = Arc::new(Shared {
-            out: File::from(out),
+            out,
+            is_file,
             state: Mutex::new(State::default()),
             lines: Condvar::new(),
             written: Condvar::new(),
             limit,
         });
-        let writer = Arc::clone(&shared);
+        Output { shared }
+    }
+
+    /// Starts the thread that writes queued lines; from then on no line waits for the output.
+    pub(super) fn start_writer(&self) -> std::io::Result<()> {
+        let writer = Arc::clone(&self.shared);
         std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.run())?;
-        Ok(Output { shared })
+        self.shared.lock().has_writer = true;
+        Ok(())
+    }
+
+    /// [`Output::new`] with its writer thread started.
+    #[cfg(test)]
+    fn start(out: OwnedFd, limit: usize) -> std::io::Result<Output> {
+        let output = Output::new(out, limit);
+        output.start_writer()?;
+        Ok(output)
     }
 
     /// Writes `line` now if the output takes it without blocking, or queues it for the writer
     /// thread, or drops and counts it when the queue is full. Never waits for the output.
     pub(super) fn push(&self, line: &[u8]) {
         let mut state = self.shared.lock();
-        if !state.writing && state.queue.is_empty() && line.len() <= DIRECT_MAX && self.shared.writable() {
+        if !state.has_writer {
+            // No writer thread (not yet, or it could not be started): as a plain `write`, in
+            // order under the lock.
+            let _ = (&self.shared.out).write_all(line);
+            return;
+        }
+        if !state.writing && state.queue.is_empty() && self.shared.takes_now(line.len()) {
             state.writing = true;
             drop(state);
             let _ = (&self.shared.out).write_all(line);
@@ -101,7 +131,7 @@ impl Output {
             }
             return;
         }
-        if state.queue.len() + line.len() > self.shared.limit {
+        if (state.accepted - state.written) as usize + line.len() > self.shared.limit {
             state.dropped += 1;
             state.dropped_total += 1;
             return;
@@ -136,7 +166,7 @@ impl Output {
 
     /// Lines dropped since the start because the output could not keep up.
     #[cfg(test)]
-    pub(super) fn dropped_total(&self) -> u64 {
+    fn dropped_total(&self) -> u64 {
         self.shared.lock().dropped_total
     }
 
@@ -153,6 +183,12 @@ impl Shared {
         // A thread that panicked while holding the lock left the state whole (each change is
         // made in one go): go on with it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a line of `len` bytes can be written now without waiting for the output.
+    fn takes_now(&self, len: usize) -> bool {
+        // A write to a regular file never waits for a reader, whatever its length.
+        self.is_file || (len <= DIRECT_MAX && self.writable())
     }
 
     /// Whether a write of up to a page would not block now.
@@ -177,6 +213,7 @@ impl Shared {
             state.writing = true;
             std::mem::swap(&mut state.queue, &mut batch);
             let dropped = std::mem::take(&mut state.dropped);
+            let dropped_total = state.dropped_total;
             drop(state);
 
             // Blocks while the output is stuck; the threads that log queue meanwhile.
@@ -193,7 +230,7 @@ impl Shared {
             self.written.notify_all();
             if dropped > 0 {
                 // Through the subscriber (so in the log's format) and back through `push`.
-                tracing::warn!(dropped, "the log output could not keep up: log lines were dropped");
+                tracing::warn!(dropped, dropped_total, "the log output could not keep up: log lines were dropped");
             }
         }
     }
@@ -278,7 +315,8 @@ mod tests {
             filled.push_str(&line);
         }
         assert!(!filled.is_empty());
-        // Then lines queue (ten fit in 100 bytes) and the rest are dropped; no push waits.
+        // Then lines queue (ten fit in 100 bytes, counting the one the writer thread may already
+        // be blocked on) and the rest are dropped; no push waits.
         for i in 0..25 {
             output.push(&line(i));
         }
@@ -296,6 +334,37 @@ mod tests {
         assert!(output.flush(Duration::from_secs(10)));
         assert_eq!(output.dropped_total(), 15);
         output.close();
+    }
+
+    #[test]
+    fn a_file_takes_any_line_at_once() {
+        // A regular file never waits for a reader: even lines longer than a pipe's page are written
+        // by the thread that logs (through the writer thread they would arrive a wake-up later).
+        let path = std::env::temp_dir().join(format!("output-test-{}.log", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let output = Output::start(file.into(), QUEUE_LIMIT).unwrap();
+        let mut expected = 0;
+        for i in 0..100 {
+            let long = format!("{}\n", char::from(b'a' + (i % 26) as u8).to_string().repeat(64 << 10));
+            LineWriter(&output).write_all(long.as_bytes()).unwrap();
+            expected += long.len() as u64;
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), expected, "line {i} waited");
+        }
+        output.close();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn without_a_writer_thread_lines_are_written_directly() {
+        // Before the writer thread starts (or if it cannot), a line is written as a plain `write`
+        // would: at once, whatever its length, never queued for a thread that is not there.
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let output = Output::new(writer.into(), QUEUE_LIMIT);
+        let long = "x".repeat(8 << 10) + "\n";
+        output.push(long.as_bytes());
+        output.push(&line(1));
+        assert_eq!(drain(&mut reader), long + &lines(1..=1));
+        assert!(output.flush(Duration::ZERO));
     }
 
     #[test]
