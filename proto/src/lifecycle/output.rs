@@ -6,11 +6,10 @@
 //! A line is written at once, on the thread that logged it, when the output can take it without
 //! blocking (a regular file always can; a pipe or socket when `poll` says writable and the line
 //! fits in a free page) and nothing is waiting before it: as cheap as before, and in the file when
-//! the log call returns. Otherwise it
-//! joins a queue that a thread of its own writes out (blocking there is harmless), in order. The
-//! queue is bounded in bytes: a line that does not fit is dropped and counted, and once the output
-//! moves again the writer logs how many were lost — the data path is never held up by its logs,
-//! and a loss is never silent. (Istio's ztunnel blocks its workers instead, once 10,000 lines
+//! the log call returns. Otherwise it joins a queue that a thread of its own writes out (blocking
+//! there is harmless), in order. What waits is bounded in bytes: a line that does not fit is
+//! dropped and counted, and once the output moves again the writer logs how many were lost — the
+//! data path is never held up by its logs, and a loss is never silent. (Istio's ztunnel blocks its workers instead, once 10,000 lines
 //! wait.)
 
 use std::fs::File;
