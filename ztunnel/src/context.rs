@@ -1,5 +1,5 @@
 //! What every connection handler shares: the mesh state, the pods' certificates, metrics, the
-//! live connections and the HBONE settings.
+//! live connections, the HBONE settings and the threads traffic runs on.
 
 use std::sync::Arc;
 
@@ -30,4 +30,6 @@ pub struct Context {
     pub hbone: ServerConfig,
     /// The DNS proxy's settings.
     pub dns: crate::dns::DnsConfig,
+    /// The threads pods' connections run on; `None`: the current runtime.
+    pub shards: Option<crate::shards::Shards>,
 }

@@ -40,6 +40,7 @@ pub mod outbound;
 pub mod pod;
 pub mod pods;
 pub mod rbac;
+pub mod shards;
 pub mod telemetry;
 pub mod tracker;
 pub mod xds;
@@ -87,6 +88,9 @@ pub struct Config {
     pub hbone: ServerConfig,
     /// The DNS proxy (upstream resolvers, cluster domain).
     pub dns: dns::DnsConfig,
+    /// The threads pods' connections run on ([`shards`]); `None`: on the runtime that starts
+    /// ztunnel, with everything else.
+    pub shards: Option<shards::Shards>,
 }
 
 /// Why ztunnel could not start.
@@ -156,6 +160,7 @@ impl Ztunnel {
             // The inbound handler resolves `hostname:port` authorities (inbound::resolve_target).
             hbone: ServerConfig { service_hostnames: true, ..config.hbone.clone() },
             dns: config.dns.clone(),
+            shards: config.shards.clone(),
         });
         let proxy = Proxy::new(ctx.clone(), config.drain_timeout);
         // `draining` ends readiness and the node-agent session; `stop` everything else, after

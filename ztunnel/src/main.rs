@@ -11,6 +11,7 @@ use proto::control::ControlPlaneTarget;
 use proto::lifecycle::{self, LogControl, LogFormat};
 use proto::tls::{SharedTrustBundle, TrustBundle};
 use ztunnel::certs::TokenSource;
+use ztunnel::shards::Shards;
 use ztunnel::{Config, Ztunnel};
 
 proto::proxy_allocator!();
@@ -114,8 +115,9 @@ struct Args {
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     cluster_domain: String,
 
-    /// Threads carrying traffic (1 keeps every hop of a connection on one core: lowest latency;
-    /// more spread many connections over cores).
+    /// Threads carrying traffic, each a single-threaded runtime: a connection stays on the one
+    /// that accepted it, every hop of it on one core, and connections spread over the threads.
+    /// The control plane (xDS, certificates, node agent, admin, DNS) has a thread of its own.
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", default_value_t = 2)]
     worker_threads: usize,
 }
@@ -151,11 +153,16 @@ fn main() -> Result<()> {
     let args = Args::parse();
     // Logging outlives the runtime: lines logged while its tasks are dropped are written too.
     let logging = lifecycle::init_logging(args.log_format);
-    let runtime = lifecycle::runtime(args.worker_threads.max(1)).context("starting the runtime")?;
-    runtime.block_on(run(args, logging.control()))
+    // Traffic runs on threads of its own (`ztunnel::shards`); the control plane, admin and DNS
+    // on this runtime's one thread.
+    let shards = Shards::start(args.worker_threads.max(1)).context("starting the traffic threads")?;
+    let runtime = lifecycle::runtime(1).context("starting the runtime")?;
+    let result = runtime.block_on(run(args, logging.control(), shards.clone()));
+    shards.stop();
+    result
 }
 
-async fn run(args: Args, log: LogControl) -> Result<()> {
+async fn run(args: Args, log: LogControl, shards: Shards) -> Result<()> {
     let signal = lifecycle::shutdown_signal().context("installing the SIGTERM/SIGINT handlers")?;
     ztunnel::raise_open_files_limit();
 
@@ -215,6 +222,7 @@ async fn run(args: Args, log: LogControl) -> Result<()> {
         pool: Default::default(),
         hbone: Default::default(),
         dns: ztunnel::dns::DnsConfig { upstreams: dns_upstreams, domain: args.cluster_domain },
+        shards: Some(shards),
     };
     let ztunnel = Ztunnel::start(config, Some(log)).await?;
     tokio::pin!(signal);

@@ -28,6 +28,7 @@ use proto::api::istio::workload::zds::WorkloadInfo;
 use proto::drain::{self, DrainOutcome, DrainTrigger, DrainWatcher};
 use proto::hbone::server::Server;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
@@ -108,7 +109,8 @@ struct Served {
     pod: Arc<Pod>,
     /// Identifies the namespace the listeners live in (a re-add with the same one is a no-op).
     netns_inode: Option<u64>,
-    outbound: Arc<Outbound>,
+    /// One per traffic thread (each with its HBONE pool).
+    outbound: Vec<Arc<Outbound>>,
     drain: DrainTrigger,
     /// Copies of the listening sockets for a successor; closed as the pod is retired (a socket
     /// kept open for nobody would queue connections no one accepts).
@@ -232,7 +234,7 @@ impl Proxy {
                 uid: s.pod.uid.clone(),
                 name: format!("{}/{}", s.pod.namespace, s.pod.name),
                 identity: s.pod.identity.to_string(),
-                pooled_connections: s.outbound.pooled_connections(),
+                pooled_connections: s.outbound.iter().map(|o| o.pooled_connections()).sum(),
             })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -316,13 +318,31 @@ impl Proxy {
         // Whatever tears the pod's proxy down (removal, shutdown) ends its inbound connections.
         tokio::spawn(self.ctx.tracker.clone().revoke_when_cancelled(pod.clone()));
         let (trigger, watcher) = drain::new();
-        let outbound = Outbound::new(self.ctx.clone(), pod.clone());
         let span = info_span!("pod", pod = %format!("{}/{}", pod.namespace, pod.name));
-        tokio::spawn(serve_outbound(outbound.clone(), listeners.outbound, watcher.clone()).instrument(span.clone()));
-        tokio::spawn(
-            serve_plaintext(self.ctx.clone(), pod.clone(), listeners.plaintext, watcher.clone())
+        // The traffic ports on every traffic thread (see `shards`); DNS with the control plane.
+        let runtimes = match &self.ctx.shards {
+            Some(shards) => shards.handles().to_vec(),
+            None => vec![Handle::current()],
+        };
+        let copies = |l: TcpListener| copies(l, runtimes.len()).map_err(AddError::Listeners);
+        let (outbound_l, plaintext_l, hbone_l) =
+            (copies(listeners.outbound)?, copies(listeners.plaintext)?, copies(listeners.hbone)?);
+        let mut outbound = Vec::with_capacity(runtimes.len());
+        for ((runtime, o), p) in runtimes.iter().zip(outbound_l).zip(plaintext_l) {
+            let out = Outbound::new(self.ctx.clone(), pod.clone());
+            outbound.push(out.clone());
+            runtime.spawn(serve_outbound(out, o, watcher.clone()).instrument(span.clone()));
+            let (ctx, pod, watcher) = (self.ctx.clone(), pod.clone(), watcher.clone());
+            runtime.spawn(
+                async move {
+                    match TcpListener::from_std(p) {
+                        Ok(p) => serve_plaintext(ctx, pod, p, watcher).await,
+                        Err(e) => warn!(error = %e, "inbound plaintext listener unusable"),
+                    }
+                }
                 .instrument(span.clone()),
-        );
+            );
+        }
         if let Some((udp, tcp)) = listeners.dns {
             let stop = |mut w: DrainWatcher| async move { w.signaled().await };
             let (ctx, p) = (self.ctx.clone(), pod.clone());
@@ -330,7 +350,8 @@ impl Proxy {
             let (ctx, p) = (self.ctx.clone(), pod.clone());
             tokio::spawn(crate::dns::serve_tcp(ctx, p, tcp, stop(watcher.clone())).instrument(span.clone()));
         }
-        tokio::spawn(serve_hbone(self.ctx.clone(), pod.clone(), listeners.hbone, watcher).instrument(span));
+        let hbone = runtimes.into_iter().zip(hbone_l).collect();
+        tokio::spawn(serve_hbone(self.ctx.clone(), pod.clone(), hbone, watcher).instrument(span));
         info!(uid, pod = %format!("{}/{}", pod.namespace, pod.name), identity = %pod.identity, "serving pod");
         let old = self.pods().insert(uid.to_owned(), Served { pod, netns_inode, outbound, drain: trigger, handoff });
         self.ctx.metrics.pods.set(self.pod_count() as i64);
@@ -559,12 +580,30 @@ impl Proxy {
     }
 }
 
-async fn serve_outbound(outbound: Arc<Outbound>, listener: TcpListener, drain: DrainWatcher) {
-    outbound.serve(listener, drain).await;
+async fn serve_outbound(outbound: Arc<Outbound>, listener: std::net::TcpListener, drain: DrainWatcher) {
+    match TcpListener::from_std(listener) {
+        Ok(listener) => outbound.serve(listener, drain).await,
+        Err(e) => warn!(error = %e, "outbound listener unusable"),
+    }
 }
 
-/// Gets the pod's certificate (retrying while the CA cannot give it), then serves HBONE.
-async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Pod>, listener: TcpListener, mut drain: DrainWatcher) {
+/// `listener` as `n` listeners for as many runtimes: the same socket under as many descriptors,
+/// each to be registered with its runtime's reactor ([`TcpListener::from_std`] on it).
+fn copies(listener: TcpListener, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let listener = listener.into_std()?;
+    let mut all = (1..n).map(|_| listener.try_clone()).collect::<std::io::Result<Vec<_>>>()?;
+    all.push(listener);
+    Ok(all)
+}
+
+/// Gets the pod's certificate (retrying while the CA cannot give it), then serves HBONE on each
+/// runtime with its copy of the listener.
+async fn serve_hbone(
+    ctx: Arc<Context>,
+    pod: Arc<Pod>,
+    listeners: Vec<(Handle, std::net::TcpListener)>,
+    mut drain: DrainWatcher,
+) {
     let mut delay = Duration::from_millis(200);
     let credential = loop {
         let fetched = tokio::select! {
@@ -590,12 +629,16 @@ async fn serve_hbone(ctx: Arc<Context>, pod: Arc<Pod>, listener: TcpListener, mu
             return;
         }
     };
-    let server = match Server::new(listener, tls, ctx.hbone.clone(), Inbound::new(ctx.clone(), pod.clone())) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "inbound HBONE listener unusable");
-            return;
-        }
-    };
-    server.run(drain).await;
+    for (runtime, listener) in listeners {
+        let (ctx, pod, tls, drain) = (ctx.clone(), pod.clone(), tls.clone(), drain.clone());
+        let serve = async move {
+            let server = TcpListener::from_std(listener)
+                .and_then(|l| Server::new(l, tls, ctx.hbone.clone(), Inbound::new(ctx.clone(), pod)));
+            match server {
+                Ok(server) => server.run(drain).await,
+                Err(e) => warn!(error = %e, "inbound HBONE listener unusable"),
+            }
+        };
+        runtime.spawn(serve.in_current_span());
+    }
 }

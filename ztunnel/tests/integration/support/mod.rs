@@ -93,5 +93,6 @@ pub fn context(view: Arc<ztunnel::xds::MeshView>, certs: Arc<ztunnel::certs::Cer
         pool: proto::hbone::pool::PoolConfig::default(),
         hbone: proto::hbone::server::ServerConfig::default(),
         dns: ztunnel::dns::DnsConfig { upstreams: Vec::new(), domain: "cluster.local".into() },
+        shards: None,
     })
 }
