@@ -324,9 +324,9 @@ impl Proxy {
             Some(shards) => shards.handles().to_vec(),
             None => vec![Handle::current()],
         };
-        let copies = |l: TcpListener| copies(l, runtimes.len()).map_err(AddError::Listeners);
+        let per_runtime = |l: TcpListener| copies(l, runtimes.len()).map_err(AddError::Listeners);
         let (outbound_l, plaintext_l, hbone_l) =
-            (copies(listeners.outbound)?, copies(listeners.plaintext)?, copies(listeners.hbone)?);
+            (per_runtime(listeners.outbound)?, per_runtime(listeners.plaintext)?, per_runtime(listeners.hbone)?);
         let mut outbound = Vec::with_capacity(runtimes.len());
         for ((runtime, o), p) in runtimes.iter().zip(outbound_l).zip(plaintext_l) {
             let out = Outbound::new(self.ctx.clone(), pod.clone());

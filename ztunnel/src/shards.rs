@@ -5,7 +5,8 @@
 //!
 //! Every pod's listeners are served on every shard: each shard registers a copy of the listening
 //! socket (a duplicated descriptor, the same socket: no `SO_REUSEPORT`, so nothing else in the pod
-//! can join the port) and the shard that accepts a connection keeps it. Each shard has its own
+//! can join the port) and the shard that accepts a connection keeps it (an idle shard woken for a
+//! connection another took finds nothing to accept and sleeps again). Each shard has its own
 //! HBONE pool per pod. The control plane (xDS, certificates, the node agent, admin and DNS) runs
 //! on the runtime `main` starts, apart from the traffic.
 //!
