@@ -11,8 +11,8 @@
 //! on the runtime `main` starts, apart from the traffic.
 //!
 //! Measured against one multi-threaded runtime of as many workers (2 cores, `bench-mesh` with one
-//! build as the peer of the other): about 10 % less CPU per new connection and per round trip
-//! under load, and 10–18 % more of both per second — a work-stealing runtime wakes its idle
+//! build as the peer of the other): about 15 % less CPU per new connection and per round trip
+//! under load, and 11–19 % more of both per second — a work-stealing runtime wakes its idle
 //! worker to steal the connection's next step, which costs more than the step.
 
 use std::sync::{Arc, Mutex};
