@@ -331,17 +331,11 @@ impl Proxy {
         for ((runtime, o), p) in runtimes.iter().zip(outbound_l).zip(plaintext_l) {
             let out = Outbound::new(self.ctx.clone(), pod.clone());
             outbound.push(out.clone());
-            runtime.spawn(serve_outbound(out, o, watcher.clone()).instrument(span.clone()));
-            let (ctx, pod, watcher) = (self.ctx.clone(), pod.clone(), watcher.clone());
-            runtime.spawn(
-                async move {
-                    match TcpListener::from_std(p) {
-                        Ok(p) => serve_plaintext(ctx, pod, p, watcher).await,
-                        Err(e) => warn!(error = %e, "inbound plaintext listener unusable"),
-                    }
-                }
-                .instrument(span.clone()),
-            );
+            let w = watcher.clone();
+            runtime.spawn(serve_on(o, "outbound", |l| out.serve(l, w)).instrument(span.clone()));
+            let (ctx, pod, w) = (self.ctx.clone(), pod.clone(), watcher.clone());
+            runtime
+                .spawn(serve_on(p, "inbound plaintext", |l| serve_plaintext(ctx, pod, l, w)).instrument(span.clone()));
         }
         if let Some((udp, tcp)) = listeners.dns {
             let stop = |mut w: DrainWatcher| async move { w.signaled().await };
@@ -580,10 +574,16 @@ impl Proxy {
     }
 }
 
-async fn serve_outbound(outbound: Arc<Outbound>, listener: std::net::TcpListener, drain: DrainWatcher) {
+/// Registers `listener` with the current runtime's reactor and serves it with `serve`; one that
+/// cannot be registered is logged (as the `what` listener) and not served.
+async fn serve_on<F, Fut>(listener: std::net::TcpListener, what: &str, serve: F)
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: Future<Output = ()>,
+{
     match TcpListener::from_std(listener) {
-        Ok(listener) => outbound.serve(listener, drain).await,
-        Err(e) => warn!(error = %e, "outbound listener unusable"),
+        Ok(listener) => serve(listener).await,
+        Err(e) => warn!(error = %e, "{what} listener unusable"),
     }
 }
 
@@ -631,14 +631,12 @@ async fn serve_hbone(
     };
     for (runtime, listener) in listeners {
         let (ctx, pod, tls, drain) = (ctx.clone(), pod.clone(), tls.clone(), drain.clone());
-        let serve = async move {
-            let server = TcpListener::from_std(listener)
-                .and_then(|l| Server::new(l, tls, ctx.hbone.clone(), Inbound::new(ctx.clone(), pod)));
-            match server {
+        let serve = serve_on(listener, "inbound HBONE", |l| async move {
+            match Server::new(l, tls, ctx.hbone.clone(), Inbound::new(ctx.clone(), pod)) {
                 Ok(server) => server.run(drain).await,
                 Err(e) => warn!(error = %e, "inbound HBONE listener unusable"),
             }
-        };
+        });
         runtime.spawn(serve.in_current_span());
     }
 }
