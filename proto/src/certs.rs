@@ -186,6 +186,9 @@ pub struct CertManager {
     entries: Mutex<HashMap<SpiffeId, Entry>>,
     /// The roots the CA sent with the latest certificate (the last entry of its answer).
     ca_roots: arc_swap::ArcSwapOption<TrustBundle>,
+    /// The runtime the manager was made on, where every renewal task runs — not the runtime of
+    /// whoever asks first (in ztunnel, a traffic shard when a pod's first connection is outbound).
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for CertManager {
@@ -204,7 +207,8 @@ impl Drop for CertManager {
 }
 
 impl CertManager {
-    /// A manager talking to `config.ca` (connects lazily).
+    /// A manager talking to `config.ca` (connects lazily). Must be called inside a tokio runtime:
+    /// its renewal tasks run there.
     pub fn new(config: CertConfig) -> Result<Arc<Self>, crate::control::ControlError> {
         let client = IstioCertificateServiceClient::new(config.ca.channel()?);
         Ok(Arc::new(CertManager {
@@ -212,6 +216,7 @@ impl CertManager {
             client,
             entries: Mutex::new(HashMap::new()),
             ca_roots: arc_swap::ArcSwapOption::empty(),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -235,7 +240,8 @@ impl CertManager {
                 None => {
                     let (tx, rx) = watch::channel(Slot::Pending);
                     let renews_at = Arc::default();
-                    let task = tokio::spawn(Arc::clone(self).maintain(id.clone(), tx.clone(), Arc::clone(&renews_at)));
+                    let task =
+                        self.runtime.spawn(Arc::clone(self).maintain(id.clone(), tx.clone(), Arc::clone(&renews_at)));
                     entries.insert(id.clone(), Entry { slot: tx, renews_at, task });
                     rx
                 }

@@ -147,6 +147,37 @@ async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
     ca.stop().await;
 }
 
+/// In ztunnel a pod's first connection may be outbound, so its certificate is first asked for
+/// from a traffic shard's runtime. The renewal must live on the manager's own runtime: were it
+/// spawned on the asker's, it would end with that runtime.
+#[tokio::test]
+async fn renewal_runs_on_the_managers_runtime_not_the_first_askers() {
+    let objects = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    pods(objects.path());
+    let signer = TokenSigner::new(ISSUER, None).unwrap();
+    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
+    let certs = manager(ca.grpc, state.path(), &signer, Duration::from_secs(4));
+
+    let asker = certs.clone();
+    let cred = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cred = runtime.block_on(asker.fetch(&id(CLIENT))).unwrap();
+        drop(runtime); // everything spawned on it ends here
+        cred
+    })
+    .await
+    .unwrap();
+    let first = cred.current();
+
+    eventually("the renewal after the asker's runtime ended", Duration::from_secs(10), || async {
+        (!Arc::ptr_eq(&cred.current(), &first)).then_some(())
+    })
+    .await;
+    assert_eq!(ca.issued_to_ztunnel(), 2);
+    ca.stop().await;
+}
+
 fn seconds(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
