@@ -61,12 +61,9 @@ impl Shards {
             handles.push(runtime.handle().clone());
             let stopped = stop.clone();
             let thread = std::thread::Builder::new().name(format!("traffic-{i}")).spawn(move || {
-                runtime.block_on(async {
-                    tokio::select! {
-                        () = stopped.cancelled() => {}
-                        () = tidy() => {}
-                    }
-                });
+                // A task of a current-thread runtime runs on the thread that drives it: this one.
+                runtime.spawn(tidy());
+                runtime.block_on(stopped.cancelled());
                 // Connections still here when the process ends are closed with their tasks.
                 runtime.shutdown_timeout(STOP_TIMEOUT);
             });

@@ -44,18 +44,35 @@ fn manager(grpc: SocketAddr, state: &Path, signer: &TokenSigner, ttl: Duration) 
     CertManager::new(config).unwrap()
 }
 
+/// A CA (in process, on `objects` with the pods of [`pods`]) and a manager of `ttl` certificates
+/// talking to it as node-1's ztunnel. Keep the directories bound: the CA works in them.
+struct Fixture {
+    objects: tempfile::TempDir,
+    state: tempfile::TempDir,
+    signer: TokenSigner,
+    ca: crate::support::Ca,
+    certs: Arc<CertManager>,
+}
+
+impl Fixture {
+    async fn start(ttl: Duration) -> Fixture {
+        let objects = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        pods(objects.path());
+        let signer = TokenSigner::new(ISSUER, None).unwrap();
+        let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
+        let certs = manager(ca.grpc, state.path(), &signer, ttl);
+        Fixture { objects, state, signer, ca, certs }
+    }
+}
+
 fn id(s: &str) -> SpiffeId {
     s.parse().unwrap()
 }
 
 #[tokio::test]
 async fn pod_certificates_are_fetched_once_and_refused_for_other_nodes() {
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    pods(objects.path());
-    let signer = TokenSigner::new(ISSUER, None).unwrap();
-    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
-    let certs = manager(ca.grpc, state.path(), &signer, Duration::ZERO);
+    let Fixture { ca, certs, objects: _objects, state: _state, .. } = Fixture::start(Duration::ZERO).await;
 
     // 50 concurrent first uses: one request, one credential.
     let fetches: Vec<_> = (0..50)
@@ -86,14 +103,9 @@ async fn pod_certificates_are_fetched_once_and_refused_for_other_nodes() {
 
 #[tokio::test]
 async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    pods(objects.path());
-    let signer = TokenSigner::new(ISSUER, None).unwrap();
-    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
-    let addr = ca.grpc;
     // 4 s certificates; the CA's one-minute backdating is in the past and does not count.
-    let certs = manager(addr, state.path(), &signer, Duration::from_secs(4));
+    let Fixture { objects, state, signer, ca, certs } = Fixture::start(Duration::from_secs(4)).await;
+    let addr = ca.grpc;
     let before = SystemTime::now();
     let cred = certs.fetch(&id(CLIENT)).await.unwrap();
     let after = SystemTime::now();
@@ -152,12 +164,7 @@ async fn renewal_swaps_in_place_and_survives_a_ca_outage() {
 /// spawned on the asker's, it would end with that runtime.
 #[tokio::test]
 async fn renewal_runs_on_the_managers_runtime_not_the_first_askers() {
-    let objects = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    pods(objects.path());
-    let signer = TokenSigner::new(ISSUER, None).unwrap();
-    let ca = start_ca(objects.path(), state.path(), &signer, "127.0.0.1:0".parse().unwrap()).await;
-    let certs = manager(ca.grpc, state.path(), &signer, Duration::from_secs(4));
+    let Fixture { ca, certs, objects: _objects, state: _state, .. } = Fixture::start(Duration::from_secs(4)).await;
 
     let asker = certs.clone();
     let cred = tokio::task::spawn_blocking(move || {
