@@ -11,6 +11,7 @@
 //! - [`xds`]: the delta ADS client loop (subscribe, apply, ACK/NACK, reconnect with backoff).
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
+//! - [`metrics`]: label sets hashed once, for the proxies' per-connection metric families.
 //! - [`alloc`]: the proxies' allocator (jemalloc and its options), [`proxy_allocator!`].
 //! - [`rbac`], [`route`]: ztunnel's L4 decisions (authorization; where a connection goes), pure
 //!   functions of the mesh state, here so the CA explains a connection with the very code that
@@ -30,6 +31,7 @@ pub mod host;
 pub mod identity;
 pub mod labels;
 pub mod lifecycle;
+pub mod metrics;
 pub mod rbac;
 pub mod route;
 pub mod state;

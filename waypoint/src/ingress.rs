@@ -46,6 +46,7 @@ use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
 use crate::target::{self, Backend};
 use crate::upstream::{Body, BoxError};
+use proto::metrics::Hashed;
 
 /// What makes a waypoint an ingress gateway.
 #[derive(Debug, Clone)]
@@ -320,14 +321,14 @@ async fn handle(
     if let Some(w) = outcome.endpoint.as_deref() {
         parties.set_endpoint(w);
     }
-    let labels = RequestLabels {
+    let labels = Hashed::new(RequestLabels {
         reporter: "source",
         parties,
         request_protocol: "http",
         response_code: outcome.status.as_u16(),
         response_flags: outcome.flags,
         connection_security_policy: "unknown",
-    };
+    });
     ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
     if let Some(spans) = spans {
         let endpoint = outcome.endpoint.as_deref().and_then(|w| w.primary_address());
@@ -353,7 +354,7 @@ async fn handle(
         request_id = crate::proxy::log_text(request_id.as_ref()),
         user_agent = crate::proxy::log_text(user_agent.as_ref()),
         duration = elapsed.as_millis() as u64,
-        dst.service = %labels.parties.destination_service,
+        dst.service = %labels.labels().parties.destination_service,
         dst.workload = %endpoint.map_or("-", |w| w.name.as_str()),
         "request"
     );

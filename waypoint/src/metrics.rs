@@ -4,6 +4,7 @@
 //! `istio_tcp_received_bytes_total` (from the client) and `istio_tcp_sent_bytes_total` (to it).
 //! Unknown label values are `unknown`.
 
+use proto::metrics::Hashed;
 use proto::state::Workload;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -47,7 +48,7 @@ impl Parties {
         Parties {
             source_workload: down.source_workload.clone().unwrap_or_else(unknown),
             source_workload_namespace: down.peer.namespace().to_owned(),
-            source_principal: down.peer.to_string(),
+            source_principal: down.peer.as_str().to_owned(),
             destination_service: service,
             destination_service_name: name,
             destination_service_namespace: namespace,
@@ -61,7 +62,7 @@ impl Parties {
     pub fn set_endpoint(&mut self, w: &Workload) {
         self.destination_workload = w.display_name().to_owned();
         self.destination_workload_namespace = w.namespace.clone();
-        self.destination_principal = w.identity.to_string();
+        self.destination_principal = w.identity.as_str().to_owned();
     }
 }
 
@@ -128,8 +129,9 @@ pub struct Metrics {
     registry: Registry,
     /// Requests and streams to which dry-run policies applied, by what they would have decided.
     pub dry_run: Family<DryRunLabels, Counter>,
-    requests: Family<RequestLabels, Counter>,
-    duration: Family<RequestLabels, Histogram>,
+    // Keyed by labels hashed once: each request looks both families up.
+    requests: Family<Hashed<RequestLabels>, Counter>,
+    duration: Family<Hashed<RequestLabels>, Histogram>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
@@ -146,8 +148,8 @@ impl Metrics {
     /// Registers the families.
     pub fn new() -> Self {
         let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+        let requests = Family::<Hashed<RequestLabels>, Counter>::default();
+        let duration = Family::<Hashed<RequestLabels>, Histogram>::new_with_constructor(|| {
             Histogram::new([1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0])
         });
         registry.register("istio_requests", "Requests handled by the waypoint", requests.clone());
@@ -195,7 +197,7 @@ impl Metrics {
     }
 
     /// Counts one request.
-    pub fn record(&self, labels: &RequestLabels, millis: f64) {
+    pub fn record(&self, labels: &Hashed<RequestLabels>, millis: f64) {
         self.requests.get_or_create(labels).inc();
         self.duration.get_or_create(labels).observe(millis);
     }

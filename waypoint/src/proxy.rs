@@ -21,6 +21,7 @@ use crate::send::{self, DownstreamUpgrade};
 use crate::spans;
 use crate::target::Destination;
 use crate::upstream::{Body, BoxError};
+use proto::metrics::Hashed;
 
 /// Who is on the other side of one inbound tunnel.
 #[derive(Debug)]
@@ -95,14 +96,14 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
     if let Some(w) = endpoint {
         parties.set_endpoint(w);
     }
-    let labels = RequestLabels {
+    let labels = Hashed::new(RequestLabels {
         reporter: "waypoint",
         parties,
         request_protocol: if grpc { "grpc" } else { "http" },
         response_code: outcome.status.as_u16(),
         response_flags: outcome.flags,
         connection_security_policy: "mutual_tls",
-    };
+    });
     ctx.metrics.record(&labels, elapsed.as_secs_f64() * 1000.0);
     if let Some(spans) = spans {
         spans.finish(outcome.status.as_u16(), outcome.flags, endpoint.and_then(|w| w.primary_address()));
@@ -127,7 +128,7 @@ pub async fn handle(ctx: Arc<Context>, down: Arc<Downstream>, mut req: Request<I
         user_agent = log_text(user_agent.as_ref()),
         duration = elapsed.as_millis() as u64,
         src.identity = %down.peer,
-        dst.service = %labels.parties.destination_service,
+        dst.service = %labels.labels().parties.destination_service,
         dst.workload = %endpoint.map_or("-", |w| w.name.as_str()),
         "request"
     );

@@ -17,6 +17,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use proto::metrics::Hashed;
 use proto::state::{Service, Workload};
 
 /// Labels of the `istio_tcp_*` families.
@@ -93,10 +94,10 @@ impl Outcome {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    opened: Family<ConnectionLabels, Counter>,
-    closed: Family<ConnectionLabels, Counter>,
-    received: Family<ConnectionLabels, Counter>,
-    sent: Family<ConnectionLabels, Counter>,
+    opened: Family<Hashed<ConnectionLabels>, Counter>,
+    closed: Family<Hashed<ConnectionLabels>, Counter>,
+    received: Family<Hashed<ConnectionLabels>, Counter>,
+    sent: Family<Hashed<ConnectionLabels>, Counter>,
     /// Pods served on this node.
     pub pods: Gauge,
     /// Pods the node agent sent that could not be served yet (retried).
@@ -200,8 +201,8 @@ impl Peer {
         self.workload.as_deref().map_or("", |w| &w.canonical_name)
     }
 
-    fn spiffe(&self) -> String {
-        self.principal.as_ref().map(ToString::to_string).unwrap_or_default()
+    fn spiffe(&self) -> &str {
+        self.principal.as_ref().map_or("", proto::SpiffeId::as_str)
     }
 }
 
@@ -257,22 +258,22 @@ impl ConnectionInfo {
         self.service.as_deref().map_or("", |s| &s.hostname)
     }
 
-    fn labels(&self, flags: &'static str) -> ConnectionLabels {
-        ConnectionLabels {
+    fn labels(&self, flags: &'static str) -> Hashed<ConnectionLabels> {
+        Hashed::new(ConnectionLabels {
             reporter: self.reporter.as_str(),
             source_workload: or_unknown(self.source.name()),
             source_workload_namespace: or_unknown(self.source.namespace()),
-            source_principal: or_unknown(&self.source.spiffe()),
+            source_principal: or_unknown(self.source.spiffe()),
             source_canonical_service: or_unknown(self.source.canonical()),
             destination_workload: or_unknown(self.destination.name()),
             destination_workload_namespace: or_unknown(self.destination.namespace()),
-            destination_principal: or_unknown(&self.destination.spiffe()),
+            destination_principal: or_unknown(self.destination.spiffe()),
             destination_service: or_unknown(self.service_hostname()),
             destination_canonical_service: or_unknown(self.destination.canonical()),
             request_protocol: "tcp",
             response_flags: flags,
             connection_security_policy: if self.mtls { "mutual_tls" } else { UNKNOWN },
-        }
+        })
     }
 }
 
