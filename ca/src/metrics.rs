@@ -82,6 +82,7 @@ impl CaMetrics {
             "Configuration problems reported at /debug/config_errors (invalid objects, policies that fail closed)",
             config_errors.clone(),
         );
+        proto::metrics::register_log_lines_dropped(&mut registry, "ca");
         CaMetrics {
             registry,
             requests,

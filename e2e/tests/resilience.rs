@@ -249,6 +249,10 @@ async fn a_stalled_log_output_does_not_stop_traffic() {
     }
     let text = String::from_utf8_lossy(&text);
     assert!(!text.contains("log lines were dropped"), "lines were dropped below the queue's limit");
+    // The loss counter is exported, and says none were lost.
+    let metrics = mesh.metrics(1).await.unwrap();
+    assert!(metrics.contains("# TYPE ztunnel_log_lines_dropped counter"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "ztunnel_log_lines_dropped_total 0"), "{metrics}");
 }
 
 /// ztunnel is ready only once it has both the node agent's snapshot and the mesh state: restarted

@@ -7,7 +7,7 @@ mod output;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use http::{Method, StatusCode};
@@ -130,6 +130,17 @@ impl Drop for Logging {
     }
 }
 
+/// The log output [`init_logging`] installed, for [`log_lines_dropped`].
+static INSTALLED: OnceLock<output::Output> = OnceLock::new();
+
+/// Log lines this process dropped because its log output could not keep up (a stalled stderr
+/// with more queued than the queue holds), since it started; 0 without [`init_logging`]. Each
+/// binary exports it as `<component>_log_lines_dropped_total`
+/// ([`crate::metrics::register_log_lines_dropped`]).
+pub fn log_lines_dropped() -> u64 {
+    INSTALLED.get().map_or(0, output::Output::dropped_total)
+}
+
 /// How long the end of `main`, or a panic, waits for queued log lines to be written.
 const FLUSH_AT_EXIT: Duration = Duration::from_secs(1);
 
@@ -162,6 +173,7 @@ pub fn init_logging(format: LogFormat) -> Logging {
         tracing::warn!("a log subscriber was already installed; this one is not used");
         return Logging { control, output: None };
     }
+    let _ = INSTALLED.set(output.clone());
     // Only now the subscriber is ours: until the thread runs, lines are written directly.
     if let Err(e) = output.start_writer() {
         tracing::warn!(error = %e, "starting the log writer thread; a stalled stderr will block the threads that log");

@@ -1,3 +1,6 @@
+//! Metric pieces the proxies share: label sets hashed once ([`Hashed`]), and the count of log
+//! lines the process dropped ([`register_log_lines_dropped`]).
+//!
 //! Label sets hashed once. A prometheus-client family finds a series by hashing its whole label
 //! set with the standard library's SipHash, on every lookup; the proxies look up three or four
 //! families with the same labels per connection or request (opened, closed, bytes each way), a
@@ -12,7 +15,9 @@
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::LazyLock;
 
-use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, LabelSetEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 static SEED: LazyLock<foldhash::fast::RandomState> = LazyLock::new(foldhash::fast::RandomState::default);
 
@@ -57,6 +62,31 @@ impl<L: EncodeLabelSet> EncodeLabelSet for Hashed<L> {
     }
 }
 
+/// A counter whose value is kept elsewhere and read when the metrics are scraped.
+#[derive(Debug)]
+pub struct ReadCounter(pub fn() -> u64);
+
+impl EncodeMetric for ReadCounter {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&(self.0)(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// Registers `<component>_log_lines_dropped_total`: log lines this process dropped because its log
+/// output could not keep up ([`crate::lifecycle::log_lines_dropped`]). Access-log lines are among
+/// them, so a dashboard can tell a quiet log from a lossy one.
+pub fn register_log_lines_dropped(registry: &mut Registry, component: &str) {
+    registry.register(
+        format!("{component}_log_lines_dropped"),
+        "Log lines dropped because the log output (stderr) could not keep up",
+        ReadCounter(crate::lifecycle::log_lines_dropped),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -99,6 +129,24 @@ mod tests {
                 "connections_total{source=\"b\",flags=\"-\"} 5",
             ]
         );
+    }
+
+    #[test]
+    fn a_read_counter_shows_the_value_at_scrape_time() {
+        static VALUE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut registry = Registry::default();
+        registry.register("lines_dropped", "test", ReadCounter(|| VALUE.load(std::sync::atomic::Ordering::Relaxed)));
+        let scrape = |registry: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            text.lines().filter(|l| !l.starts_with('#')).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(scrape(&registry), ["lines_dropped_total 0"]);
+        VALUE.store(17, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(scrape(&registry), ["lines_dropped_total 17"]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("# TYPE lines_dropped counter"), "{text}");
     }
 
     #[test]

@@ -174,6 +174,7 @@ impl Metrics {
             "Requests and streams to which dry-run AuthorizationPolicies applied, by the decision they would have made (never enforced)",
             dry_run.clone(),
         );
+        proto::metrics::register_log_lines_dropped(&mut registry, "waypoint");
         Metrics { registry, dry_run, requests, duration, tcp_opened, tcp_closed, tcp_received, tcp_sent }
     }
 

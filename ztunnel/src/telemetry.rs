@@ -149,6 +149,7 @@ impl Metrics {
             "DNS queries of the pods, by who answered: the mesh state, the upstream resolver, nobody (SERVFAIL), or dropped (too many in progress)",
             dns_requests.clone(),
         );
+        proto::metrics::register_log_lines_dropped(&mut registry, "ztunnel");
         Metrics { registry, opened, closed, received, sent, pods, pods_pending, active, dry_run, dns_requests }
     }
 

@@ -164,8 +164,7 @@ impl Output {
     }
 
     /// Lines dropped since the start because the output could not keep up.
-    #[cfg(test)]
-    fn dropped_total(&self) -> u64 {
+    pub(super) fn dropped_total(&self) -> u64 {
         self.shared.lock().dropped_total
     }
 
