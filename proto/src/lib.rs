@@ -11,7 +11,8 @@
 //! - [`xds`]: the delta ADS client loop (subscribe, apply, ACK/NACK, reconnect with backoff).
 //! - [`api`]: generated protobuf types and gRPC stubs (CA, delta xDS, workload, authorization, ZDS).
 //!
-//! - [`metrics`]: label sets hashed once, for the proxies' per-connection metric families.
+//! - [`metrics`]: label sets hashed once (the proxies' per-connection and per-request families),
+//!   and the count of log lines dropped, which every binary exports.
 //! - [`alloc`]: the proxies' allocator (jemalloc and its options), [`proxy_allocator!`].
 //! - [`rbac`], [`route`]: ztunnel's L4 decisions (authorization; where a connection goes), pure
 //!   functions of the mesh state, here so the CA explains a connection with the very code that

@@ -1,10 +1,10 @@
-//! Metric pieces the proxies share: label sets hashed once ([`Hashed`]), and the count of log
+//! Metric pieces the binaries share: label sets hashed once ([`Hashed`]), and the count of log
 //! lines the process dropped ([`register_log_lines_dropped`]).
 //!
-//! Label sets hashed once. A prometheus-client family finds a series by hashing its whole label
-//! set with the standard library's SipHash, on every lookup; the proxies look up three or four
-//! families with the same labels per connection or request (opened, closed, bytes each way), a
-//! dozen strings each time. [`Hashed`] computes one fast hash of the labels when they are built and
+//! Why hash once: a prometheus-client family finds a series by hashing its whole label set with
+//! the standard library's SipHash, on every lookup; the proxies look up two to four families with
+//! the same labels per connection or request (opened, closed, bytes each way; count and duration),
+//! a dozen strings each time. [`Hashed`] computes one fast hash of the labels when they are built and
 //! gives the family only that number to hash; equality still compares every label, so two label
 //! sets share a series exactly when their labels are equal.
 //!

@@ -30,6 +30,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use proto::api::ambient::waypoint::v1::{self as pb, gateway_server::Protocol};
 use proto::drain::DrainWatcher;
+use proto::metrics::Hashed;
 use proto::state::MeshState;
 use rand::Rng;
 use tokio::net::TcpListener;
@@ -46,7 +47,6 @@ use crate::route::{self, Regexes, RouteInput};
 use crate::send::{self, DownstreamUpgrade};
 use crate::target::{self, Backend};
 use crate::upstream::{Body, BoxError};
-use proto::metrics::Hashed;
 
 /// What makes a waypoint an ingress gateway.
 #[derive(Debug, Clone)]

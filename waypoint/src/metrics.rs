@@ -4,14 +4,13 @@
 //! `istio_tcp_received_bytes_total` (from the client) and `istio_tcp_sent_bytes_total` (to it).
 //! Unknown label values are `unknown`.
 
-use proto::metrics::Hashed;
-use proto::state::Workload;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use proto::metrics::Hashed;
+use proto::state::Workload;
 
 /// Who talked to whom: the labels the request and TCP families share.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -11,6 +11,7 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use proto::SpiffeId;
+use proto::metrics::Hashed;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -21,7 +22,6 @@ use crate::send::{self, DownstreamUpgrade};
 use crate::spans;
 use crate::target::Destination;
 use crate::upstream::{Body, BoxError};
-use proto::metrics::Hashed;
 
 /// Who is on the other side of one inbound tunnel.
 #[derive(Debug)]
