@@ -128,13 +128,14 @@ pub struct Metrics {
     registry: Registry,
     /// Requests and streams to which dry-run policies applied, by what they would have decided.
     pub dry_run: Family<DryRunLabels, Counter>,
-    // Keyed by labels hashed once: each request looks both families up.
+    // Keyed by labels hashed once: each request looks both request families up, each TCP stream
+    // all four TCP families.
     requests: Family<Hashed<RequestLabels>, Counter>,
     duration: Family<Hashed<RequestLabels>, Histogram>,
-    tcp_opened: Family<TcpLabels, Counter>,
-    tcp_closed: Family<TcpLabels, Counter>,
-    tcp_received: Family<TcpLabels, Counter>,
-    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_opened: Family<Hashed<TcpLabels>, Counter>,
+    tcp_closed: Family<Hashed<TcpLabels>, Counter>,
+    tcp_received: Family<Hashed<TcpLabels>, Counter>,
+    tcp_sent: Family<Hashed<TcpLabels>, Counter>,
 }
 
 impl Default for Metrics {
@@ -178,12 +179,12 @@ impl Metrics {
     }
 
     /// Counts a TCP stream connected to its endpoint.
-    pub fn tcp_opened(&self, labels: &TcpLabels) {
+    pub fn tcp_opened(&self, labels: &Hashed<TcpLabels>) {
         self.tcp_opened.get_or_create(labels).inc();
     }
 
     /// Counts a TCP stream that ended, with the bytes it moved each way.
-    pub fn tcp_closed(&self, labels: &TcpLabels, from_client: u64, to_client: u64) {
+    pub fn tcp_closed(&self, labels: &Hashed<TcpLabels>, from_client: u64, to_client: u64) {
         self.tcp_closed.get_or_create(labels).inc();
         self.tcp_received.get_or_create(labels).inc_by(from_client);
         self.tcp_sent.get_or_create(labels).inc_by(to_client);
@@ -191,7 +192,7 @@ impl Metrics {
 
     /// Counts a TCP stream refused before it reached an endpoint (opened and closed at once,
     /// with the reason in `response_flags`).
-    pub fn tcp_refused(&self, labels: &TcpLabels) {
+    pub fn tcp_refused(&self, labels: &Hashed<TcpLabels>) {
         self.tcp_opened(labels);
         self.tcp_closed(labels, 0, 0);
     }

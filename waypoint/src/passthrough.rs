@@ -18,6 +18,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
 
 use proto::api::ambient::waypoint::v1::{self as pb, gateway_server::Protocol, gateway_tls::Mode};
+use proto::metrics::Hashed;
 use proto::state::MeshState;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -219,22 +220,25 @@ pub(crate) async fn forward(
         Ok((_, backend)) => backend,
         Err((flags, reason)) => {
             labels.response_flags = flags;
+            let labels = Hashed::new(labels);
             ctx.metrics.tcp_refused(&labels);
-            log(&labels, "-", (0, 0), &reason);
+            log(labels.labels(), "-", (0, 0), &reason);
             return;
         }
     };
     let state = ctx.destinations.state(&backend.key, backend.policy());
     let Some(_slot) = state.admit().await else {
         labels.response_flags = "UO";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", (0, 0), "connection limit reached");
+        log(labels.labels(), "-", (0, 0), "connection limit reached");
         return;
     };
     let Some(endpoint) = state.pick(&backend.endpoints, backend.policy(), &[]).cloned() else {
         labels.response_flags = "UH";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", (0, 0), "no healthy endpoint");
+        log(labels.labels(), "-", (0, 0), "no healthy endpoint");
         return;
     };
     let _in_flight = state.start(&endpoint.workload.uid);
@@ -254,13 +258,15 @@ pub(crate) async fn forward(
         Err(error) => {
             state.record(&endpoint.workload.uid, 0, outlier.as_ref(), backend.endpoints.len());
             labels.response_flags = "UF";
+            let labels = Hashed::new(labels);
             ctx.metrics.tcp_refused(&labels);
             warn!(endpoint = %endpoint.workload.name, %error, "passthrough: upstream connection failed");
-            log(&labels, &endpoint.workload.name, (0, 0), "upstream connection failed");
+            log(labels.labels(), &endpoint.workload.name, (0, 0), "upstream connection failed");
             return;
         }
     };
     state.record(&endpoint.workload.uid, 200, outlier.as_ref(), backend.endpoints.len());
+    let labels = Hashed::new(labels);
     ctx.metrics.tcp_opened(&labels);
     let copied = async {
         upstream.write_all(&hello).await?;
@@ -276,7 +282,7 @@ pub(crate) async fn forward(
         }
     };
     ctx.metrics.tcp_closed(&labels, bytes.0, bytes.1);
-    log(&labels, &endpoint.workload.name, bytes, &reason);
+    log(labels.labels(), &endpoint.workload.name, bytes, &reason);
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use proto::api::istio::workload::AppProtocol;
 use proto::hbone::H2Stream;
+use proto::metrics::Hashed;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -144,16 +145,18 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         warn!(peer = %down.peer, target = %down.target,
             policy = policy.as_deref().unwrap_or("no ALLOW policy matched"), "connection denied by policy");
         labels.response_flags = "RBAC";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", 0, 0, "denied");
+        log(labels.labels(), "-", 0, 0, "denied");
         stream.reset();
         return;
     }
 
     let Some(destination) = destination else {
         labels.response_flags = "NR";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", 0, 0, "no service or workload at this address");
+        log(labels.labels(), "-", 0, 0, "no service or workload at this address");
         stream.reset();
         return;
     };
@@ -161,15 +164,17 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
     let state = ctx.destinations.state(&backend.key, backend.policy());
     let Some(_slot) = state.admit().await else {
         labels.response_flags = "UO";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", 0, 0, "connection limit reached");
+        log(labels.labels(), "-", 0, 0, "connection limit reached");
         stream.reset();
         return;
     };
     let Some(endpoint) = state.pick(&backend.endpoints, backend.policy(), &[]).cloned() else {
         labels.response_flags = "UH";
+        let labels = Hashed::new(labels);
         ctx.metrics.tcp_refused(&labels);
-        log(&labels, "-", 0, 0, "no healthy endpoint");
+        log(labels.labels(), "-", 0, 0, "no healthy endpoint");
         stream.reset();
         return;
     };
@@ -187,15 +192,17 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         Err(e) => {
             state.record(&endpoint.workload.uid, 0, outlier.as_ref(), backend.endpoints.len());
             labels.response_flags = "UF";
+            let labels = Hashed::new(labels);
             ctx.metrics.tcp_refused(&labels);
             let error = e.map_or_else(|| "the endpoint has no address".to_owned(), |e| proto::error_chain(&e));
             warn!(endpoint = %endpoint.workload.name, %error, "upstream connection failed");
-            log(&labels, &endpoint.workload.name, 0, 0, "upstream connection failed");
+            log(labels.labels(), &endpoint.workload.name, 0, 0, "upstream connection failed");
             stream.reset();
             return;
         }
     };
     state.record(&endpoint.workload.uid, 200, outlier.as_ref(), backend.endpoints.len());
+    let labels = Hashed::new(labels);
     ctx.metrics.tcp_opened(&labels);
     let copied = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await;
     let (from_client, to_client, reason) = match &copied {
@@ -207,7 +214,7 @@ pub async fn proxy(ctx: Arc<Context>, down: Arc<Downstream>, mut stream: H2Strea
         upstream.reset();
     }
     ctx.metrics.tcp_closed(&labels, from_client, to_client);
-    log(&labels, &endpoint.workload.name, from_client, to_client, &reason);
+    log(labels.labels(), &endpoint.workload.name, from_client, to_client, &reason);
 }
 
 #[cfg(test)]
