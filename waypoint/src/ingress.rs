@@ -310,7 +310,7 @@ async fn handle(
     let mut parties = Parties {
         source_workload: ctx.name.clone(),
         source_workload_namespace: ctx.namespace.clone(),
-        source_principal: ctx.identity.to_string(),
+        source_principal: ctx.identity.as_str().to_owned(),
         destination_service: destination.as_ref().map_or_else(unknown, |s| s.hostname.clone()),
         destination_service_name: destination.as_ref().map_or_else(unknown, |s| s.name.clone()),
         destination_service_namespace: destination.as_ref().map_or_else(unknown, |s| s.namespace.clone()),
